@@ -1,0 +1,117 @@
+"""`cpt`: run the flow, check a config, build the tiny local model.
+
+Prefect, torch and transformers are imported only inside the commands that need them, so `cpt --help` and
+`cpt validate` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+STAGE_CHOICES = ("load", "shuffle", "tokenize", "token-stats", "chunk")
+
+
+def _prefect_env() -> None:
+    # Offline-friendly defaults; anything the user exported wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config value; VALUE is YAML, e.g. --set 'corpus.paths=[a.jsonl, b/]'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpt", description="Continued pretraining as a cached Prefect flow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the flow (stages whose inputs did not change come from cache)")
+    _config_args(run)
+    run.add_argument("--until", choices=STAGE_CHOICES, help="stop after this stage (e.g. chunk: preprocess only)")
+    run.add_argument("--summary", metavar="PATH", help="also write the run summary JSON here")
+    run.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $CPT_ARTIFACTS or ./artifacts)")
+
+    val = sub.add_parser("validate", help="check a config and print it resolved, with every default")
+    _config_args(val)
+
+    tiny = sub.add_parser("init-tiny-model", help="build a tiny local tokenizer + model (offline demo and tests)")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--corpus", type=Path, default=Path("samples/medical_ko.jsonl"),
+                      help="JSONL corpus (content field) to train the tokenizer on")
+    tiny.add_argument("--vocab-size", type=int, default=1024)
+    tiny.add_argument("--force", action="store_true", help="rebuild even if out_dir already holds a model")
+    return parser
+
+
+def _load(args):
+    from tasks.config import load_config
+
+    if args.config is None and not args.overrides:
+        raise SystemExit("cpt: error: give --config FILE and/or --set section.field=value")
+    return load_config(args.config, args.overrides)
+
+
+def cmd_validate(args) -> int:
+    from tasks.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)
+    _prefect_env()
+    from flows.continued_pretraining import continued_pretraining
+
+    summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
+    run_summary = Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json"
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_summary, args.summary)
+    width = max(len(s["name"]) for s in summary["stages"])
+    print(f"\nrun {summary['flow_run']}: {summary['status']}")
+    for s in summary["stages"]:
+        print(f"  {s['name']:<{width}}  {s['state']:<9} {s['seconds']:>8.2f}s  {s['output']}")
+    print(f"summary: {run_summary}")
+    return 0
+
+
+def cmd_init_tiny_model(args) -> int:
+    from tasks.tiny_model import build_tiny_model, read_texts
+
+    if (args.out_dir / "config.json").is_file() and not args.force:
+        print(f"{args.out_dir}: tiny model already built (--force to rebuild)")
+        return 0
+    path = build_tiny_model(args.out_dir, read_texts(args.corpus), vocab_size=args.vocab_size)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tasks.config import ConfigError
+
+    handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        print(f"cpt: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from tasks.load import BadRecordError
+
+        if isinstance(e, BadRecordError):
+            print(f"cpt: bad input: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

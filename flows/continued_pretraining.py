@@ -1,0 +1,98 @@
+"""The continued-pretraining flow: reads top to bottom as the pipeline.
+
+Each stage is a cached Prefect task (see tasks/cache.py); the flow only wires manifests from one stage to the
+next, times each call, and writes the run summary (stage | Completed or Cached | seconds | key | output).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.cache import StageOutput, artifacts_root, records_dir
+from tasks.chunk import chunk
+from tasks.config import CptConfig
+from tasks.load import fingerprint_corpus, load
+from tasks.report import markdown_artifact, markdown_table, run_logger
+from tasks.shuffle import shuffle
+from tasks.token_stats import token_stats
+from tasks.tokenize import resolve_tokenizer, tokenize
+
+StageName = Literal["load", "shuffle", "tokenize", "token-stats", "chunk"]
+
+
+class StageRunner:
+    """Calls stage tasks with the pinned result storage and records what each call did."""
+
+    def __init__(self, artifacts: Path, until: str | None):
+        self.artifacts = artifacts
+        self.until = until
+        self.stages: list[dict[str, Any]] = []
+        self.stopped = False
+
+    def __call__(self, stage_task, **inputs) -> StageOutput | None:
+        if self.stopped:
+            return None
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"name": stage_task.name}
+        self.stages.append(entry)
+        state = stage_task.with_options(result_storage=records_dir(self.artifacts))(
+            **inputs, artifacts=str(self.artifacts), return_state=True
+        )
+        entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
+        out: StageOutput = state.result()  # raises the stage's own error on failure
+        entry.update(key=out.key, output=str(out.dir(self.artifacts)), counts=out.counts)
+        if stage_task.name == self.until:
+            self.stopped = True
+        return out
+
+
+@flow(name="continued-pretraining", log_prints=True)
+def continued_pretraining(
+    config: CptConfig,
+    until: StageName | None = None,
+    artifacts: str | None = None,
+) -> dict[str, Any]:
+    """Continued pretraining of `config.model.id` on `config.corpus`; `until` stops after that stage."""
+    root = artifacts_root(artifacts)
+    run = StageRunner(root, until)
+    summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root), "until": until,
+                               "config": config.model_dump(mode="json"), "stages": run.stages}
+    try:
+        sources = fingerprint_corpus(config.corpus)
+        tokenizer = resolve_tokenizer(config.model)
+
+        docs = run(load, corpus=config.corpus, sources=sources)
+        split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
+        tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, split=split,
+                     trust_remote_code=config.model.trust_remote_code)
+        run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens)
+        run(chunk, chunk=config.chunk, tokens=tokens)
+        summary["status"] = "Completed"
+    except BaseException as e:
+        summary["status"] = "Failed"
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        write_summary(summary, root)
+    return summary
+
+
+def write_summary(summary: dict[str, Any], root: Path) -> Path:
+    run_dir = root / "runs" / str(summary["flow_run"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    rows = [{"stage": s["name"], "state": s.get("state", "?"), "seconds": s.get("seconds"),
+             "key": s.get("key", "")} for s in summary["stages"]]
+    # Cached tasks do not re-create their own artifacts, so the run's overview is made here, every run.
+    markdown_artifact(f"# Run summary: {summary['status']}\n\n{markdown_table(rows)}\n\n"
+                      f"Artifacts: `{root}`\n", "run-summary", "Stages of this run: Completed or Cached")
+    run_logger().info("summary: %s", path)
+    return path
+

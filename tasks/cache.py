@@ -1,0 +1,282 @@
+"""Content-addressed stage outputs and the Prefect cache policy that keys them.
+
+A stage's key = its name + its code version (the source of its module and of this one, plus the versions of
+the libraries whose behaviour shapes its output) + its inputs, where an upstream `StageOutput` contributes only
+its key and a `Fingerprint` only its content digest. Nothing else — not the run id, not the flow parameters —
+so a change reruns exactly the stages downstream of it.
+
+Outputs live at `<artifacts>/cache/<stage>/<key>/`, built in a `.tmp-*` sibling and moved into place with
+`os.replace` once the manifest (`_COMPLETE`) is written inside it: a directory without the manifest is never
+read. The Prefect result record (what makes a task "Cached") lives in `<artifacts>/cache/_records/<key>`;
+the policy deletes a record whose output is gone, so a deleted or half-written output is a cache miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST = "_COMPLETE"
+RECORDS_DIR = "_records"
+_TMP_PREFIX = ".tmp-"
+
+
+class Fingerprint(BaseModel):
+    """Content identity of something read from outside the cache (corpus files, a tokenizer)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: str
+    digest: str
+    # Where the content was found; not part of any key, so moving a corpus does not invalidate it.
+    location: str = ""
+    items: list[dict[str, Any]] = []
+
+    def key_material(self) -> dict[str, Any]:
+        return {"kind": self.kind, "digest": self.digest}
+
+
+class StageOutput(BaseModel):
+    """The small manifest stages pass to each other: where the output is and what it holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    stage: str
+    key: str
+    path: str  # relative to the artifacts root, so the root can move with its cache
+    counts: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+
+    def dir(self, artifacts: str | Path) -> Path:
+        return Path(artifacts) / self.path
+
+    def key_material(self) -> dict[str, Any]:
+        return {"stage": self.stage, "key": self.key}
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def artifacts_root(explicit: str | Path | None = None) -> Path:
+    return Path(explicit or os.environ.get("CPT_ARTIFACTS") or "artifacts").resolve()
+
+
+def cache_dir(artifacts: str | Path, stage: str, key: str) -> Path:
+    return Path(artifacts) / "cache" / stage / key
+
+
+def records_dir(artifacts: str | Path) -> Path:
+    return Path(artifacts) / "cache" / RECORDS_DIR
+
+
+_CODE_VERSIONS: dict[str, str] = {}
+# Parameters that say where to write, not what to compute.
+KEY_EXCLUDED = frozenset({"artifacts"})
+
+
+@functools.cache
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def register_code_version(stage: str, modules: list[str], libraries: list[str]) -> str:
+    h = hashlib.sha256()
+    for m in [__name__, *modules]:
+        h.update(_file_digest(inspect.getfile(sys.modules[m])).encode())
+    for lib in libraries:
+        h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
+    _CODE_VERSIONS[stage] = h.hexdigest()[:16]
+    return _CODE_VERSIONS[stage]
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, (StageOutput, Fingerprint)):
+        return value.key_material()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    payload = {
+        "stage": stage,
+        "code": _CODE_VERSIONS.get(stage, "unregistered"),
+        "inputs": {k: _canonical(v) for k, v in sorted(inputs.items()) if k not in KEY_EXCLUDED},
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+
+
+# ------------------------------------------------------------------------------------ atomic outputs
+
+
+def read_manifest(directory: Path) -> StageOutput | None:
+    try:
+        return StageOutput.model_validate_json((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(artifacts: str | Path, stage: str, key: str) -> bool:
+    return read_manifest(cache_dir(artifacts, stage, key)) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_builds(stage_root: Path, key: str) -> int:
+    """Temp dirs of this key left by processes that no longer exist (SIGKILL, OOM, power loss)."""
+    removed = 0
+    if not stage_root.is_dir():
+        return 0
+    for d in stage_root.glob(f"{_TMP_PREFIX}{key}-*"):
+        try:
+            pid = int(d.name[len(_TMP_PREFIX) + len(key) + 1 :].split("-", 1)[0])
+        except ValueError:
+            pid = -1
+        if pid == os.getpid() or pid < 0 or not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def publish(
+    artifacts: str | Path,
+    stage: str,
+    key: str,
+    build: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]],
+) -> StageOutput:
+    """Run `build(tmp_dir) -> (counts, meta)` and move its directory into place atomically.
+
+    On any exception the temp dir is removed and nothing is published. If another process published the
+    same key meanwhile, its output wins (same key, same content) and ours is discarded.
+    """
+    artifacts = Path(artifacts)
+    final = cache_dir(artifacts, stage, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(final.parent, key)
+    tmp = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        counts, meta = build(tmp)
+        manifest = StageOutput(
+            stage=stage, key=key, path=final.relative_to(artifacts).as_posix(), counts=counts, meta=meta
+        )
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+        if final.exists():
+            existing = read_manifest(final)
+            if existing is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return existing
+            # A directory without a manifest is debris (a partial copy, a deleted marker): move it away
+            # first, because os.replace cannot overwrite a non-empty directory.
+            trash = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------- cache policy
+
+
+def _make_policy_class():
+    from prefect.cache_policies import CachePolicy
+
+    class StageCachePolicy(CachePolicy):
+        """Key = `stage_key(task name, inputs)`; a record whose output is missing is dropped first."""
+
+        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+            stage = task_ctx.task.name
+            key = stage_key(stage, inputs)
+            artifacts = inputs.get("artifacts")
+            if artifacts is not None and not is_complete(artifacts, stage, key):
+                with contextlib.suppress(OSError):
+                    (records_dir(artifacts) / key).unlink()
+            return key
+
+    return StageCachePolicy
+
+
+@functools.cache
+def stage_cache_policy():
+    return _make_policy_class()()
+
+
+def current_key(stage: str, inputs: dict[str, Any]) -> str:
+    """The key of the running task: Prefect's transaction key under the engine, else computed (task.fn)."""
+    try:
+        from prefect.transactions import get_transaction
+
+        txn = get_transaction()
+    except ImportError:  # pragma: no cover
+        txn = None
+    if txn is not None and txn.key and txn.key.startswith(f"{stage}-"):
+        return txn.key
+    return stage_key(stage, inputs)
+
+
+def stage_task(name: str, *, modules: list[str] = (), libraries: list[str] = (), **task_kwargs):
+    """Wrap a thin stage body as a Prefect task with the stage cache policy and a JSON result."""
+
+    def deco(fn):
+        from prefect import task
+
+        register_code_version(name, [fn.__module__, *modules], list(libraries))
+        return task(
+            name=name,
+            cache_policy=stage_cache_policy(),
+            persist_result=True,
+            result_serializer="json",
+            **task_kwargs,
+        )(fn)
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------- fingerprints
+
+
+def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def combine_digests(parts: list[tuple[str, str]]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, digest in parts:
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(digest.encode())
+        h.update(b"\n")
+    return h.hexdigest()

@@ -1,0 +1,366 @@
+"""load: corpus files → one Arrow table of documents (`doc_id`, `text`, `source`).
+
+Every record either becomes a document, is counted as a duplicate or too short, or is a reject with
+`file:line: reason`. Under `on_bad_record: fail` the first reject stops the stage with that message; under
+`skip` rejects are kept in `rejects.jsonl` beside the output and counted. Nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.cache import Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, stage_task
+from tasks.config import ConfigError, CorpusConfig
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+DOCS_FILE = "docs.arrow"
+REJECTS_FILE = "rejects.jsonl"
+DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
+_WRITE_BATCH = 2048
+
+
+class BadRecordError(ValueError):
+    """A corpus record that cannot become a document; the message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Record:
+    source: str  # file:line
+    text: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    source: str
+    reason: str
+    raw: str
+
+    def message(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+
+def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Path]:
+    """Expand `corpus.paths` (files, globs, folders) into a sorted, de-duplicated list of files."""
+    base = base or Path.cwd()
+    found: dict[Path, None] = {}
+    for i, entry in enumerate(cfg.paths):
+        where = f"corpus.paths[{i}] ({entry!r})"
+        p = Path(entry).expanduser()
+        p = p if p.is_absolute() else base / p
+        if any(ch in entry for ch in "*?["):
+            matches = [Path(m) for m in glob.glob(str(p), recursive=True)]
+            files = [m for m in matches if m.is_file() and not m.name.startswith(".")]
+            if not files:
+                raise ConfigError(f"{where}: the glob matches no file")
+        elif p.is_dir():
+            files = [
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            ]
+            if not files:
+                raise ConfigError(f"{where}: the folder holds no {'/'.join(SUPPORTED_SUFFIXES)} file")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise ConfigError(f"{where}: no such file or folder")
+        for f in files:
+            if f.suffix.lower() not in SUPPORTED_SUFFIXES:
+                raise ConfigError(
+                    f"{where}: {f}: unsupported format {f.suffix or '(no extension)'}; "
+                    f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+                )
+            found[f.resolve()] = None
+    return sorted(found)
+
+
+def fingerprint_corpus(cfg: CorpusConfig, base: Path | None = None) -> Fingerprint:
+    """Content fingerprint of the corpus: each file's digest, keyed by its path relative to the common root."""
+    files = resolve_corpus_files(cfg, base)
+    items = [
+        {"path": str(f), "name": name, "digest": hash_file(f), "bytes": f.stat().st_size}
+        for f, name in zip(files, source_names(files))
+    ]
+    return Fingerprint(
+        kind="corpus",
+        # Names (relative to the files' common folder) are part of the output's `source` column.
+        digest=combine_digests([(i["name"], i["digest"]) for i in items]),
+        location=str(base or Path.cwd()),
+        items=items,
+    )
+
+
+def _line_of(data: bytes | str, offset: int) -> int:
+    return data.count(b"\n" if isinstance(data, bytes) else "\n", 0, offset) + 1
+
+
+def _decode(data: bytes, name: str, first_line: int = 1) -> tuple[str | None, Reject | None]:
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        line = first_line + _line_of(data, e.start) - 1
+        return None, Reject(f"{name}:{line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})",
+                            data.decode("utf-8", "backslashreplace"))
+
+
+def _text_of(obj: Any, cfg: CorpusConfig) -> tuple[str | None, str | None]:
+    """The document text of one record, or the reason it has none."""
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    fields = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
+    values = []
+    for f in fields:
+        if f not in obj:
+            return None, f"missing field {f!r}"
+        v = obj[f]
+        if not isinstance(v, str):
+            kind = "null" if v is None else type(v).__name__
+            return None, f"field {f!r} is {kind}, expected a string"
+        values.append(v)
+    if cfg.question_field is None:
+        return values[0], None
+    return cfg.template.format(question=values[0], answer=values[1]), None
+
+
+def _records_from_objects(objs: Iterator[tuple[int, Any, str]], name: str, cfg: CorpusConfig):
+    for line, obj, raw in objs:
+        text, reason = _text_of(obj, cfg)
+        if reason is not None:
+            yield Reject(f"{name}:{line}", reason, raw)
+        else:
+            yield Record(f"{name}:{line}", text)
+
+
+def _read_json_lines(data: bytes, name: str, cfg: CorpusConfig):
+    def objects():
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            text, bad = _decode(raw, name, lineno)
+            if bad is not None:
+                yield lineno, None, bad
+                continue
+            try:
+                yield lineno, json.loads(text), text
+            except json.JSONDecodeError as e:
+                yield lineno, None, Reject(f"{name}:{lineno}", f"malformed JSON: {e.msg} (column {e.colno})", text)
+
+    for lineno, obj, raw in objects():
+        if isinstance(raw, Reject):
+            yield raw
+        else:
+            yield from _records_from_objects(iter([(lineno, obj, raw)]), name, cfg)
+
+
+def _read_json_array(text: str, name: str, cfg: CorpusConfig):
+    """A top-level JSON array, element by element, so each record knows its line."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = len(text)
+
+    def skip(p: int) -> int:
+        while p < n and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    pos = skip(pos)
+    if pos < n and text[pos] == "]":
+        return
+    while True:
+        line = _line_of(text, pos)
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            # Past a syntax error inside an array nothing after it can be located reliably.
+            yield Reject(f"{name}:{_line_of(text, e.pos)}", f"malformed JSON: {e.msg}", text[pos : pos + 2000])
+            return
+        yield from _records_from_objects(iter([(line, obj, text[pos:end])]), name, cfg)
+        pos = skip(end)
+        if pos < n and text[pos] == ",":
+            pos = skip(pos + 1)
+            continue
+        if pos < n and text[pos] == "]":
+            if skip(pos + 1) < n:
+                yield Reject(f"{name}:{_line_of(text, pos + 1)}", "malformed JSON: data after the array", "")
+            return
+        yield Reject(f"{name}:{_line_of(text, pos)}", "malformed JSON: expected ',' or ']'", text[pos : pos + 200])
+        return
+
+
+def _read_csv(text: str, name: str, cfg: CorpusConfig):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
+    missing = [f for f in wanted if f not in (reader.fieldnames or [])]
+    if missing:
+        yield Reject(f"{name}:1", f"missing field {missing[0]!r} (header has {reader.fieldnames})", "")
+        return
+    start = 2
+    for row in reader:
+        # csv line_num is the line where the record ended; multi-line fields start earlier.
+        line, start = start, reader.line_num + 1
+        raw = json.dumps(row, ensure_ascii=False)
+        if None in row:
+            yield Reject(f"{name}:{line}", "more values than header columns", raw)
+            continue
+        row = {k: (None if v is None else v) for k, v in row.items()}
+        yield from _records_from_objects(iter([(line, row, raw)]), name, cfg)
+
+
+def _read_parquet(path: Path, name: str, cfg: CorpusConfig):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
+    for f in wanted:
+        if f not in table.column_names:
+            yield Reject(f"{name}:1", f"missing field {f!r} (columns: {table.column_names})", "")
+            return
+    columns = {f: table.column(f).to_pylist() for f in wanted}
+    for i in range(table.num_rows):
+        obj = {f: columns[f][i] for f in wanted}
+        yield from _records_from_objects(iter([(i + 1, obj, json.dumps(obj, ensure_ascii=False, default=str))]),
+                                         name, cfg)
+
+
+def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None) -> Iterator[Record | Reject]:
+    """Records and rejects of one file, in file order. `name` is how sources are written (default: path)."""
+    name = name or str(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        if path.stat().st_size == 0:
+            yield Reject(f"{name}:1", "empty file", "")
+            return
+        yield from _read_parquet(path, name, cfg)
+        return
+    data = path.read_bytes()
+    if not data.strip():
+        yield Reject(f"{name}:1", "empty file", "")
+        return
+    if suffix == ".jsonl" or (suffix == ".json" and not data.lstrip().startswith(b"[")):
+        yield from _read_json_lines(data, name, cfg)
+        return
+    text, bad = _decode(data, name)
+    if bad is not None:
+        # One bad byte makes a whole-file format unreadable; the file is the record.
+        yield bad
+        return
+    if suffix == ".json":
+        yield from _read_json_array(text, name, cfg)
+    elif suffix == ".csv":
+        yield from _read_csv(text, name, cfg)
+    else:  # .txt: the file is one document
+        yield Record(f"{name}:1", text)
+
+
+def doc_id_of(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def load_documents(files: list[Path], cfg: CorpusConfig, out_dir: Path, names: list[str] | None = None) -> dict:
+    """Read `files` into `out_dir/docs.arrow` (+ `rejects.jsonl`); returns counts.
+
+    Raises BadRecordError at the first reject under `on_bad_record: fail`.
+    """
+    names = names or [str(f) for f in files]
+    counts = {"files": len(files), "records": 0, "documents": 0, "rejected": 0, "duplicates": 0,
+              "too_short": 0, "characters": 0}
+    per_file = []
+    seen: set[bytes] = set()
+    batch: dict[str, list[str]] = {"doc_id": [], "text": [], "source": []}
+    with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, DOC_SCHEMA) as writer, \
+            open(out_dir / REJECTS_FILE, "w", encoding="utf-8") as rejects:
+
+        def flush():
+            if batch["doc_id"]:
+                writer.write_batch(pa.record_batch(batch, schema=DOC_SCHEMA))
+                for v in batch.values():
+                    v.clear()
+
+        for path, name in zip(files, names):
+            file_counts = {"file": name, "documents": 0, "rejected": 0}
+            for item in read_corpus_file(path, cfg, name):
+                counts["records"] += 1
+                if isinstance(item, Reject):
+                    if cfg.on_bad_record == "fail":
+                        raise BadRecordError(item.message() + " (set corpus.on_bad_record: skip to keep going)")
+                    counts["rejected"] += 1
+                    file_counts["rejected"] += 1
+                    rejects.write(json.dumps({"source": item.source, "reason": item.reason, "raw": item.raw},
+                                             ensure_ascii=False) + "\n")
+                    continue
+                if len(item.text.strip()) < cfg.min_chars:
+                    counts["too_short"] += 1
+                    continue
+                digest = hashlib.blake2b(item.text.encode("utf-8"), digest_size=16).digest()
+                if cfg.deduplicate and digest in seen:
+                    counts["duplicates"] += 1
+                    continue
+                seen.add(digest)
+                counts["documents"] += 1
+                counts["characters"] += len(item.text)
+                file_counts["documents"] += 1
+                batch["doc_id"].append(digest[:8].hex())
+                batch["text"].append(item.text)
+                batch["source"].append(item.source)
+                if len(batch["doc_id"]) >= _WRITE_BATCH:
+                    flush()
+            per_file.append(file_counts)
+        flush()
+    if counts["documents"] == 0:
+        raise BadRecordError(
+            f"corpus.paths: no documents left out of {counts['records']} records "
+            f"({counts['rejected']} rejected, {counts['too_short']} too short, {counts['duplicates']} duplicates)"
+        )
+    return {"counts": counts, "files": per_file}
+
+
+def source_names(files: list[Path]) -> list[str]:
+    """Short, stable names for sources: paths relative to the files' common folder."""
+    if not files:
+        return []
+    common = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return [f.relative_to(common).as_posix() for f in files]
+
+
+# ---------------------------------------------------------------------------------------- the task
+
+
+@stage_task("load", modules=["tasks.config"], libraries=["pyarrow"])
+def load(corpus: CorpusConfig, sources: Fingerprint, artifacts: str) -> StageOutput:
+    from prefect.logging import get_run_logger
+
+    key = current_key("load", {"corpus": corpus, "sources": sources})
+    files = [Path(i["path"]) for i in sources.items]
+    for item in sources.items:
+        # The key promised this content; a file changed since fingerprinting must not be cached under it.
+        if hash_file(item["path"]) != item["digest"]:
+            raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
+
+    def build(tmp: Path):
+        result = load_documents(files, corpus, tmp, [i["name"] for i in sources.items])
+        return result["counts"], {"files": result["files"]}
+
+    out = publish(artifacts, "load", key, build)
+    c = out.counts
+    get_run_logger().info(
+        "load: %d documents from %d files (%d records; %d rejected, %d duplicates, %d too short)",
+        c["documents"], c["files"], c["records"], c["rejected"], c["duplicates"], c["too_short"],
+    )
+    if c["rejected"]:
+        get_run_logger().warning("load: %d rejected records kept in %s", c["rejected"],
+                                 Path(artifacts) / out.path / REJECTS_FILE)
+    return out

@@ -1,0 +1,122 @@
+"""What stages show: a terminal progress bar plus, inside a Prefect run, progress/table/markdown artifacts.
+
+Outside a Prefect run (unit tests calling pure functions or `task.fn`) the artifact calls are skipped, so
+nothing here needs a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("cpt")
+
+
+def in_prefect_run() -> bool:
+    if "prefect" not in sys.modules:
+        return False
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def run_logger():
+    if in_prefect_run():
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    return log
+
+
+class Progress:
+    """tqdm in the terminal and a Prefect progress artifact in the UI, updated at most every `every` s."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", every: float = 2.0):
+        from tqdm.auto import tqdm
+
+        self.total = max(total, 1)
+        self.done = 0
+        self.desc = desc
+        self.every = every
+        self._last = 0.0
+        self._bar = tqdm(total=total, desc=desc, unit=unit, disable=os.environ.get("CPT_NO_PROGRESS") == "1",
+                         dynamic_ncols=True, leave=False)
+        self._artifact = None
+        if in_prefect_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact = create_progress_artifact(0.0, description=desc)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self._bar.update(n)
+        now = time.monotonic()
+        if self._artifact is not None and now - self._last >= self.every:
+            self._push()
+            self._last = now
+
+    def _push(self) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(self._artifact, min(100.0, 100.0 * self.done / self.total),
+                                 description=f"{self.desc}: {self.done}/{self.total}")
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._artifact is not None:
+            self.done = self.total
+            self._push()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    raw = "-".join(parts).lower()
+    return "".join(ch if ch.isalnum() and ch.isascii() else "-" for ch in raw).strip("-")[:100]
+
+
+def table_artifact(rows: list[dict[str, Any]], key: str, description: str) -> None:
+    if in_prefect_run():
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(rows, key=artifact_key(key), description=description)
+
+
+def markdown_artifact(markdown: str, key: str, description: str) -> None:
+    if in_prefect_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown, key=artifact_key(key), description=description)
+
+
+def png_data_uri(path: Path) -> str:
+    """The UI does not serve local files; an image embedded in markdown as a data URI renders inline."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v).replace("|", "\\|")

@@ -1,0 +1,83 @@
+"""shuffle: a seeded document order and a document-level train/validation split, made before chunking.
+
+The order is a keyed hash of (seed, doc_id), not a permutation of positions: it depends only on the set
+of documents, never on file order, and adding documents (a new corpus drop) leaves the relative order of
+the old ones unchanged. Validation takes the first `round(n * validation_fraction)` documents of that order
+(at least one when the fraction is > 0), so a document is in exactly one split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.cache import StageOutput, current_key, publish, stage_task
+from tasks.config import ConfigError, ShuffleConfig, SplitConfig
+from tasks.load import DOC_SCHEMA, DOCS_FILE
+
+SPLITS = ("train", "validation")
+_WRITE_BATCH = 2048
+
+
+def shuffle_rank(doc_ids: list[str], seed: int) -> np.ndarray:
+    """Indices of `doc_ids` in shuffled order."""
+    salt = seed.to_bytes(16, "little", signed=True)
+    keys = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8, key=salt).digest(), "little") for d in doc_ids),
+        dtype=np.uint64,
+        count=len(doc_ids),
+    )
+    # Ties are astronomically unlikely; doc_id breaks them so the order is total anyway.
+    return np.lexsort((np.array(doc_ids, dtype=object).astype(str), keys))
+
+
+def validation_size(n_docs: int, fraction: float) -> int:
+    if fraction <= 0:
+        return 0
+    n_val = max(1, round(n_docs * fraction))
+    if n_val >= n_docs:
+        raise ConfigError(
+            f"split.validation_fraction: {fraction} of {n_docs} documents leaves no training document"
+        )
+    return n_val
+
+
+def split_documents(doc_ids: list[str], seed: int, fraction: float) -> dict[str, np.ndarray]:
+    """Row indices per split, each in shuffled order."""
+    order = shuffle_rank(doc_ids, seed)
+    n_val = validation_size(len(doc_ids), fraction)
+    return {"validation": order[:n_val], "train": order[n_val:]}
+
+
+def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, DOC_SCHEMA) as writer:
+        for start in range(0, len(indices), _WRITE_BATCH):
+            writer.write_table(table.take(pa.array(indices[start : start + _WRITE_BATCH])))
+
+
+def read_docs(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+@stage_task("shuffle", libraries=["numpy", "pyarrow"])
+def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artifacts: str) -> StageOutput:
+    from prefect.logging import get_run_logger
+
+    key = current_key("shuffle", {"shuffle": shuffle, "split": split, "docs": docs})
+
+    def build(tmp: Path):
+        table = read_docs(docs.dir(artifacts) / DOCS_FILE)
+        parts = split_documents(table.column("doc_id").to_pylist(), shuffle.seed, split.validation_fraction)
+        counts = {}
+        for name in SPLITS:
+            write_split(table, parts[name], tmp / f"{name}.arrow")
+            counts[f"{name}_documents"] = len(parts[name])
+        return counts, {}
+
+    out = publish(artifacts, "shuffle", key, build)
+    get_run_logger().info("shuffle: %d train / %d validation documents (seed %d)",
+                          out.counts["train_documents"], out.counts["validation_documents"], shuffle.seed)
+    return out

@@ -1,0 +1,111 @@
+"""token-stats: length statistics and histograms per split, for documents and for the chunks they become.
+
+Document lengths are read from the tokenize output (list lengths, no token is materialised); chunk lengths
+come from the same `window_layout` the chunk stage uses, so the numbers describe exactly what will be trained
+before anything is chunked — the seed notebook's analysis, kept with the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tasks.cache import StageOutput, current_key, publish, stage_task
+from tasks.chunk import chunk_lengths
+from tasks.config import ChunkConfig, TokenStatsConfig
+from tasks.report import markdown_artifact, markdown_table, png_data_uri, run_logger, table_artifact
+from tasks.shuffle import SPLITS
+
+STAT_NAMES = ("count", "total", "mean", "median", "min", "max", "std", "p90", "p95", "p99")
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float | int]:
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        return {name: 0 for name in STAT_NAMES}
+    p90, p95, p99 = np.percentile(lengths, [90, 95, 99])
+    return {
+        "count": int(lengths.size),
+        "total": int(lengths.sum()),
+        "mean": float(lengths.mean()),
+        "median": float(np.median(lengths)),
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "std": float(lengths.std()),
+        "p90": float(p90),
+        "p95": float(p95),
+        "p99": float(p99),
+    }
+
+
+def document_lengths(tokens_file: Path) -> np.ndarray:
+    table = pa.ipc.open_file(pa.memory_map(str(tokens_file))).read_all()
+    return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+
+
+def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(lengths), 2, figsize=(12, 3.2 * len(lengths)), squeeze=False)
+    for row, (split, kinds) in enumerate(lengths.items()):
+        for col, (kind, values) in enumerate(kinds.items()):
+            ax = axes[row][col]
+            if len(values):
+                ax.hist(values, bins=bins, color="#4c72b0" if kind == "documents" else "#dd8452")
+                ax.axvline(float(np.median(values)), color="black", linestyle="--", linewidth=1, label="median")
+                ax.legend(loc="upper right")
+            ax.set_title(f"{split}: {kind} ({len(values):,})")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("count")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def compute_token_stats(tokens_dir: Path, chunk: ChunkConfig, has_bos: bool) -> tuple[list[dict], dict]:
+    rows, lengths = [], {}
+    for split in SPLITS:
+        docs = document_lengths(tokens_dir / f"{split}.arrow")
+        chunks = chunk_lengths(docs, chunk, has_bos) if len(docs) else np.zeros(0, dtype=np.int64)
+        lengths[split] = {"documents": docs, "chunks": chunks}
+        for kind, values in lengths[split].items():
+            rows.append({"split": split, "unit": kind, **length_stats(values)})
+    return rows, lengths
+
+
+@stage_task("token-stats", modules=["tasks.chunk", "tasks.report"], libraries=["numpy", "matplotlib"])
+def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: StageOutput, artifacts: str) -> StageOutput:
+    key = current_key("token-stats", {"token_stats": token_stats, "chunk": chunk, "tokens": tokens})
+    has_bos = tokens.meta["bos_id"] is not None
+
+    def build(tmp: Path):
+        rows, lengths = compute_token_stats(tokens.dir(artifacts), chunk, has_bos)
+        (tmp / "stats.json").write_text(json.dumps(rows, indent=2))
+        plot_histograms(lengths, token_stats.bins, tmp / "histogram.png",
+                        f"Token lengths (max_seq_length {chunk.max_seq_length}, overlap {chunk.overlap})")
+        table = markdown_table([{k: r[k] for k in ("split", "unit", *STAT_NAMES)} for r in rows])
+        (tmp / "stats.md").write_text(f"# Token statistics\n\n{table}\n\n![histogram](histogram.png)\n")
+        counts = {f"{r['split']}_{r['unit']}_{s}": r[s] for r in rows for s in ("count", "mean", "max", "p95")}
+        return counts, {}
+
+    out = publish(artifacts, "token-stats", key, build)
+    out_dir = out.dir(artifacts)
+    rows = json.loads((out_dir / "stats.json").read_text())
+    table_artifact(rows, "token-stats", "Token length statistics per split, documents and chunks")
+    markdown_artifact(
+        f"# Token lengths\n\n{markdown_table(rows)}\n\n![histogram]({png_data_uri(out_dir / 'histogram.png')})\n",
+        "token-stats-histogram", "Histogram of document and chunk token lengths",
+    )
+    for r in rows:
+        if r["split"] == "train":
+            run_logger().info("token-stats: train %s: %d, mean %.1f, p95 %.0f, max %d tokens",
+                              r["unit"], r["count"], r["mean"], r["p95"], r["max"])
+    return out

@@ -1,0 +1,129 @@
+"""tokenize: each document → `ids = tokenizer(text, add_special_tokens=False) + [eos]`, once, shared by
+token-stats and chunk.
+
+The tokenizer is identified by the content of its files (a hub id is resolved to its snapshot first), so two
+model ids with the same tokenizer share this stage's output and an edited tokenizer invalidates it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.cache import Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, stage_task
+from tasks.config import ConfigError, ModelConfig, TokenizeConfig
+from tasks.report import Progress, run_logger
+from tasks.shuffle import SPLITS
+
+TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
+# Files that decide how text becomes ids. config.json is read by AutoTokenizer only to pick a class.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt",
+)
+
+
+def resolve_tokenizer(model: ModelConfig) -> Fingerprint:
+    """Find the tokenizer files of `model.id` (local dir, or hub snapshot) and fingerprint their content."""
+    local = Path(model.id).expanduser()
+    if local.is_dir():
+        directory = local.resolve()
+    elif local.exists() or model.id.startswith((".", "/", "~")):
+        raise ConfigError(f"model.id: {model.id!r} is not a directory holding a model")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(
+                model.id, revision=model.revision, allow_patterns=[*TOKENIZER_FILES, "config.json"],
+            ))
+        except Exception as e:  # network, auth, unknown repo: the message says which
+            raise ConfigError(f"model.id: cannot fetch the tokenizer of {model.id!r}: {e}") from None
+    parts = [(name, hash_file(directory / name)) for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not parts:
+        raise ConfigError(f"model.id: {directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …)")
+    return Fingerprint(kind="tokenizer", digest=combine_digests(parts), location=str(directory),
+                       items=[{"file": n, "digest": d} for n, d in parts])
+
+
+def load_tokenizer(location: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    # Documents are longer than the model's window on purpose (chunk splits them); no warning per document.
+    tok.model_max_length = 1 << 60
+    return tok
+
+
+def special_tokens(tok) -> dict[str, Any]:
+    """`eos_id`, and `bos_id` when the tokenizer puts a BOS first on request (Gemma, Llama; not GPT-2)."""
+    if tok.eos_token_id is None:
+        raise ConfigError("model.id: the tokenizer has no EOS token; documents need one to end")
+    probe = "a"
+    with_special = tok(probe, add_special_tokens=True)["input_ids"]
+    without = tok(probe, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    has_bos = bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+    return {"bos_id": bos if has_bos else None, "eos_id": int(tok.eos_token_id), "vocab_size": len(tok)}
+
+
+def encode_batch(tok, texts: list[str], eos_id: int) -> pa.ListArray:
+    """One tokenizer call for the batch (the fast tokenizer spreads it over all cores), EOS appended."""
+    ids = tok(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    ends = np.cumsum(lengths)
+    values = np.insert(flat, ends, np.int32(eos_id))
+    offsets = np.concatenate(([0], ends + np.arange(1, len(ids) + 1))).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, progress: Progress | None = None) -> dict:
+    reader = pa.ipc.open_file(pa.memory_map(str(src)))
+    docs = tokens = 0
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, TOKEN_SCHEMA) as writer:
+        for i in range(reader.num_record_batches):
+            rb = reader.get_batch(i)
+            for start in range(0, rb.num_rows, batch_size):
+                part = rb.slice(start, batch_size)
+                ids = encode_batch(tok, part.column("text").to_pylist(), eos_id)
+                writer.write_batch(pa.record_batch([part.column("doc_id"), ids], schema=TOKEN_SCHEMA))
+                docs += part.num_rows
+                tokens += len(ids.values)
+                if progress is not None:
+                    progress.update(part.num_rows)
+    return {"documents": docs, "tokens": tokens}
+
+
+def read_tokens(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+@stage_task("tokenize", libraries=["tokenizers", "transformers", "numpy", "pyarrow"])
+def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, split: StageOutput, artifacts: str,
+             trust_remote_code: bool = False) -> StageOutput:
+    key = current_key("tokenize", {"tokenize": tokenize, "tokenizer": tokenizer, "split": split,
+                                   "trust_remote_code": trust_remote_code})
+    tok = load_tokenizer(tokenizer.location, trust_remote_code)
+    specials = special_tokens(tok)
+    total = sum(split.counts[f"{s}_documents"] for s in SPLITS)
+
+    def build(tmp: Path):
+        counts = {}
+        with Progress(total, "tokenize", unit="doc") as progress:
+            for name in SPLITS:
+                c = tokenize_file(split.dir(artifacts) / f"{name}.arrow", tmp / f"{name}.arrow", tok,
+                                  specials["eos_id"], tokenize.batch_size, progress)
+                counts[f"{name}_documents"] = c["documents"]
+                counts[f"{name}_tokens"] = c["tokens"]
+        return counts, {**specials, "tokenizer_class": type(tok).__name__, "tokenizer": tokenizer.digest}
+
+    out = publish(artifacts, "tokenize", key, build)
+    run_logger().info("tokenize: %d train / %d validation tokens (EOS per document%s)",
+                      out.counts["train_tokens"], out.counts["validation_tokens"],
+                      ", BOS added per chunk" if out.meta["bos_id"] is not None else "")
+    return out
