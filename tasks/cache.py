@@ -17,11 +17,10 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
-import inspect
+import importlib.util
 import json
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -93,7 +92,7 @@ def _file_digest(path: str) -> str:
 def register_code_version(stage: str, modules: list[str], libraries: list[str]) -> str:
     h = hashlib.sha256()
     for m in [__name__, *modules]:
-        h.update(_file_digest(inspect.getfile(sys.modules[m])).encode())
+        h.update(_file_digest(importlib.util.find_spec(m).origin).encode())
     for lib in libraries:
         h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
     _CODE_VERSIONS[stage] = h.hexdigest()[:16]

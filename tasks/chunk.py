@@ -80,24 +80,30 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
 
 def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, cfg: ChunkConfig, bos_id: int | None) -> pa.RecordBatch:
     """Windows of every document in the batch, as one record batch of CHUNK_SCHEMA."""
-    window, stride = window_plan(cfg.max_seq_length, cfg.overlap, bos_id is not None)
+    bos = 1 if bos_id is not None else 0
+    window, stride = window_plan(cfg.max_seq_length, cfg.overlap, bool(bos))
     offsets = ids.offsets.to_numpy().astype(np.int64)
     values = ids.flatten().to_numpy()
-    lengths = np.diff(offsets)
-    doc_index, nth, starts, sizes = window_layout(lengths, window, stride)
+    doc_index, nth, starts, sizes = window_layout(np.diff(offsets), window, stride)
 
-    row_offsets = np.concatenate(([0], np.cumsum(sizes)))
-    row_starts = np.repeat(row_offsets[:-1], sizes)
-    position = np.arange(int(row_offsets[-1])) - row_starts  # position of each token within its window
-    gather = np.repeat(offsets[doc_index] - offsets[0] + starts, sizes) + position
-    input_ids = values[gather]
+    row_sizes = sizes + bos
+    row_offsets = np.zeros(len(row_sizes) + 1, dtype=np.int64)
+    np.cumsum(row_sizes, out=row_offsets[1:])
+    row_starts = row_offsets[:-1]
+    # One gather for all rows: position p of a row reads token (window start + p - bos) of its document;
+    # the BOS slot reads a neighbour and is overwritten below.
+    position = np.arange(row_offsets[-1], dtype=np.int64) - np.repeat(row_starts, row_sizes)
+    first_token = offsets[doc_index] - offsets[0] + starts - bos
+    input_ids = values.take(np.repeat(first_token, row_sizes) + position, mode="clip")
     labels = input_ids.copy()
+    if bos:
+        input_ids[row_starts] = bos_id
+    # Labels before `limit` in a row are -100: the BOS, plus the overlap in every window after the first.
+    limit = np.full(len(row_sizes), bos, dtype=np.int64)
     if cfg.mask_overlap and cfg.overlap:
-        labels[(np.repeat(nth, sizes) > 0) & (position < cfg.overlap)] = IGNORE_INDEX
-    if bos_id is not None:
-        input_ids = np.insert(input_ids, row_offsets[:-1], bos_id)
-        labels = np.insert(labels, row_offsets[:-1], IGNORE_INDEX)
-        row_offsets = row_offsets + np.arange(len(row_offsets))
+        limit[nth > 0] += cfg.overlap
+    if limit.any():
+        labels[position < np.repeat(limit, row_sizes)] = IGNORE_INDEX
     return pa.record_batch(
         [
             _list_array(row_offsets, input_ids),
@@ -107,6 +113,13 @@ def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, cfg: ChunkConfig, bos_id: 
         ],
         schema=CHUNK_SCHEMA,
     )
+
+
+def trained_tokens(ids: pa.ListArray, rows: pa.RecordBatch, cfg: ChunkConfig, bos_id: int | None) -> int:
+    """Tokens with a label: every token once when the overlap is masked, else every row token but BOS."""
+    if cfg.mask_overlap:
+        return len(ids.flatten())
+    return len(rows.column("input_ids").flatten()) - (rows.num_rows if bos_id is not None else 0)
 
 
 def chunk_features():
@@ -148,11 +161,10 @@ def chunk_file(src: Path, dst_dir: Path, cfg: ChunkConfig, bos_id: int | None,
             rb = reader.get_batch(i)
             out = chunk_batch(rb.column("doc_id"), rb.column("input_ids"), cfg, bos_id)
             writer.write_batch(pa.RecordBatch.from_arrays(out.columns, schema=schema))
-            labels = out.column("labels").flatten().to_numpy()
             counts["documents"] += rb.num_rows
             counts["chunks"] += out.num_rows
-            counts["tokens"] += len(labels)
-            counts["trained_tokens"] += int((labels != IGNORE_INDEX).sum())
+            counts["tokens"] += len(out.column("input_ids").values)
+            counts["trained_tokens"] += trained_tokens(rb.column("input_ids"), out, cfg, bos_id)
             if progress is not None:
                 progress.update(rb.num_rows)
     return counts

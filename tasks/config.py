@@ -84,6 +84,12 @@ class TokenizeConfig(Section):
     batch_size: int = Field(
         1000, ge=1, description="Documents per tokenizer call; the fast tokenizer spreads a batch over all cores."
     )
+    batch_bytes: int = Field(
+        4 << 20,
+        ge=1,
+        description="Also end a batch at about this much UTF-8 text: the tokenizer keeps every token of a "
+        "batch in memory (~200 bytes each), so this bounds peak memory whatever the document sizes.",
+    )
 
 
 class TokenStatsConfig(Section):

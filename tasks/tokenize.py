@@ -82,14 +82,32 @@ def encode_batch(tok, texts: list[str], eos_id: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, progress: Progress | None = None) -> dict:
+def batch_bounds(byte_lengths: np.ndarray, max_docs: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Split rows into batches of at most `max_docs` documents and about `max_bytes` of text (a longer
+    document gets a batch of its own): the tokenizer holds every Encoding of a batch in memory at once."""
+    bounds, start, size = [], 0, 0
+    for i, n in enumerate(byte_lengths.tolist()):
+        if i > start and (i - start >= max_docs or size + n > max_bytes):
+            bounds.append((start, i))
+            start, size = i, 0
+        size += n
+    if start < len(byte_lengths):
+        bounds.append((start, len(byte_lengths)))
+    return bounds
+
+
+def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch_bytes: int = 4 << 20,
+                  progress: Progress | None = None) -> dict:
+    import pyarrow.compute as pc
+
     reader = pa.ipc.open_file(pa.memory_map(str(src)))
     docs = tokens = 0
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, TOKEN_SCHEMA) as writer:
         for i in range(reader.num_record_batches):
             rb = reader.get_batch(i)
-            for start in range(0, rb.num_rows, batch_size):
-                part = rb.slice(start, batch_size)
+            sizes = pc.binary_length(rb.column("text")).to_numpy(zero_copy_only=False)
+            for start, end in batch_bounds(sizes, batch_size, batch_bytes):
+                part = rb.slice(start, end - start)
                 ids = encode_batch(tok, part.column("text").to_pylist(), eos_id)
                 writer.write_batch(pa.record_batch([part.column("doc_id"), ids], schema=TOKEN_SCHEMA))
                 docs += part.num_rows
@@ -117,7 +135,7 @@ def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, split: StageOutpu
         with Progress(total, "tokenize", unit="doc") as progress:
             for name in SPLITS:
                 c = tokenize_file(split.dir(artifacts) / f"{name}.arrow", tmp / f"{name}.arrow", tok,
-                                  specials["eos_id"], tokenize.batch_size, progress)
+                                  specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
                 counts[f"{name}_documents"] = c["documents"]
                 counts[f"{name}_tokens"] = c["tokens"]
         return counts, {**specials, "tokenizer_class": type(tok).__name__, "tokenizer": tokenizer.digest}

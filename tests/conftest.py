@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny tokenizer/model built locally once per session, a Prefect harness started once,
+and per-test artifacts roots so caches never leak between tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CPT_NO_PROGRESS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CORPUS = ROOT / "samples" / "medical_ko.jsonl"
+SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
+
+
+def sample_texts(n: int | None = None) -> list[str]:
+    lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
+    return [json.loads(x)["content"] for x in lines[:n] if x.strip()]
+
+
+def shared_corpus(name: str) -> Path:
+    path = SHARED_CORPORA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared/corpora is not beside this checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Tokenizer (BPE, BOS first like Llama/Gemma) + 2-layer Llama saved with save_pretrained."""
+    from tasks.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", sample_texts(), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def no_bos_tokenizer_dir(tmp_path_factory) -> Path:
+    """A GPT-2-like tokenizer: no BOS even when asked for special tokens."""
+    from tasks.tiny_model import train_tokenizer
+
+    out = tmp_path_factory.mktemp("models") / "nobos"
+    train_tokenizer(sample_texts(), vocab_size=400, add_bos=False).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    return tmp_path / "artifacts"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path

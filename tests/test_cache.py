@@ -1,0 +1,75 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tasks.cache import (
+    MANIFEST, StageOutput, cache_dir, is_complete, publish, read_manifest, register_code_version, stage_key,
+)
+from tasks.config import ChunkConfig
+
+
+def test_key_depends_on_config_upstream_key_and_code_not_on_location():
+    register_code_version("unit", ["tasks.config"], [])
+    up = StageOutput(stage="a", key="a-1", path="cache/a/a-1", counts={"n": 1})
+    base = stage_key("unit", {"cfg": ChunkConfig(), "up": up, "artifacts": "/x"})
+    assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": up, "artifacts": "/elsewhere"})
+    # An upstream manifest contributes its key only: counts/paths are derived from it.
+    moved = up.model_copy(update={"path": "other", "counts": {"n": 2}})
+    assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": moved, "artifacts": "/x"})
+    assert base != stage_key("unit", {"cfg": ChunkConfig(overlap=1), "up": up})
+    assert base != stage_key("unit", {"cfg": ChunkConfig(), "up": up.model_copy(update={"key": "a-2"})})
+    register_code_version("unit", ["tasks.config", "tasks.load"], [])
+    assert base != stage_key("unit", {"cfg": ChunkConfig(), "up": up})
+
+
+def test_publish_is_atomic_and_records_a_manifest(tmp_path):
+    def build(d):
+        (d / "data.txt").write_text("hello")
+        return {"rows": 1}, {"note": "x"}
+
+    out = publish(tmp_path, "s", "s-k", build)
+    assert out.counts == {"rows": 1} and out.dir(tmp_path) == cache_dir(tmp_path, "s", "s-k")
+    assert read_manifest(out.dir(tmp_path)) == out
+    assert sorted(p.name for p in (tmp_path / "cache" / "s").iterdir()) == ["s-k"]
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    def build(d):
+        (d / "partial.txt").write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        publish(tmp_path, "s", "s-k", build)
+    assert list((tmp_path / "cache" / "s").iterdir()) == []
+    assert not is_complete(tmp_path, "s", "s-k")
+
+
+def test_directory_without_manifest_is_replaced(tmp_path):
+    debris = cache_dir(tmp_path, "s", "s-k")
+    debris.mkdir(parents=True)
+    (debris / "half-written").write_text("?")
+    assert not is_complete(tmp_path, "s", "s-k")
+    out = publish(tmp_path, "s", "s-k", lambda d: ((d / "ok").write_text("1") and {}, {}))
+    assert (out.dir(tmp_path) / "ok").exists() and not (out.dir(tmp_path) / "half-written").exists()
+
+
+def test_existing_complete_output_wins_a_race(tmp_path):
+    first = publish(tmp_path, "s", "s-k", lambda d: ({"who": "first"}, {}))
+    second = publish(tmp_path, "s", "s-k", lambda d: ({"who": "second"}, {}))
+    assert second == first and read_manifest(first.dir(tmp_path)).counts == {"who": "first"}
+
+
+def test_temp_dirs_of_killed_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stage_root = tmp_path / "cache" / "s"
+    stale = stage_root / f".tmp-s-k-{dead}-abcd1234"
+    live = stage_root / f".tmp-s-k-{os.getppid()}-abcd1234"  # a running process (our parent) is building
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / "partial").write_text("x")
+    publish(tmp_path, "s", "s-k", lambda d: ({}, {}))
+    assert not stale.exists() and live.exists()
+    assert (stage_root / "s-k" / MANIFEST).exists()

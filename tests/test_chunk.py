@@ -1,0 +1,125 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.chunk import IGNORE_INDEX, chunk_batch, chunk_lengths, trained_tokens, window_plan
+from tasks.config import ChunkConfig, ConfigError
+
+BOS = 1
+
+
+def run_chunks(docs: list[list[int]], max_seq_length: int, overlap: int, bos: bool, mask: bool = True):
+    cfg = ChunkConfig(max_seq_length=max_seq_length, overlap=overlap, mask_overlap=mask)
+    ids = pa.array(docs, type=pa.list_(pa.int32()))
+    doc_ids = pa.array([f"d{i}" for i in range(len(docs))])
+    rb = chunk_batch(doc_ids, ids, cfg, BOS if bos else None)
+    rows = rb.to_pylist()
+    labelled = sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
+    assert trained_tokens(ids, rb, cfg, BOS if bos else None) == labelled
+    return rows
+
+
+def test_hand_worked_example_without_bos():
+    ids = list(range(10, 20))  # 10 tokens, the last one is the document's EOS
+    rows = run_chunks([ids], max_seq_length=4, overlap=1, bos=False)
+    # W=4, S=3: windows at 0, 3, 6; the window at 6 reaches the end, so no redundant tail at 9.
+    assert [r["start"] for r in rows] == [0, 3, 6]
+    assert [r["input_ids"] for r in rows] == [[10, 11, 12, 13], [13, 14, 15, 16], [16, 17, 18, 19]]
+    assert [r["labels"] for r in rows] == [[10, 11, 12, 13], [-100, 14, 15, 16], [-100, 17, 18, 19]]
+
+
+def test_hand_worked_example_with_bos():
+    rows = run_chunks([list(range(10, 17))], max_seq_length=4, overlap=1, bos=True)
+    # W=3, S=2: windows at 0, 2, 4 (the window at 4 covers 14..16 and reaches the end).
+    assert [r["input_ids"] for r in rows] == [[1, 10, 11, 12], [1, 12, 13, 14], [1, 14, 15, 16]]
+    assert [r["labels"] for r in rows] == [[-100, 10, 11, 12], [-100, -100, 13, 14], [-100, -100, 15, 16]]
+
+
+def test_mask_overlap_false_reproduces_the_seed_labels():
+    rows = run_chunks([list(range(10, 20))], max_seq_length=4, overlap=1, bos=False, mask=False)
+    assert all(r["labels"] == r["input_ids"] for r in rows)
+
+
+def test_short_document_is_one_chunk():
+    rows = run_chunks([[5, 6]], max_seq_length=8, overlap=4, bos=True)
+    assert rows == [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6], "doc_id": "d0", "start": 0}]
+
+
+@pytest.mark.parametrize("max_len, overlap, bos, ok", [(10, 9, False, True), (10, 9, True, False), (2, 0, True, True),
+                                                       (10, 8, True, True)])
+def test_overlap_bound_depends_on_bos(max_len, overlap, bos, ok):
+    if ok:
+        window, stride = window_plan(max_len, overlap, bos)
+        assert stride == window - overlap >= 1
+    else:
+        with pytest.raises(ConfigError, match="chunk.overlap: 9 must be smaller than the window of 9 tokens"):
+            window_plan(max_len, overlap, bos)
+
+
+docs_strategy = st.lists(st.lists(st.integers(2, 30000), min_size=1, max_size=300), min_size=1, max_size=8)
+
+
+@st.composite
+def chunk_cases(draw):
+    docs = draw(docs_strategy)
+    bos = draw(st.booleans())
+    max_len = draw(st.integers(2 + bos, 64))
+    overlap = draw(st.integers(0, max_len - 1 - bos - 1))
+    return docs, max_len, overlap, bos
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunk_cases())
+def test_chunk_invariants(case):
+    docs, max_len, overlap, bos = case
+    rows = run_chunks(docs, max_len, overlap, bos)
+    window, stride = window_plan(max_len, overlap, bos)
+    assert [len(r["input_ids"]) for r in rows] == list(chunk_lengths(np.array([len(d) for d in docs]),
+                                                                      ChunkConfig(max_seq_length=max_len,
+                                                                                  overlap=overlap), bos))
+    for i, ids in enumerate(docs):
+        mine = [r for r in rows if r["doc_id"] == f"d{i}"]
+        body = [r["input_ids"][1:] if bos else r["input_ids"] for r in mine]
+        labels = [r["labels"][1:] if bos else r["labels"] for r in mine]
+        # Never longer than max_seq_length, and every chunk starts with BOS when the tokenizer has one.
+        assert all(len(r["input_ids"]) <= max_len for r in mine)
+        assert all(r["input_ids"][0] == BOS and r["labels"][0] == IGNORE_INDEX for r in mine) if bos else True
+        # Windows start at 0, S, 2S, … and only the last one reaches the end.
+        assert [r["start"] for r in mine] == [k * stride for k in range(len(mine))]
+        assert [r["start"] + len(b) >= len(ids) for r, b in zip(mine, body)] == [False] * (len(mine) - 1) + [True]
+        # Dropping each later window's overlap and concatenating gives back ids exactly.
+        rebuilt = body[0] + [t for b in body[1:] for t in b[overlap:]]
+        assert rebuilt == ids
+        # Every token is unmasked exactly once.
+        trained = [r["start"] + p for r, lab in zip(mine, labels) for p, t in enumerate(lab) if t != IGNORE_INDEX]
+        assert sorted(trained) == list(range(len(ids)))
+        assert all(ids[r["start"] + p] == t for r, lab in zip(mine, labels) for p, t in enumerate(lab)
+                   if t != IGNORE_INDEX)
+        # No window lies wholly inside its predecessor.
+        ends = [r["start"] + len(b) for r, b in zip(mine, body)]
+        assert all(later > earlier for earlier, later in zip(ends, ends[1:]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunk_cases())
+def test_unmasked_windows_keep_every_label(case):
+    docs, max_len, overlap, bos = case
+    rows = run_chunks(docs, max_len, overlap, bos, mask=False)
+    for r in rows:
+        body = r["input_ids"][1:] if bos else r["input_ids"]
+        assert (r["labels"][1:] if bos else r["labels"]) == body
+
+
+def test_batch_boundaries_do_not_change_the_result():
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(2, 500, size=rng.integers(1, 200))) for _ in range(50)]
+    whole = run_chunks(docs, 32, 8, True)
+    cfg = ChunkConfig(max_seq_length=32, overlap=8)
+    ids = pa.array(docs, type=pa.list_(pa.int32()))
+    names = pa.array([f"d{i}" for i in range(50)])
+    parts = []
+    for s in range(0, 50, 7):  # sliced list arrays have non-zero offsets
+        parts += chunk_batch(names.slice(s, 7), ids.slice(s, 7), cfg, BOS).to_pylist()
+    assert parts == whole

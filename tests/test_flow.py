@@ -1,0 +1,183 @@
+"""The flow end to end in a real Prefect run (one harness per session, one artifacts root per test)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import sample_texts, write_jsonl
+from tasks.config import validate_config
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+DATA_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    texts = sample_texts(80)
+    write_jsonl(tmp_path / "corpus" / "part-1.jsonl", [{"content": t} for t in texts[:50]])
+    write_jsonl(tmp_path / "corpus" / "part-2.jsonl", [{"content": t} for t in texts[50:]])
+    return tmp_path / "corpus"
+
+
+@pytest.fixture
+def config(corpus, tiny_model):
+    return {"corpus": {"paths": [str(corpus)]}, "model": {"id": str(tiny_model)},
+            "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 64, "overlap": 16}}
+
+
+def run(config, artifacts, until=None, **overrides):
+    from flows.continued_pretraining import continued_pretraining
+
+    cfg = json.loads(json.dumps(config))
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        cfg.setdefault(section, {})[field] = value
+    summary = continued_pretraining(config=validate_config(cfg), artifacts=str(artifacts), until=until)
+    return {s["name"]: s["state"] for s in summary["stages"]}, summary
+
+
+def test_first_run_computes_and_identical_rerun_is_all_cached(config, artifacts):
+    states, summary = run(config, artifacts)
+    assert states == dict.fromkeys(DATA_STAGES, "Completed")
+    states, again = run(config, artifacts)
+    assert states == dict.fromkeys(DATA_STAGES, "Cached")
+    assert [s["key"] for s in again["stages"]] == [s["key"] for s in summary["stages"]]
+
+    on_disk = json.loads((artifacts / "runs" / again["flow_run"] / "summary.json").read_text())
+    assert on_disk["config"]["chunk"]["max_seq_length"] == 64 and on_disk["status"] == "Completed"
+    for stage in on_disk["stages"]:
+        assert set(stage) >= {"name", "state", "seconds", "key", "output", "counts"}
+        assert stage["output"].endswith(f"cache/{stage['name']}/{stage['key']}")
+
+
+def test_changed_chunk_length_recomputes_only_what_depends_on_it(config, artifacts):
+    run(config, artifacts)
+    states, _ = run(config, artifacts, chunk__max_seq_length=48)
+    assert states == {"load": "Cached", "shuffle": "Cached", "tokenize": "Cached",
+                      "token-stats": "Completed", "chunk": "Completed"}
+
+
+def test_edited_corpus_file_recomputes_everything(config, artifacts, corpus):
+    run(config, artifacts)
+    with open(corpus / "part-2.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"content": "새로 추가된 문서입니다. 혈압은 매일 같은 시간에 잰다."}, ensure_ascii=False) + "\n")
+    states, summary = run(config, artifacts)
+    assert states == dict.fromkeys(DATA_STAGES, "Completed")
+    assert summary["stages"][0]["counts"]["documents"] == 81
+
+
+def test_deleted_chunk_output_recomputes_chunk_only(config, artifacts):
+    _, summary = run(config, artifacts)
+    shutil.rmtree(summary["stages"][-1]["output"])
+    states, again = run(config, artifacts)
+    assert states == {**dict.fromkeys(DATA_STAGES[:-1], "Cached"), "chunk": "Completed"}
+    assert again["stages"][-1]["key"] == summary["stages"][-1]["key"]
+
+
+def test_half_written_output_is_a_miss(config, artifacts):
+    from tasks.cache import MANIFEST
+
+    _, summary = run(config, artifacts)
+    (Path(summary["stages"][1]["output"]) / MANIFEST).unlink()  # as if the copy had stopped halfway
+    states, _ = run(config, artifacts)
+    assert states["load"] == "Cached" and states["shuffle"] == "Completed" and states["tokenize"] == "Cached"
+
+
+def test_failure_inside_a_stage_leaves_no_cache_entry_and_no_temp_dir(config, artifacts, monkeypatch):
+    import tasks.chunk
+
+    real = tasks.chunk.chunk_file
+
+    def crash_midway(src, dst_dir, *args, **kwargs):
+        real(src, dst_dir, *args, **kwargs)  # writes a shard, then dies before the stage completes
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tasks.chunk, "chunk_file", crash_midway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(config, artifacts)
+    chunk_root = artifacts / "cache" / "chunk"
+    assert list(chunk_root.iterdir()) == []
+    assert not [r for r in (artifacts / "cache" / "_records").iterdir() if r.name.startswith("chunk-")]
+    failed = json.loads(next((artifacts / "runs").glob("*/summary.json")).read_text())
+    assert failed["status"] == "Failed" and failed["stages"][-1]["state"] == "Failed"
+
+    monkeypatch.setattr(tasks.chunk, "chunk_file", real)
+    states, _ = run(config, artifacts)
+    assert states == {**dict.fromkeys(DATA_STAGES[:-1], "Cached"), "chunk": "Completed"}
+
+
+def test_leftover_temp_dir_of_a_killed_run_is_cleaned(config, artifacts):
+    _, summary = run(config, artifacts, until="tokenize")
+    states, summary = run(config, artifacts)
+    key = summary["stages"][-1]["key"]
+    shutil.rmtree(summary["stages"][-1]["output"])
+    debris = artifacts / "cache" / "chunk" / f".tmp-{key}-999999999-deadbeef"
+    debris.mkdir(parents=True)
+    (debris / "data-00000-of-00001.arrow").write_bytes(b"half")
+    states, _ = run(config, artifacts)
+    assert states["chunk"] == "Completed" and not debris.exists()
+
+
+def test_until_stops_after_the_named_stage(config, artifacts):
+    states, summary = run(config, artifacts, until="shuffle")
+    assert list(states) == ["load", "shuffle"]
+    assert not (artifacts / "cache" / "tokenize").exists()
+
+
+def test_bad_record_fails_the_run_with_its_place(config, artifacts, corpus):
+    (corpus / "part-3.jsonl").write_text('{"content": "ok"}\n{"content": 7}\n', encoding="utf-8")
+    from tasks.load import BadRecordError
+
+    with pytest.raises(BadRecordError, match=r"part-3.jsonl:2: field 'content' is int"):
+        run(config, artifacts)
+    assert not (artifacts / "cache" / "load").exists() or not list((artifacts / "cache" / "load").iterdir())
+
+    states, summary = run(config, artifacts, corpus__on_bad_record="skip")
+    load = summary["stages"][0]
+    assert load["counts"]["rejected"] == 1
+    rejects = (artifacts / "cache" / "load" / load["key"] / "rejects.jsonl").read_text().splitlines()
+    assert json.loads(rejects[0])["source"] == "part-3.jsonl:2"
+
+
+def test_chunk_output_is_a_datasets_dict_matching_its_counts(config, artifacts):
+    from datasets import load_from_disk
+
+    _, summary = run(config, artifacts)
+    stages = {s["name"]: s for s in summary["stages"]}
+    dd = load_from_disk(stages["chunk"]["output"])
+    assert set(dd) == {"train", "validation"}
+    assert dd["train"].column_names == ["input_ids", "labels", "doc_id", "start"]
+    counts = stages["chunk"]["counts"]
+    assert len(dd["train"]) == counts["train_chunks"] and len(dd["validation"]) == counts["validation_chunks"]
+    assert max(len(x) for x in dd["train"]["input_ids"]) <= 64
+    # No document in both splits.
+    assert not set(dd["train"]["doc_id"]) & set(dd["validation"]["doc_id"])
+    # token-stats predicted the chunk rows exactly.
+    assert stages["token-stats"]["counts"]["train_chunks_count"] == counts["train_chunks"]
+    out = stages["token-stats"]["output"]
+    assert (Path(out) / "histogram.png").stat().st_size > 1000
+
+
+def test_cli_run_writes_the_summary_copy(config, artifacts, tmp_path, monkeypatch):
+    import yaml
+
+    from flows.cli import main
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    rc = main(["run", "--config", str(cfg_path), "--set", "chunk.overlap=8", "--until", "chunk",
+               "--artifacts", str(artifacts), "--summary", str(tmp_path / "out" / "summary.json")])
+    assert rc == 0
+    copy = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert copy["config"]["chunk"]["overlap"] == 8 and [s["name"] for s in copy["stages"]] == DATA_STAGES
+    assert (artifacts / "runs" / copy["flow_run"] / "summary.json").exists()
+
+
+def test_artifacts_root_from_environment(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPT_ARTIFACTS", str(tmp_path / "elsewhere"))
+    from flows.continued_pretraining import continued_pretraining
+
+    summary = continued_pretraining(config=validate_config(config), until="load")
+    assert summary["stages"][0]["output"].startswith(str(tmp_path / "elsewhere"))
