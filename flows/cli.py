@@ -67,6 +67,10 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _load(args)
+    # Fail on a wrong path now, not after a Prefect server has spent seconds starting.
+    from tasks.load import resolve_corpus_files
+
+    resolve_corpus_files(cfg.corpus)
     _prefect_env()
     from flows.continued_pretraining import continued_pretraining
 

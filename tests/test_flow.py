@@ -181,3 +181,22 @@ def test_artifacts_root_from_environment(config, tmp_path, monkeypatch):
 
     summary = continued_pretraining(config=validate_config(config), until="load")
     assert summary["stages"][0]["output"].startswith(str(tmp_path / "elsewhere"))
+
+
+def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artifacts):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, \
+        FlowRunFilterName
+
+    _, summary = run(config, artifacts)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[summary["flow_run"]])))[0]
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    by_type = {}
+    for a in arts:
+        by_type.setdefault(a.type, []).append(a)
+    assert len(by_type["progress"]) == 2 and all(a.data == 100.0 for a in by_type["progress"])  # tokenize, chunk
+    assert any(a.key == "token-stats" for a in by_type["table"])
+    markdown = {a.key: a.data for a in by_type["markdown"]}
+    assert "data:image/png;base64," in markdown["token-stats-histogram"]
+    assert "| chunk | Completed |" in markdown["run-summary"]

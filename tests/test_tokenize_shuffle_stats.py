@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import sample_texts
+from tasks.config import ChunkConfig, ConfigError, ModelConfig
+from tasks.shuffle import split_documents, validation_size
+from tasks.token_stats import STAT_NAMES, compute_token_stats, length_stats, plot_histograms
+from tasks.tokenize import (
+    batch_bounds, encode_batch, load_tokenizer, resolve_tokenizer, special_tokens, tokenize_file,
+)
+
+
+# ------------------------------------------------------------------------------------------ tokenize
+
+def test_bos_is_detected_like_llama_and_absent_like_gpt2(tiny_model, no_bos_tokenizer_dir):
+    with_bos = special_tokens(load_tokenizer(tiny_model))
+    assert with_bos["bos_id"] is not None and with_bos["eos_id"] != with_bos["bos_id"]
+    assert special_tokens(load_tokenizer(no_bos_tokenizer_dir))["bos_id"] is None
+
+
+def test_encode_batch_matches_one_call_per_text_plus_eos(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    texts = sample_texts(20) + ["", "a"]
+    eos = tok.eos_token_id
+    got = encode_batch(tok, texts, eos).to_pylist()
+    assert got == [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+
+
+def test_batches_are_bounded_by_documents_and_bytes():
+    assert batch_bounds(np.array([1, 1, 1, 1, 1]), 2, 100) == [(0, 2), (2, 4), (4, 5)]
+    assert batch_bounds(np.array([60, 60, 10, 500, 5]), 100, 100) == [(0, 1), (1, 3), (3, 4), (4, 5)]
+    assert batch_bounds(np.array([], dtype=np.int64), 10, 10) == []
+
+
+def test_tokenize_file_is_independent_of_batching(tiny_model, tmp_path):
+    from tasks.load import DOC_SCHEMA
+
+    tok = load_tokenizer(tiny_model)
+    texts = sample_texts(30)
+    table = pa.table({"doc_id": [str(i) for i in range(30)], "text": texts, "source": ["x"] * 30},
+                     schema=DOC_SCHEMA)
+    with pa.OSFile(str(tmp_path / "docs.arrow"), "wb") as f, pa.ipc.new_file(f, DOC_SCHEMA) as w:
+        w.write_table(table, max_chunksize=7)
+    results = []
+    for size, nbytes in [(1000, 1 << 30), (3, 1 << 30), (1000, 500)]:
+        tokenize_file(tmp_path / "docs.arrow", tmp_path / "t.arrow", tok, tok.eos_token_id, size, nbytes)
+        results.append(pa.ipc.open_file(str(tmp_path / "t.arrow")).read_all().to_pylist())
+    assert results[0] == results[1] == results[2] and len(results[0]) == 30
+
+
+def test_tokenizer_fingerprint_follows_file_content(tiny_model, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    a = resolve_tokenizer(ModelConfig(id=str(tiny_model)))
+    b = resolve_tokenizer(ModelConfig(id=str(copy)))
+    assert a.digest == b.digest and a.location != b.location  # same content, another place: same key
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<pad>"
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert resolve_tokenizer(ModelConfig(id=str(copy))).digest != a.digest
+
+
+def test_unusable_model_ids_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="model.id: .* holds no tokenizer files"):
+        resolve_tokenizer(ModelConfig(id=str(tmp_path)))
+    with pytest.raises(ConfigError, match="model.id: './nowhere' is not a directory"):
+        resolve_tokenizer(ModelConfig(id="./nowhere"))
+    with pytest.raises(ConfigError, match="model.id: cannot fetch the tokenizer of 'no-such-org/no-such-model'"):
+        resolve_tokenizer(ModelConfig(id="no-such-org/no-such-model"))  # HF_HUB_OFFLINE=1 in tests
+
+
+# ------------------------------------------------------------------------------------------- shuffle
+
+def test_split_is_seeded_disjoint_and_independent_of_input_order():
+    ids = [f"{i:016x}" for i in range(200)]
+    parts = split_documents(ids, seed=7, fraction=0.1)
+    assert len(parts["validation"]) == 20 and len(parts["train"]) == 180
+    assert not set(parts["validation"]) & set(parts["train"])
+    as_ids = {k: [ids[i] for i in v] for k, v in parts.items()}
+    rev = list(reversed(ids))
+    again = {k: [rev[i] for i in v] for k, v in split_documents(rev, seed=7, fraction=0.1).items()}
+    assert again == as_ids
+    other = {k: [ids[i] for i in v] for k, v in split_documents(ids, seed=8, fraction=0.1).items()}
+    assert other["train"] != as_ids["train"]
+
+
+def test_adding_documents_keeps_the_relative_order_of_the_old_ones():
+    old = [f"old{i}" for i in range(100)]
+    new = old + [f"new{i}" for i in range(30)]
+    order_old = [old[i] for i in split_documents(old, 1, 0.0)["train"]]
+    order_new = [new[i] for i in split_documents(new, 1, 0.0)["train"] if new[i].startswith("old")]
+    assert order_old == order_new
+
+
+def test_validation_size_rules():
+    assert validation_size(100, 0.0) == 0
+    assert validation_size(10, 0.01) == 1  # at least one document when asked for validation
+    with pytest.raises(ConfigError, match="split.validation_fraction: 0.5 of 1 documents"):
+        validation_size(1, 0.5)
+
+
+# --------------------------------------------------------------------------------------- token-stats
+
+def test_length_stats_match_numpy():
+    x = np.array([1, 5, 9, 100, 3, 3])
+    s = length_stats(x)
+    assert set(s) == set(STAT_NAMES)
+    assert s["mean"] == pytest.approx(x.mean()) and s["median"] == 4 and s["min"] == 1 and s["max"] == 100
+    assert s["p95"] == pytest.approx(np.percentile(x, 95)) and s["std"] == pytest.approx(x.std())
+    assert length_stats(np.array([]))["count"] == 0
+
+
+def test_stats_of_a_tokenized_split(tmp_path):
+    lists = [[1] * 10, [1] * 300, [1] * 45]
+    for split in ("train", "validation"):
+        table = pa.table({"doc_id": ["a", "b", "c"], "input_ids": pa.array(lists, pa.list_(pa.int32()))})
+        with pa.OSFile(str(tmp_path / f"{split}.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+    rows, lengths = compute_token_stats(tmp_path, ChunkConfig(max_seq_length=100, overlap=20), has_bos=True)
+    docs = next(r for r in rows if r["split"] == "train" and r["unit"] == "documents")
+    chunks = next(r for r in rows if r["split"] == "train" and r["unit"] == "chunks")
+    assert (docs["count"], docs["max"], docs["total"]) == (3, 300, 355)
+    # W=99, S=79: 300 tokens -> windows at 0, 79, 158, 237 (the last reaches the end).
+    assert chunks["count"] == 1 + 4 + 1 and chunks["max"] == 100
+    plot_histograms(lengths, 10, tmp_path / "h.png", "t")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
