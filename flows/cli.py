@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-STAGE_CHOICES = ("load", "shuffle", "tokenize", "token-stats", "chunk")
+from tasks.config import STAGES
 
 
 def _prefect_env() -> None:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the flow (stages whose inputs did not change come from cache)")
     _config_args(run)
-    run.add_argument("--until", choices=STAGE_CHOICES, help="stop after this stage (e.g. chunk: preprocess only)")
+    run.add_argument("--until", choices=STAGES, help="stop after this stage (e.g. chunk: preprocess only)")
     run.add_argument("--summary", metavar="PATH", help="also write the run summary JSON here")
     run.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $CPT_ARTIFACTS or ./artifacts)")
 

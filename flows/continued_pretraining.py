@@ -16,14 +16,19 @@ from prefect.runtime import flow_run
 
 from tasks.cache import StageOutput, artifacts_root, records_dir
 from tasks.chunk import chunk
-from tasks.config import CptConfig
+from tasks.config import CorpusConfig, CptConfig
+from tasks.evaluate import evaluate, evaluate_base
 from tasks.load import fingerprint_corpus, load
+from tasks.modeling import resolve_model
+from tasks.push import push
 from tasks.report import markdown_artifact, markdown_table, run_logger
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
 from tasks.tokenize import resolve_tokenizer, tokenize
+from tasks.train import train
 
-StageName = Literal["load", "shuffle", "tokenize", "token-stats", "chunk"]
+StageName = Literal["load", "shuffle", "tokenize", "token-stats", "chunk", "train", "evaluate-base", "evaluate",
+                    "push"]
 
 
 class StageRunner:
@@ -72,7 +77,21 @@ def continued_pretraining(
         tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, split=split,
                      trust_remote_code=config.model.trust_remote_code)
         run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens)
-        run(chunk, chunk=config.chunk, tokens=tokens)
+        chunks = run(chunk, chunk=config.chunk, tokens=tokens)
+
+        if not run.stopped:
+            base_model = resolve_model(config.model)
+            general = (fingerprint_corpus(CorpusConfig(paths=config.evaluate.general_corpus))
+                       if config.evaluate.general_corpus else None)
+            # The base model is measured first: its numbers are there even if training is stopped.
+            base_eval = run(evaluate_base, evaluate=config.evaluate, model=config.model, base_model=base_model,
+                            chunk=config.chunk, chunks=chunks, general_corpus=general)
+            trained = run(train, train=config.train, model=config.model, base_model=base_model,
+                          chunk=config.chunk, chunks=chunks)
+            evaluation = run(evaluate, evaluate=config.evaluate, model=config.model, trained=trained,
+                             chunk=config.chunk, chunks=chunks, general_corpus=general, base_eval=base_eval)
+            run(push, push=config.push, base_model_id=config.model.id, trained=trained, evaluation=evaluation,
+                docs=docs, corpus=sources, config=config.model_dump(mode="json"))
         summary["status"] = "Completed"
     except BaseException as e:
         summary["status"] = "Failed"

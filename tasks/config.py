@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("load", "shuffle", "tokenize", "token-stats", "chunk")
+STAGES = ("load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "push")
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,14 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for model and tokenizer.")
     trust_remote_code: bool = Field(False, description="Allow custom model/tokenizer code from the hub.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype for training and evaluation. auto: bfloat16 on a GPU that supports it, "
+        "float32 on CPU."
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel. auto: sdpa (fast and exact; the seed used eager for Gemma 3, which "
+        "is what auto picks for Gemma 3 too)."
+    )
 
 
 class ShuffleConfig(Section):
@@ -118,6 +126,89 @@ class ChunkConfig(Section):
         return self
 
 
+class TrainConfig(Section):
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training chunks (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(2, ge=1, description="Rows per device per micro-batch.")
+    per_device_eval_batch_size: int = Field(4, ge=1, description="Rows per device per evaluation batch.")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (CPT uses a low one).")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, …).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field(
+        "paged_adamw_8bit",
+        description="Optimizer. paged_adamw_8bit needs bitsandbytes on a CUDA device; elsewhere optim_fallback "
+        "is used and the switch is logged once.",
+    )
+    optim_fallback: str = Field("adamw_torch", description="Optimizer used where `optim` cannot run on the device.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less GPU memory, ~30% slower. Off on CPU."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several chunks into each row (best-fit), position ids restarting per chunk so no token "
+        "attends across chunks: no padding.",
+    )
+    logging_steps: int = Field(25, ge=1, description="Log the training loss every this many steps.")
+    eval_steps: int = Field(100, ge=1, description="Validation loss every this many steps.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every this many steps (a multiple of eval_steps).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    early_stopping_patience: int | None = Field(
+        5, ge=1, description="Stop after this many evaluations without a better validation loss; null disables."
+    )
+    seed: int = Field(42, description="Seed of initialisation-dependent parts and data order.")
+    num_processes: int = Field(1, ge=1, description="Processes for `accelerate launch` (one per GPU).")
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _checkpoints_line_up_with_evaluations(self) -> TrainConfig:
+        if self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) so the best "
+                "model by validation loss has a checkpoint"
+            )
+        return self
+
+
+class GenerationConfig(Section):
+    do_sample: bool = Field(True, description="Sample (true) or greedy (false).")
+    max_new_tokens: int = Field(512, ge=1, description="Tokens generated per prompt.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(64, ge=0, description="Top-k sampling (0 disables).")
+    repetition_penalty: float = Field(1.05, gt=0, description="Penalty on repeated tokens.")
+    seed: int = Field(0, description="Seed set before each prompt, so before and after are comparable.")
+
+
+class EvaluateConfig(Section):
+    prompts: list[str] = Field(
+        default_factory=list, description="Prompts generated from before and after training (the seed's questions)."
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
+    general_corpus: list[str] | None = Field(
+        None, description="Optional paths of general-domain text: perplexity there before and after shows forgetting."
+    )
+    max_eval_rows: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many validation rows (null: all)."
+    )
+    batch_size: int = Field(4, ge=1, description="Rows per perplexity batch.")
+
+
+class PushConfig(Section):
+    name: str | None = Field(
+        None, description="Folder under artifacts/models/ for the final model (default: <base>-cpt-<key>)."
+    )
+    repo_id: str | None = Field(None, description="Hub repo to upload to (user/name); null saves locally only.")
+    private: bool = Field(True, description="Create the hub repo private.")
+    revision: str | None = Field(None, description="Hub branch to upload to (created if missing); null: main.")
+    token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the hub token; else HF_TOKEN from the environment."
+    )
+    retries: int = Field(3, ge=0, description="Upload retries with exponential backoff.")
+
+
 class CptConfig(Section):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="What to read (load stage).")
     model: ModelConfig = Field(..., description="Base model and its tokenizer.")
@@ -126,6 +217,9 @@ class CptConfig(Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Shared tokenization step.")
     token_stats: TokenStatsConfig = Field(default_factory=TokenStatsConfig, description="token-stats stage.")
     chunk: ChunkConfig = Field(default_factory=ChunkConfig, description="Overlapping windows (chunk stage).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Continued pretraining (train stage).")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Before/after evaluation.")
+    push: PushConfig = Field(default_factory=PushConfig, description="Saving and uploading the model.")
 
     @field_validator("corpus")
     @classmethod

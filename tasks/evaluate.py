@@ -1,0 +1,165 @@
+"""evaluate-base and evaluate: perplexity on the validation chunks (labels honoured: overlap context is not
+scored), optional perplexity on a general corpus (forgetting), and seeded generations, before and after.
+
+The base model's evaluation is its own cached stage keyed by the base model, the evaluation data and the
+evaluation settings, so changing `train.*` re-evaluates only the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.cache import Fingerprint, StageOutput, current_key, publish, stage_task
+from tasks.config import ChunkConfig, CorpusConfig, EvaluateConfig, ModelConfig
+from tasks.report import markdown_artifact, markdown_table, run_logger, table_artifact
+
+EVAL_FILE = "eval.json"
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+
+def validation_rows(chunks_dir: Path, limit: int | None) -> list[dict[str, Any]]:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(chunks_dir))["validation"].select_columns(["input_ids", "labels"])
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds.to_list()
+
+
+def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit: int | None) -> list[dict]:
+    """The general corpus read, tokenized and chunked exactly like the training data (in memory: it is small)."""
+    import pyarrow as pa
+
+    from tasks.chunk import chunk_batch
+    from tasks.load import Record, read_corpus_file, resolve_corpus_files
+    from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
+
+    cfg = CorpusConfig(paths=paths, on_bad_record="skip")
+    texts = [r.text for f in resolve_corpus_files(cfg) for r in read_corpus_file(f, cfg)
+             if isinstance(r, Record) and r.text.strip()]
+    tok = load_tokenizer(tokenizer_dir)
+    sp = special_tokens(tok)
+    ids = encode_batch(tok, texts, sp["eos_id"])
+    rows = chunk_batch(pa.array([str(i) for i in range(len(texts))]), ids, chunk, sp["bos_id"])
+    out = rows.select(["input_ids", "labels"]).to_pylist()
+    return out[:limit] if limit is not None else out
+
+
+def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, val: list[dict],
+                   general: list[dict] | None) -> dict[str, Any]:
+    from tasks.modeling import generate, load_model, load_tokenizer_for_generation, perplexity, release
+
+    tok = load_tokenizer_for_generation(location, model_cfg.trust_remote_code)
+    model = load_model(location, model_cfg)
+    try:
+        result = {
+            "validation": perplexity(model, val, cfg.batch_size, tok.pad_token_id),
+            "general": perplexity(model, general, cfg.batch_size, tok.pad_token_id) if general else None,
+            "generations": generate(model, tok, cfg.prompts, cfg.generation) if cfg.prompts else [],
+        }
+    finally:
+        release(model)
+    return result
+
+
+def relative_change(before: float | None, after: float | None) -> float | None:
+    if before is None or after is None or before == 0:
+        return None
+    return (after - before) / before
+
+
+def comparison(before: dict[str, Any], after: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
+    """The eval.json document: perplexity before/after and prompt | before | after."""
+    def pair(name):
+        if before.get(name) is None or after.get(name) is None:
+            return None
+        b, a = before[name]["perplexity"], after[name]["perplexity"]
+        return {"before": b, "after": a, "relative_change": relative_change(b, a),
+                "tokens": after[name]["tokens"]}
+
+    return {
+        "perplexity": {"validation": pair("validation"), "general": pair("general")},
+        "generations": [{"prompt": p, "before": b, "after": a}
+                        for p, b, a in zip(prompts, before["generations"], after["generations"])],
+    }
+
+
+def comparison_markdown(doc: dict[str, Any]) -> str:
+    rows = []
+    for name, v in doc["perplexity"].items():
+        if v is not None:
+            change = f"{v['relative_change']:+.1%}" if v["relative_change"] is not None else ""
+            rows.append({"metric": f"perplexity ({name})", "before": round(v["before"], 3),
+                         "after": round(v["after"], 3), "change": change})
+    md = "# Before / after\n\n" + markdown_table(rows) + "\n"
+    if doc["generations"]:
+        gens = [{"prompt": g["prompt"].replace("\n", " "), "before": g["before"].replace("\n", " "),
+                 "after": g["after"].replace("\n", " ")} for g in doc["generations"]]
+        md += "\n## Generations\n\n" + markdown_table(gens) + "\n"
+    return md
+
+
+# --------------------------------------------------------------------------------------- the tasks
+
+
+def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: StageOutput, artifacts: str, tokenizer_dir: str):
+    val = validation_rows(chunks.dir(artifacts), cfg.max_eval_rows)
+    general = general_rows(cfg.general_corpus, tokenizer_dir, chunk, cfg.max_eval_rows) if cfg.general_corpus else None
+    return val, general
+
+
+@stage_task("evaluate-base", modules=["tasks.modeling", "tasks.config", "tasks.chunk", "tasks.load"],
+            libraries=["transformers", "torch", "datasets"])
+def evaluate_base(evaluate: EvaluateConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
+                  chunks: StageOutput, general_corpus: Fingerprint | None, artifacts: str) -> StageOutput:
+    key = current_key("evaluate-base", {"evaluate": evaluate, "model": model, "base_model": base_model,
+                                        "chunk": chunk, "chunks": chunks, "general_corpus": general_corpus})
+
+    def build(tmp: Path):
+        val, general = _inputs(evaluate, chunk, chunks, artifacts, base_model.location)
+        result = evaluate_model(base_model.location, model, evaluate, val, general)
+        (tmp / EVAL_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        return {"validation_perplexity": result["validation"]["perplexity"],
+                "general_perplexity": (result["general"] or {}).get("perplexity")}, {}
+
+    out = publish(artifacts, "evaluate-base", key, build)
+    run_logger().info("evaluate-base: validation perplexity %.3f", out.counts["validation_perplexity"])
+    return out
+
+
+@stage_task("evaluate", modules=["tasks.modeling", "tasks.config", "tasks.chunk", "tasks.load", "tasks.report"],
+            libraries=["transformers", "torch", "datasets"])
+def evaluate(evaluate: EvaluateConfig, model: ModelConfig, trained: StageOutput, chunk: ChunkConfig,
+             chunks: StageOutput, general_corpus: Fingerprint | None, base_eval: StageOutput,
+             artifacts: str) -> StageOutput:
+    key = current_key("evaluate", {"evaluate": evaluate, "model": model, "trained": trained, "chunk": chunk,
+                                   "chunks": chunks, "general_corpus": general_corpus, "base_eval": base_eval})
+    model_dir = str(trained.dir(artifacts) / "model")
+
+    def build(tmp: Path):
+        val, general = _inputs(evaluate, chunk, chunks, artifacts, model_dir)
+        after = evaluate_model(model_dir, model, evaluate, val, general)
+        before = json.loads((base_eval.dir(artifacts) / EVAL_FILE).read_text())
+        doc = comparison(before, after, evaluate.prompts)
+        (tmp / EVAL_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+        (tmp / "eval.md").write_text(comparison_markdown(doc))
+        v = doc["perplexity"]["validation"]
+        g = doc["perplexity"]["general"] or {}
+        return {"validation_perplexity_before": v["before"], "validation_perplexity_after": v["after"],
+                "validation_relative_change": v["relative_change"], "general_perplexity_before": g.get("before"),
+                "general_perplexity_after": g.get("after")}, {}
+
+    out = publish(artifacts, "evaluate", key, build)
+    out_dir = out.dir(artifacts)
+    doc = json.loads((out_dir / EVAL_FILE).read_text())
+    markdown_artifact((out_dir / "eval.md").read_text(), "eval-before-after", "Perplexity and generations, before/after")
+    table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
+                   "eval-perplexity", "Perplexity before and after training")
+    c = out.counts
+    run_logger().info("evaluate: validation perplexity %.3f → %.3f (%+.1f%%)", c["validation_perplexity_before"],
+                      c["validation_perplexity_after"], 100 * (c["validation_relative_change"] or 0))
+    return out

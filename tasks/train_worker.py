@@ -1,0 +1,251 @@
+"""The training child process: `accelerate launch -m tasks.train_worker SPEC.json`.
+
+It runs TRL's SFTTrainer on the chunk stage's pre-tokenized DatasetDict (its `labels`, overlap masked, are
+used as they are), checkpoints into the stage's work dir, resumes from the last checkpoint of a killed attempt,
+stops early on validation loss and keeps the best model. It talks to the parent through stdout lines that start
+with `@@cpt ` followed by JSON (progress, the optimizer choice, final metrics); everything else is plain log.
+Being a separate process is what frees every byte of GPU memory when training ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import ModelConfig, TrainConfig
+from tasks.modeling import choose_attention, choose_dtype
+
+MESSAGE_PREFIX = "@@cpt "
+
+
+def emit(event: str, **data: Any) -> None:
+    print(MESSAGE_PREFIX + json.dumps({"event": event, **data}), flush=True)
+
+
+def choose_optimizer(optim: str, fallback: str, device: str) -> tuple[str, str | None]:
+    """(optimizer to use, reason for falling back or None). bitsandbytes' 8-bit/paged optimizers need CUDA."""
+    needs_bnb = "8bit" in optim or optim.startswith("paged_")
+    if not needs_bnb:
+        return optim, None
+    if device != "cuda":
+        return fallback, f"{optim} needs a CUDA device for bitsandbytes; this run is on {device}"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # an install without CUDA kernels
+        return fallback, f"{optim} needs bitsandbytes, which failed to import: {e}"
+    return optim, None
+
+
+def padding_fraction(dataloader, limit_batches: int | None = None) -> dict[str, float]:
+    """Share of positions in the batches the model sees that are padding (labels -100 added by collation
+    are not counted as padding; only positions with no token are)."""
+    real = total = 0
+    for i, batch in enumerate(dataloader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        ids = batch["input_ids"]
+        total += ids.numel()
+        if "attention_mask" in batch:
+            real += int(batch["attention_mask"].sum())
+        else:  # padding-free: one flattened row; padding only from pad_to_multiple_of (position 0 runs)
+            real += ids.numel()
+    return {"padding_fraction": 0.0 if total == 0 else 1 - real / total, "positions": total, "tokens": real}
+
+
+def make_callbacks(train: TrainConfig, has_validation: bool):
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Reporter(TrainerCallback):
+        """Progress and log lines for the parent; optional test hook that dies right after a checkpoint."""
+
+        def __init__(self):
+            self.kill_after = int(os.environ.get("CPT_TEST_KILL_AFTER_SAVE_STEP", "0"))
+            self.started = time.monotonic()
+            self.tokens_at_begin = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.started = time.monotonic()
+            self.tokens_at_begin = state.num_input_tokens_seen  # > 0 when resuming
+            if state.is_world_process_zero:
+                emit("begin", step=state.global_step, max_steps=state.max_steps)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                emit("progress", step=state.global_step, max_steps=state.max_steps,
+                     seconds=round(time.monotonic() - self.started, 2))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                emit("log", step=state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+        def on_save(self, args, state, control, **kw):
+            if self.kill_after and state.global_step >= self.kill_after:
+                emit("killed", step=state.global_step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [Reporter()]  # keep first: run() reads tokens_at_begin from it
+    if has_validation and train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    return callbacks
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#4c72b0")
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="#dd8452", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Continued pretraining loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run(spec: dict[str, Any]) -> None:
+    import torch
+    from accelerate import PartialState
+    from datasets import load_from_disk
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    train = TrainConfig(**spec["train"])
+    model_cfg = ModelConfig(**spec["model"])
+    state = PartialState()
+    device = state.device.type
+    out_dir, checkpoints = Path(spec["output_dir"]), Path(spec["checkpoint_dir"])
+
+    tok = AutoTokenizer.from_pretrained(spec["model_location"], trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # the seed's fallback
+    config = AutoConfig.from_pretrained(spec["model_location"], trust_remote_code=model_cfg.trust_remote_code)
+    dtype = choose_dtype(model_cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_location"], dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=choose_attention(model_cfg.attn_implementation, getattr(config, "model_type", None)),
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+
+    data = load_from_disk(spec["chunks_dir"]).select_columns(["input_ids", "labels"])
+    has_validation = len(data["validation"]) > 0
+    optim, why = choose_optimizer(train.optim, train.optim_fallback, device)
+    if why and state.is_main_process:
+        emit("optimizer_fallback", requested=train.optim, used=optim, reason=why)
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = spec["tensorboard_dir"]
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        max_length=spec["max_seq_length"],
+        packing=train.packing,
+        packing_strategy="bfd",
+        padding_free=train.packing,
+        eval_packing=False,  # validation loss stays comparable between packing on and off
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=optim,
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to=["tensorboard"],
+        seed=train.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=train.dataloader_num_workers,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tok,
+        train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,
+        callbacks=make_callbacks(train, has_validation),
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
+    padding = padding_fraction(trainer.get_train_dataloader())
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if state.is_main_process:
+        emit("start", device=device, dtype=str(dtype).removeprefix("torch."), optim=optim,
+             resume_from=Path(resume).name if resume else None, train_rows=len(data["train"]),
+             validation_rows=len(data["validation"]), **padding)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+
+    if state.is_main_process:
+        model_dir = out_dir / "model"
+        trainer.save_model(str(model_dir))  # the best model when early stopping / load_best_model_at_end
+        tok.save_pretrained(str(model_dir))
+        history = trainer.state.log_history
+        (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        plot_loss_curve(history, out_dir / "loss_curve.png")
+        evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+        reporter = trainer.callback_handler.callbacks[[type(c).__name__ for c in
+                                                       trainer.callback_handler.callbacks].index("Reporter")]
+        trained_tokens = trainer.state.num_input_tokens_seen - reporter.tokens_at_begin
+        metrics = {
+            "global_step": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "stopped_early": trainer.state.global_step < trainer.state.max_steps,
+            "train_loss": result.training_loss,
+            "first_loss": next((h["loss"] for h in history if "loss" in h), None),
+            "last_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+            "best_eval_loss": trainer.state.best_metric,
+            "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
+            if trainer.state.best_model_checkpoint else None,
+            "eval_losses": evals,
+            "resumed_from": Path(resume).name if resume else None,
+            "seconds": seconds,
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            "tokens_per_second": trained_tokens / seconds if seconds > 0 else None,
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+            "optim": optim,
+            "optim_fallback_reason": why,
+            **padding,
+        }
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        emit("done", **{k: v for k, v in metrics.items() if k != "eval_losses"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    run(json.loads(Path(argv[0]).read_text()))
+
+
+if __name__ == "__main__":
+    main()
