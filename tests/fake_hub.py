@@ -14,6 +14,8 @@ Xet pipeline when `hf_xet` is importable (it is, in .venv) unless HF_HUB_DISABLE
 uploads "lfs"-mode files through Xet the same way. The only mode that needs neither is "regular", which
 the preupload response may choose per file, whatever the size. So this hub answers "regular" for every
 file, the bytes come inline (base64) in the commit, and no Xet token, CAS or LFS batch endpoint is hit.
+(The Xet pipeline still opens a local hf_xet session, which only writes a log under $HF_HOME/xet/logs.
+It splits a folder into several commits, "msg (part 2)", past 256 files or 100 MB of inline content.)
 
 Retries: the Xet pipeline (default here) sends the commit through `http_backoff`, which retries a 500
 up to 5 times (sleeping 1, 2, 4, 8, 8 s), so `fail_commits=1` only delays `upload_folder` by ~1 s.
@@ -83,7 +85,7 @@ class FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> FakeHub:
         self._thread.start()
