@@ -1,0 +1,167 @@
+"""The whole flow with the tiny model: training, evaluation, push, caching across them, resume, early stop."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import sample_texts, write_jsonl
+from tasks.config import validate_config
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+ALL_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "push"]
+PROMPT = "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"
+
+
+@pytest.fixture
+def config(tmp_path, tiny_model):
+    write_jsonl(tmp_path / "corpus.jsonl", [{"content": t} for t in sample_texts()])
+    return {
+        "corpus": {"paths": [str(tmp_path / "corpus.jsonl")]},
+        "model": {"id": str(tiny_model)},
+        "split": {"validation_fraction": 0.1},
+        "chunk": {"max_seq_length": 96, "overlap": 16},
+        "train": {"max_steps": 16, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                  "learning_rate": 3e-3, "warmup_ratio": 0.0, "logging_steps": 2, "eval_steps": 4,
+                  "save_steps": 8, "packing": True},
+        "evaluate": {"prompts": [PROMPT], "generation": {"max_new_tokens": 8}, "max_eval_rows": 32},
+        "push": {"name": "tiny-test"},
+    }
+
+
+def run(config, artifacts, until=None, **sections):
+    from flows.continued_pretraining import continued_pretraining
+
+    cfg = json.loads(json.dumps(config))
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    summary = continued_pretraining(config=validate_config(cfg), artifacts=str(artifacts), until=until)
+    return {s["name"]: s["state"] for s in summary["stages"]}, {s["name"]: s for s in summary["stages"]}
+
+
+def test_end_to_end_learns_and_reruns_only_what_changed(config, artifacts):
+    states, stages = run(config, artifacts)
+    assert states == dict.fromkeys(ALL_STAGES, "Completed")
+
+    t = stages["train"]["counts"]
+    assert t["last_loss"] < t["first_loss"] and t["global_step"] == 16
+    assert t["padding_fraction"] == 0.0  # packing is padding-free
+    e = stages["evaluate"]["counts"]
+    assert e["validation_perplexity_after"] < e["validation_perplexity_before"]
+
+    eval_dir = Path(stages["evaluate"]["output"])
+    doc = json.loads((eval_dir / "eval.json").read_text())
+    assert set(doc["perplexity"]) == {"validation", "general"} and doc["perplexity"]["general"] is None
+    assert [g["prompt"] for g in doc["generations"]] == [PROMPT] and isinstance(doc["generations"][0]["after"], str)
+    assert "| perplexity (validation) |" in (eval_dir / "eval.md").read_text()
+
+    train_dir = Path(stages["train"]["output"])
+    assert (train_dir / "loss_curve.png").stat().st_size > 1000
+    assert list((train_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    model_dir = artifacts / "models" / "tiny-test"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in model_dir.iterdir()}
+    card = (model_dir / "README.md").read_text()
+    assert "base_model:" in card and "perplexity (validation)" in card and "learning_rate: 0.003" in card
+
+    states, _ = run(config, artifacts, train={"learning_rate": 1e-3})
+    assert states == {**dict.fromkeys(ALL_STAGES[:6], "Cached"),
+                      "train": "Completed", "evaluate": "Completed", "push": "Completed"}
+    states, _ = run(config, artifacts, train={"learning_rate": 1e-3})
+    assert states == dict.fromkeys(ALL_STAGES, "Cached")
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(config, artifacts, monkeypatch):
+    from tasks.train import TrainingFailed
+
+    monkeypatch.setenv("CPT_TEST_KILL_AFTER_SAVE_STEP", "8")
+    with pytest.raises(TrainingFailed, match="killed by signal 9|exit status"):
+        run(config, artifacts, until="train")
+    checkpoints = list((artifacts / "work" / "train").glob("*/checkpoints/checkpoint-8"))
+    assert checkpoints, "the killed attempt left its checkpoint for the next one"
+    assert not list((artifacts / "cache" / "train").glob("train-*"))  # nothing published
+
+    monkeypatch.delenv("CPT_TEST_KILL_AFTER_SAVE_STEP")
+    states, stages = run(config, artifacts, until="train")
+    t = stages["train"]["counts"]
+    assert states["train"] == "Completed" and t["resumed_from"] == "checkpoint-8" and t["global_step"] == 16
+    history = json.loads((Path(stages["train"]["output"]) / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h][:2] == [2, 4]  # the first attempt's log is kept
+    assert not list((artifacts / "work" / "train").iterdir())  # checkpoints go once the model is published
+
+
+def test_early_stopping_keeps_the_best_model(config, artifacts):
+    from tasks.config import EvaluateConfig, ModelConfig
+    from tasks.evaluate import evaluate_model, validation_rows
+
+    # A learning rate this high makes validation loss rise after the first evaluations.
+    train = {"learning_rate": 0.5, "max_steps": 60, "eval_steps": 2, "save_steps": 2, "warmup_ratio": 0.0,
+             "early_stopping_patience": 2, "packing": False, "per_device_eval_batch_size": 64}
+    _, stages = run(config, artifacts, until="train", train=train, evaluate={"max_eval_rows": None})
+    t = stages["train"]["counts"]
+    assert t["stopped_early"] and t["global_step"] < 60
+    metrics = json.loads((Path(stages["train"]["output"]) / "metrics.json").read_text())
+    assert t["best_eval_loss"] == min(metrics["eval_losses"])
+    # The saved model is the best checkpoint, not the last: its validation loss is the best one.
+    rows = validation_rows(Path(stages["chunk"]["output"]), None)
+    kept = evaluate_model(str(Path(stages["train"]["output"]) / "model"), ModelConfig(id="x"),
+                          EvaluateConfig(batch_size=64), rows, None)
+    assert kept["validation"]["loss"] == pytest.approx(t["best_eval_loss"], rel=1e-3)
+    assert kept["validation"]["loss"] < metrics["eval_losses"][-1]
+
+
+def flow_run_logs(flow_run_name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
+        return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))]
+
+
+def test_push_uploads_model_tokenizer_and_card_to_a_local_hub_without_leaking_the_token(
+        config, artifacts, monkeypatch, capfd):
+    import uuid
+
+    from fake_hub import FakeHub, online
+
+    token = "hf_test_" + uuid.uuid4().hex  # made here: no credential-like string is committed
+    with FakeHub() as hub:
+        online(monkeypatch, hub.url)
+        monkeypatch.setenv("HF_TOKEN", token)
+        states, stages = run(config, artifacts, push={"repo_id": "me/tiny-cpt", "revision": "cpt-run"})
+    assert states["push"] == "Completed"
+    assert stages["push"]["counts"]["hub_url"].endswith("/me/tiny-cpt/tree/cpt-run")
+    assert hub.repos["me/tiny-cpt"]["private"] is True and "cpt-run" in hub.repos["me/tiny-cpt"]["branches"]
+    uploaded = hub.files("me/tiny-cpt", "cpt-run")
+    local = artifacts / "models" / "tiny-test"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(uploaded)
+    assert uploaded["model.safetensors"] == (local / "model.safetensors").read_bytes()
+    assert uploaded["README.md"] == (local / "README.md").read_bytes()
+    assert all(h.get("authorization") == f"Bearer {token}" for m, p, h in hub.requests if m == "POST")
+
+    # The token is in no file, no terminal output and no Prefect log of the run.
+    leaks = [p for p in artifacts.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert not leaks
+    captured = capfd.readouterr()
+    assert token not in captured.out and token not in captured.err
+    summary_name = next((artifacts / "runs").iterdir()).name
+    assert not [m for m in flow_run_logs(summary_name) if token in m]
+
+
+def test_failed_upload_is_retried_then_fails_clearly_and_keeps_the_local_save(config, artifacts, monkeypatch):
+    from fake_hub import FakeHub, online
+    from tasks.push import PushFailed
+
+    monkeypatch.setenv("CPT_PUSH_BACKOFF_SECONDS", "0")
+    with FakeHub(fail_commits=100) as hub:
+        online(monkeypatch, hub.url, disable_xet=True)  # one HTTP commit per attempt: our retries are counted
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token_for_a_failing_hub")
+        with pytest.raises(PushFailed, match="me/tiny-cpt failed after 3 attempts .*HTTP 500.*saved locally"):
+            run(config, artifacts, push={"repo_id": "me/tiny-cpt", "retries": 2})
+    assert hub.commit_attempts == 3 and not hub.commits
+    assert (artifacts / "models" / "tiny-test" / "model.safetensors").exists()
+    assert not list((artifacts / "cache" / "push").glob("push-*"))  # a failed push is not cached
+
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(PushFailed, match="no token: set HF_TOKEN or push.token_secret"):
+        run(config, artifacts, push={"repo_id": "me/tiny-cpt"})
