@@ -63,6 +63,14 @@ def test_end_to_end_learns_and_reruns_only_what_changed(config, artifacts):
     card = (model_dir / "README.md").read_text()
     assert "base_model:" in card and "perplexity (validation)" in card and "learning_rate: 0.003" in card
 
+    # What the Prefect UI shows for the run: live training progress, loss curve, eval table, model location.
+    arts = flow_run_artifacts(next((artifacts / "runs").iterdir()).name)
+    assert any(a.type == "progress" and a.data == 100.0 and "train: 16/16" in a.description for a in arts)
+    markdown = {a.key: a.data for a in arts if a.type == "markdown"}
+    assert "data:image/png;base64," in markdown["train-loss-curve"]
+    assert "| perplexity (validation) |" in markdown["eval-before-after"]
+    assert str(model_dir) in markdown["model-location"]
+
     states, _ = run(config, artifacts, train={"learning_rate": 1e-3})
     assert states == {**dict.fromkeys(ALL_STAGES[:6], "Cached"),
                       "train": "Completed", "evaluate": "Completed", "push": "Completed"}
@@ -107,6 +115,17 @@ def test_early_stopping_keeps_the_best_model(config, artifacts):
                           EvaluateConfig(batch_size=64), rows, None)
     assert kept["validation"]["loss"] == pytest.approx(t["best_eval_loss"], rel=1e-3)
     assert kept["validation"]["loss"] < metrics["eval_losses"][-1]
+
+
+def flow_run_artifacts(flow_run_name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
 
 
 def flow_run_logs(flow_run_name: str) -> list[str]:

@@ -1,0 +1,160 @@
+"""Training throughput of cpt's train stage: packing off vs on, and the seed notebook's settings, in one run.
+
+Each configuration runs the real train stage path (an `accelerate launch` child running TRL's SFTTrainer on a
+chunk-stage DatasetDict) for a fixed number of optimizer steps with no evaluation or checkpoint inside the
+timed window. tokens/s counts real (non-padding) tokens, measured by the trainer; padding fraction is over the
+batches the model actually sees.
+
+Model: on CPU a small Llama (4 layers, hidden 256) at random init with a BPE tokenizer trained here; on a GPU a
+Gemma-3-1B-shaped model at random init (same tokenizer, so the vocabulary is small: MFU counts the model's
+actual parameters), plus MFU against the GPU's dense bf16 peak.
+
+    .venv/bin/python bench/train_throughput.py [--corpus PATH] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CPT_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def build_model(out: Path, texts: list[str], gpu: bool) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from tasks.tiny_model import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=4096)
+    if gpu:  # Gemma 3 1B's shape (vocabulary aside)
+        cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                               max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = Gemma3ForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = LlamaForCausalLM(cfg)
+    torch.manual_seed(0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: int, overlap: int, mask: bool) -> Path:
+    from tasks.chunk import chunk_file, write_dataset_dict
+    from tasks.config import ChunkConfig, CorpusConfig
+    from tasks.load import DOCS_FILE, load_documents
+    from tasks.shuffle import read_docs, split_documents, write_split
+    from tasks.tokenize import load_tokenizer, special_tokens, tokenize_file
+
+    work = out.parent / f"{out.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    load_documents([corpus], CorpusConfig(paths=[str(corpus)]), work, [corpus.name])
+    table = read_docs(work / DOCS_FILE)
+    parts = split_documents(table.column("doc_id").to_pylist(), 42, 0.02)
+    tok = load_tokenizer(tokenizer_dir)
+    sp = special_tokens(tok)
+    cfg = ChunkConfig(max_seq_length=max_seq_length, overlap=overlap, mask_overlap=mask)
+    for split in ("train", "validation"):
+        write_split(table, parts[split], work / f"{split}.docs.arrow")
+        tokenize_file(work / f"{split}.docs.arrow", work / f"{split}.tokens.arrow", tok, sp["eos_id"], 1000)
+        chunk_file(work / f"{split}.tokens.arrow", out / split, cfg, sp["bos_id"])
+    write_dataset_dict(out, {"train": out / "train", "validation": out / "validation"}, "bench")
+    return out
+
+
+def run_config(name: str, model_dir: Path, chunks: Path, max_seq_length: int, train: dict, work: Path,
+               gpu: bool) -> dict:
+    from tasks.config import ModelConfig, TrainConfig
+    from tasks.train import train_model
+
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    steps = train["max_steps"]
+    cfg = TrainConfig(**{"warmup_ratio": 0.0, "logging_steps": steps, "eval_steps": 100_000, "save_steps": 100_000,
+                         "early_stopping_patience": None, "optim": "adamw_torch", **train})
+    spec = {"model_location": str(model_dir),
+            "model": ModelConfig(id=str(model_dir), dtype="bfloat16" if gpu else "float32",
+                                 attn_implementation="sdpa").model_dump(),
+            "train": cfg.model_dump(), "max_seq_length": max_seq_length, "chunks_dir": str(chunks),
+            "output_dir": str(out), "checkpoint_dir": str(out / "ckpt"), "tensorboard_dir": str(out / "tb")}
+
+    class Quiet:
+        def info(self, *a): pass
+        def warning(self, *a): pass
+
+    return train_model(spec, 1, Quiet())
+
+
+def flops_per_token(model_dir: Path, seq: int) -> float:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+    # 6N for the dense weights plus causal attention scores (PaLM's 12·L·H·T, halved for causality).
+    return 6 * n + 6 * layers * hidden * seq
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpora" / "ko_transport_bills.jsonl")
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    if not args.corpus.is_file():
+        args.corpus = ROOT / "samples" / "medical_ko.jsonl"
+    gpu = torch.cuda.is_available()
+    texts = [json.loads(x)["content"] for x in args.corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
+    seq = 1000 if gpu else 256
+    batch = 8 if gpu else 4
+
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        model_dir = build_model(work / "model", texts[:2000], gpu)
+        ours = make_chunks(args.corpus, model_dir, work / "chunks", seq, seq // 4, True)
+        seed = make_chunks(args.corpus, model_dir, work / "chunks-seed", 1000, 500, False)
+        configs = [
+            ("packing off", ours, seq, {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
+                                        "packing": False}),
+            ("packing on", ours, seq, {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
+                                       "packing": True}),
+            ("seed settings", seed, 1000, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                                           "packing": False, "gradient_checkpointing": True}),
+        ]
+        device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
+        print(f"corpus {args.corpus.name} ({len(texts)} docs); model {'Gemma-3-1B-shaped' if gpu else 'Llama 4x256'} "
+              f"at random init; {device}; {args.steps} optimizer steps per configuration")
+        print(f"{'configuration':16} {'seq':>5} {'batch x accum':>13} {'tokens/s':>10} {'padding':>8} {'vs off':>7}"
+              + ("  MFU" if gpu else ""))
+        base = None
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in device), None)
+        for name, chunks, L, train in configs:
+            m = run_config(name.replace(" ", "-"), model_dir, chunks, L, {"max_steps": args.steps, **train}, work, gpu)
+            tps = m["tokens_per_second"]
+            base = base or tps
+            line = (f"{name:16} {L:5d} {train['per_device_train_batch_size']:>7} x {train['gradient_accumulation_steps']:<3}"
+                    f" {tps:10,.0f} {m['padding_fraction']:8.1%} {tps / base:6.2f}x")
+            if gpu and peak:
+                line += f"  {tps * flops_per_token(model_dir, L) / peak:.1%}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
