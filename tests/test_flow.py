@@ -27,7 +27,7 @@ def config(corpus, tiny_model):
             "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 64, "overlap": 16}}
 
 
-def run(config, artifacts, until=None, **overrides):
+def run(config, artifacts, until="chunk", **overrides):
     from flows.continued_pretraining import continued_pretraining
 
     cfg = json.loads(json.dumps(config))
