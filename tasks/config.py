@@ -69,8 +69,8 @@ class ModelConfig(Section):
         "float32 on CPU."
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel. auto: sdpa (fast and exact; the seed used eager for Gemma 3, which "
-        "is what auto picks for Gemma 3 too)."
+        "auto", description="Attention kernel. auto: sdpa (fast, exact), or eager for models with attention "
+        "soft-capping (Gemma 2), which only eager implements."
     )
 
 

@@ -41,11 +41,12 @@ def choose_dtype(setting: str, device_type: str):
     return getattr(torch, setting)
 
 
-def choose_attention(setting: str, model_type: str | None) -> str:
+def choose_attention(setting: str, config) -> str:
     if setting != "auto":
         return setting
-    # Gemma 3 was trained with soft-capping that sdpa does not reproduce; eager is its reference path.
-    return "eager" if (model_type or "").startswith("gemma3") else "sdpa"
+    # Attention-logit soft-capping (Gemma 2) exists only in the eager kernel; without it sdpa is exact and
+    # faster (Gemma 3 dropped soft-capping, so it gets sdpa too).
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
 
 def device_type() -> str:
@@ -63,7 +64,7 @@ def load_model(location: str, model: ModelConfig, device: str | None = None):
     m = AutoModelForCausalLM.from_pretrained(
         location,
         dtype=choose_dtype(model.dtype, device),
-        attn_implementation=choose_attention(model.attn_implementation, getattr(cfg, "model_type", None)),
+        attn_implementation=choose_attention(model.attn_implementation, cfg),
         trust_remote_code=model.trust_remote_code,
     )
     m.to(device)

@@ -138,7 +138,7 @@ def run(spec: dict[str, Any]) -> None:
     dtype = choose_dtype(model_cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
         spec["model_location"], dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=choose_attention(model_cfg.attn_implementation, getattr(config, "model_type", None)),
+        attn_implementation=choose_attention(model_cfg.attn_implementation, config),
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

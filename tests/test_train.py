@@ -45,3 +45,13 @@ def test_padding_fraction_counts_positions_without_tokens():
                {"input_ids": torch.ones(1, 6)}]  # a padding-free batch
     got = padding_fraction(batches)
     assert got == {"padding_fraction": pytest.approx(2 / 14), "positions": 14, "tokens": 12}
+
+
+def test_attention_choice():
+    from types import SimpleNamespace
+
+    from tasks.modeling import choose_attention
+
+    assert choose_attention("auto", SimpleNamespace(model_type="gemma3_text", attn_logit_softcapping=None)) == "sdpa"
+    assert choose_attention("auto", SimpleNamespace(model_type="gemma2", attn_logit_softcapping=50.0)) == "eager"
+    assert choose_attention("eager", SimpleNamespace()) == "eager"
