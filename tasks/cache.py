@@ -163,6 +163,21 @@ def remove_stale_builds(stage_root: Path, key: str) -> int:
     return removed
 
 
+@contextlib.contextmanager
+def key_lock(stage_root: Path, key: str):
+    """An exclusive lock per stage key across processes. flock is released by the kernel when its holder dies,
+    so a SIGKILLed run never leaves a lock that blocks the next one (the empty lock file stays, harmlessly)."""
+    import fcntl
+
+    fd = os.open(stage_root / f".lock-{key}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def publish(
     artifacts: str | Path,
     stage: str,
@@ -171,12 +186,21 @@ def publish(
 ) -> StageOutput:
     """Run `build(tmp_dir) -> (counts, meta)` and move its directory into place atomically.
 
-    On any exception the temp dir is removed and nothing is published. If another process published the
-    same key meanwhile, its output wins (same key, same content) and ours is discarded.
+    Builds of one key are serialised across processes: a second run (a manual run beside a scheduled one)
+    waits, then takes the output the first one published instead of computing it again. On any exception the
+    temp dir is removed and nothing is published.
     """
     artifacts = Path(artifacts)
     final = cache_dir(artifacts, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
+    with key_lock(final.parent, key):
+        existing = read_manifest(final)
+        if existing is not None:
+            return existing
+        return _build_and_publish(artifacts, final, stage, key, build)
+
+
+def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build) -> StageOutput:
     remove_stale_builds(final.parent, key)
     tmp = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -187,10 +211,6 @@ def publish(
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
         if final.exists():
-            existing = read_manifest(final)
-            if existing is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return existing
             # A directory without a manifest is debris (a partial copy, a deleted marker): move it away
             # first, because os.replace cannot overwrite a non-empty directory.
             trash = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"

@@ -1,5 +1,8 @@
+import multiprocessing
 import os
+import signal
 import subprocess
+import time
 import sys
 
 import pytest
@@ -32,7 +35,7 @@ def test_publish_is_atomic_and_records_a_manifest(tmp_path):
     out = publish(tmp_path, "s", "s-k", build)
     assert out.counts == {"rows": 1} and out.dir(tmp_path) == cache_dir(tmp_path, "s", "s-k")
     assert read_manifest(out.dir(tmp_path)) == out
-    assert sorted(p.name for p in (tmp_path / "cache" / "s").iterdir()) == ["s-k"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "s").iterdir()) == [".lock-s-k", "s-k"]
 
 
 def test_failed_build_leaves_nothing(tmp_path):
@@ -42,7 +45,7 @@ def test_failed_build_leaves_nothing(tmp_path):
 
     with pytest.raises(RuntimeError, match="boom"):
         publish(tmp_path, "s", "s-k", build)
-    assert list((tmp_path / "cache" / "s").iterdir()) == []
+    assert [p.name for p in (tmp_path / "cache" / "s").iterdir()] == [".lock-s-k"]
     assert not is_complete(tmp_path, "s", "s-k")
 
 
@@ -73,3 +76,48 @@ def test_temp_dirs_of_killed_processes_are_removed(tmp_path):
     publish(tmp_path, "s", "s-k", lambda d: ({}, {}))
     assert not stale.exists() and live.exists()
     assert (stage_root / "s-k" / MANIFEST).exists()
+
+
+def _slow_build(log_path, seconds):
+    def build(d):
+        with open(log_path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        (d / "data").write_text("x")
+        return {"pid": os.getpid()}, {}
+    return build
+
+
+def _publish_in_child(root, log_path, seconds, queue):
+    queue.put(publish(root, "s", "s-k", _slow_build(log_path, seconds)).counts["pid"])
+
+
+def test_concurrent_runs_of_one_key_build_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    log = tmp_path / "builds.log"
+    procs = [ctx.Process(target=_publish_in_child, args=(tmp_path, log, 1.0, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(log.read_text().splitlines()) == 1  # one build; the other run waited and took its output
+    assert results[0] == results[1]
+
+
+def test_a_killed_builder_blocks_nothing(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    log = tmp_path / "builds.log"
+    queue = ctx.Queue()
+    child = ctx.Process(target=_publish_in_child, args=(tmp_path, log, 60.0, queue))
+    child.start()
+    deadline = time.monotonic() + 30
+    while not log.exists() and time.monotonic() < deadline:  # wait until it holds the lock and is building
+        time.sleep(0.05)
+    assert log.exists(), "the child never started building"
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    out = publish(tmp_path, "s", "s-k", lambda d: ({"who": "next run"}, {}))
+    assert out.counts == {"who": "next run"}
+    assert [p.name for p in (tmp_path / "cache" / "s").iterdir() if p.name.startswith(".tmp-")] == []
