@@ -12,7 +12,12 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= true
 
-.PHONY: demo test bench install clean-cache
+.PHONY: demo test bench install clean-cache server
+
+# A local Prefect server with its UI at http://127.0.0.1:4200 (SQLite under ~/.prefect by default; for
+# Postgres export PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect).
+server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 install: $(STAMP)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tasks.config import STAGES
 
+DROP_EVENT = "corpus.drop.landed"
+
 
 def _prefect_env() -> None:
     # Offline-friendly defaults; anything the user exported wins.
@@ -37,6 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES, help="stop after this stage (e.g. chunk: preprocess only)")
     run.add_argument("--summary", metavar="PATH", help="also write the run summary JSON here")
     run.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $CPT_ARTIFACTS or ./artifacts)")
+
+    re = sub.add_parser("retrain", help="run the pipeline only if the corpus changed since the last training")
+    _config_args(re)
+    re.add_argument("--drop", metavar="PATH", help="a landed drop folder to add to the corpus")
+    re.add_argument("--line", default="default", help="name of this training line (its last-trained state)")
+    re.add_argument("--settle-seconds", type=float, default=60.0,
+                    help="files modified more recently than this are taken as still being written")
+    re.add_argument("--force", action="store_true", help="train even if the corpus is unchanged")
+    re.add_argument("--artifacts", metavar="DIR")
+
+    emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
+    emit.add_argument("path", type=Path, help="the drop folder, complete")
+    emit.add_argument("--event", default=DROP_EVENT)
+
+    serve = sub.add_parser("serve", help="serve the retrain flow in this process: nightly schedule + drop events")
+    _config_args(serve)
+    serve.add_argument("--name", default="cpt-retrain")
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule (default nightly at 02:00); '' for none")
+    serve.add_argument("--line", default="default")
+    serve.add_argument("--artifacts", metavar="DIR")
 
     val = sub.add_parser("validate", help="check a config and print it resolved, with every default")
     _config_args(val)
@@ -87,6 +109,51 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    cfg = _load(args)
+    _prefect_env()
+    from flows.retrain import retrain
+
+    result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
+                     settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
+    print("trained" if result["trained"] else f"not trained: {result['reason']}")
+    return 0
+
+
+def cmd_emit_drop(args) -> int:
+    _prefect_env()
+    from prefect.events import emit_event
+
+    path = args.path.resolve()
+    if not path.exists():
+        print(f"cpt: {path}: no such drop", file=sys.stderr)
+        return 2
+    event = emit_event(event=args.event, resource={"prefect.resource.id": f"cpt.drop.{path}",
+                                                   "prefect.resource.name": path.name},
+                       payload={"path": str(path)})
+    if event is None:
+        print("cpt: events are off: set PREFECT_API_URL to a Prefect server", file=sys.stderr)
+        return 1
+    print(f"emitted {args.event} for {path} ({event.id})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    cfg = _load(args)
+    _prefect_env()
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.retrain import retrain
+
+    # One run at a time per line; a drop arriving during a run waits for it instead of training in parallel.
+    trigger = DeploymentEventTrigger(expect={DROP_EVENT}, match={"prefect.resource.id": "cpt.drop.*"},
+                                     parameters={"drop": "{{ event.payload.path }}"})
+    retrain.serve(name=args.name, cron=args.cron or None, triggers=[trigger], global_limit=1,
+                  parameters={"config": cfg.model_dump(mode="json"), "line": args.line,
+                              "artifacts": args.artifacts})
+    return 0
+
+
 def cmd_init_tiny_model(args) -> int:
     from tasks.tiny_model import build_tiny_model, read_texts
 
@@ -102,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tasks.config import ConfigError
 
-    handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model}
+    handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
+                "retrain": cmd_retrain, "emit-drop": cmd_emit_drop, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except ConfigError as e:
