@@ -74,7 +74,7 @@ def continued_pretraining(
 
         docs = run(load, corpus=config.corpus, sources=sources)
         split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
-        tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, split=split,
+        tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs, split=split,
                      trust_remote_code=config.model.trust_remote_code)
         run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens)
         chunks = run(chunk, chunk=config.chunk, tokens=tokens)

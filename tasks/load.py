@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.cache import Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, stage_task
+from tasks.cache import (
+    Fingerprint, StageOutput, combine_digests, current_key, hash_file, is_complete, publish, register_code_version,
+    stage_key, stage_task,
+)
 from tasks.config import ConfigError, CorpusConfig
+from tasks.report import run_logger
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 DOCS_FILE = "docs.arrow"
 REJECTS_FILE = "rejects.jsonl"
 DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
+# The assembled corpus also says where each document's row lives in the per-file outputs.
+ASSEMBLED_SCHEMA = DOC_SCHEMA.append(pa.field("part", pa.int32())).append(pa.field("row", pa.int64()))
 _WRITE_BATCH = 2048
 
 
@@ -270,16 +277,12 @@ def doc_id_of(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def load_documents(files: list[Path], cfg: CorpusConfig, out_dir: Path, names: list[str] | None = None) -> dict:
-    """Read `files` into `out_dir/docs.arrow` (+ `rejects.jsonl`); returns counts.
-
-    Raises BadRecordError at the first reject under `on_bad_record: fail`.
-    """
-    names = names or [str(f) for f in files]
-    counts = {"files": len(files), "records": 0, "documents": 0, "rejected": 0, "duplicates": 0,
-              "too_short": 0, "characters": 0}
-    per_file = []
-    seen: set[bytes] = set()
+def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[str, int]:
+    """One corpus file → `out_dir/docs.arrow` (+ `rejects.jsonl`); duplicates within the file and too-short
+    documents are dropped and counted. Raises BadRecordError at the first reject under `on_bad_record: fail`."""
+    counts = {"files": 1, "records": 0, "documents": 0, "rejected": 0, "duplicates": 0, "too_short": 0,
+              "characters": 0}
+    seen: set[str] = set()
     batch: dict[str, list[str]] = {"doc_id": [], "text": [], "source": []}
     with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, DOC_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "w", encoding="utf-8") as rejects:
@@ -290,42 +293,81 @@ def load_documents(files: list[Path], cfg: CorpusConfig, out_dir: Path, names: l
                 for v in batch.values():
                     v.clear()
 
-        for path, name in zip(files, names):
-            file_counts = {"file": name, "documents": 0, "rejected": 0}
-            for item in read_corpus_file(path, cfg, name):
-                counts["records"] += 1
-                if isinstance(item, Reject):
-                    if cfg.on_bad_record == "fail":
-                        raise BadRecordError(item.message() + " (set corpus.on_bad_record: skip to keep going)")
-                    counts["rejected"] += 1
-                    file_counts["rejected"] += 1
-                    rejects.write(json.dumps({"source": item.source, "reason": item.reason, "raw": item.raw},
-                                             ensure_ascii=False) + "\n")
-                    continue
-                if len(item.text.strip()) < cfg.min_chars:
-                    counts["too_short"] += 1
-                    continue
-                digest = hashlib.blake2b(item.text.encode("utf-8"), digest_size=16).digest()
-                if cfg.deduplicate and digest in seen:
-                    counts["duplicates"] += 1
-                    continue
-                seen.add(digest)
-                counts["documents"] += 1
-                counts["characters"] += len(item.text)
-                file_counts["documents"] += 1
-                batch["doc_id"].append(digest[:8].hex())
-                batch["text"].append(item.text)
-                batch["source"].append(item.source)
-                if len(batch["doc_id"]) >= _WRITE_BATCH:
-                    flush()
-            per_file.append(file_counts)
+        for item in read_corpus_file(path, cfg, name):
+            counts["records"] += 1
+            if isinstance(item, Reject):
+                if cfg.on_bad_record == "fail":
+                    raise BadRecordError(item.message() + " (set corpus.on_bad_record: skip to keep going)")
+                counts["rejected"] += 1
+                rejects.write(json.dumps({"source": item.source, "reason": item.reason, "raw": item.raw},
+                                         ensure_ascii=False) + "\n")
+                continue
+            if len(item.text.strip()) < cfg.min_chars:
+                counts["too_short"] += 1
+                continue
+            doc_id = doc_id_of(item.text)
+            if cfg.deduplicate and doc_id in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(doc_id)
+            counts["documents"] += 1
+            counts["characters"] += len(item.text)
+            batch["doc_id"].append(doc_id)
+            batch["text"].append(item.text)
+            batch["source"].append(item.source)
+            if len(batch["doc_id"]) >= _WRITE_BATCH:
+                flush()
         flush()
-    if counts["documents"] == 0:
+    return counts
+
+
+def assemble_documents(parts: list[Path], out_dir: Path, deduplicate: bool) -> dict[str, int]:
+    """Per-file outputs → `out_dir/docs.arrow` (doc_id, text, source, part, row) and all rejects. A document
+    already seen in an earlier file (file order) is a duplicate."""
+    counts = {"documents": 0, "duplicates": 0, "characters": 0}
+    seen: set[str] = set()
+    with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, ASSEMBLED_SCHEMA) as writer, \
+            open(out_dir / REJECTS_FILE, "wb") as rejects:
+        for part, directory in enumerate(parts):
+            table = pa.ipc.open_file(pa.memory_map(str(directory / DOCS_FILE))).read_all()
+            ids = table.column("doc_id").to_pylist()
+            keep = [i for i, d in enumerate(ids) if not (deduplicate and d in seen)]
+            seen.update(ids)
+            counts["duplicates"] += len(ids) - len(keep)
+            kept = table.take(pa.array(keep, pa.int64())) if len(keep) != len(ids) else table
+            kept = kept.append_column("part", pa.array([part] * kept.num_rows, pa.int32()))
+            kept = kept.append_column("row", pa.array(keep, pa.int64()))
+            writer.write_table(kept, max_chunksize=_WRITE_BATCH)
+            counts["documents"] += kept.num_rows
+            counts["characters"] += sum(len(t) for t in kept.column("text").to_pylist())
+            with open(directory / REJECTS_FILE, "rb") as f:
+                shutil.copyfileobj(f, rejects)
+    return counts
+
+
+def merge_counts(per_file: list[dict[str, int]], assembled: dict[str, int]) -> dict[str, int]:
+    total = {k: sum(c[k] for c in per_file) for k in ("files", "records", "rejected", "too_short", "duplicates")}
+    total["duplicates"] += assembled["duplicates"]
+    total.update(documents=assembled["documents"], characters=assembled["characters"])
+    if total["documents"] == 0:
         raise BadRecordError(
-            f"corpus.paths: no documents left out of {counts['records']} records "
-            f"({counts['rejected']} rejected, {counts['too_short']} too short, {counts['duplicates']} duplicates)"
+            f"corpus.paths: no documents left out of {total['records']} records "
+            f"({total['rejected']} rejected, {total['too_short']} too short, {total['duplicates']} duplicates)"
         )
-    return {"counts": counts, "files": per_file}
+    return total
+
+
+def load_documents(files: list[Path], cfg: CorpusConfig, out_dir: Path, names: list[str] | None = None) -> dict:
+    """Every file through `load_file` (into `out_dir/parts/<i>/`), then `assemble_documents` into `out_dir`."""
+    names = names or [str(f) for f in files]
+    per_file, parts = [], []
+    for i, (path, name) in enumerate(zip(files, names)):
+        part = out_dir / "parts" / str(i)
+        part.mkdir(parents=True, exist_ok=True)
+        per_file.append(load_file(path, name, cfg, part))
+        parts.append(part)
+    counts = merge_counts(per_file, assemble_documents(parts, out_dir, cfg.deduplicate))
+    return {"counts": counts, "files": [{"file": n, **c} for n, c in zip(names, per_file)]}
 
 
 def source_names(files: list[Path]) -> list[str]:
@@ -339,28 +381,50 @@ def source_names(files: list[Path]) -> list[str]:
 # ---------------------------------------------------------------------------------------- the task
 
 
-@stage_task("load", modules=["tasks.config"], libraries=["pyarrow"])
-def load(corpus: CorpusConfig, sources: Fingerprint, artifacts: str) -> StageOutput:
-    from prefect.logging import get_run_logger
+def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
+    """What decides how one file is read: everything but the list of paths."""
+    return corpus.model_dump(mode="json", exclude={"paths"})
 
-    key = current_key("load", {"corpus": corpus, "sources": sources})
-    files = [Path(i["path"]) for i in sources.items]
-    for item in sources.items:
+
+register_code_version("load-file", ["tasks.load", "tasks.config"], ["pyarrow"])
+
+
+def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str) -> StageOutput:
+    """One file's output, content-addressed by the file's digest and the reading config: a new drop reads
+    only its own files."""
+    key = stage_key("load-file", {"corpus": reading_config(corpus), "file": {"name": item["name"],
+                                                                            "digest": item["digest"]}})
+
+    def build(tmp: Path):
         # The key promised this content; a file changed since fingerprinting must not be cached under it.
         if hash_file(item["path"]) != item["digest"]:
             raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
+        return load_file(Path(item["path"]), item["name"], corpus, tmp), {"name": item["name"]}
+
+    return publish(artifacts, "load-file", key, build)
+
+
+@stage_task("load", modules=["tasks.config"], libraries=["pyarrow"])
+def load(corpus: CorpusConfig, sources: Fingerprint, artifacts: str) -> StageOutput:
+    key = current_key("load", {"corpus": corpus, "sources": sources})
+    log = run_logger()
+    read_before = {i["name"] for i in sources.items
+                   if is_complete(artifacts, "load-file", stage_key("load-file", {
+                       "corpus": reading_config(corpus), "file": {"name": i["name"], "digest": i["digest"]}}))}
+    parts = [load_file_cached(item, corpus, artifacts) for item in sources.items]
 
     def build(tmp: Path):
-        result = load_documents(files, corpus, tmp, [i["name"] for i in sources.items])
-        return result["counts"], {"files": result["files"]}
+        assembled = assemble_documents([p.dir(artifacts) for p in parts], tmp, corpus.deduplicate)
+        counts = merge_counts([p.counts for p in parts], assembled)
+        counts["files_read"] = len(parts) - len(read_before)
+        meta = {"parts": [{"name": p.meta["name"], "key": p.key, "path": p.path, **p.counts} for p in parts]}
+        return counts, meta
 
     out = publish(artifacts, "load", key, build)
     c = out.counts
-    get_run_logger().info(
-        "load: %d documents from %d files (%d records; %d rejected, %d duplicates, %d too short)",
-        c["documents"], c["files"], c["records"], c["rejected"], c["duplicates"], c["too_short"],
-    )
+    log.info("load: %d documents from %d files (%d read now, the rest cached by content; %d records; "
+             "%d rejected, %d duplicates, %d too short)", c["documents"], c["files"], c["files_read"],
+             c["records"], c["rejected"], c["duplicates"], c["too_short"])
     if c["rejected"]:
-        get_run_logger().warning("load: %d rejected records kept in %s", c["rejected"],
-                                 Path(artifacts) / out.path / REJECTS_FILE)
+        log.warning("load: %d rejected records kept in %s", c["rejected"], Path(artifacts) / out.path / REJECTS_FILE)
     return out

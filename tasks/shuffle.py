@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from tasks.cache import StageOutput, current_key, publish, stage_task
 from tasks.config import ConfigError, ShuffleConfig, SplitConfig
-from tasks.load import DOC_SCHEMA, DOCS_FILE
+from tasks.load import DOCS_FILE
 
 SPLITS = ("train", "validation")
 _WRITE_BATCH = 2048
@@ -53,7 +53,8 @@ def split_documents(doc_ids: list[str], seed: int, fraction: float) -> dict[str,
 
 
 def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, DOC_SCHEMA) as writer:
+    """The rows `indices` of `table`, in that order, with the table's own columns."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for start in range(0, len(indices), _WRITE_BATCH):
             writer.write_table(table.take(pa.array(indices[start : start + _WRITE_BATCH])))
 
@@ -69,7 +70,8 @@ def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artif
     key = current_key("shuffle", {"shuffle": shuffle, "split": split, "docs": docs})
 
     def build(tmp: Path):
-        table = read_docs(docs.dir(artifacts) / DOCS_FILE)
+        # Only where each document lives goes on: tokenize reads tokens of the per-file outputs.
+        table = read_docs(docs.dir(artifacts) / DOCS_FILE).drop_columns(["text"])
         parts = split_documents(table.column("doc_id").to_pylist(), shuffle.seed, split.validation_fraction)
         counts = {}
         for name in SPLITS:

@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.cache import Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, stage_task
+from tasks.cache import (
+    Fingerprint, StageOutput, combine_digests, current_key, hash_file, is_complete, publish, register_code_version,
+    stage_key, stage_task,
+)
 from tasks.config import ConfigError, ModelConfig, TokenizeConfig
 from tasks.report import Progress, run_logger
 from tasks.shuffle import SPLITS
@@ -121,27 +124,69 @@ def read_tokens(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
+register_code_version("tokenize-file", ["tasks.tokenize"], ["tokenizers", "transformers", "numpy", "pyarrow"])
+
+
+def gather_tokens(part_files: list[Path], index: pa.Table, dst: Path) -> dict[str, int]:
+    """Rows (part, row) of the per-file token outputs, in the order of `index`, into one file."""
+    tables = [pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in part_files]
+    offsets = np.concatenate(([0], np.cumsum([t.num_rows for t in tables]))).astype(np.int64)
+    combined = pa.concat_tables(tables) if tables else pa.table({n: [] for n in TOKEN_SCHEMA.names}, TOKEN_SCHEMA)
+    rows = offsets[index.column("part").to_numpy()] + index.column("row").to_numpy()
+    tokens = 0
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, TOKEN_SCHEMA) as writer:
+        for start in range(0, len(rows), 2048):
+            part = combined.take(pa.array(rows[start : start + 2048]))
+            writer.write_table(part)
+            tokens += sum(len(c.values) for c in part.column("input_ids").chunks)
+    return {"documents": len(rows), "tokens": tokens}
+
+
 @stage_task("tokenize", libraries=["tokenizers", "transformers", "numpy", "pyarrow"])
-def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, split: StageOutput, artifacts: str,
+def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput, split: StageOutput, artifacts: str,
              trust_remote_code: bool = False) -> StageOutput:
-    key = current_key("tokenize", {"tokenize": tokenize, "tokenizer": tokenizer, "split": split,
+    key = current_key("tokenize", {"tokenize": tokenize, "tokenizer": tokenizer, "docs": docs, "split": split,
                                    "trust_remote_code": trust_remote_code})
-    tok = load_tokenizer(tokenizer.location, trust_remote_code)
-    specials = special_tokens(tok)
-    total = sum(split.counts[f"{s}_documents"] for s in SPLITS)
+    log = run_logger()
+    loaded: dict[str, Any] = {}
+
+    def tokenizer_once():
+        if not loaded:  # every file cached: no tokenizer load at all
+            loaded["tok"] = load_tokenizer(tokenizer.location, trust_remote_code)
+            loaded["specials"] = special_tokens(loaded["tok"])
+        return loaded["tok"], loaded["specials"]
+
+    parts, fresh = [], 0
+    with Progress(docs.counts["documents"], "tokenize", unit="doc") as progress:
+        for part in docs.meta["parts"]:
+            part_key = stage_key("tokenize-file", {"tokenize": tokenize, "tokenizer": tokenizer, "part": part["key"],
+                                                   "trust_remote_code": trust_remote_code})
+
+            def build(tmp: Path, part=part):
+                tok, specials = tokenizer_once()
+                c = tokenize_file(Path(artifacts) / part["path"] / "docs.arrow", tmp / "tokens.arrow", tok,
+                                  specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
+                return c, specials
+
+            was_cached = is_complete(artifacts, "tokenize-file", part_key)
+            parts.append(publish(artifacts, "tokenize-file", part_key, build))
+            fresh += not was_cached
+            if was_cached:
+                progress.update(part["documents"])
 
     def build(tmp: Path):
-        counts = {}
-        with Progress(total, "tokenize", unit="doc") as progress:
-            for name in SPLITS:
-                c = tokenize_file(split.dir(artifacts) / f"{name}.arrow", tmp / f"{name}.arrow", tok,
-                                  specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
-                counts[f"{name}_documents"] = c["documents"]
-                counts[f"{name}_tokens"] = c["tokens"]
-        return counts, {**specials, "tokenizer_class": type(tok).__name__, "tokenizer": tokenizer.digest}
+        counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh}
+        files = [p.dir(artifacts) / "tokens.arrow" for p in parts]
+        for name in SPLITS:
+            index = pa.ipc.open_file(pa.memory_map(str(split.dir(artifacts) / f"{name}.arrow"))).read_all()
+            c = gather_tokens(files, index, tmp / f"{name}.arrow")
+            counts[f"{name}_documents"] = c["documents"]
+            counts[f"{name}_tokens"] = c["tokens"]
+        specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size")}
+        return counts, {**specials, "tokenizer": tokenizer.digest}
 
     out = publish(artifacts, "tokenize", key, build)
-    run_logger().info("tokenize: %d train / %d validation tokens (EOS per document%s)",
-                      out.counts["train_tokens"], out.counts["validation_tokens"],
-                      ", BOS added per chunk" if out.meta["bos_id"] is not None else "")
+    log.info("tokenize: %d train / %d validation tokens (%d files tokenized, %d from cache; EOS per document%s)",
+             out.counts["train_tokens"], out.counts["validation_tokens"], out.counts["files_tokenized"],
+             out.counts["files_cached"], ", BOS added per chunk" if out.meta["bos_id"] is not None else "")
     return out

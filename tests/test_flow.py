@@ -200,3 +200,27 @@ def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artif
     markdown = {a.key: a.data for a in by_type["markdown"]}
     assert "data:image/png;base64," in markdown["token-stats-histogram"]
     assert "| chunk | Completed |" in markdown["run-summary"]
+
+
+def test_a_new_file_is_the_only_one_read_and_tokenized(config, artifacts, corpus):
+    _, before = run(config, artifacts)
+    write_jsonl(corpus / "part-3.jsonl", [{"content": t} for t in sample_texts()[80:120]])
+    states, after = run(config, artifacts)
+    assert states == dict.fromkeys(DATA_STAGES, "Completed")
+    load, tokenize = after["stages"][0]["counts"], after["stages"][2]["counts"]
+    assert (load["files"], load["files_read"], load["documents"]) == (3, 1, 120)
+    assert (tokenize["files_tokenized"], tokenize["files_cached"]) == (1, 2)
+
+
+def test_split_and_tokens_do_not_depend_on_how_files_are_cut(config, artifacts, corpus, tmp_path):
+    """The same documents in one file or in two give the same splits and the same token rows."""
+    _, two_files = run(config, artifacts)
+    whole = tmp_path / "whole"
+    write_jsonl(whole / "all.jsonl", [{"content": t} for t in sample_texts(80)])
+    _, one_file = run({**config, "corpus": {"paths": [str(whole)]}}, tmp_path / "other-artifacts")
+    import pyarrow as pa
+
+    for split in ("train", "validation"):
+        a, b = (pa.ipc.open_file(str(Path(s["stages"][2]["output"]) / f"{split}.arrow")).read_all()
+                for s in (two_files, one_file))
+        assert a.equals(b)
