@@ -15,6 +15,10 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks.cache import StageOutput, artifacts_root, records_dir
+from tasks import evaluate as evaluate_stage
+from tasks import push as push_stage
+from tasks import token_stats as token_stats_stage
+from tasks import train as train_stage
 from tasks.chunk import chunk
 from tasks.config import CorpusConfig, CptConfig
 from tasks.evaluate import evaluate, evaluate_base
@@ -29,6 +33,12 @@ from tasks.train import train
 
 StageName = Literal["load", "shuffle", "tokenize", "token-stats", "chunk", "train", "evaluate-base", "evaluate",
                     "push"]
+
+
+# Stages whose outputs have Prefect artifacts. The flow makes them after every call, computed or cached:
+# a cached task does not re-create its own artifacts, and every run should show what it produced.
+SHOW = {"token-stats": token_stats_stage.show, "train": train_stage.show, "evaluate": evaluate_stage.show,
+        "push": push_stage.show}
 
 
 class StageRunner:
@@ -52,6 +62,8 @@ class StageRunner:
         entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
         out: StageOutput = state.result()  # raises the stage's own error on failure
         entry.update(key=out.key, output=str(out.dir(self.artifacts)), counts=out.counts)
+        if stage_task.name in SHOW:
+            SHOW[stage_task.name](out, str(self.artifacts))
         if stage_task.name == self.until:
             self.stopped = True
         return out

@@ -154,12 +154,15 @@ def evaluate(evaluate: EvaluateConfig, model: ModelConfig, trained: StageOutput,
                 "general_perplexity_after": g.get("after")}, {}
 
     out = publish(artifacts, "evaluate", key, build)
+    c = out.counts
+    run_logger().info("evaluate: validation perplexity %.3f → %.3f (%+.1f%%)", c["validation_perplexity_before"],
+                      c["validation_perplexity_after"], 100 * (c["validation_relative_change"] or 0))
+    return out
+
+
+def show(out: StageOutput, artifacts: str) -> None:
     out_dir = out.dir(artifacts)
     doc = json.loads((out_dir / EVAL_FILE).read_text())
     markdown_artifact((out_dir / "eval.md").read_text(), "eval-before-after", "Perplexity and generations, before/after")
     table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
                    "eval-perplexity", "Perplexity before and after training")
-    c = out.counts
-    run_logger().info("evaluate: validation perplexity %.3f → %.3f (%+.1f%%)", c["validation_perplexity_before"],
-                      c["validation_perplexity_after"], 100 * (c["validation_relative_change"] or 0))
-    return out

@@ -145,7 +145,11 @@ def push(push: PushConfig, base_model_id: str, trained: StageOutput, evaluation:
 
     out = publish(artifacts, "push", key, build)
     c = out.counts
-    where = f"- local: `{c['local_path']}`\n" + (f"- hub: [{c['hub_url']}]({c['hub_url']})\n" if c["hub_url"] else "")
-    markdown_artifact(f"# Model\n\n{where}", "model-location", "Where the trained model went")
     log.info("push: model saved to %s%s", c["local_path"], f", uploaded to {c['hub_url']}" if c["hub_url"] else "")
     return out
+
+
+def show(out: StageOutput, artifacts: str) -> None:
+    c = out.counts
+    where = f"- local: `{c['local_path']}`\n" + (f"- hub: [{c['hub_url']}]({c['hub_url']})\n" if c["hub_url"] else "")
+    markdown_artifact(f"# Model\n\n{where}", "model-location", "Where the trained model went")

@@ -115,6 +115,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
     if isinstance(v, int):

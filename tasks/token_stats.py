@@ -103,6 +103,15 @@ def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: Stage
         return counts, {}
 
     out = publish(artifacts, "token-stats", key, build)
+    for r in json.loads((out.dir(artifacts) / "stats.json").read_text()):
+        if r["split"] == "train":
+            run_logger().info("token-stats: train %s: %d, mean %.1f, p95 %.0f, max %d tokens",
+                              r["unit"], r["count"], r["mean"], r["p95"], r["max"])
+    return out
+
+
+def show(out: StageOutput, artifacts: str) -> None:
+    """Prefect artifacts of a token-stats output, made by the flow for computed and cached runs alike."""
     out_dir = out.dir(artifacts)
     rows = json.loads((out_dir / "stats.json").read_text())
     table_artifact(rows, "token-stats", "Token length statistics per split, documents and chunks")
@@ -110,8 +119,3 @@ def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: Stage
         f"# Token lengths\n\n{markdown_table(rows)}\n\n![histogram]({png_data_uri(out_dir / 'histogram.png')})\n",
         "token-stats-histogram", "Histogram of document and chunk token lengths",
     )
-    for r in rows:
-        if r["split"] == "train":
-            run_logger().info("token-stats: train %s: %d, mean %.1f, p95 %.0f, max %d tokens",
-                              r["unit"], r["count"], r["mean"], r["p95"], r["max"])
-    return out

@@ -137,14 +137,18 @@ def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk
     shutil.rmtree(work, ignore_errors=True)
     out_dir = out.dir(artifacts)
     c = out.counts
-    rows = [{"metric": k, "value": v} for k, v in c.items()]
+    log.info("train: %s steps, loss %.4f → %.4f, best validation loss %s; TensorBoard logs in %s",
+             c["global_step"], c["first_loss"] or float("nan"), c["last_loss"] or float("nan"),
+             c["best_eval_loss"], out_dir / "tensorboard")
+    return out
+
+
+def show(out: StageOutput, artifacts: str) -> None:
+    out_dir = out.dir(artifacts)
+    rows = [{"metric": k, "value": v} for k, v in out.counts.items()]
     table_artifact(rows, "train-metrics", "Training metrics")
     markdown_artifact(
         f"# Loss curve\n\n![loss curve]({png_data_uri(out_dir / 'loss_curve.png')})\n\n{markdown_table(rows)}\n\n"
         f"TensorBoard: `tensorboard --logdir {out_dir / 'tensorboard'}`\n",
         "train-loss-curve", "Training and validation loss",
     )
-    log.info("train: %s steps, loss %.4f → %.4f, best validation loss %s; TensorBoard logs in %s",
-             c["global_step"], c["first_loss"] or float("nan"), c["last_loss"] or float("nan"),
-             c["best_eval_loss"], out_dir / "tensorboard")
-    return out

@@ -76,6 +76,10 @@ def test_end_to_end_learns_and_reruns_only_what_changed(config, artifacts):
                       "train": "Completed", "evaluate": "Completed", "push": "Completed"}
     states, _ = run(config, artifacts, train={"learning_rate": 1e-3})
     assert states == dict.fromkeys(ALL_STAGES, "Cached")
+    latest = max((artifacts / "runs").iterdir(), key=lambda p: p.stat().st_mtime).name
+    cached_view = {a.key for a in flow_run_artifacts(latest)}
+    assert {"run-summary", "token-stats-histogram", "train-loss-curve", "eval-before-after",
+            "model-location"} <= cached_view
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(config, artifacts, monkeypatch):
