@@ -106,6 +106,14 @@ def cmd_run(args) -> int:
     for s in summary["stages"]:
         print(f"  {s['name']:<{width}}  {s['state']:<9} {s['seconds']:>8.2f}s  {s['output']}")
     print(f"summary: {run_summary}")
+    outputs = {s["name"]: s for s in summary["stages"] if "output" in s}
+    if "evaluate" in outputs:
+        print(f"eval table: {Path(outputs['evaluate']['output']) / 'eval.md'}")
+    if "train" in outputs:
+        print(f"TensorBoard: tensorboard --logdir {Path(outputs['train']['output']) / 'tensorboard'}")
+    if "push" in outputs:
+        c = outputs["push"]["counts"]
+        print(f"model: {c['local_path']}" + (f" (uploaded: {c['hub_url']})" if c.get("hub_url") else ""))
     return 0
 
 

@@ -389,11 +389,15 @@ def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
 register_code_version("load-file", ["tasks.load", "tasks.config"], ["pyarrow"])
 
 
+def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
+    return stage_key("load-file", {"corpus": reading_config(corpus),
+                                   "file": {"name": item["name"], "digest": item["digest"]}})
+
+
 def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str) -> StageOutput:
     """One file's output, content-addressed by the file's digest and the reading config: a new drop reads
     only its own files."""
-    key = stage_key("load-file", {"corpus": reading_config(corpus), "file": {"name": item["name"],
-                                                                            "digest": item["digest"]}})
+    key = load_file_key(item, corpus)
 
     def build(tmp: Path):
         # The key promised this content; a file changed since fingerprinting must not be cached under it.
@@ -408,9 +412,7 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str)
 def load(corpus: CorpusConfig, sources: Fingerprint, artifacts: str) -> StageOutput:
     key = current_key("load", {"corpus": corpus, "sources": sources})
     log = run_logger()
-    read_before = {i["name"] for i in sources.items
-                   if is_complete(artifacts, "load-file", stage_key("load-file", {
-                       "corpus": reading_config(corpus), "file": {"name": i["name"], "digest": i["digest"]}}))}
+    read_before = {i["name"] for i in sources.items if is_complete(artifacts, "load-file", load_file_key(i, corpus))}
     parts = [load_file_cached(item, corpus, artifacts) for item in sources.items]
 
     def build(tmp: Path):

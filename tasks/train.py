@@ -36,7 +36,7 @@ def launch_command(spec_path: Path, num_processes: int, device: str) -> list[str
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if device == "cpu":
-        cmd.append("--cpu")
+        cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
     elif num_processes > 1:
         cmd.append("--multi_gpu")
     return [*cmd, "-m", "tasks.train_worker", str(spec_path)]

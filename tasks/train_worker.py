@@ -168,7 +168,8 @@ def run(spec: dict[str, Any]) -> None:
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=optim,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,  # transformers 5's name for it
+        gradient_checkpointing=None,
         logging_steps=train.logging_steps,
         eval_strategy="steps" if has_validation else "no",
         eval_steps=train.eval_steps,

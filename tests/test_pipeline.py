@@ -188,3 +188,15 @@ def test_failed_upload_is_retried_then_fails_clearly_and_keeps_the_local_save(co
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(PushFailed, match="no token: set HF_TOKEN or push.token_secret"):
         run(config, artifacts, push={"repo_id": "me/tiny-cpt"})
+
+
+def test_general_corpus_perplexity_shows_forgetting(config, artifacts, tmp_path):
+    general = write_jsonl(tmp_path / "general" / "news.jsonl",
+                          [{"content": "The committee met on Tuesday to review the budget for next year."},
+                           {"content": "Rain is expected in the north, with clearer skies in the south."}])
+    states, stages = run(config, artifacts, until="evaluate", evaluate={"general_corpus": [str(general)]})
+    e = stages["evaluate"]["counts"]
+    assert e["general_perplexity_before"] > 0 and e["general_perplexity_after"] > 0
+    doc = json.loads((Path(stages["evaluate"]["output"]) / "eval.json").read_text())
+    assert set(doc["perplexity"]["general"]) >= {"before", "after", "relative_change"}
+    assert "perplexity (general)" in (Path(stages["evaluate"]["output"]) / "eval.md").read_text()

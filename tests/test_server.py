@@ -264,3 +264,23 @@ def test_shipped_deployments_retrain_on_a_drop_event(server, tmp_path):
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)
+
+
+def test_cpt_serve_registers_the_schedule_and_the_drop_trigger(server, run_config, tmp_path):
+    proc = cpt(server, "serve", "-c", str(run_config), "--name", "served-retrain", "--cron", "0 3 * * *",
+               "--artifacts", str(tmp_path / "artifacts"))
+    try:
+        def deployment():
+            found = [d for d in server.post("/deployments/filter", {}) if d["name"] == "served-retrain"]
+            return found[0] if found else None
+
+        dep = wait_for(deployment, timeout=120)
+        assert dep, proc.stdout.read() if proc.poll() is not None else "serve never registered its deployment"
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+        assert dep["parameters"]["config"]["corpus"]["paths"] == yaml.safe_load(run_config.read_text())["corpus"]["paths"]
+        automations = server.post("/automations/filter", {})
+        assert any("corpus.drop.landed" in json.dumps(a["trigger"]) and dep["id"] in json.dumps(a["actions"])
+                   for a in automations)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
