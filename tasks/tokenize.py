@@ -74,9 +74,32 @@ def special_tokens(tok) -> dict[str, Any]:
     return {"bos_id": bos if has_bos else None, "eos_id": int(tok.eos_token_id), "vocab_size": len(tok)}
 
 
-def encode_batch(tok, texts: list[str], eos_id: int) -> pa.ListArray:
-    """One tokenizer call for the batch (the fast tokenizer spreads it over all cores), EOS appended."""
-    ids = tok(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+class Encoder:
+    """Batch tokenization without special tokens. Uses the Rust tokenizer's `encode_batch_fast` (no offset
+    tracking, ~20% faster than `tokenizer(texts)`) once a probe shows it gives the same ids as the
+    tokenizer's own call; tokenizers that preprocess text in Python keep their own path."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.fast: bool | None = None if hasattr(getattr(tok, "_tokenizer", None), "encode_batch_fast") else False
+
+    def _slow(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+
+    def _fast(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is None:
+            probe = texts[:8]
+            self.fast = self._fast(probe) == self._slow(probe)
+        return self._fast(texts) if self.fast else self._slow(texts)
+
+
+def encode_batch(tok, texts: list[str], eos_id: int, encoder: Encoder | None = None) -> pa.ListArray:
+    """One tokenizer call for the batch (spread over all cores by the Rust tokenizer), EOS appended."""
+    ids = (encoder or Encoder(tok))(texts)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     ends = np.cumsum(lengths)
@@ -105,13 +128,14 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
 
     reader = pa.ipc.open_file(pa.memory_map(str(src)))
     docs = tokens = 0
+    encoder = Encoder(tok)
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, TOKEN_SCHEMA) as writer:
         for i in range(reader.num_record_batches):
             rb = reader.get_batch(i)
             sizes = pc.binary_length(rb.column("text")).to_numpy(zero_copy_only=False)
             for start, end in batch_bounds(sizes, batch_size, batch_bytes):
                 part = rb.slice(start, end - start)
-                ids = encode_batch(tok, part.column("text").to_pylist(), eos_id)
+                ids = encode_batch(tok, part.column("text").to_pylist(), eos_id, encoder)
                 writer.write_batch(pa.record_batch([part.column("doc_id"), ids], schema=TOKEN_SCHEMA))
                 docs += part.num_rows
                 tokens += len(ids.values)

@@ -129,3 +129,24 @@ def test_stats_of_a_tokenized_split(tmp_path):
     assert chunks["count"] == 1 + 4 + 1 and chunks["max"] == 100
     plot_histograms(lengths, 10, tmp_path / "h.png", "t")
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_encoder_uses_the_fast_backend_only_when_it_agrees(tiny_model):
+    from types import SimpleNamespace
+
+    from tasks.tokenize import Encoder
+
+    tok = load_tokenizer(tiny_model)
+    real = Encoder(tok)
+    texts = sample_texts(5)
+    assert real(texts) == tok(texts, add_special_tokens=False)["input_ids"] and real.fast is True
+
+    class Preprocessing:  # a tokenizer whose own call changes the text before the backend sees it
+        _tokenizer = SimpleNamespace(encode_batch_fast=lambda texts, add_special_tokens: [
+            SimpleNamespace(ids=[9]) for _ in texts])
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[1, 2] for _ in texts]}
+
+    other = Encoder(Preprocessing())
+    assert other(["a", "b"]) == [[1, 2], [1, 2]] and other.fast is False
