@@ -55,7 +55,7 @@ def build_model(out: Path, texts: list[str], gpu: bool) -> Path:
 
 
 def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: int, overlap: int, mask: bool) -> Path:
-    from tasks.chunk import chunk_file, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_file, write_dataset_dict
     from tasks.config import ChunkConfig, CorpusConfig
     from tasks.load import DOCS_FILE, load_documents
     from tasks.shuffle import read_docs, split_documents, write_split
@@ -73,7 +73,7 @@ def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: in
         write_split(table, parts[split], work / f"{split}.docs.arrow")
         tokenize_file(work / f"{split}.docs.arrow", work / f"{split}.tokens.arrow", tok, sp["eos_id"], 1000)
         chunk_file(work / f"{split}.tokens.arrow", out / split, cfg, sp["bos_id"])
-    write_dataset_dict(out, {"train": out / "train", "validation": out / "validation"}, "bench")
+    write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "bench")
     return out
 
 

@@ -86,10 +86,10 @@ def continued_pretraining(
 
         docs = run(load, corpus=config.corpus, sources=sources)
         split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
-        tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs, split=split,
+        tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
                      trust_remote_code=config.model.trust_remote_code)
-        run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens)
-        chunks = run(chunk, chunk=config.chunk, tokens=tokens)
+        run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)
+        chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split)
 
         if not run.stopped:
             base_model = resolve_model(config.model)

@@ -15,13 +15,17 @@ window) and written to Arrow batch by batch, so memory stays flat as the corpus 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from tasks.cache import StageOutput, current_key, publish, stage_task
+from tasks.cache import StageOutput, current_key, is_complete, publish, register_code_version, stage_key, stage_task
 from tasks.config import ChunkConfig, ConfigError
 from tasks.report import Progress, run_logger
 from tasks.shuffle import SPLITS
@@ -133,12 +137,12 @@ def chunk_features():
     })
 
 
-def write_dataset_dict(out_dir: Path, splits: dict[str, Path], fingerprint: str) -> None:
-    """The files `DatasetDict.save_to_disk` writes, around Arrow shards we streamed ourselves."""
+def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint: str) -> None:
+    """The files `DatasetDict.save_to_disk` writes, around Arrow shards (`out_dir/<split>/<file>`) we wrote."""
     features = chunk_features()
-    for name in splits:
+    for name, files in shards.items():
         (out_dir / name / "state.json").write_text(json.dumps({
-            "_data_files": [{"filename": SHARD}],
+            "_data_files": [{"filename": f} for f in files],
             "_fingerprint": f"{fingerprint[-16:]}{name}"[-16:],
             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
             "_output_all_columns": False, "_split": None,
@@ -146,47 +150,107 @@ def write_dataset_dict(out_dir: Path, splits: dict[str, Path], fingerprint: str)
         (out_dir / name / "dataset_info.json").write_text(json.dumps({
             "citation": "", "description": "", "features": features.to_dict(), "homepage": "", "license": "",
         }, indent=2))
-    (out_dir / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+    (out_dir / "dataset_dict.json").write_text(json.dumps({"splits": list(shards)}))
+
+
+def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int | None, dst: Path,
+               progress: Progress | None = None, batch_bytes: int = 16 << 20) -> dict[str, int]:
+    """Windows of the documents `rows` of `tokens` (doc_id, input_ids), in that order, streamed into one
+    datasets shard at `dst`, a batch of documents at a time so memory stays flat."""
+    from tasks.tokenize import batch_bounds
+
+    schema = chunk_features().arrow_schema
+    counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
+    lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False)
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for start, end in batch_bounds(lengths[rows] * 4, 4096, batch_bytes):
+            docs = tokens.take(pa.array(rows[start:end], pa.int64()))
+            ids = docs.column("input_ids").combine_chunks()
+            out = chunk_batch(docs.column("doc_id").combine_chunks(), ids, cfg, bos_id)
+            writer.write_batch(pa.RecordBatch.from_arrays(out.columns, schema=schema))
+            counts["documents"] += docs.num_rows
+            counts["chunks"] += out.num_rows
+            counts["tokens"] += len(out.column("input_ids").values)
+            counts["trained_tokens"] += trained_tokens(ids, out, cfg, bos_id)
+            if progress is not None:
+                progress.update(docs.num_rows)
+    return counts
 
 
 def chunk_file(src: Path, dst_dir: Path, cfg: ChunkConfig, bos_id: int | None,
                progress: Progress | None = None) -> dict:
-    """Stream one split's tokenized documents into a datasets shard; returns counts."""
-    schema = chunk_features().arrow_schema
-    reader = pa.ipc.open_file(pa.memory_map(str(src)))
-    counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
+    """All documents of one token file into `dst_dir/data-00000-of-00001.arrow`; returns counts."""
+    tokens = pa.ipc.open_file(pa.memory_map(str(src))).read_all()
     dst_dir.mkdir(parents=True, exist_ok=True)
-    with pa.OSFile(str(dst_dir / SHARD), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for i in range(reader.num_record_batches):
-            rb = reader.get_batch(i)
-            out = chunk_batch(rb.column("doc_id"), rb.column("input_ids"), cfg, bos_id)
-            writer.write_batch(pa.RecordBatch.from_arrays(out.columns, schema=schema))
-            counts["documents"] += rb.num_rows
-            counts["chunks"] += out.num_rows
-            counts["tokens"] += len(out.column("input_ids").values)
-            counts["trained_tokens"] += trained_tokens(rb.column("input_ids"), out, cfg, bos_id)
-            if progress is not None:
-                progress.update(rb.num_rows)
-    return counts
+    return chunk_rows(tokens, np.arange(tokens.num_rows), cfg, bos_id, dst_dir / SHARD, progress)
+
+
+def rows_by_part(split_file: Path, n_parts: int) -> list[np.ndarray]:
+    """For each part (source file), the rows of its documents in this split, in the split's order."""
+    index = pa.ipc.open_file(pa.memory_map(str(split_file))).read_all()
+    part, row = index.column("part").to_numpy(), index.column("row").to_numpy()
+    return [row[part == p] for p in range(n_parts)]
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the part's shard is immutable: sharing its inode costs nothing
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+register_code_version("chunk-part", ["tasks.chunk", "tasks.tokenize"], ["numpy", "pyarrow", "datasets"])
 
 
 # ---------------------------------------------------------------------------------------- the task
 
 
 @stage_task("chunk", libraries=["numpy", "pyarrow", "datasets"])
-def chunk(chunk: ChunkConfig, tokens: StageOutput, artifacts: str) -> StageOutput:
-    key = current_key("chunk", {"chunk": chunk, "tokens": tokens})
+def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts: str) -> StageOutput:
+    """Each source file's documents are chunked into their own shards (cached by the file's tokens, its
+    documents' splits and the chunk settings), and the DatasetDict links those shards: a drop chunks only its
+    own files. Rows are grouped by source file on disk; the trainer samples them in a seeded random order."""
+    key = current_key("chunk", {"chunk": chunk, "tokens": tokens, "split": split})
     bos_id = tokens.meta["bos_id"]
     window, stride = window_plan(chunk.max_seq_length, chunk.overlap, bos_id is not None)
-    total = sum(tokens.counts[f"{s}_documents"] for s in SPLITS)
+    parts = tokens.meta["parts"]
+    by_split = {name: rows_by_part(split.dir(artifacts) / f"{name}.arrow", len(parts)) for name in SPLITS}
+
+    shards, fresh = [], 0
+    with Progress(tokens.counts["documents"], "chunk", unit="doc") as progress:
+        for p, part in enumerate(parts):
+            assignment = {name: hashlib.blake2b(by_split[name][p].tobytes(), digest_size=16).hexdigest()
+                          for name in SPLITS}
+            part_key = stage_key("chunk-part", {"chunk": chunk, "tokens": part["key"], "bos_id": bos_id,
+                                                "rows": assignment})
+
+            def build(tmp: Path, p=p, part=part):
+                table = pa.ipc.open_file(pa.memory_map(str(Path(artifacts) / part["path"] / "tokens.arrow"))).read_all()
+                counts = {}
+                for name in SPLITS:
+                    c = chunk_rows(table, by_split[name][p], chunk, bos_id, tmp / f"{name}.arrow", progress)
+                    counts.update({f"{name}_{k}": v for k, v in c.items()})
+                return counts, {}
+
+            cached = is_complete(artifacts, "chunk-part", part_key)
+            shards.append(publish(artifacts, "chunk-part", part_key, build))
+            fresh += not cached
+            if cached:
+                progress.update(part["documents"])
 
     def build(tmp: Path):
-        counts = {}
-        with Progress(total, "chunk", unit="doc") as progress:
-            for name in SPLITS:
-                c = chunk_file(tokens.dir(artifacts) / f"{name}.arrow", tmp / name, chunk, bos_id, progress)
-                counts.update({f"{name}_{k}": v for k, v in c.items()})
-        write_dataset_dict(tmp, {s: tmp / s for s in SPLITS}, key)
+        counts: dict[str, int] = {}
+        listing: dict[str, list[str]] = {}
+        for name in SPLITS:
+            (tmp / name).mkdir()
+            used = [s for s in shards if s.counts[f"{name}_documents"]] or shards[:1]
+            listing[name] = [f"data-{i:05d}-of-{len(used):05d}.arrow" for i in range(len(used))]
+            for s, filename in zip(used, listing[name]):
+                link_or_copy(s.dir(artifacts) / f"{name}.arrow", tmp / name / filename)
+            for k in ("documents", "chunks", "tokens", "trained_tokens"):
+                counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in shards)
+        write_dataset_dict(tmp, listing, key)
+        counts.update(files_chunked=fresh, files_cached=len(shards) - fresh)
         return counts, {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.meta["eos_id"],
                         "format": "datasets.DatasetDict (load_from_disk)"}
 

@@ -1,9 +1,12 @@
 """shuffle: a seeded document order and a document-level train/validation split, made before chunking.
 
-The order is a keyed hash of (seed, doc_id), not a permutation of positions: it depends only on the set
-of documents, never on file order, and adding documents (a new corpus drop) leaves the relative order of
-the old ones unchanged. Validation takes the first `round(n * validation_fraction)` documents of that order
-(at least one when the fraction is > 0), so a document is in exactly one split.
+Both come from a keyed hash of (seed, doc_id), mapped to u in [0, 1): a document is in validation when
+u < validation_fraction, and documents are ordered by u. So a document's split and relative order depend only
+on the seed and the document itself — never on file order or on what else is in the corpus. A corpus drop
+adds documents without moving any old one between splits, which keeps validation loss comparable across
+retrains and lets the later stages reuse everything computed for the old files. The split sizes follow the
+fraction statistically (for n documents, within a few sqrt(n·f) of n·f); a corpus too small to put any
+document under the threshold still gets one validation document, the one with the smallest u.
 """
 
 from __future__ import annotations
@@ -22,33 +25,34 @@ SPLITS = ("train", "validation")
 _WRITE_BATCH = 2048
 
 
-def shuffle_rank(doc_ids: list[str], seed: int) -> np.ndarray:
-    """Indices of `doc_ids` in shuffled order."""
+def split_values(doc_ids: list[str], seed: int) -> np.ndarray:
+    """u in [0, 1) per document: a keyed hash of (seed, doc_id)."""
     salt = seed.to_bytes(16, "little", signed=True)
     keys = np.fromiter(
         (int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8, key=salt).digest(), "little") for d in doc_ids),
         dtype=np.uint64,
         count=len(doc_ids),
     )
+    return (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def shuffle_rank(doc_ids: list[str], seed: int) -> np.ndarray:
+    """Indices of `doc_ids` in shuffled order."""
     # Ties are astronomically unlikely; doc_id breaks them so the order is total anyway.
-    return np.lexsort((np.array(doc_ids, dtype=object).astype(str), keys))
-
-
-def validation_size(n_docs: int, fraction: float) -> int:
-    if fraction <= 0:
-        return 0
-    n_val = max(1, round(n_docs * fraction))
-    if n_val >= n_docs:
-        raise ConfigError(
-            f"split.validation_fraction: {fraction} of {n_docs} documents leaves no training document"
-        )
-    return n_val
+    return np.lexsort((np.array(doc_ids, dtype=object).astype(str), split_values(doc_ids, seed)))
 
 
 def split_documents(doc_ids: list[str], seed: int, fraction: float) -> dict[str, np.ndarray]:
     """Row indices per split, each in shuffled order."""
     order = shuffle_rank(doc_ids, seed)
-    n_val = validation_size(len(doc_ids), fraction)
+    u = split_values(doc_ids, seed)[order]
+    n_val = int(np.searchsorted(u, fraction, side="left")) if fraction > 0 else 0
+    if fraction > 0 and n_val == 0:
+        n_val = 1
+    if fraction > 0 and n_val >= len(doc_ids):
+        raise ConfigError(
+            f"split.validation_fraction: {fraction} of {len(doc_ids)} documents leaves no training document"
+        )
     return {"validation": order[:n_val], "train": order[n_val:]}
 
 

@@ -19,6 +19,7 @@ from tasks.chunk import chunk_lengths
 from tasks.config import ChunkConfig, TokenStatsConfig
 from tasks.report import markdown_artifact, markdown_table, png_data_uri, run_logger, table_artifact
 from tasks.shuffle import SPLITS
+from tasks.tokenize import part_token_files
 
 STAT_NAMES = ("count", "total", "mean", "median", "min", "max", "std", "p90", "p95", "p99")
 
@@ -42,9 +43,14 @@ def length_stats(lengths: np.ndarray) -> dict[str, float | int]:
     }
 
 
-def document_lengths(tokens_file: Path) -> np.ndarray:
-    table = pa.ipc.open_file(pa.memory_map(str(tokens_file))).read_all()
-    return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+def document_lengths(token_files: list[Path], split_file: Path) -> np.ndarray:
+    """Token counts of a split's documents, read as list lengths from the per-file token outputs."""
+    per_part = [pc.list_value_length(pa.ipc.open_file(pa.memory_map(str(f))).read_all().column("input_ids"))
+                .to_numpy(zero_copy_only=False) for f in token_files]
+    offsets = np.concatenate(([0], np.cumsum([len(x) for x in per_part]))).astype(np.int64)
+    every = np.concatenate(per_part) if per_part else np.zeros(0, dtype=np.int64)
+    index = pa.ipc.open_file(pa.memory_map(str(split_file))).read_all()
+    return every[offsets[index.column("part").to_numpy()] + index.column("row").to_numpy()]
 
 
 def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: Path, title: str) -> None:
@@ -76,10 +82,11 @@ def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: 
     plt.close(fig)
 
 
-def compute_token_stats(tokens_dir: Path, chunk: ChunkConfig, has_bos: bool) -> tuple[list[dict], dict]:
+def compute_token_stats(token_files: list[Path], split_dir: Path, chunk: ChunkConfig,
+                        has_bos: bool) -> tuple[list[dict], dict]:
     rows, lengths = [], {}
     for split in SPLITS:
-        docs = document_lengths(tokens_dir / f"{split}.arrow")
+        docs = document_lengths(token_files, split_dir / f"{split}.arrow")
         chunks = chunk_lengths(docs, chunk, has_bos) if len(docs) else np.zeros(0, dtype=np.int64)
         lengths[split] = {"documents": docs, "chunks": chunks}
         for kind, values in lengths[split].items():
@@ -88,12 +95,13 @@ def compute_token_stats(tokens_dir: Path, chunk: ChunkConfig, has_bos: bool) -> 
 
 
 @stage_task("token-stats", modules=["tasks.chunk", "tasks.report"], libraries=["numpy", "matplotlib"])
-def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: StageOutput, artifacts: str) -> StageOutput:
-    key = current_key("token-stats", {"token_stats": token_stats, "chunk": chunk, "tokens": tokens})
+def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: StageOutput, split: StageOutput,
+                artifacts: str) -> StageOutput:
+    key = current_key("token-stats", {"token_stats": token_stats, "chunk": chunk, "tokens": tokens, "split": split})
     has_bos = tokens.meta["bos_id"] is not None
 
     def build(tmp: Path):
-        rows, lengths = compute_token_stats(tokens.dir(artifacts), chunk, has_bos)
+        rows, lengths = compute_token_stats(part_token_files(tokens, artifacts), split.dir(artifacts), chunk, has_bos)
         (tmp / "stats.json").write_text(json.dumps(rows, indent=2))
         plot_histograms(lengths, token_stats.bins, tmp / "histogram.png",
                         f"Token lengths (max_seq_length {chunk.max_seq_length}, overlap {chunk.overlap})")

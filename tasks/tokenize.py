@@ -1,5 +1,5 @@
-"""tokenize: each document → `ids = tokenizer(text, add_special_tokens=False) + [eos]`, once, shared by
-token-stats and chunk.
+"""tokenize: each document → `ids = tokenizer(text, add_special_tokens=False) + [eos]`, once per file's
+content, shared by token-stats and chunk.
 
 The tokenizer is identified by the content of its files (a hub id is resolved to its snapshot first), so two
 model ids with the same tokenizer share this stage's output and an edited tokenizer invalidates it.
@@ -8,6 +8,7 @@ model ids with the same tokenizer share this stage's output and an edited tokeni
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from tasks.cache import (
 )
 from tasks.config import ConfigError, ModelConfig, TokenizeConfig
 from tasks.report import Progress, run_logger
-from tasks.shuffle import SPLITS
 
 TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 # Files that decide how text becomes ids. config.json is read by AutoTokenizer only to pick a class.
@@ -144,32 +144,20 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
     return {"documents": docs, "tokens": tokens}
 
 
-def read_tokens(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-
-
 register_code_version("tokenize-file", ["tasks.tokenize"], ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
-def gather_tokens(part_files: list[Path], index: pa.Table, dst: Path) -> dict[str, int]:
-    """Rows (part, row) of the per-file token outputs, in the order of `index`, into one file."""
-    tables = [pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in part_files]
-    offsets = np.concatenate(([0], np.cumsum([t.num_rows for t in tables]))).astype(np.int64)
-    combined = pa.concat_tables(tables) if tables else pa.table({n: [] for n in TOKEN_SCHEMA.names}, TOKEN_SCHEMA)
-    rows = offsets[index.column("part").to_numpy()] + index.column("row").to_numpy()
-    tokens = 0
-    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, TOKEN_SCHEMA) as writer:
-        for start in range(0, len(rows), 2048):
-            part = combined.take(pa.array(rows[start : start + 2048]))
-            writer.write_table(part)
-            tokens += sum(len(c.values) for c in part.column("input_ids").chunks)
-    return {"documents": len(rows), "tokens": tokens}
+def part_token_files(tokens: StageOutput, artifacts: str | Path) -> list[Path]:
+    """The per-file token outputs of a tokenize stage, in part order (the load stage's file order)."""
+    return [Path(artifacts) / p["path"] / "tokens.arrow" for p in tokens.meta["parts"]]
 
 
 @stage_task("tokenize", libraries=["tokenizers", "transformers", "numpy", "pyarrow"])
-def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput, split: StageOutput, artifacts: str,
+def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput, artifacts: str,
              trust_remote_code: bool = False) -> StageOutput:
-    key = current_key("tokenize", {"tokenize": tokenize, "tokenizer": tokenizer, "docs": docs, "split": split,
+    """Tokens of every loaded file, each cached by (file content, tokenizer, settings): a drop tokenizes only
+    its own files. The stage's output is the list of those per-file outputs."""
+    key = current_key("tokenize", {"tokenize": tokenize, "tokenizer": tokenizer, "docs": docs,
                                    "trust_remote_code": trust_remote_code})
     log = run_logger()
     loaded: dict[str, Any] = {}
@@ -199,18 +187,16 @@ def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput
                 progress.update(part["documents"])
 
     def build(tmp: Path):
-        counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh}
-        files = [p.dir(artifacts) / "tokens.arrow" for p in parts]
-        for name in SPLITS:
-            index = pa.ipc.open_file(pa.memory_map(str(split.dir(artifacts) / f"{name}.arrow"))).read_all()
-            c = gather_tokens(files, index, tmp / f"{name}.arrow")
-            counts[f"{name}_documents"] = c["documents"]
-            counts[f"{name}_tokens"] = c["tokens"]
+        listing = [{"key": p.key, "path": p.path, **p.counts} for p in parts]
+        (tmp / "parts.json").write_text(json.dumps(listing, indent=1))
+        counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh,
+                  "documents": sum(p.counts["documents"] for p in parts),
+                  "tokens": sum(p.counts["tokens"] for p in parts)}
         specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size")}
-        return counts, {**specials, "tokenizer": tokenizer.digest}
+        return counts, {**specials, "tokenizer": tokenizer.digest, "parts": listing}
 
     out = publish(artifacts, "tokenize", key, build)
-    log.info("tokenize: %d train / %d validation tokens (%d files tokenized, %d from cache; EOS per document%s)",
-             out.counts["train_tokens"], out.counts["validation_tokens"], out.counts["files_tokenized"],
+    log.info("tokenize: %d tokens in %d documents (%d files tokenized, %d from cache; EOS per document%s)",
+             out.counts["tokens"], out.counts["documents"], out.counts["files_tokenized"],
              out.counts["files_cached"], ", BOS added per chunk" if out.meta["bos_id"] is not None else "")
     return out

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import sample_texts
 from tasks.config import ChunkConfig, ConfigError, ModelConfig
-from tasks.shuffle import split_documents, validation_size
+from tasks.shuffle import split_documents
 from tasks.token_stats import STAT_NAMES, compute_token_stats, length_stats, plot_histograms
 from tasks.tokenize import (
     batch_bounds, encode_batch, load_tokenizer, resolve_tokenizer, special_tokens, tokenize_file,
@@ -77,9 +77,10 @@ def test_unusable_model_ids_are_config_errors(tmp_path):
 # ------------------------------------------------------------------------------------------- shuffle
 
 def test_split_is_seeded_disjoint_and_independent_of_input_order():
-    ids = [f"{i:016x}" for i in range(200)]
+    ids = [f"{i:016x}" for i in range(2000)]
     parts = split_documents(ids, seed=7, fraction=0.1)
-    assert len(parts["validation"]) == 20 and len(parts["train"]) == 180
+    assert len(parts["validation"]) + len(parts["train"]) == 2000
+    assert abs(len(parts["validation"]) - 200) < 5 * (2000 * 0.1 * 0.9) ** 0.5  # binomial: within 5 sigma
     assert not set(parts["validation"]) & set(parts["train"])
     as_ids = {k: [ids[i] for i in v] for k, v in parts.items()}
     rev = list(reversed(ids))
@@ -89,19 +90,19 @@ def test_split_is_seeded_disjoint_and_independent_of_input_order():
     assert other["train"] != as_ids["train"]
 
 
-def test_adding_documents_keeps_the_relative_order_of_the_old_ones():
-    old = [f"old{i}" for i in range(100)]
-    new = old + [f"new{i}" for i in range(30)]
-    order_old = [old[i] for i in split_documents(old, 1, 0.0)["train"]]
-    order_new = [new[i] for i in split_documents(new, 1, 0.0)["train"] if new[i].startswith("old")]
-    assert order_old == order_new
+def test_adding_documents_moves_no_old_document_and_keeps_their_order():
+    old = [f"old{i}" for i in range(300)]
+    new = old + [f"new{i}" for i in range(100)]
+    before = {k: [old[i] for i in v] for k, v in split_documents(old, 1, 0.1).items()}
+    after = {k: [new[i] for i in v if new[i].startswith("old")] for k, v in split_documents(new, 1, 0.1).items()}
+    assert before == after
 
 
-def test_validation_size_rules():
-    assert validation_size(100, 0.0) == 0
-    assert validation_size(10, 0.01) == 1  # at least one document when asked for validation
+def test_small_corpora_still_get_one_validation_document():
+    assert len(split_documents(["a", "b", "c"], 0, 0.01)["validation"]) == 1
+    assert len(split_documents(["a", "b", "c"], 0, 0.0)["validation"]) == 0
     with pytest.raises(ConfigError, match="split.validation_fraction: 0.5 of 1 documents"):
-        validation_size(1, 0.5)
+        split_documents(["a"], 0, 0.5)
 
 
 # --------------------------------------------------------------------------------------- token-stats
@@ -115,13 +116,22 @@ def test_length_stats_match_numpy():
     assert length_stats(np.array([]))["count"] == 0
 
 
+def write_arrow(path, table):
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+
+
 def test_stats_of_a_tokenized_split(tmp_path):
-    lists = [[1] * 10, [1] * 300, [1] * 45]
+    # Two source files; both splits hold the documents of lengths 45, 300 and 10, spread over them.
+    ids = pa.list_(pa.int32())
+    write_arrow(tmp_path / "p0.arrow", pa.table({"doc_id": ["a", "b"], "input_ids": pa.array([[1] * 10, [1] * 300], ids)}))
+    write_arrow(tmp_path / "p1.arrow", pa.table({"doc_id": ["c"], "input_ids": pa.array([[1] * 45], ids)}))
     for split in ("train", "validation"):
-        table = pa.table({"doc_id": ["a", "b", "c"], "input_ids": pa.array(lists, pa.list_(pa.int32()))})
-        with pa.OSFile(str(tmp_path / f"{split}.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-            w.write_table(table)
-    rows, lengths = compute_token_stats(tmp_path, ChunkConfig(max_seq_length=100, overlap=20), has_bos=True)
+        write_arrow(tmp_path / f"{split}.arrow", pa.table({"part": pa.array([1, 0, 0], pa.int32()),
+                                                          "row": pa.array([0, 1, 0], pa.int64())}))
+    rows, lengths = compute_token_stats([tmp_path / "p0.arrow", tmp_path / "p1.arrow"], tmp_path,
+                                        ChunkConfig(max_seq_length=100, overlap=20), has_bos=True)
+    assert list(lengths["train"]["documents"]) == [45, 300, 10]
     docs = next(r for r in rows if r["split"] == "train" and r["unit"] == "documents")
     chunks = next(r for r in rows if r["split"] == "train" and r["unit"] == "chunks")
     assert (docs["count"], docs["max"], docs["total"]) == (3, 300, 355)
