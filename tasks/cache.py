@@ -200,6 +200,17 @@ def publish(
         return _build_and_publish(artifacts, final, stage, key, build)
 
 
+def publish_piece(artifacts: str | Path, stage: str, key: str, build, progress=None,
+                  size: int = 0) -> tuple[StageOutput, bool]:
+    """`publish` for one per-file piece of a stage; returns (output, reused). A reused piece advances
+    `progress` by `size` at once, so the bar counts the whole corpus either way."""
+    reused = is_complete(artifacts, stage, key)
+    out = publish(artifacts, stage, key, build)
+    if reused and progress is not None:
+        progress.update(size)
+    return out, reused
+
+
 def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build) -> StageOutput:
     remove_stale_builds(final.parent, key)
     tmp = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -25,7 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.cache import StageOutput, current_key, is_complete, publish, register_code_version, stage_key, stage_task
+from tasks.cache import (
+    StageOutput, current_key, publish, publish_piece, register_code_version, stage_key, stage_task,
+)
 from tasks.config import ChunkConfig, ConfigError
 from tasks.report import Progress, run_logger
 from tasks.shuffle import SPLITS
@@ -232,11 +234,9 @@ def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts
                     counts.update({f"{name}_{k}": v for k, v in c.items()})
                 return counts, {}
 
-            cached = is_complete(artifacts, "chunk-part", part_key)
-            shards.append(publish(artifacts, "chunk-part", part_key, build))
-            fresh += not cached
-            if cached:
-                progress.update(part["documents"])
+            out, reused = publish_piece(artifacts, "chunk-part", part_key, build, progress, part["documents"])
+            shards.append(out)
+            fresh += not reused
 
     def build(tmp: Path):
         counts: dict[str, int] = {}

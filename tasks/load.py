@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.cache import (
-    Fingerprint, StageOutput, combine_digests, current_key, hash_file, is_complete, publish, register_code_version,
+    Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, publish_piece, register_code_version,
     stage_key, stage_task,
 )
 from tasks.config import ConfigError, CorpusConfig
@@ -394,9 +394,9 @@ def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
                                    "file": {"name": item["name"], "digest": item["digest"]}})
 
 
-def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str) -> StageOutput:
+def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str) -> tuple[StageOutput, bool]:
     """One file's output, content-addressed by the file's digest and the reading config: a new drop reads
-    only its own files."""
+    only its own files. Returns (output, reused)."""
     key = load_file_key(item, corpus)
 
     def build(tmp: Path):
@@ -405,20 +405,20 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str)
             raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
         return load_file(Path(item["path"]), item["name"], corpus, tmp), {"name": item["name"]}
 
-    return publish(artifacts, "load-file", key, build)
+    return publish_piece(artifacts, "load-file", key, build)
 
 
 @stage_task("load", modules=["tasks.config"], libraries=["pyarrow"])
 def load(corpus: CorpusConfig, sources: Fingerprint, artifacts: str) -> StageOutput:
     key = current_key("load", {"corpus": corpus, "sources": sources})
     log = run_logger()
-    read_before = {i["name"] for i in sources.items if is_complete(artifacts, "load-file", load_file_key(i, corpus))}
-    parts = [load_file_cached(item, corpus, artifacts) for item in sources.items]
+    pieces = [load_file_cached(item, corpus, artifacts) for item in sources.items]
+    parts = [out for out, _ in pieces]
 
     def build(tmp: Path):
         assembled = assemble_documents([p.dir(artifacts) for p in parts], tmp, corpus.deduplicate)
         counts = merge_counts([p.counts for p in parts], assembled)
-        counts["files_read"] = len(parts) - len(read_before)
+        counts["files_read"] = sum(not reused for _, reused in pieces)
         meta = {"parts": [{"name": p.meta["name"], "key": p.key, "path": p.path, **p.counts} for p in parts]}
         return counts, meta
 

@@ -56,7 +56,6 @@ def device_type() -> str:
 
 
 def load_model(location: str, model: ModelConfig, device: str | None = None):
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = device or device_type()

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.cache import (
-    Fingerprint, StageOutput, combine_digests, current_key, hash_file, is_complete, publish, register_code_version,
+    Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, publish_piece, register_code_version,
     stage_key, stage_task,
 )
 from tasks.config import ConfigError, ModelConfig, TokenizeConfig
@@ -180,11 +180,9 @@ def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput
                                   specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
                 return c, specials
 
-            was_cached = is_complete(artifacts, "tokenize-file", part_key)
-            parts.append(publish(artifacts, "tokenize-file", part_key, build))
-            fresh += not was_cached
-            if was_cached:
-                progress.update(part["documents"])
+            out, reused = publish_piece(artifacts, "tokenize-file", part_key, build, progress, part["documents"])
+            parts.append(out)
+            fresh += not reused
 
     def build(tmp: Path):
         listing = [{"key": p.key, "path": p.path, **p.counts} for p in parts]
