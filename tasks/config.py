@@ -160,6 +160,10 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed of initialisation-dependent parts and data order.")
     num_processes: int = Field(1, ge=1, description="Processes for `accelerate launch` (one per GPU).")
+    accelerate_config: str | None = Field(
+        None, description="An `accelerate config` YAML (e.g. FSDP or DeepSpeed) passed to `accelerate launch`; "
+        "null: plain DDP across num_processes GPUs."
+    )
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
     @model_validator(mode="after")

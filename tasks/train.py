@@ -32,13 +32,16 @@ def work_dir(artifacts: str | Path, key: str) -> Path:
     return Path(artifacts) / "work" / "train" / key
 
 
-def launch_command(spec_path: Path, num_processes: int, device: str) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if device == "cpu":
-        cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
-    elif num_processes > 1:
-        cmd.append("--multi_gpu")
+def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_config: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if accelerate_config:  # the user's file decides the distributed setup (FSDP, DeepSpeed, …)
+        cmd += ["--config_file", accelerate_config]
+    else:
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if device == "cpu":
+            cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
+        elif num_processes > 1:
+            cmd.append("--multi_gpu")
     return [*cmd, "-m", "tasks.train_worker", str(spec_path)]
 
 
@@ -98,7 +101,8 @@ def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_des
             state["done"] = msg
 
     try:
-        run_child(launch_command(spec_path, num_processes, device), on_message, log)
+        run_child(launch_command(spec_path, num_processes, device, spec["train"].get("accelerate_config")),
+                  on_message, log)
     finally:
         if state["progress"] is not None:
             state["progress"].close()

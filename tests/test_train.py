@@ -55,3 +55,15 @@ def test_attention_choice():
     assert choose_attention("auto", SimpleNamespace(model_type="gemma3_text", attn_logit_softcapping=None)) == "sdpa"
     assert choose_attention("auto", SimpleNamespace(model_type="gemma2", attn_logit_softcapping=50.0)) == "eager"
     assert choose_attention("eager", SimpleNamespace()) == "eager"
+
+
+def test_launch_command_per_device_and_distributed_setup(tmp_path):
+    from tasks.train import launch_command
+
+    spec = tmp_path / "spec.json"
+    cpu = launch_command(spec, 1, "cpu")
+    assert "--cpu" in cpu and cpu[-3:] == ["-m", "tasks.train_worker", str(spec)]
+    ddp = launch_command(spec, 4, "cuda")
+    assert "--multi_gpu" in ddp and ddp[ddp.index("--num_processes") + 1] == "4"
+    fsdp = launch_command(spec, 8, "cuda", "fsdp.yaml")
+    assert fsdp[fsdp.index("--config_file") + 1] == "fsdp.yaml" and "--multi_gpu" not in fsdp
