@@ -14,7 +14,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.cache import StageOutput, artifacts_root, records_dir
+from tasks.cache import DigestMemo, StageOutput, artifacts_root, records_dir
 from tasks import evaluate as evaluate_stage
 from tasks import push as push_stage
 from tasks import token_stats as token_stats_stage
@@ -80,9 +80,11 @@ def continued_pretraining(
     run = StageRunner(root, until)
     summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root), "until": until,
                                "config": config.model_dump(mode="json"), "stages": run.stages}
+    digests = DigestMemo(root)
     try:
-        sources = fingerprint_corpus(config.corpus)
-        tokenizer = resolve_tokenizer(config.model)
+        sources = fingerprint_corpus(config.corpus, digest=digests.digest)
+        tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
+        digests.save()
 
         docs = run(load, corpus=config.corpus, sources=sources)
         split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
@@ -92,9 +94,10 @@ def continued_pretraining(
         chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split)
 
         if not run.stopped:
-            base_model = resolve_model(config.model)
-            general = (fingerprint_corpus(CorpusConfig(paths=config.evaluate.general_corpus))
+            base_model = resolve_model(config.model, digest=digests.digest)
+            general = (fingerprint_corpus(CorpusConfig(paths=config.evaluate.general_corpus), digest=digests.digest)
                        if config.evaluate.general_corpus else None)
+            digests.save()
             # The base model is measured first: its numbers are there even if training is stopped.
             base_eval = run(evaluate_base, evaluate=config.evaluate, model=config.model, base_model=base_model,
                             chunk=config.chunk, chunks=chunks, general_corpus=general)

@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.continued_pretraining import continued_pretraining
-from tasks.cache import artifacts_root
+from tasks.cache import DigestMemo, artifacts_root
 from tasks.config import CptConfig, load_config
 from tasks.load import fingerprint_corpus, resolve_corpus_files
 from tasks.report import markdown_artifact, run_logger
@@ -84,7 +84,9 @@ def retrain(
         markdown_artifact(f"# Retrain skipped\n\n{msg}\n", "retrain-decision", "Why this run did not train")
         return {"trained": False, "reason": "unsettled", "files": busy}
 
-    fingerprint = fingerprint_corpus(config.corpus)
+    digests = DigestMemo(root)
+    fingerprint = fingerprint_corpus(config.corpus, digest=digests.digest)
+    digests.save()
     state_file = state_path(root, line)
     last = json.loads(state_file.read_text()) if state_file.exists() else None
     if last and last["corpus"] == fingerprint.digest and not force:

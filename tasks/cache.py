@@ -302,6 +302,41 @@ def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class DigestMemo:
+    """Content digests of files, remembered by (size, mtime_ns, inode) in `<artifacts>/cache/_digests.json`:
+    a rerun over an unchanged multi-GB corpus or model does not read it again, and any write to a file
+    (which moves its mtime or size) makes it hashed anew — the rule make and rsync use."""
+
+    def __init__(self, artifacts: str | Path):
+        self.path = Path(artifacts) / "cache" / "_digests.json"
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    def digest(self, path: str | Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self.entries.get(str(path))
+        if entry and entry[:3] == stamp:
+            return entry[3]
+        value = hash_file(path)
+        self.entries[str(path)] = [*stamp, value]
+        self.changed = True
+        return value
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)  # concurrent runs may lose each other's entries, never corrupt the file
+        self.changed = False
+
+
 def combine_digests(parts: list[tuple[str, str]]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, digest in parts:

@@ -95,11 +95,11 @@ def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Pa
     return sorted(found)
 
 
-def fingerprint_corpus(cfg: CorpusConfig, base: Path | None = None) -> Fingerprint:
+def fingerprint_corpus(cfg: CorpusConfig, base: Path | None = None, digest=hash_file) -> Fingerprint:
     """Content fingerprint of the corpus: each file's digest, keyed by its path relative to the common root."""
     files = resolve_corpus_files(cfg, base)
     items = [
-        {"path": str(f), "name": name, "digest": hash_file(f), "bytes": f.stat().st_size}
+        {"path": str(f), "name": name, "digest": digest(f), "bytes": f.stat().st_size}
         for f, name in zip(files, source_names(files))
     ]
     return Fingerprint(

@@ -13,14 +13,14 @@ from tasks.config import ConfigError, GenerationConfig, ModelConfig
 IGNORE_INDEX = -100
 
 
-def resolve_model(model: ModelConfig) -> Fingerprint:
+def resolve_model(model: ModelConfig, digest=hash_file) -> Fingerprint:
     """Local dir: digest of every file. Hub id: the snapshot's commit (git content address), downloaded once."""
     local = Path(model.id).expanduser()
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not (local / "config.json").is_file():
             raise ConfigError(f"model.id: {local} has no config.json; is it a saved model?")
-        parts = [(p.relative_to(local).as_posix(), hash_file(p)) for p in files]
+        parts = [(p.relative_to(local).as_posix(), digest(p)) for p in files]
         return Fingerprint(kind="model", digest=combine_digests(parts), location=str(local.resolve()))
     from huggingface_hub import snapshot_download
 

@@ -30,7 +30,7 @@ TOKENIZER_FILES = (
 )
 
 
-def resolve_tokenizer(model: ModelConfig) -> Fingerprint:
+def resolve_tokenizer(model: ModelConfig, digest=hash_file) -> Fingerprint:
     """Find the tokenizer files of `model.id` (local dir, or hub snapshot) and fingerprint their content."""
     local = Path(model.id).expanduser()
     if local.is_dir():
@@ -46,7 +46,7 @@ def resolve_tokenizer(model: ModelConfig) -> Fingerprint:
             ))
         except Exception as e:  # network, auth, unknown repo: the message says which
             raise ConfigError(f"model.id: cannot fetch the tokenizer of {model.id!r}: {e}") from None
-    parts = [(name, hash_file(directory / name)) for name in TOKENIZER_FILES if (directory / name).is_file()]
+    parts = [(name, digest(directory / name)) for name in TOKENIZER_FILES if (directory / name).is_file()]
     if not parts:
         raise ConfigError(f"model.id: {directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …)")
     return Fingerprint(kind="tokenizer", digest=combine_digests(parts), location=str(directory),

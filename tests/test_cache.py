@@ -121,3 +121,20 @@ def test_a_killed_builder_blocks_nothing(tmp_path):
     out = publish(tmp_path, "s", "s-k", lambda d: ({"who": "next run"}, {}))
     assert out.counts == {"who": "next run"}
     assert [p.name for p in (tmp_path / "cache" / "s").iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_digest_memo_reads_an_unchanged_file_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    import tasks.cache as cache
+
+    f = tmp_path / "big.bin"
+    f.write_bytes(b"a" * 1000)
+    reads = []
+    real = cache.hash_file
+    monkeypatch.setattr(cache, "hash_file", lambda p, *a: reads.append(p) or real(p, *a))
+    first = cache.DigestMemo(tmp_path)
+    d1 = first.digest(f)
+    first.save()
+    again = cache.DigestMemo(tmp_path)  # a later run
+    assert again.digest(f) == d1 and len(reads) == 1
+    f.write_bytes(b"b" * 1000)  # same size: the mtime moves
+    assert again.digest(f) != d1 and len(reads) == 2
