@@ -94,6 +94,22 @@ def make_callbacks(train: TrainConfig, has_validation: bool):
     return callbacks
 
 
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint a killed attempt finished writing. The Trainer writes trainer_state.json last, so
+    a checkpoint without a readable one was cut short (a SIGKILL mid-save): it is removed, not resumed from."""
+    import shutil
+
+    complete = []
+    for d in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else []:
+        try:
+            step = int(d.name.split("-")[-1])
+            json.loads((d / "trainer_state.json").read_text())
+            complete.append((step, d))
+        except (ValueError, OSError):
+            shutil.rmtree(d, ignore_errors=True)
+    return max(complete)[1] if complete else None
+
+
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -122,7 +138,6 @@ def run(spec: dict[str, Any]) -> None:
     from accelerate import PartialState
     from datasets import load_from_disk
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     train = TrainConfig(**spec["train"])
@@ -198,13 +213,16 @@ def run(spec: dict[str, Any]) -> None:
 
     trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
     padding = padding_fraction(trainer.get_train_dataloader())
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if state.is_main_process:
+        last_complete_checkpoint(checkpoints)  # clears cut-short checkpoints before any process looks
+    state.wait_for_everyone()
+    resume = last_complete_checkpoint(checkpoints)
     if state.is_main_process:
         emit("start", device=device, dtype=str(dtype).removeprefix("torch."), optim=optim,
              resume_from=Path(resume).name if resume else None, train_rows=len(data["train"]),
              validation_rows=len(data["validation"]), **padding)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
 
     if state.is_main_process:

@@ -67,3 +67,17 @@ def test_launch_command_per_device_and_distributed_setup(tmp_path):
     assert "--multi_gpu" in ddp and ddp[ddp.index("--num_processes") + 1] == "4"
     fsdp = launch_command(spec, 8, "cuda", "fsdp.yaml")
     assert fsdp[fsdp.index("--config_file") + 1] == "fsdp.yaml" and "--multi_gpu" not in fsdp
+
+
+def test_resume_skips_and_removes_checkpoints_cut_short(tmp_path):
+    from tasks.train_worker import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, state in ((4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
