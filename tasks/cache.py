@@ -84,15 +84,10 @@ _CODE_VERSIONS: dict[str, str] = {}
 KEY_EXCLUDED = frozenset({"artifacts"})
 
 
-@functools.cache
-def _file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def register_code_version(stage: str, modules: list[str], libraries: list[str]) -> str:
     h = hashlib.sha256()
     for m in [__name__, *modules]:
-        h.update(_file_digest(importlib.util.find_spec(m).origin).encode())
+        h.update(_source_digest(importlib.util.find_spec(m).origin).encode())
     for lib in libraries:
         h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
     _CODE_VERSIONS[stage] = h.hexdigest()[:16]
@@ -335,6 +330,9 @@ class DigestMemo:
         tmp.write_text(json.dumps(self.entries))
         os.replace(tmp, self.path)  # concurrent runs may lose each other's entries, never corrupt the file
         self.changed = False
+
+
+_source_digest = functools.cache(hash_file)  # stage modules are hashed once per process
 
 
 def combine_digests(parts: list[tuple[str, str]]) -> str:

@@ -29,6 +29,7 @@ from tasks.cache import (
     StageOutput, current_key, publish, publish_piece, register_code_version, stage_key, stage_task,
 )
 from tasks.config import ChunkConfig, ConfigError
+from tasks.load import read_arrow
 from tasks.report import Progress, run_logger
 from tasks.shuffle import SPLITS
 
@@ -182,14 +183,14 @@ def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int
 def chunk_file(src: Path, dst_dir: Path, cfg: ChunkConfig, bos_id: int | None,
                progress: Progress | None = None) -> dict:
     """All documents of one token file into `dst_dir/data-00000-of-00001.arrow`; returns counts."""
-    tokens = pa.ipc.open_file(pa.memory_map(str(src))).read_all()
+    tokens = read_arrow(src)
     dst_dir.mkdir(parents=True, exist_ok=True)
     return chunk_rows(tokens, np.arange(tokens.num_rows), cfg, bos_id, dst_dir / SHARD, progress)
 
 
 def rows_by_part(split_file: Path, n_parts: int) -> list[np.ndarray]:
     """For each part (source file), the rows of its documents in this split, in the split's order."""
-    index = pa.ipc.open_file(pa.memory_map(str(split_file))).read_all()
+    index = read_arrow(split_file)
     part, row = index.column("part").to_numpy(), index.column("row").to_numpy()
     return [row[part == p] for p in range(n_parts)]
 
@@ -227,7 +228,7 @@ def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts
                                                 "rows": assignment})
 
             def build(tmp: Path, p=p, part=part):
-                table = pa.ipc.open_file(pa.memory_map(str(Path(artifacts) / part["path"] / "tokens.arrow"))).read_all()
+                table = read_arrow(Path(artifacts) / part["path"] / "tokens.arrow")
                 counts = {}
                 for name in SPLITS:
                     c = chunk_rows(table, by_split[name][p], chunk, bos_id, tmp / f"{name}.arrow", progress)

@@ -51,9 +51,9 @@ def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit
 
 def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, val: list[dict],
                    general: list[dict] | None) -> dict[str, Any]:
-    from tasks.modeling import generate, load_model, load_tokenizer_for_generation, perplexity, release
+    from tasks.modeling import generate, load_model, load_tokenizer_with_pad, perplexity, release
 
-    tok = load_tokenizer_for_generation(location, model_cfg.trust_remote_code)
+    tok = load_tokenizer_with_pad(location, model_cfg.trust_remote_code)
     model = load_model(location, model_cfg)
     try:
         result = {

@@ -37,6 +37,11 @@ ASSEMBLED_SCHEMA = DOC_SCHEMA.append(pa.field("part", pa.int32())).append(pa.fie
 _WRITE_BATCH = 2048
 
 
+def read_arrow(path: str | Path) -> pa.Table:
+    """A stage's Arrow IPC file, memory-mapped: reading it costs no copy until columns are used."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
 class BadRecordError(ValueError):
     """A corpus record that cannot become a document; the message starts with `file:line:`."""
 
@@ -329,7 +334,7 @@ def assemble_documents(parts: list[Path], out_dir: Path, deduplicate: bool) -> d
     with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, ASSEMBLED_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "wb") as rejects:
         for part, directory in enumerate(parts):
-            table = pa.ipc.open_file(pa.memory_map(str(directory / DOCS_FILE))).read_all()
+            table = read_arrow(directory / DOCS_FILE)
             ids = table.column("doc_id").to_pylist()
             keep = [i for i, d in enumerate(ids) if not (deduplicate and d in seen)]
             seen.update(ids)

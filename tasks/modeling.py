@@ -71,12 +71,12 @@ def load_model(location: str, model: ModelConfig, device: str | None = None):
     return m
 
 
-def load_tokenizer_for_generation(location: str, trust_remote_code: bool = False):
+def load_tokenizer_with_pad(location: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # as the seed notebook does
+        tok.pad_token = tok.eos_token  # the seed notebook's fallback, for batching in training and generation
     return tok
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from tasks.cache import StageOutput, current_key, publish, stage_task
 from tasks.config import ConfigError, ShuffleConfig, SplitConfig
-from tasks.load import DOCS_FILE
+from tasks.load import DOCS_FILE, read_arrow
 
 SPLITS = ("train", "validation")
 _WRITE_BATCH = 2048
@@ -63,10 +63,6 @@ def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
             writer.write_table(table.take(pa.array(indices[start : start + _WRITE_BATCH])))
 
 
-def read_docs(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-
-
 @stage_task("shuffle", libraries=["numpy", "pyarrow"])
 def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artifacts: str) -> StageOutput:
     from prefect.logging import get_run_logger
@@ -75,7 +71,7 @@ def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artif
 
     def build(tmp: Path):
         # Only where each document lives goes on: tokenize reads tokens of the per-file outputs.
-        table = read_docs(docs.dir(artifacts) / DOCS_FILE).drop_columns(["text"])
+        table = read_arrow(docs.dir(artifacts) / DOCS_FILE).drop_columns(["text"])
         parts = split_documents(table.column("doc_id").to_pylist(), shuffle.seed, split.validation_fraction)
         counts = {}
         for name in SPLITS:

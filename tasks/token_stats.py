@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.cache import StageOutput, current_key, publish, stage_task
 from tasks.chunk import chunk_lengths
 from tasks.config import ChunkConfig, TokenStatsConfig
 from tasks.report import markdown_artifact, markdown_table, png_data_uri, run_logger, table_artifact
+from tasks.load import read_arrow
 from tasks.shuffle import SPLITS
 from tasks.tokenize import part_token_files
 
@@ -45,11 +45,11 @@ def length_stats(lengths: np.ndarray) -> dict[str, float | int]:
 
 def document_lengths(token_files: list[Path], split_file: Path) -> np.ndarray:
     """Token counts of a split's documents, read as list lengths from the per-file token outputs."""
-    per_part = [pc.list_value_length(pa.ipc.open_file(pa.memory_map(str(f))).read_all().column("input_ids"))
-                .to_numpy(zero_copy_only=False) for f in token_files]
+    per_part = [pc.list_value_length(read_arrow(f).column("input_ids")).to_numpy(zero_copy_only=False)
+                for f in token_files]
     offsets = np.concatenate(([0], np.cumsum([len(x) for x in per_part]))).astype(np.int64)
     every = np.concatenate(per_part) if per_part else np.zeros(0, dtype=np.int64)
-    index = pa.ipc.open_file(pa.memory_map(str(split_file))).read_all()
+    index = read_arrow(split_file)
     return every[offsets[index.column("part").to_numpy()] + index.column("row").to_numpy()]
 
 

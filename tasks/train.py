@@ -71,10 +71,10 @@ def run_child(cmd: list[str], on_message, log) -> None:
 
 def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_desc: str = "train") -> dict:
     """Run one training attempt described by `spec` (see train_worker.run); returns the child's metrics."""
-    import torch
+    from tasks.modeling import device_type
 
     log = log or run_logger()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device_type()
     out = Path(spec["output_dir"])
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ModelConfig, TrainConfig
-from tasks.modeling import choose_attention, choose_dtype
+from tasks.modeling import choose_attention, choose_dtype, load_tokenizer_with_pad
 
 MESSAGE_PREFIX = "@@cpt "
 
@@ -137,7 +137,7 @@ def run(spec: dict[str, Any]) -> None:
     import torch
     from accelerate import PartialState
     from datasets import load_from_disk
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     train = TrainConfig(**spec["train"])
@@ -146,9 +146,7 @@ def run(spec: dict[str, Any]) -> None:
     device = state.device.type
     out_dir, checkpoints = Path(spec["output_dir"]), Path(spec["checkpoint_dir"])
 
-    tok = AutoTokenizer.from_pretrained(spec["model_location"], trust_remote_code=model_cfg.trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # the seed's fallback
+    tok = load_tokenizer_with_pad(spec["model_location"], model_cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(spec["model_location"], trust_remote_code=model_cfg.trust_remote_code)
     dtype = choose_dtype(model_cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
