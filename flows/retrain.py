@@ -27,7 +27,6 @@ from tasks.load import fingerprint_corpus, resolve_corpus_files
 from tasks.report import markdown_artifact, run_logger
 
 WRITING_MARKER = "_WRITING"
-DROP_EVENT = "corpus.drop.landed"
 
 
 def state_path(root: Path, line: str) -> Path:

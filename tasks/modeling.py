@@ -55,17 +55,23 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(location: str, model: ModelConfig, device: str | None = None):
+def load_pretrained(location: str, model: ModelConfig, device: str):
+    """The model at `location` with the dtype and attention kernel `model` asks for on `device`, not yet moved."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    device = device or device_type()
     cfg = AutoConfig.from_pretrained(location, trust_remote_code=model.trust_remote_code)
-    m = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         location,
         dtype=choose_dtype(model.dtype, device),
         attn_implementation=choose_attention(model.attn_implementation, cfg),
         trust_remote_code=model.trust_remote_code,
     )
+
+
+def load_model(location: str, model: ModelConfig, device: str | None = None):
+    """`load_pretrained` on `device` (default: the GPU if any), in eval mode."""
+    device = device or device_type()
+    m = load_pretrained(location, model, device)
     m.to(device)
     m.eval()
     return m

@@ -93,6 +93,12 @@ def hub_token(secret_name: str | None) -> str | None:
     return os.environ.get("HF_TOKEN") or None
 
 
+def _failure(e: BaseException) -> str:
+    """The type and HTTP status of an upload error, never its message: some versions echo request headers."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return type(e).__name__ + (f", HTTP {status}" if status else "")
+
+
 def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_seconds: float = 2.0) -> dict[str, Any]:
     from huggingface_hub import HfApi
 
@@ -111,16 +117,12 @@ def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_second
                     "url": f"{api.endpoint}/{cfg.repo_id}" + (f"/tree/{cfg.revision}" if cfg.revision else ""),
                     "commit": getattr(info, "oid", None), "attempts": attempt + 1}
         except Exception as e:
-            # The message of an HTTP error can echo request headers in some versions: log the type and status.
-            status = getattr(getattr(e, "response", None), "status_code", None)
             last = e
-            log.warning("push: upload attempt %d/%d failed: %s%s", attempt + 1, cfg.retries + 1,
-                        type(e).__name__, f" (HTTP {status})" if status else "")
+            log.warning("push: upload attempt %d/%d failed (%s)", attempt + 1, cfg.retries + 1, _failure(e))
             if attempt < cfg.retries:
                 time.sleep(backoff_seconds * 2**attempt)
-    status = getattr(getattr(last, "response", None), "status_code", None)
     raise PushFailed(f"push: uploading to {cfg.repo_id} failed after {cfg.retries + 1} attempts "
-                     f"({type(last).__name__}{f', HTTP {status}' if status else ''}); the model is saved locally")
+                     f"({_failure(last)}); the model is saved locally")
 
 
 @stage_task("push", modules=["tasks.config", "tasks.report"], libraries=["huggingface_hub"])

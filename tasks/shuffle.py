@@ -36,16 +36,12 @@ def split_values(doc_ids: list[str], seed: int) -> np.ndarray:
     return (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def shuffle_rank(doc_ids: list[str], seed: int) -> np.ndarray:
-    """Indices of `doc_ids` in shuffled order."""
-    # Ties are astronomically unlikely; doc_id breaks them so the order is total anyway.
-    return np.lexsort((np.array(doc_ids, dtype=object).astype(str), split_values(doc_ids, seed)))
-
-
 def split_documents(doc_ids: list[str], seed: int, fraction: float) -> dict[str, np.ndarray]:
-    """Row indices per split, each in shuffled order."""
-    order = shuffle_rank(doc_ids, seed)
-    u = split_values(doc_ids, seed)[order]
+    """Row indices per split, each in shuffled order (ascending u)."""
+    u = split_values(doc_ids, seed)
+    # Ties are astronomically unlikely; doc_id breaks them so the order is total anyway.
+    order = np.lexsort((np.array(doc_ids, dtype=object).astype(str), u))
+    u = u[order]
     n_val = int(np.searchsorted(u, fraction, side="left")) if fraction > 0 else 0
     if fraction > 0 and n_val == 0:
         n_val = 1

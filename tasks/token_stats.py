@@ -43,12 +43,18 @@ def length_stats(lengths: np.ndarray) -> dict[str, float | int]:
     }
 
 
-def document_lengths(token_files: list[Path], split_file: Path) -> np.ndarray:
-    """Token counts of a split's documents, read as list lengths from the per-file token outputs."""
+def part_lengths(token_files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Token counts of every document of the per-file token outputs, concatenated in part order, and the
+    offset of each part's first document in that array."""
     per_part = [pc.list_value_length(read_arrow(f).column("input_ids")).to_numpy(zero_copy_only=False)
                 for f in token_files]
     offsets = np.concatenate(([0], np.cumsum([len(x) for x in per_part]))).astype(np.int64)
     every = np.concatenate(per_part) if per_part else np.zeros(0, dtype=np.int64)
+    return every, offsets
+
+
+def document_lengths(every: np.ndarray, offsets: np.ndarray, split_file: Path) -> np.ndarray:
+    """Token counts of a split's documents, in the split's order."""
     index = read_arrow(split_file)
     return every[offsets[index.column("part").to_numpy()] + index.column("row").to_numpy()]
 
@@ -85,8 +91,9 @@ def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: 
 def compute_token_stats(token_files: list[Path], split_dir: Path, chunk: ChunkConfig,
                         has_bos: bool) -> tuple[list[dict], dict]:
     rows, lengths = [], {}
+    every, offsets = part_lengths(token_files)
     for split in SPLITS:
-        docs = document_lengths(token_files, split_dir / f"{split}.arrow")
+        docs = document_lengths(every, offsets, split_dir / f"{split}.arrow")
         chunks = chunk_lengths(docs, chunk, has_bos) if len(docs) else np.zeros(0, dtype=np.int64)
         lengths[split] = {"documents": docs, "chunks": chunks}
         for kind, values in lengths[split].items():

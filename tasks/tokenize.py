@@ -8,7 +8,6 @@ model ids with the same tokenizer share this stage's output and an edited tokeni
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +185,6 @@ def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput
 
     def build(tmp: Path):
         listing = [{"key": p.key, "path": p.path, **p.counts} for p in parts]
-        (tmp / "parts.json").write_text(json.dumps(listing, indent=1))
         counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh,
                   "documents": sum(p.counts["documents"] for p in parts),
                   "tokens": sum(p.counts["tokens"] for p in parts)}

@@ -97,8 +97,6 @@ def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_des
         elif event == "log":
             log.info("train: %s", "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in msg.items()))
-        elif event == "done":
-            state["done"] = msg
 
     try:
         run_child(launch_command(spec_path, num_processes, device, spec["train"].get("accelerate_config")),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ModelConfig, TrainConfig
-from tasks.modeling import choose_attention, choose_dtype, load_tokenizer_with_pad
+from tasks.modeling import load_pretrained, load_tokenizer_with_pad
 
 MESSAGE_PREFIX = "@@cpt "
 
@@ -88,7 +88,7 @@ def make_callbacks(train: TrainConfig, has_validation: bool):
                 emit("killed", step=state.global_step)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    callbacks = [Reporter()]  # keep first: run() reads tokens_at_begin from it
+    callbacks = [Reporter()]  # first: run() reads tokens_at_begin from it
     if has_validation and train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     return callbacks
@@ -137,7 +137,6 @@ def run(spec: dict[str, Any]) -> None:
     import torch
     from accelerate import PartialState
     from datasets import load_from_disk
-    from transformers import AutoConfig, AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     train = TrainConfig(**spec["train"])
@@ -147,12 +146,8 @@ def run(spec: dict[str, Any]) -> None:
     out_dir, checkpoints = Path(spec["output_dir"]), Path(spec["checkpoint_dir"])
 
     tok = load_tokenizer_with_pad(spec["model_location"], model_cfg.trust_remote_code)
-    config = AutoConfig.from_pretrained(spec["model_location"], trust_remote_code=model_cfg.trust_remote_code)
-    dtype = choose_dtype(model_cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model_location"], dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=choose_attention(model_cfg.attn_implementation, config),
-    )
+    model = load_pretrained(spec["model_location"], model_cfg, device)
+    dtype = model.dtype
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
 
@@ -202,10 +197,12 @@ def run(spec: dict[str, Any]) -> None:
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
     )
+    callbacks = make_callbacks(train, has_validation)
+    reporter = callbacks[0]
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tok,
         train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,
-        callbacks=make_callbacks(train, has_validation),
+        callbacks=callbacks,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -231,8 +228,6 @@ def run(spec: dict[str, Any]) -> None:
         (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         plot_loss_curve(history, out_dir / "loss_curve.png")
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-        reporter = trainer.callback_handler.callbacks[[type(c).__name__ for c in
-                                                       trainer.callback_handler.callbacks].index("Reporter")]
         trained_tokens = trainer.state.num_input_tokens_seen - reporter.tokens_at_begin
         metrics = {
             "global_step": trainer.state.global_step,
@@ -256,7 +251,6 @@ def run(spec: dict[str, Any]) -> None:
             **padding,
         }
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        emit("done", **{k: v for k, v in metrics.items() if k != "eval_losses"})
 
 
 def main(argv: list[str] | None = None) -> None:
