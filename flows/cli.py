@@ -42,12 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     re = sub.add_parser("retrain", help="run the pipeline only if the corpus changed since the last training")
     _config_args(re)
-    re.add_argument("--drop", metavar="PATH", help="a landed drop folder to add to the corpus")
-    re.add_argument("--line", default="default", help="name of this training line (its last-trained state)")
+    re.add_argument("--drop", metavar="PATH", help="a landed drop folder: gated, then registered to the line")
+    re.add_argument("--line", default="default", help="the training line (its drops and last training)")
     re.add_argument("--settle-seconds", type=float, default=60.0,
                     help="files modified more recently than this are taken as still being written")
     re.add_argument("--force", action="store_true", help="train even if the corpus is unchanged")
+    re.add_argument("--summary", metavar="PATH",
+                    help="write JSON: trained, reason, line, drops and the pipeline's run summary")
     re.add_argument("--artifacts", metavar="DIR")
+
+    drops = sub.add_parser("drops", help="list a training line's drops, or retire one")
+    drops.add_argument("--line", default="default")
+    drops.add_argument("--json", action="store_true", help="print JSON (as in the retrain summary)")
+    drops.add_argument("--remove", metavar="PATH", help="retire this drop: the next run of the line trains without it")
+    drops.add_argument("--artifacts", metavar="DIR")
 
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
@@ -122,9 +130,45 @@ def cmd_retrain(args) -> int:
     _prefect_env()
     from flows.retrain import retrain
 
+    from flows.retrain import write_result
+
     result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
                      settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
-    print("trained" if result["trained"] else f"not trained: {result['reason']}")
+    if args.summary:
+        write_result(result, args.summary)
+    print(f"line {args.line}: " + ("trained" if result["trained"] else f"not trained: {result['reason']}"))
+    return 0
+
+
+def cmd_drops(args) -> int:
+    import json
+
+    from tasks import lines
+    from tasks.cache import artifacts_root
+
+    root = artifacts_root(args.artifacts)
+    if args.remove:
+        try:
+            entry = lines.remove(root, args.line, args.remove)
+        except KeyError as e:
+            print(f"cpt: {e.args[0]}", file=sys.stderr)
+            return 2
+        print(f"line {args.line}: {entry.path} removed; the next run of the line trains without it")
+        return 0
+    state = lines.read_line(root, args.line)
+    if args.json:
+        print(json.dumps([d.listing() for d in state.drops], indent=2, ensure_ascii=False))
+        return 0
+    if not state.drops:
+        print(f"line {args.line}: no drops")
+        return 0
+    for d in state.drops:
+        print(f"{d.status:<9} {d.path}\n          {d.files} files, {d.documents} documents, {d.tokens} tokens; "
+              f"registered {d.registered_at}; fingerprint {d.fingerprint[:12] or '-'}"
+              + (f"\n          reason: {d.reason}" if d.reason else ""))
+    if state.last_training:
+        t = state.last_training
+        print(f"last training: {t['finished_at']} ({t['flow_run']}), {t['files']} files, fingerprint {t['corpus'][:12]}")
     return 0
 
 
@@ -178,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import ConfigError
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
-                "retrain": cmd_retrain, "emit-drop": cmd_emit_drop, "serve": cmd_serve}
+                "retrain": cmd_retrain, "drops": cmd_drops, "emit-drop": cmd_emit_drop, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.cache import DigestMemo, StageOutput, artifacts_root, records_dir
+from tasks.cache import DigestMemo, StageOutput, artifacts_root, build_scope, records_dir
 from tasks import evaluate as evaluate_stage
 from tasks import push as push_stage
 from tasks import token_stats as token_stats_stage
@@ -81,39 +81,42 @@ def continued_pretraining(
     summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root), "until": until,
                                "config": config.model_dump(mode="json"), "stages": run.stages}
     digests = DigestMemo(root)
-    try:
-        sources = fingerprint_corpus(config.corpus, digest=digests.digest)
-        tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
-        digests.save()
-
-        docs = run(load, corpus=config.corpus, sources=sources)
-        split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
-        tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
-                     trust_remote_code=config.model.trust_remote_code)
-        run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)
-        chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split)
-
-        if not run.stopped:
-            base_model = resolve_model(config.model, digest=digests.digest)
-            general = (fingerprint_corpus(CorpusConfig(paths=config.evaluate.general_corpus), digest=digests.digest)
-                       if config.evaluate.general_corpus else None)
+    # Pieces built in this run count as read/tokenized/chunked by it; inside a retrain run (whose drop gate
+    # builds the drop's pieces first) this joins the retrain run's scope.
+    with build_scope(str(flow_run.id)):
+        try:
+            sources = fingerprint_corpus(config.corpus, digest=digests.digest)
+            tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
             digests.save()
-            # The base model is measured first: its numbers are there even if training is stopped.
-            base_eval = run(evaluate_base, evaluate=config.evaluate, model=config.model, base_model=base_model,
-                            chunk=config.chunk, chunks=chunks, general_corpus=general)
-            trained = run(train, train=config.train, model=config.model, base_model=base_model,
-                          chunk=config.chunk, chunks=chunks)
-            evaluation = run(evaluate, evaluate=config.evaluate, model=config.model, trained=trained,
-                             chunk=config.chunk, chunks=chunks, general_corpus=general, base_eval=base_eval)
-            run(push, push=config.push, base_model_id=config.model.id, trained=trained, evaluation=evaluation,
-                docs=docs, corpus=sources, config=config.model_dump(mode="json"))
-        summary["status"] = "Completed"
-    except BaseException as e:
-        summary["status"] = "Failed"
-        summary["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        write_summary(summary, root)
+
+            docs = run(load, corpus=config.corpus, sources=sources, files=[i["path"] for i in sources.items])
+            split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
+            tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
+                         trust_remote_code=config.model.trust_remote_code)
+            run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)
+            chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split)
+
+            if not run.stopped:
+                base_model = resolve_model(config.model, digest=digests.digest)
+                general = (fingerprint_corpus(CorpusConfig(paths=config.evaluate.general_corpus), digest=digests.digest)
+                           if config.evaluate.general_corpus else None)
+                digests.save()
+                # The base model is measured first: its numbers are there even if training is stopped.
+                base_eval = run(evaluate_base, evaluate=config.evaluate, model=config.model, base_model=base_model,
+                                chunk=config.chunk, chunks=chunks, general_corpus=general)
+                trained = run(train, train=config.train, model=config.model, base_model=base_model,
+                              chunk=config.chunk, chunks=chunks)
+                evaluation = run(evaluate, evaluate=config.evaluate, model=config.model, trained=trained,
+                                 chunk=config.chunk, chunks=chunks, general_corpus=general, base_eval=base_eval)
+                run(push, push=config.push, base_model_id=config.model.id, trained=trained, evaluation=evaluation,
+                    docs=docs, corpus=sources, config=config.model_dump(mode="json"))
+            summary["status"] = "Completed"
+        except BaseException as e:
+            summary["status"] = "Failed"
+            summary["error"] = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            write_summary(summary, root)
     return summary
 
 

@@ -1,18 +1,22 @@
-"""Retrain when the corpus changed: fingerprint the corpus (and the drop that triggered the run) by content,
-compare with the fingerprint of the last successful training of this line, and run the pipeline only if it
-differs. Scheduled (nightly) and event-triggered (a drop landed) deployments both run this flow.
+"""Retrain a training line when its corpus changed. Scheduled (nightly) and event-triggered (a drop landed)
+deployments both run this flow.
 
-A drop that is still being written must not be trained on. The rule: a folder that holds a `_WRITING` file is
-being written; otherwise every corpus file must be older than `settle_seconds` (its last modification), and
-every file is hashed again by the load stage, which fails if it changed since fingerprinting. A producer that
-can should write into a temp name (`.name`, `*.part`, `*.tmp` are never read) and rename, or emit the
-`corpus.drop.landed` event when done (`cpt emit-drop PATH`).
+A line trains on the configured corpus plus every drop registered to it (tasks/lines.py). A drop announced
+with `drop` (the on-drop deployment, `cpt retrain --drop PATH`) is noted as pending; once settled it passes
+the drop gate — profiled through the same cached pieces the pipeline then reuses, before any GPU time — and is
+registered (active) or rejected with its reasons. Then the line's corpus is fingerprinted by content and
+compared with the line's last successful training: unchanged, nothing is trained.
+
+A drop still being written is not trained on: a folder holding a `_WRITING` file is being written, and so is
+any file modified less than `settle_seconds` ago; the drop stays pending and a later run (nightly, or the next
+announcement) picks it up. Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
+temp name and rename; the load stage re-hashes every file it reads and fails if one changed since the run
+fingerprinted it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,16 +25,14 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.continued_pretraining import continued_pretraining
-from tasks.cache import DigestMemo, artifacts_root
-from tasks.config import CptConfig, load_config
-from tasks.load import fingerprint_corpus, resolve_corpus_files
-from tasks.report import markdown_artifact, run_logger
+from tasks import lines
+from tasks.cache import DigestMemo, artifacts_root, build_scope
+from tasks.config import ConfigError, CorpusConfig, CptConfig, load_config
+from tasks.load import fingerprint_files, resolve_corpus_files
+from tasks.report import markdown_artifact, markdown_table, run_logger, table_artifact
+from tasks.tokenize import resolve_tokenizer
 
 WRITING_MARKER = "_WRITING"
-
-
-def state_path(root: Path, line: str) -> Path:
-    return root / "state" / f"retrain-{line}.json"
 
 
 def unsettled_files(files: list[Path], settle_seconds: float, now: float | None = None) -> list[str]:
@@ -42,17 +44,83 @@ def unsettled_files(files: list[Path], settle_seconds: float, now: float | None 
     return busy
 
 
-def with_drop(config: CptConfig, drop: str | None) -> CptConfig:
-    """The config with the drop folder among the corpus paths (if no path already covers it)."""
-    if not drop:
-        return config
-    drop_path = Path(drop).resolve()
-    covered = any(drop_path == Path(p).resolve() or Path(p).resolve() in drop_path.parents for p in config.corpus.paths
-                  if not any(ch in p for ch in "*?["))
-    if covered:
-        return config
-    corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, str(drop_path)]})
+def line_config(config: CptConfig, state: lines.LineState) -> CptConfig:
+    """The config a line trains with: its corpus plus the active drops, less every other drop (a rejected or
+    removed drop inside a configured folder is not read either)."""
+    active = [p for p in state.active_paths() if p not in config.corpus.paths]
+    corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, *active],
+                                              "exclude": [*config.corpus.exclude, *state.inactive_paths()]})
     return config.model_copy(update={"corpus": corpus})
+
+
+def drop_files(path: str) -> list[Path]:
+    return resolve_corpus_files(CorpusConfig(paths=[path]))
+
+
+def gate_drops(config: CptConfig, root: Path, line: str, settle_seconds: float, digests: DigestMemo,
+               log) -> dict[str, Any]:
+    """Gate every drop of the line that needs a verdict: pending ones, and active or rejected ones whose
+    content changed since. Returns {"unsettled": [...], "rejected": [paths], "gated": [(drop, profile)]}."""
+    state = lines.read_line(root, line)
+    out: dict[str, Any] = {"unsettled": [], "rejected": [], "gated": []}
+    tokenizer = None
+    for entry in state.drops:
+        if entry.status == "removed":
+            continue
+        try:
+            files = drop_files(entry.path)
+        except ConfigError as e:
+            if entry.status == "active":
+                raise ConfigError(f"line {line!r}: the active drop {entry.path} cannot be read ({e}); restore it, "
+                                  f"or retire it with `cpt drops --line {line} --remove {entry.path}`") from None
+            if entry.status == "pending":
+                profile = {"files": 0, "documents": 0, "tokens": 0, "records": 0, "passed": False,
+                           "reasons": [f"unreadable: {e}"]}
+                out["rejected"].append(entry.path)
+                out["gated"].append((lines.record_verdict(root, line, entry.path, "", profile), profile))
+            continue
+        busy = unsettled_files(files, settle_seconds)
+        if busy:
+            out["unsettled"] += busy
+            continue
+        fingerprint = fingerprint_files(files, digests.digest)
+        if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
+            continue  # verdict already given on this content
+        # The line without this drop: the configured corpus and the other active drops.
+        others = lines.LineState(line=line, drops=[d for d in state.drops if d.path != entry.path])
+        line_files = resolve_corpus_files(line_config(config, others).corpus)
+        if tokenizer is None:
+            tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
+        profile = lines.profile_drop(files, line_files, config, tokenizer, str(root), digests.digest)
+        verdict = lines.record_verdict(root, line, entry.path, fingerprint.digest, profile)
+        out["gated"].append((verdict, profile))
+        if profile["passed"]:
+            log.info("drop gate: %s passed (%d files, %d documents, %d tokens); registered to line %r",
+                     entry.path, profile["files"], profile["documents"], profile["tokens"], line)
+        else:
+            out["rejected"].append(entry.path)
+            log.warning("drop gate: %s rejected: %s", entry.path, verdict.reason)
+    digests.save()
+    return out
+
+
+def show_gate(gated: list[tuple[lines.Drop, dict[str, Any]]]) -> None:
+    rows = [{"drop": d.path, "verdict": "passed" if p["passed"] else "rejected",
+             **{k: p.get(k) for k in ("files", "records", "documents", "rejected", "too_short", "duplicates_in_line",
+                                      "validation_matches", "median_tokens", "line_median_tokens")},
+             "reasons": "; ".join(p["reasons"])} for d, p in gated]
+    markdown_artifact(f"# Drop gate\n\n{markdown_table(rows)}\n", "drop-gate",
+                      "Profile of each drop checked in this run, and the verdict")
+
+
+def show_drops(state: lines.LineState) -> None:
+    rows = [{k: d.listing()[k] for k in ("path", "status", "files", "documents", "tokens", "registered_at")}
+            | {"fingerprint": d.fingerprint[:12], "reason": d.reason} for d in state.drops]
+    if rows:
+        table_artifact(rows, "line-drops", f"Drops of training line {state.line!r}")
+    else:
+        markdown_artifact(f"# Line {state.line}\n\nNo drops registered.\n", "line-drops",
+                          f"Drops of training line {state.line!r}")
 
 
 @flow(name="retrain-on-drop", log_prints=True)
@@ -66,44 +134,74 @@ def retrain(
     force: bool = False,
     artifacts: str | None = None,
 ) -> dict[str, Any]:
-    """Train `config` (or the YAML at `config_file` + `overrides`) if its corpus changed since the last successful
-    training of `line`. `drop` adds a landed drop folder to the corpus."""
+    """Train line `line` — `config` (or the YAML at `config_file` + `overrides`) plus its registered drops — if
+    its corpus changed since the line's last successful training. `drop` announces a landed drop folder."""
     log = run_logger()
     if config is None:
         if not config_file:
             raise ValueError("give config or config_file")
         config = load_config(config_file, overrides or [])
-    config = with_drop(config, drop)
     root = artifacts_root(artifacts)
-
-    busy = unsettled_files(resolve_corpus_files(config.corpus), settle_seconds)
-    if busy:
-        msg = f"drop still being written, not training now: {', '.join(busy[:5])}"
-        log.warning("retrain: %s", msg)
-        markdown_artifact(f"# Retrain skipped\n\n{msg}\n", "retrain-decision", "Why this run did not train")
-        return {"trained": False, "reason": "unsettled", "files": busy}
-
     digests = DigestMemo(root)
-    fingerprint = fingerprint_corpus(config.corpus, digest=digests.digest)
-    digests.save()
-    state_file = state_path(root, line)
-    last = json.loads(state_file.read_text()) if state_file.exists() else None
-    if last and last["corpus"] == fingerprint.digest and not force:
-        msg = (f"corpus unchanged since the last successful training ({last['flow_run']}, "
-               f"fingerprint {fingerprint.digest[:12]}, {len(fingerprint.items)} files): nothing to train")
-        log.info("retrain: %s", msg)
-        markdown_artifact(f"# Retrain skipped\n\n{msg}\n", "retrain-decision", "Why this run did not train")
-        return {"trained": False, "reason": "unchanged", "fingerprint": fingerprint.digest}
 
-    log.info("retrain: corpus fingerprint %s (%d files) differs from the last training (%s); running the pipeline",
-             fingerprint.digest[:12], len(fingerprint.items), last["corpus"][:12] if last else "none")
-    summary = continued_pretraining(config=config, artifacts=str(root))
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    record = {"corpus": fingerprint.digest, "files": len(fingerprint.items), "flow_run": flow_run.name,
-              "pipeline_run": summary["flow_run"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = state_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, state_file)
-    markdown_artifact(f"# Retrained\n\nCorpus fingerprint `{fingerprint.digest}` ({len(fingerprint.items)} files); "
-                      f"pipeline run `{summary['flow_run']}`.\n", "retrain-decision", "What this run trained on")
-    return {"trained": True, "fingerprint": fingerprint.digest, "summary": summary}
+    def result(trained: bool, reason: str, **extra) -> dict[str, Any]:
+        state = lines.read_line(root, line)
+        show_drops(state)
+        return {"trained": trained, "reason": reason, "line": line,
+                "drops": [d.listing() for d in state.drops], **extra}
+
+    def skipped(reason: str, msg: str, **extra) -> dict[str, Any]:
+        log.info("retrain: %s", msg)
+        markdown_artifact(f"# Retrain skipped: {reason}\n\n{msg}\n", "retrain-decision", "Why this run did not train")
+        return result(False, reason, pipeline=None, **extra)
+
+    # One scope for the gate and the pipeline: a drop's files are read once in this run, and the pipeline's
+    # counts (files_read, files_tokenized, files_chunked) include what the gate read for it.
+    with build_scope(str(flow_run.id)):
+        if drop:
+            entry = lines.announce(root, line, drop)
+            log.info("retrain: drop %s announced to line %r (%s)", entry.path, line, entry.status)
+        gate = gate_drops(config, root, line, settle_seconds, digests, log)
+        if gate["gated"]:
+            show_gate(gate["gated"])
+        if gate["unsettled"]:
+            return skipped("unsettled", f"drop still being written, not training now: "
+                                        f"{', '.join(gate['unsettled'][:5])}", files=gate["unsettled"])
+        if gate["rejected"]:
+            reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if not p["passed"])
+            return skipped("drop-rejected", f"drop rejected by the gate, nothing trained: {reasons}",
+                           rejected=gate["rejected"])
+
+        state = lines.read_line(root, line)
+        cfg = line_config(config, state)
+        files = resolve_corpus_files(cfg.corpus)
+        busy = unsettled_files(files, settle_seconds)
+        if busy:
+            return skipped("unsettled", f"corpus still being written, not training now: {', '.join(busy[:5])}",
+                           files=busy)
+        fingerprint = fingerprint_files(files, digests.digest)
+        digests.save()
+        last = state.last_training
+        if last and last["corpus"] == fingerprint.digest and not force:
+            return skipped("unchanged", f"line {line!r} unchanged since its last successful training "
+                                        f"({last['flow_run']}, fingerprint {fingerprint.digest[:12]}, "
+                                        f"{len(files)} files, {len(state.active_paths())} drops): nothing to train",
+                           fingerprint=fingerprint.digest)
+
+        log.info("retrain: line %r: corpus fingerprint %s (%d files, %d drops) differs from the last training "
+                 "(%s); running the pipeline", line, fingerprint.digest[:12], len(files), len(state.active_paths()),
+                 last["corpus"][:12] if last else "none")
+        summary = continued_pretraining(config=cfg, artifacts=str(root))
+    lines.record_training(root, line, {
+        "corpus": fingerprint.digest, "files": len(files), "drops": state.active_paths(),
+        "flow_run": flow_run.name, "pipeline_run": summary["flow_run"], "finished_at": lines.now_iso()})
+    markdown_artifact(f"# Retrained line {line}\n\nCorpus fingerprint `{fingerprint.digest}` ({len(files)} files, "
+                      f"{len(state.active_paths())} drops); pipeline run `{summary['flow_run']}`.\n",
+                      "retrain-decision", "What this run trained on")
+    return result(True, "changed", fingerprint=fingerprint.digest, pipeline=summary)
+
+
+def write_result(result: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str), encoding="utf-8")

@@ -14,6 +14,7 @@ the policy deletes a record whose output is gone, so a deleted or half-written o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import importlib.metadata
@@ -56,12 +57,21 @@ class StageOutput(BaseModel):
     path: str  # relative to the artifacts root, so the root can move with its cache
     counts: dict[str, Any] = {}
     meta: dict[str, Any] = {}
+    # What downstream keys see instead of `key` when set: an identity of the output's content that leaves out
+    # what does not reach the stages below (the load stage's provenance paths), so moving a corpus keeps them
+    # Cached.
+    content: str = ""
+    # Other cache entries this output refers to (relative paths): it is complete only while they are.
+    deps: list[str] = []
+    # Every file of the entry with its size, checked on read: a truncated or deleted file is a miss.
+    files: dict[str, int] = {}
 
     def dir(self, artifacts: str | Path) -> Path:
         return Path(artifacts) / self.path
 
     def key_material(self) -> dict[str, Any]:
-        return {"stage": self.stage, "key": self.key}
+        return {"stage": self.stage, "content": self.content} if self.content else {"stage": self.stage,
+                                                                                      "key": self.key}
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -128,8 +138,44 @@ def read_manifest(directory: Path) -> StageOutput | None:
         return None
 
 
+def damage(directory: Path, manifest: StageOutput, artifacts: Path | None = None) -> str | None:
+    """Why a published entry cannot be trusted (a file missing or of another size, a referenced entry gone),
+    or None. Sizes only: a stat per file, cheap enough for every cache lookup."""
+    for name, size in manifest.files.items():
+        try:
+            actual = (directory / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size}"
+    if manifest.deps:
+        root = artifacts if artifacts is not None else directory.parents[2]
+        for dep in manifest.deps:
+            dep_manifest = read_manifest(root / dep)
+            if dep_manifest is None:
+                return f"it refers to {dep}, which is gone"
+            why = damage(root / dep, dep_manifest, root)
+            if why is not None:
+                return f"it refers to {dep}, where {why}"
+    return None
+
+
+def verified_manifest(directory: Path, artifacts: Path | None = None) -> StageOutput | None:
+    """The manifest of a complete, undamaged entry, else None (and a damaged entry is logged by name)."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return None
+    why = damage(directory, manifest, artifacts)
+    if why is not None:
+        from tasks.report import run_logger
+
+        run_logger().warning("cache: %s is damaged (%s); rebuilding it", directory, why)
+        return None
+    return manifest
+
+
 def is_complete(artifacts: str | Path, stage: str, key: str) -> bool:
-    return read_manifest(cache_dir(artifacts, stage, key)) is not None
+    return verified_manifest(cache_dir(artifacts, stage, key), Path(artifacts)) is not None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -189,19 +235,45 @@ def publish(
     final = cache_dir(artifacts, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     with key_lock(final.parent, key):
-        existing = read_manifest(final)
+        existing = verified_manifest(final, artifacts)
         if existing is not None:
             return existing
         return _build_and_publish(artifacts, final, stage, key, build)
 
 
+# The build scope: pieces built under the same scope count as "read in this run" wherever they were built
+# (the retrain flow's drop gate builds the drop's pieces, and the pipeline it then runs reuses them).
+_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("cpt_build_scope", default=None)
+
+
+@contextlib.contextmanager
+def build_scope(scope: str | None = None):
+    """Open a build scope unless one is open already (a pipeline run inside a retrain run joins it)."""
+    if _SCOPE.get() is not None:
+        yield _SCOPE.get()
+        return
+    token = _SCOPE.set(scope or uuid.uuid4().hex)
+    try:
+        yield _SCOPE.get()
+    finally:
+        _SCOPE.reset(token)
+
+
 def publish_piece(artifacts: str | Path, stage: str, key: str, build, progress=None,
                   size: int = 0) -> tuple[StageOutput, bool]:
-    """`publish` for one per-file piece of a stage; returns (output, reused). A reused piece advances
-    `progress` by `size` at once, so the bar counts the whole corpus either way."""
-    reused = is_complete(artifacts, stage, key)
-    out = publish(artifacts, stage, key, build)
-    if reused and progress is not None:
+    """`publish` for one per-file piece of a stage; returns (output, reused), where reused means built before
+    this run (this build scope). A reused piece advances `progress` by `size` at once, so the bar counts the
+    whole corpus either way."""
+    scope = _SCOPE.get()
+
+    def scoped_build(tmp: Path):
+        counts, meta = build(tmp)
+        return counts, {**meta, "scope": scope} if scope else meta
+
+    existed = is_complete(artifacts, stage, key)
+    out = publish(artifacts, stage, key, scoped_build)
+    reused = existed and not (scope is not None and out.meta.get("scope") == scope)
+    if existed and progress is not None:
         progress.update(size)
     return out, reused
 
@@ -211,9 +283,13 @@ def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build
     tmp = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        counts, meta = build(tmp)
+        result = build(tmp)
+        counts, meta = result[:2]
+        extra = result[2] if len(result) > 2 else {}  # content / deps, for outputs that have them
+        files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         manifest = StageOutput(
-            stage=stage, key=key, path=final.relative_to(artifacts).as_posix(), counts=counts, meta=meta
+            stage=stage, key=key, path=final.relative_to(artifacts).as_posix(), counts=counts, meta=meta,
+            files=files, **extra,
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
         if final.exists():
@@ -243,6 +319,7 @@ def _make_policy_class():
             key = stage_key(stage, inputs)
             artifacts = inputs.get("artifacts")
             if artifacts is not None and not is_complete(artifacts, stage, key):
+                # Missing, half-written or damaged (a file or a referenced piece gone): a miss, rebuilt.
                 with contextlib.suppress(OSError):
                     (records_dir(artifacts) / key).unlink()
             return key

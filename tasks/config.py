@@ -29,6 +29,11 @@ class CorpusConfig(Section):
         description="Files, globs or folders. Formats by extension: .jsonl, .json (array or lines), "
         ".parquet, .csv, .txt (one file is one document). Folders are read recursively.",
     )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Files, globs or folders whose files are never read, even when under `paths` (a retraining "
+        "line uses it for drops it rejected or retired).",
+    )
     text_field: str = Field("content", description="Field holding the document text.")
     question_field: str | None = Field(
         None, description="For Q/A corpora: field holding the question (set with answer_field)."
@@ -56,6 +61,26 @@ class CorpusConfig(Section):
                 if "{" + name + "}" not in self.template:
                     raise ValueError(f"template must contain {{{name}}}")
         return self
+
+
+class DropsConfig(Section):
+    """The gate a newly announced corpus drop passes before it is registered to a training line."""
+
+    min_documents: int = Field(1, ge=0, description="A drop must add at least this many documents.")
+    max_reject_share: float = Field(
+        0.05, ge=0, le=1, description="Most records that may be rejected (malformed, mis-encoded, missing the text "
+        "field), as a share of the drop's records. Under corpus.on_bad_record: fail any reject fails the drop."
+    )
+    max_too_short_share: float = Field(
+        0.5, ge=0, le=1, description="Most records that may be shorter than corpus.min_chars, as a share."
+    )
+    max_duplicate_share: float = Field(
+        0.5, ge=0, le=1, description="Most of the drop's documents that may already be in the line (exact text)."
+    )
+    median_tokens_ratio: float = Field(
+        10.0, ge=1, description="The drop's median document length in tokens must lie within this factor of the "
+        "line's median (either way): a far shorter or longer median means another kind of text."
+    )
 
 
 class ModelConfig(Section):
@@ -224,6 +249,7 @@ class CptConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Continued pretraining (train stage).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Before/after evaluation.")
     push: PushConfig = Field(default_factory=PushConfig, description="Saving and uploading the model.")
+    drops: DropsConfig = Field(default_factory=DropsConfig, description="Gate for corpus drops (cpt retrain).")
 
     @field_validator("corpus")
     @classmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.cache import (
     Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, publish_piece, register_code_version,
@@ -31,7 +32,12 @@ from tasks.report import run_logger
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 DOCS_FILE = "docs.arrow"
 REJECTS_FILE = "rejects.jsonl"
-DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
+# One file's piece: nothing in it depends on where the file sits (its line numbers, not its path), so the
+# piece is keyed by the file's content alone and a corpus or drop anywhere reuses it.
+PIECE_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_id", pa.string()),
+                          ("line", pa.int64())])
+DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_id", pa.string()),
+                        ("source", pa.string())])
 # The assembled corpus also says where each document's row lives in the per-file outputs.
 ASSEMBLED_SCHEMA = DOC_SCHEMA.append(pa.field("part", pa.int32())).append(pa.field("row", pa.int64()))
 _WRITE_BATCH = 2048
@@ -65,10 +71,25 @@ class Reject:
 # ------------------------------------------------------------------------------------ pure functions
 
 
+def _excluded(cfg: CorpusConfig, base: Path) -> tuple[set[Path], list[Path]]:
+    """`corpus.exclude` as (files matched by its globs, folders and files named)."""
+    files, roots = set(), []
+    for entry in cfg.exclude:
+        p = Path(entry).expanduser()
+        p = p if p.is_absolute() else base / p
+        if any(ch in entry for ch in "*?["):
+            files.update(Path(m).resolve() for m in glob.glob(str(p), recursive=True))
+        else:
+            roots.append(p.resolve())
+    return files, roots
+
+
 def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Path]:
-    """Expand `corpus.paths` (files, globs, folders) into a sorted, de-duplicated list of files."""
+    """Expand `corpus.paths` (files, globs, folders) into a sorted, de-duplicated list of files, less those
+    under `corpus.exclude`."""
     base = base or Path.cwd()
     found: dict[Path, None] = {}
+    excluded_files, excluded_roots = _excluded(cfg, base)
     for i, entry in enumerate(cfg.paths):
         where = f"corpus.paths[{i}] ({entry!r})"
         p = Path(entry).expanduser()
@@ -96,24 +117,23 @@ def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Pa
                     f"{where}: {f}: unsupported format {f.suffix or '(no extension)'}; "
                     f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
                 )
-            found[f.resolve()] = None
+            r = f.resolve()
+            if r not in excluded_files and not any(r == x or x in r.parents for x in excluded_roots):
+                found[r] = None
     return sorted(found)
 
 
+def fingerprint_files(files: list[Path], digest=hash_file, location: str = "") -> Fingerprint:
+    """Content fingerprint of a list of corpus files: the multiset of their digests, not their paths, so the
+    same files in another folder (a moved corpus, a drop anywhere) have the same fingerprint."""
+    items = [{"path": str(f), "name": name, "digest": digest(f), "bytes": f.stat().st_size}
+             for f, name in zip(files, source_names(files))]
+    return Fingerprint(kind="corpus", digest=combine_digests([("file", d) for d in sorted(i["digest"] for i in items)]),
+                       location=location, items=items)
+
+
 def fingerprint_corpus(cfg: CorpusConfig, base: Path | None = None, digest=hash_file) -> Fingerprint:
-    """Content fingerprint of the corpus: each file's digest, keyed by its path relative to the common root."""
-    files = resolve_corpus_files(cfg, base)
-    items = [
-        {"path": str(f), "name": name, "digest": digest(f), "bytes": f.stat().st_size}
-        for f, name in zip(files, source_names(files))
-    ]
-    return Fingerprint(
-        kind="corpus",
-        # Names (relative to the files' common folder) are part of the output's `source` column.
-        digest=combine_digests([(i["name"], i["digest"]) for i in items]),
-        location=str(base or Path.cwd()),
-        items=items,
-    )
+    return fingerprint_files(resolve_corpus_files(cfg, base), digest, str(base or Path.cwd()))
 
 
 def _line_of(data: bytes | str, offset: int) -> int:
@@ -282,19 +302,31 @@ def doc_id_of(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
+def norm_id_of(text: str) -> str:
+    """Identity of the text after whitespace normalisation: the same document re-wrapped or re-indented by
+    another export has the same norm id (used to keep validation documents out of training)."""
+    return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=8).hexdigest()
+
+
+def _line_no(source: str) -> int:
+    return int(source.rsplit(":", 1)[1])
+
+
 def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[str, int]:
-    """One corpus file → `out_dir/docs.arrow` (+ `rejects.jsonl`); duplicates within the file and too-short
-    documents are dropped and counted. Raises BadRecordError at the first reject under `on_bad_record: fail`."""
+    """One corpus file → `out_dir/docs.arrow` (doc_id, text, norm_id, line) + `rejects.jsonl` (line, reason,
+    raw); duplicates within the file and too-short documents are dropped and counted. `name` appears only in
+    errors: the output holds line numbers, so it depends on the file's content alone. Raises BadRecordError at
+    the first reject under `on_bad_record: fail`."""
     counts = {"files": 1, "records": 0, "documents": 0, "rejected": 0, "duplicates": 0, "too_short": 0,
               "characters": 0}
     seen: set[str] = set()
-    batch: dict[str, list[str]] = {"doc_id": [], "text": [], "source": []}
-    with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, DOC_SCHEMA) as writer, \
+    batch: dict[str, list] = {"doc_id": [], "text": [], "norm_id": [], "line": []}
+    with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, PIECE_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "w", encoding="utf-8") as rejects:
 
         def flush():
             if batch["doc_id"]:
-                writer.write_batch(pa.record_batch(batch, schema=DOC_SCHEMA))
+                writer.write_batch(pa.record_batch(batch, schema=PIECE_SCHEMA))
                 for v in batch.values():
                     v.clear()
 
@@ -304,7 +336,7 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
                 if cfg.on_bad_record == "fail":
                     raise BadRecordError(item.message() + " (set corpus.on_bad_record: skip to keep going)")
                 counts["rejected"] += 1
-                rejects.write(json.dumps({"source": item.source, "reason": item.reason, "raw": item.raw},
+                rejects.write(json.dumps({"line": _line_no(item.source), "reason": item.reason, "raw": item.raw},
                                          ensure_ascii=False) + "\n")
                 continue
             if len(item.text.strip()) < cfg.min_chars:
@@ -319,16 +351,17 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
             counts["characters"] += len(item.text)
             batch["doc_id"].append(doc_id)
             batch["text"].append(item.text)
-            batch["source"].append(item.source)
+            batch["norm_id"].append(norm_id_of(item.text))
+            batch["line"].append(_line_no(item.source))
             if len(batch["doc_id"]) >= _WRITE_BATCH:
                 flush()
         flush()
     return counts
 
 
-def assemble_documents(parts: list[Path], out_dir: Path, deduplicate: bool) -> dict[str, int]:
-    """Per-file outputs → `out_dir/docs.arrow` (doc_id, text, source, part, row) and all rejects. A document
-    already seen in an earlier file (file order) is a duplicate."""
+def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool) -> dict[str, int]:
+    """Per-file outputs → `out_dir/docs.arrow` (doc_id, text, norm_id, source = name:line, part, row) and all
+    rejects (with their source). A document already seen in an earlier part is a duplicate."""
     counts = {"documents": 0, "duplicates": 0, "characters": 0}
     seen: set[str] = set()
     with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, ASSEMBLED_SCHEMA) as writer, \
@@ -340,13 +373,19 @@ def assemble_documents(parts: list[Path], out_dir: Path, deduplicate: bool) -> d
             seen.update(ids)
             counts["duplicates"] += len(ids) - len(keep)
             kept = table.take(pa.array(keep, pa.int64())) if len(keep) != len(ids) else table
-            kept = kept.append_column("part", pa.array([part] * kept.num_rows, pa.int32()))
-            kept = kept.append_column("row", pa.array(keep, pa.int64()))
+            prefix = f"{names[part]}:"
+            source = pc.binary_join_element_wise(prefix, pc.cast(kept.column("line"), pa.string()), "")
+            kept = pa.table([kept.column("doc_id"), kept.column("text"), kept.column("norm_id"), source,
+                             pa.array([part] * kept.num_rows, pa.int32()), pa.array(keep, pa.int64())],
+                            schema=ASSEMBLED_SCHEMA)
             writer.write_table(kept, max_chunksize=_WRITE_BATCH)
             counts["documents"] += kept.num_rows
-            counts["characters"] += sum(len(t) for t in kept.column("text").to_pylist())
-            with open(directory / REJECTS_FILE, "rb") as f:
-                shutil.copyfileobj(f, rejects)
+            counts["characters"] += int(pc.sum(pc.utf8_length(kept.column("text"))).as_py() or 0)
+            with open(directory / REJECTS_FILE, encoding="utf-8") as f:
+                for raw in f:
+                    r = json.loads(raw)
+                    rejects.write((json.dumps({"source": f"{prefix}{r['line']}", "reason": r["reason"],
+                                               "raw": r["raw"]}, ensure_ascii=False) + "\n").encode())
     return counts
 
 
@@ -371,7 +410,7 @@ def load_documents(files: list[Path], cfg: CorpusConfig, out_dir: Path, names: l
         part.mkdir(parents=True, exist_ok=True)
         per_file.append(load_file(path, name, cfg, part))
         parts.append(part)
-    counts = merge_counts(per_file, assemble_documents(parts, out_dir, cfg.deduplicate))
+    counts = merge_counts(per_file, assemble_documents(parts, names, out_dir, cfg.deduplicate))
     return {"counts": counts, "files": [{"file": n, **c} for n, c in zip(names, per_file)]}
 
 
@@ -388,44 +427,57 @@ def source_names(files: list[Path]) -> list[str]:
 
 def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
     """What decides how one file is read: everything but the list of paths."""
-    return corpus.model_dump(mode="json", exclude={"paths"})
+    return corpus.model_dump(mode="json", exclude={"paths", "exclude"})
 
 
 register_code_version("load-file", ["tasks.load", "tasks.config"], ["pyarrow"])
+register_code_version("load-content", ["tasks.load"], ["pyarrow"])
 
 
 def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
-    return stage_key("load-file", {"corpus": reading_config(corpus),
-                                   "file": {"name": item["name"], "digest": item["digest"]}})
+    """A file's piece is keyed by its content and the reading settings, never by where it sits."""
+    return stage_key("load-file", {"corpus": reading_config(corpus), "digest": item["digest"]})
 
 
 def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str) -> tuple[StageOutput, bool]:
     """One file's output, content-addressed by the file's digest and the reading config: a new drop reads
-    only its own files. Returns (output, reused)."""
+    only its own files, wherever it lands. Returns (output, reused)."""
     key = load_file_key(item, corpus)
 
     def build(tmp: Path):
         # The key promised this content; a file changed since fingerprinting must not be cached under it.
         if hash_file(item["path"]) != item["digest"]:
             raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
-        return load_file(Path(item["path"]), item["name"], corpus, tmp), {"name": item["name"]}
+        return load_file(Path(item["path"]), item["path"], corpus, tmp), {}
 
     return publish_piece(artifacts, "load-file", key, build)
 
 
+def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, artifacts: str):
+    """Every file's piece, in a location-free order (by piece key, then path): the assembled corpus, its
+    duplicates and part numbers are the same wherever the files sit. Returns [(item, output, reused)]."""
+    pieces = [(item, *load_file_cached(item, corpus, artifacts)) for item in items]
+    return sorted(pieces, key=lambda p: (p[1].key, p[0]["path"]))
+
+
 @stage_task("load", modules=["tasks.config"], libraries=["pyarrow"])
-def load(corpus: CorpusConfig, sources: Fingerprint, artifacts: str) -> StageOutput:
-    key = current_key("load", {"corpus": corpus, "sources": sources})
+def load(corpus: CorpusConfig, sources: Fingerprint, files: list[str], artifacts: str) -> StageOutput:
+    """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
+    what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
+    key = current_key("load", {"corpus": corpus, "sources": sources, "files": files})
     log = run_logger()
-    pieces = [load_file_cached(item, corpus, artifacts) for item in sources.items]
-    parts = [out for out, _ in pieces]
+    pieces = load_pieces(sources.items, corpus, artifacts)
+    parts = [out for _, out, _ in pieces]
 
     def build(tmp: Path):
-        assembled = assemble_documents([p.dir(artifacts) for p in parts], tmp, corpus.deduplicate)
+        assembled = assemble_documents([p.dir(artifacts) for p in parts], [i["path"] for i, _, _ in pieces], tmp,
+                                       corpus.deduplicate)
         counts = merge_counts([p.counts for p in parts], assembled)
-        counts["files_read"] = sum(not reused for _, reused in pieces)
-        meta = {"parts": [{"name": p.meta["name"], "key": p.key, "path": p.path, **p.counts} for p in parts]}
-        return counts, meta
+        counts["files_read"] = sum(not reused for _, _, reused in pieces)
+        meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, **p.counts}
+                          for item, p, _ in pieces]}
+        content = stage_key("load-content", {"deduplicate": corpus.deduplicate, "parts": [p.key for p in parts]})
+        return counts, meta, {"content": content, "deps": [p.path for p in parts]}
 
     out = publish(artifacts, "load", key, build)
     c = out.counts

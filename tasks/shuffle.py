@@ -1,8 +1,11 @@
 """shuffle: a seeded document order and a document-level train/validation split, made before chunking.
 
-Both come from a keyed hash of (seed, doc_id), mapped to u in [0, 1): a document is in validation when
-u < validation_fraction, and documents are ordered by u. So a document's split and relative order depend only
-on the seed and the document itself — never on file order or on what else is in the corpus. A corpus drop
+Both come from a keyed hash of (seed, the document's whitespace-normalised text), mapped to u in [0, 1): a
+document is in validation when u < validation_fraction, and documents are ordered by u. So a document's split
+and relative order depend only on the seed and the document itself — never on file order or on what else is in
+the corpus — and a later copy of a validation document (re-exported with other line breaks or spacing) lands in
+validation too, never in training. Such copies are held out of validation as well (one document per
+normalised text is kept there) and counted (`validation_copies_held_out`). A corpus drop
 adds documents without moving any old one between splits, which keeps validation loss comparable across
 retrains and lets the later stages reuse everything computed for the old files. The split sizes follow the
 fraction statistically (for n documents, within a few sqrt(n·f) of n·f); a corpus too small to put any
@@ -36,9 +39,11 @@ def split_values(doc_ids: list[str], seed: int) -> np.ndarray:
     return (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def split_documents(doc_ids: list[str], seed: int, fraction: float) -> dict[str, np.ndarray]:
-    """Row indices per split, each in shuffled order (ascending u)."""
-    u = split_values(doc_ids, seed)
+def split_documents(doc_ids: list[str], seed: int, fraction: float,
+                    norm_ids: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Row indices per split, each in shuffled order (ascending u). With `norm_ids`, u comes from them, so
+    documents equal after whitespace normalisation always share a split."""
+    u = split_values(norm_ids if norm_ids is not None else doc_ids, seed)
     # Ties are astronomically unlikely; doc_id breaks them so the order is total anyway.
     order = np.lexsort((np.array(doc_ids, dtype=object).astype(str), u))
     u = u[order]
@@ -50,6 +55,19 @@ def split_documents(doc_ids: list[str], seed: int, fraction: float) -> dict[str,
             f"split.validation_fraction: {fraction} of {len(doc_ids)} documents leaves no training document"
         )
     return {"validation": order[:n_val], "train": order[n_val:]}
+
+
+def one_per_text(rows: np.ndarray, norm_ids: list[str], doc_ids: list[str]) -> tuple[np.ndarray, int]:
+    """`rows` keeping one document per normalised text (the smallest doc_id, whatever the file order), and how
+    many copies were dropped."""
+    best: dict[str, int] = {}
+    for r in rows.tolist():
+        n = norm_ids[r]
+        if n not in best or doc_ids[r] < doc_ids[best[n]]:
+            best[n] = r
+    keep = set(best.values())
+    kept = np.array([r for r in rows.tolist() if r in keep], dtype=rows.dtype)
+    return kept, len(rows) - len(kept)
 
 
 def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
@@ -66,16 +84,22 @@ def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artif
     key = current_key("shuffle", {"shuffle": shuffle, "split": split, "docs": docs})
 
     def build(tmp: Path):
-        # Only where each document lives goes on: tokenize reads tokens of the per-file outputs.
-        table = read_arrow(docs.dir(artifacts) / DOCS_FILE).drop_columns(["text"])
-        parts = split_documents(table.column("doc_id").to_pylist(), shuffle.seed, split.validation_fraction)
-        counts = {}
+        # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
+        table = read_arrow(docs.dir(artifacts) / DOCS_FILE).select(["doc_id", "norm_id", "part", "row"])
+        doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
+        parts = split_documents(doc_ids, shuffle.seed, split.validation_fraction, norm_ids)
+        parts["validation"], held_out = one_per_text(parts["validation"], norm_ids, doc_ids)
+        counts = {"validation_copies_held_out": held_out}
         for name in SPLITS:
             write_split(table, parts[name], tmp / f"{name}.arrow")
             counts[f"{name}_documents"] = len(parts[name])
         return counts, {}
 
     out = publish(artifacts, "shuffle", key, build)
-    get_run_logger().info("shuffle: %d train / %d validation documents (seed %d)",
-                          out.counts["train_documents"], out.counts["validation_documents"], shuffle.seed)
+    log = get_run_logger()
+    log.info("shuffle: %d train / %d validation documents (seed %d)",
+             out.counts["train_documents"], out.counts["validation_documents"], shuffle.seed)
+    if out.counts["validation_copies_held_out"]:
+        log.warning("shuffle: %d documents repeat a validation document's text (after whitespace normalisation): "
+                    "held out of training and of validation", out.counts["validation_copies_held_out"])
     return out

@@ -151,6 +151,56 @@ def part_token_files(tokens: StageOutput, artifacts: str | Path) -> list[Path]:
     return [Path(artifacts) / p["path"] / "tokens.arrow" for p in tokens.meta["parts"]]
 
 
+def tokenize_file_key(part_key: str, tokenize: TokenizeConfig, tokenizer: Fingerprint,
+                      trust_remote_code: bool) -> str:
+    return stage_key("tokenize-file", {"tokenize": tokenize, "tokenizer": tokenizer, "part": part_key,
+                                       "trust_remote_code": trust_remote_code})
+
+
+class TokenizerOnce:
+    """The tokenizer, loaded on first use: a run whose pieces are all cached loads none (and imports no
+    transformers)."""
+
+    def __init__(self, tokenizer: Fingerprint, trust_remote_code: bool):
+        self.fingerprint, self.trust_remote_code = tokenizer, trust_remote_code
+        self.loaded: tuple | None = None
+
+    def __call__(self):
+        if self.loaded is None:
+            tok = load_tokenizer(self.fingerprint.location, self.trust_remote_code)
+            self.loaded = (tok, special_tokens(tok))
+        return self.loaded
+
+
+def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, tokenizer: Fingerprint,
+                    artifacts: str, trust_remote_code: bool = False, progress: Progress | None = None,
+                    tokenizer_once: TokenizerOnce | None = None) -> list[tuple[StageOutput, bool]]:
+    """Each load piece (`{"key", "path", "documents"}`) tokenized into its own cached piece, keyed by the load
+    piece (so by file content), the tokenizer's content and the settings. Returns [(output, reused)]."""
+    once = tokenizer_once or TokenizerOnce(tokenizer, trust_remote_code)
+    pieces = []
+    for part in parts:
+        def build(tmp: Path, part=part):
+            tok, specials = once()
+            c = tokenize_file(Path(artifacts) / part["path"] / "docs.arrow", tmp / "tokens.arrow", tok,
+                              specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
+            return c, specials
+
+        key = tokenize_file_key(part["key"], tokenize, tokenizer, trust_remote_code)
+        pieces.append(publish_piece(artifacts, "tokenize-file", key, build, progress, part["documents"]))
+    return pieces
+
+
+def token_lengths(piece: StageOutput, artifacts: str | Path) -> np.ndarray:
+    """Tokens per document (EOS included) of one tokenize-file piece."""
+    import pyarrow.compute as pc
+
+    from tasks.load import read_arrow
+
+    table = read_arrow(Path(artifacts) / piece.path / "tokens.arrow")
+    return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+
+
 @stage_task("tokenize", libraries=["tokenizers", "transformers", "numpy", "pyarrow"])
 def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput, artifacts: str,
              trust_remote_code: bool = False) -> StageOutput:
@@ -159,29 +209,10 @@ def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput
     key = current_key("tokenize", {"tokenize": tokenize, "tokenizer": tokenizer, "docs": docs,
                                    "trust_remote_code": trust_remote_code})
     log = run_logger()
-    loaded: dict[str, Any] = {}
-
-    def tokenizer_once():
-        if not loaded:  # every file cached: no tokenizer load at all
-            loaded["tok"] = load_tokenizer(tokenizer.location, trust_remote_code)
-            loaded["specials"] = special_tokens(loaded["tok"])
-        return loaded["tok"], loaded["specials"]
-
-    parts, fresh = [], 0
     with Progress(docs.counts["documents"], "tokenize", unit="doc") as progress:
-        for part in docs.meta["parts"]:
-            part_key = stage_key("tokenize-file", {"tokenize": tokenize, "tokenizer": tokenizer, "part": part["key"],
-                                                   "trust_remote_code": trust_remote_code})
-
-            def build(tmp: Path, part=part):
-                tok, specials = tokenizer_once()
-                c = tokenize_file(Path(artifacts) / part["path"] / "docs.arrow", tmp / "tokens.arrow", tok,
-                                  specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
-                return c, specials
-
-            out, reused = publish_piece(artifacts, "tokenize-file", part_key, build, progress, part["documents"])
-            parts.append(out)
-            fresh += not reused
+        pieces = tokenize_pieces(docs.meta["parts"], tokenize, tokenizer, artifacts, trust_remote_code, progress)
+    parts = [out for out, _ in pieces]
+    fresh = sum(not reused for _, reused in pieces)
 
     def build(tmp: Path):
         listing = [{"key": p.key, "path": p.path, **p.counts} for p in parts]
@@ -189,7 +220,7 @@ def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput
                   "documents": sum(p.counts["documents"] for p in parts),
                   "tokens": sum(p.counts["tokens"] for p in parts)}
         specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size")}
-        return counts, {**specials, "tokenizer": tokenizer.digest, "parts": listing}
+        return counts, {**specials, "tokenizer": tokenizer.digest, "parts": listing}, {"deps": [p.path for p in parts]}
 
     out = publish(artifacts, "tokenize", key, build)
     log.info("tokenize: %d tokens in %d documents (%d files tokenized, %d from cache; EOS per document%s)",

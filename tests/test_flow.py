@@ -138,7 +138,7 @@ def test_bad_record_fails_the_run_with_its_place(config, artifacts, corpus):
     load = summary["stages"][0]
     assert load["counts"]["rejected"] == 1
     rejects = (artifacts / "cache" / "load" / load["key"] / "rejects.jsonl").read_text().splitlines()
-    assert json.loads(rejects[0])["source"] == "part-3.jsonl:2"
+    assert json.loads(rejects[0])["source"] == f"{corpus / 'part-3.jsonl'}:2"  # the real path, as read
 
 
 def test_chunk_output_is_a_datasets_dict_matching_its_counts(config, artifacts):

@@ -40,7 +40,7 @@ def test_tokenize_file_is_independent_of_batching(tiny_model, tmp_path):
 
     tok = load_tokenizer(tiny_model)
     texts = sample_texts(30)
-    table = pa.table({"doc_id": [str(i) for i in range(30)], "text": texts, "source": ["x"] * 30},
+    table = pa.table({"doc_id": [str(i) for i in range(30)], "text": texts, "norm_id": ["n"] * 30, "source": ["x"] * 30},
                      schema=DOC_SCHEMA)
     with pa.OSFile(str(tmp_path / "docs.arrow"), "wb") as f, pa.ipc.new_file(f, DOC_SCHEMA) as w:
         w.write_table(table, max_chunksize=7)
