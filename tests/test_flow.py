@@ -232,3 +232,47 @@ def test_split_and_chunks_do_not_depend_on_how_files_are_cut(config, artifacts, 
         rows = [sorted(zip(d[split]["doc_id"], d[split]["start"], d[split]["input_ids"], d[split]["labels"]))
                 for d in (a, b)]
         assert rows[0] == rows[1] and rows[0]
+
+
+def test_moved_corpus_reads_nothing_and_every_stage_below_load_is_cached(config, artifacts, corpus, tmp_path):
+    _, first = run(config, artifacts)
+    moved = tmp_path / "another" / "place"
+    shutil.copytree(corpus, moved)
+    states, again = run({**config, "corpus": {"paths": [str(moved)]}}, artifacts)
+    # load re-assembles (its `source` column holds the new paths) from cached pieces; what it feeds the
+    # stages below is the same content, so they stay Cached.
+    assert states == {"load": "Completed", **dict.fromkeys(DATA_STAGES[1:], "Cached")}
+    assert again["stages"][0]["counts"]["files_read"] == 0
+    assert [s["key"] for s in again["stages"][1:]] == [s["key"] for s in first["stages"][1:]]
+    from tasks.load import DOCS_FILE, read_arrow
+
+    sources = read_arrow(Path(again["stages"][0]["output"]) / DOCS_FILE).column("source").to_pylist()
+    assert all(s.startswith(str(moved)) for s in sources)
+
+
+def test_a_validation_document_copied_into_a_drop_never_reaches_training(config, artifacts, corpus, tmp_path):
+    """A later drop holds copies of validation documents, re-wrapped (other spaces and line breaks)."""
+    from tasks.load import DOCS_FILE, read_arrow
+
+    _, first = run(config, artifacts, until="shuffle")
+    load_dir, split_dir = (Path(s["output"]) for s in first["stages"])
+    docs = read_arrow(load_dir / DOCS_FILE)
+    text_of = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
+    validation = read_arrow(split_dir / "validation.arrow").column("doc_id").to_pylist()
+    assert len(validation) >= 5
+    copies = [" ".join(text_of[d].split()).replace(" ", "\n ", 1) + "  " for d in validation]
+    write_jsonl(tmp_path / "drop" / "d.jsonl", [{"content": t} for t in copies])
+    _, after = run({**config, "corpus": {"paths": [str(corpus), str(tmp_path / "drop")]}}, artifacts,
+                   until="shuffle")
+    load_dir, split_dir = (Path(s["output"]) for s in after["stages"])
+    docs = read_arrow(load_dir / DOCS_FILE)
+    copy_ids = {d for d, t in zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()) if t in copies}
+    assert len(copy_ids) == len(copies)  # different exact text: not removed as exact duplicates
+    train = set(read_arrow(split_dir / "train.arrow").column("doc_id").to_pylist())
+    assert not copy_ids & train
+    # Validation holds the same texts as before (one document per normalised text), no more.
+    from tasks.load import norm_id_of
+
+    after_validation = read_arrow(split_dir / "validation.arrow")
+    assert sorted(after_validation.column("norm_id").to_pylist()) == sorted(norm_id_of(text_of[d]) for d in validation)
+    assert after["stages"][1]["counts"]["validation_copies_held_out"] == len(copies)
