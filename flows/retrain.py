@@ -144,11 +144,13 @@ def retrain(
     root = artifacts_root(artifacts)
     digests = DigestMemo(root)
 
+    gate_seconds = 0.0
+
     def result(trained: bool, reason: str, **extra) -> dict[str, Any]:
         state = lines.read_line(root, line)
         show_drops(state)
         return {"trained": trained, "reason": reason, "line": line,
-                "drops": [d.listing() for d in state.drops], **extra}
+                "drops": [d.listing() for d in state.drops], "gate_seconds": gate_seconds, **extra}
 
     def skipped(reason: str, msg: str, **extra) -> dict[str, Any]:
         log.info("retrain: %s", msg)
@@ -161,7 +163,9 @@ def retrain(
         if drop:
             entry = lines.announce(root, line, drop)
             log.info("retrain: drop %s announced to line %r (%s)", entry.path, line, entry.status)
+        started = time.perf_counter()
         gate = gate_drops(config, root, line, settle_seconds, digests, log)
+        gate_seconds = round(time.perf_counter() - started, 3)
         if gate["gated"]:
             show_gate(gate["gated"])
         if gate["unsettled"]:
