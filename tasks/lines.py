@@ -83,7 +83,12 @@ def read_line(root: str | Path, line: str) -> LineState:
     try:
         return LineState.model_validate_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return LineState(line=line)
+        # A line last trained before lines kept drops: take its last training, so it does not retrain.
+        try:
+            old = json.loads((Path(root) / "state" / f"retrain-{line}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        return LineState(line=line, last_training=old)
     except ValueError as e:
         raise ValueError(f"{path}: not a valid line state ({e}); fix or remove it") from None
 

@@ -58,6 +58,28 @@ def test_directory_without_manifest_is_replaced(tmp_path):
     assert (out.dir(tmp_path) / "ok").exists() and not (out.dir(tmp_path) / "half-written").exists()
 
 
+def test_a_truncated_file_or_a_lost_piece_makes_an_entry_a_miss_that_is_rebuilt(tmp_path):
+    built = []
+
+    def piece(d):
+        built.append("piece")
+        (d / "tokens.arrow").write_bytes(b"x" * 100)
+        return {}, {}
+
+    p = publish(tmp_path, "p", "p-1", piece)
+    whole = publish(tmp_path, "s", "s-1", lambda d: ((d / "a").write_text("1"), {}, {}, {"deps": [p.path]})[1:])
+    assert whole.files == {"a": 1} and p.files == {"tokens.arrow": 100}
+    assert is_complete(tmp_path, "s", "s-1") and is_complete(tmp_path, "p", "p-1")
+    with open(p.dir(tmp_path) / "tokens.arrow", "r+b") as f:
+        f.truncate(50)  # the manifest is intact, the file is not
+    assert not is_complete(tmp_path, "p", "p-1")
+    assert not is_complete(tmp_path, "s", "s-1")  # it refers to the damaged piece
+    publish(tmp_path, "p", "p-1", piece)
+    assert built == ["piece", "piece"] and is_complete(tmp_path, "s", "s-1")
+    (whole.dir(tmp_path) / "a").unlink()
+    assert not is_complete(tmp_path, "s", "s-1")
+
+
 def test_existing_complete_output_wins_a_race(tmp_path):
     first = publish(tmp_path, "s", "s-k", lambda d: ({"who": "first"}, {}))
     second = publish(tmp_path, "s", "s-k", lambda d: ({"who": "second"}, {}))

@@ -254,7 +254,7 @@ def test_shipped_deployments_retrain_on_a_drop_event(server, tmp_path):
                               start_new_session=True)
     try:
         drop = tmp_path / "drops" / "2026-11-25"
-        write_jsonl(drop / "part-0.jsonl", [{"content": f"새로 들어온 문서 {i}: 혈압약은 매일 같은 시간에 먹는다."}
+        write_jsonl(drop / "part-0.jsonl", [{"content": f"새로 들어온 문서 {i}: " + "혈압약은 매일 같은 시간에 먹는다. " * 8}
                                             for i in range(30)])
         old = time.time() - 3600  # settled long ago
         os.utime(drop / "part-0.jsonl", (old, old))
@@ -271,8 +271,9 @@ def test_shipped_deployments_retrain_on_a_drop_event(server, tmp_path):
         assert done, f"no on-drop run finished; worker log:\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
         assert done[0]["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
         assert done[0]["parameters"]["drop"] == str(drop)
-        state = json.loads((artifacts / "state" / "retrain-demo.json").read_text())
-        assert state["files"] == 2  # the bundled corpus and the drop
+        state = json.loads((artifacts / "state" / "lines" / "demo.json").read_text())
+        assert state["last_training"]["files"] == 2  # the bundled corpus and the drop
+        assert [(d["path"], d["status"]) for d in state["drops"]] == [(str(drop), "active")]
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)
