@@ -33,3 +33,19 @@ def test_bad_input_exits_1_with_file_and_line_before_any_flow_starts(tmp_path, c
     rc = main(["run", "--set", f"corpus.paths=[{tmp_path / 'missing.jsonl'}]", "--set", f"model.id={tiny_model}",
                "--artifacts", str(tmp_path / "art")])
     assert rc == 2 and "corpus.paths[0]" in capsys.readouterr().err
+
+
+def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path):
+    from tasks import lines
+
+    lines.announce(tmp_path, "l", tmp_path / "d1")
+    probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+             "heavy = [m for m in ('prefect', 'torch', 'transformers', 'datasets') if m in sys.modules]; "
+             "print('HEAVY', heavy); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", probe, "drops", "--line", "l", "--artifacts", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "pending" in out.stdout and "HEAVY []" in out.stdout, out.stderr
+    out = cpt("drops", "--line", "l", "--remove", str(tmp_path / "nope"), "--artifacts", str(tmp_path))
+    assert out.returncode == 2 and "has no drop" in out.stderr
+    assert cpt("drops", "--line", "l", "--remove", str(tmp_path / "d1"), "--artifacts", str(tmp_path)).returncode == 0
+    assert [h["status"] for h in lines.read_line(tmp_path, "l").drops[0].history] == ["pending", "removed"]
