@@ -86,9 +86,11 @@ def gate_drops(config: CptConfig, root: Path, line: str, settle_seconds: float, 
         fingerprint = fingerprint_files(files, digests.digest)
         if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
             continue  # verdict already given on this content
-        # The line without this drop: the configured corpus and the other active drops.
+        # The line without this drop: the configured corpus and the other active drops, less the drop itself
+        # (which may sit under a configured folder).
         others = lines.LineState(line=line, drops=[d for d in state.drops if d.path != entry.path])
-        line_files = resolve_corpus_files(line_config(config, others).corpus)
+        corpus = line_config(config, others).corpus
+        line_files = resolve_corpus_files(corpus.model_copy(update={"exclude": [*corpus.exclude, entry.path]}))
         if tokenizer is None:
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
         profile = lines.profile_drop(files, line_files, config, tokenizer, str(root), digests.digest)

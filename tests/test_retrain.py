@@ -216,3 +216,14 @@ def test_cli_retrain_summary_and_drops_listing(config, texts, tmp_path, artifact
     assert [s["name"] for s in summary["pipeline"]["stages"]][-1] == "push"
     listed = subprocess.run([*cmd, "drops", "--line", "cli"], env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "active" in listed.stdout and str(drop) in listed.stdout
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_drop_inside_a_configured_folder_is_gated_against_the_rest_of_the_line(config, corpus, texts, artifacts):
+    from flows.retrain import retrain
+
+    assert retrain(config=config, line="in", artifacts=str(artifacts), settle_seconds=60)["trained"]
+    drop = write_docs(corpus / "2026-11-20" / "a.jsonl", texts[120:160])  # under corpus.paths
+    result = retrain(config=config, line="in", drop=str(drop), artifacts=str(artifacts), settle_seconds=60)
+    assert result["trained"] and [d["status"] for d in result["drops"]] == ["active"]
+    assert result["drops"][0]["documents"] == 40 and new_file_counts(result) == (1, 1, 1)
