@@ -44,12 +44,13 @@ def unsettled_files(files: list[Path], settle_seconds: float, now: float | None 
     return busy
 
 
-def line_config(config: CptConfig, state: lines.LineState) -> CptConfig:
+def line_config(config: CptConfig, state: lines.LineState, without: str | None = None) -> CptConfig:
     """The config a line trains with: its corpus plus the active drops, less every other drop (a rejected or
-    removed drop inside a configured folder is not read either)."""
-    active = [p for p in state.active_paths() if p not in config.corpus.paths]
+    removed drop inside a configured folder is not read either) and less the drop `without`."""
+    active = [p for p in state.active_paths() if p not in config.corpus.paths and p != without]
+    excluded = [*state.inactive_paths(), *([without] if without else [])]
     corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, *active],
-                                              "exclude": [*config.corpus.exclude, *state.inactive_paths()]})
+                                              "exclude": [*config.corpus.exclude, *excluded]})
     return config.model_copy(update={"corpus": corpus})
 
 
@@ -86,11 +87,8 @@ def gate_drops(config: CptConfig, root: Path, line: str, settle_seconds: float, 
         fingerprint = fingerprint_files(files, digests.digest)
         if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
             continue  # verdict already given on this content
-        # The line without this drop: the configured corpus and the other active drops, less the drop itself
-        # (which may sit under a configured folder).
-        others = lines.LineState(line=line, drops=[d for d in state.drops if d.path != entry.path])
-        corpus = line_config(config, others).corpus
-        line_files = resolve_corpus_files(corpus.model_copy(update={"exclude": [*corpus.exclude, entry.path]}))
+        # The line without this drop (which may sit under a configured folder).
+        line_files = resolve_corpus_files(line_config(config, state, without=entry.path).corpus)
         if tokenizer is None:
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
         profile = lines.profile_drop(files, line_files, config, tokenizer, str(root), digests.digest)

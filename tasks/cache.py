@@ -138,7 +138,7 @@ def read_manifest(directory: Path) -> StageOutput | None:
         return None
 
 
-def damage(directory: Path, manifest: StageOutput, artifacts: Path | None = None) -> str | None:
+def damage(directory: Path, manifest: StageOutput, artifacts: Path) -> str | None:
     """Why a published entry cannot be trusted (a file missing or of another size, a referenced entry gone),
     or None. Sizes only: a stat per file, cheap enough for every cache lookup."""
     for name, size in manifest.files.items():
@@ -148,19 +148,17 @@ def damage(directory: Path, manifest: StageOutput, artifacts: Path | None = None
             return f"{name} is missing"
         if actual != size:
             return f"{name} has {actual} bytes, the manifest says {size}"
-    if manifest.deps:
-        root = artifacts if artifacts is not None else directory.parents[2]
-        for dep in manifest.deps:
-            dep_manifest = read_manifest(root / dep)
-            if dep_manifest is None:
-                return f"it refers to {dep}, which is gone"
-            why = damage(root / dep, dep_manifest, root)
-            if why is not None:
-                return f"it refers to {dep}, where {why}"
+    for dep in manifest.deps:
+        dep_manifest = read_manifest(artifacts / dep)
+        if dep_manifest is None:
+            return f"it refers to {dep}, which is gone"
+        why = damage(artifacts / dep, dep_manifest, artifacts)
+        if why is not None:
+            return f"it refers to {dep}, where {why}"
     return None
 
 
-def verified_manifest(directory: Path, artifacts: Path | None = None) -> StageOutput | None:
+def verified_manifest(directory: Path, artifacts: Path) -> StageOutput | None:
     """The manifest of a complete, undamaged entry, else None (and a damaged entry is logged by name)."""
     manifest = read_manifest(directory)
     if manifest is None:
@@ -231,14 +229,19 @@ def publish(
     waits, then takes the output the first one published instead of computing it again. On any exception the
     temp dir is removed and nothing is published.
     """
+    return _publish(artifacts, stage, key, build)[0]
+
+
+def _publish(artifacts: str | Path, stage: str, key: str, build) -> tuple[StageOutput, bool]:
+    """`publish`, also saying whether this call built the output (True) or found it published (False)."""
     artifacts = Path(artifacts)
     final = cache_dir(artifacts, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     with key_lock(final.parent, key):
         existing = verified_manifest(final, artifacts)
         if existing is not None:
-            return existing
-        return _build_and_publish(artifacts, final, stage, key, build)
+            return existing, False
+        return _build_and_publish(artifacts, final, stage, key, build), True
 
 
 # The build scope: pieces built under the same scope count as "read in this run" wherever they were built
@@ -270,10 +273,9 @@ def publish_piece(artifacts: str | Path, stage: str, key: str, build, progress=N
         counts, meta = build(tmp)
         return counts, {**meta, "scope": scope} if scope else meta
 
-    existed = is_complete(artifacts, stage, key)
-    out = publish(artifacts, stage, key, scoped_build)
-    reused = existed and not (scope is not None and out.meta.get("scope") == scope)
-    if existed and progress is not None:
+    out, built = _publish(artifacts, stage, key, scoped_build)
+    reused = not built and not (scope is not None and out.meta.get("scope") == scope)
+    if not built and progress is not None:
         progress.update(size)
     return out, reused
 

@@ -198,9 +198,12 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config, tokeniz
     """Profile a drop against its line through the cached pieces: documents, rejects, too-short records,
     exact duplicates of the line's documents, documents whose text is in the line's validation split, median
     token length against the line's. `config` is the CptConfig; `tokenizer` its tokenizer Fingerprint."""
-    from tasks.load import BadRecordError, fingerprint_files, load_pieces, read_arrow
+    import pyarrow as pa
+
+    from tasks.load import DOCS_FILE, BadRecordError, fingerprint_files, load_pieces, read_arrow
     from tasks.shuffle import split_values
-    from tasks.tokenize import TokenizerOnce, token_lengths, tokenize_pieces
+    from tasks.token_stats import part_lengths
+    from tasks.tokenize import TokenizerOnce, token_file, tokenize_pieces
 
     drop_fp = fingerprint_files(drop_files, digest)
     profile: dict[str, Any] = {"files": len(drop_files), "records": 0, "documents": 0, "rejected": 0, "too_short": 0,
@@ -216,34 +219,39 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config, tokeniz
     line_pieces = load_pieces(fingerprint_files(line_files, digest).items, config.corpus, artifacts) \
         if line_files else []
 
-    def column(pieces, name) -> list[str]:
-        return [v for _, out, _ in pieces for v in read_arrow(Path(artifacts) / out.path / "docs.arrow")
-                .column(name).to_pylist()]
+    def ids(pieces) -> tuple[set[str], set[str]]:
+        """doc_ids and norm_ids of the pieces, each piece's file read once."""
+        tables = [read_arrow(Path(artifacts) / out.path / DOCS_FILE).select(["doc_id", "norm_id"])
+                  for _, out, _ in pieces]
+        if not tables:
+            return set(), set()
+        table = pa.concat_tables(tables)
+        return set(table.column("doc_id").to_pylist()), set(table.column("norm_id").to_pylist())
 
-    drop_ids = set(column(drop_pieces, "doc_id"))
-    line_ids = set(column(line_pieces, "doc_id"))
+    (drop_ids, drop_norms), (line_ids, line_norms) = ids(drop_pieces), ids(line_pieces)
     profile["documents"] = len(drop_ids)
     profile["duplicates_in_line"] = len(drop_ids & line_ids)
     # The line's validation documents by the shuffle stage's rule (a keyed hash of the normalised text).
-    line_norms = sorted(set(column(line_pieces, "norm_id")))
     if line_norms and config.split.validation_fraction > 0:
-        u = split_values(line_norms, config.shuffle.seed)
-        validation = {n for n, v in zip(line_norms, u) if v < config.split.validation_fraction}
-        profile["validation_matches"] = len(set(column(drop_pieces, "norm_id")) & validation)
+        norms = sorted(line_norms)
+        u = split_values(norms, config.shuffle.seed)
+        validation = {n for n, v in zip(norms, u) if v < config.split.validation_fraction}
+        profile["validation_matches"] = len(drop_norms & validation)
 
     if drop_ids:
         once = TokenizerOnce(tokenizer, config.model.trust_remote_code)
-        parts = lambda pieces: [{"key": o.key, "path": o.path, "documents": o.counts["documents"]}  # noqa: E731
-                                for _, o, _ in pieces]
-        drop_tokens = tokenize_pieces(parts(drop_pieces), config.tokenize, tokenizer, artifacts,
-                                      config.model.trust_remote_code, tokenizer_once=once)
-        lengths = np.concatenate([token_lengths(o, artifacts) for o, _ in drop_tokens])
+
+        def lengths_of(pieces) -> np.ndarray:
+            parts = [{"key": o.key, "path": o.path, "documents": o.counts["documents"]} for _, o, _ in pieces]
+            tokens = tokenize_pieces(parts, config.tokenize, tokenizer, artifacts, config.model.trust_remote_code,
+                                     tokenizer_once=once)
+            return part_lengths([token_file(artifacts, o.path) for o, _ in tokens])[0]
+
+        lengths = lengths_of(drop_pieces)
         profile["tokens"] = int(lengths.sum())
         profile["median_tokens"] = float(np.median(lengths)) if len(lengths) else None
         if line_pieces:
-            line_tokens = tokenize_pieces(parts(line_pieces), config.tokenize, tokenizer, artifacts,
-                                          config.model.trust_remote_code, tokenizer_once=once)
-            line_lengths = np.concatenate([token_lengths(o, artifacts) for o, _ in line_tokens])
+            line_lengths = lengths_of(line_pieces)
             profile["line_median_tokens"] = float(np.median(line_lengths)) if len(line_lengths) else None
     reasons = check_profile(profile, config.drops)
     return {**profile, "passed": not reasons, "reasons": reasons}

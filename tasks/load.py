@@ -126,8 +126,7 @@ def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Pa
 def fingerprint_files(files: list[Path], digest=hash_file, location: str = "") -> Fingerprint:
     """Content fingerprint of a list of corpus files: the multiset of their digests, not their paths, so the
     same files in another folder (a moved corpus, a drop anywhere) have the same fingerprint."""
-    items = [{"path": str(f), "name": name, "digest": digest(f), "bytes": f.stat().st_size}
-             for f, name in zip(files, source_names(files))]
+    items = [{"path": str(f), "digest": digest(f), "bytes": f.stat().st_size} for f in files]
     return Fingerprint(kind="corpus", digest=combine_digests([("file", d) for d in sorted(i["digest"] for i in items)]),
                        location=location, items=items)
 

@@ -19,6 +19,7 @@ from tasks.cache import (
     stage_key, stage_task,
 )
 from tasks.config import ConfigError, ModelConfig, TokenizeConfig
+from tasks.load import DOCS_FILE
 from tasks.report import Progress, run_logger
 
 TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
@@ -146,9 +147,17 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
 register_code_version("tokenize-file", ["tasks.tokenize"], ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
+TOKENS_FILE = "tokens.arrow"
+
+
+def token_file(artifacts: str | Path, piece_path: str) -> Path:
+    """The Arrow file of one tokenize-file piece."""
+    return Path(artifacts) / piece_path / TOKENS_FILE
+
+
 def part_token_files(tokens: StageOutput, artifacts: str | Path) -> list[Path]:
     """The per-file token outputs of a tokenize stage, in part order (the load stage's file order)."""
-    return [Path(artifacts) / p["path"] / "tokens.arrow" for p in tokens.meta["parts"]]
+    return [token_file(artifacts, p["path"]) for p in tokens.meta["parts"]]
 
 
 def tokenize_file_key(part_key: str, tokenize: TokenizeConfig, tokenizer: Fingerprint,
@@ -182,23 +191,13 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
     for part in parts:
         def build(tmp: Path, part=part):
             tok, specials = once()
-            c = tokenize_file(Path(artifacts) / part["path"] / "docs.arrow", tmp / "tokens.arrow", tok,
+            c = tokenize_file(Path(artifacts) / part["path"] / DOCS_FILE, tmp / TOKENS_FILE, tok,
                               specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
             return c, specials
 
         key = tokenize_file_key(part["key"], tokenize, tokenizer, trust_remote_code)
         pieces.append(publish_piece(artifacts, "tokenize-file", key, build, progress, part["documents"]))
     return pieces
-
-
-def token_lengths(piece: StageOutput, artifacts: str | Path) -> np.ndarray:
-    """Tokens per document (EOS included) of one tokenize-file piece."""
-    import pyarrow.compute as pc
-
-    from tasks.load import read_arrow
-
-    table = read_arrow(Path(artifacts) / piece.path / "tokens.arrow")
-    return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
 
 
 @stage_task("tokenize", libraries=["tokenizers", "transformers", "numpy", "pyarrow"])
