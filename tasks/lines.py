@@ -143,8 +143,9 @@ def remove(root: str | Path, line: str, drop: str | Path, why: str = "removed by
 def record_verdict(root: str | Path, line: str, path: str, fingerprint: str, profile: dict[str, Any]) -> Drop:
     """The gate's verdict on a drop: active (registered) or rejected with the reasons."""
     with updating(root, line) as state:
-        entry = state.find(path) or Drop(path=path, status="pending", registered_at=now_iso())
-        if entry not in state.drops:
+        entry = state.find(path)
+        if entry is None:
+            entry = Drop(path=path, status="pending", registered_at=now_iso())
             state.drops.append(entry)
         entry.fingerprint = fingerprint
         entry.profile = profile
