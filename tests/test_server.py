@@ -291,9 +291,12 @@ def test_cpt_serve_registers_the_schedule_and_the_drop_trigger(server, run_confi
         assert dep, proc.stdout.read() if proc.poll() is not None else "serve never registered its deployment"
         assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
         assert dep["parameters"]["config"]["corpus"]["paths"] == yaml.safe_load(run_config.read_text())["corpus"]["paths"]
-        automations = server.post("/automations/filter", {})
-        assert any("corpus.drop.landed" in json.dumps(a["trigger"]) and dep["id"] in json.dumps(a["actions"])
-                   for a in automations)
+        # serve registers the deployment first and its trigger's automation just after: wait for both.
+        def drop_trigger():
+            return [a for a in server.post("/automations/filter", {})
+                    if "corpus.drop.landed" in json.dumps(a["trigger"]) and dep["id"] in json.dumps(a["actions"])]
+
+        assert wait_for(drop_trigger, timeout=60), "serve registered no corpus.drop.landed trigger"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
