@@ -195,14 +195,17 @@ def retrain(
         log.info("retrain: line %r: corpus fingerprint %s (%d files, %d drops) differs from the last training "
                  "(%s); running the pipeline", line, fingerprint.digest[:12], len(files), len(state.active_paths()),
                  last["corpus"][:12] if last else "none")
-        summary = continued_pretraining(config=cfg, artifacts=str(root))
+        summary = continued_pretraining(config=cfg, artifacts=str(root), line=line)
+    gate = summary.get("gate") or {}
     lines.record_training(root, line, {
         "corpus": fingerprint.digest, "files": len(files), "drops": state.active_paths(),
-        "flow_run": flow_run.name, "pipeline_run": summary["flow_run"], "finished_at": lines.now_iso()})
+        "flow_run": flow_run.name, "pipeline_run": summary["flow_run"], "finished_at": lines.now_iso(),
+        "promoted": gate.get("promoted", True), "gate_reason": gate.get("reason", "")})
     markdown_artifact(f"# Retrained line {line}\n\nCorpus fingerprint `{fingerprint.digest}` ({len(files)} files, "
                       f"{len(state.active_paths())} drops); pipeline run `{summary['flow_run']}`.\n",
                       "retrain-decision", "What this run trained on")
-    return result(True, "changed", fingerprint=fingerprint.digest, pipeline=summary)
+    return result(True, "changed", fingerprint=fingerprint.digest, pipeline=summary,
+                  promoted=gate.get("promoted", True), gate_reason=gate.get("reason", ""))
 
 
 def write_result(result: dict[str, Any], path: str | Path) -> None:

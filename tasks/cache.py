@@ -90,8 +90,9 @@ def records_dir(artifacts: str | Path) -> Path:
 
 
 _CODE_VERSIONS: dict[str, str] = {}
-# Parameters that say where to write, not what to compute.
-KEY_EXCLUDED = frozenset({"artifacts"})
+# Parameters that say where to write (artifacts) or describe an input already keyed by content (train's
+# `parent` names the model whose digest is in `base_model`), not what to compute.
+KEY_EXCLUDED = frozenset({"artifacts", "parent"})
 
 
 def register_code_version(stage: str, modules: list[str], libraries: list[str]) -> str:

@@ -12,7 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "push")
+STAGES = ("load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "gate", "push")
+# transformers' scheduler names (SchedulerType), listed here so a typo fails `cpt validate`, not a training child.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 
 
 class ConfigError(ValueError):
@@ -158,8 +161,21 @@ class TrainConfig(Section):
     per_device_eval_batch_size: int = Field(4, ge=1, description="Rows per device per evaluation batch.")
     gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (CPT uses a low one).")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, …).")
+    lr_scheduler_type: Literal[SCHEDULERS] = Field(
+        "cosine", description="Learning-rate schedule (transformers' names). Every run warms up and decays afresh, "
+        "also when it continues a promoted model (train.init); warmup_stable_decay holds the peak and decays over "
+        "the last `decay_ratio` of the steps, the usual choice for open-ended continual pretraining."
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    decay_ratio: float = Field(
+        0.1, gt=0, le=1, description="warmup_stable_decay only: share of the steps spent in the final decay."
+    )
+    init: Literal["base", "last_promoted"] = Field(
+        "base",
+        description="Weights training starts from. base: model.id. last_promoted: the last model the promotion "
+        "gate let through on this line (cpt retrain --line) or push.name, else model.id; a rerun on the same "
+        "data and settings reuses its training instead of stacking it on itself.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field(
@@ -225,6 +241,49 @@ class EvaluateConfig(Section):
     batch_size: int = Field(4, ge=1, description="Rows per perplexity batch.")
 
 
+class ReplayConfig(Section):
+    """General text mixed into training so continued pretraining does not erode what the base model knew."""
+
+    paths: list[str] = Field(
+        default_factory=list, description="General-text files, globs or folders (read like corpus.paths): a sample "
+        "of what the base model was pretrained on."
+    )
+    fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of the training tokens (labelled ones) drawn from the replay text; 0 is "
+        "off. A few percent for a mild domain shift, ~0.25 for a strong one (Ibrahim et al. 2024)."
+    )
+    text_field: str | None = Field(None, description="Field holding the text (null: corpus.text_field).")
+
+    @model_validator(mode="after")
+    def _paths_when_on(self) -> ReplayConfig:
+        if self.fraction > 0 and not self.paths:
+            raise ValueError("paths: replay.fraction > 0 needs at least one replay file, glob or folder")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0
+
+    def corpus(self, domain: CorpusConfig) -> CorpusConfig:
+        """How replay files are read: plain text documents, with the domain corpus's record rules."""
+        return CorpusConfig(paths=self.paths, text_field=self.text_field or domain.text_field,
+                            on_bad_record=domain.on_bad_record, min_chars=domain.min_chars, deduplicate=True)
+
+
+class GateConfig(Section):
+    """The promotion gate between evaluate and push: a model that fails it is not pushed."""
+
+    enabled: bool = Field(True, description="false: push every trained model (no comparison).")
+    max_validation_increase: float = Field(
+        0.0, ge=0, description="Most the domain validation perplexity may rise over the reference model's (the "
+        "last promoted one, else the base), as a share: 0 means it must not be worse."
+    )
+    max_general_increase: float = Field(
+        0.10, ge=0, description="Most the general-text perplexity may rise over the base model's, as a share "
+        "(checked when evaluate.general_corpus is set)."
+    )
+
+
 class PushConfig(Section):
     name: str | None = Field(
         None, description="Folder under artifacts/models/ for the final model (default: <base>-cpt-<key>)."
@@ -250,6 +309,8 @@ class CptConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Before/after evaluation.")
     push: PushConfig = Field(default_factory=PushConfig, description="Saving and uploading the model.")
     drops: DropsConfig = Field(default_factory=DropsConfig, description="Gate for corpus drops (cpt retrain).")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="General text replayed in training.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate before push.")
 
     @field_validator("corpus")
     @classmethod

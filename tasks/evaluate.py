@@ -8,6 +8,7 @@ evaluation settings, so changing `train.*` re-evaluates only the trained model.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,8 @@ def evaluate_base(evaluate: EvaluateConfig, model: ModelConfig, base_model: Fing
                 "general_perplexity": (result["general"] or {}).get("perplexity")}, {}
 
     out = publish(artifacts, "evaluate-base", key, build)
-    run_logger().info("evaluate-base: validation perplexity %.3f", out.counts["validation_perplexity"])
+    run_logger().info("evaluate-base: %s: validation perplexity %s", base_model.location,
+                      _num(out.counts["validation_perplexity"]))
     return out
 
 
@@ -155,9 +157,16 @@ def evaluate(evaluate: EvaluateConfig, model: ModelConfig, trained: StageOutput,
 
     out = publish(artifacts, "evaluate", key, build)
     c = out.counts
-    run_logger().info("evaluate: validation perplexity %.3f → %.3f (%+.1f%%)", c["validation_perplexity_before"],
-                      c["validation_perplexity_after"], 100 * (c["validation_relative_change"] or 0))
+    change = c["validation_relative_change"]
+    run_logger().info("evaluate: validation perplexity %s → %s (%s)", _num(c["validation_perplexity_before"]),
+                      _num(c["validation_perplexity_after"]),
+                      f"{change:+.1%}" if isinstance(change, float) and math.isfinite(change) else change)
     return out
+
+
+def _num(x: Any) -> str:
+    """A perplexity for a log line: NaN/inf/None (a diverged model) must not break the line."""
+    return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
 
 
 def show(out: StageOutput, artifacts: str) -> None:

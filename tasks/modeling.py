@@ -135,8 +135,11 @@ def generate(model, tok, prompts: list[str], gen: GenerationConfig) -> list[str]
     for prompt in prompts:
         set_seed(gen.seed)
         enc = tok(prompt, return_tensors="pt").to(device)
+        # remove_invalid_values: a diverged model's NaN/inf logits become a warning and odd text, not a crash
+        # of the evaluation that the promotion gate needs to refuse it.
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
-                      repetition_penalty=gen.repetition_penalty, pad_token_id=tok.pad_token_id)
+                      repetition_penalty=gen.repetition_penalty, pad_token_id=tok.pad_token_id,
+                      remove_invalid_values=True)
         if gen.do_sample:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         with torch.no_grad():

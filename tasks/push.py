@@ -34,8 +34,52 @@ def default_name(base_model_id: str, key: str) -> str:
     return f"{base}-cpt-{key.split('-')[-1][:8]}"
 
 
-def model_card(base_model_id: str, data: dict[str, Any], config: dict[str, Any], eval_md: str) -> str:
+def _short(d: str | None, n: int = 16) -> str:
+    return (d or "")[:n]
+
+
+def lineage_markdown(lineage: dict[str, Any]) -> str:
+    """The card's lineage section: where these weights come from and what they were trained on."""
+    base, parent = lineage["base"], lineage["parent"]
+    rows = [
+        ("base model", f"`{base['id']}` (digest `{_short(base['digest'], 32)}`)"),
+        ("parent model", f"the base model" if parent["kind"] == "base" else
+         f"last promoted model `{_short(parent['digest'], 32)}` (run {parent.get('flow_run') or '?'})"),
+        ("corpus fingerprint", f"`{lineage['corpus']}`"),
+    ]
+    for d in lineage.get("drops", []):
+        rows.append(("drop", f"`{d['path']}` (fingerprint `{_short(d['fingerprint'], 32)}`)"))
+    replay = lineage.get("replay") or {}
+    rows.append(("replay fraction", f"{replay.get('fraction', 0)}" + (
+        f" of training tokens from `{', '.join(replay['paths'])}` (fingerprint `{replay['fingerprint']}`; "
+        f"share trained: {replay.get('share', 0):.4f})" if replay.get("fraction") else " (no replay)")))
+    gate = lineage.get("gate")
+    rows.append(("gate decision", "disabled (gate.enabled: false)" if gate is None else
+                 f"{'promoted' if gate['promoted'] else 'refused'} against the {gate['reference']} model: "
+                 f"{gate['reason']}"))
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def evaluation_markdown(lineage: dict[str, Any]) -> str:
+    """Perplexity of the base model, the gate's reference and this model, on the same validation chunks."""
+    ev = lineage.get("evaluation") or {}
+    rows = [f"| {name} | {ev.get(f'{name}_base', '')} | {ev.get(f'{name}_reference', '')} | "
+            f"{ev.get(f'{name}_new', '')} |" for name in ("validation", "general") if ev.get(f"{name}_new") is not None]
+    return "| perplexity | base model | gate reference | this model |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def model_card(base_model_id: str, data: dict[str, Any], config: dict[str, Any], eval_md: str,
+               lineage: dict[str, Any] | None = None) -> str:
     counts = "\n".join(f"| {k} | {v} |" for k, v in data["counts"].items())
+    lineage_md = f"""
+## Lineage
+
+{lineage_markdown(lineage)}
+
+## Evaluation
+
+{evaluation_markdown(lineage)}
+""" if lineage else ""
     return f"""---
 base_model: {base_model_id}
 library_name: transformers
@@ -45,7 +89,7 @@ tags: [continued-pretraining, cpt]
 # {base_model_id}, continued pretraining
 
 Continued pretraining of `{base_model_id}` on a domain corpus, made with cpt.
-
+{lineage_md}
 ## Data
 
 Corpus fingerprint: `{data['fingerprint']}`
@@ -99,7 +143,21 @@ def _failure(e: BaseException) -> str:
     return type(e).__name__ + (f", HTTP {status}" if status else "")
 
 
-def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_seconds: float = 2.0) -> dict[str, Any]:
+def commit_message(lineage: dict[str, Any] | None) -> str:
+    """Each push is a new Hub revision whose message says what was promoted and why."""
+    if not lineage:
+        return "Continued pretraining with cpt"
+    gate = lineage.get("gate")
+    parent = lineage["parent"]
+    what = f"model {_short(lineage.get('model_digest'), 12)} (parent: " + (
+        "base model" if parent["kind"] == "base" else f"promoted {_short(parent['digest'], 12)}") + ")"
+    if gate is None:
+        return f"cpt: push {what}; promotion gate disabled"
+    return f"cpt: promote {what}: {gate['reason']}"[:400]
+
+
+def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_seconds: float = 2.0,
+           message: str = "Continued pretraining with cpt") -> dict[str, Any]:
     from huggingface_hub import HfApi
 
     if not token:
@@ -112,10 +170,10 @@ def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_second
             if cfg.revision:
                 api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True)
             info = api.upload_folder(repo_id=cfg.repo_id, folder_path=str(folder), revision=cfg.revision,
-                                     commit_message="Continued pretraining with cpt")
+                                     commit_message=message)
             return {"repo_id": cfg.repo_id, "revision": cfg.revision or "main",
                     "url": f"{api.endpoint}/{cfg.repo_id}" + (f"/tree/{cfg.revision}" if cfg.revision else ""),
-                    "commit": getattr(info, "oid", None), "attempts": attempt + 1}
+                    "commit": getattr(info, "oid", None), "attempts": attempt + 1, "message": message}
         except Exception as e:
             last = e
             log.warning("push: upload attempt %d/%d failed (%s)", attempt + 1, cfg.retries + 1, _failure(e))
@@ -125,30 +183,66 @@ def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_second
                      f"({_failure(last)}); the model is saved locally")
 
 
-@stage_task("push", modules=["tasks.config", "tasks.report"], libraries=["huggingface_hub"])
+RELEASE_CARD = "card.md"  # the release's card, kept in the push entry so a lost release can be re-made
+
+
+@stage_task("push", modules=["tasks.config", "tasks.report", "tasks.promotion"], libraries=["huggingface_hub"])
 def push(push: PushConfig, base_model_id: str, trained: StageOutput, evaluation: StageOutput,
-         docs: StageOutput, corpus: Fingerprint, config: dict[str, Any], artifacts: str) -> StageOutput:
+         docs: StageOutput, corpus: Fingerprint, config: dict[str, Any], artifacts: str,
+         lineage: dict[str, Any] | None = None) -> StageOutput:
+    """Save the promoted model as the release folder (a verified copy: see `ensure_release`), with a card that
+    records its lineage, and upload it as a new Hub revision."""
     key = current_key("push", {"push": push, "base_model_id": base_model_id, "trained": trained,
-                               "evaluation": evaluation, "docs": docs, "corpus": corpus, "config": config})
+                               "evaluation": evaluation, "docs": docs, "corpus": corpus, "config": config,
+                               "lineage": lineage})
     log = run_logger()
     name = push.name or default_name(base_model_id, key)
     dest = Path(artifacts) / "models" / name
 
     def build(tmp: Path):
+        from tasks.promotion import model_digest
+
         eval_md = (evaluation.dir(artifacts) / "eval.md").read_text(encoding="utf-8")
-        card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts}, config, eval_md)
-        save_release(trained.dir(artifacts) / "model", dest, card)
-        result = {"local_path": str(dest), "hub": None}
+        card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts}, config, eval_md,
+                          lineage)
+        model_dir = trained.dir(artifacts) / "model"
+        digest = model_digest(model_dir)
+        save_release(model_dir, dest, card)
+        (tmp / RELEASE_CARD).write_text(card, encoding="utf-8")
+        result = {"local_path": str(dest), "model_digest": digest, "hub": None}
         if push.repo_id:
             backoff = float(os.environ.get("CPT_PUSH_BACKOFF_SECONDS", "2"))
-            result["hub"] = upload(dest, push, hub_token(push.token_secret), log, backoff)
+            result["hub"] = upload(dest, push, hub_token(push.token_secret), log, backoff, commit_message(lineage))
         (tmp / "push.json").write_text(json.dumps(result, indent=2))
-        return {"local_path": str(dest), "hub_url": (result["hub"] or {}).get("url")}, {}
+        hub = result["hub"] or {}
+        return {"local_path": str(dest), "hub_url": hub.get("url"), "hub_commit": hub.get("commit"),
+                "model_digest": digest}, {}
 
     out = publish(artifacts, "push", key, build)
     c = out.counts
     log.info("push: model saved to %s%s", c["local_path"], f", uploaded to {c['hub_url']}" if c["hub_url"] else "")
     return out
+
+
+def ensure_release(out: StageOutput, trained: StageOutput, artifacts: str, digest=None) -> str | None:
+    """Every run, cached or not: the release folder must hold the pushed model's exact files and card. A missing
+    or altered release is re-made from the train entry; returns why it was, or None when it was intact."""
+    from tasks.promotion import model_digest
+
+    dest = Path(out.counts["local_path"])
+    card = (out.dir(artifacts) / RELEASE_CARD).read_text(encoding="utf-8")
+    kwargs = {"digest": digest} if digest else {}
+    if not dest.is_dir():
+        why = "missing"
+    elif model_digest(dest, **kwargs) != out.counts["model_digest"]:
+        why = "holding other model files"
+    elif not (dest / CARD).is_file() or (dest / CARD).read_text(encoding="utf-8") != card:
+        why = "holding another card"
+    else:
+        return None
+    save_release(trained.dir(artifacts) / "model", dest, card)
+    run_logger().warning("push: release folder %s was %s; re-made it from the promoted model", dest, why)
+    return why
 
 
 def show(out: StageOutput, artifacts: str) -> None:

@@ -107,16 +107,29 @@ def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_des
     return json.loads((out / "metrics.json").read_text())
 
 
+def source_tokens(chunks: StageOutput) -> dict[str, Any]:
+    """Trained (labelled) tokens per source: the mix stage's counts with replay, else all domain."""
+    c = chunks.counts
+    if "replay_trained_tokens" in c:
+        return {k: c[k] for k in ("domain_trained_tokens", "replay_trained_tokens", "replay_share")}
+    return {"domain_trained_tokens": c.get("train_trained_tokens"), "replay_trained_tokens": 0, "replay_share": 0.0}
+
+
 @stage_task("train", modules=["tasks.train_worker", "tasks.modeling", "tasks.config", "tasks.report"],
             libraries=["transformers", "trl", "torch", "accelerate", "datasets"])
 def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
-          chunks: StageOutput, artifacts: str) -> StageOutput:
+          chunks: StageOutput, artifacts: str, parent: dict[str, Any] | None = None) -> StageOutput:
+    """`base_model` is the model training starts from (the base, or the last promoted model with train.init:
+    last_promoted); `parent` describes it for the lineage and is not part of the key (its digest is)."""
     key = current_key("train", {"train": train, "model": model, "base_model": base_model, "chunk": chunk,
                                 "chunks": chunks})
     work = work_dir(artifacts, key)
     log = run_logger()
+    parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
 
     def build(tmp: Path):
+        from tasks.promotion import model_digest
+
         spec = {
             "model_location": base_model.location,
             "model": model.model_dump(mode="json"),
@@ -131,18 +144,30 @@ def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk
         counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
                                           "best_eval_loss", "stopped_early", "padding_fraction",
                                           "tokens_per_second", "resumed_from", "seconds")}
+        counts.update(source_tokens(chunks))
+        counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
         return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
-                        "model_dir": "model", "tensorboard": "tensorboard"}
+                        "model_dir": "model", "tensorboard": "tensorboard",
+                        "model_digest": model_digest(tmp / "model"),
+                        "parent": {k: v for k, v in parent.items() if k != "location"}}
 
     out = publish(artifacts, "train", key, build)
     # The model is in the published output; checkpoints only served a resume of this key.
     shutil.rmtree(work, ignore_errors=True)
     out_dir = out.dir(artifacts)
     c = out.counts
-    log.info("train: %s steps, loss %.4f → %.4f, best validation loss %s; TensorBoard logs in %s",
-             c["global_step"], c["first_loss"] or float("nan"), c["last_loss"] or float("nan"),
-             c["best_eval_loss"], out_dir / "tensorboard")
+    log.info("train: %s steps from the %s, loss %s → %s, best validation loss %s; TensorBoard logs in %s",
+             c["global_step"], c["parent"], _num(c["first_loss"]), _num(c["last_loss"]), _num(c["best_eval_loss"]),
+             out_dir / "tensorboard")
+    if c.get("replay_trained_tokens"):
+        log.info("train: %d domain + %d replay trained tokens (replay share %.4f)", c["domain_trained_tokens"],
+                 c["replay_trained_tokens"], c["replay_share"])
     return out
+
+
+def _num(x: Any) -> str:
+    """A loss for a log line: NaN/inf/None (a diverged run) must not break the line."""
+    return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
 def show(out: StageOutput, artifacts: str) -> None:

@@ -94,6 +94,18 @@ def make_callbacks(train: TrainConfig, has_validation: bool):
     return callbacks
 
 
+def decay_steps(train: TrainConfig, trainer) -> int:
+    """`train.decay_ratio` of the run's optimizer steps (at least 1)."""
+    import math
+
+    if train.max_steps > 0:
+        total = train.max_steps
+    else:
+        per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / train.gradient_accumulation_steps), 1)
+        total = math.ceil(per_epoch * train.num_train_epochs)
+    return max(1, round(train.decay_ratio * total))
+
+
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint a killed attempt finished writing. The Trainer writes trainer_state.json last, so
     a checkpoint without a readable one was cut short (a SIGKILL mid-save): it is removed, not resumed from."""
@@ -207,6 +219,10 @@ def run(spec: dict[str, Any]) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
+    if train.lr_scheduler_type == "warmup_stable_decay":
+        # transformers' WSD schedule needs its decay length in steps; the step count is known only now (packing
+        # changes the number of rows).
+        trainer.args.lr_scheduler_kwargs = {"num_decay_steps": decay_steps(train, trainer)}
     padding = padding_fraction(trainer.get_train_dataloader())
     if state.is_main_process:
         last_complete_checkpoint(checkpoints)  # clears cut-short checkpoints before any process looks

@@ -9,7 +9,8 @@ from conftest import sample_texts, write_jsonl
 from tasks.config import validate_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-ALL_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "push"]
+ALL_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "gate",
+              "push"]
 PROMPT = "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"
 
 
@@ -71,15 +72,20 @@ def test_end_to_end_learns_and_reruns_only_what_changed(config, artifacts):
     assert "| perplexity (validation) |" in markdown["eval-before-after"]
     assert str(model_dir) in markdown["model-location"]
 
+    states, stages = run(config, artifacts, train={"learning_rate": 1e-3})
+    # The gate compares the new model with the one promoted above; push runs only if it is no worse.
+    pushed = "Completed" if stages["gate"]["counts"]["promoted"] else "Skipped"
+    # The reference is the model promoted above, measured on the same validation chunks.
+    assert states == {**dict.fromkeys(ALL_STAGES[:6], "Cached"), "train": "Completed", "evaluate": "Completed",
+                      "evaluate-reference": "Completed", "gate": "Completed", "push": pushed}
+    assert stages["gate"]["counts"]["reference"] == "promoted"
     states, _ = run(config, artifacts, train={"learning_rate": 1e-3})
-    assert states == {**dict.fromkeys(ALL_STAGES[:6], "Cached"),
-                      "train": "Completed", "evaluate": "Completed", "push": "Completed"}
-    states, _ = run(config, artifacts, train={"learning_rate": 1e-3})
-    assert states == dict.fromkeys(ALL_STAGES, "Cached")
+    assert states == {**dict.fromkeys(ALL_STAGES[:-1], "Cached"), "evaluate-reference": "Cached",
+                      "push": "Cached" if pushed == "Completed" else pushed}
     latest = max((artifacts / "runs").iterdir(), key=lambda p: p.stat().st_mtime).name
     cached_view = {a.key for a in flow_run_artifacts(latest)}
-    assert {"run-summary", "token-stats-histogram", "train-loss-curve", "eval-before-after",
-            "model-location"} <= cached_view
+    assert {"run-summary", "token-stats-histogram", "train-loss-curve", "eval-before-after", "gate",
+            *(["model-location"] if pushed == "Completed" else [])} <= cached_view
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(config, artifacts, monkeypatch):

@@ -1,0 +1,111 @@
+"""gate: the promotion decision between evaluate and push. The new model is compared, on the same validation
+chunks, with the reference — the lineage's last promoted model, or the base model when there is none — and,
+when a general corpus is set, with the base model's general-text perplexity (forgetting). A model that fails
+is not pushed; a diverged one (a loss or perplexity that is NaN, infinite or missing) is refused, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from tasks.cache import StageOutput, current_key, publish, stage_task
+from tasks.config import GateConfig
+from tasks.report import markdown_artifact, markdown_table, run_logger
+
+GATE_FILE = "gate.json"
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base: dict[str, Any],
+           training: dict[str, Any], reference_name: str) -> dict[str, Any]:
+    """The decision as {promoted, reason, checks}. `new`, `reference`, `base`: {validation, general} perplexities
+    (general may be None); `training`: the train stage's losses."""
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, ok: bool, value: Any, limit: Any, why: str) -> None:
+        checks.append({"check": name, "passed": ok, "value": value, "limit": limit, "why": why})
+
+    losses = {k: training.get(k) for k in ("train_loss", "last_loss", "best_eval_loss") if k in training}
+    bad = [k for k, v in losses.items() if v is not None and not finite(v)]
+    if "train_loss" in losses and losses["train_loss"] is None:
+        bad.append("train_loss")
+    if not finite(new.get("validation")):
+        bad.append("validation perplexity")
+    if new.get("general") is not None and not finite(new["general"]):
+        bad.append("general perplexity")
+    check("finite", not bad, ", ".join(bad) or "all finite", "finite", "a diverged model is never promoted")
+    if bad:
+        return {"promoted": False, "reason": f"diverged: {', '.join(bad)} not finite", "checks": checks}
+
+    ref = reference.get("validation")
+    limit = ref * (1 + cfg.max_validation_increase) if finite(ref) else math.inf
+    check("validation perplexity", new["validation"] <= limit, new["validation"], limit,
+          f"at most {reference_name}'s {ref if ref is None else round(ref, 4)} "
+          f"+ {cfg.max_validation_increase:.0%}")
+    if base.get("general") is not None and new.get("general") is not None:
+        glimit = base["general"] * (1 + cfg.max_general_increase)
+        check("general perplexity", new["general"] <= glimit, new["general"], glimit,
+              f"at most the base model's {base['general']:.4g} + {cfg.max_general_increase:.0%}")
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        reason = "; ".join(f"{c['check']} {c['value']:.4g} > {c['limit']:.4g} ({c['why']})" for c in failed)
+        return {"promoted": False, "reason": f"worse: {reason}", "checks": checks}
+    change = (new["validation"] - ref) / ref if finite(ref) and ref else None
+    return {"promoted": True, "checks": checks,
+            "reason": f"validation perplexity {new['validation']:.4g} vs {reference_name} {ref:.4g}"
+                      + (f" ({change:+.1%})" if change is not None else "")}
+
+
+def perplexities(eval_doc: dict[str, Any]) -> dict[str, Any]:
+    """{validation, general} from an evaluate-base eval.json ({"validation": {"perplexity"}, "general": ...})."""
+    return {k: (eval_doc.get(k) or {}).get("perplexity") for k in ("validation", "general")}
+
+
+@stage_task("gate")
+def gate(gate: GateConfig, evaluation: StageOutput, reference_eval: StageOutput, base_eval: StageOutput,
+         trained: StageOutput, reference_kind: Literal["base", "promoted"], artifacts: str) -> StageOutput:
+    from tasks.evaluate import EVAL_FILE
+
+    key = current_key("gate", {"gate": gate, "evaluation": evaluation, "reference_eval": reference_eval,
+                               "base_eval": base_eval, "trained": trained, "reference_kind": reference_kind})
+
+    def build(tmp: Path):
+        c = evaluation.counts
+        new = {"validation": c.get("validation_perplexity_after"), "general": c.get("general_perplexity_after")}
+        ref = perplexities(json.loads((reference_eval.dir(artifacts) / EVAL_FILE).read_text()))
+        base = perplexities(json.loads((base_eval.dir(artifacts) / EVAL_FILE).read_text()))
+        name = "the last promoted model" if reference_kind == "promoted" else "the base model"
+        decision = decide(gate, new, ref, base, trained.counts, name)
+        doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref,
+               "base_perplexity": base}
+        (tmp / GATE_FILE).write_text(json.dumps(doc, indent=2, default=str))
+        return {"promoted": decision["promoted"], "reason": decision["reason"], "reference": reference_kind,
+                "validation_perplexity": new["validation"], "reference_validation_perplexity": ref["validation"],
+                "general_perplexity": new["general"], "base_general_perplexity": base["general"]}, {}
+
+    return publish(artifacts, "gate", key, build)
+
+
+def read_decision(out: StageOutput, artifacts: str) -> dict[str, Any]:
+    return json.loads((out.dir(artifacts) / GATE_FILE).read_text())
+
+
+def show(out: StageOutput, artifacts: str) -> None:
+    """The decision, every run (a cached gate does not re-create its artifact or its log line)."""
+    doc = read_decision(out, artifacts)
+    verdict = "promoted" if doc["promoted"] else "refused"
+    rows = [{"check": c["check"], "passed": c["passed"], "value": c["value"], "limit": c["limit"], "rule": c["why"]}
+            for c in doc["checks"]]
+    markdown_artifact(f"# Promotion gate: {verdict}\n\n{doc['reason']}\n\nReference: {doc['reference']} model.\n\n"
+                      f"{markdown_table(rows)}\n", "gate", "Whether this run's model is pushed, and why")
+    log = run_logger()
+    if doc["promoted"]:
+        log.info("gate: promoted: %s", doc["reason"])
+    else:
+        log.warning("gate: refused, not pushed: %s", doc["reason"])

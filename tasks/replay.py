@@ -1,0 +1,166 @@
+"""mix: the training set with replay. Domain training chunks plus a seeded draw of replay chunks sized so that
+replay makes up `replay.fraction` of the labelled (trained) tokens; validation stays the domain's own.
+
+The replay text goes through the same cached load/shuffle/tokenize/chunk stages as the corpus (all of it in
+the train split); this stage only draws from its chunks. The domain shards are linked, not copied, and the
+draw is written as one more shard, so a new fraction costs one small write. The last drawn chunk is cut to the
+exact number of labelled tokens still needed, so the share is exact to the token, not to a chunk. A replay
+corpus smaller than its share is drawn from again (a fresh permutation per pass) and the passes are counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tasks.cache import StageOutput, current_key, publish, stage_task
+from tasks.chunk import IGNORE_INDEX, chunk_features, link_or_copy, write_dataset_dict
+from tasks.config import ReplayConfig, ShuffleConfig
+from tasks.load import read_arrow
+from tasks.report import run_logger
+from tasks.shuffle import SPLITS
+
+REPLAY_SHARD = "replay.arrow"
+
+
+def read_shard(path: Path) -> pa.Table:
+    """A datasets shard (Arrow IPC stream), memory-mapped."""
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+def labelled_per_row(labels: pa.ListArray) -> np.ndarray:
+    """Labelled positions (label ≠ -100) of each row."""
+    flat = labels.flatten().to_numpy(zero_copy_only=False) != IGNORE_INDEX
+    offsets = labels.offsets.to_numpy()
+    cums = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
+    return cums[offsets[1:]] - cums[offsets[:-1]]
+
+
+def replay_target(domain_tokens: int, fraction: float) -> int:
+    """Replay tokens R with R / (domain + R) = fraction."""
+    return int(round(fraction * domain_tokens / (1 - fraction))) if fraction > 0 else 0
+
+
+def draw(labelled: np.ndarray, target: int, seed: int) -> tuple[np.ndarray, int, int]:
+    """Rows to take (in a seeded order, repeated in fresh permutations when the pool is too small), how many
+    labelled tokens of the last row to keep (0: all of it), and the number of passes over the pool."""
+    if target <= 0 or labelled.sum() == 0:
+        return np.zeros(0, dtype=np.int64), 0, 0
+    rng = np.random.default_rng(seed)
+    order, got, passes = [], 0, 0
+    while got < target:
+        perm = rng.permutation(len(labelled))
+        cum = got + np.cumsum(labelled[perm])
+        passes += 1
+        stop = int(np.searchsorted(cum, target))  # first row reaching the target
+        if stop < len(perm):
+            order.append(perm[: stop + 1])
+            got_before = int(cum[stop - 1]) if stop > 0 else got
+            keep = target - got_before
+            return np.concatenate(order), (0 if keep == labelled[perm[stop]] else keep), passes
+        order.append(perm)
+        got = int(cum[-1])
+    return np.concatenate(order), 0, passes
+
+
+def cut_row(input_ids: list[int], labels: list[int], keep: int) -> tuple[list[int], list[int]]:
+    """The shortest prefix of a row holding `keep` labelled tokens."""
+    seen = 0
+    for i, label in enumerate(labels):
+        seen += label != IGNORE_INDEX
+        if seen == keep:
+            return input_ids[: i + 1], labels[: i + 1]
+    return input_ids, labels
+
+
+def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Path) -> int:
+    """The drawn rows as a datasets shard at `dst`; returns the labelled tokens written."""
+    schema = chunk_features().arrow_schema
+    taken = pool.take(pa.array(rows, pa.int64())) if len(rows) else pool.slice(0, 0)
+    if keep_last and len(rows):
+        last = taken.slice(len(rows) - 1).to_pylist()[0]
+        last["input_ids"], last["labels"] = cut_row(last["input_ids"], last["labels"], keep_last)
+        taken = pa.concat_tables([taken.slice(0, len(rows) - 1),
+                                  pa.Table.from_pylist([last], schema=taken.schema)])
+    taken = taken.select(schema.names).cast(schema)
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(taken)
+    return int(labelled_per_row(taken.column("labels").combine_chunks()).sum()) if len(rows) else 0
+
+
+def shard_files(chunks_dir: Path, split: str) -> list[Path]:
+    import json
+
+    state = json.loads((chunks_dir / split / "state.json").read_text())
+    return [chunks_dir / split / f["filename"] for f in state["_data_files"]]
+
+
+def mix_chunks(domain_dir: Path, replay_dir: Path, fraction: float, seed: int, out_dir: Path) -> dict[str, Any]:
+    """The mixed DatasetDict at `out_dir`; returns per-source token counts."""
+    listing: dict[str, list[str]] = {}
+    domain_labelled = domain_rows = 0
+    for split in SPLITS:
+        (out_dir / split).mkdir(parents=True)
+        files = shard_files(domain_dir, split)
+        listing[split] = []
+        for i, src in enumerate(files):
+            name = f"data-{i:05d}.arrow"
+            link_or_copy(src, out_dir / split / name)
+            listing[split].append(name)
+            if split == "train":
+                table = read_shard(src)
+                domain_rows += table.num_rows
+                domain_labelled += int(labelled_per_row(table.column("labels").combine_chunks()).sum())
+    pool = pa.concat_tables([read_shard(f) for f in shard_files(replay_dir, "train")])
+    pool_labelled = labelled_per_row(pool.column("labels").combine_chunks()) if pool.num_rows else np.zeros(0)
+    target = replay_target(domain_labelled, fraction)
+    rows, keep_last, passes = draw(pool_labelled, target, seed)
+    replay_labelled = write_replay_shard(pool, rows, keep_last, out_dir / "train" / REPLAY_SHARD)
+    listing["train"].append(REPLAY_SHARD)
+    write_dataset_dict(out_dir, listing, f"mix{seed}{fraction}{domain_labelled}{replay_labelled}")
+    total = domain_labelled + replay_labelled
+    return {
+        "domain_trained_tokens": domain_labelled, "replay_trained_tokens": replay_labelled,
+        "replay_share": replay_labelled / total if total else 0.0, "replay_fraction_asked": fraction,
+        "domain_rows": domain_rows, "replay_rows": int(len(rows)), "replay_pool_rows": pool.num_rows,
+        "replay_pool_tokens": int(pool_labelled.sum()), "replay_passes": passes,
+    }
+
+
+@stage_task("mix", libraries=["numpy", "pyarrow", "datasets"])
+def mix(replay: ReplayConfig, shuffle: ShuffleConfig, chunks: StageOutput, replay_chunks: StageOutput,
+        artifacts: str) -> StageOutput:
+    key = current_key("mix", {"replay": replay, "shuffle": shuffle, "chunks": chunks, "replay_chunks": replay_chunks})
+
+    def build(tmp: Path):
+        counts = mix_chunks(chunks.dir(artifacts), replay_chunks.dir(artifacts), replay.fraction, shuffle.seed, tmp)
+        counts.update({k: v for k, v in chunks.counts.items() if k.startswith("validation_")})
+        return counts, dict(chunks.meta)
+
+    out = publish(artifacts, "mix", key, build)
+    c = out.counts
+    log = run_logger()
+    log.info("mix: %d domain + %d replay trained tokens (replay share %.4f, asked %.4f; %d replay rows)",
+             c["domain_trained_tokens"], c["replay_trained_tokens"], c["replay_share"], replay.fraction,
+             c["replay_rows"])
+    if c["replay_passes"] > 1:
+        log.warning("mix: the replay text (%d trained tokens) is smaller than its share (%d tokens): it is repeated "
+                    "%d times; add replay text to avoid overfitting it", c["replay_pool_tokens"],
+                    c["replay_trained_tokens"], c["replay_passes"])
+    return out
+
+
+def replay_overlap(general_paths: list[str], replay_docs: StageOutput, artifacts: str) -> tuple[int, int]:
+    """(general-corpus documents whose normalised text is also a replay document, general documents)."""
+    from tasks.config import CorpusConfig
+    from tasks.load import DOCS_FILE, Record, norm_id_of, read_corpus_file, resolve_corpus_files
+
+    cfg = CorpusConfig(paths=general_paths, on_bad_record="skip")
+    general = {norm_id_of(r.text) for f in resolve_corpus_files(cfg) for r in read_corpus_file(f, cfg)
+               if isinstance(r, Record) and r.text.strip()}
+    replay = set(pc.unique(read_arrow(replay_docs.dir(artifacts) / DOCS_FILE).column("norm_id")).to_pylist())
+    return len(general & replay), len(general)
