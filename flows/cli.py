@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     drops.add_argument("--remove", metavar="PATH", help="retire this drop: the next run of the line trains without it")
     drops.add_argument("--artifacts", metavar="DIR")
 
+    promos = sub.add_parser("promotions", help="the models the promotion gate let through on a line or push.name")
+    which = promos.add_mutually_exclusive_group(required=True)
+    which.add_argument("--line", help="a training line (cpt retrain --line)")
+    which.add_argument("--name", help="a push.name (cpt run)")
+    promos.add_argument("--json", action="store_true", help="print the promotions file's JSON")
+    promos.add_argument("--artifacts", metavar="DIR")
+
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
     emit.add_argument("--event", default=DROP_EVENT)
@@ -112,13 +119,16 @@ def cmd_run(args) -> int:
     width = max(len(s["name"]) for s in summary["stages"])
     print(f"\nrun {summary['flow_run']}: {summary['status']}")
     for s in summary["stages"]:
-        print(f"  {s['name']:<{width}}  {s['state']:<9} {s['seconds']:>8.2f}s  {s['output']}")
+        print(f"  {s['name']:<{width}}  {s['state']:<9} {s['seconds']:>8.2f}s  {s.get('output') or s.get('reason', '')}")
     print(f"summary: {run_summary}")
     outputs = {s["name"]: s for s in summary["stages"] if "output" in s}
     if "evaluate" in outputs:
         print(f"eval table: {Path(outputs['evaluate']['output']) / 'eval.md'}")
     if "train" in outputs:
         print(f"TensorBoard: tensorboard --logdir {Path(outputs['train']['output']) / 'tensorboard'}")
+    if summary.get("gate"):
+        g = summary["gate"]
+        print(f"gate: {'promoted' if g['promoted'] else 'refused, not pushed'}: {g['reason']}")
     if "push" in outputs:
         c = outputs["push"]["counts"]
         print(f"model: {c['local_path']}" + (f" (uploaded: {c['hub_url']})" if c.get("hub_url") else ""))
@@ -136,7 +146,12 @@ def cmd_retrain(args) -> int:
                      settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
     if args.summary:
         write_result(result, args.summary)
-    print(f"line {args.line}: " + ("trained" if result["trained"] else f"not trained: {result['reason']}"))
+    if result["trained"]:
+        promoted = result.get("promoted", True)
+        print(f"line {args.line}: trained; " + ("promoted" if promoted else
+                                                 f"not promoted: {result.get('gate_reason', '')}"))
+    else:
+        print(f"line {args.line}: not trained: {result['reason']}")
     return 0
 
 
@@ -169,6 +184,26 @@ def cmd_drops(args) -> int:
     if state.last_training:
         t = state.last_training
         print(f"last training: {t['finished_at']} ({t['flow_run']}), {t['files']} files, fingerprint {t['corpus'][:12]}")
+    return 0
+
+
+def cmd_promotions(args) -> int:
+    from tasks.cache import artifacts_root
+    from tasks.promotion import lineage_of, read_promotions
+
+    state = read_promotions(artifacts_root(args.artifacts), lineage_of(args.line, args.name))
+    if args.json:
+        print(state.model_dump_json(indent=2))
+        return 0
+    if not state.history:
+        print(f"{state.lineage}: nothing promoted yet")
+        return 0
+    print(f"{state.lineage}: {len(state.history)} promoted, newest last")
+    for r in state.history:
+        parent = "base" if r.parent.get("kind") == "base" else f"promoted {r.parent.get('digest', '')[:12]}"
+        ppl = f"{r.validation_perplexity:.4g}" if r.validation_perplexity is not None else "?"
+        print(f"  {r.at}  run {r.flow_run}  model {r.model_digest[:12]}  parent {parent}  validation ppl {ppl}  "
+              f"{r.release}\n      {r.reason}")
     return 0
 
 
@@ -222,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import ConfigError
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
-                "retrain": cmd_retrain, "drops": cmd_drops, "emit-drop": cmd_emit_drop, "serve": cmd_serve}
+                "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "emit-drop": cmd_emit_drop,
+                "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

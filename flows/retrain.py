@@ -201,9 +201,11 @@ def retrain(
         "corpus": fingerprint.digest, "files": len(files), "drops": state.active_paths(),
         "flow_run": flow_run.name, "pipeline_run": summary["flow_run"], "finished_at": lines.now_iso(),
         "promoted": gate.get("promoted", True), "gate_reason": gate.get("reason", "")})
+    verdict = ("promoted by the gate" if gate.get("promoted", True) else
+               f"**not promoted**: {gate.get('reason', '')}") if gate else "pushed (gate disabled)"
     markdown_artifact(f"# Retrained line {line}\n\nCorpus fingerprint `{fingerprint.digest}` ({len(files)} files, "
-                      f"{len(state.active_paths())} drops); pipeline run `{summary['flow_run']}`.\n",
-                      "retrain-decision", "What this run trained on")
+                      f"{len(state.active_paths())} drops); pipeline run `{summary['flow_run']}`; {verdict}.\n",
+                      "retrain-decision", "What this run trained on, and whether its model was promoted")
     return result(True, "changed", fingerprint=fingerprint.digest, pipeline=summary,
                   promoted=gate.get("promoted", True), gate_reason=gate.get("reason", ""))
 

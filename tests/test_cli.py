@@ -49,3 +49,23 @@ def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path
     assert out.returncode == 2 and "has no drop" in out.stderr
     assert cpt("drops", "--line", "l", "--remove", str(tmp_path / "d1"), "--artifacts", str(tmp_path)).returncode == 0
     assert [h["status"] for h in lines.read_line(tmp_path, "l").drops[0].history] == ["pending", "removed"]
+
+
+def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
+    from tasks.promotion import Promotion, record_promotion
+
+    record = Promotion(model_digest="d" * 32, model_path="cache/train/k/model", train_identity="t",
+                       parent={"kind": "base", "id": "org/base", "digest": "b"}, reference={"kind": "base"},
+                       validation_perplexity=12.5, reason="validation perplexity 12.5 vs the base model 20",
+                       flow_run="brave-otter", at="2026-11-26T02:00:00Z")
+    record_promotion(tmp_path, "line-night", record)
+    record_promotion(tmp_path, "line-night", record)  # the same promotion seen again is not a new entry
+    probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+             "heavy = [m for m in ('prefect', 'torch', 'transformers', 'datasets') if m in sys.modules]; "
+             "print('HEAVY', heavy); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", probe, "promotions", "--line", "night", "--artifacts", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "HEAVY []" in out.stdout, out.stderr
+    assert "line-night: 1 promoted" in out.stdout and "run brave-otter  model dddddddddddd  parent base" in out.stdout
+    out = cpt("promotions", "--name", "other", "--artifacts", str(tmp_path))
+    assert out.returncode == 0 and "name-other: nothing promoted yet" in out.stdout

@@ -1,0 +1,135 @@
+"""Forgetting and replay: how much general ability continued pretraining costs, and how much replay buys back.
+
+1. A small base model is pretrained (with cpt itself, `cpt run`) on general Korean text:
+   ../shared/corpora/ko_transport_bills.jsonl (National Assembly bills: bill name + reasons), less every 20th
+   document, which is held out as the general evaluation corpus (never trained on, never replayed).
+2. That base is continued on the domain, ../shared/corpora/ko_law.jsonl (the Korean constitution, one article a
+   document, and bills), with `replay.fraction` 0, 0.1 and 0.25 drawn from the base's own pretraining text,
+   the same optimizer steps for each.
+3. For each setting: domain validation perplexity and general (held-out) perplexity, base → continued, and the
+   promotion gate's decision with its default rules (general perplexity may rise at most 10%).
+
+Goal (issue): one setting reaches domain perplexity -30% or better with general perplexity +10% or less.
+Every run is a fresh `cpt run` process on this machine's CPU; the tokenizer (byte-level BPE) and the model
+(a small Llama) are built here, nothing is downloaded.
+
+    .venv/bin/python bench/forgetting.py [--base-steps 400] [--steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CORPORA = ROOT.parent / "shared" / "corpora"
+
+
+def read(path: Path) -> list[str]:
+    return [json.loads(x)["content"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def write(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def cpt_run(config: dict, folder: Path, artifacts: Path) -> tuple[dict, float]:
+    import yaml
+
+    cfg_path = folder / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    summary = folder / "summary.json"
+    env = {**os.environ, "CPT_NO_PROGRESS": "1", "PREFECT_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "cpt"), "run", "-c", str(cfg_path), "--artifacts", str(artifacts),
+           "--summary", str(summary)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"cpt run failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(summary.read_text()), time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-steps", type=int, default=400, help="optimizer steps pretraining the base")
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps of each continued run")
+    ap.add_argument("--fractions", default="0,0.1,0.25")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the continued runs")
+    args = ap.parse_args()
+    general_src, domain_src = CORPORA / "ko_transport_bills.jsonl", CORPORA / "ko_law.jsonl"
+    if not (general_src.is_file() and domain_src.is_file()):
+        sys.exit("this benchmark needs ../shared/corpora beside the checkout")
+    general, domain = read(general_src), read(domain_src)
+    held_out, pretrain = general[::20], [t for i, t in enumerate(general) if i % 20]
+
+    from tasks.tiny_model import build_tiny_model
+
+    chunk = {"max_seq_length": 256, "overlap": 32}
+    train = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "warmup_ratio": 0.05,
+             "logging_steps": 25, "eval_steps": 50, "save_steps": 50, "early_stopping_patience": None,
+             "lr_scheduler_type": "cosine"}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        artifacts = d / "artifacts"
+        build_tiny_model(d / "init", pretrain[::4] + domain, vocab_size=4000, hidden_size=128, layers=4)
+        write(d / "general" / "pretrain.jsonl", pretrain)
+        write(d / "held_out" / "general.jsonl", held_out)
+        write(d / "domain" / "ko_law.jsonl", domain)
+
+        base_cfg = {"corpus": {"paths": [str(d / "general")]}, "model": {"id": str(d / "init")},
+                    "split": {"validation_fraction": 0.01}, "chunk": chunk,
+                    "train": {**train, "max_steps": args.base_steps, "learning_rate": 3e-3},
+                    "evaluate": {"max_eval_rows": 64}, "push": {"name": "base"}}
+        (d / "base_run").mkdir()
+        _, base_wall = cpt_run(base_cfg, d / "base_run", artifacts)
+        base_dir = artifacts / "models" / "base"
+
+        rows = []
+        for f in [float(x) for x in args.fractions.split(",")]:
+            cfg = {"corpus": {"paths": [str(d / "domain")]}, "model": {"id": str(base_dir)},
+                   "split": {"validation_fraction": 0.1}, "chunk": chunk,
+                   "train": {**train, "max_steps": args.steps, "learning_rate": args.lr},
+                   "replay": {"paths": [str(d / "general")], "fraction": f},
+                   "evaluate": {"general_corpus": [str(d / "held_out")], "max_eval_rows": 200},
+                   "push": {"name": f"domain-replay-{f}"}}
+            folder = d / f"run-{f}"
+            folder.mkdir()
+            summary, wall = cpt_run(cfg, folder, artifacts)
+            stages = {s["name"]: s for s in summary["stages"]}
+            e, t, g = stages["evaluate"]["counts"], stages["train"]["counts"], summary.get("gate", {})
+            rows.append({"fraction": f, "replay_share": t["replay_share"],
+                         "domain_before": e["validation_perplexity_before"], "domain_after": e["validation_perplexity_after"],
+                         "general_before": e["general_perplexity_before"], "general_after": e["general_perplexity_after"],
+                         "gate": "promoted" if g.get("promoted") else "refused", "wall": wall})
+
+    print(f"base: tiny Llama (4 layers, hidden 128, BPE 4k) pretrained {args.base_steps} steps on "
+          f"{len(pretrain)} general documents (ko_transport_bills less every 20th, {base_wall:.0f} s); domain: "
+          f"ko_law ({len(domain)} documents, 10% validation); general perplexity on the {len(held_out)} held-out "
+          f"bills; each continued run {args.steps} steps, batch 16 x 256 tokens, lr {args.lr:g} cosine; "
+          f"{os.cpu_count()} cores")
+    print(f"{'replay':>7} {'share':>7} {'domain ppl':>21} {'change':>8} {'general ppl':>21} {'change':>8} "
+          f"{'gate':>9} {'wall s':>7}")
+    met = []
+    for r in rows:
+        dc = r["domain_after"] / r["domain_before"] - 1
+        gc = r["general_after"] / r["general_before"] - 1
+        if dc <= -0.30 and gc <= 0.10:
+            met.append(r["fraction"])
+        print(f"{r['fraction']:7.2f} {r['replay_share']:7.4f} {r['domain_before']:9.2f} → {r['domain_after']:9.2f} "
+              f"{dc:+8.1%} {r['general_before']:9.2f} → {r['general_after']:9.2f} {gc:+8.1%} {r['gate']:>9} "
+              f"{r['wall']:7.0f}")
+    print(f"\ngoal (domain -30% or better with general +10% or less): "
+          + (f"met with replay {', '.join(str(x) for x in met)}" if met else "not met by any setting"))
+
+
+if __name__ == "__main__":
+    main()
