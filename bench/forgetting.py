@@ -13,7 +13,7 @@ Goal (issue): one setting reaches domain perplexity -30% or better with general 
 Every run is a fresh `cpt run` process on this machine's CPU; the tokenizer (byte-level BPE) and the model
 (a small Llama) are built here, nothing is downloaded.
 
-    .venv/bin/python bench/forgetting.py [--base-steps 400] [--steps 150]
+    .venv/bin/python bench/forgetting.py [--base-steps 400] [--steps 40] [--lr 1.5e-4] [--fractions 0,0.1,0.25,0.5]
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def cpt_run(config: dict, folder: Path, artifacts: Path) -> tuple[dict, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-steps", type=int, default=400, help="optimizer steps pretraining the base")
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps of each continued run")
-    ap.add_argument("--fractions", default="0,0.1,0.25")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the continued runs")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each continued run")
+    ap.add_argument("--fractions", default="0,0.1,0.25,0.5")
+    ap.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate of the continued runs")
     args = ap.parse_args()
     general_src, domain_src = CORPORA / "ko_transport_bills.jsonl", CORPORA / "ko_law.jsonl"
     if not (general_src.is_file() and domain_src.is_file()):

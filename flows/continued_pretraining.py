@@ -76,7 +76,7 @@ class StageRunner:
         return out
 
     def skip(self, name: str, why: str) -> None:
-        self.stages.append({"name": name, "state": "Skipped", "seconds": 0.0, "key": "", "reason": why})
+        self.stages.append({"name": name, "state": "Skipped", "seconds": 0.0, "key": "", "counts": {}, "reason": why})
 
 
 @flow(name="continued-pretraining", log_prints=True)
