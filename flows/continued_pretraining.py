@@ -110,43 +110,23 @@ def continued_pretraining(
             run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)
             chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split)
 
-            # Replay: general text through the same cached stages (all of it for training), mixed to its share.
             train_chunks, replay = chunks, None
             if config.replay.active and (not run.stopped or until == "chunk"):
-                replay_corpus = config.replay.corpus(config.corpus)
-                replay = fingerprint_corpus(replay_corpus, digest=digests.digest)
-                digests.save()
-                rdocs = run(load, "replay-load", True, corpus=replay_corpus, sources=replay,
-                            files=[i["path"] for i in replay.items])
-                rsplit = run(shuffle, "replay-shuffle", True, shuffle=config.shuffle,
-                             split=SplitConfig(validation_fraction=0.0), docs=rdocs)
-                rtokens = run(tokenize, "replay-tokenize", True, tokenize=config.tokenize, tokenizer=tokenizer,
-                              docs=rdocs, trust_remote_code=config.model.trust_remote_code)
-                rchunks = run(chunk, "replay-chunk", True, chunk=config.chunk, tokens=rtokens, split=rsplit)
-                train_chunks = run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=chunks,
-                                   replay_chunks=rchunks)
-                if config.evaluate.general_corpus:
-                    shared, total = replay_overlap(config.evaluate.general_corpus, rdocs, str(root))
-                    if shared:
-                        msg = (f"replay: {shared} of the {total} documents of evaluate.general_corpus are also in "
-                               "replay.paths: the general perplexity (the forgetting measure) is contaminated; hold "
-                               "them out of the replay text")
-                        log.warning(msg)
-                        summary["warnings"].append(msg)
+                train_chunks, replay = replay_stages(run, config, tokenizer, chunks, digests, summary)
 
             if not run.stopped:
                 base_model = resolve_model(config.model, digest=digests.digest)
                 general = (fingerprint_corpus(CorpusConfig(paths=config.evaluate.general_corpus), digest=digests.digest)
                            if config.evaluate.general_corpus else None)
                 promos = promotion.read_promotions(root, lineage)
+                # What this training is, less the weights it starts from: how a rerun recognises its own result.
                 identity = stage_key("train-identity", {"train": config.train, "model": config.model,
                                                         "base": base_model, "chunk": config.chunk,
                                                         "chunks": train_chunks})
                 parent_model, parent, note = promotion.choose_parent(
                     config.train.init, promos, base_model, config.model.id, identity, root, digests.digest)
-                digests.save()
                 log.info("train: %s", note)
-                summary["parent"] = {k: v for k, v in parent.items() if k != "location"}
+                summary["parent"] = promotion.without_location(parent)
                 # The base model is measured first: its numbers are there even if training is stopped.
                 eval_inputs = dict(evaluate=config.evaluate, model=config.model, chunk=config.chunk, chunks=chunks,
                                    general_corpus=general)
@@ -154,47 +134,36 @@ def continued_pretraining(
                 trained = run(train, train=config.train, model=config.model, base_model=parent_model,
                               chunk=config.chunk, chunks=train_chunks, parent=parent)
                 evaluation = run(evaluate, trained=trained, base_eval=base_eval, **eval_inputs)
-                if not run.stopped:
-                    decision = ref_eval = None
-                    if config.gate.enabled:
-                        ref_model, ref_record, note = promotion.choose_reference(
-                            promos, trained.meta["model_digest"], root, digests.digest)
-                        digests.save()
-                        log.info("gate: %s", note)
-                        ref_eval = base_eval if ref_model is None else run(
-                            evaluate_base, "evaluate-reference", base_model=ref_model, **eval_inputs)
-                        decision = run(gate, gate=config.gate, evaluation=evaluation, reference_eval=ref_eval,
-                                       base_eval=base_eval, trained=trained,
-                                       reference_kind="base" if ref_model is None else "promoted")
-                        summary["gate"] = dict(decision.counts)
-                        reference = (promotion.describe("base", base_model, config.model.id) if ref_model is None
-                                     else promotion.describe("promoted", ref_model, config.model.id, ref_record))
-                    if decision is None or decision.counts["promoted"]:
-                        lineage_doc = card_lineage(config, root, line, base_model, parent, sources, replay,
-                                                   train_chunks, trained, evaluation, base_eval,
-                                                   ref_eval, decision)
-                        pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
-                                     evaluation=evaluation, docs=docs, corpus=sources,
-                                     config=config.model_dump(mode="json"), lineage=lineage_doc)
-                        if pushed is not None:
-                            restored = push_stage.ensure_release(pushed, trained, str(root), digests.digest)
-                            if restored:
-                                run.stages[-1]["release_restored"] = restored
-                            if lineage and decision is not None:
-                                promotion.record_promotion(root, lineage, promotion.Promotion(
-                                    model_digest=trained.meta["model_digest"],
-                                    model_path=f"{trained.path}/model", release=pushed.counts["local_path"],
-                                    train_identity=identity, parent=summary["parent"],
-                                    reference={k: v for k, v in reference.items() if k != "location"},
-                                    validation_perplexity=decision.counts["validation_perplexity"],
-                                    general_perplexity=decision.counts["general_perplexity"],
-                                    reason=decision.counts["reason"], flow_run=str(flow_run.name),
-                                    at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    hub={"url": pushed.counts["hub_url"], "commit": pushed.counts["hub_commit"]}
-                                    if pushed.counts.get("hub_url") else None))
-                            digests.save()
-                    elif not run.stopped:  # refused: the release folder and the Hub stay as they were
-                        run.skip("push", f"gate refused: {decision.counts['reason']}")
+
+                decision = ref_eval = reference = None
+                if config.gate.enabled and not run.stopped:
+                    ref_model, ref_record, note = promotion.choose_reference(
+                        promos, trained.meta["model_digest"], root, digests.digest)
+                    log.info("gate: %s", note)
+                    reference = (promotion.describe("base", base_model, config.model.id) if ref_model is None
+                                 else promotion.describe("promoted", ref_model, config.model.id, ref_record))
+                    ref_eval = base_eval if ref_model is None else run(
+                        evaluate_base, "evaluate-reference", base_model=ref_model, **eval_inputs)
+                    decision = run(gate, gate=config.gate, evaluation=evaluation, reference_eval=ref_eval,
+                                   base_eval=base_eval, trained=trained, reference_kind=reference["kind"])
+                    summary["gate"] = dict(decision.counts)
+
+                if not run.stopped and decision is not None and not decision.counts["promoted"]:
+                    # Refused: the release folder and the Hub stay as they were.
+                    run.skip("push", f"gate refused: {decision.counts['reason']}")
+                elif not run.stopped:
+                    lineage_doc = card_lineage(config, root, line, base_model, parent, sources, replay, train_chunks,
+                                               trained, evaluation, base_eval, ref_eval, decision)
+                    pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
+                                 evaluation=evaluation, docs=docs, corpus=sources,
+                                 config=config.model_dump(mode="json"), lineage=lineage_doc)
+                    restored = push_stage.ensure_release(pushed, trained, str(root), digests.digest)
+                    if restored:
+                        run.stages[-1]["release_restored"] = restored
+                    if lineage and decision is not None:
+                        promotion.record_promotion(root, lineage, promotion.promotion_record(
+                            trained, pushed, decision, identity, parent, reference, str(flow_run.name)))
+                digests.save()
             summary["status"] = "Completed"
         except BaseException as e:
             summary["status"] = "Failed"
@@ -203,6 +172,32 @@ def continued_pretraining(
         finally:
             write_summary(summary, root)
     return summary
+
+
+def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, chunks: StageOutput,
+                  digests: DigestMemo, summary: dict[str, Any]) -> tuple[StageOutput, Fingerprint]:
+    """Replay text through the same cached stages as the corpus (all of it for training), then the mix stage:
+    the training set with replay. Also warns when the general evaluation corpus shares documents with it."""
+    replay_corpus = config.replay.corpus(config.corpus)
+    replay = fingerprint_corpus(replay_corpus, digest=digests.digest)
+    digests.save()
+    docs = run(load, "replay-load", True, corpus=replay_corpus, sources=replay,
+               files=[i["path"] for i in replay.items])
+    split = run(shuffle, "replay-shuffle", True, shuffle=config.shuffle, split=SplitConfig(validation_fraction=0.0),
+                docs=docs)
+    tokens = run(tokenize, "replay-tokenize", True, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
+                 trust_remote_code=config.model.trust_remote_code)
+    replay_chunks = run(chunk, "replay-chunk", True, chunk=config.chunk, tokens=tokens, split=split)
+    mixed = run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=chunks,
+                replay_chunks=replay_chunks)
+    if config.evaluate.general_corpus:
+        shared, total = replay_overlap(config.evaluate.general_corpus, docs, str(run.artifacts))
+        if shared:
+            msg = (f"replay: {shared} of the {total} documents of evaluate.general_corpus are also in replay.paths: "
+                   "the general perplexity (the forgetting measure) is contaminated; hold them out of the replay text")
+            run_logger().warning(msg)
+            summary["warnings"].append(msg)
+    return mixed, replay
 
 
 def card_lineage(config: CptConfig, root: Path, line: str | None, base_model: Fingerprint, parent: dict[str, Any],
@@ -222,7 +217,7 @@ def card_lineage(config: CptConfig, root: Path, line: str | None, base_model: Fi
     return {
         "model_digest": trained.meta["model_digest"],
         "base": {"id": config.model.id, "digest": base_model.digest},
-        "parent": {k: v for k, v in parent.items() if k != "location"},
+        "parent": promotion.without_location(parent),
         "corpus": sources.digest,
         "drops": drops,
         "replay": {"fraction": config.replay.fraction, "paths": config.replay.paths,

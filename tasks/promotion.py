@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,24 @@ def promoted_fingerprint(root: Path, record: Promotion, digest=hash_file) -> Fin
     if where is None:
         return None
     return Fingerprint(kind="model", digest=record.model_digest, location=str(where))
+
+
+def without_location(desc: dict[str, Any]) -> dict[str, Any]:
+    """A model description as records and cards keep it: where it sits now is not part of what it is."""
+    return {k: v for k, v in desc.items() if k != "location"}
+
+
+def promotion_record(trained, pushed, decision, identity: str, parent: dict[str, Any], reference: dict[str, Any],
+                     flow_run: str) -> Promotion:
+    """The record of a model the gate let through and push released (train, push and gate outputs)."""
+    c, hub = decision.counts, pushed.counts
+    return Promotion(
+        model_digest=trained.meta["model_digest"], model_path=f"{trained.path}/model", release=hub["local_path"],
+        train_identity=identity, parent=without_location(parent), reference=without_location(reference),
+        validation_perplexity=c["validation_perplexity"], general_perplexity=c["general_perplexity"],
+        reason=c["reason"], flow_run=flow_run, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        hub={"url": hub["hub_url"], "commit": hub.get("hub_commit")} if hub.get("hub_url") else None,
+    )
 
 
 def describe(kind: str, fingerprint: Fingerprint, model_id: str, record: Promotion | None = None) -> dict[str, Any]:
