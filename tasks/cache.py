@@ -366,6 +366,30 @@ def stage_task(name: str, *, modules: list[str] = (), libraries: list[str] = (),
     return deco
 
 
+# ------------------------------------------------------------------------------------- state files
+
+
+@contextlib.contextmanager
+def locked_state(path: Path, read: Callable[[], BaseModel]):
+    """Lock `path`, yield `read()`, and write it back atomically (temp file + rename) when the block ends
+    without error: a killed writer leaves the old state or the new one, and concurrent writers lose nothing.
+    flock is released by the kernel if the holder dies."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.stem}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        state = read()
+        yield state
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------- fingerprints
 
 

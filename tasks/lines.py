@@ -15,9 +15,7 @@ drop through the same cached per-file pieces as the pipeline, so the run that ad
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -93,24 +91,11 @@ def read_line(root: str | Path, line: str) -> LineState:
         raise ValueError(f"{path}: not a valid line state ({e}); fix or remove it") from None
 
 
-@contextlib.contextmanager
 def updating(root: str | Path, line: str):
     """Lock the line, yield its state, write it back atomically when the block ends without error."""
-    import fcntl
+    from tasks.cache import locked_state
 
-    path = state_file(root, line)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(f".{line}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
-        state = read_line(root, line)
-        yield state
-        tmp = path.with_name(f".{line}.{os.getpid()}.tmp")
-        tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return locked_state(state_file(root, line), lambda: read_line(root, line))
 
 
 def announce(root: str | Path, line: str, drop: str | Path) -> Drop:

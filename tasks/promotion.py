@@ -11,15 +11,13 @@ No Prefect, torch or transformers here.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.cache import Fingerprint, combine_digests, hash_file, verified_manifest
+from tasks.cache import Fingerprint, combine_digests, hash_file, locked_state, verified_manifest
 
 CARD = "README.md"
 
@@ -74,23 +72,8 @@ def read_promotions(root: str | Path, lineage: str | None) -> Promotions | None:
         raise ValueError(f"{path}: not a valid promotions file ({e}); fix or remove it") from None
 
 
-@contextlib.contextmanager
 def updating(root: str | Path, lineage: str):
-    import fcntl
-
-    path = state_file(root, lineage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(f".{lineage}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        state = read_promotions(root, lineage)
-        yield state
-        tmp = path.with_name(f".{lineage}.{os.getpid()}.tmp")
-        tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return locked_state(state_file(root, lineage), lambda: read_promotions(root, lineage))
 
 
 def record_promotion(root: str | Path, lineage: str, record: Promotion) -> None:
