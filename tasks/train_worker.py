@@ -148,7 +148,7 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
 def run(spec: dict[str, Any]) -> None:
     import torch
     from accelerate import PartialState
-    from datasets import load_from_disk
+    from datasets import disable_caching, load_from_disk
     from trl import SFTConfig, SFTTrainer
 
     train = TrainConfig(**spec["train"])
@@ -163,6 +163,9 @@ def run(spec: dict[str, Any]) -> None:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
 
+    # The chunks are a published cache entry, immutable: without this, the trainer's dataset maps (packing,
+    # collation prep) would write their `cache-*.arrow` files into it. Now they go to a temp dir of this process.
+    disable_caching()
     data = load_from_disk(spec["chunks_dir"]).select_columns(["input_ids", "labels"])
     has_validation = len(data["validation"]) > 0
     optim, why = choose_optimizer(train.optim, train.optim_fallback, device)

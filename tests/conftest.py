@@ -66,3 +66,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def touched_entries(artifacts: Path) -> list[str]:
+    """Cache entries holding files their manifest does not list (something wrote into them after publish)."""
+    from tasks.cache import MANIFEST, read_manifest
+
+    bad = []
+    for manifest_file in (artifacts / "cache").glob(f"*/*/{MANIFEST}"):
+        entry = manifest_file.parent
+        listed = set(read_manifest(entry).files) | {MANIFEST}
+        extra = {p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file()} - listed
+        if extra:
+            bad.append(f"{entry.relative_to(artifacts)}: {sorted(extra)}")
+    return bad

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sample_texts, write_jsonl
+from conftest import sample_texts, touched_entries, write_jsonl
 from tasks.config import validate_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -46,6 +46,8 @@ def test_end_to_end_learns_and_reruns_only_what_changed(config, artifacts):
 
     t = stages["train"]["counts"]
     assert t["last_loss"] < t["first_loss"] and t["global_step"] == 16
+    # Published entries are immutable: training (packing maps the dataset) wrote nothing into the chunks.
+    assert not touched_entries(artifacts)
     assert t["padding_fraction"] == 0.0  # packing is padding-free
     e = stages["evaluate"]["counts"]
     assert e["validation_perplexity_after"] < e["validation_perplexity_before"]

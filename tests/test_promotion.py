@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sample_texts, write_jsonl
+from conftest import sample_texts, touched_entries, write_jsonl
 from tasks.config import GateConfig, validate_config
 from tasks.gate import decide
 
@@ -256,6 +256,7 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     assert t["replay_trained_tokens"] == counted["replay"] and t["domain_trained_tokens"] == counted["domain"]
     assert len(mixed["validation"]) == stages["chunk"]["counts"]["validation_chunks"]  # validation: domain only
     assert not set(mixed["validation"]["doc_id"]) & replay_ids
+    assert not touched_entries(artifacts)  # the trainer read the mix entry without writing into it
 
     # The card: base, parent, corpus and drop fingerprints, replay, evaluation table, gate decision.
     assert result["promoted"] is True
