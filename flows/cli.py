@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     promos.add_argument("--json", action="store_true", help="print the promotions file's JSON")
     promos.add_argument("--artifacts", metavar="DIR")
 
+    cache = sub.add_parser("cache", help="check the stage cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    verify = cache_sub.add_parser("verify", help="check every entry: file sizes and referenced entries (cheap), or "
+                                                 "every byte against its digest (--full)")
+    verify.add_argument("--full", action="store_true", help="also compare every file with its recorded digest")
+    verify.add_argument("--discard", action="store_true", help="remove damaged entries: the next run rebuilds them")
+    verify.add_argument("--artifacts", metavar="DIR")
+
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
     emit.add_argument("--event", default=DROP_EVENT)
@@ -207,6 +215,23 @@ def cmd_promotions(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from tasks.cache import artifacts_root, verify_entries
+
+    root = artifacts_root(args.artifacts)
+    checked, damaged = 0, 0
+    for entry, why in verify_entries(root, full=args.full, discard=args.discard):
+        checked += 1
+        if why is not None:
+            damaged += 1
+            print(f"damaged: {entry.relative_to(root)}: {why}" + ("; discarded" if args.discard else ""))
+    how = "sizes and contents" if args.full else "sizes (add --full to read every byte)"
+    print(f"{checked} entries checked by {how}: {damaged} damaged"
+          + ("" if not damaged or args.discard else "; `cpt cache verify --discard` removes them, the next run "
+                                                    "rebuilds them"))
+    return 1 if damaged and not args.discard else 0
+
+
 def cmd_emit_drop(args) -> int:
     _prefect_env()
     from prefect.events import emit_event
@@ -257,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import ConfigError
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
-                "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "emit-drop": cmd_emit_drop,
+                "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,
+                "emit-drop": cmd_emit_drop,
                 "serve": cmd_serve}
     try:
         return handlers[args.command](args)

@@ -65,6 +65,8 @@ class StageOutput(BaseModel):
     deps: list[str] = []
     # Every file of the entry with its size, checked on read: a truncated or deleted file is a miss.
     files: dict[str, int] = {}
+    # Every file's content digest (blake2b-128), checked by `cpt cache verify --full`.
+    digests: dict[str, str] = {}
 
     def dir(self, artifacts: str | Path) -> Path:
         return Path(artifacts) / self.path
@@ -157,6 +159,45 @@ def damage(directory: Path, manifest: StageOutput, artifacts: Path) -> str | Non
         if why is not None:
             return f"it refers to {dep}, where {why}"
     return None
+
+
+def content_damage(directory: Path, manifest: StageOutput) -> str | None:
+    """`damage` by content: a file whose digest is not the one recorded at publish (a flipped bit keeps the
+    size). Reads every byte: for `cpt cache verify --full`, not for every lookup."""
+    for name, digest in manifest.digests.items():
+        try:
+            actual = hash_file(directory / name)
+        except OSError:
+            return f"{name} is missing"
+        if actual != digest:
+            return f"{name} does not have the content it was published with"
+    return None
+
+
+def verify_entries(artifacts: str | Path, full: bool = False, discard: bool = False):
+    """Every published entry of the cache: yields (entry path, why it is damaged or None). Sizes (and the
+    entries it refers to) always, contents too with `full`. With `discard`, a damaged entry is removed with its
+    result record, so the next run rebuilds it."""
+    artifacts = Path(artifacts)
+    for manifest_file in sorted((artifacts / "cache").glob(f"*/*/{MANIFEST}")):
+        entry = manifest_file.parent
+        manifest = read_manifest(entry)
+        if manifest is None:
+            why = "its manifest is unreadable"
+        else:
+            why = damage(entry, manifest, artifacts) or (content_damage(entry, manifest) if full else None)
+        if why is not None and discard:
+            discard_entry(artifacts, entry)
+        yield entry, why
+
+
+def discard_entry(artifacts: Path, entry: Path) -> None:
+    """Remove a damaged entry: moved aside first (one rename), so no reader sees it half-deleted."""
+    trash = entry.parent / f"{_TMP_PREFIX}{entry.name}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"
+    os.replace(entry, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (records_dir(artifacts) / entry.name).unlink()
 
 
 def verified_manifest(directory: Path, artifacts: Path) -> StageOutput | None:
@@ -289,10 +330,12 @@ def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build
         result = build(tmp)
         counts, meta = result[:2]
         extra = result[2] if len(result) > 2 else {}  # content / deps, for outputs that have them
-        files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        paths = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in paths}
+        digests = {f.relative_to(tmp).as_posix(): hash_file(f) for f in paths}
         manifest = StageOutput(
             stage=stage, key=key, path=final.relative_to(artifacts).as_posix(), counts=counts, meta=meta,
-            files=files, **extra,
+            files=files, digests=digests, **extra,
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
         if final.exists():

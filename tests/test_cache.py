@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 import sys
 
 import pytest
@@ -160,3 +161,44 @@ def test_digest_memo_reads_an_unchanged_file_once_and_a_changed_one_again(tmp_pa
     assert again.digest(f) == d1 and len(reads) == 1
     f.write_bytes(b"b" * 1000)  # same size: the mtime moves
     assert again.digest(f) != d1 and len(reads) == 2
+
+
+def test_cache_verify_finds_a_flipped_byte_by_digest_and_a_truncated_file_by_size(tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.cache import publish, read_manifest
+
+    root = tmp_path / "artifacts"
+
+    def build(tmp):
+        (tmp / "data.bin").write_bytes(b"0123456789" * 100)
+        return {}, {}
+
+    a = publish(root, "stage-a", "stage-a-1", build)
+    b = publish(root, "stage-b", "stage-b-1", build)
+    assert read_manifest(a.dir(root)).digests["data.bin"]
+    probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+             "heavy = [m for m in ('prefect', 'torch', 'transformers', 'datasets') if m in sys.modules]; "
+             "print('HEAVY', heavy); sys.exit(rc)")
+
+    def verify(*flags):
+        return subprocess.run([sys.executable, "-c", probe, "cache", "verify", *flags, "--artifacts", str(root)],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+
+    out = verify("--full")
+    assert out.returncode == 0 and "2 entries checked by sizes and contents: 0 damaged" in out.stdout
+    assert "HEAVY []" in out.stdout
+    with open(a.dir(root) / "data.bin", "r+b") as f:  # same size, one byte changed
+        f.seek(500)
+        f.write(b"X")
+    (b.dir(root) / "data.bin").write_bytes(b"short")
+    out = verify()
+    assert out.returncode == 1 and "damaged: cache/stage-b/stage-b-1: data.bin has 5 bytes" in out.stdout
+    assert "stage-a" not in out.stdout  # a flipped byte keeps the size: only --full sees it
+    out = verify("--full")
+    assert out.returncode == 1 and "damaged: cache/stage-a/stage-a-1: data.bin does not have the content" in out.stdout
+    out = verify("--full", "--discard")
+    assert out.returncode == 0 and out.stdout.count("discarded") == 2
+    assert not a.dir(root).exists() and not b.dir(root).exists()
+    assert verify("--full").stdout.startswith("0 entries checked")
