@@ -155,8 +155,8 @@ def continued_pretraining(
                     lineage_doc = card_lineage(config, root, line, base_model, parent, sources, replay, train_chunks,
                                                trained, evaluation, base_eval, ref_eval, decision)
                     pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
-                                 evaluation=evaluation, docs=docs, corpus=sources,
-                                 config=config.model_dump(mode="json"), lineage=lineage_doc)
+                                 evaluation=evaluation, docs=docs, corpus=sources, config=config,
+                                 decision=decision, lineage=lineage_doc)
                     restored = push_stage.ensure_release(pushed, trained, str(root), digests.digest)
                     if restored:
                         run.stages[-1]["release_restored"] = restored

@@ -92,9 +92,10 @@ def records_dir(artifacts: str | Path) -> Path:
 
 
 _CODE_VERSIONS: dict[str, str] = {}
-# Parameters that say where to write (artifacts) or describe an input already keyed by content (train's
-# `parent` names the model whose digest is in `base_model`), not what to compute.
-KEY_EXCLUDED = frozenset({"artifacts", "parent"})
+# Parameters that say where to write (artifacts) or describe inputs already keyed by content, for logs and the
+# model card: train's `parent` (its digest is `base_model`), push's `base_model_id` (a path or hub id: the model
+# is keyed by digest) and `lineage` (drawn from push's keyed inputs, plus paths).
+KEY_EXCLUDED = frozenset({"artifacts", "parent", "base_model_id", "lineage"})
 
 
 def register_code_version(stage: str, modules: list[str], libraries: list[str]) -> str:
@@ -110,8 +111,8 @@ def register_code_version(stage: str, modules: list[str], libraries: list[str]) 
 def _canonical(value: Any) -> Any:
     if isinstance(value, (StageOutput, Fingerprint)):
         return value.key_material()
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+    if isinstance(value, BaseModel):  # a config section: its key material (less output-neutral fields)
+        return value.key_material() if hasattr(value, "key_material") else value.model_dump(mode="json")
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -7,7 +7,7 @@ The same `CptConfig` is the flow's parameter (Prefect renders it as a form), loa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,9 +24,22 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Fields that are not part of a cache key: settings proven not to change any output (batch sizes that
+    # only bound memory), and where an input sits when its content is keyed by a fingerprint (paths, model id).
+    KEY_NEUTRAL: ClassVar[frozenset[str]] = frozenset()
+
+    def key_material(self) -> dict[str, Any]:
+        """What of this section enters cache keys: every field less KEY_NEUTRAL, nested sections likewise."""
+        out = self.model_dump(mode="json", exclude=set(self.KEY_NEUTRAL))
+        for name in out:
+            value = getattr(self, name)
+            if isinstance(value, Section):
+                out[name] = value.key_material()
+        return out
 
 
 class CorpusConfig(Section):
+    KEY_NEUTRAL = frozenset({"paths", "exclude"})  # the files are keyed by their content (the load fingerprint)
     paths: list[str] = Field(
         default_factory=list,
         description="Files, globs or folders. Formats by extension: .jsonl, .json (array or lines), "
@@ -87,6 +100,7 @@ class DropsConfig(Section):
 
 
 class ModelConfig(Section):
+    KEY_NEUTRAL = frozenset({"id"})  # stages key the model and tokenizer by content digest (or hub commit)
     id: str = Field(
         ..., description="Hub id (e.g. unsloth/gemma-3-1b-pt) or a local directory; its tokenizer is the one used."
     )
@@ -117,6 +131,7 @@ class SplitConfig(Section):
 
 
 class TokenizeConfig(Section):
+    KEY_NEUTRAL = frozenset({"batch_size", "batch_bytes"})  # the same ids whatever the batching
     batch_size: int = Field(
         1000, ge=1, description="Documents per tokenizer call; the fast tokenizer spreads a batch over all cores."
     )
@@ -155,6 +170,7 @@ class ChunkConfig(Section):
 
 
 class TrainConfig(Section):
+    KEY_NEUTRAL = frozenset({"dataloader_num_workers"})  # how batches are fetched, not what they hold
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training chunks (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides num_train_epochs.")
     per_device_train_batch_size: int = Field(2, ge=1, description="Rows per device per micro-batch.")
@@ -228,6 +244,7 @@ class GenerationConfig(Section):
 
 
 class EvaluateConfig(Section):
+    KEY_NEUTRAL = frozenset({"batch_size", "general_corpus"})  # the general corpus is keyed by its fingerprint
     prompts: list[str] = Field(
         default_factory=list, description="Prompts generated from before and after training (the seed's questions)."
     )
@@ -244,6 +261,7 @@ class EvaluateConfig(Section):
 class ReplayConfig(Section):
     """General text mixed into training so continued pretraining does not erode what the base model knew."""
 
+    KEY_NEUTRAL = frozenset({"paths"})  # the replay files are keyed by their content
     paths: list[str] = Field(
         default_factory=list, description="General-text files, globs or folders (read like corpus.paths): a sample "
         "of what the base model was pretrained on."

@@ -426,7 +426,7 @@ def source_names(files: list[Path]) -> list[str]:
 
 def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
     """What decides how one file is read: everything but the list of paths."""
-    return corpus.model_dump(mode="json", exclude={"paths", "exclude"})
+    return corpus.key_material()
 
 
 register_code_version("load-file", ["tasks.load", "tasks.config"], ["pyarrow"])

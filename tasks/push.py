@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from tasks.cache import Fingerprint, StageOutput, current_key, publish, stage_task
-from tasks.config import PushConfig
+from tasks.config import CptConfig, PushConfig
 from tasks.report import markdown_artifact, run_logger
 
 CARD = "README.md"
@@ -188,13 +188,12 @@ RELEASE_CARD = "card.md"  # the release's card, kept in the push entry so a lost
 
 @stage_task("push", modules=["tasks.config", "tasks.report", "tasks.promotion"], libraries=["huggingface_hub"])
 def push(push: PushConfig, base_model_id: str, trained: StageOutput, evaluation: StageOutput,
-         docs: StageOutput, corpus: Fingerprint, config: dict[str, Any], artifacts: str,
-         lineage: dict[str, Any] | None = None) -> StageOutput:
+         docs: StageOutput, corpus: Fingerprint, config: CptConfig, artifacts: str,
+         decision: StageOutput | None = None, lineage: dict[str, Any] | None = None) -> StageOutput:
     """Save the promoted model as the release folder (a verified copy: see `ensure_release`), with a card that
     records its lineage, and upload it as a new Hub revision."""
-    key = current_key("push", {"push": push, "base_model_id": base_model_id, "trained": trained,
-                               "evaluation": evaluation, "docs": docs, "corpus": corpus, "config": config,
-                               "lineage": lineage})
+    key = current_key("push", {"push": push, "trained": trained, "evaluation": evaluation, "docs": docs,
+                               "corpus": corpus, "config": config, "decision": decision})
     log = run_logger()
     name = push.name or default_name(base_model_id, key)
     dest = Path(artifacts) / "models" / name
@@ -203,8 +202,8 @@ def push(push: PushConfig, base_model_id: str, trained: StageOutput, evaluation:
         from tasks.promotion import model_digest
 
         eval_md = (evaluation.dir(artifacts) / "eval.md").read_text(encoding="utf-8")
-        card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts}, config, eval_md,
-                          lineage)
+        card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts},
+                          config.model_dump(mode="json"), eval_md, lineage)
         model_dir = trained.dir(artifacts) / "model"
         digest = model_digest(model_dir)
         save_release(model_dir, dest, card)

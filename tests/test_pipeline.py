@@ -208,3 +208,26 @@ def test_general_corpus_perplexity_shows_forgetting(config, artifacts, tmp_path)
     doc = json.loads((Path(stages["evaluate"]["output"]) / "eval.json").read_text())
     assert set(doc["perplexity"]["general"]) >= {"before", "after", "relative_change"}
     assert "perplexity (general)" in (Path(stages["evaluate"]["output"]) / "eval.md").read_text()
+
+
+def test_output_neutral_settings_and_moved_inputs_keep_every_stage_cached(config, artifacts, tmp_path, tiny_model):
+    import shutil
+
+    states, _ = run(config, artifacts)
+    assert set(states.values()) == {"Completed"}
+    # Settings that bound memory or fetch batches differently: the same outputs, so nothing reruns.
+    for section, values in [("tokenize", {"batch_size": 7}), ("tokenize", {"batch_bytes": 4096}),
+                            ("evaluate", {"batch_size": 3}), ("train", {"dataloader_num_workers": 1})]:
+        states, _ = run(config, artifacts, **{section: values})
+        assert set(states.values()) == {"Cached"}, (section, values, states)
+    # The same model and corpus at other paths: keyed by content, so nothing retrains; load re-assembles its
+    # provenance column (source = path:line) from cached pieces, nothing else reruns.
+    moved_model = shutil.copytree(tiny_model, tmp_path / "elsewhere" / "model")
+    states, _ = run(config, artifacts, model={"id": str(moved_model)})
+    assert set(states.values()) == {"Cached"}, states
+    moved_corpus = tmp_path / "moved" / "corpus.jsonl"
+    moved_corpus.parent.mkdir()
+    shutil.copyfile(config["corpus"]["paths"][0], moved_corpus)
+    states, stages = run(config, artifacts, corpus={"paths": [str(moved_corpus)]}, model={"id": str(moved_model)})
+    assert states == {**dict.fromkeys(ALL_STAGES, "Cached"), "load": "Completed"}, states
+    assert stages["load"]["counts"]["files_read"] == 0
