@@ -231,3 +231,19 @@ def test_output_neutral_settings_and_moved_inputs_keep_every_stage_cached(config
     states, stages = run(config, artifacts, corpus={"paths": [str(moved_corpus)]}, model={"id": str(moved_model)})
     assert states == {**dict.fromkeys(ALL_STAGES, "Cached"), "load": "Completed"}, states
     assert stages["load"]["counts"]["files_read"] == 0
+
+    # A fully cached run in a fresh process imports no torch, transformers, datasets or trl.
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = {**config, "corpus": {"paths": [str(moved_corpus)]}, "model": {"id": str(moved_model)}}
+    (tmp_path / "cached.yaml").write_text(yaml.safe_dump(cfg))
+    probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+             "print('HEAVY', [m for m in ('torch', 'transformers', 'datasets', 'trl', 'accelerate') "
+             "if m in sys.modules]); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", probe, "run", "-c", str(tmp_path / "cached.yaml"), "--artifacts",
+                          str(artifacts)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert out.returncode == 0 and "HEAVY []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("Cached") == len(ALL_STAGES), out.stdout
