@@ -7,19 +7,20 @@ before anything is chunked — the seed notebook's analysis, kept with the run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 
-from tasks.cache import StageOutput, current_key, publish, stage_task
-from tasks.chunk import chunk_lengths
+from tasks.cache import StageOutput, current_key, publish, publish_piece, register_code_version, stage_key, stage_task
+from tasks.chunk import chunk_lengths, rows_by_part
 from tasks.config import ChunkConfig, TokenStatsConfig
 from tasks.report import markdown_artifact, markdown_table, png_data_uri, run_logger, table_artifact
 from tasks.load import read_arrow
 from tasks.shuffle import SPLITS
-from tasks.tokenize import part_token_files
+from tasks.tokenize import token_file
 
 STAT_NAMES = ("count", "total", "mean", "median", "min", "max", "std", "p90", "p95", "p99")
 
@@ -46,17 +47,39 @@ def length_stats(lengths: np.ndarray) -> dict[str, float | int]:
 def part_lengths(token_files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Token counts of every document of the per-file token outputs, concatenated in part order, and the
     offset of each part's first document in that array."""
-    per_part = [pc.list_value_length(read_arrow(f).column("input_ids")).to_numpy(zero_copy_only=False)
-                for f in token_files]
+    per_part = [file_lengths(f) for f in token_files]
     offsets = np.concatenate(([0], np.cumsum([len(x) for x in per_part]))).astype(np.int64)
     every = np.concatenate(per_part) if per_part else np.zeros(0, dtype=np.int64)
     return every, offsets
 
 
-def document_lengths(every: np.ndarray, offsets: np.ndarray, split_file: Path) -> np.ndarray:
-    """Token counts of a split's documents, in the split's order."""
-    index = read_arrow(split_file)
-    return every[offsets[index.column("part").to_numpy()] + index.column("row").to_numpy()]
+def file_lengths(token_file: Path) -> np.ndarray:
+    """Token counts of the documents of one per-file token output (list lengths: no token is read)."""
+    return pc.list_value_length(read_arrow(token_file).column("input_ids")).to_numpy(zero_copy_only=False)
+
+
+def part_split_lengths(token_file: Path, rows: dict[str, np.ndarray], chunk: ChunkConfig,
+                       has_bos: bool) -> dict[str, dict[str, np.ndarray]]:
+    """One source file's share of each split: its documents' token counts and those of the chunks they become."""
+    lengths = file_lengths(token_file)
+    out = {}
+    for split, r in rows.items():
+        docs = lengths[r].astype(np.int64)
+        out[split] = {"documents": docs,
+                      "chunks": chunk_lengths(docs, chunk, has_bos) if len(docs) else np.zeros(0, dtype=np.int64)}
+    return out
+
+
+def merge_lengths(parts: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """The per-file shares concatenated: statistics and histograms of the whole are exact, not merged
+    summaries (an int64 per document and per chunk is small)."""
+    return {split: {kind: np.concatenate([p[split][kind] for p in parts]) if parts else np.zeros(0, np.int64)
+                    for kind in ("documents", "chunks")} for split in SPLITS}
+
+
+def stats_rows(lengths: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    return [{"split": split, "unit": kind, **length_stats(lengths[split][kind])}
+            for split in SPLITS for kind in ("documents", "chunks")]
 
 
 def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: Path, title: str) -> None:
@@ -90,15 +113,41 @@ def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: 
 
 def compute_token_stats(token_files: list[Path], split_dir: Path, chunk: ChunkConfig,
                         has_bos: bool) -> tuple[list[dict], dict]:
-    rows, lengths = [], {}
-    every, offsets = part_lengths(token_files)
-    for split in SPLITS:
-        docs = document_lengths(every, offsets, split_dir / f"{split}.arrow")
-        chunks = chunk_lengths(docs, chunk, has_bos) if len(docs) else np.zeros(0, dtype=np.int64)
-        lengths[split] = {"documents": docs, "chunks": chunks}
-        for kind, values in lengths[split].items():
-            rows.append({"split": split, "unit": kind, **length_stats(values)})
-    return rows, lengths
+    """Statistics of the whole corpus from its per-file shares (what the stage does, without the cache)."""
+    by_split = {name: rows_by_part(split_dir / f"{name}.arrow", len(token_files)) for name in SPLITS}
+    lengths = merge_lengths([part_split_lengths(f, {name: by_split[name][p] for name in SPLITS}, chunk, has_bos)
+                             for p, f in enumerate(token_files)])
+    return stats_rows(lengths), lengths
+
+
+PIECE_FILES = {(split, kind): f"{split}_{kind}.npy" for split in SPLITS for kind in ("documents", "chunks")}
+register_code_version("token-stats-part", ["tasks.token_stats", "tasks.chunk"], ["numpy", "pyarrow"])
+
+
+def token_stats_pieces(tokens: StageOutput, split: StageOutput, chunk: ChunkConfig, has_bos: bool,
+                       artifacts: str) -> tuple[dict, int]:
+    """Each source file's lengths, cached by its tokens, its documents' splits and the chunk settings: a drop
+    measures only its own files. Returns the merged lengths and how many files were measured now."""
+    parts = tokens.meta["parts"]
+    by_split = {name: rows_by_part(split.dir(artifacts) / f"{name}.arrow", len(parts)) for name in SPLITS}
+    shares, fresh = [], 0
+    for p, part in enumerate(parts):
+        rows = {name: by_split[name][p] for name in SPLITS}
+        assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
+        key = stage_key("token-stats-part", {"tokens": part["key"], "rows": assignment, "chunk": chunk,
+                                             "has_bos": has_bos})
+
+        def build(tmp: Path, part=part, rows=rows):
+            share = part_split_lengths(token_file(artifacts, part["path"]), rows, chunk, has_bos)
+            for (s, kind), name in PIECE_FILES.items():
+                np.save(tmp / name, share[s][kind])
+            return {"documents": int(sum(len(r) for r in rows.values()))}, {}
+
+        out, reused = publish_piece(artifacts, "token-stats-part", key, build)
+        fresh += not reused
+        shares.append({s: {kind: np.load(out.dir(artifacts) / PIECE_FILES[(s, kind)]) for kind in ("documents", "chunks")}
+                       for s in SPLITS})
+    return merge_lengths(shares), fresh
 
 
 @stage_task("token-stats", modules=["tasks.chunk", "tasks.report"], libraries=["numpy", "matplotlib"])
@@ -108,13 +157,15 @@ def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: Stage
     has_bos = tokens.meta["bos_id"] is not None
 
     def build(tmp: Path):
-        rows, lengths = compute_token_stats(part_token_files(tokens, artifacts), split.dir(artifacts), chunk, has_bos)
+        lengths, fresh = token_stats_pieces(tokens, split, chunk, has_bos, artifacts)
+        rows = stats_rows(lengths)
         (tmp / "stats.json").write_text(json.dumps(rows, indent=2))
         plot_histograms(lengths, token_stats.bins, tmp / "histogram.png",
                         f"Token lengths (max_seq_length {chunk.max_seq_length}, overlap {chunk.overlap})")
         table = markdown_table([{k: r[k] for k in ("split", "unit", *STAT_NAMES)} for r in rows])
         (tmp / "stats.md").write_text(f"# Token statistics\n\n{table}\n\n![histogram](histogram.png)\n")
         counts = {f"{r['split']}_{r['unit']}_{s}": r[s] for r in rows for s in ("count", "mean", "max", "p95")}
+        counts.update(files_measured=fresh, files_cached=len(tokens.meta["parts"]) - fresh)
         return counts, {}
 
     out = publish(artifacts, "token-stats", key, build)

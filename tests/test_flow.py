@@ -217,6 +217,13 @@ def test_a_new_file_is_the_only_one_read_and_tokenized(config, artifacts, corpus
     load, tokenize = after["stages"][0]["counts"], after["stages"][2]["counts"]
     assert (load["files"], load["files_read"], load["documents"]) == (3, 1, 120)
     assert (tokenize["files_tokenized"], tokenize["files_cached"]) == (1, 2)
+    # token-stats measures only the new file, and its statistics are exactly those of a cold run on all three.
+    stats = after["stages"][3]
+    assert (stats["counts"]["files_measured"], stats["counts"]["files_cached"]) == (1, 2)
+    _, cold = run(config, corpus.parent / "cold-artifacts")
+    assert cold["stages"][3]["counts"]["files_measured"] == 3
+    assert (Path(stats["output"]) / "stats.json").read_text() == \
+        (Path(cold["stages"][3]["output"]) / "stats.json").read_text()
 
 
 def test_split_and_chunks_do_not_depend_on_how_files_are_cut(config, artifacts, corpus, tmp_path):
