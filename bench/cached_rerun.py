@@ -30,10 +30,11 @@ BIN = Path(sys.executable).parent
 
 SKELETON = '''
 import sys
+from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import INPUTS
 
-@task(cache_policy=INPUTS, persist_result=True, result_serializer="json", result_storage=sys.argv[1])
+@task(cache_policy=INPUTS, persist_result=True, result_serializer="json", result_storage=Path(sys.argv[1]))
 def noop(i: int) -> int:
     return i
 
