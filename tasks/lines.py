@@ -225,7 +225,7 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config, tokeniz
         profile["validation_matches"] = len(drop_norms & validation)
 
     if drop_ids:
-        once = TokenizerOnce(tokenizer, config.model.trust_remote_code)
+        once = TokenizerOnce(tokenizer, config.model.trust_remote_code, artifacts)
 
         def lengths_of(pieces) -> np.ndarray:
             parts = [{"key": o.key, "path": o.path, "documents": o.counts["documents"]} for _, o, _ in pieces]

@@ -97,6 +97,68 @@ class Encoder:
         return self._fast(texts) if self.fast else self._slow(texts)
 
 
+class BackendEncoder:
+    """The Rust `tokenizers` backend alone, loaded from tokenizer.json without importing transformers or torch.
+    Used only for a tokenizer whose profile (below) showed that it gives the same ids as transformers' call."""
+
+    def __init__(self, tokenizer_json: Path):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(str(tokenizer_json))
+        # transformers turns these off for an untruncated, unpadded call; tokenizer.json may carry them.
+        self.backend.no_truncation()
+        self.backend.no_padding()
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+# Texts the profile compares both paths on: scripts, digits, code, odd whitespace, symbols, emoji, an empty one.
+PROBE_TEXTS = [
+    "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변: 이뇨제, 베타차단제 등을 사용합니다.",
+    "The quick brown fox jumps over the lazy dog. It's 3.14159 — or ~22/7!",
+    "def f(x):\n\treturn x ** 2  # 제곱\n\n\n    indented\r\nwindows line",
+    "  leading and trailing spaces  ", "日本語のテキストと中文文本。", "emoji 🙂👍🏽 and symbols ©®™ §¶ ∑∫√",
+    "URL https://example.com/a?b=c&d=e, e-mail a.b@c.de, #hashtag @mention", "", "1234567890 0x1F 1e-5 -42",
+    "Ünïcödé àccents ßtraße ǅ ﬁ ligature", "\u200bzero\u200dwidth\ufeffbom",
+]
+
+
+def profile_path(artifacts: str | Path, tokenizer: Fingerprint) -> Path:
+    import importlib.metadata as md
+
+    versions = f"{md.version('tokenizers')}-{md.version('transformers')}"
+    return Path(artifacts) / "cache" / "_tokenizers" / f"{tokenizer.digest}-{versions}.json"
+
+
+def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote_code: bool = False):
+    """Special tokens of the tokenizer and whether its Rust backend alone gives transformers' ids on PROBE_TEXTS,
+    worked out once per tokenizer content (and library versions) and kept in the cache: later processes
+    tokenize without importing transformers. Returns (profile, the transformers tokenizer if it was loaded)."""
+    import json
+    import os
+
+    path = profile_path(artifacts, tokenizer)
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError):
+        pass
+    tok = load_tokenizer(tokenizer.location, trust_remote_code)
+    tokenizer_json = Path(tokenizer.location) / "tokenizer.json"
+    backend = False
+    if tokenizer_json.is_file() and not trust_remote_code:
+        try:
+            backend = BackendEncoder(tokenizer_json)(PROBE_TEXTS) == Encoder(tok)._slow(PROBE_TEXTS)
+        except Exception:  # a tokenizer.json the backend cannot read: transformers' path
+            backend = False
+    profile = {**special_tokens(tok), "backend": backend}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(profile))
+    os.replace(tmp, path)
+    return profile, tok
+
+
 def encode_batch(tok, texts: list[str], eos_id: int, encoder: Encoder | None = None) -> pa.ListArray:
     """One tokenizer call for the batch (spread over all cores by the Rust tokenizer), EOS appended."""
     ids = (encoder or Encoder(tok))(texts)
@@ -128,7 +190,7 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
 
     reader = pa.ipc.open_file(pa.memory_map(str(src)))
     docs = tokens = 0
-    encoder = Encoder(tok)
+    encoder = tok if isinstance(tok, BackendEncoder) else Encoder(tok)
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, TOKEN_SCHEMA) as writer:
         for i in range(reader.num_record_batches):
             rb = reader.get_batch(i)
@@ -167,17 +229,23 @@ def tokenize_file_key(part_key: str, tokenize: TokenizeConfig, tokenizer: Finger
 
 
 class TokenizerOnce:
-    """The tokenizer, loaded on first use: a run whose pieces are all cached loads none (and imports no
-    transformers)."""
+    """The tokenizer, loaded on first use: a run whose pieces are all cached loads none. Where the tokenizer's
+    profile says its Rust backend gives the same ids, that backend alone is loaded (no transformers import,
+    ~2.5 s saved per process). Returns (tokenizer or BackendEncoder, special tokens)."""
 
-    def __init__(self, tokenizer: Fingerprint, trust_remote_code: bool):
-        self.fingerprint, self.trust_remote_code = tokenizer, trust_remote_code
+    def __init__(self, tokenizer: Fingerprint, trust_remote_code: bool, artifacts: str | Path):
+        self.fingerprint, self.trust_remote_code, self.artifacts = tokenizer, trust_remote_code, artifacts
         self.loaded: tuple | None = None
 
     def __call__(self):
         if self.loaded is None:
-            tok = load_tokenizer(self.fingerprint.location, self.trust_remote_code)
-            self.loaded = (tok, special_tokens(tok))
+            profile, tok = tokenizer_profile(self.fingerprint, self.artifacts, self.trust_remote_code)
+            specials = {k: profile[k] for k in ("bos_id", "eos_id", "vocab_size")}
+            if profile["backend"]:
+                tok = BackendEncoder(Path(self.fingerprint.location) / "tokenizer.json")
+            elif tok is None:
+                tok = load_tokenizer(self.fingerprint.location, self.trust_remote_code)
+            self.loaded = (tok, specials)
         return self.loaded
 
 
@@ -186,7 +254,7 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
                     tokenizer_once: TokenizerOnce | None = None) -> list[tuple[StageOutput, bool]]:
     """Each load piece (`{"key", "path", "documents"}`) tokenized into its own cached piece, keyed by the load
     piece (so by file content), the tokenizer's content and the settings. Returns [(output, reused)]."""
-    once = tokenizer_once or TokenizerOnce(tokenizer, trust_remote_code)
+    once = tokenizer_once or TokenizerOnce(tokenizer, trust_remote_code, artifacts)
     pieces = []
     for part in parts:
         def build(tmp: Path, part=part):

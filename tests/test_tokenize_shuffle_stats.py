@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -160,3 +161,37 @@ def test_encoder_uses_the_fast_backend_only_when_it_agrees(tiny_model):
 
     other = Encoder(Preprocessing())
     assert other(["a", "b"]) == [[1, 2], [1, 2]] and other.fast is False
+
+
+def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(tiny_model, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from conftest import sample_texts
+    from tasks.config import ModelConfig
+    from tasks.tokenize import BackendEncoder, Encoder, TokenizerOnce, resolve_tokenizer, tokenizer_profile
+
+    fp = resolve_tokenizer(ModelConfig(id=str(tiny_model)))
+    profile, tok = tokenizer_profile(fp, tmp_path)
+    assert profile["backend"] is True and tok is not None
+    texts = sample_texts(50)
+    assert BackendEncoder(tiny_model / "tokenizer.json")(texts) == Encoder(tok)._slow(texts)
+    assert tokenizer_profile(fp, tmp_path) == (profile, None)  # kept: no tokenizer loaded the second time
+
+    probe = ("import sys; from tasks.config import ModelConfig; "
+             "from tasks.tokenize import TokenizerOnce, resolve_tokenizer; "
+             f"enc, sp = TokenizerOnce(resolve_tokenizer(ModelConfig(id={str(tiny_model)!r})), False, "
+             f"{str(tmp_path)!r})(); ids = enc(['질문: 고혈압']); "
+             "print(type(enc).__name__, sp['eos_id'], ids, [m for m in ('transformers', 'torch') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"BackendEncoder {tok.eos_token_id} {Encoder(tok)._slow(['질문: 고혈압'])} []")
+
+    # A tokenizer whose backend disagrees with transformers' call keeps transformers' path.
+    other = tmp_path / "other"
+    monkeypatch.setattr(Encoder, "_slow", lambda self, t: [[0] for _ in t])
+    profile, _ = tokenizer_profile(fp, other)
+    assert profile["backend"] is False
+    enc, _ = TokenizerOnce(fp, False, other)()
+    assert not isinstance(enc, BackendEncoder)
