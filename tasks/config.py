@@ -201,7 +201,8 @@ class TrainConfig(Section):
     )
     optim_fallback: str = Field("adamw_torch", description="Optimizer used where `optim` cannot run on the device.")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less GPU memory, ~30% slower. Off on CPU."
+        False, description="Recompute activations in backward: less GPU memory, ~30% slower. Turned off (and "
+        "logged) on CPU, where it would only cost time."
     )
     packing: bool = Field(
         False,

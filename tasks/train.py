@@ -88,6 +88,8 @@ def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_des
                 state["progress"].update(msg["step"])
             else:
                 state["progress"].update(msg["step"] - state["progress"].done)
+        elif event == "setting_off":
+            log.warning("train: %s: %s", msg["setting"], msg["reason"])
         elif event == "optimizer_fallback":
             log.warning("train: optimizer %s → %s (%s)", msg["requested"], msg["used"], msg["reason"])
         elif event == "start":

@@ -41,6 +41,14 @@ def choose_optimizer(optim: str, fallback: str, device: str) -> tuple[str, str |
     return optim, None
 
 
+def activation_checkpointing(requested: bool, device: str) -> tuple[bool, str | None]:
+    """(recompute activations in backward?, why a request was turned off). It only trades time for GPU memory:
+    on CPU, memory is not the limit and it would cost ~30% of the step time for nothing."""
+    if requested and device == "cpu":
+        return False, "gradient_checkpointing only saves GPU memory; off on CPU"
+    return requested, None
+
+
 def padding_fraction(dataloader, limit_batches: int | None = None) -> dict[str, float]:
     """Share of positions in the batches the model sees that are padding (labels -100 added by collation
     are not counted as padding; only positions with no token are)."""
@@ -171,6 +179,9 @@ def run(spec: dict[str, Any]) -> None:
     optim, why = choose_optimizer(train.optim, train.optim_fallback, device)
     if why and state.is_main_process:
         emit("optimizer_fallback", requested=train.optim, used=optim, reason=why)
+    checkpointing, why_not = activation_checkpointing(train.gradient_checkpointing, device)
+    if why_not and state.is_main_process:
+        emit("setting_off", setting="train.gradient_checkpointing", reason=why_not)
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = spec["tensorboard_dir"]
     args = SFTConfig(
@@ -191,7 +202,7 @@ def run(spec: dict[str, Any]) -> None:
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=optim,
-        activation_checkpointing=train.gradient_checkpointing,  # transformers 5's name for it
+        activation_checkpointing=checkpointing,  # transformers 5's name for gradient checkpointing
         gradient_checkpointing=None,
         logging_steps=train.logging_steps,
         eval_strategy="steps" if has_validation else "no",
@@ -267,6 +278,7 @@ def run(spec: dict[str, Any]) -> None:
             "dtype": str(dtype).removeprefix("torch."),
             "optim": optim,
             "optim_fallback_reason": why,
+            "gradient_checkpointing": checkpointing,
             **padding,
         }
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -81,3 +81,12 @@ def test_resume_skips_and_removes_checkpoints_cut_short(tmp_path):
             (d / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+def test_gradient_checkpointing_is_kept_on_a_gpu_and_turned_off_on_cpu():
+    from tasks.train_worker import activation_checkpointing
+
+    assert activation_checkpointing(True, "cuda") == (True, None)
+    assert activation_checkpointing(False, "cpu") == (False, None)
+    on, why = activation_checkpointing(True, "cpu")
+    assert on is False and "off on CPU" in why
