@@ -49,9 +49,21 @@ def activation_checkpointing(requested: bool, device: str) -> tuple[bool, str | 
     return requested, None
 
 
+def packed_padding_fraction(packed, max_length: int) -> dict[str, float]:
+    """With packing, the share of the packed rows' capacity (rows × max_length) that holds no token: what a
+    padded batch would carry, and what a padding-free batch saves computing but still wastes of each row's
+    room. Read from the packed dataset the trainer uses (Arrow list lengths, no Python loop)."""
+    import pyarrow.compute as pc
+
+    tokens = int(pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py() or 0)
+    positions = len(packed) * max_length
+    return {"padding_fraction": 0.0 if positions == 0 else 1 - tokens / positions, "positions": positions,
+            "tokens": tokens}
+
+
 def padding_fraction(dataloader, limit_batches: int | None = None) -> dict[str, float]:
-    """Share of positions in the batches the model sees that are padding (labels -100 added by collation
-    are not counted as padding; only positions with no token are)."""
+    """Without packing: the share of positions in the batches the model sees that are padding (labels -100 added
+    by collation are not counted as padding; only positions with no token are)."""
     real = total = 0
     for i, batch in enumerate(dataloader):
         if limit_batches is not None and i >= limit_batches:
@@ -237,7 +249,8 @@ def run(spec: dict[str, Any]) -> None:
         # transformers' WSD schedule needs its decay length in steps; the step count is known only now (packing
         # changes the number of rows).
         trainer.args.lr_scheduler_kwargs = {"num_decay_steps": decay_steps(train, trainer)}
-    padding = padding_fraction(trainer.get_train_dataloader())
+    padding = (packed_padding_fraction(trainer.train_dataset, spec["max_seq_length"]) if train.packing
+               else padding_fraction(trainer.get_train_dataloader()))
     if state.is_main_process:
         last_complete_checkpoint(checkpoints)  # clears cut-short checkpoints before any process looks
     state.wait_for_everyone()

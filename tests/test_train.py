@@ -90,3 +90,58 @@ def test_gradient_checkpointing_is_kept_on_a_gpu_and_turned_off_on_cpu():
     assert activation_checkpointing(False, "cpu") == (False, None)
     on, why = activation_checkpointing(True, "cpu")
     assert on is False and "off on CPU" in why
+
+
+def test_packed_padding_is_the_unfilled_room_of_the_packed_rows():
+    from datasets import Dataset
+
+    from tasks.train_worker import packed_padding_fraction
+
+    packed = Dataset.from_dict({"input_ids": [[1] * 48, [1] * 30, [1] * 20]})
+    assert packed_padding_fraction(packed, 48) == {"padding_fraction": pytest.approx(46 / 144), "positions": 144,
+                                                   "tokens": 98}
+
+
+def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_chunk_alone(tiny_model, tmp_path):
+    """Real chunk rows (overlap labelled -100) through SFTTrainer's own packing and dataloader: the loss it
+    computes on a packed batch equals the per-chunk losses computed alone with each chunk's labels, weighted by
+    their labelled tokens. Fails if packing dropped the overlap mask, or if chunks saw each other."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from conftest import sample_texts
+    from tasks.chunk import chunk_batch
+    from tasks.config import ChunkConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in sample_texts(6)]
+    table = chunk_batch(pa.array([str(i) for i in range(len(ids))]), pa.array(ids, pa.list_(pa.int32())),
+                        ChunkConfig(max_seq_length=48, overlap=16), tok.bos_token_id)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in table.to_pylist()]
+    masked = [r for r in rows if r["labels"][1] == -100]  # windows after a document's first: overlap masked
+    assert masked and len(masked) < len(rows)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    args = SFTConfig(output_dir=str(tmp_path), max_length=48, packing=True, packing_strategy="bfd", padding_free=True,
+                     per_device_train_batch_size=4, use_cpu=True, report_to=[], bf16=False, seed=0,
+                     activation_checkpointing=False, gradient_checkpointing=None)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows))
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        packed_loss = float(trainer.compute_loss(model, batch))
+        flat, positions = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        assert len(starts) > 2  # several chunks in the batch
+        weighted, labelled, saw_masked = 0.0, 0, False
+        for a, b in zip(starts[:-1], starts[1:]):
+            own = next(r for r in rows if r["input_ids"] == flat[a:b])
+            saw_masked |= own in masked
+            n = sum(label != -100 for label in own["labels"][1:])
+            loss = model(input_ids=torch.tensor([own["input_ids"]]), labels=torch.tensor([own["labels"]])).loss
+            weighted += float(loss) * n
+            labelled += n
+    assert saw_masked
+    assert packed_loss == pytest.approx(weighted / labelled, rel=1e-5)
