@@ -145,7 +145,7 @@ def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk
         metrics = train_model(spec, train.num_processes, log)
         counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
                                           "best_eval_loss", "stopped_early", "padding_fraction",
-                                          "tokens_per_second", "resumed_from", "seconds")}
+                                          "tokens_per_second", "resumed_from", "first_step", "seconds")}
         counts.update(source_tokens(chunks))
         counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
         return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],

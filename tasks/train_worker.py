@@ -87,6 +87,7 @@ def make_callbacks(train: TrainConfig, has_validation: bool):
             self.kill_after = int(os.environ.get("CPT_TEST_KILL_AFTER_SAVE_STEP", "0"))
             self.started = time.monotonic()
             self.tokens_at_begin = 0
+            self.first_step: int | None = None  # the first optimizer step this attempt ran (resume: checkpoint + 1)
 
         def on_train_begin(self, args, state, control, **kw):
             self.started = time.monotonic()
@@ -95,6 +96,8 @@ def make_callbacks(train: TrainConfig, has_validation: bool):
                 emit("begin", step=state.global_step, max_steps=state.max_steps)
 
         def on_step_end(self, args, state, control, **kw):
+            if self.first_step is None:
+                self.first_step = state.global_step
             if state.is_world_process_zero:
                 emit("progress", step=state.global_step, max_steps=state.max_steps,
                      seconds=round(time.monotonic() - self.started, 2))
@@ -284,6 +287,7 @@ def run(spec: dict[str, Any]) -> None:
             if trainer.state.best_model_checkpoint else None,
             "eval_losses": evals,
             "resumed_from": Path(resume).name if resume else None,
+            "first_step": reporter.first_step,
             "seconds": seconds,
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "tokens_per_second": trained_tokens / seconds if seconds > 0 else None,

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import sample_texts, touched_entries, write_jsonl
 from tasks.config import validate_config
@@ -108,6 +109,30 @@ def test_killed_training_resumes_from_its_last_checkpoint(config, artifacts, mon
     history = json.loads((Path(stages["train"]["output"]) / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h][:2] == [2, 4]  # the first attempt's log is kept
     assert not list((artifacts / "work" / "train").iterdir())  # checkpoints go once the model is published
+    # The resumed attempt really continued: its first optimizer step (the Trainer's own global_step in
+    # on_step_end) is the checkpoint's + 1, not 1 as in a silent restart.
+    assert t["first_step"] == 9
+
+    # And it ends where an uninterrupted run with the same seed ends: the same loss at every logged step and
+    # the same weights.
+    _, whole = run(config, artifacts.parent / "uninterrupted", until="train")
+    w = whole["train"]["counts"]
+    assert w["resumed_from"] is None and w["first_step"] == 1
+    reference = json.loads((Path(whole["train"]["output"]) / "log_history.json").read_text())
+
+    def losses(h):
+        return [(x["step"], x["loss"]) for x in h if "loss" in x]
+
+    assert [s for s, _ in losses(history)] == [s for s, _ in losses(reference)] == list(range(2, 17, 2))
+    for (_, resumed_loss), (_, reference_loss) in zip(losses(history), losses(reference)):
+        assert resumed_loss == pytest.approx(reference_loss, rel=1e-4)
+    from safetensors.torch import load_file
+
+    resumed = load_file(Path(stages["train"]["output"]) / "model" / "model.safetensors")
+    uninterrupted = load_file(Path(whole["train"]["output"]) / "model" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
 
 
 def test_early_stopping_keeps_the_best_model(config, artifacts):
