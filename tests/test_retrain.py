@@ -5,8 +5,11 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
+
+from tasks.cache import read_manifest
 
 from conftest import sample_texts, write_jsonl
 from flows.retrain import WRITING_MARKER, unsettled_files
@@ -170,7 +173,9 @@ def test_a_line_keeps_its_drops_gates_them_and_reads_each_once(config, texts, tm
     assert [d["status"] for d in fixed["drops"]] == ["removed", "active", "active"]
 
     # A deleted per-file piece is rebuilt (here while chunk settings change), never a crash.
-    victim = sorted(p for p in (artifacts / "cache" / "tokenize-file").iterdir() if not p.name.startswith("."))[0]
+    # (one the line's current tokenize output refers to: the cache also keeps the removed drop's pieces)
+    tokenize_out = next(s for s in fixed["pipeline"]["stages"] if s["name"] == "tokenize")["output"]
+    victim = artifacts / sorted(read_manifest(Path(tokenize_out)).deps)[0]
     shutil.rmtree(victim)
     cfg = config.model_copy(update={"chunk": config.chunk.model_copy(update={"max_seq_length": 80})})
     rebuilt = retrain(config=cfg, line="nightly", settle_seconds=60, artifacts=str(artifacts), force=True)
