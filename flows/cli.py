@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--corpus", type=Path, default=Path("samples/medical_ko.jsonl"),
                       help="JSONL corpus (content field) to train the tokenizer on")
-    tiny.add_argument("--vocab-size", type=int, default=1024)
+    # Sized so the demo's after-training generations are Korean text: a vocabulary that holds the corpus's
+    # syllables as whole tokens (no stray UTF-8 bytes) and enough depth to learn them in ~300 CPU steps.
+    tiny.add_argument("--vocab-size", type=int, default=8000)
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--force", action="store_true", help="rebuild even if out_dir already holds a model")
     return parser
 
@@ -272,7 +276,8 @@ def cmd_init_tiny_model(args) -> int:
     if (args.out_dir / "config.json").is_file() and not args.force:
         print(f"{args.out_dir}: tiny model already built (--force to rebuild)")
         return 0
-    path = build_tiny_model(args.out_dir, read_texts(args.corpus), vocab_size=args.vocab_size)
+    path = build_tiny_model(args.out_dir, read_texts(args.corpus), vocab_size=args.vocab_size,
+                            hidden_size=args.hidden_size, layers=args.layers)
     print(f"tiny model written to {path}")
     return 0
 
