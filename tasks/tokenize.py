@@ -217,11 +217,6 @@ def token_file(artifacts: str | Path, piece_path: str) -> Path:
     return Path(artifacts) / piece_path / TOKENS_FILE
 
 
-def part_token_files(tokens: StageOutput, artifacts: str | Path) -> list[Path]:
-    """The per-file token outputs of a tokenize stage, in part order (the load stage's file order)."""
-    return [token_file(artifacts, p["path"]) for p in tokens.meta["parts"]]
-
-
 def tokenize_file_key(part_key: str, tokenize: TokenizeConfig, tokenizer: Fingerprint,
                       trust_remote_code: bool) -> str:
     return stage_key("tokenize-file", {"tokenize": tokenize, "tokenizer": tokenizer, "part": part_key,

@@ -130,7 +130,7 @@ def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk
     parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
 
     def build(tmp: Path):
-        from tasks.promotion import model_digest
+        from tasks.promotion import model_digest, without_location
 
         spec = {
             "model_location": base_model.location,
@@ -151,7 +151,7 @@ def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk
         return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
                         "model_dir": "model", "tensorboard": "tensorboard",
                         "model_digest": model_digest(tmp / "model"),
-                        "parent": {k: v for k, v in parent.items() if k != "location"}}
+                        "parent": without_location(parent)}
 
     out = publish(artifacts, "train", key, build)
     # The model is in the published output; checkpoints only served a resume of this key.
