@@ -396,9 +396,14 @@ def stage_task(name: str, *, modules: list[str] = (), libraries: list[str] = (),
     """Wrap a thin stage body as a Prefect task with the stage cache policy and a JSON result."""
 
     def deco(fn):
-        from prefect import task
-
         register_code_version(name, [fn.__module__, *modules], list(libraries))
+        try:
+            from prefect import task
+        except ImportError:
+            # A machine with the training stack but no orchestrator (a bare GPU box running bench/gpu_check.py):
+            # the stage's functions import and run; there is no task to schedule. Flows import Prefect
+            # themselves, so a missing install still fails loudly where it matters.
+            return fn
         return task(
             name=name,
             cache_policy=stage_cache_policy(),

@@ -145,7 +145,10 @@ def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk
         metrics = train_model(spec, train.num_processes, log)
         counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
                                           "best_eval_loss", "stopped_early", "padding_fraction",
-                                          "tokens_per_second", "resumed_from", "first_step", "seconds")}
+                                          "tokens_per_second", "trained_tokens_per_second", "resumed_from", "first_step",
+                                          "seconds")}
+        if metrics.get("peak_memory_bytes"):
+            counts["peak_memory_gib"] = round(metrics["peak_memory_bytes"] / 2**30, 2)
         counts.update(source_tokens(chunks))
         counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
         return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],

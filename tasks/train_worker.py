@@ -77,7 +77,71 @@ def padding_fraction(dataloader, limit_batches: int | None = None) -> dict[str, 
     return {"padding_fraction": 0.0 if total == 0 else 1 - real / total, "positions": total, "tokens": real}
 
 
-def make_callbacks(train: TrainConfig, has_validation: bool):
+class StepClock:
+    """Throughput of the optimizer steps alone, read from the batches the model really ran.
+
+    A forward pre-hook on the model counts, per training micro-batch, its positions (the rows' capacity),
+    tokens (positions holding a token) and trained tokens (labels that are targets: label != -100 after the
+    causal shift). A step's interval runs from the end of the previous step to the end of this one, so it holds
+    data loading, forward, backward and the optimizer; an interval in which a checkpoint was saved or an
+    evaluation ran is left out, and so are the first `warmup` steps (allocator growth, kernel selection,
+    compilation). On CUDA both ends synchronise, so the interval is the GPU's work, not the launch queue's.
+    """
+
+    def __init__(self, warmup: int = 2):
+        import torch
+
+        self.warmup = warmup
+        self.cuda = torch.cuda.is_available()
+        self.last: float | None = None
+        self.dirty = False  # a save or an evaluation happened since the last step ended
+        self.pending = [0, 0, 0]  # positions, tokens, trained tokens of the step under way
+        self.totals = {"timed_steps": 0, "timed_seconds": 0.0, "positions": 0, "tokens": 0, "trained_tokens": 0}
+
+    def hook(self, module, args, kwargs):
+        if not module.training:
+            return
+        ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+        if ids is None:
+            return
+        mask = kwargs.get("attention_mask")
+        self.pending[0] += ids.numel()
+        self.pending[1] += int(mask.sum()) if mask is not None else ids.numel()
+        if labels is not None:
+            self.pending[2] += int((labels[..., 1:] != -100).sum())
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def step_end(self, step: int, first_step: int) -> None:
+        now = self._now()
+        if self.last is not None and not self.dirty and step - first_step >= self.warmup:
+            t = self.totals
+            t["timed_steps"] += 1
+            t["timed_seconds"] += now - self.last
+            t["positions"] += self.pending[0]
+            t["tokens"] += self.pending[1]
+            t["trained_tokens"] += self.pending[2]
+        self.pending = [0, 0, 0]
+        self.dirty = False
+        self.last = self._now()
+
+    def metrics(self) -> dict[str, Any]:
+        t, s = self.totals, self.totals["timed_seconds"]
+        return {
+            "timed_steps": t["timed_steps"], "timed_seconds": s, "timed_positions": t["positions"],
+            "timed_tokens": t["tokens"], "timed_trained_tokens": t["trained_tokens"],
+            "tokens_per_second": t["tokens"] / s if s else None,
+            "trained_tokens_per_second": t["trained_tokens"] / s if s else None,
+            "batch_padding_fraction": 1 - t["tokens"] / t["positions"] if t["positions"] else None,
+        }
+
+
+def make_callbacks(train: TrainConfig, has_validation: bool, clock: StepClock | None = None):
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class Reporter(TrainerCallback):
@@ -98,6 +162,8 @@ def make_callbacks(train: TrainConfig, has_validation: bool):
         def on_step_end(self, args, state, control, **kw):
             if self.first_step is None:
                 self.first_step = state.global_step
+            if clock is not None:
+                clock.step_end(state.global_step, self.first_step)
             if state.is_world_process_zero:
                 emit("progress", step=state.global_step, max_steps=state.max_steps,
                      seconds=round(time.monotonic() - self.started, 2))
@@ -106,7 +172,13 @@ def make_callbacks(train: TrainConfig, has_validation: bool):
             if state.is_world_process_zero and logs:
                 emit("log", step=state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
+        def on_evaluate(self, args, state, control, **kw):
+            if clock is not None:
+                clock.dirty = True
+
         def on_save(self, args, state, control, **kw):
+            if clock is not None:
+                clock.dirty = True
             if self.kill_after and state.global_step >= self.kill_after:
                 emit("killed", step=state.global_step)
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -238,7 +310,8 @@ def run(spec: dict[str, Any]) -> None:
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
     )
-    callbacks = make_callbacks(train, has_validation)
+    clock = StepClock()
+    callbacks = make_callbacks(train, has_validation, clock)
     reporter = callbacks[0]
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tok,
@@ -248,6 +321,7 @@ def run(spec: dict[str, Any]) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
+    trainer.model.register_forward_pre_hook(clock.hook, with_kwargs=True)
     if train.lr_scheduler_type == "warmup_stable_decay":
         # transformers' WSD schedule needs its decay length in steps; the step count is known only now (packing
         # changes the number of rows).
@@ -290,7 +364,11 @@ def run(spec: dict[str, Any]) -> None:
             "first_step": reporter.first_step,
             "seconds": seconds,
             "tokens_seen": trainer.state.num_input_tokens_seen,
-            "tokens_per_second": trained_tokens / seconds if seconds > 0 else None,
+            # The whole train() call (evaluations, checkpoint saves and warm-up included), non-padding tokens:
+            "run_tokens_per_second": trained_tokens / seconds if seconds > 0 else None,
+            # The optimizer steps alone (StepClock): all tokens and trained tokens (label != -100) per second.
+            **clock.metrics(),
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
             "device": device,
             "dtype": str(dtype).removeprefix("torch."),
             "optim": optim,

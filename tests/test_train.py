@@ -145,3 +145,60 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
             labelled += n
     assert saw_masked
     assert packed_loss == pytest.approx(weighted / labelled, rel=1e-5)
+
+
+def test_step_clock_times_only_clean_steps_and_counts_trained_tokens_after_the_shift():
+    """The throughput window: warm-up steps and steps with a save or evaluation are left out; evaluation
+    forwards are not counted; a trained token is a label != -100 after the causal shift."""
+    from tasks.train_worker import StepClock
+
+    clock = StepClock(warmup=1)
+    module = torch.nn.Linear(1, 1)
+    ids = torch.ones(2, 4, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    labels = torch.tensor([[5, 5, -100, 5], [5, 5, -100, -100]])  # after the shift: 2 + 1 targets
+
+    def step(n, dirty=False, eval_forward=False):
+        if eval_forward:
+            module.eval()
+            clock.hook(module, (), {"input_ids": ids, "attention_mask": mask, "labels": labels})
+            module.train()
+        clock.hook(module, (), {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        clock.dirty = dirty
+        clock.step_end(n, first_step=1)
+
+    step(1)  # warm-up: not timed
+    step(2)  # timed
+    step(3, dirty=True)  # a checkpoint was saved in this interval: not timed
+    step(4, eval_forward=True)  # timed; the evaluation forward is not a training token
+    m = clock.metrics()
+    assert m["timed_steps"] == 2
+    assert (m["timed_positions"], m["timed_tokens"], m["timed_trained_tokens"]) == (16, 12, 6)
+    assert m["batch_padding_fraction"] == pytest.approx(4 / 16)
+    assert m["trained_tokens_per_second"] == pytest.approx(6 / m["timed_seconds"])
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    """bench/gpu_check.py's whole path on a tiny Gemma 3: the seed's chunker and settings against cpt's packing,
+    each through the train stage's child. The seed pads its short rows and trains every label (overlap twice);
+    cpt's packed rows carry no padding and leave BOS and the masked overlap untrained."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.gpu_check import main
+
+    steps = 5
+    main(["--shape", "tiny", "--steps", str(steps), "--settings", "seed,cpt-sdpa", "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "results.json").read_text())["settings"]
+    seed, cpt = r["seed"], r["cpt-sdpa"]
+    assert "error" not in seed and "error" not in cpt, (seed.get("log"), cpt.get("log"))
+    for row in (seed, cpt):
+        assert row["timed_steps"] == steps - 2  # two warm-up steps; no save or evaluation inside the run
+        assert 0 < row["trained_tokens_per_second"] <= row["tokens_per_second"]
+    assert seed["batch_padding"] > 0.1
+    assert seed["trained_tokens_per_second"] / seed["tokens_per_second"] > 0.99
+    assert cpt["batch_padding"] == 0.0 and cpt["row_padding"] < 0.05
+    assert cpt["trained_tokens_per_second"] / cpt["tokens_per_second"] < 0.95
+    assert cpt["vs_seed_trained"] == pytest.approx(cpt["trained_tokens_per_second"] / seed["trained_tokens_per_second"])

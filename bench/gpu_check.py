@@ -1,0 +1,262 @@
+"""The GPU path, measured: the seed notebook's training settings against cpt's best, on the real train stage.
+
+One short script (a few minutes on one H100/H200). It builds a Gemma-3-1B-shaped model at random
+initialisation from a config (no download; the full 262,144-token vocabulary, so the LM head costs what it
+costs in the real model) and synthetic documents of realistic lengths (log-normal, median ~400 tokens, random
+ids). Each setting runs the train stage's own child, `accelerate launch -m tasks.train_worker`, for
+`--steps` optimizer steps:
+
+- seed:  the notebook's settings — its chunker (1000-token windows, stride 500, no EOS, overlap trained
+         twice), no packing, batch 2 x accumulation 4, activation checkpointing, eager attention, bf16,
+         paged_adamw_8bit;
+- cpt sdpa / cpt flex: cpt's chunker (same 1000/500 windows, EOS per document, overlap masked), packing with
+         position ids restarting per chunk (padding-free), batch 8 x 1, no activation checkpointing, bf16,
+         paged_adamw_8bit; attention by sdpa (transformers derives the per-chunk block mask from the position
+         ids) or flex_attention (block-sparse: masked blocks are skipped).
+
+Throughput is the worker's StepClock: optimizer steps only (the first 2 and any step with a checkpoint save
+or evaluation left out), synchronised with the GPU, tokens counted from the batches the model ran. Printed per
+setting: tokens/s over all tokens and over trained tokens (label != -100), MFU, peak GPU memory, padding, and
+the ratio to the seed in trained tokens/s.
+
+MFU = tokens/s x 6N / peak, N the model's parameters (attention-score FLOPs left out: a lower bound), peak the
+card's dense bf16 rate from its datasheet (989 TFLOP/s for H100/H200 SXM).
+
+On CPU `--shape tiny` runs the same path on a tiny Gemma-3 (the suite's smoke test).
+
+    python bench/gpu_check.py [--shape gemma-3-1b|tiny] [--steps 30] [--out DIR] [--settings seed,cpt-sdpa]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CPT_NO_PROGRESS", "1")
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+SEQ, OVERLAP = 1000, 500
+
+SHAPES = {
+    # google/gemma-3-1b-pt's config.json, less its weights.
+    "gemma-3-1b": dict(vocab_size=262_144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                       max_position_embeddings=32_768, query_pre_attn_scalar=256),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, sliding_window=64, max_position_embeddings=2048,
+                 query_pre_attn_scalar=32),
+}
+
+SETTINGS = {
+    "seed": dict(chunker="seed", attn="eager", packing=False, batch=2, accumulation=4, checkpointing=True),
+    "cpt-sdpa": dict(chunker="cpt", attn="sdpa", packing=True, batch=8, accumulation=1, checkpointing=False),
+    "cpt-flex": dict(chunker="cpt", attn="flex_attention", packing=True, batch=8, accumulation=1,
+                     checkpointing=False),
+}
+
+
+def build_model(out: Path, shape: str) -> int:
+    """Tokenizer (small, trained here: only its special tokens matter) + the shape's Gemma 3 at random init.
+    Returns the parameter count."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tasks.tiny_model import train_tokenizer
+
+    tok = train_tokenizer(["synthetic corpus for the throughput check"] * 8, vocab_size=300)
+    cfg = Gemma3TextConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def synthetic_documents(n_tokens: int, vocab: int, seed: int = 0) -> list:
+    """Documents of log-normal length (median ~400 tokens, long tail, clipped to 16..8000) of random ids above
+    the special tokens, until `n_tokens` in all."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < n_tokens:
+        n = int(np.clip(rng.lognormal(6.0, 1.0), 16, 8000))
+        docs.append(rng.integers(8, vocab, n, dtype=np.int32))
+        total += n
+    return docs
+
+
+def seed_chunks(docs: list, out: Path) -> None:
+    """The notebook's `chunk_text_with_overlap` on token ids: windows [i, i+1000) every 500 tokens of each
+    document, no EOS; the collator trains every token (labels = input_ids), the overlap twice. Written in the
+    chunk stage's layout, so the worker reads both the same way."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.chunk import SHARD, chunk_features, write_dataset_dict
+
+    rows = [d[i:i + SEQ] for d in docs for i in range(0, len(d), SEQ - OVERLAP)]
+    ids = pa.array(rows, pa.list_(pa.int32()))
+    schema = chunk_features().arrow_schema
+    for split, table in (("train", pa.table([ids, ids, pa.array([""] * len(rows)),
+                                             pa.array(np.zeros(len(rows), np.int32))], schema=schema)),
+                         ("validation", schema.empty_table())):
+        (out / split).mkdir(parents=True)
+        with pa.OSFile(str(out / split / SHARD), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+            w.write_table(table)
+    write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "gpu-check-seed")
+
+
+def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
+    """cpt's chunk stage functions on the same documents (EOS appended as tokenize does)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.config import ChunkConfig
+
+    ids = [np.append(d, eos_id).astype(np.int32) for d in docs]
+    tokens = pa.table({"doc_id": [f"doc{i}" for i in range(len(ids))], "input_ids": pa.array(ids, pa.list_(pa.int32()))})
+    cfg = ChunkConfig(max_seq_length=SEQ, overlap=OVERLAP, mask_overlap=True)
+    for split, rows in (("train", np.arange(len(ids))), ("validation", np.arange(0))):
+        (out / split).mkdir(parents=True)
+        chunk_rows(tokens, rows, cfg, bos_id, out / split / SHARD)
+    write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "gpu-check")
+
+
+def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path, timeout: float) -> dict:
+    """One setting through the train stage's child (`launch_command`), killed with its process group at
+    `timeout`. Returns the worker's metrics, or {"error": ...}."""
+    from tasks.config import ModelConfig, TrainConfig
+    from tasks.modeling import device_type
+    from tasks.train import PROJECT_ROOT, launch_command
+
+    s = SETTINGS[name]
+    out = work / name
+    out.mkdir(parents=True)
+    train = TrainConfig(max_steps=steps, per_device_train_batch_size=s["batch"],
+                        gradient_accumulation_steps=s["accumulation"], packing=s["packing"],
+                        gradient_checkpointing=s["checkpointing"], optim="paged_adamw_8bit", warmup_ratio=0.0,
+                        logging_steps=steps, eval_steps=100_000, save_steps=100_000, early_stopping_patience=None)
+    spec = {"model_location": str(model_dir),
+            "model": ModelConfig(id=str(model_dir), dtype="auto", attn_implementation=s["attn"]).model_dump(),
+            "train": train.model_dump(), "max_seq_length": SEQ, "chunks_dir": str(chunks), "output_dir": str(out),
+            "checkpoint_dir": str(out / "checkpoints"), "tensorboard_dir": str(out / "tensorboard")}
+    (out / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    log = out / "log.txt"
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(launch_command(out / "spec.json", 1, device_type()), stdout=f,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"error": f"timed out after {timeout:.0f} s", "log": log.read_text()[-3000:]}
+    if rc != 0 or not (out / "metrics.json").is_file():
+        return {"error": f"exit status {rc}", "log": log.read_text()[-3000:]}
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["wall_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=list(SHAPES), default=None, help="default: gemma-3-1b on a GPU, tiny on CPU")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--settings", default=None, help="comma-separated; default: all on a GPU, seed,cpt-sdpa on CPU")
+    ap.add_argument("--timeout", type=float, default=200.0, help="seconds per setting")
+    ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "gpu-check")
+    args = ap.parse_args(argv)
+
+    import shutil
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    shape = args.shape or ("gemma-3-1b" if gpu else "tiny")
+    names = (args.settings or ("seed,cpt-sdpa,cpt-flex" if gpu else "seed,cpt-sdpa")).split(",")
+    device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in device), None)
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    work = args.out / "work"
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    n_params = build_model(work / "model", shape)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    # Enough documents for the longest setting: steps x rows per step x 1000 tokens, twice over.
+    docs = synthetic_documents(2 * args.steps * 8 * SEQ, SHAPES[shape]["vocab_size"])
+    seed_chunks(docs, work / "chunks-seed")
+    cpt_chunks(docs, tok.eos_token_id, tok.bos_token_id, work / "chunks-cpt")
+    print(f"{device}; {shape} at random init ({n_params / 1e6:,.0f} M parameters); {len(docs)} synthetic documents; "
+          f"{args.steps} optimizer steps per setting; setup {time.perf_counter() - t0:.0f} s", flush=True)
+
+    results = {"device": device, "shape": shape, "parameters": n_params, "steps": args.steps, "settings": {}}
+    for name in names:
+        chunks = work / ("chunks-seed" if SETTINGS[name]["chunker"] == "seed" else "chunks-cpt")
+        m = run_setting(name, work / "model", chunks, args.steps, work, args.timeout)
+        row = {"setting": name, **SETTINGS[name]}
+        if "error" in m:
+            row.update(error=m["error"], log=m["log"])
+            print(f"{name}: {m['error']}\n{m['log'][-1500:]}", flush=True)
+        else:
+            tps, trained = m["tokens_per_second"], m["trained_tokens_per_second"]
+            row.update(tokens_per_second=tps, trained_tokens_per_second=trained, timed_steps=m["timed_steps"],
+                       timed_seconds=m["timed_seconds"], batch_padding=m["batch_padding_fraction"],
+                       row_padding=m["padding_fraction"], optim=m["optim"], dtype=m["dtype"],
+                       checkpointing=m["gradient_checkpointing"], wall_seconds=m["wall_seconds"],
+                       peak_memory_gib=(m["peak_memory_bytes"] or 0) / 2**30 if m.get("peak_memory_bytes") else None,
+                       mfu=tps * 6 * n_params / peak if peak and tps else None)
+            print(f"{name}: done in {m['wall_seconds']:.0f} s", flush=True)
+        results["settings"][name] = row
+    seed_trained = (results["settings"].get("seed") or {}).get("trained_tokens_per_second")
+    for row in results["settings"].values():
+        t = row.get("trained_tokens_per_second")
+        row["vs_seed_trained"] = t / seed_trained if t and seed_trained else None
+    table = render(results)
+    print(table)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(table + "\n")
+    return results
+
+
+def render(results: dict) -> str:
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    lines = [f"{results['device']}, {results['shape']} ({results['parameters'] / 1e6:,.0f} M parameters), "
+             f"{results['steps']} optimizer steps per setting",
+             "",
+             "| setting | attention | batch x accum | act. ckpt | optimizer | tokens/s (all) | tokens/s (trained) "
+             "| vs seed (trained) | MFU | peak GPU memory | padding (batch / rows) |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["settings"].values():
+        if "error" in r:
+            lines.append(f"| {r['setting']} | {r['attn']} | {r['batch']} x {r['accumulation']} | — | — | failed: "
+                         f"{r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['setting']} | {r['attn']} | {r['batch']} x {r['accumulation']} | {'on' if r['checkpointing'] else 'off'} "
+            f"| {r['optim']} | {f(r['tokens_per_second'], ',.0f')} | {f(r['trained_tokens_per_second'], ',.0f')} "
+            f"| {f(r['vs_seed_trained'], '.2f')}x | {f(r['mfu'], '.1%')} "
+            f"| {f(r['peak_memory_gib'], '.1f')} GiB | {f(r['batch_padding'], '.1%')} / {f(r['row_padding'], '.1%')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
