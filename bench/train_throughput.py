@@ -1,13 +1,18 @@
 """Training throughput of cpt's train stage: packing off vs on, and the seed notebook's settings, in one run.
 
 Each configuration runs the real train stage path (an `accelerate launch` child running TRL's SFTTrainer on a
-chunk-stage DatasetDict) for a fixed number of optimizer steps with no evaluation or checkpoint inside the
-timed window. tokens/s counts real (non-padding) tokens, measured by the trainer; padding fraction is over the
-batches the model actually sees.
+chunk-stage DatasetDict) for a fixed number of optimizer steps. Throughput is the worker's StepClock: the
+optimizer steps alone (the first two, and any step in which a checkpoint was saved or an evaluation ran, are
+left out), with tokens counted from the batches the model ran: all tokens (positions holding a token) and
+trained tokens (label != -100 after the causal shift: the seed trains its overlap twice, cpt masks it). Padding
+is measured from the same batches: padded positions over the rows' capacity.
 
-Model: on CPU a small Llama (4 layers, hidden 256) at random init with a BPE tokenizer trained here; on a GPU a
-Gemma-3-1B-shaped model at random init (same tokenizer, so the vocabulary is small: MFU counts the model's
-actual parameters), plus MFU against the GPU's dense bf16 peak.
+The cpt rows use cpt's chunker (EOS per document, overlap masked); the seed row uses the seed notebook's own
+chunker (`chunk_text_with_overlap`: 1000-token windows every 500 tokens, no EOS, every token a label) with its
+batch 2 x accumulation 4 and activation checkpointing (turned off on CPU by the worker, as there).
+
+Model: on CPU a small Llama (4 layers, hidden 256) at random init with a BPE tokenizer trained here. The GPU
+comparison with a Gemma-3-1B-shaped model and MFU is bench/gpu_check.py.
 
     .venv/bin/python bench/train_throughput.py [--corpus PATH] [--steps 30]
 """
@@ -26,8 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def build_model(out: Path, texts: list[str], gpu: bool) -> Path:
@@ -101,14 +104,19 @@ def run_config(name: str, model_dir: Path, chunks: Path, max_seq_length: int, tr
     return train_model(spec, 1, Quiet())
 
 
-def flops_per_token(model_dir: Path, seq: int) -> float:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    from transformers import AutoModelForCausalLM
+def seed_chunker_output(corpus: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """The seed notebook's chunker on the corpus (train split as cpt's), in the chunk stage's layout."""
+    import numpy as np
 
-    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-    layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
-    # 6N for the dense weights plus causal attention scores (PaLM's 12·L·H·T, halved for causality).
-    return 6 * n + 6 * layers * hidden * seq
+    from bench.gpu_check import seed_chunks
+    from tasks.tokenize import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    texts = [json.loads(x)["content"] for x in corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
+    docs = [np.asarray(e.ids, dtype=np.int32)
+            for e in tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    seed_chunks([d for d in docs if len(d)], out)
+    return out
 
 
 def main() -> None:
@@ -129,7 +137,7 @@ def main() -> None:
         work = Path(d)
         model_dir = build_model(work / "model", texts[:2000], gpu)
         ours = make_chunks(args.corpus, model_dir, work / "chunks", seq, seq // 4, True)
-        seed = make_chunks(args.corpus, model_dir, work / "chunks-seed", 1000, 500, False)
+        seed = seed_chunker_output(args.corpus, model_dir, work / "chunks-seed")
         configs = [
             ("packing off", ours, seq, {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
                                         "packing": False}),
@@ -140,20 +148,18 @@ def main() -> None:
         ]
         device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
         print(f"corpus {args.corpus.name} ({len(texts)} docs); model {'Gemma-3-1B-shaped' if gpu else 'Llama 4x256'} "
-              f"at random init; {device}; {args.steps} optimizer steps per configuration")
-        print(f"{'configuration':16} {'seq':>5} {'batch x accum':>13} {'tokens/s':>10} {'padding':>8} {'vs off':>7}"
-              + ("  MFU" if gpu else ""))
-        base = None
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in device), None)
+              f"at random init; {device}; {args.steps} optimizer steps per configuration, the first 2 untimed")
+        print(f"{'configuration':16} {'seq':>5} {'batch x accum':>13} {'tokens/s':>10} {'trained/s':>10} "
+              f"{'padding':>8} {'trained vs seed':>16}")
+        rows = []
         for name, chunks, L, train in configs:
             m = run_config(name.replace(" ", "-"), model_dir, chunks, L, {"max_steps": args.steps, **train}, work, gpu)
-            tps = m["tokens_per_second"]
-            base = base or tps
-            line = (f"{name:16} {L:5d} {train['per_device_train_batch_size']:>7} x {train['gradient_accumulation_steps']:<3}"
-                    f" {tps:10,.0f} {m['padding_fraction']:8.1%} {tps / base:6.2f}x")
-            if gpu and peak:
-                line += f"  {tps * flops_per_token(model_dir, L) / peak:.1%}"
-            print(line)
+            rows.append((name, L, train, m))
+        seed_trained = rows[-1][3]["trained_tokens_per_second"]
+        for name, L, train, m in rows:
+            print(f"{name:16} {L:5d} {train['per_device_train_batch_size']:>7} x {train['gradient_accumulation_steps']:<3}"
+                  f" {m['tokens_per_second']:10,.0f} {m['trained_tokens_per_second']:10,.0f}"
+                  f" {m['batch_padding_fraction']:8.1%} {m['trained_tokens_per_second'] / seed_trained:15.2f}x")
 
 
 if __name__ == "__main__":
