@@ -1,7 +1,7 @@
 """Content-addressed stage outputs and the Prefect cache policy that keys them.
 
-A stage's key = its name + its code version (the source of its module and of this one, plus the versions of
-the libraries whose behaviour shapes its output) + its inputs, where an upstream `StageOutput` contributes only
+A stage's key = its name + its code version (an explicit per-stage version, the source of the functions that
+compute its output, and the versions of the libraries that shape it; see `register_code_version`) + its inputs, where an upstream `StageOutput` contributes only
 its key and a `Fingerprint` only its content digest. Nothing else — not the run id, not the flow parameters —
 so a change reruns exactly the stages downstream of it.
 
@@ -18,7 +18,7 @@ import contextvars
 import functools
 import hashlib
 import importlib.metadata
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -91,6 +91,9 @@ def records_dir(artifacts: str | Path) -> Path:
     return Path(artifacts) / "cache" / RECORDS_DIR
 
 
+# Per stage: (explicit version, the code that computes its output, libraries). Resolved into a digest on first
+# use, so a stage can name functions defined below its task.
+_CODE_SPECS: dict[str, tuple[int, tuple, tuple[str, ...]]] = {}
 _CODE_VERSIONS: dict[str, str] = {}
 # Parameters that say where to write (artifacts) or describe inputs already keyed by content, for logs and the
 # model card: train's `parent` (its digest is `base_model`), push's `base_model_id` (a path or hub id: the model
@@ -98,14 +101,50 @@ _CODE_VERSIONS: dict[str, str] = {}
 KEY_EXCLUDED = frozenset({"artifacts", "parent", "base_model_id", "lineage"})
 
 
-def register_code_version(stage: str, modules: list[str], libraries: list[str]) -> str:
-    h = hashlib.sha256()
-    for m in [__name__, *modules]:
-        h.update(_source_digest(importlib.util.find_spec(m).origin).encode())
+def register_code_version(stage: str, version: int, code: list, libraries: list[str] = ()) -> None:
+    """Declare what a stage's code version is made of: its explicit `version` (bump it when the output changes
+    for the same inputs: tests/test_golden.py fails until you do), the source of `code` (the functions and
+    classes that compute the output, a module for a whole program such as the training child,
+    "module:qualname" for one defined later, or "@stage" for another stage's code reused whole), and the versions of `libraries` that shape the output. Nothing
+    else: a docstring edit in the config, the cache or the report modules leaves every key as it was."""
+    _CODE_SPECS[stage] = (version, tuple(code), tuple(libraries))
+    _CODE_VERSIONS.pop(stage, None)
+
+
+def _resolve(item):
+    if isinstance(item, str):
+        module, _, qualname = item.partition(":")
+        obj = importlib.import_module(module)
+        for part in qualname.split(".") if qualname else []:
+            obj = getattr(obj, part)
+        return obj
+    return item
+
+
+def code_version(stage: str) -> str:
+    if stage in _CODE_VERSIONS:
+        return _CODE_VERSIONS[stage]
+    if stage not in _CODE_SPECS:
+        return "unregistered"
+    import inspect
+
+    version, code, libraries = _CODE_SPECS[stage]
+    h = hashlib.sha256(f"{stage}@{version}".encode())
+    for item in code:
+        h.update(b"\0")
+        if isinstance(item, str) and item.startswith("@"):  # another stage's code, reused whole
+            h.update(code_version(item[1:]).encode())
+        else:
+            h.update(inspect.getsource(_resolve(item)).encode())
     for lib in libraries:
         h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
     _CODE_VERSIONS[stage] = h.hexdigest()[:16]
     return _CODE_VERSIONS[stage]
+
+
+def stage_version(stage: str) -> int:
+    """The explicit version a stage declares."""
+    return _CODE_SPECS[stage][0]
 
 
 def _canonical(value: Any) -> Any:
@@ -125,7 +164,7 @@ def _canonical(value: Any) -> Any:
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     payload = {
         "stage": stage,
-        "code": _CODE_VERSIONS.get(stage, "unregistered"),
+        "code": code_version(stage),
         "inputs": {k: _canonical(v) for k, v in sorted(inputs.items()) if k not in KEY_EXCLUDED},
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -392,11 +431,12 @@ def current_key(stage: str, inputs: dict[str, Any]) -> str:
     return stage_key(stage, inputs)
 
 
-def stage_task(name: str, *, modules: list[str] = (), libraries: list[str] = (), **task_kwargs):
-    """Wrap a thin stage body as a Prefect task with the stage cache policy and a JSON result."""
+def stage_task(name: str, *, version: int, code: list = (), libraries: list[str] = (), **task_kwargs):
+    """Wrap a thin stage body as a Prefect task with the stage cache policy and a JSON result. Its code version
+    is `version` + the body's source + `code` + `libraries` (see `register_code_version`)."""
 
     def deco(fn):
-        register_code_version(name, [fn.__module__, *modules], list(libraries))
+        register_code_version(name, version, [fn, *code], list(libraries))
         try:
             from prefect import task
         except ImportError:
@@ -483,9 +523,6 @@ class DigestMemo:
         tmp.write_text(json.dumps(self.entries))
         os.replace(tmp, self.path)  # concurrent runs may lose each other's entries, never corrupt the file
         self.changed = False
-
-
-_source_digest = functools.cache(hash_file)  # stage modules are hashed once per process
 
 
 def combine_digests(parts: list[tuple[str, str]]) -> str:

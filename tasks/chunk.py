@@ -202,13 +202,16 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-register_code_version("chunk-part", ["tasks.chunk", "tasks.tokenize"], ["numpy", "pyarrow", "datasets"])
+register_code_version("chunk-part", 1, [chunk_rows, chunk_batch, trained_tokens, chunk_features, window_plan,
+                                        window_layout, windows_per_document, _list_array, "tasks.tokenize:batch_bounds"],
+                      ["numpy", "pyarrow", "datasets"])
 
 
 # ---------------------------------------------------------------------------------------- the task
 
 
-@stage_task("chunk", libraries=["numpy", "pyarrow", "datasets"])
+@stage_task("chunk", version=1, code=[rows_by_part, link_or_copy, write_dataset_dict, "@chunk-part"],
+            libraries=["datasets"])
 def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts: str) -> StageOutput:
     """Each source file's documents are chunked into their own shards (cached by the file's tokens, its
     documents' splits and the chunk settings), and the DatasetDict links those shards: a drop chunks only its

@@ -107,13 +107,20 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- the tasks
 
 
+# What computes an evaluation: the general corpus goes through the load, tokenize and chunk code.
+EVALUATION_CODE = [validation_rows, general_rows, evaluate_model, "tasks.modeling:perplexity", "tasks.modeling:batch_nll",
+                   "tasks.modeling:generate", "tasks.modeling:load_model", "tasks.modeling:load_pretrained",
+                   "tasks.modeling:choose_dtype", "tasks.modeling:choose_attention",
+                   "tasks.modeling:load_tokenizer_with_pad", "@load-file", "@tokenize-file", "@chunk-part"]
+
+
 def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: StageOutput, artifacts: str, tokenizer_dir: str):
     val = validation_rows(chunks.dir(artifacts), cfg.max_eval_rows)
     general = general_rows(cfg.general_corpus, tokenizer_dir, chunk, cfg.max_eval_rows) if cfg.general_corpus else None
     return val, general
 
 
-@stage_task("evaluate-base", modules=["tasks.modeling", "tasks.config", "tasks.chunk", "tasks.load"],
+@stage_task("evaluate-base", version=1, code=[_inputs, *EVALUATION_CODE],
             libraries=["transformers", "torch", "datasets"])
 def evaluate_base(evaluate: EvaluateConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
                   chunks: StageOutput, general_corpus: Fingerprint | None, artifacts: str) -> StageOutput:
@@ -133,7 +140,7 @@ def evaluate_base(evaluate: EvaluateConfig, model: ModelConfig, base_model: Fing
     return out
 
 
-@stage_task("evaluate", modules=["tasks.modeling", "tasks.config", "tasks.chunk", "tasks.load", "tasks.report"],
+@stage_task("evaluate", version=1, code=[_inputs, *EVALUATION_CODE, comparison, comparison_markdown, relative_change],
             libraries=["transformers", "torch", "datasets"])
 def evaluate(evaluate: EvaluateConfig, model: ModelConfig, trained: StageOutput, chunk: ChunkConfig,
              chunks: StageOutput, general_corpus: Fingerprint | None, base_eval: StageOutput,

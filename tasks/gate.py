@@ -67,7 +67,7 @@ def perplexities(eval_doc: dict[str, Any]) -> dict[str, Any]:
     return {k: (eval_doc.get(k) or {}).get("perplexity") for k in ("validation", "general")}
 
 
-@stage_task("gate")
+@stage_task("gate", version=1, code=[decide, finite, perplexities])
 def gate(gate: GateConfig, evaluation: StageOutput, reference_eval: StageOutput, base_eval: StageOutput,
          trained: StageOutput, reference_kind: Literal["base", "promoted"], artifacts: str) -> StageOutput:
     from tasks.evaluate import EVAL_FILE

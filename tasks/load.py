@@ -429,8 +429,10 @@ def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
     return corpus.key_material()
 
 
-register_code_version("load-file", ["tasks.load", "tasks.config"], ["pyarrow"])
-register_code_version("load-content", ["tasks.load"], ["pyarrow"])
+register_code_version("load-file", 1, [load_file, read_corpus_file, _decode, _line_of, _text_of, _records_from_objects,
+                                       _read_json_lines, _read_json_array, _read_csv, _read_parquet, doc_id_of,
+                                       norm_id_of, Record, Reject, BadRecordError], ["pyarrow"])
+register_code_version("load-content", 1, [assemble_documents, merge_counts, _line_no], ["pyarrow"])
 
 
 def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
@@ -459,7 +461,8 @@ def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, artifacts: st
     return sorted(pieces, key=lambda p: (p[1].key, p[0]["path"]))
 
 
-@stage_task("load", modules=["tasks.config"], libraries=["pyarrow"])
+@stage_task("load", version=1, code=[load_pieces, load_file_cached, assemble_documents, merge_counts, source_names,
+                                    _line_no, "@load-file", "@load-content"], libraries=["pyarrow"])
 def load(corpus: CorpusConfig, sources: Fingerprint, files: list[str], artifacts: str) -> StageOutput:
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""

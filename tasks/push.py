@@ -186,7 +186,9 @@ def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_second
 RELEASE_CARD = "card.md"  # the release's card, kept in the push entry so a lost release can be re-made
 
 
-@stage_task("push", modules=["tasks.config", "tasks.report", "tasks.promotion"], libraries=["huggingface_hub"])
+@stage_task("push", version=1, code=[model_card, lineage_markdown, evaluation_markdown, save_release, upload,
+                                    commit_message, default_name, _short, _failure],
+            libraries=["huggingface_hub"])
 def push(push: PushConfig, base_model_id: str, trained: StageOutput, evaluation: StageOutput,
          docs: StageOutput, corpus: Fingerprint, config: CptConfig, artifacts: str,
          decision: StageOutput | None = None, lineage: dict[str, Any] | None = None) -> StageOutput:

@@ -131,7 +131,8 @@ def mix_chunks(domain_dir: Path, replay_dir: Path, fraction: float, seed: int, o
     }
 
 
-@stage_task("mix", libraries=["numpy", "pyarrow", "datasets"])
+@stage_task("mix", version=1, code=[mix_chunks, read_shard, labelled_per_row, replay_target, draw, cut_row,
+                                   write_replay_shard, shard_files], libraries=["numpy", "pyarrow", "datasets"])
 def mix(replay: ReplayConfig, shuffle: ShuffleConfig, chunks: StageOutput, replay_chunks: StageOutput,
         artifacts: str) -> StageOutput:
     key = current_key("mix", {"replay": replay, "shuffle": shuffle, "chunks": chunks, "replay_chunks": replay_chunks})

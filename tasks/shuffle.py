@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.cache import StageOutput, current_key, publish, stage_task
+from tasks.report import run_logger
 from tasks.config import ConfigError, ShuffleConfig, SplitConfig
 from tasks.load import DOCS_FILE, read_arrow
 
@@ -77,9 +78,9 @@ def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
             writer.write_table(table.take(pa.array(indices[start : start + _WRITE_BATCH])))
 
 
-@stage_task("shuffle", libraries=["numpy", "pyarrow"])
+@stage_task("shuffle", version=1, code=[split_values, split_documents, one_per_text, write_split],
+            libraries=["numpy", "pyarrow"])
 def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artifacts: str) -> StageOutput:
-    from prefect.logging import get_run_logger
 
     key = current_key("shuffle", {"shuffle": shuffle, "split": split, "docs": docs})
 
@@ -96,7 +97,7 @@ def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artif
         return counts, {}
 
     out = publish(artifacts, "shuffle", key, build)
-    log = get_run_logger()
+    log = run_logger()
     log.info("shuffle: %d train / %d validation documents (seed %d)",
              out.counts["train_documents"], out.counts["validation_documents"], shuffle.seed)
     if out.counts["validation_copies_held_out"]:

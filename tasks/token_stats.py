@@ -121,7 +121,9 @@ def compute_token_stats(token_files: list[Path], split_dir: Path, chunk: ChunkCo
 
 
 PIECE_FILES = {(split, kind): f"{split}_{kind}.npy" for split in SPLITS for kind in ("documents", "chunks")}
-register_code_version("token-stats-part", ["tasks.token_stats", "tasks.chunk"], ["numpy", "pyarrow"])
+register_code_version("token-stats-part", 1, [part_split_lengths, file_lengths, chunk_lengths, "tasks.chunk:window_plan",
+                                              "tasks.chunk:window_layout", "tasks.chunk:windows_per_document"],
+                      ["numpy", "pyarrow"])
 
 
 def token_stats_pieces(tokens: StageOutput, split: StageOutput, chunk: ChunkConfig, has_bos: bool,
@@ -150,7 +152,8 @@ def token_stats_pieces(tokens: StageOutput, split: StageOutput, chunk: ChunkConf
     return merge_lengths(shares), fresh
 
 
-@stage_task("token-stats", modules=["tasks.chunk", "tasks.report"], libraries=["numpy", "matplotlib"])
+@stage_task("token-stats", version=1, code=[token_stats_pieces, merge_lengths, stats_rows, length_stats,
+                                           plot_histograms, "@token-stats-part"], libraries=["numpy", "matplotlib"])
 def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: StageOutput, split: StageOutput,
                 artifacts: str) -> StageOutput:
     key = current_key("token-stats", {"token_stats": token_stats, "chunk": chunk, "tokens": tokens, "split": split})

@@ -206,7 +206,9 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
     return {"documents": docs, "tokens": tokens}
 
 
-register_code_version("tokenize-file", ["tasks.tokenize"], ["tokenizers", "transformers", "numpy", "pyarrow"])
+register_code_version("tokenize-file", 1, [tokenize_file, encode_batch, batch_bounds, Encoder, BackendEncoder,
+                                           special_tokens, load_tokenizer],
+                      ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
 TOKENS_FILE = "tokens.arrow"
@@ -263,7 +265,7 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
     return pieces
 
 
-@stage_task("tokenize", libraries=["tokenizers", "transformers", "numpy", "pyarrow"])
+@stage_task("tokenize", version=1, code=[tokenize_pieces, TokenizerOnce, tokenizer_profile, "@tokenize-file"])
 def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput, artifacts: str,
              trust_remote_code: bool = False) -> StageOutput:
     """Tokens of every loaded file, each cached by (file content, tokenizer, settings): a drop tokenizes only

@@ -16,6 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from tasks import modeling
 from tasks.cache import Fingerprint, StageOutput, current_key, publish, stage_task
 from tasks.config import ChunkConfig, ModelConfig, TrainConfig
 from tasks.report import Progress, markdown_artifact, markdown_table, png_data_uri, run_logger, table_artifact
@@ -117,7 +118,9 @@ def source_tokens(chunks: StageOutput) -> dict[str, Any]:
     return {"domain_trained_tokens": c.get("train_trained_tokens"), "replay_trained_tokens": 0, "replay_share": 0.0}
 
 
-@stage_task("train", modules=["tasks.train_worker", "tasks.modeling", "tasks.config", "tasks.report"],
+@stage_task("train", version=1, code=[train_model, launch_command, run_child, source_tokens, "tasks.train_worker",
+                                     modeling.load_pretrained, modeling.choose_dtype, modeling.choose_attention,
+                                     modeling.load_tokenizer_with_pad],
             libraries=["transformers", "trl", "torch", "accelerate", "datasets"])
 def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
           chunks: StageOutput, artifacts: str, parent: dict[str, Any] | None = None) -> StageOutput:

@@ -14,8 +14,16 @@ from tasks.cache import (
 from tasks.config import ChunkConfig
 
 
+def _unit_a(x):
+    return x + 1
+
+
+def _unit_b(x):
+    return x * 2
+
+
 def test_key_depends_on_config_upstream_key_and_code_not_on_location():
-    register_code_version("unit", ["tasks.config"], [])
+    register_code_version("unit", 1, [_unit_a], [])
     up = StageOutput(stage="a", key="a-1", path="cache/a/a-1", counts={"n": 1})
     base = stage_key("unit", {"cfg": ChunkConfig(), "up": up, "artifacts": "/x"})
     assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": up, "artifacts": "/elsewhere"})
@@ -24,8 +32,54 @@ def test_key_depends_on_config_upstream_key_and_code_not_on_location():
     assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": moved, "artifacts": "/x"})
     assert base != stage_key("unit", {"cfg": ChunkConfig(overlap=1), "up": up})
     assert base != stage_key("unit", {"cfg": ChunkConfig(), "up": up.model_copy(update={"key": "a-2"})})
-    register_code_version("unit", ["tasks.config", "tasks.load"], [])
+    register_code_version("unit", 1, [_unit_a, _unit_b], [])  # another function computes the output now
     assert base != stage_key("unit", {"cfg": ChunkConfig(), "up": up})
+    register_code_version("unit", 2, [_unit_a], [])  # an explicit bump
+    assert base != stage_key("unit", {"cfg": ChunkConfig(), "up": up})
+    register_code_version("unit", 1, [_unit_a], [])
+    assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": up})
+
+
+def test_code_versions_cover_the_stage_code_not_shared_modules():
+    """A stage's code version is its own functions' source: editing the config, cache or report modules (a
+    docstring, a field of another stage) leaves every key as it was; editing a function a stage lists does not."""
+    import inspect
+
+    import tasks.chunk  # noqa: F401  registers its stages
+    import tasks.train  # noqa: F401
+    from tasks import cache
+
+    import types
+
+    import flows.continued_pretraining  # noqa: F401  every stage registered
+
+    shared = {"tasks.config", "tasks.cache", "tasks.report"}
+    for stage, (_, code, _) in cache._CODE_SPECS.items():
+        for item in code:
+            if isinstance(item, str) and item.startswith("@"):
+                continue
+            obj = cache._resolve(item)
+            where = obj.__name__ if isinstance(obj, types.ModuleType) else obj.__module__
+            assert where not in shared, f"{stage} keys on {where}"
+    before = {s: cache.code_version(s) for s in ("chunk", "chunk-part", "train")}
+    real = inspect.getsource
+
+    def edited(names):
+        def getsource(obj):
+            src = real(obj)
+            return src + "\n# edited" if getattr(obj, "__name__", "") in names else src
+        return getsource
+
+    cache._CODE_VERSIONS.clear()
+    inspect.getsource = edited({"chunk_batch"})
+    try:
+        after = {s: cache.code_version(s) for s in before}
+    finally:
+        inspect.getsource = real
+        cache._CODE_VERSIONS.clear()
+    # chunk_batch computes chunk-part's output, and chunk lists chunk-part's code; train does not.
+    assert after["chunk-part"] != before["chunk-part"] and after["chunk"] != before["chunk"]
+    assert after["train"] == before["train"]
 
 
 def test_publish_is_atomic_and_records_a_manifest(tmp_path):
