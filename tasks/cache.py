@@ -362,6 +362,36 @@ def publish_piece(artifacts: str | Path, stage: str, key: str, build, progress=N
     return out, reused
 
 
+# Counts that say how an output was built (what was reused from the cache), not what it holds.
+PROVENANCE_COUNTS = frozenset({"files_read", "files_tokenized", "files_cached", "files_chunked", "files_measured"})
+# Manifest fields that say where something is (they follow the key), not what it holds.
+LOCATION_FIELDS = frozenset({"key", "path", "scope"})
+
+
+def _without_locations(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_locations(v) for k, v in value.items() if k not in LOCATION_FIELDS}
+    if isinstance(value, list):
+        return [_without_locations(v) for v in value]
+    return value
+
+
+def content_digest(digests: dict[str, str], counts: dict[str, Any], meta: dict[str, Any], deps: list[str],
+                   artifacts: Path) -> str:
+    """What an output holds, whatever key built it: its files' digests, the content of the entries it refers
+    to, its counts and meta less provenance and locations. Downstream keys use this instead of the key, so a
+    stage that reruns (a code version bump, a changed setting that turns out not to matter) and yields the same
+    content leaves everything below it Cached: early cut-off."""
+    parts = [(f"file:{name}", digest) for name, digest in sorted(digests.items())]
+    for dep in deps:
+        manifest = read_manifest(artifacts / dep)
+        parts.append(("dep", (manifest.content or manifest.key) if manifest else dep))
+    parts.append(("counts", json.dumps({k: v for k, v in counts.items() if k not in PROVENANCE_COUNTS},
+                                       sort_keys=True, default=str)))
+    parts.append(("meta", json.dumps(_without_locations(meta), sort_keys=True, default=str)))
+    return f"c-{combine_digests(parts)}"
+
+
 def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build) -> StageOutput:
     remove_stale_builds(final.parent, key)
     tmp = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -373,6 +403,8 @@ def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build
         paths = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
         files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in paths}
         digests = {f.relative_to(tmp).as_posix(): hash_file(f) for f in paths}
+        if "content" not in extra:
+            extra = {**extra, "content": content_digest(digests, counts, meta, extra.get("deps", []), artifacts)}
         manifest = StageOutput(
             stage=stage, key=key, path=final.relative_to(artifacts).as_posix(), counts=counts, meta=meta,
             files=files, digests=digests, **extra,

@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.cache import (
-    StageOutput, current_key, publish, publish_piece, register_code_version, stage_key, stage_task,
+    StageOutput, combine_digests, current_key, publish, publish_piece, register_code_version, stage_key,
+    stage_task,
 )
 from tasks.config import ChunkConfig, ConfigError
 from tasks.load import read_arrow
@@ -227,7 +228,8 @@ def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts
         for p, part in enumerate(parts):
             assignment = {name: hashlib.blake2b(by_split[name][p].tobytes(), digest_size=16).hexdigest()
                           for name in SPLITS}
-            part_key = stage_key("chunk-part", {"chunk": chunk, "tokens": part["key"], "bos_id": bos_id,
+            part_key = stage_key("chunk-part", {"chunk": chunk, "tokens": part.get("content") or part["key"],
+                                                "bos_id": bos_id,
                                                 "rows": assignment})
 
             def build(tmp: Path, p=p, part=part):
@@ -253,7 +255,9 @@ def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts
                 link_or_copy(s.dir(artifacts) / f"{name}.arrow", tmp / name / filename)
             for k in ("documents", "chunks", "tokens", "trained_tokens"):
                 counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in shards)
-        write_dataset_dict(tmp, listing, key)
+        # The datasets fingerprint follows the shards' content (not the key), so a rebuild of the same content
+        # is byte-identical and the stages below stay Cached.
+        write_dataset_dict(tmp, listing, combine_digests([("part", s.content or s.key) for s in shards]))
         counts.update(files_chunked=fresh, files_cached=len(shards) - fresh)
         return counts, {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.meta["eos_id"],
                         "format": "datasets.DatasetDict (load_from_disk)"}

@@ -228,7 +228,8 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config, tokeniz
         once = TokenizerOnce(tokenizer, config.model.trust_remote_code, artifacts)
 
         def lengths_of(pieces) -> np.ndarray:
-            parts = [{"key": o.key, "path": o.path, "documents": o.counts["documents"]} for _, o, _ in pieces]
+            parts = [{"key": o.key, "path": o.path, "content": o.content, "documents": o.counts["documents"]}
+                     for _, o, _ in pieces]
             tokens = tokenize_pieces(parts, config.tokenize, tokenizer, artifacts, config.model.trust_remote_code,
                                      tokenizer_once=once)
             return part_lengths([token_file(artifacts, o.path) for o, _ in tokens])[0]

@@ -476,9 +476,9 @@ def load(corpus: CorpusConfig, sources: Fingerprint, files: list[str], artifacts
                                        corpus.deduplicate)
         counts = merge_counts([p.counts for p in parts], assembled)
         counts["files_read"] = sum(not reused for _, _, reused in pieces)
-        meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, **p.counts}
+        meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, "content": p.content, **p.counts}
                           for item, p, _ in pieces]}
-        content = stage_key("load-content", {"deduplicate": corpus.deduplicate, "parts": [p.key for p in parts]})
+        content = stage_key("load-content", {"deduplicate": corpus.deduplicate, "parts": [p.content or p.key for p in parts]})
         return counts, meta, {"content": content, "deps": [p.path for p in parts]}
 
     out = publish(artifacts, "load", key, build)

@@ -136,7 +136,7 @@ def token_stats_pieces(tokens: StageOutput, split: StageOutput, chunk: ChunkConf
     for p, part in enumerate(parts):
         rows = {name: by_split[name][p] for name in SPLITS}
         assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
-        key = stage_key("token-stats-part", {"tokens": part["key"], "rows": assignment, "chunk": chunk,
+        key = stage_key("token-stats-part", {"tokens": part.get("content") or part["key"], "rows": assignment, "chunk": chunk,
                                              "has_bos": has_bos})
 
         def build(tmp: Path, part=part, rows=rows):

@@ -260,7 +260,7 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
                               specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
             return c, specials
 
-        key = tokenize_file_key(part["key"], tokenize, tokenizer, trust_remote_code)
+        key = tokenize_file_key(part.get("content") or part["key"], tokenize, tokenizer, trust_remote_code)
         pieces.append(publish_piece(artifacts, "tokenize-file", key, build, progress, part["documents"]))
     return pieces
 
@@ -279,7 +279,7 @@ def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput
     fresh = sum(not reused for _, reused in pieces)
 
     def build(tmp: Path):
-        listing = [{"key": p.key, "path": p.path, **p.counts} for p in parts]
+        listing = [{"key": p.key, "path": p.path, "content": p.content, **p.counts} for p in parts]
         counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh,
                   "documents": sum(p.counts["documents"] for p in parts),
                   "tokens": sum(p.counts["tokens"] for p in parts)}

@@ -283,3 +283,30 @@ def test_a_validation_document_copied_into_a_drop_never_reaches_training(config,
     after_validation = read_arrow(split_dir / "validation.arrow")
     assert sorted(after_validation.column("norm_id").to_pylist()) == sorted(norm_id_of(text_of[d]) for d in validation)
     assert after["stages"][1]["counts"]["validation_copies_held_out"] == len(copies)
+
+
+def test_a_stage_rerun_with_identical_output_leaves_the_stages_below_cached(config, artifacts, monkeypatch):
+    """Early cut-off: tokenize's code version is bumped (its key changes, it reruns every file) but the
+    tokens it writes are byte-identical, so token-stats and chunk, keyed by its content, stay Cached. A bump
+    that does change the output (another EOS) reruns them."""
+    from tasks import cache
+    from tasks import tokenize as tokenize_module
+
+    run(config, artifacts)
+    version, code, libraries = cache._CODE_SPECS["tokenize-file"]
+    monkeypatch.setitem(cache._CODE_SPECS, "tokenize-file", (version + 1, code, libraries))
+    cache._CODE_VERSIONS.clear()
+    states, summary = run(config, artifacts)
+    assert states == {"load": "Cached", "shuffle": "Cached", "tokenize": "Completed",
+                      "token-stats": "Cached", "chunk": "Cached"}
+    assert summary["stages"][2]["counts"]["files_tokenized"] == 2
+
+    real_encode = tokenize_module.encode_batch
+    monkeypatch.setattr(tokenize_module, "encode_batch",
+                        lambda tok, texts, eos_id, encoder=None: real_encode(tok, texts, eos_id + 1, encoder))
+    monkeypatch.setitem(cache._CODE_SPECS, "tokenize-file", (version + 2, code, libraries))
+    cache._CODE_VERSIONS.clear()
+    states, _ = run(config, artifacts)
+    assert states == {"load": "Cached", "shuffle": "Cached", "tokenize": "Completed",
+                      "token-stats": "Completed", "chunk": "Completed"}
+    cache._CODE_VERSIONS.clear()
