@@ -102,11 +102,11 @@ def seed_chunks(docs: list, out: Path) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import SHARD, chunk_features, write_dataset_dict
+    from tasks.chunk import CHUNK_ARROW_SCHEMA, SHARD, write_dataset_dict
 
     rows = [d[i:i + SEQ] for d in docs for i in range(0, len(d), SEQ - OVERLAP)]
     ids = pa.array(rows, pa.list_(pa.int32()))
-    schema = chunk_features().arrow_schema
+    schema = CHUNK_ARROW_SCHEMA
     for split, table in (("train", pa.table([ids, ids, pa.array([""] * len(rows)),
                                              pa.array(np.zeros(len(rows), np.int32))], schema=schema)),
                          ("validation", schema.empty_table())):

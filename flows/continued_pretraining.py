@@ -138,7 +138,7 @@ def continued_pretraining(
                 decision = ref_eval = reference = None
                 if config.gate.enabled and not run.stopped:
                     ref_model, ref_record, note = promotion.choose_reference(
-                        promos, trained.meta["model_digest"], root, digests.digest)
+                        promos, trained.model_digest, root, digests.digest)
                     log.info("gate: %s", note)
                     reference = (promotion.describe("base", base_model, config.model.id) if ref_model is None
                                  else promotion.describe("promoted", ref_model, config.model.id, ref_record))
@@ -148,7 +148,7 @@ def continued_pretraining(
                                    base_eval=base_eval, trained=trained, reference_kind=reference["kind"])
                     summary["gate"] = dict(decision.counts)
 
-                if not run.stopped and decision is not None and not decision.counts["promoted"]:
+                if not run.stopped and decision is not None and not decision.promoted:
                     # Refused: the release folder and the Hub stay as they were.
                     run.skip("push", f"gate refused: {decision.counts['reason']}")
                 elif not run.stopped:
@@ -215,7 +215,7 @@ def card_lineage(config: CptConfig, root: Path, line: str | None, base_model: Fi
         return None if out is None else out.counts.get(f"{name}_perplexity")
 
     return {
-        "model_digest": trained.meta["model_digest"],
+        "model_digest": trained.model_digest,
         "base": {"id": config.model.id, "digest": base_model.digest},
         "parent": promotion.without_location(parent),
         "corpus": sources.digest,

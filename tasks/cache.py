@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -70,6 +72,11 @@ class StageOutput(BaseModel):
 
     def dir(self, artifacts: str | Path) -> Path:
         return Path(artifacts) / self.path
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        """(logging level, line) pairs the stage decorator logs after every call, computed or cached. Typed
+        manifests say what their stage produced."""
+        return []
 
     def key_material(self) -> dict[str, Any]:
         return {"stage": self.stage, "content": self.content} if self.content else {"stage": self.stage,
@@ -463,12 +470,79 @@ def current_key(stage: str, inputs: dict[str, Any]) -> str:
     return stage_key(stage, inputs)
 
 
+@dataclasses.dataclass
+class Build:
+    """What a stage body gets besides its inputs: the temp dir to write its output into, where the cache is,
+    its key, and a logger. `on_published` registers what to do once the output is in place (never on a failed
+    build: a train work dir must survive a failed publish to be resumed)."""
+
+    tmp: Path
+    artifacts: Path
+    key: str
+    log: Any
+    published: list = dataclasses.field(default_factory=list)
+
+    def on_published(self, fn: Callable[[StageOutput], None]) -> None:
+        self.published.append(fn)
+
+
+def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, code: list = (),
+          libraries: list[str] = (), **task_kwargs):
+    """The one place that owns a stage's plumbing. The body is the work alone:
+
+        @stage("shuffle", version=1, output=Split, code=[split_documents, ...])
+        def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs):
+            ...write into build.tmp...
+            return counts, meta            # (+ a dict with `deps` / `content` for outputs that have them)
+
+    The decorator makes it a Prefect task whose parameters are the body's (less `build`) plus `artifacts`; binds
+    the call's arguments (defaults applied) and computes the key once from all of them, so no input can be left
+    out of it; builds in a temp dir and publishes atomically (or takes the output another process published);
+    returns the producer's typed manifest (`output`) and logs its `summary()`.
+    """
+
+    def deco(body):
+        body_sig = inspect.signature(body)
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in body_sig.parameters.values()
+                  if p.name != "build"]
+        params.append(inspect.Parameter("artifacts", inspect.Parameter.KEYWORD_ONLY, annotation=str))
+        signature = body_sig.replace(parameters=params, return_annotation=output)
+
+        @functools.wraps(body)
+        def run(**kwargs) -> StageOutput:
+            bound = signature.bind(**kwargs)
+            bound.apply_defaults()
+            inputs = dict(bound.arguments)
+            artifacts = Path(inputs.pop("artifacts"))
+            key = current_key(name, inputs)
+            from tasks.report import run_logger
+
+            log = run_logger()
+            callbacks: list = []
+
+            def build(tmp: Path):
+                return body(Build(tmp=tmp, artifacts=artifacts, key=key, log=log, published=callbacks), **inputs)
+
+            out = output(**publish(artifacts, name, key, build).model_dump())
+            for fn in callbacks:
+                fn(out)
+            for level, line in out.summary(str(artifacts)):
+                log.log(level, "%s: %s", name, line)
+            return out
+
+        run.__signature__ = signature
+        return stage_task(name, version=version, code=[body, *code], libraries=libraries, **task_kwargs)(run,
+                                                                                                        _body=body)
+
+    return deco
+
+
 def stage_task(name: str, *, version: int, code: list = (), libraries: list[str] = (), **task_kwargs):
     """Wrap a thin stage body as a Prefect task with the stage cache policy and a JSON result. Its code version
     is `version` + the body's source + `code` + `libraries` (see `register_code_version`)."""
 
-    def deco(fn):
-        register_code_version(name, version, [fn, *code], list(libraries))
+    def deco(fn, _body=None):
+        register_code_version(name, version, [*([] if _body else [fn]), *code], list(libraries))
         try:
             from prefect import task
         except ImportError:

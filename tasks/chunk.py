@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,13 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.cache import (
-    StageOutput, combine_digests, current_key, publish, publish_piece, register_code_version, stage_key,
-    stage_task,
+    Build, StageOutput, combine_digests, publish_piece, register_code_version, stage, stage_key,
 )
 from tasks.config import ChunkConfig, ConfigError
 from tasks.load import read_arrow
-from tasks.report import Progress, run_logger
-from tasks.shuffle import SPLITS
+from tasks.report import Progress
+from tasks.shuffle import SPLITS, Split
+from tasks.tokenize import Tokens
 
 IGNORE_INDEX = -100
 CHUNK_SCHEMA = pa.schema([
@@ -42,6 +43,15 @@ CHUNK_SCHEMA = pa.schema([
     ("start", pa.int32()),
 ])
 SHARD = "data-00000-of-00001.arrow"
+# What `chunk_features()` (datasets' Features of the chunk columns) serialises to, written out so the stages
+# never import datasets (~1.2 s per process); tests/test_chunk.py checks both against the library.
+CHUNK_FEATURES = {
+    "input_ids": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    "labels": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    "doc_id": {"dtype": "string", "_type": "Value"},
+    "start": {"dtype": "int32", "_type": "Value"},
+}
+CHUNK_ARROW_SCHEMA = CHUNK_SCHEMA.with_metadata({"huggingface": json.dumps({"info": {"features": CHUNK_FEATURES}})})
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -131,6 +141,8 @@ def trained_tokens(ids: pa.ListArray, rows: pa.RecordBatch, cfg: ChunkConfig, bo
 
 
 def chunk_features():
+    """The chunk columns as datasets' Features (what load_from_disk gives the trainer); the stages write its
+    serialised form, CHUNK_FEATURES / CHUNK_ARROW_SCHEMA, without importing datasets."""
     from datasets import Features, List, Value
 
     return Features({
@@ -143,7 +155,6 @@ def chunk_features():
 
 def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint: str) -> None:
     """The files `DatasetDict.save_to_disk` writes, around Arrow shards (`out_dir/<split>/<file>`) we wrote."""
-    features = chunk_features()
     for name, files in shards.items():
         (out_dir / name / "state.json").write_text(json.dumps({
             "_data_files": [{"filename": f} for f in files],
@@ -152,7 +163,7 @@ def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint:
             "_output_all_columns": False, "_split": None,
         }, indent=2))
         (out_dir / name / "dataset_info.json").write_text(json.dumps({
-            "citation": "", "description": "", "features": features.to_dict(), "homepage": "", "license": "",
+            "citation": "", "description": "", "features": CHUNK_FEATURES, "homepage": "", "license": "",
         }, indent=2))
     (out_dir / "dataset_dict.json").write_text(json.dumps({"splits": list(shards)}))
 
@@ -163,7 +174,7 @@ def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int
     datasets shard at `dst`, a batch of documents at a time so memory stays flat."""
     from tasks.tokenize import batch_bounds
 
-    schema = chunk_features().arrow_schema
+    schema = CHUNK_ARROW_SCHEMA
     counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
     lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False)
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -203,7 +214,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-register_code_version("chunk-part", 1, [chunk_rows, chunk_batch, trained_tokens, chunk_features, window_plan,
+register_code_version("chunk-part", 1, [chunk_rows, chunk_batch, trained_tokens, window_plan,
                                         window_layout, windows_per_document, _list_array, "tasks.tokenize:batch_bounds"],
                       ["numpy", "pyarrow", "datasets"])
 
@@ -211,17 +222,40 @@ register_code_version("chunk-part", 1, [chunk_rows, chunk_batch, trained_tokens,
 # ---------------------------------------------------------------------------------------- the task
 
 
-@stage_task("chunk", version=1, code=[rows_by_part, link_or_copy, write_dataset_dict, "@chunk-part"],
-            libraries=["datasets"])
-def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts: str) -> StageOutput:
+class Chunks(StageOutput):
+    """chunk's (and mix's) output: a `datasets.DatasetDict` on disk (`load_from_disk(dataset_dir)`), train and
+    validation, columns input_ids, labels (-100 where not trained), doc_id, start."""
+
+    def dataset_dir(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts)
+
+    def shard_files(self, artifacts: str | Path, split: str) -> list[Path]:
+        """The Arrow shards of `split`, in the order the DatasetDict lists them."""
+        state = json.loads((self.dir(artifacts) / split / "state.json").read_text())
+        return [self.dir(artifacts) / split / f["filename"] for f in state["_data_files"]]
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c, m = self.counts, self.meta
+        return [(logging.INFO, f"{c['train_chunks']} train / {c['validation_chunks']} validation rows (window "
+                               f"{m['window']}, stride {m['stride']})")]
+
+
+def piece_shard(artifacts: str | Path, piece: StageOutput, split: str) -> Path:
+    """The rows of one chunk-part piece for `split`."""
+    return piece.dir(artifacts) / f"{split}.arrow"
+
+
+@stage("chunk", version=1, output=Chunks, code=[rows_by_part, link_or_copy, write_dataset_dict, "@chunk-part"],
+       libraries=["datasets"])
+def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split):
     """Each source file's documents are chunked into their own shards (cached by the file's tokens, its
     documents' splits and the chunk settings), and the DatasetDict links those shards: a drop chunks only its
     own files. Rows are grouped by source file on disk; the trainer samples them in a seeded random order."""
-    key = current_key("chunk", {"chunk": chunk, "tokens": tokens, "split": split})
-    bos_id = tokens.meta["bos_id"]
+    artifacts = build.artifacts
+    bos_id = tokens.bos_id
     window, stride = window_plan(chunk.max_seq_length, chunk.overlap, bos_id is not None)
-    parts = tokens.meta["parts"]
-    by_split = {name: rows_by_part(split.dir(artifacts) / f"{name}.arrow", len(parts)) for name in SPLITS}
+    parts = tokens.parts
+    by_split = {name: rows_by_part(split.split_file(artifacts, name), len(parts)) for name in SPLITS}
 
     shards, fresh = [], 0
     with Progress(tokens.counts["documents"], "chunk", unit="doc") as progress:
@@ -229,41 +263,35 @@ def chunk(chunk: ChunkConfig, tokens: StageOutput, split: StageOutput, artifacts
             assignment = {name: hashlib.blake2b(by_split[name][p].tobytes(), digest_size=16).hexdigest()
                           for name in SPLITS}
             part_key = stage_key("chunk-part", {"chunk": chunk, "tokens": part.get("content") or part["key"],
-                                                "bos_id": bos_id,
-                                                "rows": assignment})
+                                                "bos_id": bos_id, "rows": assignment})
 
-            def build(tmp: Path, p=p, part=part):
-                table = read_arrow(Path(artifacts) / part["path"] / "tokens.arrow")
+            def build_part(tmp: Path, p=p, part=part):
+                table = read_arrow(tokens.token_file(artifacts, part))
                 counts = {}
                 for name in SPLITS:
                     c = chunk_rows(table, by_split[name][p], chunk, bos_id, tmp / f"{name}.arrow", progress)
                     counts.update({f"{name}_{k}": v for k, v in c.items()})
                 return counts, {}
 
-            out, reused = publish_piece(artifacts, "chunk-part", part_key, build, progress, part["documents"])
+            out, reused = publish_piece(artifacts, "chunk-part", part_key, build_part, progress, part["documents"])
             shards.append(out)
             fresh += not reused
 
-    def build(tmp: Path):
-        counts: dict[str, int] = {}
-        listing: dict[str, list[str]] = {}
-        for name in SPLITS:
-            (tmp / name).mkdir()
-            used = [s for s in shards if s.counts[f"{name}_documents"]] or shards[:1]
-            listing[name] = [f"data-{i:05d}-of-{len(used):05d}.arrow" for i in range(len(used))]
-            for s, filename in zip(used, listing[name]):
-                link_or_copy(s.dir(artifacts) / f"{name}.arrow", tmp / name / filename)
-            for k in ("documents", "chunks", "tokens", "trained_tokens"):
-                counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in shards)
-        # The datasets fingerprint follows the shards' content (not the key), so a rebuild of the same content
-        # is byte-identical and the stages below stay Cached.
-        write_dataset_dict(tmp, listing, combine_digests([("part", s.content or s.key) for s in shards]))
-        counts.update(files_chunked=fresh, files_cached=len(shards) - fresh)
-        return counts, {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.meta["eos_id"],
-                        "format": "datasets.DatasetDict (load_from_disk)"}
+    counts: dict[str, int] = {}
+    listing: dict[str, list[str]] = {}
+    for name in SPLITS:
+        (build.tmp / name).mkdir()
+        used = [s for s in shards if s.counts[f"{name}_documents"]] or shards[:1]
+        listing[name] = [f"data-{i:05d}-of-{len(used):05d}.arrow" for i in range(len(used))]
+        for s, filename in zip(used, listing[name]):
+            link_or_copy(piece_shard(artifacts, s, name), build.tmp / name / filename)
+        for k in ("documents", "chunks", "tokens", "trained_tokens"):
+            counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in shards)
+    # The datasets fingerprint follows the shards' content (not the key), so a rebuild of the same content
+    # is byte-identical and the stages below stay Cached.
+    write_dataset_dict(build.tmp, listing, combine_digests([("part", s.content or s.key) for s in shards]))
+    counts.update(files_chunked=fresh, files_cached=len(shards) - fresh)
+    return counts, {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.eos_id,
+                    "format": "datasets.DatasetDict (load_from_disk)"}
 
-    out = publish(artifacts, "chunk", key, build)
-    c = out.counts
-    run_logger().info("chunk: %d train / %d validation rows of ≤ %d tokens (window %d, stride %d)",
-                      c["train_chunks"], c["validation_chunks"], chunk.max_seq_length, window, stride)
-    return out
+

@@ -8,13 +8,16 @@ evaluation settings, so changing `train.*` re-evaluates only the trained model.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from tasks.cache import Fingerprint, StageOutput, current_key, publish, stage_task
+from tasks.cache import Build, Fingerprint, StageOutput, stage
+from tasks.chunk import Chunks
 from tasks.config import ChunkConfig, CorpusConfig, EvaluateConfig, ModelConfig
-from tasks.report import markdown_artifact, markdown_table, run_logger, table_artifact
+from tasks.report import markdown_artifact, markdown_table, table_artifact
+from tasks.train import Trained
 
 EVAL_FILE = "eval.json"
 
@@ -114,61 +117,62 @@ EVALUATION_CODE = [validation_rows, general_rows, evaluate_model, "tasks.modelin
                    "tasks.modeling:load_tokenizer_with_pad", "@load-file", "@tokenize-file", "@chunk-part"]
 
 
-def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: StageOutput, artifacts: str, tokenizer_dir: str):
-    val = validation_rows(chunks.dir(artifacts), cfg.max_eval_rows)
+def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, artifacts: str | Path, tokenizer_dir: str):
+    val = validation_rows(chunks.dataset_dir(artifacts), cfg.max_eval_rows)
     general = general_rows(cfg.general_corpus, tokenizer_dir, chunk, cfg.max_eval_rows) if cfg.general_corpus else None
     return val, general
 
 
-@stage_task("evaluate-base", version=1, code=[_inputs, *EVALUATION_CODE],
-            libraries=["transformers", "torch", "datasets"])
-def evaluate_base(evaluate: EvaluateConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
-                  chunks: StageOutput, general_corpus: Fingerprint | None, artifacts: str) -> StageOutput:
-    key = current_key("evaluate-base", {"evaluate": evaluate, "model": model, "base_model": base_model,
-                                        "chunk": chunk, "chunks": chunks, "general_corpus": general_corpus})
+class Evaluation(StageOutput):
+    """evaluate-base's and evaluate's output: `eval.json` (perplexities and generations; evaluate's holds both
+    before and after) and, for evaluate, `eval.md`, the before/after table."""
 
-    def build(tmp: Path):
-        val, general = _inputs(evaluate, chunk, chunks, artifacts, base_model.location)
-        result = evaluate_model(base_model.location, model, evaluate, val, general)
-        (tmp / EVAL_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
-        return {"validation_perplexity": result["validation"]["perplexity"],
-                "general_perplexity": (result["general"] or {}).get("perplexity")}, {}
+    def eval_file(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts) / EVAL_FILE
 
-    out = publish(artifacts, "evaluate-base", key, build)
-    run_logger().info("evaluate-base: %s: validation perplexity %s", base_model.location,
-                      _num(out.counts["validation_perplexity"]))
-    return out
+    def read(self, artifacts: str | Path) -> dict[str, Any]:
+        return json.loads(self.eval_file(artifacts).read_text())
+
+    def markdown(self, artifacts: str | Path) -> str:
+        return (self.dir(artifacts) / "eval.md").read_text(encoding="utf-8")
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c = self.counts
+        if "validation_perplexity" in c:
+            return [(logging.INFO, f"validation perplexity {_num(c['validation_perplexity'])}")]
+        change = c["validation_relative_change"]
+        change = f"{change:+.1%}" if isinstance(change, float) and math.isfinite(change) else change
+        return [(logging.INFO, f"validation perplexity {_num(c['validation_perplexity_before'])} → "
+                               f"{_num(c['validation_perplexity_after'])} ({change})")]
 
 
-@stage_task("evaluate", version=1, code=[_inputs, *EVALUATION_CODE, comparison, comparison_markdown, relative_change],
-            libraries=["transformers", "torch", "datasets"])
-def evaluate(evaluate: EvaluateConfig, model: ModelConfig, trained: StageOutput, chunk: ChunkConfig,
-             chunks: StageOutput, general_corpus: Fingerprint | None, base_eval: StageOutput,
-             artifacts: str) -> StageOutput:
-    key = current_key("evaluate", {"evaluate": evaluate, "model": model, "trained": trained, "chunk": chunk,
-                                   "chunks": chunks, "general_corpus": general_corpus, "base_eval": base_eval})
-    model_dir = str(trained.dir(artifacts) / "model")
+@stage("evaluate-base", version=1, output=Evaluation, code=[_inputs, *EVALUATION_CODE],
+       libraries=["transformers", "torch", "datasets"])
+def evaluate_base(build: Build, evaluate: EvaluateConfig, model: ModelConfig, base_model: Fingerprint,
+                  chunk: ChunkConfig, chunks: Chunks, general_corpus: Fingerprint | None):
+    val, general = _inputs(evaluate, chunk, chunks, build.artifacts, base_model.location)
+    result = evaluate_model(base_model.location, model, evaluate, val, general)
+    (build.tmp / EVAL_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return {"validation_perplexity": result["validation"]["perplexity"],
+            "general_perplexity": (result["general"] or {}).get("perplexity")}, {}
 
-    def build(tmp: Path):
-        val, general = _inputs(evaluate, chunk, chunks, artifacts, model_dir)
-        after = evaluate_model(model_dir, model, evaluate, val, general)
-        before = json.loads((base_eval.dir(artifacts) / EVAL_FILE).read_text())
-        doc = comparison(before, after, evaluate.prompts)
-        (tmp / EVAL_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
-        (tmp / "eval.md").write_text(comparison_markdown(doc))
-        v = doc["perplexity"]["validation"]
-        g = doc["perplexity"]["general"] or {}
-        return {"validation_perplexity_before": v["before"], "validation_perplexity_after": v["after"],
-                "validation_relative_change": v["relative_change"], "general_perplexity_before": g.get("before"),
-                "general_perplexity_after": g.get("after")}, {}
 
-    out = publish(artifacts, "evaluate", key, build)
-    c = out.counts
-    change = c["validation_relative_change"]
-    run_logger().info("evaluate: validation perplexity %s → %s (%s)", _num(c["validation_perplexity_before"]),
-                      _num(c["validation_perplexity_after"]),
-                      f"{change:+.1%}" if isinstance(change, float) and math.isfinite(change) else change)
-    return out
+@stage("evaluate", version=1, output=Evaluation,
+       code=[_inputs, *EVALUATION_CODE, comparison, comparison_markdown, relative_change],
+       libraries=["transformers", "torch", "datasets"])
+def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained: Trained, chunk: ChunkConfig,
+             chunks: Chunks, general_corpus: Fingerprint | None, base_eval: Evaluation):
+    model_dir = str(trained.model_dir(build.artifacts))
+    val, general = _inputs(evaluate, chunk, chunks, build.artifacts, model_dir)
+    after = evaluate_model(model_dir, model, evaluate, val, general)
+    doc = comparison(base_eval.read(build.artifacts), after, evaluate.prompts)
+    (build.tmp / EVAL_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+    (build.tmp / "eval.md").write_text(comparison_markdown(doc))
+    v = doc["perplexity"]["validation"]
+    g = doc["perplexity"]["general"] or {}
+    return {"validation_perplexity_before": v["before"], "validation_perplexity_after": v["after"],
+            "validation_relative_change": v["relative_change"], "general_perplexity_before": g.get("before"),
+            "general_perplexity_after": g.get("after")}, {}
 
 
 def _num(x: Any) -> str:
@@ -176,9 +180,8 @@ def _num(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
 
 
-def show(out: StageOutput, artifacts: str) -> None:
-    out_dir = out.dir(artifacts)
-    doc = json.loads((out_dir / EVAL_FILE).read_text())
-    markdown_artifact((out_dir / "eval.md").read_text(), "eval-before-after", "Perplexity and generations, before/after")
+def show(out: Evaluation, artifacts: str) -> None:
+    doc = out.read(artifacts)
+    markdown_artifact(out.markdown(artifacts), "eval-before-after", "Perplexity and generations, before/after")
     table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
                    "eval-perplexity", "Perplexity before and after training")

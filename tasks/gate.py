@@ -7,13 +7,16 @@ is not pushed; a diverged one (a loss or perplexity that is NaN, infinite or mis
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.cache import StageOutput, current_key, publish, stage_task
+from tasks.cache import Build, StageOutput, stage
 from tasks.config import GateConfig
-from tasks.report import markdown_artifact, markdown_table, run_logger
+from tasks.evaluate import Evaluation
+from tasks.report import markdown_artifact, markdown_table
+from tasks.train import Trained
 
 GATE_FILE = "gate.json"
 
@@ -67,45 +70,43 @@ def perplexities(eval_doc: dict[str, Any]) -> dict[str, Any]:
     return {k: (eval_doc.get(k) or {}).get("perplexity") for k in ("validation", "general")}
 
 
-@stage_task("gate", version=1, code=[decide, finite, perplexities])
-def gate(gate: GateConfig, evaluation: StageOutput, reference_eval: StageOutput, base_eval: StageOutput,
-         trained: StageOutput, reference_kind: Literal["base", "promoted"], artifacts: str) -> StageOutput:
-    from tasks.evaluate import EVAL_FILE
+class Decision(StageOutput):
+    """gate's output: `gate.json`, the decision (promoted, reason, every check with its value and limit)."""
 
-    key = current_key("gate", {"gate": gate, "evaluation": evaluation, "reference_eval": reference_eval,
-                               "base_eval": base_eval, "trained": trained, "reference_kind": reference_kind})
+    def read(self, artifacts: str | Path) -> dict[str, Any]:
+        return json.loads((self.dir(artifacts) / GATE_FILE).read_text())
 
-    def build(tmp: Path):
-        c = evaluation.counts
-        new = {"validation": c.get("validation_perplexity_after"), "general": c.get("general_perplexity_after")}
-        ref = perplexities(json.loads((reference_eval.dir(artifacts) / EVAL_FILE).read_text()))
-        base = perplexities(json.loads((base_eval.dir(artifacts) / EVAL_FILE).read_text()))
-        name = "the last promoted model" if reference_kind == "promoted" else "the base model"
-        decision = decide(gate, new, ref, base, trained.counts, name)
-        doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref,
-               "base_perplexity": base}
-        (tmp / GATE_FILE).write_text(json.dumps(doc, indent=2, default=str))
-        return {"promoted": decision["promoted"], "reason": decision["reason"], "reference": reference_kind,
-                "validation_perplexity": new["validation"], "reference_validation_perplexity": ref["validation"],
-                "general_perplexity": new["general"], "base_general_perplexity": base["general"]}, {}
+    @property
+    def promoted(self) -> bool:
+        return bool(self.counts["promoted"])
 
-    return publish(artifacts, "gate", key, build)
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        if self.promoted:
+            return [(logging.INFO, f"promoted: {self.counts['reason']}")]
+        return [(logging.WARNING, f"refused, not pushed: {self.counts['reason']}")]
 
 
-def read_decision(out: StageOutput, artifacts: str) -> dict[str, Any]:
-    return json.loads((out.dir(artifacts) / GATE_FILE).read_text())
+@stage("gate", version=1, output=Decision, code=[decide, finite, perplexities])
+def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval: Evaluation, base_eval: Evaluation,
+         trained: Trained, reference_kind: Literal["base", "promoted"]):
+    c = evaluation.counts
+    new = {"validation": c.get("validation_perplexity_after"), "general": c.get("general_perplexity_after")}
+    ref = perplexities(reference_eval.read(build.artifacts))
+    base = perplexities(base_eval.read(build.artifacts))
+    name = "the last promoted model" if reference_kind == "promoted" else "the base model"
+    decision = decide(gate, new, ref, base, trained.counts, name)
+    doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref, "base_perplexity": base}
+    (build.tmp / GATE_FILE).write_text(json.dumps(doc, indent=2, default=str))
+    return {"promoted": decision["promoted"], "reason": decision["reason"], "reference": reference_kind,
+            "validation_perplexity": new["validation"], "reference_validation_perplexity": ref["validation"],
+            "general_perplexity": new["general"], "base_general_perplexity": base["general"]}, {}
 
 
-def show(out: StageOutput, artifacts: str) -> None:
-    """The decision, every run (a cached gate does not re-create its artifact or its log line)."""
-    doc = read_decision(out, artifacts)
+def show(out: Decision, artifacts: str) -> None:
+    """The decision as a Prefect artifact, every run (a cached gate does not re-create its artifact)."""
+    doc = out.read(artifacts)
     verdict = "promoted" if doc["promoted"] else "refused"
     rows = [{"check": c["check"], "passed": c["passed"], "value": c["value"], "limit": c["limit"], "rule": c["why"]}
             for c in doc["checks"]]
     markdown_artifact(f"# Promotion gate: {verdict}\n\n{doc['reason']}\n\nReference: {doc['reference']} model.\n\n"
                       f"{markdown_table(rows)}\n", "gate", "Whether this run's model is pushed, and why")
-    log = run_logger()
-    if doc["promoted"]:
-        log.info("gate: promoted: %s", doc["reason"])
-    else:
-        log.warning("gate: refused, not pushed: %s", doc["reason"])

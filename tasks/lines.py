@@ -186,7 +186,7 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config, tokeniz
     token length against the line's. `config` is the CptConfig; `tokenizer` its tokenizer Fingerprint."""
     import pyarrow as pa
 
-    from tasks.load import DOCS_FILE, BadRecordError, fingerprint_files, load_pieces, read_arrow
+    from tasks.load import BadRecordError, fingerprint_files, load_pieces, piece_docs_file, read_arrow
     from tasks.shuffle import split_values
     from tasks.token_stats import part_lengths
     from tasks.tokenize import TokenizerOnce, token_file, tokenize_pieces
@@ -207,7 +207,7 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config, tokeniz
 
     def ids(pieces) -> tuple[set[str], set[str]]:
         """doc_ids and norm_ids of the pieces, each piece's file read once."""
-        tables = [read_arrow(Path(artifacts) / out.path / DOCS_FILE).select(["doc_id", "norm_id"])
+        tables = [read_arrow(piece_docs_file(artifacts, out.path)).select(["doc_id", "norm_id"])
                   for _, out, _ in pieces]
         if not tables:
             return set(), set()

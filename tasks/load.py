@@ -8,12 +8,12 @@ Every record either becomes a document, is counted as a duplicate or too short, 
 from __future__ import annotations
 
 import csv
+import logging
 import glob
 import hashlib
 import io
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.cache import (
-    Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, publish_piece, register_code_version,
-    stage_key, stage_task,
+    Build, Fingerprint, StageOutput, combine_digests, hash_file, publish_piece, register_code_version, stage, stage_key,
 )
 from tasks.config import ConfigError, CorpusConfig
-from tasks.report import run_logger
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 DOCS_FILE = "docs.arrow"
@@ -461,31 +459,49 @@ def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, artifacts: st
     return sorted(pieces, key=lambda p: (p[1].key, p[0]["path"]))
 
 
-@stage_task("load", version=1, code=[load_pieces, load_file_cached, assemble_documents, merge_counts, source_names,
-                                    _line_no, "@load-file", "@load-content"], libraries=["pyarrow"])
-def load(corpus: CorpusConfig, sources: Fingerprint, files: list[str], artifacts: str) -> StageOutput:
+class Docs(StageOutput):
+    """load's output: `docs.arrow` (doc_id, text, norm_id, source = path:line, part, row) and `rejects.jsonl`,
+    assembled from per-file pieces (`parts`, each a load-file entry with its own docs.arrow)."""
+
+    def docs_file(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts) / DOCS_FILE
+
+    def rejects_file(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts) / REJECTS_FILE
+
+    @property
+    def parts(self) -> list[dict[str, Any]]:
+        """Per source file: name, key, path, content and counts of its piece, in corpus order."""
+        return self.meta["parts"]
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c = self.counts
+        lines = [(logging.INFO, f"{c['documents']} documents from {c['files']} files ({c['files_read']} read now, the "
+                                f"rest cached by content; {c['records']} records; {c['rejected']} rejected, "
+                                f"{c['duplicates']} duplicates, {c['too_short']} too short)")]
+        if c["rejected"]:
+            lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(artifacts)}"))
+        return lines
+
+
+def piece_docs_file(artifacts: str | Path, piece_path: str) -> Path:
+    """The docs.arrow of one load-file piece (by its path relative to the artifacts root)."""
+    return Path(artifacts) / piece_path / DOCS_FILE
+
+
+@stage("load", version=1, output=Docs, code=[load_pieces, load_file_cached, assemble_documents, merge_counts,
+                                            source_names, _line_no, "@load-file", "@load-content"],
+       libraries=["pyarrow"])
+def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str]):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
-    key = current_key("load", {"corpus": corpus, "sources": sources, "files": files})
-    log = run_logger()
-    pieces = load_pieces(sources.items, corpus, artifacts)
+    pieces = load_pieces(sources.items, corpus, str(build.artifacts))
     parts = [out for _, out, _ in pieces]
-
-    def build(tmp: Path):
-        assembled = assemble_documents([p.dir(artifacts) for p in parts], [i["path"] for i, _, _ in pieces], tmp,
-                                       corpus.deduplicate)
-        counts = merge_counts([p.counts for p in parts], assembled)
-        counts["files_read"] = sum(not reused for _, _, reused in pieces)
-        meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, "content": p.content, **p.counts}
-                          for item, p, _ in pieces]}
-        content = stage_key("load-content", {"deduplicate": corpus.deduplicate, "parts": [p.content or p.key for p in parts]})
-        return counts, meta, {"content": content, "deps": [p.path for p in parts]}
-
-    out = publish(artifacts, "load", key, build)
-    c = out.counts
-    log.info("load: %d documents from %d files (%d read now, the rest cached by content; %d records; "
-             "%d rejected, %d duplicates, %d too short)", c["documents"], c["files"], c["files_read"],
-             c["records"], c["rejected"], c["duplicates"], c["too_short"])
-    if c["rejected"]:
-        log.warning("load: %d rejected records kept in %s", c["rejected"], Path(artifacts) / out.path / REJECTS_FILE)
-    return out
+    assembled = assemble_documents([p.dir(build.artifacts) for p in parts], [i["path"] for i, _, _ in pieces],
+                                   build.tmp, corpus.deduplicate)
+    counts = merge_counts([p.counts for p in parts], assembled)
+    counts["files_read"] = sum(not reused for _, _, reused in pieces)
+    meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, "content": p.content, **p.counts}
+                      for item, p, _ in pieces]}
+    content = stage_key("load-content", {"deduplicate": corpus.deduplicate, "parts": [p.content or p.key for p in parts]})
+    return counts, meta, {"content": content, "deps": [p.path for p in parts]}

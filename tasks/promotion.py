@@ -132,7 +132,7 @@ def promotion_record(trained, pushed, decision, identity: str, parent: dict[str,
     """The record of a model the gate let through and push released (train, push and gate outputs)."""
     c, hub = decision.counts, pushed.counts
     return Promotion(
-        model_digest=trained.meta["model_digest"], model_path=f"{trained.path}/model", release=hub["local_path"],
+        model_digest=trained.model_digest, model_path=trained.model_dir("").as_posix(), release=hub["local_path"],
         train_identity=identity, parent=without_location(parent), reference=without_location(reference),
         validation_perplexity=c["validation_perplexity"], general_perplexity=c["general_perplexity"],
         reason=c["reason"], flow_run=flow_run, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -9,6 +9,7 @@ clear message; the local save stays.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,8 +19,12 @@ from typing import Any
 
 import yaml
 
-from tasks.cache import Fingerprint, StageOutput, current_key, publish, stage_task
+from tasks.cache import Build, Fingerprint, StageOutput, stage
 from tasks.config import CptConfig, PushConfig
+from tasks.evaluate import Evaluation
+from tasks.gate import Decision
+from tasks.load import Docs
+from tasks.train import Trained
 from tasks.report import markdown_artifact, run_logger
 
 CARD = "README.md"
@@ -186,52 +191,59 @@ def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_second
 RELEASE_CARD = "card.md"  # the release's card, kept in the push entry so a lost release can be re-made
 
 
-@stage_task("push", version=1, code=[model_card, lineage_markdown, evaluation_markdown, save_release, upload,
-                                    commit_message, default_name, _short, _failure],
-            libraries=["huggingface_hub"])
-def push(push: PushConfig, base_model_id: str, trained: StageOutput, evaluation: StageOutput,
-         docs: StageOutput, corpus: Fingerprint, config: CptConfig, artifacts: str,
-         decision: StageOutput | None = None, lineage: dict[str, Any] | None = None) -> StageOutput:
+class Release(StageOutput):
+    """push's output: `push.json` (where the release went) and the card it was saved with; the release itself
+    is `artifacts/models/<name>/` (outside the cache: it is the folder users point at)."""
+
+    def card(self, artifacts: str | Path) -> str:
+        return (self.dir(artifacts) / RELEASE_CARD).read_text(encoding="utf-8")
+
+    @property
+    def release_dir(self) -> Path:
+        return Path(self.counts["local_path"])
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c = self.counts
+        return [(logging.INFO, f"model saved to {c['local_path']}"
+                               + (f", uploaded to {c['hub_url']}" if c["hub_url"] else ""))]
+
+
+@stage("push", version=1, output=Release,
+       code=[model_card, lineage_markdown, evaluation_markdown, save_release, upload, commit_message, default_name,
+             _short, _failure],
+       libraries=["huggingface_hub"])
+def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, evaluation: Evaluation, docs: Docs,
+         corpus: Fingerprint, config: CptConfig, decision: Decision | None = None,
+         lineage: dict[str, Any] | None = None):
     """Save the promoted model as the release folder (a verified copy: see `ensure_release`), with a card that
     records its lineage, and upload it as a new Hub revision."""
-    key = current_key("push", {"push": push, "trained": trained, "evaluation": evaluation, "docs": docs,
-                               "corpus": corpus, "config": config, "decision": decision})
-    log = run_logger()
-    name = push.name or default_name(base_model_id, key)
-    dest = Path(artifacts) / "models" / name
+    from tasks.promotion import model_digest
 
-    def build(tmp: Path):
-        from tasks.promotion import model_digest
-
-        eval_md = (evaluation.dir(artifacts) / "eval.md").read_text(encoding="utf-8")
-        card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts},
-                          config.model_dump(mode="json"), eval_md, lineage)
-        model_dir = trained.dir(artifacts) / "model"
-        digest = model_digest(model_dir)
-        save_release(model_dir, dest, card)
-        (tmp / RELEASE_CARD).write_text(card, encoding="utf-8")
-        result = {"local_path": str(dest), "model_digest": digest, "hub": None}
-        if push.repo_id:
-            backoff = float(os.environ.get("CPT_PUSH_BACKOFF_SECONDS", "2"))
-            result["hub"] = upload(dest, push, hub_token(push.token_secret), log, backoff, commit_message(lineage))
-        (tmp / "push.json").write_text(json.dumps(result, indent=2))
-        hub = result["hub"] or {}
-        return {"local_path": str(dest), "hub_url": hub.get("url"), "hub_commit": hub.get("commit"),
-                "model_digest": digest}, {}
-
-    out = publish(artifacts, "push", key, build)
-    c = out.counts
-    log.info("push: model saved to %s%s", c["local_path"], f", uploaded to {c['hub_url']}" if c["hub_url"] else "")
-    return out
+    name = push.name or default_name(base_model_id, build.key)
+    dest = build.artifacts / "models" / name
+    card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts},
+                      config.model_dump(mode="json"), evaluation.markdown(build.artifacts), lineage)
+    model_dir = trained.model_dir(build.artifacts)
+    digest = model_digest(model_dir)
+    save_release(model_dir, dest, card)
+    (build.tmp / RELEASE_CARD).write_text(card, encoding="utf-8")
+    result = {"local_path": str(dest), "model_digest": digest, "hub": None}
+    if push.repo_id:
+        backoff = float(os.environ.get("CPT_PUSH_BACKOFF_SECONDS", "2"))
+        result["hub"] = upload(dest, push, hub_token(push.token_secret), build.log, backoff, commit_message(lineage))
+    (build.tmp / "push.json").write_text(json.dumps(result, indent=2))
+    hub = result["hub"] or {}
+    return {"local_path": str(dest), "hub_url": hub.get("url"), "hub_commit": hub.get("commit"),
+            "model_digest": digest}, {}
 
 
-def ensure_release(out: StageOutput, trained: StageOutput, artifacts: str, digest=None) -> str | None:
+def ensure_release(out: Release, trained: Trained, artifacts: str, digest=None) -> str | None:
     """Every run, cached or not: the release folder must hold the pushed model's exact files and card. A missing
     or altered release is re-made from the train entry; returns why it was, or None when it was intact."""
     from tasks.promotion import model_digest
 
-    dest = Path(out.counts["local_path"])
-    card = (out.dir(artifacts) / RELEASE_CARD).read_text(encoding="utf-8")
+    dest = out.release_dir
+    card = out.card(artifacts)
     kwargs = {"digest": digest} if digest else {}
     if not dest.is_dir():
         why = "missing"
@@ -241,12 +253,12 @@ def ensure_release(out: StageOutput, trained: StageOutput, artifacts: str, diges
         why = "holding another card"
     else:
         return None
-    save_release(trained.dir(artifacts) / "model", dest, card)
+    save_release(trained.model_dir(artifacts), dest, card)
     run_logger().warning("push: release folder %s was %s; re-made it from the promoted model", dest, why)
     return why
 
 
-def show(out: StageOutput, artifacts: str) -> None:
+def show(out: Release, artifacts: str) -> None:
     c = out.counts
     where = f"- local: `{c['local_path']}`\n" + (f"- hub: [{c['hub_url']}]({c['hub_url']})\n" if c["hub_url"] else "")
     markdown_artifact(f"# Model\n\n{where}", "model-location", "Where the trained model went")

@@ -10,6 +10,7 @@ corpus smaller than its share is drawn from again (a fresh permutation per pass)
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.cache import StageOutput, current_key, publish, stage_task
-from tasks.chunk import IGNORE_INDEX, chunk_features, link_or_copy, write_dataset_dict
+from tasks.cache import Build, stage
+from tasks.chunk import CHUNK_ARROW_SCHEMA, IGNORE_INDEX, Chunks, link_or_copy, write_dataset_dict
 from tasks.config import ReplayConfig, ShuffleConfig
-from tasks.load import read_arrow
-from tasks.report import run_logger
+from tasks.load import Docs, read_arrow
 from tasks.shuffle import SPLITS
 
 REPLAY_SHARD = "replay.arrow"
@@ -79,7 +79,7 @@ def cut_row(input_ids: list[int], labels: list[int], keep: int) -> tuple[list[in
 
 def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Path) -> int:
     """The drawn rows as a datasets shard at `dst`; returns the labelled tokens written."""
-    schema = chunk_features().arrow_schema
+    schema = CHUNK_ARROW_SCHEMA
     taken = pool.take(pa.array(rows, pa.int64())) if len(rows) else pool.slice(0, 0)
     if keep_last and len(rows):
         last = taken.slice(len(rows) - 1).to_pylist()[0]
@@ -92,20 +92,14 @@ def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Pa
     return int(labelled_per_row(taken.column("labels").combine_chunks()).sum()) if len(rows) else 0
 
 
-def shard_files(chunks_dir: Path, split: str) -> list[Path]:
-    import json
-
-    state = json.loads((chunks_dir / split / "state.json").read_text())
-    return [chunks_dir / split / f["filename"] for f in state["_data_files"]]
-
-
-def mix_chunks(domain_dir: Path, replay_dir: Path, fraction: float, seed: int, out_dir: Path) -> dict[str, Any]:
+def mix_chunks(domain: Chunks, replay: Chunks, artifacts: str | Path, fraction: float, seed: int,
+               out_dir: Path) -> dict[str, Any]:
     """The mixed DatasetDict at `out_dir`; returns per-source token counts."""
     listing: dict[str, list[str]] = {}
     domain_labelled = domain_rows = 0
     for split in SPLITS:
         (out_dir / split).mkdir(parents=True)
-        files = shard_files(domain_dir, split)
+        files = domain.shard_files(artifacts, split)
         listing[split] = []
         for i, src in enumerate(files):
             name = f"data-{i:05d}.arrow"
@@ -115,7 +109,7 @@ def mix_chunks(domain_dir: Path, replay_dir: Path, fraction: float, seed: int, o
                 table = read_shard(src)
                 domain_rows += table.num_rows
                 domain_labelled += int(labelled_per_row(table.column("labels").combine_chunks()).sum())
-    pool = pa.concat_tables([read_shard(f) for f in shard_files(replay_dir, "train")])
+    pool = pa.concat_tables([read_shard(f) for f in replay.shard_files(artifacts, "train")])
     pool_labelled = labelled_per_row(pool.column("labels").combine_chunks()) if pool.num_rows else np.zeros(0)
     target = replay_target(domain_labelled, fraction)
     rows, keep_last, passes = draw(pool_labelled, target, seed)
@@ -131,37 +125,37 @@ def mix_chunks(domain_dir: Path, replay_dir: Path, fraction: float, seed: int, o
     }
 
 
-@stage_task("mix", version=1, code=[mix_chunks, read_shard, labelled_per_row, replay_target, draw, cut_row,
-                                   write_replay_shard, shard_files], libraries=["numpy", "pyarrow", "datasets"])
-def mix(replay: ReplayConfig, shuffle: ShuffleConfig, chunks: StageOutput, replay_chunks: StageOutput,
-        artifacts: str) -> StageOutput:
-    key = current_key("mix", {"replay": replay, "shuffle": shuffle, "chunks": chunks, "replay_chunks": replay_chunks})
+class Mixed(Chunks):
+    """mix's output: the chunk stage's DatasetDict layout, the training split with one shard of replay rows."""
 
-    def build(tmp: Path):
-        counts = mix_chunks(chunks.dir(artifacts), replay_chunks.dir(artifacts), replay.fraction, shuffle.seed, tmp)
-        counts.update({k: v for k, v in chunks.counts.items() if k.startswith("validation_")})
-        return counts, dict(chunks.meta)
-
-    out = publish(artifacts, "mix", key, build)
-    c = out.counts
-    log = run_logger()
-    log.info("mix: %d domain + %d replay trained tokens (replay share %.4f, asked %.4f; %d replay rows)",
-             c["domain_trained_tokens"], c["replay_trained_tokens"], c["replay_share"], replay.fraction,
-             c["replay_rows"])
-    if c["replay_passes"] > 1:
-        log.warning("mix: the replay text (%d trained tokens) is smaller than its share (%d tokens): it is repeated "
-                    "%d times; add replay text to avoid overfitting it", c["replay_pool_tokens"],
-                    c["replay_trained_tokens"], c["replay_passes"])
-    return out
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c = self.counts
+        lines = [(logging.INFO, f"{c['domain_trained_tokens']} domain + {c['replay_trained_tokens']} replay trained "
+                                f"tokens (replay share {c['replay_share']:.4f}, asked {c['replay_fraction_asked']:.4f}; "
+                                f"{c['replay_rows']} replay rows)")]
+        if c["replay_passes"] > 1:
+            lines.append((logging.WARNING, f"the replay text ({c['replay_pool_tokens']} trained tokens) is smaller than "
+                          f"its share ({c['replay_trained_tokens']} tokens): it is repeated {c['replay_passes']} times; "
+                          "add replay text to avoid overfitting it"))
+        return lines
 
 
-def replay_overlap(general_paths: list[str], replay_docs: StageOutput, artifacts: str) -> tuple[int, int]:
+@stage("mix", version=1, output=Mixed, code=[mix_chunks, read_shard, labelled_per_row, replay_target, draw, cut_row,
+                                            write_replay_shard, "tasks.chunk:Chunks.shard_files"],
+       libraries=["numpy", "pyarrow", "datasets"])
+def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chunks, replay_chunks: Chunks):
+    counts = mix_chunks(chunks, replay_chunks, build.artifacts, replay.fraction, shuffle.seed, build.tmp)
+    counts.update({k: v for k, v in chunks.counts.items() if k.startswith("validation_")})
+    return counts, dict(chunks.meta)
+
+
+def replay_overlap(general_paths: list[str], replay_docs: Docs, artifacts: str) -> tuple[int, int]:
     """(general-corpus documents whose normalised text is also a replay document, general documents)."""
     from tasks.config import CorpusConfig
-    from tasks.load import DOCS_FILE, Record, norm_id_of, read_corpus_file, resolve_corpus_files
+    from tasks.load import Record, norm_id_of, read_corpus_file, resolve_corpus_files
 
     cfg = CorpusConfig(paths=general_paths, on_bad_record="skip")
     general = {norm_id_of(r.text) for f in resolve_corpus_files(cfg) for r in read_corpus_file(f, cfg)
                if isinstance(r, Record) and r.text.strip()}
-    replay = set(pc.unique(read_arrow(replay_docs.dir(artifacts) / DOCS_FILE).column("norm_id")).to_pylist())
+    replay = set(pc.unique(read_arrow(replay_docs.docs_file(artifacts)).column("norm_id")).to_pylist())
     return len(general & replay), len(general)

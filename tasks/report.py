@@ -99,9 +99,11 @@ def markdown_artifact(markdown: str, key: str, description: str) -> None:
         create_markdown_artifact(markdown, key=artifact_key(key), description=description)
 
 
-def png_data_uri(path: Path) -> str:
+def image_data_uri(path: Path) -> str:
     """The UI does not serve local files; an image embedded in markdown as a data URI renders inline."""
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    mime = "image/svg+xml" if Path(path).suffix == ".svg" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -15,15 +15,15 @@ document under the threshold still gets one validation document, the one with th
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.cache import StageOutput, current_key, publish, stage_task
-from tasks.report import run_logger
+from tasks.cache import Build, StageOutput, stage
 from tasks.config import ConfigError, ShuffleConfig, SplitConfig
-from tasks.load import DOCS_FILE, read_arrow
+from tasks.load import Docs, read_arrow
 
 SPLITS = ("train", "validation")
 _WRITE_BATCH = 2048
@@ -78,29 +78,32 @@ def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
             writer.write_table(table.take(pa.array(indices[start : start + _WRITE_BATCH])))
 
 
-@stage_task("shuffle", version=1, code=[split_values, split_documents, one_per_text, write_split],
-            libraries=["numpy", "pyarrow"])
-def shuffle(shuffle: ShuffleConfig, split: SplitConfig, docs: StageOutput, artifacts: str) -> StageOutput:
+class Split(StageOutput):
+    """shuffle's output: per split, `<split>.arrow` (doc_id, norm_id, part, row) in training order: where each
+    document lives in the per-file pieces, no text."""
 
-    key = current_key("shuffle", {"shuffle": shuffle, "split": split, "docs": docs})
+    def split_file(self, artifacts: str | Path, split: str) -> Path:
+        return self.dir(artifacts) / f"{split}.arrow"
 
-    def build(tmp: Path):
-        # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
-        table = read_arrow(docs.dir(artifacts) / DOCS_FILE).select(["doc_id", "norm_id", "part", "row"])
-        doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
-        parts = split_documents(doc_ids, shuffle.seed, split.validation_fraction, norm_ids)
-        parts["validation"], held_out = one_per_text(parts["validation"], norm_ids, doc_ids)
-        counts = {"validation_copies_held_out": held_out}
-        for name in SPLITS:
-            write_split(table, parts[name], tmp / f"{name}.arrow")
-            counts[f"{name}_documents"] = len(parts[name])
-        return counts, {}
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c = self.counts
+        lines = [(logging.INFO, f"{c['train_documents']} train / {c['validation_documents']} validation documents")]
+        if c["validation_copies_held_out"]:
+            lines.append((logging.WARNING, f"{c['validation_copies_held_out']} documents repeat a validation document's "
+                          "text (after whitespace normalisation): held out of training and of validation"))
+        return lines
 
-    out = publish(artifacts, "shuffle", key, build)
-    log = run_logger()
-    log.info("shuffle: %d train / %d validation documents (seed %d)",
-             out.counts["train_documents"], out.counts["validation_documents"], shuffle.seed)
-    if out.counts["validation_copies_held_out"]:
-        log.warning("shuffle: %d documents repeat a validation document's text (after whitespace normalisation): "
-                    "held out of training and of validation", out.counts["validation_copies_held_out"])
-    return out
+
+@stage("shuffle", version=1, output=Split, code=[split_values, split_documents, one_per_text, write_split],
+       libraries=["numpy", "pyarrow"])
+def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs):
+    # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
+    table = read_arrow(docs.docs_file(build.artifacts)).select(["doc_id", "norm_id", "part", "row"])
+    doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
+    parts = split_documents(doc_ids, shuffle.seed, split.validation_fraction, norm_ids)
+    parts["validation"], held_out = one_per_text(parts["validation"], norm_ids, doc_ids)
+    counts = {"validation_copies_held_out": held_out}
+    for name in SPLITS:
+        write_split(table, parts[name], build.tmp / f"{name}.arrow")
+        counts[f"{name}_documents"] = len(parts[name])
+    return counts, {}

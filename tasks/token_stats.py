@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from tasks.cache import StageOutput, current_key, publish, publish_piece, register_code_version, stage_key, stage_task
+from tasks.cache import Build, StageOutput, publish_piece, register_code_version, stage, stage_key
 from tasks.chunk import chunk_lengths, rows_by_part
 from tasks.config import ChunkConfig, TokenStatsConfig
-from tasks.report import markdown_artifact, markdown_table, png_data_uri, run_logger, table_artifact
+from tasks.report import markdown_artifact, markdown_table, image_data_uri, table_artifact
 from tasks.load import read_arrow
-from tasks.shuffle import SPLITS
-from tasks.tokenize import token_file
+from tasks.shuffle import SPLITS, Split
+from tasks.tokenize import Tokens
 
 STAT_NAMES = ("count", "total", "mean", "median", "min", "max", "std", "p90", "p95", "p99")
 
@@ -82,33 +84,57 @@ def stats_rows(lengths: dict[str, dict[str, np.ndarray]]) -> list[dict]:
             for split in SPLITS for kind in ("documents", "chunks")]
 
 
+COLOURS = {"train": "#4c72b0", "validation": "#dd8452"}
+
+
 def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: Path, title: str) -> None:
-    """Documents | chunks, one step curve per split (one artist per curve keeps this fast)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = ("documents", "chunks")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for ax, kind in zip(axes, kinds):
-        values = [lengths[split][kind] for split in lengths]
-        nonempty = [v for v in values if len(v)]
+    """Documents | chunks, a step curve per split (train filled), as SVG written by hand: a plotting library
+    would cost its import (~0.7 s) in every run's data path for two small charts."""
+    w, h, pad = 520, 300, 48
+    panels = []
+    for i, kind in enumerate(("documents", "chunks")):
+        x0, parts = i * w, []
+        values = {split: lengths[split][kind] for split in lengths}
+        nonempty = [v for v in values.values() if len(v)]
+        parts.append(f'<text x="{x0 + w / 2}" y="{pad - 22}" text-anchor="middle" font-size="14">{kind}</text>')
+        parts.append(f'<line x1="{x0 + pad}" y1="{h - pad}" x2="{x0 + w - 12}" y2="{h - pad}" stroke="#333"/>'
+                     f'<line x1="{x0 + pad}" y1="{pad - 8}" x2="{x0 + pad}" y2="{h - pad}" stroke="#333"/>')
         if nonempty:
             edges = np.histogram_bin_edges(np.concatenate(nonempty), bins=bins)
-            for split, v in zip(lengths, values):
-                if len(v):
-                    counts, _ = np.histogram(v, bins=edges)
-                    ax.stairs(counts, edges, fill=split == "train", alpha=0.6 if split == "train" else 1.0,
-                              label=f"{split} ({len(v):,}, median {float(np.median(v)):.0f})")
-            ax.legend(loc="upper right", fontsize=8)
-        ax.set_title(kind)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("count")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+            hists = {split: np.histogram(v, bins=edges)[0] for split, v in values.items() if len(v)}
+            top = max(int(c.max()) for c in hists.values()) or 1
+            lo, hi = float(edges[0]), float(edges[-1]) if edges[-1] > edges[0] else float(edges[0]) + 1
+
+            def sx(v):
+                return x0 + pad + (v - lo) / (hi - lo) * (w - pad - 12)
+
+            def sy(c):
+                return h - pad - c / top * (h - 2 * pad + 8)
+
+            for t in np.linspace(lo, hi, 5):
+                parts.append(f'<text x="{sx(t):.1f}" y="{h - pad + 16}" text-anchor="middle" font-size="10">'
+                             f'{t:,.0f}</text>')
+            for t in np.linspace(0, top, 5):
+                parts.append(f'<text x="{x0 + pad - 4}" y="{sy(t) + 3:.1f}" text-anchor="end" font-size="10">'
+                             f'{t:,.0f}</text>')
+            for n, (split, counts) in enumerate(hists.items()):
+                points = [(sx(lo), sy(0))]
+                for c, a, b in zip(counts, edges[:-1], edges[1:]):
+                    points += [(sx(a), sy(c)), (sx(b), sy(c))]
+                points.append((sx(hi), sy(0)))
+                d = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+                colour = COLOURS.get(split, "#555")
+                fill = f'fill="{colour}" fill-opacity="0.5"' if split == "train" else 'fill="none"'
+                parts.append(f'<polyline points="{d}" {fill} stroke="{colour}" stroke-width="1.5"/>')
+                v = values[split]
+                parts.append(f'<text x="{x0 + w - 16}" y="{pad + 14 * n}" text-anchor="end" font-size="11" '
+                             f'fill="{colour}">{split} ({len(v):,}, median {float(np.median(v)):.0f})</text>')
+        parts.append(f'<text x="{x0 + w / 2}" y="{h - 8}" text-anchor="middle" font-size="11">tokens</text>')
+        panels.append("".join(parts))
+    path.write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h + 24}" '
+                    f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>'
+                    f'<text x="{w}" y="16" text-anchor="middle" font-size="14">{title}</text>'
+                    f'<g transform="translate(0,24)">{"".join(panels)}</g></svg>\n', encoding="utf-8")
 
 
 def compute_token_stats(token_files: list[Path], split_dir: Path, chunk: ChunkConfig,
@@ -126,21 +152,21 @@ register_code_version("token-stats-part", 1, [part_split_lengths, file_lengths, 
                       ["numpy", "pyarrow"])
 
 
-def token_stats_pieces(tokens: StageOutput, split: StageOutput, chunk: ChunkConfig, has_bos: bool,
+def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos: bool,
                        artifacts: str) -> tuple[dict, int]:
     """Each source file's lengths, cached by its tokens, its documents' splits and the chunk settings: a drop
     measures only its own files. Returns the merged lengths and how many files were measured now."""
-    parts = tokens.meta["parts"]
-    by_split = {name: rows_by_part(split.dir(artifacts) / f"{name}.arrow", len(parts)) for name in SPLITS}
+    parts = tokens.parts
+    by_split = {name: rows_by_part(split.split_file(artifacts, name), len(parts)) for name in SPLITS}
     shares, fresh = [], 0
     for p, part in enumerate(parts):
         rows = {name: by_split[name][p] for name in SPLITS}
         assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
-        key = stage_key("token-stats-part", {"tokens": part.get("content") or part["key"], "rows": assignment, "chunk": chunk,
-                                             "has_bos": has_bos})
+        key = stage_key("token-stats-part", {"tokens": part.get("content") or part["key"], "rows": assignment,
+                                             "chunk": chunk, "has_bos": has_bos})
 
         def build(tmp: Path, part=part, rows=rows):
-            share = part_split_lengths(token_file(artifacts, part["path"]), rows, chunk, has_bos)
+            share = part_split_lengths(tokens.token_file(artifacts, part), rows, chunk, has_bos)
             for (s, kind), name in PIECE_FILES.items():
                 np.save(tmp / name, share[s][kind])
             return {"documents": int(sum(len(r) for r in rows.values()))}, {}
@@ -152,39 +178,41 @@ def token_stats_pieces(tokens: StageOutput, split: StageOutput, chunk: ChunkConf
     return merge_lengths(shares), fresh
 
 
-@stage_task("token-stats", version=1, code=[token_stats_pieces, merge_lengths, stats_rows, length_stats,
-                                           plot_histograms, "@token-stats-part"], libraries=["numpy", "matplotlib"])
-def token_stats(token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: StageOutput, split: StageOutput,
-                artifacts: str) -> StageOutput:
-    key = current_key("token-stats", {"token_stats": token_stats, "chunk": chunk, "tokens": tokens, "split": split})
-    has_bos = tokens.meta["bos_id"] is not None
+class TokenStats(StageOutput):
+    """token-stats' output: `stats.json` (a row per split and unit), `stats.md` and `histogram.svg`."""
 
-    def build(tmp: Path):
-        lengths, fresh = token_stats_pieces(tokens, split, chunk, has_bos, artifacts)
-        rows = stats_rows(lengths)
-        (tmp / "stats.json").write_text(json.dumps(rows, indent=2))
-        plot_histograms(lengths, token_stats.bins, tmp / "histogram.png",
-                        f"Token lengths (max_seq_length {chunk.max_seq_length}, overlap {chunk.overlap})")
-        table = markdown_table([{k: r[k] for k in ("split", "unit", *STAT_NAMES)} for r in rows])
-        (tmp / "stats.md").write_text(f"# Token statistics\n\n{table}\n\n![histogram](histogram.png)\n")
-        counts = {f"{r['split']}_{r['unit']}_{s}": r[s] for r in rows for s in ("count", "mean", "max", "p95")}
-        counts.update(files_measured=fresh, files_cached=len(tokens.meta["parts"]) - fresh)
-        return counts, {}
+    def rows(self, artifacts: str | Path) -> list[dict[str, Any]]:
+        return json.loads((self.dir(artifacts) / "stats.json").read_text())
 
-    out = publish(artifacts, "token-stats", key, build)
-    for r in json.loads((out.dir(artifacts) / "stats.json").read_text()):
-        if r["split"] == "train":
-            run_logger().info("token-stats: train %s: %d, mean %.1f, p95 %.0f, max %d tokens",
-                              r["unit"], r["count"], r["mean"], r["p95"], r["max"])
-    return out
+    def histogram(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts) / "histogram.svg"
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        return [(logging.INFO, f"train {r['unit']}: {r['count']}, mean {r['mean']:.1f}, p95 {r['p95']:.0f}, "
+                               f"max {r['max']} tokens") for r in self.rows(artifacts) if r["split"] == "train"]
 
 
-def show(out: StageOutput, artifacts: str) -> None:
+@stage("token-stats", version=2, output=TokenStats, code=[token_stats_pieces, merge_lengths, stats_rows, length_stats,
+                                                         plot_histograms, "@token-stats-part"],
+       libraries=["numpy"])
+def token_stats(build: Build, token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: Tokens, split: Split):
+    lengths, fresh = token_stats_pieces(tokens, split, chunk, tokens.bos_id is not None, str(build.artifacts))
+    rows = stats_rows(lengths)
+    (build.tmp / "stats.json").write_text(json.dumps(rows, indent=2))
+    plot_histograms(lengths, token_stats.bins, build.tmp / "histogram.svg",
+                    f"Token lengths (max_seq_length {chunk.max_seq_length}, overlap {chunk.overlap})")
+    table = markdown_table([{k: r[k] for k in ("split", "unit", *STAT_NAMES)} for r in rows])
+    (build.tmp / "stats.md").write_text(f"# Token statistics\n\n{table}\n\n![histogram](histogram.svg)\n")
+    counts = {f"{r['split']}_{r['unit']}_{s}": r[s] for r in rows for s in ("count", "mean", "max", "p95")}
+    counts.update(files_measured=fresh, files_cached=len(tokens.parts) - fresh)
+    return counts, {}
+
+
+def show(out: TokenStats, artifacts: str) -> None:
     """Prefect artifacts of a token-stats output, made by the flow for computed and cached runs alike."""
-    out_dir = out.dir(artifacts)
-    rows = json.loads((out_dir / "stats.json").read_text())
+    rows = out.rows(artifacts)
     table_artifact(rows, "token-stats", "Token length statistics per split, documents and chunks")
     markdown_artifact(
-        f"# Token lengths\n\n{markdown_table(rows)}\n\n![histogram]({png_data_uri(out_dir / 'histogram.png')})\n",
+        f"# Token lengths\n\n{markdown_table(rows)}\n\n![histogram]({image_data_uri(out.histogram(artifacts))})\n",
         "token-stats-histogram", "Histogram of document and chunk token lengths",
     )

@@ -8,6 +8,7 @@ model ids with the same tokenizer share this stage's output and an edited tokeni
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,11 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.cache import (
-    Fingerprint, StageOutput, combine_digests, current_key, hash_file, publish, publish_piece, register_code_version,
-    stage_key, stage_task,
+    Build, Fingerprint, StageOutput, combine_digests, hash_file, publish_piece, register_code_version, stage, stage_key,
 )
 from tasks.config import ConfigError, ModelConfig, TokenizeConfig
-from tasks.load import DOCS_FILE
-from tasks.report import Progress, run_logger
+from tasks.load import Docs, piece_docs_file
+from tasks.report import Progress
 
 TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 # Files that decide how text becomes ids. config.json is read by AutoTokenizer only to pick a class.
@@ -131,18 +131,44 @@ def profile_path(artifacts: str | Path, tokenizer: Fingerprint) -> Path:
     return Path(artifacts) / "cache" / "_tokenizers" / f"{tokenizer.digest}-{versions}.json"
 
 
-def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote_code: bool = False):
-    """Special tokens of the tokenizer and whether its Rust backend alone gives transformers' ids on PROBE_TEXTS,
-    worked out once per tokenizer content (and library versions) and kept in the cache: later processes
-    tokenize without importing transformers. Returns (profile, the transformers tokenizer if it was loaded)."""
-    import json
+def user_cache_dir() -> Path:
+    """Facts about inputs that hold under any artifacts root (a tokenizer's profile is a function of its files
+    and the library versions): $CPT_CACHE_HOME, else $XDG_CACHE_HOME/cpt, else ~/.cache/cpt."""
     import os
 
+    explicit = os.environ.get("CPT_CACHE_HOME")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote_code: bool = False):
+    """Special tokens of the tokenizer and whether its Rust backend alone gives transformers' ids on PROBE_TEXTS,
+    worked out once per tokenizer content (and library versions) and kept in the cache and in the user's cache
+    (`user_cache_dir`): later processes, and a new artifacts root with a tokenizer seen before, tokenize without
+    importing transformers (and the torch it pulls in, ~3 s). Returns (profile, the transformers tokenizer if
+    it was loaded)."""
+    import json
+
     path = profile_path(artifacts, tokenizer)
-    try:
-        return json.loads(path.read_text()), None
-    except (OSError, ValueError):
-        pass
+    shared = user_cache_dir() / "tokenizers" / path.name
+    for candidate in (path, shared):
+        try:
+            profile = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if candidate is shared:
+            _write_atomic(path, json.dumps(profile))
+        return profile, None
     tok = load_tokenizer(tokenizer.location, trust_remote_code)
     tokenizer_json = Path(tokenizer.location) / "tokenizer.json"
     backend = False
@@ -152,10 +178,11 @@ def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remot
         except Exception:  # a tokenizer.json the backend cannot read: transformers' path
             backend = False
     profile = {**special_tokens(tok), "backend": backend}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(profile))
-    os.replace(tmp, path)
+    _write_atomic(path, json.dumps(profile))
+    try:
+        _write_atomic(shared, json.dumps(profile))
+    except OSError:  # a read-only home: the artifacts root still has it
+        pass
     return profile, tok
 
 
@@ -256,7 +283,7 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
     for part in parts:
         def build(tmp: Path, part=part):
             tok, specials = once()
-            c = tokenize_file(Path(artifacts) / part["path"] / DOCS_FILE, tmp / TOKENS_FILE, tok,
+            c = tokenize_file(piece_docs_file(artifacts, part["path"]), tmp / TOKENS_FILE, tok,
                               specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
             return c, specials
 
@@ -265,29 +292,45 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
     return pieces
 
 
-@stage_task("tokenize", version=1, code=[tokenize_pieces, TokenizerOnce, tokenizer_profile, "@tokenize-file"])
-def tokenize(tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: StageOutput, artifacts: str,
-             trust_remote_code: bool = False) -> StageOutput:
+class Tokens(StageOutput):
+    """tokenize's output: the list of per-file pieces (`parts`), each a tokenize-file entry holding
+    `tokens.arrow` (doc_id, input_ids with EOS), plus the tokenizer's special ids."""
+
+    @property
+    def parts(self) -> list[dict[str, Any]]:
+        """Per source file, in corpus order: key, path, content and counts of its token piece."""
+        return self.meta["parts"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.meta["bos_id"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.meta["eos_id"]
+
+    def token_file(self, artifacts: str | Path, part: dict[str, Any]) -> Path:
+        return token_file(artifacts, part["path"])
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c = self.counts
+        return [(logging.INFO, f"{c['tokens']} tokens in {c['documents']} documents ({c['files_tokenized']} files "
+                               f"tokenized, {c['files_cached']} from cache; EOS per document"
+                               f"{', BOS added per chunk' if self.bos_id is not None else ''})")]
+
+
+@stage("tokenize", version=1, output=Tokens, code=[tokenize_pieces, TokenizerOnce, tokenizer_profile, "@tokenize-file"])
+def tokenize(build: Build, tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: Docs,
+             trust_remote_code: bool = False):
     """Tokens of every loaded file, each cached by (file content, tokenizer, settings): a drop tokenizes only
     its own files. The stage's output is the list of those per-file outputs."""
-    key = current_key("tokenize", {"tokenize": tokenize, "tokenizer": tokenizer, "docs": docs,
-                                   "trust_remote_code": trust_remote_code})
-    log = run_logger()
     with Progress(docs.counts["documents"], "tokenize", unit="doc") as progress:
-        pieces = tokenize_pieces(docs.meta["parts"], tokenize, tokenizer, artifacts, trust_remote_code, progress)
+        pieces = tokenize_pieces(docs.parts, tokenize, tokenizer, str(build.artifacts), trust_remote_code, progress)
     parts = [out for out, _ in pieces]
     fresh = sum(not reused for _, reused in pieces)
-
-    def build(tmp: Path):
-        listing = [{"key": p.key, "path": p.path, "content": p.content, **p.counts} for p in parts]
-        counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh,
-                  "documents": sum(p.counts["documents"] for p in parts),
-                  "tokens": sum(p.counts["tokens"] for p in parts)}
-        specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size")}
-        return counts, {**specials, "tokenizer": tokenizer.digest, "parts": listing}, {"deps": [p.path for p in parts]}
-
-    out = publish(artifacts, "tokenize", key, build)
-    log.info("tokenize: %d tokens in %d documents (%d files tokenized, %d from cache; EOS per document%s)",
-             out.counts["tokens"], out.counts["documents"], out.counts["files_tokenized"],
-             out.counts["files_cached"], ", BOS added per chunk" if out.meta["bos_id"] is not None else "")
-    return out
+    listing = [{"key": p.key, "path": p.path, "content": p.content, **p.counts} for p in parts]
+    counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh,
+              "documents": sum(p.counts["documents"] for p in parts),
+              "tokens": sum(p.counts["tokens"] for p in parts)}
+    specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size")}
+    return counts, {**specials, "tokenizer": tokenizer.digest, "parts": listing}, {"deps": [p.path for p in parts]}

@@ -8,6 +8,7 @@ of the same key resumes from its last checkpoint (global step continues) instead
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks import modeling
-from tasks.cache import Fingerprint, StageOutput, current_key, publish, stage_task
+from tasks.cache import Build, Fingerprint, StageOutput, stage
+from tasks.chunk import Chunks
 from tasks.config import ChunkConfig, ModelConfig, TrainConfig
-from tasks.report import Progress, markdown_artifact, markdown_table, png_data_uri, run_logger, table_artifact
+from tasks.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.train_worker import MESSAGE_PREFIX
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -118,59 +120,70 @@ def source_tokens(chunks: StageOutput) -> dict[str, Any]:
     return {"domain_trained_tokens": c.get("train_trained_tokens"), "replay_trained_tokens": 0, "replay_share": 0.0}
 
 
-@stage_task("train", version=1, code=[train_model, launch_command, run_child, source_tokens, "tasks.train_worker",
-                                     modeling.load_pretrained, modeling.choose_dtype, modeling.choose_attention,
-                                     modeling.load_tokenizer_with_pad],
-            libraries=["transformers", "trl", "torch", "accelerate", "datasets"])
-def train(train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
-          chunks: StageOutput, artifacts: str, parent: dict[str, Any] | None = None) -> StageOutput:
+class Trained(StageOutput):
+    """train's output: `model/` (weights and tokenizer, the best checkpoint with early stopping),
+    `metrics.json`, `log_history.json`, `loss_curve.png`, `tensorboard/`."""
+
+    def model_dir(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts) / "model"
+
+    def tensorboard_dir(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts) / "tensorboard"
+
+    def loss_curve(self, artifacts: str | Path) -> Path:
+        return self.dir(artifacts) / "loss_curve.png"
+
+    @property
+    def model_digest(self) -> str:
+        return self.meta["model_digest"]
+
+    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+        c = self.counts
+        lines = [(logging.INFO, f"{c['global_step']} steps from the {c['parent']}, loss {_num(c['first_loss'])} → "
+                                f"{_num(c['last_loss'])}, best validation loss {_num(c['best_eval_loss'])}; "
+                                f"TensorBoard logs in {self.tensorboard_dir(artifacts)}")]
+        if c.get("replay_trained_tokens"):
+            lines.append((logging.INFO, f"{c['domain_trained_tokens']} domain + {c['replay_trained_tokens']} replay "
+                                        f"trained tokens (replay share {c['replay_share']:.4f})"))
+        return lines
+
+
+@stage("train", version=1, output=Trained,
+       code=[train_model, launch_command, run_child, source_tokens, "tasks.train_worker", modeling.load_pretrained,
+             modeling.choose_dtype, modeling.choose_attention, modeling.load_tokenizer_with_pad],
+       libraries=["transformers", "trl", "torch", "accelerate", "datasets"])
+def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
+          chunks: Chunks, parent: dict[str, Any] | None = None):
     """`base_model` is the model training starts from (the base, or the last promoted model with train.init:
     last_promoted); `parent` describes it for the lineage and is not part of the key (its digest is)."""
-    key = current_key("train", {"train": train, "model": model, "base_model": base_model, "chunk": chunk,
-                                "chunks": chunks})
-    work = work_dir(artifacts, key)
-    log = run_logger()
+    from tasks.promotion import model_digest, without_location
+
+    work = work_dir(build.artifacts, build.key)
     parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
-
-    def build(tmp: Path):
-        from tasks.promotion import model_digest, without_location
-
-        spec = {
-            "model_location": base_model.location,
-            "model": model.model_dump(mode="json"),
-            "train": train.model_dump(mode="json"),
-            "max_seq_length": chunk.max_seq_length,
-            "chunks_dir": str(chunks.dir(artifacts)),
-            "output_dir": str(tmp),
-            "checkpoint_dir": str(work / "checkpoints"),
-            "tensorboard_dir": str(tmp / "tensorboard"),
-        }
-        metrics = train_model(spec, train.num_processes, log)
-        counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
-                                          "best_eval_loss", "stopped_early", "padding_fraction",
-                                          "tokens_per_second", "trained_tokens_per_second", "resumed_from", "first_step",
-                                          "seconds")}
-        if metrics.get("peak_memory_bytes"):
-            counts["peak_memory_gib"] = round(metrics["peak_memory_bytes"] / 2**30, 2)
-        counts.update(source_tokens(chunks))
-        counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
-        return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
-                        "model_dir": "model", "tensorboard": "tensorboard",
-                        "model_digest": model_digest(tmp / "model"),
-                        "parent": without_location(parent)}
-
-    out = publish(artifacts, "train", key, build)
+    spec = {
+        "model_location": base_model.location,
+        "model": model.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        "max_seq_length": chunk.max_seq_length,
+        "chunks_dir": str(chunks.dataset_dir(build.artifacts)),
+        "output_dir": str(build.tmp),
+        "checkpoint_dir": str(work / "checkpoints"),
+        "tensorboard_dir": str(build.tmp / "tensorboard"),
+    }
+    metrics = train_model(spec, train.num_processes, build.log)
+    counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
+                                      "best_eval_loss", "stopped_early", "padding_fraction",
+                                      "tokens_per_second", "trained_tokens_per_second", "resumed_from", "first_step",
+                                      "seconds")}
+    if metrics.get("peak_memory_bytes"):
+        counts["peak_memory_gib"] = round(metrics["peak_memory_bytes"] / 2**30, 2)
+    counts.update(source_tokens(chunks))
+    counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
     # The model is in the published output; checkpoints only served a resume of this key.
-    shutil.rmtree(work, ignore_errors=True)
-    out_dir = out.dir(artifacts)
-    c = out.counts
-    log.info("train: %s steps from the %s, loss %s → %s, best validation loss %s; TensorBoard logs in %s",
-             c["global_step"], c["parent"], _num(c["first_loss"]), _num(c["last_loss"]), _num(c["best_eval_loss"]),
-             out_dir / "tensorboard")
-    if c.get("replay_trained_tokens"):
-        log.info("train: %d domain + %d replay trained tokens (replay share %.4f)", c["domain_trained_tokens"],
-                 c["replay_trained_tokens"], c["replay_share"])
-    return out
+    build.on_published(lambda out: shutil.rmtree(work, ignore_errors=True))
+    return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
+                    "model_dir": "model", "tensorboard": "tensorboard",
+                    "model_digest": model_digest(build.tmp / "model"), "parent": without_location(parent)}
 
 
 def _num(x: Any) -> str:
@@ -178,12 +191,11 @@ def _num(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
-def show(out: StageOutput, artifacts: str) -> None:
-    out_dir = out.dir(artifacts)
+def show(out: Trained, artifacts: str) -> None:
     rows = [{"metric": k, "value": v} for k, v in out.counts.items()]
     table_artifact(rows, "train-metrics", "Training metrics")
     markdown_artifact(
-        f"# Loss curve\n\n![loss curve]({png_data_uri(out_dir / 'loss_curve.png')})\n\n{markdown_table(rows)}\n\n"
-        f"TensorBoard: `tensorboard --logdir {out_dir / 'tensorboard'}`\n",
+        f"# Loss curve\n\n![loss curve]({image_data_uri(out.loss_curve(artifacts))})\n\n{markdown_table(rows)}\n\n"
+        f"TensorBoard: `tensorboard --logdir {out.tensorboard_dir(artifacts)}`\n",
         "train-loss-curve", "Training and validation loss",
     )

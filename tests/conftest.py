@@ -13,6 +13,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
+# The user-level cache (tokenizer profiles) of this test session, not the developer's.
+os.environ.setdefault("CPT_CACHE_HOME", __import__("tempfile").mkdtemp(prefix="cpt-test-home-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CORPUS = ROOT / "samples" / "medical_ko.jsonl"

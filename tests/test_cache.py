@@ -256,3 +256,46 @@ def test_cache_verify_finds_a_flipped_byte_by_digest_and_a_truncated_file_by_siz
     assert out.returncode == 0 and out.stdout.count("discarded") == 2
     assert not a.dir(root).exists() and not b.dir(root).exists()
     assert verify("--full").stdout.startswith("0 entries checked")
+
+
+class _Thing(StageOutput):
+    def thing_file(self, artifacts):
+        return self.dir(artifacts) / "thing.txt"
+
+    def summary(self, artifacts):
+        import logging
+
+        return [(logging.INFO, f"{self.counts['n']} things")]
+
+
+def test_the_stage_decorator_keys_every_argument_and_returns_its_typed_manifest(tmp_path, caplog):
+    """The body is the work alone: the decorator binds the call (defaults included) into the key, builds in a
+    temp dir, publishes, returns the producer's manifest type and logs its summary on every call."""
+    import logging
+
+    from tasks.cache import Build, stage
+
+    built = []
+
+    @stage("unit-thing", version=1, output=_Thing)
+    def thing(build: Build, n: int, label: str = "x"):
+        built.append(build.key)
+        assert build.tmp.name.startswith(".tmp-") and not (build.tmp / "thing.txt").exists()
+        (build.tmp / "thing.txt").write_text(label * n)
+        return {"n": n}, {}
+
+    logger = logging.getLogger("cpt")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="cpt"):
+            a = thing.fn(n=2, artifacts=str(tmp_path))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert isinstance(a, _Thing) and a.thing_file(tmp_path).read_text() == "xx"
+    assert "unit-thing: 2 things" in caplog.text
+    b = thing.fn(n=2, label="y", artifacts=str(tmp_path))  # a defaulted argument is keyed too
+    assert b.key != a.key and b.thing_file(tmp_path).read_text() == "yy"
+    assert thing.fn(n=2, label="x", artifacts=str(tmp_path / ".." / tmp_path.name)) == a  # published: not rebuilt
+    assert built == [a.key, b.key]
+    with pytest.raises(TypeError):
+        thing.fn(n=2, artifacts=str(tmp_path), colour="red")  # an argument the body does not take

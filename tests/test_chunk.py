@@ -123,3 +123,12 @@ def test_batch_boundaries_do_not_change_the_result():
     for s in range(0, 50, 7):  # sliced list arrays have non-zero offsets
         parts += chunk_batch(names.slice(s, 7), ids.slice(s, 7), cfg, BOS).to_pylist()
     assert parts == whole
+
+
+def test_the_written_features_are_what_datasets_would_write():
+    """The chunk stage writes the DatasetDict's features and shard schema without importing datasets: they
+    must be exactly what the library produces, or load_from_disk would read other types."""
+    from tasks.chunk import CHUNK_ARROW_SCHEMA, CHUNK_FEATURES, chunk_features
+
+    assert chunk_features().to_dict() == CHUNK_FEATURES
+    assert chunk_features().arrow_schema.equals(CHUNK_ARROW_SCHEMA, check_metadata=True)

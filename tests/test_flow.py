@@ -157,7 +157,8 @@ def test_chunk_output_is_a_datasets_dict_matching_its_counts(config, artifacts):
     # token-stats predicted the chunk rows exactly.
     assert stages["token-stats"]["counts"]["train_chunks_count"] == counts["train_chunks"]
     out = stages["token-stats"]["output"]
-    assert (Path(out) / "histogram.png").stat().st_size > 1000
+    svg = (Path(out) / "histogram.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 4  # train and validation, documents and chunks
 
 
 def test_cli_run_writes_the_summary_copy(config, artifacts, tmp_path, monkeypatch):
@@ -204,7 +205,7 @@ def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artif
         assert all(a.data == 100.0 for a in by_type.get("progress", []))
         assert any(a.key == "token-stats" for a in by_type["table"])
         markdown = {a.key: a.data for a in by_type["markdown"]}
-        assert "data:image/png;base64," in markdown["token-stats-histogram"]
+        assert "data:image/svg+xml;base64," in markdown["token-stats-histogram"]
         state = "Completed" if summary is computed else "Cached"
         assert f"| chunk | {state} |" in markdown["run-summary"]
 

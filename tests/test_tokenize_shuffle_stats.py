@@ -138,8 +138,14 @@ def test_stats_of_a_tokenized_split(tmp_path):
     assert (docs["count"], docs["max"], docs["total"]) == (3, 300, 355)
     # W=99, S=79: 300 tokens -> windows at 0, 79, 158, 237 (the last reaches the end).
     assert chunks["count"] == 1 + 4 + 1 and chunks["max"] == 100
-    plot_histograms(lengths, 10, tmp_path / "h.png", "t")
-    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    plot_histograms(lengths, 10, tmp_path / "h.svg", "t")
+    import xml.etree.ElementTree as ET
+
+    svg = ET.parse(tmp_path / "h.svg").getroot()  # well-formed
+    curves = [e for e in svg.iter() if e.tag.endswith("polyline")]
+    assert len(curves) == sum(1 for split in lengths for kind in ("documents", "chunks") if len(lengths[split][kind]))
+    labels = "".join(e.text or "" for e in svg.iter() if e.tag.endswith("text"))
+    assert "train (3, median 45)" in labels
 
 
 def test_encoder_uses_the_fast_backend_only_when_it_agrees(tiny_model):
@@ -171,9 +177,12 @@ def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(
     from tasks.config import ModelConfig
     from tasks.tokenize import BackendEncoder, Encoder, TokenizerOnce, resolve_tokenizer, tokenizer_profile
 
+    monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "home"))
     fp = resolve_tokenizer(ModelConfig(id=str(tiny_model)))
     profile, tok = tokenizer_profile(fp, tmp_path)
     assert profile["backend"] is True and tok is not None
+    # Known to this user: another artifacts root takes the profile without loading the tokenizer.
+    assert tokenizer_profile(fp, tmp_path / "another-root") == (profile, None)
     texts = sample_texts(50)
     assert BackendEncoder(tiny_model / "tokenizer.json")(texts) == Encoder(tok)._slow(texts)
     assert tokenizer_profile(fp, tmp_path) == (profile, None)  # kept: no tokenizer loaded the second time
@@ -190,6 +199,7 @@ def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(
 
     # A tokenizer whose backend disagrees with transformers' call keeps transformers' path.
     other = tmp_path / "other"
+    monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "other-home"))
     monkeypatch.setattr(Encoder, "_slow", lambda self, t: [[0] for _ in t])
     profile, _ = tokenizer_profile(fp, other)
     assert profile["backend"] is False
