@@ -60,6 +60,11 @@ SETTINGS = {
     "cpt-sdpa": dict(chunker="cpt", attn="sdpa", packing=True, batch=8, accumulation=1, checkpointing=False),
     "cpt-flex": dict(chunker="cpt", attn="flex_attention", packing=True, batch=8, accumulation=1,
                      checkpointing=False),
+    # Larger packed batches: fewer optimizer steps and launches per token (the same rows per step x2, x4).
+    "cpt-flex-b16": dict(chunker="cpt", attn="flex_attention", packing=True, batch=16, accumulation=1,
+                         checkpointing=False),
+    "cpt-flex-b32": dict(chunker="cpt", attn="flex_attention", packing=True, batch=32, accumulation=1,
+                         checkpointing=False),
 }
 
 
@@ -199,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(work / "model")
-    # Enough documents for the longest setting: steps x rows per step x 1000 tokens, twice over.
-    docs = synthetic_documents(2 * args.steps * 8 * SEQ, SHAPES[shape]["vocab_size"])
+    # Enough documents for the largest setting: steps x rows per step x 1000 tokens, and more.
+    rows = max(SETTINGS[n]["batch"] * SETTINGS[n]["accumulation"] for n in names)
+    docs = synthetic_documents(int(1.5 * args.steps * rows * SEQ), SHAPES[shape]["vocab_size"])
     seed_chunks(docs, work / "chunks-seed")
     cpt_chunks(docs, tok.eos_token_id, tok.bos_token_id, work / "chunks-cpt")
     print(f"{device}; {shape} at random init ({n_params / 1e6:,.0f} M parameters); {len(docs)} synthetic documents; "
