@@ -87,7 +87,19 @@ class StageOutput(BaseModel):
 
 
 def artifacts_root(explicit: str | Path | None = None) -> Path:
-    return Path(explicit or os.environ.get("CPT_ARTIFACTS") or "artifacts").resolve()
+    """The artifacts root: `explicit`, else $CPT_ARTIFACTS, else ./artifacts. A `file://` URL is its path; any
+    other URL (s3://, gs://) is refused by name, never taken as a relative folder called `s3:`."""
+    value = str(explicit or os.environ.get("CPT_ARTIFACTS") or "artifacts")
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme.isalnum():
+        if scheme != "file":
+            from tasks.config import ConfigError
+
+            where = "--artifacts" if explicit else "CPT_ARTIFACTS"
+            raise ConfigError(f"{where}: {value!r} is an object-store URL; the artifacts root must be a local or "
+                              "mounted path for now (an object-store cache is not built yet)")
+        value = rest
+    return Path(value).resolve()
 
 
 def cache_dir(artifacts: str | Path, stage: str, key: str) -> Path:

@@ -41,9 +41,11 @@ def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_
         cmd += ["--config_file", accelerate_config]
     else:
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if device == "cpu":
+        if device == "cpu" and num_processes == 1:
             cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
         elif num_processes > 1:
+            # accelerate's `--cpu` runs one process whatever `--num_processes` says; its multi-process launcher
+            # (torchrun) starts them, and the worker's PartialState(cpu=True) joins them over gloo on CPU.
             cmd.append("--multi_gpu")
     return [*cmd, "-m", "tasks.train_worker", str(spec_path)]
 
@@ -95,6 +97,8 @@ def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_des
             log.warning("train: %s: %s", msg["setting"], msg["reason"])
         elif event == "optimizer_fallback":
             log.warning("train: optimizer %s → %s (%s)", msg["requested"], msg["used"], msg["reason"])
+        elif event == "rank_done":
+            state.setdefault("ranks", []).append(msg)
         elif event == "start":
             if msg.get("resume_from"):
                 log.info("train: resuming from %s of a previous attempt", msg["resume_from"])
@@ -109,7 +113,10 @@ def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_des
     finally:
         if state["progress"] is not None:
             state["progress"].close()
-    return json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    # What each process did (every rank reports; rank 0 alone writes the outputs), in rank order.
+    metrics["ranks"] = sorted(state.get("ranks", []), key=lambda r: r["rank"])
+    return metrics
 
 
 def source_tokens(chunks: StageOutput) -> dict[str, Any]:

@@ -97,6 +97,8 @@ class StepClock:
         self.dirty = False  # a save or an evaluation happened since the last step ended
         self.pending = [0, 0, 0]  # positions, tokens, trained tokens of the step under way
         self.totals = {"timed_steps": 0, "timed_seconds": 0.0, "positions": 0, "tokens": 0, "trained_tokens": 0}
+        # Every training forward of this process, timed or not (what each rank of a distributed run did).
+        self.forwards = {"micro_batches": 0, "rows": 0, "tokens": 0}
 
     def hook(self, module, args, kwargs):
         if not module.training:
@@ -105,6 +107,9 @@ class StepClock:
         if ids is None:
             return
         mask = kwargs.get("attention_mask")
+        self.forwards["micro_batches"] += 1
+        self.forwards["rows"] += ids.shape[0]
+        self.forwards["tokens"] += int(mask.sum()) if mask is not None else ids.numel()
         self.pending[0] += ids.numel()
         self.pending[1] += int(mask.sum()) if mask is not None else ids.numel()
         if labels is not None:
@@ -248,7 +253,8 @@ def run(spec: dict[str, Any]) -> None:
 
     train = TrainConfig(**spec["train"])
     model_cfg = ModelConfig(**spec["model"])
-    state = PartialState()
+    # cpu=True without a GPU: several CPU processes (train.num_processes) then join over gloo.
+    state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device.type
     out_dir, checkpoints = Path(spec["output_dir"]), Path(spec["checkpoint_dir"])
 
@@ -340,6 +346,7 @@ def run(spec: dict[str, Any]) -> None:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
 
+    wrote = []
     if state.is_main_process:
         model_dir = out_dir / "model"
         trainer.save_model(str(model_dir))  # the best model when early stopping / load_best_model_at_end
@@ -376,7 +383,14 @@ def run(spec: dict[str, Any]) -> None:
             "gradient_checkpointing": checkpointing,
             **padding,
         }
+        metrics.update(rank=state.process_index, world_size=state.num_processes,
+                       global_batch_rows=train.per_device_train_batch_size * train.gradient_accumulation_steps
+                       * state.num_processes)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        wrote = sorted(p.name for p in out_dir.iterdir())
+    # Every process says what it trained on and what it wrote (only the main process writes outputs).
+    emit("rank_done", rank=state.process_index, world_size=state.num_processes, steps=trainer.state.global_step,
+         wrote=wrote, **clock.forwards)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -299,3 +299,17 @@ def test_the_stage_decorator_keys_every_argument_and_returns_its_typed_manifest(
     assert built == [a.key, b.key]
     with pytest.raises(TypeError):
         thing.fn(n=2, artifacts=str(tmp_path), colour="red")  # an argument the body does not take
+
+
+def test_an_object_store_url_is_refused_by_name_not_written_to_a_local_folder(tmp_path, monkeypatch):
+    from tasks.cache import artifacts_root
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--artifacts: 's3://bucket/prefix' is an object-store URL"):
+        artifacts_root("s3://bucket/prefix")
+    monkeypatch.setenv("CPT_ARTIFACTS", "gs://b/p")
+    with pytest.raises(ConfigError, match="CPT_ARTIFACTS"):
+        artifacts_root()
+    assert artifacts_root(f"file://{tmp_path}") == tmp_path.resolve()
+    monkeypatch.chdir(tmp_path)
+    assert artifacts_root("rel") == tmp_path.resolve() / "rel"

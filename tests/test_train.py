@@ -202,3 +202,64 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert cpt["batch_padding"] == 0.0 and cpt["row_padding"] < 0.05
     assert cpt["trained_tokens_per_second"] / cpt["tokens_per_second"] < 0.95
     assert cpt["vs_seed_trained"] == pytest.approx(cpt["trained_tokens_per_second"] / seed["trained_tokens_per_second"])
+
+
+def _chunks_dir(tiny_model, out):
+    """A chunk-stage DatasetDict of the sample corpus (train only), built with the stage's functions."""
+    import numpy as np
+    import pyarrow as pa
+
+    from conftest import sample_texts
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.config import ChunkConfig
+    from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
+
+    tok = load_tokenizer(tiny_model)
+    sp = special_tokens(tok)
+    texts = sample_texts(60)
+    tokens = pa.table({"doc_id": [str(i) for i in range(len(texts))], "input_ids": encode_batch(tok, texts, sp["eos_id"])})
+    for split, rows in (("train", np.arange(len(texts))), ("validation", np.arange(0))):
+        (out / split).mkdir(parents=True)
+        chunk_rows(tokens, rows, ChunkConfig(max_seq_length=48, overlap=8), sp["bos_id"], out / split / SHARD)
+    write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "ddp-test")
+    return out
+
+
+def _train(tiny_model, chunks, out, processes, per_device):
+    import json
+
+    from tasks.config import ModelConfig, TrainConfig
+    from tasks.train import train_model
+
+    cfg = TrainConfig(max_steps=6, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
+                      learning_rate=1e-3, warmup_ratio=0.0, logging_steps=1, eval_steps=1000, save_steps=1000,
+                      early_stopping_patience=None, optim="adamw_torch", num_processes=processes, seed=7)
+    out.mkdir(parents=True)
+    spec = {"model_location": str(tiny_model), "model": ModelConfig(id=str(tiny_model)).model_dump(),
+            "train": cfg.model_dump(), "max_seq_length": 48, "chunks_dir": str(chunks), "output_dir": str(out),
+            "checkpoint_dir": str(out / "checkpoints"), "tensorboard_dir": str(out / "tensorboard")}
+    metrics = train_model(spec, processes)
+    losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    return metrics, losses
+
+
+def test_two_training_processes_share_the_global_batch_and_match_one_process(tiny_model, tmp_path):
+    """train.num_processes: 2 on CPU: DDP over gloo through `accelerate launch`. Both ranks train, each on
+    half of every global batch (2 processes x 2 rows x 2 accumulation = the one process's 4 x 2), the per-step
+    losses match the one-process run with the same global batch and seed (tolerance 1e-3 relative: only the
+    order of floating-point reductions differs), and rank 0 alone writes the outputs."""
+    chunks = _chunks_dir(tiny_model, tmp_path / "chunks")
+    one, one_losses = _train(tiny_model, chunks, tmp_path / "one", processes=1, per_device=4)
+    two, two_losses = _train(tiny_model, chunks, tmp_path / "two", processes=2, per_device=2)
+
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["rank"] == 0
+    assert two["global_batch_rows"] == one["global_batch_rows"] == 8
+    ranks = two["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:  # each rank ran every step on its half of the global batch
+        assert r["steps"] == 6 and r["micro_batches"] == 6 * 2 and r["rows"] == 6 * 2 * 2
+    assert sum(r["rows"] for r in ranks) == one["ranks"][0]["rows"] == 6 * 8
+    assert "model" in ranks[0]["wrote"] and "metrics.json" in ranks[0]["wrote"] and ranks[1]["wrote"] == []
+    assert len(two_losses) == len(one_losses) == 6
+    assert two_losses == pytest.approx(one_losses, rel=1e-3)
+    assert two_losses[-1] < two_losses[0]  # it learned
