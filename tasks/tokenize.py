@@ -53,10 +53,33 @@ def resolve_tokenizer(model: ModelConfig, digest=hash_file) -> Fingerprint:
                        items=[{"file": n, "digest": d} for n, d in parts])
 
 
-def load_tokenizer(location: str | Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def tokenizer_class(location: str | Path, trust_remote_code: bool = False):
+    """The class AutoTokenizer would pick from tokenizer_config.json's `tokenizer_class`, imported alone:
+    AutoTokenizer's own import pulls in torch (~2.5 s), the class's module does not. None where the config
+    names none, names one transformers lacks, or remote code is allowed (then AutoTokenizer decides)."""
+    import json
 
-    tok = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    if trust_remote_code:
+        return None
+    try:
+        name = json.loads((Path(location) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(name, str):
+        return None
+    import transformers
+
+    try:
+        return getattr(transformers, name)
+    except (AttributeError, ImportError):
+        return None
+
+
+def load_tokenizer(location: str | Path, trust_remote_code: bool = False):
+    cls = tokenizer_class(location, trust_remote_code)
+    if cls is None:
+        from transformers import AutoTokenizer as cls
+    tok = cls.from_pretrained(str(location), trust_remote_code=trust_remote_code)
     # Documents are longer than the model's window on purpose (chunk splits them); no warning per document.
     tok.model_max_length = 1 << 60
     return tok
@@ -234,7 +257,7 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
 
 
 register_code_version("tokenize-file", 1, [tokenize_file, encode_batch, batch_bounds, Encoder, BackendEncoder,
-                                           special_tokens, load_tokenizer],
+                                           special_tokens, load_tokenizer, tokenizer_class],
                       ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 

@@ -205,3 +205,20 @@ def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(
     assert profile["backend"] is False
     enc, _ = TokenizerOnce(fp, False, other)()
     assert not isinstance(enc, BackendEncoder)
+
+
+def test_the_tokenizer_class_named_in_its_config_is_what_autotokenizer_loads(tiny_model):
+    """load_tokenizer imports the named class alone (no torch); it must be the tokenizer AutoTokenizer gives."""
+    from transformers import AutoTokenizer
+
+    from conftest import sample_texts
+    from tasks.tokenize import special_tokens, tokenizer_class
+
+    auto = AutoTokenizer.from_pretrained(str(tiny_model))
+    assert tokenizer_class(tiny_model) is type(auto)
+    ours = load_tokenizer(tiny_model)
+    texts = sample_texts(30)
+    assert ours(texts, add_special_tokens=False)["input_ids"] == auto(texts, add_special_tokens=False)["input_ids"]
+    assert ours(texts[:3])["input_ids"] == auto(texts[:3])["input_ids"]  # BOS placement too
+    assert special_tokens(ours) == special_tokens(auto)
+    assert tokenizer_class(tiny_model, trust_remote_code=True) is None
