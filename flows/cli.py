@@ -120,6 +120,9 @@ def cmd_run(args) -> int:
     from tasks.load import resolve_corpus_files
 
     resolve_corpus_files(cfg.corpus)
+    from tasks.cache import artifacts_root
+
+    artifacts_root(args.artifacts)  # an object-store URL is refused here, before the server starts
     _prefect_env()
     from flows.continued_pretraining import continued_pretraining
 
