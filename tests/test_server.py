@@ -164,7 +164,7 @@ def test_the_ui_shows_summary_stats_progress_loss_eval_and_model_for_a_cached_ru
             driver.get(f"{server.url}/artifacts/artifact/{arts[key]['id']}")
             width = wait_for(lambda: max([driver.execute_script("return arguments[0].naturalWidth", i)
                                           for i in driver.find_elements("tag name", "img")
-                                          if (i.get_attribute("src") or "").startswith("data:image/png")] or [0]))
+                                          if (i.get_attribute("src") or "").startswith("data:image/")] or [0]))
             driver.save_screenshot(str(tmp_path / f"{key}.png"))
             assert width > 100, f"{key}: the image did not render"
         driver.get(f"{server.url}/artifacts/artifact/{arts['model-location']['id']}")
