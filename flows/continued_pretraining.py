@@ -32,7 +32,7 @@ from tasks.replay import mix, replay_overlap
 from tasks.report import markdown_artifact, markdown_table, run_logger
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
-from tasks.tokenize import resolve_tokenizer, tokenize
+from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize
 from tasks.train import train
 
 StageName = Literal["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate",
@@ -102,6 +102,8 @@ def continued_pretraining(
             sources = fingerprint_corpus(config.corpus, digest=digests.digest)
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
             digests.save()
+            if until not in ("load", "shuffle"):  # the probe of a new tokenizer overlaps load and shuffle
+                prefetch_profile(tokenizer, root, config.model.trust_remote_code)
 
             docs = run(load, corpus=config.corpus, sources=sources, files=[i["path"] for i in sources.items])
             split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)

@@ -174,6 +174,24 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_PREFETCH: dict[str, Any] = {}  # profile path -> Future of a profile being worked out in the background
+
+
+def prefetch_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote_code: bool = False) -> None:
+    """Start working out the tokenizer's profile in a background thread when it is not known yet: a run with a
+    tokenizer never seen before probes it (importing transformers) while load and shuffle read the corpus,
+    instead of after them. `tokenizer_profile` waits for it rather than probing twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = profile_path(artifacts, tokenizer)
+    shared = user_cache_dir() / "tokenizers" / path.name
+    if path.is_file() or shared.is_file() or str(path) in _PREFETCH:
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-profile")
+    _PREFETCH[str(path)] = pool.submit(_probe_profile, tokenizer, path, shared, trust_remote_code)
+    pool.shutdown(wait=False)
+
+
 def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote_code: bool = False):
     """Special tokens of the tokenizer and whether its Rust backend alone gives transformers' ids on PROBE_TEXTS,
     worked out once per tokenizer content (and library versions) and kept in the cache and in the user's cache
@@ -192,6 +210,18 @@ def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remot
         if candidate is shared:
             _write_atomic(path, json.dumps(profile))
         return profile, None
+    pending = _PREFETCH.pop(str(path), None)
+    if pending is not None:
+        try:
+            return pending.result()
+        except Exception:  # the background probe failed: probe here, where its error is raised in the stage
+            pass
+    return _probe_profile(tokenizer, path, shared, trust_remote_code)
+
+
+def _probe_profile(tokenizer: Fingerprint, path: Path, shared: Path, trust_remote_code: bool):
+    import json
+
     tok = load_tokenizer(tokenizer.location, trust_remote_code)
     tokenizer_json = Path(tokenizer.location) / "tokenizer.json"
     backend = False

@@ -222,3 +222,30 @@ def test_the_tokenizer_class_named_in_its_config_is_what_autotokenizer_loads(tin
     assert ours(texts[:3])["input_ids"] == auto(texts[:3])["input_ids"]  # BOS placement too
     assert special_tokens(ours) == special_tokens(auto)
     assert tokenizer_class(tiny_model, trust_remote_code=True) is None
+
+
+def test_a_prefetched_profile_is_waited_for_not_probed_twice(tiny_model, tmp_path, monkeypatch):
+    import threading
+
+    from tasks import tokenize as tk
+    from tasks.config import ModelConfig
+
+    monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "home"))
+    fp = tk.resolve_tokenizer(ModelConfig(id=str(tiny_model)))
+    calls, release = [], threading.Event()
+    real = tk._probe_profile
+
+    def slow_probe(*args):
+        calls.append(threading.current_thread().name)
+        release.wait(10)  # still running when the stage asks for the profile
+        return real(*args)
+
+    monkeypatch.setattr(tk, "_probe_profile", slow_probe)
+    tk.prefetch_profile(fp, tmp_path)
+    tk.prefetch_profile(fp, tmp_path)  # once per tokenizer
+    threading.Timer(0.3, release.set).start()
+    profile, tok = tk.tokenizer_profile(fp, tmp_path)
+    assert profile["backend"] is True and tok is not None
+    assert len(calls) == 1 and calls[0].startswith("tokenizer-profile")
+    tk.prefetch_profile(fp, tmp_path)  # known now: nothing started
+    assert len(calls) == 1 and tk.tokenizer_profile(fp, tmp_path) == (profile, None)
