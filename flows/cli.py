@@ -137,10 +137,9 @@ def cmd_run(args) -> int:
         print(f"  {s['name']:<{width}}  {s['state']:<9} {s['seconds']:>8.2f}s  {s.get('output') or s.get('reason', '')}")
     print(f"summary: {run_summary}")
     outputs = {s["name"]: s for s in summary["stages"] if "output" in s}
-    if "evaluate" in outputs:
-        print(f"eval table: {Path(outputs['evaluate']['output']) / 'eval.md'}")
-    if "train" in outputs:
-        print(f"TensorBoard: tensorboard --logdir {Path(outputs['train']['output']) / 'tensorboard'}")
+    for name in ("evaluate", "train"):  # what to open, as the producing stage names it
+        for what, how in outputs.get(name, {}).get("links", {}).items():
+            print(f"{what}: {how}")
     if summary.get("gate"):
         g = summary["gate"]
         print(f"gate: {'promoted' if g['promoted'] else 'refused, not pushed'}: {g['reason']}")

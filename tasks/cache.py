@@ -78,6 +78,10 @@ class StageOutput(BaseModel):
         manifests say what their stage produced."""
         return []
 
+    def links(self, artifacts: str) -> dict[str, str]:
+        """What a user opens of this output (name -> how), for the run summary and the CLI."""
+        return {}
+
     def key_material(self) -> dict[str, Any]:
         return {"stage": self.stage, "content": self.content} if self.content else {"stage": self.stage,
                                                                                       "key": self.key}

@@ -136,6 +136,10 @@ class Evaluation(StageOutput):
     def markdown(self, artifacts: str | Path) -> str:
         return (self.dir(artifacts) / "eval.md").read_text(encoding="utf-8")
 
+    def links(self, artifacts: str) -> dict[str, str]:
+        md = self.dir(artifacts) / "eval.md"
+        return {"eval table": str(md)} if md.is_file() else {}
+
     def summary(self, artifacts: str) -> list[tuple[int, str]]:
         c = self.counts
         if "validation_perplexity" in c:

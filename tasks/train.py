@@ -140,6 +140,9 @@ class Trained(StageOutput):
     def loss_curve(self, artifacts: str | Path) -> Path:
         return self.dir(artifacts) / "loss_curve.png"
 
+    def links(self, artifacts: str) -> dict[str, str]:
+        return {"TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(artifacts)}"}
+
     @property
     def model_digest(self) -> str:
         return self.meta["model_digest"]

@@ -274,4 +274,7 @@ def test_output_neutral_settings_and_moved_inputs_keep_every_stage_cached(config
     out = subprocess.run([sys.executable, "-c", probe, "run", "-c", str(tmp_path / "cached.yaml"), "--artifacts",
                           str(artifacts)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert out.returncode == 0 and "HEAVY []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    # What to open, named by the stages that produced it, also when everything is Cached.
+    eval_md = next(line for line in out.stdout.splitlines() if line.startswith("eval table: ")).split(": ", 1)[1]
+    assert Path(eval_md).is_file() and "tensorboard --logdir" in out.stdout
     assert out.stdout.count("Cached") == len(ALL_STAGES), out.stdout
