@@ -96,7 +96,7 @@ def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: 
         x0, parts = i * w, []
         values = {split: lengths[split][kind] for split in lengths}
         nonempty = [v for v in values.values() if len(v)]
-        parts.append(f'<text x="{x0 + w / 2}" y="{pad - 22}" text-anchor="middle" font-size="14">{kind}</text>')
+        parts.append(f'<text x="{x0 + pad}" y="{pad - 22}" font-size="14">{kind}</text>')
         parts.append(f'<line x1="{x0 + pad}" y1="{h - pad}" x2="{x0 + w - 12}" y2="{h - pad}" stroke="#333"/>'
                      f'<line x1="{x0 + pad}" y1="{pad - 8}" x2="{x0 + pad}" y2="{h - pad}" stroke="#333"/>')
         if nonempty:
@@ -127,7 +127,8 @@ def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: 
                 fill = f'fill="{colour}" fill-opacity="0.5"' if split == "train" else 'fill="none"'
                 parts.append(f'<polyline points="{d}" {fill} stroke="{colour}" stroke-width="1.5"/>')
                 v = values[split]
-                parts.append(f'<text x="{x0 + w - 16}" y="{pad + 14 * n}" text-anchor="end" font-size="11" '
+                # Above the plot area, right-aligned: never over a bar.
+                parts.append(f'<text x="{x0 + w - 12}" y="{pad - 22 + 12 * n}" text-anchor="end" font-size="11" '
                              f'fill="{colour}">{split} ({len(v):,}, median {float(np.median(v)):.0f})</text>')
         parts.append(f'<text x="{x0 + w / 2}" y="{h - 8}" text-anchor="middle" font-size="11">tokens</text>')
         panels.append("".join(parts))
@@ -192,7 +193,7 @@ class TokenStats(StageOutput):
                                f"max {r['max']} tokens") for r in self.rows(artifacts) if r["split"] == "train"]
 
 
-@stage("token-stats", version=2, output=TokenStats, code=[token_stats_pieces, merge_lengths, stats_rows, length_stats,
+@stage("token-stats", version=3, output=TokenStats, code=[token_stats_pieces, merge_lengths, stats_rows, length_stats,
                                                          plot_histograms, "@token-stats-part"],
        libraries=["numpy"])
 def token_stats(build: Build, token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: Tokens, split: Split):
