@@ -107,12 +107,13 @@ def continued_pretraining(
             if until not in ("load", "shuffle"):  # the probe of a new tokenizer overlaps load and shuffle
                 prefetch_profile(tokenizer, root, config.model.trust_remote_code)
 
-            docs = run(load, corpus=config.corpus, sources=sources, files=[i["path"] for i in sources.items])
+            docs = run(load, corpus=config.corpus, sources=sources, files=[i["path"] for i in sources.items],
+                       runtime=config.runtime)
             split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
             tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
-                         trust_remote_code=config.model.trust_remote_code)
+                         trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
             run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)
-            chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split)
+            chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split, runtime=config.runtime)
 
             train_chunks, replay = chunks, None
             if config.replay.active and (not run.stopped or until == "chunk"):
@@ -186,12 +187,13 @@ def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, c
     replay = fingerprint_corpus(replay_corpus, digest=digests.digest)
     digests.save()
     docs = run(load, "replay-load", True, corpus=replay_corpus, sources=replay,
-               files=[i["path"] for i in replay.items])
+               files=[i["path"] for i in replay.items], runtime=config.runtime)
     split = run(shuffle, "replay-shuffle", True, shuffle=config.shuffle, split=SplitConfig(validation_fraction=0.0),
                 docs=docs)
     tokens = run(tokenize, "replay-tokenize", True, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
-                 trust_remote_code=config.model.trust_remote_code)
-    replay_chunks = run(chunk, "replay-chunk", True, chunk=config.chunk, tokens=tokens, split=split)
+                 trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
+    replay_chunks = run(chunk, "replay-chunk", True, chunk=config.chunk, tokens=tokens, split=split,
+                        runtime=config.runtime)
     mixed = run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=chunks,
                 replay_chunks=replay_chunks)
     if config.evaluate.general_corpus:

@@ -121,7 +121,7 @@ _CODE_VERSIONS: dict[str, str] = {}
 # Parameters that say where to write (artifacts) or describe inputs already keyed by content, for logs and the
 # model card: train's `parent` (its digest is `base_model`), push's `base_model_id` (a path or hub id: the model
 # is keyed by digest) and `lineage` (drawn from push's keyed inputs, plus paths).
-KEY_EXCLUDED = frozenset({"artifacts", "parent", "base_model_id", "lineage"})
+KEY_EXCLUDED = frozenset({"artifacts", "parent", "base_model_id", "lineage", "runtime"})
 
 
 def register_code_version(stage: str, version: int, code: list, libraries: list[str] = ()) -> None:
@@ -352,6 +352,10 @@ def _publish(artifacts: str | Path, stage: str, key: str, build) -> tuple[StageO
 # The build scope: pieces built under the same scope count as "read in this run" wherever they were built
 # (the retrain flow's drop gate builds the drop's pieces, and the pipeline it then runs reuses them).
 _SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("cpt_build_scope", default=None)
+
+
+def current_scope() -> str | None:
+    return _SCOPE.get()
 
 
 @contextlib.contextmanager

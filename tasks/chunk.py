@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 from tasks.cache import (
     Build, StageOutput, combine_digests, publish_piece, register_code_version, stage, stage_key,
 )
-from tasks.config import ChunkConfig, ConfigError
+from tasks.config import ChunkConfig, ConfigError, RuntimeConfig
 from tasks.load import read_arrow
 from tasks.report import Progress
 from tasks.shuffle import SPLITS, Split
@@ -215,11 +216,31 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 register_code_version("chunk-part", 1, [chunk_rows, chunk_batch, trained_tokens, window_plan,
-                                        window_layout, windows_per_document, _list_array, "tasks.tokenize:batch_bounds"],
+                                        window_layout, windows_per_document, _list_array, "tasks.tokenize:batch_bounds",
+                                        "tasks.chunk:chunk_piece"],
                       ["numpy", "pyarrow", "datasets"])
 
 
 # ---------------------------------------------------------------------------------------- the task
+
+
+def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarray], chunk: ChunkConfig,
+                bos_id: int | None, artifacts: str, progress: Progress | None = None) -> tuple[StageOutput, bool]:
+    """One source file's windows, per split, cached by its tokens' content, its documents' split assignment and
+    the chunk settings. Returns (output, reused)."""
+    assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
+    key = stage_key("chunk-part", {"chunk": chunk, "tokens": part.get("content") or part["key"], "bos_id": bos_id,
+                                   "rows": assignment})
+
+    def build(tmp: Path):
+        table = read_arrow(Path(token_path))
+        counts = {}
+        for name in SPLITS:
+            c = chunk_rows(table, rows[name], chunk, bos_id, tmp / f"{name}.arrow", progress)
+            counts.update({f"{name}_{k}": v for k, v in c.items()})
+        return counts, {}
+
+    return publish_piece(artifacts, "chunk-part", key, build, progress, part["documents"])
 
 
 class Chunks(StageOutput):
@@ -245,9 +266,10 @@ def piece_shard(artifacts: str | Path, piece: StageOutput, split: str) -> Path:
     return piece.dir(artifacts) / f"{split}.arrow"
 
 
-@stage("chunk", version=1, output=Chunks, code=[rows_by_part, link_or_copy, write_dataset_dict, "@chunk-part"],
+@stage("chunk", version=1, output=Chunks, code=[rows_by_part, link_or_copy, write_dataset_dict, chunk_piece,
+                                                "@chunk-part"],
        libraries=["datasets"])
-def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split):
+def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtime: RuntimeConfig | None = None):
     """Each source file's documents are chunked into their own shards (cached by the file's tokens, its
     documents' splits and the chunk settings), and the DatasetDict links those shards: a drop chunks only its
     own files. Rows are grouped by source file on disk; the trainer samples them in a seeded random order."""
@@ -257,25 +279,19 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split):
     parts = tokens.parts
     by_split = {name: rows_by_part(split.split_file(artifacts, name), len(parts)) for name in SPLITS}
 
-    shards, fresh = [], 0
+    calls = [{"part": part, "token_path": str(tokens.token_file(artifacts, part)),
+              "rows": {name: by_split[name][p] for name in SPLITS}, "chunk": chunk, "bos_id": bos_id,
+              "artifacts": str(artifacts)} for p, part in enumerate(parts)]
     with Progress(tokens.counts["documents"], "chunk", unit="doc") as progress:
-        for p, part in enumerate(parts):
-            assignment = {name: hashlib.blake2b(by_split[name][p].tobytes(), digest_size=16).hexdigest()
-                          for name in SPLITS}
-            part_key = stage_key("chunk-part", {"chunk": chunk, "tokens": part.get("content") or part["key"],
-                                                "bos_id": bos_id, "rows": assignment})
+        if runtime is None or runtime.task_runner == "sequential":
+            done = [chunk_piece(**call, progress=progress) for call in calls]
+        else:
+            from tasks.fanout import map_pieces
 
-            def build_part(tmp: Path, p=p, part=part):
-                table = read_arrow(tokens.token_file(artifacts, part))
-                counts = {}
-                for name in SPLITS:
-                    c = chunk_rows(table, by_split[name][p], chunk, bos_id, tmp / f"{name}.arrow", progress)
-                    counts.update({f"{name}_{k}": v for k, v in c.items()})
-                return counts, {}
-
-            out, reused = publish_piece(artifacts, "chunk-part", part_key, build_part, progress, part["documents"])
-            shards.append(out)
-            fresh += not reused
+            done = map_pieces(chunk_piece, calls, runtime, "chunk-part",
+                              on_done=lambda i, _: progress.update(parts[i]["documents"]))
+    shards = [out for out, _ in done]
+    fresh = sum(not reused for _, reused in done)
 
     counts: dict[str, int] = {}
     listing: dict[str, list[str]] = {}

@@ -317,6 +317,23 @@ class PushConfig(Section):
     retries: int = Field(3, ge=0, description="Upload retries with exponential backoff.")
 
 
+class RuntimeConfig(Section):
+    # Where the per-file pieces run changes when they are done, never what they hold: no field is in a key
+    # (tests/test_flow.py checks that every runner gives the same keys and outputs).
+    KEY_NEUTRAL = frozenset({"task_runner", "max_workers", "dask_address"})
+    task_runner: Literal["sequential", "threads", "processes", "dask"] = Field(
+        "sequential", description="How the per-file pieces of load, tokenize and chunk run: one after another in "
+        "the flow process, or as concurrent Prefect tasks on a thread pool, a process pool, or Dask "
+        "(prefect-dask's DaskTaskRunner: runtime.dask_address, or a local cluster)."
+    )
+    max_workers: int | None = Field(
+        None, ge=1, description="Threads, processes or local Dask workers (default: the machine's cores)."
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster (e.g. tcp://10.0.0.5:8786); none: a local cluster."
+    )
+
+
 class CptConfig(Section):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="What to read (load stage).")
     model: ModelConfig = Field(..., description="Base model and its tokenizer.")
@@ -331,6 +348,7 @@ class CptConfig(Section):
     drops: DropsConfig = Field(default_factory=DropsConfig, description="Gate for corpus drops (cpt retrain).")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="General text replayed in training.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate before push.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Where the per-file pieces run.")
 
     @field_validator("corpus")
     @classmethod

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from tasks.cache import (
     Build, Fingerprint, StageOutput, combine_digests, hash_file, publish_piece, register_code_version, stage, stage_key,
 )
-from tasks.config import ConfigError, CorpusConfig
+from tasks.config import ConfigError, CorpusConfig, RuntimeConfig
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 DOCS_FILE = "docs.arrow"
@@ -429,7 +429,8 @@ def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
 
 register_code_version("load-file", 1, [load_file, read_corpus_file, _decode, _line_of, _text_of, _records_from_objects,
                                        _read_json_lines, _read_json_array, _read_csv, _read_parquet, doc_id_of,
-                                       norm_id_of, Record, Reject, BadRecordError], ["pyarrow"])
+                                       norm_id_of, Record, Reject, BadRecordError, "tasks.load:load_file_cached"],
+                      ["pyarrow"])
 register_code_version("load-content", 1, [assemble_documents, merge_counts, _line_no], ["pyarrow"])
 
 
@@ -452,10 +453,14 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str)
     return publish_piece(artifacts, "load-file", key, build)
 
 
-def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, artifacts: str):
+def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, artifacts: str, runtime=None):
     """Every file's piece, in a location-free order (by piece key, then path): the assembled corpus, its
     duplicates and part numbers are the same wherever the files sit. Returns [(item, output, reused)]."""
-    pieces = [(item, *load_file_cached(item, corpus, artifacts)) for item in items]
+    from tasks.fanout import map_pieces
+
+    done = map_pieces(load_file_cached, [{"item": item, "corpus": corpus, "artifacts": artifacts} for item in items],
+                      runtime, "load-file")
+    pieces = [(item, *result) for item, result in zip(items, done)]
     return sorted(pieces, key=lambda p: (p[1].key, p[0]["path"]))
 
 
@@ -492,10 +497,10 @@ def piece_docs_file(artifacts: str | Path, piece_path: str) -> Path:
 @stage("load", version=1, output=Docs, code=[load_pieces, load_file_cached, assemble_documents, merge_counts,
                                             source_names, _line_no, "@load-file", "@load-content"],
        libraries=["pyarrow"])
-def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str]):
+def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
-    pieces = load_pieces(sources.items, corpus, str(build.artifacts))
+    pieces = load_pieces(sources.items, corpus, str(build.artifacts), runtime)
     parts = [out for _, out, _ in pieces]
     assembled = assemble_documents([p.dir(build.artifacts) for p in parts], [i["path"] for i, _, _ in pieces],
                                    build.tmp, corpus.deduplicate)

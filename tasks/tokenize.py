@@ -18,7 +18,7 @@ import pyarrow as pa
 from tasks.cache import (
     Build, Fingerprint, StageOutput, combine_digests, hash_file, publish_piece, register_code_version, stage, stage_key,
 )
-from tasks.config import ConfigError, ModelConfig, TokenizeConfig
+from tasks.config import ConfigError, ModelConfig, RuntimeConfig, TokenizeConfig
 from tasks.load import Docs, piece_docs_file
 from tasks.report import Progress
 
@@ -287,7 +287,8 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
 
 
 register_code_version("tokenize-file", 1, [tokenize_file, encode_batch, batch_bounds, Encoder, BackendEncoder,
-                                           special_tokens, load_tokenizer, tokenizer_class],
+                                           special_tokens, load_tokenizer, tokenizer_class,
+                                           "tasks.tokenize:tokenize_piece"],
                       ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
@@ -326,23 +327,40 @@ class TokenizerOnce:
         return self.loaded
 
 
+def tokenize_piece(part: dict[str, Any], tokenize: TokenizeConfig, tokenizer: Fingerprint, artifacts: str,
+                   trust_remote_code: bool = False, progress: Progress | None = None,
+                   once: TokenizerOnce | None = None) -> tuple[StageOutput, bool]:
+    """One load piece (`{"key", "path", "content", "documents"}`) tokenized into its own cached piece, keyed by
+    the load piece's content, the tokenizer's content and the settings. Returns (output, reused)."""
+    once = once or TokenizerOnce(tokenizer, trust_remote_code, artifacts)
+
+    def build(tmp: Path):
+        tok, specials = once()
+        c = tokenize_file(piece_docs_file(artifacts, part["path"]), tmp / TOKENS_FILE, tok,
+                          specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
+        return c, specials
+
+    key = tokenize_file_key(part.get("content") or part["key"], tokenize, tokenizer, trust_remote_code)
+    return publish_piece(artifacts, "tokenize-file", key, build, progress, part["documents"])
+
+
 def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, tokenizer: Fingerprint,
                     artifacts: str, trust_remote_code: bool = False, progress: Progress | None = None,
-                    tokenizer_once: TokenizerOnce | None = None) -> list[tuple[StageOutput, bool]]:
-    """Each load piece (`{"key", "path", "documents"}`) tokenized into its own cached piece, keyed by the load
-    piece (so by file content), the tokenizer's content and the settings. Returns [(output, reused)]."""
-    once = tokenizer_once or TokenizerOnce(tokenizer, trust_remote_code, artifacts)
-    pieces = []
-    for part in parts:
-        def build(tmp: Path, part=part):
-            tok, specials = once()
-            c = tokenize_file(piece_docs_file(artifacts, part["path"]), tmp / TOKENS_FILE, tok,
-                              specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
-            return c, specials
+                    tokenizer_once: TokenizerOnce | None = None, runtime=None) -> list[tuple[StageOutput, bool]]:
+    """Every load piece's tokens (`tokenize_piece`), one after another or fanned out on `runtime`'s task
+    runner. Returns [(output, reused)] in the order of `parts`."""
+    if runtime is None or runtime.task_runner == "sequential":
+        once = tokenizer_once or TokenizerOnce(tokenizer, trust_remote_code, artifacts)
+        return [tokenize_piece(part, tokenize, tokenizer, artifacts, trust_remote_code, progress, once)
+                for part in parts]
+    from tasks.fanout import map_pieces
 
-        key = tokenize_file_key(part.get("content") or part["key"], tokenize, tokenizer, trust_remote_code)
-        pieces.append(publish_piece(artifacts, "tokenize-file", key, build, progress, part["documents"]))
-    return pieces
+    # Worked out once here (a file read when known), not by every worker at once.
+    tokenizer_profile(tokenizer, artifacts, trust_remote_code)
+    calls = [{"part": part, "tokenize": tokenize, "tokenizer": tokenizer, "artifacts": artifacts,
+              "trust_remote_code": trust_remote_code} for part in parts]
+    return map_pieces(tokenize_piece, calls, runtime, "tokenize-file",
+                      on_done=lambda i, _: progress.update(parts[i]["documents"]) if progress else None)
 
 
 class Tokens(StageOutput):
@@ -372,13 +390,15 @@ class Tokens(StageOutput):
                                f"{', BOS added per chunk' if self.bos_id is not None else ''})")]
 
 
-@stage("tokenize", version=1, output=Tokens, code=[tokenize_pieces, TokenizerOnce, tokenizer_profile, "@tokenize-file"])
+@stage("tokenize", version=1, output=Tokens, code=[tokenize_pieces, tokenize_piece, TokenizerOnce, tokenizer_profile,
+                                                   "@tokenize-file"])
 def tokenize(build: Build, tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: Docs,
-             trust_remote_code: bool = False):
+             trust_remote_code: bool = False, runtime: RuntimeConfig | None = None):
     """Tokens of every loaded file, each cached by (file content, tokenizer, settings): a drop tokenizes only
     its own files. The stage's output is the list of those per-file outputs."""
     with Progress(docs.counts["documents"], "tokenize", unit="doc") as progress:
-        pieces = tokenize_pieces(docs.parts, tokenize, tokenizer, str(build.artifacts), trust_remote_code, progress)
+        pieces = tokenize_pieces(docs.parts, tokenize, tokenizer, str(build.artifacts), trust_remote_code, progress,
+                                 runtime=runtime)
     parts = [out for out, _ in pieces]
     fresh = sum(not reused for _, reused in pieces)
     listing = [{"key": p.key, "path": p.path, "content": p.content, **p.counts} for p in parts]

@@ -311,3 +311,52 @@ def test_a_stage_rerun_with_identical_output_leaves_the_stages_below_cached(conf
     assert states == {"load": "Cached", "shuffle": "Cached", "tokenize": "Completed",
                       "token-stats": "Completed", "chunk": "Completed"}
     cache._CODE_VERSIONS.clear()
+
+
+@pytest.mark.parametrize("runner", ["threads", "processes", "dask"])
+def test_every_task_runner_gives_the_same_keys_and_outputs(config, artifacts, tmp_path, runner):
+    """runtime.task_runner only changes where the per-file pieces run: the pieces appear as their own task runs,
+    and every stage's key and content is the sequential path's."""
+    from prefect.client.orchestration import get_client
+
+    _, sequential = run(config, tmp_path / "sequential")
+    _, fanned = run(config, artifacts, runtime__task_runner=runner, runtime__max_workers=2)
+    assert [(s["name"], s["key"]) for s in fanned["stages"]] == [(s["name"], s["key"]) for s in sequential["stages"]]
+
+    def contents(root, summary):
+        from tasks.cache import read_manifest
+
+        return {s["name"]: read_manifest(Path(s["output"])).content for s in summary["stages"]}
+
+    assert contents(artifacts, fanned) == contents(tmp_path / "sequential", sequential)
+    assert fanned["stages"][0]["counts"]["files_read"] == 2
+
+    async def piece_runs():
+        async with get_client() as client:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fanned_id])))
+            return sorted(r.name for r in runs)
+
+    import asyncio
+
+    from prefect.client.orchestration import get_client as _  # noqa: F401
+
+    fanned_id = _flow_run_id(fanned)
+    names = asyncio.run(piece_runs())
+    for piece in ("load-file", "tokenize-file", "chunk-part"):
+        assert sum(n.startswith(piece) for n in names) == 2, names
+
+
+def _flow_run_id(summary):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    async def find():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[summary["flow_run"]])))
+            return runs[0].id
+
+    return asyncio.run(find())

@@ -1,0 +1,70 @@
+"""Per-file pieces fanned out on a task runner against the sequential path, from one script.
+
+Corpus: ../shared/corpora/ko_transport_bills.jsonl + python_docs.jsonl (5,944 documents, ~20 MB) cut into 20
+files; byte-level BPE of 16k tokens trained here. For each `runtime.task_runner` (sequential, threads,
+processes, dask with a local cluster of one worker per core), a flow run `--until tokenize` on a cold artifacts
+root (the tokenizer's profile known, as after a first run) in this process. Timed: the tokenize stage's seconds
+from the run summary (20 tokenize-file pieces; for dask, starting the local cluster included), and the
+load stage's (20 load-file pieces).
+
+    .venv/bin/python bench/fanout.py [--files 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CORPORA = ROOT.parent / "shared" / "corpora"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=20)
+    args = ap.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("CPT_NO_PROGRESS", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from tasks.tiny_model import build_tiny_model, read_texts
+
+    texts = read_texts(CORPORA / "ko_transport_bills.jsonl") + read_texts(CORPORA / "python_docs.jsonl")
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        os.environ["CPT_CACHE_HOME"] = str(work / "user-cache")
+        model = build_tiny_model(work / "model", texts[::7], vocab_size=16_000)
+        corpus = work / "corpus"
+        corpus.mkdir()
+        size = -(-len(texts) // args.files)
+        for i in range(args.files):
+            (corpus / f"part-{i:02d}.jsonl").write_text(
+                "".join(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in texts[i * size:(i + 1) * size]),
+                encoding="utf-8")
+        from flows.continued_pretraining import continued_pretraining
+        from tasks.config import validate_config
+
+        def run(runner: str, root: Path) -> dict[str, float]:
+            cfg = validate_config({"corpus": {"paths": [str(corpus)]}, "model": {"id": str(model)},
+                                   "runtime": {"task_runner": runner}})
+            summary = continued_pretraining(config=cfg, until="tokenize", artifacts=str(root))
+            return {s["name"]: s["seconds"] for s in summary["stages"]}
+
+        run("sequential", work / "warm-up")  # the tokenizer's profile, and imports, before anything is timed
+        mb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e6
+        print(f"corpus: {len(texts)} documents in {args.files} files ({mb:.1f} MB); BPE 16k; {os.cpu_count()} cores; "
+              "cold artifacts root per runner")
+        rows = {runner: run(runner, work / runner) for runner in ("sequential", "threads", "processes", "dask")}
+        base = rows["sequential"]
+        print(f"\n{'task_runner':12} {'load s':>8} {'tokenize s':>11} {'tokenize vs sequential':>24}")
+        for runner, s in rows.items():
+            print(f"{runner:12} {s['load']:8.2f} {s['tokenize']:11.2f} {base['tokenize'] / s['tokenize']:23.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Per-file pieces run one after another, or as concurrent Prefect tasks on a task runner (`runtime`).
+
+The load, tokenize and chunk stages each build one cached piece per source file. `map_pieces` runs a
+module-level piece function over a list of calls: in the stage's own process (`sequential`), or submitted as
+Prefect tasks to a ThreadPoolTaskRunner, a ProcessPoolTaskRunner or prefect-dask's DaskTaskRunner, so they show
+in the UI as task runs and a Dask cluster can take them. A piece publishes itself atomically under its own key
+and lock (tasks/cache.py), so where it ran never changes what it holds or what it is keyed by.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from tasks.cache import build_scope, current_scope
+from tasks.config import RuntimeConfig
+
+
+def run_piece(fn: Callable, scope: str | None, kwargs: dict[str, Any]):
+    """A piece in the build scope of the run that asked for it (another process has no context of its own)."""
+    with build_scope(scope):
+        return fn(**kwargs)
+
+
+def task_runner(runtime: RuntimeConfig):
+    workers = runtime.max_workers or os.cpu_count() or 1
+    if runtime.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if runtime.task_runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as e:  # pragma: no cover - a dependency of the project
+        from tasks.config import ConfigError
+
+        raise ConfigError(f"runtime.task_runner: dask needs prefect-dask ({e})") from None
+    if runtime.dask_address:
+        return DaskTaskRunner(address=runtime.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def map_pieces(fn: Callable, calls: list[dict[str, Any]], runtime: RuntimeConfig | None, name: str,
+               on_done: Callable[[int, Any], None] | None = None) -> list:
+    """[fn(**call) for call in calls], in order; `on_done(index, result)` as each finishes."""
+    scope = current_scope()
+    if runtime is None or runtime.task_runner == "sequential" or len(calls) < 2:
+        results = []
+        for i, call in enumerate(calls):
+            results.append(run_piece(fn, scope, call))
+            if on_done:
+                on_done(i, results[-1])
+        return results
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    piece = task(run_piece, name=name, cache_policy=NO_CACHE, persist_result=False)
+    with task_runner(runtime) as runner:
+        futures = [runner.submit(piece.with_options(task_run_name=f"{name}-{i}"),
+                                 {"fn": fn, "scope": scope, "kwargs": call}) for i, call in enumerate(calls)]
+        results = []
+        for i, future in enumerate(futures):
+            results.append(future.result())
+            if on_done:
+                on_done(i, results[-1])
+    return results
