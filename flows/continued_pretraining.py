@@ -69,8 +69,9 @@ class StageRunner:
         entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
         out: StageOutput = state.result()  # raises the stage's own error on failure
         entry.update(key=out.key, output=str(out.dir(self.artifacts)), counts=out.counts)
-        if not label and out.links(str(self.artifacts)):
-            entry["links"] = out.links(str(self.artifacts))
+        links = {} if label else out.links(str(self.artifacts))
+        if links:
+            entry["links"] = links
         if stage_task.name in SHOW and not label:
             SHOW[stage_task.name](out, str(self.artifacts))
         if stage_task.name == self.until and not label:

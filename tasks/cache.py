@@ -1,8 +1,9 @@
 """Content-addressed stage outputs and the Prefect cache policy that keys them.
 
 A stage's key = its name + its code version (an explicit per-stage version, the source of the functions that
-compute its output, and the versions of the libraries that shape it; see `register_code_version`) + its inputs, where an upstream `StageOutput` contributes only
-its key and a `Fingerprint` only its content digest. Nothing else — not the run id, not the flow parameters —
+compute its output, and the versions of the libraries that shape it; see `register_code_version`) + its inputs,
+where an upstream `StageOutput` contributes only its content digest (else its key) and a `Fingerprint` only its
+content digest. Nothing else — not the run id, not the flow parameters —
 so a change reruns exactly the stages downstream of it.
 
 Outputs live at `<artifacts>/cache/<stage>/<key>/`, built in a `.tmp-*` sibling and moved into place with
@@ -18,8 +19,8 @@ import contextvars
 import dataclasses
 import functools
 import hashlib
-import importlib.metadata
 import importlib
+import importlib.metadata
 import inspect
 import json
 import os
@@ -128,8 +129,9 @@ def register_code_version(stage: str, version: int, code: list, libraries: list[
     """Declare what a stage's code version is made of: its explicit `version` (bump it when the output changes
     for the same inputs: tests/test_golden.py fails until you do), the source of `code` (the functions and
     classes that compute the output, a module for a whole program such as the training child,
-    "module:qualname" for one defined later, or "@stage" for another stage's code reused whole), and the versions of `libraries` that shape the output. Nothing
-    else: a docstring edit in the config, the cache or the report modules leaves every key as it was."""
+    "module:qualname" for one defined later, or "@stage" for another stage's code reused whole), and the
+    versions of `libraries` that shape the output. Nothing else: a docstring edit in the config, the cache or
+    the report modules leaves every key as it was."""
     _CODE_SPECS[stage] = (version, tuple(code), tuple(libraries))
     _CODE_VERSIONS.pop(stage, None)
 
@@ -149,8 +151,6 @@ def code_version(stage: str) -> str:
         return _CODE_VERSIONS[stage]
     if stage not in _CODE_SPECS:
         return "unregistered"
-    import inspect
-
     version, code, libraries = _CODE_SPECS[stage]
     h = hashlib.sha256(f"{stage}@{version}".encode())
     for item in code:
@@ -551,32 +551,17 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
             return out
 
         run.__signature__ = signature
-        return stage_task(name, version=version, code=[body, *code], libraries=libraries, **task_kwargs)(run,
-                                                                                                        _body=body)
-
-    return deco
-
-
-def stage_task(name: str, *, version: int, code: list = (), libraries: list[str] = (), **task_kwargs):
-    """Wrap a thin stage body as a Prefect task with the stage cache policy and a JSON result. Its code version
-    is `version` + the body's source + `code` + `libraries` (see `register_code_version`)."""
-
-    def deco(fn, _body=None):
-        register_code_version(name, version, [*([] if _body else [fn]), *code], list(libraries))
+        register_code_version(name, version, [body, *code], list(libraries))
         try:
             from prefect import task
         except ImportError:
             # A machine with the training stack but no orchestrator (a bare GPU box running bench/gpu_check.py):
             # the stage's functions import and run; there is no task to schedule. Flows import Prefect
             # themselves, so a missing install still fails loudly where it matters.
-            return fn
-        return task(
-            name=name,
-            cache_policy=stage_cache_policy(),
-            persist_result=True,
-            result_serializer="json",
-            **task_kwargs,
-        )(fn)
+            return run
+        # The stage cache policy keys the task; its result (the manifest) is kept as JSON.
+        return task(name=name, cache_policy=stage_cache_policy(), persist_result=True, result_serializer="json",
+                    **task_kwargs)(run)
 
     return deco
 

@@ -154,6 +154,12 @@ def profile_path(artifacts: str | Path, tokenizer: Fingerprint) -> Path:
     return Path(artifacts) / "cache" / "_tokenizers" / f"{tokenizer.digest}-{versions}.json"
 
 
+def profile_paths(artifacts: str | Path, tokenizer: Fingerprint) -> tuple[Path, Path]:
+    """Where a tokenizer's profile is kept: in the artifacts root, and in the user's cache."""
+    path = profile_path(artifacts, tokenizer)
+    return path, user_cache_dir() / "tokenizers" / path.name
+
+
 def user_cache_dir() -> Path:
     """Facts about inputs that hold under any artifacts root (a tokenizer's profile is a function of its files
     and the library versions): $CPT_CACHE_HOME, else $XDG_CACHE_HOME/cpt, else ~/.cache/cpt."""
@@ -183,8 +189,7 @@ def prefetch_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote
     instead of after them. `tokenizer_profile` waits for it rather than probing twice."""
     from concurrent.futures import ThreadPoolExecutor
 
-    path = profile_path(artifacts, tokenizer)
-    shared = user_cache_dir() / "tokenizers" / path.name
+    path, shared = profile_paths(artifacts, tokenizer)
     if path.is_file() or shared.is_file() or str(path) in _PREFETCH:
         return
     pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-profile")
@@ -200,8 +205,7 @@ def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remot
     it was loaded)."""
     import json
 
-    path = profile_path(artifacts, tokenizer)
-    shared = user_cache_dir() / "tokenizers" / path.name
+    path, shared = profile_paths(artifacts, tokenizer)
     for candidate in (path, shared):
         try:
             profile = json.loads(candidate.read_text())

@@ -253,7 +253,8 @@ def run(spec: dict[str, Any]) -> None:
 
     train = TrainConfig(**spec["train"])
     model_cfg = ModelConfig(**spec["model"])
-    # cpu=True without a GPU: several CPU processes (train.num_processes) then join over gloo.
+    # cpu=True without a GPU, as the Trainer's use_cpu will ask too: several CPU processes (train.num_processes)
+    # join over gloo.
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device.type
     out_dir, checkpoints = Path(spec["output_dir"]), Path(spec["checkpoint_dir"])

@@ -1,6 +1,6 @@
 """Golden digests: each data stage's output on a fixed fixture, recorded with the stage's explicit version.
 
-A stage's cache key carries its explicit version (`stage_task(..., version=N)`), the source of the functions it
+A stage's cache key carries its explicit version (`@stage(..., version=N)`), the source of the functions it
 lists, and its libraries' versions. Listing misses a helper, or a change reaches the output through code the
 key does not see; then a rerun would serve stale output. This test catches that: when a stage's output on the
 fixture changes while its version does not, it fails and asks for the bump. After a deliberate change:
