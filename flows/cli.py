@@ -122,7 +122,7 @@ def cmd_run(args) -> int:
     resolve_corpus_files(cfg.corpus)
     from tasks.cache import artifacts_root
 
-    artifacts_root(args.artifacts)  # an object-store URL is refused here, before the server starts
+    artifacts_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
     _prefect_env()
     from flows.continued_pretraining import continued_pretraining
 

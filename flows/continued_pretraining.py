@@ -20,7 +20,9 @@ from tasks import promotion
 from tasks import push as push_stage
 from tasks import token_stats as token_stats_stage
 from tasks import train as train_stage
-from tasks.cache import DigestMemo, Fingerprint, StageOutput, artifacts_root, build_scope, records_dir, stage_key
+from tasks.cache import (DigestMemo, Fingerprint, StageOutput, artifacts_root, build_scope, records_dir, save_file,
+                         share_record,
+                         stage_key, store_url, was_built)
 from tasks.chunk import chunk
 from tasks.config import CorpusConfig, CptConfig, SplitConfig
 from tasks.gate import gate
@@ -68,7 +70,9 @@ class StageRunner:
         state = stage_task.with_options(**options)(**inputs, artifacts=str(self.artifacts), return_state=True)
         entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
         out: StageOutput = state.result()  # raises the stage's own error on failure
-        entry.update(key=out.key, output=str(out.dir(self.artifacts)), counts=out.counts)
+        share_record(self.artifacts, out.key)
+        entry.update(key=out.key, output=out.location(self.artifacts), counts=out.counts,
+                     built=was_built(out.key))
         links = {} if label else out.links(str(self.artifacts))
         if links:
             entry["links"] = links
@@ -94,7 +98,8 @@ def continued_pretraining(
     root = artifacts_root(artifacts)
     run = StageRunner(root, until)
     log = run_logger()
-    summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root), "until": until, "line": line,
+    summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root), "store": store_url(root),
+                               "until": until, "line": line,
                                "config": config.model_dump(mode="json"), "stages": run.stages, "warnings": []}
     digests = DigestMemo(root)
     lineage = promotion.lineage_of(line, config.push.name)
@@ -243,11 +248,12 @@ def write_summary(summary: dict[str, Any], root: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    save_file(root, path)
     rows = [{"stage": s["name"], "state": s.get("state", "?"), "seconds": s.get("seconds"),
              "key": s.get("key", "")} for s in summary["stages"]]
     # Cached tasks do not re-create their own artifacts, so the run's overview is made here, every run.
     markdown_artifact(f"# Run summary: {summary['status']}\n\n{markdown_table(rows)}\n\n"
-                      f"Artifacts: `{root}`\n", "run-summary", "Stages of this run: Completed or Cached")
+                      f"Artifacts: `{summary.get('store') or root}`\n", "run-summary", "Stages of this run: Completed or Cached")
     run_logger().info("summary: %s", path)
     return path
 

@@ -72,7 +72,25 @@ class StageOutput(BaseModel):
     digests: dict[str, str] = {}
 
     def dir(self, artifacts: str | Path) -> Path:
-        return Path(artifacts) / self.path
+        """The entry's folder, complete: on an object-store root it is fetched into this host's mirror first."""
+        return local_entry(artifacts, self.path)
+
+    def location(self, artifacts: str | Path) -> str:
+        """Where the entry lives, for a log line: the store URL, else the local folder. Fetches nothing."""
+        url = store_url(artifacts)
+        return f"{url}/{self.path}" if url else str(Path(artifacts) / self.path)
+
+    def file(self, artifacts: str | Path, name: str) -> Path:
+        """One file of the entry; on an object-store root only that file is fetched (a report reads a small
+        file of an entry whose model it does not need)."""
+        path = Path(artifacts) / self.path / name
+        if not path.is_file():
+            from tasks.store import store_for
+
+            store = store_for(artifacts)
+            if store is not None:
+                store.fetch_entry(self.path, only=[name])
+        return path
 
     def summary(self, artifacts: str) -> list[tuple[int, str]]:
         """(logging level, line) pairs the stage decorator logs after every call, computed or cached. Typed
@@ -92,19 +110,27 @@ class StageOutput(BaseModel):
 
 
 def artifacts_root(explicit: str | Path | None = None) -> Path:
-    """The artifacts root: `explicit`, else $CPT_ARTIFACTS, else ./artifacts. A `file://` URL is its path; any
-    other URL (s3://, gs://) is refused by name, never taken as a relative folder called `s3:`."""
+    """The local artifacts root: `explicit`, else $CPT_ARTIFACTS, else ./artifacts. A `file://` URL is its path.
+    An object-store URL (`s3://bucket/prefix`, `gs://…`, any fsspec URL) is the store; what is returned is this
+    host's mirror of it (tasks/store.py), through which every stage reads and publishes."""
     value = str(explicit or os.environ.get("CPT_ARTIFACTS") or "artifacts")
-    scheme, sep, rest = value.partition("://")
-    if sep and scheme.isalnum():
-        if scheme != "file":
-            from tasks.config import ConfigError
+    from tasks.store import check_url, open_root, split_url
 
-            where = "--artifacts" if explicit else "CPT_ARTIFACTS"
-            raise ConfigError(f"{where}: {value!r} is an object-store URL; the artifacts root must be a local or "
-                              "mounted path for now (an object-store cache is not built yet)")
-        value = rest
+    url = split_url(value)
+    if url is not None:
+        if url[0] != "file":
+            check_url(value, "--artifacts" if explicit else "CPT_ARTIFACTS")
+            return open_root(value)
+        value = url[1]
     return Path(value).resolve()
+
+
+def store_url(artifacts: str | Path) -> str | None:
+    """The object-store URL a local root mirrors, None for a local root."""
+    from tasks.store import store_for
+
+    store = store_for(artifacts)
+    return store.url if store else None
 
 
 def cache_dir(artifacts: str | Path, stage: str, key: str) -> Path:
@@ -259,17 +285,18 @@ def discard_entry(artifacts: Path, entry: Path) -> None:
     trash = entry.parent / f"{_TMP_PREFIX}{entry.name}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"
     os.replace(entry, trash)
     shutil.rmtree(trash, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        (records_dir(artifacts) / entry.name).unlink()
+    discard_record(artifacts, entry.name)
 
 
-def verified_manifest(directory: Path, artifacts: Path) -> StageOutput | None:
+def verified_manifest(directory: Path, artifacts: Path, quiet: bool = False) -> StageOutput | None:
     """The manifest of a complete, undamaged entry, else None (and a damaged entry is logged by name)."""
     manifest = read_manifest(directory)
     if manifest is None:
         return None
     why = damage(directory, manifest, artifacts)
     if why is not None:
+        if quiet:
+            return None
         from tasks.report import run_logger
 
         run_logger().warning("cache: %s is damaged (%s); rebuilding it", directory, why)
@@ -278,7 +305,57 @@ def verified_manifest(directory: Path, artifacts: Path) -> StageOutput | None:
 
 
 def is_complete(artifacts: str | Path, stage: str, key: str) -> bool:
+    """Complete here; on an object-store root, complete in the store (the truth every host shares: a local copy
+    the store lacks is uploaded by the rerun this miss causes)."""
+    from tasks.store import store_for
+
+    store = store_for(artifacts)
+    if store is not None:
+        return store.complete(f"cache/{stage}/{key}") is not None
     return verified_manifest(cache_dir(artifacts, stage, key), Path(artifacts)) is not None
+
+
+def local_entry(artifacts: str | Path, rel: str) -> Path:
+    """`<artifacts>/<rel>`, fetched from the store into this host's mirror when it is not complete here."""
+    directory = Path(artifacts) / rel
+    from tasks.store import store_for
+
+    store = store_for(artifacts)
+    if store is not None and verified_manifest(directory, Path(artifacts), quiet=True) is None:
+        with key_lock(_lock_dir(directory), directory.name):
+            if verified_manifest(directory, Path(artifacts), quiet=True) is None:
+                store.fetch_entry(rel)
+    return directory
+
+
+def _lock_dir(directory: Path) -> Path:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return directory.parent
+
+
+def discard_record(artifacts: str | Path, key: str) -> None:
+    """Drop the Prefect result record of `key` (here, and in the store for an object-store root)."""
+    with contextlib.suppress(OSError):
+        (records_dir(artifacts) / key).unlink()
+    from tasks.store import store_for
+
+    store = store_for(artifacts)
+    if store is not None:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm_file(store.remote(f"cache/{RECORDS_DIR}/{key}"))
+
+
+def share_record(artifacts: str | Path, key: str) -> None:
+    """On an object-store root, copy the Prefect result record of `key` (what makes a task Cached) to the
+    store once Prefect has written it here, so every host sees the stage as Cached. Prefect keeps records where
+    its result storage says, and a remote one must be a block saved server-side (with whatever credentials it
+    holds); copying the file keeps the credentials in the environment."""
+    from tasks.store import store_for
+
+    store = store_for(artifacts)
+    local = records_dir(artifacts) / key
+    if store is not None and local.is_file() and not store.fs.exists(store.remote(f"cache/{RECORDS_DIR}/{key}")):
+        store.put(local, f"cache/{RECORDS_DIR}/{key}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -342,11 +419,39 @@ def _publish(artifacts: str | Path, stage: str, key: str, build) -> tuple[StageO
     artifacts = Path(artifacts)
     final = cache_dir(artifacts, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
+    from tasks.store import store_for
+
+    store = store_for(artifacts)
     with key_lock(final.parent, key):
         existing = verified_manifest(final, artifacts)
-        if existing is not None:
-            return existing, False
-        return _build_and_publish(artifacts, final, stage, key, build), True
+        if store is None:
+            if existing is not None:
+                return existing, False
+            return _build_and_publish(artifacts, final, stage, key, build), True
+        return _publish_in_store(store, artifacts, final, stage, key, build, existing)
+
+
+def _publish_in_store(store, artifacts: Path, final: Path, stage: str, key: str, build,
+                      existing: StageOutput | None) -> tuple[StageOutput, bool]:
+    """The object-store path of `_publish` (the local key lock held): the store decides. A complete entry there
+    is fetched; else one host takes the key's lock and builds, others wait and fetch what it publishes."""
+    rel = final.relative_to(artifacts).as_posix()
+    if existing is not None:
+        if store.complete(rel) is None:  # published here, never uploaded (killed in between), or deleted there
+            with store.lock(rel, done=lambda: store.complete(rel) is not None) as held:
+                if held:
+                    store.upload_entry(rel, final, existing)
+        return existing, False
+    while True:
+        fetched = store.fetch_entry(rel)
+        if fetched is not None:
+            return fetched, False
+        with store.lock(rel, done=lambda: store.complete(rel) is not None) as held:
+            if held:
+                manifest = _build_and_publish(artifacts, final, stage, key, build)
+                store.upload_entry(rel, final, manifest)
+                return manifest, True
+        # Another host published it while we waited: loop to fetch it (or build, if it was deleted meanwhile).
 
 
 # The build scope: pieces built under the same scope count as "read in this run" wherever they were built
@@ -453,6 +558,16 @@ def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build
 # ------------------------------------------------------------------------------------- cache policy
 
 
+def _fetch_record(artifacts: str | Path, key: str) -> None:
+    """The store's record of a complete entry, copied here when this host has none (see `share_record`)."""
+    from tasks.store import store_for
+
+    store = store_for(artifacts)
+    local = records_dir(artifacts) / key
+    if store is not None and not local.is_file():
+        store.get(f"cache/{RECORDS_DIR}/{key}", local)
+
+
 def _make_policy_class():
     from prefect.cache_policies import CachePolicy
 
@@ -465,8 +580,9 @@ def _make_policy_class():
             artifacts = inputs.get("artifacts")
             if artifacts is not None and not is_complete(artifacts, stage, key):
                 # Missing, half-written or damaged (a file or a referenced piece gone): a miss, rebuilt.
-                with contextlib.suppress(OSError):
-                    (records_dir(artifacts) / key).unlink()
+                discard_record(artifacts, key)
+            elif artifacts is not None:
+                _fetch_record(artifacts, key)
             return key
 
     return StageCachePolicy
@@ -488,6 +604,15 @@ def current_key(stage: str, inputs: dict[str, Any]) -> str:
     if txn is not None and txn.key and txn.key.startswith(f"{stage}-"):
         return txn.key
     return stage_key(stage, inputs)
+
+
+_BUILT: dict[str, bool] = {}
+
+
+def was_built(key: str) -> bool:
+    """Whether the last call of the stage with this key in this process built its output (False: it was taken
+    from the cache, the store, or another run that built it meanwhile)."""
+    return _BUILT.pop(key, False)
 
 
 @dataclasses.dataclass
@@ -541,9 +666,15 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
             callbacks: list = []
 
             def build(tmp: Path):
+                # On an object-store root an input another host built (or a Cached one) may not be here yet.
+                for value in inputs.values():
+                    if isinstance(value, StageOutput):
+                        local_entry(artifacts, value.path)
                 return body(Build(tmp=tmp, artifacts=artifacts, key=key, log=log, published=callbacks), **inputs)
 
-            out = output(**publish(artifacts, name, key, build).model_dump())
+            published, built = _publish(artifacts, name, key, build)
+            _BUILT[key] = built
+            out = output(**published.model_dump())
             for fn in callbacks:
                 fn(out)
             for level, line in out.summary(str(artifacts)):
@@ -570,24 +701,52 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
 
 
 @contextlib.contextmanager
-def locked_state(path: Path, read: Callable[[], BaseModel]):
+def locked_state(path: Path, read: Callable[[], BaseModel], root: Path | None = None):
     """Lock `path`, yield `read()`, and write it back atomically (temp file + rename) when the block ends
     without error: a killed writer leaves the old state or the new one, and concurrent writers lose nothing.
-    flock is released by the kernel if the holder dies."""
+    flock is released by the kernel if the holder dies. On an object-store `root` the store's lease lock is
+    taken as well (writers on other hosts), the state is read from the store and written back to it."""
     import fcntl
 
+    from tasks.store import store_for
+
+    store = store_for(root) if root is not None else None
+    rel = path.relative_to(root).as_posix() if store is not None else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_name(f".{path.stem}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        state = read()
-        yield state
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        with store.lock(rel) if store is not None else contextlib.nullcontext():
+            if store is not None:
+                store.get(rel, path)
+            state = read()
+            yield state
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+            tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
+            if store is not None:
+                store.put(tmp, rel)
+            os.replace(tmp, path)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def fetch_state(root: str | Path, path: Path) -> None:
+    """Bring a state file of an object-store root up to date from the store (removed here if gone there)."""
+    from tasks.store import store_for
+
+    store = store_for(root)
+    if store is not None:
+        store.get(path.relative_to(root).as_posix(), path)
+
+
+def save_file(root: str | Path, path: Path) -> None:
+    """Copy a file written under the root (a run summary) to the store, on an object-store root."""
+    from tasks.store import store_for
+
+    store = store_for(root)
+    if store is not None:
+        store.put(path, path.relative_to(root).as_posix())
 
 
 # ------------------------------------------------------------------------------------- fingerprints

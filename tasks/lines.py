@@ -76,8 +76,12 @@ def state_file(root: str | Path, line: str) -> Path:
     return Path(root) / "state" / "lines" / f"{line}.json"
 
 
-def read_line(root: str | Path, line: str) -> LineState:
+def read_line(root: str | Path, line: str, fetch: bool = True) -> LineState:
     path = state_file(root, line)
+    if fetch:  # an object-store root: the store's copy is the state (another host may have changed it)
+        from tasks.cache import fetch_state
+
+        fetch_state(root, path)
     try:
         return LineState.model_validate_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -95,7 +99,7 @@ def updating(root: str | Path, line: str):
     """Lock the line, yield its state, write it back atomically when the block ends without error."""
     from tasks.cache import locked_state
 
-    return locked_state(state_file(root, line), lambda: read_line(root, line))
+    return locked_state(state_file(root, line), lambda: read_line(root, line, fetch=False), root=Path(root))
 
 
 def announce(root: str | Path, line: str, drop: str | Path) -> Drop:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.cache import Fingerprint, combine_digests, hash_file, locked_state, verified_manifest
+from tasks.cache import Fingerprint, combine_digests, fetch_state, hash_file, local_entry, locked_state, verified_manifest
 
 CARD = "README.md"
 
@@ -60,10 +60,12 @@ def state_file(root: str | Path, lineage: str) -> Path:
     return Path(root) / "state" / "promotions" / f"{lineage}.json"
 
 
-def read_promotions(root: str | Path, lineage: str | None) -> Promotions | None:
+def read_promotions(root: str | Path, lineage: str | None, fetch: bool = True) -> Promotions | None:
     if lineage is None:
         return None
     path = state_file(root, lineage)
+    if fetch:  # an object-store root: the store's copy is the state (another host may have changed it)
+        fetch_state(root, path)
     try:
         return Promotions.model_validate_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -73,7 +75,8 @@ def read_promotions(root: str | Path, lineage: str | None) -> Promotions | None:
 
 
 def updating(root: str | Path, lineage: str):
-    return locked_state(state_file(root, lineage), lambda: read_promotions(root, lineage))
+    return locked_state(state_file(root, lineage), lambda: read_promotions(root, lineage, fetch=False),
+                        root=Path(root))
 
 
 def record_promotion(root: str | Path, lineage: str, record: Promotion) -> None:
@@ -105,7 +108,7 @@ def model_digest(directory: str | Path, digest=hash_file) -> str:
 def find_model(root: Path, record: Promotion, digest=hash_file) -> Path | None:
     """The promoted model's folder: the train entry if it is intact, else the release folder, each only if its
     files are still the promoted bytes."""
-    train_dir = root / record.model_path
+    train_dir = local_entry(root, Path(record.model_path).parent.as_posix()) / Path(record.model_path).name
     if verified_manifest(train_dir.parent, root) is not None and model_digest(train_dir, digest) == record.model_digest:
         return train_dir
     if record.release:

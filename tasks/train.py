@@ -22,7 +22,8 @@ from tasks.cache import Build, Fingerprint, StageOutput, stage
 from tasks.chunk import Chunks
 from tasks.config import ChunkConfig, ModelConfig, TrainConfig
 from tasks.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
-from tasks.train_worker import MESSAGE_PREFIX
+from tasks.store import store_for
+from tasks.train_worker import MESSAGE_PREFIX, pull_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,11 +135,13 @@ class Trained(StageOutput):
     def model_dir(self, artifacts: str | Path) -> Path:
         return self.dir(artifacts) / "model"
 
-    def tensorboard_dir(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts) / "tensorboard"
+    def tensorboard_dir(self, artifacts: str | Path) -> str:
+        """Where TensorBoard reads the logs: the local folder, or the store's URL (TensorBoard reads fsspec
+        URLs), so naming it fetches nothing."""
+        return f"{self.location(artifacts)}/tensorboard"
 
     def loss_curve(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts) / "loss_curve.png"
+        return self.file(artifacts, "loss_curve.png")
 
     def links(self, artifacts: str) -> dict[str, str]:
         return {"TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(artifacts)}"}
@@ -170,6 +173,13 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
 
     work = work_dir(build.artifacts, build.key)
     parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
+    store = store_for(build.artifacts)
+    work_rel = work.relative_to(build.artifacts).as_posix()
+    if store is not None:  # an attempt killed on another host left its newest checkpoint in the store
+        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+        pulled = pull_checkpoint(store, work_rel, work / "checkpoints", build.tmp / "tensorboard")
+        if pulled:
+            build.log.info("train: took %s of an earlier attempt from %s", pulled, store.url)
     spec = {
         "model_location": base_model.location,
         "model": model.model_dump(mode="json"),
@@ -179,6 +189,8 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
         "output_dir": str(build.tmp),
         "checkpoint_dir": str(work / "checkpoints"),
         "tensorboard_dir": str(build.tmp / "tensorboard"),
+        "store_root": str(build.artifacts) if store is not None else None,
+        "work_rel": work_rel,
     }
     metrics = train_model(spec, train.num_processes, build.log)
     counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
@@ -191,6 +203,8 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
     counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
     # The model is in the published output; checkpoints only served a resume of this key.
     build.on_published(lambda out: shutil.rmtree(work, ignore_errors=True))
+    if store is not None:
+        build.on_published(lambda out: store.delete(work_rel))
     return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
                     "model_dir": "model", "tensorboard": "tensorboard",
                     "model_digest": model_digest(build.tmp / "model"), "parent": without_location(parent)}

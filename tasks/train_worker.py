@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.modeling import load_pretrained, load_tokenizer_with_pad
+from tasks.store import MANIFEST
 
 MESSAGE_PREFIX = "@@cpt "
 
@@ -206,6 +208,57 @@ def decay_steps(train: TrainConfig, trainer) -> int:
     return max(1, round(train.decay_ratio * total))
 
 
+def push_checkpoint(store, work_rel: str, checkpoint: Path, tensorboard: Path) -> None:
+    """Copy a finished checkpoint (marker last) and the TensorBoard logs so far to the store, then drop the
+    older checkpoints there: a training killed on this host resumes on another from the newest one."""
+    remote = f"{work_rel}/checkpoints/{checkpoint.name}"
+    store.put_dir(checkpoint, remote, marker=True)
+    if tensorboard.is_dir():
+        store.put_dir(tensorboard, f"{work_rel}/tensorboard")
+    for name in {n.split("/", 1)[0] for n in store.listing(f"{work_rel}/checkpoints")} - {checkpoint.name}:
+        store.delete(f"{work_rel}/checkpoints/{name}")
+
+
+def pull_checkpoint(store, work_rel: str, checkpoints: Path, tensorboard: Path) -> str | None:
+    """Bring the store's newest complete checkpoint (and the logs that go with it) here, unless this host has
+    one as new; returns its name."""
+    listing = store.listing(f"{work_rel}/checkpoints")
+    done = [n.split("/", 1)[0] for n in listing if n.endswith(f"/{MANIFEST}")]
+    steps = sorted((int(n.rsplit("-", 1)[-1]), n) for n in done if n.rsplit("-", 1)[-1].isdigit())
+    if not steps:
+        return None
+    step, name = steps[-1]
+    local = last_complete_checkpoint(checkpoints)
+    if local is not None and int(local.name.rsplit("-", 1)[-1]) >= step:
+        return None
+    tmp = checkpoints / f".{name}.part"
+    shutil.rmtree(tmp, ignore_errors=True)
+    store.get_dir(f"{work_rel}/checkpoints/{name}", tmp)
+    shutil.rmtree(checkpoints / name, ignore_errors=True)
+    os.replace(tmp, checkpoints / name)
+    store.get_dir(f"{work_rel}/tensorboard", tensorboard)
+    return name
+
+
+def checkpoint_mirror(spec: dict[str, Any]):
+    """A callback that sends every checkpoint to the store of an object-store root (rank 0 only), or None."""
+    if not spec.get("store_root"):
+        return None
+    from transformers import TrainerCallback
+
+    from tasks.store import store_for
+
+    store = store_for(spec["store_root"])
+
+    class CheckpointMirror(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                push_checkpoint(store, spec["work_rel"], Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                                Path(spec["tensorboard_dir"]))
+
+    return CheckpointMirror()
+
+
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint a killed attempt finished writing. The Trainer writes trainer_state.json last, so
     a checkpoint without a readable one was cut short (a SIGKILL mid-save): it is removed, not resumed from."""
@@ -320,6 +373,9 @@ def run(spec: dict[str, Any]) -> None:
     clock = StepClock()
     callbacks = make_callbacks(train, has_validation, clock)
     reporter = callbacks[0]
+    mirror = checkpoint_mirror(spec)
+    if mirror is not None:  # before the Reporter: a checkpoint is in the store before anything else happens
+        callbacks.insert(0, mirror)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tok,
         train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,

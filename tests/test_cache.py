@@ -301,15 +301,22 @@ def test_the_stage_decorator_keys_every_argument_and_returns_its_typed_manifest(
         thing.fn(n=2, artifacts=str(tmp_path), colour="red")  # an argument the body does not take
 
 
-def test_an_object_store_url_is_refused_by_name_not_written_to_a_local_folder(tmp_path, monkeypatch):
-    from tasks.cache import artifacts_root
+def test_an_artifacts_url_is_a_store_never_a_local_folder_named_after_its_scheme(tmp_path, monkeypatch):
+    from tasks.cache import artifacts_root, store_url
     from tasks.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--artifacts: 's3://bucket/prefix' is an object-store URL"):
-        artifacts_root("s3://bucket/prefix")
-    monkeypatch.setenv("CPT_ARTIFACTS", "gs://b/p")
-    with pytest.raises(ConfigError, match="CPT_ARTIFACTS"):
-        artifacts_root()
-    assert artifacts_root(f"file://{tmp_path}") == tmp_path.resolve()
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "scratch"))
+    root = artifacts_root("s3://bucket/some/prefix")
+    assert root == (tmp_path / "scratch" / "s3" / "bucket" / "some" / "prefix").resolve()
+    assert store_url(root) == "s3://bucket/some/prefix" and store_url(tmp_path) is None
+    assert not (tmp_path / "s3:").exists()
+    with pytest.raises(ConfigError, match=r"--artifacts: 'nosuch://b/p': nosuch:// is not a storage fsspec knows"):
+        artifacts_root("nosuch://b/p")
+    monkeypatch.setenv("CPT_ARTIFACTS", "gs://b/p")  # gcsfs is not installed here
+    with pytest.raises(ConfigError, match=r"CPT_ARTIFACTS: 'gs://b/p' needs a library that is not installed"):
+        artifacts_root()
+    with pytest.raises(ConfigError, match="needs a bucket"):
+        artifacts_root("s3://")
+    assert artifacts_root(f"file://{tmp_path}") == tmp_path.resolve()
     assert artifacts_root("rel") == tmp_path.resolve() / "rel"

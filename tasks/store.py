@@ -1,0 +1,387 @@
+"""The artifacts root in an object store (`s3://bucket/prefix`, `gs://…`, any fsspec URL), through fsspec.
+
+The store is the truth; each host works in a local mirror of it, `<scratch>/<scheme>/<bucket>/<prefix>`
+(`$CPT_SCRATCH`, else `<user cache>/scratch`). The mirror's path spells the URL, so any process on any host
+(a training child, a Dask worker) maps the local root it is handed back to the store without being told.
+
+- An entry is published to the store as its files first and its manifest object (`_COMPLETE`) last. A reader
+  trusts an entry only when the manifest exists and every file it lists is there with its size (and every
+  entry it refers to is complete): a writer killed mid-upload leaves objects nobody reads, and the next
+  builder of that key deletes them before it uploads.
+- One build per key across hosts: a lease lock made of the store's own conditional writes (create-if-absent,
+  the S3 `If-None-Match: *` put). See `Lock`.
+- A missing local copy is fetched on first read (`fetch_entry`), its references first; a local entry the store
+  lacks (a host killed between its local publish and its upload) is uploaded on its next lookup.
+
+Credentials and the endpoint come from the environment as the store's own library reads them (for S3 the
+standard AWS variables, `AWS_ENDPOINT_URL` included) or, when `$CPT_STORE_BLOCK` names one, from a Prefect
+Secret block holding the fsspec storage options as JSON. Never from the config file; never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "_COMPLETE"
+
+
+def scratch_home() -> Path:
+    explicit = os.environ.get("CPT_SCRATCH")
+    if explicit:
+        return Path(explicit).resolve()
+    from tasks.tokenize import user_cache_dir
+
+    return (user_cache_dir() / "scratch").resolve()
+
+
+def split_url(value: str) -> tuple[str, str] | None:
+    """(scheme, path) of a URL, None for a plain path. A one-letter scheme is a Windows drive, not a URL."""
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme.isalnum() and len(scheme) > 1:
+        return scheme.lower(), rest
+    return None
+
+
+def mirror_path(url: str) -> Path:
+    scheme, rest = split_url(url)
+    parts = [p for p in rest.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise ValueError(f"{url!r}: an object-store root needs a bucket (and optionally a prefix)")
+    return scratch_home().joinpath(scheme, *parts)
+
+
+def _url_of_mirror(local: Path) -> str | None:
+    try:
+        rel = local.resolve().relative_to(scratch_home())
+    except ValueError:
+        return None
+    if len(rel.parts) < 2:
+        return None
+    return f"{rel.parts[0]}://{'/'.join(rel.parts[1:])}"
+
+
+def storage_options() -> dict[str, Any]:
+    """fsspec storage options from a Prefect Secret block named by $CPT_STORE_BLOCK, else none (the store's
+    library then reads the environment)."""
+    name = os.environ.get("CPT_STORE_BLOCK")
+    if not name:
+        return {}
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(name).get()
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"CPT_STORE_BLOCK: the Secret block {name!r} must hold a JSON object of storage options")
+    return value
+
+
+def check_url(url: str, where: str) -> None:
+    """A clear error for a scheme fsspec does not know, or whose library is not installed, naming `where`."""
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    from tasks.config import ConfigError
+
+    scheme = split_url(url)[0]
+    if scheme not in known_implementations and scheme not in fsspec.registry:
+        raise ConfigError(f"{where}: {url!r}: {scheme}:// is not a storage fsspec knows")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        raise ConfigError(f"{where}: {url!r} needs a library that is not installed ({e})") from None
+    try:
+        mirror_path(url)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+class Store:
+    """One object-store root: the fsspec filesystem, the bucket/prefix path in it, and the local mirror."""
+
+    def __init__(self, url: str, local: Path):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.local = local
+        scheme, rest = split_url(self.url)
+        # Listings are never cached: another host's upload must be seen on the next look.
+        self.fs = fsspec.filesystem(scheme, use_listings_cache=False, **storage_options())
+        self.base = rest.strip("/")
+        self.lease = float(os.environ.get("CPT_STORE_LEASE_SECONDS", "60"))
+
+    def __repr__(self) -> str:
+        return f"Store({self.url})"
+
+    def remote(self, rel: str) -> str:
+        return f"{self.base}/{rel}".rstrip("/")
+
+    # --------------------------------------------------------------------------------- entries
+
+    def listing(self, rel: str) -> dict[str, int]:
+        """Every object under `rel/`, relative name -> size."""
+        prefix = self.remote(rel)
+        try:
+            found = self.fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name[len(prefix) + 1:]: int(info.get("size") or 0) for name, info in found.items()
+                if name.startswith(prefix + "/") and info.get("type", "file") == "file"}
+
+    def manifest(self, rel: str):
+        from tasks.cache import StageOutput
+
+        try:
+            return StageOutput.model_validate_json(self.fs.cat_file(self.remote(f"{rel}/{MANIFEST}")))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def complete(self, rel: str):
+        """The manifest of a complete entry in the store (every listed file there with its size, every entry
+        it refers to complete), else None."""
+        manifest = self.manifest(rel)
+        if manifest is None:
+            return None
+        present = self.listing(rel)
+        for name, size in manifest.files.items():
+            if present.get(name) != size:
+                return None
+        for dep in manifest.deps:
+            if self.complete(dep) is None:
+                return None
+        return manifest
+
+    def fetch_entry(self, rel: str, only: list[str] | None = None):
+        """Copy a complete entry (its references first) into the mirror; returns its manifest, None if the
+        store has no complete entry. `only` copies just those files, for a reader that needs no more (the
+        copy is then left without a manifest: a later full fetch completes it)."""
+        from tasks.cache import verified_manifest
+
+        manifest = self.complete(rel)
+        if manifest is None:
+            return None
+        final = self.local / rel
+        if only is not None:
+            final.mkdir(parents=True, exist_ok=True)
+            for name in only:
+                if name in manifest.files and not (final / name).is_file():
+                    tmp = final / f".{name}.{os.getpid()}.part"
+                    self.fs.get_file(self.remote(f"{rel}/{name}"), str(tmp))
+                    os.replace(tmp, final / name)
+            return manifest
+        for dep in manifest.deps:
+            if verified_manifest(self.local / dep, self.local, quiet=True) is None:
+                self.fetch_entry(dep)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            names = sorted(manifest.files)
+            if names:
+                for name in names:
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get([self.remote(f"{rel}/{n}") for n in names], [str(tmp / n) for n in names])
+            for name, size in manifest.files.items():
+                if (tmp / name).stat().st_size != size:
+                    raise OSError(f"{self.url}/{rel}/{name} changed while it was copied")
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+            install(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return manifest
+
+    def upload_entry(self, rel: str, local_dir: Path, manifest) -> None:
+        """Publish a local entry: leftovers under its prefix removed, its files, then its manifest, last.
+        The caller holds the key's lock."""
+        leftovers = [self.remote(f"{rel}/{n}") for n in self.listing(rel)]
+        if leftovers:
+            self.fs.rm(leftovers)
+        names = sorted(manifest.files)
+        if names:
+            self.fs.put([str(local_dir / n) for n in names], [self.remote(f"{rel}/{n}") for n in names])
+        self.fs.pipe_file(self.remote(f"{rel}/{MANIFEST}"), manifest.model_dump_json(indent=2).encode())
+
+    def delete(self, rel: str) -> None:
+        """Remove an entry or a folder: its manifest first, so no reader trusts what remains."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.remote(f"{rel}/{MANIFEST}"))
+        names = [self.remote(f"{rel}/{n}") for n in self.listing(rel)]
+        if names:
+            self.fs.rm(names)
+
+    # ------------------------------------------------------------------------------ plain files
+
+    def get(self, rel: str, local: Path) -> bool:
+        """Copy one object to `local` (atomically); False, and `local` removed, when the store has none."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.get")
+        try:
+            self.fs.get_file(self.remote(rel), str(tmp))
+        except FileNotFoundError:
+            tmp.unlink(missing_ok=True)
+            local.unlink(missing_ok=True)
+            return False
+        os.replace(tmp, local)
+        return True
+
+    def put(self, local: Path, rel: str) -> None:
+        self.fs.put_file(str(local), self.remote(rel))
+
+    def put_dir(self, local: Path, rel: str, marker: bool = False) -> None:
+        """Upload a folder's files; with `marker`, a `_COMPLETE` object last (a reader checks for it)."""
+        files = [p for p in sorted(local.rglob("*")) if p.is_file()]
+        if files:
+            self.fs.put([str(p) for p in files], [self.remote(f"{rel}/{p.relative_to(local).as_posix()}")
+                                                   for p in files])
+        if marker:
+            self.fs.pipe_file(self.remote(f"{rel}/{MANIFEST}"), b"{}")
+
+    def get_dir(self, rel: str, local: Path) -> int:
+        names = [n for n in self.listing(rel) if n != MANIFEST]
+        for name in names:
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+        if names:
+            self.fs.get([self.remote(f"{rel}/{n}") for n in names], [str(local / n) for n in names])
+        return len(names)
+
+    # ------------------------------------------------------------------------------------- lock
+
+    def lock(self, name: str, done=None) -> Lock:
+        return Lock(self, name, done)
+
+
+class Lock:
+    """A lease lock made of conditional creates, across hosts. Holders are generations under
+    `locks/<name>/`: `g-00000001`, `g-00000002`, …; the highest one is the lock. Taking it = creating the next
+    generation with create-if-absent, which exactly one contender wins; allowed when the highest one says it
+    was released or its lease ran out (its holder died: a SIGKILL, a lost host). The holder renews its lease
+    from a thread every lease/3 and marks it released on exit. Generations only grow, so a decision made on a
+    stale listing can only lose the create, never take a lock someone holds.
+
+    Used as `with store.lock(name, done) as held:`; `done()` is polled while waiting (the entry another host
+    builds is published): then `held` is False and nothing was taken."""
+
+    def __init__(self, store: Store, name: str, done=None):
+        self.store, self.name, self.done = store, name, done
+        self.prefix = store.remote(f"locks/{name}")
+        self.gen: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def _generations(self) -> list[int]:
+        try:
+            names = self.store.fs.ls(self.prefix, detail=False)
+        except FileNotFoundError:
+            return []
+        gens = []
+        for n in names:
+            base = n.rstrip("/").rsplit("/", 1)[-1]
+            if base.startswith("g-") and base[2:].isdigit():
+                gens.append(int(base[2:]))
+        return sorted(gens)
+
+    def _path(self, gen: int) -> str:
+        return f"{self.prefix}/g-{gen:08d}"
+
+    def _body(self, expires: float) -> bytes:
+        return json.dumps({"owner": self.owner, "expires": expires}).encode()
+
+    def _free(self, gen: int) -> bool:
+        try:
+            body = json.loads(self.store.fs.cat_file(self._path(gen)))
+        except FileNotFoundError:
+            return True  # pruned: a newer generation exists or is being created
+        except ValueError:
+            return False  # being written
+        return float(body.get("expires", 0)) < time.time()
+
+    def acquire(self, poll: float = 0.5) -> bool:
+        while True:
+            if self.done is not None and self.done():
+                return False
+            gens = self._generations()
+            top = gens[-1] if gens else 0
+            if top == 0 or self._free(top):
+                try:
+                    self.store.fs.pipe_file(self._path(top + 1), self._body(time.time() + self.store.lease),
+                                            mode="create")
+                except FileExistsError:
+                    continue  # another contender won this generation
+                self.gen = top + 1
+                for old in gens[:-1]:  # keep the listing short; the top one is what everyone reads
+                    with contextlib.suppress(FileNotFoundError):
+                        self.store.fs.rm_file(self._path(old))
+                self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.name}")
+                self._thread.start()
+                if self.done is not None and self.done():  # published between our look and our create
+                    self.release()
+                    return False
+                return True
+            time.sleep(poll)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.store.lease / 3):
+            with contextlib.suppress(Exception):  # a missed renewal is retried; the lease has slack
+                self.store.fs.pipe_file(self._path(self.gen), self._body(time.time() + self.store.lease))
+
+    def release(self) -> None:
+        if self.gen is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(Exception):
+            self.store.fs.pipe_file(self._path(self.gen), self._body(0.0))
+        self.gen = None
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def install(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir into place; debris at `final` (a folder without a manifest) is moved aside
+    first. If another process installed a complete copy meanwhile, ours is dropped."""
+    if (final / MANIFEST).is_file():
+        return
+    if final.exists():
+        trash = final.parent / f".tmp-{final.name}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():
+            raise
+
+
+_STORES: dict[str, Store | None] = {}
+_GUARD = threading.Lock()
+
+
+def store_for(artifacts: str | Path) -> Store | None:
+    """The store a local artifacts root mirrors, None for a plain local root."""
+    key = str(artifacts)
+    with _GUARD:
+        if key not in _STORES:
+            url = _url_of_mirror(Path(artifacts))
+            _STORES[key] = Store(url, mirror_path(url)) if url else None
+        return _STORES[key]
+
+
+def open_root(url: str) -> Path:
+    """The local mirror of `url`, created."""
+    local = mirror_path(url)
+    local.mkdir(parents=True, exist_ok=True)
+    return local
