@@ -115,7 +115,8 @@ class Store:
         self.local = local
         scheme, rest = split_url(self.url)
         # Listings are never cached: another host's upload must be seen on the next look.
-        self.fs = fsspec.filesystem(scheme, use_listings_cache=False, **storage_options())
+        # A filesystem of its own (not fsspec's shared instance): it reads the environment as it is now.
+        self.fs = fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True, **storage_options())
         self.base = rest.strip("/")
         self.lease = float(os.environ.get("CPT_STORE_LEASE_SECONDS", "60"))
 
@@ -305,12 +306,20 @@ class Lock:
         return float(body.get("expires", 0)) < time.time()
 
     def acquire(self, poll: float = 0.5) -> bool:
+        said = False
         while True:
             if self.done is not None and self.done():
                 return False
             gens = self._generations()
             top = gens[-1] if gens else 0
-            if top == 0 or self._free(top):
+            free = top == 0 or self._free(top)
+            if not free and not said:
+                from tasks.report import run_logger
+
+                run_logger().info("store: %s/%s is being built by %s; waiting for it", self.store.url, self.name,
+                                  self._holder(top))
+                said = True
+            if free:
                 try:
                     self.store.fs.pipe_file(self._path(top + 1), self._body(time.time() + self.store.lease),
                                             mode="create")
@@ -327,6 +336,11 @@ class Lock:
                     return False
                 return True
             time.sleep(poll)
+
+    def _holder(self, gen: int) -> str:
+        with contextlib.suppress(Exception):
+            return json.loads(self.store.fs.cat_file(self._path(gen)))["owner"]
+        return "another run"
 
     def _renew(self) -> None:
         while not self._stop.wait(self.store.lease / 3):

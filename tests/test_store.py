@@ -1,0 +1,317 @@
+"""The artifacts root in an object store: a real S3-compatible server (moto's standalone server) on 127.0.0.1,
+and "hosts" that are local mirrors in separate scratch folders ($CPT_SCRATCH), as two containers would be."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, sample_texts, write_jsonl
+from tasks.config import validate_config
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+DATA_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto's S3 server did not start")
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+class Hosts:
+    """Switches this process between hosts (scratch folders) sharing one bucket."""
+
+    def __init__(self, monkeypatch, tmp_path: Path, endpoint: str):
+        self.monkeypatch, self.tmp_path, self.endpoint = monkeypatch, tmp_path, endpoint
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "secret-" + uuid.uuid4().hex,
+                    "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        for k, v in self.env.items():
+            monkeypatch.setenv(k, v)
+        self.bucket = f"cpt-{uuid.uuid4().hex[:12]}"
+        self.url = f"s3://{self.bucket}/team/cpt"
+        self.fs.mkdir(self.bucket)
+        self.use("a")
+
+    @property
+    def fs(self):
+        import s3fs
+
+        # The test's own view of the bucket, whatever the environment the code under test gets.
+        return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": self.endpoint},
+                                 skip_instance_cache=True, use_listings_cache=False)
+
+    def scratch(self, name: str) -> Path:
+        return self.tmp_path / f"host-{name}"
+
+    def use(self, name: str) -> Path:
+        self.monkeypatch.setenv("CPT_SCRATCH", str(self.scratch(name)))
+        from tasks.cache import artifacts_root
+
+        return artifacts_root(self.url)
+
+    def objects(self, under: str = "") -> list[str]:
+        base = f"{self.bucket}/team/cpt/{under}".rstrip("/")
+        try:
+            return sorted(p[len(base) + 1:] for p in self.fs.find(base))
+        except FileNotFoundError:
+            return []
+
+
+@pytest.fixture
+def hosts(monkeypatch, tmp_path, s3_endpoint):
+    return Hosts(monkeypatch, tmp_path, s3_endpoint)
+
+
+@pytest.fixture
+def config(tmp_path, tiny_model):
+    texts = sample_texts(80)
+    write_jsonl(tmp_path / "corpus" / "part-1.jsonl", [{"content": t} for t in texts[:50]])
+    write_jsonl(tmp_path / "corpus" / "part-2.jsonl", [{"content": t} for t in texts[50:]])
+    return {"corpus": {"paths": [str(tmp_path / "corpus")]}, "model": {"id": str(tiny_model)},
+            "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 64, "overlap": 16}}
+
+
+def run(config, url, until="chunk", **overrides):
+    from flows.continued_pretraining import continued_pretraining
+
+    cfg = json.loads(json.dumps(config))
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        cfg.setdefault(section, {})[field] = value
+    summary = continued_pretraining(config=validate_config(cfg), artifacts=url, until=until)
+    return {s["name"]: s for s in summary["stages"]}, summary
+
+
+def test_cold_run_then_a_fresh_host_finds_every_stage_cached_and_fetches_only_what_it_reads(config, hosts):
+    first, summary = run(config, hosts.url)
+    assert {n: s["state"] for n, s in first.items()} == dict.fromkeys(DATA_STAGES, "Completed")
+    assert summary["store"] == hosts.url
+    for name, s in first.items():  # published: manifest and Prefect record in the store
+        assert f"cache/{name}/{s['key']}/_COMPLETE" in hosts.objects()
+        assert f"cache/_records/{s['key']}" in hosts.objects()
+        assert s["output"] == f"{hosts.url}/cache/{name}/{s['key']}"
+    assert f"runs/{summary['flow_run']}/summary.json" in hosts.objects()
+
+    b = hosts.use("b")  # a fresh container: nothing local
+    again, _ = run(config, hosts.url)
+    assert {n: s["state"] for n, s in again.items()} == dict.fromkeys(DATA_STAGES, "Cached")
+    assert [s["key"] for s in again.values()] == [s["key"] for s in first.values()]
+    # A cached run reads nothing of the entries but what it shows (token-stats' histogram and table).
+    assert not (b / "cache" / "chunk").exists() and not (b / "cache" / "tokenize").exists()
+
+    # A change on host b reruns chunk, which reads the tokenize entry (and its per-file pieces) host a built.
+    changed, _ = run(config, hosts.url, chunk__max_seq_length=48)
+    assert {n: s["state"] for n, s in changed.items()} == {
+        "load": "Cached", "shuffle": "Cached", "tokenize": "Cached", "token-stats": "Completed", "chunk": "Completed"}
+    assert changed["chunk"]["built"] and changed["chunk"]["counts"]["train_chunks"] > first["chunk"]["counts"]["train_chunks"]
+    assert (b / "cache" / "tokenize" / first["tokenize"]["key"] / "_COMPLETE").is_file()
+    # No credential ever reaches the summary.
+    assert hosts.env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(summary)
+
+
+def test_a_deleted_object_in_the_store_is_a_miss(config, hosts):
+    first, _ = run(config, hosts.url)
+    chunk = f"cache/chunk/{first['chunk']['key']}"
+    data = next(n for n in hosts.objects(chunk) if n.endswith(".arrow"))
+    hosts.fs.rm_file(f"{hosts.bucket}/team/cpt/{chunk}/{data}")
+
+    hosts.use("c")  # another host: the entry is incomplete, so chunk is rebuilt there and published whole
+    states, _ = run(config, hosts.url)
+    assert {n: s["state"] for n, s in states.items()} == {**dict.fromkeys(DATA_STAGES, "Cached"),
+                                                          "chunk": "Completed"}
+    assert states["chunk"]["built"] and data in hosts.objects(chunk)
+
+    # The host that built it still has a verified copy: the same miss there re-uploads it, builds nothing.
+    hosts.fs.rm_file(f"{hosts.bucket}/team/cpt/{chunk}/{data}")
+    hosts.use("a")
+    states, _ = run(config, hosts.url)
+    assert states["chunk"]["state"] == "Completed" and not states["chunk"]["built"]
+    assert data in hosts.objects(chunk)
+
+
+CONCURRENT = textwrap.dedent("""
+    import json, sys, time
+    import tasks.store as store
+    upload = store.Store.upload_entry
+
+    def slow_upload(self, *args, **kwargs):  # widen the window in which the other host could build it too
+        time.sleep(1.0)
+        return upload(self, *args, **kwargs)
+
+    store.Store.upload_entry = slow_upload
+    from flows.continued_pretraining import continued_pretraining
+    from tasks.config import validate_config
+
+    summary = continued_pretraining(config=validate_config(json.loads(sys.argv[1])), artifacts=sys.argv[2],
+                                    until="chunk")
+    print("SUMMARY " + json.dumps(summary["stages"]))
+""")
+
+
+def test_two_hosts_started_together_build_each_key_once(config, hosts):
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url),
+           "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, json.dumps(config), hosts.url],
+                              env={**env, "CPT_SCRATCH": str(hosts.scratch(name))}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in "xy"]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    runs = [json.loads(next(line for line in o.splitlines() if line.startswith("SUMMARY "))[8:]) for o in outputs]
+    for x, y in zip(*runs):
+        assert x["key"] == y["key"]
+        assert [x["built"], y["built"]].count(True) == 1, (x["name"], x["built"], y["built"])
+    # They did race: at least one of them found a key locked by the other and waited for its upload.
+    assert any("is being built by" in o for o in outputs), outputs
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import tasks.store as store
+    from tasks.cache import artifacts_root, publish
+
+    init = store.Store.__init__
+
+    def init_and_die_before_the_manifest(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        pipe = self.fs.pipe_file
+
+        def pipe_file(path, value, **kw):
+            if path.endswith("/_COMPLETE"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return pipe(path, value, **kw)
+
+        self.fs.pipe_file = pipe_file
+
+    store.Store.__init__ = init_and_die_before_the_manifest
+
+    def build(tmp):
+        (tmp / "a.txt").write_text("alpha")
+        (tmp / "left-by-the-killed-writer.txt").write_text("only this writer made me")
+        return {"n": 1}, {}
+
+    publish(artifacts_root(sys.argv[1]), "unit", "unit-k1", build)
+""")
+
+
+def test_a_writer_killed_mid_publish_leaves_nothing_trusted_and_its_leftovers_are_cleaned(hosts, monkeypatch):
+    from tasks.cache import _publish, artifacts_root, is_complete
+
+    monkeypatch.setenv("CPT_STORE_LEASE_SECONDS", "3")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, hosts.url], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "CPT_SCRATCH": str(hosts.scratch("k"))})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    entry = "cache/unit/unit-k1"
+    assert hosts.objects(entry) == ["a.txt", "left-by-the-killed-writer.txt"]  # files up, manifest never written
+    assert hosts.objects("locks/cache/unit/unit-k1")  # and its lock is still there, held by a dead process
+
+    root = hosts.use("b")
+    assert not is_complete(root, "unit", "unit-k1")
+
+    def build(tmp):
+        (tmp / "a.txt").write_text("alpha")
+        return {"n": 1}, {}
+
+    started = time.monotonic()
+    out, built = _publish(root, "unit", "unit-k1", build)
+    assert built and out.files == {"a.txt": 5}
+    # It waited for the dead writer's lease to run out, then took the lock (no local lock was involved: another
+    # host), deleted the leftovers and published.
+    assert time.monotonic() - started >= 1.0
+    assert hosts.objects(entry) == ["_COMPLETE", "a.txt"]
+    assert is_complete(hosts.use("c"), "unit", "unit-k1")
+
+
+def test_line_state_is_shared_through_the_store(hosts, tmp_path):
+    from tasks import lines
+
+    drops = [tmp_path / f"drop-{i}" for i in range(3)]
+    for d in drops:
+        write_jsonl(d / "part.jsonl", [{"content": "x"}])
+    lines.announce(hosts.use("a"), "nightly", drops[0])
+    lines.announce(hosts.use("b"), "nightly", drops[1])  # reads a's state from the store, adds to it
+    lines.remove(hosts.use("a"), "nightly", drops[0])
+    lines.announce(hosts.use("c"), "nightly", drops[2])
+    state = lines.read_line(hosts.use("a"), "nightly")
+    assert [(Path(d.path).name, d.status) for d in state.drops] == [
+        ("drop-0", "removed"), ("drop-1", "pending"), ("drop-2", "pending")]
+    assert "state/lines/nightly.json" in hosts.objects()
+
+
+def test_credentials_and_endpoint_from_a_prefect_secret_block(hosts, monkeypatch, config):
+    from prefect.blocks.system import Secret
+
+    from tasks.store import Store
+
+    secret = "block-secret-" + uuid.uuid4().hex
+    Secret(value={"key": "testing", "secret": secret,
+                  "client_kwargs": {"endpoint_url": hosts.env["AWS_ENDPOINT_URL"], "region_name": "us-east-1"}}
+           ).save(f"store-{hosts.bucket}", overwrite=True)
+    monkeypatch.setenv("CPT_STORE_BLOCK", f"store-{hosts.bucket}")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: only the block can work
+    hosts.use("blocked")
+    stages, summary = run(config, hosts.url, until="load")
+    assert stages["load"]["state"] == "Completed"
+    assert f"cache/load/{stages['load']['key']}/_COMPLETE" in hosts.objects()
+    assert secret not in json.dumps(summary)
+    with pytest.raises(Exception):  # without the block the environment's dead endpoint is used
+        monkeypatch.delenv("CPT_STORE_BLOCK")
+        Store(hosts.url, hosts.scratch("x")).fs.ls(hosts.bucket)
+
+
+def test_a_training_killed_on_one_host_resumes_on_another(hosts, config, monkeypatch):
+    from tasks.train import TrainingFailed
+
+    config = {**config, "chunk": {"max_seq_length": 96, "overlap": 16},
+              "train": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+                        "warmup_ratio": 0.0, "logging_steps": 2, "eval_steps": 3, "save_steps": 6,
+                        "packing": True}}
+    monkeypatch.setenv("CPT_TEST_KILL_AFTER_SAVE_STEP", "6")
+    with pytest.raises(TrainingFailed, match="killed by signal 9|exit status"):
+        run(config, hosts.url, until="train")
+    work = [o for o in hosts.objects("work/train")]
+    assert any(o.endswith("/checkpoints/checkpoint-6/_COMPLETE") for o in work), work
+    assert any("/tensorboard/" in o for o in work)
+
+    monkeypatch.delenv("CPT_TEST_KILL_AFTER_SAVE_STEP")
+    b = hosts.use("b")  # the killed host is gone; another takes the run
+    stages, _ = run(config, hosts.url, until="train")
+    t = stages["train"]["counts"]
+    assert stages["train"]["state"] == "Completed" and t["resumed_from"] == "checkpoint-6"
+    assert t["first_step"] == 7 and t["global_step"] == 12  # continued, not restarted
+    entry = f"cache/train/{stages['train']['key']}"
+    assert {"_COMPLETE", "model/model.safetensors", "metrics.json"} <= set(hosts.objects(entry))
+    assert any(o.startswith("tensorboard/") for o in hosts.objects(entry))
+    assert not hosts.objects("work/train")  # the checkpoints go once the model is published
+    assert not list((b / "work" / "train").glob("*/checkpoints/checkpoint-*"))
