@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, sample_texts, write_jsonl
+from conftest import ROOT, new_bucket, s3_env, sample_texts, write_jsonl
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -223,25 +223,43 @@ def test_a_run_killed_with_sigkill_leaves_nothing_that_blocks_the_next(server, r
 # ------------------------------------------------------------------- deployments, worker and events
 
 
-def test_shipped_deployments_retrain_on_a_drop_event(server, tmp_path):
-    checkout = tmp_path / "checkout"
+@pytest.fixture(scope="module")
+def deployed(server, tmp_path_factory):
+    """A copy of the checkout's tracked files with the tiny model made in it, its prefect.yaml deployed."""
+    checkout = tmp_path_factory.mktemp("deploy") / "checkout"
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
     for f in filter(None, files):
         dst = checkout / f.decode()
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f.decode(), dst)
-    artifacts = tmp_path / "artifacts"
-    env = {**server.env, "CPT_HOME": str(checkout), "CPT_ARTIFACTS": str(artifacts)}
+    env = {**server.env, "CPT_HOME": str(checkout)}
     run = lambda *a, **k: subprocess.run(a, cwd=checkout, env=env, capture_output=True, text=True, **k)  # noqa: E731
     r = run(sys.executable, "-m", "flows.cli", "init-tiny-model", "artifacts/models/tiny-ko")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run(str(BIN / "prefect"), "work-pool", "create", "cpt-process", "--type", "process")
-    assert r.returncode == 0, r.stdout + r.stderr
+    for pool in ("cpt-process", "cpt-cpu", "cpt-gpu"):
+        r = run(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process")
+        assert r.returncode == 0, r.stdout + r.stderr
     r = run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
     assert r.returncode == 0, r.stdout + r.stderr
+    return checkout, env, {d["name"]: d for d in server.post("/deployments/filter", {})}
 
-    deployments = {d["name"]: d for d in server.post("/deployments/filter", {})}
-    assert {"nightly-retrain", "on-drop", "pipeline"} <= set(deployments)
+
+def start_worker(pool: str, checkout: Path, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], cwd=checkout, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_shipped_deployments_retrain_on_a_drop_event(server, deployed, tmp_path):
+    checkout, env, deployments = deployed
+    artifacts = tmp_path / "artifacts"
+    env = {**env, "CPT_ARTIFACTS": str(artifacts)}
+    run = lambda *a, **k: subprocess.run(a, cwd=checkout, env=env, capture_output=True, text=True, **k)  # noqa: E731
+    assert {"nightly-retrain", "on-drop", "pipeline", "preprocess", "train"} <= set(deployments)
     nightly = deployments["nightly-retrain"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["global_concurrency_limit"]["limit"] == 1
@@ -249,9 +267,7 @@ def test_shipped_deployments_retrain_on_a_drop_event(server, tmp_path):
     automations = server.post("/automations/filter", {})
     assert any("corpus.drop.landed" in json.dumps(a["trigger"]) for a in automations)
 
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpt-process"], cwd=checkout,
-                              env=env, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    worker = start_worker("cpt-process", checkout, env, tmp_path / "worker.log")
     try:
         drop = tmp_path / "drops" / "2026-11-25"
         write_jsonl(drop / "part-0.jsonl", [{"content": f"새로 들어온 문서 {i}: " + "혈압약은 매일 같은 시간에 먹는다. " * 8}
@@ -277,6 +293,58 @@ def test_shipped_deployments_retrain_on_a_drop_event(server, tmp_path):
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)
+
+
+def test_two_pools_one_store_preprocess_on_the_cpu_pool_then_train_on_the_gpu_pool(server, deployed, s3_endpoint,
+                                                                                  tmp_path):
+    """The README's two-pool layout as shipped: two workers that share no disk, one store."""
+    checkout, env, deployments = deployed
+    url = f"s3://{new_bucket(s3_endpoint)}/cpt"
+    env = {**env, **s3_env(s3_endpoint), "CPT_ARTIFACTS": url}
+    scratch = {pool: tmp_path / f"{pool}-scratch" for pool in ("cpt-cpu", "cpt-gpu")}
+    workers = [start_worker(pool, checkout, {**env, "CPT_SCRATCH": str(scratch[pool])}, tmp_path / f"{pool}.log")
+               for pool in scratch]
+    config = {"corpus": {"paths": ["samples/medical_ko.jsonl"]}, "model": {"id": "artifacts/models/tiny-ko"},
+              "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 96, "overlap": 16},
+              "train": {"max_steps": 8, "per_device_train_batch_size": 8, "eval_steps": 4, "save_steps": 8,
+                        "logging_steps": 2, "packing": True},
+              "evaluate": {"prompts": ["질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"],
+                           "generation": {"max_new_tokens": 8}},
+              "push": {"name": "two-pool"}}
+    logs = lambda: "\n".join(f"--- {p}\n" + (tmp_path / f"{p}.log").read_text()[-3000:] for p in scratch)  # noqa: E731
+    try:
+        r = subprocess.run([str(BIN / "prefect"), "deployment", "run", "continued-pretraining/preprocess",
+                            "--params", json.dumps({"config": config, "until": "chunk"})],
+                           cwd=checkout, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def finished(name):
+            runs = server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [deployments[name]["id"]]}}})
+            return [fr for fr in runs if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")]
+
+        pre = wait_for(lambda: finished("preprocess"), timeout=300, every=2)
+        assert pre and pre[0]["state"]["type"] == "COMPLETED", logs()
+        done = wait_for(lambda: finished("train"), timeout=400, every=2)  # started by the automation
+        assert done, f"the preprocess run's completion started no train run\n{logs()}"
+        assert done[0]["state"]["type"] == "COMPLETED", logs()
+        assert done[0]["parameters"]["config"] == config and done[0]["parameters"].get("until") is None
+    finally:
+        for w in workers:
+            stop(w)
+
+    def summary(pool, run):
+        return {s["name"]: s["state"] for s in json.loads(
+            next((scratch[pool] / "s3").rglob(f"runs/{run['name']}/summary.json")).read_text())["stages"]}
+
+    assert summary("cpt-cpu", pre[0]) == dict.fromkeys(["load", "shuffle", "tokenize", "token-stats", "chunk"],
+                                                       "Completed")
+    gpu = summary("cpt-gpu", done[0])
+    # The GPU host shares no disk with the CPU host: the data stages are Cached through the store alone.
+    assert {k: gpu[k] for k in ("load", "shuffle", "tokenize", "token-stats", "chunk")} == dict.fromkeys(
+        ["load", "shuffle", "tokenize", "token-stats", "chunk"], "Cached")
+    assert {k: gpu[k] for k in ("evaluate-base", "train", "evaluate", "gate", "push")} == dict.fromkeys(
+        ["evaluate-base", "train", "evaluate", "gate", "push"], "Completed")
+    assert not list(scratch["cpt-cpu"].rglob("cache/train/train-*"))
 
 
 def test_cpt_serve_registers_the_schedule_and_the_drop_trigger(server, run_config, tmp_path):
