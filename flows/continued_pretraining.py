@@ -24,6 +24,7 @@ from tasks.cache import (DigestMemo, Fingerprint, StageOutput, artifacts_root, b
                          share_record,
                          stage_key, store_url, was_built)
 from tasks.chunk import chunk
+from tasks.fanout import one_runner_per_run
 from tasks.config import CorpusConfig, CptConfig, SplitConfig
 from tasks.gate import gate
 from tasks.evaluate import evaluate, evaluate_base
@@ -105,7 +106,8 @@ def continued_pretraining(
     lineage = promotion.lineage_of(line, config.push.name)
     # Pieces built in this run count as read/tokenized/chunked by it; inside a retrain run (whose drop gate
     # builds the drop's pieces first) this joins the retrain run's scope.
-    with build_scope(str(flow_run.id)):
+    # One task runner for the run's fanned-out pieces (runtime.task_runner), started only if a stage needs it.
+    with build_scope(str(flow_run.id)), one_runner_per_run(config.runtime):
         try:
             sources = fingerprint_corpus(config.corpus, digest=digests.digest)
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)

@@ -9,6 +9,8 @@ and lock (tasks/cache.py), so where it ran never changes what it holds or what i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +47,40 @@ def task_runner(runtime: RuntimeConfig):
                                           "dashboard_address": None})
 
 
+class SharedRunner:
+    """The task runner of one flow run, started by the first stage that fans out (a fully Cached run starts no
+    pool or cluster) and shut down when the run ends: load, tokenize and chunk share one pool or Dask cluster
+    and its warm workers instead of each starting its own."""
+
+    def __init__(self, runtime: RuntimeConfig):
+        self.runtime = runtime
+        self.runner = None
+        self.stack = contextlib.ExitStack()
+
+    def get(self):
+        if self.runner is None:
+            self.runner = self.stack.enter_context(task_runner(self.runtime))
+        return self.runner
+
+
+_SHARED: contextvars.ContextVar[SharedRunner | None] = contextvars.ContextVar("cpt_shared_runner", default=None)
+
+
+@contextlib.contextmanager
+def one_runner_per_run(runtime: RuntimeConfig | None):
+    """Within this block every `map_pieces` with this `runtime` submits to one task runner."""
+    if runtime is None or runtime.task_runner == "sequential":
+        yield
+        return
+    holder = SharedRunner(runtime)
+    token = _SHARED.set(holder)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+        holder.stack.close()
+
+
 def map_pieces(fn: Callable, calls: list[dict[str, Any]], runtime: RuntimeConfig | None, name: str,
                on_done: Callable[[int, Any], None] | None = None) -> list:
     """[fn(**call) for call in calls], in order; `on_done(index, result)` as each finishes."""
@@ -60,7 +96,9 @@ def map_pieces(fn: Callable, calls: list[dict[str, Any]], runtime: RuntimeConfig
     from prefect.cache_policies import NO_CACHE
 
     piece = task(run_piece, name=name, cache_policy=NO_CACHE, persist_result=False)
-    with task_runner(runtime) as runner:
+    shared = _SHARED.get()
+    with (contextlib.nullcontext(shared.get()) if shared is not None and shared.runtime == runtime
+          else task_runner(runtime)) as runner:
         futures = [runner.submit(piece.with_options(task_run_name=f"{name}-{i}"),
                                  {"fn": fn, "scope": scope, "kwargs": call}) for i, call in enumerate(calls)]
         results = []

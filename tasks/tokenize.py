@@ -21,6 +21,7 @@ from tasks.cache import (
 from tasks.config import ConfigError, ModelConfig, RuntimeConfig, TokenizeConfig
 from tasks.load import Docs, piece_docs_file
 from tasks.report import Progress
+from tasks.store import user_cache_dir
 
 TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 # Files that decide how text becomes ids. config.json is read by AutoTokenizer only to pick a class.
@@ -158,17 +159,6 @@ def profile_paths(artifacts: str | Path, tokenizer: Fingerprint) -> tuple[Path, 
     """Where a tokenizer's profile is kept: in the artifacts root, and in the user's cache."""
     path = profile_path(artifacts, tokenizer)
     return path, user_cache_dir() / "tokenizers" / path.name
-
-
-def user_cache_dir() -> Path:
-    """Facts about inputs that hold under any artifacts root (a tokenizer's profile is a function of its files
-    and the library versions): $CPT_CACHE_HOME, else $XDG_CACHE_HOME/cpt, else ~/.cache/cpt."""
-    import os
-
-    explicit = os.environ.get("CPT_CACHE_HOME")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt"
 
 
 def _write_atomic(path: Path, text: str) -> None:

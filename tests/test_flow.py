@@ -348,6 +348,25 @@ def test_every_task_runner_gives_the_same_keys_and_outputs(config, artifacts, tm
         assert sum(n.startswith(piece) for n in names) == 2, names
 
 
+def test_one_task_runner_serves_every_fanned_out_stage_of_a_run_and_a_cached_run_starts_none(config, artifacts,
+                                                                                              monkeypatch):
+    from tasks import fanout
+
+    started = []
+    real = fanout.task_runner
+
+    def counting(runtime):
+        started.append(runtime.task_runner)
+        return real(runtime)
+
+    monkeypatch.setattr(fanout, "task_runner", counting)
+    states, _ = run(config, artifacts, runtime__task_runner="threads", runtime__max_workers=2)
+    assert states == dict.fromkeys(DATA_STAGES, "Completed")
+    assert started == ["threads"]  # load, tokenize and chunk each fanned out 2 pieces, on one runner
+    states, _ = run(config, artifacts, runtime__task_runner="threads", runtime__max_workers=2)
+    assert states == dict.fromkeys(DATA_STAGES, "Cached") and started == ["threads"]
+
+
 def _flow_run_id(summary):
     import asyncio
 
