@@ -218,8 +218,15 @@ def test_a_writer_killed_mid_publish_leaves_nothing_trusted_and_its_leftovers_ar
         (tmp / "a.txt").write_text("alpha")
         return {"n": 1}, {}
 
+    import threading
+
+    result = []
     started = time.monotonic()
-    out, built = _publish(root, "unit", "unit-k1", build)
+    worker = threading.Thread(target=lambda: result.append(_publish(root, "unit", "unit-k1", build)), daemon=True)
+    worker.start()
+    worker.join(60)  # a lock that never frees fails here instead of hanging the suite
+    assert result, "the dead writer's lock was never taken over"
+    out, built = result[0]
     assert built and out.files == {"a.txt": 5}
     # It waited for the dead writer's lease to run out, then took the lock (no local lock was involved: another
     # host), deleted the leftovers and published.
