@@ -231,6 +231,15 @@ def cmd_cache(args) -> int:
         if why is not None:
             damaged += 1
             print(f"damaged: {entry.relative_to(root)}: {why}" + ("; discarded" if args.discard else ""))
+    from tasks.store import store_for
+
+    store = store_for(root)
+    if store is not None:  # the mirror above is this host's copy; the store is what every host trusts
+        for rel, why in store.verify(full=args.full, discard=args.discard):
+            checked += 1
+            if why is not None:
+                damaged += 1
+                print(f"damaged: {store.url}/{rel}: {why}" + ("; discarded" if args.discard else ""))
     how = "sizes and contents" if args.full else "sizes (add --full to read every byte)"
     print(f"{checked} entries checked by {how}: {damaged} damaged"
           + ("" if not damaged or args.discard else "; `cpt cache verify --discard` removes them, the next run "

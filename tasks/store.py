@@ -261,6 +261,70 @@ class Store:
             self.fs.get([self.remote(f"{rel}/{n}") for n in names], [str(local / n) for n in names])
         return len(names)
 
+    # ----------------------------------------------------------------------------------- verify
+
+    def verify(self, full: bool = False, discard: bool = False):
+        """Every entry prefix under `cache/` in the store: yields (rel, why it cannot be trusted, or None).
+        An entry is damaged when a listed file is missing or of another size, a referenced entry is not
+        complete, or (with `full`) a file's bytes are not the ones published; a prefix without a manifest is
+        an upload cut short, unless its lock is held (being built now: skipped). With `discard`, what cannot
+        be trusted is deleted (under the key's lock), so the next run rebuilds it."""
+        from tasks.cache import RECORDS_DIR, StageOutput
+
+        base = self.remote("cache")
+        entries: dict[str, dict[str, int]] = {}
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            found = {}
+        for name, info in found.items():
+            parts = name[len(base) + 1:].split("/", 2)
+            if len(parts) == 3 and parts[0] != RECORDS_DIR:
+                entries.setdefault(f"cache/{parts[0]}/{parts[1]}", {})[parts[2]] = int(info.get("size") or 0)
+        manifests = {}
+        for rel, files in entries.items():
+            if MANIFEST in files:
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    manifests[rel] = StageOutput.model_validate_json(self.fs.cat_file(self.remote(f"{rel}/{MANIFEST}")))
+        for rel, files in sorted(entries.items()):
+            manifest = manifests.get(rel)
+            if MANIFEST not in files:
+                why = "no manifest: an upload cut short"
+            elif manifest is None:
+                why = "its manifest is unreadable"
+            else:
+                why = next((f"{n} is missing" if n not in files else f"{n} has {files[n]} bytes, the manifest "
+                            f"says {size}" for n, size in manifest.files.items() if files.get(n) != size), None)
+                why = why or next((f"it refers to {d}, which is not complete" for d in manifest.deps
+                                   if d not in manifests), None)
+                if why is None and full:  # blake2b-128, as tasks.cache.hash_file recorded at publish
+                    why = next((f"{n} does not have the content it was published with"
+                                for n, digest in manifest.digests.items() if self._digest(f"{rel}/{n}") != digest),
+                               None)
+            if why is None:
+                yield rel, None
+                continue
+            lock = Lock(self, rel)
+            if not lock.acquire(wait=False):
+                continue  # being built right now: not damage
+            try:
+                if discard:
+                    self.delete(rel)
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(self.remote(f"cache/{RECORDS_DIR}/{rel.rsplit('/', 1)[-1]}"))
+            finally:
+                lock.release()
+            yield rel, why
+
+    def _digest(self, rel: str) -> str:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        with self.fs.open(self.remote(rel), "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
     # ------------------------------------------------------------------------------------- lock
 
     def lock(self, name: str, done=None) -> Lock:
@@ -313,7 +377,8 @@ class Lock:
             return False  # being written
         return float(body.get("expires", 0)) < time.time()
 
-    def acquire(self, poll: float = 0.5) -> bool:
+    def acquire(self, poll: float = 0.5, wait: bool = True) -> bool:
+        """Take the lock; False if `done()` came true first, or (with `wait=False`) if it is held."""
         said = False
         while True:
             if self.done is not None and self.done():
@@ -321,6 +386,8 @@ class Lock:
             gens = self._generations()
             top = gens[-1] if gens else 0
             free = top == 0 or self._free(top)
+            if not free and not wait:
+                return False
             if not free and not said:
                 from tasks.report import run_logger
 

@@ -299,3 +299,45 @@ def test_a_training_killed_on_one_host_resumes_on_another(hosts, config, monkeyp
     assert any(o.startswith("tensorboard/") for o in hosts.objects(entry))
     assert not hosts.objects("work/train")  # the checkpoints go once the model is published
     assert not list((b / "work" / "train").glob("*/checkpoints/checkpoint-*"))
+
+
+def test_cache_verify_checks_the_store_and_discards_an_upload_cut_short(hosts, monkeypatch):
+    """`cpt cache verify` on a store root: a prefix without a manifest (a writer killed mid-upload that nobody
+    rebuilt), a published entry missing a file, a flipped byte (--full); --discard deletes them."""
+    from tasks.cache import publish
+
+    root = hosts.use("a")
+
+    def build(text):
+        def b(tmp):
+            (tmp / "data.txt").write_text(text)
+            return {}, {}
+        return b
+
+    publish(root, "unit", "unit-good", build("good"))
+    publish(root, "unit", "unit-gone", build("gone"))
+    publish(root, "unit", "unit-flip", build("flip"))
+    base = f"{hosts.bucket}/team/cpt/cache/unit"
+    hosts.fs.pipe_file(f"{base}/unit-cut/data.txt", b"half an upload")  # files, never a manifest
+    hosts.fs.rm_file(f"{base}/unit-gone/data.txt")
+    hosts.fs.pipe_file(f"{base}/unit-flip/data.txt", b"flop")  # same size, other bytes
+    hosts.fs.pipe_file(f"{hosts.bucket}/team/cpt/cache/_records/unit-gone", b"{}")  # its Prefect record
+
+    def verify(*flags):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "cache", "verify", *flags, "--artifacts", hosts.url],
+                              cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "CPT_SCRATCH": str(hosts.scratch("v"))})
+
+    out = verify()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"{hosts.url}/cache/unit/unit-cut: no manifest" in out.stdout
+    assert f"{hosts.url}/cache/unit/unit-gone: data.txt is missing" in out.stdout
+    assert "unit-flip" not in out.stdout and "unit-good" not in out.stdout  # sizes agree
+    out = verify("--full")
+    assert f"{hosts.url}/cache/unit/unit-flip: data.txt does not have the content" in out.stdout
+    assert "unit-good" not in out.stdout
+    out = verify("--full", "--discard")
+    assert out.returncode == 0 and out.stdout.count("discarded") == 3, out.stdout
+    assert hosts.objects("cache/unit") == ["unit-good/_COMPLETE", "unit-good/data.txt"]
+    assert "unit-gone" not in hosts.objects("cache/_records")  # a rerun is not told it is Cached
+    assert verify("--full").returncode == 0
