@@ -6,7 +6,8 @@ processes, dask with a local cluster of one worker per core), a flow run `--unti
 root (the tokenizer's profile known, as after a first run) in this process. Timed from the run summary: the
 load stage (20 load-file pieces), the tokenize stage (20 tokenize-file pieces), and the two together. One task
 runner serves the whole run, started by the first stage that fans out (load), so a pool's or a local
-cluster's start is in load's seconds and the load + tokenize column is the fair comparison.
+cluster's start is in load's seconds and the load + tokenize column is the fair comparison. The `dask/stage`
+row is the dask run with a runner started per stage instead, for what sharing one saves.
 
     .venv/bin/python bench/fanout.py [--files 20]
 """
@@ -61,6 +62,16 @@ def main() -> None:
         print(f"corpus: {len(texts)} documents in {args.files} files ({mb:.1f} MB); BPE 16k; {os.cpu_count()} cores; "
               "cold artifacts root per runner")
         rows = {runner: run(runner, work / runner) for runner in ("sequential", "threads", "processes", "dask")}
+        # The same dask run with a runner per stage (what the flow did before one runner served the whole run).
+        import contextlib
+
+        import flows.continued_pretraining as pipeline
+
+        shared, pipeline.one_runner_per_run = pipeline.one_runner_per_run, lambda runtime: contextlib.nullcontext()
+        try:
+            rows["dask/stage"] = run("dask", work / "dask-per-stage")
+        finally:
+            pipeline.one_runner_per_run = shared
         base = rows["sequential"]
         print(f"\n{'task_runner':12} {'load s':>8} {'tokenize s':>11} {'tokenize vs seq':>16} {'load+tokenize s':>16} "
               f"{'load+tokenize vs seq':>21}")
