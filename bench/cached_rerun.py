@@ -62,43 +62,58 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return wall
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
+def prefect_env(d: Path, port: int) -> dict[str, str]:
+    return {**os.environ, "PREFECT_HOME": str(d / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOGGING_LEVEL": "WARNING",
+            "CPT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def start_prefect_server(env: dict[str, str], port: int) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:port, returned once it answers."""
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.kill()
+                sys.exit("the Prefect server did not start in 120 s")
+            time.sleep(0.5)
+
+
+def small_config(d: Path) -> Path:
+    """The bundled sample corpus, a tiny model built here, 2 training steps."""
     import yaml
 
     from tasks.tiny_model import build_tiny_model, read_texts
 
+    corpus = ROOT / "samples" / "medical_ko.jsonl"
+    build_tiny_model(d / "model", read_texts(corpus), vocab_size=1024)
+    config = d / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "corpus": {"paths": [str(corpus)]}, "model": {"id": str(d / "model")},
+        "chunk": {"max_seq_length": 128, "overlap": 16},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                  "eval_steps": 2, "save_steps": 2, "early_stopping_patience": None},
+        "evaluate": {"max_eval_rows": 8}, "push": {"name": "bench"},
+    }))
+    return config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         port = free_port()
-        env = {**os.environ, "PREFECT_HOME": str(d / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOGGING_LEVEL": "WARNING",
-               "CPT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                   str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = prefect_env(d, port)
+        server = start_prefect_server(env, port)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        sys.exit("the Prefect server did not start in 120 s")
-                    time.sleep(0.5)
-
-            corpus = ROOT / "samples" / "medical_ko.jsonl"
-            build_tiny_model(d / "model", read_texts(corpus), vocab_size=1024)
-            config = d / "config.yaml"
-            config.write_text(yaml.safe_dump({
-                "corpus": {"paths": [str(corpus)]}, "model": {"id": str(d / "model")},
-                "chunk": {"max_seq_length": 128, "overlap": 16},
-                "train": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                          "eval_steps": 2, "save_steps": 2, "early_stopping_patience": None},
-                "evaluate": {"max_eval_rows": 8}, "push": {"name": "bench"},
-            }))
+            config = small_config(d)
             skeleton = d / "skeleton.py"
             skeleton.write_text(SKELETON)
             floor_cmd = [sys.executable, str(skeleton), str(d / "skeleton-results")]

@@ -48,40 +48,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    import yaml
-
-    from cached_rerun import free_port, timed
-    from tasks.tiny_model import build_tiny_model, read_texts
+    from cached_rerun import free_port, prefect_env, small_config, start_prefect_server, timed
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         port, s3_port = free_port(), free_port()
-        env = {**os.environ, "PREFECT_HOME": str(d / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOGGING_LEVEL": "WARNING",
-               "CPT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "CPT_CACHE_HOME": str(d / "user-cache"),
-               "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+        env = {**prefect_env(d, port), "CPT_CACHE_HOME": str(d / "user-cache"), "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"}
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                   str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = start_prefect_server(env, port)
         try:
-            wait_port(port, "the Prefect server")
             wait_port(s3_port, "moto")
             import s3fs
 
             s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, key="bench",
                               secret="bench").mkdir("bench")
-            corpus = ROOT / "samples" / "medical_ko.jsonl"
-            build_tiny_model(d / "model", read_texts(corpus), vocab_size=1024)
-            config = d / "config.yaml"
-            config.write_text(yaml.safe_dump({
-                "corpus": {"paths": [str(corpus)]}, "model": {"id": str(d / "model")},
-                "chunk": {"max_seq_length": 128, "overlap": 16},
-                "train": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                          "eval_steps": 2, "save_steps": 2, "early_stopping_patience": None},
-                "evaluate": {"max_eval_rows": 8}, "push": {"name": "bench"},
-            }))
+            config = small_config(d)
 
             def cpt(root: str, scratch: str = "host") -> float:
                 wall = timed([str(BIN / "cpt"), "run", "-c", str(config), "--artifacts", root, "--summary",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, sample_texts, write_jsonl
-from tasks.config import validate_config
+from test_flow import run as run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 DATA_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk"]
@@ -76,13 +76,8 @@ def config(tmp_path, tiny_model):
 
 
 def run(config, url, until="chunk", **overrides):
-    from flows.continued_pretraining import continued_pretraining
-
-    cfg = json.loads(json.dumps(config))
-    for dotted, value in overrides.items():
-        section, field = dotted.split("__")
-        cfg.setdefault(section, {})[field] = value
-    summary = continued_pretraining(config=validate_config(cfg), artifacts=url, until=until)
+    """test_flow's run on a store URL, with each stage's whole summary entry by name."""
+    _, summary = run_flow(config, url, until, **overrides)
     return {s["name"]: s for s in summary["stages"]}, summary
 
 
