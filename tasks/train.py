@@ -55,6 +55,12 @@ def run_child(cmd: list[str], on_message, log) -> None:
     """Run the training child, streaming its output; raise TrainingFailed with its last lines on failure."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    if os.environ.get("CPT_STORE_BLOCK"):
+        # The child loads the store's Secret block from the server this run talks to, a temporary one included.
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            env["PREFECT_API_URL"] = str(get_current_settings().api.url)
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     try:

@@ -264,6 +264,15 @@ def test_credentials_and_endpoint_from_a_prefect_secret_block(hosts, monkeypatch
     assert stages["load"]["state"] == "Completed"
     assert f"cache/load/{stages['load']['key']}/_COMPLETE" in hosts.objects()
     assert secret not in json.dumps(summary)
+
+    # The training child reaches the store through the same block: its first checkpoint is there when it dies.
+    monkeypatch.setenv("CPT_TEST_KILL_AFTER_SAVE_STEP", "2")
+    from tasks.train import TrainingFailed
+
+    with pytest.raises(TrainingFailed):
+        run(config, hosts.url, until="train", train__max_steps=4, train__save_steps=2, train__eval_steps=2,
+            train__per_device_train_batch_size=8)
+    assert any(o.endswith("/checkpoints/checkpoint-2/_COMPLETE") for o in hosts.objects("work/train"))
     with pytest.raises(Exception):  # without the block the environment's dead endpoint is used
         monkeypatch.delenv("CPT_STORE_BLOCK")
         Store(hosts.url, hosts.scratch("x")).fs.ls(hosts.bucket)
