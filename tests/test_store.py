@@ -345,3 +345,43 @@ def test_cache_verify_checks_the_store_and_discards_an_upload_cut_short(hosts, m
     assert hosts.objects("cache/unit") == ["unit-good/_COMPLETE", "unit-good/data.txt"]
     assert "unit-gone" not in hosts.objects("cache/_records")  # a rerun is not told it is Cached
     assert verify("--full").returncode == 0
+
+
+def test_a_training_line_runs_from_any_host_through_the_store(hosts, tiny_model, tmp_path):
+    """The nightly service across containers: a line trained on host a; a drop (outside the corpus paths)
+    retrained on host b reads only the drop and is gated against a's promoted model; host c finds nothing to
+    do; `cpt drops` on a laptop (host d) lists the line."""
+    from flows.cli import main
+    from flows.retrain import retrain
+    from tasks.config import validate_config
+
+    old = time.time() - 3600
+    texts = sample_texts(160)
+    corpus = write_jsonl(tmp_path / "corpus" / "part-0.jsonl", [{"content": t} for t in texts[:120]])
+    drop = write_jsonl(tmp_path / "incoming" / "2026-11-26" / "a.jsonl", [{"content": t} for t in texts[120:]])
+    for f in (corpus, drop):
+        os.utime(f, (old, old))
+    config = validate_config({
+        "corpus": {"paths": [str(corpus.parent)]}, "model": {"id": str(tiny_model)},
+        "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 96, "overlap": 16},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 8, "eval_steps": 2, "save_steps": 2,
+                  "early_stopping_patience": None},
+        "evaluate": {"max_eval_rows": 8}, "push": {"name": "line-model"}})
+
+    def retrain_on(host, **kw):
+        hosts.use(host)
+        return retrain(config=config, line="nightly", settle_seconds=60, artifacts=hosts.url, **kw)
+
+    first = retrain_on("a")
+    assert first["trained"] and first["promoted"]
+    second = retrain_on("b", drop=str(drop.parent))
+    stages = {s["name"]: s for s in second["pipeline"]["stages"]}
+    assert second["trained"] and [d["status"] for d in second["drops"]] == ["active"]
+    assert stages["load"]["counts"]["files_read"] == 1  # the drop; the corpus file's pieces came from the store
+    assert stages["tokenize"]["counts"]["files_cached"] == 1
+    assert second["pipeline"]["gate"]["reference"] == "promoted"  # against the model host a promoted
+    assert "evaluate-reference" in stages
+    third = retrain_on("c")
+    assert not third["trained"] and third["reason"] == "unchanged"
+    hosts.use("d")
+    assert main(["drops", "--line", "nightly", "--artifacts", hosts.url]) == 0
