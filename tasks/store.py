@@ -182,10 +182,12 @@ class Store:
         if only is not None:
             final.mkdir(parents=True, exist_ok=True)
             for name in only:
-                if name in manifest.files and not (final / name).is_file():
-                    tmp = final / f".{name}.{os.getpid()}.part"
+                target = final / name
+                if name in manifest.files and not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
                     self.fs.get_file(self.remote(f"{rel}/{name}"), str(tmp))
-                    os.replace(tmp, final / name)
+                    os.replace(tmp, target)
             return manifest
         for dep in manifest.deps:
             if verified_manifest(self.local / dep, self.local, quiet=True) is None:
