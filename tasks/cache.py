@@ -10,6 +10,10 @@ Outputs live at `<artifacts>/cache/<stage>/<key>/`, built in a `.tmp-*` sibling 
 `os.replace` once the manifest (`_COMPLETE`) is written inside it: a directory without the manifest is never
 read. The Prefect result record (what makes a task "Cached") lives in `<artifacts>/cache/_records/<key>`;
 the policy deletes a record whose output is gone, so a deleted or half-written output is a cache miss.
+
+On an object-store root (`s3://…`, tasks/store.py) the artifacts root is this host's mirror of the store: the
+store decides what is complete, entries are uploaded manifest-last under a lease lock of conditional creates and
+fetched on first read, and the Prefect records and state files are copied both ways.
 """
 
 from __future__ import annotations
