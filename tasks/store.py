@@ -164,10 +164,19 @@ class Store:
         for name, size in manifest.files.items():
             if present.get(name) != size:
                 return None
-        for dep in manifest.deps:
-            if self.complete(dep) is None:
-                return None
+        if manifest.deps and not all(self._each(lambda dep: self.complete(dep) is not None, manifest.deps)):
+            return None
         return manifest
+
+    def _each(self, fn, items: list) -> list:
+        """fn over items, up to 16 at a time: each check is a request or two whose time is the store's latency,
+        and an entry may refer to thousands of per-file pieces."""
+        if len(items) < 2:
+            return [fn(x) for x in items]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(16, len(items)), thread_name_prefix="cpt-store") as pool:
+            return list(pool.map(fn, items))
 
     def fetch_entry(self, rel: str, only: list[str] | None = None):
         """Copy a complete entry (its references first) into the mirror; returns its manifest, None if the
@@ -189,9 +198,8 @@ class Store:
                     self.fs.get_file(self.remote(f"{rel}/{name}"), str(tmp))
                     os.replace(tmp, target)
             return manifest
-        for dep in manifest.deps:
-            if verified_manifest(self.local / dep, self.local, quiet=True) is None:
-                self.fetch_entry(dep)
+        missing = [d for d in manifest.deps if verified_manifest(self.local / d, self.local, quiet=True) is None]
+        self._each(self.fetch_entry, missing)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
