@@ -286,10 +286,16 @@ def verify_entries(artifacts: str | Path, full: bool = False, discard: bool = Fa
 
 def discard_entry(artifacts: Path, entry: Path) -> None:
     """Remove a damaged entry: moved aside first (one rename), so no reader sees it half-deleted."""
+    remove_entry_dir(entry)
+    discard_record(artifacts, entry.name)
+
+
+def remove_entry_dir(entry: Path) -> None:
+    """Delete an entry's folder: renamed aside first, so no reader sees it half-deleted, under a temp-build name
+    of its key, so what a crash mid-delete leaves is removed by the next build of that key."""
     trash = entry.parent / f"{_TMP_PREFIX}{entry.name}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"
     os.replace(entry, trash)
     shutil.rmtree(trash, ignore_errors=True)
-    discard_record(artifacts, entry.name)
 
 
 def verified_manifest(directory: Path, artifacts: Path, quiet: bool = False) -> StageOutput | None:
@@ -549,9 +555,7 @@ def _build_and_publish(artifacts: Path, final: Path, stage: str, key: str, build
         if final.exists():
             # A directory without a manifest is debris (a partial copy, a deleted marker): move it away
             # first, because os.replace cannot overwrite a non-empty directory.
-            trash = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_entry_dir(final)
         os.replace(tmp, final)
         return manifest
     except BaseException:

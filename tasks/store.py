@@ -455,9 +455,9 @@ def install(tmp: Path, final: Path) -> None:
     if (final / MANIFEST).is_file():
         return
     if final.exists():
-        trash = final.parent / f".tmp-{final.name}-{os.getpid()}-trash-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        from tasks.cache import remove_entry_dir
+
+        remove_entry_dir(final)
     try:
         os.replace(tmp, final)
     except OSError:
