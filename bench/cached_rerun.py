@@ -88,7 +88,7 @@ def small_config(d: Path) -> Path:
     """The bundled sample corpus, a tiny model built here, 2 training steps."""
     import yaml
 
-    from tasks.tiny_model import build_tiny_model, read_texts
+    from tasks.ml.tiny_model import build_tiny_model, read_texts
 
     corpus = ROOT / "samples" / "medical_ko.jsonl"
     build_tiny_model(d / "model", read_texts(corpus), vocab_size=1024)

@@ -46,7 +46,7 @@ def read_corpus(path: Path, copies: int = 1) -> list[str]:
 def build_tokenizer(texts: list[str], out: Path) -> Path:
     if (out / "tokenizer.json").exists():
         return out
-    from tasks.tiny_model import train_tokenizer
+    from tasks.ml.tiny_model import train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size=16_000, add_bos=True)
     tok.save_pretrained(out)
@@ -116,7 +116,7 @@ def write_docs(texts: list[str], path: Path) -> None:
 
 def cpt_stages(docs: Path, work: Path, tokenizer) -> tuple[int, float, float]:
     from tasks.chunk import chunk_file
-    from tasks.config import ChunkConfig, TokenizeConfig
+    from tasks.core.config import ChunkConfig, TokenizeConfig
     from tasks.tokenize import special_tokens, tokenize_file
 
     sp = special_tokens(tokenizer)

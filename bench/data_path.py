@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     if not CORPUS.is_file():
         sys.exit(f"{CORPUS} not found: this benchmark needs ../shared/corpora beside the checkout")
-    from tasks.tiny_model import build_tiny_model, read_texts
+    from tasks.ml.tiny_model import build_tiny_model, read_texts
 
     texts = read_texts(CORPUS)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "CPT_NO_PROGRESS": "1",

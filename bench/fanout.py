@@ -34,7 +34,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("CPT_NO_PROGRESS", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from tasks.tiny_model import build_tiny_model, read_texts
+    from tasks.ml.tiny_model import build_tiny_model, read_texts
 
     texts = read_texts(CORPORA / "ko_transport_bills.jsonl") + read_texts(CORPORA / "python_docs.jsonl")
     with tempfile.TemporaryDirectory() as d:
@@ -49,7 +49,7 @@ def main() -> None:
                 "".join(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in texts[i * size:(i + 1) * size]),
                 encoding="utf-8")
         from flows.continued_pretraining import continued_pretraining
-        from tasks.config import validate_config
+        from tasks.core.config import validate_config
 
         def run(runner: str, root: Path) -> dict[str, float]:
             cfg = validate_config({"corpus": {"paths": [str(corpus)]}, "model": {"id": str(model)},

@@ -71,7 +71,7 @@ def main() -> None:
     general, domain = read(general_src), read(domain_src)
     held_out, pretrain = general[::20], [t for i, t in enumerate(general) if i % 20]
 
-    from tasks.tiny_model import build_tiny_model
+    from tasks.ml.tiny_model import build_tiny_model
 
     chunk = {"max_seq_length": 256, "overlap": 32}
     train = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "warmup_ratio": 0.05,

@@ -3,7 +3,7 @@
 One short script (a few minutes on one H100/H200). It builds a Gemma-3-1B-shaped model at random
 initialisation from a config (no download; the full 262,144-token vocabulary, so the LM head costs what it
 costs in the real model) and synthetic documents of realistic lengths (log-normal, median ~400 tokens, random
-ids). Each setting runs the train stage's own child, `accelerate launch -m tasks.train_worker`, for
+ids). Each setting runs the train stage's own child, `accelerate launch -m tasks.ml.train_worker`, for
 `--steps` optimizer steps:
 
 - seed:  the notebook's settings — its chunker (1000-token windows, stride 500, no EOS, overlap trained
@@ -74,7 +74,7 @@ def build_model(out: Path, shape: str) -> int:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from tasks.tiny_model import train_tokenizer
+    from tasks.ml.tiny_model import train_tokenizer
 
     tok = train_tokenizer(["synthetic corpus for the throughput check"] * 8, vocab_size=300)
     cfg = Gemma3TextConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -127,7 +127,7 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     import pyarrow as pa
 
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
-    from tasks.config import ChunkConfig
+    from tasks.core.config import ChunkConfig
 
     ids = [np.append(d, eos_id).astype(np.int32) for d in docs]
     tokens = pa.table({"doc_id": [f"doc{i}" for i in range(len(ids))], "input_ids": pa.array(ids, pa.list_(pa.int32()))})
@@ -141,8 +141,9 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
 def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path, timeout: float) -> dict:
     """One setting through the train stage's child (`launch_command`), killed with its process group at
     `timeout`. Returns the worker's metrics, or {"error": ...}."""
-    from tasks.config import ModelConfig, TrainConfig
-    from tasks.modeling import device_type
+    from tasks.core.config import ModelConfig, TrainConfig
+    from tasks.ml.modeling import device_type
+    from tasks.ml.spec import TrainSpec
     from tasks.train import PROJECT_ROOT, launch_command
 
     s = SETTINGS[name]
@@ -152,11 +153,10 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
                         gradient_accumulation_steps=s["accumulation"], packing=s["packing"],
                         gradient_checkpointing=s["checkpointing"], optim="paged_adamw_8bit", warmup_ratio=0.0,
                         logging_steps=steps, eval_steps=100_000, save_steps=100_000, early_stopping_patience=None)
-    spec = {"model_location": str(model_dir),
-            "model": ModelConfig(id=str(model_dir), dtype="auto", attn_implementation=s["attn"]).model_dump(),
-            "train": train.model_dump(), "max_seq_length": SEQ, "chunks_dir": str(chunks), "output_dir": str(out),
-            "checkpoint_dir": str(out / "checkpoints"), "tensorboard_dir": str(out / "tensorboard")}
-    (out / "spec.json").write_text(json.dumps(spec))
+    TrainSpec(model_location=str(model_dir),
+              model=ModelConfig(id=str(model_dir), dtype="auto", attn_implementation=s["attn"]), train=train,
+              max_seq_length=SEQ, chunks_dir=str(chunks), output_dir=str(out), checkpoint_dir=str(out / "checkpoints"),
+              tensorboard_dir=str(out / "tensorboard")).write(out / "spec.json")
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     log = out / "log.txt"

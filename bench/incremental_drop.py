@@ -73,7 +73,7 @@ def main() -> None:
 
     import yaml
 
-    from tasks.tiny_model import build_tiny_model
+    from tasks.ml.tiny_model import build_tiny_model
 
     n = args.files
     with tempfile.TemporaryDirectory() as d:

@@ -43,13 +43,13 @@ def main() -> None:
                               AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", CPT_SCRATCH=d)
             import s3fs
 
-            from tasks.cache import artifacts_root, publish
-            from tasks.store import Store, store_for
+            from tasks.core.objectstore import Store
+            from tasks.core.root import open_root
 
             bucket = f"lookup-{uuid.uuid4().hex[:8]}"
             s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
-            root = artifacts_root(f"s3://{bucket}/p")
-            store = store_for(root)
+            root = open_root(f"s3://{bucket}/p")
+            store = root.store
             deps = []
             for i in range(args.pieces):
                 def piece(tmp, i=i):
@@ -57,13 +57,13 @@ def main() -> None:
                     (tmp / "meta.json").write_text(str(i))
                     return {}, {}
 
-                deps.append(publish(root, "piece", f"piece-{i}", piece).path)
+                deps.append(root.publish("piece", f"piece-{i}", piece)[0].path)
 
             def whole(tmp):
                 (tmp / "data").write_text("y")
                 return {}, {}, {"deps": deps}
 
-            publish(root, "whole", "whole-1", whole)
+            root.publish("whole", "whole-1", whole)
 
             def timed() -> float:
                 runs = []

@@ -37,7 +37,7 @@ def build_model(out: Path, texts: list[str], gpu: bool) -> Path:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    from tasks.tiny_model import train_tokenizer
+    from tasks.ml.tiny_model import train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size=4096)
     if gpu:  # Gemma 3 1B's shape (vocabulary aside)
@@ -59,7 +59,7 @@ def build_model(out: Path, texts: list[str], gpu: bool) -> Path:
 
 def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: int, overlap: int, mask: bool) -> Path:
     from tasks.chunk import SHARD, chunk_file, write_dataset_dict
-    from tasks.config import ChunkConfig, CorpusConfig
+    from tasks.core.config import ChunkConfig, CorpusConfig
     from tasks.load import DOCS_FILE, load_documents, read_arrow
     from tasks.shuffle import split_documents, write_split
     from tasks.tokenize import load_tokenizer, special_tokens, tokenize_file
@@ -82,7 +82,7 @@ def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: in
 
 def run_config(name: str, model_dir: Path, chunks: Path, max_seq_length: int, train: dict, work: Path,
                gpu: bool) -> dict:
-    from tasks.config import ModelConfig, TrainConfig
+    from tasks.core.config import ModelConfig, TrainConfig
     from tasks.train import train_model
 
     out = work / name

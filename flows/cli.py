@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tasks.config import STAGES
+from tasks.core.config import STAGES
 
 DROP_EVENT = "corpus.drop.landed"
 
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     if args.config is None and not args.overrides:
         raise SystemExit("cpt: error: give --config FILE and/or --set section.field=value")
@@ -108,7 +108,7 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
-    from tasks.config import dump_config
+    from tasks.core.config import dump_config
 
     print(dump_config(_load(args)), end="")
     return 0
@@ -120,9 +120,9 @@ def cmd_run(args) -> int:
     from tasks.load import resolve_corpus_files
 
     resolve_corpus_files(cfg.corpus)
-    from tasks.cache import artifacts_root
+    from tasks.core.root import open_root
 
-    artifacts_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
+    open_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
     _prefect_env()
     from flows.continued_pretraining import continued_pretraining
 
@@ -172,10 +172,10 @@ def cmd_retrain(args) -> int:
 def cmd_drops(args) -> int:
     import json
 
-    from tasks import lines
-    from tasks.cache import artifacts_root
+    from tasks.core.root import open_root
+    from tasks.state import lines
 
-    root = artifacts_root(args.artifacts)
+    root = open_root(args.artifacts)
     if args.remove:
         try:
             entry = lines.remove(root, args.line, args.remove)
@@ -202,10 +202,10 @@ def cmd_drops(args) -> int:
 
 
 def cmd_promotions(args) -> int:
-    from tasks.cache import artifacts_root
-    from tasks.promotion import lineage_of, read_promotions
+    from tasks.core.root import open_root
+    from tasks.state.promotions import lineage_of, read_promotions
 
-    state = read_promotions(artifacts_root(args.artifacts), lineage_of(args.line, args.name))
+    state = read_promotions(open_root(args.artifacts), lineage_of(args.line, args.name))
     if args.json:
         print(state.model_dump_json(indent=2))
         return 0
@@ -222,24 +222,16 @@ def cmd_promotions(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from tasks.cache import artifacts_root, verify_entries
+    from tasks.core.root import open_root
 
-    root = artifacts_root(args.artifacts)
+    root = open_root(args.artifacts)
     checked, damaged = 0, 0
-    for entry, why in verify_entries(root, full=args.full, discard=args.discard):
+    # An object-store root: this host's mirror first, then the store, which is what every host trusts.
+    for where, why in root.verify(full=args.full, discard=args.discard):
         checked += 1
         if why is not None:
             damaged += 1
-            print(f"damaged: {entry.relative_to(root)}: {why}" + ("; discarded" if args.discard else ""))
-    from tasks.store import store_for
-
-    store = store_for(root)
-    if store is not None:  # the mirror above is this host's copy; the store is what every host trusts
-        for rel, why in store.verify(full=args.full, discard=args.discard):
-            checked += 1
-            if why is not None:
-                damaged += 1
-                print(f"damaged: {store.url}/{rel}: {why}" + ("; discarded" if args.discard else ""))
+            print(f"damaged: {where}: {why}" + ("; discarded" if args.discard else ""))
     how = "sizes and contents" if args.full else "sizes (add --full to read every byte)"
     print(f"{checked} entries checked by {how}: {damaged} damaged"
           + ("" if not damaged or args.discard else "; `cpt cache verify --discard` removes them, the next run "
@@ -282,7 +274,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_init_tiny_model(args) -> int:
-    from tasks.tiny_model import build_tiny_model, read_texts
+    from tasks.ml.tiny_model import build_tiny_model, read_texts
 
     if (args.out_dir / "config.json").is_file() and not args.force:
         print(f"{args.out_dir}: tiny model already built (--force to rebuild)")
@@ -295,7 +287,7 @@ def cmd_init_tiny_model(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
                 "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,

@@ -1,6 +1,6 @@
 """The continued-pretraining flow: reads top to bottom as the pipeline.
 
-Each stage is a cached Prefect task (see tasks/cache.py); the flow only wires manifests from one stage to the
+Each stage is a cached Prefect task (tasks/core/stage.py); the flow only wires manifests from one stage to the
 next, times each call, and writes the run summary (stage | Completed or Cached | seconds | key | output).
 """
 
@@ -16,23 +16,23 @@ from prefect.runtime import flow_run
 
 from tasks import evaluate as evaluate_stage
 from tasks import gate as gate_stage
-from tasks import promotion
 from tasks import push as push_stage
 from tasks import token_stats as token_stats_stage
 from tasks import train as train_stage
-from tasks.cache import (DigestMemo, Fingerprint, StageOutput, artifacts_root, build_scope, records_dir, save_file,
-                         share_record,
-                         stage_key, store_url, was_built)
 from tasks.chunk import chunk
-from tasks.fanout import one_runner_per_run
-from tasks.config import CorpusConfig, CptConfig, SplitConfig
-from tasks.gate import gate
+from tasks.core.config import CorpusConfig, CptConfig, SplitConfig
+from tasks.core.fanout import one_runner_per_run
+from tasks.core.manifest import DigestMemo, Fingerprint, StageOutput
+from tasks.core.report import markdown_artifact, markdown_table, run_logger
+from tasks.core.root import ArtifactsRoot, open_root
+from tasks.core.stage import build_scope, was_built
 from tasks.evaluate import evaluate, evaluate_base
+from tasks.gate import gate
+from tasks.lineage import RunLineage
 from tasks.load import fingerprint_corpus, load
-from tasks.modeling import resolve_model
+from tasks.ml.modeling import resolve_model, without_location
 from tasks.push import push
 from tasks.replay import mix, replay_overlap
-from tasks.report import markdown_artifact, markdown_table, run_logger
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
 from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize
@@ -51,8 +51,8 @@ SHOW = {"token-stats": token_stats_stage.show, "train": train_stage.show, "evalu
 class StageRunner:
     """Calls stage tasks with the pinned result storage and records what each call did."""
 
-    def __init__(self, artifacts: Path, until: str | None):
-        self.artifacts = artifacts
+    def __init__(self, root: ArtifactsRoot, until: str | None):
+        self.root = root
         self.until = until
         self.stages: list[dict[str, Any]] = []
         self.stopped = False
@@ -65,23 +65,27 @@ class StageRunner:
         started = time.perf_counter()
         entry: dict[str, Any] = {"name": label or stage_task.name}
         self.stages.append(entry)
-        options = {"result_storage": records_dir(self.artifacts)}
+        options = {"result_storage": self.root.records_dir}
         if label:
             options["task_run_name"] = label
-        state = stage_task.with_options(**options)(**inputs, artifacts=str(self.artifacts), return_state=True)
+        state = stage_task.with_options(**options)(**inputs, artifacts=self.root, return_state=True)
         entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
         out: StageOutput = state.result()  # raises the stage's own error on failure
-        share_record(self.artifacts, out.key)
-        entry.update(key=out.key, output=out.location(self.artifacts), counts=out.counts,
+        self.root.share_record(out.key)
+        entry.update(key=out.key, output=out.location(self.root), counts=out.counts,
                      built=was_built(out.key))
-        links = {} if label else out.links(str(self.artifacts))
+        links = {} if label else out.links(self.root)
         if links:
             entry["links"] = links
         if stage_task.name in SHOW and not label:
-            SHOW[stage_task.name](out, str(self.artifacts))
+            SHOW[stage_task.name](out, self.root)
         if stage_task.name == self.until and not label:
             self.stopped = True
         return out
+
+    def note(self, **facts: Any) -> None:
+        """Facts about the last stage call, for the run summary (a release the run had to re-make)."""
+        self.stages[-1].update({k: v for k, v in facts.items() if v})
 
     def skip(self, name: str, why: str) -> None:
         self.stages.append({"name": name, "state": "Skipped", "seconds": 0.0, "key": "", "counts": {}, "reason": why})
@@ -96,14 +100,13 @@ def continued_pretraining(
 ) -> dict[str, Any]:
     """Continued pretraining of `config.model.id` on `config.corpus`; `until` stops after that stage. `line` is
     the retraining line this run belongs to (cpt retrain sets it): its promotions and drops."""
-    root = artifacts_root(artifacts)
+    root = open_root(artifacts)
     run = StageRunner(root, until)
-    log = run_logger()
-    summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root), "store": store_url(root),
+    summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root.local), "store": root.url,
                                "until": until, "line": line,
                                "config": config.model_dump(mode="json"), "stages": run.stages, "warnings": []}
     digests = DigestMemo(root)
-    lineage = promotion.lineage_of(line, config.push.name)
+    lineage = RunLineage(root, config, line, digests.digest)
     # Pieces built in this run count as read/tokenized/chunked by it; inside a retrain run (whose drop gate
     # builds the drop's pieces first) this joins the retrain run's scope.
     # One task runner for the run's fanned-out pieces (runtime.task_runner), started only if a stage needs it.
@@ -131,15 +134,8 @@ def continued_pretraining(
                 base_model = resolve_model(config.model, digest=digests.digest)
                 general = (fingerprint_corpus(CorpusConfig(paths=config.evaluate.general_corpus), digest=digests.digest)
                            if config.evaluate.general_corpus else None)
-                promos = promotion.read_promotions(root, lineage)
-                # What this training is, less the weights it starts from: how a rerun recognises its own result.
-                identity = stage_key("train-identity", {"train": config.train, "model": config.model,
-                                                        "base": base_model, "chunk": config.chunk,
-                                                        "chunks": train_chunks})
-                parent_model, parent, note = promotion.choose_parent(
-                    config.train.init, promos, base_model, config.model.id, identity, root, digests.digest)
-                log.info("train: %s", note)
-                summary["parent"] = promotion.without_location(parent)
+                parent_model, parent = lineage.choose_parent(base_model, train_chunks)
+                summary["parent"] = without_location(parent)
                 # The base model is measured first: its numbers are there even if training is stopped.
                 eval_inputs = dict(evaluate=config.evaluate, model=config.model, chunk=config.chunk, chunks=chunks,
                                    general_corpus=general)
@@ -148,34 +144,24 @@ def continued_pretraining(
                               chunk=config.chunk, chunks=train_chunks, parent=parent)
                 evaluation = run(evaluate, trained=trained, base_eval=base_eval, **eval_inputs)
 
-                decision = ref_eval = reference = None
+                decision = ref_eval = None
                 if config.gate.enabled and not run.stopped:
-                    ref_model, ref_record, note = promotion.choose_reference(
-                        promos, trained.model_digest, root, digests.digest)
-                    log.info("gate: %s", note)
-                    reference = (promotion.describe("base", base_model, config.model.id) if ref_model is None
-                                 else promotion.describe("promoted", ref_model, config.model.id, ref_record))
+                    ref_model = lineage.choose_reference(trained)
                     ref_eval = base_eval if ref_model is None else run(
                         evaluate_base, "evaluate-reference", base_model=ref_model, **eval_inputs)
                     decision = run(gate, gate=config.gate, evaluation=evaluation, reference_eval=ref_eval,
-                                   base_eval=base_eval, trained=trained, reference_kind=reference["kind"])
+                                   base_eval=base_eval, trained=trained, reference_kind=lineage.reference_kind)
                     summary["gate"] = dict(decision.counts)
 
                 if not run.stopped and decision is not None and not decision.promoted:
                     # Refused: the release folder and the Hub stay as they were.
                     run.skip("push", f"gate refused: {decision.counts['reason']}")
                 elif not run.stopped:
-                    lineage_doc = card_lineage(config, root, line, base_model, parent, sources, replay, train_chunks,
-                                               trained, evaluation, base_eval, ref_eval, decision)
                     pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
-                                 evaluation=evaluation, docs=docs, corpus=sources, config=config,
-                                 decision=decision, lineage=lineage_doc)
-                    restored = push_stage.ensure_release(pushed, trained, str(root), digests.digest)
-                    if restored:
-                        run.stages[-1]["release_restored"] = restored
-                    if lineage and decision is not None:
-                        promotion.record_promotion(root, lineage, promotion.promotion_record(
-                            trained, pushed, decision, identity, parent, reference, str(flow_run.name)))
+                                 evaluation=evaluation, docs=docs, corpus=sources, config=config, decision=decision,
+                                 lineage=lineage.card(sources, replay, train_chunks, trained, evaluation, base_eval,
+                                                      ref_eval, decision))
+                    run.note(release_restored=lineage.released(pushed, trained, decision, str(flow_run.name)))
                 digests.save()
             summary["status"] = "Completed"
         except BaseException as e:
@@ -205,7 +191,7 @@ def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, c
     mixed = run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=chunks,
                 replay_chunks=replay_chunks)
     if config.evaluate.general_corpus:
-        shared, total = replay_overlap(config.evaluate.general_corpus, docs, str(run.artifacts))
+        shared, total = replay_overlap(config.evaluate.general_corpus, docs, run.root)
         if shared:
             msg = (f"replay: {shared} of the {total} documents of evaluate.general_corpus are also in replay.paths: "
                    "the general perplexity (the forgetting measure) is contaminated; hold them out of the replay text")
@@ -214,48 +200,17 @@ def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, c
     return mixed, replay
 
 
-def card_lineage(config: CptConfig, root: Path, line: str | None, base_model: Fingerprint, parent: dict[str, Any],
-                 sources: Fingerprint, replay: Fingerprint | None, train_chunks: StageOutput, trained: StageOutput,
-                 evaluation: StageOutput, base_eval: StageOutput, ref_eval: StageOutput | None,
-                 decision: StageOutput | None) -> dict[str, Any]:
-    """What the model card says about where the weights come from (no paths that move with the artifacts)."""
-    from tasks import lines
-
-    drops = ([{"path": d.path, "fingerprint": d.fingerprint} for d in lines.read_line(root, line).drops
-              if d.status == "active"] if line else [])
-    e = evaluation.counts
-
-    def ppl(out: StageOutput | None, name: str):
-        return None if out is None else out.counts.get(f"{name}_perplexity")
-
-    return {
-        "model_digest": trained.model_digest,
-        "base": {"id": config.model.id, "digest": base_model.digest},
-        "parent": promotion.without_location(parent),
-        "corpus": sources.digest,
-        "drops": drops,
-        "replay": {"fraction": config.replay.fraction, "paths": config.replay.paths,
-                   "fingerprint": replay.digest if replay else None,
-                   "share": train_chunks.counts.get("replay_share", 0.0)},
-        "evaluation": {"validation_base": ppl(base_eval, "validation"), "validation_reference": ppl(ref_eval, "validation"),
-                       "validation_new": e.get("validation_perplexity_after"),
-                       "general_base": ppl(base_eval, "general"), "general_reference": ppl(ref_eval, "general"),
-                       "general_new": e.get("general_perplexity_after")},
-        "gate": None if decision is None else {k: decision.counts[k] for k in ("promoted", "reason", "reference")},
-    }
-
-
-def write_summary(summary: dict[str, Any], root: Path) -> Path:
-    run_dir = root / "runs" / str(summary["flow_run"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "summary.json"
+def write_summary(summary: dict[str, Any], root: ArtifactsRoot) -> Path:
+    rel = f"runs/{summary['flow_run']}/summary.json"
+    path = root.path(rel)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    save_file(root, path)
+    root.save_file(rel)
     rows = [{"stage": s["name"], "state": s.get("state", "?"), "seconds": s.get("seconds"),
              "key": s.get("key", "")} for s in summary["stages"]]
     # Cached tasks do not re-create their own artifacts, so the run's overview is made here, every run.
     markdown_artifact(f"# Run summary: {summary['status']}\n\n{markdown_table(rows)}\n\n"
-                      f"Artifacts: `{summary.get('store') or root}`\n", "run-summary", "Stages of this run: Completed or Cached")
+                      f"Artifacts: `{summary.get('store') or root.local}`\n", "run-summary", "Stages of this run: Completed or Cached")
     run_logger().info("summary: %s", path)
     return path
 

@@ -1,15 +1,14 @@
 """Retrain a training line when its corpus changed. Scheduled (nightly) and event-triggered (a drop landed)
 deployments both run this flow.
 
-A line trains on the configured corpus plus every drop registered to it (tasks/lines.py). A drop announced
-with `drop` (the on-drop deployment, `cpt retrain --drop PATH`) is noted as pending; once settled it passes
-the drop gate — profiled through the same cached pieces the pipeline then reuses, before any GPU time — and is
-registered (active) or rejected with its reasons. Then the line's corpus is fingerprinted by content and
-compared with the line's last successful training: unchanged, nothing is trained.
+A line trains on the configured corpus plus every drop registered to it (tasks/state/lines.py). A drop
+announced with `drop` (the on-drop deployment, `cpt retrain --drop PATH`) is noted as pending; once settled it
+passes the drop gate (tasks/drop_gate.py) and is registered (active) or rejected with its reasons. Then the
+line's corpus is fingerprinted by content and compared with the line's last successful training: unchanged,
+nothing is trained.
 
-A drop still being written is not trained on: a folder holding a `_WRITING` file is being written, and so is
-any file modified less than `settle_seconds` ago; the drop stays pending and a later run (nightly, or the next
-announcement) picks it up. Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
+A drop still being written is not trained on (it stays pending and a later run, nightly or the next
+announcement, picks it up). Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
 temp name and rename; the load stage re-hashes every file it reads and fails if one changed since the run
 fingerprinted it.
 """
@@ -25,83 +24,14 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.continued_pretraining import continued_pretraining
-from tasks import lines
-from tasks.cache import DigestMemo, artifacts_root, build_scope
-from tasks.config import ConfigError, CorpusConfig, CptConfig, load_config
+from tasks.core.config import CptConfig, load_config
+from tasks.core.manifest import DigestMemo
+from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
+from tasks.core.root import open_root
+from tasks.core.stage import build_scope
+from tasks.drop_gate import gate_drops, line_config, unsettled_files
 from tasks.load import fingerprint_files, resolve_corpus_files
-from tasks.report import markdown_artifact, markdown_table, run_logger, table_artifact
-from tasks.tokenize import resolve_tokenizer
-
-WRITING_MARKER = "_WRITING"
-
-
-def unsettled_files(files: list[Path], settle_seconds: float, now: float | None = None) -> list[str]:
-    """Files modified less than `settle_seconds` ago, and folders marked as being written."""
-    now = time.time() if now is None else now
-    busy = sorted({str(f.parent) for f in files if (f.parent / WRITING_MARKER).exists()})
-    busy += [f"{f} (modified {now - f.stat().st_mtime:.0f}s ago)" for f in files
-             if now - f.stat().st_mtime < settle_seconds]
-    return busy
-
-
-def line_config(config: CptConfig, state: lines.LineState, without: str | None = None) -> CptConfig:
-    """The config a line trains with: its corpus plus the active drops, less every other drop (a rejected or
-    removed drop inside a configured folder is not read either) and less the drop `without`."""
-    active = [p for p in state.active_paths() if p not in config.corpus.paths and p != without]
-    excluded = [*state.inactive_paths(), *([without] if without else [])]
-    corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, *active],
-                                              "exclude": [*config.corpus.exclude, *excluded]})
-    return config.model_copy(update={"corpus": corpus})
-
-
-def drop_files(path: str) -> list[Path]:
-    return resolve_corpus_files(CorpusConfig(paths=[path]))
-
-
-def gate_drops(config: CptConfig, root: Path, line: str, settle_seconds: float, digests: DigestMemo,
-               log) -> dict[str, Any]:
-    """Gate every drop of the line that needs a verdict: pending ones, and active or rejected ones whose
-    content changed since. Returns {"unsettled": [...], "rejected": [paths], "gated": [(drop, profile)]}."""
-    state = lines.read_line(root, line)
-    out: dict[str, Any] = {"unsettled": [], "rejected": [], "gated": []}
-    tokenizer = None
-    for entry in state.drops:
-        if entry.status == "removed":
-            continue
-        try:
-            files = drop_files(entry.path)
-        except ConfigError as e:
-            if entry.status == "active":
-                raise ConfigError(f"line {line!r}: the active drop {entry.path} cannot be read ({e}); restore it, "
-                                  f"or retire it with `cpt drops --line {line} --remove {entry.path}`") from None
-            if entry.status == "pending":
-                profile = {"files": 0, "documents": 0, "tokens": 0, "records": 0, "passed": False,
-                           "reasons": [f"unreadable: {e}"]}
-                out["rejected"].append(entry.path)
-                out["gated"].append((lines.record_verdict(root, line, entry.path, "", profile), profile))
-            continue
-        busy = unsettled_files(files, settle_seconds)
-        if busy:
-            out["unsettled"] += busy
-            continue
-        fingerprint = fingerprint_files(files, digests.digest)
-        if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
-            continue  # verdict already given on this content
-        # The line without this drop (which may sit under a configured folder).
-        line_files = resolve_corpus_files(line_config(config, state, without=entry.path).corpus)
-        if tokenizer is None:
-            tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
-        profile = lines.profile_drop(files, line_files, config, tokenizer, str(root), digests.digest)
-        verdict = lines.record_verdict(root, line, entry.path, fingerprint.digest, profile)
-        out["gated"].append((verdict, profile))
-        if profile["passed"]:
-            log.info("drop gate: %s passed (%d files, %d documents, %d tokens); registered to line %r",
-                     entry.path, profile["files"], profile["documents"], profile["tokens"], line)
-        else:
-            out["rejected"].append(entry.path)
-            log.warning("drop gate: %s rejected: %s", entry.path, verdict.reason)
-    digests.save()
-    return out
+from tasks.state import lines
 
 
 def show_gate(gated: list[tuple[lines.Drop, dict[str, Any]]]) -> None:
@@ -141,7 +71,7 @@ def retrain(
         if not config_file:
             raise ValueError("give config or config_file")
         config = load_config(config_file, overrides or [])
-    root = artifacts_root(artifacts)
+    root = open_root(artifacts)
     digests = DigestMemo(root)
 
     gate_seconds = 0.0
@@ -195,7 +125,7 @@ def retrain(
         log.info("retrain: line %r: corpus fingerprint %s (%d files, %d drops) differs from the last training "
                  "(%s); running the pipeline", line, fingerprint.digest[:12], len(files), len(state.active_paths()),
                  last["corpus"][:12] if last else "none")
-        summary = continued_pretraining(config=cfg, artifacts=str(root), line=line)
+        summary = continued_pretraining(config=cfg, artifacts=root.spec, line=line)
     gate = summary.get("gate") or {}
     lines.record_training(root, line, {
         "corpus": fingerprint.digest, "files": len(files), "drops": state.active_paths(),

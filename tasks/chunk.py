@@ -27,12 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.cache import (
-    Build, StageOutput, combine_digests, publish_piece, register_code_version, stage, stage_key,
-)
-from tasks.config import ChunkConfig, ConfigError, RuntimeConfig
+from tasks.core.config import ChunkConfig, ConfigError, RuntimeConfig
+from tasks.core.keys import register_code_version, stage_key
+from tasks.core.manifest import StageOutput, combine_digests
+from tasks.core.report import Progress
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, publish_piece, stage
 from tasks.load import read_arrow
-from tasks.report import Progress
 from tasks.shuffle import SPLITS, Split
 from tasks.tokenize import Tokens
 
@@ -215,17 +216,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-register_code_version("chunk-part", 1, [chunk_rows, chunk_batch, trained_tokens, window_plan,
-                                        window_layout, windows_per_document, _list_array, "tasks.tokenize:batch_bounds",
-                                        "tasks.chunk:chunk_piece"],
-                      ["numpy", "pyarrow", "datasets"])
-
-
 # ---------------------------------------------------------------------------------------- the task
 
 
 def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarray], chunk: ChunkConfig,
-                bos_id: int | None, artifacts: str, progress: Progress | None = None) -> tuple[StageOutput, bool]:
+                bos_id: int | None, root: ArtifactsRoot, progress: Progress | None = None) -> tuple[StageOutput, bool]:
     """One source file's windows, per split, cached by its tokens' content, its documents' split assignment and
     the chunk settings. Returns (output, reused)."""
     assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
@@ -240,53 +235,54 @@ def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarra
             counts.update({f"{name}_{k}": v for k, v in c.items()})
         return counts, {}
 
-    return publish_piece(artifacts, "chunk-part", key, build, progress, part["documents"])
+    return publish_piece(root, "chunk-part", key, build, progress, part["documents"])
+
+
+register_code_version("chunk-part", 1, [chunk_piece], ["numpy", "pyarrow", "datasets"])
 
 
 class Chunks(StageOutput):
     """chunk's (and mix's) output: a `datasets.DatasetDict` on disk (`load_from_disk(dataset_dir)`), train and
     validation, columns input_ids, labels (-100 where not trained), doc_id, start."""
 
-    def dataset_dir(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts)
+    def dataset_dir(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root)
 
-    def shard_files(self, artifacts: str | Path, split: str) -> list[Path]:
+    def shard_files(self, root: ArtifactsRoot, split: str) -> list[Path]:
         """The Arrow shards of `split`, in the order the DatasetDict lists them."""
-        state = json.loads((self.dir(artifacts) / split / "state.json").read_text())
-        return [self.dir(artifacts) / split / f["filename"] for f in state["_data_files"]]
+        state = json.loads((self.dir(root) / split / "state.json").read_text())
+        return [self.dir(root) / split / f["filename"] for f in state["_data_files"]]
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c, m = self.counts, self.meta
         return [(logging.INFO, f"{c['train_chunks']} train / {c['validation_chunks']} validation rows (window "
                                f"{m['window']}, stride {m['stride']})")]
 
 
-def piece_shard(artifacts: str | Path, piece: StageOutput, split: str) -> Path:
+def piece_shard(root: ArtifactsRoot, piece: StageOutput, split: str) -> Path:
     """The rows of one chunk-part piece for `split`."""
-    return piece.dir(artifacts) / f"{split}.arrow"
+    return piece.dir(root) / f"{split}.arrow"
 
 
-@stage("chunk", version=1, output=Chunks, code=[rows_by_part, link_or_copy, write_dataset_dict, chunk_piece,
-                                                "@chunk-part"],
-       libraries=["datasets"])
+@stage("chunk", version=1, output=Chunks, libraries=["datasets"], key_exclude={"runtime"})
 def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtime: RuntimeConfig | None = None):
     """Each source file's documents are chunked into their own shards (cached by the file's tokens, its
     documents' splits and the chunk settings), and the DatasetDict links those shards: a drop chunks only its
     own files. Rows are grouped by source file on disk; the trainer samples them in a seeded random order."""
-    artifacts = build.artifacts
+    root = build.root
     bos_id = tokens.bos_id
     window, stride = window_plan(chunk.max_seq_length, chunk.overlap, bos_id is not None)
     parts = tokens.parts
-    by_split = {name: rows_by_part(split.split_file(artifacts, name), len(parts)) for name in SPLITS}
+    by_split = {name: rows_by_part(split.split_file(root, name), len(parts)) for name in SPLITS}
 
-    calls = [{"part": part, "token_path": str(tokens.token_file(artifacts, part)),
+    calls = [{"part": part, "token_path": str(tokens.token_file(root, part)),
               "rows": {name: by_split[name][p] for name in SPLITS}, "chunk": chunk, "bos_id": bos_id,
-              "artifacts": str(artifacts)} for p, part in enumerate(parts)]
+              "root": root} for p, part in enumerate(parts)]
     with Progress(tokens.counts["documents"], "chunk", unit="doc") as progress:
         if runtime is None or runtime.task_runner == "sequential":
             done = [chunk_piece(**call, progress=progress) for call in calls]
         else:
-            from tasks.fanout import map_pieces
+            from tasks.core.fanout import map_pieces
 
             done = map_pieces(chunk_piece, calls, runtime, "chunk-part",
                               on_done=lambda i, _: progress.update(parts[i]["documents"]))
@@ -300,7 +296,7 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
         used = [s for s in shards if s.counts[f"{name}_documents"]] or shards[:1]
         listing[name] = [f"data-{i:05d}-of-{len(used):05d}.arrow" for i in range(len(used))]
         for s, filename in zip(used, listing[name]):
-            link_or_copy(piece_shard(artifacts, s, name), build.tmp / name / filename)
+            link_or_copy(piece_shard(root, s, name), build.tmp / name / filename)
         for k in ("documents", "chunks", "tokens", "trained_tokens"):
             counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in shards)
     # The datasets fingerprint follows the shards' content (not the key), so a rebuild of the same content

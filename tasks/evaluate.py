@@ -13,10 +13,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.cache import Build, Fingerprint, StageOutput, stage
 from tasks.chunk import Chunks
-from tasks.config import ChunkConfig, CorpusConfig, EvaluateConfig, ModelConfig
-from tasks.report import markdown_artifact, markdown_table, table_artifact
+from tasks.core.config import ChunkConfig, CorpusConfig, EvaluateConfig, ModelConfig
+from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.report import markdown_artifact, markdown_table, table_artifact
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, stage
 from tasks.train import Trained
 
 EVAL_FILE = "eval.json"
@@ -55,7 +57,7 @@ def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit
 
 def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, val: list[dict],
                    general: list[dict] | None) -> dict[str, Any]:
-    from tasks.modeling import generate, load_model, load_tokenizer_with_pad, perplexity, release
+    from tasks.ml.modeling import generate, load_model, load_tokenizer_with_pad, perplexity, release
 
     tok = load_tokenizer_with_pad(location, model_cfg.trust_remote_code)
     model = load_model(location, model_cfg)
@@ -110,15 +112,8 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- the tasks
 
 
-# What computes an evaluation: the general corpus goes through the load, tokenize and chunk code.
-EVALUATION_CODE = [validation_rows, general_rows, evaluate_model, "tasks.modeling:perplexity", "tasks.modeling:batch_nll",
-                   "tasks.modeling:generate", "tasks.modeling:load_model", "tasks.modeling:load_pretrained",
-                   "tasks.modeling:choose_dtype", "tasks.modeling:choose_attention",
-                   "tasks.modeling:load_tokenizer_with_pad", "@load-file", "@tokenize-file", "@chunk-part"]
-
-
-def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, artifacts: str | Path, tokenizer_dir: str):
-    val = validation_rows(chunks.dataset_dir(artifacts), cfg.max_eval_rows)
+def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, root: ArtifactsRoot, tokenizer_dir: str):
+    val = validation_rows(chunks.dataset_dir(root), cfg.max_eval_rows)
     general = general_rows(cfg.general_corpus, tokenizer_dir, chunk, cfg.max_eval_rows) if cfg.general_corpus else None
     return val, general
 
@@ -127,20 +122,20 @@ class Evaluation(StageOutput):
     """evaluate-base's and evaluate's output: `eval.json` (perplexities and generations; evaluate's holds both
     before and after) and, for evaluate, `eval.md`, the before/after table."""
 
-    def eval_file(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts) / EVAL_FILE
+    def eval_file(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / EVAL_FILE
 
-    def read(self, artifacts: str | Path) -> dict[str, Any]:
-        return json.loads(self.eval_file(artifacts).read_text())
+    def read(self, root: ArtifactsRoot) -> dict[str, Any]:
+        return json.loads(self.eval_file(root).read_text())
 
-    def markdown(self, artifacts: str | Path) -> str:
-        return (self.dir(artifacts) / "eval.md").read_text(encoding="utf-8")
+    def markdown(self, root: ArtifactsRoot) -> str:
+        return (self.dir(root) / "eval.md").read_text(encoding="utf-8")
 
-    def links(self, artifacts: str) -> dict[str, str]:
-        md = self.dir(artifacts) / "eval.md"
+    def links(self, root: ArtifactsRoot) -> dict[str, str]:
+        md = self.dir(root) / "eval.md"
         return {"eval table": str(md)} if md.is_file() else {}
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         if "validation_perplexity" in c:
             return [(logging.INFO, f"validation perplexity {_num(c['validation_perplexity'])}")]
@@ -150,26 +145,23 @@ class Evaluation(StageOutput):
                                f"{_num(c['validation_perplexity_after'])} ({change})")]
 
 
-@stage("evaluate-base", version=1, output=Evaluation, code=[_inputs, *EVALUATION_CODE],
-       libraries=["transformers", "torch", "datasets"])
+@stage("evaluate-base", version=1, output=Evaluation, libraries=["transformers", "torch", "datasets"])
 def evaluate_base(build: Build, evaluate: EvaluateConfig, model: ModelConfig, base_model: Fingerprint,
                   chunk: ChunkConfig, chunks: Chunks, general_corpus: Fingerprint | None):
-    val, general = _inputs(evaluate, chunk, chunks, build.artifacts, base_model.location)
+    val, general = _inputs(evaluate, chunk, chunks, build.root, base_model.location)
     result = evaluate_model(base_model.location, model, evaluate, val, general)
     (build.tmp / EVAL_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return {"validation_perplexity": result["validation"]["perplexity"],
             "general_perplexity": (result["general"] or {}).get("perplexity")}, {}
 
 
-@stage("evaluate", version=1, output=Evaluation,
-       code=[_inputs, *EVALUATION_CODE, comparison, comparison_markdown, relative_change],
-       libraries=["transformers", "torch", "datasets"])
+@stage("evaluate", version=1, output=Evaluation, libraries=["transformers", "torch", "datasets"])
 def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained: Trained, chunk: ChunkConfig,
              chunks: Chunks, general_corpus: Fingerprint | None, base_eval: Evaluation):
-    model_dir = str(trained.model_dir(build.artifacts))
-    val, general = _inputs(evaluate, chunk, chunks, build.artifacts, model_dir)
+    model_dir = str(trained.model_dir(build.root))
+    val, general = _inputs(evaluate, chunk, chunks, build.root, model_dir)
     after = evaluate_model(model_dir, model, evaluate, val, general)
-    doc = comparison(base_eval.read(build.artifacts), after, evaluate.prompts)
+    doc = comparison(base_eval.read(build.root), after, evaluate.prompts)
     (build.tmp / EVAL_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     (build.tmp / "eval.md").write_text(comparison_markdown(doc))
     v = doc["perplexity"]["validation"]
@@ -184,8 +176,8 @@ def _num(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
 
 
-def show(out: Evaluation, artifacts: str) -> None:
-    doc = out.read(artifacts)
-    markdown_artifact(out.markdown(artifacts), "eval-before-after", "Perplexity and generations, before/after")
+def show(out: Evaluation, root: ArtifactsRoot) -> None:
+    doc = out.read(root)
+    markdown_artifact(out.markdown(root), "eval-before-after", "Perplexity and generations, before/after")
     table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
                    "eval-perplexity", "Perplexity before and after training")

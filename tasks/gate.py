@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any, Literal
 
-from tasks.cache import Build, StageOutput, stage
-from tasks.config import GateConfig
+from tasks.core.config import GateConfig
+from tasks.core.manifest import StageOutput
+from tasks.core.report import markdown_artifact, markdown_table
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, stage
 from tasks.evaluate import Evaluation
-from tasks.report import markdown_artifact, markdown_table
 from tasks.train import Trained
 
 GATE_FILE = "gate.json"
@@ -73,26 +74,26 @@ def perplexities(eval_doc: dict[str, Any]) -> dict[str, Any]:
 class Decision(StageOutput):
     """gate's output: `gate.json`, the decision (promoted, reason, every check with its value and limit)."""
 
-    def read(self, artifacts: str | Path) -> dict[str, Any]:
-        return json.loads((self.dir(artifacts) / GATE_FILE).read_text())
+    def read(self, root: ArtifactsRoot) -> dict[str, Any]:
+        return json.loads((self.dir(root) / GATE_FILE).read_text())
 
     @property
     def promoted(self) -> bool:
         return bool(self.counts["promoted"])
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         if self.promoted:
             return [(logging.INFO, f"promoted: {self.counts['reason']}")]
         return [(logging.WARNING, f"refused, not pushed: {self.counts['reason']}")]
 
 
-@stage("gate", version=1, output=Decision, code=[decide, finite, perplexities])
+@stage("gate", version=1, output=Decision)
 def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval: Evaluation, base_eval: Evaluation,
          trained: Trained, reference_kind: Literal["base", "promoted"]):
     c = evaluation.counts
     new = {"validation": c.get("validation_perplexity_after"), "general": c.get("general_perplexity_after")}
-    ref = perplexities(reference_eval.read(build.artifacts))
-    base = perplexities(base_eval.read(build.artifacts))
+    ref = perplexities(reference_eval.read(build.root))
+    base = perplexities(base_eval.read(build.root))
     name = "the last promoted model" if reference_kind == "promoted" else "the base model"
     decision = decide(gate, new, ref, base, trained.counts, name)
     doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref, "base_perplexity": base}
@@ -102,9 +103,9 @@ def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval:
             "general_perplexity": new["general"], "base_general_perplexity": base["general"]}, {}
 
 
-def show(out: Decision, artifacts: str) -> None:
+def show(out: Decision, root: ArtifactsRoot) -> None:
     """The decision as a Prefect artifact, every run (a cached gate does not re-create its artifact)."""
-    doc = out.read(artifacts)
+    doc = out.read(root)
     verdict = "promoted" if doc["promoted"] else "refused"
     rows = [{"check": c["check"], "passed": c["passed"], "value": c["value"], "limit": c["limit"], "rule": c["why"]}
             for c in doc["checks"]]

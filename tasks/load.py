@@ -22,10 +22,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.cache import (
-    Build, Fingerprint, StageOutput, combine_digests, hash_file, publish_piece, register_code_version, stage, stage_key,
-)
-from tasks.config import ConfigError, CorpusConfig, RuntimeConfig
+from tasks.core.config import ConfigError, CorpusConfig, RuntimeConfig
+from tasks.core.keys import register_code_version, stage_key
+from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, publish_piece, stage
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 DOCS_FILE = "docs.arrow"
@@ -427,19 +428,12 @@ def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
     return corpus.key_material()
 
 
-register_code_version("load-file", 1, [load_file, read_corpus_file, _decode, _line_of, _text_of, _records_from_objects,
-                                       _read_json_lines, _read_json_array, _read_csv, _read_parquet, doc_id_of,
-                                       norm_id_of, Record, Reject, BadRecordError, "tasks.load:load_file_cached"],
-                      ["pyarrow"])
-register_code_version("load-content", 1, [assemble_documents, merge_counts, _line_no], ["pyarrow"])
-
-
 def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
     """A file's piece is keyed by its content and the reading settings, never by where it sits."""
     return stage_key("load-file", {"corpus": reading_config(corpus), "digest": item["digest"]})
 
 
-def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str) -> tuple[StageOutput, bool]:
+def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: ArtifactsRoot) -> tuple[StageOutput, bool]:
     """One file's output, content-addressed by the file's digest and the reading config: a new drop reads
     only its own files, wherever it lands. Returns (output, reused)."""
     key = load_file_key(item, corpus)
@@ -450,15 +444,19 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, artifacts: str)
             raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
         return load_file(Path(item["path"]), item["path"], corpus, tmp), {}
 
-    return publish_piece(artifacts, "load-file", key, build)
+    return publish_piece(root, "load-file", key, build)
 
 
-def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, artifacts: str, runtime=None):
+register_code_version("load-file", 1, [load_file_cached], ["pyarrow"])
+register_code_version("load-content", 1, [assemble_documents, merge_counts], ["pyarrow"])
+
+
+def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: ArtifactsRoot, runtime=None):
     """Every file's piece, in a location-free order (by piece key, then path): the assembled corpus, its
     duplicates and part numbers are the same wherever the files sit. Returns [(item, output, reused)]."""
-    from tasks.fanout import map_pieces
+    from tasks.core.fanout import map_pieces
 
-    done = map_pieces(load_file_cached, [{"item": item, "corpus": corpus, "artifacts": artifacts} for item in items],
+    done = map_pieces(load_file_cached, [{"item": item, "corpus": corpus, "root": root} for item in items],
                       runtime, "load-file")
     pieces = [(item, *result) for item, result in zip(items, done)]
     return sorted(pieces, key=lambda p: (p[1].key, p[0]["path"]))
@@ -468,41 +466,48 @@ class Docs(StageOutput):
     """load's output: `docs.arrow` (doc_id, text, norm_id, source = path:line, part, row) and `rejects.jsonl`,
     assembled from per-file pieces (`parts`, each a load-file entry with its own docs.arrow)."""
 
-    def docs_file(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts) / DOCS_FILE
+    def docs_file(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / DOCS_FILE
 
-    def rejects_file(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts) / REJECTS_FILE
+    def rejects_file(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / REJECTS_FILE
 
     @property
     def parts(self) -> list[dict[str, Any]]:
         """Per source file: name, key, path, content and counts of its piece, in corpus order."""
         return self.meta["parts"]
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         lines = [(logging.INFO, f"{c['documents']} documents from {c['files']} files ({c['files_read']} read now, the "
                                 f"rest cached by content; {c['records']} records; {c['rejected']} rejected, "
                                 f"{c['duplicates']} duplicates, {c['too_short']} too short)")]
         if c["rejected"]:
-            lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(artifacts)}"))
+            lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(root)}"))
         return lines
 
 
-def piece_docs_file(artifacts: str | Path, piece_path: str) -> Path:
+def piece_docs_file(root: ArtifactsRoot, piece_path: str) -> Path:
     """The docs.arrow of one load-file piece (by its path relative to the artifacts root)."""
-    return Path(artifacts) / piece_path / DOCS_FILE
+    return root.path(piece_path) / DOCS_FILE
 
 
-@stage("load", version=1, output=Docs, code=[load_pieces, load_file_cached, assemble_documents, merge_counts,
-                                            source_names, _line_no, "@load-file", "@load-content"],
-       libraries=["pyarrow"])
+def piece_ids(root: ArtifactsRoot, pieces: list[StageOutput]) -> tuple[set[str], set[str]]:
+    """The doc_ids and norm_ids of load-file pieces (`load_pieces`' outputs), each piece's file read once."""
+    tables = [read_arrow(piece_docs_file(root, out.path)).select(["doc_id", "norm_id"]) for out in pieces]
+    if not tables:
+        return set(), set()
+    table = pa.concat_tables(tables)
+    return set(table.column("doc_id").to_pylist()), set(table.column("norm_id").to_pylist())
+
+
+@stage("load", version=1, output=Docs, libraries=["pyarrow"], key_exclude={"runtime"})
 def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
-    pieces = load_pieces(sources.items, corpus, str(build.artifacts), runtime)
+    pieces = load_pieces(sources.items, corpus, build.root, runtime)
     parts = [out for _, out, _ in pieces]
-    assembled = assemble_documents([p.dir(build.artifacts) for p in parts], [i["path"] for i, _, _ in pieces],
+    assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
                                    build.tmp, corpus.deduplicate)
     counts = merge_counts([p.counts for p in parts], assembled)
     counts["files_read"] = sum(not reused for _, _, reused in pieces)

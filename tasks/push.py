@@ -19,15 +19,16 @@ from typing import Any
 
 import yaml
 
-from tasks.cache import Build, Fingerprint, StageOutput, stage
-from tasks.config import CptConfig, PushConfig
+from tasks.core.config import CptConfig, PushConfig
+from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.report import markdown_artifact, run_logger
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, stage
 from tasks.evaluate import Evaluation
 from tasks.gate import Decision
 from tasks.load import Docs
+from tasks.ml.modeling import CARD, model_digest
 from tasks.train import Trained
-from tasks.report import markdown_artifact, run_logger
-
-CARD = "README.md"
 
 
 class PushFailed(RuntimeError):
@@ -195,35 +196,31 @@ class Release(StageOutput):
     """push's output: `push.json` (where the release went) and the card it was saved with; the release itself
     is `artifacts/models/<name>/` (outside the cache: it is the folder users point at)."""
 
-    def card(self, artifacts: str | Path) -> str:
-        return (self.dir(artifacts) / RELEASE_CARD).read_text(encoding="utf-8")
+    def card(self, root: ArtifactsRoot) -> str:
+        return (self.dir(root) / RELEASE_CARD).read_text(encoding="utf-8")
 
     @property
     def release_dir(self) -> Path:
         return Path(self.counts["local_path"])
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         return [(logging.INFO, f"model saved to {c['local_path']}"
                                + (f", uploaded to {c['hub_url']}" if c["hub_url"] else ""))]
 
 
-@stage("push", version=1, output=Release,
-       code=[model_card, lineage_markdown, evaluation_markdown, save_release, upload, commit_message, default_name,
-             _short, _failure],
-       libraries=["huggingface_hub"])
+@stage("push", version=1, output=Release, libraries=["huggingface_hub"], key_exclude={"base_model_id", "lineage"})
 def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, evaluation: Evaluation, docs: Docs,
          corpus: Fingerprint, config: CptConfig, decision: Decision | None = None,
          lineage: dict[str, Any] | None = None):
     """Save the promoted model as the release folder (a verified copy: see `ensure_release`), with a card that
-    records its lineage, and upload it as a new Hub revision."""
-    from tasks.promotion import model_digest
-
+    records its lineage, and upload it as a new Hub revision. `base_model_id` (a path or hub id: the model is
+    keyed by digest) and `lineage` (drawn from push's keyed inputs, plus paths) are not part of the key."""
     name = push.name or default_name(base_model_id, build.key)
-    dest = build.artifacts / "models" / name
+    dest = build.root.path(f"models/{name}")
     card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts},
-                      config.model_dump(mode="json"), evaluation.markdown(build.artifacts), lineage)
-    model_dir = trained.model_dir(build.artifacts)
+                      config.model_dump(mode="json"), evaluation.markdown(build.root), lineage)
+    model_dir = trained.model_dir(build.root)
     digest = model_digest(model_dir)
     save_release(model_dir, dest, card)
     (build.tmp / RELEASE_CARD).write_text(card, encoding="utf-8")
@@ -237,13 +234,11 @@ def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, e
             "model_digest": digest}, {}
 
 
-def ensure_release(out: Release, trained: Trained, artifacts: str, digest=None) -> str | None:
+def ensure_release(out: Release, trained: Trained, root: ArtifactsRoot, digest=None) -> str | None:
     """Every run, cached or not: the release folder must hold the pushed model's exact files and card. A missing
     or altered release is re-made from the train entry; returns why it was, or None when it was intact."""
-    from tasks.promotion import model_digest
-
     dest = out.release_dir
-    card = out.card(artifacts)
+    card = out.card(root)
     kwargs = {"digest": digest} if digest else {}
     if not dest.is_dir():
         why = "missing"
@@ -253,12 +248,12 @@ def ensure_release(out: Release, trained: Trained, artifacts: str, digest=None) 
         why = "holding another card"
     else:
         return None
-    save_release(trained.model_dir(artifacts), dest, card)
+    save_release(trained.model_dir(root), dest, card)
     run_logger().warning("push: release folder %s was %s; re-made it from the promoted model", dest, why)
     return why
 
 
-def show(out: Release, artifacts: str) -> None:
+def show(out: Release, root: ArtifactsRoot) -> None:
     c = out.counts
     where = f"- local: `{c['local_path']}`\n" + (f"- hub: [{c['hub_url']}]({c['hub_url']})\n" if c["hub_url"] else "")
     markdown_artifact(f"# Model\n\n{where}", "model-location", "Where the trained model went")

@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.cache import Build, stage
 from tasks.chunk import CHUNK_ARROW_SCHEMA, IGNORE_INDEX, Chunks, link_or_copy, write_dataset_dict
-from tasks.config import ReplayConfig, ShuffleConfig
+from tasks.core.config import ReplayConfig, ShuffleConfig
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, stage
 from tasks.load import Docs, read_arrow
 from tasks.shuffle import SPLITS
 
@@ -92,14 +93,14 @@ def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Pa
     return int(labelled_per_row(taken.column("labels").combine_chunks()).sum()) if len(rows) else 0
 
 
-def mix_chunks(domain: Chunks, replay: Chunks, artifacts: str | Path, fraction: float, seed: int,
+def mix_chunks(domain: Chunks, replay: Chunks, root: ArtifactsRoot, fraction: float, seed: int,
                out_dir: Path) -> dict[str, Any]:
     """The mixed DatasetDict at `out_dir`; returns per-source token counts."""
     listing: dict[str, list[str]] = {}
     domain_labelled = domain_rows = 0
     for split in SPLITS:
         (out_dir / split).mkdir(parents=True)
-        files = domain.shard_files(artifacts, split)
+        files = domain.shard_files(root, split)
         listing[split] = []
         for i, src in enumerate(files):
             name = f"data-{i:05d}.arrow"
@@ -109,7 +110,7 @@ def mix_chunks(domain: Chunks, replay: Chunks, artifacts: str | Path, fraction: 
                 table = read_shard(src)
                 domain_rows += table.num_rows
                 domain_labelled += int(labelled_per_row(table.column("labels").combine_chunks()).sum())
-    pool = pa.concat_tables([read_shard(f) for f in replay.shard_files(artifacts, "train")])
+    pool = pa.concat_tables([read_shard(f) for f in replay.shard_files(root, "train")])
     pool_labelled = labelled_per_row(pool.column("labels").combine_chunks()) if pool.num_rows else np.zeros(0)
     target = replay_target(domain_labelled, fraction)
     rows, keep_last, passes = draw(pool_labelled, target, seed)
@@ -128,7 +129,7 @@ def mix_chunks(domain: Chunks, replay: Chunks, artifacts: str | Path, fraction: 
 class Mixed(Chunks):
     """mix's output: the chunk stage's DatasetDict layout, the training split with one shard of replay rows."""
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         lines = [(logging.INFO, f"{c['domain_trained_tokens']} domain + {c['replay_trained_tokens']} replay trained "
                                 f"tokens (replay share {c['replay_share']:.4f}, asked {c['replay_fraction_asked']:.4f}; "
@@ -140,22 +141,20 @@ class Mixed(Chunks):
         return lines
 
 
-@stage("mix", version=1, output=Mixed, code=[mix_chunks, read_shard, labelled_per_row, replay_target, draw, cut_row,
-                                            write_replay_shard, "tasks.chunk:Chunks.shard_files"],
-       libraries=["numpy", "pyarrow", "datasets"])
+@stage("mix", version=1, output=Mixed, libraries=["numpy", "pyarrow", "datasets"])
 def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chunks, replay_chunks: Chunks):
-    counts = mix_chunks(chunks, replay_chunks, build.artifacts, replay.fraction, shuffle.seed, build.tmp)
+    counts = mix_chunks(chunks, replay_chunks, build.root, replay.fraction, shuffle.seed, build.tmp)
     counts.update({k: v for k, v in chunks.counts.items() if k.startswith("validation_")})
     return counts, dict(chunks.meta)
 
 
-def replay_overlap(general_paths: list[str], replay_docs: Docs, artifacts: str) -> tuple[int, int]:
+def replay_overlap(general_paths: list[str], replay_docs: Docs, root: ArtifactsRoot) -> tuple[int, int]:
     """(general-corpus documents whose normalised text is also a replay document, general documents)."""
-    from tasks.config import CorpusConfig
+    from tasks.core.config import CorpusConfig
     from tasks.load import Record, norm_id_of, read_corpus_file, resolve_corpus_files
 
     cfg = CorpusConfig(paths=general_paths, on_bad_record="skip")
     general = {norm_id_of(r.text) for f in resolve_corpus_files(cfg) for r in read_corpus_file(f, cfg)
                if isinstance(r, Record) and r.text.strip()}
-    replay = set(pc.unique(read_arrow(replay_docs.docs_file(artifacts)).column("norm_id")).to_pylist())
+    replay = set(pc.unique(read_arrow(replay_docs.docs_file(root)).column("norm_id")).to_pylist())
     return len(general & replay), len(general)

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tasks.cache import Build, StageOutput, stage
-from tasks.config import ConfigError, ShuffleConfig, SplitConfig
+from tasks.core.config import ConfigError, ShuffleConfig, SplitConfig
+from tasks.core.manifest import StageOutput
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, stage
 from tasks.load import Docs, read_arrow
 
 SPLITS = ("train", "validation")
@@ -58,6 +60,15 @@ def split_documents(doc_ids: list[str], seed: int, fraction: float,
     return {"validation": order[:n_val], "train": order[n_val:]}
 
 
+def validation_texts(norm_ids: set[str], shuffle: ShuffleConfig, split: SplitConfig) -> set[str]:
+    """Which of these normalised texts the shuffle stage puts in validation (its rule: u < the fraction)."""
+    if not norm_ids or split.validation_fraction <= 0:
+        return set()
+    norms = sorted(norm_ids)
+    u = split_values(norms, shuffle.seed)
+    return {n for n, v in zip(norms, u) if v < split.validation_fraction}
+
+
 def one_per_text(rows: np.ndarray, norm_ids: list[str], doc_ids: list[str]) -> tuple[np.ndarray, int]:
     """`rows` keeping one document per normalised text (the smallest doc_id, whatever the file order), and how
     many copies were dropped."""
@@ -82,10 +93,10 @@ class Split(StageOutput):
     """shuffle's output: per split, `<split>.arrow` (doc_id, norm_id, part, row) in training order: where each
     document lives in the per-file pieces, no text."""
 
-    def split_file(self, artifacts: str | Path, split: str) -> Path:
-        return self.dir(artifacts) / f"{split}.arrow"
+    def split_file(self, root: ArtifactsRoot, split: str) -> Path:
+        return self.dir(root) / f"{split}.arrow"
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         lines = [(logging.INFO, f"{c['train_documents']} train / {c['validation_documents']} validation documents")]
         if c["validation_copies_held_out"]:
@@ -94,11 +105,10 @@ class Split(StageOutput):
         return lines
 
 
-@stage("shuffle", version=1, output=Split, code=[split_values, split_documents, one_per_text, write_split],
-       libraries=["numpy", "pyarrow"])
+@stage("shuffle", version=1, output=Split, libraries=["numpy", "pyarrow"])
 def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs):
     # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
-    table = read_arrow(docs.docs_file(build.artifacts)).select(["doc_id", "norm_id", "part", "row"])
+    table = read_arrow(docs.docs_file(build.root)).select(["doc_id", "norm_id", "part", "row"])
     doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
     parts = split_documents(doc_ids, shuffle.seed, split.validation_fraction, norm_ids)
     parts["validation"], held_out = one_per_text(parts["validation"], norm_ids, doc_ids)

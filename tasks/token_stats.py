@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from tasks.cache import Build, StageOutput, publish_piece, register_code_version, stage, stage_key
+from tasks.core.keys import register_code_version, stage_key
+from tasks.core.manifest import StageOutput
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, publish_piece, stage
 from tasks.chunk import chunk_lengths, rows_by_part
-from tasks.config import ChunkConfig, TokenStatsConfig
-from tasks.report import markdown_artifact, markdown_table, image_data_uri, table_artifact
+from tasks.core.config import ChunkConfig, TokenStatsConfig
+from tasks.core.report import markdown_artifact, markdown_table, image_data_uri, table_artifact
 from tasks.load import read_arrow
 from tasks.shuffle import SPLITS, Split
 from tasks.tokenize import Tokens
@@ -148,17 +151,15 @@ def compute_token_stats(token_files: list[Path], split_dir: Path, chunk: ChunkCo
 
 
 PIECE_FILES = {(split, kind): f"{split}_{kind}.npy" for split in SPLITS for kind in ("documents", "chunks")}
-register_code_version("token-stats-part", 1, [part_split_lengths, file_lengths, chunk_lengths, "tasks.chunk:window_plan",
-                                              "tasks.chunk:window_layout", "tasks.chunk:windows_per_document"],
-                      ["numpy", "pyarrow"])
+register_code_version("token-stats-part", 1, [part_split_lengths], ["numpy", "pyarrow"])
 
 
 def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos: bool,
-                       artifacts: str) -> tuple[dict, int]:
+                       root: ArtifactsRoot) -> tuple[dict, int]:
     """Each source file's lengths, cached by its tokens, its documents' splits and the chunk settings: a drop
     measures only its own files. Returns the merged lengths and how many files were measured now."""
     parts = tokens.parts
-    by_split = {name: rows_by_part(split.split_file(artifacts, name), len(parts)) for name in SPLITS}
+    by_split = {name: rows_by_part(split.split_file(root, name), len(parts)) for name in SPLITS}
     shares, fresh = [], 0
     for p, part in enumerate(parts):
         rows = {name: by_split[name][p] for name in SPLITS}
@@ -167,14 +168,14 @@ def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos
                                              "chunk": chunk, "has_bos": has_bos})
 
         def build(tmp: Path, part=part, rows=rows):
-            share = part_split_lengths(tokens.token_file(artifacts, part), rows, chunk, has_bos)
+            share = part_split_lengths(tokens.token_file(root, part), rows, chunk, has_bos)
             for (s, kind), name in PIECE_FILES.items():
                 np.save(tmp / name, share[s][kind])
             return {"documents": int(sum(len(r) for r in rows.values()))}, {}
 
-        out, reused = publish_piece(artifacts, "token-stats-part", key, build)
+        out, reused = publish_piece(root, "token-stats-part", key, build)
         fresh += not reused
-        shares.append({s: {kind: np.load(out.dir(artifacts) / PIECE_FILES[(s, kind)]) for kind in ("documents", "chunks")}
+        shares.append({s: {kind: np.load(out.dir(root) / PIECE_FILES[(s, kind)]) for kind in ("documents", "chunks")}
                        for s in SPLITS})
     return merge_lengths(shares), fresh
 
@@ -182,22 +183,20 @@ def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos
 class TokenStats(StageOutput):
     """token-stats' output: `stats.json` (a row per split and unit), `stats.md` and `histogram.svg`."""
 
-    def rows(self, artifacts: str | Path) -> list[dict[str, Any]]:
-        return json.loads((self.dir(artifacts) / "stats.json").read_text())
+    def rows(self, root: ArtifactsRoot) -> list[dict[str, Any]]:
+        return json.loads((self.dir(root) / "stats.json").read_text())
 
-    def histogram(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts) / "histogram.svg"
+    def histogram(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / "histogram.svg"
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         return [(logging.INFO, f"train {r['unit']}: {r['count']}, mean {r['mean']:.1f}, p95 {r['p95']:.0f}, "
-                               f"max {r['max']} tokens") for r in self.rows(artifacts) if r["split"] == "train"]
+                               f"max {r['max']} tokens") for r in self.rows(root) if r["split"] == "train"]
 
 
-@stage("token-stats", version=3, output=TokenStats, code=[token_stats_pieces, merge_lengths, stats_rows, length_stats,
-                                                         plot_histograms, "@token-stats-part"],
-       libraries=["numpy"])
+@stage("token-stats", version=3, output=TokenStats, libraries=["numpy"])
 def token_stats(build: Build, token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: Tokens, split: Split):
-    lengths, fresh = token_stats_pieces(tokens, split, chunk, tokens.bos_id is not None, str(build.artifacts))
+    lengths, fresh = token_stats_pieces(tokens, split, chunk, tokens.bos_id is not None, build.root)
     rows = stats_rows(lengths)
     (build.tmp / "stats.json").write_text(json.dumps(rows, indent=2))
     plot_histograms(lengths, token_stats.bins, build.tmp / "histogram.svg",
@@ -209,11 +208,11 @@ def token_stats(build: Build, token_stats: TokenStatsConfig, chunk: ChunkConfig,
     return counts, {}
 
 
-def show(out: TokenStats, artifacts: str) -> None:
+def show(out: TokenStats, root: ArtifactsRoot) -> None:
     """Prefect artifacts of a token-stats output, made by the flow for computed and cached runs alike."""
-    rows = out.rows(artifacts)
+    rows = out.rows(root)
     table_artifact(rows, "token-stats", "Token length statistics per split, documents and chunks")
     markdown_artifact(
-        f"# Token lengths\n\n{markdown_table(rows)}\n\n![histogram]({image_data_uri(out.histogram(artifacts))})\n",
+        f"# Token lengths\n\n{markdown_table(rows)}\n\n![histogram]({image_data_uri(out.histogram(root))})\n",
         "token-stats-histogram", "Histogram of document and chunk token lengths",
     )

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.cache import (
-    Build, Fingerprint, StageOutput, combine_digests, hash_file, publish_piece, register_code_version, stage, stage_key,
-)
-from tasks.config import ConfigError, ModelConfig, RuntimeConfig, TokenizeConfig
+from tasks.core.config import ConfigError, ModelConfig, RuntimeConfig, TokenizeConfig
+from tasks.core.keys import register_code_version, stage_key
+from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
+from tasks.core.report import Progress
+from tasks.core.root import ArtifactsRoot, user_cache_dir
+from tasks.core.stage import Build, publish_piece, stage
 from tasks.load import Docs, piece_docs_file
-from tasks.report import Progress
-from tasks.store import user_cache_dir
 
 TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 # Files that decide how text becomes ids. config.json is read by AutoTokenizer only to pick a class.
@@ -148,16 +148,16 @@ PROBE_TEXTS = [
 ]
 
 
-def profile_path(artifacts: str | Path, tokenizer: Fingerprint) -> Path:
+def profile_path(root: ArtifactsRoot, tokenizer: Fingerprint) -> Path:
     import importlib.metadata as md
 
     versions = f"{md.version('tokenizers')}-{md.version('transformers')}"
-    return Path(artifacts) / "cache" / "_tokenizers" / f"{tokenizer.digest}-{versions}.json"
+    return root.local / "cache" / "_tokenizers" / f"{tokenizer.digest}-{versions}.json"
 
 
-def profile_paths(artifacts: str | Path, tokenizer: Fingerprint) -> tuple[Path, Path]:
+def profile_paths(root: ArtifactsRoot, tokenizer: Fingerprint) -> tuple[Path, Path]:
     """Where a tokenizer's profile is kept: in the artifacts root, and in the user's cache."""
-    path = profile_path(artifacts, tokenizer)
+    path = profile_path(root, tokenizer)
     return path, user_cache_dir() / "tokenizers" / path.name
 
 
@@ -173,13 +173,13 @@ def _write_atomic(path: Path, text: str) -> None:
 _PREFETCH: dict[str, Any] = {}  # profile path -> Future of a profile being worked out in the background
 
 
-def prefetch_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote_code: bool = False) -> None:
+def prefetch_profile(tokenizer: Fingerprint, root: ArtifactsRoot, trust_remote_code: bool = False) -> None:
     """Start working out the tokenizer's profile in a background thread when it is not known yet: a run with a
     tokenizer never seen before probes it (importing transformers) while load and shuffle read the corpus,
     instead of after them. `tokenizer_profile` waits for it rather than probing twice."""
     from concurrent.futures import ThreadPoolExecutor
 
-    path, shared = profile_paths(artifacts, tokenizer)
+    path, shared = profile_paths(root, tokenizer)
     if path.is_file() or shared.is_file() or str(path) in _PREFETCH:
         return
     pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-profile")
@@ -187,7 +187,7 @@ def prefetch_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote
     pool.shutdown(wait=False)
 
 
-def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remote_code: bool = False):
+def tokenizer_profile(tokenizer: Fingerprint, root: ArtifactsRoot, trust_remote_code: bool = False):
     """Special tokens of the tokenizer and whether its Rust backend alone gives transformers' ids on PROBE_TEXTS,
     worked out once per tokenizer content (and library versions) and kept in the cache and in the user's cache
     (`user_cache_dir`): later processes, and a new artifacts root with a tokenizer seen before, tokenize without
@@ -195,7 +195,7 @@ def tokenizer_profile(tokenizer: Fingerprint, artifacts: str | Path, trust_remot
     it was loaded)."""
     import json
 
-    path, shared = profile_paths(artifacts, tokenizer)
+    path, shared = profile_paths(root, tokenizer)
     for candidate in (path, shared):
         try:
             profile = json.loads(candidate.read_text())
@@ -280,18 +280,25 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
     return {"documents": docs, "tokens": tokens}
 
 
-register_code_version("tokenize-file", 1, [tokenize_file, encode_batch, batch_bounds, Encoder, BackendEncoder,
-                                           special_tokens, load_tokenizer, tokenizer_class,
-                                           "tasks.tokenize:tokenize_piece"],
-                      ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
 TOKENS_FILE = "tokens.arrow"
 
 
-def token_file(artifacts: str | Path, piece_path: str) -> Path:
+def token_file(root: ArtifactsRoot, piece_path: str) -> Path:
     """The Arrow file of one tokenize-file piece."""
-    return Path(artifacts) / piece_path / TOKENS_FILE
+    return root.path(piece_path) / TOKENS_FILE
+
+
+def token_lengths(root: ArtifactsRoot, pieces: list[StageOutput]) -> np.ndarray:
+    """Tokens per document (EOS included) of tokenize-file pieces, in order (list lengths: no token is read)."""
+    import pyarrow.compute as pc
+
+    from tasks.load import read_arrow
+
+    parts = [pc.list_value_length(read_arrow(token_file(root, p.path)).column("input_ids")).to_numpy(
+        zero_copy_only=False) for p in pieces]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def tokenize_file_key(part_key: str, tokenize: TokenizeConfig, tokenizer: Fingerprint,
@@ -305,13 +312,13 @@ class TokenizerOnce:
     profile says its Rust backend gives the same ids, that backend alone is loaded (no transformers import,
     ~2.5 s saved per process). Returns (tokenizer or BackendEncoder, special tokens)."""
 
-    def __init__(self, tokenizer: Fingerprint, trust_remote_code: bool, artifacts: str | Path):
-        self.fingerprint, self.trust_remote_code, self.artifacts = tokenizer, trust_remote_code, artifacts
+    def __init__(self, tokenizer: Fingerprint, trust_remote_code: bool, root: ArtifactsRoot):
+        self.fingerprint, self.trust_remote_code, self.root = tokenizer, trust_remote_code, root
         self.loaded: tuple | None = None
 
     def __call__(self):
         if self.loaded is None:
-            profile, tok = tokenizer_profile(self.fingerprint, self.artifacts, self.trust_remote_code)
+            profile, tok = tokenizer_profile(self.fingerprint, self.root, self.trust_remote_code)
             specials = {k: profile[k] for k in ("bos_id", "eos_id", "vocab_size")}
             if profile["backend"]:
                 tok = BackendEncoder(Path(self.fingerprint.location) / "tokenizer.json")
@@ -321,37 +328,40 @@ class TokenizerOnce:
         return self.loaded
 
 
-def tokenize_piece(part: dict[str, Any], tokenize: TokenizeConfig, tokenizer: Fingerprint, artifacts: str,
+def tokenize_piece(part: dict[str, Any], tokenize: TokenizeConfig, tokenizer: Fingerprint, root: ArtifactsRoot,
                    trust_remote_code: bool = False, progress: Progress | None = None,
                    once: TokenizerOnce | None = None) -> tuple[StageOutput, bool]:
     """One load piece (`{"key", "path", "content", "documents"}`) tokenized into its own cached piece, keyed by
     the load piece's content, the tokenizer's content and the settings. Returns (output, reused)."""
-    once = once or TokenizerOnce(tokenizer, trust_remote_code, artifacts)
+    once = once or TokenizerOnce(tokenizer, trust_remote_code, root)
 
     def build(tmp: Path):
         tok, specials = once()
-        c = tokenize_file(piece_docs_file(artifacts, part["path"]), tmp / TOKENS_FILE, tok,
+        c = tokenize_file(piece_docs_file(root, part["path"]), tmp / TOKENS_FILE, tok,
                           specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
         return c, specials
 
     key = tokenize_file_key(part.get("content") or part["key"], tokenize, tokenizer, trust_remote_code)
-    return publish_piece(artifacts, "tokenize-file", key, build, progress, part["documents"])
+    return publish_piece(root, "tokenize-file", key, build, progress, part["documents"])
+
+
+register_code_version("tokenize-file", 1, [tokenize_piece], ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
 def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, tokenizer: Fingerprint,
-                    artifacts: str, trust_remote_code: bool = False, progress: Progress | None = None,
+                    root: ArtifactsRoot, trust_remote_code: bool = False, progress: Progress | None = None,
                     tokenizer_once: TokenizerOnce | None = None, runtime=None) -> list[tuple[StageOutput, bool]]:
     """Every load piece's tokens (`tokenize_piece`), one after another or fanned out on `runtime`'s task
     runner. Returns [(output, reused)] in the order of `parts`."""
     if runtime is None or runtime.task_runner == "sequential":
-        once = tokenizer_once or TokenizerOnce(tokenizer, trust_remote_code, artifacts)
-        return [tokenize_piece(part, tokenize, tokenizer, artifacts, trust_remote_code, progress, once)
+        once = tokenizer_once or TokenizerOnce(tokenizer, trust_remote_code, root)
+        return [tokenize_piece(part, tokenize, tokenizer, root, trust_remote_code, progress, once)
                 for part in parts]
-    from tasks.fanout import map_pieces
+    from tasks.core.fanout import map_pieces
 
     # Worked out once here (a file read when known), not by every worker at once.
-    tokenizer_profile(tokenizer, artifacts, trust_remote_code)
-    calls = [{"part": part, "tokenize": tokenize, "tokenizer": tokenizer, "artifacts": artifacts,
+    tokenizer_profile(tokenizer, root, trust_remote_code)
+    calls = [{"part": part, "tokenize": tokenize, "tokenizer": tokenizer, "root": root,
               "trust_remote_code": trust_remote_code} for part in parts]
     return map_pieces(tokenize_piece, calls, runtime, "tokenize-file",
                       on_done=lambda i, _: progress.update(parts[i]["documents"]) if progress else None)
@@ -374,24 +384,23 @@ class Tokens(StageOutput):
     def eos_id(self) -> int:
         return self.meta["eos_id"]
 
-    def token_file(self, artifacts: str | Path, part: dict[str, Any]) -> Path:
-        return token_file(artifacts, part["path"])
+    def token_file(self, root: ArtifactsRoot, part: dict[str, Any]) -> Path:
+        return token_file(root, part["path"])
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         return [(logging.INFO, f"{c['tokens']} tokens in {c['documents']} documents ({c['files_tokenized']} files "
                                f"tokenized, {c['files_cached']} from cache; EOS per document"
                                f"{', BOS added per chunk' if self.bos_id is not None else ''})")]
 
 
-@stage("tokenize", version=1, output=Tokens, code=[tokenize_pieces, tokenize_piece, TokenizerOnce, tokenizer_profile,
-                                                   "@tokenize-file"])
+@stage("tokenize", version=1, output=Tokens, key_exclude={"runtime"})
 def tokenize(build: Build, tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: Docs,
              trust_remote_code: bool = False, runtime: RuntimeConfig | None = None):
     """Tokens of every loaded file, each cached by (file content, tokenizer, settings): a drop tokenizes only
     its own files. The stage's output is the list of those per-file outputs."""
     with Progress(docs.counts["documents"], "tokenize", unit="doc") as progress:
-        pieces = tokenize_pieces(docs.parts, tokenize, tokenizer, str(build.artifacts), trust_remote_code, progress,
+        pieces = tokenize_pieces(docs.parts, tokenize, tokenizer, build.root, trust_remote_code, progress,
                                  runtime=runtime)
     parts = [out for out, _ in pieces]
     fresh = sum(not reused for _, reused in pieces)

@@ -17,13 +17,15 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from tasks import modeling
-from tasks.cache import Build, Fingerprint, StageOutput, stage
 from tasks.chunk import Chunks
-from tasks.config import ChunkConfig, ModelConfig, TrainConfig
-from tasks.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
-from tasks.store import store_for
-from tasks.train_worker import MESSAGE_PREFIX, pull_checkpoint
+from tasks.core.config import ChunkConfig, ModelConfig, TrainConfig
+from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, stage
+from tasks.ml import train_worker
+from tasks.ml.spec import TrainSpec
+from tasks.ml.train_worker import MESSAGE_PREFIX, pull_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +34,9 @@ class TrainingFailed(RuntimeError):
     pass
 
 
-def work_dir(artifacts: str | Path, key: str) -> Path:
-    return Path(artifacts) / "work" / "train" / key
+def work_rel(key: str) -> str:
+    """A key's work folder (checkpoints kept across attempts), relative to the root."""
+    return f"work/train/{key}"
 
 
 def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_config: str | None = None) -> list[str]:
@@ -48,7 +51,7 @@ def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_
             # accelerate's `--cpu` runs one process whatever `--num_processes` says; its multi-process launcher
             # (torchrun) starts them, and the worker's PartialState(cpu=True) joins them over gloo on CPU.
             cmd.append("--multi_gpu")
-    return [*cmd, "-m", "tasks.train_worker", str(spec_path)]
+    return [*cmd, "-m", "tasks.ml.train_worker", str(spec_path)]
 
 
 def run_child(cmd: list[str], on_message, log) -> None:
@@ -81,15 +84,15 @@ def run_child(cmd: list[str], on_message, log) -> None:
         raise TrainingFailed(f"training process failed ({how}); last lines:\n" + "\n".join(tail))
 
 
-def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_desc: str = "train") -> dict:
+def train_model(spec: TrainSpec, num_processes: int, log=None, progress_desc: str = "train") -> dict:
     """Run one training attempt described by `spec` (see train_worker.run); returns the child's metrics."""
-    from tasks.modeling import device_type
+    from tasks.ml.modeling import device_type
 
     log = log or run_logger()
     device = device_type()
-    out = Path(spec["output_dir"])
-    spec_path = out / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    spec = TrainSpec.model_validate(spec)  # a dict from a benchmark or a test is checked like the stage's own
+    out = Path(spec.output_dir)
+    spec_path = spec.write(out / "spec.json")
     state: dict[str, Any] = {"progress": None}
 
     def on_message(msg: dict[str, Any]) -> None:
@@ -115,7 +118,7 @@ def train_model(spec: dict[str, Any], num_processes: int, log=None, progress_des
                                              for k, v in msg.items()))
 
     try:
-        run_child(launch_command(spec_path, num_processes, device, spec["train"].get("accelerate_config")),
+        run_child(launch_command(spec_path, num_processes, device, spec.train.accelerate_config),
                   on_message, log)
     finally:
         if state["progress"] is not None:
@@ -138,66 +141,60 @@ class Trained(StageOutput):
     """train's output: `model/` (weights and tokenizer, the best checkpoint with early stopping),
     `metrics.json`, `log_history.json`, `loss_curve.png`, `tensorboard/`."""
 
-    def model_dir(self, artifacts: str | Path) -> Path:
-        return self.dir(artifacts) / "model"
+    def model_dir(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / "model"
 
-    def tensorboard_dir(self, artifacts: str | Path) -> str:
+    @property
+    def model_rel(self) -> str:
+        """The model folder relative to the root (how a promotion record names it)."""
+        return f"{self.path}/model"
+
+    def tensorboard_dir(self, root: ArtifactsRoot) -> str:
         """Where TensorBoard reads the logs: the local folder, or the store's URL (TensorBoard reads fsspec
         URLs), so naming it fetches nothing."""
-        return f"{self.location(artifacts)}/tensorboard"
+        return f"{self.location(root)}/tensorboard"
 
-    def loss_curve(self, artifacts: str | Path) -> Path:
-        return self.file(artifacts, "loss_curve.png")
+    def loss_curve(self, root: ArtifactsRoot) -> Path:
+        return self.file(root, "loss_curve.png")
 
-    def links(self, artifacts: str) -> dict[str, str]:
-        return {"TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(artifacts)}"}
+    def links(self, root: ArtifactsRoot) -> dict[str, str]:
+        return {"TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(root)}"}
 
     @property
     def model_digest(self) -> str:
         return self.meta["model_digest"]
 
-    def summary(self, artifacts: str) -> list[tuple[int, str]]:
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         lines = [(logging.INFO, f"{c['global_step']} steps from the {c['parent']}, loss {_num(c['first_loss'])} → "
                                 f"{_num(c['last_loss'])}, best validation loss {_num(c['best_eval_loss'])}; "
-                                f"TensorBoard logs in {self.tensorboard_dir(artifacts)}")]
+                                f"TensorBoard logs in {self.tensorboard_dir(root)}")]
         if c.get("replay_trained_tokens"):
             lines.append((logging.INFO, f"{c['domain_trained_tokens']} domain + {c['replay_trained_tokens']} replay "
                                         f"trained tokens (replay share {c['replay_share']:.4f})"))
         return lines
 
 
-@stage("train", version=1, output=Trained,
-       code=[train_model, launch_command, run_child, source_tokens, "tasks.train_worker", modeling.load_pretrained,
-             modeling.choose_dtype, modeling.choose_attention, modeling.load_tokenizer_with_pad],
+@stage("train", version=1, output=Trained, code=[train_worker], key_exclude={"parent"},
        libraries=["transformers", "trl", "torch", "accelerate", "datasets"])
 def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
           chunks: Chunks, parent: dict[str, Any] | None = None):
     """`base_model` is the model training starts from (the base, or the last promoted model with train.init:
     last_promoted); `parent` describes it for the lineage and is not part of the key (its digest is)."""
-    from tasks.promotion import model_digest, without_location
+    from tasks.ml.modeling import model_digest, without_location
 
-    work = work_dir(build.artifacts, build.key)
+    rel = work_rel(build.key)
+    work = build.root.path(rel)
     parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
-    store = store_for(build.artifacts)
-    work_rel = work.relative_to(build.artifacts).as_posix()
-    if store is not None:  # an attempt killed on another host left its newest checkpoint in the store
-        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-        pulled = pull_checkpoint(store, work_rel, work / "checkpoints", build.tmp / "tensorboard")
-        if pulled:
-            build.log.info("train: took %s of an earlier attempt from %s", pulled, store.url)
-    spec = {
-        "model_location": base_model.location,
-        "model": model.model_dump(mode="json"),
-        "train": train.model_dump(mode="json"),
-        "max_seq_length": chunk.max_seq_length,
-        "chunks_dir": str(chunks.dataset_dir(build.artifacts)),
-        "output_dir": str(build.tmp),
-        "checkpoint_dir": str(work / "checkpoints"),
-        "tensorboard_dir": str(build.tmp / "tensorboard"),
-        "store_root": str(build.artifacts) if store is not None else None,
-        "work_rel": work_rel,
-    }
+    # An attempt killed on another host may have left its newest checkpoint in the store (none on a local root).
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    pulled = pull_checkpoint(build.root, rel, work / "checkpoints", build.tmp / "tensorboard")
+    if pulled:
+        build.log.info("train: took %s of an earlier attempt from %s", pulled, build.root.location(rel))
+    spec = TrainSpec(model_location=base_model.location, model=model, train=train,
+                     max_seq_length=chunk.max_seq_length, chunks_dir=str(chunks.dataset_dir(build.root)),
+                     output_dir=str(build.tmp), checkpoint_dir=str(work / "checkpoints"),
+                     tensorboard_dir=str(build.tmp / "tensorboard"), artifacts=build.root.spec, work_rel=rel)
     metrics = train_model(spec, train.num_processes, build.log)
     counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
                                       "best_eval_loss", "stopped_early", "padding_fraction",
@@ -209,8 +206,7 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
     counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
     # The model is in the published output; checkpoints only served a resume of this key.
     build.on_published(lambda out: shutil.rmtree(work, ignore_errors=True))
-    if store is not None:
-        build.on_published(lambda out: store.delete(work_rel))
+    build.on_published(lambda out: build.root.remove_remote(rel))
     return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
                     "model_dir": "model", "tensorboard": "tensorboard",
                     "model_digest": model_digest(build.tmp / "model"), "parent": without_location(parent)}
@@ -221,11 +217,11 @@ def _num(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
-def show(out: Trained, artifacts: str) -> None:
+def show(out: Trained, root: ArtifactsRoot) -> None:
     rows = [{"metric": k, "value": v} for k, v in out.counts.items()]
     table_artifact(rows, "train-metrics", "Training metrics")
     markdown_artifact(
-        f"# Loss curve\n\n![loss curve]({image_data_uri(out.loss_curve(artifacts))})\n\n{markdown_table(rows)}\n\n"
-        f"TensorBoard: `tensorboard --logdir {out.tensorboard_dir(artifacts)}`\n",
+        f"# Loss curve\n\n![loss curve]({image_data_uri(out.loss_curve(root))})\n\n{markdown_table(rows)}\n\n"
+        f"TensorBoard: `tensorboard --logdir {out.tensorboard_dir(root)}`\n",
         "train-loss-curve", "Training and validation loss",
     )

@@ -8,10 +8,22 @@ import sys
 
 import pytest
 
-from tasks.cache import (
-    MANIFEST, StageOutput, cache_dir, is_complete, publish, read_manifest, register_code_version, stage_key,
-)
-from tasks.config import ChunkConfig
+from tasks.core.config import ChunkConfig
+from tasks.core.keys import register_code_version, stage_key
+from tasks.core.manifest import MANIFEST, StageOutput, read_manifest
+from tasks.core.root import ArtifactsRoot, open_root
+
+
+def publish(root, stage, key, build) -> StageOutput:
+    return open_root(root).publish(stage, key, build)[0]
+
+
+def is_complete(root, stage, key) -> bool:
+    return open_root(root).complete(stage, key)
+
+
+def cache_dir(root, stage, key):
+    return open_root(root).cache_dir(stage, key)
 
 
 def _unit_a(x):
@@ -25,11 +37,10 @@ def _unit_b(x):
 def test_key_depends_on_config_upstream_key_and_code_not_on_location():
     register_code_version("unit", 1, [_unit_a], [])
     up = StageOutput(stage="a", key="a-1", path="cache/a/a-1", counts={"n": 1})
-    base = stage_key("unit", {"cfg": ChunkConfig(), "up": up, "artifacts": "/x"})
-    assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": up, "artifacts": "/elsewhere"})
+    base = stage_key("unit", {"cfg": ChunkConfig(), "up": up})
     # An upstream manifest contributes its key only: counts/paths are derived from it.
     moved = up.model_copy(update={"path": "other", "counts": {"n": 2}})
-    assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": moved, "artifacts": "/x"})
+    assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": moved})
     assert base != stage_key("unit", {"cfg": ChunkConfig(overlap=1), "up": up})
     assert base != stage_key("unit", {"cfg": ChunkConfig(), "up": up.model_copy(update={"key": "a-2"})})
     register_code_version("unit", 1, [_unit_a, _unit_b], [])  # another function computes the output now
@@ -40,56 +51,15 @@ def test_key_depends_on_config_upstream_key_and_code_not_on_location():
     assert base == stage_key("unit", {"cfg": ChunkConfig(), "up": up})
 
 
-def test_code_versions_cover_the_stage_code_not_shared_modules():
-    """A stage's code version is its own functions' source: editing the config, cache or report modules (a
-    docstring, a field of another stage) leaves every key as it was; editing a function a stage lists does not."""
-    import inspect
-
-    import tasks.chunk  # noqa: F401  registers its stages
-    import tasks.train  # noqa: F401
-    from tasks import cache
-
-    import types
-
-    import flows.continued_pretraining  # noqa: F401  every stage registered
-
-    shared = {"tasks.config", "tasks.cache", "tasks.report"}
-    for stage, (_, code, _) in cache._CODE_SPECS.items():
-        for item in code:
-            if isinstance(item, str) and item.startswith("@"):
-                continue
-            obj = cache._resolve(item)
-            where = obj.__name__ if isinstance(obj, types.ModuleType) else obj.__module__
-            assert where not in shared, f"{stage} keys on {where}"
-    before = {s: cache.code_version(s) for s in ("chunk", "chunk-part", "train")}
-    real = inspect.getsource
-
-    def edited(names):
-        def getsource(obj):
-            src = real(obj)
-            return src + "\n# edited" if getattr(obj, "__name__", "") in names else src
-        return getsource
-
-    cache._CODE_VERSIONS.clear()
-    inspect.getsource = edited({"chunk_batch"})
-    try:
-        after = {s: cache.code_version(s) for s in before}
-    finally:
-        inspect.getsource = real
-        cache._CODE_VERSIONS.clear()
-    # chunk_batch computes chunk-part's output, and chunk lists chunk-part's code; train does not.
-    assert after["chunk-part"] != before["chunk-part"] and after["chunk"] != before["chunk"]
-    assert after["train"] == before["train"]
-
-
 def test_publish_is_atomic_and_records_a_manifest(tmp_path):
     def build(d):
         (d / "data.txt").write_text("hello")
         return {"rows": 1}, {"note": "x"}
 
     out = publish(tmp_path, "s", "s-k", build)
-    assert out.counts == {"rows": 1} and out.dir(tmp_path) == cache_dir(tmp_path, "s", "s-k")
-    assert read_manifest(out.dir(tmp_path)) == out
+    root = open_root(tmp_path)
+    assert out.counts == {"rows": 1} and out.dir(root) == cache_dir(tmp_path, "s", "s-k")
+    assert read_manifest(out.dir(root)) == out
     assert sorted(p.name for p in (tmp_path / "cache" / "s").iterdir()) == [".lock-s-k", "s-k"]
 
 
@@ -110,7 +80,8 @@ def test_directory_without_manifest_is_replaced(tmp_path):
     (debris / "half-written").write_text("?")
     assert not is_complete(tmp_path, "s", "s-k")
     out = publish(tmp_path, "s", "s-k", lambda d: ((d / "ok").write_text("1") and {}, {}))
-    assert (out.dir(tmp_path) / "ok").exists() and not (out.dir(tmp_path) / "half-written").exists()
+    root = open_root(tmp_path)
+    assert (out.dir(root) / "ok").exists() and not (out.dir(root) / "half-written").exists()
 
 
 def test_a_truncated_file_or_a_lost_piece_makes_an_entry_a_miss_that_is_rebuilt(tmp_path):
@@ -125,20 +96,20 @@ def test_a_truncated_file_or_a_lost_piece_makes_an_entry_a_miss_that_is_rebuilt(
     whole = publish(tmp_path, "s", "s-1", lambda d: ((d / "a").write_text("1"), {}, {}, {"deps": [p.path]})[1:])
     assert whole.files == {"a": 1} and p.files == {"tokens.arrow": 100}
     assert is_complete(tmp_path, "s", "s-1") and is_complete(tmp_path, "p", "p-1")
-    with open(p.dir(tmp_path) / "tokens.arrow", "r+b") as f:
+    with open(p.dir(open_root(tmp_path)) / "tokens.arrow", "r+b") as f:
         f.truncate(50)  # the manifest is intact, the file is not
     assert not is_complete(tmp_path, "p", "p-1")
     assert not is_complete(tmp_path, "s", "s-1")  # it refers to the damaged piece
     publish(tmp_path, "p", "p-1", piece)
     assert built == ["piece", "piece"] and is_complete(tmp_path, "s", "s-1")
-    (whole.dir(tmp_path) / "a").unlink()
+    (whole.dir(open_root(tmp_path)) / "a").unlink()
     assert not is_complete(tmp_path, "s", "s-1")
 
 
 def test_existing_complete_output_wins_a_race(tmp_path):
     first = publish(tmp_path, "s", "s-k", lambda d: ({"who": "first"}, {}))
     second = publish(tmp_path, "s", "s-k", lambda d: ({"who": "second"}, {}))
-    assert second == first and read_manifest(first.dir(tmp_path)).counts == {"who": "first"}
+    assert second == first and read_manifest(first.dir(open_root(tmp_path))).counts == {"who": "first"}
 
 
 def test_temp_dirs_of_killed_processes_are_removed(tmp_path):
@@ -201,17 +172,17 @@ def test_a_killed_builder_blocks_nothing(tmp_path):
 
 
 def test_digest_memo_reads_an_unchanged_file_once_and_a_changed_one_again(tmp_path, monkeypatch):
-    import tasks.cache as cache
+    import tasks.core.manifest as cache
 
     f = tmp_path / "big.bin"
     f.write_bytes(b"a" * 1000)
     reads = []
     real = cache.hash_file
     monkeypatch.setattr(cache, "hash_file", lambda p, *a: reads.append(p) or real(p, *a))
-    first = cache.DigestMemo(tmp_path)
+    first = cache.DigestMemo(open_root(tmp_path))
     d1 = first.digest(f)
     first.save()
-    again = cache.DigestMemo(tmp_path)  # a later run
+    again = cache.DigestMemo(open_root(tmp_path))  # a later run
     assert again.digest(f) == d1 and len(reads) == 1
     f.write_bytes(b"b" * 1000)  # same size: the mtime moves
     assert again.digest(f) != d1 and len(reads) == 2
@@ -221,8 +192,6 @@ def test_cache_verify_finds_a_flipped_byte_by_digest_and_a_truncated_file_by_siz
     import subprocess
     import sys
 
-    from tasks.cache import publish, read_manifest
-
     root = tmp_path / "artifacts"
 
     def build(tmp):
@@ -231,7 +200,7 @@ def test_cache_verify_finds_a_flipped_byte_by_digest_and_a_truncated_file_by_siz
 
     a = publish(root, "stage-a", "stage-a-1", build)
     b = publish(root, "stage-b", "stage-b-1", build)
-    assert read_manifest(a.dir(root)).digests["data.bin"]
+    assert read_manifest(a.dir(open_root(root))).digests["data.bin"]
     probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
              "heavy = [m for m in ('prefect', 'torch', 'transformers', 'datasets') if m in sys.modules]; "
              "print('HEAVY', heavy); sys.exit(rc)")
@@ -243,10 +212,10 @@ def test_cache_verify_finds_a_flipped_byte_by_digest_and_a_truncated_file_by_siz
     out = verify("--full")
     assert out.returncode == 0 and "2 entries checked by sizes and contents: 0 damaged" in out.stdout
     assert "HEAVY []" in out.stdout
-    with open(a.dir(root) / "data.bin", "r+b") as f:  # same size, one byte changed
+    with open(a.dir(open_root(root)) / "data.bin", "r+b") as f:  # same size, one byte changed
         f.seek(500)
         f.write(b"X")
-    (b.dir(root) / "data.bin").write_bytes(b"short")
+    (b.dir(open_root(root)) / "data.bin").write_bytes(b"short")
     out = verify()
     assert out.returncode == 1 and "damaged: cache/stage-b/stage-b-1: data.bin has 5 bytes" in out.stdout
     assert "stage-a" not in out.stdout  # a flipped byte keeps the size: only --full sees it
@@ -254,7 +223,7 @@ def test_cache_verify_finds_a_flipped_byte_by_digest_and_a_truncated_file_by_siz
     assert out.returncode == 1 and "damaged: cache/stage-a/stage-a-1: data.bin does not have the content" in out.stdout
     out = verify("--full", "--discard")
     assert out.returncode == 0 and out.stdout.count("discarded") == 2
-    assert not a.dir(root).exists() and not b.dir(root).exists()
+    assert not a.dir(open_root(root)).exists() and not b.dir(open_root(root)).exists()
     assert verify("--full").stdout.startswith("0 entries checked")
 
 
@@ -273,7 +242,7 @@ def test_the_stage_decorator_keys_every_argument_and_returns_its_typed_manifest(
     temp dir, publishes, returns the producer's manifest type and logs its summary on every call."""
     import logging
 
-    from tasks.cache import Build, stage
+    from tasks.core.stage import Build, stage
 
     built = []
 
@@ -288,35 +257,49 @@ def test_the_stage_decorator_keys_every_argument_and_returns_its_typed_manifest(
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="cpt"):
-            a = thing.fn(n=2, artifacts=str(tmp_path))
+            a = thing.fn(n=2, artifacts=open_root(tmp_path))
     finally:
         logger.removeHandler(caplog.handler)
-    assert isinstance(a, _Thing) and a.thing_file(tmp_path).read_text() == "xx"
+    root = open_root(tmp_path)
+    assert isinstance(a, _Thing) and a.thing_file(root).read_text() == "xx"
     assert "unit-thing: 2 things" in caplog.text
-    b = thing.fn(n=2, label="y", artifacts=str(tmp_path))  # a defaulted argument is keyed too
-    assert b.key != a.key and b.thing_file(tmp_path).read_text() == "yy"
+    b = thing.fn(n=2, label="y", artifacts=root)  # a defaulted argument is keyed too
+    assert b.key != a.key and b.thing_file(root).read_text() == "yy"
     assert thing.fn(n=2, label="x", artifacts=str(tmp_path / ".." / tmp_path.name)) == a  # published: not rebuilt
     assert built == [a.key, b.key]
     with pytest.raises(TypeError):
-        thing.fn(n=2, artifacts=str(tmp_path), colour="red")  # an argument the body does not take
+        thing.fn(n=2, artifacts=root, colour="red")  # an argument the body does not take
 
 
 def test_an_artifacts_url_is_a_store_never_a_local_folder_named_after_its_scheme(tmp_path, monkeypatch):
-    from tasks.cache import artifacts_root, store_url
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "scratch"))
-    root = artifacts_root("s3://bucket/some/prefix")
-    assert root == (tmp_path / "scratch" / "s3" / "bucket" / "some" / "prefix").resolve()
-    assert store_url(root) == "s3://bucket/some/prefix" and store_url(tmp_path) is None
+    root = open_root("s3://bucket/some/prefix")
+    assert root.local == (tmp_path / "scratch" / "s3" / "bucket" / "some" / "prefix").resolve()
+    assert root.url == "s3://bucket/some/prefix" and open_root(tmp_path).url is None
     assert not (tmp_path / "s3:").exists()
     with pytest.raises(ConfigError, match=r"--artifacts: 'nosuch://b/p': nosuch:// is not a storage fsspec knows"):
-        artifacts_root("nosuch://b/p")
+        open_root("nosuch://b/p")
     monkeypatch.setenv("CPT_ARTIFACTS", "gs://b/p")  # gcsfs is not installed here
     with pytest.raises(ConfigError, match=r"CPT_ARTIFACTS: 'gs://b/p' needs a library that is not installed"):
-        artifacts_root()
+        open_root()
     with pytest.raises(ConfigError, match="needs a bucket"):
-        artifacts_root("s3://")
-    assert artifacts_root(f"file://{tmp_path}") == tmp_path.resolve()
-    assert artifacts_root("rel") == tmp_path.resolve() / "rel"
+        open_root("s3://")
+    assert open_root(f"file://{tmp_path}").local == tmp_path.resolve()
+    assert open_root("rel").local == tmp_path.resolve() / "rel"
+
+
+def test_a_root_travels_as_its_url_or_path_and_is_opened_again_on_the_other_side(tmp_path, monkeypatch):
+    """Pickled to a worker (Dask, a process pool) a root is reopened there: a store root keeps its URL and takes
+    the mirror of the host it lands on (its own $CPT_SCRATCH), never the sender's path."""
+    import pickle
+
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "here"))
+    local, store = open_root(tmp_path / "a"), open_root("s3://bucket/p")
+    assert pickle.loads(pickle.dumps(local)) == local and type(pickle.loads(pickle.dumps(local))) is ArtifactsRoot
+    blob = pickle.dumps(store)
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "there"))
+    moved = pickle.loads(blob)
+    assert moved.url == "s3://bucket/p" and moved.local == (tmp_path / "there" / "s3" / "bucket" / "p").resolve()

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks.chunk import IGNORE_INDEX, chunk_batch, chunk_lengths, trained_tokens, window_plan
-from tasks.config import ChunkConfig, ConfigError
+from tasks.core.config import ChunkConfig, ConfigError
 
 BOS = 1
 

@@ -2,8 +2,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from flows.cli import main
+from tasks.core.root import open_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +37,9 @@ def test_bad_input_exits_1_with_file_and_line_before_any_flow_starts(tmp_path, c
 
 
 def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path):
-    from tasks import lines
+    from tasks.state import lines
 
-    lines.announce(tmp_path, "l", tmp_path / "d1")
+    lines.announce(open_root(tmp_path), "l", tmp_path / "d1")
     probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
              "heavy = [m for m in ('prefect', 'torch', 'transformers', 'datasets') if m in sys.modules]; "
              "print('HEAVY', heavy); sys.exit(rc)")
@@ -48,18 +49,18 @@ def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path
     out = cpt("drops", "--line", "l", "--remove", str(tmp_path / "nope"), "--artifacts", str(tmp_path))
     assert out.returncode == 2 and "has no drop" in out.stderr
     assert cpt("drops", "--line", "l", "--remove", str(tmp_path / "d1"), "--artifacts", str(tmp_path)).returncode == 0
-    assert [h["status"] for h in lines.read_line(tmp_path, "l").drops[0].history] == ["pending", "removed"]
+    assert [h["status"] for h in lines.read_line(open_root(tmp_path), "l").drops[0].history] == ["pending", "removed"]
 
 
 def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
-    from tasks.promotion import Promotion, record_promotion
+    from tasks.state.promotions import Promotion, record_promotion
 
     record = Promotion(model_digest="d" * 32, model_path="cache/train/k/model", train_identity="t",
                        parent={"kind": "base", "id": "org/base", "digest": "b"}, reference={"kind": "base"},
                        validation_perplexity=12.5, reason="validation perplexity 12.5 vs the base model 20",
                        flow_run="brave-otter", at="2026-11-26T02:00:00Z")
-    record_promotion(tmp_path, "line-night", record)
-    record_promotion(tmp_path, "line-night", record)  # the same promotion seen again is not a new entry
+    record_promotion(open_root(tmp_path), "line-night", record)
+    record_promotion(open_root(tmp_path), "line-night", record)  # the same promotion seen again is not a new entry
     probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
              "heavy = [m for m in ('prefect', 'torch', 'transformers', 'datasets') if m in sys.modules]; "
              "print('HEAVY', heavy); sys.exit(rc)")

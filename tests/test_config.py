@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, CptConfig, load_config, parse_override
+from tasks.core.config import ConfigError, CptConfig, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sample_texts, write_jsonl
-from tasks.config import validate_config
+from helpers import sample_texts, write_jsonl
+from tasks.core.config import validate_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 DATA_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk"]
@@ -77,7 +77,7 @@ def test_deleted_chunk_output_recomputes_chunk_only(config, artifacts):
 
 
 def test_half_written_output_is_a_miss(config, artifacts):
-    from tasks.cache import MANIFEST
+    from tasks.core.manifest import MANIFEST
 
     _, summary = run(config, artifacts)
     (Path(summary["stages"][1]["output"]) / MANIFEST).unlink()  # as if the copy had stopped halfway
@@ -290,13 +290,15 @@ def test_a_stage_rerun_with_identical_output_leaves_the_stages_below_cached(conf
     """Early cut-off: tokenize's code version is bumped (its key changes, it reruns every file) but the
     tokens it writes are byte-identical, so token-stats and chunk, keyed by its content, stay Cached. A bump
     that does change the output (another EOS) reruns them."""
-    from tasks import cache
+    import dataclasses
+
     from tasks import tokenize as tokenize_module
+    from tasks.core import keys
 
     run(config, artifacts)
-    version, code, libraries = cache._CODE_SPECS["tokenize-file"]
-    monkeypatch.setitem(cache._CODE_SPECS, "tokenize-file", (version + 1, code, libraries))
-    cache._CODE_VERSIONS.clear()
+    spec = keys._SPECS["tokenize-file"]
+    monkeypatch.setitem(keys._SPECS, "tokenize-file", dataclasses.replace(spec, version=spec.version + 1))
+    keys._VERSIONS.clear()
     states, summary = run(config, artifacts)
     assert states == {"load": "Cached", "shuffle": "Cached", "tokenize": "Completed",
                       "token-stats": "Cached", "chunk": "Cached"}
@@ -305,12 +307,12 @@ def test_a_stage_rerun_with_identical_output_leaves_the_stages_below_cached(conf
     real_encode = tokenize_module.encode_batch
     monkeypatch.setattr(tokenize_module, "encode_batch",
                         lambda tok, texts, eos_id, encoder=None: real_encode(tok, texts, eos_id + 1, encoder))
-    monkeypatch.setitem(cache._CODE_SPECS, "tokenize-file", (version + 2, code, libraries))
-    cache._CODE_VERSIONS.clear()
+    monkeypatch.setitem(keys._SPECS, "tokenize-file", dataclasses.replace(spec, version=spec.version + 2))
+    keys._VERSIONS.clear()
     states, _ = run(config, artifacts)
     assert states == {"load": "Cached", "shuffle": "Cached", "tokenize": "Completed",
                       "token-stats": "Completed", "chunk": "Completed"}
-    cache._CODE_VERSIONS.clear()
+    keys._VERSIONS.clear()
 
 
 @pytest.mark.parametrize("runner", ["threads", "processes", "dask"])
@@ -324,7 +326,7 @@ def test_every_task_runner_gives_the_same_keys_and_outputs(config, artifacts, tm
     assert [(s["name"], s["key"]) for s in fanned["stages"]] == [(s["name"], s["key"]) for s in sequential["stages"]]
 
     def contents(root, summary):
-        from tasks.cache import read_manifest
+        from tasks.core.manifest import read_manifest
 
         return {s["name"]: read_manifest(Path(s["output"])).content for s in summary["stages"]}
 
@@ -350,7 +352,7 @@ def test_every_task_runner_gives_the_same_keys_and_outputs(config, artifacts, tm
 
 def test_one_task_runner_serves_every_fanned_out_stage_of_a_run_and_a_cached_run_starts_none(config, artifacts,
                                                                                               monkeypatch):
-    from tasks import fanout
+    from tasks.core import fanout
 
     started = []
     real = fanout.task_runner

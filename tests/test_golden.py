@@ -1,8 +1,8 @@
 """Golden digests: each data stage's output on a fixed fixture, recorded with the stage's explicit version.
 
-A stage's cache key carries its explicit version (`@stage(..., version=N)`), the source of the functions it
-lists, and its libraries' versions. Listing misses a helper, or a change reaches the output through code the
-key does not see; then a rerun would serve stale output. This test catches that: when a stage's output on the
+A stage's cache key carries its explicit version (`@stage(..., version=N)`), the code it reaches (read from the
+code, tasks/core/keys.py) and its libraries' versions. A change that reaches the output through what the key
+does not see (a library's behaviour, a data file) would serve stale output on a rerun. This test catches that: when a stage's output on the
 fixture changes while its version does not, it fails and asks for the bump. After a deliberate change:
 
     CPT_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cache import StageOutput, combine_digests, read_manifest, stage_version
+from tasks.core.keys import stage_version
+from tasks.core.manifest import StageOutput, combine_digests, read_manifest
 
 GOLDEN = Path(__file__).parent / "golden" / "stage_outputs.json"
 LIBRARIES = ["tokenizers", "transformers", "numpy", "pyarrow", "datasets"]
@@ -73,14 +74,14 @@ def without_provenance(path: Path) -> str:
 
 
 def run_data_stages(tmp_path: Path) -> dict[str, StageOutput]:
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from tasks.chunk import chunk
-    from tasks.config import ChunkConfig, CorpusConfig, ModelConfig, ReplayConfig, ShuffleConfig, SplitConfig
-    from tasks.config import TokenizeConfig, TokenStatsConfig
+    from tasks.core.config import ChunkConfig, CorpusConfig, ModelConfig, ReplayConfig, ShuffleConfig, SplitConfig
+    from tasks.core.config import TokenizeConfig, TokenStatsConfig
     from tasks.load import fingerprint_corpus, load
     from tasks.replay import mix
     from tasks.shuffle import shuffle
-    from tasks.tiny_model import train_tokenizer
+    from tasks.ml.tiny_model import train_tokenizer
     from tasks.token_stats import token_stats
     from tasks.tokenize import resolve_tokenizer, tokenize
 

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_jsonl
-from tasks.config import ConfigError, CorpusConfig
+from helpers import write_jsonl
+from tasks.core.config import ConfigError, CorpusConfig
 from tasks.load import (
     DOCS_FILE, REJECTS_FILE, BadRecordError, fingerprint_corpus, load_documents, resolve_corpus_files,
     source_names,

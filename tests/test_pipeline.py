@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import sample_texts, touched_entries, write_jsonl
-from tasks.config import validate_config
+from helpers import sample_texts, touched_entries, write_jsonl
+from tasks.core.config import validate_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ALL_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "gate",
@@ -136,7 +136,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(config, artifacts, mon
 
 
 def test_early_stopping_keeps_the_best_model(config, artifacts):
-    from tasks.config import EvaluateConfig, ModelConfig
+    from tasks.core.config import EvaluateConfig, ModelConfig
     from tasks.evaluate import evaluate_model, validation_rows
 
     # A learning rate this high makes validation loss rise after the first evaluations.

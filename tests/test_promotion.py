@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sample_texts, touched_entries, write_jsonl
-from tasks.config import GateConfig, validate_config
+from helpers import sample_texts, touched_entries, write_jsonl
+from tasks.core.config import GateConfig, validate_config
 from tasks.gate import decide
 
 PROMPT = "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"
@@ -47,7 +47,7 @@ def test_a_model_with_nan_weights_is_evaluated_and_refused_not_a_crash(tiny_mode
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.config import EvaluateConfig, GenerationConfig, ModelConfig
+    from tasks.core.config import EvaluateConfig, GenerationConfig, ModelConfig
     from tasks.evaluate import evaluate_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -166,14 +166,16 @@ def test_a_diverged_model_is_refused_and_leaves_the_release_and_the_hub_untouche
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_last_promoted_continues_from_the_promoted_weights_and_the_release_is_kept_whole(config, artifacts):
-    from tasks.promotion import model_digest, read_promotions
+    from tasks.core.root import open_root
+    from tasks.ml.modeling import model_digest
+    from tasks.state.promotions import read_promotions
 
     states, stages, _ = run(config, artifacts)
     first = stages["train"]["counts"]
     promoted_dir = Path(stages["train"]["output"]) / "model"
     release = artifacts / "models" / "promoted-test"
     assert model_digest(release) == model_digest(promoted_dir)
-    record = read_promotions(artifacts, "name-promoted-test").last
+    record = read_promotions(open_root(artifacts), "name-promoted-test").last
     assert record.model_digest == model_digest(promoted_dir) and record.parent["kind"] == "base"
 
     # A deleted release folder is re-made by the next, fully cached, run; so is one whose files changed.
@@ -261,7 +263,7 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     # The card: base, parent, corpus and drop fingerprints, replay, evaluation table, gate decision.
     assert result["promoted"] is True
     card = (artifacts / "models" / "promoted-test" / "README.md").read_text()
-    from tasks.lines import read_line
+    from tasks.state.lines import read_line
 
     d = read_line(artifacts, "night").drops[0]
     assert f"| base model | `{config['model']['id']}` (digest `" in card
@@ -271,56 +273,3 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     assert "| replay fraction | 0.25 of training tokens from" in card
     assert "| perplexity | base model | gate reference | this model |" in card and "| general |" in card
     assert "| gate decision | promoted against the base model: validation perplexity" in card
-
-
-def test_parent_and_reference_follow_the_promotion_record(tmp_path):
-    from tasks.cache import Fingerprint, publish
-    from tasks.promotion import (
-        LostPromotedModel, Promotion, Promotions, choose_parent, choose_reference, model_digest,
-    )
-
-    root = tmp_path / "artifacts"
-
-    def promoted_model(name: str, weights: bytes) -> tuple[Path, str]:
-        def build(tmp: Path):
-            (tmp / "model").mkdir()
-            (tmp / "model" / "model.safetensors").write_bytes(weights)
-            return {}, {}
-
-        out = publish(root, "train", f"train-{name}", build)
-        return out.dir(root) / "model", model_digest(out.dir(root) / "model")
-
-    base = Fingerprint(kind="model", digest="base-digest", location="/models/base")
-    first_dir, first = promoted_model("a", b"first weights")
-    second_dir, second = promoted_model("b", b"second weights")
-    rec1 = Promotion(model_digest=first, model_path="cache/train/train-a/model", train_identity="t1",
-                     parent={"kind": "base", "digest": "base-digest"}, reference={"kind": "base"}, flow_run="r1")
-    rec2 = Promotion(model_digest=second, model_path="cache/train/train-b/model", train_identity="t2",
-                     parent={"kind": "promoted", "digest": first}, reference={"kind": "promoted", "digest": first},
-                     flow_run="r2")
-    promos = Promotions(lineage="name-x", last=rec2, history=[rec1, rec2])
-
-    # base, no lineage, nothing promoted yet: the base model
-    for init, p in [("base", promos), ("last_promoted", None), ("last_promoted", Promotions(lineage="name-x"))]:
-        fp, desc, _ = choose_parent(init, p, base, "org/base", "t9", root)
-        assert fp == base and desc["kind"] == "base"
-    # new data: continue from the last promoted model
-    fp, desc, _ = choose_parent("last_promoted", promos, base, "org/base", "t9", root)
-    assert (fp.digest, fp.location, desc["flow_run"]) == (second, str(second_dir), "r2")
-    # the same training as the last promotion: start from its parent, so the rerun is Cached
-    fp, desc, _ = choose_parent("last_promoted", promos, base, "org/base", "t2", root)
-    assert (fp.digest, fp.location) == (first, str(first_dir))
-
-    # The gate's reference: the last promoted model; for that model itself, what it was promoted against.
-    ref, record, _ = choose_reference(promos, "some-new-model", root)
-    assert ref.digest == second and record.flow_run == "r2"
-    ref, record, _ = choose_reference(promos, second, root)
-    assert ref.digest == first and record.flow_run == "r1"
-    assert choose_reference(None, second, root)[0] is None
-
-    # Weights gone from the cache and no release: continuing stops and says so; the gate falls back to the base.
-    (second_dir / "model.safetensors").write_bytes(b"overwritten")
-    with pytest.raises(LostPromotedModel, match="is gone.*train.init: base"):
-        choose_parent("last_promoted", promos, base, "org/base", "t9", root)
-    ref, _, note = choose_reference(promos, "some-new-model", root)
-    assert ref is None and "comparing with the base model" in note

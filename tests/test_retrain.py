@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cache import read_manifest
+from tasks.core.manifest import read_manifest
+from tasks.core.root import open_root
 
-from conftest import sample_texts, write_jsonl
-from flows.retrain import WRITING_MARKER, unsettled_files
-from tasks import lines
-from tasks.config import DropsConfig, validate_config
+from helpers import sample_texts, write_jsonl
+from tasks.drop_gate import WRITING_MARKER, check_profile, profile_drop, unsettled_files
+from tasks.state import lines
+from tasks.core.config import DropsConfig, validate_config
 
 OLD = time.time() - 3600
 
@@ -66,24 +67,24 @@ def test_check_profile_names_each_limit_it_breaks():
     base = {"records": 100, "documents": 90, "rejected": 0, "too_short": 0, "duplicates_in_line": 0,
             "median_tokens": 200.0, "line_median_tokens": 180.0}
     limits = DropsConfig()
-    assert lines.check_profile(base, limits) == []
-    assert "drops.max_reject_share" in lines.check_profile({**base, "rejected": 10}, limits)[0]
-    assert "drops.max_too_short_share" in lines.check_profile({**base, "too_short": 60}, limits)[0]
-    assert "drops.max_duplicate_share" in lines.check_profile({**base, "duplicates_in_line": 50}, limits)[0]
-    assert "drops.median_tokens_ratio" in lines.check_profile({**base, "median_tokens": 12.0}, limits)[0]
-    assert "drops.min_documents" in lines.check_profile({**base, "documents": 0, "records": 0}, limits)[0]
+    assert check_profile(base, limits) == []
+    assert "drops.max_reject_share" in check_profile({**base, "rejected": 10}, limits)[0]
+    assert "drops.max_too_short_share" in check_profile({**base, "too_short": 60}, limits)[0]
+    assert "drops.max_duplicate_share" in check_profile({**base, "duplicates_in_line": 50}, limits)[0]
+    assert "drops.median_tokens_ratio" in check_profile({**base, "median_tokens": 12.0}, limits)[0]
+    assert "drops.min_documents" in check_profile({**base, "documents": 0, "records": 0}, limits)[0]
 
 
 def test_line_state_is_written_whole_or_not_at_all(tmp_path):
-    lines.announce(tmp_path, "l", tmp_path / "d1")
-    before = lines.state_file(tmp_path, "l").read_text()
+    lines.announce(open_root(tmp_path), "l", tmp_path / "d1")
+    before = open_root(tmp_path).path(lines.state_file("l")).read_text()
     with pytest.raises(RuntimeError):
-        with lines.updating(tmp_path, "l") as state:
+        with lines.updating(open_root(tmp_path), "l") as state:
             state.drops.clear()
             raise RuntimeError("killed mid-update")
-    assert lines.state_file(tmp_path, "l").read_text() == before
-    assert [d.status for d in lines.read_line(tmp_path, "l").drops] == ["pending"]
-    assert not list(lines.state_file(tmp_path, "l").parent.glob(".*.tmp"))
+    assert open_root(tmp_path).path(lines.state_file("l")).read_text() == before
+    assert [d.status for d in lines.read_line(open_root(tmp_path), "l").drops] == ["pending"]
+    assert not list(open_root(tmp_path).path(lines.state_file("l")).parent.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("content, on_bad_record, reason", [
@@ -93,15 +94,15 @@ def test_line_state_is_written_whole_or_not_at_all(tmp_path):
 ])
 def test_gate_rejects_empty_misencoded_and_wrong_format_drops(tmp_path, config, corpus, content, on_bad_record,
                                                                 reason):
-    from tasks.cache import hash_file
+    from tasks.core.manifest import hash_file
     from tasks.load import resolve_corpus_files
     from tasks.tokenize import resolve_tokenizer
 
     cfg = config.model_copy(update={"corpus": config.corpus.model_copy(update={"on_bad_record": on_bad_record})})
     (tmp_path / "drop").mkdir()
     (tmp_path / "drop" / "d.jsonl").write_bytes(content)
-    profile = lines.profile_drop([tmp_path / "drop" / "d.jsonl"], resolve_corpus_files(cfg.corpus), cfg,
-                                 resolve_tokenizer(cfg.model), str(tmp_path / "artifacts"), hash_file)
+    profile = profile_drop([tmp_path / "drop" / "d.jsonl"], resolve_corpus_files(cfg.corpus), cfg,
+                           resolve_tokenizer(cfg.model), open_root(tmp_path / "artifacts"), hash_file)
     assert not profile["passed"] and reason in "; ".join(profile["reasons"])
 
 

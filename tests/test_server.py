@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, new_bucket, s3_env, sample_texts, write_jsonl
+from helpers import ROOT, new_bucket, s3_env, sample_texts, write_jsonl
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

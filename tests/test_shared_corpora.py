@@ -3,9 +3,9 @@
 import pyarrow as pa
 import pytest
 
-from conftest import shared_corpus
+from helpers import shared_corpus
 from tasks.chunk import IGNORE_INDEX, chunk_file
-from tasks.config import ChunkConfig, CorpusConfig
+from tasks.core.config import ChunkConfig, CorpusConfig
 from tasks.load import DOCS_FILE, load_documents
 from tasks.tokenize import load_tokenizer, special_tokens, tokenize_file
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, sample_texts, write_jsonl
+from helpers import ROOT, sample_texts, write_jsonl
 from test_flow import run as run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -47,11 +47,12 @@ class Hosts:
     def scratch(self, name: str) -> Path:
         return self.tmp_path / f"host-{name}"
 
-    def use(self, name: str) -> Path:
+    def use(self, name: str):
+        """Be host `name` from now on; returns the store root as that host opens it."""
         self.monkeypatch.setenv("CPT_SCRATCH", str(self.scratch(name)))
-        from tasks.cache import artifacts_root
+        from tasks.core.root import open_root
 
-        return artifacts_root(self.url)
+        return open_root(self.url)
 
     def objects(self, under: str = "") -> list[str]:
         base = f"{self.bucket}/team/cpt/{under}".rstrip("/")
@@ -96,14 +97,14 @@ def test_cold_run_then_a_fresh_host_finds_every_stage_cached_and_fetches_only_wh
     assert {n: s["state"] for n, s in again.items()} == dict.fromkeys(DATA_STAGES, "Cached")
     assert [s["key"] for s in again.values()] == [s["key"] for s in first.values()]
     # A cached run reads nothing of the entries but what it shows (token-stats' histogram and table).
-    assert not (b / "cache" / "chunk").exists() and not (b / "cache" / "tokenize").exists()
+    assert not (b.local / "cache" / "chunk").exists() and not (b.local / "cache" / "tokenize").exists()
 
     # A change on host b reruns chunk, which reads the tokenize entry (and its per-file pieces) host a built.
     changed, _ = run(config, hosts.url, chunk__max_seq_length=48)
     assert {n: s["state"] for n, s in changed.items()} == {
         "load": "Cached", "shuffle": "Cached", "tokenize": "Cached", "token-stats": "Completed", "chunk": "Completed"}
     assert changed["chunk"]["built"] and changed["chunk"]["counts"]["train_chunks"] > first["chunk"]["counts"]["train_chunks"]
-    assert (b / "cache" / "tokenize" / first["tokenize"]["key"] / "_COMPLETE").is_file()
+    assert (b.local / "cache" / "tokenize" / first["tokenize"]["key"] / "_COMPLETE").is_file()
     # No credential ever reaches the summary.
     assert hosts.env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(summary)
 
@@ -130,7 +131,7 @@ def test_a_deleted_object_in_the_store_is_a_miss(config, hosts):
 
 CONCURRENT = textwrap.dedent("""
     import json, sys, time
-    import tasks.store as store
+    import tasks.core.objectstore as store
     upload = store.Store.upload_entry
 
     def slow_upload(self, *args, **kwargs):  # widen the window in which the other host could build it too
@@ -139,7 +140,7 @@ CONCURRENT = textwrap.dedent("""
 
     store.Store.upload_entry = slow_upload
     from flows.continued_pretraining import continued_pretraining
-    from tasks.config import validate_config
+    from tasks.core.config import validate_config
 
     summary = continued_pretraining(config=validate_config(json.loads(sys.argv[1])), artifacts=sys.argv[2],
                                     until="chunk")
@@ -168,8 +169,8 @@ def test_two_hosts_started_together_build_each_key_once(config, hosts):
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import tasks.store as store
-    from tasks.cache import artifacts_root, publish
+    import tasks.core.objectstore as store
+    from tasks.core.root import open_root
 
     init = store.Store.__init__
 
@@ -191,13 +192,11 @@ KILLED_WRITER = textwrap.dedent("""
         (tmp / "left-by-the-killed-writer.txt").write_text("only this writer made me")
         return {"n": 1}, {}
 
-    publish(artifacts_root(sys.argv[1]), "unit", "unit-k1", build)
+    open_root(sys.argv[1]).publish("unit", "unit-k1", build)
 """)
 
 
 def test_a_writer_killed_mid_publish_leaves_nothing_trusted_and_its_leftovers_are_cleaned(hosts, monkeypatch):
-    from tasks.cache import _publish, artifacts_root, is_complete
-
     monkeypatch.setenv("CPT_STORE_LEASE_SECONDS", "3")
     proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, hosts.url], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "CPT_SCRATCH": str(hosts.scratch("k"))})
@@ -207,7 +206,7 @@ def test_a_writer_killed_mid_publish_leaves_nothing_trusted_and_its_leftovers_ar
     assert hosts.objects("locks/cache/unit/unit-k1")  # and its lock is still there, held by a dead process
 
     root = hosts.use("b")
-    assert not is_complete(root, "unit", "unit-k1")
+    assert not root.complete("unit", "unit-k1")
 
     def build(tmp):
         (tmp / "a.txt").write_text("alpha")
@@ -217,7 +216,7 @@ def test_a_writer_killed_mid_publish_leaves_nothing_trusted_and_its_leftovers_ar
 
     result = []
     started = time.monotonic()
-    worker = threading.Thread(target=lambda: result.append(_publish(root, "unit", "unit-k1", build)), daemon=True)
+    worker = threading.Thread(target=lambda: result.append(root.publish("unit", "unit-k1", build)), daemon=True)
     worker.start()
     worker.join(60)  # a lock that never frees fails here instead of hanging the suite
     assert result, "the dead writer's lock was never taken over"
@@ -227,11 +226,11 @@ def test_a_writer_killed_mid_publish_leaves_nothing_trusted_and_its_leftovers_ar
     # host), deleted the leftovers and published.
     assert time.monotonic() - started >= 1.0
     assert hosts.objects(entry) == ["_COMPLETE", "a.txt"]
-    assert is_complete(hosts.use("c"), "unit", "unit-k1")
+    assert hosts.use("c").complete("unit", "unit-k1")
 
 
 def test_line_state_is_shared_through_the_store(hosts, tmp_path):
-    from tasks import lines
+    from tasks.state import lines
 
     drops = [tmp_path / f"drop-{i}" for i in range(3)]
     for d in drops:
@@ -249,7 +248,7 @@ def test_line_state_is_shared_through_the_store(hosts, tmp_path):
 def test_credentials_and_endpoint_from_a_prefect_secret_block(hosts, monkeypatch, config):
     from prefect.blocks.system import Secret
 
-    from tasks.store import Store
+    from tasks.core.objectstore import Store
 
     secret = "block-secret-" + uuid.uuid4().hex
     Secret(value={"key": "testing", "secret": secret,
@@ -302,14 +301,12 @@ def test_a_training_killed_on_one_host_resumes_on_another(hosts, config, monkeyp
     assert {"_COMPLETE", "model/model.safetensors", "metrics.json"} <= set(hosts.objects(entry))
     assert any(o.startswith("tensorboard/") for o in hosts.objects(entry))
     assert not hosts.objects("work/train")  # the checkpoints go once the model is published
-    assert not list((b / "work" / "train").glob("*/checkpoints/checkpoint-*"))
+    assert not list((b.local / "work" / "train").glob("*/checkpoints/checkpoint-*"))
 
 
 def test_cache_verify_checks_the_store_and_discards_an_upload_cut_short(hosts, monkeypatch):
     """`cpt cache verify` on a store root: a prefix without a manifest (a writer killed mid-upload that nobody
     rebuilt), a published entry missing a file, a flipped byte (--full); --discard deletes them."""
-    from tasks.cache import publish
-
     root = hosts.use("a")
 
     def build(text):
@@ -318,9 +315,9 @@ def test_cache_verify_checks_the_store_and_discards_an_upload_cut_short(hosts, m
             return {}, {}
         return b
 
-    publish(root, "unit", "unit-good", build("good"))
-    publish(root, "unit", "unit-gone", build("gone"))
-    publish(root, "unit", "unit-flip", build("flip"))
+    root.publish("unit", "unit-good", build("good"))
+    root.publish("unit", "unit-gone", build("gone"))
+    root.publish("unit", "unit-flip", build("flip"))
     base = f"{hosts.bucket}/team/cpt/cache/unit"
     hosts.fs.pipe_file(f"{base}/unit-cut/data.txt", b"half an upload")  # files, never a manifest
     hosts.fs.rm_file(f"{base}/unit-gone/data.txt")
@@ -353,7 +350,7 @@ def test_a_training_line_runs_from_any_host_through_the_store(hosts, tiny_model,
     do; `cpt drops` on a laptop (host d) lists the line."""
     from flows.cli import main
     from flows.retrain import retrain
-    from tasks.config import validate_config
+    from tasks.core.config import validate_config
 
     old = time.time() - 3600
     texts = sample_texts(160)

@@ -5,8 +5,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import sample_texts
-from tasks.config import ChunkConfig, ConfigError, ModelConfig
+from helpers import sample_texts
+from tasks.core.root import open_root
+from tasks.core.config import ChunkConfig, ConfigError, ModelConfig
 from tasks.shuffle import split_documents
 from tasks.token_stats import STAT_NAMES, compute_token_stats, length_stats, plot_histograms
 from tasks.tokenize import (
@@ -173,24 +174,24 @@ def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(
     import subprocess
     import sys
 
-    from conftest import sample_texts
-    from tasks.config import ModelConfig
+    from helpers import sample_texts
+    from tasks.core.config import ModelConfig
     from tasks.tokenize import BackendEncoder, Encoder, TokenizerOnce, resolve_tokenizer, tokenizer_profile
 
     monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "home"))
     fp = resolve_tokenizer(ModelConfig(id=str(tiny_model)))
-    profile, tok = tokenizer_profile(fp, tmp_path)
+    profile, tok = tokenizer_profile(fp, open_root(tmp_path))
     assert profile["backend"] is True and tok is not None
     # Known to this user: another artifacts root takes the profile without loading the tokenizer.
-    assert tokenizer_profile(fp, tmp_path / "another-root") == (profile, None)
+    assert tokenizer_profile(fp, open_root(tmp_path / "another-root")) == (profile, None)
     texts = sample_texts(50)
     assert BackendEncoder(tiny_model / "tokenizer.json")(texts) == Encoder(tok)._slow(texts)
-    assert tokenizer_profile(fp, tmp_path) == (profile, None)  # kept: no tokenizer loaded the second time
+    assert tokenizer_profile(fp, open_root(tmp_path)) == (profile, None)  # kept: no tokenizer loaded the second time
 
-    probe = ("import sys; from tasks.config import ModelConfig; "
-             "from tasks.tokenize import TokenizerOnce, resolve_tokenizer; "
+    probe = ("import sys; from tasks.core.config import ModelConfig; "
+             "from tasks.core.root import open_root; from tasks.tokenize import TokenizerOnce, resolve_tokenizer; "
              f"enc, sp = TokenizerOnce(resolve_tokenizer(ModelConfig(id={str(tiny_model)!r})), False, "
-             f"{str(tmp_path)!r})(); ids = enc(['질문: 고혈압']); "
+             f"open_root({str(tmp_path)!r}))(); ids = enc(['질문: 고혈압']); "
              "print(type(enc).__name__, sp['eos_id'], ids, [m for m in ('transformers', 'torch') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True)
@@ -201,9 +202,9 @@ def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(
     other = tmp_path / "other"
     monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "other-home"))
     monkeypatch.setattr(Encoder, "_slow", lambda self, t: [[0] for _ in t])
-    profile, _ = tokenizer_profile(fp, other)
+    profile, _ = tokenizer_profile(fp, open_root(other))
     assert profile["backend"] is False
-    enc, _ = TokenizerOnce(fp, False, other)()
+    enc, _ = TokenizerOnce(fp, False, open_root(other))()
     assert not isinstance(enc, BackendEncoder)
 
 
@@ -211,7 +212,7 @@ def test_the_tokenizer_class_named_in_its_config_is_what_autotokenizer_loads(tin
     """load_tokenizer imports the named class alone (no torch); it must be the tokenizer AutoTokenizer gives."""
     from transformers import AutoTokenizer
 
-    from conftest import sample_texts
+    from helpers import sample_texts
     from tasks.tokenize import special_tokens, tokenizer_class
 
     auto = AutoTokenizer.from_pretrained(str(tiny_model))
@@ -228,7 +229,7 @@ def test_a_prefetched_profile_is_waited_for_not_probed_twice(tiny_model, tmp_pat
     import threading
 
     from tasks import tokenize as tk
-    from tasks.config import ModelConfig
+    from tasks.core.config import ModelConfig
 
     monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "home"))
     fp = tk.resolve_tokenizer(ModelConfig(id=str(tiny_model)))
@@ -241,11 +242,11 @@ def test_a_prefetched_profile_is_waited_for_not_probed_twice(tiny_model, tmp_pat
         return real(*args)
 
     monkeypatch.setattr(tk, "_probe_profile", slow_probe)
-    tk.prefetch_profile(fp, tmp_path)
-    tk.prefetch_profile(fp, tmp_path)  # once per tokenizer
+    tk.prefetch_profile(fp, open_root(tmp_path))
+    tk.prefetch_profile(fp, open_root(tmp_path))  # once per tokenizer
     threading.Timer(0.3, release.set).start()
-    profile, tok = tk.tokenizer_profile(fp, tmp_path)
+    profile, tok = tk.tokenizer_profile(fp, open_root(tmp_path))
     assert profile["backend"] is True and tok is not None
     assert len(calls) == 1 and calls[0].startswith("tokenizer-profile")
-    tk.prefetch_profile(fp, tmp_path)  # known now: nothing started
-    assert len(calls) == 1 and tk.tokenizer_profile(fp, tmp_path) == (profile, None)
+    tk.prefetch_profile(fp, open_root(tmp_path))  # known now: nothing started
+    assert len(calls) == 1 and tk.tokenizer_profile(fp, open_root(tmp_path)) == (profile, None)

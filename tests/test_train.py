@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tasks.train_worker import choose_optimizer, padding_fraction
+from tasks.ml.train_worker import choose_optimizer, padding_fraction
 
 
 def test_packed_rows_do_not_attend_across_chunks(tiny_model):
@@ -50,7 +50,7 @@ def test_padding_fraction_counts_positions_without_tokens():
 def test_attention_choice():
     from types import SimpleNamespace
 
-    from tasks.modeling import choose_attention
+    from tasks.ml.modeling import choose_attention
 
     assert choose_attention("auto", SimpleNamespace(model_type="gemma3_text", attn_logit_softcapping=None)) == "sdpa"
     assert choose_attention("auto", SimpleNamespace(model_type="gemma2", attn_logit_softcapping=50.0)) == "eager"
@@ -62,7 +62,7 @@ def test_launch_command_per_device_and_distributed_setup(tmp_path):
 
     spec = tmp_path / "spec.json"
     cpu = launch_command(spec, 1, "cpu")
-    assert "--cpu" in cpu and cpu[-3:] == ["-m", "tasks.train_worker", str(spec)]
+    assert "--cpu" in cpu and cpu[-3:] == ["-m", "tasks.ml.train_worker", str(spec)]
     ddp = launch_command(spec, 4, "cuda")
     assert "--multi_gpu" in ddp and ddp[ddp.index("--num_processes") + 1] == "4"
     fsdp = launch_command(spec, 8, "cuda", "fsdp.yaml")
@@ -70,7 +70,7 @@ def test_launch_command_per_device_and_distributed_setup(tmp_path):
 
 
 def test_resume_skips_and_removes_checkpoints_cut_short(tmp_path):
-    from tasks.train_worker import last_complete_checkpoint
+    from tasks.ml.train_worker import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, state in ((4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
@@ -84,7 +84,7 @@ def test_resume_skips_and_removes_checkpoints_cut_short(tmp_path):
 
 
 def test_gradient_checkpointing_is_kept_on_a_gpu_and_turned_off_on_cpu():
-    from tasks.train_worker import activation_checkpointing
+    from tasks.ml.train_worker import activation_checkpointing
 
     assert activation_checkpointing(True, "cuda") == (True, None)
     assert activation_checkpointing(False, "cpu") == (False, None)
@@ -95,7 +95,7 @@ def test_gradient_checkpointing_is_kept_on_a_gpu_and_turned_off_on_cpu():
 def test_packed_padding_is_the_unfilled_room_of_the_packed_rows():
     from datasets import Dataset
 
-    from tasks.train_worker import packed_padding_fraction
+    from tasks.ml.train_worker import packed_padding_fraction
 
     packed = Dataset.from_dict({"input_ids": [[1] * 48, [1] * 30, [1] * 20]})
     assert packed_padding_fraction(packed, 48) == {"padding_fraction": pytest.approx(46 / 144), "positions": 144,
@@ -111,9 +111,9 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import sample_texts
+    from helpers import sample_texts
     from tasks.chunk import chunk_batch
-    from tasks.config import ChunkConfig
+    from tasks.core.config import ChunkConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in sample_texts(6)]
@@ -150,7 +150,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
 def test_step_clock_times_only_clean_steps_and_counts_trained_tokens_after_the_shift():
     """The throughput window: warm-up steps and steps with a save or evaluation are left out; evaluation
     forwards are not counted; a trained token is a label != -100 after the causal shift."""
-    from tasks.train_worker import StepClock
+    from tasks.ml.train_worker import StepClock
 
     clock = StepClock(warmup=1)
     module = torch.nn.Linear(1, 1)
@@ -209,9 +209,9 @@ def _chunks_dir(tiny_model, out):
     import numpy as np
     import pyarrow as pa
 
-    from conftest import sample_texts
+    from helpers import sample_texts
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
-    from tasks.config import ChunkConfig
+    from tasks.core.config import ChunkConfig
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
 
     tok = load_tokenizer(tiny_model)
@@ -228,7 +228,7 @@ def _chunks_dir(tiny_model, out):
 def _train(tiny_model, chunks, out, processes, per_device):
     import json
 
-    from tasks.config import ModelConfig, TrainConfig
+    from tasks.core.config import ModelConfig, TrainConfig
     from tasks.train import train_model
 
     cfg = TrainConfig(max_steps=6, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,

@@ -1,4 +1,4 @@
-"""The training child process: `accelerate launch -m tasks.train_worker SPEC.json`.
+"""The training child process: `accelerate launch -m tasks.ml.train_worker SPEC.json`.
 
 It runs TRL's SFTTrainer on the chunk stage's pre-tokenized DatasetDict (its `labels`, overlap masked, are
 used as they are), checkpoints into the stage's work dir, resumes from the last checkpoint of a killed attempt,
@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.modeling import load_pretrained, load_tokenizer_with_pad
-from tasks.store import MANIFEST
+from tasks.core.config import TrainConfig
+from tasks.core.manifest import MANIFEST
+from tasks.core.root import ArtifactsRoot, open_root
+from tasks.ml.modeling import load_pretrained, load_tokenizer_with_pad
+from tasks.ml.spec import TrainSpec
 
 MESSAGE_PREFIX = "@@cpt "
 
@@ -208,21 +210,22 @@ def decay_steps(train: TrainConfig, trainer) -> int:
     return max(1, round(train.decay_ratio * total))
 
 
-def push_checkpoint(store, work_rel: str, checkpoint: Path, tensorboard: Path) -> None:
-    """Copy a finished checkpoint (marker last) and the TensorBoard logs so far to the store, then drop the
-    older checkpoints there: a training killed on this host resumes on another from the newest one."""
+def push_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoint: Path, tensorboard: Path) -> None:
+    """Copy a finished checkpoint (marker last) and the TensorBoard logs so far to the root's store, then drop
+    the older checkpoints there: a training killed on this host resumes on another from the newest one. A
+    local root has no store: nothing is copied."""
     remote = f"{work_rel}/checkpoints/{checkpoint.name}"
-    store.put_dir(checkpoint, remote, marker=True)
+    root.upload_dir(checkpoint, remote, marker=True)
     if tensorboard.is_dir():
-        store.put_dir(tensorboard, f"{work_rel}/tensorboard")
-    for name in {n.split("/", 1)[0] for n in store.listing(f"{work_rel}/checkpoints")} - {checkpoint.name}:
-        store.delete(f"{work_rel}/checkpoints/{name}")
+        root.upload_dir(tensorboard, f"{work_rel}/tensorboard")
+    for name in {n.split("/", 1)[0] for n in root.remote_files(f"{work_rel}/checkpoints")} - {checkpoint.name}:
+        root.remove_remote(f"{work_rel}/checkpoints/{name}")
 
 
-def pull_checkpoint(store, work_rel: str, checkpoints: Path, tensorboard: Path) -> str | None:
+def pull_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoints: Path, tensorboard: Path) -> str | None:
     """Bring the store's newest complete checkpoint (and the logs that go with it) here, unless this host has
-    one as new; returns its name."""
-    listing = store.listing(f"{work_rel}/checkpoints")
+    one as new; returns its name (None on a local root)."""
+    listing = root.remote_files(f"{work_rel}/checkpoints")
     done = [n.split("/", 1)[0] for n in listing if n.endswith(f"/{MANIFEST}")]
     steps = sorted((int(n.rsplit("-", 1)[-1]), n) for n in done if n.rsplit("-", 1)[-1].isdigit())
     if not steps:
@@ -233,28 +236,27 @@ def pull_checkpoint(store, work_rel: str, checkpoints: Path, tensorboard: Path) 
         return None
     tmp = checkpoints / f".{name}.part"
     shutil.rmtree(tmp, ignore_errors=True)
-    store.get_dir(f"{work_rel}/checkpoints/{name}", tmp)
+    root.download_dir(f"{work_rel}/checkpoints/{name}", tmp)
     shutil.rmtree(checkpoints / name, ignore_errors=True)
     os.replace(tmp, checkpoints / name)
-    store.get_dir(f"{work_rel}/tensorboard", tensorboard)
+    root.download_dir(f"{work_rel}/tensorboard", tensorboard)
     return name
 
 
-def checkpoint_mirror(spec: dict[str, Any]):
-    """A callback that sends every checkpoint to the store of an object-store root (rank 0 only), or None."""
-    if not spec.get("store_root"):
+def checkpoint_mirror(spec: TrainSpec):
+    """A callback that sends every checkpoint to the root's store (rank 0 only; nothing on a local root), or None
+    for a training outside any root."""
+    if spec.artifacts is None:
         return None
     from transformers import TrainerCallback
 
-    from tasks.store import store_for
-
-    store = store_for(spec["store_root"])
+    root = open_root(spec.artifacts)
 
     class CheckpointMirror(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
-                push_checkpoint(store, spec["work_rel"], Path(args.output_dir) / f"checkpoint-{state.global_step}",
-                                Path(spec["tensorboard_dir"]))
+                push_checkpoint(root, spec.work_rel, Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                                Path(spec.tensorboard_dir))
 
     return CheckpointMirror()
 
@@ -298,22 +300,21 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(spec: dict[str, Any]) -> None:
+def run(spec: TrainSpec) -> None:
     import torch
     from accelerate import PartialState
     from datasets import disable_caching, load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    train = TrainConfig(**spec["train"])
-    model_cfg = ModelConfig(**spec["model"])
+    train, model_cfg = spec.train, spec.model
     # cpu=True without a GPU, as the Trainer's use_cpu will ask too: several CPU processes (train.num_processes)
     # join over gloo.
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device.type
-    out_dir, checkpoints = Path(spec["output_dir"]), Path(spec["checkpoint_dir"])
+    out_dir, checkpoints = Path(spec.output_dir), Path(spec.checkpoint_dir)
 
-    tok = load_tokenizer_with_pad(spec["model_location"], model_cfg.trust_remote_code)
-    model = load_pretrained(spec["model_location"], model_cfg, device)
+    tok = load_tokenizer_with_pad(spec.model_location, model_cfg.trust_remote_code)
+    model = load_pretrained(spec.model_location, model_cfg, device)
     dtype = model.dtype
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -321,7 +322,7 @@ def run(spec: dict[str, Any]) -> None:
     # The chunks are a published cache entry, immutable: without this, the trainer's dataset maps (packing,
     # collation prep) would write their `cache-*.arrow` files into it. Now they go to a temp dir of this process.
     disable_caching()
-    data = load_from_disk(spec["chunks_dir"]).select_columns(["input_ids", "labels"])
+    data = load_from_disk(spec.chunks_dir).select_columns(["input_ids", "labels"])
     has_validation = len(data["validation"]) > 0
     optim, why = choose_optimizer(train.optim, train.optim_fallback, device)
     if why and state.is_main_process:
@@ -330,10 +331,10 @@ def run(spec: dict[str, Any]) -> None:
     if why_not and state.is_main_process:
         emit("setting_off", setting="train.gradient_checkpointing", reason=why_not)
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = spec["tensorboard_dir"]
+    os.environ["TENSORBOARD_LOGGING_DIR"] = spec.tensorboard_dir
     args = SFTConfig(
         output_dir=str(checkpoints),
-        max_length=spec["max_seq_length"],
+        max_length=spec.max_seq_length,
         packing=train.packing,
         packing_strategy="bfd",
         padding_free=train.packing,
@@ -389,7 +390,7 @@ def run(spec: dict[str, Any]) -> None:
         # transformers' WSD schedule needs its decay length in steps; the step count is known only now (packing
         # changes the number of rows).
         trainer.args.lr_scheduler_kwargs = {"num_decay_steps": decay_steps(train, trainer)}
-    padding = (packed_padding_fraction(trainer.train_dataset, spec["max_seq_length"]) if train.packing
+    padding = (packed_padding_fraction(trainer.train_dataset, spec.max_seq_length) if train.packing
                else padding_fraction(trainer.get_train_dataloader()))
     if state.is_main_process:
         last_complete_checkpoint(checkpoints)  # clears cut-short checkpoints before any process looks
@@ -452,7 +453,7 @@ def run(spec: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    run(json.loads(Path(argv[0]).read_text()))
+    run(TrainSpec.read(argv[0]))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,28 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.cache import Fingerprint, combine_digests, hash_file
-from tasks.config import ConfigError, GenerationConfig, ModelConfig
+from tasks.core.config import ConfigError, GenerationConfig, ModelConfig
+from tasks.core.manifest import Fingerprint, combine_digests, hash_file
 
 IGNORE_INDEX = -100
+CARD = "README.md"  # a release's model card: not part of the model's identity
+
+
+def model_files(directory: Path) -> list[Path]:
+    """A model folder's files, less the card (a release adds one) and hidden files."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and p.relative_to(directory).as_posix() != CARD)
+
+
+def model_digest(directory: str | Path, digest=hash_file) -> str:
+    """A model's identity: the digest of its files (the same weights in a cache entry or a release folder)."""
+    directory = Path(directory)
+    return combine_digests([(p.relative_to(directory).as_posix(), digest(p)) for p in model_files(directory)])
+
+
+def without_location(desc: dict[str, Any]) -> dict[str, Any]:
+    """A model description as records and cards keep it: where it sits now is not part of what it is."""
+    return {k: v for k, v in desc.items() if k != "location"}
 
 
 def resolve_model(model: ModelConfig, digest=hash_file) -> Fingerprint:

@@ -1,8 +1,7 @@
 """The artifacts root in an object store (`s3://bucket/prefix`, `gs://…`, any fsspec URL), through fsspec.
 
-The store is the truth; each host works in a local mirror of it, `<scratch>/<scheme>/<bucket>/<prefix>`
-(`$CPT_SCRATCH`, else `<user cache>/scratch`). The mirror's path spells the URL, so any process on any host
-(a training child, a Dask worker) maps the local root it is handed back to the store without being told.
+The store is the truth; each host works in a local mirror of it (tasks/core/root.py decides where, on each
+host, and is the only code that talks to a `Store`). This module knows entries only by their manifests.
 
 - An entry is published to the store as its files first and its manifest object (`_COMPLETE`) last. A reader
   trusts an entry only when the manifest exists and every file it lists is there with its size (and every
@@ -31,24 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "_COMPLETE"
-
-
-def user_cache_dir() -> Path:
-    """Facts about inputs that hold under any artifacts root (a tokenizer's profile is a function of its files
-    and the library versions): $CPT_CACHE_HOME, else $XDG_CACHE_HOME/cpt, else ~/.cache/cpt."""
-    explicit = os.environ.get("CPT_CACHE_HOME")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt"
-
-
-def scratch_home() -> Path:
-    """Where this host keeps its mirrors of object-store roots: $CPT_SCRATCH, else <user cache>/scratch."""
-    explicit = os.environ.get("CPT_SCRATCH")
-    if explicit:
-        return Path(explicit).resolve()
-    return (user_cache_dir() / "scratch").resolve()
+from tasks.core.manifest import MANIFEST, RECORDS_DIR, StageOutput, remove_entry_dir, verified_manifest
 
 
 def split_url(value: str) -> tuple[str, str] | None:
@@ -57,24 +39,6 @@ def split_url(value: str) -> tuple[str, str] | None:
     if sep and scheme.isalnum() and len(scheme) > 1:
         return scheme.lower(), rest
     return None
-
-
-def mirror_path(url: str) -> Path:
-    scheme, rest = split_url(url)
-    parts = [p for p in rest.split("/") if p]
-    if not parts or any(p in (".", "..") for p in parts):
-        raise ValueError(f"{url!r}: an object-store root needs a bucket (and optionally a prefix)")
-    return scratch_home().joinpath(scheme, *parts)
-
-
-def _url_of_mirror(local: Path) -> str | None:
-    try:
-        rel = local.resolve().relative_to(scratch_home())
-    except ValueError:
-        return None
-    if len(rel.parts) < 2:
-        return None
-    return f"{rel.parts[0]}://{'/'.join(rel.parts[1:])}"
 
 
 def storage_options() -> dict[str, Any]:
@@ -93,34 +57,16 @@ def storage_options() -> dict[str, Any]:
     return value
 
 
-def check_url(url: str, where: str) -> None:
-    """A clear error for a scheme fsspec does not know, or whose library is not installed, naming `where`."""
-    import fsspec
-    from fsspec.registry import known_implementations
-
-    from tasks.config import ConfigError
-
-    scheme = split_url(url)[0]
-    if scheme not in known_implementations and scheme not in fsspec.registry:
-        raise ConfigError(f"{where}: {url!r}: {scheme}:// is not a storage fsspec knows")
-    try:
-        fsspec.get_filesystem_class(scheme)
-    except ImportError as e:
-        raise ConfigError(f"{where}: {url!r} needs a library that is not installed ({e})") from None
-    try:
-        mirror_path(url)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
 class Store:
     """One object-store root: the fsspec filesystem, the bucket/prefix path in it, and the local mirror."""
 
-    def __init__(self, url: str, local: Path):
+    def __init__(self, url: str, local: Path, on_wait=None):
         import fsspec
 
         self.url = url.rstrip("/")
         self.local = local
+        # Called with a sentence when a lock is held elsewhere and this host waits (the run's logger).
+        self.on_wait = on_wait or (lambda msg: None)
         scheme, rest = split_url(self.url)
         # Listings are never cached: another host's upload must be seen on the next look.
         # A filesystem of its own (not fsspec's shared instance): it reads the environment as it is now.
@@ -146,9 +92,7 @@ class Store:
         return {name[len(prefix) + 1:]: int(info.get("size") or 0) for name, info in found.items()
                 if name.startswith(prefix + "/") and info.get("type", "file") == "file"}
 
-    def manifest(self, rel: str):
-        from tasks.cache import StageOutput
-
+    def manifest(self, rel: str) -> StageOutput | None:
         try:
             return StageOutput.model_validate_json(self.fs.cat_file(self.remote(f"{rel}/{MANIFEST}")))
         except (FileNotFoundError, ValueError):
@@ -182,8 +126,6 @@ class Store:
         """Copy a complete entry (its references first) into the mirror; returns its manifest, None if the
         store has no complete entry. `only` copies just those files, for a reader that needs no more (the
         copy is then left without a manifest: a later full fetch completes it)."""
-        from tasks.cache import verified_manifest
-
         manifest = self.complete(rel)
         if manifest is None:
             return None
@@ -279,8 +221,6 @@ class Store:
         complete, or (with `full`) a file's bytes are not the ones published; a prefix without a manifest is
         an upload cut short, unless its lock is held (being built now: skipped). With `discard`, what cannot
         be trusted is deleted (under the key's lock), so the next run rebuilds it."""
-        from tasks.cache import RECORDS_DIR, StageOutput
-
         base = self.remote("cache")
         entries: dict[str, dict[str, int]] = {}
         try:
@@ -307,7 +247,7 @@ class Store:
                             f"says {size}" for n, size in manifest.files.items() if files.get(n) != size), None)
                 why = why or next((f"it refers to {d}, which is not complete" for d in manifest.deps
                                    if d not in manifests), None)
-                if why is None and full:  # blake2b-128, as tasks.cache.hash_file recorded at publish
+                if why is None and full:  # blake2b-128, as manifest.hash_file recorded at publish
                     why = next((f"{n} does not have the content it was published with"
                                 for n, digest in manifest.digests.items() if self._digest(f"{rel}/{n}") != digest),
                                None)
@@ -399,10 +339,8 @@ class Lock:
             if not free and not wait:
                 return False
             if not free and not said:
-                from tasks.report import run_logger
-
-                run_logger().info("store: %s/%s is being built by %s; waiting for it", self.store.url, self.name,
-                                  self._holder(top))
+                self.store.on_wait(f"store: {self.store.url}/{self.name} is being built by {self._holder(top)}; "
+                                   "waiting for it")
                 said = True
             if free:
                 try:
@@ -455,32 +393,9 @@ def install(tmp: Path, final: Path) -> None:
     if (final / MANIFEST).is_file():
         return
     if final.exists():
-        from tasks.cache import remove_entry_dir
-
         remove_entry_dir(final)
     try:
         os.replace(tmp, final)
     except OSError:
         if not (final / MANIFEST).is_file():
             raise
-
-
-_STORES: dict[str, Store | None] = {}
-_GUARD = threading.Lock()
-
-
-def store_for(artifacts: str | Path) -> Store | None:
-    """The store a local artifacts root mirrors, None for a plain local root."""
-    key = str(artifacts)
-    with _GUARD:
-        if key not in _STORES:
-            url = _url_of_mirror(Path(artifacts))
-            _STORES[key] = Store(url, mirror_path(url)) if url else None
-        return _STORES[key]
-
-
-def open_root(url: str) -> Path:
-    """The local mirror of `url`, created."""
-    local = mirror_path(url)
-    local.mkdir(parents=True, exist_ok=True)
-    return local

@@ -4,7 +4,7 @@ The load, tokenize and chunk stages each build one cached piece per source file.
 module-level piece function over a list of calls: in the stage's own process (`sequential`), or submitted as
 Prefect tasks to a ThreadPoolTaskRunner, a ProcessPoolTaskRunner or prefect-dask's DaskTaskRunner, so they show
 in the UI as task runs and a Dask cluster can take them. A piece publishes itself atomically under its own key
-and lock (tasks/cache.py), so where it ran never changes what it holds or what it is keyed by.
+and lock (tasks/core/stage.py), so where it ran never changes what it holds or what it is keyed by.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from tasks.cache import build_scope, current_scope
-from tasks.config import RuntimeConfig
+from tasks.core.stage import build_scope, current_scope
+from tasks.core.config import RuntimeConfig
 
 
 def run_piece(fn: Callable, scope: str | None, kwargs: dict[str, Any]):
@@ -38,7 +38,7 @@ def task_runner(runtime: RuntimeConfig):
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as e:  # pragma: no cover - a dependency of the project
-        from tasks.config import ConfigError
+        from tasks.core.config import ConfigError
 
         raise ConfigError(f"runtime.task_runner: dask needs prefect-dask ({e})") from None
     if runtime.dask_address:

@@ -1,0 +1,359 @@
+"""Stage keys and the code versions they are made of.
+
+A stage's key = its name + its code version + its inputs, where an upstream `StageOutput` contributes only its
+content digest (else its key), a `Fingerprint` only its content digest and a config section its key material.
+Nothing else — not the run id, not the flow parameters, not where the artifacts root is — so a change reruns
+exactly the stages downstream of it.
+
+A code version is computed from the code itself, never from a hand-kept list of names: the syntax tree of the
+stage's body and of every definition it reaches inside the project (a helper of its module, a function or
+constant of another stage module it imports, at module or function level, and what those reach in turn),
+with docstrings and type annotations left out and comments never seen (they are not in the tree). So
+- a helper added to a stage's module and called is covered without being listed;
+- a comment or docstring edit changes no key, and nor does an edit of infrastructure (tasks/core/), a
+  `summary()` or `links()` of a manifest type, or a `show()` that no body calls;
+- a name the code refers to that exists nowhere fails when the stage is declared, at import
+  (`CodeReferenceError`), instead of when a run reaches it.
+What cannot be seen by reading names — a whole program started as a child process (the training child) — is
+declared on the stage as a module (`code=[train_worker]`): its whole tree is covered.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tasks.core.manifest import Fingerprint, StageOutput
+
+# Modules whose code is part of no key: infrastructure (how outputs are stored and shown, not what they hold).
+INFRASTRUCTURE = "tasks.core"
+# Methods of manifest types that only present an output (log lines, what to open): part of no key.
+PRESENTATION = frozenset({"summary", "links"})
+
+
+class CodeReferenceError(NameError):
+    """A stage's code refers to a name defined nowhere (a renamed or deleted helper)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeSpec:
+    version: int
+    digest: str  # of the code the stage reaches, worked out when it is declared
+    libraries: tuple[str, ...]
+    key_exclude: frozenset[str]
+    covered: tuple[str, ...]  # "module:name" of every definition in the digest (for `cpt` developers, tests)
+
+
+_SPECS: dict[str, CodeSpec] = {}
+_VERSIONS: dict[str, str] = {}
+
+
+def register_code_version(stage: str, version: int, roots: list, libraries: list[str] = (),
+                          key_exclude: frozenset[str] | set[str] = frozenset()) -> None:
+    """Declare a stage (or a per-file piece of one): its explicit `version` (bump it when the output changes
+    for the same inputs and code: tests/test_golden.py fails until you do), the code it runs (`roots`:
+    functions, classes or modules; everything they reach in the project is found by reading them), the
+    libraries whose versions shape its output, and the inputs that are not part of its key (`key_exclude`:
+    inputs that say where something is or describe an input already keyed by content)."""
+    digest, covered = code_digest(roots)
+    _SPECS[stage] = CodeSpec(version, digest, tuple(libraries), frozenset(key_exclude), tuple(covered))
+    _VERSIONS.pop(stage, None)
+
+
+def code_version(stage: str) -> str:
+    if stage in _VERSIONS:
+        return _VERSIONS[stage]
+    spec = _SPECS.get(stage)
+    if spec is None:
+        return "unregistered"
+    h = hashlib.sha256(f"{stage}@{spec.version}\0{spec.digest}".encode())
+    for lib in spec.libraries:
+        h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
+    _VERSIONS[stage] = h.hexdigest()[:16]
+    return _VERSIONS[stage]
+
+
+def stage_version(stage: str) -> int:
+    """The explicit version a stage declares."""
+    return _SPECS[stage].version
+
+
+def covered(stage: str) -> tuple[str, ...]:
+    """The definitions ("module:name") a stage's code version is made of."""
+    return _SPECS[stage].covered
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, (StageOutput, Fingerprint)):
+        return value.key_material()
+    if isinstance(value, BaseModel):  # a config section: its key material (less output-neutral fields)
+        return value.key_material() if hasattr(value, "key_material") else value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    spec = _SPECS.get(stage)
+    excluded = spec.key_exclude if spec else frozenset()
+    payload = {
+        "stage": stage,
+        "code": code_version(stage),
+        "inputs": {k: _canonical(v) for k, v in sorted(inputs.items()) if k not in excluded},
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+
+
+# ------------------------------------------------------------------------------- reading the code
+
+
+@dataclasses.dataclass
+class _Module:
+    name: str
+    defs: dict[str, ast.AST]  # top-level name -> the statement defining it
+    imports: dict[str, tuple[str, str | None]]  # local name -> (module, attribute or None for the module)
+
+
+def _project(module: str, home: str) -> bool:
+    """Whether a module's code counts: the stage's own module and the project's, less infrastructure."""
+    if module == INFRASTRUCTURE or module.startswith(INFRASTRUCTURE + "."):
+        return False
+    return module == home or module.startswith("tasks.")
+
+
+@functools.cache
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _import_map(nodes) -> dict[str, tuple[str, str | None]]:
+    out: dict[str, tuple[str, str | None]] = {}
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname:
+                    out[a.asname] = (a.name, None)
+                else:
+                    out[a.name.split(".")[0]] = (a.name.split(".")[0], None)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                # Only the project's own packages are looked into: finding a submodule imports its parent, and
+                # a library's (transformers) would cost its whole import.
+                project = node.module == "tasks" or node.module.startswith("tasks.")
+                out[a.asname or a.name] = (sub, None) if project and _is_module(sub) else (node.module, a.name)
+    return out
+
+
+@functools.cache
+def _module(name: str) -> _Module:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise CodeReferenceError(f"{name}: no Python source to compute a code version from")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"), filename=spec.origin)
+    defs: dict[str, ast.AST] = {}
+    top_imports = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defs[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name):
+                        defs[n.id] = node
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            top_imports.append(node)
+        elif isinstance(node, (ast.If, ast.Try)):  # `if TYPE_CHECKING:` / `try: import …`
+            top_imports += [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return _Module(name, defs, _import_map(top_imports))
+
+
+def _strip(node: ast.AST, root: bool) -> ast.AST:
+    """A copy without what does not change behaviour: docstrings and `description=` texts, annotations (but a
+    stage body's parameter types), presentation methods of classes, and (for a stage body) the decorator, whose settings are keyed on
+    their own."""
+    import copy
+
+    node = copy.deepcopy(node)
+    keep: set[int] = set()  # a stage body's parameter types: they name the manifest types it reads
+    if root and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        node.decorator_list = []
+        keep = {id(a) for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)}
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)) and body:
+            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                n.body = body[1:] or [ast.Pass()]
+        if isinstance(n, ast.ClassDef):
+            n.body = [b for b in n.body if not (isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                                and b.name in PRESENTATION)] or [ast.Pass()]
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n.returns = None
+        if isinstance(n, ast.arg) and id(n) not in keep:
+            n.annotation = None
+        if isinstance(n, ast.AnnAssign):
+            n.annotation = ast.Constant(None)
+        if isinstance(n, ast.Call):  # pydantic's Field(description=…): documentation, like a docstring
+            n.keywords = [k for k in n.keywords if k.arg != "description"]
+    return node
+
+
+def _bound(node: ast.AST) -> set[str]:
+    """Every name a definition binds anywhere inside it (arguments, assignments, loops, imports, nested
+    definitions, handlers): what it may use without a global."""
+    names: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+            names.add(n.id)
+        elif isinstance(n, ast.arg):
+            names.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(n.name)
+        elif isinstance(n, ast.alias):
+            names.add((n.asname or n.name).split(".")[0])
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            names.add(n.name)
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            names.update(n.names)
+        elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
+            names.add(n.name)
+        elif isinstance(n, ast.MatchMapping) and n.rest:
+            names.add(n.rest)
+    return names
+
+
+def _parameter_types(node: ast.AST) -> list[str]:
+    """Names used in a function's parameter annotations (`chunks: Chunks`): the manifest types it reads."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return []
+    args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+    return [n.id for a in args if a.annotation is not None for n in ast.walk(a.annotation) if isinstance(n, ast.Name)]
+
+
+def _references(node: ast.AST, module: _Module, home: str, where: str, root: bool):
+    """(module, name) of every project definition `node` (already stripped) uses; a stage body's parameter types
+    count too. Raises CodeReferenceError for a name bound nowhere."""
+    local_imports = _import_map(n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    bound = _bound(node)
+    found: list[tuple[str, str]] = []
+
+    def resolve(name: str) -> tuple[str, str | None] | None:
+        if name in local_imports:
+            return local_imports[name]
+        if name in bound:  # a parameter or local of the same name shadows the module's
+            return None
+        if name in module.defs:
+            return (module.name, name)
+        return module.imports.get(name)
+
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
+            target = resolve(n.value.id)
+            if target is not None and target[1] is None and _project(target[0], home):
+                found.append((target[0], n.attr))  # `modeling.load_pretrained`
+        if not (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)):
+            continue
+        target = resolve(n.id)
+        if target is None:
+            if n.id not in bound and not hasattr(builtins, n.id) and n.id != "__file__":
+                raise CodeReferenceError(f"{where} uses {n.id!r}, which is defined nowhere (renamed or deleted?)")
+            continue
+        mod, attr = target
+        if attr is not None and _project(mod, home):
+            found.append((mod, attr))
+    for name in _parameter_types(node) if root else []:
+        target = module.defs.get(name) and (module.name, name) or module.imports.get(name)
+        if target is not None and target[1] is not None and _project(target[0], home):
+            found.append(target)
+    return found
+
+
+def _local_def(module: str, obj) -> ast.AST | None:
+    """The definition of a function made inside another (a test's stage), found by its first line."""
+    code = getattr(obj, "__code__", None)
+    spec = importlib.util.find_spec(module)
+    if code is None or spec is None or not spec.origin:
+        return None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == obj.__name__:
+            first = n.decorator_list[0].lineno if n.decorator_list else n.lineno
+            if code.co_firstlineno in (first, n.lineno):
+                return n
+    return None
+
+
+def code_digest(roots: list) -> tuple[str, list[str]]:
+    """The digest of the code `roots` reach in the project, and the definitions it covers."""
+    todo: list[tuple[str, str, str, bool]] = []  # (module, name, home, is a stage body)
+    seen: dict[str, str] = {}
+    for i, obj in enumerate(roots):
+        if isinstance(obj, types.ModuleType):
+            mod = _module(obj.__name__)
+            todo += [(obj.__name__, name, obj.__name__, False) for name in mod.defs]
+            continue
+        obj = inspect.unwrap(obj)
+        module_name = getattr(obj, "__module__", None)
+        qualname = getattr(obj, "__qualname__", "")
+        if module_name == INFRASTRUCTURE or (module_name or "").startswith(INFRASTRUCTURE + "."):
+            continue  # the plain StageOutput of a stage without a manifest type of its own
+        if not module_name or not qualname:
+            raise CodeReferenceError(f"{obj!r}: only functions, classes and modules have a code version")
+        if "<locals>" in qualname:
+            # Made inside a function (a test's stage): its own tree; names it takes from the enclosing function
+            # cannot be followed, so they are not checked either.
+            node = _local_def(module_name, obj)
+            if node is None:
+                raise CodeReferenceError(f"{obj!r}: its source cannot be found")
+            label = f"{module_name}:{qualname}"
+            stripped = _strip(node, i == 0)
+            seen[label] = ast.dump(stripped, include_attributes=False)
+            module = _module(module_name)
+            try:
+                refs = _references(stripped, module, module_name, label, i == 0)
+            except CodeReferenceError:
+                refs = []
+            todo += [(m, a, module_name, False) for m, a in refs]
+            continue
+        todo.append((module_name, qualname.split(".")[0], module_name, i == 0))
+    while todo:
+        mod_name, name, home, root = todo.pop()
+        label = f"{mod_name}:{name}"
+        if label in seen:
+            continue
+        module = _module(mod_name)
+        node = module.defs.get(name)
+        if node is None:
+            raise CodeReferenceError(f"{label} is defined nowhere (renamed or deleted?)")
+        stripped = _strip(node, root)
+        seen[label] = ast.dump(stripped, include_attributes=False)
+        todo += [(m, a, home, False) for m, a in _references(stripped, module, home, label, root)]
+    h = hashlib.sha256()
+    for label in sorted(seen):
+        h.update(label.encode())
+        h.update(b"\0")
+        h.update(seen[label].encode())
+        h.update(b"\n")
+    return h.hexdigest(), sorted(seen)

@@ -1,0 +1,371 @@
+"""The artifacts root: the one object that knows where outputs live, built once per run and passed down.
+
+`open_root(--artifacts or $CPT_ARTIFACTS)` gives
+- an `ArtifactsRoot`: a local folder (`./artifacts` by default; a `file://` URL is its path), or
+- a `StoreRoot`: an object store (`s3://bucket/prefix`, any fsspec URL) that is the truth every host shares,
+  worked through a local mirror on each host, `<scratch>/<scheme>/<bucket>/<prefix>` (`$CPT_SCRATCH`, else
+  `<user cache>/scratch`), computed on the host that uses it.
+
+They answer the same questions — where an entry is (fetching it if this host lacks it), whether it is complete,
+how to publish one, where the Prefect records and the state files are and how they are shared — so no other
+module asks which kind of root it has. A root travels as its URL or path: pickled to a Dask worker or named in
+a training child's spec, it is opened again there, with that host's own mirror.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from tasks.core.config import ConfigError
+from tasks.core.entries import build_and_publish, key_lock, local_entries
+from tasks.core.manifest import RECORDS_DIR, StageOutput, remove_entry_dir, verified_manifest
+from tasks.core.objectstore import Lock, Store, split_url
+
+
+def user_cache_dir() -> Path:
+    """Facts about inputs that hold under any artifacts root (a tokenizer's profile is a function of its files
+    and the library versions): $CPT_CACHE_HOME, else $XDG_CACHE_HOME/cpt, else ~/.cache/cpt."""
+    explicit = os.environ.get("CPT_CACHE_HOME")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt"
+
+
+def scratch_home() -> Path:
+    """Where this host keeps its mirrors of object-store roots: $CPT_SCRATCH, else <user cache>/scratch."""
+    explicit = os.environ.get("CPT_SCRATCH")
+    if explicit:
+        return Path(explicit).resolve()
+    return (user_cache_dir() / "scratch").resolve()
+
+
+def mirror_path(url: str) -> Path:
+    scheme, rest = split_url(url)
+    parts = [p for p in rest.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise ValueError(f"{url!r}: an object-store root needs a bucket (and optionally a prefix)")
+    return scratch_home().joinpath(scheme, *parts)
+
+
+def check_url(url: str, where: str) -> None:
+    """A clear error for a scheme fsspec does not know, or whose library is not installed, naming `where`."""
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    scheme = split_url(url)[0]
+    if scheme not in known_implementations and scheme not in fsspec.registry:
+        raise ConfigError(f"{where}: {url!r}: {scheme}:// is not a storage fsspec knows")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        raise ConfigError(f"{where}: {url!r} needs a library that is not installed ({e})") from None
+    try:
+        mirror_path(url)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def open_root(value: str | Path | None = None, where: str | None = None) -> ArtifactsRoot:
+    """The artifacts root `value` names, else $CPT_ARTIFACTS, else ./artifacts. `where` names the setting in
+    errors (default: --artifacts for an explicit value, else CPT_ARTIFACTS)."""
+    if isinstance(value, ArtifactsRoot):
+        return value
+    where = where or ("--artifacts" if value else "CPT_ARTIFACTS")
+    text = str(value or os.environ.get("CPT_ARTIFACTS") or "artifacts")
+    url = split_url(text)
+    if url is not None and url[0] != "file":
+        check_url(text, where)
+        return StoreRoot(text)
+    return ArtifactsRoot(Path(url[1] if url else text).resolve())
+
+
+class ArtifactsRoot:
+    """A local artifacts root. Entries at `cache/<stage>/<key>/`, Prefect records at `cache/_records/<key>`,
+    state files under `state/`, run summaries under `runs/`, train work folders under `work/`."""
+
+    url: str | None = None
+
+    def __init__(self, local: Path):
+        self.local = Path(local)
+
+    # ------------------------------------------------------------------------------- identity
+
+    @property
+    def spec(self) -> str:
+        """What opens this root again in another process or on another host."""
+        return str(self.local)
+
+    def __reduce__(self):
+        return open_root, (self.spec,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ArtifactsRoot) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+    # -------------------------------------------------------------------------------- entries
+
+    def path(self, rel: str) -> Path:
+        """`rel` under this host's copy of the root, as it is (nothing fetched)."""
+        return self.local / rel
+
+    def cache_dir(self, stage: str, key: str) -> Path:
+        return self.local / "cache" / stage / key
+
+    @property
+    def records_dir(self) -> Path:
+        """Where Prefect keeps its result records (what makes a task Cached): the stages' result storage."""
+        return self.local / "cache" / RECORDS_DIR
+
+    def entry(self, rel: str) -> Path:
+        """An entry's folder, complete on this host."""
+        return self.local / rel
+
+    def file(self, rel: str, name: str) -> Path:
+        return self.local / rel / name
+
+    def location(self, rel: str) -> str:
+        """Where an entry lives, for people: here, a local folder."""
+        return str(self.local / rel)
+
+    def complete(self, stage: str, key: str) -> bool:
+        """Whether the entry of `key` is published and undamaged (a cache lookup)."""
+        return verified_manifest(self.cache_dir(stage, key), self.local) is not None
+
+    def publish(self, stage: str, key: str, build) -> tuple[StageOutput, bool]:
+        """The entry of `key`: the published one if complete, else `build(tmp)` published atomically. Builds of
+        one key are serialised: a second process waits, then takes what the first published. Returns
+        (manifest, whether this call built it)."""
+        final = self.cache_dir(stage, key)
+        with key_lock(final.parent, key):
+            existing = verified_manifest(final, self.local)
+            if existing is not None:
+                return existing, False
+            return build_and_publish(self.local, final, stage, key, build), True
+
+    # ------------------------------------------------------------------------- Prefect records
+
+    def fetch_record(self, key: str) -> None:
+        """Make the record of a complete entry visible to Prefect here (nothing to do on a local root)."""
+
+    def share_record(self, key: str) -> None:
+        """Make the record Prefect just wrote here visible to every host (nothing to do on a local root)."""
+
+    def discard_record(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.records_dir / key).unlink()
+
+    # ------------------------------------------------------------------------------ state files
+
+    @contextlib.contextmanager
+    def locked_state(self, rel: str, read):
+        """Lock the state file `rel`, yield `read()`, and write it back atomically (temp file + rename) when the
+        block ends without error: a killed writer leaves the old state or the new one, and concurrent writers
+        lose nothing. flock is released by the kernel if the holder dies."""
+        import fcntl
+
+        path = self.local / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(f".{path.stem}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._state_lock(rel):
+                self._pull(rel, path)
+                state = read()
+                yield state
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+                tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
+                self._push(tmp, rel)
+                os.replace(tmp, path)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _state_lock(self, rel: str):
+        return contextlib.nullcontext()
+
+    def _pull(self, rel: str, path: Path) -> None:
+        """Bring a file of the root up to date on this host (nothing to do on a local root)."""
+
+    def _push(self, path: Path, rel: str) -> None:
+        """Share a file written on this host (nothing to do on a local root)."""
+
+    def fetch_state(self, rel: str) -> Path:
+        """A state file of the root, up to date on this host."""
+        path = self.local / rel
+        self._pull(rel, path)
+        return path
+
+    def save_file(self, rel: str) -> None:
+        """Share a file written under the root on this host (a run summary)."""
+        self._push(self.local / rel, rel)
+
+    # ---------------------------------------------------------------------------- verification
+
+    def verify(self, full: bool = False, discard: bool = False):
+        """Every published entry: yields (where, why it is damaged or None). Sizes (and the entries it refers
+        to) always, contents too with `full`. With `discard`, a damaged entry is removed with its result record,
+        so the next run rebuilds it."""
+        for entry, why in local_entries(self.local, full):
+            if why is not None and discard:
+                self.discard_entry(entry)
+            yield entry.relative_to(self.local).as_posix(), why
+
+    def discard_entry(self, entry: Path) -> None:
+        """Remove a damaged local entry (moved aside first, so no reader sees it half-deleted) and its record."""
+        remove_entry_dir(entry)
+        self.discard_record(entry.name)
+
+    # ------------------------------------------------------------------------- shared work folders
+
+    # A training's checkpoints, copied where a training killed on this host can be resumed on another. A local
+    # root has no other copy: there is nothing to copy, and nothing is found.
+
+    def upload_dir(self, local: Path, rel: str, marker: bool = False) -> None:
+        pass
+
+    def remote_files(self, rel: str) -> dict[str, int]:
+        return {}
+
+    def download_dir(self, rel: str, local: Path) -> int:
+        return 0
+
+    def remove_remote(self, rel: str) -> None:
+        pass
+
+
+class StoreRoot(ArtifactsRoot):
+    """An object-store root: the store decides what is complete; entries are uploaded files first and manifest
+    last under the key's lease lock (one build per key across hosts) and fetched on first read; records, state
+    files and run summaries are copied both ways."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        super().__init__(mirror_path(self.url))
+        self.local.mkdir(parents=True, exist_ok=True)
+        self._store: Store | None = None
+
+    @property
+    def spec(self) -> str:
+        return self.url
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:  # made on first use: opening a root costs no request
+            from tasks.core.report import run_logger
+
+            self._store = Store(self.url, self.local, on_wait=lambda msg: run_logger().info("%s", msg))
+        return self._store
+
+    # -------------------------------------------------------------------------------- entries
+
+    def entry(self, rel: str) -> Path:
+        directory = self.local / rel
+        if verified_manifest(directory, self.local, quiet=True) is None:
+            with key_lock(directory.parent, directory.name):
+                if verified_manifest(directory, self.local, quiet=True) is None:
+                    self.store.fetch_entry(rel)
+        return directory
+
+    def file(self, rel: str, name: str) -> Path:
+        path = self.local / rel / name
+        if not path.is_file():
+            self.store.fetch_entry(rel, only=[name])
+        return path
+
+    def location(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    def complete(self, stage: str, key: str) -> bool:
+        """Complete in the store (the truth every host shares: a local copy the store lacks is uploaded by the
+        rerun this miss causes)."""
+        return self.store.complete(f"cache/{stage}/{key}") is not None
+
+    def publish(self, stage: str, key: str, build) -> tuple[StageOutput, bool]:
+        """The store decides: a complete entry there is fetched; else one host takes the key's lock and builds,
+        others wait and fetch what it publishes."""
+        final = self.cache_dir(stage, key)
+        rel = final.relative_to(self.local).as_posix()
+        store = self.store
+        with key_lock(final.parent, key):
+            existing = verified_manifest(final, self.local)
+            if existing is not None:
+                if store.complete(rel) is None:  # published here, never uploaded (killed in between), or deleted there
+                    with store.lock(rel, done=lambda: store.complete(rel) is not None) as held:
+                        if held:
+                            store.upload_entry(rel, final, existing)
+                return existing, False
+            while True:
+                fetched = store.fetch_entry(rel)
+                if fetched is not None:
+                    return fetched, False
+                with store.lock(rel, done=lambda: store.complete(rel) is not None) as held:
+                    if held:
+                        manifest = build_and_publish(self.local, final, stage, key, build)
+                        store.upload_entry(rel, final, manifest)
+                        return manifest, True
+                # Another host published it while we waited: loop to fetch it (or build, if it was deleted).
+
+    # ------------------------------------------------------------------------- Prefect records
+
+    def fetch_record(self, key: str) -> None:
+        local = self.records_dir / key
+        if not local.is_file():
+            self.store.get(f"cache/{RECORDS_DIR}/{key}", local)
+
+    def share_record(self, key: str) -> None:
+        """Prefect keeps records where its result storage says, and a remote one must be a block saved
+        server-side (with whatever credentials it holds); copying the file keeps the credentials in the
+        environment."""
+        local = self.records_dir / key
+        rel = f"cache/{RECORDS_DIR}/{key}"
+        if local.is_file() and not self.store.fs.exists(self.store.remote(rel)):
+            self.store.put(local, rel)
+
+    def discard_record(self, key: str) -> None:
+        super().discard_record(key)
+        with contextlib.suppress(FileNotFoundError):
+            self.store.fs.rm_file(self.store.remote(f"cache/{RECORDS_DIR}/{key}"))
+
+    # ------------------------------------------------------------------------------ state files
+
+    def _state_lock(self, rel: str) -> Lock:
+        return self.store.lock(rel)  # writers on other hosts
+
+    def _pull(self, rel: str, path: Path) -> None:
+        self.store.get(rel, path)  # removed here if gone there
+
+    def _push(self, path: Path, rel: str) -> None:
+        self.store.put(path, rel)
+
+    # ---------------------------------------------------------------------------- verification
+
+    def verify(self, full: bool = False, discard: bool = False):
+        """This host's mirror, then the store, which is what every host trusts."""
+        yield from super().verify(full, discard)
+        for rel, why in self.store.verify(full=full, discard=discard):
+            yield f"{self.url}/{rel}", why
+
+    # ------------------------------------------------------------------------- shared work folders
+
+    def upload_dir(self, local: Path, rel: str, marker: bool = False) -> None:
+        self.store.put_dir(local, rel, marker=marker)
+
+    def remote_files(self, rel: str) -> dict[str, int]:
+        return self.store.listing(rel)
+
+    def download_dir(self, rel: str, local: Path) -> int:
+        return self.store.get_dir(rel, local)
+
+    def remove_remote(self, rel: str) -> None:
+        self.store.delete(rel)
+

@@ -1,0 +1,213 @@
+"""The stage decorator and the Prefect cache policy that keys it: the one place that owns a stage's plumbing.
+
+A stage body is its work alone: it gets a `Build` (the temp folder to write into, the root, its key, a
+logger) and its inputs, writes its files and returns its counts and meta. `@stage` makes it a Prefect task,
+binds the call (defaults included) into the key, builds in a temp folder and publishes atomically through the
+root, returns the producer's typed manifest and logs its summary. Per-file pieces of a stage publish through
+`publish_piece`, under the same rules.
+
+Prefect decides "Cached" by a result record named by the key existing in result storage. The policy below
+computes that key and drops a record whose output is missing, half-written or damaged, so such an output is a
+cache miss, never a crash or a wrong result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.core.keys import register_code_version, stage_key
+from tasks.core.manifest import StageOutput
+from tasks.core.root import ArtifactsRoot, open_root
+
+ROOT_PARAMETER = "artifacts"  # every stage task's own parameter: the root, part of no key
+
+# The build scope: pieces built under the same scope count as "read in this run" wherever they were built
+# (the retrain flow's drop gate builds the drop's pieces, and the pipeline it then runs reuses them).
+_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("cpt_build_scope", default=None)
+
+
+def current_scope() -> str | None:
+    return _SCOPE.get()
+
+
+@contextlib.contextmanager
+def build_scope(scope: str | None = None):
+    """Open a build scope unless one is open already (a pipeline run inside a retrain run joins it)."""
+    import uuid
+
+    if _SCOPE.get() is not None:
+        yield _SCOPE.get()
+        return
+    token = _SCOPE.set(scope or uuid.uuid4().hex)
+    try:
+        yield _SCOPE.get()
+    finally:
+        _SCOPE.reset(token)
+
+
+def publish_piece(root: ArtifactsRoot, stage: str, key: str, build, progress=None,
+                  size: int = 0) -> tuple[StageOutput, bool]:
+    """Publish one per-file piece of a stage; returns (output, reused), where reused means built before this
+    run (this build scope). A reused piece advances `progress` by `size` at once, so the bar counts the whole
+    corpus either way."""
+    scope = _SCOPE.get()
+
+    def scoped_build(tmp: Path):
+        counts, meta = build(tmp)
+        return counts, {**meta, "scope": scope} if scope else meta
+
+    out, built = root.publish(stage, key, scoped_build)
+    reused = not built and not (scope is not None and out.meta.get("scope") == scope)
+    if not built and progress is not None:
+        progress.update(size)
+    return out, reused
+
+
+# ------------------------------------------------------------------------------------- cache policy
+
+
+def _make_policy_class():
+    from prefect.cache_policies import CachePolicy
+
+    class StageCachePolicy(CachePolicy):
+        """Key = `stage_key(task name, inputs)`; a record whose output is missing is dropped first."""
+
+        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+            stage = task_ctx.task.name
+            inputs = dict(inputs)
+            root = inputs.pop(ROOT_PARAMETER, None)
+            key = stage_key(stage, inputs)
+            if root is not None:
+                root = open_root(root)
+                if not root.complete(stage, key):
+                    # Missing, half-written or damaged (a file or a referenced piece gone): a miss, rebuilt.
+                    root.discard_record(key)
+                else:
+                    root.fetch_record(key)
+            return key
+
+    return StageCachePolicy
+
+
+@functools.cache
+def stage_cache_policy():
+    return _make_policy_class()()
+
+
+def current_key(stage: str, inputs: dict[str, Any]) -> str:
+    """The key of the running task: Prefect's transaction key under the engine, else computed (task.fn)."""
+    try:
+        from prefect.transactions import get_transaction
+
+        txn = get_transaction()
+    except ImportError:  # pragma: no cover
+        txn = None
+    if txn is not None and txn.key and txn.key.startswith(f"{stage}-"):
+        return txn.key
+    return stage_key(stage, inputs)
+
+
+_BUILT: dict[str, bool] = {}
+
+
+def was_built(key: str) -> bool:
+    """Whether the last call of the stage with this key in this process built its output (False: it was taken
+    from the cache, the store, or another run that built it meanwhile)."""
+    return _BUILT.pop(key, False)
+
+
+@dataclasses.dataclass
+class Build:
+    """What a stage body gets besides its inputs: the temp dir to write its output into, the artifacts root,
+    its key, and a logger. `on_published` registers what to do once the output is in place (never on a failed
+    build: a train work dir must survive a failed publish to be resumed)."""
+
+    tmp: Path
+    root: ArtifactsRoot
+    key: str
+    log: Any
+    published: list = dataclasses.field(default_factory=list)
+
+    def on_published(self, fn: Callable[[StageOutput], None]) -> None:
+        self.published.append(fn)
+
+
+def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, code: list = (),
+          libraries: list[str] = (), key_exclude: set[str] | frozenset[str] = frozenset(), **task_kwargs):
+    """Declare a stage. The body is the work alone:
+
+        @stage("shuffle", version=1, output=Split, libraries=["numpy"])
+        def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs):
+            ...write into build.tmp...
+            return counts, meta            # (+ a dict with `deps` / `content` for outputs that have them)
+
+    The decorator makes it a Prefect task whose parameters are the body's (less `build`) plus `artifacts`, the
+    root; binds the call's arguments (defaults applied) and computes the key once from all of them but
+    `key_exclude` (inputs that say where something is, or describe an input keyed by content), so no input can
+    be left out of it by accident; builds in a temp dir and publishes atomically (or takes the output another
+    process published); returns the producer's typed manifest (`output`) and logs its `summary()`.
+
+    The code version is read from the body and what it reaches (tasks/core/keys.py); `code` adds what no name
+    in it leads to (a module run as a child process); `libraries` are the packages whose versions shape the
+    output.
+    """
+
+    def deco(body):
+        body_sig = inspect.signature(body)
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in body_sig.parameters.values()
+                  if p.name != "build"]
+        unknown = set(key_exclude) - {p.name for p in params}
+        if unknown:
+            raise TypeError(f"stage {name!r}: key_exclude names no parameter: {sorted(unknown)}")
+        params.append(inspect.Parameter(ROOT_PARAMETER, inspect.Parameter.KEYWORD_ONLY, annotation=ArtifactsRoot))
+        signature = body_sig.replace(parameters=params, return_annotation=output)
+
+        @functools.wraps(body)
+        def run(**kwargs) -> StageOutput:
+            bound = signature.bind(**kwargs)
+            bound.apply_defaults()
+            inputs = dict(bound.arguments)
+            root = open_root(inputs.pop(ROOT_PARAMETER))
+            key = current_key(name, inputs)
+            from tasks.core.report import run_logger
+
+            log = run_logger()
+            callbacks: list = []
+
+            def build(tmp: Path):
+                # On an object-store root an input another host built (or a Cached one) may not be here yet.
+                for value in inputs.values():
+                    if isinstance(value, StageOutput):
+                        value.dir(root)
+                return body(Build(tmp=tmp, root=root, key=key, log=log, published=callbacks), **inputs)
+
+            published, built = root.publish(name, key, build)
+            _BUILT[key] = built
+            out = output(**published.model_dump())
+            for fn in callbacks:
+                fn(out)
+            for level, line in out.summary(root):
+                log.log(level, "%s: %s", name, line)
+            return out
+
+        run.__signature__ = signature
+        register_code_version(name, version, [body, output, *code], list(libraries), key_exclude)
+        try:
+            from prefect import task
+        except ImportError:
+            # A machine with the training stack but no orchestrator (a bare GPU box running bench/gpu_check.py):
+            # the stage's functions import and run; there is no task to schedule. Flows import Prefect
+            # themselves, so a missing install still fails loudly where it matters.
+            return run
+        # The stage cache policy keys the task; its result (the manifest) is kept as JSON.
+        return task(name=name, cache_policy=stage_cache_policy(), persist_result=True, result_serializer="json",
+                    **task_kwargs)(run)
+
+    return deco

@@ -1,0 +1,223 @@
+"""Lineage: where a run's weights come from, what the gate compares them with, and what is recorded when they
+are released. The flow asks `RunLineage` at three points (before training, before the gate, after push) and
+decides nothing itself.
+
+- The parent (`train.init: last_promoted`): the lineage's last promoted model, found by the digest of its
+  files in the train entry or the release folder, unless that model came from this very training (then its
+  own parent, so a rerun is Cached instead of stacking the training on itself).
+- The reference: the last promoted model, or the base model when there is none; a rerun of the promoted model
+  keeps the reference it was promoted against, so its decision and push stay Cached.
+- The card's lineage: base, parent, corpus and drops, replay, the perplexities compared, the gate's verdict.
+- After push: the release folder re-made if it was lost or altered, and the promotion recorded.
+
+No Prefect, torch or transformers here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import CptConfig
+from tasks.core.keys import stage_key
+from tasks.core.manifest import Fingerprint, StageOutput, hash_file, verified_manifest
+from tasks.core.report import run_logger
+from tasks.core.root import ArtifactsRoot
+from tasks.gate import Decision
+from tasks.ml.modeling import model_digest, without_location
+from tasks.push import Release, ensure_release
+from tasks.state import lines
+from tasks.state.promotions import Promotion, Promotions, lineage_of, read_promotions, record_promotion
+from tasks.train import Trained
+
+
+def find_model(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Path | None:
+    """The promoted model's folder: the train entry if it is intact, else the release folder, each only if its
+    files are still the promoted bytes."""
+    entry, name = record.model_path.rsplit("/", 1)
+    train_dir = root.entry(entry) / name
+    if verified_manifest(train_dir.parent, root.local) is not None and \
+            model_digest(train_dir, digest) == record.model_digest:
+        return train_dir
+    if record.release:
+        release = Path(record.release)
+        if release.is_dir() and model_digest(release, digest) == record.model_digest:
+            return release
+    return None
+
+
+def promoted_fingerprint(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Fingerprint | None:
+    where = find_model(root, record, digest)
+    if where is None:
+        return None
+    return Fingerprint(kind="model", digest=record.model_digest, location=str(where))
+
+
+def promotion_record(trained, pushed, decision, identity: str, parent: dict[str, Any], reference: dict[str, Any],
+                     flow_run: str) -> Promotion:
+    """The record of a model the gate let through and push released (train, push and gate outputs)."""
+    c, hub = decision.counts, pushed.counts
+    return Promotion(
+        model_digest=trained.model_digest, model_path=trained.model_rel, release=hub["local_path"],
+        train_identity=identity, parent=without_location(parent), reference=without_location(reference),
+        validation_perplexity=c["validation_perplexity"], general_perplexity=c["general_perplexity"],
+        reason=c["reason"], flow_run=flow_run, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        hub={"url": hub["hub_url"], "commit": hub.get("hub_commit")} if hub.get("hub_url") else None,
+    )
+
+
+def describe(kind: str, fingerprint: Fingerprint, model_id: str, record: Promotion | None = None) -> dict[str, Any]:
+    """A parent or reference model as the summary, the card and the next promotion record name it."""
+    return {"kind": kind, "id": model_id, "digest": fingerprint.digest, "location": fingerprint.location,
+            "flow_run": record.flow_run if record else ""}
+
+
+# ------------------------------------------------------------------------------- parent and reference
+
+
+class LostPromotedModel(RuntimeError):
+    """train.init: last_promoted, and the last promoted model's files are nowhere to be found."""
+
+
+def _record_with_digest(promos: Promotions, digest: str) -> Promotion | None:
+    return next((r for r in reversed(promos.history) if r.model_digest == digest), None)
+
+
+def choose_parent(init: str, promos: Promotions | None, base: Fingerprint, model_id: str, identity: str,
+                  root: ArtifactsRoot, digest=hash_file) -> tuple[Fingerprint, dict[str, Any], str]:
+    """The model training starts from, its description, and a sentence for the log.
+
+    With `last_promoted`: the lineage's last promoted model — unless that model came from this very training
+    (same data and settings, `identity`): then its own parent, so a rerun reuses the training instead of
+    stacking it on itself (and is Cached)."""
+    base_desc = describe("base", base, model_id)
+    if init == "base":
+        return base, base_desc, "starting from the base model (train.init: base)"
+    if promos is None:
+        return base, base_desc, ("train.init is last_promoted but this run has no lineage (give push.name, or run "
+                                 "a line with cpt retrain --line): starting from the base model")
+    last = promos.last
+    if last is None:
+        return base, base_desc, f"no promoted model in {promos.lineage} yet: starting from the base model"
+    record, why = last, "continuing from the last promoted model"
+    if last.train_identity == identity:
+        if last.parent.get("kind") == "base":
+            return base, base_desc, ("the last promoted model came from this same training: starting from its "
+                                     "parent, the base model (the training is reused)")
+        record = _record_with_digest(promos, last.parent["digest"])
+        why = "the last promoted model came from this same training: starting from its parent"
+        if record is None:
+            raise LostPromotedModel(f"{promos.lineage}: the parent {last.parent['digest']} of the last promoted "
+                                    "model has no promotion record")
+    fp = promoted_fingerprint(root, record, digest)
+    if fp is None:
+        raise LostPromotedModel(
+            f"train.init: last_promoted: the promoted model {record.model_digest} of {promos.lineage} (run "
+            f"{record.flow_run}) is gone: neither {root.location(record.model_path)} nor the release folder "
+            f"{record.release or '(none)'} holds its files. Set train.init: base to start over from the base "
+            f"model, or restore the release folder")
+    return fp, describe("promoted", fp, model_id, record), f"{why} ({record.model_digest[:16]}, run {record.flow_run})"
+
+
+def choose_reference(promos: Promotions | None, trained_digest: str, root: ArtifactsRoot,
+                     digest=hash_file) -> tuple[Fingerprint | None, Promotion | None, str]:
+    """The model the gate compares with: the last promoted one (None: the base model), its record, and a note.
+    When this run's model is the last promoted one (a rerun), the reference it was promoted against stands, so
+    the decision — and the push — stay Cached."""
+    if promos is None or promos.last is None:
+        return None, None, "no promoted model yet: the reference is the base model"
+    record, note = promos.last, f"the reference is the last promoted model (run {promos.last.flow_run})"
+    if record.model_digest == trained_digest:
+        ref = record.reference
+        if ref.get("kind") != "promoted":
+            return None, None, "this model is the last promoted one; it was promoted against the base model"
+        record = _record_with_digest(promos, ref["digest"])
+        note = "this model is the last promoted one; the reference it was promoted against stands"
+        if record is None:
+            return None, None, "the reference of the last promotion has no record: comparing with the base model"
+    fp = promoted_fingerprint(root, record, digest)
+    if fp is None:
+        return None, None, (f"the last promoted model {record.model_digest[:16]} (run {record.flow_run}) is gone "
+                            "from the cache and the release folder: comparing with the base model")
+    return fp, record, note
+
+
+# ------------------------------------------------------------------------------------------- a run
+
+
+class RunLineage:
+    """One run's lineage decisions, in the order the flow needs them. `line` is the retraining line the run
+    belongs to (else `push.name` names the lineage; with neither there is nothing to continue or record)."""
+
+    def __init__(self, root: ArtifactsRoot, config: CptConfig, line: str | None, digest=hash_file):
+        self.root, self.config, self.line, self.digest = root, config, line, digest
+        self.lineage = lineage_of(line, config.push.name)
+        self.promos: Promotions | None = None
+        self.identity = ""
+        self.base: Fingerprint | None = None
+        self.parent: dict[str, Any] = {}
+        self.reference: dict[str, Any] | None = None
+
+    def choose_parent(self, base_model: Fingerprint, train_chunks: StageOutput) -> tuple[Fingerprint, dict]:
+        """The model training starts from and its description (for the train stage and the summary)."""
+        c = self.config
+        self.base = base_model
+        self.promos = read_promotions(self.root, self.lineage)
+        # What this training is, less the weights it starts from: how a rerun recognises its own result.
+        self.identity = stage_key("train-identity", {"train": c.train, "model": c.model, "base": base_model,
+                                                     "chunk": c.chunk, "chunks": train_chunks})
+        model, self.parent, note = choose_parent(c.train.init, self.promos, base_model, c.model.id, self.identity,
+                                                 self.root, self.digest)
+        run_logger().info("train: %s", note)
+        return model, self.parent
+
+    def choose_reference(self, trained: Trained) -> Fingerprint | None:
+        """The model the gate compares with; None: the base model (whose evaluation the run already has)."""
+        model, record, note = choose_reference(self.promos, trained.model_digest, self.root, self.digest)
+        run_logger().info("gate: %s", note)
+        self.reference = (describe("base", self.base, self.config.model.id) if model is None
+                          else describe("promoted", model, self.config.model.id, record))
+        return model
+
+    @property
+    def reference_kind(self) -> str:
+        return self.reference["kind"]
+
+    def card(self, sources: Fingerprint, replay: Fingerprint | None, train_chunks: StageOutput, trained: Trained,
+             evaluation: StageOutput, base_eval: StageOutput, ref_eval: StageOutput | None,
+             decision: Decision | None) -> dict[str, Any]:
+        """What the model card says about where the weights come from (no paths that move with the root)."""
+        c = self.config
+        drops = ([{"path": d.path, "fingerprint": d.fingerprint} for d in lines.read_line(self.root, self.line).drops
+                  if d.status == "active"] if self.line else [])
+        e = evaluation.counts
+
+        def ppl(out: StageOutput | None, name: str):
+            return None if out is None else out.counts.get(f"{name}_perplexity")
+
+        return {
+            "model_digest": trained.model_digest,
+            "base": {"id": c.model.id, "digest": self.base.digest},
+            "parent": without_location(self.parent),
+            "corpus": sources.digest,
+            "drops": drops,
+            "replay": {"fraction": c.replay.fraction, "paths": c.replay.paths,
+                       "fingerprint": replay.digest if replay else None,
+                       "share": train_chunks.counts.get("replay_share", 0.0)},
+            "evaluation": {"validation_base": ppl(base_eval, "validation"),
+                           "validation_reference": ppl(ref_eval, "validation"),
+                           "validation_new": e.get("validation_perplexity_after"),
+                           "general_base": ppl(base_eval, "general"), "general_reference": ppl(ref_eval, "general"),
+                           "general_new": e.get("general_perplexity_after")},
+            "gate": None if decision is None else {k: decision.counts[k] for k in ("promoted", "reason", "reference")},
+        }
+
+    def released(self, pushed: Release, trained: Trained, decision: Decision | None, flow_run: str) -> str | None:
+        """After push, every run, cached or not: the release folder holds the pushed model (re-made if it was lost
+        or altered: returns why), and the promotion is recorded (with a gate and a lineage)."""
+        restored = ensure_release(pushed, trained, self.root, self.digest)
+        if self.lineage and decision is not None:
+            record_promotion(self.root, self.lineage, promotion_record(
+                trained, pushed, decision, self.identity, self.parent, self.reference, flow_run))
+        return restored

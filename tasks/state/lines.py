@@ -1,0 +1,150 @@
+"""Training lines: the durable state of one retraining line (the gate a drop passes is tasks/drop_gate.py).
+
+A line (`cpt retrain --line L`) trains on the configured corpus plus every drop registered to it. Its state,
+`<artifacts>/state/lines/<L>.json`, lists the drops (path, content fingerprint, counts, status and the history
+of each status change) and the fingerprint of its last successful training. Every change is a locked
+read-modify-write of the whole file, written to a temp file and renamed into place: a killed run leaves the
+old state or the new one, never half of one, and `cpt drops --remove` beside a running retrain loses nothing.
+
+Statuses: `pending` (announced, still being written), `active` (passed the gate: trained on), `rejected` (failed
+the gate; the reason is kept; re-checked when its content changes), `removed` (retired by hand).
+
+Nothing here imports Prefect, torch or transformers: `cpt drops` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core.root import ArtifactsRoot
+
+DropStatus = Literal["pending", "active", "rejected", "removed"]
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Drop(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    status: DropStatus
+    fingerprint: str = ""
+    files: int = 0
+    documents: int = 0
+    tokens: int = 0
+    registered_at: str = ""
+    reason: str = ""
+    profile: dict[str, Any] = {}
+    history: list[dict[str, str]] = Field(default_factory=list, description="Every status change: at, status, why.")
+
+    def set_status(self, status: DropStatus, why: str) -> None:
+        self.status = status
+        self.history.append({"at": now_iso(), "status": status, "why": why})
+
+    def listing(self) -> dict[str, Any]:
+        """What `cpt drops --json` prints per drop."""
+        return self.model_dump(include={"path", "fingerprint", "files", "documents", "tokens", "registered_at",
+                                        "status", "reason", "history"})
+
+
+class LineState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    line: str
+    drops: list[Drop] = []
+    last_training: dict[str, Any] | None = None
+
+    def find(self, path: str | Path) -> Drop | None:
+        path = str(Path(path).resolve())
+        return next((d for d in self.drops if d.path == path), None)
+
+    def active_paths(self) -> list[str]:
+        return [d.path for d in self.drops if d.status == "active"]
+
+    def inactive_paths(self) -> list[str]:
+        return [d.path for d in self.drops if d.status != "active"]
+
+
+def state_file(line: str) -> str:
+    """The line's state file, relative to the root."""
+    if not line or "/" in line or line.startswith("."):
+        raise ValueError(f"line: {line!r} is not a valid line name (no '/', not starting with '.')")
+    return f"state/lines/{line}.json"
+
+
+def read_line(root: ArtifactsRoot, line: str, fetch: bool = True) -> LineState:
+    rel = state_file(line)
+    # The root's copy is the state (on an object-store root another host may have changed it).
+    path = root.fetch_state(rel) if fetch else root.path(rel)
+    try:
+        return LineState.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        # A line last trained before lines kept drops: take its last training, so it does not retrain.
+        try:
+            old = json.loads(root.path(f"state/retrain-{line}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        return LineState(line=line, last_training=old)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a valid line state ({e}); fix or remove it") from None
+
+
+def updating(root: ArtifactsRoot, line: str):
+    """Lock the line, yield its state, write it back atomically when the block ends without error."""
+    return root.locked_state(state_file(line), lambda: read_line(root, line, fetch=False))
+
+
+def announce(root: ArtifactsRoot, line: str, drop: str | Path) -> Drop:
+    """Note an announced drop as pending unless it is known with an active or rejected verdict (the gate then
+    looks again only if its content changed). A removed drop announced again is pending again, recorded."""
+    path = str(Path(drop).resolve())
+    with updating(root, line) as state:
+        entry = state.find(path)
+        if entry is None:
+            entry = Drop(path=path, status="pending", registered_at=now_iso())
+            entry.history.append({"at": entry.registered_at, "status": "pending", "why": "announced"})
+            state.drops.append(entry)
+        elif entry.status == "removed":
+            entry.set_status("pending", "announced again after removal")
+        return entry
+
+
+def remove(root: ArtifactsRoot, line: str, drop: str | Path, why: str = "removed by hand") -> Drop:
+    path = str(Path(drop).resolve())
+    with updating(root, line) as state:
+        entry = state.find(path)
+        if entry is None:
+            known = ", ".join(d.path for d in state.drops) or "none"
+            raise KeyError(f"line {line!r} has no drop {path} (its drops: {known})")
+        if entry.status != "removed":
+            entry.set_status("removed", why)
+        return entry
+
+
+def record_verdict(root: ArtifactsRoot, line: str, path: str, fingerprint: str, profile: dict[str, Any]) -> Drop:
+    """The gate's verdict on a drop: active (registered) or rejected with the reasons."""
+    with updating(root, line) as state:
+        entry = state.find(path)
+        if entry is None:
+            entry = Drop(path=path, status="pending", registered_at=now_iso())
+            state.drops.append(entry)
+        entry.fingerprint = fingerprint
+        entry.profile = profile
+        entry.files, entry.documents, entry.tokens = profile["files"], profile["documents"], profile["tokens"]
+        if profile["passed"]:
+            entry.reason = ""
+            entry.set_status("active", "passed the drop gate")
+        else:
+            entry.reason = "; ".join(profile["reasons"])
+            entry.set_status("rejected", entry.reason)
+        return entry
+
+
+def record_training(root: ArtifactsRoot, line: str, record: dict[str, Any]) -> None:
+    with updating(root, line) as state:
+        state.last_training = record

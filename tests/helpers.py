@@ -1,0 +1,61 @@
+"""Helpers the tests share (plain functions and constants; the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CORPUS = ROOT / "samples" / "medical_ko.jsonl"
+SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
+
+
+def sample_texts(n: int | None = None) -> list[str]:
+    lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
+    return [json.loads(x)["content"] for x in lines[:n] if x.strip()]
+
+
+def shared_corpus(name: str) -> Path:
+    path = SHARED_CORPORA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared/corpora is not beside this checkout)")
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def touched_entries(artifacts: Path) -> list[str]:
+    """Cache entries holding files their manifest does not list (something wrote into them after publish)."""
+    from tasks.core.manifest import MANIFEST, read_manifest
+
+    bad = []
+    for manifest_file in (artifacts / "cache").glob(f"*/*/{MANIFEST}"):
+        entry = manifest_file.parent
+        listed = set(read_manifest(entry).files) | {MANIFEST}
+        extra = {p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file()} - listed
+        if extra:
+            bad.append(f"{entry.relative_to(artifacts)}: {sorted(extra)}")
+    return bad
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The environment a worker of an object-store root gets: the standard AWS variables and the endpoint."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def new_bucket(endpoint: str) -> str:
+    import uuid
+
+    import s3fs
+
+    name = f"cpt-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
+                      skip_instance_cache=True).mkdir(name)
+    return name
