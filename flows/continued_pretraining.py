@@ -25,7 +25,8 @@ from tasks.core.fanout import one_runner_per_run
 from tasks.core.manifest import DigestMemo, Fingerprint, StageOutput
 from tasks.core.report import markdown_artifact, markdown_table, run_logger
 from tasks.core.root import ArtifactsRoot, open_root
-from tasks.core.stage import build_scope, was_built
+from tasks.core.scope import build_scope
+from tasks.core.stage import was_built
 from tasks.evaluate import evaluate, evaluate_base
 from tasks.gate import gate
 from tasks.lineage import RunLineage

@@ -28,7 +28,7 @@ from tasks.core.config import CptConfig, load_config
 from tasks.core.manifest import DigestMemo
 from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import open_root
-from tasks.core.stage import build_scope
+from tasks.core.scope import build_scope
 from tasks.drop_gate import gate_drops, line_config, unsettled_files
 from tasks.load import fingerprint_files, resolve_corpus_files
 from tasks.state import lines

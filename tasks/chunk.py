@@ -21,21 +21,23 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.core.config import ChunkConfig, ConfigError, RuntimeConfig
+from tasks.arrow import batch_bounds, read_arrow
+from tasks.core.config import SPLITS, ChunkConfig, ConfigError, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput, combine_digests
 from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
-from tasks.load import read_arrow
-from tasks.shuffle import SPLITS, Split
-from tasks.tokenize import Tokens
+
+if TYPE_CHECKING:
+    from tasks.shuffle import Split
+    from tasks.tokenize import Tokens
 
 IGNORE_INDEX = -100
 CHUNK_SCHEMA = pa.schema([
@@ -174,8 +176,6 @@ def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int
                progress: Progress | None = None, batch_bytes: int = 16 << 20) -> dict[str, int]:
     """Windows of the documents `rows` of `tokens` (doc_id, input_ids), in that order, streamed into one
     datasets shard at `dst`, a batch of documents at a time so memory stays flat."""
-    from tasks.tokenize import batch_bounds
-
     schema = CHUNK_ARROW_SCHEMA
     counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
     lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False)

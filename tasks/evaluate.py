@@ -11,15 +11,17 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.chunk import Chunks
 from tasks.core.config import ChunkConfig, CorpusConfig, EvaluateConfig, ModelConfig
 from tasks.core.manifest import Fingerprint, StageOutput
 from tasks.core.report import markdown_artifact, markdown_table, table_artifact
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
-from tasks.train import Trained
+
+if TYPE_CHECKING:
+    from tasks.chunk import Chunks
+    from tasks.train import Trained
 
 EVAL_FILE = "eval.json"
 

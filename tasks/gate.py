@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.core.config import GateConfig
 from tasks.core.manifest import StageOutput
 from tasks.core.report import markdown_artifact, markdown_table
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
-from tasks.evaluate import Evaluation
-from tasks.train import Trained
+
+if TYPE_CHECKING:
+    from tasks.evaluate import Evaluation
+    from tasks.train import Trained
 
 GATE_FILE = "gate.json"
 

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.config import CptConfig
 from tasks.core.keys import stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, hash_file, verified_manifest
 from tasks.core.report import run_logger
 from tasks.core.root import ArtifactsRoot
-from tasks.gate import Decision
 from tasks.ml.modeling import model_digest, without_location
-from tasks.push import Release, ensure_release
+from tasks.push import ensure_release
 from tasks.state import lines
 from tasks.state.promotions import Promotion, Promotions, lineage_of, read_promotions, record_promotion
-from tasks.train import Trained
+
+if TYPE_CHECKING:  # the manifests it reads; their stages are not imported to run
+    from tasks.gate import Decision
+    from tasks.push import Release
+    from tasks.train import Trained
 
 
 def find_model(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Path | None:

@@ -26,6 +26,7 @@ from tasks.core.config import ConfigError, CorpusConfig, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.root import ArtifactsRoot
+from tasks.arrow import read_arrow
 from tasks.core.stage import Build, publish_piece, stage
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -40,11 +41,6 @@ DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_i
 # The assembled corpus also says where each document's row lives in the per-file outputs.
 ASSEMBLED_SCHEMA = DOC_SCHEMA.append(pa.field("part", pa.int32())).append(pa.field("row", pa.int64()))
 _WRITE_BATCH = 2048
-
-
-def read_arrow(path: str | Path) -> pa.Table:
-    """A stage's Arrow IPC file, memory-mapped: reading it costs no copy until columns are used."""
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 class BadRecordError(ValueError):

@@ -15,7 +15,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -24,11 +24,13 @@ from tasks.core.manifest import Fingerprint, StageOutput
 from tasks.core.report import markdown_artifact, run_logger
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
-from tasks.evaluate import Evaluation
-from tasks.gate import Decision
-from tasks.load import Docs
 from tasks.ml.modeling import CARD, model_digest
-from tasks.train import Trained
+
+if TYPE_CHECKING:
+    from tasks.evaluate import Evaluation
+    from tasks.gate import Decision
+    from tasks.load import Docs
+    from tasks.train import Trained
 
 
 class PushFailed(RuntimeError):

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tasks.arrow import read_arrow
 from tasks.chunk import CHUNK_ARROW_SCHEMA, IGNORE_INDEX, Chunks, link_or_copy, write_dataset_dict
-from tasks.core.config import ReplayConfig, ShuffleConfig
+from tasks.core.config import SPLITS, ReplayConfig, ShuffleConfig
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
-from tasks.load import Docs, read_arrow
-from tasks.shuffle import SPLITS
+
+if TYPE_CHECKING:
+    from tasks.load import Docs
 
 REPLAY_SHARD = "replay.arrow"
 

@@ -17,17 +17,20 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.core.config import ConfigError, ShuffleConfig, SplitConfig
+from tasks.arrow import read_arrow
+from tasks.core.config import SPLITS, ConfigError, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
-from tasks.load import Docs, read_arrow
 
-SPLITS = ("train", "validation")
+if TYPE_CHECKING:
+    from tasks.load import Docs
+
 _WRITE_BATCH = 2048
 
 

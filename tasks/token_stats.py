@@ -11,21 +11,23 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 
+from tasks.arrow import read_arrow
+from tasks.chunk import chunk_lengths, rows_by_part
+from tasks.core.config import SPLITS, ChunkConfig, TokenStatsConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
+from tasks.core.report import image_data_uri, markdown_artifact, markdown_table, table_artifact
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
-from tasks.chunk import chunk_lengths, rows_by_part
-from tasks.core.config import ChunkConfig, TokenStatsConfig
-from tasks.core.report import markdown_artifact, markdown_table, image_data_uri, table_artifact
-from tasks.load import read_arrow
-from tasks.shuffle import SPLITS, Split
-from tasks.tokenize import Tokens
+
+if TYPE_CHECKING:
+    from tasks.shuffle import Split
+    from tasks.tokenize import Tokens
 
 STAT_NAMES = ("count", "total", "mean", "median", "min", "max", "std", "p90", "p95", "p99")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +21,11 @@ from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_
 from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot, user_cache_dir
 from tasks.core.stage import Build, publish_piece, stage
-from tasks.load import Docs, piece_docs_file
+from tasks.arrow import batch_bounds, read_arrow
+from tasks.load import piece_docs_file
+
+if TYPE_CHECKING:
+    from tasks.load import Docs
 
 TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 # Files that decide how text becomes ids. config.json is read by AutoTokenizer only to pick a class.
@@ -244,20 +248,6 @@ def encode_batch(tok, texts: list[str], eos_id: int, encoder: Encoder | None = N
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def batch_bounds(byte_lengths: np.ndarray, max_docs: int, max_bytes: int) -> list[tuple[int, int]]:
-    """Split rows into batches of at most `max_docs` documents and about `max_bytes` of text (a longer
-    document gets a batch of its own): the tokenizer holds every Encoding of a batch in memory at once."""
-    bounds, start, size = [], 0, 0
-    for i, n in enumerate(byte_lengths.tolist()):
-        if i > start and (i - start >= max_docs or size + n > max_bytes):
-            bounds.append((start, i))
-            start, size = i, 0
-        size += n
-    if start < len(byte_lengths):
-        bounds.append((start, len(byte_lengths)))
-    return bounds
-
-
 def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch_bytes: int = 4 << 20,
                   progress: Progress | None = None) -> dict:
     import pyarrow.compute as pc
@@ -293,8 +283,6 @@ def token_file(root: ArtifactsRoot, piece_path: str) -> Path:
 def token_lengths(root: ArtifactsRoot, pieces: list[StageOutput]) -> np.ndarray:
     """Tokens per document (EOS included) of tokenize-file pieces, in order (list lengths: no token is read)."""
     import pyarrow.compute as pc
-
-    from tasks.load import read_arrow
 
     parts = [pc.list_value_length(read_arrow(token_file(root, p.path)).column("input_ids")).to_numpy(
         zero_copy_only=False) for p in pieces]

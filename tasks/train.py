@@ -15,9 +15,8 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.chunk import Chunks
 from tasks.core.config import ChunkConfig, ModelConfig, TrainConfig
 from tasks.core.manifest import Fingerprint, StageOutput
 from tasks.core.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
@@ -26,6 +25,9 @@ from tasks.core.stage import Build, stage
 from tasks.ml import train_worker
 from tasks.ml.spec import TrainSpec
 from tasks.ml.train_worker import MESSAGE_PREFIX, pull_checkpoint
+
+if TYPE_CHECKING:
+    from tasks.chunk import Chunks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -121,6 +121,9 @@ class ShuffleConfig(Section):
     seed: int = Field(42, description="Seed of the document order and of the train/validation split.")
 
 
+SPLITS = ("train", "validation")  # the splits the shuffle stage writes and the chunk stage fills
+
+
 class SplitConfig(Section):
     validation_fraction: float = Field(
         0.05,

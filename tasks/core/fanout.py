@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from tasks.core.stage import build_scope, current_scope
+from tasks.core.scope import build_scope, current_scope
 from tasks.core.config import RuntimeConfig
 
 

@@ -54,6 +54,7 @@ class CodeSpec:
     libraries: tuple[str, ...]
     key_exclude: frozenset[str]
     covered: tuple[str, ...]  # "module:name" of every definition in the digest (for `cpt` developers, tests)
+    entry: str  # "module:name" of its first root: a stage whose code reaches it includes this one's version
 
 
 _SPECS: dict[str, CodeSpec] = {}
@@ -68,11 +69,26 @@ def register_code_version(stage: str, version: int, roots: list, libraries: list
     libraries whose versions shape its output, and the inputs that are not part of its key (`key_exclude`:
     inputs that say where something is or describe an input already keyed by content)."""
     digest, covered = code_digest(roots)
-    _SPECS[stage] = CodeSpec(version, digest, tuple(libraries), frozenset(key_exclude), tuple(covered))
-    _VERSIONS.pop(stage, None)
+    entry = _label(roots[0]) if roots else ""
+    _SPECS[stage] = CodeSpec(version, digest, tuple(libraries), frozenset(key_exclude), tuple(covered), entry)
+    _VERSIONS.clear()  # a stage that reaches this one includes its version
 
 
-def code_version(stage: str) -> str:
+def _label(obj) -> str:
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    obj = inspect.unwrap(obj)
+    return f"{obj.__module__}:{obj.__qualname__.split('.')[0]}"
+
+
+def pieces_of(stage: str) -> list[str]:
+    """The per-file pieces a stage's code runs (their first root is in its code): their versions are in its
+    own, so bumping a piece's version reruns the stage that lists the pieces too."""
+    covered_here = set(_SPECS[stage].covered)
+    return sorted(name for name, spec in _SPECS.items() if name != stage and spec.entry in covered_here)
+
+
+def code_version(stage: str, _seen: frozenset[str] = frozenset()) -> str:
     if stage in _VERSIONS:
         return _VERSIONS[stage]
     spec = _SPECS.get(stage)
@@ -81,6 +97,9 @@ def code_version(stage: str) -> str:
     h = hashlib.sha256(f"{stage}@{spec.version}\0{spec.digest}".encode())
     for lib in spec.libraries:
         h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
+    for piece in pieces_of(stage):
+        if piece not in _seen:
+            h.update(f"\0{piece}={code_version(piece, _seen | {stage})}".encode())
     _VERSIONS[stage] = h.hexdigest()[:16]
     return _VERSIONS[stage]
 

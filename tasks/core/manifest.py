@@ -15,16 +15,26 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
-
-if TYPE_CHECKING:  # the root is passed in, never imported: it builds on this module
-    from tasks.core.root import ArtifactsRoot
 
 MANIFEST = "_COMPLETE"
 RECORDS_DIR = "_records"
 TMP_PREFIX = ".tmp-"
+
+
+class ArtifactsRoot(Protocol):
+    """What a manifest asks of the root it lives in (tasks/core/root.py's ArtifactsRoot, which builds on this
+    module: the root is passed in, never imported)."""
+
+    local: Path
+
+    def entry(self, rel: str) -> Path: ...
+
+    def file(self, rel: str, name: str) -> Path: ...
+
+    def location(self, rel: str) -> str: ...
 
 
 class Fingerprint(BaseModel):

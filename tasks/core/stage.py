@@ -13,8 +13,6 @@ cache miss, never a crash or a wrong result.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import inspect
@@ -25,39 +23,16 @@ from typing import Any
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
 from tasks.core.root import ArtifactsRoot, open_root
+from tasks.core.scope import current_scope
 
 ROOT_PARAMETER = "artifacts"  # every stage task's own parameter: the root, part of no key
-
-# The build scope: pieces built under the same scope count as "read in this run" wherever they were built
-# (the retrain flow's drop gate builds the drop's pieces, and the pipeline it then runs reuses them).
-_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("cpt_build_scope", default=None)
-
-
-def current_scope() -> str | None:
-    return _SCOPE.get()
-
-
-@contextlib.contextmanager
-def build_scope(scope: str | None = None):
-    """Open a build scope unless one is open already (a pipeline run inside a retrain run joins it)."""
-    import uuid
-
-    if _SCOPE.get() is not None:
-        yield _SCOPE.get()
-        return
-    token = _SCOPE.set(scope or uuid.uuid4().hex)
-    try:
-        yield _SCOPE.get()
-    finally:
-        _SCOPE.reset(token)
-
 
 def publish_piece(root: ArtifactsRoot, stage: str, key: str, build, progress=None,
                   size: int = 0) -> tuple[StageOutput, bool]:
     """Publish one per-file piece of a stage; returns (output, reused), where reused means built before this
     run (this build scope). A reused piece advances `progress` by `size` at once, so the bar counts the whole
     corpus either way."""
-    scope = _SCOPE.get()
+    scope = current_scope()
 
     def scoped_build(tmp: Path):
         counts, meta = build(tmp)

@@ -1,0 +1,149 @@
+"""The architecture the folders show, checked: the import graph of tasks/ and flows/ (imports inside functions
+counted; those under `if TYPE_CHECKING:`, which only name a manifest type for an annotation, never run) has
+no cycle, tasks/core imports no stage or other project module outside it, the object store knows only the
+manifest types, and state/ and ml/ import no stage module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import ROOT
+
+PACKAGES = ("tasks", "flows")
+STAGES = {"tasks.load", "tasks.shuffle", "tasks.tokenize", "tasks.token_stats", "tasks.chunk", "tasks.replay",
+          "tasks.evaluate", "tasks.train", "tasks.gate", "tasks.push"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING"
+                                         or getattr(test, "attr", None) == "TYPE_CHECKING")
+
+
+def _executed(tree: ast.AST):
+    """Every node of the module but those under `if TYPE_CHECKING:` (annotations only: never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo += [c for c in ast.iter_child_nodes(node) if not _type_checking(c)]
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Project modules `path` imports when it runs: at module level or inside functions (lazy imports count)."""
+    found: set[str] = set()
+    for node in _executed(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            if name in known:
+                found.add(name)
+            # `import tasks.core.root` imports its packages too; they are only docstrings here.
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imports_of(path, known) - {name} for name, path in mods.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def layers(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's height: 0 for one that imports no project module, else 1 + the highest it imports."""
+    memo: dict[str, int] = {}
+
+    def height(v: str) -> int:
+        if v not in memo:
+            memo[v] = 0
+            memo[v] = 1 + max((height(w) for w in graph[v]), default=-1)
+        return memo[v]
+
+    return {v: height(v) for v in graph}
+
+
+def test_the_import_graph_has_no_cycle_lazy_imports_included():
+    graph = import_graph()
+    assert "tasks.core.root" in graph and "flows.continued_pretraining" in graph  # the walk found the modules
+    assert not cycles(graph), cycles(graph)
+
+
+def test_the_cycle_check_can_fail():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_core_imports_nothing_outside_core_and_the_store_only_the_manifest_types():
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith("tasks.core"):
+            outside = {d for d in deps if not d.startswith("tasks.core")}
+            assert not outside, f"{name} imports {sorted(outside)}: infrastructure must not know a stage"
+    assert graph["tasks.core.objectstore"] == {"tasks.core.manifest"}
+    for name in ("tasks.core.manifest", "tasks.core.keys", "tasks.core.entries", "tasks.core.objectstore"):
+        assert "tasks.core.root" not in graph[name]  # the root builds on them, never the reverse
+
+
+def test_state_and_model_code_import_no_stage():
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith(("tasks.state", "tasks.ml")):
+            assert not deps & STAGES, f"{name} imports the stage modules {sorted(deps & STAGES)}"
+
+
+def test_the_tower_is_low(capsys):
+    """Printed for the README and the notes: how many layers of imports the project has."""
+    graph = import_graph()
+    height = layers(graph)
+    tallest = max(height.values())
+    with capsys.disabled():
+        print(f"\nimport layers: {tallest + 1} (tallest: {max(height, key=height.get)})")
+    assert tallest + 1 <= 11  # it was 14 (lazy imports counted, with a cycle) before the redesign
