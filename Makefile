@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= true
 
-.PHONY: demo test bench install clean-cache server
+.PHONY: demo test test-fast bench install clean-cache server
 
 # A local Prefect server with its UI at http://127.0.0.1:4200 (SQLite under ~/.prefect by default; for
 # Postgres export PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect).
@@ -36,8 +36,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The inner loop: everything but what starts a server, a flow or a training child (CI runs `make test`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 bench: $(STAMP)
-	$(BIN)/python bench/chunk_throughput.py
+	$(BIN)/python -m bench.chunk_throughput
 
 clean-cache:
 	rm -rf artifacts/cache artifacts/runs

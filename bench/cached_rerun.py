@@ -7,26 +7,19 @@ Starts `prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME), then
   is Cached.
 Each is run once to fill its cache, then `--repeat` times timed; the medians are compared. Goal: at most 1 s apart.
 
-    .venv/bin/python bench/cached_rerun.py [--repeat 5]
+    .venv/bin/python -m bench.cached_rerun [--repeat 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-BIN = Path(sys.executable).parent
+from bench.common import CPT, argument_parser, free_port, prefect_env, prefect_server, small_config, timed
 
 SKELETON = '''
 import sys
@@ -47,77 +40,20 @@ skeleton()
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return wall
-
-
-def prefect_env(d: Path, port: int) -> dict[str, str]:
-    return {**os.environ, "PREFECT_HOME": str(d / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOGGING_LEVEL": "WARNING",
-            "CPT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def start_prefect_server(env: dict[str, str], port: int) -> subprocess.Popen:
-    """`prefect server start` on 127.0.0.1:port, returned once it answers."""
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-            return server
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                sys.exit("the Prefect server did not start in 120 s")
-            time.sleep(0.5)
-
-
-def small_config(d: Path) -> Path:
-    """The bundled sample corpus, a tiny model built here, 2 training steps."""
-    import yaml
-
-    from tasks.ml.tiny_model import build_tiny_model, read_texts
-
-    corpus = ROOT / "samples" / "medical_ko.jsonl"
-    build_tiny_model(d / "model", read_texts(corpus), vocab_size=1024)
-    config = d / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "corpus": {"paths": [str(corpus)]}, "model": {"id": str(d / "model")},
-        "chunk": {"max_seq_length": 128, "overlap": 16},
-        "train": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                  "eval_steps": 2, "save_steps": 2, "early_stopping_patience": None},
-        "evaluate": {"max_eval_rows": 8}, "push": {"name": "bench"},
-    }))
-    return config
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         port = free_port()
         env = prefect_env(d, port)
-        server = start_prefect_server(env, port)
-        try:
+        with prefect_server(env, port):
             config = small_config(d)
             skeleton = d / "skeleton.py"
             skeleton.write_text(SKELETON)
             floor_cmd = [sys.executable, str(skeleton), str(d / "skeleton-results")]
-            cpt_cmd = [str(BIN / "cpt"), "run", "-c", str(config), "--artifacts", str(d / "artifacts"),
+            cpt_cmd = [CPT, "run", "-c", str(config), "--artifacts", str(d / "artifacts"),
                        "--summary", str(d / "summary.json")]
             timed(floor_cmd, env)
             cold = timed(cpt_cmd, env)
@@ -128,9 +64,6 @@ def main() -> None:
                 states = {s["state"] for s in json.loads((d / "summary.json").read_text())["stages"]}
                 if states != {"Cached"}:
                     sys.exit(f"the rerun was not fully cached: {states}")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
 
     f, c = statistics.median(floor), statistics.median(cached)
     print(f"Prefect server on 127.0.0.1; each run a fresh process; {args.repeat} timed runs each, interleaved; "

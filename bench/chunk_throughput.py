@@ -14,9 +14,9 @@ Prints, each measured in this process, best of --repeat runs:
 - cpt: tokenize stage (batch tokenization, EOS, Arrow file) + chunk stage (vectorised windows, Arrow shard).
 and then peak memory of the cpt stages on 1x, 2x and 4x the corpus, each in a fresh subprocess. Imports are
 timed on neither side (datasets, transformers and the stages are imported before any clock starts); the
-fresh-process figure, imports included, is bench/incremental_drop.py's.
+fresh-process figure, imports included, is bench.incremental_drop's.
 
-    .venv/bin/python bench/chunk_throughput.py [--corpus PATH] [--repeat 3]
+    .venv/bin/python -m bench.chunk_throughput [--corpus PATH] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -30,55 +30,25 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import CORPORA, ROOT, argument_parser, build_model, require, seed_data_path
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
 
 MAX_SEQ_LENGTH, OVERLAP = 1000, 500
 
 
-def read_corpus(path: Path, copies: int = 1) -> list[str]:
-    texts = [json.loads(x)["content"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return texts * copies
-
-
 def build_tokenizer(texts: list[str], out: Path) -> Path:
-    if (out / "tokenizer.json").exists():
-        return out
-    from tasks.ml.tiny_model import train_tokenizer
-
-    tok = train_tokenizer(texts, vocab_size=16_000, add_bos=True)
-    tok.save_pretrained(out)
+    """The benchmark's tokenizer (BPE 16k trained on the corpus), trained once and kept in `out`."""
+    if not (out / "tokenizer.json").exists():
+        build_model(out, texts, vocab_size=16_000)
     return out
 
 
 def seed_chunker(corpus: Path, tokenizer, cache_dir: Path) -> int:
-    """The notebook's data path: load_dataset("json"), shuffle, and `chunk_text_with_overlap` through
-    `datasets.map(batched=True)` with its on-disk cache in `cache_dir`."""
-    from datasets import load_dataset
-
-    def chunk_text_with_overlap(examples, tokenizer, max_seq_length, text_field, overlap):
-        stride = max_seq_length - overlap
-        all_token_ids = []
-        for text in examples[text_field]:
-            all_token_ids.append(tokenizer(text, add_special_tokens=False, truncation=False,
-                                           padding=False)["input_ids"])
-        chunked_input_ids, chunked_attention_mask = [], []
-        for token_ids in all_token_ids:
-            for i in range(0, len(token_ids), stride):
-                chunk = token_ids[i : i + max_seq_length]
-                if len(chunk) > 0:
-                    chunked_input_ids.append(chunk)
-                    chunked_attention_mask.append([1] * len(chunk))
-        return {"input_ids": chunked_input_ids, "attention_mask": chunked_attention_mask}
-
-    data = load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(cache_dir))
-    data = data.shuffle(seed=42)
-    out = data.map(chunk_text_with_overlap, batched=True, remove_columns=data.column_names,
-                   fn_kwargs={"tokenizer": tokenizer, "max_seq_length": MAX_SEQ_LENGTH, "text_field": "content",
-                              "overlap": OVERLAP})
-    return len(out)
+    """The notebook's data path (bench.common.seed_data_path), shuffled with seed 42, its on-disk cache in
+    `cache_dir`."""
+    return seed_data_path(corpus, tokenizer, cache_dir, MAX_SEQ_LENGTH, OVERLAP, shuffle_seed=42)
 
 
 def raw_batch_tokenization(texts: list[str], tokenizer, batch_size: int = 1000) -> int:
@@ -158,21 +128,21 @@ def _vm_hwm() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpora" / "python_docs.jsonl")
+    ap = argument_parser(__spec__, __doc__)
+    ap.add_argument("--corpus", type=Path, default=CORPORA / "python_docs.jsonl")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tokenizer-dir", type=Path, default=ROOT / "artifacts" / "bench" / "bpe16k-python-docs")
     ap.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not args.corpus.is_file():
-        sys.exit(f"{args.corpus} not found: this benchmark needs ../shared/corpora beside the checkout")
+    require(args.corpus)
     if args.memory_child:
         memory_child(args.memory_child, args.tokenizer_dir)
         return
 
+    from tasks.ml.tiny_model import read_texts
     from tasks.tokenize import load_tokenizer
 
-    texts = read_corpus(args.corpus)
+    texts = read_texts(args.corpus)
     mb = sum(len(t.encode()) for t in texts) / 1e6
     build_tokenizer(texts, args.tokenizer_dir)
     tok = load_tokenizer(args.tokenizer_dir)
@@ -220,14 +190,15 @@ def main() -> None:
         for copies in (1, 2, 4):
             docs = Path(d) / f"docs-{copies}.arrow"
             write_docs(texts * copies, docs)
-            out = subprocess.run([sys.executable, __file__, "--tokenizer-dir", str(args.tokenizer_dir),
-                                  "--memory-child", str(docs)],
-                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            out = subprocess.run([sys.executable, "-m", "bench.chunk_throughput", "--tokenizer-dir",
+                                  str(args.tokenizer_dir), "--memory-child", str(docs)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip().splitlines()[-1]
             r = json.loads(out)
             peaks.append(r["peak_mib"] - r["before_mib"])
             print(f"  {copies}x corpus ({mb * copies:5.1f} MB): peak {r['peak_mib']:7.1f} MiB, "
                   f"{peaks[-1]:6.1f} MiB above the process before the stages ({r['before_mib']:.1f} MiB)")
     print(f"growth at 4x / growth at 1x: {peaks[2] / peaks[0]:.2f} (flat = 1.00; proportional = 4.00)")
+
 
 if __name__ == "__main__":
     main()

@@ -9,45 +9,37 @@ runner serves the whole run, started by the first stage that fans out (load), so
 cluster's start is in load's seconds and the load + tokenize column is the fair comparison. The `dask/stage`
 row is the dask run with a runner started per stage instead, for what sharing one saves.
 
-    .venv/bin/python bench/fanout.py [--files 20]
+    .venv/bin/python -m bench.fanout [--files 20]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CORPORA = ROOT.parent / "shared" / "corpora"
+from bench.common import CORPORA, argument_parser, require, write_parts
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--files", type=int, default=20)
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("CPT_NO_PROGRESS", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    sources = [CORPORA / "ko_transport_bills.jsonl", CORPORA / "python_docs.jsonl"]
+    require(*sources)
     from tasks.ml.tiny_model import build_tiny_model, read_texts
 
-    texts = read_texts(CORPORA / "ko_transport_bills.jsonl") + read_texts(CORPORA / "python_docs.jsonl")
+    texts = [t for p in sources for t in read_texts(p)]
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         os.environ["CPT_CACHE_HOME"] = str(work / "user-cache")
         model = build_tiny_model(work / "model", texts[::7], vocab_size=16_000)
         corpus = work / "corpus"
-        corpus.mkdir()
-        size = -(-len(texts) // args.files)
-        for i in range(args.files):
-            (corpus / f"part-{i:02d}.jsonl").write_text(
-                "".join(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in texts[i * size:(i + 1) * size]),
-                encoding="utf-8")
+        write_parts(texts, corpus, args.files)
         from flows.continued_pretraining import continued_pretraining
         from tasks.core.config import validate_config
 

@@ -13,65 +13,44 @@ Goal (issue): one setting reaches domain perplexity -30% or better with general 
 Every run is a fresh `cpt run` process on this machine's CPU; the tokenizer (byte-level BPE) and the model
 (a small Llama) are built here, nothing is downloaded.
 
-    .venv/bin/python bench/forgetting.py [--base-steps 400] [--steps 40] [--lr 1.5e-4] [--fractions 0,0.1,0.25,0.5]
+    .venv/bin/python -m bench.forgetting [--base-steps 400] [--steps 40] [--lr 1.5e-4] [--fractions 0,0.1,0.25,0.5]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CORPORA = ROOT.parent / "shared" / "corpora"
-
-
-def read(path: Path) -> list[str]:
-    return [json.loads(x)["content"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
-def write(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-    return path
+from bench.common import CORPORA, CPT, argument_parser, quiet_env, require, timed, write_jsonl
 
 
 def cpt_run(config: dict, folder: Path, artifacts: Path) -> tuple[dict, float]:
+    """`cpt run` of `config` (written to `folder`) in a fresh process: its summary and its wall seconds."""
     import yaml
 
     cfg_path = folder / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True))
     summary = folder / "summary.json"
-    env = {**os.environ, "CPT_NO_PROGRESS": "1", "PREFECT_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "cpt"), "run", "-c", str(cfg_path), "--artifacts", str(artifacts),
-           "--summary", str(summary)]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"cpt run failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return json.loads(summary.read_text()), time.perf_counter() - started
+    wall = timed([CPT, "run", "-c", str(cfg_path), "--artifacts", str(artifacts), "--summary", str(summary)],
+                 quiet_env())
+    return json.loads(summary.read_text()), wall
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--base-steps", type=int, default=400, help="optimizer steps pretraining the base")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each continued run")
     ap.add_argument("--fractions", default="0,0.1,0.25,0.5")
     ap.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate of the continued runs")
     args = ap.parse_args()
     general_src, domain_src = CORPORA / "ko_transport_bills.jsonl", CORPORA / "ko_law.jsonl"
-    if not (general_src.is_file() and domain_src.is_file()):
-        sys.exit("this benchmark needs ../shared/corpora beside the checkout")
-    general, domain = read(general_src), read(domain_src)
-    held_out, pretrain = general[::20], [t for i, t in enumerate(general) if i % 20]
+    require(general_src, domain_src)
+    from tasks.ml.tiny_model import build_tiny_model, read_texts
 
-    from tasks.ml.tiny_model import build_tiny_model
+    general, domain = read_texts(general_src), read_texts(domain_src)
+    held_out, pretrain = general[::20], [t for i, t in enumerate(general) if i % 20]
 
     chunk = {"max_seq_length": 256, "overlap": 32}
     train = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "warmup_ratio": 0.05,
@@ -81,9 +60,9 @@ def main() -> None:
         d = Path(d)
         artifacts = d / "artifacts"
         build_tiny_model(d / "init", pretrain[::4] + domain, vocab_size=4000, hidden_size=128, layers=4)
-        write(d / "general" / "pretrain.jsonl", pretrain)
-        write(d / "held_out" / "general.jsonl", held_out)
-        write(d / "domain" / "ko_law.jsonl", domain)
+        write_jsonl(d / "general" / "pretrain.jsonl", pretrain)
+        write_jsonl(d / "held_out" / "general.jsonl", held_out)
+        write_jsonl(d / "domain" / "ko_law.jsonl", domain)
 
         base_cfg = {"corpus": {"paths": [str(d / "general")]}, "model": {"id": str(d / "init")},
                     "split": {"validation_fraction": 0.01}, "chunk": chunk,

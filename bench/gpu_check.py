@@ -24,22 +24,20 @@ card's dense bf16 rate from its datasheet (989 TFLOP/s for H100/H200 SXM).
 
 On CPU `--shape tiny` runs the same path on a tiny Gemma-3 (the suite's smoke test).
 
-    python bench/gpu_check.py [--shape gemma-3-1b|tiny] [--steps 30] [--out DIR] [--settings seed,cpt-sdpa]
+    .venv/bin/python -m bench.gpu_check [--shape gemma-3-1b|tiny] [--steps 30] [--out DIR] [--settings seed,cpt-sdpa]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT, argument_parser, build_model, write_seed_chunks
+
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -68,24 +66,6 @@ SETTINGS = {
 }
 
 
-def build_model(out: Path, shape: str) -> int:
-    """Tokenizer (small, trained here: only its special tokens matter) + the shape's Gemma 3 at random init.
-    Returns the parameter count."""
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from tasks.ml.tiny_model import train_tokenizer
-
-    tok = train_tokenizer(["synthetic corpus for the throughput check"] * 8, vocab_size=300)
-    cfg = Gemma3TextConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
-
-
 def synthetic_documents(n_tokens: int, vocab: int, seed: int = 0) -> list:
     """Documents of log-normal length (median ~400 tokens, long tail, clipped to 16..8000) of random ids above
     the special tokens, until `n_tokens` in all."""
@@ -98,27 +78,6 @@ def synthetic_documents(n_tokens: int, vocab: int, seed: int = 0) -> list:
         docs.append(rng.integers(8, vocab, n, dtype=np.int32))
         total += n
     return docs
-
-
-def seed_chunks(docs: list, out: Path) -> None:
-    """The notebook's `chunk_text_with_overlap` on token ids: windows [i, i+1000) every 500 tokens of each
-    document, no EOS; the collator trains every token (labels = input_ids), the overlap twice. Written in the
-    chunk stage's layout, so the worker reads both the same way."""
-    import numpy as np
-    import pyarrow as pa
-
-    from tasks.chunk import CHUNK_ARROW_SCHEMA, SHARD, write_dataset_dict
-
-    rows = [d[i:i + SEQ] for d in docs for i in range(0, len(d), SEQ - OVERLAP)]
-    ids = pa.array(rows, pa.list_(pa.int32()))
-    schema = CHUNK_ARROW_SCHEMA
-    for split, table in (("train", pa.table([ids, ids, pa.array([""] * len(rows)),
-                                             pa.array(np.zeros(len(rows), np.int32))], schema=schema)),
-                         ("validation", schema.empty_table())):
-        (out / split).mkdir(parents=True)
-        with pa.OSFile(str(out / split / SHARD), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
-            w.write_table(table)
-    write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "gpu-check-seed")
 
 
 def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
@@ -178,7 +137,7 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser()
+    ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--shape", choices=list(SHAPES), default=None, help="default: gemma-3-1b on a GPU, tiny on CPU")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--settings", default=None, help="comma-separated; default: all on a GPU, seed,cpt-sdpa on CPU")
@@ -200,14 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.out / "work"
     work.mkdir(parents=True)
     t0 = time.perf_counter()
-    n_params = build_model(work / "model", shape)
+    # Tokenizer small, trained here (only its special tokens matter); the shape's Gemma 3 at random init, in bf16.
+    n_params = build_model(work / "model", ["synthetic corpus for the throughput check"] * 8, vocab_size=300,
+                           arch="gemma3", shape={**SHAPES[shape], "tie_word_embeddings": True}, dtype="bfloat16")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(work / "model")
     # Enough documents for the largest setting: steps x rows per step x 1000 tokens, and more.
     rows = max(SETTINGS[n]["batch"] * SETTINGS[n]["accumulation"] for n in names)
     docs = synthetic_documents(int(1.5 * args.steps * rows * SEQ), SHAPES[shape]["vocab_size"])
-    seed_chunks(docs, work / "chunks-seed")
+    write_seed_chunks(docs, work / "chunks-seed", SEQ, OVERLAP, "gpu-check-seed")
     cpt_chunks(docs, tok.eos_token_id, tok.bos_token_id, work / "chunks-cpt")
     print(f"{device}; {shape} at random init ({n_params / 1e6:,.0f} M parameters); {len(docs)} synthetic documents; "
           f"{args.steps} optimizer steps per setting; setup {time.perf_counter() - t0:.0f} s", flush=True)

@@ -14,46 +14,23 @@ For each: the data stages' seconds (load … chunk, from the pipeline's run summ
 (it reads and tokenizes the drop through the same pieces the stages then reuse, so the drop's cost is data
 stages + gate), and the whole process wall (Prefect's temporary server, imports, training, evaluation, push).
 
-    .venv/bin/python bench/incremental_drop.py [--files 20]
+    .venv/bin/python -m bench.incremental_drop [--files 20]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CORPORA = ROOT.parent / "shared" / "corpora"
-DATA_STAGES = ("load", "shuffle", "tokenize", "token-stats", "chunk")
-
-
-def write_files(texts: list[str], folder: Path, n: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    size = -(-len(texts) // n)
-    for i in range(n):
-        with open(folder / f"part-{i:03d}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in texts[i * size:(i + 1) * size])
-    old = time.time() - 3600  # settled: written an hour ago
-    for p in folder.iterdir():
-        os.utime(p, (old, old))
+from bench.common import CORPORA, CPT, DATA_STAGES, argument_parser, quiet_env, require, timed, write_parts
 
 
 def retrain(config: Path, artifacts: Path, summary: Path, drop: Path | None = None) -> tuple[dict, float]:
-    env = {**os.environ, "CPT_NO_PROGRESS": "1", "PREFECT_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "cpt"), "retrain", "-c", str(config), "--line", "bench",
-           "--artifacts", str(artifacts), "--summary", str(summary)] + (["--drop", str(drop)] if drop else [])
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"cpt retrain failed:\n{done.stderr[-4000:]}")
+    """`cpt retrain` of the line in a fresh process (with `--drop`, if given): its summary and its wall seconds."""
+    wall = timed([CPT, "retrain", "-c", str(config), "--line", "bench", "--artifacts", str(artifacts), "--summary",
+                  str(summary)] + (["--drop", str(drop)] if drop else []), quiet_env())
     return json.loads(summary.read_text()), wall
 
 
@@ -63,25 +40,25 @@ def data_seconds(result: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--files", type=int, default=20, help="N: files in the corpus before the drop")
     args = ap.parse_args()
     sources = [CORPORA / "ko_transport_bills.jsonl", CORPORA / "python_docs.jsonl"]
-    if not all(p.is_file() for p in sources):
-        sys.exit("this benchmark needs ../shared/corpora beside the checkout")
-    texts = [json.loads(x)["content"] for p in sources for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
-
+    require(*sources)
     import yaml
 
-    from tasks.ml.tiny_model import build_tiny_model
+    from tasks.ml.tiny_model import build_tiny_model, read_texts
+
+    texts = [t for p in sources for t in read_texts(p)]
 
     n = args.files
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         build_tiny_model(d / "model", texts[::10], vocab_size=8000)
         drop_docs, base_docs = texts[: len(texts) // (n + 1)], texts[len(texts) // (n + 1):]
-        write_files(base_docs, d / "corpus", n)
-        write_files(drop_docs, d / "landing" / "2026-11-26", 1)  # outside the corpus paths
+        # Settled files (written an hour ago); the drop outside the corpus paths.
+        write_parts(base_docs, d / "corpus", n, settled=True)
+        write_parts(drop_docs, d / "landing" / "2026-11-26", 1, settled=True)
         config = d / "line.yaml"
         config.write_text(yaml.safe_dump({
             "corpus": {"paths": [str(d / "corpus")]}, "model": {"id": str(d / "model")},

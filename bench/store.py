@@ -1,7 +1,7 @@
 """What an object-store artifacts root costs against a local one, where the user waits: fresh `cpt run`
 processes against a running Prefect server, the store an S3-compatible server (moto) on 127.0.0.1.
 
-Same config as bench/cached_rerun.py (the bundled sample corpus, a tiny model, 2 training steps). Timed, each a
+Same config as bench.cached_rerun (the bundled sample corpus, a tiny model, 2 training steps). Timed, each a
 fresh process:
 - cold: local root vs s3:// root (every stage built; the store run also uploads every entry);
 - fully Cached rerun on the same host: local vs store (the store run checks every entry in the store);
@@ -9,58 +9,31 @@ fresh process:
   local cached rerun.
 moto on loopback has none of a real store's latency, so the store columns are a floor for S3 itself.
 
-    .venv/bin/python bench/store.py [--repeat 3]
+    .venv/bin/python -m bench.store [--repeat 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-BIN = Path(sys.executable).parent
-
-
-def wait_port(port: int, what: str) -> None:
-    import socket
-
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                sys.exit(f"{what} did not start in 120 s")
-            time.sleep(0.3)
+from bench.common import (
+    CPT, argument_parser, free_port, moto_server, prefect_env, prefect_server, s3_env, small_config, timed,
+)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    from cached_rerun import free_port, prefect_env, small_config, start_prefect_server, timed
-
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         port, s3_port = free_port(), free_port()
-        env = {**prefect_env(d, port), "CPT_CACHE_HOME": str(d / "user-cache"), "AWS_ACCESS_KEY_ID": "bench",
-               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"}
-        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = start_prefect_server(env, port)
-        try:
-            wait_port(s3_port, "moto")
+        env = {**prefect_env(d, port), "CPT_CACHE_HOME": str(d / "user-cache"), **s3_env(s3_port)}
+        with moto_server(s3_port), prefect_server(env, port):
             import s3fs
 
             s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, key="bench",
@@ -68,7 +41,7 @@ def main() -> None:
             config = small_config(d)
 
             def cpt(root: str, scratch: str = "host") -> float:
-                wall = timed([str(BIN / "cpt"), "run", "-c", str(config), "--artifacts", root, "--summary",
+                wall = timed([CPT, "run", "-c", str(config), "--artifacts", root, "--summary",
                               str(d / "summary.json")], {**env, "CPT_SCRATCH": str(d / scratch)})
                 return wall
 
@@ -87,11 +60,6 @@ def main() -> None:
                 assert states() == {"Cached"}, states()
                 fresh.append(cpt("s3://bench/cold", scratch=f"fresh-{i}"))
                 assert states() == {"Cached"}, states()
-        finally:
-            server.terminate()
-            moto.terminate()
-            server.wait(timeout=30)
-            moto.wait(timeout=30)
 
     lm, sm, fm = statistics.median(local), statistics.median(store), statistics.median(fresh)
     print(f"Prefect server and moto S3 on 127.0.0.1; each run a fresh `cpt run` process; {os.cpu_count()} cores")

@@ -5,42 +5,29 @@ moto's S3 server on 127.0.0.1 answers in a few ms and is CPU-bound on this machi
 run with a simulated store latency: every request of the lookup waits `--latency-ms` more (S3 within a region
 is ~10-40 ms). That row is a simulation, and says so.
 
-    .venv/bin/python bench/store_lookup.py [--pieces 100] [--latency-ms 20]
+    .venv/bin/python -m bench.store_lookup [--pieces 100] [--latency-ms 20]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.common import argument_parser, free_port, moto_server, s3_env
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--pieces", type=int, default=100)
     ap.add_argument("--latency-ms", type=float, default=20.0)
     args = ap.parse_args()
-    from cached_rerun import free_port
-    from store import wait_port
-
     port = free_port()
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, "moto")
+    with moto_server(port):
         with tempfile.TemporaryDirectory() as d:
-            os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                              AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", CPT_SCRATCH=d)
+            os.environ.update(s3_env(port), CPT_SCRATCH=d)
             import s3fs
 
             from tasks.core.objectstore import Store
@@ -90,9 +77,6 @@ def main() -> None:
                 seq = timed()
                 Store._each = concurrent
                 rows[latency] = (seq, timed())
-    finally:
-        moto.terminate()
-        moto.wait(timeout=30)
 
     print(f"an entry referring to {args.pieces} pieces; Store.complete() = 2 requests per piece; medians of 3")
     for latency, (seq, par) in rows.items():

@@ -12,48 +12,38 @@ chunker (`chunk_text_with_overlap`: 1000-token windows every 500 tokens, no EOS,
 batch 2 x accumulation 4 and activation checkpointing (turned off on CPU by the worker, as there).
 
 Model: on CPU a small Llama (4 layers, hidden 256) at random init with a BPE tokenizer trained here. The GPU
-comparison with a Gemma-3-1B-shaped model and MFU is bench/gpu_check.py.
+comparison with a Gemma-3-1B-shaped model and MFU is bench.gpu_check.
 
-    .venv/bin/python bench/train_throughput.py [--corpus PATH] [--steps 30]
+    .venv/bin/python -m bench.train_throughput [--corpus PATH] [--steps 30]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import CORPORA, SAMPLE_CORPUS, argument_parser, build_model, write_seed_chunks
+
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
-def build_model(out: Path, texts: list[str], gpu: bool) -> Path:
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+SEED_SEQ, SEED_OVERLAP = 1000, 500  # the notebook's chunker settings
+SHAPES = {
+    # Gemma 3 1B's shape (vocabulary aside).
+    "gpu": ("gemma3", dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=256, max_position_embeddings=4096)),
+    "cpu": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, max_position_embeddings=4096)),
+}
 
-    from tasks.ml.tiny_model import train_tokenizer
 
-    tok = train_tokenizer(texts, vocab_size=4096)
-    if gpu:  # Gemma 3 1B's shape (vocabulary aside)
-        cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-                               num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                               max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        model = Gemma3ForCausalLM(cfg)
-    else:
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        model = LlamaForCausalLM(cfg)
-    torch.manual_seed(0)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+def model_for(out: Path, texts: list[str], gpu: bool) -> Path:
+    """BPE 4k trained on `texts` and the device's model (SHAPES) at random init, in `out`."""
+    arch, shape = SHAPES["gpu" if gpu else "cpu"]
+    build_model(out, texts, vocab_size=4096, arch=arch, shape=shape)
     return out
 
 
@@ -108,34 +98,35 @@ def seed_chunker_output(corpus: Path, tokenizer_dir: Path, out: Path) -> Path:
     """The seed notebook's chunker on the corpus (train split as cpt's), in the chunk stage's layout."""
     import numpy as np
 
-    from bench.gpu_check import seed_chunks
+    from tasks.ml.tiny_model import read_texts
     from tasks.tokenize import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    texts = [json.loads(x)["content"] for x in corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
     docs = [np.asarray(e.ids, dtype=np.int32)
-            for e in tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    seed_chunks([d for d in docs if len(d)], out)
+            for e in tok._tokenizer.encode_batch_fast(read_texts(corpus), add_special_tokens=False)]
+    write_seed_chunks([d for d in docs if len(d)], out, SEED_SEQ, SEED_OVERLAP, "gpu-check-seed")
     return out
 
 
 def main() -> None:
     import torch
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpora" / "ko_transport_bills.jsonl")
+    from tasks.ml.tiny_model import read_texts
+
+    ap = argument_parser(__spec__, __doc__)
+    ap.add_argument("--corpus", type=Path, default=CORPORA / "ko_transport_bills.jsonl")
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     if not args.corpus.is_file():
-        args.corpus = ROOT / "samples" / "medical_ko.jsonl"
+        args.corpus = SAMPLE_CORPUS
     gpu = torch.cuda.is_available()
-    texts = [json.loads(x)["content"] for x in args.corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
+    texts = read_texts(args.corpus)
     seq = 1000 if gpu else 256
     batch = 8 if gpu else 4
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        model_dir = build_model(work / "model", texts[:2000], gpu)
+        model_dir = model_for(work / "model", texts[:2000], gpu)
         ours = make_chunks(args.corpus, model_dir, work / "chunks", seq, seq // 4, True)
         seed = seed_chunker_output(args.corpus, model_dir, work / "chunks-seed")
         configs = [
@@ -143,8 +134,8 @@ def main() -> None:
                                         "packing": False}),
             ("packing on", ours, seq, {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
                                        "packing": True}),
-            ("seed settings", seed, 1000, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
-                                           "packing": False, "gradient_checkpointing": True}),
+            ("seed settings", seed, SEED_SEQ, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                                               "packing": False, "gradient_checkpointing": True}),
         ]
         device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
         print(f"corpus {args.corpus.name} ({len(texts)} docs); model {'Gemma-3-1B-shaped' if gpu else 'Llama 4x256'} "

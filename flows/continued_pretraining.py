@@ -33,7 +33,7 @@ from tasks.lineage import RunLineage
 from tasks.load import fingerprint_corpus, load
 from tasks.ml.modeling import resolve_model, without_location
 from tasks.push import push
-from tasks.replay import mix, replay_overlap
+from tasks.replay import contamination_warnings, mix
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
 from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize
@@ -191,13 +191,7 @@ def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, c
                         runtime=config.runtime)
     mixed = run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=chunks,
                 replay_chunks=replay_chunks)
-    if config.evaluate.general_corpus:
-        shared, total = replay_overlap(config.evaluate.general_corpus, docs, run.root)
-        if shared:
-            msg = (f"replay: {shared} of the {total} documents of evaluate.general_corpus are also in replay.paths: "
-                   "the general perplexity (the forgetting measure) is contaminated; hold them out of the replay text")
-            run_logger().warning(msg)
-            summary["warnings"].append(msg)
+    summary["warnings"] += contamination_warnings(config.evaluate.general_corpus, docs, run.root)
     return mixed, replay
 
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from tasks.arrow import read_arrow
 from tasks.chunk import CHUNK_ARROW_SCHEMA, IGNORE_INDEX, Chunks, link_or_copy, write_dataset_dict
 from tasks.core.config import SPLITS, ReplayConfig, ShuffleConfig
+from tasks.core.report import run_logger
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
@@ -160,3 +161,17 @@ def replay_overlap(general_paths: list[str], replay_docs: Docs, root: ArtifactsR
                if isinstance(r, Record) and r.text.strip()}
     replay = set(pc.unique(read_arrow(replay_docs.docs_file(root)).column("norm_id")).to_pylist())
     return len(general & replay), len(general)
+
+
+def contamination_warnings(general_paths: list[str], replay_docs: Docs, root: ArtifactsRoot) -> list[str]:
+    """Warnings (logged, and kept in the run summary) when the general evaluation corpus shares documents with
+    the replay text: the forgetting measure would then be measured on text the model trained on."""
+    if not general_paths:
+        return []
+    shared, total = replay_overlap(general_paths, replay_docs, root)
+    if not shared:
+        return []
+    msg = (f"replay: {shared} of the {total} documents of evaluate.general_corpus are also in replay.paths: "
+           "the general perplexity (the forgetting measure) is contaminated; hold them out of the replay text")
+    run_logger().warning(msg)
+    return [msg]

@@ -20,7 +20,14 @@ os.environ.setdefault("CPT_NO_PROGRESS", "1")
 # The user-level cache (tokenizer profiles) of this test session, not the developer's.
 os.environ.setdefault("CPT_CACHE_HOME", __import__("tempfile").mkdtemp(prefix="cpt-test-home-"))
 
-from helpers import sample_texts  # noqa: E402  (the environment above is set before any project import)
+from helpers import sample_texts, unmarked_server_tests  # noqa: E402  (the environment is set first)
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = unmarked_server_tests(items)
+    if missing:
+        raise pytest.UsageError("these tests start a server or a flow but are not marked slow (add "
+                                "@pytest.mark.slow): " + ", ".join(missing))
 
 
 @pytest.fixture(scope="session")

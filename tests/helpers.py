@@ -12,6 +12,16 @@ SAMPLE_CORPUS = ROOT / "samples" / "medical_ko.jsonl"
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
 
 
+# Fixtures that start a server: a test using one is `slow` (kept out of `make test-fast`), or collection fails.
+SERVER_FIXTURES = frozenset({"prefect_harness", "s3_endpoint"})
+
+
+def unmarked_server_tests(items) -> list[str]:
+    """Collected tests that use a server fixture without the `slow` mark (conftest refuses to run them)."""
+    return [item.nodeid for item in items
+            if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+
+
 def sample_texts(n: int | None = None) -> list[str]:
     lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
     return [json.loads(x)["content"] for x in lines[:n] if x.strip()]
@@ -59,3 +69,37 @@ def new_bucket(endpoint: str) -> str:
     s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
                       skip_instance_cache=True).mkdir(name)
     return name
+
+
+def run_flow(config, artifacts, until="chunk", **overrides):
+    """The pipeline in this process on `config` (a dict) with `section__field=value` overrides; returns
+    ({stage: state}, the run summary)."""
+    from flows.continued_pretraining import continued_pretraining
+    from tasks.core.config import validate_config
+
+    cfg = json.loads(json.dumps(config))
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        cfg.setdefault(section, {})[field] = value
+    summary = continued_pretraining(config=validate_config(cfg), artifacts=str(artifacts), until=until)
+    return {s["name"]: s["state"] for s in summary["stages"]}, summary
+
+
+def flow_run_artifacts(flow_run_name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+
+
+def flow_run_logs(flow_run_name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
+        return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))]

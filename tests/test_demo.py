@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from helpers import ROOT
 
 
 def hangul_share(text: str) -> float:
@@ -15,6 +17,7 @@ def hangul_share(text: str) -> float:
     return sum("\uac00" <= c <= "\ud7a3" for c in chars) / len(chars) if chars else 0.0
 
 
+@pytest.mark.slow
 def test_make_demo_generates_korean_after_training(tmp_path):
     for folder in ("configs", "samples"):
         shutil.copytree(ROOT / folder, tmp_path / folder)

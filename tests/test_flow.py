@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_flow as run
 from helpers import sample_texts, write_jsonl
 from tasks.core.config import validate_config
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 DATA_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk"]
 
 
@@ -25,17 +26,6 @@ def corpus(tmp_path):
 def config(corpus, tiny_model):
     return {"corpus": {"paths": [str(corpus)]}, "model": {"id": str(tiny_model)},
             "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 64, "overlap": 16}}
-
-
-def run(config, artifacts, until="chunk", **overrides):
-    from flows.continued_pretraining import continued_pretraining
-
-    cfg = json.loads(json.dumps(config))
-    for dotted, value in overrides.items():
-        section, field = dotted.split("__")
-        cfg.setdefault(section, {})[field] = value
-    summary = continued_pretraining(config=validate_config(cfg), artifacts=str(artifacts), until=until)
-    return {s["name"]: s["state"] for s in summary["stages"]}, summary
 
 
 def test_first_run_computes_and_identical_rerun_is_all_cached(config, artifacts):

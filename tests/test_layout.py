@@ -147,3 +147,18 @@ def test_the_tower_is_low(capsys):
     with capsys.disabled():
         print(f"\nimport layers: {tallest + 1} (tallest: {max(height, key=height.get)})")
     assert tallest + 1 <= 11  # it was 14 (lazy imports counted, with a cycle) before the redesign
+
+
+def test_a_test_that_starts_a_server_without_the_slow_mark_is_refused():
+    """conftest refuses a collection where a test uses a server fixture unmarked (what keeps test-fast fast)."""
+    import types
+
+    from helpers import unmarked_server_tests
+
+    def item(nodeid, fixtures, slow):
+        return types.SimpleNamespace(nodeid=nodeid, fixturenames=fixtures,
+                                     get_closest_marker=lambda name: object() if slow and name == "slow" else None)
+
+    items = [item("a", ["prefect_harness", "tmp_path"], False), item("b", ["s3_endpoint"], True),
+             item("c", ["tmp_path"], False)]
+    assert unmarked_server_tests(items) == ["a"]

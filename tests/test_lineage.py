@@ -58,3 +58,109 @@ def test_parent_and_reference_follow_the_promotion_record(tmp_path):
         choose_parent("last_promoted", promos, base, "org/base", "t9", root)
     ref, _, note = choose_reference(promos, "some-new-model", root)
     assert ref is None and "comparing with the base model" in note
+
+
+def _published_model(root, name: str, weights: bytes):
+    """A train entry holding a model folder, as the train stage publishes it."""
+    from tasks.train import Trained
+
+    def build(tmp: Path):
+        (tmp / "model").mkdir()
+        (tmp / "model" / "model.safetensors").write_bytes(weights)
+        return {}, {"model_digest": model_digest(tmp / "model"), "model_dir": "model"}
+
+    out, _ = root.publish("train", f"train-{name}", build)
+    return Trained(**out.model_dump())
+
+
+def _release(root, trained, name: str):
+    """A push entry (its card kept) and the release folder it names, as the push stage leaves them."""
+    from tasks.push import RELEASE_CARD, Release, save_release
+
+    dest = root.path(f"models/{name}")
+
+    def build(tmp: Path):
+        (tmp / RELEASE_CARD).write_text("# card\n", encoding="utf-8")
+        return {"local_path": str(dest), "model_digest": trained.model_digest, "hub_url": None}, {}
+
+    out, _ = root.publish("push", f"push-{trained.key}", build)
+    save_release(trained.model_dir(root), dest, "# card\n")
+    return Release(**out.model_dump())
+
+
+def _decision(promoted=True):
+    from tasks.gate import Decision
+
+    return Decision(stage="gate", key="gate-k", path="cache/gate/gate-k",
+                    counts={"promoted": promoted, "reason": "better", "reference": "base",
+                            "validation_perplexity": 10.0, "general_perplexity": None})
+
+
+def test_a_run_lineage_starts_from_the_base_records_its_promotion_and_the_next_run_continues_from_it(tmp_path):
+    from tasks.core.config import validate_config
+    from tasks.core.manifest import StageOutput
+    from tasks.lineage import RunLineage
+    from tasks.state.promotions import read_promotions
+
+    root = open_root(tmp_path / "artifacts")
+    config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}, "push": {"name": "med"}, "train": {"init": "last_promoted"}})
+    base = Fingerprint(kind="model", digest="base-digest", location="/models/base")
+    chunks = StageOutput(stage="chunk", key="chunk-1", path="cache/chunk/chunk-1", content="c-1")
+
+    first = RunLineage(root, config, None)
+    assert first.lineage == "name-med"
+    model, parent = first.choose_parent(base, chunks)
+    assert model == base and parent["kind"] == "base"
+    trained = _published_model(root, "a", b"first weights")
+    assert first.choose_reference(trained) is None and first.reference_kind == "base"
+    card = first.card(Fingerprint(kind="corpus", digest="corpus-digest"), None, chunks, trained,
+                      StageOutput(stage="evaluate", key="e", path="p", counts={"validation_perplexity_after": 9.0}),
+                      StageOutput(stage="evaluate-base", key="b", path="p", counts={"validation_perplexity": 20.0}),
+                      None, _decision())
+    assert card["parent"] == {"kind": "base", "id": "org/base", "digest": "base-digest", "flow_run": ""}
+    assert card["evaluation"]["validation_base"] == 20.0 and card["evaluation"]["validation_new"] == 9.0
+    assert card["gate"] == {"promoted": True, "reason": "better", "reference": "base"}
+    release = _release(root, trained, "med")
+    assert first.released(release, trained, _decision(), "run-1") is None  # the release was intact
+    record = read_promotions(root, "name-med").last
+    assert record.model_digest == trained.model_digest and record.flow_run == "run-1"
+    assert record.model_path == f"{trained.path}/model" and record.train_identity == first.identity
+
+    # New data: the next run continues from the promoted weights and is gated against them.
+    second = RunLineage(root, config, None)
+    more = chunks.model_copy(update={"content": "c-2"})
+    model, parent = second.choose_parent(base, more)
+    assert (model.digest, parent["kind"], parent["flow_run"]) == (trained.model_digest, "promoted", "run-1")
+    newer = _published_model(root, "b", b"second weights")
+    assert second.choose_reference(newer).digest == trained.model_digest and second.reference_kind == "promoted"
+
+    # The same training again (a rerun): it starts from the promoted model's own parent, so it is Cached.
+    rerun = RunLineage(root, config, None)
+    model, parent = rerun.choose_parent(base, chunks)
+    assert model == base and parent["kind"] == "base"
+
+    # A lost release folder is re-made from the train entry after push, and says so.
+    import shutil
+
+    shutil.rmtree(root.path("models/med"))
+    assert first.released(release, trained, _decision(), "run-1") == "missing"
+    assert model_digest(root.path("models/med")) == trained.model_digest
+
+
+def test_a_run_without_lineage_records_nothing(tmp_path):
+    from tasks.core.config import validate_config
+    from tasks.lineage import RunLineage
+
+    root = open_root(tmp_path / "artifacts")
+    config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}})
+    lineage = RunLineage(root, config, None)
+    assert lineage.lineage is None
+    base = Fingerprint(kind="model", digest="base-digest", location="/models/base")
+    from tasks.core.manifest import StageOutput
+
+    model, parent = lineage.choose_parent(base, StageOutput(stage="chunk", key="k", path="p"))
+    assert model == base
+    trained = _published_model(root, "a", b"w")
+    lineage.choose_reference(trained)
+    lineage.released(_release(root, trained, "x"), trained, _decision(), "run-1")
+    assert not root.path("state/promotions").exists()

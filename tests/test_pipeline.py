@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import sample_texts, touched_entries, write_jsonl
+from helpers import flow_run_artifacts, flow_run_logs, sample_texts, touched_entries, write_jsonl
 from tasks.core.config import validate_config
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 ALL_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "gate",
               "push"]
 PROMPT = "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"
@@ -155,26 +155,6 @@ def test_early_stopping_keeps_the_best_model(config, artifacts):
                           EvaluateConfig(batch_size=64), rows, None)
     assert kept["validation"]["loss"] == pytest.approx(t["best_eval_loss"], rel=1e-3)
     assert kept["validation"]["loss"] < metrics["eval_losses"][-1]
-
-
-def flow_run_artifacts(flow_run_name: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterName,
-    )
-
-    with get_client(sync_client=True) as client:
-        fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
-        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
-
-
-def flow_run_logs(flow_run_name: str) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
-        return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))]
 
 
 def test_push_uploads_model_tokenizer_and_card_to_a_local_hub_without_leaking_the_token(

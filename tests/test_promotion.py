@@ -114,7 +114,7 @@ def wait_for_log(flow_run: str, prefix: str, seconds: float = 20.0) -> bool:
     """Prefect ships log lines in the background: poll until the line is there."""
     import time
 
-    from test_pipeline import flow_run_logs
+    from helpers import flow_run_logs
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -128,11 +128,12 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_diverged_model_is_refused_and_leaves_the_release_and_the_hub_untouched(config, artifacts, monkeypatch):
     from fake_hub import FakeHub, online
 
-    from test_pipeline import flow_run_artifacts
+    from helpers import flow_run_artifacts
 
     push = {"repo_id": "me/line", "name": "promoted-test"}
     release = artifacts / "models" / "promoted-test"
@@ -164,6 +165,7 @@ def test_a_diverged_model_is_refused_and_leaves_the_release_and_the_hub_untouche
         assert tree_bytes(release) != before
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_last_promoted_continues_from_the_promoted_weights_and_the_release_is_kept_whole(config, artifacts):
     from tasks.core.root import open_root
@@ -221,6 +223,7 @@ def shuffled_words(texts: list[str], seed: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage(config, artifacts, tmp_path):
     from datasets import load_from_disk

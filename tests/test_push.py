@@ -3,6 +3,7 @@ import pytest
 from tasks.push import PushFailed, default_name, hub_token, model_card, save_release
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_token_comes_from_a_prefect_secret_block_or_the_environment(monkeypatch):
     from prefect.blocks.system import Secret

@@ -115,6 +115,7 @@ def new_file_counts(result):
     return c["load"]["files_read"], c["tokenize"]["files_tokenized"], c["chunk"]["files_chunked"]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_line_keeps_its_drops_gates_them_and_reads_each_once(config, texts, tmp_path, artifacts, capsys):
     from flows.cli import main
@@ -185,6 +186,7 @@ def test_a_line_keeps_its_drops_gates_them_and_reads_each_once(config, texts, tm
     assert stage_counts(rebuilt)["tokenize"]["files_tokenized"] == 1 and victim.is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_an_unsettled_drop_waits_and_a_later_nightly_run_takes_it(config, texts, tmp_path, artifacts):
     from flows.retrain import retrain
@@ -224,6 +226,7 @@ def test_cli_retrain_summary_and_drops_listing(config, texts, tmp_path, artifact
     assert listed.returncode == 0 and "active" in listed.stdout and str(drop) in listed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_drop_inside_a_configured_folder_is_gated_against_the_rest_of_the_line(config, corpus, texts, artifacts):
     from flows.retrain import retrain

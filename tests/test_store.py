@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, sample_texts, write_jsonl
-from test_flow import run as run_flow
+from helpers import run_flow
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 DATA_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk"]
 
 

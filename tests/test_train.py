@@ -179,18 +179,20 @@ def test_step_clock_times_only_clean_steps_and_counts_trained_tokens_after_the_s
 
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
-    """bench/gpu_check.py's whole path on a tiny Gemma 3: the seed's chunker and settings against cpt's packing,
-    each through the train stage's child. The seed pads its short rows and trains every label (overlap twice);
-    cpt's packed rows carry no padding and leave BOS and the masked overlap untrained."""
+    """`python -m bench.gpu_check`'s whole path on a tiny Gemma 3, run as a user runs it (from the repository
+    root): the seed's chunker and settings against cpt's packing, each through the train stage's child. The seed
+    pads its short rows and trains every label (overlap twice); cpt's packed rows carry no padding and leave BOS
+    and the masked overlap untrained."""
     import json
+    import subprocess
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.gpu_check import main
-
     steps = 5
-    main(["--shape", "tiny", "--steps", str(steps), "--settings", "seed,cpt-sdpa", "--out", str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--shape", "tiny", "--steps", str(steps),
+                           "--settings", "seed,cpt-sdpa", "--out", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())["settings"]
     seed, cpt = r["seed"], r["cpt-sdpa"]
     assert "error" not in seed and "error" not in cpt, (seed.get("log"), cpt.get("log"))
