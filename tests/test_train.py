@@ -178,6 +178,7 @@ def test_step_clock_times_only_clean_steps_and_counts_trained_tokens_after_the_s
     assert m["trained_tokens_per_second"] == pytest.approx(6 / m["timed_seconds"])
 
 
+@pytest.mark.slow  # training children
 def test_gpu_check_smoke_on_cpu(tmp_path):
     """`python -m bench.gpu_check`'s whole path on a tiny Gemma 3, run as a user runs it (from the repository
     root): the seed's chunker and settings against cpt's packing, each through the train stage's child. The seed
@@ -245,6 +246,7 @@ def _train(tiny_model, chunks, out, processes, per_device):
     return metrics, losses
 
 
+@pytest.mark.slow  # training children
 def test_two_training_processes_share_the_global_batch_and_match_one_process(tiny_model, tmp_path):
     """train.num_processes: 2 on CPU: DDP over gloo through `accelerate launch`. Both ranks train, each on
     half of every global batch (2 processes x 2 rows x 2 accumulation = the one process's 4 x 2), the per-step

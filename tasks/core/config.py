@@ -113,7 +113,7 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = Field(
         "auto", description="Attention kernel. auto: sdpa (fast, exact), or eager for models with attention "
         "soft-capping (Gemma 2), which only eager implements. With train.packing on a GPU, flex_attention skips "
-        "the masked blocks between packed chunks (bench/gpu_check.py: 2.4x sdpa on an H200; compiles once)."
+        "the masked blocks between packed chunks (python -m bench.gpu_check: 2.4x sdpa on an H200; compiles once)."
     )
 
 

@@ -177,7 +177,7 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
         try:
             from prefect import task
         except ImportError:
-            # A machine with the training stack but no orchestrator (a bare GPU box running bench/gpu_check.py):
+            # A machine with the training stack but no orchestrator (a bare GPU box running python -m bench.gpu_check):
             # the stage's functions import and run; there is no task to schedule. Flows import Prefect
             # themselves, so a missing install still fails loudly where it matters.
             return run
