@@ -72,7 +72,6 @@ class StageRunner:
         state = stage_task.with_options(**options)(**inputs, artifacts=self.root, return_state=True)
         entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
         out: StageOutput = state.result()  # raises the stage's own error on failure
-        self.root.share_record(out.key)
         entry.update(key=out.key, output=out.location(self.root), counts=out.counts,
                      built=was_built(out.key))
         links = {} if label else out.links(self.root)
@@ -158,11 +157,17 @@ def continued_pretraining(
                     # Refused: the release folder and the Hub stay as they were.
                     run.skip("push", f"gate refused: {decision.counts['reason']}")
                 elif not run.stopped:
-                    pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
-                                 evaluation=evaluation, docs=docs, corpus=sources, config=config, decision=decision,
-                                 lineage=lineage.card(sources, replay, train_chunks, trained, evaluation, base_eval,
-                                                      ref_eval, decision))
-                    run.note(release_restored=lineage.released(pushed, trained, decision, str(flow_run.name)))
+                    with lineage.promoting(trained, decision) as refused:  # the lineage's lock, held around push
+                        if refused:
+                            run.skip("push", refused)
+                        else:
+                            pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
+                                         evaluation=evaluation, docs=docs, corpus=sources, config=config,
+                                         decision=decision, lineage=lineage.card(
+                                             sources, replay, train_chunks, trained, evaluation, base_eval, ref_eval,
+                                             decision))
+                            run.note(release_restored=lineage.released(pushed, trained, decision,
+                                                                       str(flow_run.name)))
                 digests.save()
             summary["status"] = "Completed"
         except BaseException as e:

@@ -160,7 +160,7 @@ def evaluate_base(build: Build, evaluate: EvaluateConfig, model: ModelConfig, ba
 @stage("evaluate", version=1, output=Evaluation, libraries=["transformers", "torch", "datasets"])
 def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained: Trained, chunk: ChunkConfig,
              chunks: Chunks, general_corpus: Fingerprint | None, base_eval: Evaluation):
-    model_dir = str(trained.model_dir(build.root))
+    model_dir = str(trained.verified_model_dir(build.root))
     val, general = _inputs(evaluate, chunk, chunks, build.root, model_dir)
     after = evaluate_model(model_dir, model, evaluate, val, general)
     doc = comparison(base_eval.read(build.root), after, evaluate.prompts)

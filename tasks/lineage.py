@@ -15,6 +15,7 @@ No Prefect, torch or transformers here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,8 @@ from tasks.core.root import ArtifactsRoot
 from tasks.ml.modeling import model_digest, without_location
 from tasks.push import ensure_release
 from tasks.state import lines
-from tasks.state.promotions import Promotion, Promotions, lineage_of, read_promotions, record_promotion
+from tasks.state.promotions import (Promotion, Promotions, apply_promotion, claim_releases, lineage_of,
+                                    read_promotions, record_promotion, updating)
 
 if TYPE_CHECKING:  # the manifests it reads; their stages are not imported to run
     from tasks.gate import Decision
@@ -44,7 +46,7 @@ def find_model(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Path
             model_digest(train_dir, digest) == record.model_digest:
         return train_dir
     if record.release:
-        release = Path(record.release)
+        release = root.path(record.release)  # the release's name, resolved on this host
         if release.is_dir() and model_digest(release, digest) == record.model_digest:
             return release
     return None
@@ -62,7 +64,7 @@ def promotion_record(trained, pushed, decision, identity: str, parent: dict[str,
     """The record of a model the gate let through and push released (train, push and gate outputs)."""
     c, hub = decision.counts, pushed.counts
     return Promotion(
-        model_digest=trained.model_digest, model_path=trained.model_rel, release=hub["local_path"],
+        model_digest=trained.model_digest, model_path=trained.model_rel, release=hub["release"],
         train_identity=identity, parent=without_location(parent), reference=without_location(reference),
         validation_perplexity=c["validation_perplexity"], general_perplexity=c["general_perplexity"],
         reason=c["reason"], flow_run=flow_run, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -161,6 +163,7 @@ class RunLineage:
         self.base: Fingerprint | None = None
         self.parent: dict[str, Any] = {}
         self.reference: dict[str, Any] | None = None
+        self._state: Promotions | None = None  # the promotion state, locked, while `promoting` is held
 
     def choose_parent(self, base_model: Fingerprint, train_chunks: StageOutput) -> tuple[Fingerprint, dict]:
         """The model training starts from and its description (for the train stage and the summary)."""
@@ -216,11 +219,44 @@ class RunLineage:
             "gate": None if decision is None else {k: decision.counts[k] for k in ("promoted", "reason", "reference")},
         }
 
+    @contextlib.contextmanager
+    def promoting(self, trained: Trained, decision: Decision | None):
+        """Around push: the lineage's promotion state, locked (one writer across runs and hosts) and read again.
+        Yields None when the promotion may go ahead, else why not: the last promoted model is no longer the one
+        the gate compared this model with (another run promoted meanwhile), so it would be promoted blind. The
+        release folder and Hub repo must belong to this lineage (ReleaseClaimed otherwise)."""
+        c = self.config
+        targets = [f"models/{c.push.name}"] if c.push.name else []
+        targets += [f"hub:{c.push.repo_id}"] if c.push.repo_id else []
+        if targets:
+            claim_releases(self.root, self.lineage or "a run without lineage", targets)
+        if not self.lineage or decision is None:  # nothing to compare with (no lineage, or the gate is off)
+            yield None
+            return
+        with updating(self.root, self.lineage) as state:
+            expected = self.reference.get("digest") if self.reference and self.reference["kind"] == "promoted" else None
+            current = state.last.model_digest if state.last else None
+            if current not in (expected, trained.model_digest):
+                yield (f"the last promoted model of {self.lineage} changed while this run trained (now "
+                       f"{current[:16]}, run {state.last.flow_run}; the gate compared with "
+                       f"{expected[:16] if expected else 'the base model'}): not promoted blind; the next run "
+                       "gates against the current one")
+                return
+            self._state = state
+            try:
+                yield None
+            finally:
+                self._state = None
+
     def released(self, pushed: Release, trained: Trained, decision: Decision | None, flow_run: str) -> str | None:
         """After push, every run, cached or not: the release folder holds the pushed model (re-made if it was lost
-        or altered: returns why), and the promotion is recorded (with a gate and a lineage)."""
+        or altered: returns why), and the promotion is recorded (with a gate and a lineage), inside `promoting`
+        when the flow holds it."""
         restored = ensure_release(pushed, trained, self.root, self.digest)
         if self.lineage and decision is not None:
-            record_promotion(self.root, self.lineage, promotion_record(
-                trained, pushed, decision, self.identity, self.parent, self.reference, flow_run))
+            record = promotion_record(trained, pushed, decision, self.identity, self.parent, self.reference, flow_run)
+            if self._state is not None:
+                apply_promotion(self._state, record)
+            else:
+                record_promotion(self.root, self.lineage, record)
         return restored

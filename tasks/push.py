@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tasks.core.config import CptConfig, PushConfig
-from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.manifest import Fingerprint, StageOutput, safe_relpath
 from tasks.core.report import markdown_artifact, run_logger
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -201,9 +201,10 @@ class Release(StageOutput):
     def card(self, root: ArtifactsRoot) -> str:
         return (self.dir(root) / RELEASE_CARD).read_text(encoding="utf-8")
 
-    @property
-    def release_dir(self) -> Path:
-        return Path(self.counts["local_path"])
+    def release_dir(self, root: ArtifactsRoot) -> Path:
+        """The release folder on this host: computed from the release's name under the root, never taken from
+        the path another host recorded (a push entry travels through the store)."""
+        return root.path(safe_relpath(self.counts["release"]))
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
@@ -211,7 +212,7 @@ class Release(StageOutput):
                                + (f", uploaded to {c['hub_url']}" if c["hub_url"] else ""))]
 
 
-@stage("push", version=1, output=Release, libraries=["huggingface_hub"], key_exclude={"base_model_id", "lineage"})
+@stage("push", version=2, output=Release, libraries=["huggingface_hub"], key_exclude={"base_model_id", "lineage"})
 def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, evaluation: Evaluation, docs: Docs,
          corpus: Fingerprint, config: CptConfig, decision: Decision | None = None,
          lineage: dict[str, Any] | None = None):
@@ -219,11 +220,12 @@ def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, e
     records its lineage, and upload it as a new Hub revision. `base_model_id` (a path or hub id: the model is
     keyed by digest) and `lineage` (drawn from push's keyed inputs, plus paths) are not part of the key."""
     name = push.name or default_name(base_model_id, build.key)
-    dest = build.root.path(f"models/{name}")
+    release = f"models/{name}"
+    dest = build.root.path(release)
     card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts},
                       config.model_dump(mode="json"), evaluation.markdown(build.root), lineage)
-    model_dir = trained.model_dir(build.root)
-    digest = model_digest(model_dir)
+    model_dir = trained.verified_model_dir(build.root)
+    digest = trained.model_digest
     save_release(model_dir, dest, card)
     (build.tmp / RELEASE_CARD).write_text(card, encoding="utf-8")
     result = {"local_path": str(dest), "model_digest": digest, "hub": None}
@@ -232,14 +234,14 @@ def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, e
         result["hub"] = upload(dest, push, hub_token(push.token_secret), build.log, backoff, commit_message(lineage))
     (build.tmp / "push.json").write_text(json.dumps(result, indent=2))
     hub = result["hub"] or {}
-    return {"local_path": str(dest), "hub_url": hub.get("url"), "hub_commit": hub.get("commit"),
+    return {"local_path": str(dest), "release": release, "hub_url": hub.get("url"), "hub_commit": hub.get("commit"),
             "model_digest": digest}, {}
 
 
 def ensure_release(out: Release, trained: Trained, root: ArtifactsRoot, digest=None) -> str | None:
     """Every run, cached or not: the release folder must hold the pushed model's exact files and card. A missing
     or altered release is re-made from the train entry; returns why it was, or None when it was intact."""
-    dest = out.release_dir
+    dest = out.release_dir(root)
     card = out.card(root)
     kwargs = {"digest": digest} if digest else {}
     if not dest.is_dir():

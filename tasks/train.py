@@ -36,6 +36,10 @@ class TrainingFailed(RuntimeError):
     pass
 
 
+class ModelDamaged(RuntimeError):
+    """A train entry's model files are not the ones its manifest's model digest names."""
+
+
 def work_rel(key: str) -> str:
     """A key's work folder (checkpoints kept across attempts), relative to the root."""
     return f"work/train/{key}"
@@ -146,6 +150,20 @@ class Trained(StageOutput):
     def model_dir(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / "model"
 
+    def verified_model_dir(self, root: ArtifactsRoot) -> Path:
+        """`model_dir`, after checking its files against the digest recorded when it was trained: a model whose
+        bytes changed since (the same sizes, other weights) is never evaluated or released. On a mismatch the
+        entry is discarded, so the next run retrains, and ModelDamaged says so."""
+        from tasks.ml.modeling import model_digest
+
+        model = self.model_dir(root)
+        found = model_digest(model)
+        if found != self.model_digest:
+            root.discard_entry(root.path(self.path))
+            raise ModelDamaged(f"{self.location(root)}: the model's files are not the ones trained (digest {found[:16]}, "
+                               f"recorded {self.model_digest[:16]}); the entry is discarded: run again to retrain")
+        return model
+
     @property
     def model_rel(self) -> str:
         """The model folder relative to the root (how a promotion record names it)."""
@@ -190,7 +208,7 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
     parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
     # An attempt killed on another host may have left its newest checkpoint in the store (none on a local root).
     (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-    pulled = pull_checkpoint(build.root, rel, work / "checkpoints", build.tmp / "tensorboard")
+    pulled = pull_checkpoint(build.root, rel, work / "checkpoints", build.tmp / "tensorboard", build.log.warning)
     if pulled:
         build.log.info("train: took %s of an earlier attempt from %s", pulled, build.root.location(rel))
     spec = TrainSpec(model_location=base_model.location, model=model, train=train,

@@ -81,7 +81,8 @@ def _release(root, trained, name: str):
 
     def build(tmp: Path):
         (tmp / RELEASE_CARD).write_text("# card\n", encoding="utf-8")
-        return {"local_path": str(dest), "model_digest": trained.model_digest, "hub_url": None}, {}
+        return {"local_path": str(dest), "release": f"models/{name}", "model_digest": trained.model_digest,
+                "hub_url": None}, {}
 
     out, _ = root.publish("push", f"push-{trained.key}", build)
     save_release(trained.model_dir(root), dest, "# card\n")
@@ -164,3 +165,48 @@ def test_a_run_without_lineage_records_nothing(tmp_path):
     lineage.choose_reference(trained)
     lineage.released(_release(root, trained, "x"), trained, _decision(), "run-1")
     assert not root.path("state/promotions").exists()
+
+
+def test_a_promotion_is_a_compare_and_swap_against_what_the_gate_compared_with(tmp_path):
+    """Two runs of one lineage gated against the same reference: the first to push is promoted; the second finds
+    the last promoted model changed under it and is refused, never promoted blind."""
+    from tasks.core.config import validate_config
+    from tasks.core.manifest import StageOutput
+    from tasks.lineage import RunLineage
+    from tasks.state.promotions import read_promotions
+
+    root = open_root(tmp_path / "artifacts")
+    config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}, "push": {"name": "med"}})
+    base = Fingerprint(kind="model", digest="base-digest", location="/models/base")
+    chunks = StageOutput(stage="chunk", key="chunk-1", path="cache/chunk/chunk-1", content="c-1")
+    runs = [RunLineage(root, config, None) for _ in range(2)]
+    models = [_published_model(root, name, weights) for name, weights in (("a", b"one"), ("b", b"two"))]
+    for run, model in zip(runs, models):  # both trained and gated against the base model
+        run.choose_parent(base, chunks)
+        assert run.choose_reference(model) is None
+    with runs[0].promoting(models[0], _decision()) as refused:
+        assert refused is None
+        runs[0].released(_release(root, models[0], "med"), models[0], _decision(), "run-1")
+    with runs[1].promoting(models[1], _decision()) as refused:
+        assert refused and "changed while this run trained" in refused
+    assert read_promotions(root, "name-med").last.flow_run == "run-1"  # the second never became the last
+    # A rerun of the promoted model is no new promotion: it goes through.
+    with runs[0].promoting(models[0], _decision()) as refused:
+        assert refused is None
+
+
+def test_two_lineages_that_would_write_one_release_folder_are_refused(tmp_path):
+    from tasks.core.config import validate_config
+    from tasks.lineage import RunLineage
+    from tasks.state.promotions import ReleaseClaimed
+
+    root = open_root(tmp_path / "artifacts")
+    config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}, "push": {"name": "med"}})
+    trained = _published_model(root, "a", b"w")
+    with RunLineage(root, config, "night").promoting(trained, None) as refused:
+        assert refused is None
+    with pytest.raises(ReleaseClaimed, match="models/med.*line-night"):
+        with RunLineage(root, config, "other").promoting(trained, None):
+            pass
+    with RunLineage(root, config, "night").promoting(trained, None) as refused:  # its own folder, again: fine
+        assert refused is None

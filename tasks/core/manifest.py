@@ -17,11 +17,21 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 MANIFEST = "_COMPLETE"
 RECORDS_DIR = "_records"
 TMP_PREFIX = ".tmp-"
+
+
+def safe_relpath(name: str) -> str:
+    """`name` if it is a relative path that stays inside the folder it is joined to (no absolute path, no `..`,
+    no empty or `.` part, no backslash or NUL), else ValueError. Names read from a manifest, a store listing or a
+    state file are checked with it before anything is written, read or deleted at them."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name or name.startswith("/") \
+            or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(f"{name!r} is not a relative path inside its folder")
+    return name
 
 
 class ArtifactsRoot(Protocol):
@@ -70,6 +80,25 @@ class StageOutput(BaseModel):
     files: dict[str, int] = {}
     # Every file's content digest (blake2b-128), checked by `cpt cache verify --full`.
     digests: dict[str, str] = {}
+
+    # A manifest may come from a store anyone with write access can fill: every name in it must stay inside
+    # the root (path, deps) or the entry (files, digests), or the manifest does not parse (a damaged entry).
+    @field_validator("path")
+    @classmethod
+    def _path_inside(cls, v: str) -> str:
+        return safe_relpath(v)
+
+    @field_validator("deps")
+    @classmethod
+    def _deps_inside(cls, v: list[str]) -> list[str]:
+        return [safe_relpath(d) for d in v]
+
+    @field_validator("files", "digests")
+    @classmethod
+    def _names_inside(cls, v: dict) -> dict:
+        for name in v:
+            safe_relpath(name)
+        return v
 
     def dir(self, root: ArtifactsRoot) -> Path:
         """The entry's folder, complete: on an object-store root it is fetched into this host's mirror first."""

@@ -30,7 +30,22 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks.core.manifest import MANIFEST, RECORDS_DIR, StageOutput, remove_entry_dir, verified_manifest
+from tasks.core.manifest import MANIFEST, RECORDS_DIR, StageOutput, remove_entry_dir, safe_relpath, verified_manifest
+
+LOCK_TIMEOUT = float(os.environ.get("CPT_STORE_LOCK_TIMEOUT_SECONDS", str(24 * 3600)))
+
+
+class DamagedEntry(OSError):
+    """A file fetched from the store is not the one its manifest recorded (size or digest)."""
+
+
+class LockLost(RuntimeError):
+    """This host's lease ran out (a renewal failed for longer than the lease) or a newer holder took the lock:
+    whatever it was building must not be published."""
+
+
+class LockTimeout(TimeoutError):
+    """Waited longer than CPT_STORE_LOCK_TIMEOUT_SECONDS for another holder."""
 
 
 def split_url(value: str) -> tuple[str, str] | None:
@@ -65,7 +80,8 @@ class Store:
 
         self.url = url.rstrip("/")
         self.local = local
-        # Called with a sentence when a lock is held elsewhere and this host waits (the run's logger).
+        # Called with a sentence when a lock is held elsewhere and this host waits, or an entry is found
+        # damaged (the run's logger).
         self.on_wait = on_wait or (lambda msg: None)
         scheme, rest = split_url(self.url)
         # Listings are never cached: another host's upload must be seen on the next look.
@@ -83,14 +99,22 @@ class Store:
     # --------------------------------------------------------------------------------- entries
 
     def listing(self, rel: str) -> dict[str, int]:
-        """Every object under `rel/`, relative name -> size."""
+        """Every object under `rel/`, relative name -> size. A name that would leave the folder it is copied to
+        (`..`, an absolute or empty part: object keys are any strings) is left out: it is never part of an
+        entry, never fetched, never deleted by a relative path."""
         prefix = self.remote(rel)
         try:
             found = self.fs.find(prefix, detail=True)
         except FileNotFoundError:
             return {}
-        return {name[len(prefix) + 1:]: int(info.get("size") or 0) for name, info in found.items()
-                if name.startswith(prefix + "/") and info.get("type", "file") == "file"}
+        out = {}
+        for name, info in found.items():
+            if name.startswith(prefix + "/") and info.get("type", "file") == "file":
+                try:
+                    out[safe_relpath(name[len(prefix) + 1:])] = int(info.get("size") or 0)
+                except ValueError:
+                    continue
+        return out
 
     def manifest(self, rel: str) -> StageOutput | None:
         try:
@@ -137,37 +161,70 @@ class Store:
                 if name in manifest.files and not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-                    self.fs.get_file(self.remote(f"{rel}/{name}"), str(tmp))
+                    try:
+                        self._copy_verified(rel, name, tmp, manifest)
+                    except DamagedEntry as e:
+                        tmp.unlink(missing_ok=True)
+                        self.on_wait(f"store: {e}; discarding {self.url}/{rel}, it will be rebuilt")
+                        self.delete(rel)
+                        return None
                     os.replace(tmp, target)
             return manifest
         missing = [d for d in manifest.deps if verified_manifest(self.local / d, self.local, quiet=True) is None]
-        self._each(self.fetch_entry, missing)
+        if any(got is None for got in self._each(self.fetch_entry, missing)):
+            return None  # a referenced piece was damaged (and discarded): this entry is not complete either
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             names = sorted(manifest.files)
-            if names:
-                for name in names:
-                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get([self.remote(f"{rel}/{n}") for n in names], [str(tmp / n) for n in names])
-            for name, size in manifest.files.items():
-                if (tmp / name).stat().st_size != size:
-                    raise OSError(f"{self.url}/{rel}/{name} changed while it was copied")
+            for name in names:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            self._each(lambda n: self._copy_verified(rel, n, tmp / n, manifest), names)
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
             install(tmp, final)
+        except DamagedEntry as e:
+            # Never a silent reuse: the entry is discarded in the store (manifest first), so the next lookup is
+            # a miss and it is rebuilt.
+            self.on_wait(f"store: {e}; discarding {self.url}/{rel}, it will be rebuilt")
+            self.delete(rel)
+            return None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return manifest
 
-    def upload_entry(self, rel: str, local_dir: Path, manifest) -> None:
+    def _copy_verified(self, rel: str, name: str, target: Path, manifest) -> None:
+        """One object copied to `target`, hashed as it streams (blake2b-128, as recorded at publish); a size or
+        digest other than the manifest's raises DamagedEntry."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        size = 0
+        with self.fs.open(self.remote(f"{rel}/{name}"), "rb") as src, open(target, "wb") as dst:
+            while block := src.read(1 << 20):
+                h.update(block)
+                dst.write(block)
+                size += len(block)
+        if size != manifest.files.get(name):
+            raise DamagedEntry(f"{self.url}/{rel}/{name} has {size} bytes, its manifest says {manifest.files.get(name)}")
+        expected = manifest.digests.get(name)
+        if expected is not None and h.hexdigest() != expected:
+            raise DamagedEntry(f"{self.url}/{rel}/{name} does not have the content it was published with")
+
+    def upload_entry(self, rel: str, local_dir: Path, manifest, lock: Lock | None = None) -> None:
         """Publish a local entry: leftovers under its prefix removed, its files, then its manifest, last.
-        The caller holds the key's lock."""
+        The caller holds the key's `lock`: it is checked to be still the current holder before the leftovers
+        are deleted and before the manifest is written (fencing: a holder whose lease ran out deletes nothing a
+        newer holder wrote and publishes nothing)."""
+        if lock is not None:
+            lock.check()
         leftovers = [self.remote(f"{rel}/{n}") for n in self.listing(rel)]
         if leftovers:
             self.fs.rm(leftovers)
         names = sorted(manifest.files)
         if names:
             self.fs.put([str(local_dir / n) for n in names], [self.remote(f"{rel}/{n}") for n in names])
+        if lock is not None:
+            lock.check()
         self.fs.pipe_file(self.remote(f"{rel}/{MANIFEST}"), manifest.model_dump_json(indent=2).encode())
 
     def delete(self, rel: str) -> None:
@@ -196,14 +253,20 @@ class Store:
     def put(self, local: Path, rel: str) -> None:
         self.fs.put_file(str(local), self.remote(rel))
 
-    def put_dir(self, local: Path, rel: str, marker: bool = False) -> None:
-        """Upload a folder's files; with `marker`, a `_COMPLETE` object last (a reader checks for it)."""
+    def put_dir(self, local: Path, rel: str, marker: bytes | None = None) -> None:
+        """Upload a folder's files; with `marker`, a `_COMPLETE` object holding it last (a reader checks for it)."""
         files = [p for p in sorted(local.rglob("*")) if p.is_file()]
         if files:
             self.fs.put([str(p) for p in files], [self.remote(f"{rel}/{p.relative_to(local).as_posix()}")
                                                    for p in files])
-        if marker:
-            self.fs.pipe_file(self.remote(f"{rel}/{MANIFEST}"), b"{}")
+        if marker is not None:
+            self.fs.pipe_file(self.remote(f"{rel}/{MANIFEST}"), marker)
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.remote(rel))
+        except FileNotFoundError:
+            return None
 
     def get_dir(self, rel: str, local: Path) -> int:
         names = [n for n in self.listing(rel) if n != MANIFEST]
@@ -290,14 +353,22 @@ class Lock:
     stale listing can only lose the create, never take a lock someone holds.
 
     Used as `with store.lock(name, done) as held:`; `done()` is polled while waiting (the entry another host
-    builds is published): then `held` is False and nothing was taken."""
+    builds is published): then `held` is False and nothing was taken.
 
-    def __init__(self, store: Store, name: str, done=None):
+    Fenced: the holder knows until when its lease surely holds (the last renewal that succeeded, plus the
+    lease); `check()` raises LockLost once that time has passed or a newer generation exists, and the publisher
+    checks before it deletes or writes a manifest. The clock assumption: hosts agree on time to within a small
+    fraction of the lease (NTP gives milliseconds; the default lease is 60 s)."""
+
+    def __init__(self, store: Store, name: str, done=None, timeout: float | None = None):
         self.store, self.name, self.done = store, name, done
         self.prefix = store.remote(f"locks/{name}")
         self.gen: int | None = None
+        self.valid_until = 0.0
+        self.timeout = LOCK_TIMEOUT if timeout is None else timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unreadable: dict[int, float] = {}  # generation -> when its body was first seen not to parse
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def _generations(self) -> list[int]:
@@ -321,15 +392,20 @@ class Lock:
     def _free(self, gen: int) -> bool:
         try:
             body = json.loads(self.store.fs.cat_file(self._path(gen)))
+            return float(body.get("expires", 0)) < time.time()
         except FileNotFoundError:
             return True  # pruned: a newer generation exists or is being created
-        except ValueError:
-            return False  # being written
-        return float(body.get("expires", 0)) < time.time()
+        except (ValueError, TypeError, AttributeError):
+            # Being written, or garbage: a body that still does not parse one lease after it was first seen
+            # counts as expired (a writer takes milliseconds, and nobody waits for a lock forever).
+            first = self._unreadable.setdefault(gen, time.time())
+            return time.time() - first > self.store.lease
 
     def acquire(self, poll: float = 0.5, wait: bool = True) -> bool:
-        """Take the lock; False if `done()` came true first, or (with `wait=False`) if it is held."""
+        """Take the lock; False if `done()` came true first, or (with `wait=False`) if it is held. Waiting longer
+        than the timeout raises LockTimeout naming the holder."""
         said = False
+        started = time.monotonic()
         while True:
             if self.done is not None and self.done():
                 return False
@@ -342,13 +418,18 @@ class Lock:
                 self.store.on_wait(f"store: {self.store.url}/{self.name} is being built by {self._holder(top)}; "
                                    "waiting for it")
                 said = True
+            if not free and time.monotonic() - started > self.timeout:
+                raise LockTimeout(f"store: {self.store.url}/{self.name} has been held by {self._holder(top)} for "
+                                  f"over {self.timeout:.0f} s (CPT_STORE_LOCK_TIMEOUT_SECONDS)")
             if free:
+                asked = time.time()
                 try:
-                    self.store.fs.pipe_file(self._path(top + 1), self._body(time.time() + self.store.lease),
+                    self.store.fs.pipe_file(self._path(top + 1), self._body(asked + self.store.lease),
                                             mode="create")
                 except FileExistsError:
                     continue  # another contender won this generation
                 self.gen = top + 1
+                self.valid_until = asked + self.store.lease
                 for old in gens[:-1]:  # keep the listing short; the top one is what everyone reads
                     with contextlib.suppress(FileNotFoundError):
                         self.store.fs.rm_file(self._path(old))
@@ -367,8 +448,25 @@ class Lock:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.store.lease / 3):
-            with contextlib.suppress(Exception):  # a missed renewal is retried; the lease has slack
-                self.store.fs.pipe_file(self._path(self.gen), self._body(time.time() + self.store.lease))
+            asked = time.time()
+            try:
+                self.store.fs.pipe_file(self._path(self.gen), self._body(asked + self.store.lease))
+                self.valid_until = asked + self.store.lease
+            except Exception as e:  # retried on the next tick; check() says when the slack is gone
+                self.store.on_wait(f"store: renewing the lease of {self.store.url}/{self.name} failed "
+                                   f"({type(e).__name__}); {max(self.valid_until - time.time(), 0):.0f} s left")
+
+    def check(self) -> None:
+        """Raise LockLost unless this holder's lease surely still holds and no newer generation exists."""
+        if self.gen is None:
+            raise LockLost(f"store: {self.store.url}/{self.name} is not held")
+        if time.time() >= self.valid_until:
+            raise LockLost(f"store: the lease of {self.store.url}/{self.name} ran out (its renewal failed): "
+                           "another host may be building it; nothing is published")
+        gens = self._generations()
+        if gens and gens[-1] != self.gen:
+            raise LockLost(f"store: {self.store.url}/{self.name} was taken by a newer holder "
+                           f"({self._holder(gens[-1])}); nothing is published")
 
     def release(self) -> None:
         if self.gen is None:

@@ -81,6 +81,10 @@ def open_root(value: str | Path | None = None, where: str | None = None) -> Arti
     return ArtifactsRoot(Path(url[1] if url else text).resolve())
 
 
+class EntryUnavailable(FileNotFoundError):
+    """An entry a reader needs is not complete in the store (it may just have been found damaged)."""
+
+
 class ArtifactsRoot:
     """A local artifacts root. Entries at `cache/<stage>/<key>/`, Prefect records at `cache/_records/<key>`,
     state files under `state/`, run summaries under `runs/`, train work folders under `work/`."""
@@ -137,9 +141,12 @@ class ArtifactsRoot:
         """Where an entry lives, for people: here, a local folder."""
         return str(self.local / rel)
 
+    def published(self, stage: str, key: str) -> StageOutput | None:
+        """The manifest of the entry of `key` if it is published and undamaged (a cache lookup), else None."""
+        return verified_manifest(self.cache_dir(stage, key), self.local)
+
     def complete(self, stage: str, key: str) -> bool:
-        """Whether the entry of `key` is published and undamaged (a cache lookup)."""
-        return verified_manifest(self.cache_dir(stage, key), self.local) is not None
+        return self.published(stage, key) is not None
 
     def publish(self, stage: str, key: str, build) -> tuple[StageOutput, bool]:
         """The entry of `key`: the published one if complete, else `build(tmp)` published atomically. Builds of
@@ -154,11 +161,9 @@ class ArtifactsRoot:
 
     # ------------------------------------------------------------------------- Prefect records
 
-    def fetch_record(self, key: str) -> None:
-        """Make the record of a complete entry visible to Prefect here (nothing to do on a local root)."""
-
-    def share_record(self, key: str) -> None:
-        """Make the record Prefect just wrote here visible to every host (nothing to do on a local root)."""
+    # Prefect decides "Cached" by reading the record named by the key, with the serializer the record itself
+    # names (a pickle one runs code). So a record is never taken from anywhere: each host writes its own, from
+    # the verified manifest, before Prefect looks (tasks/core/stage.py), and none is shared through a store.
 
     def discard_record(self, key: str) -> None:
         with contextlib.suppress(OSError):
@@ -230,8 +235,11 @@ class ArtifactsRoot:
     # A training's checkpoints, copied where a training killed on this host can be resumed on another. A local
     # root has no other copy: there is nothing to copy, and nothing is found.
 
-    def upload_dir(self, local: Path, rel: str, marker: bool = False) -> None:
+    def upload_dir(self, local: Path, rel: str, marker: bytes | None = None) -> None:
         pass
+
+    def read_remote(self, rel: str) -> bytes | None:
+        return None
 
     def remote_files(self, rel: str) -> dict[str, int]:
         return {}
@@ -272,8 +280,10 @@ class StoreRoot(ArtifactsRoot):
         directory = self.local / rel
         if verified_manifest(directory, self.local, quiet=True) is None:
             with key_lock(directory.parent, directory.name):
-                if verified_manifest(directory, self.local, quiet=True) is None:
-                    self.store.fetch_entry(rel)
+                if verified_manifest(directory, self.local, quiet=True) is None \
+                        and self.store.fetch_entry(rel) is None:
+                    raise EntryUnavailable(f"{self.url}/{rel} is not complete in the store (deleted, or found damaged "
+                                           "and discarded): the next run rebuilds it")
         return directory
 
     def file(self, rel: str, name: str) -> Path:
@@ -285,10 +295,10 @@ class StoreRoot(ArtifactsRoot):
     def location(self, rel: str) -> str:
         return f"{self.url}/{rel}"
 
-    def complete(self, stage: str, key: str) -> bool:
+    def published(self, stage: str, key: str) -> StageOutput | None:
         """Complete in the store (the truth every host shares: a local copy the store lacks is uploaded by the
         rerun this miss causes)."""
-        return self.store.complete(f"cache/{stage}/{key}") is not None
+        return self.store.complete(f"cache/{stage}/{key}")
 
     def publish(self, stage: str, key: str, build) -> tuple[StageOutput, bool]:
         """The store decides: a complete entry there is fetched; else one host takes the key's lock and builds,
@@ -300,39 +310,28 @@ class StoreRoot(ArtifactsRoot):
             existing = verified_manifest(final, self.local)
             if existing is not None:
                 if store.complete(rel) is None:  # published here, never uploaded (killed in between), or deleted there
-                    with store.lock(rel, done=lambda: store.complete(rel) is not None) as held:
+                    lock = store.lock(rel, done=lambda: store.complete(rel) is not None)
+                    with lock as held:
                         if held:
-                            store.upload_entry(rel, final, existing)
+                            store.upload_entry(rel, final, existing, lock)
                 return existing, False
             while True:
-                fetched = store.fetch_entry(rel)
+                fetched = store.fetch_entry(rel)  # a damaged one is discarded there: None, and rebuilt below
                 if fetched is not None:
                     return fetched, False
-                with store.lock(rel, done=lambda: store.complete(rel) is not None) as held:
+                lock = store.lock(rel, done=lambda: store.complete(rel) is not None)
+                with lock as held:
                     if held:
                         manifest = build_and_publish(self.local, final, stage, key, build)
-                        store.upload_entry(rel, final, manifest)
+                        store.upload_entry(rel, final, manifest, lock)  # fenced: LockLost publishes nothing
                         return manifest, True
                 # Another host published it while we waited: loop to fetch it (or build, if it was deleted).
 
     # ------------------------------------------------------------------------- Prefect records
 
-    def fetch_record(self, key: str) -> None:
-        local = self.records_dir / key
-        if not local.is_file():
-            self.store.get(f"cache/{RECORDS_DIR}/{key}", local)
-
-    def share_record(self, key: str) -> None:
-        """Prefect keeps records where its result storage says, and a remote one must be a block saved
-        server-side (with whatever credentials it holds); copying the file keeps the credentials in the
-        environment."""
-        local = self.records_dir / key
-        rel = f"cache/{RECORDS_DIR}/{key}"
-        if local.is_file() and not self.store.fs.exists(self.store.remote(rel)):
-            self.store.put(local, rel)
-
     def discard_record(self, key: str) -> None:
         super().discard_record(key)
+        # Records of earlier versions were shared through the store; one left there is removed, never read.
         with contextlib.suppress(FileNotFoundError):
             self.store.fs.rm_file(self.store.remote(f"cache/{RECORDS_DIR}/{key}"))
 
@@ -357,8 +356,11 @@ class StoreRoot(ArtifactsRoot):
 
     # ------------------------------------------------------------------------- shared work folders
 
-    def upload_dir(self, local: Path, rel: str, marker: bool = False) -> None:
+    def upload_dir(self, local: Path, rel: str, marker: bytes | None = None) -> None:
         self.store.put_dir(local, rel, marker=marker)
+
+    def read_remote(self, rel: str) -> bytes | None:
+        return self.store.read(rel)
 
     def remote_files(self, rel: str) -> dict[str, int]:
         return self.store.listing(rel)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,59 @@ def _make_policy_class():
             key = stage_key(stage, inputs)
             if root is not None:
                 root = open_root(root)
-                if not root.complete(stage, key):
+                manifest = root.published(stage, key)
+                if manifest is None:
                     # Missing, half-written or damaged (a file or a referenced piece gone): a miss, rebuilt.
                     root.discard_record(key)
                 else:
-                    root.fetch_record(key)
+                    write_record(root.records_dir / key, _OUTPUTS.get(stage, StageOutput)(**manifest.model_dump()))
             return key
 
     return StageCachePolicy
+
+
+_OUTPUTS: dict[str, type[StageOutput]] = {}  # stage -> its manifest type, for the records written from manifests
+
+
+def write_record(path: Path, output: StageOutput) -> None:
+    """The Prefect result record of a published entry, written from its verified manifest with Prefect's own
+    JSON serializer: what makes the task Cached is derived from bytes this host checked, never read from a record
+    someone else wrote (Prefect would deserialise it with whatever serializer it names, pickle included). A
+    record that was there and said something else is replaced, and the replacement logged with its key."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import JSONSerializer
+
+    record = ResultRecord(metadata=ResultRecordMetadata(storage_key=str(path), expiration=None,
+                                                        serializer=JSONSerializer()), result=output)
+    data = record.serialize()
+    try:
+        current = path.read_bytes()
+    except OSError:
+        current = None
+    if current is not None and _same_record(current, data):
+        return  # the record Prefect wrote when it built the entry, or the one this host wrote before
+    if current is not None:
+        from tasks.core.report import run_logger
+
+        run_logger().warning("cache: the Prefect record of %s is not the one its manifest gives; replaced it "
+                             "(a record is never deserialised as it was found)", path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _same_record(found: bytes, expected: bytes) -> bool:
+    """Whether a record says what the manifest says, read as plain JSON (no object hook, no import)."""
+    import json
+
+    try:
+        a, b = json.loads(found), json.loads(expected)
+        return (a["metadata"]["serializer"] == b["metadata"]["serializer"]
+                and a["metadata"].get("storage_key") == b["metadata"].get("storage_key")
+                and json.loads(a["result"]) == json.loads(b["result"]))
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 @functools.cache
@@ -173,6 +219,7 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
             return out
 
         run.__signature__ = signature
+        _OUTPUTS[name] = output
         register_code_version(name, version, [body, output, *code], list(libraries), key_exclude)
         try:
             from prefect import task

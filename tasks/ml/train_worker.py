@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.config import TrainConfig
-from tasks.core.manifest import MANIFEST
+from tasks.core.manifest import MANIFEST, hash_file, safe_relpath
 from tasks.core.root import ArtifactsRoot, open_root
 from tasks.ml.modeling import load_pretrained, load_tokenizer_with_pad
 from tasks.ml.spec import TrainSpec
@@ -215,14 +215,19 @@ def push_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoint: Path, tensor
     the older checkpoints there: a training killed on this host resumes on another from the newest one. A
     local root has no store: nothing is copied."""
     remote = f"{work_rel}/checkpoints/{checkpoint.name}"
-    root.upload_dir(checkpoint, remote, marker=True)
+    # The marker, written last, is the checkpoint's manifest: every file with its size and digest, checked by
+    # the host that resumes from it (a checkpoint is trusted no more than any other stored bytes).
+    files = {p.relative_to(checkpoint).as_posix(): [p.stat().st_size, hash_file(p)]
+             for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    root.upload_dir(checkpoint, remote, marker=json.dumps({"files": files}).encode())
     if tensorboard.is_dir():
         root.upload_dir(tensorboard, f"{work_rel}/tensorboard")
     for name in {n.split("/", 1)[0] for n in root.remote_files(f"{work_rel}/checkpoints")} - {checkpoint.name}:
         root.remove_remote(f"{work_rel}/checkpoints/{name}")
 
 
-def pull_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoints: Path, tensorboard: Path) -> str | None:
+def pull_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoints: Path, tensorboard: Path,
+                    warn=print) -> str | None:
     """Bring the store's newest complete checkpoint (and the logs that go with it) here, unless this host has
     one as new; returns its name (None on a local root)."""
     listing = root.remote_files(f"{work_rel}/checkpoints")
@@ -236,11 +241,40 @@ def pull_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoints: Path, tenso
         return None
     tmp = checkpoints / f".{name}.part"
     shutil.rmtree(tmp, ignore_errors=True)
-    root.download_dir(f"{work_rel}/checkpoints/{name}", tmp)
+    remote = f"{work_rel}/checkpoints/{name}"
+    root.download_dir(remote, tmp)
+    why = checkpoint_damage(tmp, root.read_remote(f"{remote}/{MANIFEST}"))
+    if why is not None:  # never resumed from: dropped there, and training goes on from what this host has
+        warn(f"train: the stored {name} is damaged ({why}); not resumed from it, and removed from the store")
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.remove_remote(remote)
+        return None
     shutil.rmtree(checkpoints / name, ignore_errors=True)
     os.replace(tmp, checkpoints / name)
     root.download_dir(f"{work_rel}/tensorboard", tensorboard)
     return name
+
+
+def checkpoint_damage(folder: Path, marker: bytes | None) -> str | None:
+    """Why a downloaded checkpoint does not match the manifest its marker holds (a file missing, extra, of
+    another size or content), or None."""
+    try:
+        files = safe_files(json.loads(marker or b"")["files"])
+    except (ValueError, KeyError, TypeError):
+        return "its manifest is missing or unreadable"
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    if present != set(files):
+        return f"its files are not the ones its manifest lists ({sorted(present ^ set(files))[:3]})"
+    for name, (size, digest) in files.items():
+        if (folder / name).stat().st_size != size or hash_file(folder / name) != digest:
+            return f"{name} does not have the content it was saved with"
+    return None
+
+
+def safe_files(files: dict) -> dict:
+    for name in files:
+        safe_relpath(name)
+    return files
 
 
 def checkpoint_mirror(spec: TrainSpec):

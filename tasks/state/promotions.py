@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from tasks.core.manifest import safe_relpath
 from tasks.core.root import ArtifactsRoot
 
 
@@ -23,7 +24,7 @@ class Promotion(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_digest: str
     model_path: str  # the train entry's model dir, relative to the artifacts root
-    release: str = ""  # the release folder it was copied to
+    release: str = ""  # the release folder it was copied to, relative to the root (models/<name>)
     train_identity: str  # what it was trained on and how, leaving out the weights it started from
     parent: dict[str, Any]  # {kind: base|promoted, id, digest, flow_run}
     reference: dict[str, Any]  # what the gate compared it with: {kind, digest, location, id}
@@ -33,6 +34,20 @@ class Promotion(BaseModel):
     flow_run: str = ""
     at: str = ""
     hub: dict[str, Any] | None = None
+
+    # A promotions file may come from a store others write to: the names in it stay inside the root.
+    @field_validator("model_path")
+    @classmethod
+    def _model_inside(cls, v: str) -> str:
+        return safe_relpath(v)
+
+    @field_validator("release")
+    @classmethod
+    def _release_inside(cls, v: str) -> str:
+        if v.startswith("/"):  # written by an earlier version as this host's absolute path: its name is kept
+            parts = v.rstrip("/").split("/")
+            return f"models/{parts[-1]}" if len(parts) > 1 and parts[-2] == "models" else ""
+        return safe_relpath(v) if v else v
 
 
 class Promotions(BaseModel):
@@ -80,10 +95,50 @@ def updating(root: ArtifactsRoot, lineage: str):
 def record_promotion(root: ArtifactsRoot, lineage: str, record: Promotion) -> None:
     """Make `record` the lineage's last promotion (a repeat of the current last one is not added again)."""
     with updating(root, lineage) as state:
-        if state.last is not None and state.last.model_digest == record.model_digest and \
-                state.last.train_identity == record.train_identity:
-            state.last = state.last.model_copy(update={"release": record.release, "hub": record.hub or state.last.hub})
-            state.history[-1] = state.last
-            return
-        state.last = record
-        state.history.append(record)
+        apply_promotion(state, record)
+
+
+def apply_promotion(state: Promotions, record: Promotion) -> None:
+    """`record` as the last promotion of `state` (held under its lock by the caller)."""
+    if state.last is not None and state.last.model_digest == record.model_digest and \
+            state.last.train_identity == record.train_identity:
+        state.last = state.last.model_copy(update={"release": record.release, "hub": record.hub or state.last.hub})
+        state.history[-1] = state.last
+        return
+    state.last = record
+    state.history.append(record)
+
+
+# ------------------------------------------------------------------------------------- release owners
+
+
+class ReleaseClaimed(ValueError):
+    """A release folder or Hub repo another lineage already writes."""
+
+
+class Releases(BaseModel):
+    """Which lineage writes each release folder (`models/<name>`) and Hub repo (`hub:<repo_id>`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    owners: dict[str, str] = {}
+
+
+RELEASES = "state/releases.json"
+
+
+def claim_releases(root: ArtifactsRoot, owner: str, targets: list[str]) -> None:
+    """Make `owner` (a lineage) the writer of `targets`, or raise ReleaseClaimed when another lineage is: two
+    lineages writing one folder or repo would overwrite each other's model with one never compared to it."""
+
+    def read() -> Releases:
+        try:
+            return Releases.model_validate_json(root.path(RELEASES).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return Releases()
+
+    with root.locked_state(RELEASES, read) as state:
+        taken = {t: state.owners[t] for t in targets if state.owners.get(t, owner) != owner}
+        if taken:
+            where = ", ".join(f"{t} (written by {o})" for t, o in taken.items())
+            raise ReleaseClaimed(f"{owner} would write {where}: give it its own push.name / push.repo_id")
+        state.owners.update({t: owner for t in targets})
