@@ -7,6 +7,10 @@ passes the drop gate (tasks/drop_gate.py) and is registered (active) or rejected
 line's corpus is fingerprinted by content and compared with the line's last successful training: unchanged,
 nothing is trained.
 
+A drop must lie inside one of `drops.roots`; a run an event started (`drop_source: event`, which the on-drop
+deployment sets, or any run an automation created) refuses its drop while that list is empty, since an event
+payload is untrusted input. `cpt retrain --drop PATH` typed at a shell accepts any folder then.
+
 A drop still being written is not trained on (it stays pending and a later run, nightly or the next
 announcement, picks it up). Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
 temp name and rename; the load stage re-hashes every file it reads and fails if one changed since the run
@@ -18,9 +22,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.continued_pretraining import continued_pretraining
@@ -35,10 +40,17 @@ from tasks.state import lines
 
 
 def show_gate(gated: list[tuple[lines.Drop, dict[str, Any]]]) -> None:
-    rows = [{"drop": d.path, "verdict": "passed" if p["passed"] else "rejected",
+    def verdict(d: lines.Drop, p: dict[str, Any]) -> str:
+        if p.get("not_recorded"):
+            return f"not recorded: {d.status} meanwhile"
+        return "passed" if p["passed"] else "rejected"
+
+    rows = [{"drop": d.path, "verdict": verdict(d, p),
              **{k: p.get(k) for k in ("files", "records", "documents", "rejected", "too_short", "duplicates_in_line",
                                       "validation_matches", "median_tokens", "line_median_tokens")},
-             "reasons": "; ".join(p["reasons"])} for d, p in gated]
+             "skipped": f"{p.get('skipped', 0)}" + (f": {'; '.join(p['skipped_files'])}" if p.get("skipped") else ""),
+             "reasons": "; ".join(p["reasons"]),
+             "rejects": "; ".join(p.get("reject_examples") or [])} for d, p in gated]
     markdown_artifact(f"# Drop gate\n\n{markdown_table(rows)}\n", "drop-gate",
                       "Profile of each drop checked in this run, and the verdict")
 
@@ -53,6 +65,16 @@ def show_drops(state: lines.LineState) -> None:
                           f"Drops of training line {state.line!r}")
 
 
+def announced_by(drop_source: str) -> lines.DropSource:
+    """Who announced this run's drop: `event` when the run says so (`drop_source`) or when an automation (an
+    event trigger: the on-drop deployment, `cpt serve`) created the run, whatever its parameters; else `shell`."""
+    if drop_source == "event":
+        return "event"
+    ctx = FlowRunContext.get()
+    created_by = getattr(getattr(ctx, "flow_run", None), "created_by", None)
+    return "event" if created_by is not None and str(created_by.type).upper() == "AUTOMATION" else "shell"
+
+
 @flow(name="retrain-on-drop", log_prints=True)
 def retrain(
     config: CptConfig | None = None,
@@ -63,9 +85,12 @@ def retrain(
     settle_seconds: float = 60.0,
     force: bool = False,
     artifacts: str | None = None,
+    drop_source: Literal["shell", "event"] = "shell",
 ) -> dict[str, Any]:
     """Train line `line` — `config` (or the YAML at `config_file` + `overrides`) plus its registered drops — if
-    its corpus changed since the line's last successful training. `drop` announces a landed drop folder."""
+    its corpus changed since the line's last successful training. `drop` announces a landed drop folder;
+    `drop_source` says who announced it: `event` (untrusted: refused outside `drops.roots`, and while that list is
+    empty) or `shell` (`cpt retrain --drop`). A run an automation created counts as `event` either way."""
     log = run_logger()
     if config is None:
         if not config_file:
@@ -91,8 +116,14 @@ def retrain(
     # counts (files_read, files_tokenized, files_chunked) include what the gate read for it.
     with build_scope(str(flow_run.id)):
         if drop:
-            entry = lines.announce(root, line, drop)
-            log.info("retrain: drop %s announced to line %r (%s)", entry.path, line, entry.status)
+            source = announced_by(drop_source)
+            try:
+                path = Path(drop).resolve()
+            except (ValueError, OSError) as e:  # not a path at all (a NUL byte, too long): nothing to record
+                return skipped("drop-rejected", f"drop {drop!r} refused: {e}", rejected=[drop])
+            entry = lines.announce(root, line, path, source)
+            log.info("retrain: drop %s announced to line %r by %s (%s)", entry.path, line,
+                     "an event" if source == "event" else "a shell", entry.status)
         started = time.perf_counter()
         gate = gate_drops(config, root, line, settle_seconds, digests, log)
         gate_seconds = round(time.perf_counter() - started, 3)
@@ -102,7 +133,7 @@ def retrain(
             return skipped("unsettled", f"drop still being written, not training now: "
                                         f"{', '.join(gate['unsettled'][:5])}", files=gate["unsettled"])
         if gate["rejected"]:
-            reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if not p["passed"])
+            reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in gate["rejected"])
             return skipped("drop-rejected", f"drop rejected by the gate, nothing trained: {reasons}",
                            rejected=gate["rejected"])
 

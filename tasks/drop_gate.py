@@ -11,10 +11,17 @@ once — and registered (active) or rejected with its reasons:
 
 A drop still being written is not gated: a folder holding a `_WRITING` file is being written, and so is any file
 modified less than `settle_seconds` ago; the drop stays pending and a later run picks it up.
+
+Nothing a drop sends escapes its folder or stops its line: a drop must lie inside one of `drops.roots` (and one
+an event announced is refused while that list is empty), only its regular files are read and no symlink out of
+it is followed (what is skipped is named in its profile), and a file that cannot be read is a reject with its
+place, never an exception. A rejected drop is excluded from every later run of the line.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,12 +31,16 @@ import numpy as np
 from tasks.core.config import ConfigError, CorpusConfig, CptConfig, DropsConfig
 from tasks.core.manifest import DigestMemo, Fingerprint
 from tasks.core.root import ArtifactsRoot
-from tasks.load import BadRecordError, fingerprint_files, load_pieces, piece_ids, resolve_corpus_files
+from tasks.load import (
+    REJECTS_FILE, BadRecordError, fingerprint_files, glob_base, is_glob, list_corpus_files, load_pieces, piece_ids,
+    resolve_corpus_files,
+)
 from tasks.shuffle import validation_texts
 from tasks.state import lines
 from tasks.tokenize import TokenizerOnce, resolve_tokenizer, token_lengths, tokenize_pieces
 
 WRITING_MARKER = "_WRITING"
+NAMED = 20  # skipped files, bad files and rejects named in a profile (the rest counted)
 
 
 def unsettled_files(files: list[Path], settle_seconds: float, now: float | None = None) -> list[str]:
@@ -41,18 +52,57 @@ def unsettled_files(files: list[Path], settle_seconds: float, now: float | None 
     return busy
 
 
+def holds_configured_path(drop: str, corpus: CorpusConfig, base: Path | None = None) -> bool:
+    """Whether the drop is, or holds, one of `corpus.paths` (a glob: the folder it lists)."""
+    base = base or Path.cwd()
+    drop_path = Path(drop)
+    for entry in corpus.paths:
+        p = Path(entry).expanduser()
+        p = p if p.is_absolute() else base / p
+        p = (glob_base(p) if is_glob(entry, p) else p).resolve()
+        if p == drop_path or drop_path in p.parents:
+            return True
+    return False
+
+
 def line_config(config: CptConfig, state: lines.LineState, without: str | None = None) -> CptConfig:
     """The config a line trains with: its corpus plus the active drops, less every other drop (a rejected or
-    removed drop inside a configured folder is not read either) and less the drop `without`."""
+    removed drop inside a configured folder is not read either) and less the drop `without` — but never less
+    the configured corpus itself (a drop that is or holds a configured path is not excluded)."""
     active = [p for p in state.active_paths() if p not in config.corpus.paths and p != without]
-    excluded = [*state.inactive_paths(), *([without] if without else [])]
+    excluded = [p for p in [*state.inactive_paths(), *([without] if without else [])]
+                if not holds_configured_path(p, config.corpus)]
+    # A drop's path is literal: escaped, so one with `*?[` in its name (or one gone) is never taken as a glob.
+    excluded = [glob.escape(p) for p in excluded]
     corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, *active],
                                               "exclude": [*config.corpus.exclude, *excluded]})
     return config.model_copy(update={"corpus": corpus})
 
 
-def drop_files(path: str) -> list[Path]:
-    return resolve_corpus_files(CorpusConfig(paths=[path]))
+def drop_files(path: str) -> tuple[list[Path], list[str]]:
+    """A drop's files and what was skipped in it (`path: why`: a symlink out of the drop, a FIFO, a device…).
+    The path is literal, never a glob."""
+    if not Path(path).exists():
+        raise ConfigError(f"drop {path}: no such file or folder")
+    return list_corpus_files(CorpusConfig(paths=[path]), labels=[f"drop {path}"])
+
+
+def refusal(entry: lines.Drop, limits: DropsConfig) -> str | None:
+    """Why the drop may not join a line at all, decided from its (resolved) path alone, before anything in it is
+    listed or read: it lies outside every one of `drops.roots` (or is one of them), or an event announced it
+    while `drops.roots` is empty (an event payload is untrusted input). None: it may be gated."""
+    if not limits.roots:
+        if entry.announced_by == "event":
+            return ("announced by an event while drops.roots is empty: set drops.roots to the folders drops may "
+                    "come from (or announce it with `cpt retrain --drop` at a shell)")
+        return None
+    path = Path(entry.path).resolve()  # resolved when announced; again, in case it was swapped for a symlink
+    roots = [Path(r).expanduser().resolve() for r in limits.roots]
+    if any(root in path.parents for root in roots):
+        return None
+    if path in roots:
+        return f"{path} is one of drops.roots, not a drop inside one"
+    return f"outside drops.roots ({', '.join(map(str, roots))})"
 
 
 def check_profile(profile: dict[str, Any], limits: DropsConfig) -> list[str]:
@@ -62,8 +112,10 @@ def check_profile(profile: dict[str, Any], limits: DropsConfig) -> list[str]:
     if profile["documents"] < limits.min_documents:
         reasons.append(f"{profile['documents']} documents, fewer than drops.min_documents={limits.min_documents}")
     if profile["rejected"] / records > limits.max_reject_share:
+        examples = profile.get("reject_examples") or []
         reasons.append(f"{profile['rejected']} of {profile['records']} records rejected "
-                       f"({profile['rejected'] / records:.0%} > drops.max_reject_share={limits.max_reject_share:g})")
+                       f"({profile['rejected'] / records:.0%} > drops.max_reject_share={limits.max_reject_share:g})"
+                       + (f", e.g. {'; '.join(examples[:3])}" if examples else ""))
     if profile["too_short"] / records > limits.max_too_short_share:
         reasons.append(f"{profile['too_short']} of {profile['records']} records too short "
                        f"({profile['too_short'] / records:.0%} > drops.max_too_short_share="
@@ -82,22 +134,53 @@ def check_profile(profile: dict[str, Any], limits: DropsConfig) -> list[str]:
     return reasons
 
 
+def _named(items: list[str], limit: int = NAMED) -> list[str]:
+    return items[:limit] + ([f"… and {len(items) - limit} more"] if len(items) > limit else [])
+
+
+def reject_examples(root: ArtifactsRoot, pieces: list[tuple[dict[str, Any], Any]], limit: int = NAMED) -> list[str]:
+    """The first rejects of load-file pieces as `file:line: reason` (the pieces keep them in rejects.jsonl)."""
+    out: list[str] = []
+    for item, piece in pieces:
+        if not piece.counts["rejected"]:
+            continue
+        with open(piece.dir(root) / REJECTS_FILE, encoding="utf-8") as f:
+            for raw in f:
+                r = json.loads(raw)
+                out.append(f"{item['path']}:{r['line']}: {r['reason']}")
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConfig, tokenizer: Fingerprint,
-                 root: ArtifactsRoot, digest) -> dict[str, Any]:
-    """Profile a drop against its line through the cached pieces: documents, rejects, too-short records,
-    exact duplicates of the line's documents, documents whose text is in the line's validation split, median
-    token length against the line's. `tokenizer` is the config's tokenizer Fingerprint."""
+                 root: ArtifactsRoot, digest, skipped: list[str] | None = None) -> dict[str, Any]:
+    """Profile a drop against its line through the cached pieces: documents, rejects (the first ones named),
+    too-short records, exact duplicates of the line's documents, documents whose text is in the line's
+    validation split, median token length against the line's. `tokenizer` is the config's tokenizer
+    Fingerprint; `skipped` names what listing the drop left out (a symlink out of it, a FIFO…)."""
     drop_fp = fingerprint_files(drop_files, digest)
+    skipped = skipped or []
     profile: dict[str, Any] = {"files": len(drop_files), "records": 0, "documents": 0, "rejected": 0, "too_short": 0,
                                "duplicates_in_line": 0, "validation_matches": 0, "tokens": 0,
-                               "median_tokens": None, "line_median_tokens": None}
-    try:
-        drop_pieces = [out for _, out, _ in load_pieces(drop_fp.items, config.corpus, root)]
-    except BadRecordError as e:  # on_bad_record: fail and a bad record: the drop fails with its place
-        return {**profile, "passed": False, "reasons": [str(e)]}
+                               "median_tokens": None, "line_median_tokens": None,
+                               "skipped": len(skipped), "skipped_files": _named(skipped),
+                               "reject_examples": []}
+    # File by file, so that under on_bad_record: fail every bad file is named with its place, not the first.
+    loaded, failed = [], []
+    for item in drop_fp.items:
+        try:
+            loaded += load_pieces([item], config.corpus, root)
+        except (BadRecordError, OSError) as e:
+            failed.append(str(e) if isinstance(e, BadRecordError) else f"{item['path']}: unreadable ({e})")
+    if failed:
+        return {**profile, "passed": False, "reasons": _named(failed)}
+    loaded.sort(key=lambda p: (p[1].key, p[0]["path"]))  # load_pieces' order
+    drop_pieces = [out for _, out, _ in loaded]
     for out in drop_pieces:
         for k in ("records", "rejected", "too_short"):
             profile[k] += out.counts[k]
+    profile["reject_examples"] = reject_examples(root, [(item, out) for item, out, _ in loaded])
     line_pieces = ([out for _, out, _ in load_pieces(fingerprint_files(line_files, digest).items, config.corpus,
                                                      root)] if line_files else [])
 
@@ -129,44 +212,71 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
 def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds: float, digests: DigestMemo,
                log) -> dict[str, Any]:
     """Gate every drop of the line that needs a verdict: pending ones, and active or rejected ones whose
-    content changed since. Returns {"unsettled": [...], "rejected": [paths], "gated": [(drop, profile)]}."""
+    content changed since. Returns {"unsettled": [...], "rejected": [paths], "gated": [(drop, profile)]}.
+    A drop removed (or otherwise changed) while it was gated keeps its status: its verdict is not recorded."""
     state = lines.read_line(root, line)
     out: dict[str, Any] = {"unsettled": [], "rejected": [], "gated": []}
     tokenizer = None
-    for entry in state.drops:
-        if entry.status == "removed":
-            continue
-        try:
-            files = drop_files(entry.path)
-        except ConfigError as e:
-            if entry.status == "active":
-                raise ConfigError(f"line {line!r}: the active drop {entry.path} cannot be read ({e}); restore it, "
-                                  f"or retire it with `cpt drops --line {line} --remove {entry.path}`") from None
-            if entry.status == "pending":
-                profile = {"files": 0, "documents": 0, "tokens": 0, "records": 0, "passed": False,
-                           "reasons": [f"unreadable: {e}"]}
-                out["rejected"].append(entry.path)
-                out["gated"].append((lines.record_verdict(root, line, entry.path, "", profile), profile))
-            continue
-        busy = unsettled_files(files, settle_seconds)
-        if busy:
-            out["unsettled"] += busy
-            continue
-        fingerprint = fingerprint_files(files, digests.digest)
-        if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
-            continue  # verdict already given on this content
-        # The line without this drop (which may sit under a configured folder).
-        line_files = resolve_corpus_files(line_config(config, state, without=entry.path).corpus)
-        if tokenizer is None:
-            tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
-        profile = profile_drop(files, line_files, config, tokenizer, root, digests.digest)
-        verdict = lines.record_verdict(root, line, entry.path, fingerprint.digest, profile)
-        out["gated"].append((verdict, profile))
+
+    def verdict(entry: lines.Drop, fingerprint: str, profile: dict[str, Any]) -> None:
+        recorded = lines.record_verdict(root, line, entry.path, fingerprint, profile, gated=entry.status)
+        if recorded is None:
+            now = lines.read_line(root, line).find(entry.path)
+            log.warning("drop gate: %s changed status while it was gated (%s → %s): its verdict (%s) is not "
+                        "recorded", entry.path, entry.status, now.status if now else "gone",
+                        "passed" if profile["passed"] else "rejected: " + "; ".join(profile["reasons"]))
+            out["gated"].append((now or entry, {**profile, "not_recorded": True}))
+            return
+        out["gated"].append((recorded, profile))
+        if profile.get("skipped"):
+            log.warning("drop gate: %s: %d files skipped (only regular files are read, no symlink out of the drop): "
+                        "%s", entry.path, profile["skipped"], "; ".join(profile["skipped_files"]))
         if profile["passed"]:
             log.info("drop gate: %s passed (%d files, %d documents, %d tokens); registered to line %r",
                      entry.path, profile["files"], profile["documents"], profile["tokens"], line)
         else:
             out["rejected"].append(entry.path)
-            log.warning("drop gate: %s rejected: %s", entry.path, verdict.reason)
+            log.warning("drop gate: %s rejected: %s", entry.path, recorded.reason)
+
+    def refused(reason: str, where: bool = False) -> dict[str, Any]:
+        """A verdict without a profile; `where`: refused for its place or announcer (never the line's: not
+        excluded from it, lines.LineState.inactive_paths)."""
+        return {"files": 0, "documents": 0, "tokens": 0, "records": 0, "passed": False, "reasons": [reason],
+                **({"refused": True} if where else {})}
+
+    for entry in state.drops:
+        if entry.status == "removed":
+            continue
+        # Where the drop lies is checked before anything in it is listed (`path: /` lists nothing).
+        why_not = refusal(entry, config.drops)
+        if why_not and entry.status != "active":
+            if entry.status == "pending":
+                verdict(entry, "", refused(why_not, where=True))
+            continue  # rejected: stays so, unlisted
+        try:
+            files, skipped = drop_files(entry.path)
+            busy = unsettled_files(files, settle_seconds)
+            fingerprint = None if busy else fingerprint_files(files, digests.digest)
+        except (ConfigError, OSError) as e:
+            if entry.status == "active":
+                raise ConfigError(f"line {line!r}: the active drop {entry.path} cannot be read ({e}); restore it, "
+                                  f"or retire it with `cpt drops --line {line} --remove {entry.path}`") from None
+            if entry.status == "pending":
+                verdict(entry, "", refused(f"unreadable: {e}"))
+            continue
+        if busy:
+            out["unsettled"] += busy
+            continue
+        if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
+            continue  # verdict already given on this content
+        if why_not:  # an active drop whose content changed, where drops may no longer come from
+            verdict(entry, fingerprint.digest, refused(why_not, where=True))
+            continue
+        # The line without this drop (which may sit under a configured folder).
+        line_files = resolve_corpus_files(line_config(config, state, without=entry.path).corpus)
+        if tokenizer is None:
+            tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
+        profile = profile_drop(files, line_files, config, tokenizer, root, digests.digest, skipped)
+        verdict(entry, fingerprint.digest, profile)
     digests.save()
     return out

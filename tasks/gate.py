@@ -1,7 +1,9 @@
 """gate: the promotion decision between evaluate and push. The new model is compared, on the same validation
 chunks, with the reference — the lineage's last promoted model, or the base model when there is none — and,
-when a general corpus is set, with the base model's general-text perplexity (forgetting). A model that fails
-is not pushed; a diverged one (a loss or perplexity that is NaN, infinite or missing) is refused, never a crash.
+when a general corpus is set, with the base model's general-text perplexity (forgetting). Only a model strictly
+better than its reference is promoted (a tie is refused) unless `gate.max_validation_increase` explicitly accepts a
+worse one. A model that fails is not pushed; a diverged one (a loss or perplexity that is NaN, infinite or missing)
+is refused, never a crash, and so is one whose reference perplexity is missing or not finite.
 """
 
 from __future__ import annotations
@@ -28,14 +30,37 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _shown(x: Any) -> str:
+    return "missing" if x is None else str(x) if isinstance(x, (int, float)) else repr(x)
+
+
+def _share(x: float) -> str:
+    return f"{x * 100:.4g}%"
+
+
+# A failed comparison, phrased as what the value was: the negation of the rule it had to meet.
+_FAILED = {"<": ">=", "<=": ">"}
+
+
 def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base: dict[str, Any],
-           training: dict[str, Any], reference_name: str) -> dict[str, Any]:
+           training: dict[str, Any], reference_name: str, general: bool | None = None) -> dict[str, Any]:
     """The decision as {promoted, reason, checks}. `new`, `reference`, `base`: {validation, general} perplexities
-    (general may be None); `training`: the train stage's losses."""
+    (general may be None); `training`: the train stage's losses. `general`: whether this run measures general-text
+    perplexity (evaluate.general_corpus); None: when the new model's or the base model's general perplexity is
+    given, so a NaN that came back from JSON as null never reads as "no general corpus".
+
+    Promoted only when every number is finite, the references are measured (a missing or non-finite reference
+    refuses: there is nothing to compare with), and the new model is strictly better than its reference —
+    new < reference * (1 - min_improvement), a tie refused — or, with max_validation_increase > 0 (the user
+    explicitly accepts a worse model; min_improvement is then 0), new <= reference * (1 + max_validation_increase).
+    """
+    if general is None:
+        general = new.get("general") is not None or base.get("general") is not None
     checks: list[dict[str, Any]] = []
 
-    def check(name: str, ok: bool, value: Any, limit: Any, why: str) -> None:
-        checks.append({"check": name, "passed": ok, "value": value, "limit": limit, "why": why})
+    def check(name: str, ok: bool, value: Any, limit: Any, why: str, op: str | None = None) -> None:
+        checks.append({"check": name, "passed": ok, "value": value, "limit": limit, "why": why,
+                       **({"op": op} if op else {})})
 
     losses = {k: training.get(k) for k in ("train_loss", "last_loss", "best_eval_loss") if k in training}
     bad = [k for k, v in losses.items() if v is not None and not finite(v)]
@@ -43,26 +68,40 @@ def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base
         bad.append("train_loss")
     if not finite(new.get("validation")):
         bad.append("validation perplexity")
-    if new.get("general") is not None and not finite(new["general"]):
+    if (general or new.get("general") is not None) and not finite(new.get("general")):
         bad.append("general perplexity")
     check("finite", not bad, ", ".join(bad) or "all finite", "finite", "a diverged model is never promoted")
     if bad:
         return {"promoted": False, "reason": f"diverged: {', '.join(bad)} not finite", "checks": checks}
 
     ref = reference.get("validation")
-    limit = ref * (1 + cfg.max_validation_increase) if finite(ref) else math.inf
-    check("validation perplexity", new["validation"] <= limit, new["validation"], limit,
-          f"at most {reference_name}'s {ref if ref is None else round(ref, 4)} "
-          f"+ {cfg.max_validation_increase:.0%}")
-    if base.get("general") is not None and new.get("general") is not None:
+    unmeasured = [] if finite(ref) else [f"{reference_name}'s validation perplexity is {_shown(ref)}"]
+    if general and not finite(base.get("general")):
+        unmeasured.append(f"the base model's general perplexity is {_shown(base.get('general'))}")
+    check("reference", not unmeasured, "; ".join(unmeasured) or "all finite", "finite",
+          "a model is only compared with measured references")
+    if unmeasured:
+        return {"promoted": False, "reason": f"no reference: {'; '.join(unmeasured)}", "checks": checks}
+
+    if cfg.max_validation_increase > 0:  # explicitly accepts a worse model (min_improvement is 0 then)
+        limit = ref * (1 + cfg.max_validation_increase)
+        check("validation perplexity", new["validation"] <= limit, new["validation"], limit,
+              f"at most {reference_name}'s {ref:.4g} + {_share(cfg.max_validation_increase)}", "<=")
+    else:  # strictly better: a tie is refused
+        limit = ref * (1 - cfg.min_improvement)
+        check("validation perplexity", new["validation"] < limit, new["validation"], limit,
+              f"below {reference_name}'s {ref:.4g}"
+              + (f" - {_share(cfg.min_improvement)}" if cfg.min_improvement else ""), "<")
+    if general:
         glimit = base["general"] * (1 + cfg.max_general_increase)
         check("general perplexity", new["general"] <= glimit, new["general"], glimit,
-              f"at most the base model's {base['general']:.4g} + {cfg.max_general_increase:.0%}")
+              f"at most the base model's {base['general']:.4g} + {_share(cfg.max_general_increase)}", "<=")
     failed = [c for c in checks if not c["passed"]]
     if failed:
-        reason = "; ".join(f"{c['check']} {c['value']:.4g} > {c['limit']:.4g} ({c['why']})" for c in failed)
+        reason = "; ".join(f"{c['check']} {c['value']:.4g} {_FAILED[c['op']]} {c['limit']:.4g} ({c['why']})"
+                           for c in failed)
         return {"promoted": False, "reason": f"worse: {reason}", "checks": checks}
-    change = (new["validation"] - ref) / ref if finite(ref) and ref else None
+    change = (new["validation"] - ref) / ref if ref else None
     return {"promoted": True, "checks": checks,
             "reason": f"validation perplexity {new['validation']:.4g} vs {reference_name} {ref:.4g}"
                       + (f" ({change:+.1%})" if change is not None else "")}
@@ -89,15 +128,18 @@ class Decision(StageOutput):
         return [(logging.WARNING, f"refused, not pushed: {self.counts['reason']}")]
 
 
-@stage("gate", version=1, output=Decision)
+@stage("gate", version=2, output=Decision)
 def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval: Evaluation, base_eval: Evaluation,
          trained: Trained, reference_kind: Literal["base", "promoted"]):
     c = evaluation.counts
     new = {"validation": c.get("validation_perplexity_after"), "general": c.get("general_perplexity_after")}
     ref = perplexities(reference_eval.read(build.root))
-    base = perplexities(base_eval.read(build.root))
+    base_doc = base_eval.read(build.root)
+    base = perplexities(base_doc)
     name = "the last promoted model" if reference_kind == "promoted" else "the base model"
-    decision = decide(gate, new, ref, base, trained.counts, name)
+    # The base evaluation has a general section exactly when this run measures a general corpus.
+    general = base_doc.get("general") is not None or new["general"] is not None
+    decision = decide(gate, new, ref, base, trained.counts, name, general=general)
     doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref, "base_perplexity": base}
     (build.tmp / GATE_FILE).write_text(json.dumps(doc, indent=2, default=str))
     return {"promoted": decision["promoted"], "reason": decision["reason"], "reference": reference_kind,

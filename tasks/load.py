@@ -8,12 +8,14 @@ Every record either becomes a document, is counted as a duplicate or too short, 
 from __future__ import annotations
 
 import csv
-import logging
+import functools
 import glob
+import logging
 import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_i
 # The assembled corpus also says where each document's row lives in the per-file outputs.
 ASSEMBLED_SCHEMA = DOC_SCHEMA.append(pa.field("part", pa.int32())).append(pa.field("row", pa.int64()))
 _WRITE_BATCH = 2048
+_RAW_KEPT = 100_000  # characters of a rejected record kept in rejects.jsonl
 
 
 class BadRecordError(ValueError):
@@ -66,44 +69,151 @@ class Reject:
 # ------------------------------------------------------------------------------------ pure functions
 
 
+GLOB_CHARS = "*?["
+# Regular files on these are not files (procfs, sysfs): never read, even when a symlink leads there.
+_PSEUDO_FILESYSTEMS = ("/proc", "/sys")
+
+
+def is_glob(entry: str, p: Path) -> bool:
+    """A path that exists is taken literally, even with `*?[` in its name; only one that does not is a glob."""
+    return any(ch in entry for ch in GLOB_CHARS) and not os.path.lexists(p)
+
+
+def _inside(p: Path, folder: Path) -> bool:
+    return p == folder or folder in p.parents
+
+
+def glob_base(pattern: Path) -> Path:
+    """The folder a glob lists: its parts before the first one holding a wildcard."""
+    parts = pattern.parts
+    cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in GLOB_CHARS)), len(parts))
+    return Path(*parts[:cut]) if cut else Path(".")
+
+
+@functools.cache
+def _pseudo_devices() -> frozenset[int]:
+    devices = set()
+    for folder in _PSEUDO_FILESYSTEMS:
+        try:
+            devices.add(os.stat(folder).st_dev)
+        except OSError:
+            pass
+    return frozenset(devices)
+
+
+def _not_readable(f: Path, folder: Path) -> str | None:
+    """Why `f`, found under `folder` (resolved), is not read: a symlink whose target lies outside the folder (or
+    nowhere), or anything but a regular file (FIFO, socket, device, a /proc or /sys file). None: read it."""
+    try:
+        if f.is_symlink():
+            target = f.resolve(strict=True)
+            if not _inside(target, folder):
+                return "a symlink out of the folder"
+        st = f.stat()
+    except (OSError, RuntimeError):  # a broken symlink or a loop
+        return "a broken symlink"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a folder"
+                if stat.S_ISDIR(st.st_mode) else "not a regular file")
+        return f"{kind}, not a regular file"
+    if st.st_dev in _pseudo_devices():
+        return "a /proc or /sys file, not a regular file"
+    return None
+
+
+def _walk(folder: Path, skipped: list[str]) -> list[Path]:
+    """Supported files under `folder`, not following symlinks out of it: names starting with `.` and other
+    formats are not corpus files (left alone); a symlink leading out of the folder, a broken one and anything
+    but a regular file are skipped and named in `skipped`. A symlinked folder is never descended: one leading
+    out is skipped, one inside is reached by its own path."""
+    top = folder.resolve()
+    files = []
+
+    def unlistable(e: OSError) -> None:
+        skipped.append(f"{e.filename}: cannot be listed ({e.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable):  # followlinks=False
+        here = Path(dirpath)
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            sub = here / name
+            if sub.is_symlink():
+                if not _inside(sub.resolve(), top):
+                    skipped.append(f"{sub}: a symlink out of the folder")
+                continue
+            keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            f = here / name
+            if name.startswith(".") or f.suffix.lower() not in SUPPORTED_SUFFIXES:
+                continue
+            why = _not_readable(f, top)
+            if why:
+                skipped.append(f"{f}: {why}")
+            else:
+                files.append(f)
+    return files
+
+
 def _excluded(cfg: CorpusConfig, base: Path) -> tuple[set[Path], list[Path]]:
-    """`corpus.exclude` as (files matched by its globs, folders and files named)."""
+    """`corpus.exclude` as (files matched by its globs, folders and files named or matched). A path that exists
+    is taken literally, even with `*?[` in its name."""
     files, roots = set(), []
     for entry in cfg.exclude:
         p = Path(entry).expanduser()
         p = p if p.is_absolute() else base / p
-        if any(ch in entry for ch in "*?["):
-            files.update(Path(m).resolve() for m in glob.glob(str(p), recursive=True))
+        if is_glob(entry, p):
+            for m in glob.glob(str(p), recursive=True):
+                (roots.append if os.path.isdir(m) else files.add)(Path(m).resolve())
         else:
             roots.append(p.resolve())
     return files, roots
 
 
-def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Path]:
+def list_corpus_files(cfg: CorpusConfig, base: Path | None = None,
+                      labels: list[str] | None = None) -> tuple[list[Path], list[str]]:
     """Expand `corpus.paths` (files, globs, folders) into a sorted, de-duplicated list of files, less those
-    under `corpus.exclude`."""
+    under `corpus.exclude`, and the files skipped (`path: why`). A path that exists is taken literally, even
+    with `*?[` in its name. Only regular files are read, and no symlink is followed out of the folder (or the
+    glob's folder) it was found in: such files are skipped and named. A file or symlink given directly is read
+    as given. `labels` name the paths in errors (default `corpus.paths[i] ('entry')`)."""
     base = base or Path.cwd()
     found: dict[Path, None] = {}
+    skipped: list[str] = []
     excluded_files, excluded_roots = _excluded(cfg, base)
     for i, entry in enumerate(cfg.paths):
-        where = f"corpus.paths[{i}] ({entry!r})"
+        where = labels[i] if labels else f"corpus.paths[{i}] ({entry!r})"
         p = Path(entry).expanduser()
         p = p if p.is_absolute() else base / p
-        if any(ch in entry for ch in "*?["):
-            matches = [Path(m) for m in glob.glob(str(p), recursive=True)]
-            files = [m for m in matches if m.is_file() and not m.name.startswith(".")]
+        before = len(skipped)
+        if is_glob(entry, p):
+            top = glob_base(p).resolve()
+            files = []
+            for m in sorted(glob.glob(str(p), recursive=True)):
+                m = Path(m)
+                if m.name.startswith(".") or m.is_dir():
+                    continue
+                why = _not_readable(m, top)
+                if why:
+                    skipped.append(f"{m}: {why}")
+                else:
+                    files.append(m)
             if not files:
-                raise ConfigError(f"{where}: the glob matches no file")
+                raise ConfigError(f"{where}: the glob matches no file" + _skipped_note(skipped[before:]))
         elif p.is_dir():
-            files = [
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            ]
+            files = _walk(p, skipped)
             if not files:
-                raise ConfigError(f"{where}: the folder holds no {'/'.join(SUPPORTED_SUFFIXES)} file")
+                raise ConfigError(f"{where}: the folder holds no {'/'.join(SUPPORTED_SUFFIXES)} file"
+                                  + _skipped_note(skipped[before:]))
         elif p.is_file():
-            files = [p]
+            if p.stat().st_dev in _pseudo_devices():
+                raise ConfigError(f"{where}: a /proc or /sys file, not a regular file")
+            files = [p]  # given directly (a symlink too): the user's own choice
+        elif p.exists():
+            raise ConfigError(f"{where}: not a regular file or folder (a FIFO, socket or device)")
         else:
             raise ConfigError(f"{where}: no such file or folder")
         for f in files:
@@ -115,7 +225,25 @@ def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Pa
             r = f.resolve()
             if r not in excluded_files and not any(r == x or x in r.parents for x in excluded_roots):
                 found[r] = None
-    return sorted(found)
+    return sorted(found), skipped
+
+
+def _skipped_note(skipped: list[str]) -> str:
+    if not skipped:
+        return ""
+    return f" (skipped {len(skipped)}: {'; '.join(skipped[:5])}{'; …' if len(skipped) > 5 else ''})"
+
+
+def resolve_corpus_files(cfg: CorpusConfig, base: Path | None = None) -> list[Path]:
+    """`list_corpus_files`' files; the files it skipped are logged as a warning (nothing is left out silently)."""
+    files, skipped = list_corpus_files(cfg, base)
+    if skipped:
+        from tasks.core.report import run_logger
+
+        run_logger().warning("corpus: %d files skipped (only regular files are read, and no symlink out of "
+                             "the folder it is in; list a target in corpus.paths to read it): %s", len(skipped),
+                             "; ".join(skipped[:20]) + ("; …" if len(skipped) > 20 else ""))
+    return files
 
 
 def fingerprint_files(files: list[Path], digest=hash_file, location: str = "") -> Fingerprint:
@@ -162,11 +290,25 @@ def _text_of(obj: Any, cfg: CorpusConfig) -> tuple[str | None, str | None]:
     return cfg.template.format(question=values[0], answer=values[1]), None
 
 
+def _unfit_text(text: str, cfg: CorpusConfig) -> str | None:
+    """Why a document's text cannot be kept (over `corpus.max_document_bytes`, or not encodable: a lone
+    surrogate from a JSON escape), or None."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        return f"invalid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at character {e.start}"
+    if size > cfg.max_document_bytes:
+        return f"document is {size} bytes, over corpus.max_document_bytes={cfg.max_document_bytes}"
+    return None
+
+
 def _records_from_objects(objs: Iterator[tuple[int, Any, str]], name: str, cfg: CorpusConfig):
     for line, obj, raw in objs:
         text, reason = _text_of(obj, cfg)
+        if reason is None:
+            reason = _unfit_text(text, cfg)
         if reason is not None:
-            yield Reject(f"{name}:{line}", reason, raw)
+            yield Reject(f"{name}:{line}", reason, raw[:_RAW_KEPT])
         else:
             yield Record(f"{name}:{line}", text)
 
@@ -184,6 +326,8 @@ def _read_json_lines(data: bytes, name: str, cfg: CorpusConfig):
                 yield lineno, json.loads(text), text
             except json.JSONDecodeError as e:
                 yield lineno, None, Reject(f"{name}:{lineno}", f"malformed JSON: {e.msg} (column {e.colno})", text)
+            except RecursionError:
+                yield lineno, None, Reject(f"{name}:{lineno}", "malformed JSON: nested too deeply", text[:2000])
 
     for lineno, obj, raw in objects():
         if isinstance(raw, Reject):
@@ -214,6 +358,10 @@ def _read_json_array(text: str, name: str, cfg: CorpusConfig):
             # Past a syntax error inside an array nothing after it can be located reliably.
             yield Reject(f"{name}:{_line_of(text, e.pos)}", f"malformed JSON: {e.msg}", text[pos : pos + 2000])
             return
+        except RecursionError:  # nor past an element nested too deeply to parse
+            yield Reject(f"{name}:{line}", "malformed JSON: nested too deeply (the rest of the array is not read)",
+                         text[pos : pos + 2000])
+            return
         yield from _records_from_objects(iter([(line, obj, text[pos:end])]), name, cfg)
         pos = skip(end)
         if pos < n and text[pos] == ",":
@@ -230,20 +378,24 @@ def _read_json_array(text: str, name: str, cfg: CorpusConfig):
 def _read_csv(text: str, name: str, cfg: CorpusConfig):
     reader = csv.DictReader(io.StringIO(text, newline=""))
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
-    missing = [f for f in wanted if f not in (reader.fieldnames or [])]
-    if missing:
-        yield Reject(f"{name}:1", f"missing field {missing[0]!r} (header has {reader.fieldnames})", "")
-        return
-    start = 2
-    for row in reader:
-        # csv line_num is the line where the record ended; multi-line fields start earlier.
-        line, start = start, reader.line_num + 1
-        raw = json.dumps(row, ensure_ascii=False)
-        if None in row:
-            yield Reject(f"{name}:{line}", "more values than header columns", raw)
-            continue
-        row = {k: (None if v is None else v) for k, v in row.items()}
-        yield from _records_from_objects(iter([(line, row, raw)]), name, cfg)
+    start = 1
+    try:
+        missing = [f for f in wanted if f not in (reader.fieldnames or [])]
+        if missing:
+            yield Reject(f"{name}:1", f"missing field {missing[0]!r} (header has {reader.fieldnames})", "")
+            return
+        start = 2
+        for row in reader:
+            # csv line_num is the line where the record ended; multi-line fields start earlier.
+            line, start = start, reader.line_num + 1
+            raw = json.dumps(row, ensure_ascii=False)
+            if None in row:
+                yield Reject(f"{name}:{line}", "more values than header columns", raw)
+                continue
+            row = {k: (None if v is None else v) for k, v in row.items()}
+            yield from _records_from_objects(iter([(line, row, raw)]), name, cfg)
+    except csv.Error as e:  # a field over the csv module's limit, a NUL byte: the record cannot be delimited
+        yield Reject(f"{name}:{start}", f"malformed CSV: {e} (the rest of the file is not read)", "")
 
 
 def _read_parquet(path: Path, name: str, cfg: CorpusConfig):
@@ -262,10 +414,37 @@ def _read_parquet(path: Path, name: str, cfg: CorpusConfig):
                                          name, cfg)
 
 
+# What reading a file raises when the file is bad or cannot be read: a corrupt parquet file (ArrowInvalid,
+# ArrowIOError, OSError), a file that vanished or may not be read (OSError), a parser's limit.
+FILE_ERRORS = (OSError, ValueError, RecursionError, csv.Error, pa.ArrowException)
+
+
 def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None) -> Iterator[Record | Reject]:
-    """Records and rejects of one file, in file order. `name` is how sources are written (default: path)."""
+    """Records and rejects of one file, in file order. `name` is how sources are written (default: path).
+    A file that cannot be read on (a corrupt parquet file, an I/O error) ends with one reject, never an
+    exception: the readers reject what they can place at its line, this says `file:1` for the rest."""
     name = name or str(path)
+    read = 0
+    try:
+        for item in _read_file(path, cfg, name):
+            read += 1
+            yield item
+    except FILE_ERRORS as e:
+        # Without the file's path: a piece depends on the file's content alone, wherever it was first read.
+        message = str(e).replace(str(path), "<file>")
+        what = f"{type(e).__name__}: {message}" if message else type(e).__name__
+        kind = path.suffix.lower().lstrip(".") or "corpus"
+        rest = f"; the rest of the file after record {read} is not read" if read else ""
+        yield Reject(f"{name}:1", f"unreadable {kind} file ({what}{rest})", "")
+
+
+def _read_file(path: Path, cfg: CorpusConfig, name: str) -> Iterator[Record | Reject]:
     suffix = path.suffix.lower()
+    if suffix == ".txt" and path.stat().st_size > cfg.max_document_bytes:
+        # The file is one document: not read at all.
+        yield Reject(f"{name}:1", f"file is {path.stat().st_size} bytes, over corpus.max_document_bytes="
+                                  f"{cfg.max_document_bytes} (a .txt file is one document)", "")
+        return
     if suffix == ".parquet":
         if path.stat().st_size == 0:
             yield Reject(f"{name}:1", "empty file", "")
@@ -288,8 +467,9 @@ def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None) -> 
         yield from _read_json_array(text, name, cfg)
     elif suffix == ".csv":
         yield from _read_csv(text, name, cfg)
-    else:  # .txt: the file is one document
-        yield Record(f"{name}:1", text)
+    else:  # .txt: the file is one document (checked again: it may have grown since its size was read)
+        reason = _unfit_text(text, cfg)
+        yield Reject(f"{name}:1", reason, "") if reason else Record(f"{name}:1", text)
 
 
 def doc_id_of(text: str) -> str:

@@ -155,3 +155,172 @@ def test_fingerprint_follows_content_not_mtime(tmp_path):
     assert fingerprint_corpus(cfg).digest == first.digest
     write_jsonl(f, [{"content": "y"}])
     assert fingerprint_corpus(cfg).digest != first.digest
+
+
+# ------------------------------------------------------------------ a file that cannot be read is a reject
+
+
+def deep_json(depth: int = 100_000) -> str:
+    return '{"content": ' + "[" * depth + "]" * depth + "}"
+
+
+def corrupt_parquet(path):
+    pq.write_table(pa.table({"content": ["파케이 문서 " * 20] * 50}), path)
+    data = bytearray(path.read_bytes())
+    data[8:200] = b"\xff" * 192  # the column chunk: the footer still parses, the data does not
+    path.write_bytes(bytes(data))
+
+
+# name: (file, how to write it, the reject's source, words of its reason). Each file holds one good record
+# first where its format allows, so `skip` keeps it.
+FILE_FAILURES = {
+    "deeply nested JSON line": ("a.jsonl", lambda p: p.write_text('{"content": "좋은 문서"}\n' + deep_json() + "\n"),
+                                "a.jsonl:2", "nested too deeply"),
+    "deeply nested JSON array": ("a.json", lambda p: p.write_text('[{"content": "좋은 문서"},\n' + deep_json() + "]"),
+                                 "a.json:2", "nested too deeply"),
+    "CSV field over the csv limit": ("a.csv", lambda p: p.write_text("content\n좋은 문서\n" + "x" * 140_000 + "\n"),
+                                     "a.csv:3", "field larger than field limit"),
+    "corrupt parquet": ("a.parquet", corrupt_parquet, "a.parquet:1", "unreadable parquet file"),
+    "garbage parquet": ("a.parquet", lambda p: p.write_bytes(b"PAR1" + b"\x00garbage" * 8 + b"PAR1"),
+                        "a.parquet:1", "unreadable parquet file (ArrowInvalid"),
+    "invalid UTF-8": ("a.jsonl", lambda p: p.write_bytes('{"content": "좋은 문서"}\n'.encode() + b'{"content": "\xff"}\n'),
+                      "a.jsonl:2", "invalid UTF-8"),
+    "a lone surrogate": ("a.jsonl", lambda p: p.write_text('{"content": "좋은 문서"}\n{"content": "x\\ud800"}\n'),
+                         "a.jsonl:2", "lone surrogate"),
+    "JSON document over the limit": ("a.jsonl",
+                                     lambda p: write_jsonl(p, [{"content": "좋은 문서"}, {"content": "가" * 400}]),
+                                     "a.jsonl:2", "document is 1200 bytes, over corpus.max_document_bytes=1000"),
+    "CSV document over the limit": ("a.csv", lambda p: p.write_text("content\n좋은 문서\n" + "y" * 1001 + "\n"),
+                                    "a.csv:3", "over corpus.max_document_bytes=1000"),
+    "parquet document over the limit": ("a.parquet",
+                                        lambda p: pq.write_table(pa.table({"content": ["좋은 문서", "z" * 1001]}), p),
+                                        "a.parquet:2", "over corpus.max_document_bytes=1000"),
+    "txt file over the limit": ("a.txt", lambda p: p.write_text("t" * 1001), "a.txt:1",
+                                "file is 1001 bytes, over corpus.max_document_bytes=1000"),
+}
+
+
+def write_failure(tmp_path, case):
+    name, write, source, words = FILE_FAILURES[case]
+    (tmp_path / "in").mkdir()
+    write(tmp_path / "in" / name)
+    write_jsonl(tmp_path / "in" / "good.jsonl", [{"content": "다른 좋은 문서"}])
+    return tmp_path / "in", source, words
+
+
+@pytest.mark.parametrize("case", FILE_FAILURES)
+def test_a_file_that_cannot_be_read_fails_with_its_place_under_fail(tmp_path, case):
+    folder, source, words = write_failure(tmp_path, case)
+    with pytest.raises(BadRecordError) as e:
+        run_load(tmp_path, [folder], max_document_bytes=1000)
+    assert str(e.value).startswith(f"{source}: ") and words in str(e.value)
+
+
+@pytest.mark.parametrize("case", FILE_FAILURES)
+def test_a_file_that_cannot_be_read_is_one_counted_reject_under_skip(tmp_path, case):
+    folder, source, words = write_failure(tmp_path, case)
+    counts, table, rejects = run_load(tmp_path, [folder], max_document_bytes=1000, on_bad_record="skip")
+    assert counts["rejected"] == 1 and [r["source"] for r in rejects] == [source] and words in rejects[0]["reason"]
+    assert "다른 좋은 문서" in table.column("text").to_pylist()  # the other file is read
+    assert str(folder) not in rejects[0]["reason"]  # a piece depends on the file's content, never its path
+
+
+def test_a_txt_file_over_the_limit_is_not_read(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tasks.load import read_corpus_file
+
+    (tmp_path / "big.txt").write_text("t" * 5000)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read a file over the limit"))
+    [reject] = read_corpus_file(tmp_path / "big.txt", CorpusConfig(max_document_bytes=1000))
+    assert reject.source.endswith("big.txt:1") and "over corpus.max_document_bytes" in reject.reason
+
+
+def test_a_file_that_vanishes_is_a_reject_not_an_exception(tmp_path):
+    from tasks.load import read_corpus_file
+
+    [reject] = read_corpus_file(tmp_path / "gone.jsonl", CorpusConfig(), name="gone.jsonl")
+    assert reject.source == "gone.jsonl:1" and "FileNotFoundError" in reject.reason
+    assert str(tmp_path) not in reject.reason
+
+
+# ------------------------------------------------------- only regular files, no symlink out of the folder
+
+
+@pytest.fixture
+def tricky_folder(tmp_path):
+    """A folder holding a good file, symlinks in and out of it, a FIFO, a broken link; a secret outside."""
+    import os
+
+    secret = tmp_path / "home" / ".aws" / "credentials.txt"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("aws_secret_access_key = do-not-read")
+    (tmp_path / "home" / "elsewhere").mkdir()
+    write_jsonl(tmp_path / "home" / "elsewhere" / "far.jsonl", [{"content": "먼 곳의 문서"}])
+    d = tmp_path / "drop"
+    write_jsonl(d / "good.jsonl", [{"content": "좋은 문서"}])
+    write_jsonl(d / "sub" / "real.jsonl", [{"content": "안쪽 문서"}])
+    (d / "notes.txt").symlink_to(secret)                        # out of the folder: skipped
+    (d / "inner.jsonl").symlink_to(d / "sub" / "real.jsonl")    # inside it: read (once)
+    (d / "far").symlink_to(tmp_path / "home" / "elsewhere")      # a folder out of it: skipped
+    (d / "inside").symlink_to(d / "sub")                        # a folder inside it: reached by its own path
+    (d / "broken.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    os.mkfifo(d / "pipe.jsonl")
+    return d, secret
+
+
+def test_a_folder_yields_only_its_regular_files_and_names_what_it_skips(tricky_folder, caplog):
+    from tasks.load import list_corpus_files
+
+    d, secret = tricky_folder
+    files, skipped = list_corpus_files(CorpusConfig(paths=[str(d)]))
+    assert files == sorted([(d / "good.jsonl").resolve(), (d / "sub" / "real.jsonl").resolve()])
+    assert sorted(skipped) == sorted([f"{d / 'broken.jsonl'}: a broken symlink",
+                                      f"{d / 'far'}: a symlink out of the folder",
+                                      f"{d / 'notes.txt'}: a symlink out of the folder",
+                                      f"{d / 'pipe.jsonl'}: a FIFO, not a regular file"])
+    with caplog.at_level("WARNING", logger="cpt"):
+        assert resolve_corpus_files(CorpusConfig(paths=[str(d)])) == files
+    assert "4 files skipped" in caplog.text and "notes.txt" in caplog.text  # logged, never silent
+    counts, table, _ = run_load(d.parent, [d])  # the secret is never read
+    assert not any("do-not-read" in t for t in table.column("text").to_pylist()) and counts["documents"] == 2
+
+
+def test_a_glob_follows_no_symlink_out_of_its_folder_and_a_path_given_directly_is_read(tricky_folder):
+    from tasks.load import list_corpus_files
+
+    d, secret = tricky_folder
+    with pytest.raises(ConfigError, match=r"the glob matches no file \(skipped 1: .*notes.txt: a symlink out"):
+        list_corpus_files(CorpusConfig(paths=[str(d / "*.txt")]))
+    files, skipped = list_corpus_files(CorpusConfig(paths=[str(d / "*.jsonl")]))
+    assert files == [(d / "good.jsonl").resolve(), (d / "sub" / "real.jsonl").resolve()] and len(skipped) == 2
+    # A symlink given directly is the user's own choice; a FIFO given directly is refused.
+    assert list_corpus_files(CorpusConfig(paths=[str(d / "notes.txt")])) == ([secret.resolve()], [])
+    with pytest.raises(ConfigError, match="not a regular file or folder"):
+        list_corpus_files(CorpusConfig(paths=[str(d / "pipe.jsonl")]))
+
+
+def test_a_proc_file_is_not_a_regular_file():
+    from pathlib import Path
+
+    from tasks.load import _not_readable
+
+    assert _not_readable(Path("/proc/self/status"), Path("/proc/self")) == "a /proc or /sys file, not a regular file"
+
+
+# ----------------------------------------------------------------- a path that exists is taken literally
+
+
+def test_an_existing_path_with_glob_characters_is_literal_in_paths_and_exclude(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "corpus" / "a[1]" / "x.jsonl", [{"content": "괄호 폴더"}])
+    write_jsonl(tmp_path / "corpus" / "a1" / "y.jsonl", [{"content": "glob이 고르는 폴더"}])
+    write_jsonl(tmp_path / "corpus" / "b.jsonl", [{"content": "다른 문서"}])
+    names = lambda cfg: [p.relative_to(tmp_path / "corpus").as_posix() for p in resolve_corpus_files(cfg)]  # noqa: E731
+    assert names(CorpusConfig(paths=["corpus/a[1]"])) == ["a[1]/x.jsonl"]
+    assert names(CorpusConfig(paths=["corpus"], exclude=["corpus/a[1]"])) == ["a1/y.jsonl", "b.jsonl"]
+    assert names(CorpusConfig(paths=["corpus"], exclude=[str(tmp_path / "corpus" / "a[1]")])) == ["a1/y.jsonl",
+                                                                                                "b.jsonl"]
+    # A path that does not exist is still a glob; one matching folders excludes what they hold.
+    assert names(CorpusConfig(paths=["corpus/a?/*.jsonl"])) == ["a1/y.jsonl"]
+    assert names(CorpusConfig(paths=["corpus"], exclude=["corpus/a*"])) == ["b.jsonl"]

@@ -10,6 +10,7 @@ import pytest
 
 from helpers import sample_texts, touched_entries, write_jsonl
 from tasks.core.config import GateConfig, validate_config
+from tasks.core.root import open_root
 from tasks.gate import decide
 
 PROMPT = "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"
@@ -34,13 +35,65 @@ def test_gate_compares_validation_with_the_reference_and_general_with_the_base()
     cfg = GateConfig(max_general_increase=0.10)
     train = {"train_loss": 2.0}
     base = {"validation": 30.0, "general": 10.0}
-    assert decide(cfg, {"validation": 20.0, "general": 10.9}, {"validation": 20.0}, base, train, "r")["promoted"]
+    assert decide(cfg, {"validation": 19.9, "general": 10.9}, {"validation": 20.0}, base, train, "r")["promoted"]
     worse = decide(cfg, {"validation": 20.01, "general": 10.0}, {"validation": 20.0}, base, train, "r")
     assert not worse["promoted"] and "validation perplexity" in worse["reason"]
     forgot = decide(cfg, {"validation": 15.0, "general": 11.1}, {"validation": 20.0}, base, train, "r")
     assert not forgot["promoted"] and "general perplexity" in forgot["reason"]
     lenient = GateConfig(max_validation_increase=0.05)
-    assert decide(lenient, {"validation": 20.9, "general": None}, {"validation": 20.0}, base, train, "r")["promoted"]
+    assert decide(lenient, {"validation": 20.9, "general": 10.0}, {"validation": 20.0}, base, train, "r")["promoted"]
+
+
+def test_gate_promotes_only_a_strictly_better_model():
+    train = {"train_loss": 2.0}
+    base = {"validation": 30.0, "general": None}
+    ref = {"validation": 20.0}
+
+    def promoted(cfg, value):
+        d = decide(cfg, {"validation": value, "general": None}, ref, base, train, "the base model")
+        return d["promoted"], d["reason"]
+
+    ok, reason = promoted(GateConfig(), 20.0)  # a tie is not an improvement
+    assert not ok and reason.startswith("worse: validation perplexity 20 >= 20 (below the base model's 20"), reason
+    assert promoted(GateConfig(), 19.999)[0]
+    strict = GateConfig(min_improvement=0.05)  # must fall below 20 * 0.95 = 19
+    assert not promoted(strict, 19.0)[0] and not promoted(strict, 19.5)[0] and promoted(strict, 18.99)[0]
+    assert "5%" in promoted(strict, 19.0)[1]
+    lenient = GateConfig(max_validation_increase=0.05)  # explicitly allows worse: up to 21, a tie included
+    assert promoted(lenient, 20.0)[0] and promoted(lenient, 21.0)[0] and not promoted(lenient, 21.01)[0]
+
+
+@pytest.mark.parametrize("cfg", [GateConfig(), GateConfig(max_validation_increase=0.05),
+                                 GateConfig(min_improvement=0.01)])
+@pytest.mark.parametrize("ref, shown", [({}, "missing"), ({"validation": None}, "missing"),
+                                        ({"validation": math.nan}, "nan"), ({"validation": math.inf}, "inf")])
+def test_gate_refuses_without_a_finite_reference(cfg, ref, shown):
+    d = decide(cfg, {"validation": 1.5, "general": None}, ref, {"validation": 30.0, "general": None},
+               {"train_loss": 2.0}, "the last promoted model")
+    assert not d["promoted"]
+    assert d["reason"] == f"no reference: the last promoted model's validation perplexity is {shown}", d["reason"]
+
+
+@pytest.mark.parametrize("base_general, shown", [(None, "missing"), (math.nan, "nan"), (-math.inf, "-inf")])
+def test_gate_refuses_without_a_finite_base_general_perplexity(base_general, shown):
+    new, ref, train = {"validation": 10.0, "general": 5.0}, {"validation": 20.0}, {"train_loss": 2.0}
+    base = {"validation": 20.0, "general": base_general}
+    for general in (None, True):  # inferred from the new model's general perplexity, or told
+        d = decide(GateConfig(), new, ref, base, train, "the base model", general=general)
+        assert not d["promoted"] and d["reason"] == f"no reference: the base model's general perplexity is {shown}"
+    # No general corpus in this run: the general check does not apply.
+    assert decide(GateConfig(), {**new, "general": None}, ref, {**base, "general": None}, train, "b")["promoted"]
+
+
+def test_gate_refuses_a_missing_general_perplexity_when_the_base_has_one():
+    """With a general corpus, the new model's NaN general perplexity comes back from the stage's counts as null: it
+    must not read as 'no general corpus'."""
+    base = {"validation": 20.0, "general": 5.0}
+    d = decide(GateConfig(), {"validation": 10.0, "general": None}, {"validation": 20.0}, base, {"train_loss": 2.0},
+               "the base model")
+    assert not d["promoted"] and d["reason"] == "diverged: general perplexity not finite"
+    assert decide(GateConfig(), {"validation": 10.0, "general": None}, {"validation": 20.0}, base,
+                  {"train_loss": 2.0}, "the base model", general=False)["promoted"]
 
 
 def test_a_model_with_nan_weights_is_evaluated_and_refused_not_a_crash(tiny_model, tmp_path):
@@ -268,7 +321,7 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     card = (artifacts / "models" / "promoted-test" / "README.md").read_text()
     from tasks.state.lines import read_line
 
-    d = read_line(artifacts, "night").drops[0]
+    d = read_line(open_root(artifacts), "night").drops[0]
     assert f"| base model | `{config['model']['id']}` (digest `" in card
     assert "| parent model | the base model |" in card
     assert f"| corpus fingerprint | `{result['fingerprint']}` |" in card

@@ -236,3 +236,283 @@ def test_a_drop_inside_a_configured_folder_is_gated_against_the_rest_of_the_line
     result = retrain(config=config, line="in", drop=str(drop), artifacts=str(artifacts), settle_seconds=60)
     assert result["trained"] and [d["status"] for d in result["drops"]] == ["active"]
     assert result["drops"][0]["documents"] == 40 and new_file_counts(result) == (1, 1, 1)
+
+
+# ------------------------------------------------- trust boundaries: nothing a drop sends escapes or blocks
+
+
+@pytest.fixture
+def gate_env(tmp_path, monkeypatch):
+    """gate_drops on a line with a one-file corpus, its profile and tokenizer faked (fast): returns (gate(),
+    announce(path, source), the root, the calls to drop_files)."""
+    import tasks.drop_gate as drop_gate
+
+    write_docs(tmp_path / "corpus" / "a.jsonl", ["문서 하나", "문서 둘"])
+    root = open_root(tmp_path / "artifacts")
+    listed, profiled = [], []
+
+    def fake_profile(files, line_files, config, tokenizer, root, digest, skipped=()):
+        profiled.append(files)
+        return {"files": len(files), "records": 1, "documents": 1, "rejected": 0, "too_short": 0, "tokens": 1,
+                "skipped": len(skipped), "skipped_files": list(skipped), "passed": True, "reasons": []}
+
+    real_drop_files = drop_gate.drop_files
+    monkeypatch.setattr(drop_gate, "profile_drop", fake_profile)
+    monkeypatch.setattr(drop_gate, "resolve_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(drop_gate, "drop_files", lambda path: listed.append(path) or real_drop_files(path))
+
+    def gate(**drops):
+        import logging
+
+        from tasks.core.manifest import DigestMemo
+
+        config = validate_config({"corpus": {"paths": [str(tmp_path / "corpus")]}, "model": {"id": "unused"},
+                                  "drops": drops})
+        return drop_gate.gate_drops(config, root, "t", 0, DigestMemo(root), logging.getLogger("test"))
+
+    def status():
+        return {d.path: (d.status, d.reason) for d in lines.read_line(root, "t").drops}
+
+    return types_namespace(gate=gate, root=root, listed=listed, profiled=profiled, status=status,
+                           announce=lambda p, source="shell": lines.announce(root, "t", p, source).path)
+
+
+def types_namespace(**kw):
+    import types
+
+    return types.SimpleNamespace(**kw)
+
+
+def test_drops_outside_the_roots_are_rejected_before_anything_in_them_is_listed(tmp_path, gate_env):
+    roots = tmp_path / "drops"
+    ok = gate_env.announce(write_docs(roots / "ok" / "a.jsonl", ["새 문서"]), "event")
+    write_docs(tmp_path / "elsewhere" / "x" / "a.jsonl", ["밖의 문서"])
+    outside = gate_env.announce(tmp_path / "elsewhere" / "x")  # at a shell: roots bind it too
+    everything = gate_env.announce("/", "event")
+    (roots / "link").symlink_to(tmp_path / "elsewhere" / "x")
+    via_link = gate_env.announce(roots / "link", "event")  # resolved when announced: it is outside
+    the_root = gate_env.announce(roots, "event")
+    out = gate_env.gate(roots=[str(roots)])
+    assert gate_env.listed == [ok]  # `/`, the root and the others: nothing in them listed
+    status = gate_env.status()
+    assert status[ok] == ("active", "")
+    assert via_link == outside and status[outside][0] == "rejected" and "outside drops.roots" in status[outside][1]
+    assert status[everything] == ("rejected", f"outside drops.roots ({roots})")
+    assert status[the_root] == ("rejected", f"{roots} is one of drops.roots, not a drop inside one")
+    assert sorted(out["rejected"]) == sorted([outside, everything, the_root]) and not out["unsettled"]
+    gate_env.listed.clear()
+    again = gate_env.gate(roots=[str(roots)])  # the next run (nightly): they stay rejected, still unlisted
+    assert not again["gated"] and gate_env.listed == [ok]
+
+
+def test_an_event_drop_is_refused_while_roots_is_empty_and_stays_so_until_a_shell_takes_it(tmp_path, gate_env):
+    by_event = gate_env.announce(write_docs(tmp_path / "in" / "e" / "a.jsonl", ["이벤트 문서"]), "event")
+    by_shell = gate_env.announce(write_docs(tmp_path / "in" / "s" / "a.jsonl", ["셸 문서"]))
+    gate_env.gate()
+    status = gate_env.status()
+    assert status[by_shell] == ("active", "")
+    assert status[by_event][0] == "rejected"
+    assert "announced by an event while drops.roots is empty" in status[by_event][1]
+    assert by_event not in gate_env.listed
+    assert not gate_env.gate()["gated"]  # a later run (a nightly, trusted) does not admit it
+    assert gate_env.status()[by_event][0] == "rejected"
+    gate_env.announce(by_event)  # announced again at a shell: the shell vouches for it
+    assert [d.path for d, _ in gate_env.gate()["gated"]] == [by_event] and gate_env.status()[by_event][0] == "active"
+
+
+def test_record_verdict_keeps_a_drop_removed_while_it_was_gated(tmp_path):
+    root = open_root(tmp_path)
+    path = lines.announce(root, "l", tmp_path / "d").path
+    lines.remove(root, "l", path)  # `cpt drops --remove` while the gate profiles the drop
+    profile = {"files": 1, "documents": 1, "tokens": 1, "passed": True, "reasons": []}
+    assert lines.record_verdict(root, "l", path, "f" * 64, profile, gated="pending") is None
+    entry = lines.read_line(root, "l").find(path)
+    assert entry.status == "removed" and [h["status"] for h in entry.history] == ["pending", "removed"]
+    assert entry.fingerprint == "" and entry.profile == {}
+    lines.announce(root, "l", path)
+    assert lines.record_verdict(root, "l", path, "f" * 64, profile, gated="pending").status == "active"
+
+
+def test_the_gate_does_not_revive_a_drop_removed_while_it_ran(tmp_path, gate_env, monkeypatch):
+    import tasks.drop_gate as drop_gate
+
+    drop = gate_env.announce(write_docs(tmp_path / "in" / "d" / "a.jsonl", ["문서"]))
+    faked = drop_gate.profile_drop
+
+    def removed_meanwhile(*a, **k):
+        lines.remove(gate_env.root, "t", drop)
+        return faked(*a, **k)
+
+    monkeypatch.setattr(drop_gate, "profile_drop", removed_meanwhile)
+    out = gate_env.gate()
+    assert gate_env.status()[drop] == ("removed", "") and not out["rejected"]
+    [(entry, profile)] = out["gated"]
+    assert entry.status == "removed" and profile["not_recorded"]
+
+
+def test_announced_by_the_parameter_or_an_automation(monkeypatch):
+    import types
+
+    import flows.retrain as retrain_module
+
+    assert retrain_module.announced_by("event") == "event"
+    assert retrain_module.announced_by("shell") == "shell"  # outside a run: no context
+    run = lambda kind: types.SimpleNamespace(flow_run=types.SimpleNamespace(  # noqa: E731
+        created_by=types.SimpleNamespace(type=kind) if kind else None))
+    for kind, expected in (("AUTOMATION", "event"), ("DEPLOYMENT", "shell"), (None, "shell")):
+        monkeypatch.setattr(retrain_module.FlowRunContext, "get", classmethod(lambda cls, k=kind: run(k)))
+        assert retrain_module.announced_by("shell") == expected
+
+
+def test_the_gate_artifact_names_what_was_skipped_and_the_rejects(monkeypatch):
+    import flows.retrain as retrain_module
+
+    shown = []
+    monkeypatch.setattr(retrain_module, "markdown_artifact", lambda text, *a: shown.append(text))
+    profile = {"passed": False, "reasons": ["3 of 10 records rejected"], "files": 2, "skipped": 1,
+               "skipped_files": ["/d/notes.txt: a symlink out of the folder"],
+               "reject_examples": ["/d/a.csv:3: malformed CSV: field larger than field limit (131072)"]}
+    retrain_module.show_gate([(lines.Drop(path="/d", status="rejected"), profile)])
+    assert "1: /d/notes.txt: a symlink out of the folder" in shown[0] and "/d/a.csv:3: malformed CSV" in shown[0]
+
+
+def test_a_rejected_drop_path_is_excluded_literally(tmp_path):
+    from tasks.drop_gate import line_config
+    from tasks.load import resolve_corpus_files
+
+    write_docs(tmp_path / "corpus" / "a.jsonl", ["문서"])
+    write_docs(tmp_path / "corpus" / "d[1]" / "a.jsonl", ["거부된 문서"])
+    write_docs(tmp_path / "corpus" / "d1" / "a.jsonl", ["다른 문서"])
+    state = lines.LineState(line="l", drops=[lines.Drop(path=str(tmp_path / "corpus" / "d[1]"), status="rejected"),
+                                             lines.Drop(path="/**", status="removed")])  # never a glob
+    cfg = line_config(validate_config({"corpus": {"paths": [str(tmp_path / "corpus")]}, "model": {"id": "m"}}),
+                      state)
+    assert "/[*][*]" in cfg.corpus.exclude  # escaped: excluding it walks nothing
+    assert [p.parent.name for p in resolve_corpus_files(cfg.corpus)] == ["corpus", "d1"]
+
+
+def write_unreadable_files(folder, secret, good_first: bool):
+    """One file of each kind a reader cannot take (and, outside the folder, a secret reached by a symlink from
+    it, and a FIFO in it). Returns {file: (line, words of the reject)}. With `good_first`, the CSV holds one good
+    row before its bad one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    depth = 100_000
+    (folder / "deep.jsonl").write_text('{"content": ' + "[" * depth + "]" * depth + "}\n")
+    good = "content\n" + ("좋은 행 하나: 혈압은 아침과 저녁에 같은 자세로 잰다.\n" if good_first else "")
+    (folder / "wide.csv").write_text(good + "x" * 140_000 + "\n")
+    (folder / "broken.parquet").write_bytes(b"PAR1" + b"\x00garbage" * 8 + b"PAR1")
+    (folder / "mis.jsonl").write_bytes(b'{"content": "\xff\xfe"}\n')
+    (folder / "huge.txt").write_text("가" * 4000)  # 12,000 bytes, over corpus.max_document_bytes=10000
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("aws_secret_access_key = do-not-read-this")
+    (folder / "notes.txt").symlink_to(secret)
+    os.mkfifo(folder / "pipe.jsonl")
+    settle(folder)
+    return {"deep.jsonl": (1, "nested too deeply"),
+            "wide.csv": (3 if good_first else 2, "field larger than field limit"),
+            "broken.parquet": (1, "unreadable parquet file"), "mis.jsonl": (1, "invalid UTF-8"),
+            "huge.txt": (1, "over corpus.max_document_bytes=10000")}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_unreadable_files_and_paths_outside_the_roots_reject_their_drops_and_the_line_goes_on(
+        config, tmp_path, artifacts, monkeypatch):
+    """on_bad_record: fail. One run gates three drops: one of bad files (each named with its place), `/` and a
+    folder outside drops.roots (refused, nothing in them listed); then a nightly run trains as usual."""
+    import tasks.load
+    from flows.retrain import retrain
+
+    roots = tmp_path / "drops"
+    cfg = config.model_copy(update={
+        "corpus": config.corpus.model_copy(update={"max_document_bytes": 10_000}),
+        "drops": config.drops.model_copy(update={"roots": [str(roots)]})})
+    bad = roots / "2026-12-01"
+    expected = write_unreadable_files(bad, tmp_path / "home" / ".aws" / "credentials.txt", good_first=False)
+    outside = write_docs(tmp_path / "elsewhere" / "x" / "a.jsonl", ["밖에서 온 문서"])
+    lines.announce(open_root(artifacts), "trust", "/", "event")
+    lines.announce(open_root(artifacts), "trust", outside)
+    walked = []
+    real_walk = os.walk
+    monkeypatch.setattr(tasks.load.os, "walk", lambda top, **k: walked.append(str(top)) or real_walk(top, **k))
+
+    rejected = retrain(config=cfg, drop=str(bad), drop_source="event", line="trust", settle_seconds=60,
+                       artifacts=str(artifacts))
+    assert rejected["trained"] is False and rejected["reason"] == "drop-rejected" and rejected["pipeline"] is None
+    assert "/" not in walked and str(outside) not in walked
+    drops = {d["path"]: d for d in rejected["drops"]}
+    assert {p: d["status"] for p, d in drops.items()} == {"/": "rejected", str(outside): "rejected",
+                                                           str(bad): "rejected"}
+    assert "outside drops.roots" in drops["/"]["reason"] and "outside drops.roots" in drops[str(outside)]["reason"]
+    for name, (line, words) in expected.items():
+        assert f"{bad / name}:{line}: " in drops[str(bad)]["reason"], name
+        assert words in drops[str(bad)]["reason"].split(f"{bad / name}:{line}: ")[1].split("(set corpus")[0], name
+    profile = lines.read_line(open_root(artifacts), "trust").find(bad).profile
+    assert profile["skipped"] == 2 and sorted(profile["skipped_files"]) == [
+        f"{bad / 'notes.txt'}: a symlink out of the folder", f"{bad / 'pipe.jsonl'}: a FIFO, not a regular file"]
+
+    nightly = retrain(config=cfg, line="trust", settle_seconds=60, artifacts=str(artifacts))
+    assert nightly["trained"] and nightly["reason"] == "changed" and new_file_counts(nightly) == (3, 3, 3)
+    assert stage_counts(nightly)["load"]["documents"] == 120
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_bad_records_and_symlinks_out_of_a_drop_are_skipped_and_counted_and_an_event_drop_needs_roots(
+        config, texts, tmp_path, artifacts):
+    """on_bad_record: skip, drops.roots empty. A drop typed at a shell trains without its bad records (counted)
+    and without what a symlink out of it points to; a drop an event announces is refused; the nightly run goes
+    on."""
+    import pyarrow as pa
+
+    from flows.retrain import retrain
+
+    cfg = config.model_copy(update={
+        "corpus": config.corpus.model_copy(update={"max_document_bytes": 10_000, "on_bad_record": "skip"}),
+        "drops": config.drops.model_copy(update={"max_reject_share": 0.2})})
+    drop = tmp_path / "incoming" / "2026-12-02"
+    write_docs(drop / "good.jsonl", texts[120:160])
+    expected = write_unreadable_files(drop, tmp_path / "home" / ".aws" / "credentials.txt", good_first=True)
+
+    first = retrain(config=cfg, drop=str(drop), line="skip", settle_seconds=60, artifacts=str(artifacts))
+    assert first["trained"] and [d["status"] for d in first["drops"]] == ["active"]
+    entry = lines.read_line(open_root(artifacts), "skip").find(drop)
+    assert (entry.profile["rejected"], entry.profile["documents"], entry.profile["skipped"]) == (5, 41, 2)
+    assert len(entry.profile["reject_examples"]) == 5
+    for name, (line, words) in expected.items():
+        assert any(r.startswith(f"{drop / name}:{line}: ") and words in r for r in entry.profile["reject_examples"])
+    load = stage_counts(first)["load"]
+    assert load["documents"] == 120 + 41 and load["rejected"] == 5
+    load_out = next(s for s in first["pipeline"]["stages"] if s["name"] == "load")["output"]
+    texts_read = pa.ipc.open_file(str(Path(load_out) / "docs.arrow")).read_all().column("text").to_pylist()
+    assert not any("do-not-read-this" in t for t in texts_read)
+
+    evil = write_docs(tmp_path / "anywhere" / "e" / "a.jsonl", texts[200:210])
+    refused = retrain(config=cfg, drop=str(evil), drop_source="event", line="skip", settle_seconds=60,
+                      artifacts=str(artifacts))
+    assert refused["trained"] is False and refused["reason"] == "drop-rejected"
+    assert "announced by an event while drops.roots is empty" in {d["path"]: d for d in refused["drops"]}[
+        str(evil)]["reason"]
+
+    nightly = retrain(config=cfg, line="skip", settle_seconds=60, artifacts=str(artifacts))
+    assert nightly["trained"] is False and nightly["reason"] == "unchanged"
+
+
+def test_no_rejected_drop_takes_the_configured_corpus_out_of_its_line(tmp_path):
+    from tasks.drop_gate import line_config
+    from tasks.load import resolve_corpus_files
+
+    corpus = tmp_path / "corpus"
+    write_docs(corpus / "a.jsonl", ["문서"])
+    write_docs(corpus / "sub" / "b.jsonl", ["하위 폴더 문서"])
+    write_docs(corpus / "bad" / "c.jsonl", ["거부된 문서"])
+    config = validate_config({"corpus": {"paths": [str(corpus)]}, "model": {"id": "m"}})
+    refused = {"passed": False, "reasons": ["outside drops.roots"], "refused": True}
+    state = lines.LineState(line="l", drops=[
+        lines.Drop(path=str(corpus / "sub"), status="rejected", profile=refused),  # an event naming a corpus folder
+        lines.Drop(path="/", status="rejected", profile=refused),
+        lines.Drop(path=str(tmp_path), status="removed"),  # holds the configured folder: excluding it would empty it
+        lines.Drop(path=str(corpus), status="rejected"),  # is the configured folder
+        lines.Drop(path=str(corpus / "bad"), status="rejected")])  # gated on its content inside the folder: out
+    names = [p.relative_to(corpus).as_posix() for p in resolve_corpus_files(line_config(config, state).corpus)]
+    assert names == ["a.jsonl", "sub/b.jsonl"]

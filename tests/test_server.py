@@ -269,7 +269,7 @@ def test_shipped_deployments_retrain_on_a_drop_event(server, deployed, tmp_path)
 
     worker = start_worker("cpt-process", checkout, env, tmp_path / "worker.log")
     try:
-        drop = tmp_path / "drops" / "2026-11-25"
+        drop = checkout / "data" / "drops" / "2026-11-25"  # under the deployments' drops.roots
         write_jsonl(drop / "part-0.jsonl", [{"content": f"새로 들어온 문서 {i}: " + "혈압약은 매일 같은 시간에 먹는다. " * 8}
                                             for i in range(30)])
         old = time.time() - 3600  # settled long ago

@@ -6,6 +6,7 @@ The same `CptConfig` is the flow's parameter (Prefect renders it as a form), loa
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +17,36 @@ STAGES = ("load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base"
 # transformers' scheduler names (SchedulerType), listed here so a typo fails `cpt validate`, not a training child.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+# transformers' optimizer names (transformers.training_args.OptimizerNames, in its order), kept here for the same
+# reason; tests/test_config.py checks the tuple against the installed library, so an upgrade that changes it fails.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
+              "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw", "schedule_free_radam",
+              "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
+# The largest seed every consumer accepts: numpy's legacy np.random.seed (which transformers' set_seed calls)
+# takes 0 <= seed < 2**32; numpy.random.default_rng refuses negative seeds.
+SEED_MAX = 2**32 - 1
+
+
+def seed_field(default: int, description: str) -> Any:
+    return Field(default, ge=0, le=SEED_MAX, description=f"{description} 0 to 2**32 - 1 (numpy's range).")
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` is not usable as one folder or file name (the rule of line names), or None when it is."""
+    if not name:
+        return "it is empty"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator ('/' or '\\')"
+    if "\x00" in name:
+        return "it contains a NUL character"
+    if name.startswith("."):
+        return "it starts with '.' ('.', '..' and hidden names are refused)"
+    return None
 
 
 class ConfigError(ValueError):
@@ -67,6 +98,10 @@ class CorpusConfig(Section):
         1, ge=1, description="Documents shorter than this (after stripping whitespace) are removed and counted."
     )
     deduplicate: bool = Field(True, description="Remove exact-duplicate documents (counted).")
+    max_document_bytes: int = Field(
+        64 << 20, ge=1, description="A record whose text is longer than this (UTF-8 bytes; for .txt the whole "
+        "file) is a reject with file:line, never an out-of-memory. 64 MiB is far above any real document."
+    )
 
     @model_validator(mode="after")
     def _qa_fields_together(self) -> CorpusConfig:
@@ -82,6 +117,11 @@ class CorpusConfig(Section):
 class DropsConfig(Section):
     """The gate a newly announced corpus drop passes before it is registered to a training line."""
 
+    roots: list[str] = Field(
+        default_factory=list, description="Folders drops may come from: a drop outside every root is rejected "
+        "with that reason. A run started by an event (the on-drop deployment) refuses every drop while this is "
+        "empty (an event is untrusted input); `cpt retrain --drop` typed at a shell accepts any folder then."
+    )
     min_documents: int = Field(1, ge=0, description="A drop must add at least this many documents.")
     max_reject_share: float = Field(
         0.05, ge=0, le=1, description="Most records that may be rejected (malformed, mis-encoded, missing the text "
@@ -118,7 +158,7 @@ class ModelConfig(Section):
 
 
 class ShuffleConfig(Section):
-    seed: int = Field(42, description="Seed of the document order and of the train/validation split.")
+    seed: int = seed_field(42, "Seed of the document order, of the train/validation split and of the replay draw.")
 
 
 SPLITS = ("train", "validation")  # the splits the shuffle stage writes and the chunk stage fills
@@ -164,11 +204,14 @@ class ChunkConfig(Section):
 
     @model_validator(mode="after")
     def _overlap_below_window(self) -> ChunkConfig:
-        # The BOS-aware bound (overlap < max_seq_length - 1 when the tokenizer adds BOS) is checked
-        # once the tokenizer is known, see `tasks.chunk.window_plan`.
-        if self.overlap >= self.max_seq_length:
+        # The tokenizer is not known here, so the bound is the BOS-aware one `tasks.chunk.window_plan` applies to
+        # a tokenizer that adds BOS (window = max_seq_length - 1, overlap < window): a config that validates never
+        # fails the chunk stage, whatever the tokenizer.
+        if self.overlap > self.max_seq_length - 2:
             raise ValueError(
-                f"overlap ({self.overlap}) must be smaller than max_seq_length ({self.max_seq_length})"
+                f"overlap ({self.overlap}) must be at most max_seq_length - 2 ({self.max_seq_length - 2}): a "
+                "tokenizer that adds BOS takes one position of every window, and the overlap must leave at least "
+                "one new token in each window"
             )
         return self
 
@@ -200,10 +243,12 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field(
         "paged_adamw_8bit",
-        description="Optimizer. paged_adamw_8bit needs bitsandbytes on a CUDA device; elsewhere optim_fallback "
-        "is used and the switch is logged once.",
+        description="Optimizer (transformers' OptimizerNames). paged_adamw_8bit needs bitsandbytes on a CUDA "
+        "device; elsewhere optim_fallback is used and the switch is logged once.",
     )
-    optim_fallback: str = Field("adamw_torch", description="Optimizer used where `optim` cannot run on the device.")
+    optim_fallback: str = Field(
+        "adamw_torch", description="Optimizer used where `optim` cannot run on the device (transformers' names)."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less GPU memory, ~30% slower. Turned off (and "
         "logged) on CPU, where it would only cost time."
@@ -220,13 +265,22 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         5, ge=1, description="Stop after this many evaluations without a better validation loss; null disables."
     )
-    seed: int = Field(42, description="Seed of initialisation-dependent parts and data order.")
+    seed: int = seed_field(42, "Seed of initialisation-dependent parts and data order.")
     num_processes: int = Field(1, ge=1, description="Processes for `accelerate launch` (one per GPU).")
     accelerate_config: str | None = Field(
         None, description="An `accelerate config` YAML (e.g. FSDP or DeepSpeed) passed to `accelerate launch`; "
         "null: plain DDP across num_processes GPUs."
     )
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @field_validator("optim", "optim_fallback")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        if name not in OPTIMIZERS:
+            close = difflib.get_close_matches(name, OPTIMIZERS, n=4, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "see transformers.training_args.OptimizerNames"
+            raise ValueError(f"unknown optimizer {name!r} (not one of transformers' OptimizerNames); {hint}")
+        return name
 
     @model_validator(mode="after")
     def _checkpoints_line_up_with_evaluations(self) -> TrainConfig:
@@ -245,7 +299,7 @@ class GenerationConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(64, ge=0, description="Top-k sampling (0 disables).")
     repetition_penalty: float = Field(1.05, gt=0, description="Penalty on repeated tokens.")
-    seed: int = Field(0, description="Seed set before each prompt, so before and after are comparable.")
+    seed: int = seed_field(0, "Seed set before each prompt, so before and after are comparable.")
 
 
 class EvaluateConfig(Section):
@@ -299,17 +353,34 @@ class GateConfig(Section):
     enabled: bool = Field(True, description="false: push every trained model (no comparison).")
     max_validation_increase: float = Field(
         0.0, ge=0, description="Most the domain validation perplexity may rise over the reference model's (the "
-        "last promoted one, else the base), as a share: 0 means it must not be worse."
+        "last promoted one, else the base), as a share. 0: it must be better (strictly below, see "
+        "min_improvement); > 0 explicitly accepts a model up to this much worse, a tie included."
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, lt=1, description="The domain validation perplexity must fall below the reference's by more "
+        "than this share (new < reference * (1 - min_improvement)). 0: any strict improvement; a tie is refused. "
+        "Only with max_validation_increase 0."
     )
     max_general_increase: float = Field(
         0.10, ge=0, description="Most the general-text perplexity may rise over the base model's, as a share "
         "(checked when evaluate.general_corpus is set)."
     )
 
+    @model_validator(mode="after")
+    def _better_or_explicitly_worse(self) -> GateConfig:
+        if self.min_improvement > 0 and self.max_validation_increase > 0:
+            raise ValueError(
+                f"min_improvement ({self.min_improvement}) and max_validation_increase "
+                f"({self.max_validation_increase}) exclude each other: max_validation_increase > 0 accepts a model "
+                "worse than its reference, min_improvement > 0 demands a better one; set one of them to 0"
+            )
+        return self
+
 
 class PushConfig(Section):
     name: str | None = Field(
-        None, description="Folder under artifacts/models/ for the final model (default: <base>-cpt-<key>)."
+        None, description="Folder under artifacts/models/ for the final model (default: <base>-cpt-<key>): one "
+        "folder name, like a line name (no '/' or '\\', not starting with '.', not empty)."
     )
     repo_id: str | None = Field(None, description="Hub repo to upload to (user/name); null saves locally only.")
     private: bool = Field(True, description="Create the hub repo private.")
@@ -318,6 +389,13 @@ class PushConfig(Section):
         None, description="Name of a Prefect Secret block holding the hub token; else HF_TOKEN from the environment."
     )
     retries: int = Field(3, ge=0, description="Upload retries with exponential backoff.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str | None) -> str | None:
+        if name is not None and (why := name_problem(name)):
+            raise ValueError(f"{name!r} is not a valid name: {why}; it names one folder under artifacts/models/")
+        return name
 
 
 class RuntimeConfig(Section):

@@ -449,6 +449,12 @@ class Lock:
     def _renew(self) -> None:
         while not self._stop.wait(self.store.lease / 3):
             asked = time.time()
+            if asked >= self.valid_until:
+                # The lease lapsed: another host may hold the lock now. Renewing would take it back from
+                # under them; this holder stays lost (check() raises) and publishes nothing.
+                self.store.on_wait(f"store: the lease of {self.store.url}/{self.name} lapsed; this run will not "
+                                   "publish it")
+                return
             try:
                 self.store.fs.pipe_file(self._path(self.gen), self._body(asked + self.store.lease))
                 self.valid_until = asked + self.store.lease

@@ -7,7 +7,9 @@ read-modify-write of the whole file, written to a temp file and renamed into pla
 old state or the new one, never half of one, and `cpt drops --remove` beside a running retrain loses nothing.
 
 Statuses: `pending` (announced, still being written), `active` (passed the gate: trained on), `rejected` (failed
-the gate; the reason is kept; re-checked when its content changes), `removed` (retired by hand).
+the gate; the reason is kept; re-checked when its content changes), `removed` (retired by hand). A drop also
+records who announced it (`announced_by`: `shell` for `cpt retrain --drop`, `event` for a run an event started),
+since a drop an event announced is untrusted input (tasks/drop_gate.py `refusal`).
 
 Nothing here imports Prefect, torch or transformers: `cpt drops` answers at once.
 """
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.core.root import ArtifactsRoot
 
 DropStatus = Literal["pending", "active", "rejected", "removed"]
+DropSource = Literal["shell", "event"]
 
 
 def now_iso() -> str:
@@ -41,6 +44,8 @@ class Drop(BaseModel):
     registered_at: str = ""
     reason: str = ""
     profile: dict[str, Any] = {}
+    announced_by: DropSource = Field("shell", description="Who announced it: a shell (cpt retrain --drop, trusted) "
+                                     "or an event (untrusted: refused outside drops.roots, and while it is empty).")
     history: list[dict[str, str]] = Field(default_factory=list, description="Every status change: at, status, why.")
 
     def set_status(self, status: DropStatus, why: str) -> None:
@@ -67,7 +72,10 @@ class LineState(BaseModel):
         return [d.path for d in self.drops if d.status == "active"]
 
     def inactive_paths(self) -> list[str]:
-        return [d.path for d in self.drops if d.status != "active"]
+        """Drops not trained on (excluded even under a configured folder), less those refused for where they lie
+        or who announced them: they never were the line's, and what their path holds, if anything, is the
+        configured corpus's own (an event naming a corpus folder cannot take it out of the line)."""
+        return [d.path for d in self.drops if d.status != "active" and not d.profile.get("refused")]
 
 
 def state_file(line: str) -> str:
@@ -99,18 +107,24 @@ def updating(root: ArtifactsRoot, line: str):
     return root.locked_state(state_file(line), lambda: read_line(root, line, fetch=False))
 
 
-def announce(root: ArtifactsRoot, line: str, drop: str | Path) -> Drop:
+def announce(root: ArtifactsRoot, line: str, drop: str | Path, source: DropSource = "shell") -> Drop:
     """Note an announced drop as pending unless it is known with an active or rejected verdict (the gate then
-    looks again only if its content changed). A removed drop announced again is pending again, recorded."""
+    looks again only if its content changed). A removed drop announced again is pending again, recorded.
+    `source` is who announces it; a drop an event announced that a shell announces again is the shell's."""
     path = str(Path(drop).resolve())
+    by = "by an event" if source == "event" else "at a shell"
     with updating(root, line) as state:
         entry = state.find(path)
         if entry is None:
-            entry = Drop(path=path, status="pending", registered_at=now_iso())
-            entry.history.append({"at": entry.registered_at, "status": "pending", "why": "announced"})
+            entry = Drop(path=path, status="pending", registered_at=now_iso(), announced_by=source)
+            entry.history.append({"at": entry.registered_at, "status": "pending", "why": f"announced {by}"})
             state.drops.append(entry)
         elif entry.status == "removed":
-            entry.set_status("pending", "announced again after removal")
+            entry.announced_by = source
+            entry.set_status("pending", f"announced again {by} after removal")
+        elif source == "shell" and entry.announced_by == "event":
+            entry.announced_by = "shell"
+            entry.history.append({"at": now_iso(), "status": entry.status, "why": "announced again at a shell"})
         return entry
 
 
@@ -126,13 +140,15 @@ def remove(root: ArtifactsRoot, line: str, drop: str | Path, why: str = "removed
         return entry
 
 
-def record_verdict(root: ArtifactsRoot, line: str, path: str, fingerprint: str, profile: dict[str, Any]) -> Drop:
-    """The gate's verdict on a drop: active (registered) or rejected with the reasons."""
+def record_verdict(root: ArtifactsRoot, line: str, path: str, fingerprint: str, profile: dict[str, Any],
+                   gated: DropStatus) -> Drop | None:
+    """The gate's verdict on a drop: active (registered) or rejected with the reasons — recorded only if the
+    drop's status is still `gated`, the one it had when the gate read it (checked under the line's lock): a
+    drop removed meanwhile (`cpt drops --remove` while the gate ran) stays removed. None: not recorded."""
     with updating(root, line) as state:
         entry = state.find(path)
-        if entry is None:
-            entry = Drop(path=path, status="pending", registered_at=now_iso())
-            state.drops.append(entry)
+        if entry is None or entry.status != gated:
+            return None
         entry.fingerprint = fingerprint
         entry.profile = profile
         entry.files, entry.documents, entry.tokens = profile["files"], profile["documents"], profile["tokens"]
