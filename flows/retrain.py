@@ -97,6 +97,14 @@ def retrain(
             raise ValueError("give config or config_file")
         config = load_config(config_file, overrides or [])
     root = open_root(artifacts)
+    # One run per line at a time, whichever deployment, schedule, event or shell started it, on any host: the
+    # second waits, then finds its work done (the corpus unchanged) or does it.
+    with root.exclusive(lines.run_lock(line), f"line {line!r} is being retrained by another run; waiting"):
+        return _retrain(config, drop, line, settle_seconds, force, root, drop_source, log)
+
+
+def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: float, force: bool, root,
+             drop_source: str, log) -> dict[str, Any]:
     digests = DigestMemo(root)
 
     gate_seconds = 0.0

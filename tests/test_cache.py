@@ -303,3 +303,26 @@ def test_a_root_travels_as_its_url_or_path_and_is_opened_again_on_the_other_side
     monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "there"))
     moved = pickle.loads(blob)
     assert moved.url == "s3://bucket/p" and moved.local == (tmp_path / "there" / "s3" / "bucket" / "p").resolve()
+
+
+def test_exclusive_lets_one_holder_in_at_a_time_and_the_second_waits(tmp_path):
+    import threading
+
+    root = open_root(tmp_path)
+    order = []
+    entered = threading.Event()
+
+    def first():
+        with root.exclusive("state/lines/l.run"):
+            entered.set()
+            time.sleep(1.0)
+            order.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    entered.wait(10)
+    started = time.monotonic()
+    with root.exclusive("state/lines/l.run"):
+        order.append("second in")
+    t.join()
+    assert order == ["first out", "second in"] and time.monotonic() - started >= 0.5

@@ -516,3 +516,31 @@ def test_no_rejected_drop_takes_the_configured_corpus_out_of_its_line(tmp_path):
         lines.Drop(path=str(corpus / "bad"), status="rejected")])  # gated on its content inside the folder: out
     names = [p.relative_to(corpus).as_posix() for p in resolve_corpus_files(line_config(config, state).corpus)]
     assert names == ["a.jsonl", "sub/b.jsonl"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_one_run_per_line_the_second_waits_then_finds_its_work_done(config, artifacts):
+    """Any two runs of one line (a schedule and an event, two deployments, a shell): the second waits for the
+    first to finish, then sees the corpus unchanged since the first trained and trains nothing."""
+    import threading
+
+    from flows.retrain import retrain
+    from tasks.core.root import open_root
+
+    results = {}
+
+    def run(name):
+        results[name] = retrain(config=config, line="solo", settle_seconds=60, artifacts=str(artifacts))
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    lock = open_root(artifacts).path(lines.run_lock("solo") + ".lock")
+    deadline = time.monotonic() + 60
+    while not lock.exists() and time.monotonic() < deadline:  # the first run holds the line
+        time.sleep(0.05)
+    assert lock.exists() and first.is_alive(), "the first run never took the line's lock"
+    run("second")
+    first.join()
+    assert results["first"]["trained"] and results["first"]["reason"] == "changed"
+    assert not results["second"]["trained"] and results["second"]["reason"] == "unchanged"

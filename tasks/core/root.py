@@ -195,6 +195,30 @@ class ArtifactsRoot:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    @contextlib.contextmanager
+    def exclusive(self, rel: str, waiting: str = ""):
+        """Hold `rel` alone: across processes here (flock, released by the kernel if the holder dies) and, on a
+        store root, across hosts (the store's lease lock). `waiting` is logged when someone else holds it."""
+        import fcntl
+
+        path = self.local / f"{rel}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    from tasks.core.report import run_logger
+
+                    run_logger().info("%s", waiting)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._state_lock(rel):
+                yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
     def _state_lock(self, rel: str):
         return contextlib.nullcontext()
 

@@ -85,6 +85,11 @@ def state_file(line: str) -> str:
     return f"state/lines/{line}.json"
 
 
+def run_lock(line: str) -> str:
+    """What a run of the line holds while it runs (relative to the root): one run per line at a time."""
+    return f"state/lines/{line}.run"
+
+
 def read_line(root: ArtifactsRoot, line: str, fetch: bool = True) -> LineState:
     rel = state_file(line)
     # The root's copy is the state (on an object-store root another host may have changed it).
