@@ -19,7 +19,8 @@ from tasks.core.config import ConfigError, ModelConfig, RuntimeConfig, TokenizeC
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import Progress
-from tasks.core.root import ArtifactsRoot, user_cache_dir
+from tasks.core.paths import user_cache_dir
+from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
 from tasks.arrow import batch_bounds, read_arrow
 from tasks.load import piece_docs_file

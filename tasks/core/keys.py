@@ -29,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import json
+import os
 import types
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,53 @@ def register_code_version(stage: str, version: int, roots: list, libraries: list
     functions, classes or modules; everything they reach in the project is found by reading them), the
     libraries whose versions shape its output, and the inputs that are not part of its key (`key_exclude`:
     inputs that say where something is or describe an input already keyed by content)."""
-    digest, covered = code_digest(roots)
+    digest, covered = _remembered(stage, roots)
     entry = _label(roots[0]) if roots else ""
     _SPECS[stage] = CodeSpec(version, digest, tuple(libraries), frozenset(key_exclude), tuple(covered), entry)
     _VERSIONS.clear()  # a stage that reaches this one includes its version
+
+
+ALGORITHM = 1  # bump when what a code digest is made of changes
+
+
+@functools.cache
+def _tree_digest() -> str:
+    """The project's code as it is on disk now (every .py under tasks/): what a remembered digest holds for."""
+    h = hashlib.sha256(f"{ALGORITHM}".encode())
+    for path in sorted(_TASKS.rglob("*.py")):
+        h.update(path.relative_to(_TASKS).as_posix().encode())
+        h.update(b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _remembered(stage: str, roots: list) -> tuple[str, list[str]]:
+    """`code_digest(roots)`, remembered in the user's cache per state of the code: reading the trees of every
+    stage costs a few hundred ms at import, which a fully cached run should not pay again for code it has seen
+    (a changed file makes a new state: computed and checked again, so a missing name still fails at import)."""
+    if not all(_label(r).startswith("tasks.") for r in roots):  # code outside the project (a test's stage)
+        return code_digest(roots)
+    from tasks.core.paths import user_cache_dir
+
+    path = user_cache_dir() / "code-versions" / f"{_tree_digest()}.json"
+    key = f"{stage}\0" + "\0".join(_label(r) for r in roots)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), list) and len(known[key]) == 2:
+        digest, covered = known[key]
+        return str(digest), [str(c) for c in covered]
+    digest, covered = code_digest(roots)
+    known[key] = [digest, covered]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache: computed each time
+        pass
+    return digest, covered
 
 
 def _label(obj) -> str:
@@ -157,12 +201,29 @@ def _project(module: str, home: str) -> bool:
     return module == home or module.startswith("tasks.")
 
 
+_TASKS = Path(__file__).resolve().parents[1]  # the `tasks` package
+
+
+def _source_of(name: str) -> Path | None:
+    """The source file of a module, found on disk without importing anything (a project module is looked up
+    in the package folder; importlib would import every parent package on the way)."""
+    parts = name.split(".")
+    if parts[0] == "tasks":
+        base = _TASKS.joinpath(*parts[1:])
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
 @functools.cache
 def _is_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    return _source_of(name) is not None
 
 
 def _import_map(nodes) -> dict[str, tuple[str, str | None]]:
@@ -186,10 +247,10 @@ def _import_map(nodes) -> dict[str, tuple[str, str | None]]:
 
 @functools.cache
 def _module(name: str) -> _Module:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+    origin = _source_of(name)
+    if origin is None:
         raise CodeReferenceError(f"{name}: no Python source to compute a code version from")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"), filename=spec.origin)
+    tree = ast.parse(origin.read_text(encoding="utf-8"), filename=str(origin))
     defs: dict[str, ast.AST] = {}
     top_imports = []
     for node in tree.body:
@@ -208,13 +269,23 @@ def _module(name: str) -> _Module:
     return _Module(name, defs, _import_map(top_imports))
 
 
+def _copy(node):
+    """A copy of a syntax tree (fields only: positions are never dumped), several times faster than deepcopy."""
+    if isinstance(node, ast.AST):
+        new = node.__class__()
+        for field, value in ast.iter_fields(node):
+            setattr(new, field, _copy(value))
+        return new
+    if isinstance(node, list):
+        return [_copy(v) for v in node]
+    return node
+
+
 def _strip(node: ast.AST, root: bool) -> ast.AST:
     """A copy without what does not change behaviour: docstrings and `description=` texts, annotations (but a
     stage body's parameter types), presentation methods of classes, and (for a stage body) the decorator, whose settings are keyed on
     their own."""
-    import copy
-
-    node = copy.deepcopy(node)
+    node = _copy(node)
     keep: set[int] = set()  # a stage body's parameter types: they name the manifest types it reads
     if root and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         node.decorator_list = []
@@ -324,6 +395,19 @@ def _local_def(module: str, obj) -> ast.AST | None:
     return None
 
 
+@functools.cache
+def _definition(mod_name: str, name: str, home: str, root: bool) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """One definition's normalised tree and the project definitions it uses (stages share most of theirs: each
+    is read once per process)."""
+    module = _module(mod_name)
+    node = module.defs.get(name)
+    if node is None:
+        raise CodeReferenceError(f"{mod_name}:{name} is defined nowhere (renamed or deleted?)")
+    stripped = _strip(node, root)
+    return (ast.dump(stripped, include_attributes=False),
+            tuple(_references(stripped, module, home, f"{mod_name}:{name}", root)))
+
+
 def code_digest(roots: list) -> tuple[str, list[str]]:
     """The digest of the code `roots` reach in the project, and the definitions it covers."""
     todo: list[tuple[str, str, str, bool]] = []  # (module, name, home, is a stage body)
@@ -362,13 +446,9 @@ def code_digest(roots: list) -> tuple[str, list[str]]:
         label = f"{mod_name}:{name}"
         if label in seen:
             continue
-        module = _module(mod_name)
-        node = module.defs.get(name)
-        if node is None:
-            raise CodeReferenceError(f"{label} is defined nowhere (renamed or deleted?)")
-        stripped = _strip(node, root)
-        seen[label] = ast.dump(stripped, include_attributes=False)
-        todo += [(m, a, home, False) for m, a in _references(stripped, module, home, label, root)]
+        dump, refs = _definition(mod_name, name, home, root)
+        seen[label] = dump
+        todo += [(m, a, home, False) for m, a in refs]
     h = hashlib.sha256()
     for label in sorted(seen):
         h.update(label.encode())

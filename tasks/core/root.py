@@ -22,23 +22,7 @@ from tasks.core.config import ConfigError
 from tasks.core.entries import build_and_publish, key_lock, local_entries
 from tasks.core.manifest import RECORDS_DIR, StageOutput, remove_entry_dir, verified_manifest
 from tasks.core.objectstore import Lock, Store, split_url
-
-
-def user_cache_dir() -> Path:
-    """Facts about inputs that hold under any artifacts root (a tokenizer's profile is a function of its files
-    and the library versions): $CPT_CACHE_HOME, else $XDG_CACHE_HOME/cpt, else ~/.cache/cpt."""
-    explicit = os.environ.get("CPT_CACHE_HOME")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt"
-
-
-def scratch_home() -> Path:
-    """Where this host keeps its mirrors of object-store roots: $CPT_SCRATCH, else <user cache>/scratch."""
-    explicit = os.environ.get("CPT_SCRATCH")
-    if explicit:
-        return Path(explicit).resolve()
-    return (user_cache_dir() / "scratch").resolve()
+from tasks.core.paths import scratch_home
 
 
 def mirror_path(url: str) -> Path:
