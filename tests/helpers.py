@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -54,19 +55,23 @@ def touched_entries(artifacts: Path) -> list[str]:
     return bad
 
 
+# The one identity the session's S3 server (conftest's s3_endpoint) accepts: SeaweedFS checks signatures, so a
+# test that wants a secret of its own to look for (in summaries, logs) uses this one; it is new each session.
+S3_KEY = "testing"
+S3_SECRET = "secret-" + uuid.uuid4().hex
+
+
 def s3_env(endpoint: str) -> dict[str, str]:
     """The environment a worker of an object-store root gets: the standard AWS variables and the endpoint."""
-    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
+    return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ENDPOINT_URL": endpoint,
             "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def new_bucket(endpoint: str) -> str:
-    import uuid
-
     import s3fs
 
     name = f"cpt-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
+    s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": endpoint},
                       skip_instance_cache=True).mkdir(name)
     return name
 

@@ -428,6 +428,12 @@ class Lock:
                                             mode="create")
                 except FileExistsError:
                     continue  # another contender won this generation
+                except OSError:
+                    # Some servers (SeaweedFS) answer the refused create with a bare 412 that s3fs does not map to
+                    # FileExistsError: if the generation exists now, another contender won it.
+                    if self.store.fs.exists(self._path(top + 1)):
+                        continue
+                    raise
                 self.gen = top + 1
                 self.valid_until = asked + self.store.lease
                 for old in gens[:-1]:  # keep the listing short; the top one is what everyone reads
