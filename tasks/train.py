@@ -75,11 +75,18 @@ def run_child(cmd: list[str], on_message, log) -> None:
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
-            if line.startswith(MESSAGE_PREFIX):
-                on_message(json.loads(line[len(MESSAGE_PREFIX):]))
-            elif line.strip():
-                tail.append(line)
-                log.info("%s", line)
+            head, *messages = line.split(MESSAGE_PREFIX)
+            if head.strip():
+                tail.append(head)
+                log.info("%s", head)
+            for text in messages:  # several ranks share the pipe: a line may hold more than one message
+                try:
+                    message = json.loads(text)
+                except ValueError:
+                    tail.append(text)
+                    log.info("%s", text)
+                    continue
+                on_message(message)
         rc = proc.wait()
     finally:
         if proc.poll() is None:  # the flow was cancelled or crashed: do not leave a GPU job behind

@@ -28,7 +28,10 @@ MESSAGE_PREFIX = "@@cpt "
 
 
 def emit(event: str, **data: Any) -> None:
-    print(MESSAGE_PREFIX + json.dumps({"event": event, **data}), flush=True)
+    # One write of the whole line: print() writes the text and its newline separately, and with several ranks
+    # on one pipe another rank's line could land between them.
+    sys.stdout.write(MESSAGE_PREFIX + json.dumps({"event": event, **data}) + "\n")
+    sys.stdout.flush()
 
 
 def choose_optimizer(optim: str, fallback: str, device: str) -> tuple[str, str | None]:
