@@ -150,12 +150,17 @@ def _walk(folder: Path, skipped: list[str]) -> list[Path]:
             f = here / name
             if name.startswith(".") or f.suffix.lower() not in SUPPORTED_SUFFIXES:
                 continue
-            why = _not_readable(f, top)
-            if why:
-                skipped.append(f"{f}: {why}")
-            else:
-                files.append(f)
+            _take(f, top, files, skipped)
     return files
+
+
+def _take(f: Path, top: Path, files: list[Path], skipped: list[str]) -> None:
+    """`f` into `files` if it is a regular file inside `top`, else its name and why into `skipped`."""
+    why = _not_readable(f, top)
+    if why:
+        skipped.append(f"{f}: {why}")
+    else:
+        files.append(f)
 
 
 def _excluded(cfg: CorpusConfig, base: Path) -> tuple[set[Path], list[Path]]:
@@ -196,11 +201,7 @@ def list_corpus_files(cfg: CorpusConfig, base: Path | None = None,
                 m = Path(m)
                 if m.name.startswith(".") or m.is_dir():
                     continue
-                why = _not_readable(m, top)
-                if why:
-                    skipped.append(f"{m}: {why}")
-                else:
-                    files.append(m)
+                _take(m, top, files, skipped)
             if not files:
                 raise ConfigError(f"{where}: the glob matches no file" + _skipped_note(skipped[before:]))
         elif p.is_dir():

@@ -160,24 +160,15 @@ class ArtifactsRoot:
         """Lock the state file `rel`, yield `read()`, and write it back atomically (temp file + rename) when the
         block ends without error: a killed writer leaves the old state or the new one, and concurrent writers
         lose nothing. flock is released by the kernel if the holder dies."""
-        import fcntl
-
         path = self.local / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_name(f".{path.stem}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            with self._state_lock(rel):
-                self._pull(rel, path)
-                state = read()
-                yield state
-                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-                tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
-                self._push(tmp, rel)
-                os.replace(tmp, path)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        with self.exclusive(rel):
+            self._pull(rel, path)
+            state = read()
+            yield state
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+            tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
+            self._push(tmp, rel)
+            os.replace(tmp, path)
 
     @contextlib.contextmanager
     def exclusive(self, rel: str, waiting: str = ""):
