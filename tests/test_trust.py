@@ -91,6 +91,10 @@ def test_a_manifest_whose_names_leave_the_entry_is_damage_never_a_write_outside(
         fs.pipe_file(a.store.remote(f"cache/unit/unit-k1/{escape}"), b"owned")
     fs.pipe_file(a.store.remote("cache/unit/unit-k1/_COMPLETE"), json.dumps(manifest).encode())
 
+    from tasks.core.manifest import StageOutput
+
+    with pytest.raises(ValueError, match="inside its folder"):  # the manifest itself is refused, not just its files
+        StageOutput.model_validate_json(json.dumps(manifest))
     b = store_root("b")
     assert b.published("unit", "unit-k1") is None  # the manifest does not parse: not complete
     calls: list = []
