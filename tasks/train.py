@@ -7,16 +7,19 @@ of the same key resumes from its last checkpoint (global step continues) instead
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.core import fence
 from tasks.core.config import ChunkConfig, ModelConfig, TrainConfig
 from tasks.core.manifest import Fingerprint, StageOutput
 from tasks.core.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
@@ -71,7 +74,17 @@ def run_child(cmd: list[str], on_message, log) -> None:
         if get_current_settings().api.url:
             env["PREFECT_API_URL"] = str(get_current_settings().api.url)
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    # Its own process group, so stopping it stops every rank accelerate started, not only the launcher.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                            start_new_session=True)
+
+    def stop() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    # A store lease that lapses mid-training (an expired session token): another host may be training this
+    # key now, so this one stops at once rather than spending hours on an output it may not publish.
+    forget = fence.current().on_lost(stop)
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -89,9 +102,11 @@ def run_child(cmd: list[str], on_message, log) -> None:
                 on_message(message)
         rc = proc.wait()
     finally:
+        forget()
         if proc.poll() is None:  # the flow was cancelled or crashed: do not leave a GPU job behind
-            proc.kill()
+            stop()
             proc.wait()
+    fence.check()  # killed because the lease was lost: say that, not "training failed"
     if rc != 0:
         how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
         raise TrainingFailed(f"training process failed ({how}); last lines:\n" + "\n".join(tail))

@@ -193,7 +193,7 @@ def test_a_holder_that_cannot_renew_publishes_nothing_and_deletes_nothing_of_the
 
     monkeypatch.setattr(store.fs, "pipe_file", failing)
     time.sleep(2.0)
-    with pytest.raises(LockLost, match="ran out"):
+    with pytest.raises(LockLost, match="lapsed|ran out"):
         lock.check()
     monkeypatch.setattr(store.fs, "pipe_file", real)
     # Another host takes the key once the lease is over and uploads; the first holder's upload must not touch it.
@@ -213,6 +213,79 @@ def test_a_holder_that_cannot_renew_publishes_nothing_and_deletes_nothing_of_the
     assert not b.store.fs.exists(b.store.remote("cache/unit/unit-k1/_COMPLETE"))
     other.release()
     lock.release()
+
+
+@pytest.mark.slow
+def test_a_build_whose_lease_lapses_stops_and_publishes_nothing(store_root, monkeypatch):
+    """An expired session token during a long build: the holder stops at its next check, installs nothing
+    locally and uploads nothing, and the key stays free for the next run to build."""
+    from tasks.core import fence
+    from tasks.core.objectstore import LockLost
+
+    monkeypatch.setenv("CPT_STORE_LEASE_SECONDS", "1.5")
+    root = store_root("a")
+    store = root.store
+    real = store.fs.pipe_file
+    checks = []
+
+    def long_build(tmp):
+        (tmp / "data.txt").write_text("partial")
+        # Renewals start failing once the build runs (the lock itself was taken with a good token).
+        monkeypatch.setattr(store.fs, "pipe_file",
+                            lambda path, value, **kw: (_ for _ in ()).throw(PermissionError("ExpiredToken"))
+                            if "/locks/" in path else real(path, value, **kw))
+        started = time.monotonic()
+        while time.monotonic() - started < 30:
+            checks.append(time.monotonic() - started)
+            fence.check()
+            time.sleep(0.05)
+        return {"n": 1}, {}
+
+    started = time.monotonic()
+    with pytest.raises(LockLost, match="lapsed"):
+        root.publish("unit", "unit-lapse", long_build)
+    took = time.monotonic() - started
+    assert took < 5, f"the build ran {took:.1f} s after its 1.5 s lease lapsed"
+    monkeypatch.setattr(store.fs, "pipe_file", real)
+    assert store.complete("cache/unit/unit-lapse") is None
+    assert not (root.local / "cache" / "unit" / "unit-lapse").exists()
+
+
+def test_a_training_child_is_killed_when_the_lease_is_lost():
+    """The train stage waits on a child for hours: losing the fence kills its whole process group at once and
+    the stage says why (LockLost), not 'training failed'."""
+    import logging
+    import sys
+    import threading
+
+    from tasks.core.fence import Fence, LockLost, fenced
+    from tasks.train import run_child
+
+    f = Fence("unit")
+    threading.Timer(0.5, f.lose, args=("store: the lease of unit lapsed",)).start()
+    started = time.monotonic()
+    with fenced(f), pytest.raises(LockLost, match="lapsed"):
+        run_child([sys.executable, "-c", "import time; print('training', flush=True); time.sleep(60)"],
+                  lambda msg: None, logging.getLogger("test"))
+    assert time.monotonic() - started < 10
+
+
+def test_a_lost_enclosing_fence_stops_the_pieces_built_inside_it():
+    from tasks.core.config import RuntimeConfig
+    from tasks.core.fanout import map_pieces
+    from tasks.core.fence import Fence, LockLost, fenced
+
+    outer, done = Fence("stage"), []
+
+    def piece(i):
+        done.append(i)
+        if i == 1:
+            outer.lose("store: the lease of stage lapsed")
+        return i
+
+    with fenced(outer), pytest.raises(LockLost):
+        map_pieces(piece, [{"i": i} for i in range(5)], RuntimeConfig(), "unit")
+    assert done == [0, 1]
 
 
 @pytest.mark.slow

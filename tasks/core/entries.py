@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tasks.core import fence
 from tasks.core.manifest import (MANIFEST, TMP_PREFIX, StageOutput, combine_digests, content_damage, damage,
                                  hash_file, read_manifest, remove_entry_dir)
 
@@ -58,6 +59,7 @@ def build_and_publish(base: Path, final: Path, stage: str, key: str, build) -> S
     tmp.mkdir()
     try:
         result = build(tmp)
+        fence.check()  # a build whose lease lapsed meanwhile installs nothing, here or in the store
         counts, meta = result[:2]
         extra = result[2] if len(result) > 2 else {}  # content / deps, for outputs that have them
         paths = [f for f in sorted(tmp.rglob("*")) if f.is_file()]

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from tasks.core import fence
 from tasks.core.scope import build_scope, current_scope
 from tasks.core.config import RuntimeConfig
 
@@ -88,6 +89,7 @@ def map_pieces(fn: Callable, calls: list[dict[str, Any]], runtime: RuntimeConfig
     if runtime is None or runtime.task_runner == "sequential" or len(calls) < 2:
         results = []
         for i, call in enumerate(calls):
+            fence.check()  # the stage's own lease lapsed: the rest of its pieces are not its to build
             results.append(run_piece(fn, scope, call))
             if on_done:
                 on_done(i, results[-1])
@@ -104,6 +106,7 @@ def map_pieces(fn: Callable, calls: list[dict[str, Any]], runtime: RuntimeConfig
         results = []
         for i, future in enumerate(futures):
             results.append(future.result())
+            fence.check()
             if on_done:
                 on_done(i, results[-1])
     return results

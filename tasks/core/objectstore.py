@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tasks.core.fence import Fence, LockLost  # noqa: F401 - LockLost is raised to callers of this module
 from tasks.core.manifest import MANIFEST, RECORDS_DIR, StageOutput, remove_entry_dir, safe_relpath, verified_manifest
 
 LOCK_TIMEOUT = float(os.environ.get("CPT_STORE_LOCK_TIMEOUT_SECONDS", str(24 * 3600)))
@@ -37,11 +38,6 @@ LOCK_TIMEOUT = float(os.environ.get("CPT_STORE_LOCK_TIMEOUT_SECONDS", str(24 * 3
 
 class DamagedEntry(OSError):
     """A file fetched from the store is not the one its manifest recorded (size or digest)."""
-
-
-class LockLost(RuntimeError):
-    """This host's lease ran out (a renewal failed for longer than the lease) or a newer holder took the lock:
-    whatever it was building must not be published."""
 
 
 class LockTimeout(TimeoutError):
@@ -370,6 +366,8 @@ class Lock:
         self._thread: threading.Thread | None = None
         self._unreadable: dict[int, float] = {}  # generation -> when its body was first seen not to parse
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Lost once the lease surely lapsed: the build running under it stops (tasks/core/fence.py).
+        self.fence = Fence(name)
 
     def _generations(self) -> list[int]:
         try:
@@ -458,8 +456,10 @@ class Lock:
             if asked >= self.valid_until:
                 # The lease lapsed: another host may hold the lock now. Renewing would take it back from
                 # under them; this holder stays lost (check() raises) and publishes nothing.
-                self.store.on_wait(f"store: the lease of {self.store.url}/{self.name} lapsed; this run will not "
-                                   "publish it")
+                why = (f"store: the lease of {self.store.url}/{self.name} lapsed (its renewal failed for longer "
+                       "than the lease): another host may be building it; this run stops and publishes nothing")
+                self.store.on_wait(why)
+                self.fence.lose(why)
                 return
             try:
                 self.store.fs.pipe_file(self._path(self.gen), self._body(asked + self.store.lease))
@@ -473,12 +473,14 @@ class Lock:
         if self.gen is None:
             raise LockLost(f"store: {self.store.url}/{self.name} is not held")
         if time.time() >= self.valid_until:
-            raise LockLost(f"store: the lease of {self.store.url}/{self.name} ran out (its renewal failed): "
-                           "another host may be building it; nothing is published")
-        gens = self._generations()
-        if gens and gens[-1] != self.gen:
-            raise LockLost(f"store: {self.store.url}/{self.name} was taken by a newer holder "
-                           f"({self._holder(gens[-1])}); nothing is published")
+            self.fence.lose(f"store: the lease of {self.store.url}/{self.name} ran out (its renewal failed): "
+                            "another host may be building it; nothing is published")
+        else:
+            gens = self._generations()
+            if gens and gens[-1] != self.gen:
+                self.fence.lose(f"store: {self.store.url}/{self.name} was taken by a newer holder "
+                                f"({self._holder(gens[-1])}); nothing is published")
+        self.fence.check()
 
     def release(self) -> None:
         if self.gen is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tasks.core.config import ConfigError
 from tasks.core.entries import build_and_publish, key_lock, local_entries
+from tasks.core.fence import fenced
 from tasks.core.manifest import RECORDS_DIR, StageOutput, remove_entry_dir, verified_manifest
 from tasks.core.objectstore import Lock, Store, split_url
 from tasks.core.paths import scratch_home
@@ -321,7 +322,8 @@ class StoreRoot(ArtifactsRoot):
                 lock = store.lock(rel, done=lambda: store.complete(rel) is not None)
                 with lock as held:
                     if held:
-                        manifest = build_and_publish(self.local, final, stage, key, build)
+                        with fenced(lock.fence):  # the build stops when the lease lapses
+                            manifest = build_and_publish(self.local, final, stage, key, build)
                         store.upload_entry(rel, final, manifest, lock)  # fenced: LockLost publishes nothing
                         return manifest, True
                 # Another host published it while we waited: loop to fetch it (or build, if it was deleted).

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.core import fence
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
 from tasks.core.root import ArtifactsRoot, open_root
@@ -158,6 +159,15 @@ class Build:
 
     def on_published(self, fn: Callable[[StageOutput], None]) -> None:
         self.published.append(fn)
+
+    def check(self) -> None:
+        """Raise LockLost if the lock this output is built under was lost (its store lease lapsed): a long
+        body calls it where stopping is cheap."""
+        fence.check()
+
+    def on_lost(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn` (e.g. a child process's kill) as soon as that lock is lost; returns the unregister call."""
+        return fence.current().on_lost(fn)
 
 
 def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, code: list = (),
