@@ -289,6 +289,32 @@ def test_a_lost_enclosing_fence_stops_the_pieces_built_inside_it():
 
 
 @pytest.mark.slow
+def test_a_holder_whose_renewals_fail_deletes_nothing_even_before_its_lease_ends(store_root, monkeypatch):
+    """Deleting leftovers needs the lease to outlast the deletes: with a third of it or less left (renewals
+    failing), the publisher stops before touching what may soon be a newer holder's objects."""
+    from tasks.core.manifest import StageOutput
+    from tasks.core.objectstore import LockLost
+
+    monkeypatch.setenv("CPT_STORE_LEASE_SECONDS", "30")
+    root = store_root("a")
+    store = root.store
+    rel = "cache/unit/unit-margin"
+    store.fs.pipe_file(store.remote(f"{rel}/old.txt"), b"leftover")
+    lock = store.lock(rel)
+    assert lock.acquire()
+    lock._stop.set()  # no renewal thread: the lease is what was last granted
+    lock.valid_until = time.time() + 5  # 5 s of 30 left: renewals have been failing for 25 s
+    local = root.local / "cache" / "unit" / "tmp-margin"
+    local.mkdir(parents=True)
+    (local / "data.txt").write_text("new")
+    manifest = StageOutput(stage="unit", key="unit-margin", path=rel, files={"data.txt": 3})
+    with pytest.raises(LockLost, match="about to"):
+        store.upload_entry(rel, local, manifest, lock)
+    assert store.fs.cat_file(store.remote(f"{rel}/old.txt")) == b"leftover"
+    lock.release()
+
+
+@pytest.mark.slow
 def test_acquiring_times_out_naming_the_holder_and_an_unparsable_lock_expires_after_one_lease(store_root,
                                                                                                monkeypatch):
     from tasks.core.objectstore import Lock, LockTimeout

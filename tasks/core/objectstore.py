@@ -212,7 +212,11 @@ class Store:
         are deleted and before the manifest is written (fencing: a holder whose lease ran out deletes nothing a
         newer holder wrote and publishes nothing)."""
         if lock is not None:
-            lock.check()
+            # Deleting needs the lease to hold until the deletes are done: with renewals working every lease/3,
+            # at least two thirds of it is left; less means renewals are failing, and a newer holder may be
+            # about to write here. (A file this holder overwrites after losing the lease is caught anyway: its
+            # digest no longer matches the newer manifest, so readers discard the entry and rebuild it.)
+            lock.check(margin=self.lease / 3)
         leftovers = [self.remote(f"{rel}/{n}") for n in self.listing(rel)]
         if leftovers:
             self.fs.rm(leftovers)
@@ -468,12 +472,14 @@ class Lock:
                 self.store.on_wait(f"store: renewing the lease of {self.store.url}/{self.name} failed "
                                    f"({type(e).__name__}); {max(self.valid_until - time.time(), 0):.0f} s left")
 
-    def check(self) -> None:
-        """Raise LockLost unless this holder's lease surely still holds and no newer generation exists."""
+    def check(self, margin: float = 0.0) -> None:
+        """Raise LockLost unless this holder's lease surely still holds (for `margin` seconds more: what the next
+        step may take) and no newer generation exists."""
         if self.gen is None:
             raise LockLost(f"store: {self.store.url}/{self.name} is not held")
-        if time.time() >= self.valid_until:
-            self.fence.lose(f"store: the lease of {self.store.url}/{self.name} ran out (its renewal failed): "
+        if time.time() + margin >= self.valid_until:
+            self.fence.lose(f"store: the lease of {self.store.url}/{self.name} ran out or is about to (its renewal "
+                            "failed): "
                             "another host may be building it; nothing is published")
         else:
             gens = self._generations()
