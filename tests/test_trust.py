@@ -406,3 +406,11 @@ def test_the_store_server_refuses_a_second_create(s3_endpoint, monkeypatch, tmp_
     for t in threads:
         t.join()
     assert sorted(map(repr, got)) == sorted(["True"] + ["False"] * (len(got) - 1)), got
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a\\b", "..", ".hidden", "a\x00b"])
+def test_a_line_name_is_one_folder_name(name):
+    from tasks.state.lines import state_file
+
+    with pytest.raises(ValueError, match="not a valid line name"):
+        state_file(name)

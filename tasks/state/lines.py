@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.core.config import name_problem
 from tasks.core.root import ArtifactsRoot
 
 DropStatus = Literal["pending", "active", "rejected", "removed"]
@@ -80,8 +81,8 @@ class LineState(BaseModel):
 
 def state_file(line: str) -> str:
     """The line's state file, relative to the root."""
-    if not line or "/" in line or line.startswith("."):
-        raise ValueError(f"line: {line!r} is not a valid line name (no '/', not starting with '.')")
+    if why := name_problem(line):  # the one rule of folder names, the same as push.name's
+        raise ValueError(f"line: {line!r} is not a valid line name: {why}")
     return f"state/lines/{line}.json"
 
 
