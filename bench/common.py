@@ -96,15 +96,17 @@ def seed_data_path(corpus, tokenizer, cache_dir, max_seq_length=1000, overlap=50
 
 
 def seed_script() -> str:
-    """The seed's data path as a standalone script, `python seed.py MODEL_DIR CORPUS CACHE_DIR` (prints the number
-    of chunks), written from the two functions above: the notebook's imports, its tokenizer, its data path."""
+    """The seed's data path as a standalone script, `python seed.py MODEL_DIR CORPUS CACHE_DIR`, written from the
+    two functions above: the notebook's imports, its tokenizer, its data path. It prints the number of chunks and
+    `section <seconds>`: the notebook's timed section, from loading the tokenizer to the chunked dataset (what
+    a user times in the notebook's cells once the kernel has imported its libraries)."""
     return "\n\n".join([
-        "from __future__ import annotations\n\nimport sys\n\nfrom datasets import load_dataset\n"
+        "from __future__ import annotations\n\nimport sys\nimport time\n\nfrom datasets import load_dataset\n"
         "from transformers import AutoTokenizer\n\nmodel_dir, corpus, cache = sys.argv[1:4]\n"
-        "tokenizer = AutoTokenizer.from_pretrained(model_dir)\n",
+        "started = time.perf_counter()\ntokenizer = AutoTokenizer.from_pretrained(model_dir)\n",
         inspect.getsource(chunk_text_with_overlap),
         inspect.getsource(seed_data_path),
-        "print(seed_data_path(corpus, tokenizer, cache))\n",
+        "print(seed_data_path(corpus, tokenizer, cache))\nprint(f'section {time.perf_counter() - started:.4f}')\n",
     ])
 
 
@@ -178,12 +180,17 @@ def quiet_env(**extra: str) -> dict[str, str]:
 def timed(cmd: list[str], env: dict[str, str]) -> float:
     """Run `cmd` (from the repository root, output captured) and return its wall seconds, start to exit; exit
     with its output's tail if it fails."""
+    return timed_output(cmd, env)[0]
+
+
+def timed_output(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """`timed`, and what the command printed."""
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return wall
+    return wall, done.stdout
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tasks.core import fence
@@ -36,14 +37,16 @@ def _without_locations(value: Any) -> Any:
 
 
 def content_digest(digests: dict[str, str], counts: dict[str, Any], meta: dict[str, Any], deps: list[str],
-                   base: Path) -> str:
+                   base: Path, manifest_of: Callable[[str], StageOutput | None] | None = None) -> str:
     """What an output holds, whatever key built it: its files' digests, the content of the entries it refers
     to, its counts and meta less provenance and locations. Downstream keys use this instead of the key, so a
     stage that reruns (a code version bump, a changed setting that turns out not to matter) and yields the same
     content leaves everything below it Cached: early cut-off."""
     parts = [(f"file:{name}", digest) for name, digest in sorted(digests.items())]
     for dep in deps:
-        manifest = read_manifest(base / dep)
+        # A dependency built on another host (a Dask worker) may be in the store only: the root says where its
+        # manifest is, so the content never depends on where a piece ran.
+        manifest = manifest_of(dep) if manifest_of is not None else read_manifest(base / dep)
         parts.append(("dep", (manifest.content or manifest.key) if manifest else dep))
     parts.append(("counts", json.dumps({k: v for k, v in counts.items() if k not in PROVENANCE_COUNTS},
                                        sort_keys=True, default=str)))
@@ -51,7 +54,8 @@ def content_digest(digests: dict[str, str], counts: dict[str, Any], meta: dict[s
     return f"c-{combine_digests(parts)}"
 
 
-def build_and_publish(base: Path, final: Path, stage: str, key: str, build) -> StageOutput:
+def build_and_publish(base: Path, final: Path, stage: str, key: str, build,
+                      manifest_of: Callable[[str], StageOutput | None] | None = None) -> StageOutput:
     """Run `build(tmp) -> (counts, meta[, {content, deps}])` and move its folder to `final` with its manifest.
     The caller holds the key's lock. On any exception the temp folder is removed and nothing is published."""
     remove_stale_builds(final.parent, key)
@@ -66,7 +70,8 @@ def build_and_publish(base: Path, final: Path, stage: str, key: str, build) -> S
         files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in paths}
         digests = {f.relative_to(tmp).as_posix(): hash_file(f) for f in paths}
         if "content" not in extra:
-            extra = {**extra, "content": content_digest(digests, counts, meta, extra.get("deps", []), base)}
+            extra = {**extra, "content": content_digest(digests, counts, meta, extra.get("deps", []), base,
+                                                        manifest_of)}
         manifest = StageOutput(
             stage=stage, key=key, path=final.relative_to(base).as_posix(), counts=counts, meta=meta,
             files=files, digests=digests, **extra,

@@ -21,7 +21,7 @@ from pathlib import Path
 from tasks.core.config import ConfigError
 from tasks.core.entries import build_and_publish, key_lock, local_entries
 from tasks.core.fence import fenced
-from tasks.core.manifest import RECORDS_DIR, StageOutput, remove_entry_dir, verified_manifest
+from tasks.core.manifest import RECORDS_DIR, StageOutput, read_manifest, remove_entry_dir, verified_manifest
 from tasks.core.objectstore import Lock, Store, split_url
 from tasks.core.paths import scratch_home
 
@@ -295,6 +295,10 @@ class StoreRoot(ArtifactsRoot):
     def location(self, rel: str) -> str:
         return f"{self.url}/{rel}"
 
+    def _dep_manifest(self, rel: str) -> StageOutput | None:
+        """An entry's manifest from the mirror, else from the store (built by another host, never fetched here)."""
+        return read_manifest(self.local / rel) or self.store.manifest(rel)
+
     def published(self, stage: str, key: str) -> StageOutput | None:
         """Complete in the store (the truth every host shares: a local copy the store lacks is uploaded by the
         rerun this miss causes)."""
@@ -323,7 +327,8 @@ class StoreRoot(ArtifactsRoot):
                 with lock as held:
                     if held:
                         with fenced(lock.fence):  # the build stops when the lease lapses
-                            manifest = build_and_publish(self.local, final, stage, key, build)
+                            manifest = build_and_publish(self.local, final, stage, key, build,
+                                                         manifest_of=self._dep_manifest)
                         store.upload_entry(rel, final, manifest, lock)  # fenced: LockLost publishes nothing
                         return manifest, True
                 # Another host published it while we waited: loop to fetch it (or build, if it was deleted).
