@@ -144,7 +144,7 @@ def test_a_line_keeps_its_drops_gates_them_and_reads_each_once(config, texts, tm
     assert stage_counts(one)["load"]["documents"] == stage_counts(first)["load"]["documents"] + 40
     entry = listing()[str(d1)]
     assert entry["status"] == "active" and entry["files"] == 1 and entry["documents"] == 40 and entry["tokens"] > 0
-    assert entry["fingerprint"] and entry["registered_at"]
+    assert entry["fingerprint"] and entry["registered_at"] and entry["announced_by"] == "shell"
 
     nightly = run()  # no drop parameter: the line still has d1, so nothing changed
     assert nightly["trained"] is False and nightly["reason"] == "unchanged" and nightly["pipeline"] is None

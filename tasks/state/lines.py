@@ -56,7 +56,7 @@ class Drop(BaseModel):
     def listing(self) -> dict[str, Any]:
         """What `cpt drops --json` prints per drop."""
         return self.model_dump(include={"path", "fingerprint", "files", "documents", "tokens", "registered_at",
-                                        "status", "reason", "history"})
+                                        "status", "reason", "history", "announced_by"})
 
 
 class LineState(BaseModel):
