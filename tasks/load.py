@@ -7,6 +7,7 @@ Every record either becomes a document, is counted as a duplicate or too short, 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import glob
@@ -15,11 +16,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
+
+import orjson
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -259,6 +263,21 @@ def fingerprint_corpus(cfg: CorpusConfig, base: Path | None = None, digest=hash_
     return fingerprint_files(resolve_corpus_files(cfg, base), digest, str(base or Path.cwd()))
 
 
+# ------------------------------------------------------------------------------------------ readers
+# Every reader streams: it holds about one block plus one record, whatever the file's size, and keeps each
+# record's line. A record too long to hold is a reject with its place, never an out-of-memory.
+
+_BLOCK = 8 << 20  # bytes (JSON lines, the UTF-8 check) or characters (a JSON array) read at a time
+_PARQUET_BATCH = 4096  # rows
+
+
+def _raw_limit(cfg: CorpusConfig) -> int:
+    """How long one record's raw form may be: twice the document limit (a text written with `\\uXXXX`
+    escapes, as `ensure_ascii` exports do, takes two bytes per UTF-8 byte of Korean) plus 1 MiB of other
+    fields. Longer is never held: a reject."""
+    return 2 * cfg.max_document_bytes + (1 << 20)
+
+
 def _line_of(data: bytes | str, offset: int) -> int:
     return data.count(b"\n" if isinstance(data, bytes) else "\n", 0, offset) + 1
 
@@ -269,7 +288,76 @@ def _decode(data: bytes, name: str, first_line: int = 1) -> tuple[str | None, Re
     except UnicodeDecodeError as e:
         line = first_line + _line_of(data, e.start) - 1
         return None, Reject(f"{name}:{line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})",
-                            data.decode("utf-8", "backslashreplace"))
+                            data.decode("utf-8", "backslashreplace")[:_RAW_KEPT])
+
+
+def _first_byte(f: BinaryIO) -> bytes:
+    """The file's first byte that is not whitespace (b"" when there is none); the file is left at its start."""
+    found = b""
+    while chunk := f.read(1 << 16):
+        stripped = chunk.lstrip()
+        if stripped:
+            found = stripped[:1]
+            break
+    f.seek(0)
+    return found
+
+
+def _utf8_reject(f: BinaryIO, name: str) -> Reject | None:
+    """A whole-file format (a JSON array, CSV) with one bad byte is unreadable: the reject naming its line, or
+    None. Checked block by block before parsing, so no record is taken from a file that then turns out bad."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    try:
+        while block := f.read(_BLOCK):
+            decoder.decode(block)
+            lines += block.count(b"\n")
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        data = e.object
+        line = lines + _line_of(data, e.start)
+        # e.object may start with up to 3 bytes kept from the block before; their newlines are not counted.
+        raw = data[max(0, e.start - 1000): e.start + 1000].decode("utf-8", "backslashreplace")
+        return Reject(f"{name}:{line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})", raw)
+    finally:
+        f.seek(0)
+    return None
+
+
+def _lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary file read in blocks; a line over `limit` bytes comes as (number, None)
+    and is skipped without being held."""
+    lineno, pending, held, skipping = 0, [], 0, False
+    while block := f.read(_BLOCK):
+        cut = block.find(b"\n")
+        if skipping:  # the rest of a line already reported as too long
+            if cut < 0:
+                continue
+            block, cut, skipping = block[cut + 1:], -1, False
+            cut = block.find(b"\n")
+        if cut < 0:
+            pending.append(block)
+            held += len(block)
+            if held > limit:
+                lineno += 1
+                yield lineno, None
+                pending, held, skipping = [], 0, True
+            continue
+        data = b"".join([*pending, block]) if pending else block
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            lineno += 1
+            yield lineno, (line if len(line) <= limit else None)
+        pending, held = ([tail], len(tail)) if tail else ([], 0)
+        if held > limit:
+            lineno += 1
+            yield lineno, None
+            pending, held, skipping = [], 0, True
+    if pending and not skipping:
+        lineno += 1
+        line = b"".join(pending)
+        yield lineno, (line if len(line) <= limit else None)
 
 
 def _text_of(obj: Any, cfg: CorpusConfig) -> tuple[str | None, str | None]:
@@ -303,85 +391,165 @@ def _unfit_text(text: str, cfg: CorpusConfig) -> str | None:
     return None
 
 
-def _records_from_objects(objs: Iterator[tuple[int, Any, str]], name: str, cfg: CorpusConfig):
-    for line, obj, raw in objs:
-        text, reason = _text_of(obj, cfg)
-        if reason is None:
-            reason = _unfit_text(text, cfg)
-        if reason is not None:
-            yield Reject(f"{name}:{line}", reason, raw[:_RAW_KEPT])
-        else:
-            yield Record(f"{name}:{line}", text)
+def _record(obj: Any, source: str, cfg: CorpusConfig, raw: Callable[[], str]) -> Record | Reject:
+    """One parsed record as a document, or its reject; `raw` gives the record's text only when it is kept in a
+    reject (most records never need it)."""
+    text, reason = _text_of(obj, cfg)
+    if reason is None:
+        reason = _unfit_text(text, cfg)
+    return Record(source, text) if reason is None else Reject(source, reason, raw()[:_RAW_KEPT])
 
 
-def _read_json_lines(data: bytes, name: str, cfg: CorpusConfig):
-    def objects():
-        for lineno, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            text, bad = _decode(raw, name, lineno)
-            if bad is not None:
-                yield lineno, None, bad
-                continue
-            try:
-                yield lineno, json.loads(text), text
-            except json.JSONDecodeError as e:
-                yield lineno, None, Reject(f"{name}:{lineno}", f"malformed JSON: {e.msg} (column {e.colno})", text)
-            except RecursionError:
-                yield lineno, None, Reject(f"{name}:{lineno}", "malformed JSON: nested too deeply", text[:2000])
-
-    for lineno, obj, raw in objects():
-        if isinstance(raw, Reject):
-            yield raw
-        else:
-            yield from _records_from_objects(iter([(lineno, obj, raw)]), name, cfg)
+def _json_line_slowly(raw: bytes, lineno: int, name: str, cfg: CorpusConfig) -> Record | Reject:
+    """A line orjson refused, read by the standard library: its error messages (with the column), and what it
+    accepts beyond strict JSON (NaN, a lone surrogate escape, integers past 64 bits) judged as before."""
+    text, bad = _decode(raw, name, lineno)
+    if bad is not None:
+        return bad
+    source = f"{name}:{lineno}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Reject(source, f"malformed JSON: {e.msg} (column {e.colno})", text[:_RAW_KEPT])
+    except RecursionError:
+        return Reject(source, "malformed JSON: nested too deeply", text[:2000])
+    return _record(obj, source, cfg, lambda: text)
 
 
-def _read_json_array(text: str, name: str, cfg: CorpusConfig):
-    """A top-level JSON array, element by element, so each record knows its line."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    n = len(text)
+def _read_json_lines(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """JSON lines in blocks. orjson parses (the fastest correct parser measured, bench/readers.py); a line it
+    refuses goes through `_json_line_slowly`, so messages and verdicts are the standard library's."""
+    limit, empty = _raw_limit(cfg), True
+    for lineno, raw in _lines(f, limit):
+        if raw is None:
+            empty = False
+            yield Reject(f"{name}:{lineno}", f"line over {limit} bytes (corpus.max_document_bytes="
+                                             f"{cfg.max_document_bytes}, twice that for escapes, plus 1 MiB): not read", "")
+            continue
+        if not raw or raw.isspace():
+            continue
+        empty = False
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            yield _json_line_slowly(raw, lineno, name, cfg)
+            continue
+        yield _record(obj, f"{name}:{lineno}", cfg, lambda raw=raw: raw.decode("utf-8", "backslashreplace"))
+    if empty:
+        yield Reject(f"{name}:1", "empty file", "")
 
-    def skip(p: int) -> int:
-        while p < n and text[p] in " \t\r\n":
-            p += 1
-        return p
 
-    pos = skip(pos)
-    if pos < n and text[pos] == "]":
+class _Window:
+    """A sliding window over a text file for the JSON array reader: the text from the record being parsed on,
+    refilled by blocks, with the line number of any position kept by counting newlines once each."""
+
+    _SPACE = re.compile(r"[ \t\r\n]*")
+
+    def __init__(self, f: TextIO):
+        self.f, self.buf, self.eof = f, "", False
+        self.pos = self.mark = 0
+        self.mark_line = 1  # the line of buf[mark]
+
+    def fill(self, size: int = _BLOCK) -> bool:
+        """Read `size` more characters; False at the end of the file."""
+        if self.eof:
+            return False
+        chunk = self.f.read(size)
+        if not chunk:
+            self.eof = True
+            return False
+        if self.pos > _BLOCK:  # drop what was parsed (its newlines counted first)
+            self.line_at(self.pos)
+            self.buf, self.mark, self.pos = self.buf[self.pos:], 0, 0
+        self.buf += chunk
+        return True
+
+    def line_at(self, p: int) -> int:
+        """The line of buf[p]; positions are asked for in increasing order."""
+        self.mark_line += self.buf.count("\n", self.mark, p)
+        self.mark = p
+        return self.mark_line
+
+    def skip_space(self) -> str:
+        """Past whitespace; the next character ("" at the end of the file)."""
+        while True:
+            self.pos = self._SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.fill():
+                return self.buf[self.pos: self.pos + 1]
+
+    def held(self) -> int:
+        return len(self.buf) - self.pos
+
+
+def _read_json_array(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A top-level JSON array, element by element over a sliding window (linear time, memory about one block
+    plus one element), so each record knows the line it starts on. An element not yet complete in the window
+    makes the window grow (doubling, so re-parsing stays linear) up to `_raw_limit`."""
+    decoder, limit = json.JSONDecoder(), _raw_limit(cfg)
+    w = _Window(f)
+    w.skip_space()
+    w.pos += 1  # the "[" (the caller checked it)
+    if w.skip_space() == "]":
         return
     while True:
-        line = _line_of(text, pos)
+        start = w.pos
         try:
-            obj, end = decoder.raw_decode(text, pos)
+            obj, end = decoder.raw_decode(w.buf, start)
+            complete = end < len(w.buf) or w.eof  # a number cut by the window's end parses too
         except json.JSONDecodeError as e:
-            # Past a syntax error inside an array nothing after it can be located reliably.
-            yield Reject(f"{name}:{_line_of(text, e.pos)}", f"malformed JSON: {e.msg}", text[pos : pos + 2000])
-            return
+            # Unterminated, or failing near the window's end: maybe only cut off there. Elsewhere: a real error.
+            cut = e.msg.startswith("Unterminated string") or e.pos >= len(w.buf) - 4096
+            if w.eof or not cut:
+                # Past a syntax error inside an array nothing after it can be located reliably.
+                yield Reject(f"{name}:{w.line_at(max(e.pos, w.mark))}", f"malformed JSON: {e.msg}",
+                             w.buf[start: start + 2000])
+                return
+            complete = False
         except RecursionError:  # nor past an element nested too deeply to parse
-            yield Reject(f"{name}:{line}", "malformed JSON: nested too deeply (the rest of the array is not read)",
-                         text[pos : pos + 2000])
+            yield Reject(f"{name}:{w.line_at(start)}", "malformed JSON: nested too deeply (the rest of the array "
+                         "is not read)", w.buf[start: start + 2000])
             return
-        yield from _records_from_objects(iter([(line, obj, text[pos:end])]), name, cfg)
-        pos = skip(end)
-        if pos < n and text[pos] == ",":
-            pos = skip(pos + 1)
+        if not complete:
+            if w.held() > limit:
+                yield Reject(f"{name}:{w.line_at(start)}", f"an element over {limit} characters (corpus."
+                             f"max_document_bytes={cfg.max_document_bytes}, twice that for escapes, plus 1 MiB): "
+                             "the rest of the array is not read", "")
+                return
+            w.fill(max(_BLOCK, w.held()))
             continue
-        if pos < n and text[pos] == "]":
-            if skip(pos + 1) < n:
-                yield Reject(f"{name}:{_line_of(text, pos + 1)}", "malformed JSON: data after the array", "")
+        line = w.line_at(start)
+        yield _record(obj, f"{name}:{line}", cfg, lambda s=start, e=end: w.buf[s:e])
+        w.pos = end
+        sep = w.skip_space()
+        if sep == ",":
+            w.pos += 1
+            w.skip_space()
+            continue
+        if sep == "]":
+            w.pos += 1
+            if w.skip_space():
+                yield Reject(f"{name}:{w.line_at(w.pos)}", "malformed JSON: data after the array", "")
             return
-        yield Reject(f"{name}:{_line_of(text, pos)}", "malformed JSON: expected ',' or ']'", text[pos : pos + 200])
+        yield Reject(f"{name}:{w.line_at(w.pos)}", "malformed JSON: expected ',' or ']'", w.buf[w.pos: w.pos + 200])
         return
 
 
-def _read_csv(text: str, name: str, cfg: CorpusConfig):
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _read_csv(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """CSV row by row from the open file. The csv module's field limit is the document limit (in characters,
+    so never below it in bytes): a longer field is a reject naming its line."""
+    previous = csv.field_size_limit(cfg.max_document_bytes)
+    try:
+        yield from _csv_rows(f, name, cfg)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    reader = csv.DictReader(f)
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
     start = 1
     try:
-        missing = [f for f in wanted if f not in (reader.fieldnames or [])]
+        missing = [k for k in wanted if k not in (reader.fieldnames or [])]
         if missing:
             yield Reject(f"{name}:1", f"missing field {missing[0]!r} (header has {reader.fieldnames})", "")
             return
@@ -389,30 +557,51 @@ def _read_csv(text: str, name: str, cfg: CorpusConfig):
         for row in reader:
             # csv line_num is the line where the record ended; multi-line fields start earlier.
             line, start = start, reader.line_num + 1
-            raw = json.dumps(row, ensure_ascii=False)
             if None in row:
-                yield Reject(f"{name}:{line}", "more values than header columns", raw)
+                yield Reject(f"{name}:{line}", "more values than header columns", json.dumps(row, ensure_ascii=False))
                 continue
-            row = {k: (None if v is None else v) for k, v in row.items()}
-            yield from _records_from_objects(iter([(line, row, raw)]), name, cfg)
-    except csv.Error as e:  # a field over the csv module's limit, a NUL byte: the record cannot be delimited
-        yield Reject(f"{name}:{start}", f"malformed CSV: {e} (the rest of the file is not read)", "")
+            yield _record(row, f"{name}:{line}", cfg, lambda row=row: json.dumps(row, ensure_ascii=False))
+    except csv.Error as e:  # a field over the limit, a NUL byte: the record cannot be delimited
+        over = (f": a field over corpus.max_document_bytes={cfg.max_document_bytes}"
+                if "field larger than field limit" in str(e) else "")
+        yield Reject(f"{name}:{start}", f"malformed CSV: {e}{over} (the rest of the file is not read)", "")
 
 
-def _read_parquet(path: Path, name: str, cfg: CorpusConfig):
+def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """Parquet by batches of rows (`iter_batches`: one row group's columns at a time), only the text columns.
+    A value over the document limit is a reject found from its length, never turned into a Python string."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
-    for f in wanted:
-        if f not in table.column_names:
-            yield Reject(f"{name}:1", f"missing field {f!r} (columns: {table.column_names})", "")
-            return
-    columns = {f: table.column(f).to_pylist() for f in wanted}
-    for i in range(table.num_rows):
-        obj = {f: columns[f][i] for f in wanted}
-        yield from _records_from_objects(iter([(i + 1, obj, json.dumps(obj, ensure_ascii=False, default=str))]),
-                                         name, cfg)
+    with pq.ParquetFile(path) as pf:
+        columns = pf.schema_arrow.names
+        for k in wanted:
+            if k not in columns:
+                yield Reject(f"{name}:1", f"missing field {k!r} (columns: {columns})", "")
+                return
+        row = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=wanted):
+            values, sizes = {}, {}
+            for k in wanted:
+                col = batch.column(k)
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                    lengths = pc.fill_null(pc.binary_length(col), 0)
+                    over = pc.greater(lengths, cfg.max_document_bytes)
+                    if pc.any(over).as_py():
+                        sizes[k] = lengths.to_pylist()
+                        col = pc.if_else(over, pa.scalar(None, col.type), col)
+                values[k] = col.to_pylist()
+            for i in range(batch.num_rows):
+                row += 1
+                big = [(k, s[i]) for k, s in sizes.items() if s[i] > cfg.max_document_bytes]
+                if big:
+                    k, size = big[0]
+                    yield Reject(f"{name}:{row}", f"field {k!r} is {size} bytes, over corpus.max_document_bytes="
+                                                  f"{cfg.max_document_bytes}", "")
+                    continue
+                obj = {k: values[k][i] for k in wanted}
+                yield _record(obj, f"{name}:{row}", cfg, lambda obj=obj: json.dumps(obj, ensure_ascii=False,
+                                                                                      default=str))
 
 
 # What reading a file raises when the file is bad or cannot be read: a corrupt parquet file (ArrowInvalid,
@@ -452,25 +641,38 @@ def _read_file(path: Path, cfg: CorpusConfig, name: str) -> Iterator[Record | Re
             return
         yield from _read_parquet(path, name, cfg)
         return
-    data = path.read_bytes()
+    if suffix == ".txt":  # bounded by the size checked above
+        yield from _read_text(path.read_bytes(), name, cfg)
+        return
+    with open(path, "rb") as f:
+        first = _first_byte(f)
+        if suffix == ".jsonl" or (suffix == ".json" and first != b"["):
+            yield from _read_json_lines(f, name, cfg)
+            return
+        if not first:
+            yield Reject(f"{name}:1", "empty file", "")
+            return
+        bad = _utf8_reject(f, name)
+        if bad is not None:
+            # One bad byte makes a whole-file format unreadable; the file is the record.
+            yield bad
+            return
+        # newline="": csv sees the file's own line ends (a quoted field may hold them); JSON does not care.
+        with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+            yield from (_read_json_array if suffix == ".json" else _read_csv)(text, name, cfg)
+
+
+def _read_text(data: bytes, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A .txt file: one document (its size was checked again here: it may have grown since it was listed)."""
     if not data.strip():
         yield Reject(f"{name}:1", "empty file", "")
         return
-    if suffix == ".jsonl" or (suffix == ".json" and not data.lstrip().startswith(b"[")):
-        yield from _read_json_lines(data, name, cfg)
-        return
     text, bad = _decode(data, name)
     if bad is not None:
-        # One bad byte makes a whole-file format unreadable; the file is the record.
         yield bad
         return
-    if suffix == ".json":
-        yield from _read_json_array(text, name, cfg)
-    elif suffix == ".csv":
-        yield from _read_csv(text, name, cfg)
-    else:  # .txt: the file is one document (checked again: it may have grown since its size was read)
-        reason = _unfit_text(text, cfg)
-        yield Reject(f"{name}:1", reason, "") if reason else Record(f"{name}:1", text)
+    reason = _unfit_text(text, cfg)
+    yield Reject(f"{name}:1", reason, "") if reason else Record(f"{name}:1", text)
 
 
 def doc_id_of(text: str) -> str:
