@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+import numpy as np
 import orjson
 
 import pyarrow as pa
@@ -42,10 +43,15 @@ REJECTS_FILE = "rejects.jsonl"
 # piece is keyed by the file's content alone and a corpus or drop anywhere reuses it.
 PIECE_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_id", pa.string()),
                           ("line", pa.int64())])
+# Documents with their source (name:line): what `read_documents` gives, and a table tokenize_file can read.
 DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_id", pa.string()),
                         ("source", pa.string())])
-# The assembled corpus also says where each document's row lives in the per-file outputs.
-ASSEMBLED_SCHEMA = DOC_SCHEMA.append(pa.field("part", pa.int32())).append(pa.field("row", pa.int64()))
+# The assembled corpus is an index into the pieces: which row of which piece holds each document, no text (the
+# pieces hold it once), so a drop of one file re-assembles ids, never the corpus.
+INDEX_FILE = "index.arrow"
+INDEX_SCHEMA = pa.schema([("doc_id", pa.string()), ("norm_id", pa.string()), ("part", pa.int32()),
+                          ("row", pa.int64()), ("line", pa.int64())])
+_INDEX_BATCH = 65536
 _WRITE_BATCH = 2048
 _RAW_KEPT = 100_000  # characters of a rejected record kept in rejects.jsonl
 
@@ -736,34 +742,76 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
     return counts
 
 
-def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool) -> dict[str, int]:
-    """Per-file outputs → `out_dir/docs.arrow` (doc_id, text, norm_id, source = name:line, part, row) and all
-    rejects (with their source). A document already seen in an earlier part is a duplicate."""
+def piece_index(directory: Path, part: int) -> pa.Table:
+    """One piece's documents as index rows (doc_id, norm_id, part, row, line): its ids and where each text
+    lives, read from the memory-mapped piece without touching its text column."""
+    table = read_arrow(directory / DOCS_FILE)
+    n = table.num_rows
+    return pa.table([table.column("doc_id"), table.column("norm_id"), pa.array(np.full(n, part, np.int32)),
+                     pa.array(np.arange(n, dtype=np.int64)), table.column("line")], schema=INDEX_SCHEMA)
+
+
+def first_copies(index: pa.Table, seen: set[str]) -> pa.Table:
+    """`index` less documents already in `seen` (an earlier piece holds the same text); `seen` takes the rest.
+    Each filter of the assembly (this exact one; a near-duplicate one would sit beside it) takes and gives an
+    index table, so texts are read only by a filter that needs them."""
+    ids = index.column("doc_id").to_pylist()
+    keep = [i for i, d in enumerate(ids) if d not in seen]
+    seen.update(ids)
+    return index if len(keep) == len(ids) else index.take(pa.array(keep, pa.int64()))
+
+
+def copy_rejects(directory: Path, prefix: str, sink) -> None:
+    """A piece's rejects (line, reason, raw) into the assembled rejects.jsonl with their source (`name:line`)."""
+    with open(directory / REJECTS_FILE, encoding="utf-8") as f:
+        for raw in f:
+            r = json.loads(raw)
+            sink.write((json.dumps({"source": f"{prefix}{r['line']}", "reason": r["reason"], "raw": r["raw"]},
+                                   ensure_ascii=False) + "\n").encode())
+
+
+def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
+                       characters: list[int] | None = None) -> dict[str, int]:
+    """Per-file pieces → `out_dir/index.arrow` (doc_id, norm_id, part, row, line: which row of which piece
+    holds each document; no text) and all rejects (with their source). A document already seen in an earlier
+    part is a duplicate. Only ids are read and written: adding one file costs its own piece and one pass over
+    the ids, never a copy of every text. `characters`: each piece's own count (load_file's), if known."""
     counts = {"documents": 0, "duplicates": 0, "characters": 0}
     seen: set[str] = set()
-    with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, ASSEMBLED_SCHEMA) as writer, \
+    with pa.OSFile(str(out_dir / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "wb") as rejects:
         for part, directory in enumerate(parts):
-            table = read_arrow(directory / DOCS_FILE)
-            ids = table.column("doc_id").to_pylist()
-            keep = [i for i, d in enumerate(ids) if not (deduplicate and d in seen)]
-            seen.update(ids)
-            counts["duplicates"] += len(ids) - len(keep)
-            kept = table.take(pa.array(keep, pa.int64())) if len(keep) != len(ids) else table
-            prefix = f"{names[part]}:"
-            source = pc.binary_join_element_wise(prefix, pc.cast(kept.column("line"), pa.string()), "")
-            kept = pa.table([kept.column("doc_id"), kept.column("text"), kept.column("norm_id"), source,
-                             pa.array([part] * kept.num_rows, pa.int32()), pa.array(keep, pa.int64())],
-                            schema=ASSEMBLED_SCHEMA)
-            writer.write_table(kept, max_chunksize=_WRITE_BATCH)
+            index = piece_index(directory, part)
+            kept = first_copies(index, seen) if deduplicate else index
+            counts["duplicates"] += index.num_rows - kept.num_rows
+            writer.write_table(kept, max_chunksize=_INDEX_BATCH)
             counts["documents"] += kept.num_rows
-            counts["characters"] += int(pc.sum(pc.utf8_length(kept.column("text"))).as_py() or 0)
-            with open(directory / REJECTS_FILE, encoding="utf-8") as f:
-                for raw in f:
-                    r = json.loads(raw)
-                    rejects.write((json.dumps({"source": f"{prefix}{r['line']}", "reason": r["reason"],
-                                               "raw": r["raw"]}, ensure_ascii=False) + "\n").encode())
+            counts["characters"] += (characters[part] if characters and kept.num_rows == index.num_rows
+                                     else piece_characters(directory, kept))
+            copy_rejects(directory, f"{names[part]}:", rejects)
     return counts
+
+
+def piece_characters(directory: Path, kept: pa.Table) -> int:
+    """Characters of the documents `kept` (index rows) of one piece, counted from their texts."""
+    texts = read_arrow(directory / DOCS_FILE).column("text").take(kept.column("row"))
+    return int(pc.sum(pc.utf8_length(texts)).as_py() or 0)
+
+
+def read_documents(index_file: Path, part_dirs: list[Path], names: list[str] | None = None) -> pa.Table:
+    """The assembled corpus with its texts (doc_id, text, norm_id, source = name:line), joined from the index and
+    the pieces: for tools and tests on small corpora (the stages read piece by piece)."""
+    index = read_arrow(index_file)
+    names = names or [str(p) for p in part_dirs]
+    tables = []
+    for part, directory in enumerate(part_dirs):
+        rows = index.filter(pc.equal(index.column("part"), part))
+        if not rows.num_rows:
+            continue
+        texts = read_arrow(directory / DOCS_FILE).column("text").take(rows.column("row"))
+        source = pc.binary_join_element_wise(f"{names[part]}:", pc.cast(rows.column("line"), pa.string()), "")
+        tables.append(pa.table([rows.column("doc_id"), texts, rows.column("norm_id"), source], schema=DOC_SCHEMA))
+    return pa.concat_tables(tables) if tables else DOC_SCHEMA.empty_table()
 
 
 def merge_counts(per_file: list[dict[str, int]], assembled: dict[str, int]) -> dict[str, int]:
@@ -787,7 +835,8 @@ def load_documents(files: list[Path], cfg: CorpusConfig, out_dir: Path, names: l
         part.mkdir(parents=True, exist_ok=True)
         per_file.append(load_file(path, name, cfg, part))
         parts.append(part)
-    counts = merge_counts(per_file, assemble_documents(parts, names, out_dir, cfg.deduplicate))
+    counts = merge_counts(per_file, assemble_documents(parts, names, out_dir, cfg.deduplicate,
+                                                       [c["characters"] for c in per_file]))
     return {"counts": counts, "files": [{"file": n, **c} for n, c in zip(names, per_file)]}
 
 
@@ -827,7 +876,7 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: Artifacts
 
 
 register_code_version("load-file", 1, [load_file_cached], ["pyarrow"])
-register_code_version("load-content", 1, [assemble_documents, merge_counts], ["pyarrow"])
+register_code_version("load-content", 2, [assemble_documents, merge_counts], ["pyarrow", "numpy"])
 
 
 def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: ArtifactsRoot, runtime=None):
@@ -842,18 +891,35 @@ def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: Artifac
 
 
 class Docs(StageOutput):
-    """load's output: `docs.arrow` (doc_id, text, norm_id, source = path:line, part, row) and `rejects.jsonl`,
-    assembled from per-file pieces (`parts`, each a load-file entry with its own docs.arrow)."""
+    """load's output: `index.arrow` (doc_id, norm_id, part, row, line: where each document lives in the per-file
+    pieces, no text) and `rejects.jsonl`; the texts stay in the pieces (`parts`, each a load-file entry with
+    its own docs.arrow of doc_id, text, norm_id, line)."""
 
-    def docs_file(self, root: ArtifactsRoot) -> Path:
-        return self.dir(root) / DOCS_FILE
+    def index_file(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / INDEX_FILE
+
+    def index(self, root: ArtifactsRoot, columns: list[str] | None = None) -> pa.Table:
+        """The index (memory-mapped), or some of its columns."""
+        table = read_arrow(self.index_file(root))
+        return table.select(columns) if columns else table
+
+    def norm_ids(self, root: ArtifactsRoot) -> set[str]:
+        return set(pc.unique(self.index(root, ["norm_id"]).column("norm_id")).to_pylist())
+
+    def part_dirs(self, root: ArtifactsRoot) -> list[Path]:
+        return [root.entry(p["path"]) for p in self.parts]
+
+    def documents(self, root: ArtifactsRoot) -> pa.Table:
+        """Every document with its text and `source` (path:line), joined from the pieces: for tools and tests on
+        small corpora (the stages read piece by piece)."""
+        return read_documents(self.index_file(root), self.part_dirs(root), [p["name"] for p in self.parts])
 
     def rejects_file(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / REJECTS_FILE
 
     @property
     def parts(self) -> list[dict[str, Any]]:
-        """Per source file: name, key, path, content and counts of its piece, in corpus order."""
+        """Per source file: name, key, path, content and counts of its piece, in corpus order (its `part`)."""
         return self.meta["parts"]
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
@@ -864,6 +930,14 @@ class Docs(StageOutput):
         if c["rejected"]:
             lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(root)}"))
         return lines
+
+
+def entry_documents(entry: Path, artifacts: Path) -> pa.Table:
+    """`Docs.documents` of a load entry found by its folder on a local artifacts root (tools and tests)."""
+    from tasks.core.manifest import read_manifest
+
+    parts = read_manifest(entry).meta["parts"]
+    return read_documents(entry / INDEX_FILE, [artifacts / p["path"] for p in parts], [p["name"] for p in parts])
 
 
 def piece_docs_file(root: ArtifactsRoot, piece_path: str) -> Path:
@@ -880,14 +954,14 @@ def piece_ids(root: ArtifactsRoot, pieces: list[StageOutput]) -> tuple[set[str],
     return set(table.column("doc_id").to_pylist()), set(table.column("norm_id").to_pylist())
 
 
-@stage("load", version=1, output=Docs, libraries=["pyarrow"], key_exclude={"runtime"})
+@stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
 def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
     pieces = load_pieces(sources.items, corpus, build.root, runtime)
     parts = [out for _, out, _ in pieces]
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
-                                   build.tmp, corpus.deduplicate)
+                                   build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts])
     counts = merge_counts([p.counts for p in parts], assembled)
     counts["files_read"] = sum(not reused for _, _, reused in pieces)
     meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, "content": p.content, **p.counts}

@@ -7,8 +7,8 @@ import pytest
 from helpers import write_jsonl
 from tasks.core.config import ConfigError, CorpusConfig
 from tasks.load import (
-    DOCS_FILE, REJECTS_FILE, BadRecordError, fingerprint_corpus, load_documents, resolve_corpus_files,
-    source_names,
+    INDEX_FILE, REJECTS_FILE, BadRecordError, fingerprint_corpus, load_documents, resolve_corpus_files,
+    read_documents, source_names,
 )
 
 
@@ -17,8 +17,9 @@ def run_load(tmp_path, files, **cfg):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     resolved = resolve_corpus_files(cfg)
-    result = load_documents(resolved, cfg, out, source_names(resolved))
-    table = pa.ipc.open_file(str(out / DOCS_FILE)).read_all()
+    names = source_names(resolved)
+    result = load_documents(resolved, cfg, out, names)
+    table = read_documents(out / INDEX_FILE, [out / "parts" / str(i) for i in range(len(resolved))], names)
     rejects = [json.loads(x) for x in (out / REJECTS_FILE).read_text().splitlines()]
     return result["counts"], table, rejects
 
