@@ -456,11 +456,11 @@ class _Window:
         self.pos = self.mark = 0
         self.mark_line = 1  # the line of buf[mark]
 
-    def fill(self, size: int = _BLOCK) -> bool:
-        """Read `size` more characters; False at the end of the file."""
+    def fill(self, size: int | None = None) -> bool:
+        """Read `size` more characters (default a block); False at the end of the file."""
         if self.eof:
             return False
-        chunk = self.f.read(size)
+        chunk = self.f.read(size or _BLOCK)
         if not chunk:
             self.eof = True
             return False
@@ -521,7 +521,8 @@ def _read_json_array(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record
                              f"max_document_bytes={cfg.max_document_bytes}, twice that for escapes, plus 1 MiB): "
                              "the rest of the array is not read", "")
                 return
-            w.fill(max(_BLOCK, w.held()))
+            # Doubling (re-parsing stays linear), never past the limit by more than one character.
+            w.fill(max(1, min(max(_BLOCK, w.held()), limit + 1 - w.held())))
             continue
         line = w.line_at(start)
         yield _record(obj, f"{name}:{line}", cfg, lambda s=start, e=end: w.buf[s:e])
