@@ -52,7 +52,8 @@ INDEX_FILE = "index.arrow"
 INDEX_SCHEMA = pa.schema([("doc_id", pa.string()), ("norm_id", pa.string()), ("part", pa.int32()),
                           ("row", pa.int64()), ("line", pa.int64())])
 _INDEX_BATCH = 65536
-_WRITE_BATCH = 2048
+_WRITE_BATCH = 2048  # documents of a piece per record batch, or fewer when they reach _WRITE_BYTES of text
+_WRITE_BYTES = 16 << 20
 _RAW_KEPT = 100_000  # characters of a rejected record kept in rejects.jsonl
 
 
@@ -440,7 +441,8 @@ def _read_json_lines(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Reco
         except orjson.JSONDecodeError:
             yield _json_line_slowly(raw, lineno, name, cfg)
             continue
-        yield _record(obj, f"{name}:{lineno}", cfg, lambda raw=raw: raw.decode("utf-8", "backslashreplace"))
+        yield _record(obj, f"{name}:{lineno}", cfg,
+                      lambda raw=raw: raw[:4 * _RAW_KEPT].decode("utf-8", "backslashreplace"))
     if empty:
         yield Reject(f"{name}:1", "empty file", "")
 
@@ -705,6 +707,7 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
               "characters": 0}
     seen: set[str] = set()
     batch: dict[str, list] = {"doc_id": [], "text": [], "norm_id": [], "line": []}
+    held = 0  # characters of text in `batch` (a lower bound of its bytes)
     with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, PIECE_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "w", encoding="utf-8") as rejects:
 
@@ -737,8 +740,10 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
             batch["text"].append(item.text)
             batch["norm_id"].append(norm_id_of(item.text))
             batch["line"].append(_line_no(item.source))
-            if len(batch["doc_id"]) >= _WRITE_BATCH:
+            held += len(item.text)
+            if len(batch["doc_id"]) >= _WRITE_BATCH or held >= _WRITE_BYTES:
                 flush()
+                held = 0
         flush()
     return counts
 
