@@ -25,7 +25,6 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 import orjson
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
