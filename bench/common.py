@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPORA = ROOT.parent / "shared" / "corpora"
+# ../shared/corpora beside the checkout; CPT_CORPORA names another place (a worktree kept elsewhere).
+CORPORA = Path(os.environ.get("CPT_CORPORA") or ROOT.parent / "shared" / "corpora")
 SAMPLE_CORPUS = ROOT / "samples" / "medical_ko.jsonl"
 BIN = Path(sys.executable).parent
 CPT = str(BIN / "cpt")

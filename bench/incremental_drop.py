@@ -84,6 +84,10 @@ def main() -> None:
     for name, (result, wall) in runs.items():
         print(f"{name:16} {str(result['trained']):>8} {data_seconds(result):8.2f} {result['gate_seconds']:8.2f} "
               f"{wall:10.2f}")
+    for name in ("cold", "+1 drop"):
+        stages = (runs[name][0].get("pipeline") or {}).get("stages", [])
+        print(f"  {name} per data stage: " + ", ".join(f"{s['name']} {s['seconds']:.2f}" for s in stages
+                                                      if s["name"] in DATA_STAGES))
     cold = data_seconds(runs["cold"][0]) + runs["cold"][0]["gate_seconds"]
     drop = data_seconds(runs["+1 drop"][0]) + runs["+1 drop"][0]["gate_seconds"]
     print(f"\nadding 1 file to {n}: data stages + gate = {drop / cold:.3f} of a cold run "

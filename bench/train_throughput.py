@@ -50,14 +50,14 @@ def model_for(out: Path, texts: list[str], gpu: bool) -> Path:
 def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: int, overlap: int, mask: bool) -> Path:
     from tasks.chunk import SHARD, chunk_file, write_dataset_dict
     from tasks.core.config import ChunkConfig, CorpusConfig
-    from tasks.load import DOCS_FILE, load_documents, read_arrow
+    from tasks.load import INDEX_FILE, load_documents, read_documents
     from tasks.shuffle import split_documents, write_split
     from tasks.tokenize import load_tokenizer, special_tokens, tokenize_file
 
     work = out.parent / f"{out.name}-work"
     work.mkdir(parents=True, exist_ok=True)
     load_documents([corpus], CorpusConfig(paths=[str(corpus)]), work, [corpus.name])
-    table = read_arrow(work / DOCS_FILE)
+    table = read_documents(work / INDEX_FILE, [work / "parts" / "0"])
     parts = split_documents(table.column("doc_id").to_pylist(), 42, 0.02)
     tok = load_tokenizer(tokenizer_dir)
     sp = special_tokens(tok)

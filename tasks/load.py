@@ -7,6 +7,7 @@ Every record either becomes a document, is counted as a duplicate or too short, 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import glob
@@ -15,12 +16,15 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
+import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -38,11 +42,17 @@ REJECTS_FILE = "rejects.jsonl"
 # piece is keyed by the file's content alone and a corpus or drop anywhere reuses it.
 PIECE_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_id", pa.string()),
                           ("line", pa.int64())])
+# Documents with their source (name:line): what `read_documents` gives, and a table tokenize_file can read.
 DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("norm_id", pa.string()),
                         ("source", pa.string())])
-# The assembled corpus also says where each document's row lives in the per-file outputs.
-ASSEMBLED_SCHEMA = DOC_SCHEMA.append(pa.field("part", pa.int32())).append(pa.field("row", pa.int64()))
-_WRITE_BATCH = 2048
+# The assembled corpus is an index into the pieces: which row of which piece holds each document, no text (the
+# pieces hold it once), so a drop of one file re-assembles ids, never the corpus.
+INDEX_FILE = "index.arrow"
+INDEX_SCHEMA = pa.schema([("doc_id", pa.string()), ("norm_id", pa.string()), ("part", pa.int32()),
+                          ("row", pa.int64()), ("line", pa.int64())])
+_INDEX_BATCH = 65536
+_WRITE_BATCH = 2048  # documents of a piece per record batch, or fewer when they reach _WRITE_BYTES of text
+_WRITE_BYTES = 16 << 20
 _RAW_KEPT = 100_000  # characters of a rejected record kept in rejects.jsonl
 
 
@@ -259,6 +269,21 @@ def fingerprint_corpus(cfg: CorpusConfig, base: Path | None = None, digest=hash_
     return fingerprint_files(resolve_corpus_files(cfg, base), digest, str(base or Path.cwd()))
 
 
+# ------------------------------------------------------------------------------------------ readers
+# Every reader streams: it holds about one block plus one record, whatever the file's size, and keeps each
+# record's line. A record too long to hold is a reject with its place, never an out-of-memory.
+
+_BLOCK = 8 << 20  # bytes (JSON lines, the UTF-8 check) or characters (a JSON array) read at a time
+_PARQUET_BATCH = 4096  # rows
+
+
+def _raw_limit(cfg: CorpusConfig) -> int:
+    """How long one record's raw form may be: twice the document limit (a text written with `\\uXXXX`
+    escapes, as `ensure_ascii` exports do, takes two bytes per UTF-8 byte of Korean) plus 1 MiB of other
+    fields. Longer is never held: a reject."""
+    return 2 * cfg.max_document_bytes + (1 << 20)
+
+
 def _line_of(data: bytes | str, offset: int) -> int:
     return data.count(b"\n" if isinstance(data, bytes) else "\n", 0, offset) + 1
 
@@ -269,7 +294,76 @@ def _decode(data: bytes, name: str, first_line: int = 1) -> tuple[str | None, Re
     except UnicodeDecodeError as e:
         line = first_line + _line_of(data, e.start) - 1
         return None, Reject(f"{name}:{line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})",
-                            data.decode("utf-8", "backslashreplace"))
+                            data.decode("utf-8", "backslashreplace")[:_RAW_KEPT])
+
+
+def _first_byte(f: BinaryIO) -> bytes:
+    """The file's first byte that is not whitespace (b"" when there is none); the file is left at its start."""
+    found = b""
+    while chunk := f.read(1 << 16):
+        stripped = chunk.lstrip()
+        if stripped:
+            found = stripped[:1]
+            break
+    f.seek(0)
+    return found
+
+
+def _utf8_reject(f: BinaryIO, name: str) -> Reject | None:
+    """A whole-file format (a JSON array, CSV) with one bad byte is unreadable: the reject naming its line, or
+    None. Checked block by block before parsing, so no record is taken from a file that then turns out bad."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    try:
+        while block := f.read(_BLOCK):
+            decoder.decode(block)
+            lines += block.count(b"\n")
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        data = e.object
+        line = lines + _line_of(data, e.start)
+        # e.object may start with up to 3 bytes kept from the block before; their newlines are not counted.
+        raw = data[max(0, e.start - 1000): e.start + 1000].decode("utf-8", "backslashreplace")
+        return Reject(f"{name}:{line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})", raw)
+    finally:
+        f.seek(0)
+    return None
+
+
+def _lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary file read in blocks; a line over `limit` bytes comes as (number, None)
+    and is skipped without being held."""
+    lineno, pending, held, skipping = 0, [], 0, False
+    while block := f.read(_BLOCK):
+        cut = block.find(b"\n")
+        if skipping:  # the rest of a line already reported as too long
+            if cut < 0:
+                continue
+            block, cut, skipping = block[cut + 1:], -1, False
+            cut = block.find(b"\n")
+        if cut < 0:
+            pending.append(block)
+            held += len(block)
+            if held > limit:
+                lineno += 1
+                yield lineno, None
+                pending, held, skipping = [], 0, True
+            continue
+        data = b"".join([*pending, block]) if pending else block
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            lineno += 1
+            yield lineno, (line if len(line) <= limit else None)
+        pending, held = ([tail], len(tail)) if tail else ([], 0)
+        if held > limit:
+            lineno += 1
+            yield lineno, None
+            pending, held, skipping = [], 0, True
+    if pending and not skipping:
+        lineno += 1
+        line = b"".join(pending)
+        yield lineno, (line if len(line) <= limit else None)
 
 
 def _text_of(obj: Any, cfg: CorpusConfig) -> tuple[str | None, str | None]:
@@ -303,85 +397,167 @@ def _unfit_text(text: str, cfg: CorpusConfig) -> str | None:
     return None
 
 
-def _records_from_objects(objs: Iterator[tuple[int, Any, str]], name: str, cfg: CorpusConfig):
-    for line, obj, raw in objs:
-        text, reason = _text_of(obj, cfg)
-        if reason is None:
-            reason = _unfit_text(text, cfg)
-        if reason is not None:
-            yield Reject(f"{name}:{line}", reason, raw[:_RAW_KEPT])
-        else:
-            yield Record(f"{name}:{line}", text)
+def _record(obj: Any, source: str, cfg: CorpusConfig, raw: Callable[[], str]) -> Record | Reject:
+    """One parsed record as a document, or its reject; `raw` gives the record's text only when it is kept in a
+    reject (most records never need it)."""
+    text, reason = _text_of(obj, cfg)
+    if reason is None:
+        reason = _unfit_text(text, cfg)
+    return Record(source, text) if reason is None else Reject(source, reason, raw()[:_RAW_KEPT])
 
 
-def _read_json_lines(data: bytes, name: str, cfg: CorpusConfig):
-    def objects():
-        for lineno, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            text, bad = _decode(raw, name, lineno)
-            if bad is not None:
-                yield lineno, None, bad
-                continue
-            try:
-                yield lineno, json.loads(text), text
-            except json.JSONDecodeError as e:
-                yield lineno, None, Reject(f"{name}:{lineno}", f"malformed JSON: {e.msg} (column {e.colno})", text)
-            except RecursionError:
-                yield lineno, None, Reject(f"{name}:{lineno}", "malformed JSON: nested too deeply", text[:2000])
-
-    for lineno, obj, raw in objects():
-        if isinstance(raw, Reject):
-            yield raw
-        else:
-            yield from _records_from_objects(iter([(lineno, obj, raw)]), name, cfg)
+def _json_line_slowly(raw: bytes, lineno: int, name: str, cfg: CorpusConfig) -> Record | Reject:
+    """A line orjson refused, read by the standard library: its error messages (with the column), and what it
+    accepts beyond strict JSON (NaN, a lone surrogate escape, integers past 64 bits) judged as before."""
+    text, bad = _decode(raw, name, lineno)
+    if bad is not None:
+        return bad
+    source = f"{name}:{lineno}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Reject(source, f"malformed JSON: {e.msg} (column {e.colno})", text[:_RAW_KEPT])
+    except RecursionError:
+        return Reject(source, "malformed JSON: nested too deeply", text[:2000])
+    return _record(obj, source, cfg, lambda: text)
 
 
-def _read_json_array(text: str, name: str, cfg: CorpusConfig):
-    """A top-level JSON array, element by element, so each record knows its line."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    n = len(text)
+def _read_json_lines(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """JSON lines in blocks. orjson parses (the fastest correct parser measured, bench/readers.py); a line it
+    refuses goes through `_json_line_slowly`, so messages and verdicts are the standard library's."""
+    limit, empty = _raw_limit(cfg), True
+    for lineno, raw in _lines(f, limit):
+        if raw is None:
+            empty = False
+            yield Reject(f"{name}:{lineno}", f"line over {limit} bytes (corpus.max_document_bytes="
+                                             f"{cfg.max_document_bytes}, twice that for escapes, plus 1 MiB): not read", "")
+            continue
+        if not raw or raw.isspace():
+            continue
+        empty = False
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            yield _json_line_slowly(raw, lineno, name, cfg)
+            continue
+        yield _record(obj, f"{name}:{lineno}", cfg,
+                      lambda raw=raw: raw[:4 * _RAW_KEPT].decode("utf-8", "backslashreplace"))
+    if empty:
+        yield Reject(f"{name}:1", "empty file", "")
 
-    def skip(p: int) -> int:
-        while p < n and text[p] in " \t\r\n":
-            p += 1
-        return p
 
-    pos = skip(pos)
-    if pos < n and text[pos] == "]":
+class _Window:
+    """A sliding window over a text file for the JSON array reader: the text from the record being parsed on,
+    refilled by blocks, with the line number of any position kept by counting newlines once each."""
+
+    _SPACE = re.compile(r"[ \t\r\n]*")
+
+    def __init__(self, f: TextIO):
+        self.f, self.buf, self.eof = f, "", False
+        self.pos = self.mark = 0
+        self.mark_line = 1  # the line of buf[mark]
+
+    def fill(self, size: int | None = None) -> bool:
+        """Read `size` more characters (default a block); False at the end of the file."""
+        if self.eof:
+            return False
+        chunk = self.f.read(size or _BLOCK)
+        if not chunk:
+            self.eof = True
+            return False
+        if self.pos > _BLOCK:  # drop what was parsed (its newlines counted first)
+            self.line_at(self.pos)
+            self.buf, self.mark, self.pos = self.buf[self.pos:], 0, 0
+        self.buf += chunk
+        return True
+
+    def line_at(self, p: int) -> int:
+        """The line of buf[p]; positions are asked for in increasing order."""
+        self.mark_line += self.buf.count("\n", self.mark, p)
+        self.mark = p
+        return self.mark_line
+
+    def skip_space(self) -> str:
+        """Past whitespace; the next character ("" at the end of the file)."""
+        while True:
+            self.pos = self._SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.fill():
+                return self.buf[self.pos: self.pos + 1]
+
+    def held(self) -> int:
+        return len(self.buf) - self.pos
+
+
+def _read_json_array(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A top-level JSON array, element by element over a sliding window (linear time, memory about one block
+    plus one element), so each record knows the line it starts on. An element not yet complete in the window
+    makes the window grow (doubling, so re-parsing stays linear) up to `_raw_limit`."""
+    decoder, limit = json.JSONDecoder(), _raw_limit(cfg)
+    w = _Window(f)
+    w.skip_space()
+    w.pos += 1  # the "[" (the caller checked it)
+    if w.skip_space() == "]":
         return
     while True:
-        line = _line_of(text, pos)
+        start = w.pos
         try:
-            obj, end = decoder.raw_decode(text, pos)
+            obj, end = decoder.raw_decode(w.buf, start)
+            complete = end < len(w.buf) or w.eof  # a number cut by the window's end parses too
         except json.JSONDecodeError as e:
-            # Past a syntax error inside an array nothing after it can be located reliably.
-            yield Reject(f"{name}:{_line_of(text, e.pos)}", f"malformed JSON: {e.msg}", text[pos : pos + 2000])
-            return
+            # Unterminated, or failing near the window's end: maybe only cut off there. Elsewhere: a real error.
+            cut = e.msg.startswith("Unterminated string") or e.pos >= len(w.buf) - 4096
+            if w.eof or not cut:
+                # Past a syntax error inside an array nothing after it can be located reliably.
+                yield Reject(f"{name}:{w.line_at(max(e.pos, w.mark))}", f"malformed JSON: {e.msg}",
+                             w.buf[start: start + 2000])
+                return
+            complete = False
         except RecursionError:  # nor past an element nested too deeply to parse
-            yield Reject(f"{name}:{line}", "malformed JSON: nested too deeply (the rest of the array is not read)",
-                         text[pos : pos + 2000])
+            yield Reject(f"{name}:{w.line_at(start)}", "malformed JSON: nested too deeply (the rest of the array "
+                         "is not read)", w.buf[start: start + 2000])
             return
-        yield from _records_from_objects(iter([(line, obj, text[pos:end])]), name, cfg)
-        pos = skip(end)
-        if pos < n and text[pos] == ",":
-            pos = skip(pos + 1)
+        if not complete:
+            if w.held() > limit:
+                yield Reject(f"{name}:{w.line_at(start)}", f"an element over {limit} characters (corpus."
+                             f"max_document_bytes={cfg.max_document_bytes}, twice that for escapes, plus 1 MiB): "
+                             "the rest of the array is not read", "")
+                return
+            # Doubling (re-parsing stays linear), never past the limit by more than one character.
+            w.fill(max(1, min(max(_BLOCK, w.held()), limit + 1 - w.held())))
             continue
-        if pos < n and text[pos] == "]":
-            if skip(pos + 1) < n:
-                yield Reject(f"{name}:{_line_of(text, pos + 1)}", "malformed JSON: data after the array", "")
+        line = w.line_at(start)
+        yield _record(obj, f"{name}:{line}", cfg, lambda s=start, e=end: w.buf[s:e])
+        w.pos = end
+        sep = w.skip_space()
+        if sep == ",":
+            w.pos += 1
+            w.skip_space()
+            continue
+        if sep == "]":
+            w.pos += 1
+            if w.skip_space():
+                yield Reject(f"{name}:{w.line_at(w.pos)}", "malformed JSON: data after the array", "")
             return
-        yield Reject(f"{name}:{_line_of(text, pos)}", "malformed JSON: expected ',' or ']'", text[pos : pos + 200])
+        yield Reject(f"{name}:{w.line_at(w.pos)}", "malformed JSON: expected ',' or ']'", w.buf[w.pos: w.pos + 200])
         return
 
 
-def _read_csv(text: str, name: str, cfg: CorpusConfig):
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _read_csv(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """CSV row by row from the open file. The csv module's field limit is the document limit (in characters,
+    so never below it in bytes): a longer field is a reject naming its line."""
+    previous = csv.field_size_limit(cfg.max_document_bytes)
+    try:
+        yield from _csv_rows(f, name, cfg)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    reader = csv.DictReader(f)
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
     start = 1
     try:
-        missing = [f for f in wanted if f not in (reader.fieldnames or [])]
+        missing = [k for k in wanted if k not in (reader.fieldnames or [])]
         if missing:
             yield Reject(f"{name}:1", f"missing field {missing[0]!r} (header has {reader.fieldnames})", "")
             return
@@ -389,30 +565,51 @@ def _read_csv(text: str, name: str, cfg: CorpusConfig):
         for row in reader:
             # csv line_num is the line where the record ended; multi-line fields start earlier.
             line, start = start, reader.line_num + 1
-            raw = json.dumps(row, ensure_ascii=False)
             if None in row:
-                yield Reject(f"{name}:{line}", "more values than header columns", raw)
+                yield Reject(f"{name}:{line}", "more values than header columns", json.dumps(row, ensure_ascii=False))
                 continue
-            row = {k: (None if v is None else v) for k, v in row.items()}
-            yield from _records_from_objects(iter([(line, row, raw)]), name, cfg)
-    except csv.Error as e:  # a field over the csv module's limit, a NUL byte: the record cannot be delimited
-        yield Reject(f"{name}:{start}", f"malformed CSV: {e} (the rest of the file is not read)", "")
+            yield _record(row, f"{name}:{line}", cfg, lambda row=row: json.dumps(row, ensure_ascii=False))
+    except csv.Error as e:  # a field over the limit, a NUL byte: the record cannot be delimited
+        over = (f": a field over corpus.max_document_bytes={cfg.max_document_bytes}"
+                if "field larger than field limit" in str(e) else "")
+        yield Reject(f"{name}:{start}", f"malformed CSV: {e}{over} (the rest of the file is not read)", "")
 
 
-def _read_parquet(path: Path, name: str, cfg: CorpusConfig):
+def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """Parquet by batches of rows (`iter_batches`: one row group's columns at a time), only the text columns.
+    A value over the document limit is a reject found from its length, never turned into a Python string."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
-    for f in wanted:
-        if f not in table.column_names:
-            yield Reject(f"{name}:1", f"missing field {f!r} (columns: {table.column_names})", "")
-            return
-    columns = {f: table.column(f).to_pylist() for f in wanted}
-    for i in range(table.num_rows):
-        obj = {f: columns[f][i] for f in wanted}
-        yield from _records_from_objects(iter([(i + 1, obj, json.dumps(obj, ensure_ascii=False, default=str))]),
-                                         name, cfg)
+    with pq.ParquetFile(path) as pf:
+        columns = pf.schema_arrow.names
+        for k in wanted:
+            if k not in columns:
+                yield Reject(f"{name}:1", f"missing field {k!r} (columns: {columns})", "")
+                return
+        row = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=wanted):
+            values, sizes = {}, {}
+            for k in wanted:
+                col = batch.column(k)
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                    lengths = pc.fill_null(pc.binary_length(col), 0)
+                    over = pc.greater(lengths, cfg.max_document_bytes)
+                    if pc.any(over).as_py():
+                        sizes[k] = lengths.to_pylist()
+                        col = pc.if_else(over, pa.scalar(None, col.type), col)
+                values[k] = col.to_pylist()
+            for i in range(batch.num_rows):
+                row += 1
+                big = [(k, s[i]) for k, s in sizes.items() if s[i] > cfg.max_document_bytes]
+                if big:
+                    k, size = big[0]
+                    yield Reject(f"{name}:{row}", f"field {k!r} is {size} bytes, over corpus.max_document_bytes="
+                                                  f"{cfg.max_document_bytes}", "")
+                    continue
+                obj = {k: values[k][i] for k in wanted}
+                yield _record(obj, f"{name}:{row}", cfg, lambda obj=obj: json.dumps(obj, ensure_ascii=False,
+                                                                                      default=str))
 
 
 # What reading a file raises when the file is bad or cannot be read: a corrupt parquet file (ArrowInvalid,
@@ -452,25 +649,38 @@ def _read_file(path: Path, cfg: CorpusConfig, name: str) -> Iterator[Record | Re
             return
         yield from _read_parquet(path, name, cfg)
         return
-    data = path.read_bytes()
+    if suffix == ".txt":  # bounded by the size checked above
+        yield from _read_text(path.read_bytes(), name, cfg)
+        return
+    with open(path, "rb") as f:
+        first = _first_byte(f)
+        if suffix == ".jsonl" or (suffix == ".json" and first != b"["):
+            yield from _read_json_lines(f, name, cfg)
+            return
+        if not first:
+            yield Reject(f"{name}:1", "empty file", "")
+            return
+        bad = _utf8_reject(f, name)
+        if bad is not None:
+            # One bad byte makes a whole-file format unreadable; the file is the record.
+            yield bad
+            return
+        # newline="": csv sees the file's own line ends (a quoted field may hold them); JSON does not care.
+        with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+            yield from (_read_json_array if suffix == ".json" else _read_csv)(text, name, cfg)
+
+
+def _read_text(data: bytes, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A .txt file: one document (its size was checked again here: it may have grown since it was listed)."""
     if not data.strip():
         yield Reject(f"{name}:1", "empty file", "")
         return
-    if suffix == ".jsonl" or (suffix == ".json" and not data.lstrip().startswith(b"[")):
-        yield from _read_json_lines(data, name, cfg)
-        return
     text, bad = _decode(data, name)
     if bad is not None:
-        # One bad byte makes a whole-file format unreadable; the file is the record.
         yield bad
         return
-    if suffix == ".json":
-        yield from _read_json_array(text, name, cfg)
-    elif suffix == ".csv":
-        yield from _read_csv(text, name, cfg)
-    else:  # .txt: the file is one document (checked again: it may have grown since its size was read)
-        reason = _unfit_text(text, cfg)
-        yield Reject(f"{name}:1", reason, "") if reason else Record(f"{name}:1", text)
+    reason = _unfit_text(text, cfg)
+    yield Reject(f"{name}:1", reason, "") if reason else Record(f"{name}:1", text)
 
 
 def doc_id_of(text: str) -> str:
@@ -496,6 +706,7 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
               "characters": 0}
     seen: set[str] = set()
     batch: dict[str, list] = {"doc_id": [], "text": [], "norm_id": [], "line": []}
+    held = 0  # characters of text in `batch` (a lower bound of its bytes)
     with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, PIECE_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "w", encoding="utf-8") as rejects:
 
@@ -528,40 +739,84 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
             batch["text"].append(item.text)
             batch["norm_id"].append(norm_id_of(item.text))
             batch["line"].append(_line_no(item.source))
-            if len(batch["doc_id"]) >= _WRITE_BATCH:
+            held += len(item.text)
+            if len(batch["doc_id"]) >= _WRITE_BATCH or held >= _WRITE_BYTES:
                 flush()
+                held = 0
         flush()
     return counts
 
 
-def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool) -> dict[str, int]:
-    """Per-file outputs → `out_dir/docs.arrow` (doc_id, text, norm_id, source = name:line, part, row) and all
-    rejects (with their source). A document already seen in an earlier part is a duplicate."""
+def piece_index(directory: Path, part: int) -> pa.Table:
+    """One piece's documents as index rows (doc_id, norm_id, part, row, line): its ids and where each text
+    lives, read from the memory-mapped piece without touching its text column."""
+    table = read_arrow(directory / DOCS_FILE)
+    n = table.num_rows
+    return pa.table([table.column("doc_id"), table.column("norm_id"), pa.array(np.full(n, part, np.int32)),
+                     pa.array(np.arange(n, dtype=np.int64)), table.column("line")], schema=INDEX_SCHEMA)
+
+
+def first_copies(index: pa.Table, seen: set[str]) -> pa.Table:
+    """`index` less documents already in `seen` (an earlier piece holds the same text); `seen` takes the rest.
+    Each filter of the assembly (this exact one; a near-duplicate one would sit beside it) takes and gives an
+    index table, so texts are read only by a filter that needs them."""
+    ids = index.column("doc_id").to_pylist()
+    keep = [i for i, d in enumerate(ids) if d not in seen]
+    seen.update(ids)
+    return index if len(keep) == len(ids) else index.take(pa.array(keep, pa.int64()))
+
+
+def copy_rejects(directory: Path, prefix: str, sink) -> None:
+    """A piece's rejects (line, reason, raw) into the assembled rejects.jsonl with their source (`name:line`)."""
+    with open(directory / REJECTS_FILE, encoding="utf-8") as f:
+        for raw in f:
+            r = json.loads(raw)
+            sink.write((json.dumps({"source": f"{prefix}{r['line']}", "reason": r["reason"], "raw": r["raw"]},
+                                   ensure_ascii=False) + "\n").encode())
+
+
+def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
+                       characters: list[int] | None = None) -> dict[str, int]:
+    """Per-file pieces → `out_dir/index.arrow` (doc_id, norm_id, part, row, line: which row of which piece
+    holds each document; no text) and all rejects (with their source). A document already seen in an earlier
+    part is a duplicate. Only ids are read and written: adding one file costs its own piece and one pass over
+    the ids, never a copy of every text. `characters`: each piece's own count (load_file's), if known."""
     counts = {"documents": 0, "duplicates": 0, "characters": 0}
     seen: set[str] = set()
-    with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, ASSEMBLED_SCHEMA) as writer, \
+    with pa.OSFile(str(out_dir / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "wb") as rejects:
         for part, directory in enumerate(parts):
-            table = read_arrow(directory / DOCS_FILE)
-            ids = table.column("doc_id").to_pylist()
-            keep = [i for i, d in enumerate(ids) if not (deduplicate and d in seen)]
-            seen.update(ids)
-            counts["duplicates"] += len(ids) - len(keep)
-            kept = table.take(pa.array(keep, pa.int64())) if len(keep) != len(ids) else table
-            prefix = f"{names[part]}:"
-            source = pc.binary_join_element_wise(prefix, pc.cast(kept.column("line"), pa.string()), "")
-            kept = pa.table([kept.column("doc_id"), kept.column("text"), kept.column("norm_id"), source,
-                             pa.array([part] * kept.num_rows, pa.int32()), pa.array(keep, pa.int64())],
-                            schema=ASSEMBLED_SCHEMA)
-            writer.write_table(kept, max_chunksize=_WRITE_BATCH)
+            index = piece_index(directory, part)
+            kept = first_copies(index, seen) if deduplicate else index
+            counts["duplicates"] += index.num_rows - kept.num_rows
+            writer.write_table(kept, max_chunksize=_INDEX_BATCH)
             counts["documents"] += kept.num_rows
-            counts["characters"] += int(pc.sum(pc.utf8_length(kept.column("text"))).as_py() or 0)
-            with open(directory / REJECTS_FILE, encoding="utf-8") as f:
-                for raw in f:
-                    r = json.loads(raw)
-                    rejects.write((json.dumps({"source": f"{prefix}{r['line']}", "reason": r["reason"],
-                                               "raw": r["raw"]}, ensure_ascii=False) + "\n").encode())
+            counts["characters"] += (characters[part] if characters and kept.num_rows == index.num_rows
+                                     else piece_characters(directory, kept))
+            copy_rejects(directory, f"{names[part]}:", rejects)
     return counts
+
+
+def piece_characters(directory: Path, kept: pa.Table) -> int:
+    """Characters of the documents `kept` (index rows) of one piece, counted from their texts."""
+    texts = read_arrow(directory / DOCS_FILE).column("text").take(kept.column("row"))
+    return int(pc.sum(pc.utf8_length(texts)).as_py() or 0)
+
+
+def read_documents(index_file: Path, part_dirs: list[Path], names: list[str] | None = None) -> pa.Table:
+    """The assembled corpus with its texts (doc_id, text, norm_id, source = name:line), joined from the index and
+    the pieces: for tools and tests on small corpora (the stages read piece by piece)."""
+    index = read_arrow(index_file)
+    names = names or [str(p) for p in part_dirs]
+    tables = []
+    for part, directory in enumerate(part_dirs):
+        rows = index.filter(pc.equal(index.column("part"), part))
+        if not rows.num_rows:
+            continue
+        texts = read_arrow(directory / DOCS_FILE).column("text").take(rows.column("row"))
+        source = pc.binary_join_element_wise(f"{names[part]}:", pc.cast(rows.column("line"), pa.string()), "")
+        tables.append(pa.table([rows.column("doc_id"), texts, rows.column("norm_id"), source], schema=DOC_SCHEMA))
+    return pa.concat_tables(tables) if tables else DOC_SCHEMA.empty_table()
 
 
 def merge_counts(per_file: list[dict[str, int]], assembled: dict[str, int]) -> dict[str, int]:
@@ -585,7 +840,8 @@ def load_documents(files: list[Path], cfg: CorpusConfig, out_dir: Path, names: l
         part.mkdir(parents=True, exist_ok=True)
         per_file.append(load_file(path, name, cfg, part))
         parts.append(part)
-    counts = merge_counts(per_file, assemble_documents(parts, names, out_dir, cfg.deduplicate))
+    counts = merge_counts(per_file, assemble_documents(parts, names, out_dir, cfg.deduplicate,
+                                                       [c["characters"] for c in per_file]))
     return {"counts": counts, "files": [{"file": n, **c} for n, c in zip(names, per_file)]}
 
 
@@ -625,7 +881,7 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: Artifacts
 
 
 register_code_version("load-file", 1, [load_file_cached], ["pyarrow"])
-register_code_version("load-content", 1, [assemble_documents, merge_counts], ["pyarrow"])
+register_code_version("load-content", 2, [assemble_documents, merge_counts], ["pyarrow", "numpy"])
 
 
 def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: ArtifactsRoot, runtime=None):
@@ -640,18 +896,35 @@ def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: Artifac
 
 
 class Docs(StageOutput):
-    """load's output: `docs.arrow` (doc_id, text, norm_id, source = path:line, part, row) and `rejects.jsonl`,
-    assembled from per-file pieces (`parts`, each a load-file entry with its own docs.arrow)."""
+    """load's output: `index.arrow` (doc_id, norm_id, part, row, line: where each document lives in the per-file
+    pieces, no text) and `rejects.jsonl`; the texts stay in the pieces (`parts`, each a load-file entry with
+    its own docs.arrow of doc_id, text, norm_id, line)."""
 
-    def docs_file(self, root: ArtifactsRoot) -> Path:
-        return self.dir(root) / DOCS_FILE
+    def index_file(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / INDEX_FILE
+
+    def index(self, root: ArtifactsRoot, columns: list[str] | None = None) -> pa.Table:
+        """The index (memory-mapped), or some of its columns."""
+        table = read_arrow(self.index_file(root))
+        return table.select(columns) if columns else table
+
+    def norm_ids(self, root: ArtifactsRoot) -> set[str]:
+        return set(pc.unique(self.index(root, ["norm_id"]).column("norm_id")).to_pylist())
+
+    def part_dirs(self, root: ArtifactsRoot) -> list[Path]:
+        return [root.entry(p["path"]) for p in self.parts]
+
+    def documents(self, root: ArtifactsRoot) -> pa.Table:
+        """Every document with its text and `source` (path:line), joined from the pieces: for tools and tests on
+        small corpora (the stages read piece by piece)."""
+        return read_documents(self.index_file(root), self.part_dirs(root), [p["name"] for p in self.parts])
 
     def rejects_file(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / REJECTS_FILE
 
     @property
     def parts(self) -> list[dict[str, Any]]:
-        """Per source file: name, key, path, content and counts of its piece, in corpus order."""
+        """Per source file: name, key, path, content and counts of its piece, in corpus order (its `part`)."""
         return self.meta["parts"]
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
@@ -662,6 +935,14 @@ class Docs(StageOutput):
         if c["rejected"]:
             lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(root)}"))
         return lines
+
+
+def entry_documents(entry: Path, artifacts: Path) -> pa.Table:
+    """`Docs.documents` of a load entry found by its folder on a local artifacts root (tools and tests)."""
+    from tasks.core.manifest import read_manifest
+
+    parts = read_manifest(entry).meta["parts"]
+    return read_documents(entry / INDEX_FILE, [artifacts / p["path"] for p in parts], [p["name"] for p in parts])
 
 
 def piece_docs_file(root: ArtifactsRoot, piece_path: str) -> Path:
@@ -678,14 +959,14 @@ def piece_ids(root: ArtifactsRoot, pieces: list[StageOutput]) -> tuple[set[str],
     return set(table.column("doc_id").to_pylist()), set(table.column("norm_id").to_pylist())
 
 
-@stage("load", version=1, output=Docs, libraries=["pyarrow"], key_exclude={"runtime"})
+@stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
 def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
     pieces = load_pieces(sources.items, corpus, build.root, runtime)
     parts = [out for _, out, _ in pieces]
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
-                                   build.tmp, corpus.deduplicate)
+                                   build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts])
     counts = merge_counts([p.counts for p in parts], assembled)
     counts["files_read"] = sum(not reused for _, _, reused in pieces)
     meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, "content": p.content, **p.counts}

@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from tasks.arrow import read_arrow
 from tasks.chunk import CHUNK_ARROW_SCHEMA, IGNORE_INDEX, Chunks, link_or_copy, write_dataset_dict
 from tasks.core.config import SPLITS, ReplayConfig, ShuffleConfig
 from tasks.core.report import run_logger
@@ -159,7 +157,7 @@ def replay_overlap(general_paths: list[str], replay_docs: Docs, root: ArtifactsR
     cfg = CorpusConfig(paths=general_paths, on_bad_record="skip")
     general = {norm_id_of(r.text) for f in resolve_corpus_files(cfg) for r in read_corpus_file(f, cfg)
                if isinstance(r, Record) and r.text.strip()}
-    replay = set(pc.unique(read_arrow(replay_docs.docs_file(root)).column("norm_id")).to_pylist())
+    replay = replay_docs.norm_ids(root)
     return len(general & replay), len(general)
 
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from tasks.arrow import read_arrow
 from tasks.core.config import SPLITS, ConfigError, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
 from tasks.core.root import ArtifactsRoot
@@ -111,7 +110,7 @@ class Split(StageOutput):
 @stage("shuffle", version=1, output=Split, libraries=["numpy", "pyarrow"])
 def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs):
     # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
-    table = read_arrow(docs.docs_file(build.root)).select(["doc_id", "norm_id", "part", "row"])
+    table = docs.index(build.root, ["doc_id", "norm_id", "part", "row"])
     doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
     parts = split_documents(doc_ids, shuffle.seed, split.validation_fraction, norm_ids)
     parts["validation"], held_out = one_per_text(parts["validation"], norm_ids, doc_ids)

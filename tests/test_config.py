@@ -45,6 +45,8 @@ def test_overrides_alone_make_a_config():
     ("chunk.overlap=abc", "chunk.overlap: Input should be a valid integer"),
     ("split.validation_fraction=1.0", "split.validation_fraction: Input should be less than 1"),
     ("corpus.on_bad_record=ignore", "corpus.on_bad_record: Input should be 'fail' or 'skip'"),
+    ("corpus.max_document_bytes=0", "corpus.max_document_bytes: Input should be greater than or equal to 1"),
+    ("corpus.max_document_bytes=4294967296", "corpus.max_document_bytes: Input should be less than or equal to"),
     ("chunk.overlap=1000", "chunk: Value error, overlap (1000) must be at most max_seq_length - 2 (998)"),
     ("corpus.paths=[]", "corpus: Value error, paths: at least one file"),
     ("corpus.question_field=q", "corpus: Value error, question_field and answer_field must be set together"),

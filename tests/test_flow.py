@@ -242,19 +242,19 @@ def test_moved_corpus_reads_nothing_and_every_stage_below_load_is_cached(config,
     assert states == {"load": "Completed", **dict.fromkeys(DATA_STAGES[1:], "Cached")}
     assert again["stages"][0]["counts"]["files_read"] == 0
     assert [s["key"] for s in again["stages"][1:]] == [s["key"] for s in first["stages"][1:]]
-    from tasks.load import DOCS_FILE, read_arrow
+    from tasks.load import entry_documents
 
-    sources = read_arrow(Path(again["stages"][0]["output"]) / DOCS_FILE).column("source").to_pylist()
+    sources = entry_documents(Path(again["stages"][0]["output"]), artifacts).column("source").to_pylist()
     assert all(s.startswith(str(moved)) for s in sources)
 
 
 def test_a_validation_document_copied_into_a_drop_never_reaches_training(config, artifacts, corpus, tmp_path):
     """A later drop holds copies of validation documents, re-wrapped (other spaces and line breaks)."""
-    from tasks.load import DOCS_FILE, read_arrow
+    from tasks.load import entry_documents, read_arrow
 
     _, first = run(config, artifacts, until="shuffle")
     load_dir, split_dir = (Path(s["output"]) for s in first["stages"])
-    docs = read_arrow(load_dir / DOCS_FILE)
+    docs = entry_documents(load_dir, artifacts)
     text_of = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
     validation = read_arrow(split_dir / "validation.arrow").column("doc_id").to_pylist()
     assert len(validation) >= 5
@@ -263,7 +263,7 @@ def test_a_validation_document_copied_into_a_drop_never_reaches_training(config,
     _, after = run({**config, "corpus": {"paths": [str(corpus), str(tmp_path / "drop")]}}, artifacts,
                    until="shuffle")
     load_dir, split_dir = (Path(s["output"]) for s in after["stages"])
-    docs = read_arrow(load_dir / DOCS_FILE)
+    docs = entry_documents(load_dir, artifacts)
     copy_ids = {d for d, t in zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()) if t in copies}
     assert len(copy_ids) == len(copies)  # different exact text: not removed as exact duplicates
     train = set(read_arrow(split_dir / "train.arrow").column("doc_id").to_pylist())

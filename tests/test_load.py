@@ -7,8 +7,8 @@ import pytest
 from helpers import write_jsonl
 from tasks.core.config import ConfigError, CorpusConfig
 from tasks.load import (
-    DOCS_FILE, REJECTS_FILE, BadRecordError, fingerprint_corpus, load_documents, resolve_corpus_files,
-    source_names,
+    INDEX_FILE, REJECTS_FILE, BadRecordError, fingerprint_corpus, load_documents, resolve_corpus_files,
+    read_documents, source_names,
 )
 
 
@@ -17,8 +17,9 @@ def run_load(tmp_path, files, **cfg):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     resolved = resolve_corpus_files(cfg)
-    result = load_documents(resolved, cfg, out, source_names(resolved))
-    table = pa.ipc.open_file(str(out / DOCS_FILE)).read_all()
+    names = source_names(resolved)
+    result = load_documents(resolved, cfg, out, names)
+    table = read_documents(out / INDEX_FILE, [out / "parts" / str(i) for i in range(len(resolved))], names)
     rejects = [json.loads(x) for x in (out / REJECTS_FILE).read_text().splitlines()]
     return result["counts"], table, rejects
 
@@ -324,3 +325,125 @@ def test_an_existing_path_with_glob_characters_is_literal_in_paths_and_exclude(t
     # A path that does not exist is still a glob; one matching folders excludes what they hold.
     assert names(CorpusConfig(paths=["corpus/a?/*.jsonl"])) == ["a1/y.jsonl"]
     assert names(CorpusConfig(paths=["corpus"], exclude=["corpus/a*"])) == ["b.jsonl"]
+
+
+# ------------------------------------------------------------------ streaming: blocks, windows, limits
+
+
+def records_of(path, **cfg):
+    from tasks.load import read_corpus_file
+
+    return [(item.source.rsplit(":", 1)[1], getattr(item, "text", None) or item.reason)
+            for item in read_corpus_file(path, CorpusConfig(**cfg), name=path.name)]
+
+
+def test_json_lines_across_block_boundaries_keep_their_line_numbers(tmp_path, monkeypatch):
+    import tasks.load as load
+
+    texts = [f"문서 {i} " + "가나다" * (i % 17) for i in range(300)]
+    data = "".join(("\n" if i % 7 == 0 else "") + json.dumps({"content": t}, ensure_ascii=False) + "\n"
+                   for i, t in enumerate(texts))
+    (tmp_path / "a.jsonl").write_text(data.rstrip("\n"), encoding="utf-8")  # the last line has no newline
+    expected = [(str(n), json.loads(line)["content"]) for n, line in enumerate(data.split("\n"), 1) if line]
+    monkeypatch.setattr(load, "_BLOCK", 37)  # lines cut by blocks everywhere
+    assert records_of(tmp_path / "a.jsonl") == expected
+
+
+def test_a_json_line_too_long_to_hold_is_a_reject_and_the_next_line_is_read(tmp_path, monkeypatch):
+    import tasks.load as load
+
+    monkeypatch.setattr(load, "_BLOCK", 1 << 16)
+    big = json.dumps({"content": "x" * ((1 << 20) + 5000)})  # over 2 × 1000 + 1 MiB
+    (tmp_path / "a.jsonl").write_text('{"content": "앞"}\n' + big + '\n{"content": "뒤"}\n', encoding="utf-8")
+    got = records_of(tmp_path / "a.jsonl", max_document_bytes=1000, on_bad_record="skip")
+    assert got[0] == ("1", "앞") and got[2] == ("3", "뒤")
+    assert got[1][0] == "2" and "line over" in got[1][1] and "corpus.max_document_bytes=1000" in got[1][1]
+
+
+def test_a_json_line_too_long_to_hold_is_never_held(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import tasks.load as load
+
+    monkeypatch.setattr(load, "_BLOCK", 1 << 16)
+    (tmp_path / "a.jsonl").write_text('{"content": "' + "x" * (6 << 20) + '"}\n{"content": "뒤"}\n')
+    tracemalloc.start()
+    try:
+        got = records_of(tmp_path / "a.jsonl", max_document_bytes=1000, on_bad_record="skip")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "line over" in got[0][1] and got[1] == ("2", "뒤")
+    assert peak < 3 << 20, f"held {peak} bytes for a line over the 1 MiB + 2,000 byte limit"
+
+
+def test_orjson_refusals_are_judged_by_the_standard_library(tmp_path):
+    # NaN and integers past 64 bits are JSON the standard library reads (orjson does not): still documents.
+    (tmp_path / "a.jsonl").write_text('{"content": "NaN 옆", "score": NaN}\n{"content": "큰 수", "n": '
+                                      + str(2**70) + "}\n{\"content\": \"끊긴\"\n", encoding="utf-8")
+    got = records_of(tmp_path / "a.jsonl", on_bad_record="skip")
+    assert got[:2] == [("1", "NaN 옆"), ("2", "큰 수")]
+    assert got[2][0] == "3" and "malformed JSON" in got[2][1] and "(column" in got[2][1]
+
+
+def test_a_json_array_is_read_through_a_bounded_window_with_each_element_line(tmp_path, monkeypatch):
+    import tasks.load as load
+
+    docs = [{"id": i, "score": 1234567 + i, "content": f"배열 문서 {i}\n" + "라" * (i % 50)} for i in range(400)]
+    text = json.dumps(docs, ensure_ascii=False, indent=2)
+    (tmp_path / "a.json").write_text(text, encoding="utf-8")
+    # Each element's first line: where `{` opens it at indent 2.
+    starts = [n for n, line in enumerate(text.split("\n"), 1) if line == "  {"]
+    held = []
+    fill = load._Window.fill
+
+    def watched(self, size=None):
+        grew = fill(self, size)
+        held.append(len(self.buf))
+        return grew
+
+    monkeypatch.setattr(load, "_BLOCK", 97)
+    monkeypatch.setattr(load._Window, "fill", watched)
+    assert records_of(tmp_path / "a.json") == [(str(n), d["content"]) for n, d in zip(starts, docs)]
+    longest = max(len(json.dumps(d, ensure_ascii=False, indent=2)) for d in docs) + 10
+    assert max(held) < 4 * 97 + 2 * longest, "the window holds what was already parsed"
+
+
+def test_a_json_array_element_too_long_to_hold_is_a_reject_naming_its_line(tmp_path, monkeypatch):
+    import tasks.load as load
+
+    monkeypatch.setattr(load, "_BLOCK", 1 << 16)
+    (tmp_path / "a.json").write_text('[{"content": "첫"},\n {"content": "' + "x" * ((1 << 20) + 5000) + '"}]',
+                                     encoding="utf-8")
+    got = records_of(tmp_path / "a.json", max_document_bytes=1000, on_bad_record="skip")
+    assert got[0] == ("1", "첫") and got[1][0] == "2" and "an element over" in got[1][1]
+
+
+def test_a_csv_field_up_to_the_document_limit_is_read(tmp_path):
+    # Over the csv module's own default (131,072 characters): the field limit is corpus.max_document_bytes.
+    (tmp_path / "a.csv").write_text("content\n" + "긴" * 200_000 + "\n짧은\n", encoding="utf-8")
+    assert [len(t) for _, t in records_of(tmp_path / "a.csv")] == [200_000, 2]
+
+
+def test_parquet_is_read_in_batches_with_rows_numbered_across_them(tmp_path, monkeypatch):
+    import tasks.load as load
+
+    monkeypatch.setattr(load, "_PARQUET_BATCH", 3)
+    texts = [f"파케이 {i}" for i in range(10)]
+    pq.write_table(pa.table({"content": texts, "other": list(range(10))}), tmp_path / "a.parquet", row_group_size=4)
+    assert records_of(tmp_path / "a.parquet") == [(str(i + 1), t) for i, t in enumerate(texts)]
+
+
+def test_the_assembled_output_refers_to_the_pieces_and_copies_no_text(tmp_path):
+    from tasks.load import INDEX_FILE
+
+    for f in range(3):
+        write_jsonl(tmp_path / "c" / f"{f}.jsonl", [{"content": f"{f}-{i} " + "본문" * 2000} for i in range(10)])
+    write_jsonl(tmp_path / "c" / "3.jsonl", [{"content": "0-1 " + "본문" * 2000}])  # a copy from another file
+    counts, table, _ = run_load(tmp_path, [tmp_path / "c"])
+    index = pa.ipc.open_file(str(tmp_path / "out" / INDEX_FILE)).read_all()
+    assert "text" not in index.column_names and index.num_rows == counts["documents"] == 30
+    text_bytes = sum(len(t.encode()) for t in table.column("text").to_pylist())
+    assert (tmp_path / "out" / INDEX_FILE).stat().st_size < text_bytes / 20
+    assert counts["duplicates"] == 1 and counts["characters"] == sum(map(len, table.column("text").to_pylist()))
+    assert table.column("source").to_pylist()[:2] == ["0.jsonl:1", "0.jsonl:2"]

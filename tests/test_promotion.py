@@ -282,7 +282,7 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     from datasets import load_from_disk
 
     from flows.retrain import retrain
-    from tasks.load import DOCS_FILE, read_arrow
+    from tasks.load import INDEX_FILE, read_arrow
 
     general_texts = shuffled_words(sample_texts(), 7)
     write_jsonl(tmp_path / "replay" / "general.jsonl", [{"content": t} for t in general_texts[:150]])
@@ -305,7 +305,7 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     # The share, counted independently from the mixed training set the trainer read.
     t = stages["train"]["counts"]
     mixed = load_from_disk(stages["mix"]["output"])
-    replay_ids = set(read_arrow(Path(stages["replay-load"]["output"]) / DOCS_FILE).column("doc_id").to_pylist())
+    replay_ids = set(read_arrow(Path(stages["replay-load"]["output"]) / INDEX_FILE).column("doc_id").to_pylist())
     counted = {"replay": 0, "domain": 0}
     for row in mixed["train"]:
         counted["replay" if row["doc_id"] in replay_ids else "domain"] += sum(x != -100 for x in row["labels"])

@@ -19,7 +19,7 @@ def test_real_corpus_round_trips_through_load_tokenize_chunk(name, tiny_model, t
 
     tok = load_tokenizer(tiny_model)
     sp = special_tokens(tok)
-    tokenize_file(tmp_path / DOCS_FILE, tmp_path / "tokens.arrow", tok, sp["eos_id"], 256)
+    tokenize_file(tmp_path / "parts" / "0" / DOCS_FILE, tmp_path / "tokens.arrow", tok, sp["eos_id"], 256)
     cfg = ChunkConfig(max_seq_length=128, overlap=48)
     c = chunk_file(tmp_path / "tokens.arrow", tmp_path / "chunks", cfg, sp["bos_id"])
 

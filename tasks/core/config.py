@@ -99,8 +99,11 @@ class CorpusConfig(Section):
     )
     deduplicate: bool = Field(True, description="Remove exact-duplicate documents (counted).")
     max_document_bytes: int = Field(
-        64 << 20, ge=1, description="A record whose text is longer than this (UTF-8 bytes; for .txt the whole "
-        "file) is a reject with file:line, never an out-of-memory. 64 MiB is far above any real document."
+        64 << 20, ge=1, le=1 << 30, description="A record whose text is longer than this (UTF-8 bytes; for .txt "
+        "the whole file; for CSV the field limit, in characters) is a reject with file:line, never an "
+        "out-of-memory: the readers hold about one 8 MiB block plus one record, and a JSON line or array element "
+        "over twice this plus 1 MiB (room for escapes and other fields) is not even held. 64 MiB is far above "
+        "any real document; at most 1 GiB (one Arrow string column holds under 2 GiB)."
     )
 
     @model_validator(mode="after")
