@@ -182,15 +182,17 @@ def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint:
 
 
 def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int | None, dst: Path,
-               progress: Progress | None = None, batch_bytes: int = 16 << 20) -> dict[str, int]:
+               progress: Progress | None = None, batch_tokens: int = 1 << 20) -> dict[str, int]:
     """Windows of the documents `rows` of `tokens` (doc_id, input_ids), in that order, streamed into one
-    datasets shard at `dst`, a batch of documents at a time so memory stays flat."""
+    datasets shard at `dst`, a batch of documents at a time so memory stays flat. A batch holds about
+    `batch_tokens` document tokens: the windowing's int64 index arrays take ~8 bytes × 4 per row token (twice
+    the document's at 50% overlap), so 1M tokens is ~100 MB at most, whatever the file's size."""
     ids_type = tokens.schema.field("input_ids").type.value_type
     schema = chunk_arrow_schema(ids_type)
     counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
     lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False)
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for start, end in batch_bounds(lengths[rows] * ids_type.byte_width, 4096, batch_bytes):
+        for start, end in batch_bounds(lengths[rows], 4096, batch_tokens):
             docs = tokens.take(pa.array(rows[start:end], pa.int64()))
             ids = docs.column("input_ids").combine_chunks()
             out = chunk_batch(docs.column("doc_id").combine_chunks(), ids, cfg, bos_id)

@@ -159,3 +159,23 @@ def test_labels_are_derived_from_sliced_and_chunked_rows():
         assert sliced.to_pylist() == whole.column("labels").slice(s, 2).to_pylist()
     # W 5, S 3: the second window reads 13..17 after its BOS; the BOS and the 2 overlap tokens are not trained.
     assert whole.column("labels")[1].as_py() == [-100, -100, -100, 15, 16, 17]
+
+
+def test_chunk_rows_streams_in_bounded_batches_with_the_same_rows(tmp_path):
+    """chunk_rows holds about `batch_tokens` document tokens at a time (memory flat whatever the file's size):
+    a small budget writes many record batches and exactly the rows of one big batch."""
+    from tasks.chunk import chunk_rows
+
+    rng = np.random.default_rng(1)
+    docs = [list(rng.integers(2, 60000, size=rng.integers(1, 300))) for _ in range(40)]
+    tokens = pa.table({"doc_id": [f"d{i}" for i in range(40)], "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
+    rows = rng.permutation(40)
+    cfg = ChunkConfig(max_seq_length=64, overlap=16)
+    shards = {}
+    for budget in (1 << 20, 500):
+        c = chunk_rows(tokens, rows, cfg, BOS, tmp_path / f"{budget}.arrow", batch_tokens=budget)
+        reader = pa.ipc.open_stream(str(tmp_path / f"{budget}.arrow"))
+        batches = list(reader)
+        shards[budget] = (pa.Table.from_batches(batches, reader.schema).to_pylist(), len(batches), c)
+    assert shards[500][0] == shards[1 << 20][0] and shards[500][2] == shards[1 << 20][2]
+    assert shards[1 << 20][1] == 1 and shards[500][1] >= sum(map(len, docs)) // 800
