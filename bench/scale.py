@@ -316,7 +316,8 @@ def main() -> None:
     if len(results) > len(singles):
         m, s = results[-1], singles[-1]
         print(f"\n{m['files']} files against one file of {s['size'] / 1e6:,.0f} MB: data-stage seconds "
-              f"×{m['data_seconds'] / s['data_seconds']:.2f}, peak anonymous memory ×{m['peak_anon'] / s['peak_anon']:.2f}")
+              f"×{m['data_seconds'] / s['data_seconds']:.2f}, peak anonymous memory "
+              f"×{m['peak_anon'] / s['peak_anon']:.2f}")
 
 
 if __name__ == "__main__":

@@ -255,12 +255,8 @@ register_code_version("chunk-part", 2, [chunk_piece], ["numpy", "pyarrow", "data
 
 class Chunks(StageOutput):
     """chunk's (and mix's) output: a `datasets.DatasetDict` on disk (`load_from_disk(dataset_dir)`), train and
-    validation, columns input_ids (in `ids_type`), trained_from (labels are input_ids with the positions
-    before it set to -100: `tasks.arrow.with_labels`), doc_id, start."""
-
-    @property
-    def ids_type(self) -> pa.DataType:
-        return ID_TYPES[self.meta.get("token_type", "int32")]
+    validation, columns input_ids (in the tokens' type, meta `token_type`), trained_from (labels are input_ids
+    with the positions before it set to -100: `tasks.arrow.with_labels`), doc_id, start."""
 
     def dataset_dir(self, root: ArtifactsRoot) -> Path:
         return self.dir(root)
