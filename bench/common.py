@@ -122,22 +122,23 @@ def seed_windows(docs: list, max_seq_length: int, overlap: int) -> list:
 
 def write_seed_chunks(docs: list, out: Path, max_seq_length: int, overlap: int, fingerprint: str) -> None:
     """The seed's chunks of `docs` (token-id arrays) in the chunk stage's layout, so the train worker reads them as
-    it reads cpt's: labels = input_ids (every token trained, the overlap twice), an empty validation split."""
+    it reads cpt's: trained_from 0 (labels = input_ids, every token trained, the overlap twice), an empty
+    validation split."""
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import CHUNK_ARROW_SCHEMA, SHARD, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_arrow_schema, write_dataset_dict
 
     rows = seed_windows(docs, max_seq_length, overlap)
-    ids = pa.array(rows, pa.list_(pa.int32()))
-    schema = CHUNK_ARROW_SCHEMA
-    for split, table in (("train", pa.table([ids, ids, pa.array([""] * len(rows)),
+    ids = pa.array(rows, pa.list_(pa.uint32()))
+    schema = chunk_arrow_schema(pa.uint32())
+    for split, table in (("train", pa.table([ids, pa.array(np.zeros(len(rows), np.int32)), pa.array([""] * len(rows)),
                                              pa.array(np.zeros(len(rows), np.int32))], schema=schema)),
                          ("validation", schema.empty_table())):
         (out / split).mkdir(parents=True)
         with pa.OSFile(str(out / split / SHARD), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
             w.write_table(table)
-    write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, fingerprint)
+    write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, fingerprint, pa.uint32())
 
 
 # --- tokenizer and model ------------------------------------------------------------------------------------

@@ -88,8 +88,8 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
     from tasks.core.config import ChunkConfig
 
-    ids = [np.append(d, eos_id).astype(np.int32) for d in docs]
-    tokens = pa.table({"doc_id": [f"doc{i}" for i in range(len(ids))], "input_ids": pa.array(ids, pa.list_(pa.int32()))})
+    ids = [np.append(d, eos_id).astype(np.uint32) for d in docs]
+    tokens = pa.table({"doc_id": [f"doc{i}" for i in range(len(ids))], "input_ids": pa.array(ids, pa.list_(pa.uint32()))})
     cfg = ChunkConfig(max_seq_length=SEQ, overlap=OVERLAP, mask_overlap=True)
     for split, rows in (("train", np.arange(len(ids))), ("validation", np.arange(0))):
         (out / split).mkdir(parents=True)

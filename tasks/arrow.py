@@ -26,3 +26,44 @@ def batch_bounds(byte_lengths: np.ndarray, max_docs: int, max_bytes: int) -> lis
     if start < len(byte_lengths):
         bounds.append((start, len(byte_lengths)))
     return bounds
+
+
+IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy ignore_index)
+
+
+def token_type(id_limit: int) -> pa.DataType:
+    """The narrowest unsigned integer that holds every id below `id_limit`: tokens are the largest artifacts
+    of the data path, and a 2-byte id halves them for any vocabulary of up to 65,536 entries."""
+    if id_limit <= 1 << 16:
+        return pa.uint16()
+    if id_limit <= 1 << 32:
+        return pa.uint32()
+    raise ValueError(f"a vocabulary of {id_limit} ids does not fit 32 bits")
+
+
+def labelled_lengths(input_ids: pa.ListArray, trained_from: np.ndarray) -> np.ndarray:
+    """Labelled (trained) positions per chunk row: its length minus the positions before `trained_from`."""
+    lengths = np.diff(input_ids.offsets.to_numpy()).astype(np.int64)
+    return np.maximum(lengths - np.asarray(trained_from, dtype=np.int64), 0)
+
+
+def derived_labels(input_ids: pa.ListArray, trained_from: np.ndarray) -> pa.ListArray:
+    """The labels of chunk rows, which the chunk stage does not store: `input_ids` with every position before
+    the row's `trained_from` (the BOS, and the overlap already trained in the previous window) set to -100."""
+    offsets = input_ids.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    labels = input_ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+    position = np.arange(len(labels), dtype=np.int64) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    labels[position < np.repeat(np.asarray(trained_from, dtype=np.int64), lengths)] = IGNORE_INDEX
+    return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]).astype(np.int32)), pa.array(labels))
+
+
+def with_labels(rows: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Chunk rows (input_ids, trained_from, …) as a trainer wants them: int32 `input_ids` and `labels` (what a
+    standard causal-LM dataset holds). A batch at a time: `datasets.Dataset.map(with_labels, batched=True)`
+    on the arrow-formatted dataset."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows])
+    ids = table.column("input_ids").combine_chunks()
+    trained_from = table.column("trained_from").to_numpy()
+    return pa.table({"input_ids": ids.cast(pa.list_(pa.int32())),
+                     "labels": derived_labels(ids, trained_from)})

@@ -5,9 +5,11 @@ Semantics (per document, `ids` = its tokens + EOS):
 - windows start at 0, S, 2S, … and stop at the first window that reaches the end of `ids`
   (the seed's loop also emitted tails wholly inside the previous window);
 - every chunk starts with BOS when the tokenizer uses one;
-- `labels` copy `input_ids`, with BOS and — in every window after a document's first, when
-  `mask_overlap` — the leading `overlap` tokens set to -100: they are context, already trained on in the
-  previous window, so every token is trained exactly once.
+- the labels are not stored: a row's `trained_from` says where its trained part starts, and the labels are
+  `input_ids` with the positions before it set to -100 (`tasks.arrow.derived_labels`): the BOS and — in every
+  window after a document's first, when `mask_overlap` — the leading `overlap` tokens, which are context
+  already trained on in the previous window, so every token is trained exactly once;
+- ids are stored in the tokens' own type (uint16 for a vocabulary of up to 65,536 ids, else uint32).
 
 The windowing is vectorised over a whole batch of documents with numpy (no Python loop per token or per
 window) and written to Arrow batch by batch, so memory stays flat as the corpus grows.
@@ -27,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.arrow import batch_bounds, read_arrow
+from tasks.arrow import IGNORE_INDEX, batch_bounds, read_arrow
 from tasks.core.config import SPLITS, ChunkConfig, ConfigError, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput, combine_digests
@@ -39,23 +41,35 @@ if TYPE_CHECKING:
     from tasks.shuffle import Split
     from tasks.tokenize import Tokens
 
-IGNORE_INDEX = -100
-CHUNK_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("doc_id", pa.string()),
-    ("start", pa.int32()),
-])
 SHARD = "data-00000-of-00001.arrow"
-# What `chunk_features()` (datasets' Features of the chunk columns) serialises to, written out so the stages
-# never import datasets (~1.2 s per process); tests/test_chunk.py checks both against the library.
-CHUNK_FEATURES = {
-    "input_ids": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
-    "labels": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
-    "doc_id": {"dtype": "string", "_type": "Value"},
-    "start": {"dtype": "int32", "_type": "Value"},
-}
-CHUNK_ARROW_SCHEMA = CHUNK_SCHEMA.with_metadata({"huggingface": json.dumps({"info": {"features": CHUNK_FEATURES}})})
+ID_TYPES = {"uint16": pa.uint16(), "uint32": pa.uint32(), "int32": pa.int32()}
+
+
+def chunk_schema(ids: pa.DataType = pa.uint32()) -> pa.Schema:
+    """A chunk shard's columns. `trained_from`: positions of the row before it are context, not trained."""
+    return pa.schema([
+        ("input_ids", pa.list_(ids)),
+        ("trained_from", pa.int32()),
+        ("doc_id", pa.string()),
+        ("start", pa.int32()),
+    ])
+
+
+def chunk_feature_dict(ids: pa.DataType = pa.uint32()) -> dict[str, Any]:
+    """What datasets' Features of the chunk columns (`chunk_features`) serialise to, written out so the stages
+    never import datasets (~1.2 s per process); tests/test_chunk.py checks both against the library."""
+    return {
+        "input_ids": {"feature": {"dtype": str(ids), "_type": "Value"}, "_type": "List"},
+        "trained_from": {"dtype": "int32", "_type": "Value"},
+        "doc_id": {"dtype": "string", "_type": "Value"},
+        "start": {"dtype": "int32", "_type": "Value"},
+    }
+
+
+def chunk_arrow_schema(ids: pa.DataType = pa.uint32()) -> pa.Schema:
+    """The shard schema with the metadata datasets writes (its Features), so load_from_disk reads our types."""
+    return chunk_schema(ids).with_metadata(
+        {"huggingface": json.dumps({"info": {"features": chunk_feature_dict(ids)}})})
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -96,16 +110,12 @@ def chunk_lengths(doc_lengths: np.ndarray, cfg: ChunkConfig, has_bos: bool) -> n
     return sizes + (1 if has_bos else 0)
 
 
-def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32, copy=False)))
-
-
 def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, cfg: ChunkConfig, bos_id: int | None) -> pa.RecordBatch:
-    """Windows of every document in the batch, as one record batch of CHUNK_SCHEMA."""
+    """Windows of every document in the batch, as one record batch of `chunk_schema(ids' value type)`."""
     bos = 1 if bos_id is not None else 0
     window, stride = window_plan(cfg.max_seq_length, cfg.overlap, bool(bos))
     offsets = ids.offsets.to_numpy().astype(np.int64)
-    values = ids.flatten().to_numpy()
+    values = ids.flatten().to_numpy(zero_copy_only=False)
     doc_index, nth, starts, sizes = window_layout(np.diff(offsets), window, stride)
 
     row_sizes = sizes + bos
@@ -117,23 +127,21 @@ def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, cfg: ChunkConfig, bos_id: 
     position = np.arange(row_offsets[-1], dtype=np.int64) - np.repeat(row_starts, row_sizes)
     first_token = offsets[doc_index] - offsets[0] + starts - bos
     input_ids = values.take(np.repeat(first_token, row_sizes) + position, mode="clip")
-    labels = input_ids.copy()
     if bos:
         input_ids[row_starts] = bos_id
-    # Labels before `limit` in a row are -100: the BOS, plus the overlap in every window after the first.
-    limit = np.full(len(row_sizes), bos, dtype=np.int64)
+    # The trained part starts after the BOS, and after the overlap in every window but a document's first.
+    trained_from = np.full(len(row_sizes), bos, dtype=np.int32)
     if cfg.mask_overlap and cfg.overlap:
-        limit[nth > 0] += cfg.overlap
-    if limit.any():
-        labels[position < np.repeat(limit, row_sizes)] = IGNORE_INDEX
+        trained_from[nth > 0] += cfg.overlap
+    value_type = ids.type.value_type
     return pa.record_batch(
         [
-            _list_array(row_offsets, input_ids),
-            _list_array(row_offsets, labels),
+            pa.ListArray.from_arrays(pa.array(row_offsets.astype(np.int32)), pa.array(input_ids, value_type)),
+            pa.array(trained_from),
             doc_ids.take(pa.array(doc_index)),
             pa.array(starts.astype(np.int32)),
         ],
-        schema=CHUNK_SCHEMA,
+        schema=chunk_schema(value_type),
     )
 
 
@@ -144,20 +152,21 @@ def trained_tokens(ids: pa.ListArray, rows: pa.RecordBatch, cfg: ChunkConfig, bo
     return len(rows.column("input_ids").flatten()) - (rows.num_rows if bos_id is not None else 0)
 
 
-def chunk_features():
+def chunk_features(ids: str = "uint32"):
     """The chunk columns as datasets' Features (what load_from_disk gives the trainer); the stages write its
-    serialised form, CHUNK_FEATURES / CHUNK_ARROW_SCHEMA, without importing datasets."""
+    serialised form, `chunk_feature_dict` / `chunk_arrow_schema`, without importing datasets."""
     from datasets import Features, List, Value
 
     return Features({
-        "input_ids": List(Value("int32")),
-        "labels": List(Value("int32")),
+        "input_ids": List(Value(ids)),
+        "trained_from": Value("int32"),
         "doc_id": Value("string"),
         "start": Value("int32"),
     })
 
 
-def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint: str) -> None:
+def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint: str,
+                       ids: pa.DataType = pa.uint32()) -> None:
     """The files `DatasetDict.save_to_disk` writes, around Arrow shards (`out_dir/<split>/<file>`) we wrote."""
     for name, files in shards.items():
         (out_dir / name / "state.json").write_text(json.dumps({
@@ -167,20 +176,23 @@ def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint:
             "_output_all_columns": False, "_split": None,
         }, indent=2))
         (out_dir / name / "dataset_info.json").write_text(json.dumps({
-            "citation": "", "description": "", "features": CHUNK_FEATURES, "homepage": "", "license": "",
+            "citation": "", "description": "", "features": chunk_feature_dict(ids), "homepage": "", "license": "",
         }, indent=2))
     (out_dir / "dataset_dict.json").write_text(json.dumps({"splits": list(shards)}))
 
 
 def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int | None, dst: Path,
-               progress: Progress | None = None, batch_bytes: int = 16 << 20) -> dict[str, int]:
+               progress: Progress | None = None, batch_tokens: int = 1 << 20) -> dict[str, int]:
     """Windows of the documents `rows` of `tokens` (doc_id, input_ids), in that order, streamed into one
-    datasets shard at `dst`, a batch of documents at a time so memory stays flat."""
-    schema = CHUNK_ARROW_SCHEMA
+    datasets shard at `dst`, a batch of documents at a time so memory stays flat. A batch holds about
+    `batch_tokens` document tokens: the windowing's int64 index arrays take ~8 bytes × 4 per row token (twice
+    the document's at 50% overlap), so 1M tokens is ~100 MB at most, whatever the file's size."""
+    ids_type = tokens.schema.field("input_ids").type.value_type
+    schema = chunk_arrow_schema(ids_type)
     counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
     lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False)
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for start, end in batch_bounds(lengths[rows] * 4, 4096, batch_bytes):
+        for start, end in batch_bounds(lengths[rows], 4096, batch_tokens):
             docs = tokens.take(pa.array(rows[start:end], pa.int64()))
             ids = docs.column("input_ids").combine_chunks()
             out = chunk_batch(docs.column("doc_id").combine_chunks(), ids, cfg, bos_id)
@@ -238,12 +250,13 @@ def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarra
     return publish_piece(root, "chunk-part", key, build, progress, part["documents"])
 
 
-register_code_version("chunk-part", 1, [chunk_piece], ["numpy", "pyarrow", "datasets"])
+register_code_version("chunk-part", 2, [chunk_piece], ["numpy", "pyarrow", "datasets"])
 
 
 class Chunks(StageOutput):
     """chunk's (and mix's) output: a `datasets.DatasetDict` on disk (`load_from_disk(dataset_dir)`), train and
-    validation, columns input_ids, labels (-100 where not trained), doc_id, start."""
+    validation, columns input_ids (in the tokens' type, meta `token_type`), trained_from (labels are input_ids
+    with the positions before it set to -100: `tasks.arrow.with_labels`), doc_id, start."""
 
     def dataset_dir(self, root: ArtifactsRoot) -> Path:
         return self.dir(root)
@@ -264,7 +277,7 @@ def piece_shard(root: ArtifactsRoot, piece: StageOutput, split: str) -> Path:
     return piece.dir(root) / f"{split}.arrow"
 
 
-@stage("chunk", version=1, output=Chunks, libraries=["datasets"], key_exclude={"runtime"})
+@stage("chunk", version=2, output=Chunks, libraries=["datasets"], key_exclude={"runtime"})
 def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtime: RuntimeConfig | None = None):
     """Each source file's documents are chunked into their own shards (cached by the file's tokens, its
     documents' splits and the chunk settings), and the DatasetDict links those shards: a drop chunks only its
@@ -301,9 +314,11 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
             counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in shards)
     # The datasets fingerprint follows the shards' content (not the key), so a rebuild of the same content
     # is byte-identical and the stages below stay Cached.
-    write_dataset_dict(build.tmp, listing, combine_digests([("part", s.content or s.key) for s in shards]))
+    ids_type = ID_TYPES[tokens.meta["token_type"]]
+    write_dataset_dict(build.tmp, listing, combine_digests([("part", s.content or s.key) for s in shards]), ids_type)
     counts.update(files_chunked=fresh, files_cached=len(shards) - fresh)
     return counts, {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.eos_id,
-                    "format": "datasets.DatasetDict (load_from_disk)"}
+                    "token_type": str(ids_type), "format": "datasets.DatasetDict (load_from_disk); labels: "
+                    "input_ids with positions before trained_from set to -100"}
 
 

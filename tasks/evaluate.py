@@ -30,18 +30,23 @@ EVAL_FILE = "eval.json"
 
 
 def validation_rows(chunks_dir: Path, limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` validation chunks with their labels (derived: the chunks store where training starts)."""
     from datasets import load_from_disk
 
-    ds = load_from_disk(str(chunks_dir))["validation"].select_columns(["input_ids", "labels"])
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds.to_list()
+    from tasks.arrow import with_labels
+
+    ds = load_from_disk(str(chunks_dir))["validation"].select_columns(["input_ids", "trained_from"])
+    if len(ds) == 0:
+        return []
+    rows = ds.with_format("arrow")[: len(ds) if limit is None else min(limit, len(ds))]
+    return with_labels(rows).to_pylist()
 
 
 def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit: int | None) -> list[dict]:
     """The general corpus read, tokenized and chunked exactly like the training data (in memory: it is small)."""
     import pyarrow as pa
 
+    from tasks.arrow import token_type, with_labels
     from tasks.chunk import chunk_batch
     from tasks.load import Record, read_corpus_file, resolve_corpus_files
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
@@ -51,9 +56,9 @@ def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit
              if isinstance(r, Record) and r.text.strip()]
     tok = load_tokenizer(tokenizer_dir)
     sp = special_tokens(tok)
-    ids = encode_batch(tok, texts, sp["eos_id"])
+    ids = encode_batch(tok, texts, sp["eos_id"], ids_type=token_type(sp["id_limit"]))
     rows = chunk_batch(pa.array([str(i) for i in range(len(texts))]), ids, chunk, sp["bos_id"])
-    out = rows.select(["input_ids", "labels"]).to_pylist()
+    out = with_labels(rows).to_pylist()
     return out[:limit] if limit is not None else out
 
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.chunk import CHUNK_ARROW_SCHEMA, IGNORE_INDEX, Chunks, link_or_copy, write_dataset_dict
+from tasks.arrow import labelled_lengths
+from tasks.chunk import Chunks, chunk_arrow_schema, link_or_copy, write_dataset_dict
 from tasks.core.config import SPLITS, ReplayConfig, ShuffleConfig
 from tasks.core.report import run_logger
 from tasks.core.root import ArtifactsRoot
@@ -34,12 +35,11 @@ def read_shard(path: Path) -> pa.Table:
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
 
 
-def labelled_per_row(labels: pa.ListArray) -> np.ndarray:
-    """Labelled positions (label ≠ -100) of each row."""
-    flat = labels.flatten().to_numpy(zero_copy_only=False) != IGNORE_INDEX
-    offsets = labels.offsets.to_numpy()
-    cums = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
-    return cums[offsets[1:]] - cums[offsets[:-1]]
+def labelled_per_row(rows: pa.Table) -> np.ndarray:
+    """Labelled (trained) positions of each chunk row: its length past `trained_from`. Only list offsets and
+    one int per row are read, never the tokens."""
+    parts = [labelled_lengths(b.column("input_ids"), b.column("trained_from").to_numpy()) for b in rows.to_batches()]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def replay_target(domain_tokens: int, fraction: float) -> int:
@@ -69,29 +69,28 @@ def draw(labelled: np.ndarray, target: int, seed: int) -> tuple[np.ndarray, int,
     return np.concatenate(order), 0, passes
 
 
-def cut_row(input_ids: list[int], labels: list[int], keep: int) -> tuple[list[int], list[int]]:
-    """The shortest prefix of a row holding `keep` labelled tokens."""
-    seen = 0
-    for i, label in enumerate(labels):
-        seen += label != IGNORE_INDEX
-        if seen == keep:
-            return input_ids[: i + 1], labels[: i + 1]
-    return input_ids, labels
-
-
-def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Path) -> int:
-    """The drawn rows as a datasets shard at `dst`; returns the labelled tokens written."""
-    schema = CHUNK_ARROW_SCHEMA
-    taken = pool.take(pa.array(rows, pa.int64())) if len(rows) else pool.slice(0, 0)
-    if keep_last and len(rows):
-        last = taken.slice(len(rows) - 1).to_pylist()[0]
-        last["input_ids"], last["labels"] = cut_row(last["input_ids"], last["labels"], keep_last)
-        taken = pa.concat_tables([taken.slice(0, len(rows) - 1),
-                                  pa.Table.from_pylist([last], schema=taken.schema)])
-    taken = taken.select(schema.names).cast(schema)
+def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Path, ids_type: pa.DataType,
+                       batch_rows: int = 2048) -> int:
+    """The drawn rows as a datasets shard at `dst`, a block of rows at a time (the draw may be a large share of
+    the training set: it is never held whole); returns the labelled tokens written. The last row is cut to the
+    shortest prefix holding `keep_last` labelled tokens (0: whole)."""
+    schema = chunk_arrow_schema(ids_type)
+    written = 0
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        writer.write_table(taken)
-    return int(labelled_per_row(taken.column("labels").combine_chunks()).sum()) if len(rows) else 0
+        for s in range(0, len(rows), batch_rows):
+            block = rows[s:s + batch_rows]
+            taken = pool.take(pa.array(block, pa.int64())).select(schema.names).combine_chunks()
+            if keep_last and s + batch_rows >= len(rows):
+                last = taken.slice(len(block) - 1)
+                cut = last.column("trained_from")[0].as_py() + keep_last
+                ids = last.column("input_ids").chunk(0)
+                trimmed = pa.ListArray.from_arrays(pa.array([0, cut], pa.int32()), ids.flatten().slice(0, cut))
+                last = last.set_column(0, "input_ids", pa.chunked_array([trimmed.cast(schema.field(0).type)]))
+                taken = pa.concat_tables([taken.slice(0, len(block) - 1), last]).combine_chunks()
+            taken = taken.cast(schema)
+            writer.write_table(taken)
+            written += int(labelled_per_row(taken).sum())
+    return written
 
 
 def mix_chunks(domain: Chunks, replay: Chunks, root: ArtifactsRoot, fraction: float, seed: int,
@@ -110,14 +109,16 @@ def mix_chunks(domain: Chunks, replay: Chunks, root: ArtifactsRoot, fraction: fl
             if split == "train":
                 table = read_shard(src)
                 domain_rows += table.num_rows
-                domain_labelled += int(labelled_per_row(table.column("labels").combine_chunks()).sum())
+                domain_labelled += int(labelled_per_row(table).sum())
     pool = pa.concat_tables([read_shard(f) for f in replay.shard_files(root, "train")])
-    pool_labelled = labelled_per_row(pool.column("labels").combine_chunks()) if pool.num_rows else np.zeros(0)
+    pool_labelled = labelled_per_row(pool)
     target = replay_target(domain_labelled, fraction)
     rows, keep_last, passes = draw(pool_labelled, target, seed)
-    replay_labelled = write_replay_shard(pool, rows, keep_last, out_dir / "train" / REPLAY_SHARD)
+    # The domain's id type: every shard of a split must have the same schema (both come from one tokenizer).
+    ids_type = read_shard(domain.shard_files(root, "train")[0]).schema.field("input_ids").type.value_type
+    replay_labelled = write_replay_shard(pool, rows, keep_last, out_dir / "train" / REPLAY_SHARD, ids_type)
     listing["train"].append(REPLAY_SHARD)
-    write_dataset_dict(out_dir, listing, f"mix{seed}{fraction}{domain_labelled}{replay_labelled}")
+    write_dataset_dict(out_dir, listing, f"mix{seed}{fraction}{domain_labelled}{replay_labelled}", ids_type)
     total = domain_labelled + replay_labelled
     return {
         "domain_trained_tokens": domain_labelled, "replay_trained_tokens": replay_labelled,
@@ -142,7 +143,7 @@ class Mixed(Chunks):
         return lines
 
 
-@stage("mix", version=1, output=Mixed, libraries=["numpy", "pyarrow", "datasets"])
+@stage("mix", version=2, output=Mixed, libraries=["numpy", "pyarrow", "datasets"])
 def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chunks, replay_chunks: Chunks):
     counts = mix_chunks(chunks, replay_chunks, build.root, replay.fraction, shuffle.seed, build.tmp)
     counts.update({k: v for k, v in chunks.counts.items() if k.startswith("validation_")})

@@ -22,13 +22,19 @@ from tasks.core.report import Progress
 from tasks.core.paths import user_cache_dir
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
-from tasks.arrow import batch_bounds, read_arrow
+from tasks.arrow import batch_bounds, read_arrow, token_type
 from tasks.load import piece_docs_file
 
 if TYPE_CHECKING:
     from tasks.load import Docs
 
-TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
+
+
+def token_schema(ids: pa.DataType) -> pa.Schema:
+    """A token piece's columns: ids in the narrowest type the tokenizer's vocabulary allows (`token_type`)."""
+    return pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(ids))])
+
+
 # Files that decide how text becomes ids. config.json is read by AutoTokenizer only to pick a class.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -100,7 +106,16 @@ def special_tokens(tok) -> dict[str, Any]:
     without = tok(probe, add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
     has_bos = bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
-    return {"bos_id": bos if has_bos else None, "eos_id": int(tok.eos_token_id), "vocab_size": len(tok)}
+    return {"bos_id": bos if has_bos else None, "eos_id": int(tok.eos_token_id), "vocab_size": len(tok),
+            "id_limit": id_limit(tok)}
+
+
+def id_limit(tok) -> int:
+    """One past the largest id the tokenizer can emit, added tokens included: `len(tok)` counts entries, and a
+    vocabulary with holes or added tokens numbered past the base vocabulary would be undercounted by it."""
+    vocab = tok.get_vocab()  # transformers' vocabulary includes the added tokens
+    ids = [*vocab.values(), *getattr(tok, "added_tokens_decoder", {}).keys(), len(tok) - 1]
+    return int(max(ids)) + 1
 
 
 class Encoder:
@@ -156,7 +171,8 @@ PROBE_TEXTS = [
 def profile_path(root: ArtifactsRoot, tokenizer: Fingerprint) -> Path:
     import importlib.metadata as md
 
-    versions = f"{md.version('tokenizers')}-{md.version('transformers')}"
+    # p2: profiles hold `id_limit`; one written before is not read (a new name, so simply a miss).
+    versions = f"{md.version('tokenizers')}-{md.version('transformers')}-p2"
     return root.local / "cache" / "_tokenizers" / f"{tokenizer.digest}-{versions}.json"
 
 
@@ -238,32 +254,41 @@ def _probe_profile(tokenizer: Fingerprint, path: Path, shared: Path, trust_remot
     return profile, tok
 
 
-def encode_batch(tok, texts: list[str], eos_id: int, encoder: Encoder | None = None) -> pa.ListArray:
-    """One tokenizer call for the batch (spread over all cores by the Rust tokenizer), EOS appended."""
+def encode_batch(tok, texts: list[str], eos_id: int, encoder: Encoder | None = None,
+                 ids_type: pa.DataType = pa.uint32()) -> pa.ListArray:
+    """One tokenizer call for the batch (spread over all cores by the Rust tokenizer), EOS appended, the ids
+    stored as `ids_type` (an id that does not fit is an error, never a silent wrap-around)."""
     ids = (encoder or Encoder(tok))(texts)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     ends = np.cumsum(lengths)
-    values = np.insert(flat, ends, np.int32(eos_id))
+    values = np.insert(flat, ends, eos_id)
+    dtype = ids_type.to_pandas_dtype()
+    if len(values) and (int(values.max()) > np.iinfo(dtype).max or int(values.min()) < 0):
+        raise ValueError(f"tokenize: the tokenizer gave id {int(values.max())}, outside {ids_type} "
+                         "(its vocabulary was measured smaller)")
     offsets = np.concatenate(([0], ends + np.arange(1, len(ids) + 1))).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype)))
 
 
 def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch_bytes: int = 4 << 20,
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, ids_type: pa.DataType = pa.uint32()) -> dict:
+    """The documents of one load piece into a token piece, a batch of documents at a time: memory holds one
+    batch's texts and ids, whatever the file's size."""
     import pyarrow.compute as pc
 
     reader = pa.ipc.open_file(pa.memory_map(str(src)))
     docs = tokens = 0
     encoder = tok if isinstance(tok, BackendEncoder) else Encoder(tok)
-    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, TOKEN_SCHEMA) as writer:
+    schema = token_schema(ids_type)
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for i in range(reader.num_record_batches):
             rb = reader.get_batch(i)
             sizes = pc.binary_length(rb.column("text")).to_numpy(zero_copy_only=False)
             for start, end in batch_bounds(sizes, batch_size, batch_bytes):
                 part = rb.slice(start, end - start)
-                ids = encode_batch(tok, part.column("text").to_pylist(), eos_id, encoder)
-                writer.write_batch(pa.record_batch([part.column("doc_id"), ids], schema=TOKEN_SCHEMA))
+                ids = encode_batch(tok, part.column("text").to_pylist(), eos_id, encoder, ids_type)
+                writer.write_batch(pa.record_batch([part.column("doc_id"), ids], schema=schema))
                 docs += part.num_rows
                 tokens += len(ids.values)
                 if progress is not None:
@@ -308,7 +333,7 @@ class TokenizerOnce:
     def __call__(self):
         if self.loaded is None:
             profile, tok = tokenizer_profile(self.fingerprint, self.root, self.trust_remote_code)
-            specials = {k: profile[k] for k in ("bos_id", "eos_id", "vocab_size")}
+            specials = {k: profile[k] for k in ("bos_id", "eos_id", "vocab_size", "id_limit")}
             if profile["backend"]:
                 tok = BackendEncoder(Path(self.fingerprint.location) / "tokenizer.json")
             elif tok is None:
@@ -326,15 +351,16 @@ def tokenize_piece(part: dict[str, Any], tokenize: TokenizeConfig, tokenizer: Fi
 
     def build(tmp: Path):
         tok, specials = once()
+        ids_type = token_type(specials["id_limit"])
         c = tokenize_file(piece_docs_file(root, part["path"]), tmp / TOKENS_FILE, tok,
-                          specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress)
-        return c, specials
+                          specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress, ids_type)
+        return c, {**specials, "token_type": str(ids_type)}
 
     key = tokenize_file_key(part.get("content") or part["key"], tokenize, tokenizer, trust_remote_code)
     return publish_piece(root, "tokenize-file", key, build, progress, part["documents"])
 
 
-register_code_version("tokenize-file", 1, [tokenize_piece], ["tokenizers", "transformers", "numpy", "pyarrow"])
+register_code_version("tokenize-file", 2, [tokenize_piece], ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
 def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, tokenizer: Fingerprint,
@@ -358,7 +384,8 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
 
 class Tokens(StageOutput):
     """tokenize's output: the list of per-file pieces (`parts`), each a tokenize-file entry holding
-    `tokens.arrow` (doc_id, input_ids with EOS), plus the tokenizer's special ids."""
+    `tokens.arrow` (doc_id, input_ids with EOS, stored as `token_type`: uint16 for a vocabulary of up to
+    65,536 ids, else uint32), plus the tokenizer's special ids."""
 
     @property
     def parts(self) -> list[dict[str, Any]]:
@@ -383,7 +410,7 @@ class Tokens(StageOutput):
                                f"{', BOS added per chunk' if self.bos_id is not None else ''})")]
 
 
-@stage("tokenize", version=1, output=Tokens, key_exclude={"runtime"})
+@stage("tokenize", version=2, output=Tokens, key_exclude={"runtime"})
 def tokenize(build: Build, tokenize: TokenizeConfig, tokenizer: Fingerprint, docs: Docs,
              trust_remote_code: bool = False, runtime: RuntimeConfig | None = None):
     """Tokens of every loaded file, each cached by (file content, tokenizer, settings): a drop tokenizes only
@@ -397,5 +424,5 @@ def tokenize(build: Build, tokenize: TokenizeConfig, tokenizer: Fingerprint, doc
     counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh,
               "documents": sum(p.counts["documents"] for p in parts),
               "tokens": sum(p.counts["tokens"] for p in parts)}
-    specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size")}
+    specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size", "id_limit", "token_type")}
     return counts, {**specials, "tokenizer": tokenizer.digest, "parts": listing}, {"deps": [p.path for p in parts]}

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tasks.arrow import with_labels
 from tasks.chunk import IGNORE_INDEX, chunk_batch, chunk_lengths, trained_tokens, window_plan
 from tasks.core.config import ChunkConfig, ConfigError
 
@@ -15,7 +16,8 @@ def run_chunks(docs: list[list[int]], max_seq_length: int, overlap: int, bos: bo
     ids = pa.array(docs, type=pa.list_(pa.int32()))
     doc_ids = pa.array([f"d{i}" for i in range(len(docs))])
     rb = chunk_batch(doc_ids, ids, cfg, BOS if bos else None)
-    rows = rb.to_pylist()
+    labels = with_labels(rb).column("labels").to_pylist()
+    rows = [{**r, "labels": lab} for r, lab in zip(rb.to_pylist(), labels)]
     labelled = sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
     assert trained_tokens(ids, rb, cfg, BOS if bos else None) == labelled
     return rows
@@ -44,7 +46,7 @@ def test_mask_overlap_false_reproduces_the_seed_labels():
 
 def test_short_document_is_one_chunk():
     rows = run_chunks([[5, 6]], max_seq_length=8, overlap=4, bos=True)
-    assert rows == [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6], "doc_id": "d0", "start": 0}]
+    assert rows == [{"input_ids": [1, 5, 6], "trained_from": 1, "doc_id": "d0", "start": 0, "labels": [-100, 5, 6]}]
 
 
 @pytest.mark.parametrize("max_len, overlap, bos, ok", [(10, 9, False, True), (10, 9, True, False), (2, 0, True, True),
@@ -121,14 +123,59 @@ def test_batch_boundaries_do_not_change_the_result():
     names = pa.array([f"d{i}" for i in range(50)])
     parts = []
     for s in range(0, 50, 7):  # sliced list arrays have non-zero offsets
-        parts += chunk_batch(names.slice(s, 7), ids.slice(s, 7), cfg, BOS).to_pylist()
+        rb = chunk_batch(names.slice(s, 7), ids.slice(s, 7), cfg, BOS)
+        parts += [{**r, "labels": lab} for r, lab in zip(rb.to_pylist(), with_labels(rb)["labels"].to_pylist())]
     assert parts == whole
 
 
-def test_the_written_features_are_what_datasets_would_write():
+@pytest.mark.parametrize("ids", ["uint16", "uint32"])
+def test_the_written_features_are_what_datasets_would_write(ids):
     """The chunk stage writes the DatasetDict's features and shard schema without importing datasets: they
     must be exactly what the library produces, or load_from_disk would read other types."""
-    from tasks.chunk import CHUNK_ARROW_SCHEMA, CHUNK_FEATURES, chunk_features
+    import pyarrow as pa
 
-    assert chunk_features().to_dict() == CHUNK_FEATURES
-    assert chunk_features().arrow_schema.equals(CHUNK_ARROW_SCHEMA, check_metadata=True)
+    from tasks.chunk import chunk_arrow_schema, chunk_feature_dict, chunk_features
+
+    assert chunk_features(ids).to_dict() == chunk_feature_dict(getattr(pa, ids)())
+    assert chunk_features(ids).arrow_schema.equals(chunk_arrow_schema(getattr(pa, ids)()), check_metadata=True)
+
+
+def test_labels_are_derived_from_sliced_and_chunked_rows():
+    """The trainer derives labels from a block of rows at a time: a slice (non-zero offsets) must give the same
+    labels as the rows alone, and the ids come back as int32 whatever the stored type."""
+    docs = [list(range(10, 30)), [5, 6], list(range(40, 47))]
+    rb = chunk_batch(pa.array(["a", "b", "c"]), pa.array(docs, pa.list_(pa.uint16())),
+                     ChunkConfig(max_seq_length=6, overlap=2), BOS)
+    assert rb.schema.field("input_ids").type == pa.list_(pa.uint16())
+    whole = with_labels(rb)
+    assert whole.schema.field("input_ids").type == pa.list_(pa.int32())
+    table = pa.Table.from_batches([rb])
+    from tasks.arrow import derived_labels
+
+    trained_from = rb.column("trained_from").to_numpy()
+    for s in range(rb.num_rows):
+        assert with_labels(table.slice(s, 2)).to_pylist() == whole.slice(s, 2).to_pylist()
+        sliced = derived_labels(rb.column("input_ids").slice(s, 2), trained_from[s:s + 2])
+        assert sliced.to_pylist() == whole.column("labels").slice(s, 2).to_pylist()
+    # W 5, S 3: the second window reads 13..17 after its BOS; the BOS and the 2 overlap tokens are not trained.
+    assert whole.column("labels")[1].as_py() == [-100, -100, -100, 15, 16, 17]
+
+
+def test_chunk_rows_streams_in_bounded_batches_with_the_same_rows(tmp_path):
+    """chunk_rows holds about `batch_tokens` document tokens at a time (memory flat whatever the file's size):
+    a small budget writes many record batches and exactly the rows of one big batch."""
+    from tasks.chunk import chunk_rows
+
+    rng = np.random.default_rng(1)
+    docs = [list(rng.integers(2, 60000, size=rng.integers(1, 300))) for _ in range(40)]
+    tokens = pa.table({"doc_id": [f"d{i}" for i in range(40)], "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
+    rows = rng.permutation(40)
+    cfg = ChunkConfig(max_seq_length=64, overlap=16)
+    shards = {}
+    for budget in (1 << 20, 500):
+        c = chunk_rows(tokens, rows, cfg, BOS, tmp_path / f"{budget}.arrow", batch_tokens=budget)
+        reader = pa.ipc.open_stream(str(tmp_path / f"{budget}.arrow"))
+        batches = list(reader)
+        shards[budget] = (pa.Table.from_batches(batches, reader.schema).to_pylist(), len(batches), c)
+    assert shards[500][0] == shards[1 << 20][0] and shards[500][2] == shards[1 << 20][2]
+    assert shards[1 << 20][1] == 1 and shards[500][1] >= sum(map(len, docs)) // 800

@@ -138,7 +138,9 @@ def test_chunk_output_is_a_datasets_dict_matching_its_counts(config, artifacts):
     stages = {s["name"]: s for s in summary["stages"]}
     dd = load_from_disk(stages["chunk"]["output"])
     assert set(dd) == {"train", "validation"}
-    assert dd["train"].column_names == ["input_ids", "labels", "doc_id", "start"]
+    # No labels column (derived from trained_from), and the ids in the narrowest type the vocabulary allows.
+    assert dd["train"].column_names == ["input_ids", "trained_from", "doc_id", "start"]
+    assert dd["train"].features["input_ids"].feature.dtype == "uint16"
     counts = stages["chunk"]["counts"]
     assert len(dd["train"]) == counts["train_chunks"] and len(dd["validation"]) == counts["validation_chunks"]
     assert max(len(x) for x in dd["train"]["input_ids"]) <= 64
@@ -227,7 +229,7 @@ def test_split_and_chunks_do_not_depend_on_how_files_are_cut(config, artifacts, 
     _, one_file = run({**config, "corpus": {"paths": [str(whole)]}}, tmp_path / "other-artifacts")
     a, b = (load_from_disk(s["stages"][-1]["output"]) for s in (two_files, one_file))
     for split in ("train", "validation"):
-        rows = [sorted(zip(d[split]["doc_id"], d[split]["start"], d[split]["input_ids"], d[split]["labels"]))
+        rows = [sorted(zip(d[split]["doc_id"], d[split]["start"], d[split]["input_ids"], d[split]["trained_from"]))
                 for d in (a, b)]
         assert rows[0] == rows[1] and rows[0]
 

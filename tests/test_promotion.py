@@ -122,7 +122,7 @@ def test_a_model_with_nan_weights_is_evaluated_and_refused_not_a_crash(tiny_mode
 def test_replay_draw_hits_the_share_to_the_token_and_repeats_a_small_pool():
     import numpy as np
 
-    from tasks.replay import cut_row, draw, replay_target
+    from tasks.replay import draw, replay_target
 
     labelled = np.array([7, 3, 9, 4, 12, 5])
     target = replay_target(1000, 0.25)
@@ -132,7 +132,35 @@ def test_replay_draw_hits_the_share_to_the_token_and_repeats_a_small_pool():
     assert taken == target and passes > 1
     again = draw(labelled, target, seed=1)
     assert (again[0] == rows).all() and again[1:] == (keep, passes)  # seeded: the same draw
-    assert cut_row([1, 2, 3, 4, 5], [-100, -100, 3, 4, 5], 2) == ([1, 2, 3, 4], [-100, -100, 3, 4])
+
+
+def test_the_replay_shard_is_written_in_blocks_and_its_last_row_cut_to_the_token(tmp_path):
+    """The drawn rows are streamed a block at a time (a block boundary must not change them), the last one cut
+    to the shortest prefix holding the labelled tokens still needed, and the shard keeps the chunks' id type."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.arrow import with_labels
+    from tasks.chunk import chunk_batch
+    from tasks.core.config import ChunkConfig
+    from tasks.replay import labelled_per_row, read_shard, write_replay_shard
+
+    docs = [list(range(10, 10 + n)) for n in (30, 7, 19, 4, 25)]
+    pool = pa.Table.from_batches([chunk_batch(pa.array([f"d{i}" for i in range(5)]),
+                                              pa.array(docs, pa.list_(pa.uint16())),
+                                              ChunkConfig(max_seq_length=8, overlap=3), 1)])
+    rows = np.array([4, 0, 2, 7, 1, 3, 3])
+    written = write_replay_shard(pool, rows, 2, tmp_path / "r.arrow", pa.uint16(), batch_rows=3)
+    shard = read_shard(tmp_path / "r.arrow")
+    assert shard.schema.field("input_ids").type == pa.list_(pa.uint16())
+    whole = pool.take(pa.array(rows)).to_pylist()
+    got = shard.to_pylist()
+    assert got[:-1] == whole[:-1]
+    last = whole[-1]
+    assert got[-1]["input_ids"] == last["input_ids"][:last["trained_from"] + 2]
+    labels = with_labels(shard).column("labels").to_pylist()
+    assert sum(x != -100 for x in labels[-1]) == 2
+    assert written == int(labelled_per_row(shard).sum()) == sum(x != -100 for r in labels for x in r)
 
 
 # ------------------------------------------------------------------------------------------ the flow
@@ -308,7 +336,8 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     replay_ids = set(read_arrow(Path(stages["replay-load"]["output"]) / INDEX_FILE).column("doc_id").to_pylist())
     counted = {"replay": 0, "domain": 0}
     for row in mixed["train"]:
-        counted["replay" if row["doc_id"] in replay_ids else "domain"] += sum(x != -100 for x in row["labels"])
+        trained = len(row["input_ids"]) - row["trained_from"]
+        counted["replay" if row["doc_id"] in replay_ids else "domain"] += trained
     share = counted["replay"] / (counted["replay"] + counted["domain"])
     assert abs(share - 0.25) <= 0.01 and t["replay_share"] == pytest.approx(share)
     assert t["replay_trained_tokens"] == counted["replay"] and t["domain_trained_tokens"] == counted["domain"]

@@ -29,6 +29,9 @@ def test_real_corpus_round_trips_through_load_tokenize_chunk(name, tiny_model, t
     # Every document token is trained exactly once, and chunks of a document rebuild it.
     assert c["trained_tokens"] == sum(len(x) for x in tokens.column("input_ids").to_pylist())
     by_doc = {}
+    from tasks.arrow import with_labels
+
+    rows = rows.append_column("labels", with_labels(rows).column("labels"))
     for r in rows.to_pylist():
         by_doc.setdefault(r["doc_id"], []).append(r)
     for doc_id, ids in zip(tokens.column("doc_id").to_pylist()[:200], tokens.column("input_ids").to_pylist()):

@@ -31,6 +31,27 @@ def test_encode_batch_matches_one_call_per_text_plus_eos(tiny_model):
     assert got == [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
 
 
+def test_tokens_take_the_narrowest_type_the_whole_vocabulary_allows(tiny_model, tmp_path):
+    """uint16 up to 65,536 ids, uint32 past it; added tokens count (they are numbered after the base vocabulary),
+    and an id the type cannot hold is an error, never a wrap-around."""
+    from tasks.arrow import token_type
+    from tasks.tokenize import id_limit
+
+    assert token_type(65_536) == pa.uint16() and token_type(65_537) == pa.uint32()
+    assert token_type(262_144) == pa.uint32()
+    tok = load_tokenizer(tiny_model)
+    base = id_limit(tok)
+    assert base == max(tok.get_vocab().values()) + 1
+    tok.add_tokens(["<added-one>", "<added-two>"])
+    assert id_limit(tok) == base + 2
+    assert special_tokens(tok)["id_limit"] == base + 2
+    texts = ["a b c <added-two>"]
+    assert encode_batch(tok, texts, tok.eos_token_id, ids_type=pa.uint16()).type == pa.list_(pa.uint16())
+    assert encode_batch(tok, texts, tok.eos_token_id, ids_type=pa.uint16()).to_pylist()[0][-2] == base + 1
+    with pytest.raises(ValueError, match="outside uint8"):
+        encode_batch(tok, texts, tok.eos_token_id, ids_type=pa.uint8())
+
+
 def test_batches_are_bounded_by_documents_and_bytes():
     assert batch_bounds(np.array([1, 1, 1, 1, 1]), 2, 100) == [(0, 2), (2, 4), (4, 5)]
     assert batch_bounds(np.array([60, 60, 10, 500, 5]), 100, 100) == [(0, 1), (1, 3), (3, 4), (4, 5)]

@@ -112,6 +112,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
     from trl import SFTConfig, SFTTrainer
 
     from helpers import sample_texts
+    from tasks.arrow import with_labels
     from tasks.chunk import chunk_batch
     from tasks.core.config import ChunkConfig
 
@@ -119,7 +120,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in sample_texts(6)]
     table = chunk_batch(pa.array([str(i) for i in range(len(ids))]), pa.array(ids, pa.list_(pa.int32())),
                         ChunkConfig(max_seq_length=48, overlap=16), tok.bos_token_id)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in table.to_pylist()]
+    rows = with_labels(table).to_pylist()
     masked = [r for r in rows if r["labels"][1] == -100]  # windows after a document's first: overlap masked
     assert masked and len(masked) < len(rows)
 
@@ -267,3 +268,35 @@ def test_two_training_processes_share_the_global_batch_and_match_one_process(tin
     assert len(two_losses) == len(one_losses) == 6
     assert two_losses == pytest.approx(one_losses, rel=1e-3)
     assert two_losses[-1] < two_losses[0]  # it learned
+
+
+def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path):
+    """The chunk stage stores input_ids (narrow type) and trained_from, not labels: the training child's
+    `training_columns` turns the saved DatasetDict into int32 input_ids and labels, row for row."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import load_from_disk
+
+    from tasks.arrow import with_labels
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.core.config import ChunkConfig
+    from tasks.ml.train_worker import training_columns
+
+    docs = [list(range(10, 10 + n)) for n in (40, 3, 17, 64)]
+    tokens = pa.table({"doc_id": [f"d{i}" for i in range(4)], "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
+    for split, rows in (("train", [3, 0, 2]), ("validation", [1])):
+        (tmp_path / split).mkdir()
+        chunk_rows(tokens, np.array(rows), ChunkConfig(max_seq_length=16, overlap=4), 1, tmp_path / split / SHARD)
+    write_dataset_dict(tmp_path, {"train": [SHARD], "validation": [SHARD]}, "f" * 16, pa.uint16())
+    stored = load_from_disk(str(tmp_path))
+    assert "labels" not in stored["train"].column_names
+    data = training_columns(stored)
+    assert data["train"].column_names == ["input_ids", "labels"]
+    assert data["train"].features["input_ids"].feature.dtype == "int32"
+    for split in ("train", "validation"):
+        expected = with_labels(stored[split].with_format("arrow")[:]).to_pylist()
+        assert data[split].to_list() == expected and expected
+    assert any(r["labels"][:2] == [-100, -100] for r in data["train"].to_list())  # overlap masked
+    # The README's recipe for a user who trains elsewhere, without this package, gives the same labels.
+    plain = [[-100] * r["trained_from"] + r["input_ids"][r["trained_from"]:] for r in stored["train"]]
+    assert plain == data["train"]["labels"]

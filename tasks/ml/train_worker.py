@@ -1,7 +1,7 @@
 """The training child process: `accelerate launch -m tasks.ml.train_worker SPEC.json`.
 
-It runs TRL's SFTTrainer on the chunk stage's pre-tokenized DatasetDict (its `labels`, overlap masked, are
-used as they are), checkpoints into the stage's work dir, resumes from the last checkpoint of a killed attempt,
+It runs TRL's SFTTrainer on the chunk stage's pre-tokenized DatasetDict (labels, overlap masked, derived by
+`training_columns`), checkpoints into the stage's work dir, resumes from the last checkpoint of a killed attempt,
 stops early on validation loss and keeps the best model. It talks to the parent through stdout lines that start
 with `@@cpt ` followed by JSON (progress, the optimizer choice, final metrics); everything else is plain log.
 Being a separate process is what frees every byte of GPU memory when training ends.
@@ -32,6 +32,17 @@ def emit(event: str, **data: Any) -> None:
     # on one pipe another rank's line could land between them.
     sys.stdout.write(MESSAGE_PREFIX + json.dumps({"event": event, **data}) + "\n")
     sys.stdout.flush()
+
+
+def training_columns(data):
+    """The chunk stage's DatasetDict (input_ids in the tokens' narrow type, trained_from) as the trainer reads
+    it: int32 input_ids and labels (-100 before trained_from), derived here because the chunks do not store
+    them. One vectorised Arrow pass per batch of rows, written to this process's temp cache."""
+    from tasks.arrow import with_labels
+
+    return data.with_format("arrow").map(
+        with_labels, batched=True, batch_size=4096, remove_columns=data["train"].column_names,
+        desc="Deriving labels").with_format(None)
 
 
 def choose_optimizer(optim: str, fallback: str, device: str) -> tuple[str, str | None]:
@@ -359,7 +370,7 @@ def run(spec: TrainSpec) -> None:
     # The chunks are a published cache entry, immutable: without this, the trainer's dataset maps (packing,
     # collation prep) would write their `cache-*.arrow` files into it. Now they go to a temp dir of this process.
     disable_caching()
-    data = load_from_disk(spec.chunks_dir).select_columns(["input_ids", "labels"])
+    data = training_columns(load_from_disk(spec.chunks_dir))
     has_validation = len(data["validation"]) > 0
     optim, why = choose_optimizer(train.optim, train.optim_fallback, device)
     if why and state.is_main_process:
