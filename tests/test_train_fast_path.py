@@ -250,3 +250,38 @@ def test_the_shipped_medical_config_runs_the_fast_path():
     assert cfg.model.attn_implementation == "flex_attention" and cfg.model.dtype == "bfloat16"
     assert t.optim == "adamw_torch_fused" and t.compile and not t.gradient_checkpointing
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps >= 8
+
+
+@pytest.mark.slow  # training children
+def test_training_child_with_static_shapes_and_compile_trains_like_padding_free_packing(tiny_model, tmp_path):
+    """The config reaches the child: train.packed_length and train.compile change the batches' shape and the
+    model's execution, not what is learned. Same data order, so each step's loss matches the padding-free run;
+    the static run reports its padding and its first step's compile time."""
+    import json
+
+    from tasks.core.config import ModelConfig, TrainConfig
+    from tasks.train import train_model
+    from test_train import _chunks_dir
+
+    chunks = _chunks_dir(tiny_model, tmp_path / "chunks")
+    runs = {}
+    for name, extra in (("padding-free", {}), ("static", {"packed_length": "auto", "compile": True})):
+        cfg = TrainConfig(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                          learning_rate=1e-3, warmup_ratio=0.0, logging_steps=1, eval_steps=1000, save_steps=1000,
+                          early_stopping_patience=None, optim="adamw_torch_fused", packing=True, seed=7, **extra)
+        out = tmp_path / name
+        out.mkdir()
+        spec = {"model_location": str(tiny_model), "model": ModelConfig(id=str(tiny_model)).model_dump(),
+                "train": cfg.model_dump(), "max_seq_length": 48, "chunks_dir": str(chunks), "output_dir": str(out),
+                "checkpoint_dir": str(out / "checkpoints"), "tensorboard_dir": str(out / "tensorboard")}
+        metrics = train_model(spec, 1)
+        losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+        runs[name] = metrics, losses
+    (free, free_losses), (static, static_losses) = runs["padding-free"], runs["static"]
+    assert static["packed_length"] == 128 and static["compile"] == "default" and free["packed_length"] is None
+    assert static["optim"] == "adamw_torch_fused"
+    assert static_losses == pytest.approx(free_losses, rel=1e-3)
+    assert static["padding_fraction"] > free["padding_fraction"] and static["batch_padding_fraction"] > 0.5
+    assert free["batch_padding_fraction"] == 0.0
+    assert static["compile_seconds"] is not None and static["first_step_seconds"] >= static["compile_seconds"]
+    assert static["timed_trained_tokens"] == free["timed_trained_tokens"]

@@ -401,6 +401,7 @@ def run(spec: TrainSpec) -> None:
     if why_not and state.is_main_process:
         emit("setting_off", setting="train.gradient_checkpointing", reason=why_not)
 
+    static = train.static_length(spec.max_seq_length)
     os.environ["TENSORBOARD_LOGGING_DIR"] = spec.tensorboard_dir
     args = SFTConfig(
         output_dir=str(checkpoints),
@@ -442,9 +443,6 @@ def run(spec: TrainSpec) -> None:
         save_only_model=False,
     )
     clock = StepClock()
-    static = train.static_length(spec.max_seq_length)
-    collator = (StaticPackedCollator(train.per_device_train_batch_size, static, tok.pad_token_id)
-                if static is not None else None)
     callbacks = make_callbacks(train, has_validation, clock)
     reporter = callbacks[0]
     mirror = checkpoint_mirror(spec)
@@ -453,8 +451,12 @@ def run(spec: TrainSpec) -> None:
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tok,
         train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,
-        callbacks=callbacks, data_collator=collator,
+        callbacks=callbacks,
     )
+    if static is not None:
+        # TRL refuses a custom collator with best-fit packing (it assumes its own padding-free one); the static
+        # collator is that same flattened layout, padded to one shape, so it replaces TRL's after construction.
+        trainer.data_collator = StaticPackedCollator(train.per_device_train_batch_size, static, tok.pad_token_id)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
