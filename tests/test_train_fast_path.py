@@ -86,9 +86,13 @@ def test_static_batch_has_one_shape_its_padding_untrained_and_sequence_starts_ma
 
     rows, _ = documents()
     b = static_packed_batch(rows[:2], rows=4, length=128, pad_id=0)  # a short batch: filled up to 4 rows
-    assert b["input_ids"].shape == b["labels"].shape == b["position_ids"].shape == (1, 4 * 128)
+    assert b["input_ids"].shape == b["labels"].shape == b["position_ids"].shape == (4, 128)
+    flat = static_packed_batch(rows[:2], rows=4, length=128, pad_id=0, flat=True)  # for flash attention
+    assert flat["input_ids"].shape == (1, 4 * 128)
+    for k in ("input_ids", "labels", "position_ids"):
+        assert flat[k].view(4, 128).equal(b[k])
     assert b[NUM_PADDING] == 4 * 128 - (19 + 20)
-    pos, labels = b["position_ids"][0], b["labels"][0]
+    pos, labels = flat["position_ids"][0], flat["labels"][0]
     assert (labels[pos == 0] == -100).all()  # no target predicted from the previous sequence
     # Row 0: documents of 7 and 12 tokens, then padding positions restarting at 0 (a sequence of its own).
     assert pos[:19].tolist() == list(range(7)) + list(range(12))
@@ -116,27 +120,30 @@ def test_static_packed_batch_and_fused_head_equal_the_plain_path(attn):
     padding_free = {k: padding_free[k] for k in ("input_ids", "labels", "position_ids")}
     assert_close(batch_loss_and_grads(model, padding_free, fused=False), plain)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer does to the model
-    static = static_packed_batch(rows, rows=4, length=128, pad_id=0)
-    assert_close(batch_loss_and_grads(model, static, fused=True), plain)
-    assert_close(batch_loss_and_grads(model, static, fused=False), plain)
+    for flat in (False, True):
+        static = static_packed_batch(rows, rows=4, length=128, pad_id=0, flat=flat)
+        assert_close(batch_loss_and_grads(model, static, fused=True), plain)
+        assert_close(batch_loss_and_grads(model, static, fused=False), plain)
 
 
-def test_padding_of_a_static_batch_gets_no_gradient_and_does_not_change_the_loss():
+@pytest.mark.parametrize("flat", [False, True])
+def test_padding_of_a_static_batch_gets_no_gradient_and_does_not_change_the_loss(flat):
     from tasks.ml.static_batches import static_packed_batch
 
     model = tiny_gemma3()
     rows, _ = documents()
-    b = static_packed_batch(rows, rows=4, length=128, pad_id=0)
-    real = torch.zeros(b["input_ids"].shape[1], dtype=torch.bool)
+    b = static_packed_batch(rows, rows=4, length=128, pad_id=0, flat=flat)
+    real = torch.zeros(4 * 128, dtype=torch.bool)
     for r, row in enumerate(rows):
         real[r * 128:r * 128 + len(row["input_ids"])] = True
+    real = real.view(b["input_ids"].shape)
     embeds = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(True)
     loss = model(inputs_embeds=embeds, labels=b["labels"], position_ids=b["position_ids"], use_cache=False).loss
     loss.backward()
-    assert embeds.grad[0, real].abs().sum() > 0
-    assert embeds.grad[0, ~real].abs().max() == 0  # nothing flows from or through the padding
+    assert embeds.grad[real].abs().sum() > 0
+    assert embeds.grad[~real].abs().max() == 0  # nothing flows from or through the padding
     other = b["input_ids"].clone()
-    other[0, ~real] = torch.randint(1, 96, (int((~real).sum()),))
+    other[~real] = torch.randint(1, 96, (int((~real).sum()),))
     again = model(input_ids=other, labels=b["labels"], position_ids=b["position_ids"], use_cache=False).loss
     torch.testing.assert_close(again, loss.detach(), rtol=0, atol=1e-6)
 

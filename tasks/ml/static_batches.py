@@ -3,9 +3,12 @@
 TRL's padding-free collator flattens a batch's packed rows into one row as long as their tokens: its length
 changes with every batch, and each new length is a new shape (a recompilation under torch.compile, a new
 flex_attention kernel). Here every packed row is padded to `length` positions (a multiple of 128) and a short
-batch (the epoch's last) is filled with rows of padding up to `rows`, so every training micro-batch is one
-row of `rows * length` positions. Only the attention mask differs between batches, and transformers derives
-it from the position ids on each forward (no attention_mask, as in TRL's padding-free batches).
+batch (the epoch's last) is filled with rows of padding up to `rows`, so every training micro-batch has the
+same shape: `rows` rows of `length` (sdpa, eager, flex_attention: the attention mask is per row, rows x
+length^2, where one flattened row would cost (rows x length)^2), or one row of `rows * length` for the
+flash-attention kernels, which read packed sequences from the position ids of a single row only. Only the
+attention mask differs between batches, and transformers derives it from the position ids on each forward
+(no attention_mask, as in TRL's padding-free batches).
 
 Padding is never trained on: each padding run is a sequence of its own (position ids restart at 0), so no real
 token attends to it, and its labels are -100. The first label of every sequence is -100 too (it would be
@@ -29,7 +32,8 @@ def row_labels(example: dict[str, Any]) -> list[int]:
     return list(example["labels"]) if "labels" in example else list(example["input_ids"])
 
 
-def static_packed_batch(examples: list[dict[str, Any]], rows: int, length: int, pad_id: int) -> dict[str, Any]:
+def static_packed_batch(examples: list[dict[str, Any]], rows: int, length: int, pad_id: int,
+                        flat: bool = False) -> dict[str, Any]:
     """One micro-batch of `rows * length` positions from packed rows (`seq_lengths` per row, as TRL's best-fit
     packing writes them; a row without it is one sequence, e.g. an unpacked validation row). Validation batches
     (rows without `seq_lengths`) are not filled up to `rows`: they are never compiled for training."""
@@ -54,8 +58,9 @@ def static_packed_batch(examples: list[dict[str, Any]], rows: int, length: int, 
         labels += [-100] * length
         positions += list(range(length))
         padding += length
-    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-             "position_ids": torch.tensor([positions])}
+    shape = (1, -1) if flat else (-1, length)
+    batch = {"input_ids": torch.tensor(ids).view(shape), "labels": torch.tensor(labels).view(shape),
+             "position_ids": torch.tensor(positions).view(shape)}
     batch["labels"][batch["position_ids"] == 0] = -100
     batch[NUM_PADDING] = padding
     return batch
@@ -65,11 +70,11 @@ class StaticPackedCollator:
     """The Trainer's data_collator for static packed batches (a class, not a closure: DataLoader workers pickle
     it)."""
 
-    def __init__(self, rows: int, length: int, pad_id: int):
-        self.rows, self.length, self.pad_id = rows, length, pad_id
+    def __init__(self, rows: int, length: int, pad_id: int, flat: bool = False):
+        self.rows, self.length, self.pad_id, self.flat = rows, length, pad_id, flat
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return static_packed_batch(examples, self.rows, self.length, self.pad_id)
+        return static_packed_batch(examples, self.rows, self.length, self.pad_id, self.flat)
 
 
 def static_padding_fraction(packed, rows: int, length: int) -> dict[str, float]:

@@ -456,7 +456,9 @@ def run(spec: TrainSpec) -> None:
     if static is not None:
         # TRL refuses a custom collator with best-fit packing (it assumes its own padding-free one); the static
         # collator is that same flattened layout, padded to one shape, so it replaces TRL's after construction.
-        trainer.data_collator = StaticPackedCollator(train.per_device_train_batch_size, static, tok.pad_token_id)
+        flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+        trainer.data_collator = StaticPackedCollator(train.per_device_train_batch_size, static, tok.pad_token_id,
+                                                     flat)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
