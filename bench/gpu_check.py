@@ -12,19 +12,26 @@ ids). Each setting runs the train stage's own child, `accelerate launch -m tasks
 - cpt sdpa / cpt flex: cpt's chunker (same 1000/500 windows, EOS per document, overlap masked), packing with
          position ids restarting per chunk (padding-free), batch 8 x 1, no activation checkpointing, bf16,
          paged_adamw_8bit; attention by sdpa (transformers derives the per-chunk block mask from the position
-         ids) or flex_attention (block-sparse: masked blocks are skipped).
+         ids) or flex_attention (block-sparse: masked blocks are skipped); cpt-flex-b32: 32 rows per step;
+- static, static-fused-adamw, fast (configs/gemma3-1b-medical.yaml's train section), fast-autotune,
+         fast-sdpa, fast-ckpt: cpt-flex-b32 with static packed rows of 1024 positions (train.packed_length:
+         auto), then fused AdamW, then each decoder layer compiled (train.compile), then one alternative each:
+         the max-autotune-no-cudagraphs compile mode, sdpa, activation checkpointing.
 
-Throughput is the worker's StepClock: optimizer steps only (the first 2 and any step with a checkpoint save
+Library versions are printed first. Throughput is the worker's StepClock: optimizer steps only (the first 2 and any step with a checkpoint save
 or evaluation left out), synchronised with the GPU, tokens counted from the batches the model ran. Printed per
 setting: tokens/s over all tokens and over trained tokens (label != -100), MFU, peak GPU memory, padding, and
-the ratio to the seed in trained tokens/s.
+the ratio to the seed in trained tokens/s, and the first step's seconds beyond a timed step (compile_seconds:
+compilation, which an uncompiled setting pays a little of too: kernel selection, allocator growth).
 
 MFU = tokens/s x 6N / peak, N the model's parameters (attention-score FLOPs left out: a lower bound), peak the
 card's dense bf16 rate from its datasheet (989 TFLOP/s for H100/H200 SXM).
 
-On CPU `--shape tiny` runs the same path on a tiny Gemma-3 (the suite's smoke test).
+On CPU `--shape tiny` runs the same path on a tiny Gemma-3 (the suite's smoke test; `--batch 4` keeps the packed
+settings small there).
 
-    .venv/bin/python -m bench.gpu_check [--shape gemma-3-1b|tiny] [--steps 30] [--out DIR] [--settings seed,cpt-sdpa]
+    .venv/bin/python -m bench.gpu_check [--shape gemma-3-1b|tiny] [--steps 20] [--out DIR] [--settings seed,fast]
+                                        [--batch N] [--timeout S]
 """
 
 from __future__ import annotations
@@ -111,7 +118,8 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "gpu-check")
 
 
-def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path, timeout: float) -> dict:
+def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path, timeout: float,
+                batch: int | None = None) -> dict:
     """One setting through the train stage's child (`launch_command`), killed with its process group at
     `timeout`. Returns the worker's metrics, or {"error": ...}."""
     from tasks.core.config import ModelConfig, TrainConfig
@@ -120,6 +128,8 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
     from tasks.train import PROJECT_ROOT, launch_command
 
     s = SETTINGS[name]
+    if batch is not None and s["packing"]:
+        s = {**s, "batch": batch}
     out = work / name
     out.mkdir(parents=True)
     train = TrainConfig(max_steps=steps, per_device_train_batch_size=s["batch"],
@@ -159,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--settings", default=None, help=f"comma-separated; default: {GPU_DEFAULT} on a GPU, "
                     f"{CPU_DEFAULT} on CPU (of: {', '.join(SETTINGS)})")
     ap.add_argument("--timeout", type=float, default=200.0, help="seconds per setting")
+    ap.add_argument("--batch", type=int, default=None, help="rows per micro-batch of every packed setting "
+                    "(a small CPU run); default: each setting's own")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "gpu-check")
     args = ap.parse_args(argv)
 
@@ -199,8 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
                "settings": {}}
     for name in names:
         chunks = work / ("chunks-seed" if SETTINGS[name]["chunker"] == "seed" else "chunks-cpt")
-        m = run_setting(name, work / "model", chunks, args.steps, work, args.timeout)
+        m = run_setting(name, work / "model", chunks, args.steps, work, args.timeout, args.batch)
         row = {"setting": name, **SETTINGS[name]}
+        if args.batch is not None and row["packing"]:
+            row["batch"] = args.batch
         if "error" in m:
             row.update(error=m["error"], log=m["log"])
             print(f"{name}: {m['error']}\n{m['log'][-1500:]}", flush=True)
