@@ -286,7 +286,7 @@ def test_training_child_with_static_shapes_and_compile_trains_like_padding_free_
         runs[name] = metrics, losses
     (free, free_losses), (static, static_losses) = runs["padding-free"], runs["static"]
     assert static["packed_length"] == 128 and static["compile"] == "default" and free["packed_length"] is None
-    assert static["optim"] == "adamw_torch_fused"
+    assert static["optim"] == "adamw_torch_fused" and static["fused_lm_head"] and free["fused_lm_head"]
     assert static_losses == pytest.approx(free_losses, rel=1e-3)
     assert static["padding_fraction"] > free["padding_fraction"] and static["batch_padding_fraction"] > 0.5
     assert free["batch_padding_fraction"] == 0.0

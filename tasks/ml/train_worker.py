@@ -57,6 +57,13 @@ def activation_checkpointing(requested: bool, device: str) -> tuple[bool, str | 
     return requested, None
 
 
+def unwrapped(model):
+    """The model under DDP's (or torch.compile's) wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def compile_layers(model, mode: str, backend: str = "inductor") -> int:
     """torch.compile each decoder layer in place (`Module.compile`); returns how many. Regional: the layers
     share one graph (Gemma 3's sliding and global layers differ only in their mask), so compiling takes
@@ -523,6 +530,9 @@ def run(spec: TrainSpec) -> None:
             "optim_fallback_reason": why,
             "gradient_checkpointing": checkpointing,
             "packed_length": static,
+            # TRL's SFTTrainer scores the LM head in tiles (no [tokens, vocab] logits) by setting the model's
+            # forward on the instance; an upgrade that dropped it would bring the full logits back unseen.
+            "fused_lm_head": "forward" in vars(unwrapped(trainer.model)),
             "compile": train.compile and train.compile_mode,
             **padding,
         }
