@@ -12,19 +12,26 @@ ids). Each setting runs the train stage's own child, `accelerate launch -m tasks
 - cpt sdpa / cpt flex: cpt's chunker (same 1000/500 windows, EOS per document, overlap masked), packing with
          position ids restarting per chunk (padding-free), batch 8 x 1, no activation checkpointing, bf16,
          paged_adamw_8bit; attention by sdpa (transformers derives the per-chunk block mask from the position
-         ids) or flex_attention (block-sparse: masked blocks are skipped).
+         ids) or flex_attention (block-sparse: masked blocks are skipped); cpt-flex-b32: 32 rows per step;
+- static, static-fused-adamw, fast (configs/gemma3-1b-medical.yaml's train section), fast-autotune,
+         fast-sdpa, fast-ckpt: cpt-flex-b32 with static packed rows of 1024 positions (train.packed_length:
+         auto), then fused AdamW, then each decoder layer compiled (train.compile), then one alternative each:
+         the max-autotune-no-cudagraphs compile mode, sdpa, activation checkpointing.
 
-Throughput is the worker's StepClock: optimizer steps only (the first 2 and any step with a checkpoint save
+Library versions are printed first. Throughput is the worker's StepClock: optimizer steps only (the first 2 and any step with a checkpoint save
 or evaluation left out), synchronised with the GPU, tokens counted from the batches the model ran. Printed per
 setting: tokens/s over all tokens and over trained tokens (label != -100), MFU, peak GPU memory, padding, and
-the ratio to the seed in trained tokens/s.
+the ratio to the seed in trained tokens/s, and the first step's seconds beyond a timed step (compile_seconds:
+compilation, which an uncompiled setting pays a little of too: kernel selection, allocator growth).
 
 MFU = tokens/s x 6N / peak, N the model's parameters (attention-score FLOPs left out: a lower bound), peak the
 card's dense bf16 rate from its datasheet (989 TFLOP/s for H100/H200 SXM).
 
-On CPU `--shape tiny` runs the same path on a tiny Gemma-3 (the suite's smoke test).
+On CPU `--shape tiny` runs the same path on a tiny Gemma-3 (the suite's smoke test; `--batch 4` keeps the packed
+settings small there).
 
-    .venv/bin/python -m bench.gpu_check [--shape gemma-3-1b|tiny] [--steps 30] [--out DIR] [--settings seed,cpt-sdpa]
+    .venv/bin/python -m bench.gpu_check [--shape gemma-3-1b|tiny] [--steps 20] [--out DIR] [--settings seed,fast]
+                                        [--batch N] [--timeout S]
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ SHAPES = {
                  query_pre_attn_scalar=32),
 }
 
+_FAST = dict(chunker="cpt", attn="flex_attention", packing=True, batch=32, accumulation=1, checkpointing=False,
+             packed_length="auto", compile=True, optim="adamw_torch_fused")
 SETTINGS = {
     "seed": dict(chunker="seed", attn="eager", packing=False, batch=2, accumulation=4, checkpointing=True),
     "cpt-sdpa": dict(chunker="cpt", attn="sdpa", packing=True, batch=8, accumulation=1, checkpointing=False),
@@ -63,7 +72,21 @@ SETTINGS = {
                          checkpointing=False),
     "cpt-flex-b32": dict(chunker="cpt", attn="flex_attention", packing=True, batch=32, accumulation=1,
                          checkpointing=False),
+    # Issue 22, one change at a time on top of cpt-flex-b32 (today's best), then the shipped config's train
+    # section (`fast`) and its alternatives: static packed rows of 1024 positions; fused AdamW; each decoder layer
+    # compiled; the autotuning compile mode; sdpa in place of flex_attention; activation checkpointing's cost.
+    "static": {**_FAST, "compile": False, "optim": "paged_adamw_8bit"},
+    "static-fused-adamw": {**_FAST, "compile": False},
+    "fast": _FAST,
+    "fast-autotune": {**_FAST, "compile_mode": "max-autotune-no-cudagraphs"},
+    "fast-sdpa": {**_FAST, "attn": "sdpa"},
+    "fast-ckpt": {**_FAST, "checkpointing": True},
 }
+# One run of about 10 minutes on an H100/H200 (python -m bench.gpu_check --steps 20 --timeout 150): the seed,
+# today's best, then issue 22's changes one at a time. The alternatives (fast-autotune, fast-sdpa, fast-ckpt) are
+# a second run of about 6 minutes: --settings fast,fast-autotune,fast-sdpa,fast-ckpt.
+GPU_DEFAULT = "seed,cpt-flex-b32,static,static-fused-adamw,fast"
+CPU_DEFAULT = "seed,cpt-sdpa,fast-sdpa"
 
 
 def synthetic_documents(n_tokens: int, vocab: int, seed: int = 0) -> list:
@@ -97,7 +120,8 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "gpu-check")
 
 
-def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path, timeout: float) -> dict:
+def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path, timeout: float,
+                batch: int | None = None) -> dict:
     """One setting through the train stage's child (`launch_command`), killed with its process group at
     `timeout`. Returns the worker's metrics, or {"error": ...}."""
     from tasks.core.config import ModelConfig, TrainConfig
@@ -106,11 +130,15 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
     from tasks.train import PROJECT_ROOT, launch_command
 
     s = SETTINGS[name]
+    if batch is not None and s["packing"]:
+        s = {**s, "batch": batch}
     out = work / name
     out.mkdir(parents=True)
     train = TrainConfig(max_steps=steps, per_device_train_batch_size=s["batch"],
                         gradient_accumulation_steps=s["accumulation"], packing=s["packing"],
-                        gradient_checkpointing=s["checkpointing"], optim="paged_adamw_8bit", warmup_ratio=0.0,
+                        gradient_checkpointing=s["checkpointing"], optim=s.get("optim", "paged_adamw_8bit"),
+                        packed_length=s.get("packed_length"), compile=s.get("compile", False),
+                        compile_mode=s.get("compile_mode", "default"), warmup_ratio=0.0,
                         logging_steps=steps, eval_steps=100_000, save_steps=100_000, early_stopping_patience=None)
     TrainSpec(model_location=str(model_dir),
               model=ModelConfig(id=str(model_dir), dtype="auto", attn_implementation=s["attn"]), train=train,
@@ -140,8 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--shape", choices=list(SHAPES), default=None, help="default: gemma-3-1b on a GPU, tiny on CPU")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--settings", default=None, help="comma-separated; default: all on a GPU, seed,cpt-sdpa on CPU")
+    ap.add_argument("--settings", default=None, help=f"comma-separated; default: {GPU_DEFAULT} on a GPU, "
+                    f"{CPU_DEFAULT} on CPU (of: {', '.join(SETTINGS)})")
     ap.add_argument("--timeout", type=float, default=200.0, help="seconds per setting")
+    ap.add_argument("--batch", type=int, default=None, help="rows per micro-batch of every packed setting "
+                    "(a small CPU run); default: each setting's own")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "gpu-check")
     args = ap.parse_args(argv)
 
@@ -151,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     gpu = torch.cuda.is_available()
     shape = args.shape or ("gemma-3-1b" if gpu else "tiny")
-    names = (args.settings or ("seed,cpt-sdpa,cpt-flex" if gpu else "seed,cpt-sdpa")).split(",")
+    names = (args.settings or (GPU_DEFAULT if gpu else CPU_DEFAULT)).split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in device), None)
 
@@ -173,11 +207,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{device}; {shape} at random init ({n_params / 1e6:,.0f} M parameters); {len(docs)} synthetic documents; "
           f"{args.steps} optimizer steps per setting; setup {time.perf_counter() - t0:.0f} s", flush=True)
 
-    results = {"device": device, "shape": shape, "parameters": n_params, "steps": args.steps, "settings": {}}
+    versions = library_versions()
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    results = {"device": device, "shape": shape, "parameters": n_params, "steps": args.steps, "versions": versions,
+               "settings": {}}
     for name in names:
         chunks = work / ("chunks-seed" if SETTINGS[name]["chunker"] == "seed" else "chunks-cpt")
-        m = run_setting(name, work / "model", chunks, args.steps, work, args.timeout)
+        m = run_setting(name, work / "model", chunks, args.steps, work, args.timeout, args.batch)
         row = {"setting": name, **SETTINGS[name]}
+        if args.batch is not None and row["packing"]:
+            row["batch"] = args.batch
         if "error" in m:
             row.update(error=m["error"], log=m["log"])
             print(f"{name}: {m['error']}\n{m['log'][-1500:]}", flush=True)
@@ -187,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
                        timed_seconds=m["timed_seconds"], batch_padding=m["batch_padding_fraction"],
                        row_padding=m["padding_fraction"], optim=m["optim"], dtype=m["dtype"],
                        checkpointing=m["gradient_checkpointing"], wall_seconds=m["wall_seconds"],
+                       compile_seconds=m.get("compile_seconds"), first_step_seconds=m.get("first_step_seconds"),
+                       packed_length=m.get("packed_length"), compiled=m.get("compile"),
                        peak_memory_gib=(m["peak_memory_bytes"] or 0) / 2**30 if m.get("peak_memory_bytes") else None,
                        mfu=tps * 6 * n_params / peak if peak and tps else None)
             print(f"{name}: done in {m['wall_seconds']:.0f} s", flush=True)
@@ -202,26 +243,45 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def library_versions() -> dict[str, str]:
+    """What the figures were measured with (the README's table names them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    for name in ("transformers", "trl", "accelerate", "triton", "bitsandbytes", "liger-kernel"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def render(results: dict) -> str:
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
 
     lines = [f"{results['device']}, {results['shape']} ({results['parameters'] / 1e6:,.0f} M parameters), "
              f"{results['steps']} optimizer steps per setting",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
              "",
-             "| setting | attention | batch x accum | act. ckpt | optimizer | tokens/s (all) | tokens/s (trained) "
-             "| vs seed (trained) | MFU | peak GPU memory | padding (batch / rows) |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| setting | attention | batch x accum | packed length | compile | act. ckpt | optimizer | tokens/s (all) "
+             "| tokens/s (trained) | vs seed (trained) | MFU | peak GPU memory | padding (batch / rows) "
+             "| compile s (first step s) |",
+             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["settings"].values():
         if "error" in r:
-            lines.append(f"| {r['setting']} | {r['attn']} | {r['batch']} x {r['accumulation']} | — | — | failed: "
-                         f"{r['error']} | | | | | |")
+            lines.append(f"| {r['setting']} | {r['attn']} | {r['batch']} x {r['accumulation']} | | | — | — | failed: "
+                         f"{r['error']} | | | | | | |")
             continue
         lines.append(
-            f"| {r['setting']} | {r['attn']} | {r['batch']} x {r['accumulation']} | {'on' if r['checkpointing'] else 'off'} "
+            f"| {r['setting']} | {r['attn']} | {r['batch']} x {r['accumulation']} | {r.get('packed_length') or '—'} "
+            f"| {r.get('compiled') or 'off'} | {'on' if r['checkpointing'] else 'off'} "
             f"| {r['optim']} | {f(r['tokens_per_second'], ',.0f')} | {f(r['trained_tokens_per_second'], ',.0f')} "
             f"| {f(r['vs_seed_trained'], '.2f')}x | {f(r['mfu'], '.1%')} "
-            f"| {f(r['peak_memory_gib'], '.1f')} GiB | {f(r['batch_padding'], '.1%')} / {f(r['row_padding'], '.1%')} |")
+            f"| {f(r['peak_memory_gib'], '.1f')} GiB | {f(r['batch_padding'], '.1%')} / {f(r['row_padding'], '.1%')} "
+            f"| {f(r.get('compile_seconds'), '.0f')} ({f(r.get('first_step_seconds'), '.0f')}) |")
     return "\n".join(lines)
 
 

@@ -241,7 +241,8 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
     counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
                                       "best_eval_loss", "stopped_early", "padding_fraction",
                                       "tokens_per_second", "trained_tokens_per_second", "resumed_from", "first_step",
-                                      "seconds")}
+                                      "seconds", "batch_padding_fraction", "packed_length", "compile",
+                                      "first_step_seconds", "compile_seconds")}
     if metrics.get("peak_memory_bytes"):
         counts["peak_memory_gib"] = round(metrics["peak_memory_bytes"] / 2**30, 2)
     counts.update(source_tokens(chunks))

@@ -261,6 +261,23 @@ class TrainConfig(Section):
         description="Pack several chunks into each row (best-fit), position ids restarting per chunk so no token "
         "attends across chunks: no padding.",
     )
+    packed_length: int | Literal["auto"] | None = Field(
+        None, description="With packing: static shapes. Every packed row is padded to this many positions (a "
+        "multiple of 128, at least chunk.max_seq_length) and every micro-batch to per_device_train_batch_size "
+        "rows, so a compiled model and flex_attention compile once; the padding is its own sequence with labels "
+        "-100 (never trained on) and is reported (padding_fraction). auto: chunk.max_seq_length rounded up to 128. "
+        "null: padding-free batches as long as their tokens (a new shape per batch)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional: one layer's graph serves them all, so it "
+        "compiles in seconds, not minutes); the LM head and loss stay TRL's fused kernel. Pays with static shapes "
+        "(packed_length); the first step's compile time is reported apart (compile_seconds)."
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"] = Field(
+        "default", description="torch.compile mode with compile: true. default: fused kernels without autotuning or "
+        "CUDA graphs (the cudagraph modes keep a static memory pool per shape and re-record for validation "
+        "batches; the autotune modes spend minutes per shape). bench/gpu_check measures the alternatives."
+    )
     logging_steps: int = Field(25, ge=1, description="Log the training loss every this many steps.")
     eval_steps: int = Field(100, ge=1, description="Validation loss every this many steps.")
     save_steps: int = Field(100, ge=1, description="Checkpoint every this many steps (a multiple of eval_steps).")
@@ -285,8 +302,25 @@ class TrainConfig(Section):
             raise ValueError(f"unknown optimizer {name!r} (not one of transformers' OptimizerNames); {hint}")
         return name
 
+    @field_validator("packed_length")
+    @classmethod
+    def _aligned_length(cls, length: int | str | None) -> int | str | None:
+        if isinstance(length, int) and (length <= 0 or length % 128):
+            raise ValueError(f"packed_length ({length}) must be a positive multiple of 128 (flex_attention's block)")
+        return length
+
+    def static_length(self, max_seq_length: int) -> int | None:
+        """The positions of every packed row with static shapes, or None (padding-free rows of varying length)."""
+        if not self.packing or self.packed_length is None:
+            return None
+        if self.packed_length == "auto":
+            return -(-max_seq_length // 128) * 128
+        return self.packed_length
+
     @model_validator(mode="after")
     def _checkpoints_line_up_with_evaluations(self) -> TrainConfig:
+        if self.packed_length is not None and not self.packing:
+            raise ValueError("packed_length: static packed rows need packing: true")
         if self.save_steps % self.eval_steps:
             raise ValueError(
                 f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) so the best "
@@ -440,6 +474,14 @@ class CptConfig(Section):
         if not corpus.paths:
             raise ValueError("paths: at least one file, glob or folder is required")
         return corpus
+
+    @model_validator(mode="after")
+    def _packed_rows_hold_a_chunk(self) -> CptConfig:
+        length = self.train.packed_length
+        if isinstance(length, int) and length < self.chunk.max_seq_length:
+            raise ValueError(f"train.packed_length ({length}) must be at least chunk.max_seq_length "
+                             f"({self.chunk.max_seq_length}): a packed row holds a whole chunk")
+        return self
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -23,6 +23,7 @@ from tasks.core.manifest import MANIFEST, hash_file, safe_relpath
 from tasks.core.root import ArtifactsRoot, open_root
 from tasks.ml.modeling import load_pretrained, load_tokenizer_with_pad
 from tasks.ml.spec import TrainSpec
+from tasks.ml.static_batches import NUM_PADDING, StaticPackedCollator, static_padding_fraction
 
 MESSAGE_PREFIX = "@@cpt "
 
@@ -65,6 +66,27 @@ def activation_checkpointing(requested: bool, device: str) -> tuple[bool, str | 
     if requested and device == "cpu":
         return False, "gradient_checkpointing only saves GPU memory; off on CPU"
     return requested, None
+
+
+def unwrapped(model):
+    """The model under DDP's (or torch.compile's) wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def compile_layers(model, mode: str, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer in place (`Module.compile`); returns how many. Regional: the layers
+    share one graph (Gemma 3's sliding and global layers differ only in their mask), so compiling takes
+    seconds where the whole model takes minutes, and the parts outside stay eager: the per-batch mask built from
+    the position ids, the forward hooks, and TRL's fused LM head, whose tile count follows the number of trained
+    tokens (a new shape on every batch)."""
+    kwargs = {"mode": mode} if backend == "inductor" else {}
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    for module in layers if layers is not None else [decoder]:
+        module.compile(backend=backend, **kwargs)
+    return len(layers) if layers is not None else 1
 
 
 def packed_padding_fraction(packed, max_length: int) -> dict[str, float]:
@@ -117,21 +139,30 @@ class StepClock:
         self.totals = {"timed_steps": 0, "timed_seconds": 0.0, "positions": 0, "tokens": 0, "trained_tokens": 0}
         # Every training forward of this process, timed or not (what each rank of a distributed run did).
         self.forwards = {"micro_batches": 0, "rows": 0, "tokens": 0}
+        self.began: float | None = None
+        self.first_step_seconds: float | None = None  # data, forward, backward, optimizer and any compilation
 
     def hook(self, module, args, kwargs):
+        # A static batch says how many of its positions are padding; the model must not see the count.
+        padding = kwargs.pop(NUM_PADDING, None)
         if not module.training:
-            return
+            return args, kwargs
         ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
         if ids is None:
-            return
+            return args, kwargs
         mask = kwargs.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else ids.numel() - (padding or 0)
         self.forwards["micro_batches"] += 1
         self.forwards["rows"] += ids.shape[0]
-        self.forwards["tokens"] += int(mask.sum()) if mask is not None else ids.numel()
+        self.forwards["tokens"] += tokens
         self.pending[0] += ids.numel()
-        self.pending[1] += int(mask.sum()) if mask is not None else ids.numel()
+        self.pending[1] += tokens
         if labels is not None:
             self.pending[2] += int((labels[..., 1:] != -100).sum())
+        return args, kwargs
+
+    def begin(self) -> None:
+        self.began = self._now()
 
     def _now(self) -> float:
         if self.cuda:
@@ -142,6 +173,8 @@ class StepClock:
 
     def step_end(self, step: int, first_step: int) -> None:
         now = self._now()
+        if self.first_step_seconds is None and self.began is not None:
+            self.first_step_seconds = now - self.began
         if self.last is not None and not self.dirty and step - first_step >= self.warmup:
             t = self.totals
             t["timed_steps"] += 1
@@ -161,6 +194,11 @@ class StepClock:
             "tokens_per_second": t["tokens"] / s if s else None,
             "trained_tokens_per_second": t["trained_tokens"] / s if s else None,
             "batch_padding_fraction": 1 - t["tokens"] / t["positions"] if t["positions"] else None,
+            "first_step_seconds": self.first_step_seconds,
+            # What the first step cost beyond a timed one: compilation (and the allocator's and kernels' first
+            # use, which an uncompiled run pays too: compare with compile off).
+            "compile_seconds": max(self.first_step_seconds - s / t["timed_steps"], 0.0)
+            if self.first_step_seconds is not None and t["timed_steps"] else None,
         }
 
 
@@ -179,6 +217,8 @@ def make_callbacks(train: TrainConfig, has_validation: bool, clock: StepClock | 
         def on_train_begin(self, args, state, control, **kw):
             self.started = time.monotonic()
             self.tokens_at_begin = state.num_input_tokens_seen  # > 0 when resuming
+            if clock is not None:
+                clock.begin()
             if state.is_world_process_zero:
                 emit("begin", step=state.global_step, max_steps=state.max_steps)
 
@@ -379,6 +419,7 @@ def run(spec: TrainSpec) -> None:
     if why_not and state.is_main_process:
         emit("setting_off", setting="train.gradient_checkpointing", reason=why_not)
 
+    static = train.static_length(spec.max_seq_length)
     os.environ["TENSORBOARD_LOGGING_DIR"] = spec.tensorboard_dir
     args = SFTConfig(
         output_dir=str(checkpoints),
@@ -430,6 +471,12 @@ def run(spec: TrainSpec) -> None:
         train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,
         callbacks=callbacks,
     )
+    if static is not None:
+        # TRL refuses a custom collator with best-fit packing (it assumes its own padding-free one); the static
+        # collator is that same flattened layout, padded to one shape, so it replaces TRL's after construction.
+        flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+        trainer.data_collator = StaticPackedCollator(train.per_device_train_batch_size, static, tok.pad_token_id,
+                                                     flat)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
@@ -438,8 +485,14 @@ def run(spec: TrainSpec) -> None:
         # transformers' WSD schedule needs its decay length in steps; the step count is known only now (packing
         # changes the number of rows).
         trainer.args.lr_scheduler_kwargs = {"num_decay_steps": decay_steps(train, trainer)}
-    padding = (packed_padding_fraction(trainer.train_dataset, spec.max_seq_length) if train.packing
-               else padding_fraction(trainer.get_train_dataloader()))
+    if static is not None:
+        padding = static_padding_fraction(trainer.train_dataset, train.per_device_train_batch_size, static)
+    elif train.packing:
+        padding = packed_padding_fraction(trainer.train_dataset, spec.max_seq_length)
+    else:
+        padding = padding_fraction(trainer.get_train_dataloader())
+    if train.compile:
+        compile_layers(trainer.model, train.compile_mode)
     if state.is_main_process:
         last_complete_checkpoint(checkpoints)  # clears cut-short checkpoints before any process looks
     state.wait_for_everyone()
@@ -447,7 +500,7 @@ def run(spec: TrainSpec) -> None:
     if state.is_main_process:
         emit("start", device=device, dtype=str(dtype).removeprefix("torch."), optim=optim,
              resume_from=Path(resume).name if resume else None, train_rows=len(data["train"]),
-             validation_rows=len(data["validation"]), **padding)
+             validation_rows=len(data["validation"]), packed_length=static, compile=train.compile, **padding)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
@@ -487,6 +540,11 @@ def run(spec: TrainSpec) -> None:
             "optim": optim,
             "optim_fallback_reason": why,
             "gradient_checkpointing": checkpointing,
+            "packed_length": static,
+            # TRL's SFTTrainer scores the LM head in tiles (no [tokens, vocab] logits) by setting the model's
+            # forward on the instance; an upgrade that dropped it would bring the full logits back unseen.
+            "fused_lm_head": "forward" in vars(unwrapped(trainer.model)),
+            "compile": train.compile and train.compile_mode,
             **padding,
         }
         metrics.update(rank=state.process_index, world_size=state.num_processes,
