@@ -947,7 +947,7 @@ def entry_documents(entry: Path, artifacts: Path) -> pa.Table:
 
 def piece_docs_file(root: ArtifactsRoot, piece_path: str) -> Path:
     """The docs.arrow of one load-file piece (by its path relative to the artifacts root)."""
-    return root.path(piece_path) / DOCS_FILE
+    return root.file(piece_path, DOCS_FILE)  # fetched on a host that did not build it (a Dask worker)
 
 
 def piece_ids(root: ArtifactsRoot, pieces: list[StageOutput]) -> tuple[set[str], set[str]]:

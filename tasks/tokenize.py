@@ -303,7 +303,7 @@ TOKENS_FILE = "tokens.arrow"
 
 def token_file(root: ArtifactsRoot, piece_path: str) -> Path:
     """The Arrow file of one tokenize-file piece."""
-    return root.path(piece_path) / TOKENS_FILE
+    return root.file(piece_path, TOKENS_FILE)  # fetched on a host that did not build it (a Dask worker)
 
 
 def token_lengths(root: ArtifactsRoot, pieces: list[StageOutput]) -> np.ndarray:

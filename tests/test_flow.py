@@ -298,7 +298,7 @@ def test_a_stage_rerun_with_identical_output_leaves_the_stages_below_cached(conf
 
     real_encode = tokenize_module.encode_batch
     monkeypatch.setattr(tokenize_module, "encode_batch",
-                        lambda tok, texts, eos_id, encoder=None: real_encode(tok, texts, eos_id + 1, encoder))
+                        lambda tok, texts, eos_id, *rest, **kw: real_encode(tok, texts, eos_id + 1, *rest, **kw))
     monkeypatch.setitem(keys._SPECS, "tokenize-file", dataclasses.replace(spec, version=spec.version + 2))
     keys._VERSIONS.clear()
     states, _ = run(config, artifacts)
