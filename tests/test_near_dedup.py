@@ -172,3 +172,27 @@ def test_near_dedup_config_is_checked():
     with pytest.raises(ConfigError, match="corpus.near_dedup.threshold"):
         load_config(None, ["corpus.paths=[a]", "model.id=m", "corpus.near_dedup.threshold=1.5"])
     assert NearDedupConfig().key_material() == {"enabled": False}
+    assert "near_dedup" not in CorpusConfig().key_material()  # off: the load keys of before
+    assert "decontaminate" not in ShuffleConfig().key_material()
+
+
+def edited(text: str, rng: np.random.Generator, share: float) -> str:
+    """`text` with about `share` of its characters replaced, in runs of 8."""
+    chars = list(text)
+    for start in rng.choice(len(chars) - 8, int(len(chars) * share / 8), replace=False):
+        chars[start:start + 8] = rng.choice(list("가나다라마바사아자차카타파하"), 8)
+    return "".join(chars)
+
+
+def test_pairs_below_the_threshold_are_not_near_duplicates(texts):
+    """Candidates LSH proposes are verified on the signatures: pairs of J 0.69-0.77 (some of which share a band)
+    are not near-duplicates at 0.8."""
+    rng = np.random.default_rng(0)
+    docs = [" ".join(texts[i:i + 3]) for i in range(0, 240, 3)]
+    far = [edited(d, rng, 0.12) for d in docs]
+    jac = [nd.exact_jaccard(nd.shingles(a, 5), nd.shingles(b, 5)) for a, b in zip(docs, far)]
+    assert 0.65 < min(jac) and max(jac) < 0.78
+    ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
+    parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
+    found = nd.near_duplicates(parts, [0, 1], 0.8, 128)
+    assert not found, [(d.doc_id, jac[int(d.doc_id[1:])]) for d in found]
