@@ -15,6 +15,7 @@ Decontamination (`ContaminationIndex`) removes a training document that shares a
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -93,38 +94,54 @@ def exact_jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-class SignatureIndex:
-    """LSH over signatures (datasketch's MinHashLSH, bands chosen for `threshold`); candidates are verified on
-    the signatures, so a pair sharing only a band is not a near-duplicate."""
+@functools.cache
+def bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH chooses for `threshold`, weighted against misses: a
+    false candidate costs one signature comparison, a missed pair stays in the corpus (at 0.8 and 128
+    permutations: 14 bands of 9 rows; a pair at J = 0.8 is a candidate with p = 0.87, at 0.9 with p = 0.999,
+    where the even weighting gives 0.40 and 0.93)."""
+    from datasketch import MinHashLSH
 
-    def __init__(self, threshold: float, num_perm: int):
-        from datasketch import MinHashLSH
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
+    return lsh.b, lsh.r
 
-        self.threshold, self.num_perm = threshold, num_perm
-        # Bands weighted against false negatives: a false candidate costs one signature comparison, a missed one
-        # stays in the corpus (at 0.8 and 128 permutations: 14 bands of 9 rows, a pair at J = 0.8 a candidate
-        # with p = 0.87, at 0.9 with p = 0.999, where the even weighting gives 0.40 and 0.93).
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-        self.sigs: dict[object, np.ndarray] = {}
 
-    def _lean(self, sig: np.ndarray):
-        from datasketch import LeanMinHash
+# A band bucket holding more documents than this pairs each with this many before it only: such buckets are
+# boilerplate repeated many times, and every member is similar to the first ones anyway.
+_BUCKET_PAIRS = 256
 
-        # The scheme only names how the values were made; LSH bands hash the values alone.
-        return LeanMinHash(seed=1, hashvalues=sig.astype(np.uint64), scheme="legacy")
 
-    def insert(self, key, sig: np.ndarray) -> None:
-        self.sigs[key] = sig
-        self.lsh.insert(key, self._lean(sig), check_duplication=False)
-
-    def match(self, sig: np.ndarray) -> tuple[object, float] | None:
-        """The most similar indexed key at or above the threshold (ties: the smallest key), or None."""
-        best = None
-        for key in self.lsh.query(self._lean(sig)):
-            j = estimated_jaccard(sig, self.sigs[key])
-            if j >= self.threshold and (best is None or (-j, str(key)) < (-best[1], str(best[0]))):
-                best = (key, j)
-        return best
+def similar_pairs(sigs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, estimated Jaccard) with i < j for rows of `sigs` that share an LSH band and whose signatures agree
+    on at least `threshold` of their values. The banding is datasketch's (`bands`), done on the whole matrix
+    at once: its MinHashLSH inserts and queries one document at a time in Python, which measured 0.35 ms a
+    document (bench.near_dedup), rebuilt for the whole line on every run."""
+    n, num_perm = sigs.shape
+    if n < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0)
+    b, r = bands(threshold, num_perm)
+    left, right = [], []
+    for band in range(b):
+        keys = np.ascontiguousarray(sigs[:, band * r:(band + 1) * r]).view(np.dtype((np.void, 4 * r))).ravel()
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+            members = np.sort(order[start:start + size])
+            for k in range(1, size):
+                before = members[max(0, k - _BUCKET_PAIRS):k] if k > _BUCKET_PAIRS else members[:k]
+                left.append(before)
+                right.append(np.full(len(before), members[k]))
+    if not left:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0)
+    pairs = np.unique(np.stack([np.concatenate(left), np.concatenate(right)], axis=1), axis=0)
+    i, j = pairs[:, 0], pairs[:, 1]
+    sim = (sigs[i] == sigs[j]).mean(axis=1)
+    ok = sim >= threshold
+    return i[ok], j[ok], sim[ok]
 
 
 @dataclass(frozen=True)
@@ -136,28 +153,40 @@ class NearDuplicate:
     similarity: float
 
 
+def _unique_rows(parts: Sequence[tuple[Sequence[str], np.ndarray]], key) -> tuple[list[tuple[str, int, int]], np.ndarray]:
+    """One (doc_id, part, row) per doc_id, the first by `key`, in that order; and their signatures."""
+    rows = sorted(((key(p, d), d, p, r) for p, (ids, _) in enumerate(parts) for r, d in enumerate(ids)))
+    seen, out = set(), []
+    for _, d, p, r in rows:
+        if d not in seen:
+            seen.add(d)
+            out.append((d, p, r))
+    num_perm = next((s.shape[1] for _, s in parts if len(s)), 1)
+    sigs = np.stack([parts[p][1][r] for _, p, r in out]) if out else np.zeros((0, num_perm), np.uint32)
+    return out, sigs
+
+
 def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
                     num_perm: int) -> list[NearDuplicate]:
     """Which rows of the pieces `parts` ([(doc_ids, signatures)]) repeat an earlier document. Documents are
     visited by (rank of their part, doc_id): the line's older files have the lower ranks, so a document is only
-    ever removed for one that came before it, and what was kept stays kept when a drop joins. An exact copy of
-    a document seen before (the same doc_id) is the exact dedup's, not counted here."""
-    order = sorted(((ranks[p], doc_id, p, r) for p, (ids, _) in enumerate(parts) for r, doc_id in enumerate(ids)))
-    index = SignatureIndex(threshold, num_perm)
-    seen: set[str] = set()
-    where: dict[str, tuple[int, int]] = {}
+    ever removed for a kept one that came before it, and what was kept stays kept when a drop joins. An exact
+    copy of a document seen before (the same doc_id) is the exact dedup's, not counted here."""
+    rows, sigs = _unique_rows(parts, lambda p, d: (ranks[p], d))
+    i, j, sim = similar_pairs(sigs, threshold)
+    earlier: dict[int, list[tuple[int, float]]] = {}
+    for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist()):
+        earlier.setdefault(b, []).append((a, s))
+    removed: set[int] = set()
     out = []
-    for _, doc_id, p, r in order:
-        if doc_id in seen:
-            continue
-        seen.add(doc_id)
-        sig = parts[p][1][r]
-        hit = index.match(sig)
-        if hit is None:
-            index.insert(doc_id, sig)
-            where[doc_id] = (p, r)
-        else:
-            out.append(NearDuplicate((p, r), doc_id, where[hit[0]], hit[0], hit[1]))
+    for b in range(len(rows)):
+        kept = [(a, s) for a, s in earlier.get(b, ()) if a not in removed]
+        if kept:
+            a, s = max(kept, key=lambda x: (x[1], -x[0]))  # the most similar, then the earliest
+            removed.add(b)
+            d, p, r = rows[b]
+            kd, kp, kr = rows[a]
+            out.append(NearDuplicate((p, r), d, (kp, kr), kd, s))
     return out
 
 
@@ -166,21 +195,19 @@ def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
                  ) -> list[tuple[str, str, float]]:
     """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
     (exact copies included: the drop gate counts both as duplicates)."""
-    index = SignatureIndex(threshold, num_perm)
-    for ids, sigs in line_parts:
-        for doc_id, sig in zip(ids, sigs):
-            if doc_id not in index.sigs:
-                index.insert(doc_id, sig)
-    out, seen = [], set()
-    for ids, sigs in drop_parts:
-        for doc_id, sig in zip(ids, sigs):
-            if doc_id in seen:
-                continue
-            seen.add(doc_id)
-            hit = index.match(sig)
-            if hit is not None:
-                out.append((doc_id, str(hit[0]), hit[1]))
-    return out
+    parts = [*line_parts, *drop_parts]
+    rows, sigs = _unique_rows(parts, lambda p, d: (p >= len(line_parts), d))
+    line_ids = {d for ids, _ in line_parts for d in ids}
+    in_line = np.array([d in line_ids for d, _, _ in rows], dtype=bool)
+    i, j, sim = similar_pairs(sigs, threshold)
+    best: dict[int, tuple[int, float]] = {}
+    for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist()):
+        if in_line[a] and not in_line[b] and (b not in best or s > best[b][1]):
+            best[b] = (a, s)
+    matches = [(rows[b][0], rows[a][0], s) for b, (a, s) in sorted(best.items())]
+    # A drop document that is itself a line document (an exact copy) matches it with similarity 1.
+    copies = [(d, d, 1.0) for ids, _ in drop_parts for d in dict.fromkeys(ids) if d in line_ids]
+    return copies + matches
 
 
 # ----------------------------------------------------------------------------------- decontamination

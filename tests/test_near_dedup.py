@@ -44,11 +44,11 @@ def test_a_reexport_is_found_and_the_older_document_kept(texts):
     originals = texts[:30]
     copies = [reexport(t, i) for i, t in enumerate(originals[:10])]
     sig = lambda ts: nd.signatures(ts, 128, 5, 1)  # noqa: E731
-    ids = [f"a{i:02d}" for i in range(30)], [f"b{i:02d}" for i in range(10)]
-    # The re-export is in the part of rank 0 (listed first): still the older part (rank 1) decides.
+    # The re-exports have the smaller doc_ids and come first in the list: still the older part (rank 0) wins.
+    ids = [f"z{i:02d}" for i in range(30)], [f"a{i:02d}" for i in range(10)]
     found = nd.near_duplicates([(ids[1], sig(copies)), (ids[0], sig(originals))], [1, 0], 0.8, 128)
     assert sorted(d.doc_id for d in found) == ids[1]
-    assert all(d.kept_doc_id == "a" + d.doc_id[1:] for d in found)
+    assert all(d.kept_doc_id == "z" + d.doc_id[1:] for d in found)
 
 
 def test_a_reexported_drop_is_removed_in_load_and_a_kept_document_stays_kept(tmp_path, texts):
@@ -185,13 +185,13 @@ def edited(text: str, rng: np.random.Generator, share: float) -> str:
 
 
 def test_pairs_below_the_threshold_are_not_near_duplicates(texts):
-    """Candidates LSH proposes are verified on the signatures: pairs of J 0.69-0.77 (some of which share a band)
-    are not near-duplicates at 0.8."""
+    """Candidates LSH proposes are verified on the signatures: pairs of J 0.5-0.7 (some of which share a band:
+    the bands favour recall) are not near-duplicates at 0.8."""
     rng = np.random.default_rng(0)
     docs = [" ".join(texts[i:i + 3]) for i in range(0, 240, 3)]
-    far = [edited(d, rng, 0.12) for d in docs]
+    far = [edited(d, rng, 0.17) for d in docs]
     jac = [nd.exact_jaccard(nd.shingles(a, 5), nd.shingles(b, 5)) for a, b in zip(docs, far)]
-    assert 0.65 < min(jac) and max(jac) < 0.78
+    assert 0.5 < min(jac) and max(jac) < 0.7
     ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
     parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
     found = nd.near_duplicates(parts, [0, 1], 0.8, 128)
