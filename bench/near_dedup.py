@@ -119,6 +119,7 @@ def main() -> None:
     from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig
     from tasks.core.root import open_root
     from tasks.load import doc_id_of, fingerprint_corpus, load
+    from tasks.near_dedup import ContaminationIndex, _units
     from tasks.shuffle import decontaminate
 
     rng = random.Random(1)
@@ -153,7 +154,10 @@ def main() -> None:
     sigs = chosen
     base, drop = (ids[:len(texts)], sigs[:len(texts)]), (ids[len(texts):], sigs[len(texts):])
     t0 = time.perf_counter()
-    found = nd.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm)
+    split = len(texts)
+    found = nd.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm,
+                               lambda p, r: everything[r if p == 0 else split + r], cfg_nd.shingle_chars)
+    estimate_only = nd.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm)
     lsh = time.perf_counter() - t0
     row_of = {ids[i]: i for i in unique_order}
     predicted = {row_of[d.doc_id] for d in found}
@@ -161,6 +165,9 @@ def main() -> None:
     tp = len(predicted & true_removed)
     recall = tp / max(len(true_removed), 1)
     precision = tp / max(len(predicted), 1)
+    est = {row_of[d.doc_id] for d in estimate_only}
+    print(f"(on the MinHash estimate alone, without the exact check: recall {len(est & true_removed) / max(len(true_removed), 1):.3f},"
+          f" precision {len(est & true_removed) / max(len(est), 1):.3f})")
     pair_ok = sum(jac[row_of[d.doc_id], row_of[d.kept_doc_id]] >= args.threshold for d in found) / max(len(found), 1)
     print(f"corpus: {len(texts)} documents (+ drop: {len(planted)} planted edits, {len(new_docs)} new), "
           f"threshold {args.threshold}, num_perm {cfg_nd.num_perm}, {cfg_nd.shingle_chars}-char shingles")
@@ -221,13 +228,14 @@ def main() -> None:
                "of members present.", "A function returns None when it reaches the end of its body without "
                "executing a return statement of any kind."]
     held = [(t, "evaluate.general_corpus") for t in law] + [(t, "evaluate.general_corpus") for t in english]
+    long_law = [t for t in law if len(" ".join(t.split())) >= 150]
     train = list(texts)
     dirty = set()
     for k, i in enumerate(rng.sample(range(len(train)), min(args.planted, len(train)))):
         if k % 5 == 4:
             span = english[k % 2]
         else:
-            src = law[k % len(law)]
+            src = long_law[k % len(long_law)]  # spans of the configured length or more: shorter is no match
             start = rng.randrange(max(len(src) - 120, 1))
             span = src[start:start + 120]
         cut = rng.randrange(len(train[i]) + 1)
@@ -241,6 +249,17 @@ def main() -> None:
     print(f"decontamination: {len(removed & dirty)}/{len(dirty)} planted found, {len(removed - dirty)} of "
           f"{len(train) - len(dirty)} clean documents matched, {seconds:.2f}s for {len(train)} documents "
           f"against {len(held)} held-out texts ({matched})")
+    index = ContaminationIndex(50 // 2 * 2, 50)
+    for t, src in held:
+        index.add(t, src)
+    for i in sorted(removed - dirty)[:2]:  # what a clean document shares with the held-out text
+        unit, units = _units(train[i])
+        g = index.g[unit]
+        for p in range(0, len(units) - g + 1, g):
+            gram = units[p:p + g] if isinstance(units, str) else " ".join(units[p:p + g])
+            if hash(gram) in index.grams[unit]:
+                print(f"  clean document {i} shares e.g. {gram!r}")
+                break
 
 
 if __name__ == "__main__":

@@ -769,7 +769,14 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     table, its file's name and its rank: lower is older in the line) are near-duplicates of one the line had
     before (`near_dedup.near_duplicates`). Independent of how the assembled output is written."""
     parts, deps = piece_signatures(pieces, docs_files, cfg, root)
-    found = near_dedup.near_duplicates(parts, ranks, cfg.threshold, cfg.num_perm)
+    texts = {}
+
+    def text_of(part: int, row: int) -> str:
+        if part not in texts:
+            texts[part] = read_arrow(docs_files[part]).column("text")
+        return texts[part][row].as_py()
+
+    found = near_dedup.near_duplicates(parts, ranks, cfg.threshold, cfg.num_perm, text_of, cfg.shingle_chars)
     return NearDedupResult({d.doc_id for d in found}, ranks, samples_of(found, docs_files, names), deps)
 
 

@@ -1,13 +1,15 @@
 """Near-duplicate removal (MinHash + LSH) and decontamination: pure functions, no stage.
 
-Shingles are character n-grams of the text lower-cased with whitespace collapsed (NFKC first, so full-width and
-compatibility forms of the same text match): a re-export that re-wraps lines changes no shingle, and Korean,
-whose words carry particles and endings, is compared below the word. Signatures are computed per load-file piece
-and cached with it (`signatures`); one assembly rebuilds the LSH index from the cached signatures of every piece
-(`near_duplicates`), which for a line of drops costs less than keeping an index per line in step with drops that
-come and go (bench.near_dedup measures it). Which document of a group is kept is decided by a priority the caller
-gives (the order the line had the documents in, then the smallest doc_id), so a document kept in one run is kept
-in the next: a later drop is only ever compared with what came before it.
+Shingles are character 5-grams (`corpus.near_dedup.shingle_chars`) of the text NFKC-normalised, lower-cased and
+with whitespace collapsed: a re-export that re-wraps lines changes no shingle, and Korean, whose words carry
+particles and endings (a word-shingle changes when one ending does), is compared below the word. They are hashed
+on the code points at once (`shingle_hashes`) and MinHashed by rensa (`signatures`; bench.near_dedup: 15× faster
+than datasketch's MinHash.bulk on our corpora). Signatures are cached per load-file piece; each assembly bands
+the signatures of the whole line again (`similar_pairs`, with datasketch's choice of bands; 0.1-0.5 s for a few
+thousand documents, against keeping a per-line index in step with drops that come and go) and checks candidates
+on their exact Jaccard when the texts are at hand. Which document of a group is kept follows a priority the
+caller gives (the order the line had the documents in, then the smallest doc_id), so a document kept in one
+run is kept in the next: a later drop is only ever compared with what came before it.
 
 Decontamination (`ContaminationIndex`) removes a training document that shares a long span with held-out text:
 `min_words` words for text in a spaced script, `min_chars` characters for text mostly in Hangul.
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-# Signatures from rensa (Rust): bench.near_dedup measured it against datasketch's MinHash.bulk on our corpora.
+# Signatures from rensa (Rust): bench.near_dedup measures it against datasketch's MinHash.bulk on our corpora.
 BACKEND = "rensa"
 
 
@@ -111,9 +113,10 @@ def bands(threshold: float, num_perm: int) -> tuple[int, int]:
 _BUCKET_PAIRS = 256
 
 
-def similar_pairs(sigs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def similar_pairs(sigs: np.ndarray, threshold: float, lower: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, estimated Jaccard) with i < j for rows of `sigs` that share an LSH band and whose signatures agree
-    on at least `threshold` of their values. The banding is datasketch's (`bands`), done on the whole matrix
+    on at least `lower` (default `threshold`) of their values. The banding is datasketch's (`bands`), done on the whole matrix
     at once: its MinHashLSH inserts and queries one document at a time in Python, which measured 0.35 ms a
     document (bench.near_dedup), rebuilt for the whole line on every run."""
     n, num_perm = sigs.shape
@@ -140,7 +143,7 @@ def similar_pairs(sigs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nd
     pairs = np.unique(np.stack([np.concatenate(left), np.concatenate(right)], axis=1), axis=0)
     i, j = pairs[:, 0], pairs[:, 1]
     sim = (sigs[i] == sigs[j]).mean(axis=1)
-    ok = sim >= threshold
+    ok = sim >= (threshold if lower is None else lower)
     return i[ok], j[ok], sim[ok]
 
 
@@ -166,21 +169,43 @@ def _unique_rows(parts: Sequence[tuple[Sequence[str], np.ndarray]], key) -> tupl
     return out, sigs
 
 
+# With the texts at hand, candidates whose signatures agree on at least threshold - this are checked on the
+# exact Jaccard of their shingles: MinHash's estimate errs by about 0.035 at 128 permutations, which either way
+# would cost precision (pairs just below the threshold) or recall (pairs just above).
+VERIFY_MARGIN = 0.1
+
+
 def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
-                    num_perm: int) -> list[NearDuplicate]:
+                    num_perm: int, text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
+                    ) -> list[NearDuplicate]:
     """Which rows of the pieces `parts` ([(doc_ids, signatures)]) repeat an earlier document. Documents are
     visited by (rank of their part, doc_id): the line's older files have the lower ranks, so a document is only
     ever removed for a kept one that came before it, and what was kept stays kept when a drop joins. An exact
-    copy of a document seen before (the same doc_id) is the exact dedup's, not counted here."""
+    copy of a document seen before (the same doc_id) is the exact dedup's, not counted here. `text_of(part,
+    row)`: the text, to check candidates on their exact Jaccard (`VERIFY_MARGIN`)."""
     rows, sigs = _unique_rows(parts, lambda p, d: (ranks[p], d))
-    i, j, sim = similar_pairs(sigs, threshold)
+    i, j, sim = similar_pairs(sigs, threshold, threshold - VERIFY_MARGIN if text_of else None)
     earlier: dict[int, list[tuple[int, float]]] = {}
     for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist()):
         earlier.setdefault(b, []).append((a, s))
+    sets: dict[int, np.ndarray] = {}
+
+    def shingle_set(k: int) -> np.ndarray:
+        if k not in sets:
+            sets[k] = np.unique(shingle_hashes(text_of(rows[k][1], rows[k][2]), shingle_chars))
+        return sets[k]
+
+    def exact(a: int, b: int) -> float:
+        x, y = shingle_set(a), shingle_set(b)
+        inter = len(np.intersect1d(x, y, assume_unique=True))
+        return inter / (len(x) + len(y) - inter)
+
     removed: set[int] = set()
     out = []
     for b in range(len(rows)):
         kept = [(a, s) for a, s in earlier.get(b, ()) if a not in removed]
+        if text_of is not None:
+            kept = [(a, j) for a, _ in kept for j in [exact(a, b)] if j >= threshold]
         if kept:
             a, s = max(kept, key=lambda x: (x[1], -x[0]))  # the most similar, then the earliest
             removed.add(b)

@@ -196,3 +196,16 @@ def test_pairs_below_the_threshold_are_not_near_duplicates(texts):
     parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
     found = nd.near_duplicates(parts, [0, 1], 0.8, 128)
     assert not found, [(d.doc_id, jac[int(d.doc_id[1:])]) for d in found]
+
+
+def test_with_the_texts_candidates_are_checked_on_their_exact_jaccard(texts):
+    """Pairs of J 0.69-0.77: MinHash's estimate puts some at ≥ 0.8, the exact check on the shingles none."""
+    rng = np.random.default_rng(0)
+    docs = [" ".join(texts[i:i + 3]) for i in range(0, 240, 3)]
+    far = [edited(d, rng, 0.12) for d in docs]
+    jac = [nd.exact_jaccard(nd.shingles(a, 5), nd.shingles(b, 5)) for a, b in zip(docs, far)]
+    assert 0.65 < min(jac) and max(jac) < 0.78
+    ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
+    parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
+    assert nd.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
+    assert not nd.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
