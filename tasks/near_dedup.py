@@ -169,8 +169,8 @@ def _unique_rows(parts: Sequence[tuple[Sequence[str], np.ndarray]], key) -> tupl
     return out, sigs
 
 
-# With the texts at hand, candidates whose signatures agree on at least threshold - this are checked on the
-# exact Jaccard of their shingles: MinHash's estimate errs by about 0.035 at 128 permutations, which either way
+# With the texts at hand, candidates whose signatures agree on threshold ± this are checked on the exact
+# Jaccard of their shingles: MinHash's estimate errs by about 0.035 at 128 permutations, which either way
 # would cost precision (pairs just below the threshold) or recall (pairs just above).
 VERIFY_MARGIN = 0.1
 
@@ -205,7 +205,9 @@ def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Se
     for b in range(len(rows)):
         kept = [(a, s) for a, s in earlier.get(b, ()) if a not in removed]
         if text_of is not None:
-            kept = [(a, j) for a, _ in kept for j in [exact(a, b)] if j >= threshold]
+            # An estimate a margin above the threshold is 3 standard errors clear of it: taken as it is.
+            kept = [(a, j) for a, e in kept for j in [e if e >= threshold + VERIFY_MARGIN else exact(a, b)]
+                    if j >= threshold]
         if kept:
             a, s = max(kept, key=lambda x: (x[1], -x[0]))  # the most similar, then the earliest
             removed.add(b)
