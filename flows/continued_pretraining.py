@@ -120,7 +120,14 @@ def continued_pretraining(
 
             docs = run(load, corpus=config.corpus, sources=sources, files=[i["path"] for i in sources.items],
                        runtime=config.runtime)
-            split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs)
+            held_out = None
+            if config.shuffle.decontaminate.enabled and config.evaluate.general_corpus:
+                # The evaluation text through the same cached load, so shuffle can keep it out of training.
+                general_cfg = CorpusConfig(paths=config.evaluate.general_corpus, on_bad_record="skip")
+                general_fp = fingerprint_corpus(general_cfg, digest=digests.digest)
+                held_out = run(load, "general-load", True, corpus=general_cfg, sources=general_fp,
+                               files=[i["path"] for i in general_fp.items], runtime=config.runtime)
+            split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs, held_out=held_out)
             tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
                          trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
             run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)

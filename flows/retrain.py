@@ -34,7 +34,7 @@ from tasks.core.manifest import DigestMemo
 from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import open_root
 from tasks.core.scope import build_scope
-from tasks.drop_gate import gate_drops, line_config, unsettled_files
+from tasks.drop_gate import gate_drops, line_config, near_duplicate_pairs, unsettled_files
 from tasks.load import fingerprint_files, resolve_corpus_files
 from tasks.state import lines
 
@@ -47,11 +47,12 @@ def show_gate(gated: list[tuple[lines.Drop, dict[str, Any]]]) -> None:
 
     rows = [{"drop": d.path, "verdict": verdict(d, p),
              **{k: p.get(k) for k in ("files", "records", "documents", "rejected", "too_short", "duplicates_in_line",
-                                      "validation_matches", "median_tokens", "line_median_tokens")},
+                                      "near_duplicates", "validation_matches", "median_tokens", "line_median_tokens")},
              "skipped": f"{p.get('skipped', 0)}" + (f": {'; '.join(p['skipped_files'])}" if p.get("skipped") else ""),
              "reasons": "; ".join(p["reasons"]),
              "rejects": "; ".join(p.get("reject_examples") or [])} for d, p in gated]
-    markdown_artifact(f"# Drop gate\n\n{markdown_table(rows)}\n", "drop-gate",
+    pairs = "".join(near_duplicate_pairs(d.path, p) for d, p in gated)
+    markdown_artifact(f"# Drop gate\n\n{markdown_table(rows)}\n{pairs}", "drop-gate",
                       "Profile of each drop checked in this run, and the verdict")
 
 

@@ -121,10 +121,11 @@ def check_profile(profile: dict[str, Any], limits: DropsConfig) -> list[str]:
                        f"({profile['too_short'] / records:.0%} > drops.max_too_short_share="
                        f"{limits.max_too_short_share:g})")
     docs = max(profile["documents"], 1)
-    if profile["documents"] and profile["duplicates_in_line"] / docs > limits.max_duplicate_share:
-        reasons.append(f"{profile['duplicates_in_line']} of {profile['documents']} documents already in the line "
-                       f"({profile['duplicates_in_line'] / docs:.0%} > drops.max_duplicate_share="
-                       f"{limits.max_duplicate_share:g})")
+    duplicates = profile["duplicates_in_line"] + profile.get("near_duplicates", 0)
+    if profile["documents"] and duplicates / docs > limits.max_duplicate_share:
+        near = f", {profile['near_duplicates']} of them near-duplicates" if profile.get("near_duplicates") else ""
+        reasons.append(f"{duplicates} of {profile['documents']} documents already in the line{near} "
+                       f"({duplicates / docs:.0%} > drops.max_duplicate_share={limits.max_duplicate_share:g})")
     drop_median, line_median = profile.get("median_tokens"), profile.get("line_median_tokens")
     if drop_median and line_median:
         ratio = max(drop_median / line_median, line_median / drop_median)
@@ -151,6 +152,46 @@ def reject_examples(root: ArtifactsRoot, pieces: list[tuple[dict[str, Any], Any]
                 if len(out) >= limit:
                     return out
     return out
+
+
+def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces: list, exact: set[str],
+                            corpus: CorpusConfig) -> dict[str, Any]:
+    """How many of the drop's documents (not exact copies, counted already) are near-duplicates of one the line
+    has, from the cached signature pieces, and a few such pairs side by side."""
+    from tasks.arrow import read_arrow
+    from tasks.load import piece_docs_file
+    from tasks.near_dedup import drop_matches
+    from tasks.load import SAMPLE_CHARS, SAMPLES, piece_signatures
+
+    cfg = corpus.near_dedup
+    drop_sigs, _ = piece_signatures(drop_pieces, [piece_docs_file(root, p.path) for p in drop_pieces], cfg, root)
+    line_sigs, _ = piece_signatures(line_pieces, [piece_docs_file(root, p.path) for p in line_pieces], cfg, root)
+    near = [m for m in drop_matches(line_sigs, drop_sigs, cfg.threshold, cfg.num_perm) if m[0] not in exact]
+    texts: dict[str, str] = {}
+    wanted = {d for m in near[:SAMPLES] for d in m[:2]}
+    for piece in [*drop_pieces, *line_pieces]:
+        if wanted - texts.keys():
+            table = read_arrow(piece_docs_file(root, piece.path)).select(["doc_id", "text"])
+            for d, t in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
+                if d in wanted:
+                    texts.setdefault(d, t[:SAMPLE_CHARS])
+    samples = [{"similarity": round(j, 3), "drop": {"doc_id": d, "text": texts.get(d, "")},
+                "line": {"doc_id": l, "text": texts.get(l, "")}} for d, l, j in near[:SAMPLES]]
+    return {"near_duplicates": len(near), "near_duplicate_samples": samples}
+
+
+def near_duplicate_pairs(drop: str, profile: dict[str, Any]) -> str:
+    """Markdown: the drop's sample near-duplicate pairs side by side (drop | line), for a person to judge."""
+    samples = profile.get("near_duplicate_samples") or []
+    if not samples:
+        return ""
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    rows = [f"| {s['similarity']:.2f} | {cell(s['drop']['text'])} | {cell(s['line']['text'])} |" for s in samples]
+    return (f"\n## Near-duplicates in {drop} ({profile['near_duplicates']}; a few pairs)\n\n"
+            "| similarity | drop | line |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConfig, tokenizer: Fingerprint,
@@ -187,6 +228,8 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
     (drop_ids, drop_norms), (line_ids, line_norms) = piece_ids(root, drop_pieces), piece_ids(root, line_pieces)
     profile["documents"] = len(drop_ids)
     profile["duplicates_in_line"] = len(drop_ids & line_ids)
+    if config.corpus.near_dedup.enabled:
+        profile.update(near_duplicates_in_line(root, drop_pieces, line_pieces, drop_ids & line_ids, config.corpus))
     profile["validation_matches"] = len(drop_norms & validation_texts(line_norms, config.shuffle, config.split))
 
     if drop_ids:

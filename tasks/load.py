@@ -19,7 +19,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -28,7 +28,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.core.config import ConfigError, CorpusConfig, RuntimeConfig
+from tasks import near_dedup
+from tasks.core.config import ConfigError, CorpusConfig, NearDedupConfig, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.root import ArtifactsRoot
@@ -775,13 +776,23 @@ def copy_rejects(directory: Path, prefix: str, sink) -> None:
                                    ensure_ascii=False) + "\n").encode())
 
 
+def without_near(index: pa.Table, near: set[str]) -> pa.Table:
+    """`index` less the near-duplicates (`near_dedup_rows`' doc_ids): the assembly's second filter, ids only."""
+    mask = pc.invert(pc.is_in(index.column("doc_id"), value_set=pa.array(sorted(near), pa.string())))
+    return index.filter(mask)
+
+
 def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
-                       characters: list[int] | None = None) -> dict[str, int]:
+                       characters: list[int] | None = None, near: set[str] | None = None) -> dict[str, Any]:
     """Per-file pieces → `out_dir/index.arrow` (doc_id, norm_id, part, row, line: which row of which piece
     holds each document; no text) and all rejects (with their source). A document already seen in an earlier
     part is a duplicate. Only ids are read and written: adding one file costs its own piece and one pass over
-    the ids, never a copy of every text. `characters`: each piece's own count (load_file's), if known."""
-    counts = {"documents": 0, "duplicates": 0, "characters": 0}
+    the ids, never a copy of every text. `characters`: each piece's own count (load_file's), if known.
+    Documents whose doc_id is in `near` (near-duplicates of one the line had first) are left out and counted, in
+    total and per part (`near_per_part`)."""
+    counts: dict[str, Any] = {"documents": 0, "duplicates": 0, "characters": 0}
+    if near is not None:
+        counts.update(near_duplicates=0, near_per_part=[0] * len(parts))
     seen: set[str] = set()
     with pa.OSFile(str(out_dir / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "wb") as rejects:
@@ -789,6 +800,11 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
             index = piece_index(directory, part)
             kept = first_copies(index, seen) if deduplicate else index
             counts["duplicates"] += index.num_rows - kept.num_rows
+            if near:
+                before = kept.num_rows
+                kept = without_near(kept, near)
+                counts["near_duplicates"] += before - kept.num_rows
+                counts["near_per_part"][part] = before - kept.num_rows
             writer.write_table(kept, max_chunksize=_INDEX_BATCH)
             counts["documents"] += kept.num_rows
             counts["characters"] += (characters[part] if characters and kept.num_rows == index.num_rows
@@ -822,6 +838,8 @@ def read_documents(index_file: Path, part_dirs: list[Path], names: list[str] | N
 def merge_counts(per_file: list[dict[str, int]], assembled: dict[str, int]) -> dict[str, int]:
     total = {k: sum(c[k] for c in per_file) for k in ("files", "records", "rejected", "too_short", "duplicates")}
     total["duplicates"] += assembled["duplicates"]
+    if "near_duplicates" in assembled:
+        total["near_duplicates"] = assembled["near_duplicates"]
     total.update(documents=assembled["documents"], characters=assembled["characters"])
     if total["documents"] == 0:
         raise BadRecordError(
@@ -857,8 +875,11 @@ def source_names(files: list[Path]) -> list[str]:
 
 
 def reading_config(corpus: CorpusConfig) -> dict[str, Any]:
-    """What decides how one file is read: everything but the list of paths."""
-    return corpus.key_material()
+    """What decides how one file is read: everything but the list of paths and the near-dedup settings (which
+    only the assembly and the signature pieces use: changing them never re-reads a file)."""
+    out = corpus.key_material()
+    out.pop("near_dedup", None)
+    return out
 
 
 def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
@@ -911,6 +932,21 @@ class Docs(StageOutput):
     def norm_ids(self, root: ArtifactsRoot) -> set[str]:
         return set(pc.unique(self.index(root, ["norm_id"]).column("norm_id")).to_pylist())
 
+    def text_reader(self, root: ArtifactsRoot) -> Callable[[int], str]:
+        """The text of the index's row i, read from its memory-mapped piece when asked (one text at a time in
+        memory, each piece opened once)."""
+        index = self.index(root, ["part", "row"])
+        part, row = index.column("part").to_numpy(), index.column("row").to_numpy()
+        columns: dict[int, pa.ChunkedArray] = {}
+
+        def text_of(i: int) -> str:
+            p = int(part[i])
+            if p not in columns:
+                columns[p] = read_arrow(root.entry(self.parts[p]["path"]) / DOCS_FILE).column("text")
+            return columns[p][int(row[i])].as_py()
+
+        return text_of
+
     def part_dirs(self, root: ArtifactsRoot) -> list[Path]:
         return [root.entry(p["path"]) for p in self.parts]
 
@@ -959,17 +995,132 @@ def piece_ids(root: ArtifactsRoot, pieces: list[StageOutput]) -> tuple[set[str],
     return set(table.column("doc_id").to_pylist()), set(table.column("norm_id").to_pylist())
 
 
+# ------------------------------------------------------------------------------ near-dedup pieces
+# A signature piece is keyed by its load-file piece (the file's content and the reading settings) and the
+# near-dedup settings, so a drop computes only its own signatures and a changed setting recomputes them from the
+# cached texts, never re-reading a file. `near_dedup_rows` is the assembly's hook: which documents to leave
+# out, independent of how the assembled output is written.
+
+SIGNATURES_FILE = "signatures.npy"
+SAMPLES = 5
+SAMPLE_CHARS = 400
+
+
+def signature_key(piece: StageOutput, cfg: NearDedupConfig) -> str:
+    return stage_key("near-dedup-sig", {"piece": piece.key, "near_dedup": cfg.key_material(),
+                                        "backend": near_dedup.BACKEND})
+
+
+def signature_piece(piece: StageOutput, docs_file: Path, cfg: NearDedupConfig, root: ArtifactsRoot
+                    ) -> tuple[StageOutput, bool]:
+    """The MinHash signatures of one load-file piece's documents (`docs_file`: its doc_id/text table), in its
+    row order."""
+
+    def build(tmp: Path):
+        texts = read_arrow(docs_file).column("text").to_pylist()
+        sigs = near_dedup.signatures(texts, cfg.num_perm, cfg.shingle_chars, cfg.seed)
+        np.save(tmp / SIGNATURES_FILE, sigs)
+        return {"documents": len(texts)}, {}
+
+    return publish_piece(root, "near-dedup-sig", signature_key(piece, cfg), build)
+
+
+register_code_version("near-dedup-sig", 1, [signature_piece], ["numpy", "pyarrow", "rensa"])
+
+
+def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot
+                     ) -> tuple[list[tuple[list[str], np.ndarray]], list[str]]:
+    """[(doc_ids, signatures)] per load-file piece (`docs_files`: their doc_id/text tables), and the signature
+    pieces' paths (the load output's deps)."""
+    out, deps = [], []
+    for piece, docs_file in zip(pieces, docs_files):
+        sig, _ = signature_piece(piece, docs_file, cfg, root)
+        ids = read_arrow(docs_file).column("doc_id").to_pylist()
+        out.append((ids, np.load(sig.dir(root) / SIGNATURES_FILE)))
+        deps.append(sig.path)
+    return out, deps
+
+
+@dataclass
+class NearDedupResult:
+    doc_ids: set[str]  # documents left out (every copy of them)
+    ranks: list[int]
+    samples: list[dict[str, Any]]
+    deps: list[str] = field(default_factory=list)
+
+
+def samples_of(found: list[near_dedup.NearDuplicate], docs_files: list[Path], names: list[str], limit: int = SAMPLES
+               ) -> list[dict[str, Any]]:
+    """A few pairs side by side (the removed document and the one it repeats), for a person to judge."""
+    out = []
+    for d in found[:limit]:
+        text = {}
+        for side, (p, r) in (("removed", d.row), ("kept", d.kept)):
+            t = read_arrow(docs_files[p]).column("text")[r].as_py()
+            text[side] = {"doc_id": d.doc_id if side == "removed" else d.kept_doc_id, "file": names[p],
+                          "text": t[:SAMPLE_CHARS]}
+        out.append({"similarity": round(d.similarity, 3), **text})
+    return out
+
+
+def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: list[str], ranks: list[int],
+                    cfg: NearDedupConfig, root: ArtifactsRoot) -> NearDedupResult:
+    """load's assembly hook: which documents of its load-file pieces (in assembly order, each with its doc_id/text
+    table, its file's name and its rank: lower is older in the line) are near-duplicates of one the line had
+    before (`near_dedup.near_duplicates`). Independent of how the assembled output is written."""
+    parts, deps = piece_signatures(pieces, docs_files, cfg, root)
+    texts = {}
+
+    def text_of(part: int, row: int) -> str:
+        if part not in texts:
+            texts[part] = read_arrow(docs_files[part]).column("text")
+        return texts[part][row].as_py()
+
+    found = near_dedup.near_duplicates(parts, ranks, cfg.threshold, cfg.num_perm, text_of, cfg.shingle_chars)
+    return NearDedupResult({d.doc_id for d in found}, ranks, samples_of(found, docs_files, names), deps)
+
+
+def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None) -> list[int]:
+    """Per file, the index of the first `corpus.paths` entry that yields it: a line lists its configured corpus
+    first and its drops in the order they joined, so a lower rank is a document the line had earlier."""
+    rank: dict[str, int] = {}
+    for i, entry in enumerate(corpus.paths):
+        try:
+            found, _ = list_corpus_files(corpus.model_copy(update={"paths": [entry]}), base)
+        except ConfigError:
+            continue
+        for f in found:
+            rank.setdefault(str(f), i)
+    return [rank.get(str(Path(f).resolve()), len(corpus.paths)) for f in files]
+
+
 @stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
 def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
     pieces = load_pieces(sources.items, corpus, build.root, runtime)
     parts = [out for _, out, _ in pieces]
+    near = None
+    if corpus.near_dedup.enabled:
+        names = [item["path"] for item, _, _ in pieces]
+        near = near_dedup_rows(parts, [p.dir(build.root) / DOCS_FILE for p in parts], names,
+                               path_ranks(corpus, names), corpus.near_dedup, build.root)
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
-                                   build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts])
+                                   build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts],
+                                   near.doc_ids if near else None)
     counts = merge_counts([p.counts for p in parts], assembled)
     counts["files_read"] = sum(not reused for _, _, reused in pieces)
     meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, "content": p.content, **p.counts}
                       for item, p, _ in pieces]}
-    content = stage_key("load-content", {"deduplicate": corpus.deduplicate, "parts": [p.content or p.key for p in parts]})
-    return counts, meta, {"content": content, "deps": [p.path for p in parts]}
+    material = {"deduplicate": corpus.deduplicate, "parts": [p.content or p.key for p in parts]}
+    deps = [p.path for p in parts]
+    if near is not None:
+        # Off, nothing of near-dedup enters the key or the output: today's content key and outputs.
+        counts["near_duplicates"] = counts.get("near_duplicates", 0)
+        for i, n in enumerate(assembled["near_per_part"]):
+            meta["parts"][i]["near_duplicates"] = n
+        meta["near_duplicate_samples"] = near.samples
+        material.update(near_dedup=corpus.near_dedup.key_material(), ranks=near.ranks)
+        deps += near.deps
+    content = stage_key("load-content", material)
+    return counts, meta, {"content": content, "deps": deps}

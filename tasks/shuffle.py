@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.core.config import SPLITS, ConfigError, ShuffleConfig, SplitConfig
+from tasks.core.config import SPLITS, ConfigError, DecontaminateConfig, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
+from tasks.near_dedup import ContaminationIndex
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
@@ -101,20 +103,61 @@ class Split(StageOutput):
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         lines = [(logging.INFO, f"{c['train_documents']} train / {c['validation_documents']} validation documents")]
+        if c.get("decontaminated"):
+            lines.append((logging.WARNING, f"{c['decontaminated']} training documents share a long span with "
+                          "validation or evaluation text: removed from training (" + ", ".join(
+                              f"{k.removeprefix('decontaminated_by_')}: {v}" for k, v in c.items()
+                              if k.startswith("decontaminated_by_")) + ")"))
         if c["validation_copies_held_out"]:
             lines.append((logging.WARNING, f"{c['validation_copies_held_out']} documents repeat a validation document's "
                           "text (after whitespace normalisation): held out of training and of validation"))
         return lines
 
 
+def held_out_texts(held_out: Docs | None, root: ArtifactsRoot) -> list[tuple[str, str]]:
+    """(text, source) of every document of the held-out text (evaluate.general_corpus, loaded by load)."""
+    if held_out is None:
+        return []
+    table = held_out.documents(root).select(["text", "source"])  # a small evaluation corpus
+    return [(t, f"evaluate.general_corpus ({s})") for t, s in zip(table.column("text").to_pylist(),
+                                                                  table.column("source").to_pylist())]
+
+
+def decontaminate(train: np.ndarray, text_of: Callable[[int], str], validation: np.ndarray,
+                  held_out: list[tuple[str, str]], cfg: DecontaminateConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """`train` less the rows whose text shares a long span with a validation text or a held-out text, and how
+    many were removed per source matched. Validation and the held-out texts are never changed."""
+    index = ContaminationIndex(cfg.min_words, cfg.min_chars)
+    for r in validation.tolist():
+        index.add(text_of(r), "validation split")
+    for text, source in held_out:
+        index.add(text, source)
+    keep, matched = [], {}
+    for r in train.tolist():
+        source = index.match(text_of(r)) if len(index) else None
+        if source is None:
+            keep.append(r)
+        else:
+            key = source.split(" (")[0]
+            matched[key] = matched.get(key, 0) + 1
+    return np.array(keep, dtype=train.dtype), matched
+
+
 @stage("shuffle", version=1, output=Split, libraries=["numpy", "pyarrow"])
-def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs):
+def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs, held_out: Docs | None = None):
+    """`held_out`: evaluation text (evaluate.general_corpus, through load) training must not contain; used only
+    when shuffle.decontaminate is on."""
     # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
     table = docs.index(build.root, ["doc_id", "norm_id", "part", "row"])
     doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
     parts = split_documents(doc_ids, shuffle.seed, split.validation_fraction, norm_ids)
-    parts["validation"], held_out = one_per_text(parts["validation"], norm_ids, doc_ids)
-    counts = {"validation_copies_held_out": held_out}
+    parts["validation"], held_out_copies = one_per_text(parts["validation"], norm_ids, doc_ids)
+    counts = {"validation_copies_held_out": held_out_copies}
+    if shuffle.decontaminate.enabled:
+        parts["train"], matched = decontaminate(parts["train"], docs.text_reader(build.root), parts["validation"],
+                                                held_out_texts(held_out, build.root), shuffle.decontaminate)
+        counts["decontaminated"] = sum(matched.values())
+        counts.update({f"decontaminated_by_{k.replace(' ', '_').replace('.', '_')}": v for k, v in matched.items()})
     for name in SPLITS:
         write_split(table, parts[name], build.tmp / f"{name}.arrow")
         counts[f"{name}_documents"] = len(parts[name])

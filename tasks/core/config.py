@@ -69,6 +69,30 @@ class Section(BaseModel):
         return out
 
 
+class NearDedupConfig(Section):
+    """MinHash + LSH near-duplicate removal across the whole line (every file, every drop)."""
+
+    enabled: bool = Field(
+        False, description="Remove near-duplicates (re-exports with another date, header, wrapping or a fixed typo) "
+        "and count them as near_duplicates. Off by default so an existing line's outputs stay as they were; "
+        "bench.near_dedup measures its cost against the load stage's."
+    )
+    threshold: float = Field(
+        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of the shingle sets at or above which two "
+        "documents are near-duplicates (LSH candidates are verified against it on the signatures)."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations per signature.")
+    shingle_chars: int = Field(
+        5, ge=2, le=64, description="Shingles are character n-grams of this length over the text lower-cased "
+        "with whitespace collapsed: Korean words carry particles and endings, so word shingles miss re-exports "
+        "that character n-grams catch, and re-wrapping changes no shingle."
+    )
+    seed: int = seed_field(1, "Seed of the MinHash permutations.")
+
+    def key_material(self) -> dict[str, Any]:
+        return super().key_material() if self.enabled else {"enabled": False}
+
+
 class CorpusConfig(Section):
     KEY_NEUTRAL = frozenset({"paths", "exclude"})  # the files are keyed by their content (the load fingerprint)
     paths: list[str] = Field(
@@ -105,6 +129,15 @@ class CorpusConfig(Section):
         "over twice this plus 1 MiB (room for escapes and other fields) is not even held. 64 MiB is far above "
         "any real document; at most 1 GiB (one Arrow string column holds under 2 GiB)."
     )
+    near_dedup: NearDedupConfig = Field(
+        default_factory=NearDedupConfig, description="Near-duplicate removal (MinHash + LSH) in load's assembly."
+    )
+
+    def key_material(self) -> dict[str, Any]:
+        out = super().key_material()
+        if not self.near_dedup.enabled:
+            out.pop("near_dedup")  # off: the keys of today's outputs
+        return out
 
     @model_validator(mode="after")
     def _qa_fields_together(self) -> CorpusConfig:
@@ -160,8 +193,35 @@ class ModelConfig(Section):
     )
 
 
+class DecontaminateConfig(Section):
+    """Training documents sharing a long span with held-out text are removed from training (never the reverse)."""
+
+    enabled: bool = Field(
+        False, description="Remove training documents that share a span of `min_words` words (or `min_chars` "
+        "characters of Korean text) with the validation split or evaluate.general_corpus; counted as "
+        "decontaminated with the source matched."
+    )
+    min_words: int = Field(13, ge=4, description="Shared span in words that marks contamination (English-like "
+                           "text; 13 as in GPT-3/OLMo decontamination).")
+    min_chars: int = Field(50, ge=8, description="Shared span in characters that marks contamination of text "
+                           "mostly in Hangul (no spaces between all morphemes, so words are too coarse).")
+
+    def key_material(self) -> dict[str, Any]:
+        return super().key_material() if self.enabled else {"enabled": False}
+
+
 class ShuffleConfig(Section):
     seed: int = seed_field(42, "Seed of the document order, of the train/validation split and of the replay draw.")
+    decontaminate: DecontaminateConfig = Field(
+        default_factory=DecontaminateConfig, description="Decontamination of the training split against "
+        "validation and evaluation text (done here: the validation split is made here)."
+    )
+
+    def key_material(self) -> dict[str, Any]:
+        out = super().key_material()
+        if not self.decontaminate.enabled:
+            out.pop("decontaminate")
+        return out
 
 
 SPLITS = ("train", "validation")  # the splits the shuffle stage writes and the chunk stage fills

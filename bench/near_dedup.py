@@ -1,0 +1,267 @@
+"""Near-duplicate removal and decontamination, measured: quality against a brute-force ground truth, and cost
+against the load stage's.
+
+Corpus: the first --docs documents of ../shared/corpora/ko_transport_bills.jsonl + python_docs.jsonl, cut into
+--files files. Planted near-duplicates go into one more file, the drop (+1 file): copies of --planted corpus
+documents with one edit each, of several kinds and sizes — a new date line, other line wrapping, a header and
+footer, typos fixed (a few characters), a sentence or a paragraph-sized run deleted, and heavy rewrites that
+must NOT match — plus new documents. Ground truth: the same greedy choice the pipeline makes (documents visited
+by age, then doc_id; one is removed when a kept one is at Jaccard ≥ threshold), on the exact Jaccard of the same
+shingle sets computed for every pair (a sparse product); precision and recall of the removed documents.
+
+Cost: load (`load.fn`, in process) cold on an empty artifacts root, near-dedup off (the baseline) and on, then
+the +1 file drop; near-dedup's own seconds (signatures + LSH) timed inside it. Also: signature backends
+(rensa, datasketch) on the same texts, and the LSH rebuild from cached signatures (what a persistent per-line
+index would save).
+
+Decontamination: paragraphs of ../shared/corpora/ko_law.jsonl (the held-out text) and English sentences planted
+inside --planted training documents; how many are found, and how many clean documents are matched.
+
+    .venv/bin/python -m bench.near_dedup [--docs 3000] [--files 8] [--planted 300] [--corpora DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from bench.common import CORPORA, argument_parser, require, write_jsonl
+
+
+def corpus_texts(corpora: Path, limit: int) -> list[str]:
+    texts = []
+    for name in ("ko_transport_bills.jsonl", "python_docs.jsonl"):
+        for line in (corpora / name).read_text(encoding="utf-8").splitlines():
+            t = json.loads(line).get("content") or ""
+            if t.strip():
+                texts.append(t)
+    rng = random.Random(0)
+    rng.shuffle(texts)
+    return texts[:limit]
+
+
+def edit(text: str, kind: str, rng: random.Random) -> str:
+    """One re-export of `text`; "rewrite" replaces half of it (a different document, not a near-duplicate)."""
+    n = len(text)
+    if kind == "date":
+        return f"{rng.randint(2020, 2027)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}\n" + text
+    if kind == "wrap":
+        return "\n".join(textwrap.wrap(text, rng.randint(30, 90)))
+    if kind == "header":
+        return f"[재배포 {rng.randint(1, 999)}호] 자료 제공: 국회 의안정보시스템\n\n{text}\n\n— 끝 —"
+    if kind == "typos":
+        chars = list(text)
+        for i in rng.sample(range(n), min(n, max(1, n // 200))):
+            chars[i] = rng.choice("가나다라마바사abcdefg")
+        return "".join(chars)
+    if kind == "cut_small":  # a sentence-sized run (2%) deleted
+        k = max(1, n // 50)
+        s = rng.randrange(max(n - k, 1))
+        return text[:s] + text[s + k:]
+    if kind == "cut_large":  # a paragraph-sized run (8%) deleted
+        k = max(1, n // 12)
+        s = rng.randrange(max(n - k, 1))
+        return text[:s] + text[s + k:]
+    if kind == "rewrite":
+        half = n // 2
+        return text[:half] + "".join(rng.choice("가나다라마바사아자차카타파하 ") for _ in range(n - half))
+    raise ValueError(kind)
+
+
+KINDS = ("date", "wrap", "header", "typos", "cut_small", "cut_large", "rewrite")
+
+
+def ground_truth(texts: list[str], order: list[int], threshold: float, n: int):
+    """Per document in `order`: removed (bool) by the greedy choice on exact Jaccard of the shingle sets."""
+    import numpy as np
+    from scipy import sparse
+
+    from tasks.near_dedup import shingles
+
+    vocab: dict[str, int] = {}
+    rows, cols = [], []
+    for i, t in enumerate(texts):
+        for s in shingles(t, n):
+            rows.append(i)
+            cols.append(vocab.setdefault(s, len(vocab)))
+    x = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(texts), len(vocab)))
+    sizes = np.asarray(x.sum(axis=1)).ravel()
+    inter = (x @ x.T).toarray()
+    jac = inter / (sizes[:, None] + sizes[None, :] - inter)
+    kept: list[int] = []
+    removed = {}
+    for i in order:
+        removed[i] = bool(kept) and float(jac[i, kept].max()) >= threshold
+        if not removed[i]:
+            kept.append(i)
+    return removed, jac
+
+
+def main() -> None:
+    parser = argument_parser(__spec__, __doc__)
+    parser.add_argument("--docs", type=int, default=3000)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--planted", type=int, default=300)
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--corpora", type=Path, default=CORPORA, help="folder of the shared corpora")
+    args = parser.parse_args()
+    corpora = args.corpora
+    require(corpora / "ko_transport_bills.jsonl", corpora / "python_docs.jsonl", corpora / "ko_law.jsonl")
+
+    import numpy as np
+
+    import tasks.load as load_module
+    from tasks import near_dedup as nd
+    from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig
+    from tasks.load import doc_id_of, fingerprint_corpus, load
+    from tasks.near_dedup import ContaminationIndex, _units
+    from tasks.shuffle import decontaminate
+
+    rng = random.Random(1)
+    texts = corpus_texts(corpora, args.docs)
+    picked = rng.sample(range(len(texts)), args.planted)
+    planted = [edit(texts[i], KINDS[k % len(KINDS)], rng) for k, i in enumerate(picked)]
+    new_docs = [f"새 문서 {k}: " + "".join(rng.choice("가나다라마바사아자차카타파하 ") for _ in range(400))
+                            for k in range(args.planted // 3)]
+    cfg_nd = NearDedupConfig(enabled=True, threshold=args.threshold)
+
+    # --- quality: the pipeline's functions against the brute-force truth, on the same shingles
+    everything = texts + planted + new_docs
+    ranks = [0] * len(texts) + [1] * (len(planted) + len(new_docs))
+    ids = [doc_id_of(t) for t in everything]
+    order = sorted(range(len(everything)), key=lambda i: (ranks[i], ids[i]))
+    # Exact copies are the exact dedup's: left out of both sides, as the pipeline does.
+    seen, unique_order = set(), []
+    for i in order:
+        if ids[i] not in seen:
+            seen.add(ids[i])
+            unique_order.append(i)
+    t0 = time.perf_counter()
+    truth, jac = ground_truth(everything, unique_order, args.threshold, cfg_nd.shingle_chars)
+    brute = time.perf_counter() - t0
+    sig_time = {}
+    for backend in ("rensa", "datasketch"):
+        t0 = time.perf_counter()
+        sigs = nd.signatures(everything, cfg_nd.num_perm, cfg_nd.shingle_chars, cfg_nd.seed, backend)
+        sig_time[backend] = time.perf_counter() - t0
+        if backend == nd.BACKEND:
+            chosen = sigs
+    sigs = chosen
+    base, drop = (ids[:len(texts)], sigs[:len(texts)]), (ids[len(texts):], sigs[len(texts):])
+    t0 = time.perf_counter()
+    split = len(texts)
+    found = nd.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm,
+                               lambda p, r: everything[r if p == 0 else split + r], cfg_nd.shingle_chars)
+    estimate_only = nd.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm)
+    lsh = time.perf_counter() - t0
+    row_of = {ids[i]: i for i in unique_order}
+    predicted = {row_of[d.doc_id] for d in found}
+    true_removed = {i for i, r in truth.items() if r}
+    tp = len(predicted & true_removed)
+    recall = tp / max(len(true_removed), 1)
+    precision = tp / max(len(predicted), 1)
+    est = {row_of[d.doc_id] for d in estimate_only}
+    pair_ok = sum(jac[row_of[d.doc_id], row_of[d.kept_doc_id]] >= args.threshold for d in found) / max(len(found), 1)
+    print(f"corpus: {len(texts)} documents (+ drop: {len(planted)} planted edits, {len(new_docs)} new), "
+          f"threshold {args.threshold}, num_perm {cfg_nd.num_perm}, {cfg_nd.shingle_chars}-char shingles")
+    print(f"ground truth (brute force, {len(unique_order)}² pairs, {brute:.1f}s): {len(true_removed)} to remove")
+    print(f"near-dedup removes {len(predicted)}: recall {recall:.3f}, precision {precision:.3f} "
+          f"(pairs reported at true J ≥ threshold: {pair_ok:.3f})")
+    print(f"on the MinHash estimate alone (no exact check): recall {len(est & true_removed) / max(len(true_removed), 1):.3f}, "
+          f"precision {len(est & true_removed) / max(len(est), 1):.3f}")
+    for kind in KINDS:
+        rows = [len(texts) + k for k in range(len(planted)) if KINDS[k % len(KINDS)] == kind]
+        js = [float(jac[r, picked[k]]) for k, r in zip([k for k in range(len(planted))
+                                                        if KINDS[k % len(KINDS)] == kind], rows)]
+        caught = sum(r in predicted for r in rows)
+        print(f"  {kind:9s}: {caught}/{len(rows)} removed, true J median {np.median(js):.3f} "
+              f"(should go: {sum(r in true_removed for r in rows)})")
+    print(f"signatures of {len(everything)} documents: rensa {sig_time['rensa']:.2f}s, "
+          f"datasketch {sig_time['datasketch']:.2f}s (×{sig_time['datasketch'] / sig_time['rensa']:.1f})")
+    print(f"LSH rebuilt from signatures + queried: {lsh:.2f}s (a persistent per-line index would save at most this)")
+
+    # --- cost in the load stage: cold (off = baseline, on), then +1 file drop
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        size = -(-len(texts) // args.files)
+        for f in range(args.files):
+            write_jsonl(tmp / "corpus" / f"part-{f:03d}.jsonl", texts[f * size:(f + 1) * size])
+        write_jsonl(tmp / "drop" / "d.jsonl", planted + new_docs)
+        spent = {"near": 0.0}
+        real = load_module.near_dedup_rows
+
+        def timed_rows(*a, **k):
+            t = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                spent["near"] += time.perf_counter() - t
+
+        load_module.near_dedup_rows = timed_rows
+
+        def run(root: Path, paths: list[Path], enabled: bool):
+            cfg = CorpusConfig(paths=[str(p) for p in paths], near_dedup=cfg_nd.model_copy(update={"enabled": enabled}))
+            sources = fingerprint_corpus(cfg)
+            spent["near"] = 0.0
+            t = time.perf_counter()
+            out = load.fn(corpus=cfg, sources=sources, files=[i["path"] for i in sources.items], artifacts=str(root))
+            return out, time.perf_counter() - t, spent["near"]
+
+        # One-time costs (imports, the first publish) are neither side's: a warm-up on one small file.
+        write_jsonl(tmp / "warm" / "w.jsonl", texts[:20])
+        run(tmp / "warm-root", [tmp / "warm"], True)
+        _, cold_off, _ = run(tmp / "off", [tmp / "corpus"], False)
+        _, drop_off, _ = run(tmp / "off", [tmp / "corpus", tmp / "drop"], False)
+        _, cold_on, near_cold = run(tmp / "on", [tmp / "corpus"], True)
+        out, drop_on, near_drop = run(tmp / "on", [tmp / "corpus", tmp / "drop"], True)
+        print(f"load cold, near-dedup off (baseline): {cold_off:.2f}s; on: {cold_on:.2f}s, of which near-dedup "
+              f"{near_cold:.2f}s = {near_cold / cold_off:.2f}× the baseline (goal ≤ 0.5)")
+        print(f"load +1 file drop: off {drop_off:.2f}s; on {drop_on:.2f}s, of which near-dedup {near_drop:.2f}s "
+              f"= {near_drop / cold_off:.2f}× the cold baseline; near_duplicates {out.counts['near_duplicates']}")
+
+    # --- decontamination: held-out paragraphs planted in training documents
+    law = [json.loads(x)["content"] for x in (corpora / "ko_law.jsonl").read_text(encoding="utf-8").splitlines()]
+    english = ["The committee shall review every amendment before the final vote is taken by the full assembly "
+               "of members present.", "A function returns None when it reaches the end of its body without "
+               "executing a return statement of any kind."]
+    held = [(t, "evaluate.general_corpus") for t in law] + [(t, "evaluate.general_corpus") for t in english]
+    long_law = [t for t in law if len(" ".join(t.split())) >= 150]
+    train = list(texts)
+    dirty = set()
+    for k, i in enumerate(rng.sample(range(len(train)), min(args.planted, len(train)))):
+        if k % 5 == 4:
+            span = english[k % 2]
+        else:
+            src = long_law[k % len(long_law)]  # spans of the configured length or more: shorter is no match
+            start = rng.randrange(max(len(src) - 120, 1))
+            span = src[start:start + 120]
+        cut = rng.randrange(len(train[i]) + 1)
+        train[i] = train[i][:cut] + "\n" + span + "\n" + train[i][cut:]
+        dirty.add(i)
+    t0 = time.perf_counter()
+    keep, matched = decontaminate(np.arange(len(train)), train, np.array([], dtype=np.int64), held,
+                                  DecontaminateConfig(enabled=True))
+    seconds = time.perf_counter() - t0
+    removed = set(range(len(train))) - set(keep.tolist())
+    print(f"decontamination: {len(removed & dirty)}/{len(dirty)} planted found, {len(removed - dirty)} of "
+          f"{len(train) - len(dirty)} clean documents matched, {seconds:.2f}s for {len(train)} documents "
+          f"against {len(held)} held-out texts ({matched})")
+    index = ContaminationIndex(50 // 2 * 2, 50)
+    for t, src in held:
+        index.add(t, src)
+    for i in sorted(removed - dirty)[:2]:  # what a clean document shares with the held-out text
+        unit, units = _units(train[i])
+        g = index.g[unit]
+        for p in range(0, len(units) - g + 1, g):
+            gram = units[p:p + g] if isinstance(units, str) else " ".join(units[p:p + g])
+            if hash(gram) in index.grams[unit]:
+                print(f"  clean document {i} shares e.g. {gram!r}")
+                break
+
+
+if __name__ == "__main__":
+    main()

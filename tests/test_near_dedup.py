@@ -1,0 +1,211 @@
+"""Near-duplicates across a line's drops are removed (the older document kept, stably), the drop gate counts
+them, settings never re-read files and off changes nothing; decontamination keeps held-out text out of training."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from helpers import sample_texts, write_jsonl
+from tasks import near_dedup as nd
+from tasks.arrow import read_arrow
+from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig, ShuffleConfig, SplitConfig
+from tasks.core.root import open_root
+
+ON = {"near_dedup": {"enabled": True}}
+
+
+def reexport(text: str, i: int) -> str:
+    """The same document exported again: a new date line and other line wrapping."""
+    return f"(2027-0{1 + i % 9}-1{i % 10} 재배포)\n" + "\n".join(textwrap.wrap(text, 37 + i % 7))
+
+
+def run_load(artifacts, paths, **corpus):
+    from tasks.load import fingerprint_corpus, load
+
+    cfg = CorpusConfig(paths=[str(p) for p in paths], **corpus)
+    sources = fingerprint_corpus(cfg)
+    return load.fn(corpus=cfg, sources=sources, files=[i["path"] for i in sources.items], artifacts=str(artifacts))
+
+
+def kept_ids(artifacts, docs) -> set[str]:
+    return set(docs.index(open_root(artifacts), ["doc_id"]).column("doc_id").to_pylist())
+
+
+@pytest.fixture
+def texts():
+    return sample_texts()
+
+
+def test_a_reexport_is_found_and_the_older_document_kept(texts):
+    originals = texts[:30]
+    copies = [reexport(t, i) for i, t in enumerate(originals[:10])]
+    sig = lambda ts: nd.signatures(ts, 128, 5, 1)  # noqa: E731
+    # The re-exports have the smaller doc_ids and come first in the list: still the older part (rank 0) wins.
+    ids = [f"z{i:02d}" for i in range(30)], [f"a{i:02d}" for i in range(10)]
+    found = nd.near_duplicates([(ids[1], sig(copies)), (ids[0], sig(originals))], [1, 0], 0.8, 128)
+    assert sorted(d.doc_id for d in found) == ids[1]
+    assert all(d.kept_doc_id == "z" + d.doc_id[1:] for d in found)
+
+
+def test_a_reexported_drop_is_removed_in_load_and_a_kept_document_stays_kept(tmp_path, texts):
+    art = tmp_path / "art"
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"content": t} for t in texts[:100]])
+    # Drop 1: 20 re-exports of old documents and 20 new ones; drop 2: re-exports of drop 1's new ones.
+    write_jsonl(tmp_path / "d1" / "d.jsonl", [{"content": reexport(t, i)} for i, t in enumerate(texts[:20])]
+                + [{"content": t} for t in texts[100:120]])
+    write_jsonl(tmp_path / "d2" / "d.jsonl", [{"content": reexport(t, i + 3)} for i, t in enumerate(texts[100:120])]
+                + [{"content": t} for t in texts[120:130]])
+    first = run_load(art, [tmp_path / "corpus"], **ON)
+    second = run_load(art, [tmp_path / "corpus", tmp_path / "d1"], **ON)
+    third = run_load(art, [tmp_path / "corpus", tmp_path / "d1", tmp_path / "d2"], **ON)
+    assert second.counts["near_duplicates"] >= 19  # ≥ 95% of the planted re-exports
+    assert third.counts["near_duplicates"] - second.counts["near_duplicates"] >= 19
+    assert {p["name"].split("/")[-2]: p["near_duplicates"] for p in third.parts}["d2"] >= 19
+    for before, after in ((first, second), (second, third)):
+        assert kept_ids(art, before) <= kept_ids(art, after)  # a document kept once is kept in the next run
+    assert third.meta["near_duplicate_samples"][0]["kept"]["text"]
+
+
+def test_settings_never_reread_files_and_off_is_todays_output(tmp_path, texts):
+    art = tmp_path / "art"
+    write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts[:40]] +
+                [{"content": reexport(t, i)} for i, t in enumerate(texts[:5])])
+    off = run_load(art, [tmp_path / "c"])
+    default_off = run_load(art, [tmp_path / "c"], near_dedup={"enabled": False, "threshold": 0.5})
+    assert default_off.key == off.key and default_off.content == off.content  # off: no setting enters a key
+    on = run_load(art, [tmp_path / "c"], **ON)
+    other = run_load(art, [tmp_path / "c"], near_dedup={"enabled": True, "threshold": 0.7})
+    assert on.counts["files_read"] == 0 and other.counts["files_read"] == 0  # the pieces are reused
+    assert len({off.content, on.content, other.content}) == 3
+    assert on.counts["near_duplicates"] == 5 and "near_duplicates" not in off.counts
+    assert on.counts["documents"] == off.counts["documents"] - 5
+
+
+def test_the_drop_gate_rejects_a_reexported_drop_as_duplicates(tmp_path, texts, tiny_model):
+    from tasks.core.config import validate_config
+    from tasks.core.manifest import hash_file
+    from tasks.drop_gate import near_duplicate_pairs, profile_drop
+    from tasks.load import resolve_corpus_files
+    from tasks.tokenize import resolve_tokenizer
+
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"content": t} for t in texts[:80]])
+    drop = write_jsonl(tmp_path / "drop" / "d.jsonl", [{"content": reexport(t, i)} for i, t in enumerate(texts[:40])]
+                       + [{"content": t} for t in texts[80:84]])
+    cfg = validate_config({"corpus": {"paths": [str(tmp_path / "corpus")], **ON}, "model": {"id": str(tiny_model)},
+                           "push": {"name": "m"}})
+    profile = profile_drop([drop], resolve_corpus_files(cfg.corpus), cfg, resolve_tokenizer(cfg.model),
+                           open_root(tmp_path / "art"), hash_file)
+    assert profile["duplicates_in_line"] == 0 and profile["near_duplicates"] >= 38
+    assert not profile["passed"] and "near-duplicates" in "; ".join(profile["reasons"])
+    pairs = near_duplicate_pairs(str(drop.parent), profile)
+    assert "| similarity | drop | line |" in pairs and "재배포" in pairs
+
+
+def shuffle_with(tmp_path, texts, held_out_texts=None, enabled=True):
+    from tasks.shuffle import shuffle
+
+    art = tmp_path / "art"
+    docs = run_load(art, [write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts])])
+    held = run_load(art, [write_jsonl(tmp_path / "g" / "g.jsonl", [{"content": t} for t in held_out_texts])]) \
+        if held_out_texts else None
+    out = shuffle.fn(shuffle=ShuffleConfig(decontaminate=DecontaminateConfig(enabled=enabled)),
+                     split=SplitConfig(validation_fraction=0.2), docs=docs, held_out=held, artifacts=str(art))
+    root = open_root(art)
+    table = docs.documents(root)
+    text_of = dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
+    split = {s: [text_of[d] for d in read_arrow(out.split_file(root, s)).column("doc_id").to_pylist()]
+             for s in ("train", "validation")}
+    return out, split
+
+
+def test_a_planted_validation_paragraph_never_reaches_training(tmp_path, texts):
+    base = texts[:120]
+    _, split = shuffle_with(tmp_path / "probe", base, enabled=False)
+    paragraph = split["validation"][0]
+    # Training documents quoting the validation paragraph inside other text (re-wrapped, in a longer one).
+    planted = [f"{texts[200 + i]}\n\n" + "\n".join(textwrap.wrap(paragraph, 30 + i)) + f"\n\n{texts[210 + i]}"
+               for i in range(3)]
+    english = "the quick brown fox jumps over the lazy dog while the band plays a slow waltz in the park tonight"
+    general = [f"An evaluation passage: {english}."]
+    out, split = shuffle_with(tmp_path / "run", base + planted + [f"Some notes. {english.upper()} and more."],
+                              held_out_texts=general)
+    assert paragraph in split["validation"]  # validation is never changed
+    assert not any(paragraph[:60] in " ".join(t.split()) for t in split["train"])
+    assert not set(planted) & set(split["train"])
+    in_validation = len(set(planted) & set(split["validation"]))  # a planted document may draw validation itself
+    assert out.counts["decontaminated_by_validation_split"] >= 3 - in_validation > 0
+    assert out.counts["decontaminated_by_evaluate_general_corpus"] == 1
+    assert not any("quick brown fox" in t.lower() for t in split["train"])
+
+
+def test_decontamination_off_is_todays_split(tmp_path, texts):
+    from tasks.shuffle import shuffle
+
+    art = tmp_path / "art"
+    docs = run_load(art, [write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts[:50]])])
+    a = shuffle.fn(shuffle=ShuffleConfig(), split=SplitConfig(validation_fraction=0.2), docs=docs, artifacts=str(art))
+    b = shuffle.fn(shuffle=ShuffleConfig(decontaminate=DecontaminateConfig(min_words=20)),
+                   split=SplitConfig(validation_fraction=0.2), docs=docs, artifacts=str(art))
+    assert a.key == b.key and "decontaminated" not in a.counts
+
+
+def test_contamination_index_finds_spans_of_the_configured_length_only():
+    index = nd.ContaminationIndex(min_words=13, min_chars=50)
+    words = [f"w{i}" for i in range(40)]
+    index.add(" ".join(words), "validation split")
+    for start in range(0, 20):
+        assert index.match("x y " + " ".join(words[start:start + 13]) + " z") == "validation split", start
+    assert index.match(" ".join(words[5:10]) + " q " + " ".join(words[10:15])) is None
+    korean = "가나다라마바사아자차카타파하" * 6
+    index.add(korean, "validation split")
+    assert index.match("앞부분 " + korean[7:57] + " 뒷부분") == "validation split"
+    assert index.match("앞부분 " + korean[7:27] + " 뒷부분") is None
+
+
+def test_near_dedup_config_is_checked():
+    from tasks.core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="corpus.near_dedup.threshold"):
+        load_config(None, ["corpus.paths=[a]", "model.id=m", "corpus.near_dedup.threshold=1.5"])
+    assert NearDedupConfig().key_material() == {"enabled": False}
+    assert "near_dedup" not in CorpusConfig().key_material()  # off: the load keys of before
+    assert "decontaminate" not in ShuffleConfig().key_material()
+
+
+def edited(text: str, rng: np.random.Generator, share: float) -> str:
+    """`text` with about `share` of its characters replaced, in runs of 8."""
+    chars = list(text)
+    for start in rng.choice(len(chars) - 8, int(len(chars) * share / 8), replace=False):
+        chars[start:start + 8] = rng.choice(list("가나다라마바사아자차카타파하"), 8)
+    return "".join(chars)
+
+
+def test_pairs_below_the_threshold_are_not_near_duplicates(texts):
+    """Candidates LSH proposes are verified on the signatures: pairs of J 0.5-0.7 (some of which share a band:
+    the bands favour recall) are not near-duplicates at 0.8."""
+    rng = np.random.default_rng(0)
+    docs = [" ".join(texts[i:i + 3]) for i in range(0, 240, 3)]
+    far = [edited(d, rng, 0.17) for d in docs]
+    jac = [nd.exact_jaccard(nd.shingles(a, 5), nd.shingles(b, 5)) for a, b in zip(docs, far)]
+    assert 0.5 < min(jac) and max(jac) < 0.7
+    ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
+    parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
+    found = nd.near_duplicates(parts, [0, 1], 0.8, 128)
+    assert not found, [(d.doc_id, jac[int(d.doc_id[1:])]) for d in found]
+
+
+def test_with_the_texts_candidates_are_checked_on_their_exact_jaccard(texts):
+    """Pairs of J 0.69-0.77: MinHash's estimate puts some at ≥ 0.8, the exact check on the shingles none."""
+    rng = np.random.default_rng(0)
+    docs = [" ".join(texts[i:i + 3]) for i in range(0, 240, 3)]
+    far = [edited(d, rng, 0.12) for d in docs]
+    jac = [nd.exact_jaccard(nd.shingles(a, 5), nd.shingles(b, 5)) for a, b in zip(docs, far)]
+    assert 0.65 < min(jac) and max(jac) < 0.78
+    ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
+    parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
+    assert nd.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
+    assert not nd.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
