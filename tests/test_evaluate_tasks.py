@@ -206,3 +206,53 @@ def test_tasks_through_the_flow_gate_card_and_a_cached_rerun_evaluates_nothing(t
     again = continued_pretraining(config=config, artifacts=str(artifacts))
     states = {s["name"]: s["state"] for s in again["stages"]}
     assert states["evaluate-base"] == states["evaluate"] == states["gate"] == "Cached" and calls == []
+
+
+def word_order_task(folder: Path, n: int = 24) -> Path:
+    """A task the domain training hurts by construction: the 'right' continuation is the document's own next
+    sentence with its words shuffled, the wrong one the sentence as written. A model that learnt the domain's
+    text prefers the sentence as written, so its accuracy here falls while its perplexity improves."""
+    import random
+
+    from tasks.evaluate import CLOZE_YAML, cloze_items
+
+    rng = random.Random(0)
+    items = []
+    for item in cloze_items(sample_texts(), n):
+        own = item["choices"][item["label"]]
+        words = own.split()
+        rng.shuffle(words)
+        if " ".join(words) != own:
+            items.append({"context": item["context"], "choices": [own, " ".join(words)], "label": 1})
+    write_jsonl(folder / "word_order.jsonl", items)
+    yaml_file = folder / "word_order.yaml"
+    yaml_file.write_text(CLOZE_YAML.format(name="word_order", data=folder / "word_order.jsonl", source="test"))
+    return yaml_file
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_model_whose_task_accuracy_falls_is_refused_though_its_perplexity_improved(tmp_path, tiny_model,
+                                                                                      artifacts, monkeypatch):
+    from flows.continued_pretraining import continued_pretraining
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_jsonl(tmp_path / "corpus" / "corpus.jsonl", [{"content": t} for t in sample_texts()])
+    task = word_order_task(tmp_path / "tasks")
+    config = validate_config({
+        "corpus": {"paths": [str(tmp_path / "corpus")]}, "model": {"id": str(tiny_model)},
+        "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 96, "overlap": 16},
+        "train": {"max_steps": 12, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                  "learning_rate": 3e-3, "warmup_ratio": 0.0, "logging_steps": 1, "eval_steps": 6, "save_steps": 6,
+                  "early_stopping_patience": None},
+        "evaluate": {"max_eval_rows": 16, "tasks": [str(task)], "num_fewshot": 0},
+        "gate": {"tasks": [{"task": "word_order", "metric": "acc", "max_drop": 0.02}]},
+        "push": {"name": "word-order-test"}})
+    summary = continued_pretraining(config=config, artifacts=str(artifacts))
+    states = {s["name"]: s["state"] for s in summary["stages"]}
+    checks = {c["check"]: c for c in summary["gate"]["checks"]}
+    assert checks["validation perplexity"]["passed"]  # better perplexity than the base model ...
+    task_check = checks["task word_order acc"]  # ... but worse at the task
+    assert not task_check["passed"] and task_check["value"] < task_check["limit"]
+    assert summary["gate"]["promoted"] is False and "task word_order acc" in summary["gate"]["reason"]
+    assert states["push"] == "Skipped" and not (artifacts / "models" / "word-order-test").exists()
