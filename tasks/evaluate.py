@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core.config import (ChunkConfig, ConfigError, CorpusConfig, EvaluateConfig, ModelConfig, local_task_data,
-                               local_task_files, task_path_like)
+                               local_task_files, read_task_yaml, task_path_like)
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import markdown_artifact, markdown_table, table_artifact
 from tasks.core.root import ArtifactsRoot
@@ -95,21 +95,10 @@ def task_names(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
         path = Path(entry).expanduser().resolve()
         include.append(str(path if path.is_dir() else path.parent))
         for y in local_task_files(path):
-            doc = _task_yaml(y)
+            doc = read_task_yaml(y)
             if isinstance(doc.get("task"), str):
                 names.append(doc["task"])
     return list(dict.fromkeys(names)), list(dict.fromkeys(include))
-
-
-def _task_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    class Tolerant(yaml.SafeLoader):  # `!function` names code: read as data here, never run
-        pass
-
-    Tolerant.add_multi_constructor("!", lambda loader, suffix, node: None)
-    doc = yaml.load(path.read_text(encoding="utf-8"), Loader=Tolerant)
-    return doc if isinstance(doc, dict) else {}
 
 
 def task_fingerprint(cfg: EvaluateConfig) -> Fingerprint | None:

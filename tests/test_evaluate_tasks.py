@@ -63,6 +63,17 @@ def test_gate_tasks_need_evaluated_tasks(tmp_path, monkeypatch):
                          "gate": {"tasks": [{"task": "kormedmcqa", "max_drop": -0.1}]}})
 
 
+def test_a_task_folder_runs_every_task_its_yamls_name(tmp_path):
+    from tasks.core.config import EvaluateConfig
+    from tasks.evaluate import task_names, write_cloze_task
+
+    for name in ("b_cloze", "a_cloze"):
+        write_cloze_task(sample_texts(), tmp_path / "suite", name, n=5)
+    (tmp_path / "suite" / "_shared.yaml").write_text("doc_to_text: !function utils.doc_to_text\n")  # no task
+    cfg = EvaluateConfig(tasks=[str(tmp_path / "suite")])
+    assert task_names(cfg) == (["a_cloze", "b_cloze"], [str((tmp_path / "suite").resolve())])
+
+
 def test_the_committed_sample_task_is_what_the_generator_writes(tmp_path, monkeypatch):
     """samples/tasks/ is generated (cpt make-cloze-task samples/tasks), never edited by hand."""
     from tasks.evaluate import write_cloze_task

@@ -372,18 +372,25 @@ def local_task_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml"))
 
 
-def local_task_data(yaml_file: Path) -> list[Path]:
-    """The local data files a task YAML reads (`dataset_kwargs.data_files`), as written (against the cwd)."""
+class _TaskYamlLoader(yaml.SafeLoader):
+    """lm-eval's `!function` tags name code: read here as data (None), never run."""
 
-    class _Tolerant(yaml.SafeLoader):  # lm-eval's `!function` tags name code: read as data, never run
-        pass
 
-    _Tolerant.add_multi_constructor("!", lambda loader, suffix, node: None)
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def read_task_yaml(yaml_file: Path) -> dict[str, Any]:
+    """A local lm-eval task YAML as a mapping ({} when it is not one)."""
     try:
-        doc = yaml.load(yaml_file.read_text(encoding="utf-8"), Loader=_Tolerant) or {}
+        doc = yaml.load(yaml_file.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)
     except yaml.YAMLError as e:
         raise ValueError(f"{yaml_file}: not valid YAML: {e}") from None
-    files = ((doc.get("dataset_kwargs") or {}).get("data_files") if isinstance(doc, dict) else None) or {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def local_task_data(yaml_file: Path) -> list[Path]:
+    """The local data files a task YAML reads (`dataset_kwargs.data_files`), as written (against the cwd)."""
+    files = (read_task_yaml(yaml_file).get("dataset_kwargs") or {}).get("data_files") or {}
     values = files.values() if isinstance(files, dict) else [files]
     out: list[Path] = []
     for v in values:
