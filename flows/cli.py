@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=128)
     tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--force", action="store_true", help="rebuild even if out_dir already holds a model")
+
+    cloze = sub.add_parser("make-cloze-task", help="write a local multiple-choice lm-eval task (YAML + JSONL) from "
+                           "a JSONL corpus: a document's first sentence, its own next sentence among 3 others")
+    cloze.add_argument("out_dir", type=Path)
+    cloze.add_argument("--corpus", type=Path, default=Path("samples/medical_ko.jsonl"))
+    cloze.add_argument("--field", default="content", help="the JSON field holding the text")
+    cloze.add_argument("--name", default="ko_health_cloze", help="the task's name (and its files')")
+    cloze.add_argument("--limit", type=int, default=None, help="at most this many questions")
+    cloze.add_argument("--seed", type=int, default=0)
+    cloze.add_argument("--data-path", default=None, help="how the YAML names the JSONL (lm-eval resolves it against "
+                       "the working directory; default: out_dir/<name>.jsonl as given)")
     return parser
 
 
@@ -285,6 +296,17 @@ def cmd_init_tiny_model(args) -> int:
     return 0
 
 
+def cmd_make_cloze_task(args) -> int:
+    from tasks.evaluate import write_cloze_task
+    from tasks.ml.tiny_model import read_texts
+
+    yaml_file = write_cloze_task(read_texts(args.corpus, args.field), args.out_dir, args.name,
+                                 data_path=args.data_path or str(args.out_dir / f"{args.name}.jsonl"),
+                                 n=args.limit, seed=args.seed, source=str(args.corpus))
+    print(f"task {args.name!r} written to {yaml_file} (evaluate.tasks: [{yaml_file}])")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tasks.core.config import ConfigError
@@ -292,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
                 "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,
                 "emit-drop": cmd_emit_drop,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "make-cloze-task": cmd_make_cloze_task}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -145,7 +145,7 @@ def continued_pretraining(
                 summary["parent"] = without_location(parent)
                 # The base model is measured first: its numbers are there even if training is stopped.
                 eval_inputs = dict(evaluate=config.evaluate, model=config.model, chunk=config.chunk, chunks=chunks,
-                                   general_corpus=general)
+                                   general_corpus=general, task_files=evaluate_stage.task_fingerprint(config.evaluate))
                 base_eval = run(evaluate_base, base_model=base_model, **eval_inputs)
                 trained = run(train, train=config.train, model=config.model, base_model=parent_model,
                               chunk=config.chunk, chunks=train_chunks, parent=parent)

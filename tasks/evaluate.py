@@ -1,5 +1,6 @@
 """evaluate-base and evaluate: perplexity on the validation chunks (labels honoured: overlap context is not
-scored), optional perplexity on a general corpus (forgetting), and seeded generations, before and after.
+scored), optional perplexity on a general corpus (forgetting), seeded generations and lm-evaluation-harness
+tasks (evaluate.tasks: the numbers others report, with their standard errors), before and after.
 
 The base model's evaluation is its own cached stage keyed by the base model, the evaluation data and the
 evaluation settings, so changing `train.*` re-evaluates only the trained model.
@@ -10,11 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.config import ChunkConfig, CorpusConfig, EvaluateConfig, ModelConfig
-from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.config import (ChunkConfig, ConfigError, CorpusConfig, EvaluateConfig, ModelConfig, local_task_data,
+                               local_task_files, read_task_yaml, task_path_like)
+from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import markdown_artifact, markdown_table, table_artifact
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -74,9 +78,188 @@ def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, v
             "general": perplexity(model, general, cfg.batch_size, tok.pad_token_id) if general else None,
             "generations": generate(model, tok, cfg.prompts, cfg.generation) if cfg.prompts else [],
         }
+        if cfg.tasks:
+            started = time.perf_counter()
+            result["tasks"] = run_tasks(model, tok, cfg)
+            result["task_seconds"] = round(time.perf_counter() - started, 3)
     finally:
         release(model)
     return result
+
+
+# ------------------------------------------------------------------------ lm-evaluation-harness tasks
+
+
+def task_names(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
+    """(the task names lm-eval is asked for, the folders it reads local task YAMLs from)."""
+    names, include = [], []
+    for entry in cfg.tasks:
+        if not task_path_like(entry):
+            names.append(entry)
+            continue
+        path = Path(entry).expanduser().resolve()
+        include.append(str(path if path.is_dir() else path.parent))
+        for y in local_task_files(path):
+            doc = read_task_yaml(y)
+            if isinstance(doc.get("task"), str):
+                names.append(doc["task"])
+    return list(dict.fromkeys(names)), list(dict.fromkeys(include))
+
+
+def task_fingerprint(cfg: EvaluateConfig) -> Fingerprint | None:
+    """What the task results depend on besides the model and the settings: the local task YAMLs and the data
+    files they read (by content) and the harness's version (its registry tasks and their prompts)."""
+    if not cfg.tasks:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        harness = version("lm-eval")
+    except PackageNotFoundError:
+        raise ConfigError("evaluate.tasks: lm-evaluation-harness is not installed (pip install lm-eval==0.4.13)") from None
+    parts = [("lm-eval", harness)]
+    for entry in cfg.tasks:
+        if task_path_like(entry):
+            for y in local_task_files(Path(entry).expanduser()):
+                parts.append((f"{entry}:{y.name}", hash_file(y)))
+                parts += [(f"{entry}:{y.name}:data:{d}", hash_file(d)) for d in local_task_data(y)]
+    return Fingerprint(kind="tasks", digest=combine_digests(parts), location=",".join(cfg.tasks))
+
+
+def run_tasks(model, tok, cfg: EvaluateConfig) -> dict[str, Any]:
+    """evaluate.tasks on the loaded `model` (no second load): {task: {"metrics": {metric: {value, stderr}},
+    "examples": n, "num_fewshot": k}}, plus the harness version under "_harness"."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names, include = task_names(cfg)
+    manager = TaskManager(include_path=include or None)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.task_batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=cfg.task_limit,
+                                  num_fewshot=cfg.num_fewshot, log_samples=False, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    return task_results(out)
+
+
+def task_results(out: dict[str, Any]) -> dict[str, Any]:
+    """simple_evaluate's results as {task: {metrics: {metric: {value, stderr}}, examples, num_fewshot}}; a metric
+    is named as lm-eval names it less a `none` filter (`acc`, `exact_match,strict-match`)."""
+    tasks: dict[str, Any] = {}
+    for task, res in out["results"].items():
+        metrics: dict[str, Any] = {}
+        for key, value in res.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            name, filt = key.split(",", 1)
+            stderr = res.get(f"{name}_stderr,{filt}")
+            metrics[name if filt == "none" else key] = {
+                "value": _number(value), "stderr": _number(stderr)}
+        samples = (out.get("n-samples") or {}).get(task) or {}
+        tasks[task] = {"metrics": metrics, "examples": samples.get("effective"),
+                       "num_fewshot": (out.get("n-shot") or {}).get(task)}
+    return tasks
+
+
+def _number(x: Any) -> float | None:
+    """lm-eval writes "N/A" for an unknown stderr; JSON has no NaN: a non-number is None."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def task_comparison(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """{task: {metric: {before, after, stderr_before, stderr_after, examples}}}, before = the base model."""
+    before, after = before or {}, after or {}
+    doc: dict[str, Any] = {}
+    for task in sorted(set(before) | set(after)):
+        b, a = before.get(task) or {}, after.get(task) or {}
+        metrics = {}
+        for m in sorted(set(b.get("metrics", {})) | set(a.get("metrics", {}))):
+            bm, am = b.get("metrics", {}).get(m) or {}, a.get("metrics", {}).get(m) or {}
+            metrics[m] = {"before": bm.get("value"), "after": am.get("value"), "stderr_before": bm.get("stderr"),
+                          "stderr_after": am.get("stderr"), "examples": a.get("examples", b.get("examples"))}
+        doc[task] = metrics
+    return doc
+
+
+def task_rows(tasks: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per task and metric: before, after ± stderr, change, examples (the tables and the card)."""
+    def fmt(v, se=None):
+        if v is None:
+            return "missing"
+        return f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+    rows = []
+    for task, metrics in tasks.items():
+        for m, v in metrics.items():
+            change = (f"{v['after'] - v['before']:+.4f}" if v["after"] is not None and v["before"] is not None
+                      else "")
+            rows.append({"task": task, "metric": m, "before": fmt(v["before"], v.get("stderr_before")),
+                         "after": fmt(v["after"], v.get("stderr_after")), "change": change,
+                         "examples": v.get("examples")})
+    return rows
+
+
+# --------------------------------------------------------------- a local multiple-choice task from text
+
+
+def cloze_items(texts: list[str], n: int | None = None, choices: int = 4, seed: int = 0) -> list[dict[str, Any]]:
+    """A cloze multiple-choice set from documents: the context is a document's first sentence, the choices its
+    own second sentence and second sentences of `choices - 1` other documents (shuffled, seeded); a model that
+    knows the domain's text prefers the document's own continuation."""
+    split = []
+    for t in texts:
+        parts = [p.strip() for p in t.replace("\n", " ").split(". ") if p.strip()]
+        if len(parts) >= 2:
+            split.append((parts[0] + ".", parts[1].rstrip(".") + "."))
+    rng = random.Random(seed)
+    items = []
+    for i, (context, own) in enumerate(split):
+        pool = [c for j, (_, c) in enumerate(split) if j != i and c != own]
+        if len(set(pool)) < choices - 1:
+            continue
+        options = [own, *rng.sample(sorted(set(pool)), choices - 1)]
+        rng.shuffle(options)
+        items.append({"context": context, "choices": options, "label": options.index(own)})
+        if n is not None and len(items) >= n:
+            break
+    return items
+
+
+CLOZE_YAML = """# A cloze multiple-choice task cpt wrote from its own text ({source}); lm-eval reads the JSON lines below.
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_cloze_task(texts: list[str], folder: Path, name: str, data_path: str | None = None,
+                     n: int | None = None, seed: int = 0, source: str = "text") -> Path:
+    """`folder/<name>.yaml` + `folder/<name>.jsonl`: the cloze task as lm-eval reads it. `data_path` is how the
+    YAML names the JSONL (lm-eval resolves it against the working directory; default: its absolute path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cloze_items(texts, n, seed=seed)),
+                    encoding="utf-8")
+    yaml_file = folder / f"{name}.yaml"
+    yaml_file.write_text(CLOZE_YAML.format(name=name, data=data_path or str(data.resolve()), source=source),
+                         encoding="utf-8")
+    return yaml_file
 
 
 def relative_change(before: float | None, after: float | None) -> float | None:
@@ -94,11 +277,15 @@ def comparison(before: dict[str, Any], after: dict[str, Any], prompts: list[str]
         return {"before": b, "after": a, "relative_change": relative_change(b, a),
                 "tokens": after[name]["tokens"]}
 
-    return {
+    doc = {
         "perplexity": {"validation": pair("validation"), "general": pair("general")},
         "generations": [{"prompt": p, "before": b, "after": a}
                         for p, b, a in zip(prompts, before["generations"], after["generations"])],
     }
+    if "tasks" in after or "tasks" in before:
+        doc["tasks"] = task_comparison(before.get("tasks"), after.get("tasks"))
+        doc["task_seconds"] = after.get("task_seconds")
+    return doc
 
 
 def comparison_markdown(doc: dict[str, Any]) -> str:
@@ -109,6 +296,9 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
             rows.append({"metric": f"perplexity ({name})", "before": round(v["before"], 3),
                          "after": round(v["after"], 3), "change": change})
     md = "# Before / after\n\n" + markdown_table(rows) + "\n"
+    if doc.get("tasks"):
+        md += ("\n## Tasks (lm-evaluation-harness; value ± standard error)\n\n"
+               + markdown_table(task_rows(doc["tasks"])) + "\n")
     if doc["generations"]:
         gens = [{"prompt": g["prompt"].replace("\n", " "), "before": g["before"].replace("\n", " "),
                  "after": g["after"].replace("\n", " ")} for g in doc["generations"]]
@@ -152,19 +342,32 @@ class Evaluation(StageOutput):
                                f"{_num(c['validation_perplexity_after'])} ({change})")]
 
 
-@stage("evaluate-base", version=1, output=Evaluation, libraries=["transformers", "torch", "datasets"])
+def _task_counts(result: dict[str, Any]) -> dict[str, Any]:
+    """The task numbers in a stage's counts (the run summary carries them): {task/metric: value} and seconds."""
+    if "tasks" not in result:
+        return {}
+    values = {f"{t}/{m}": v["value"] for t, r in result["tasks"].items() for m, v in r["metrics"].items()}
+    examples = {t: r.get("examples") for t, r in result["tasks"].items()}
+    return {"tasks": values, "task_examples": examples, "task_seconds": result["task_seconds"]}
+
+
+# `task_files` is the content of the local task files and the harness version (task_fingerprint): in the key,
+# so editing a task YAML or its data re-evaluates; None when evaluate.tasks is empty.
+@stage("evaluate-base", version=2, output=Evaluation, libraries=["transformers", "torch", "datasets"])
 def evaluate_base(build: Build, evaluate: EvaluateConfig, model: ModelConfig, base_model: Fingerprint,
-                  chunk: ChunkConfig, chunks: Chunks, general_corpus: Fingerprint | None):
+                  chunk: ChunkConfig, chunks: Chunks, general_corpus: Fingerprint | None,
+                  task_files: Fingerprint | None = None):
     val, general = _inputs(evaluate, chunk, chunks, build.root, base_model.location)
     result = evaluate_model(base_model.location, model, evaluate, val, general)
     (build.tmp / EVAL_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return {"validation_perplexity": result["validation"]["perplexity"],
-            "general_perplexity": (result["general"] or {}).get("perplexity")}, {}
+            "general_perplexity": (result["general"] or {}).get("perplexity"), **_task_counts(result)}, {}
 
 
-@stage("evaluate", version=1, output=Evaluation, libraries=["transformers", "torch", "datasets"])
+@stage("evaluate", version=2, output=Evaluation, libraries=["transformers", "torch", "datasets"])
 def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained: Trained, chunk: ChunkConfig,
-             chunks: Chunks, general_corpus: Fingerprint | None, base_eval: Evaluation):
+             chunks: Chunks, general_corpus: Fingerprint | None, base_eval: Evaluation,
+             task_files: Fingerprint | None = None):
     model_dir = str(trained.verified_model_dir(build.root))
     val, general = _inputs(evaluate, chunk, chunks, build.root, model_dir)
     after = evaluate_model(model_dir, model, evaluate, val, general)
@@ -175,7 +378,7 @@ def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained
     g = doc["perplexity"]["general"] or {}
     return {"validation_perplexity_before": v["before"], "validation_perplexity_after": v["after"],
             "validation_relative_change": v["relative_change"], "general_perplexity_before": g.get("before"),
-            "general_perplexity_after": g.get("after")}, {}
+            "general_perplexity_after": g.get("after"), **_task_counts(after)}, {}
 
 
 def _num(x: Any) -> str:
@@ -188,3 +391,6 @@ def show(out: Evaluation, root: ArtifactsRoot) -> None:
     markdown_artifact(out.markdown(root), "eval-before-after", "Perplexity and generations, before/after")
     table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
                    "eval-perplexity", "Perplexity before and after training")
+    if doc.get("tasks"):
+        table_artifact(task_rows(doc["tasks"]), "eval-tasks",
+                       "lm-evaluation-harness tasks before and after training (value ± standard error)")

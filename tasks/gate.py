@@ -2,7 +2,8 @@
 chunks, with the reference — the lineage's last promoted model, or the base model when there is none — and,
 when a general corpus is set, with the base model's general-text perplexity (forgetting). Only a model strictly
 better than its reference is promoted (a tie is refused) unless `gate.max_validation_increase` explicitly accepts a
-worse one. A model that fails is not pushed; a diverged one (a loss or perplexity that is NaN, infinite or missing)
+worse one, and — `gate.tasks` — only one whose downstream task metrics (lm-evaluation-harness, evaluate.tasks) fall
+at most `max_drop` below the reference's: perplexity can fall while the model gets worse at the job. A model that fails is not pushed; a diverged one (a loss or perplexity that is NaN, infinite or missing)
 is refused, never a crash, and so is one whose reference perplexity is missing or not finite.
 """
 
@@ -39,11 +40,13 @@ def _share(x: float) -> str:
 
 
 # A failed comparison, phrased as what the value was: the negation of the rule it had to meet.
-_FAILED = {"<": ">=", "<=": ">"}
+_FAILED = {"<": ">=", "<=": ">", ">=": "<"}
 
 
 def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base: dict[str, Any],
-           training: dict[str, Any], reference_name: str, general: bool | None = None) -> dict[str, Any]:
+           training: dict[str, Any], reference_name: str, general: bool | None = None,
+           new_tasks: dict[str, dict[str, Any]] | None = None,
+           reference_tasks: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The decision as {promoted, reason, checks}. `new`, `reference`, `base`: {validation, general} perplexities
     (general may be None); `training`: the train stage's losses. `general`: whether this run measures general-text
     perplexity (evaluate.general_corpus); None: when the new model's or the base model's general perplexity is
@@ -53,6 +56,8 @@ def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base
     refuses: there is nothing to compare with), and the new model is strictly better than its reference —
     new < reference * (1 - min_improvement), a tie refused — or, with max_validation_increase > 0 (the user
     explicitly accepts a worse model; min_improvement is then 0), new <= reference * (1 + max_validation_increase).
+    `new_tasks`, `reference_tasks`: {task: {metric: value}} for gate.tasks: new >= reference - max_drop, a missing
+    or non-finite value on either side refusing, named.
     """
     if general is None:
         general = new.get("general") is not None or base.get("general") is not None
@@ -96,10 +101,23 @@ def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base
         glimit = base["general"] * (1 + cfg.max_general_increase)
         check("general perplexity", new["general"] <= glimit, new["general"], glimit,
               f"at most the base model's {base['general']:.4g} + {_share(cfg.max_general_increase)}", "<=")
+    for t in cfg.tasks:
+        v = ((new_tasks or {}).get(t.task) or {}).get(t.metric)
+        r = ((reference_tasks or {}).get(t.task) or {}).get(t.metric)
+        name, where = f"task {t.task} {t.metric}", {"task": t.task, "metric": t.metric}
+        if not finite(v) or not finite(r):
+            missing = [f"{who}'s is {_shown(x)}" for who, x in (("this model", v), (reference_name, r))
+                       if not finite(x)]
+            checks.append({"check": name, **where, "passed": False, "value": v, "limit": None,
+                           "why": f"task {t.task!r} metric {t.metric!r} not measured: {', '.join(missing)}"})
+            continue
+        limit = r - t.max_drop
+        checks.append({"check": name, **where, "passed": v >= limit, "value": v, "limit": limit, "op": ">=",
+                       "why": f"at least {reference_name}'s {r:.4g}" + (f" - {t.max_drop:g}" if t.max_drop else "")})
     failed = [c for c in checks if not c["passed"]]
     if failed:
         reason = "; ".join(f"{c['check']} {c['value']:.4g} {_FAILED[c['op']]} {c['limit']:.4g} ({c['why']})"
-                           for c in failed)
+                           if "op" in c else c["why"] for c in failed)
         return {"promoted": False, "reason": f"worse: {reason}", "checks": checks}
     change = (new["validation"] - ref) / ref if ref else None
     return {"promoted": True, "checks": checks,
@@ -110,6 +128,18 @@ def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base
 def perplexities(eval_doc: dict[str, Any]) -> dict[str, Any]:
     """{validation, general} from an evaluate-base eval.json ({"validation": {"perplexity"}, "general": ...})."""
     return {k: (eval_doc.get(k) or {}).get("perplexity") for k in ("validation", "general")}
+
+
+def task_values(eval_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{task: {metric: value}} of one model: an evaluate-base eval.json's, or the new model's ("after") from an
+    evaluate eval.json."""
+    out: dict[str, dict[str, Any]] = {}
+    for task, res in (eval_doc.get("tasks") or {}).items():
+        if "metrics" in res:  # evaluate-base: one model
+            out[task] = {m: v.get("value") for m, v in res["metrics"].items()}
+        else:  # evaluate: before/after per metric
+            out[task] = {m: v.get("after") for m, v in res.items()}
+    return out
 
 
 class Decision(StageOutput):
@@ -128,7 +158,7 @@ class Decision(StageOutput):
         return [(logging.WARNING, f"refused, not pushed: {self.counts['reason']}")]
 
 
-@stage("gate", version=2, output=Decision)
+@stage("gate", version=3, output=Decision)
 def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval: Evaluation, base_eval: Evaluation,
          trained: Trained, reference_kind: Literal["base", "promoted"]):
     c = evaluation.counts
@@ -139,12 +169,18 @@ def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval:
     name = "the last promoted model" if reference_kind == "promoted" else "the base model"
     # The base evaluation has a general section exactly when this run measures a general corpus.
     general = base_doc.get("general") is not None or new["general"] is not None
-    decision = decide(gate, new, ref, base, trained.counts, name, general=general)
-    doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref, "base_perplexity": base}
+    new_tasks = task_values(evaluation.read(build.root)) if gate.tasks else {}
+    ref_tasks = task_values(reference_eval.read(build.root)) if gate.tasks else {}
+    decision = decide(gate, new, ref, base, trained.counts, name, general=general, new_tasks=new_tasks,
+                      reference_tasks=ref_tasks)
+    doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref, "base_perplexity": base,
+           **({"new_tasks": new_tasks, "reference_tasks": ref_tasks} if gate.tasks else {})}
     (build.tmp / GATE_FILE).write_text(json.dumps(doc, indent=2, default=str))
+    checks = [{k: c.get(k) for k in ("check", "task", "metric", "value", "limit", "passed") if k in c}
+              for c in decision["checks"]]
     return {"promoted": decision["promoted"], "reason": decision["reason"], "reference": reference_kind,
             "validation_perplexity": new["validation"], "reference_validation_perplexity": ref["validation"],
-            "general_perplexity": new["general"], "base_general_perplexity": base["general"]}, {}
+            "general_perplexity": new["general"], "base_general_perplexity": base["general"], "checks": checks}, {}
 
 
 def show(out: Decision, root: ArtifactsRoot) -> None:

@@ -202,6 +202,12 @@ class RunLineage:
         def ppl(out: StageOutput | None, name: str):
             return None if out is None else out.counts.get(f"{name}_perplexity")
 
+        def task(out: StageOutput | None, name: str):
+            return None if out is None else (out.counts.get("tasks") or {}).get(name)
+
+        tasks = {name: {"base": task(base_eval, name), "reference": task(ref_eval, name), "new": value}
+                 for name, value in (e.get("tasks") or {}).items()}
+
         return {
             "model_digest": trained.model_digest,
             "base": {"id": c.model.id, "digest": self.base.digest},
@@ -215,7 +221,9 @@ class RunLineage:
                            "validation_reference": ppl(ref_eval, "validation"),
                            "validation_new": e.get("validation_perplexity_after"),
                            "general_base": ppl(base_eval, "general"), "general_reference": ppl(ref_eval, "general"),
-                           "general_new": e.get("general_perplexity_after")},
+                           "general_new": e.get("general_perplexity_after"),
+                           **({"tasks": tasks, "task_examples": evaluation.counts.get("task_examples")}
+                              if tasks else {})},
             "gate": None if decision is None else {k: decision.counts[k] for k in ("promoted", "reason", "reference")},
         }
 

@@ -73,7 +73,18 @@ def evaluation_markdown(lineage: dict[str, Any]) -> str:
     ev = lineage.get("evaluation") or {}
     rows = [f"| {name} | {ev.get(f'{name}_base', '')} | {ev.get(f'{name}_reference', '')} | "
             f"{ev.get(f'{name}_new', '')} |" for name in ("validation", "general") if ev.get(f"{name}_new") is not None]
-    return "| perplexity | base model | gate reference | this model |\n|---|---|---|---|\n" + "\n".join(rows)
+    md = "| perplexity | base model | gate reference | this model |\n|---|---|---|---|\n" + "\n".join(rows)
+    if ev.get("tasks"):
+        examples = ev.get("task_examples") or {}
+
+        def cell(x):
+            return "" if x is None else f"{x:.4f}"
+
+        md += ("\n\n| task / metric (lm-evaluation-harness) | examples | base model | gate reference | this model |"
+               "\n|---|---|---|---|---|\n" + "\n".join(
+                   f"| {name} | {examples.get(name.split('/')[0], '')} | {cell(v['base'])} | {cell(v['reference'])} "
+                   f"| {cell(v['new'])} |" for name, v in ev["tasks"].items()))
+    return md
 
 
 def model_card(base_model_id: str, data: dict[str, Any], config: dict[str, Any], eval_md: str,

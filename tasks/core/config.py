@@ -400,7 +400,7 @@ class GenerationConfig(Section):
 
 
 class EvaluateConfig(Section):
-    KEY_NEUTRAL = frozenset({"batch_size", "general_corpus"})  # the general corpus is keyed by its fingerprint
+    KEY_NEUTRAL = frozenset({"batch_size", "task_batch_size", "general_corpus"})  # corpus: keyed by its fingerprint
     prompts: list[str] = Field(
         default_factory=list, description="Prompts generated from before and after training (the seed's questions)."
     )
@@ -412,6 +412,104 @@ class EvaluateConfig(Section):
         None, ge=1, description="Evaluate on at most this many validation rows (null: all)."
     )
     batch_size: int = Field(4, ge=1, description="Rows per perplexity batch.")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on the base model, the gate's reference "
+        "and the new model: registry names (`kormedmcqa`; their data comes from the Hub) or paths to local task "
+        "YAML files or folders of them (lm-eval's include_path; `dataset_path: json` with "
+        "`dataset_kwargs.data_files` reads local JSON lines, resolved against the working directory). A YAML "
+        "file runs the task it names; a folder, every task its YAML files name. Empty: no tasks (lm-eval is not "
+        "imported)."
+    )
+    task_limit: int | None = Field(
+        None, ge=1, description="Examples per task (lm-eval's limit; null: all). The card shows how many ran."
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per prompt (null: each task's own default)."
+    )
+    task_batch_size: int = Field(8, ge=1, description="Requests per lm-eval batch (memory only, not results).")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_reachable(cls, tasks: list[str]) -> list[str]:
+        import os
+
+        offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").upper()
+                   in ("1", "ON", "YES", "TRUE")]
+        for i, name in enumerate(tasks):
+            if task_path_like(name):
+                path = Path(name).expanduser()
+                if not path.exists():
+                    raise ValueError(f"[{i}] {name!r}: no such task YAML file or folder")
+                if path.is_file() and path.suffix not in (".yaml", ".yml"):
+                    raise ValueError(f"[{i}] {name!r}: a local task is a .yaml/.yml file or a folder of them")
+                for problem in local_task_problems(path):
+                    raise ValueError(f"[{i}] {name!r}: {problem}")
+            elif offline:
+                raise ValueError(
+                    f"[{i}] {name!r} is an lm-eval registry task whose data comes from the Hub, but "
+                    f"{' and '.join(offline)} is set: run online once (the datasets cache keeps it), or use a "
+                    "local task YAML with `dataset_path: json` (a path here)")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("a task is listed twice")
+        return tasks
+
+    def local_tasks(self) -> list[Path]:
+        return [Path(t).expanduser() for t in self.tasks if task_path_like(t)]
+
+
+def task_path_like(name: str) -> bool:
+    """A local task (a path) rather than a registry name: registry names hold no '/' and no YAML suffix."""
+    return "/" in name or "\\" in name or name.endswith((".yaml", ".yml")) or Path(name).expanduser().exists()
+
+
+def local_task_files(path: Path) -> list[Path]:
+    """A local task's YAML files (the file, or every YAML under the folder), sorted."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml"))
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """lm-eval's `!function` tags name code: read here as data (None), never run."""
+
+
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def read_task_yaml(yaml_file: Path) -> dict[str, Any]:
+    """A local lm-eval task YAML as a mapping ({} when it is not one)."""
+    try:
+        doc = yaml.load(yaml_file.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{yaml_file}: not valid YAML: {e}") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def local_task_data(yaml_file: Path) -> list[Path]:
+    """The local data files a task YAML reads (`dataset_kwargs.data_files`), as written (against the cwd)."""
+    files = (read_task_yaml(yaml_file).get("dataset_kwargs") or {}).get("data_files") or {}
+    values = files.values() if isinstance(files, dict) else [files]
+    out: list[Path] = []
+    for v in values:
+        out += [Path(x).expanduser() for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
+    return out
+
+
+def local_task_problems(path: Path) -> list[str]:
+    yamls = local_task_files(path)
+    if not yamls:
+        return [f"{path} holds no task YAML file"]
+    return [f"{y}: its data file {d} does not exist (data_files resolve against the working directory)"
+            for y in yamls for d in local_task_data(y) if not d.is_file()]
+
+
+class TaskCheck(Section):
+    task: str = Field(..., description="An lm-eval task name (as in evaluate.tasks, or a task a local YAML names).")
+    metric: str = Field("acc", description="Its metric as lm-eval reports it, without the filter (acc, acc_norm).")
+    max_drop: float = Field(
+        0.0, ge=0, description="Most the new model's metric may fall below the reference's, absolute (0.02 = two "
+        "points of accuracy). 0: not below the reference."
+    )
 
 
 class ReplayConfig(Section):
@@ -461,6 +559,11 @@ class GateConfig(Section):
     max_general_increase: float = Field(
         0.10, ge=0, description="Most the general-text perplexity may rise over the base model's, as a share "
         "(checked when evaluate.general_corpus is set)."
+    )
+    tasks: list[TaskCheck] = Field(
+        default_factory=list, description="Downstream task checks ({task, metric, max_drop}) on evaluate.tasks' "
+        "results: the new model's metric may not fall below the reference's by more than max_drop. A result that "
+        "is missing or not finite refuses."
     )
 
     @model_validator(mode="after")
@@ -527,6 +630,17 @@ class CptConfig(Section):
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="General text replayed in training.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate before push.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Where the per-file pieces run.")
+
+    @model_validator(mode="after")
+    def _gate_tasks_evaluated(self) -> CptConfig:
+        if self.gate.enabled and self.gate.tasks and not self.evaluate.tasks:
+            raise ValueError("gate.tasks: checks tasks but evaluate.tasks is empty: nothing would be measured")
+        registry = {t for t in self.evaluate.tasks if not task_path_like(t)}
+        if self.evaluate.tasks and not self.evaluate.local_tasks():
+            unknown = [c.task for c in self.gate.tasks if c.task not in registry]
+            if unknown:
+                raise ValueError(f"gate.tasks: {unknown} not in evaluate.tasks {sorted(registry)}")
+        return self
 
     @field_validator("corpus")
     @classmethod
