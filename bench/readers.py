@@ -9,6 +9,9 @@ spans lines, as exports write them), .csv, .parquet, and .txt (one document a fi
 Each reading runs in a fresh child process that only iterates `tasks.load.read_corpus_file` (the records, no
 piece written) while a thread samples RssAnon in /proc/self/status every 5 ms: "peak anon" is that sampled
 maximum less the value before reading (resident anonymous memory: the heap, not the page cache of the file).
+A second run of the same reading under tracemalloc gives "Python's own peak": the most the Python objects took
+at once (what the reader holds), without the memory the C allocators keep after it was freed, which RssAnon
+still counts.
 
 Also, on the real corpora: JSON-lines parsing throughput of json, orjson and msgspec (the parser load uses is
 the fastest that gives the same objects), and the JSON array reader against ijson (yajl2_c) where installed.
@@ -129,6 +132,10 @@ def sample():
         peak[0] = max(peak[0], rss_anon())
         time.sleep(0.005)
 
+traced = sys.argv[3] == "traced"
+if traced:
+    import tracemalloc
+    tracemalloc.start()
 t = threading.Thread(target=sample, daemon=True)
 t.start()
 start = time.perf_counter()
@@ -143,13 +150,15 @@ for f in files:
 seconds = time.perf_counter() - start
 done.set(); t.join()
 peak[0] = max(peak[0], rss_anon())
-print(json.dumps({"seconds": seconds, "peak_anon": peak[0] - base, "records": records, "rejects": rejects}))
+py_peak = tracemalloc.get_traced_memory()[1] if traced else 0
+print(json.dumps({"seconds": seconds, "peak_anon": peak[0] - base, "records": records, "rejects": rejects,
+                  "py_peak": py_peak}))
 """
 
 
-def measure(which: str, path: Path, timeout: float) -> dict | None:
+def measure(which: str, path: Path, timeout: float, traced: bool = False) -> dict | None:
     try:
-        out = subprocess.run([sys.executable, "-c", CHILD, which, str(path)], cwd=ROOT, capture_output=True,
+        out = subprocess.run([sys.executable, "-c", CHILD, which, str(path), "traced" if traced else "-"], cwd=ROOT, capture_output=True,
                              text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
     except subprocess.TimeoutExpired:
         return None
@@ -252,12 +261,14 @@ def main() -> None:
                 path = write_corpus(fmt, texts, int(size * 1e6), Path(d))
                 nbytes = corpus_bytes(path)
                 r = measure("new", path, 600)
+                r["py_peak"] = measure("new", path, 600, traced=True)["py_peak"]
                 first = first or (nbytes, r)
                 size_x, time_x = nbytes / first[0], r["seconds"] / first[1]["seconds"]
                 mem_x = r["peak_anon"] / max(first[1]["peak_anon"], 1)
                 print(f"  {nbytes / 1e6:7.1f} {r['records']:8d} {r['seconds']:7.2f} s {nbytes / 1e6 / r['seconds']:6.1f}"
                       f" {r['peak_anon'] / 1e6:7.1f}   size ×{size_x:.1f}  seconds ×{time_x:.2f} "
-                      f"(×{time_x / size_x:.2f} of proportional)  memory ×{mem_x:.2f}"
+                      f"(×{time_x / size_x:.2f} of proportional)  memory ×{mem_x:.2f}; Python's own peak "
+                      f"{r['py_peak'] / 1e6:.1f} MB ×{r['py_peak'] / max(first[1]['py_peak'], 1):.2f}"
                       + (f"  [rejects {r['rejects']}]" if r["rejects"] else ""))
                 if fmt in ("jsonl", "json") and size <= args.old_up_to:
                     old = measure("old", path, 300)

@@ -274,7 +274,10 @@ def fingerprint_corpus(cfg: CorpusConfig, base: Path | None = None, digest=hash_
 # Every reader streams: it holds about one block plus one record, whatever the file's size, and keeps each
 # record's line. A record too long to hold is a reject with its place, never an out-of-memory.
 
-_BLOCK = 8 << 20  # bytes (JSON lines, the UTF-8 check) or characters (a JSON array) read at a time
+_BLOCK = 8 << 20  # bytes of JSON lines read at a time
+# Characters of a JSON array's window, and bytes of the UTF-8 check, read at a time: a block of text decoded
+# into a Python str takes up to 4 bytes a character (one character past U+FFFF makes the whole str so).
+_TEXT_BLOCK = 1 << 20
 _PARQUET_BATCH = 4096  # rows
 
 
@@ -316,7 +319,7 @@ def _utf8_reject(f: BinaryIO, name: str) -> Reject | None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     lines = 0
     try:
-        while block := f.read(_BLOCK):
+        while block := f.read(_TEXT_BLOCK):
             decoder.decode(block)
             lines += block.count(b"\n")
         decoder.decode(b"", final=True)
@@ -462,11 +465,11 @@ class _Window:
         """Read `size` more characters (default a block); False at the end of the file."""
         if self.eof:
             return False
-        chunk = self.f.read(size or _BLOCK)
+        chunk = self.f.read(size or _TEXT_BLOCK)
         if not chunk:
             self.eof = True
             return False
-        if self.pos > _BLOCK:  # drop what was parsed (its newlines counted first)
+        if self.pos > _TEXT_BLOCK:  # drop what was parsed (its newlines counted first)
             self.line_at(self.pos)
             self.buf, self.mark, self.pos = self.buf[self.pos:], 0, 0
         self.buf += chunk
@@ -524,7 +527,7 @@ def _read_json_array(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record
                              "the rest of the array is not read", "")
                 return
             # Doubling (re-parsing stays linear), never past the limit by more than one character.
-            w.fill(max(1, min(max(_BLOCK, w.held()), limit + 1 - w.held())))
+            w.fill(max(1, min(max(_TEXT_BLOCK, w.held()), limit + 1 - w.held())))
             continue
         line = w.line_at(start)
         yield _record(obj, f"{name}:{line}", cfg, lambda s=start, e=end: w.buf[s:e])

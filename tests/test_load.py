@@ -402,7 +402,7 @@ def test_a_json_array_is_read_through_a_bounded_window_with_each_element_line(tm
         held.append(len(self.buf))
         return grew
 
-    monkeypatch.setattr(load, "_BLOCK", 97)
+    monkeypatch.setattr(load, "_TEXT_BLOCK", 97)
     monkeypatch.setattr(load._Window, "fill", watched)
     assert records_of(tmp_path / "a.json") == [(str(n), d["content"]) for n, d in zip(starts, docs)]
     longest = max(len(json.dumps(d, ensure_ascii=False, indent=2)) for d in docs) + 10
@@ -412,7 +412,7 @@ def test_a_json_array_is_read_through_a_bounded_window_with_each_element_line(tm
 def test_a_json_array_element_too_long_to_hold_is_a_reject_naming_its_line(tmp_path, monkeypatch):
     import tasks.load as load
 
-    monkeypatch.setattr(load, "_BLOCK", 1 << 16)
+    monkeypatch.setattr(load, "_TEXT_BLOCK", 1 << 16)
     (tmp_path / "a.json").write_text('[{"content": "첫"},\n {"content": "' + "x" * ((1 << 20) + 5000) + '"}]',
                                      encoding="utf-8")
     got = records_of(tmp_path / "a.json", max_document_bytes=1000, on_bad_record="skip")
