@@ -30,7 +30,9 @@ def cluster(tmp_path, s3_endpoint):
     from prefect.settings import get_current_settings
 
     port = _port()
-    env = {**os.environ, **s3_env(s3_endpoint), "PYTHONPATH": str(ROOT),
+    # The same environment as this process: the suite imports its test modules from tests/, and whatever of
+    # them the run's context refers to must import on the scheduler and the workers too.
+    env = {**os.environ, **s3_env(s3_endpoint), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
            "PREFECT_API_URL": str(get_current_settings().api.url or ""),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
