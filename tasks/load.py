@@ -1014,13 +1014,13 @@ def signature_key(piece: StageOutput, cfg: NearDedupConfig) -> str:
                                         "backend": near_dedup.BACKEND})
 
 
-def signature_piece(piece: StageOutput, docs_file: Path, cfg: NearDedupConfig, root: ArtifactsRoot
+def signature_piece(piece: StageOutput, docs: pa.Table, cfg: NearDedupConfig, root: ArtifactsRoot
                     ) -> tuple[StageOutput, bool]:
-    """The MinHash signatures of one load-file piece's documents (`docs_file`: its doc_id/text table), in its
-    row order."""
+    """The MinHash signatures of one load-file piece's documents (`docs`: its doc_id/text table), in its row
+    order."""
 
     def build(tmp: Path):
-        texts = read_arrow(docs_file).column("text").to_pylist()
+        texts = docs.column("text").to_pylist()
         sigs = near_dedup.signatures(texts, cfg.num_perm, cfg.shingle_chars, cfg.seed)
         np.save(tmp / SIGNATURES_FILE, sigs)
         return {"documents": len(texts)}, {}
@@ -1028,18 +1028,17 @@ def signature_piece(piece: StageOutput, docs_file: Path, cfg: NearDedupConfig, r
     return publish_piece(root, "near-dedup-sig", signature_key(piece, cfg), build)
 
 
-register_code_version("near-dedup-sig", 1, [signature_piece], ["numpy", "pyarrow", "rensa"])
+register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow", "rensa"])
 
 
-def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot
+def piece_signatures(pieces: list[StageOutput], docs: list[pa.Table], cfg: NearDedupConfig, root: ArtifactsRoot
                      ) -> tuple[list[tuple[list[str], np.ndarray]], list[str]]:
-    """[(doc_ids, signatures)] per load-file piece (`docs_files`: their doc_id/text tables), and the signature
+    """[(doc_ids, signatures)] per load-file piece (`docs`: their doc_id/text tables), and the signature
     pieces' paths (the load output's deps)."""
     out, deps = [], []
-    for piece, docs_file in zip(pieces, docs_files):
-        sig, _ = signature_piece(piece, docs_file, cfg, root)
-        ids = read_arrow(docs_file).column("doc_id").to_pylist()
-        out.append((ids, np.load(sig.dir(root) / SIGNATURES_FILE)))
+    for piece, table in zip(pieces, docs):
+        sig, _ = signature_piece(piece, table, cfg, root)
+        out.append((table.column("doc_id").to_pylist(), np.load(sig.dir(root) / SIGNATURES_FILE)))
         deps.append(sig.path)
     return out, deps
 
@@ -1052,14 +1051,14 @@ class NearDedupResult:
     deps: list[str] = field(default_factory=list)
 
 
-def samples_of(found: list[near_dedup.NearDuplicate], docs_files: list[Path], names: list[str], limit: int = SAMPLES
+def samples_of(found: list[near_dedup.NearDuplicate], docs: list[pa.Table], names: list[str], limit: int = SAMPLES
                ) -> list[dict[str, Any]]:
     """A few pairs side by side (the removed document and the one it repeats), for a person to judge."""
     out = []
     for d in found[:limit]:
         text = {}
         for side, (p, r) in (("removed", d.row), ("kept", d.kept)):
-            t = read_arrow(docs_files[p]).column("text")[r].as_py()
+            t = docs[p].column("text")[r].as_py()
             text[side] = {"doc_id": d.doc_id if side == "removed" else d.kept_doc_id, "file": names[p],
                           "text": t[:SAMPLE_CHARS]}
         out.append({"similarity": round(d.similarity, 3), **text})
@@ -1071,16 +1070,11 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     """load's assembly hook: which documents of its load-file pieces (in assembly order, each with its doc_id/text
     table, its file's name and its rank: lower is older in the line) are near-duplicates of one the line had
     before (`near_dedup.near_duplicates`). Independent of how the assembled output is written."""
-    parts, deps = piece_signatures(pieces, docs_files, cfg, root)
-    texts = {}
-
-    def text_of(part: int, row: int) -> str:
-        if part not in texts:
-            texts[part] = read_arrow(docs_files[part]).column("text")
-        return texts[part][row].as_py()
-
-    found = near_dedup.near_duplicates(parts, ranks, cfg.threshold, cfg.num_perm, text_of, cfg.shingle_chars)
-    return NearDedupResult({d.doc_id for d in found}, ranks, samples_of(found, docs_files, names), deps)
+    docs = [read_arrow(f) for f in docs_files]  # memory-mapped, opened once each
+    parts, deps = piece_signatures(pieces, docs, cfg, root)
+    found = near_dedup.near_duplicates(parts, ranks, cfg.threshold, cfg.num_perm,
+                                       lambda p, r: docs[p].column("text")[r].as_py(), cfg.shingle_chars)
+    return NearDedupResult({d.doc_id for d in found}, ranks, samples_of(found, docs, names), deps)
 
 
 def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None) -> list[int]:

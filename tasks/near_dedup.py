@@ -18,6 +18,7 @@ Decontamination (`ContaminationIndex`) removes a training document that shares a
 from __future__ import annotations
 
 import functools
+import itertools
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,32 +41,97 @@ def shingles(text: str, n: int) -> set[str]:
     return {t[i:i + n] for i in range(len(t) - n + 1)}
 
 
-_MULT = np.uint64(0x100000001B3)  # FNV-64 prime: the polynomial base of the rolling n-gram hash
+# Whitespace as str.split() sees it, after NFKC (which maps the other Unicode spaces to " "): code points up to 32
+# by a table; the four others are rare and replaced by " " in the string (one character for one: lengths hold).
+_WS_LOW = np.array([chr(c).isspace() for c in range(33)])
+_WS_RARE = ("\x85", "\u1680", "\u2028", "\u2029")
+_PAD = np.uint64(0x110000)  # not a code point: pads a text shorter than n to one n-gram
+_MULT = np.uint64(0x100000001B3)  # FNV-64 prime: the polynomial base of the n-gram hash
+# Texts are shingled in batches of about this many characters, so that each pass over a batch stays in cache.
+_BATCH_CHARS = 1 << 16
+
+
+def normalised_codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`normalise` of every text at once: the code points of all of them in a row (uint32) and each one's length.
+    NFKC and lower-casing are Python's own; the whitespace collapse (str.split's, a third of normalise's time
+    in Python) is done on the code points."""
+    norm = [unicodedata.normalize("NFKC", t).lower() for t in texts]
+    lens = np.fromiter(map(len, norm), np.int64, len(norm))
+    big = "".join(norm)
+    for c in _WS_RARE:
+        if c in big:
+            big = big.replace(c, " ")
+    cps = np.frombuffer(bytearray(big.encode("utf-32-le")), np.uint32)
+    if not len(cps):
+        return cps, lens
+    low = np.flatnonzero(cps <= 32)
+    ws = low[_WS_LOW[cps[low]]]  # where the whitespace is, in order
+    cps[ws] = 32
+    # A whitespace run becomes one space where a word follows it in the same text: the last of the run stays
+    # unless a text ends there (the next position is no whitespace: a word or the next text) or it leads its text.
+    ends = np.cumsum(lens)
+    last = np.ones(len(ws), bool)
+    last[:-1] = ws[1:] != ws[:-1] + 1
+    at_end = np.zeros(len(cps) + 1, bool)
+    at_end[ends] = True
+    drop = ~last | at_end[ws + 1]
+    starts = ends - lens
+    first = np.minimum(np.searchsorted(ws, starts), len(ws) - 1)  # each text's first whitespace, among `ws`
+    lead = (lens > 0) & (ws[first] == starts) if len(ws) else np.zeros(len(lens), bool)
+    if lead.any():  # the space a leading run would leave before a text's first word goes too
+        run_ends = np.flatnonzero(last)
+        drop[run_ends[np.searchsorted(run_ends, first[lead])]] = True
+    gone = ws[drop]
+    keep = np.ones(len(cps), bool)
+    keep[gone] = False
+    lens = lens - np.diff(np.searchsorted(gone, ends), prepend=0)
+    return cps[keep], lens
+
+
+def _hash_batch(cps: np.ndarray, lens: np.ndarray, n: int) -> np.ndarray:
+    """One 64-bit value per code point of `cps` (texts of `lens` in a row): at a position where an n-gram of its
+    text starts, the n-gram's polynomial hash; at the n - 1 positions after a text's last n-gram, a repeat of its
+    first (a MinHash is the same for a multiset), so each text's values are exactly its own positions. A text
+    shorter than n is one n-gram, padded. Not mixed further: rensa hashes the values again with its seeds."""
+    total = len(cps)
+    c = np.empty(total + n - 1, np.uint64)
+    c[:total] = cps
+    c[total:] = _PAD
+    h = c[:total].copy()
+    with np.errstate(over="ignore"):
+        for k in range(1, n):
+            h *= _MULT
+            h += c[k:total + k]
+    starts = np.cumsum(lens) - lens
+    long = lens >= n
+    if long.any():
+        tail = (starts[long] + lens[long])[:, None] - np.arange(1, n)[None, :]
+        h[tail.ravel()] = np.repeat(h[starts[long]], n - 1)
+    for d in np.flatnonzero((lens > 0) & ~long).tolist():
+        s, m = int(starts[d]), int(lens[d])
+        value = np.uint64(0)
+        with np.errstate(over="ignore"):
+            for x in np.r_[np.full(n - m, _PAD), c[s:s + m]]:
+                value = value * _MULT + np.uint64(x)
+        h[s:s + m] = value
+    return h
+
+
+def _batches(texts: Sequence[str]) -> Iterable[tuple[int, int]]:
+    start, chars = 0, 0
+    for i, t in enumerate(texts):
+        chars += len(t)
+        if chars >= _BATCH_CHARS:
+            yield start, i + 1
+            start, chars = i + 1, 0
+    if start < len(texts):
+        yield start, len(texts)
 
 
 def shingle_hashes(text: str, n: int) -> np.ndarray:
-    """`shingles(text, n)` as 64-bit hashes (with repeats: a MinHash is the same for a multiset), computed on
-    the code points at once instead of one Python string per shingle."""
-    t = normalise(text)
-    cps = np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    if len(cps) <= n:
-        windows = [cps]
-        h = np.zeros(1, np.uint64)
-    else:
-        windows = [cps[k:len(cps) - n + 1 + k] for k in range(n)]
-        h = np.zeros(len(cps) - n + 1, np.uint64)
-    with np.errstate(over="ignore"):
-        for w in windows:
-            h = h * _MULT + w + np.uint64(1)
-        # splitmix64's finaliser: the polynomial alone leaves the low bits poorly mixed.
-        h ^= h >> np.uint64(30)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    if len(cps) <= n:  # a short text is one shingle: its whole code points
-        return h[:1]
-    return h
+    """`shingles(text, n)` as 64-bit hashes, with repeats (see `_hash_batch`)."""
+    cps, lens = normalised_codepoints([text])
+    return _hash_batch(cps, lens, n)
 
 
 def signatures(texts: Iterable[str], num_perm: int, n: int, seed: int, backend: str = BACKEND) -> np.ndarray:
@@ -76,11 +142,16 @@ def signatures(texts: Iterable[str], num_perm: int, n: int, seed: int, backend: 
     if backend == "rensa":
         import rensa
 
-        hashes = [shingle_hashes(t, n) for t in texts]
-        offsets = np.zeros(len(hashes) + 1, np.uint64)
-        np.cumsum([len(h) for h in hashes], out=offsets[1:])
-        matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(np.concatenate(hashes), offsets, num_perm, seed)
-        return np.asarray(matrix.to_rows(), dtype=np.uint32).reshape(len(texts), num_perm)
+        out = np.empty((len(texts), num_perm), np.uint32)
+        for a, b in _batches(texts):
+            cps, lens = normalised_codepoints(texts[a:b])
+            offsets = np.zeros(len(lens) + 1, np.uint64)
+            np.cumsum(lens, out=offsets[1:])
+            matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(_hash_batch(cps, lens, n), offsets,
+                                                                         num_perm, seed)
+            out[a:b] = np.fromiter(itertools.chain.from_iterable(matrix.to_rows()), np.uint32,
+                                   (b - a) * num_perm).reshape(b - a, num_perm)
+        return out
     from datasketch import MinHash
 
     sets = [shingles(t, n) for t in texts]
@@ -101,11 +172,24 @@ def bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) that datasketch's MinHashLSH chooses for `threshold`, weighted against misses: a
     false candidate costs one signature comparison, a missed pair stays in the corpus (at 0.8 and 128
     permutations: 14 bands of 9 rows; a pair at J = 0.8 is a candidate with p = 0.87, at 0.9 with p = 0.999,
-    where the even weighting gives 0.40 and 0.93)."""
-    from datasketch import MinHashLSH
+    where the even weighting gives 0.40 and 0.93). Its choice (`datasketch.lsh._optimal_param`: the weighted
+    areas under the candidate probability below and above the threshold, least over every b × r ≤ num_perm)
+    computed here on a fixed quadrature: importing datasketch (scipy.integrate) takes about a second, three
+    times the whole near-dedup of a few thousand documents. tests/test_near_dedup.py checks it gives
+    datasketch's choice."""
+    b, r = (np.array(v, np.float64) for v in zip(*[(b, r) for b in range(1, num_perm + 1)
+                                                   for r in range(1, num_perm // b + 1)]))
+    x, w = np.polynomial.legendre.leggauss(64)
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-    return lsh.b, lsh.r
+    def area(lo: float, hi: float, f) -> np.ndarray:
+        s = (hi - lo) / 2 * x + (hi + lo) / 2
+        return f(s[:, None]).T @ w * (hi - lo) / 2
+
+    candidate = lambda s: 1 - (1 - s ** r) ** b  # noqa: E731
+    fp = area(0.0, threshold, candidate)
+    fn = area(threshold, 1.0, lambda s: 1 - candidate(s))
+    best = int(np.argmin(0.1 * fp + 0.9 * fn))
+    return int(b[best]), int(r[best])
 
 
 # A band bucket holding more documents than this pairs each with this many before it only: such buckets are
@@ -116,32 +200,33 @@ _BUCKET_PAIRS = 256
 def similar_pairs(sigs: np.ndarray, threshold: float, lower: float | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, estimated Jaccard) with i < j for rows of `sigs` that share an LSH band and whose signatures agree
-    on at least `lower` (default `threshold`) of their values. The banding is datasketch's (`bands`), done on the whole matrix
-    at once: its MinHashLSH inserts and queries one document at a time in Python, which measured 0.35 ms a
-    document (bench.near_dedup), rebuilt for the whole line on every run."""
+    on at least `lower` (default `threshold`) of their values. The banding is datasketch's (`bands`), done on the
+    whole matrix at once: its MinHashLSH inserts and queries one document at a time in Python, which measured
+    0.35 ms a document (bench.near_dedup), rebuilt for the whole line on every run. A band's rows are hashed to
+    one 64-bit key: two bands that collide only add a candidate, which the signature check then drops."""
     n, num_perm = sigs.shape
+    empty = np.zeros(0, np.int64)
     if n < 2:
-        empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0)
     b, r = bands(threshold, num_perm)
-    left, right = [], []
+    pairs = [empty]
     for band in range(b):
-        keys = np.ascontiguousarray(sigs[:, band * r:(band + 1) * r]).view(np.dtype((np.void, 4 * r))).ravel()
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        sizes = np.diff(np.r_[starts, n])
-        for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
-            members = np.sort(order[start:start + size])
-            for k in range(1, size):
-                before = members[max(0, k - _BUCKET_PAIRS):k] if k > _BUCKET_PAIRS else members[:k]
-                left.append(before)
-                right.append(np.full(len(before), members[k]))
-    if not left:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, np.zeros(0)
-    pairs = np.unique(np.stack([np.concatenate(left), np.concatenate(right)], axis=1), axis=0)
-    i, j = pairs[:, 0], pairs[:, 1]
+        key = np.zeros(n, np.uint64)
+        with np.errstate(over="ignore"):
+            for col in range(band * r, (band + 1) * r):
+                key *= _MULT
+                key += sigs[:, col]
+        order = np.argsort(key, kind="stable")  # within a bucket, the rows in their own order
+        sorted_key = key[order]
+        # Each member of a bucket pairs with the (up to _BUCKET_PAIRS) members before it.
+        at = np.flatnonzero(sorted_key[1:] == sorted_key[:-1]) + 1
+        lag = 1
+        while len(at) and lag <= _BUCKET_PAIRS:
+            pairs.append(order[at - lag] * n + order[at])
+            at = at[(at - lag - 1 >= 0) & (sorted_key[np.maximum(at - lag - 1, 0)] == sorted_key[at])]
+            lag += 1
+    code = np.unique(np.concatenate(pairs))
+    i, j = code // n, code % n
     sim = (sigs[i] == sigs[j]).mean(axis=1)
     ok = sim >= (threshold if lower is None else lower)
     return i[ok], j[ok], sim[ok]
@@ -165,8 +250,22 @@ def _unique_rows(parts: Sequence[tuple[Sequence[str], np.ndarray]], key) -> tupl
             seen.add(d)
             out.append((d, p, r))
     num_perm = next((s.shape[1] for _, s in parts if len(s)), 1)
-    sigs = np.stack([parts[p][1][r] for _, p, r in out]) if out else np.zeros((0, num_perm), np.uint32)
-    return out, sigs
+    if not out:
+        return out, np.zeros((0, num_perm), np.uint32)
+    start = np.cumsum([0] + [len(s) for _, s in parts])
+    every = np.concatenate([s.reshape(-1, num_perm) for _, s in parts])
+    return out, every[np.array([start[p] + r for _, p, r in out])]
+
+
+def shingle_sets(texts: Sequence[str], n: int) -> list[np.ndarray]:
+    """Each text's distinct shingle hashes (sorted), the texts hashed in batches."""
+    out = []
+    for a, b in _batches(texts):
+        cps, lens = normalised_codepoints(texts[a:b])
+        h = _hash_batch(cps, lens, n)
+        ends = np.cumsum(lens)
+        out += [np.unique(h[e - m:e]) for e, m in zip(ends.tolist(), lens.tolist())]
+    return out
 
 
 # With the texts at hand, candidates whose signatures agree on threshold ± this are checked on the exact
@@ -188,17 +287,16 @@ def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Se
     earlier: dict[int, list[tuple[int, float]]] = {}
     for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist()):
         earlier.setdefault(b, []).append((a, s))
-    sets: dict[int, np.ndarray] = {}
-
-    def shingle_set(k: int) -> np.ndarray:
-        if k not in sets:
-            sets[k] = np.unique(shingle_hashes(text_of(rows[k][1], rows[k][2]), shingle_chars))
-        return sets[k]
-
-    def exact(a: int, b: int) -> float:
-        x, y = shingle_set(a), shingle_set(b)
-        inter = len(np.intersect1d(x, y, assume_unique=True))
-        return inter / (len(x) + len(y) - inter)
+    exact: dict[tuple[int, int], float] = {}
+    if text_of is not None:
+        # Pairs whose estimate is within the margin are checked on the exact Jaccard, all texts in one batch.
+        near = [(a, b) for b, found in earlier.items() for a, e in found if e < threshold + VERIFY_MARGIN]
+        docs = sorted({k for pair in near for k in pair})
+        sets = dict(zip(docs, shingle_sets([text_of(rows[k][1], rows[k][2]) for k in docs], shingle_chars)))
+        for a, b in near:
+            x, y = sets[a], sets[b]
+            inter = len(np.intersect1d(x, y, assume_unique=True))
+            exact[a, b] = inter / max(len(x) + len(y) - inter, 1)
 
     removed: set[int] = set()
     out = []
@@ -206,8 +304,7 @@ def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Se
         kept = [(a, s) for a, s in earlier.get(b, ()) if a not in removed]
         if text_of is not None:
             # An estimate a margin above the threshold is 3 standard errors clear of it: taken as it is.
-            kept = [(a, j) for a, e in kept for j in [e if e >= threshold + VERIFY_MARGIN else exact(a, b)]
-                    if j >= threshold]
+            kept = [(a, j) for a, e in kept for j in [exact.get((a, b), e)] if j >= threshold]
         if kept:
             a, s = max(kept, key=lambda x: (x[1], -x[0]))  # the most similar, then the earliest
             removed.add(b)
