@@ -1014,13 +1014,13 @@ def signature_key(piece: StageOutput, cfg: NearDedupConfig) -> str:
                                         "backend": near_dedup.BACKEND})
 
 
-def signature_piece(piece: StageOutput, docs: pa.Table, cfg: NearDedupConfig, root: ArtifactsRoot
+def signature_piece(piece: StageOutput, docs_file: Path, cfg: NearDedupConfig, root: ArtifactsRoot
                     ) -> tuple[StageOutput, bool]:
-    """The MinHash signatures of one load-file piece's documents (`docs`: its doc_id/text table), in its row
-    order."""
+    """The MinHash signatures of one load-file piece's documents (`docs_file`: its doc_id/text table), in its
+    row order."""
 
     def build(tmp: Path):
-        texts = docs.column("text").to_pylist()
+        texts = read_arrow(docs_file).column("text").to_pylist()
         sigs = near_dedup.signatures(texts, cfg.num_perm, cfg.shingle_chars, cfg.seed)
         np.save(tmp / SIGNATURES_FILE, sigs)
         return {"documents": len(texts)}, {}
@@ -1028,19 +1028,24 @@ def signature_piece(piece: StageOutput, docs: pa.Table, cfg: NearDedupConfig, ro
     return publish_piece(root, "near-dedup-sig", signature_key(piece, cfg), build)
 
 
+# 2: shingles hashed without a finaliser (rensa mixes its input), a text shorter than the n-gram padded.
 register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow", "rensa"])
 
 
-def piece_signatures(pieces: list[StageOutput], docs: list[pa.Table], cfg: NearDedupConfig, root: ArtifactsRoot
+def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
+                     runtime: RuntimeConfig | None = None, docs: list[pa.Table] | None = None
                      ) -> tuple[list[tuple[list[str], np.ndarray]], list[str]]:
-    """[(doc_ids, signatures)] per load-file piece (`docs`: their doc_id/text tables), and the signature
-    pieces' paths (the load output's deps)."""
-    out, deps = [], []
-    for piece, table in zip(pieces, docs):
-        sig, _ = signature_piece(piece, table, cfg, root)
-        out.append((table.column("doc_id").to_pylist(), np.load(sig.dir(root) / SIGNATURES_FILE)))
-        deps.append(sig.path)
-    return out, deps
+    """[(doc_ids, signatures)] per load-file piece (`docs_files`: their doc_id/text tables, `docs` the same
+    opened), and the signature pieces' paths (the load output's deps). The pieces missing are built through the
+    same fan-out as load's (`runtime`), one per file."""
+    from tasks.core.fanout import map_pieces
+
+    done = map_pieces(signature_piece, [{"piece": piece, "docs_file": f, "cfg": cfg, "root": root}
+                                        for piece, f in zip(pieces, docs_files)], runtime, "near-dedup-sig")
+    docs = docs or [read_arrow(f) for f in docs_files]
+    out = [(table.column("doc_id").to_pylist(), np.load(sig.dir(root) / SIGNATURES_FILE))
+           for table, (sig, _) in zip(docs, done)]
+    return out, [sig.path for sig, _ in done]
 
 
 @dataclass
@@ -1066,12 +1071,13 @@ def samples_of(found: list[near_dedup.NearDuplicate], docs: list[pa.Table], name
 
 
 def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: list[str], ranks: list[int],
-                    cfg: NearDedupConfig, root: ArtifactsRoot) -> NearDedupResult:
+                    cfg: NearDedupConfig, root: ArtifactsRoot, runtime: RuntimeConfig | None = None
+                    ) -> NearDedupResult:
     """load's assembly hook: which documents of its load-file pieces (in assembly order, each with its doc_id/text
     table, its file's name and its rank: lower is older in the line) are near-duplicates of one the line had
     before (`near_dedup.near_duplicates`). Independent of how the assembled output is written."""
     docs = [read_arrow(f) for f in docs_files]  # memory-mapped, opened once each
-    parts, deps = piece_signatures(pieces, docs, cfg, root)
+    parts, deps = piece_signatures(pieces, docs_files, cfg, root, runtime, docs)
     found = near_dedup.near_duplicates(parts, ranks, cfg.threshold, cfg.num_perm,
                                        lambda p, r: docs[p].column("text")[r].as_py(), cfg.shingle_chars)
     return NearDedupResult({d.doc_id for d in found}, ranks, samples_of(found, docs, names), deps)
@@ -1101,7 +1107,7 @@ def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[s
     if corpus.near_dedup.enabled:
         names = [item["path"] for item, _, _ in pieces]
         near = near_dedup_rows(parts, [p.dir(build.root) / DOCS_FILE for p in parts], names,
-                               path_ranks(corpus, names), corpus.near_dedup, build.root)
+                               path_ranks(corpus, names), corpus.near_dedup, build.root, runtime)
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
                                    build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts],
                                    near.doc_ids if near else None)

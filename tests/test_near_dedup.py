@@ -209,3 +209,45 @@ def test_with_the_texts_candidates_are_checked_on_their_exact_jaccard(texts):
     parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
     assert nd.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
     assert not nd.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
+
+
+# Texts that meet at their edges with whitespace (a batch hashes them in one row), other Unicode spaces, a text
+# shorter than the n-gram, İ (lower-cases to two characters), a final Σ, compatibility characters (ㆍ, ？, ①) and
+# a Hangul syllable followed by a trailing consonant jamo (NFKC composes them into one syllable).
+EDGES = ["  앞 공백과 뒤 공백  ", "\n\n둘째\t문서\u3000끝\n", "ab", "", "   ", "x\u2028y\x1c z\x85w",
+         "İSTANBUL ΟΔΟΣ ＡＢＣ？", "법률ㆍ시행령 ① 가\u11a8", "e\u0301 \u00a8 ﬁ", "a\x00b  c", "마지막"]
+
+
+def test_batched_shingling_is_normalise_then_character_ngrams(texts):
+    """Texts are shingled in batches on their code points; each text's shingles are still exactly those of
+    `normalise` (NFKC, lower-case, str.split's whitespace) and its own: nothing of a neighbour in the batch."""
+    batch = EDGES + texts[:40]
+    cps, lens = nd.normalised_codepoints(batch)
+    ends = np.cumsum(lens)
+    got = [cps[e - m:e].tobytes().decode("utf-32-le") for e, m in zip(ends.tolist(), lens.tolist())]
+    assert got == [nd.normalise(t) for t in batch]
+    for t in batch:
+        if nd.normalise(t):
+            assert len(np.unique(nd.shingle_hashes(t, 5))) == len(nd.shingles(t, 5)), t
+    assert np.array_equal(nd.signatures(batch, 64, 5, 1), np.concatenate([nd.signatures([t], 64, 5, 1) for t in batch]))
+
+
+def test_the_band_choice_is_datasketchs():
+    from datasketch.lsh import _optimal_param
+
+    for num_perm in (64, 128):
+        for threshold in (0.5, 0.7, 0.8, 0.9):
+            assert nd.bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.1, 0.9)
+
+
+def test_every_member_of_a_band_bucket_is_paired_with_those_before_it():
+    """Candidates of a bucket of k documents: every pair (up to _BUCKET_PAIRS before each), not only neighbours."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**32, (3, 128), dtype=np.uint32)
+    sigs = rng.integers(0, 2**32, (12, 128), dtype=np.uint32)
+    for row, source in ((1, 0), (4, 0), (7, 0), (9, 0), (2, 1), (11, 1)):
+        sigs[row] = base[source]
+        sigs[row, 120:] = rng.integers(0, 2**32, 8, dtype=np.uint32)  # the same but for the last band's rows
+    i, j, sim = nd.similar_pairs(sigs, 0.8)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(1, 4), (1, 7), (1, 9), (2, 11), (4, 7), (4, 9), (7, 9)]
+    assert np.allclose(sim, 120 / 128)
