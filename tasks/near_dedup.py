@@ -2,9 +2,9 @@
 
 Shingles are character 5-grams (`corpus.near_dedup.shingle_chars`) of the text NFKC-normalised, lower-cased and
 with whitespace collapsed: a re-export that re-wraps lines changes no shingle, and Korean, whose words carry
-particles and endings (a word-shingle changes when one ending does), is compared below the word. They are hashed
-on the code points at once (`shingle_hashes`) and MinHashed by rensa (`signatures`; bench.near_dedup: 15× faster
-than datasketch's MinHash.bulk on our corpora). Signatures are cached per load-file piece; each assembly bands
+particles and endings (a word-shingle changes when one ending does), is compared below the word. Texts are
+normalised and hashed in batches, on their code points (`normalised_codepoints`, `_hash_batch`), and MinHashed by
+rensa (`signatures`; bench.near_dedup: 15-35× faster than datasketch's MinHash.bulk on our corpora). Signatures are cached per load-file piece; each assembly bands
 the signatures of the whole line again (`similar_pairs`, with datasketch's choice of bands; 0.1-0.5 s for a few
 thousand documents, against keeping a per-line index in step with drops that come and go) and checks candidates
 on their exact Jaccard when the texts are at hand. Which document of a group is kept follows a priority the

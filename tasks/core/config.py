@@ -74,8 +74,9 @@ class NearDedupConfig(Section):
 
     enabled: bool = Field(
         False, description="Remove near-duplicates (re-exports with another date, header, wrapping or a fixed typo) "
-        "and count them as near_duplicates. Off by default so an existing line's outputs stay as they were; "
-        "bench.near_dedup measures its cost against the load stage's."
+        "and count them as near_duplicates. Off by default: on a cold load it still costs about as much again as "
+        "the load stage itself (bench.near_dedup measures it; on by default wants at most half), and an existing "
+        "line's outputs stay as they were."
     )
     threshold: float = Field(
         0.8, gt=0, lt=1, description="Estimated Jaccard similarity of the shingle sets at or above which two "
