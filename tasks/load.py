@@ -32,6 +32,7 @@ from tasks import near_dedup
 from tasks.core.config import ConfigError, CorpusConfig, NearDedupConfig, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
+from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
 from tasks.arrow import read_arrow
 from tasks.core.stage import Build, publish_piece, stage
@@ -621,14 +622,29 @@ def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record |
 FILE_ERRORS = (OSError, ValueError, RecursionError, csv.Error, pa.ArrowException)
 
 
-def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None) -> Iterator[Record | Reject]:
+class ReadPosition:
+    """How far the reader of one file has read, in bytes, for progress: the reader that opens the file sets
+    `file` (a parquet file's reader does not: its progress comes when the file is done)."""
+
+    def __init__(self):
+        self.file: BinaryIO | None = None
+
+    def __call__(self) -> int:
+        try:
+            return self.file.tell() if self.file is not None else 0
+        except (OSError, ValueError):  # closed, or not seekable
+            return 0
+
+
+def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None,
+                     position: ReadPosition | None = None) -> Iterator[Record | Reject]:
     """Records and rejects of one file, in file order. `name` is how sources are written (default: path).
     A file that cannot be read on (a corrupt parquet file, an I/O error) ends with one reject, never an
     exception: the readers reject what they can place at its line, this says `file:1` for the rest."""
     name = name or str(path)
     read = 0
     try:
-        for item in _read_file(path, cfg, name):
+        for item in _read_file(path, cfg, name, position):
             read += 1
             yield item
     except FILE_ERRORS as e:
@@ -640,7 +656,8 @@ def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None) -> 
         yield Reject(f"{name}:1", f"unreadable {kind} file ({what}{rest})", "")
 
 
-def _read_file(path: Path, cfg: CorpusConfig, name: str) -> Iterator[Record | Reject]:
+def _read_file(path: Path, cfg: CorpusConfig, name: str, position: ReadPosition | None = None
+               ) -> Iterator[Record | Reject]:
     suffix = path.suffix.lower()
     if suffix == ".txt" and path.stat().st_size > cfg.max_document_bytes:
         # The file is one document: not read at all.
@@ -657,6 +674,8 @@ def _read_file(path: Path, cfg: CorpusConfig, name: str) -> Iterator[Record | Re
         yield from _read_text(path.read_bytes(), name, cfg)
         return
     with open(path, "rb") as f:
+        if position is not None:
+            position.file = f
         first = _first_byte(f)
         if suffix == ".jsonl" or (suffix == ".json" and first != b"["):
             yield from _read_json_lines(f, name, cfg)
@@ -701,26 +720,34 @@ def _line_no(source: str) -> int:
     return int(source.rsplit(":", 1)[1])
 
 
-def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[str, int]:
+def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path,
+              progress: Progress | None = None) -> dict[str, int]:
     """One corpus file → `out_dir/docs.arrow` (doc_id, text, norm_id, line) + `rejects.jsonl` (line, reason,
     raw); duplicates within the file and too-short documents are dropped and counted. `name` appears only in
     errors: the output holds line numbers, so it depends on the file's content alone. Raises BadRecordError at
-    the first reject under `on_bad_record: fail`."""
+    the first reject under `on_bad_record: fail`. `progress` advances by the file's bytes as they are read."""
     counts = {"files": 1, "records": 0, "documents": 0, "rejected": 0, "duplicates": 0, "too_short": 0,
               "characters": 0}
     seen: set[str] = set()
     batch: dict[str, list] = {"doc_id": [], "text": [], "norm_id": [], "line": []}
     held = 0  # characters of text in `batch` (a lower bound of its bytes)
+    position, reported = ReadPosition(), 0
+    size = path.stat().st_size
     with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, PIECE_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "w", encoding="utf-8") as rejects:
 
         def flush():
+            nonlocal reported
             if batch["doc_id"]:
                 writer.write_batch(pa.record_batch(batch, schema=PIECE_SCHEMA))
                 for v in batch.values():
                     v.clear()
+            if progress is not None:
+                now = max(reported, min(position(), size))  # a closed file says 0
+                progress.update(now - reported)
+                reported = now
 
-        for item in read_corpus_file(path, cfg, name):
+        for item in read_corpus_file(path, cfg, name, position):
             counts["records"] += 1
             if isinstance(item, Reject):
                 if cfg.on_bad_record == "fail":
@@ -748,6 +775,8 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
                 flush()
                 held = 0
         flush()
+    if progress is not None:
+        progress.update(size - reported)
     return counts
 
 
@@ -890,7 +919,8 @@ def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
     return stage_key("load-file", {"corpus": reading_config(corpus), "digest": item["digest"]})
 
 
-def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: ArtifactsRoot) -> tuple[StageOutput, bool]:
+def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: ArtifactsRoot,
+                     progress: Progress | None = None) -> tuple[StageOutput, bool]:
     """One file's output, content-addressed by the file's digest and the reading config: a new drop reads
     only its own files, wherever it lands. Returns (output, reused)."""
     key = load_file_key(item, corpus)
@@ -899,22 +929,28 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: Artifacts
         # The key promised this content; a file changed since fingerprinting must not be cached under it.
         if hash_file(item["path"]) != item["digest"]:
             raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
-        return load_file(Path(item["path"]), item["path"], corpus, tmp), {}
+        return load_file(Path(item["path"]), item["path"], corpus, tmp, progress), {}
 
-    return publish_piece(root, "load-file", key, build)
+    return publish_piece(root, "load-file", key, build, progress, item.get("bytes", 0))
 
 
 register_code_version("load-file", 1, [load_file_cached], ["pyarrow"])
 register_code_version("load-content", 2, [assemble_documents, merge_counts], ["pyarrow", "numpy"])
 
 
-def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: ArtifactsRoot, runtime=None):
+def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: ArtifactsRoot, runtime=None,
+                progress: Progress | None = None):
     """Every file's piece, in a location-free order (by piece key, then path): the assembled corpus, its
-    duplicates and part numbers are the same wherever the files sit. Returns [(item, output, reused)]."""
-    from tasks.core.fanout import map_pieces
+    duplicates and part numbers are the same wherever the files sit. Returns [(item, output, reused)].
+    `progress` counts bytes: as they are read here, or a file's whole size as its piece comes back from a
+    task runner (a piece built elsewhere cannot reach this process's bar)."""
+    from tasks.core.fanout import map_pieces, runs_here
 
-    done = map_pieces(load_file_cached, [{"item": item, "corpus": corpus, "root": root} for item in items],
-                      runtime, "load-file")
+    here = runs_here(runtime, len(items))
+    calls = [{"item": item, "corpus": corpus, "root": root, **({"progress": progress} if here else {})}
+             for item in items]
+    done = map_pieces(load_file_cached, calls, runtime, "load-file",
+                      on_done=None if here or progress is None else lambda i, _: progress.update(items[i].get("bytes", 0)))
     pieces = [(item, *result) for item, result in zip(items, done)]
     return sorted(pieces, key=lambda p: (p[1].key, p[0]["path"]))
 
@@ -1101,7 +1137,8 @@ def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None)
 def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
-    pieces = load_pieces(sources.items, corpus, build.root, runtime)
+    with Progress(sum(item.get("bytes", 0) for item in sources.items), "load", unit="B") as progress:
+        pieces = load_pieces(sources.items, corpus, build.root, runtime, progress)
     parts = [out for _, out, _ in pieces]
     near = None
     if corpus.near_dedup.enabled:
