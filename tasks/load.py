@@ -1133,11 +1133,41 @@ def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None)
     return [rank.get(str(Path(f).resolve()), len(corpus.paths)) for f in files]
 
 
+# Bytes the data stages write per corpus byte, at most: load's pieces ~1.0, tokens 0.4 (uint16) to 0.9 (uint32),
+# chunks 0.7 to 1.4 at a 50% overlap (bench.scale) — 3.3 with the widest ids, rounded up.
+WRITTEN_PER_CORPUS_BYTE = 3.5
+
+
+def disk_shortfall(folder: Path, corpus_bytes: int) -> str | None:
+    """A warning when the artifacts' disk may not hold what the data stages write for this corpus: said before
+    hours of tokenizing, not as a full disk at the end (files built before are not written again, so this is
+    an upper bound)."""
+    import shutil
+
+    need = int(corpus_bytes * WRITTEN_PER_CORPUS_BYTE)
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return None
+    if free >= need:
+        return None
+    return (f"load: the data stages may write up to {need / 1e9:,.1f} GB under {folder} "
+            f"({WRITTEN_PER_CORPUS_BYTE}× the {corpus_bytes / 1e9:,.1f} GB of corpus files, less what is cached) "
+            f"and {free / 1e9:,.1f} GB is free there")
+
+
 @stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
 def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
     what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
-    with Progress(sum(item.get("bytes", 0) for item in sources.items), "load", unit="B") as progress:
+    total = sum(item.get("bytes", 0) for item in sources.items)
+    short = disk_shortfall(build.root.local, total)
+    if short:
+        build.log.warning(short)
+    with Progress(total, "load", unit="B") as progress:
         pieces = load_pieces(sources.items, corpus, build.root, runtime, progress)
     parts = [out for _, out, _ in pieces]
     near = None

@@ -503,3 +503,18 @@ def test_a_long_stage_logs_how_far_it_is_with_rate_and_time_left(caplog, monkeyp
             p.update(1_000_000_000)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("load:")]
     assert lines and "1.0 GB of 4.0 GB (25%)" in lines[0] and "/s, about" in lines[0] and "left" in lines[0], lines
+
+
+def test_a_corpus_the_artifacts_disk_may_not_hold_is_said_before_reading(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from tasks.load import WRITTEN_PER_CORPUS_BYTE, disk_shortfall
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 50 * 10**9))
+    corpus = 100 * 10**9
+    warning = disk_shortfall(tmp_path / "not-made-yet", corpus)
+    assert warning and str(tmp_path / "not-made-yet") in warning and "50.0 GB is free" in warning
+    assert f"{corpus * WRITTEN_PER_CORPUS_BYTE / 1e9:,.1f} GB" in warning
+    assert disk_shortfall(tmp_path, 10 * 10**9) is None
