@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,23 +125,44 @@ def held_out_texts(held_out: Docs | None, root: ArtifactsRoot) -> list[tuple[str
 
 
 def decontaminate(train: np.ndarray, text_of: Callable[[int], str], validation: np.ndarray,
-                  held_out: list[tuple[str, str]], cfg: DecontaminateConfig) -> tuple[np.ndarray, dict[str, int]]:
+                  held_out: Iterable[tuple[str, str]], cfg: DecontaminateConfig,
+                  batch_chars: int = 1 << 24) -> tuple[np.ndarray, dict[str, int]]:
     """`train` less the rows whose text shares a long span with a validation text or a held-out text, and how
-    many were removed per source matched. Validation and the held-out texts are never changed."""
+    many were removed per source matched. Validation and the held-out texts are never changed. What is held:
+    the held-out grams (`ContaminationIndex`, 9 bytes a gram), one byte a training row, and training texts of
+    about `batch_chars` characters at a time."""
     index = ContaminationIndex(cfg.min_words, cfg.min_chars)
     for r in validation.tolist():
         index.add(text_of(r), "validation split")
     for text, source in held_out:
         index.add(text, source)
-    keep, matched = [], {}
-    for r in train.tolist():
-        source = index.match(text_of(r)) if len(index) else None
-        if source is None:
-            keep.append(r)
-        else:
-            key = source.split(" (")[0]
-            matched[key] = matched.get(key, 0) + 1
-    return np.array(keep, dtype=train.dtype), matched
+    if not len(index):
+        return train, {}
+    keep = np.ones(len(train), dtype=bool)
+    matched: dict[str, int] = {}
+    batch: list[str] = []
+    start = size = 0
+
+    def check() -> None:
+        for k, source in enumerate(index.match_many(batch)):
+            if source is not None:
+                keep[start + k] = False
+                label = source.split(" (")[0]
+                matched[label] = matched.get(label, 0) + 1
+
+    for i in range(len(train)):
+        batch.append(text_of(int(train[i])))
+        size += len(batch[-1])
+        if size >= batch_chars:
+            check()
+            batch, start, size = [], i + 1, 0
+    check()
+    return train[keep], matched
+
+
+def count_name(source: str) -> str:
+    """`decontaminated_by_<source>`: the source's label with every run of other characters as one `_`."""
+    return "decontaminated_by_" + re.sub(r"[^0-9A-Za-z]+", "_", source).strip("_")
 
 
 @stage("shuffle", version=1, output=Split, libraries=["numpy", "pyarrow"])
@@ -157,7 +179,7 @@ def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs
         parts["train"], matched = decontaminate(parts["train"], docs.text_reader(build.root), parts["validation"],
                                                 held_out_texts(held_out, build.root), shuffle.decontaminate)
         counts["decontaminated"] = sum(matched.values())
-        counts.update({f"decontaminated_by_{k.replace(' ', '_').replace('.', '_')}": v for k, v in matched.items()})
+        counts.update({count_name(k): v for k, v in matched.items()})
     for name in SPLITS:
         write_split(table, parts[name], build.tmp / f"{name}.arrow")
         counts[f"{name}_documents"] = len(parts[name])

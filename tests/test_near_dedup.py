@@ -209,3 +209,16 @@ def test_with_the_texts_candidates_are_checked_on_their_exact_jaccard(texts):
     parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
     assert nd.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
     assert not nd.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
+
+
+def test_gram_hashes_are_the_polynomial_of_each_window_across_blocks():
+    # Prefixes are computed a block at a time: windows across a block's edge, and longer than a block, too.
+    v = np.random.default_rng(0).integers(1, 1 << 20, size=3 * nd._BLOCK).astype(np.uint64)
+    starts = np.array([0, 5, nd._BLOCK - 6, nd._BLOCK, 2 * nd._BLOCK + 7])
+    ends = starts + np.array([nd._BLOCK + 9, 10, 12, 3, 100])
+    m = int(nd._MULT)
+    for s, e, h in zip(starts, ends, nd._window_hashes(v, starts, ends)):
+        ref = 0
+        for x in v[s:e].tolist():
+            ref = (ref * m + x) % (1 << 64)
+        assert int(h) == ref, (s, e)
