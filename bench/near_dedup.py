@@ -258,7 +258,7 @@ def main() -> None:
         g = index.g[unit]
         for p in range(0, len(units) - g + 1, g):
             gram = units[p:p + g] if isinstance(units, str) else " ".join(units[p:p + g])
-            if hash(gram) in index.grams[unit]:
+            if index.match(gram) is not None:
                 print(f"  clean document {i} shares e.g. {gram!r}")
                 break
 
