@@ -935,10 +935,11 @@ class Docs(StageOutput):
     def norm_ids(self, root: ArtifactsRoot) -> set[str]:
         return set(pc.unique(self.index(root, ["norm_id"]).column("norm_id")).to_pylist())
 
-    def text_reader(self, root: ArtifactsRoot) -> Callable[[int], str]:
-        """The text of the index's row i, read from its memory-mapped piece when asked (one text at a time in
-        memory, each piece opened once)."""
-        index = self.index(root, ["part", "row"])
+    def text_reader(self, root: ArtifactsRoot, rows: pa.Table | None = None) -> Callable[[int], str]:
+        """The text of the index's row i (or of `rows`' row i: a table of `part` and `row`, such as a split of
+        shuffle's), read from its memory-mapped piece when asked (one text at a time in memory, each piece
+        opened once)."""
+        index = rows if rows is not None else self.index(root, ["part", "row"])
         part, row = index.column("part").to_numpy(), index.column("row").to_numpy()
         columns: dict[int, pa.ChunkedArray] = {}
 

@@ -31,6 +31,7 @@ from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
 if TYPE_CHECKING:
+    from tasks.held_out import HeldOut
     from tasks.load import Docs
 
 _WRITE_BATCH = 2048
@@ -115,15 +116,6 @@ class Split(StageOutput):
         return lines
 
 
-def held_out_texts(held_out: Docs | None, root: ArtifactsRoot) -> list[tuple[str, str]]:
-    """(text, source) of every document of the held-out text (evaluate.general_corpus, loaded by load)."""
-    if held_out is None:
-        return []
-    table = held_out.documents(root).select(["text", "source"])  # a small evaluation corpus
-    return [(t, f"evaluate.general_corpus ({s})") for t, s in zip(table.column("text").to_pylist(),
-                                                                  table.column("source").to_pylist())]
-
-
 def decontaminate(train: np.ndarray, text_of: Callable[[int], str], validation: np.ndarray,
                   held_out: Iterable[tuple[str, str]], cfg: DecontaminateConfig,
                   batch_chars: int = 1 << 24) -> tuple[np.ndarray, dict[str, int]]:
@@ -166,9 +158,10 @@ def count_name(source: str) -> str:
 
 
 @stage("shuffle", version=1, output=Split, libraries=["numpy", "pyarrow"])
-def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs, held_out: Docs | None = None):
-    """`held_out`: evaluation text (evaluate.general_corpus, through load) training must not contain; used only
-    when shuffle.decontaminate is on."""
+def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs, held_out: HeldOut | None = None):
+    """`held_out`: evaluation text training must not contain (the held-out stage: evaluate.general_corpus, the
+    evaluation tasks' documents, for the replay text the domain's validation split); used only when
+    shuffle.decontaminate is on. Its content is in this stage's key."""
     # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
     table = docs.index(build.root, ["doc_id", "norm_id", "part", "row"])
     doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
@@ -177,7 +170,8 @@ def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs
     counts = {"validation_copies_held_out": held_out_copies}
     if shuffle.decontaminate.enabled:
         parts["train"], matched = decontaminate(parts["train"], docs.text_reader(build.root), parts["validation"],
-                                                held_out_texts(held_out, build.root), shuffle.decontaminate)
+                                                held_out.texts(build.root) if held_out is not None else (),
+                                                shuffle.decontaminate)
         counts["decontaminated"] = sum(matched.values())
         counts.update({count_name(k): v for k, v in matched.items()})
     for name in SPLITS:

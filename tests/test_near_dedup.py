@@ -3,6 +3,7 @@ them, settings never re-read files and off changes nothing; decontamination keep
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
@@ -106,12 +107,14 @@ def test_the_drop_gate_rejects_a_reexported_drop_as_duplicates(tmp_path, texts, 
 
 
 def shuffle_with(tmp_path, texts, held_out_texts=None, enabled=True):
+    from tasks.held_out import held_out
     from tasks.shuffle import shuffle
 
     art = tmp_path / "art"
     docs = run_load(art, [write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts])])
-    held = run_load(art, [write_jsonl(tmp_path / "g" / "g.jsonl", [{"content": t} for t in held_out_texts])]) \
+    general = run_load(art, [write_jsonl(tmp_path / "g" / "g.jsonl", [{"content": t} for t in held_out_texts])]) \
         if held_out_texts else None
+    held = held_out.fn(general=general, tasks=[], task_files=None, artifacts=str(art)) if general else None
     out = shuffle.fn(shuffle=ShuffleConfig(decontaminate=DecontaminateConfig(enabled=enabled)),
                      split=SplitConfig(validation_fraction=0.2), docs=docs, held_out=held, artifacts=str(art))
     root = open_root(art)
@@ -222,3 +225,54 @@ def test_gram_hashes_are_the_polynomial_of_each_window_across_blocks():
         for x in v[s:e].tolist():
             ref = (ref * m + x) % (1 << 64)
         assert int(h) == ref, (s, e)
+
+
+def test_a_planted_task_document_never_reaches_training(tmp_path, texts):
+    """A local lm-eval task (cpt make-cloze-task's YAML + JSON lines) is read from its data file: a training
+    document quoting one of its sentences is removed and counted under the task's name."""
+    from tasks.core.config import EvaluateConfig
+    from tasks.evaluate import task_fingerprint, write_cloze_task
+    from tasks.held_out import held_out
+    from tasks.shuffle import shuffle
+
+    yaml_file = write_cloze_task(texts[250:290], tmp_path / "tasks", "planted_cloze", n=20)
+    items = [json.loads(x) for x in (tmp_path / "tasks" / "planted_cloze.jsonl").read_text().splitlines()]
+    quoted = max((c for it in items for c in it["choices"]), key=len)
+    assert len(quoted) >= 60
+    planted = f"{texts[200]}\n{quoted}\n{texts[201]}"
+    art = tmp_path / "art"
+    docs = run_load(art, [write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts[:120] + [planted]])])
+    tasks = [str(yaml_file)]
+    held = held_out.fn(general=None, tasks=tasks, task_files=task_fingerprint(EvaluateConfig(tasks=tasks)),
+                       artifacts=str(art))
+    assert held.counts["documents_from_evaluate_tasks_planted_cloze"] == len(items)
+    assert held.counts["tasks_not_checked"] == 0
+    out = shuffle.fn(shuffle=ShuffleConfig(decontaminate=DecontaminateConfig(enabled=True)),
+                     split=SplitConfig(validation_fraction=0.1), docs=docs, held_out=held, artifacts=str(art))
+    root = open_root(art)
+    table = docs.documents(root)
+    text_of = dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
+    train = [text_of[d] for d in read_arrow(out.split_file(root, "train")).column("doc_id").to_pylist()]
+    validation = [text_of[d] for d in read_arrow(out.split_file(root, "validation")).column("doc_id").to_pylist()]
+    assert planted not in train
+    if planted not in validation:  # a planted document may draw validation itself: never changed
+        assert out.counts["decontaminated_by_evaluate_tasks_planted_cloze"] >= 1
+    # The task's content is the held-out stage's: the same texts again give the same shuffle key.
+    again = held_out.fn(general=None, tasks=tasks, task_files=task_fingerprint(EvaluateConfig(tasks=tasks)),
+                        artifacts=str(art))
+    assert again.content == held.content
+
+
+@pytest.mark.slow  # lm-eval's TaskManager indexes its registry (15-20 s)
+def test_a_task_whose_data_is_not_at_hand_is_reported_not_checked(tmp_path, texts):
+    from tasks.held_out import held_out
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "remote.yaml").write_text(
+        "task: remote_only\ndataset_path: cpt-test-org/no-such-dataset\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+        "metric_list:\n  - metric: acc\n", encoding="utf-8")
+    out = held_out.fn(general=None, tasks=[str(tmp_path / "t" / "remote.yaml")], task_files=None,
+                      artifacts=str(tmp_path / "art"))
+    assert out.counts["tasks_not_checked"] == 1 and "remote_only" in out.meta["tasks_not_checked"]
+    assert any("remote_only" in line and "NOT checked" in line for _, line in out.summary(open_root(tmp_path / "art")))
