@@ -117,7 +117,7 @@ def main() -> None:
     import tasks.load as load_module
     from tasks import near_dedup as nd
     from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig
-    from tasks.load import doc_id_of, fingerprint_corpus, load
+    from tasks.load import doc_id_of, fingerprint_corpus, load, load_inputs
     from tasks.near_dedup import ContaminationIndex, _units
     from tasks.shuffle import decontaminate
 
@@ -208,7 +208,7 @@ def main() -> None:
             sources = fingerprint_corpus(cfg)
             spent["near"] = 0.0
             t = time.perf_counter()
-            out = load.fn(corpus=cfg, sources=sources, files=[i["path"] for i in sources.items], artifacts=str(root))
+            out = load.fn(**load_inputs(cfg, sources), artifacts=str(root))
             return out, time.perf_counter() - t, spent["near"]
 
         # One-time costs (imports, the first publish) are neither side's: a warm-up on one small file.

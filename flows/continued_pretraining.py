@@ -31,7 +31,7 @@ from tasks.evaluate import evaluate, evaluate_base
 from tasks.gate import gate
 from tasks.held_out import held_out as held_out_stage
 from tasks.lineage import RunLineage
-from tasks.load import fingerprint_corpus, load
+from tasks.load import fingerprint_corpus, load, load_inputs
 from tasks.ml.modeling import resolve_model, without_location
 from tasks.push import push
 from tasks.replay import contamination_warnings, mix
@@ -119,8 +119,7 @@ def continued_pretraining(
             if until not in ("load", "shuffle"):  # the probe of a new tokenizer overlaps load and shuffle
                 prefetch_profile(tokenizer, root, config.model.trust_remote_code)
 
-            docs = run(load, corpus=config.corpus, sources=sources, files=[i["path"] for i in sources.items],
-                       runtime=config.runtime)
+            docs = run(load, **load_inputs(config.corpus, sources), runtime=config.runtime)
             held_inputs = held_out = None
             if config.shuffle.decontaminate.enabled and not run.stopped:
                 held_inputs = held_out_inputs(run, config, digests)
@@ -192,8 +191,7 @@ def held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) ->
     if config.evaluate.general_corpus:
         general_cfg = CorpusConfig(paths=config.evaluate.general_corpus, on_bad_record="skip")
         general_fp = fingerprint_corpus(general_cfg, digest=digests.digest)
-        general = run(load, "general-load", True, corpus=general_cfg, sources=general_fp,
-                      files=[i["path"] for i in general_fp.items], runtime=config.runtime)
+        general = run(load, "general-load", True, **load_inputs(general_cfg, general_fp), runtime=config.runtime)
     return dict(general=general, tasks=config.evaluate.tasks, task_files=evaluate_stage.task_fingerprint(config.evaluate))
 
 
@@ -207,8 +205,7 @@ def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, c
     replay_corpus = config.replay.corpus(config.corpus)
     replay = fingerprint_corpus(replay_corpus, digest=digests.digest)
     digests.save()
-    docs = run(load, "replay-load", True, corpus=replay_corpus, sources=replay,
-               files=[i["path"] for i in replay.items], runtime=config.runtime)
+    docs = run(load, "replay-load", True, **load_inputs(replay_corpus, replay), runtime=config.runtime)
     held_out = run(held_out_stage, "replay-held-out", True, **held_inputs) if held_inputs else None
     split = run(shuffle, "replay-shuffle", True, shuffle=config.shuffle, split=SplitConfig(validation_fraction=0.0),
                 docs=docs, held_out=held_out)

@@ -1098,17 +1098,31 @@ def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None)
     return [rank.get(str(Path(f).resolve()), len(corpus.paths)) for f in files]
 
 
+def load_inputs(corpus: CorpusConfig, sources: Fingerprint) -> dict[str, Any]:
+    """load's inputs for `corpus` and its fingerprint `sources`: the files, and with near-dedup on each file's
+    rank (`path_ranks`: which document of a group is kept follows it, so it is in the key; corpus.paths itself
+    is not, and reordering it over the same files must not serve the old keep-choice)."""
+    files = [i["path"] for i in sources.items]
+    return dict(corpus=corpus, sources=sources, files=files,
+                ranks=path_ranks(corpus, files) if corpus.near_dedup.enabled else None)
+
+
 @stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
-def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
+def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str],
+         runtime: RuntimeConfig | None = None, ranks: list[int] | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
-    what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
+    `ranks` their ranks, with near-dedup on (`load_inputs` makes both). What the stages below see is the
+    output's `content`: the pieces it was made of, not their paths."""
+    if corpus.near_dedup.enabled and (ranks is None or len(ranks) != len(files)):
+        raise ValueError("load: corpus.near_dedup is on, so each file's rank must be an input (load_inputs)")
     pieces = load_pieces(sources.items, corpus, build.root, runtime)
     parts = [out for _, out, _ in pieces]
     near = None
     if corpus.near_dedup.enabled:
         names = [item["path"] for item, _, _ in pieces]
+        rank_of = dict(zip(files, ranks))
         near = near_dedup_rows(parts, [p.dir(build.root) / DOCS_FILE for p in parts], names,
-                               path_ranks(corpus, names), corpus.near_dedup, build.root)
+                               [rank_of[n] for n in names], corpus.near_dedup, build.root)
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
                                    build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts],
                                    near.doc_ids if near else None)

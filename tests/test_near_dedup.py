@@ -15,6 +15,7 @@ from tasks import near_dedup as nd
 from tasks.arrow import read_arrow
 from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig, ShuffleConfig, SplitConfig
 from tasks.core.root import open_root
+from tasks.load import doc_id_of
 
 ON = {"near_dedup": {"enabled": True}}
 
@@ -25,11 +26,11 @@ def reexport(text: str, i: int) -> str:
 
 
 def run_load(artifacts, paths, **corpus):
-    from tasks.load import fingerprint_corpus, load
+    from tasks.load import fingerprint_corpus, load, load_inputs
 
     cfg = CorpusConfig(paths=[str(p) for p in paths], **corpus)
     sources = fingerprint_corpus(cfg)
-    return load.fn(corpus=cfg, sources=sources, files=[i["path"] for i in sources.items], artifacts=str(artifacts))
+    return load.fn(**load_inputs(cfg, sources), artifacts=str(artifacts))
 
 
 def kept_ids(artifacts, docs) -> set[str]:
@@ -276,3 +277,18 @@ def test_a_task_whose_data_is_not_at_hand_is_reported_not_checked(tmp_path, text
                       artifacts=str(tmp_path / "art"))
     assert out.counts["tasks_not_checked"] == 1 and "remote_only" in out.meta["tasks_not_checked"]
     assert any("remote_only" in line and "NOT checked" in line for _, line in out.summary(open_root(tmp_path / "art")))
+
+
+def test_reordered_paths_over_the_same_files_change_the_keep_choice_and_the_key(tmp_path, texts):
+    """Which copy is kept follows corpus.paths' order (the line's older entry): the same files listed the other
+    way round keep the other copy, under another key, never the cached choice of the first order."""
+    art = tmp_path / "art"
+    write_jsonl(tmp_path / "a" / "a.jsonl", [{"content": t} for t in texts[:30]])
+    write_jsonl(tmp_path / "b" / "b.jsonl", [{"content": reexport(t, i)} for i, t in enumerate(texts[:10])])
+    ab = run_load(art, [tmp_path / "a", tmp_path / "b"], **ON)
+    ba = run_load(art, [tmp_path / "b", tmp_path / "a"], **ON)
+    assert ab.key != ba.key and ab.content != ba.content
+    originals = {doc_id_of(t) for t in texts[:10]}
+    assert not originals - kept_ids(art, ab)  # a first: its documents kept
+    assert originals & kept_ids(art, ba) == set()  # b first: its re-exports kept, a's originals removed
+    assert ab.counts["near_duplicates"] == ba.counts["near_duplicates"] >= 9
