@@ -5,9 +5,9 @@ texts checked in one sorted search), on the same planted data in one run.
 Training side: the first --docs documents of ../shared/corpora/ko_transport_bills.jsonl + python_docs.jsonl,
 with held-out spans planted inside --planted of them (120 characters of a ko_law.jsonl paragraph, or an
 English sentence). Held-out side: ko_law.jsonl's paragraphs, the --held-out-docs corpus documents after the
-training ones (to grow it) and two English sentences. Reported: seconds to build the index and to check the training texts,
-Python's peak memory while the index is built (tracemalloc), what is found, and that both find the same
-documents.
+training ones (to grow it) and two English sentences. Reported: seconds to build the index and to check the
+training texts, Python's memory the index holds and its peak while it is built (tracemalloc), what is found,
+and that both find the same documents.
 
     .venv/bin/python -m bench.decontaminate [--docs 3000] [--planted 300] [--held-out-docs 0]
 """
@@ -121,12 +121,13 @@ def main() -> None:
     for name, cls in (("before (dict)", DictIndex), ("after (numpy)", ContaminationIndex)):
         build, check, peak, removed = measure(cls, held, train, cfg)
         results[name] = (build, check, peak, removed)
-        print(f"{name}: index {build:.2f}s, held {peak[0] / 2**20:.1f} MiB (peak {peak[1] / 2**20:.1f}); check {check:.2f}s "
-              f"= {check / len(train) * 1000:.3f} ms a document; planted found {len(removed & dirty)}/{len(dirty)}, "
+        print(f"{name}: index {build:.2f}s, held {peak[0] / 2**20:.1f} MiB (peak {peak[1] / 2**20:.1f}); "
+              f"check {check:.2f}s = {check / len(train) * 1000:.3f} ms a document; planted found {len(removed & dirty)}/{len(dirty)}, "
               f"clean matched {len(removed - dirty)}")
     (b_build, b_check, b_peak, b_removed), (a_build, a_check, a_peak, a_removed) = results.values()
     print(f"ratios after/before: index {a_build / b_build:.2f}×, check {a_check / b_check:.2f}×, total "
-          f"{(a_build + a_check) / (b_build + b_check):.2f}×, index memory held {a_peak[0] / b_peak[0]:.2f}× (peak {a_peak[1] / b_peak[1]:.2f}×); "
+          f"{(a_build + a_check) / (b_build + b_check):.2f}×, index memory held {a_peak[0] / b_peak[0]:.2f}× "
+          f"(peak {a_peak[1] / b_peak[1]:.2f}×); "
           f"same documents found: {a_removed == b_removed} (only in before: {len(b_removed - a_removed)}, only "
           f"after: {len(a_removed - b_removed)})")
 

@@ -192,7 +192,8 @@ def held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) ->
         general_cfg = CorpusConfig(paths=config.evaluate.general_corpus, on_bad_record="skip")
         general_fp = fingerprint_corpus(general_cfg, digest=digests.digest)
         general = run(load, "general-load", True, **load_inputs(general_cfg, general_fp), runtime=config.runtime)
-    return dict(general=general, tasks=config.evaluate.tasks, task_files=evaluate_stage.task_fingerprint(config.evaluate))
+    return dict(general=general, tasks=config.evaluate.tasks,
+                task_files=evaluate_stage.task_fingerprint(config.evaluate))
 
 
 def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, chunks: StageOutput,

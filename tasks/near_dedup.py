@@ -317,13 +317,17 @@ def _gram_hashes(cps: np.ndarray, unit: str, g: int, step: int = 1) -> np.ndarra
     n = len(values) - g + 1
     if n <= 0:
         return np.zeros(0, np.uint64)
+    if step == g <= _BLOCK:  # grams side by side (a training text's check): the same polynomial, row-wise
+        with np.errstate(over="ignore"):
+            rows = values[:(len(values) // g) * g].reshape(-1, g)
+            return _mix((rows * _POW[g - 1::-1]).sum(axis=1, dtype=np.uint64))
     starts = np.arange(0, n, step)
     return _mix(_window_hashes(values, starts, starts + g))
 
 
 class ContaminationIndex:
     """Every gram of g units of the held-out texts (g = span // 2), in both units, as sorted 64-bit hashes with
-    the source each was first added from (9 bytes a gram, against ~100 for a dict of Python ints). A training
+    the source each was first added from (10 bytes a gram, against ~100 for a dict of Python ints). A training
     text is checked at every g-th position only: a shared span of 2g - 1 ≤ span units always holds an aligned
     gram, so spans of `span` units are found at 1/g of the cost of checking every position."""
 
@@ -336,13 +340,15 @@ class ContaminationIndex:
         self.sources: list[str] = []
         self._source_ids: dict[str, int] = {}
         self.grams = {u: np.zeros(0, np.uint64) for u in self.g}
-        self._from = {u: np.zeros(0, np.int32) for u in self.g}
+        self._from = {u: np.zeros(0, np.uint16) for u in self.g}
         self._pending: dict[str, list[tuple[np.ndarray, int]]] = {u: [] for u in self.g}
         self._waiting = 0
 
     def add(self, text: str, source: str) -> None:
         sid = self._source_ids.setdefault(source, len(self._source_ids))
         if sid == len(self.sources):
+            if sid > np.iinfo(np.uint16).max:
+                raise ValueError(f"decontamination: more than 65536 held-out sources (the last: {source!r})")
             self.sources.append(source)
         cps = _codes(normalise(text))
         for unit, g in self.g.items():
@@ -359,7 +365,7 @@ class ContaminationIndex:
             if not pending:
                 continue
             hashes = np.concatenate([self.grams[unit], *(h for h, _ in pending)])
-            sources = np.concatenate([self._from[unit], *(np.full(len(h), s, np.int32) for h, s in pending)])
+            sources = np.concatenate([self._from[unit], *(np.full(len(h), s, np.uint16) for h, s in pending)])
             self.grams[unit], first = np.unique(hashes, return_index=True)  # first occurrence: the earliest add
             self._from[unit] = sources[first]
             pending.clear()

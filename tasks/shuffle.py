@@ -121,8 +121,8 @@ def decontaminate(train: np.ndarray, text_of: Callable[[int], str], validation: 
                   batch_chars: int = 1 << 24) -> tuple[np.ndarray, dict[str, int]]:
     """`train` less the rows whose text shares a long span with a validation text or a held-out text, and how
     many were removed per source matched. Validation and the held-out texts are never changed. What is held:
-    the held-out grams (`ContaminationIndex`, 9 bytes a gram), one byte a training row, and training texts of
-    about `batch_chars` characters at a time."""
+    the held-out grams (`ContaminationIndex`, 10 bytes a gram, about two a held-out character), one byte a
+    training row, and training texts of about `batch_chars` characters at a time."""
     index = ContaminationIndex(cfg.min_words, cfg.min_chars)
     for r in validation.tolist():
         index.add(text_of(r), "validation split")

@@ -34,7 +34,8 @@ def test_planted_evaluation_text_never_reaches_training_from_the_corpus_or_the_r
     task_sentence = max((c for it in items for c in it["choices"]), key=len)
     planted = [f"{texts[200]}\n{general_paragraph[:120]}\n{texts[201]}", f"{texts[202]}\n{task_sentence}"]
     write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"content": t} for t in texts[:80] + planted])
-    replay_planted = [f"General text. {general_paragraph[10:130]} More.", f"{task_sentence} 그리고 다른 이야기."]
+    replay_planted = [f"General text. {general_paragraph[10:130]} More.",
+                      f"{task_sentence} 그리고 다른 이야기."]
     write_jsonl(tmp_path / "replay" / "r.jsonl", [{"content": t} for t in texts[150:180] + replay_planted])
     config = {"corpus": {"paths": [str(tmp_path / "corpus")]}, "model": {"id": str(tiny_model)},
               "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 64, "overlap": 16},

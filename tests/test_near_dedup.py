@@ -292,3 +292,13 @@ def test_reordered_paths_over_the_same_files_change_the_keep_choice_and_the_key(
     assert not originals - kept_ids(art, ab)  # a first: its documents kept
     assert originals & kept_ids(art, ba) == set()  # b first: its re-exports kept, a's originals removed
     assert ab.counts["near_duplicates"] == ba.counts["near_duplicates"] >= 9
+
+
+def test_side_by_side_grams_hash_as_every_gram_does():
+    """A training text's check takes grams side by side (a reshape); they must equal the held-out side's
+    grams at those positions, in both units."""
+    text = nd.normalise(" ".join(sample_texts()[:3]) + " the quick brown fox jumps over the lazy dog " * 5)
+    cps = nd._codes(text)
+    for unit, g in (("c", 25), ("w", 6)):
+        every = nd._gram_hashes(cps, unit, g)
+        assert np.array_equal(nd._gram_hashes(cps, unit, g, g), every[::g]), unit
