@@ -258,10 +258,17 @@ def test_a_planted_task_document_never_reaches_training(tmp_path, texts):
     assert planted not in train
     if planted not in validation:  # a planted document may draw validation itself: never changed
         assert out.counts["decontaminated_by_evaluate_tasks_planted_cloze"] >= 1
-    # The task's content is the held-out stage's: the same texts again give the same shuffle key.
-    again = held_out.fn(general=None, tasks=tasks, task_files=task_fingerprint(EvaluateConfig(tasks=tasks)),
-                        artifacts=str(art))
-    assert again.content == held.content
+    # The task's content is the held-out stage's, and so in shuffle's key: an edited task data file is another
+    # key; decontamination off, none of it is.
+    data = tmp_path / "tasks" / "planted_cloze.jsonl"
+    data.write_text(data.read_text() + json.dumps({**items[0], "context": "새 문항의 문맥입니다."}) + "\n")
+    edited = held_out.fn(general=None, tasks=tasks, task_files=task_fingerprint(EvaluateConfig(tasks=tasks)),
+                         artifacts=str(art))
+    assert edited.content != held.content
+    cfg = ShuffleConfig(decontaminate=DecontaminateConfig(enabled=True))
+    keys = {shuffle.fn(shuffle=c, split=SplitConfig(validation_fraction=0.1), docs=docs, held_out=h,
+                       artifacts=str(art)).key for c, h in ((cfg, held), (cfg, edited))}
+    assert len(keys) == 2
 
 
 @pytest.mark.slow  # lm-eval's TaskManager indexes its registry (15-20 s)
