@@ -267,7 +267,8 @@ def _units(text: str) -> tuple[str, list[str] | str]:
 # Gram hashes: a polynomial in M modulo 2**64 of a window's values, from prefix hashes computed a block at a
 # time (M is odd, so invertible: a block's prefixes are one cumulative sum), never one Python string per gram.
 _BLOCK = 1 << 16
-_MINV = pow(int(_MULT), -1, 1 << 64)
+_GRAM_MULT = 0x100000001B3  # FNV-64 prime (its own constant: the shingle hashes above may change apart)
+_MINV = pow(_GRAM_MULT, -1, 1 << 64)
 
 
 def _powers(base: int, n: int) -> np.ndarray:
@@ -275,7 +276,7 @@ def _powers(base: int, n: int) -> np.ndarray:
     return np.concatenate([[np.uint64(1)], np.cumprod(np.full(n - 1, np.uint64(base), np.uint64))])
 
 
-_POW = _powers(int(_MULT), _BLOCK + 1)  # M^0 .. M^B
+_POW = _powers(_GRAM_MULT, _BLOCK + 1)  # M^0 .. M^B
 _INV = _powers(_MINV, _BLOCK)  # M^0 .. M^-(B-1)
 
 
@@ -302,7 +303,7 @@ def _window_hashes(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
         lengths = ends - starts
         powers = _POW[np.minimum(lengths, _BLOCK)]
         for i in np.flatnonzero(lengths > _BLOCK):  # a window longer than a block (a very long word): rare
-            powers[i] = np.uint64(pow(int(_MULT), int(lengths[i]), 1 << 64))
+            powers[i] = np.uint64(pow(_GRAM_MULT, int(lengths[i]), 1 << 64))
         return prefix[ends] - prefix[starts] * powers
 
 

@@ -220,7 +220,7 @@ def test_gram_hashes_are_the_polynomial_of_each_window_across_blocks():
     v = np.random.default_rng(0).integers(1, 1 << 20, size=3 * nd._BLOCK).astype(np.uint64)
     starts = np.array([0, 5, nd._BLOCK - 6, nd._BLOCK, 2 * nd._BLOCK + 7])
     ends = starts + np.array([nd._BLOCK + 9, 10, 12, 3, 100])
-    m = int(nd._MULT)
+    m = nd._GRAM_MULT
     for s, e, h in zip(starts, ends, nd._window_hashes(v, starts, ends)):
         ref = 0
         for x in v[s:e].tolist():
