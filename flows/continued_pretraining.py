@@ -120,10 +120,9 @@ def continued_pretraining(
                 prefetch_profile(tokenizer, root, config.model.trust_remote_code)
 
             docs = run(load, **load_inputs(config.corpus, sources), runtime=config.runtime)
-            held_inputs = held_out = None
+            held_out = None
             if config.shuffle.decontaminate.enabled and not run.stopped:
-                held_inputs = held_out_inputs(run, config, digests)
-                held_out = run(held_out_stage, None, True, **held_inputs)
+                held_out = run(held_out_stage, None, True, **held_out_inputs(run, config, digests))
             split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs, held_out=held_out)
             tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
                          trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
@@ -132,8 +131,9 @@ def continued_pretraining(
 
             train_chunks, replay = chunks, None
             if config.replay.active and (not run.stopped or until == "chunk"):
-                train_chunks, replay = replay_stages(run, config, tokenizer, chunks, digests, summary,
-                                                     held_inputs and {**held_inputs, "validation": split, "docs": docs})
+                replay_held = None if held_out is None else dict(
+                    general=None, tasks=[], task_files=None, base=held_out, validation=split, docs=docs)
+                train_chunks, replay = replay_stages(run, config, tokenizer, chunks, digests, summary, replay_held)
 
             if not run.stopped:
                 base_model = resolve_model(config.model, digest=digests.digest)
@@ -202,7 +202,7 @@ def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, c
     """Replay text through the same cached stages as the corpus (all of it for training), then the mix stage:
     the training set with replay. Also warns when the general evaluation corpus shares documents with it.
     `held_inputs` (decontamination on): the replay text, which reaches training too, is kept clear of the
-    held-out text and of the domain's validation split (replay-held-out)."""
+    domain's held-out text and of its validation split (replay-held-out)."""
     replay_corpus = config.replay.corpus(config.corpus)
     replay = fingerprint_corpus(replay_corpus, digest=digests.digest)
     digests.save()

@@ -161,10 +161,9 @@ def offline():
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def gather(general: Iterable[str], tasks: list[tuple[str, Iterable[str]]], validation: Iterable[str],
-           path: Path) -> tuple[dict[str, int], str]:
-    """Write (text, source) rows to `path` a batch at a time; returns documents per source and the digest of
-    the rows (the output's content)."""
+def gather(rows: Iterable[tuple[str, str]], path: Path) -> tuple[dict[str, int], str]:
+    """Write the (text, source) `rows` to `path` a batch at a time, empty texts left out; returns documents per
+    source and the digest of the rows (the output's content)."""
     h = hashlib.blake2b(digest_size=16)
     counts: dict[str, int] = {}
     texts: list[str] = []
@@ -177,21 +176,18 @@ def gather(general: Iterable[str], tasks: list[tuple[str, Iterable[str]]], valid
                 texts.clear()
                 sources.clear()
 
-        streams = [("validation split", validation), ("evaluate.general_corpus", general)]
-        streams += [(f"evaluate.tasks {name}", docs) for name, docs in tasks]
-        for source, docs in streams:
-            for text in docs:
-                if not text.strip():
-                    continue
-                for part in (source, text):
-                    b = part.encode()
-                    h.update(len(b).to_bytes(8, "little"))
-                    h.update(b)
-                texts.append(text)
-                sources.append(source)
-                counts[source] = counts.get(source, 0) + 1
-                if len(texts) >= _BATCH:
-                    flush()
+        for text, source in rows:
+            if not text.strip():
+                continue
+            for part in (source, text):
+                b = part.encode()
+                h.update(len(b).to_bytes(8, "little"))
+                h.update(b)
+            texts.append(text)
+            sources.append(source)
+            counts[source] = counts.get(source, 0) + 1
+            if len(texts) >= _BATCH:
+                flush()
         flush()
     return counts, h.hexdigest()
 
@@ -209,14 +205,24 @@ def doc_texts(docs: Docs | None, root: ArtifactsRoot, rows: pa.Table | None = No
 # files and the harness version (evaluate.task_fingerprint).
 @stage("held-out", version=1, output=HeldOut, libraries=["pyarrow", "datasets"])
 def held_out(build: Build, general: Docs | None, tasks: list[str], task_files: Fingerprint | None,
-             validation: Split | None = None, docs: Docs | None = None):
-    """`validation` with the `docs` it was split from: the domain's validation split (held out of the replay
-    text)."""
+             validation: Split | None = None, docs: Docs | None = None, base: HeldOut | None = None):
+    """`base`: held-out text gathered already (the domain's, for the replay text: its tasks are not read
+    again); `validation` with the `docs` it was split from: the domain's validation split."""
     found, not_checked = task_texts(tasks)
-    rows = read_arrow(validation.split_file(build.root, "validation")) if validation is not None else None
-    per_source, content = gather(doc_texts(general, build.root), found,
-                                 doc_texts(docs, build.root, rows) if rows is not None else (),
-                                 build.tmp / HELD_OUT_FILE)
+    if base is not None:
+        not_checked = {**base.meta.get("tasks_not_checked", {}), **not_checked}
+    split_rows = read_arrow(validation.split_file(build.root, "validation")) if validation is not None else None
+
+    def rows() -> Iterator[tuple[str, str]]:
+        if base is not None:
+            yield from base.texts(build.root)
+        if split_rows is not None:
+            yield from ((t, "validation split") for t in doc_texts(docs, build.root, split_rows))
+        yield from ((t, "evaluate.general_corpus") for t in doc_texts(general, build.root))
+        for name, texts in found:
+            yield from ((t, f"evaluate.tasks {name}") for t in texts)
+
+    per_source, content = gather(rows(), build.tmp / HELD_OUT_FILE)
     counts = {"documents": sum(per_source.values()), "tasks_not_checked": len(not_checked),
               **{"documents_from_" + re.sub(r"[^0-9A-Za-z]+", "_", k).strip("_"): v for k, v in per_source.items()}}
     return counts, {"tasks_not_checked": not_checked}, {"content": content}

@@ -64,6 +64,7 @@ def test_planted_evaluation_text_never_reaches_training_from_the_corpus_or_the_r
     assert counts["held-out"]["documents_from_evaluate_general_corpus"] == 10
     assert counts["held-out"]["documents_from_evaluate_tasks_planted_cloze"] == len(items)
     assert counts["replay-held-out"]["documents_from_validation_split"] == len(validation)
+    assert counts["replay-held-out"]["documents"] == counts["held-out"]["documents"] + len(validation)
 
     # Off: no held-out stage runs and nothing is removed.
     states, summary = run({**config, "shuffle": {}}, artifacts, until="chunk")
