@@ -243,7 +243,7 @@ def main() -> None:
         train[i] = train[i][:cut] + "\n" + span + "\n" + train[i][cut:]
         dirty.add(i)
     t0 = time.perf_counter()
-    keep, matched = decontaminate(np.arange(len(train)), train, np.array([], dtype=np.int64), held,
+    keep, matched = decontaminate(np.arange(len(train)), train.__getitem__, np.array([], dtype=np.int64), held,
                                   DecontaminateConfig(enabled=True))
     seconds = time.perf_counter() - t0
     removed = set(range(len(train))) - set(keep.tolist())
