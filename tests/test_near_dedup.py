@@ -309,3 +309,21 @@ def test_side_by_side_grams_hash_as_every_gram_does():
     for unit, g in (("c", 25), ("w", 6)):
         every = nd._gram_hashes(cps, unit, g)
         assert np.array_equal(nd._gram_hashes(cps, unit, g, g), every[::g]), unit
+
+
+def test_decontamination_in_small_batches_removes_the_same_rows(texts):
+    """Training texts are checked a batch at a time: every batch size removes the same rows, counted alike."""
+    from tasks.shuffle import decontaminate
+
+    held = [(texts[300], "evaluate.general_corpus"), (texts[301], "evaluate.tasks t")]
+    train = list(texts[:60])
+    for i, src in ((5, 300), (33, 301), (59, 300)):
+        train[i] = f"{train[i]}\n{texts[src][10:100]}"
+    rows = np.arange(60)[::-1].copy()  # rows in another order than the texts': the batch offsets must hold
+    cfg = DecontaminateConfig(enabled=True)
+    results = [decontaminate(rows, train.__getitem__, np.array([], np.int64), held, cfg, batch_chars=b)
+               for b in (1 << 24, 1, 700)]
+    for keep, matched in results:
+        assert sorted(set(range(60)) - set(keep.tolist())) == [5, 33, 59]
+        assert matched == {"evaluate.general_corpus": 2, "evaluate.tasks t": 1}
+        assert keep.tolist() == [r for r in rows.tolist() if r not in (5, 33, 59)]  # the order kept
