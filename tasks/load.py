@@ -973,10 +973,11 @@ class Docs(StageOutput):
     def norm_ids(self, root: ArtifactsRoot) -> set[str]:
         return set(pc.unique(self.index(root, ["norm_id"]).column("norm_id")).to_pylist())
 
-    def text_reader(self, root: ArtifactsRoot) -> Callable[[int], str]:
-        """The text of the index's row i, read from its memory-mapped piece when asked (one text at a time in
-        memory, each piece opened once)."""
-        index = self.index(root, ["part", "row"])
+    def text_reader(self, root: ArtifactsRoot, rows: pa.Table | None = None) -> Callable[[int], str]:
+        """The text of the index's row i (or of `rows`' row i: a table of `part` and `row`, such as a split of
+        shuffle's), read from its memory-mapped piece when asked (one text at a time in memory, each piece
+        opened once)."""
+        index = rows if rows is not None else self.index(root, ["part", "row"])
         part, row = index.column("part").to_numpy(), index.column("row").to_numpy()
         columns: dict[int, pa.ChunkedArray] = {}
 
@@ -1161,10 +1162,23 @@ def disk_shortfall(folder: Path, corpus_bytes: int) -> str | None:
             f"and {free / 1e9:,.1f} GB is free there")
 
 
+def load_inputs(corpus: CorpusConfig, sources: Fingerprint) -> dict[str, Any]:
+    """load's inputs for `corpus` and its fingerprint `sources`: the files, and with near-dedup on each file's
+    rank (`path_ranks`: which document of a group is kept follows it, so it is in the key; corpus.paths itself
+    is not, and reordering it over the same files must not serve the old keep-choice)."""
+    files = [i["path"] for i in sources.items]
+    return dict(corpus=corpus, sources=sources, files=files,
+                ranks=path_ranks(corpus, files) if corpus.near_dedup.enabled else None)
+
+
 @stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
-def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
+def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str],
+         runtime: RuntimeConfig | None = None, ranks: list[int] | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
-    what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
+    `ranks` their ranks, with near-dedup on (`load_inputs` makes both). What the stages below see is the
+    output's `content`: the pieces it was made of, not their paths."""
+    if corpus.near_dedup.enabled and (ranks is None or len(ranks) != len(files)):
+        raise ValueError("load: corpus.near_dedup is on, so each file's rank must be an input (load_inputs)")
     total = sum(item.get("bytes", 0) for item in sources.items)
     short = disk_shortfall(build.root.local, total)
     if short:
@@ -1175,8 +1189,9 @@ def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[s
     near = None
     if corpus.near_dedup.enabled:
         names = [item["path"] for item, _, _ in pieces]
+        rank_of = dict(zip(files, ranks))
         near = near_dedup_rows(parts, [p.dir(build.root) / DOCS_FILE for p in parts], names,
-                               path_ranks(corpus, names), corpus.near_dedup, build.root)
+                               [rank_of[n] for n in names], corpus.near_dedup, build.root)
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
                                    build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts],
                                    near.doc_ids if near else None)
