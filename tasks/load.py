@@ -34,7 +34,7 @@ from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
-from tasks.arrow import read_arrow
+from tasks.arrow import read_arrow, take_rows
 from tasks.core.stage import Build, publish_piece, stage
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -798,7 +798,7 @@ def first_copies(index: pa.Table, seen: set[str]) -> pa.Table:
     ids = index.column("doc_id").to_pylist()
     keep = [i for i, d in enumerate(ids) if d not in seen]
     seen.update(ids)
-    return index if len(keep) == len(ids) else index.take(pa.array(keep, pa.int64()))
+    return index if len(keep) == len(ids) else take_rows(index, keep)
 
 
 def copy_rejects(directory: Path, prefix: str, sink) -> None:
@@ -849,7 +849,7 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
 
 def piece_characters(directory: Path, kept: pa.Table) -> int:
     """Characters of the documents `kept` (index rows) of one piece, counted from their texts."""
-    texts = read_arrow(directory / DOCS_FILE).column("text").take(kept.column("row"))
+    texts = take_rows(read_arrow(directory / DOCS_FILE).column("text"), kept.column("row").to_numpy())
     return int(pc.sum(pc.utf8_length(texts)).as_py() or 0)
 
 
@@ -863,7 +863,7 @@ def read_documents(index_file: Path, part_dirs: list[Path], names: list[str] | N
         rows = index.filter(pc.equal(index.column("part"), part))
         if not rows.num_rows:
             continue
-        texts = read_arrow(directory / DOCS_FILE).column("text").take(rows.column("row"))
+        texts = take_rows(read_arrow(directory / DOCS_FILE).column("text"), rows.column("row").to_numpy())
         source = pc.binary_join_element_wise(f"{names[part]}:", pc.cast(rows.column("line"), pa.string()), "")
         tables.append(pa.table([rows.column("doc_id"), texts, rows.column("norm_id"), source], schema=DOC_SCHEMA))
     return pa.concat_tables(tables) if tables else DOC_SCHEMA.empty_table()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from tasks.arrow import take_rows
 from tasks.core.config import SPLITS, ConfigError, DecontaminateConfig, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
 from tasks.near_dedup import ContaminationIndex
@@ -92,7 +93,7 @@ def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
     """The rows `indices` of `table`, in that order, with the table's own columns."""
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for start in range(0, len(indices), _WRITE_BATCH):
-            writer.write_table(table.take(pa.array(indices[start : start + _WRITE_BATCH])))
+            writer.write_table(take_rows(table, indices[start : start + _WRITE_BATCH]))
 
 
 class Split(StageOutput):
