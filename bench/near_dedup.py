@@ -119,7 +119,7 @@ def main() -> None:
     import tasks.load as load_module
     from tasks import near_dedup as nd
     from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig
-    from tasks.load import doc_id_of, fingerprint_corpus, load
+    from tasks.load import doc_id_of, fingerprint_corpus, load, load_inputs
     from tasks.near_dedup import ContaminationIndex, _units
     from tasks.shuffle import decontaminate
 
@@ -211,7 +211,7 @@ def main() -> None:
             sources = fingerprint_corpus(cfg)
             spent.update(near=0.0, near_cpu=0.0)
             t, c = time.perf_counter(), time.process_time()
-            out = load.fn(corpus=cfg, sources=sources, files=[i["path"] for i in sources.items], artifacts=str(root))
+            out = load.fn(**load_inputs(cfg, sources), artifacts=str(root))
             return out, time.perf_counter() - t, time.process_time() - c, spent["near"], spent["near_cpu"]
 
         # One-time costs (imports, the first publish) are neither side's: a warm-up on one small file.
@@ -257,7 +257,7 @@ def main() -> None:
         train[i] = train[i][:cut] + "\n" + span + "\n" + train[i][cut:]
         dirty.add(i)
     t0 = time.perf_counter()
-    keep, matched = decontaminate(np.arange(len(train)), train, np.array([], dtype=np.int64), held,
+    keep, matched = decontaminate(np.arange(len(train)), train.__getitem__, np.array([], dtype=np.int64), held,
                                   DecontaminateConfig(enabled=True))
     seconds = time.perf_counter() - t0
     removed = set(range(len(train))) - set(keep.tolist())
@@ -272,7 +272,7 @@ def main() -> None:
         g = index.g[unit]
         for p in range(0, len(units) - g + 1, g):
             gram = units[p:p + g] if isinstance(units, str) else " ".join(units[p:p + g])
-            if hash(gram) in index.grams[unit]:
+            if index.match(gram) is not None:
                 print(f"  clean document {i} shares e.g. {gram!r}")
                 break
 

@@ -11,8 +11,8 @@ Prints per size and stage (load, shuffle, tokenize, token-stats, chunk): seconds
 anonymous memory (RssAnon of the flow process plus its descendants, summed, sampled every --interval s,
 attributed to the stage whose run interval holds the sample) and artifact bytes (the stage's cache entries and
 its per-file pieces; a hard-linked file counted once). The baseline, measured in this same script: the Rust
-tokenizer's `encode_batch_fast` alone on each size's text (batches of 1,000 documents, the clock around
-the calls only), in text bytes per second, run just before that size's flow (on a shared machine, other load
+tokenizer's `encode_batch_fast` alone on each size's text (its first `--raw-sample` bytes, 600 MB: the
+corpus repeats the same documents; batches of 1,000 documents, the clock around the calls only), in text bytes per second, run just before that size's flow (on a shared machine, other load
 moves both). Ratios: data-stage throughput / raw encode throughput (goal ≥ 0.8),
 peak memory of the largest size / the smallest against their corpus ratio (goal ≤ 1.5 while the corpus
 grows 16×), seconds against proportional (goal ≤ 1.15), artifact bytes / corpus bytes (goal ≤ 4).
@@ -90,29 +90,34 @@ def write_corpus(texts: list[str], size: int, out: Path, files: int = 1) -> tupl
     return written, docs
 
 
-def corpus_batches(path: Path, batch: int = 1000):
+def corpus_batches(path: Path, batch: int = 1000, limit: int | None = None):
+    """The corpus's texts in batches of `batch`, in file order, stopping after about `limit` bytes of lines."""
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    texts = []
+    texts, read = [], 0
     for p in files:
         with p.open(encoding="utf-8") as f:
             for line in f:
                 texts.append(json.loads(line)["content"])
-                if len(texts) == batch:
+                read += len(line)
+                if len(texts) == batch or (limit and read >= limit):
                     yield texts
                     texts = []
+                if limit and read >= limit:
+                    return
     if texts:
         yield texts
 
 
-def raw_encode(tokenizer_json: Path, corpus: Path) -> tuple[float, int, int]:
-    """The baseline: `encode_batch_fast` alone over the corpus. Returns (seconds in the calls, bytes, tokens)."""
+def raw_encode(tokenizer_json: Path, corpus: Path, limit: int | None = None) -> tuple[float, int, int]:
+    """The baseline: `encode_batch_fast` alone over the corpus (its first `limit` bytes). Returns (seconds in the
+    calls, bytes, tokens)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_truncation()
     tok.no_padding()
     seconds, nbytes, tokens = 0.0, 0, 0
-    for texts in corpus_batches(corpus):
+    for texts in corpus_batches(corpus, limit=limit):
         nbytes += sum(len(t.encode()) for t in texts)
         t0 = time.perf_counter()
         encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
@@ -254,6 +259,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench" / "scale",
                     help="scratch folder (corpora, artifacts roots); each size's is removed after its run")
     ap.add_argument("--keep", action="store_true", help="keep every size's corpus and artifacts")
+    ap.add_argument("--raw-sample", default="600MB",
+                    help="the baseline encodes at most this much of each size's text (its first documents: the "
+                         "generated corpus repeats the same documents, so its rate is the whole's; 0: all)")
     args = ap.parse_args()
     import shutil
 
@@ -279,7 +287,8 @@ def main() -> None:
         corpus = work / ("corpus" if files > 1 else "corpus.jsonl")
         nbytes, docs = write_corpus(texts, size, corpus, files)
         if files == 1 or raw is None:  # the many-files run holds the same text as the largest single file
-            seconds, raw_bytes, raw_tokens = raw_encode(model / "tokenizer.json", corpus)
+            seconds, raw_bytes, raw_tokens = raw_encode(model / "tokenizer.json", corpus,
+                                                        parse_size(args.raw_sample) or None)
             raw = {"seconds": seconds, "bytes": raw_bytes, "tokens": raw_tokens, "bps": raw_bytes / seconds}
         r = run_flow(corpus, model, work, args.interval, env)
         r.update(size=nbytes, docs=docs, files=files)
@@ -288,7 +297,7 @@ def main() -> None:
               f"({r['token_type']}); process wall {r['wall']:.1f} s, peak anonymous memory {mib(r['peak_anon'])} "
               f"(before the first stage {mib(r['startup_peak_anon'])})")
         print(f"  baseline on this text: encode_batch_fast alone {raw['seconds']:.2f} s, {raw['bps'] / 1e6:.2f} MB/s, "
-              f"{raw['tokens']:,} tokens")
+              f"{raw['tokens']:,} tokens in its first {raw['bytes'] / 1e6:,.0f} MB")
         print(f"  {'stage':<12} {'seconds':>9} {'peak anon':>11} {'artifact bytes':>16} {'× corpus':>9}")
         for name, s in r["stages"].items():
             print(f"  {name:<12} {s['seconds']:>9.2f} {mib(s['peak_anon']):>11} {s['bytes']:>16,} "

@@ -29,8 +29,9 @@ from tasks.core.scope import build_scope
 from tasks.core.stage import was_built
 from tasks.evaluate import evaluate, evaluate_base
 from tasks.gate import gate
+from tasks.held_out import held_out as held_out_stage
 from tasks.lineage import RunLineage
-from tasks.load import fingerprint_corpus, load
+from tasks.load import fingerprint_corpus, load, load_inputs
 from tasks.ml.modeling import resolve_model, without_location
 from tasks.push import push
 from tasks.replay import contamination_warnings, mix
@@ -118,15 +119,10 @@ def continued_pretraining(
             if until not in ("load", "shuffle"):  # the probe of a new tokenizer overlaps load and shuffle
                 prefetch_profile(tokenizer, root, config.model.trust_remote_code)
 
-            docs = run(load, corpus=config.corpus, sources=sources, files=[i["path"] for i in sources.items],
-                       runtime=config.runtime)
+            docs = run(load, **load_inputs(config.corpus, sources), runtime=config.runtime)
             held_out = None
-            if config.shuffle.decontaminate.enabled and config.evaluate.general_corpus:
-                # The evaluation text through the same cached load, so shuffle can keep it out of training.
-                general_cfg = CorpusConfig(paths=config.evaluate.general_corpus, on_bad_record="skip")
-                general_fp = fingerprint_corpus(general_cfg, digest=digests.digest)
-                held_out = run(load, "general-load", True, corpus=general_cfg, sources=general_fp,
-                               files=[i["path"] for i in general_fp.items], runtime=config.runtime)
+            if config.shuffle.decontaminate.enabled and not run.stopped:
+                held_out = run(held_out_stage, None, True, **held_out_inputs(run, config, digests))
             split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs, held_out=held_out)
             tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
                          trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
@@ -135,7 +131,9 @@ def continued_pretraining(
 
             train_chunks, replay = chunks, None
             if config.replay.active and (not run.stopped or until == "chunk"):
-                train_chunks, replay = replay_stages(run, config, tokenizer, chunks, digests, summary)
+                replay_held = None if held_out is None else dict(
+                    general=None, tasks=[], task_files=None, base=held_out, validation=split, docs=docs)
+                train_chunks, replay = replay_stages(run, config, tokenizer, chunks, digests, summary, replay_held)
 
             if not run.stopped:
                 base_model = resolve_model(config.model, digest=digests.digest)
@@ -186,24 +184,40 @@ def continued_pretraining(
     return summary
 
 
+def held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) -> dict[str, Any]:
+    """The held-out stage's inputs: evaluate.general_corpus through the same cached load (general-load) and the
+    evaluation tasks (their names, and the content of local task files)."""
+    general = None
+    if config.evaluate.general_corpus:
+        general_cfg = CorpusConfig(paths=config.evaluate.general_corpus, on_bad_record="skip")
+        general_fp = fingerprint_corpus(general_cfg, digest=digests.digest)
+        general = run(load, "general-load", True, **load_inputs(general_cfg, general_fp), runtime=config.runtime)
+    return dict(general=general, tasks=config.evaluate.tasks,
+                task_files=evaluate_stage.task_fingerprint(config.evaluate))
+
+
 def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, chunks: StageOutput,
-                  digests: DigestMemo, summary: dict[str, Any]) -> tuple[StageOutput, Fingerprint]:
+                  digests: DigestMemo, summary: dict[str, Any], held_inputs: dict[str, Any] | None = None
+                  ) -> tuple[StageOutput, Fingerprint]:
     """Replay text through the same cached stages as the corpus (all of it for training), then the mix stage:
-    the training set with replay. Also warns when the general evaluation corpus shares documents with it."""
+    the training set with replay. Also warns when the general evaluation corpus shares documents with it.
+    `held_inputs` (decontamination on): the replay text, which reaches training too, is kept clear of the
+    domain's held-out text and of its validation split (replay-held-out)."""
     replay_corpus = config.replay.corpus(config.corpus)
     replay = fingerprint_corpus(replay_corpus, digest=digests.digest)
     digests.save()
-    docs = run(load, "replay-load", True, corpus=replay_corpus, sources=replay,
-               files=[i["path"] for i in replay.items], runtime=config.runtime)
+    docs = run(load, "replay-load", True, **load_inputs(replay_corpus, replay), runtime=config.runtime)
+    held_out = run(held_out_stage, "replay-held-out", True, **held_inputs) if held_inputs else None
     split = run(shuffle, "replay-shuffle", True, shuffle=config.shuffle, split=SplitConfig(validation_fraction=0.0),
-                docs=docs)
+                docs=docs, held_out=held_out)
     tokens = run(tokenize, "replay-tokenize", True, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
                  trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
     replay_chunks = run(chunk, "replay-chunk", True, chunk=config.chunk, tokens=tokens, split=split,
                         runtime=config.runtime)
     mixed = run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=chunks,
                 replay_chunks=replay_chunks)
-    summary["warnings"] += contamination_warnings(config.evaluate.general_corpus, docs, run.root)
+    if held_out is None:  # on, replay-shuffle removed those documents from the replay text (counted there)
+        summary["warnings"] += contamination_warnings(config.evaluate.general_corpus, docs, run.root)
     return mixed, replay
 
 

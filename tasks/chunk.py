@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.arrow import IGNORE_INDEX, batch_bounds, read_arrow
+from tasks.arrow import IGNORE_INDEX, batch_bounds, read_arrow, take_rows
 from tasks.core.config import SPLITS, ChunkConfig, ConfigError, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput, combine_digests
@@ -193,7 +193,7 @@ def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int
     lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False)
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for start, end in batch_bounds(lengths[rows], 4096, batch_tokens):
-            docs = tokens.take(pa.array(rows[start:end], pa.int64()))
+            docs = take_rows(tokens, rows[start:end])
             ids = docs.column("input_ids").combine_chunks()
             out = chunk_batch(docs.column("doc_id").combine_chunks(), ids, cfg, bos_id)
             writer.write_batch(pa.RecordBatch.from_arrays(out.columns, schema=schema))

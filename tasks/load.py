@@ -32,8 +32,9 @@ from tasks import near_dedup
 from tasks.core.config import ConfigError, CorpusConfig, NearDedupConfig, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
+from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
-from tasks.arrow import read_arrow
+from tasks.arrow import read_arrow, take_rows
 from tasks.core.stage import Build, publish_piece, stage
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -585,14 +586,16 @@ def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record |
     import pyarrow.parquet as pq
 
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
-    with pq.ParquetFile(path) as pf:
+    # Memory-mapped and not pre-buffered: pre-buffering keeps read column chunks in Arrow's pool (peak anonymous
+    # memory reading 160 MB of row groups of 6 MB: 193 MiB by default, 99 MiB so; bench/readers.py).
+    with pq.ParquetFile(path, memory_map=True, pre_buffer=False) as pf:
         columns = pf.schema_arrow.names
         for k in wanted:
             if k not in columns:
                 yield Reject(f"{name}:1", f"missing field {k!r} (columns: {columns})", "")
                 return
         row = 0
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=wanted):
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=wanted, use_threads=False):
             values, sizes = {}, {}
             for k in wanted:
                 col = batch.column(k)
@@ -621,14 +624,29 @@ def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record |
 FILE_ERRORS = (OSError, ValueError, RecursionError, csv.Error, pa.ArrowException)
 
 
-def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None) -> Iterator[Record | Reject]:
+class ReadPosition:
+    """How far the reader of one file has read, in bytes, for progress: the reader that opens the file sets
+    `file` (a parquet file's reader does not: its progress comes when the file is done)."""
+
+    def __init__(self):
+        self.file: BinaryIO | None = None
+
+    def __call__(self) -> int:
+        try:
+            return self.file.tell() if self.file is not None else 0
+        except (OSError, ValueError):  # closed, or not seekable
+            return 0
+
+
+def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None,
+                     position: ReadPosition | None = None) -> Iterator[Record | Reject]:
     """Records and rejects of one file, in file order. `name` is how sources are written (default: path).
     A file that cannot be read on (a corrupt parquet file, an I/O error) ends with one reject, never an
     exception: the readers reject what they can place at its line, this says `file:1` for the rest."""
     name = name or str(path)
     read = 0
     try:
-        for item in _read_file(path, cfg, name):
+        for item in _read_file(path, cfg, name, position):
             read += 1
             yield item
     except FILE_ERRORS as e:
@@ -640,7 +658,8 @@ def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None) -> 
         yield Reject(f"{name}:1", f"unreadable {kind} file ({what}{rest})", "")
 
 
-def _read_file(path: Path, cfg: CorpusConfig, name: str) -> Iterator[Record | Reject]:
+def _read_file(path: Path, cfg: CorpusConfig, name: str, position: ReadPosition | None = None
+               ) -> Iterator[Record | Reject]:
     suffix = path.suffix.lower()
     if suffix == ".txt" and path.stat().st_size > cfg.max_document_bytes:
         # The file is one document: not read at all.
@@ -657,6 +676,8 @@ def _read_file(path: Path, cfg: CorpusConfig, name: str) -> Iterator[Record | Re
         yield from _read_text(path.read_bytes(), name, cfg)
         return
     with open(path, "rb") as f:
+        if position is not None:
+            position.file = f
         first = _first_byte(f)
         if suffix == ".jsonl" or (suffix == ".json" and first != b"["):
             yield from _read_json_lines(f, name, cfg)
@@ -701,26 +722,34 @@ def _line_no(source: str) -> int:
     return int(source.rsplit(":", 1)[1])
 
 
-def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[str, int]:
+def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path,
+              progress: Progress | None = None) -> dict[str, int]:
     """One corpus file → `out_dir/docs.arrow` (doc_id, text, norm_id, line) + `rejects.jsonl` (line, reason,
     raw); duplicates within the file and too-short documents are dropped and counted. `name` appears only in
     errors: the output holds line numbers, so it depends on the file's content alone. Raises BadRecordError at
-    the first reject under `on_bad_record: fail`."""
+    the first reject under `on_bad_record: fail`. `progress` advances by the file's bytes as they are read."""
     counts = {"files": 1, "records": 0, "documents": 0, "rejected": 0, "duplicates": 0, "too_short": 0,
               "characters": 0}
     seen: set[str] = set()
     batch: dict[str, list] = {"doc_id": [], "text": [], "norm_id": [], "line": []}
     held = 0  # characters of text in `batch` (a lower bound of its bytes)
+    position, reported = ReadPosition(), 0
+    size = path.stat().st_size
     with pa.OSFile(str(out_dir / DOCS_FILE), "wb") as sink, pa.ipc.new_file(sink, PIECE_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "w", encoding="utf-8") as rejects:
 
         def flush():
+            nonlocal reported
             if batch["doc_id"]:
                 writer.write_batch(pa.record_batch(batch, schema=PIECE_SCHEMA))
                 for v in batch.values():
                     v.clear()
+            if progress is not None:
+                now = max(reported, min(position(), size))  # a closed file says 0
+                progress.update(now - reported)
+                reported = now
 
-        for item in read_corpus_file(path, cfg, name):
+        for item in read_corpus_file(path, cfg, name, position):
             counts["records"] += 1
             if isinstance(item, Reject):
                 if cfg.on_bad_record == "fail":
@@ -748,6 +777,8 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path) -> dict[s
                 flush()
                 held = 0
         flush()
+    if progress is not None:
+        progress.update(size - reported)
     return counts
 
 
@@ -767,7 +798,7 @@ def first_copies(index: pa.Table, seen: set[str]) -> pa.Table:
     ids = index.column("doc_id").to_pylist()
     keep = [i for i, d in enumerate(ids) if d not in seen]
     seen.update(ids)
-    return index if len(keep) == len(ids) else index.take(pa.array(keep, pa.int64()))
+    return index if len(keep) == len(ids) else take_rows(index, keep)
 
 
 def copy_rejects(directory: Path, prefix: str, sink) -> None:
@@ -818,7 +849,7 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
 
 def piece_characters(directory: Path, kept: pa.Table) -> int:
     """Characters of the documents `kept` (index rows) of one piece, counted from their texts."""
-    texts = read_arrow(directory / DOCS_FILE).column("text").take(kept.column("row"))
+    texts = take_rows(read_arrow(directory / DOCS_FILE).column("text"), kept.column("row").to_numpy())
     return int(pc.sum(pc.utf8_length(texts)).as_py() or 0)
 
 
@@ -832,7 +863,7 @@ def read_documents(index_file: Path, part_dirs: list[Path], names: list[str] | N
         rows = index.filter(pc.equal(index.column("part"), part))
         if not rows.num_rows:
             continue
-        texts = read_arrow(directory / DOCS_FILE).column("text").take(rows.column("row"))
+        texts = take_rows(read_arrow(directory / DOCS_FILE).column("text"), rows.column("row").to_numpy())
         source = pc.binary_join_element_wise(f"{names[part]}:", pc.cast(rows.column("line"), pa.string()), "")
         tables.append(pa.table([rows.column("doc_id"), texts, rows.column("norm_id"), source], schema=DOC_SCHEMA))
     return pa.concat_tables(tables) if tables else DOC_SCHEMA.empty_table()
@@ -890,7 +921,8 @@ def load_file_key(item: dict[str, Any], corpus: CorpusConfig) -> str:
     return stage_key("load-file", {"corpus": reading_config(corpus), "digest": item["digest"]})
 
 
-def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: ArtifactsRoot) -> tuple[StageOutput, bool]:
+def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: ArtifactsRoot,
+                     progress: Progress | None = None) -> tuple[StageOutput, bool]:
     """One file's output, content-addressed by the file's digest and the reading config: a new drop reads
     only its own files, wherever it lands. Returns (output, reused)."""
     key = load_file_key(item, corpus)
@@ -899,22 +931,28 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: Artifacts
         # The key promised this content; a file changed since fingerprinting must not be cached under it.
         if hash_file(item["path"]) != item["digest"]:
             raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
-        return load_file(Path(item["path"]), item["path"], corpus, tmp), {}
+        return load_file(Path(item["path"]), item["path"], corpus, tmp, progress), {}
 
-    return publish_piece(root, "load-file", key, build)
+    return publish_piece(root, "load-file", key, build, progress, item.get("bytes", 0))
 
 
 register_code_version("load-file", 1, [load_file_cached], ["pyarrow"])
 register_code_version("load-content", 2, [assemble_documents, merge_counts], ["pyarrow", "numpy"])
 
 
-def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: ArtifactsRoot, runtime=None):
+def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: ArtifactsRoot, runtime=None,
+                progress: Progress | None = None):
     """Every file's piece, in a location-free order (by piece key, then path): the assembled corpus, its
-    duplicates and part numbers are the same wherever the files sit. Returns [(item, output, reused)]."""
-    from tasks.core.fanout import map_pieces
+    duplicates and part numbers are the same wherever the files sit. Returns [(item, output, reused)].
+    `progress` counts bytes: as they are read here, or a file's whole size as its piece comes back from a
+    task runner (a piece built elsewhere cannot reach this process's bar)."""
+    from tasks.core.fanout import map_pieces, runs_here
 
-    done = map_pieces(load_file_cached, [{"item": item, "corpus": corpus, "root": root} for item in items],
-                      runtime, "load-file")
+    here = runs_here(runtime, len(items))
+    calls = [{"item": item, "corpus": corpus, "root": root, **({"progress": progress} if here else {})}
+             for item in items]
+    done = map_pieces(load_file_cached, calls, runtime, "load-file",
+                      on_done=None if here or progress is None else lambda i, _: progress.update(items[i].get("bytes", 0)))
     pieces = [(item, *result) for item, result in zip(items, done)]
     return sorted(pieces, key=lambda p: (p[1].key, p[0]["path"]))
 
@@ -935,10 +973,11 @@ class Docs(StageOutput):
     def norm_ids(self, root: ArtifactsRoot) -> set[str]:
         return set(pc.unique(self.index(root, ["norm_id"]).column("norm_id")).to_pylist())
 
-    def text_reader(self, root: ArtifactsRoot) -> Callable[[int], str]:
-        """The text of the index's row i, read from its memory-mapped piece when asked (one text at a time in
-        memory, each piece opened once)."""
-        index = self.index(root, ["part", "row"])
+    def text_reader(self, root: ArtifactsRoot, rows: pa.Table | None = None) -> Callable[[int], str]:
+        """The text of the index's row i (or of `rows`' row i: a table of `part` and `row`, such as a split of
+        shuffle's), read from its memory-mapped piece when asked (one text at a time in memory, each piece
+        opened once)."""
+        index = rows if rows is not None else self.index(root, ["part", "row"])
         part, row = index.column("part").to_numpy(), index.column("row").to_numpy()
         columns: dict[int, pa.ChunkedArray] = {}
 
@@ -1014,13 +1053,12 @@ def signature_key(piece: StageOutput, cfg: NearDedupConfig) -> str:
                                         "backend": near_dedup.BACKEND})
 
 
-def signature_piece(piece: StageOutput, docs_file: Path, cfg: NearDedupConfig, root: ArtifactsRoot
-                    ) -> tuple[StageOutput, bool]:
-    """The MinHash signatures of one load-file piece's documents (`docs_file`: its doc_id/text table), in its
-    row order."""
+def signature_piece(piece: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot) -> tuple[StageOutput, bool]:
+    """The MinHash signatures of one load-file piece's documents, in its row order. Its texts are read (fetched,
+    on a worker that did not build the piece) only when the signatures are missing."""
 
     def build(tmp: Path):
-        texts = read_arrow(docs_file).column("text").to_pylist()
+        texts = read_arrow(piece_docs_file(root, piece.path)).column("text").to_pylist()
         sigs = near_dedup.signatures(texts, cfg.num_perm, cfg.shingle_chars, cfg.seed)
         np.save(tmp / SIGNATURES_FILE, sigs)
         return {"documents": len(texts)}, {}
@@ -1040,8 +1078,8 @@ def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: Nea
     same fan-out as load's (`runtime`), one per file."""
     from tasks.core.fanout import map_pieces
 
-    done = map_pieces(signature_piece, [{"piece": piece, "docs_file": f, "cfg": cfg, "root": root}
-                                        for piece, f in zip(pieces, docs_files)], runtime, "near-dedup-sig")
+    done = map_pieces(signature_piece, [{"piece": piece, "cfg": cfg, "root": root} for piece in pieces], runtime,
+                      "near-dedup-sig")
     docs = docs or [read_arrow(f) for f in docs_files]
     out = [(table.column("doc_id").to_pylist(), np.load(sig.dir(root) / SIGNATURES_FILE))
            for table, (sig, _) in zip(docs, done)]
@@ -1097,17 +1135,63 @@ def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None)
     return [rank.get(str(Path(f).resolve()), len(corpus.paths)) for f in files]
 
 
+# Bytes the data stages write per corpus byte, at most: load's pieces ~1.0, tokens 0.4 (uint16) to 0.9 (uint32),
+# chunks 0.7 to 1.4 at a 50% overlap (bench.scale) — 3.3 with the widest ids, rounded up.
+WRITTEN_PER_CORPUS_BYTE = 3.5
+
+
+def disk_shortfall(folder: Path, corpus_bytes: int) -> str | None:
+    """A warning when the artifacts' disk may not hold what the data stages write for this corpus: said before
+    hours of tokenizing, not as a full disk at the end (files built before are not written again, so this is
+    an upper bound)."""
+    import shutil
+
+    need = int(corpus_bytes * WRITTEN_PER_CORPUS_BYTE)
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return None
+    if free >= need:
+        return None
+    return (f"load: the data stages may write up to {need / 1e9:,.1f} GB under {folder} "
+            f"({WRITTEN_PER_CORPUS_BYTE}× the {corpus_bytes / 1e9:,.1f} GB of corpus files, less what is cached) "
+            f"and {free / 1e9:,.1f} GB is free there")
+
+
+def load_inputs(corpus: CorpusConfig, sources: Fingerprint) -> dict[str, Any]:
+    """load's inputs for `corpus` and its fingerprint `sources`: the files, and with near-dedup on each file's
+    rank (`path_ranks`: which document of a group is kept follows it, so it is in the key; corpus.paths itself
+    is not, and reordering it over the same files must not serve the old keep-choice)."""
+    files = [i["path"] for i in sources.items]
+    return dict(corpus=corpus, sources=sources, files=files,
+                ranks=path_ranks(corpus, files) if corpus.near_dedup.enabled else None)
+
+
 @stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
-def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str], runtime: RuntimeConfig | None = None):
+def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str],
+         runtime: RuntimeConfig | None = None, ranks: list[int] | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
-    what the stages below see is the output's `content`: the pieces it was made of, not their paths."""
-    pieces = load_pieces(sources.items, corpus, build.root, runtime)
+    `ranks` their ranks, with near-dedup on (`load_inputs` makes both). What the stages below see is the
+    output's `content`: the pieces it was made of, not their paths."""
+    if corpus.near_dedup.enabled and (ranks is None or len(ranks) != len(files)):
+        raise ValueError("load: corpus.near_dedup is on, so each file's rank must be an input (load_inputs)")
+    total = sum(item.get("bytes", 0) for item in sources.items)
+    short = disk_shortfall(build.root.local, total)
+    if short:
+        build.log.warning(short)
+    with Progress(total, "load", unit="B") as progress:
+        pieces = load_pieces(sources.items, corpus, build.root, runtime, progress)
     parts = [out for _, out, _ in pieces]
     near = None
     if corpus.near_dedup.enabled:
         names = [item["path"] for item, _, _ in pieces]
+        rank_of = dict(zip(files, ranks))
         near = near_dedup_rows(parts, [p.dir(build.root) / DOCS_FILE for p in parts], names,
-                               path_ranks(corpus, names), corpus.near_dedup, build.root, runtime)
+                               [rank_of[n] for n in names], corpus.near_dedup, build.root,
+                               runtime)
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
                                    build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts],
                                    near.doc_ids if near else None)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.arrow import labelled_lengths
+from tasks.arrow import labelled_lengths, take_rows
 from tasks.chunk import Chunks, chunk_arrow_schema, link_or_copy, write_dataset_dict
 from tasks.core.config import SPLITS, ReplayConfig, ShuffleConfig
 from tasks.core.report import run_logger
@@ -79,7 +79,7 @@ def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Pa
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for s in range(0, len(rows), batch_rows):
             block = rows[s:s + batch_rows]
-            taken = pool.take(pa.array(block, pa.int64())).select(schema.names).combine_chunks()
+            taken = take_rows(pool, block).select(schema.names).combine_chunks()
             if keep_last and s + batch_rows >= len(rows):
                 last = taken.slice(len(block) - 1)
                 cut = last.column("trained_from")[0].as_py() + keep_last

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from tasks.arrow import take_rows
 from tasks.core.config import SPLITS, ConfigError, DecontaminateConfig, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
 from tasks.near_dedup import ContaminationIndex
@@ -30,6 +32,7 @@ from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
 if TYPE_CHECKING:
+    from tasks.held_out import HeldOut
     from tasks.load import Docs
 
 _WRITE_BATCH = 2048
@@ -90,7 +93,7 @@ def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
     """The rows `indices` of `table`, in that order, with the table's own columns."""
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for start in range(0, len(indices), _WRITE_BATCH):
-            writer.write_table(table.take(pa.array(indices[start : start + _WRITE_BATCH])))
+            writer.write_table(take_rows(table, indices[start : start + _WRITE_BATCH]))
 
 
 class Split(StageOutput):
@@ -114,39 +117,52 @@ class Split(StageOutput):
         return lines
 
 
-def held_out_texts(held_out: Docs | None, root: ArtifactsRoot) -> list[tuple[str, str]]:
-    """(text, source) of every document of the held-out text (evaluate.general_corpus, loaded by load)."""
-    if held_out is None:
-        return []
-    table = held_out.documents(root).select(["text", "source"])  # a small evaluation corpus
-    return [(t, f"evaluate.general_corpus ({s})") for t, s in zip(table.column("text").to_pylist(),
-                                                                  table.column("source").to_pylist())]
-
-
 def decontaminate(train: np.ndarray, text_of: Callable[[int], str], validation: np.ndarray,
-                  held_out: list[tuple[str, str]], cfg: DecontaminateConfig) -> tuple[np.ndarray, dict[str, int]]:
+                  held_out: Iterable[tuple[str, str]], cfg: DecontaminateConfig,
+                  batch_chars: int = 1 << 24) -> tuple[np.ndarray, dict[str, int]]:
     """`train` less the rows whose text shares a long span with a validation text or a held-out text, and how
-    many were removed per source matched. Validation and the held-out texts are never changed."""
+    many were removed per source matched. Validation and the held-out texts are never changed. What is held:
+    the held-out grams (`ContaminationIndex`, 10 bytes a gram, about two a held-out character), one byte a
+    training row, and training texts of about `batch_chars` characters at a time."""
     index = ContaminationIndex(cfg.min_words, cfg.min_chars)
     for r in validation.tolist():
         index.add(text_of(r), "validation split")
     for text, source in held_out:
         index.add(text, source)
-    keep, matched = [], {}
-    for r in train.tolist():
-        source = index.match(text_of(r)) if len(index) else None
-        if source is None:
-            keep.append(r)
-        else:
-            key = source.split(" (")[0]
-            matched[key] = matched.get(key, 0) + 1
-    return np.array(keep, dtype=train.dtype), matched
+    if not len(index):
+        return train, {}
+    keep = np.ones(len(train), dtype=bool)
+    matched: dict[str, int] = {}
+    batch: list[str] = []
+    start = size = 0
+
+    def check() -> None:
+        for k, source in enumerate(index.match_many(batch)):
+            if source is not None:
+                keep[start + k] = False
+                label = source.split(" (")[0]
+                matched[label] = matched.get(label, 0) + 1
+
+    for i in range(len(train)):
+        batch.append(text_of(int(train[i])))
+        size += len(batch[-1])
+        if size >= batch_chars:
+            check()
+            batch, start, size = [], i + 1, 0
+    check()
+    return train[keep], matched
+
+
+def count_name(source: str) -> str:
+    """`decontaminated_by_<source>`: the source's label with every run of other characters as one `_`."""
+    return "decontaminated_by_" + re.sub(r"[^0-9A-Za-z]+", "_", source).strip("_")
 
 
 @stage("shuffle", version=1, output=Split, libraries=["numpy", "pyarrow"])
-def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs, held_out: Docs | None = None):
-    """`held_out`: evaluation text (evaluate.general_corpus, through load) training must not contain; used only
-    when shuffle.decontaminate is on."""
+def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs, held_out: HeldOut | None = None):
+    """`held_out`: evaluation text training must not contain (the held-out stage: evaluate.general_corpus, the
+    evaluation tasks' documents, for the replay text the domain's validation split); used only when
+    shuffle.decontaminate is on. Its content is in this stage's key."""
     # Only where each document lives goes on (no text, no path): tokenize reads the per-file outputs.
     table = docs.index(build.root, ["doc_id", "norm_id", "part", "row"])
     doc_ids, norm_ids = table.column("doc_id").to_pylist(), table.column("norm_id").to_pylist()
@@ -155,9 +171,10 @@ def shuffle(build: Build, shuffle: ShuffleConfig, split: SplitConfig, docs: Docs
     counts = {"validation_copies_held_out": held_out_copies}
     if shuffle.decontaminate.enabled:
         parts["train"], matched = decontaminate(parts["train"], docs.text_reader(build.root), parts["validation"],
-                                                held_out_texts(held_out, build.root), shuffle.decontaminate)
+                                                held_out.texts(build.root) if held_out is not None else (),
+                                                shuffle.decontaminate)
         counts["decontaminated"] = sum(matched.values())
-        counts.update({f"decontaminated_by_{k.replace(' ', '_').replace('.', '_')}": v for k, v in matched.items()})
+        counts.update({count_name(k): v for k, v in matched.items()})
     for name in SPLITS:
         write_split(table, parts[name], build.tmp / f"{name}.arrow")
         counts[f"{name}_documents"] = len(parts[name])

@@ -179,3 +179,37 @@ def test_chunk_rows_streams_in_bounded_batches_with_the_same_rows(tmp_path):
         shards[budget] = (pa.Table.from_batches(batches, reader.schema).to_pylist(), len(batches), c)
     assert shards[500][0] == shards[1 << 20][0] and shards[500][2] == shards[1 << 20][2]
     assert shards[1 << 20][1] == 1 and shards[500][1] >= sum(map(len, docs)) // 800
+
+
+def test_taking_rows_of_a_memory_mapped_file_copies_only_those_rows(tmp_path):
+    """Arrow's take joins a chunked column before taking: on a token file that is the whole file in memory per
+    batch of windows. take_rows must give the same rows while allocating about what it took."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tasks.arrow import read_arrow, take_rows
+
+    path = tmp_path / "tokens.arrow"
+    schema = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.uint16()))])
+    rng = np.random.default_rng(0)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for b in range(60):  # 60 record batches of 200 documents × 500 tokens: 12 MB of ids
+            offsets = np.arange(0, 200 * 500 + 1, 500, dtype=np.int32)
+            values = rng.integers(0, 16_000, 200 * 500).astype(np.uint16)
+            writer.write_batch(pa.record_batch([pa.array([f"d{b}-{i}" for i in range(200)]),
+                                                pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))],
+                                               schema=schema))
+    table = read_arrow(path)
+    rows = rng.permutation(table.num_rows)[:300]
+    pool = pa.system_memory_pool()  # used by nothing else here: its high-water mark is this call's
+    taken = take_rows(table, rows, pool)
+    assert taken.to_pylist() == [table.slice(int(r), 1).to_pylist()[0] for r in rows]
+    column_bytes = table.column("input_ids").nbytes
+    assert pool.max_memory() < column_bytes / 4, (pool.max_memory(), column_bytes)
+    # The library's own take on the same rows joins the column first (what take_rows avoids).
+    pc.take(table, pa.array(rows), memory_pool=pool)
+    assert pool.max_memory() > column_bytes / 2
+    texts = take_rows(table.column("doc_id"), rows)
+    assert texts.to_pylist() == [f"d{r // 200}-{r % 200}" for r in rows]
+    assert take_rows(table, np.array([], dtype=np.int64)).num_rows == 0

@@ -447,3 +447,74 @@ def test_the_assembled_output_refers_to_the_pieces_and_copies_no_text(tmp_path):
     assert (tmp_path / "out" / INDEX_FILE).stat().st_size < text_bytes / 20
     assert counts["duplicates"] == 1 and counts["characters"] == sum(map(len, table.column("text").to_pylist()))
     assert table.column("source").to_pylist()[:2] == ["0.jsonl:1", "0.jsonl:2"]
+
+
+class _Counter:
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def update(self, n: int) -> None:
+        self.steps.append(n)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_load_reports_its_progress_in_bytes_while_it_reads_one_file(tmp_path, monkeypatch, suffix):
+    """A 100 GB file must not sit at 0% until it is done: progress advances by bytes read within the file."""
+    import csv
+
+    import tasks.load as load_mod
+
+    monkeypatch.setattr(load_mod, "_WRITE_BATCH", 50)
+    monkeypatch.setattr(load_mod, "_BLOCK", 32 << 10)
+    monkeypatch.setattr(load_mod, "_TEXT_BLOCK", 32 << 10)
+    docs = [f"문서 {i}: 진료 기록과 처방 내용이 여기에 길게 적혀 있습니다. " * 8 for i in range(1500)]
+    path = tmp_path / f"corpus{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, [{"content": d} for d in docs])
+    elif suffix == ".json":
+        path.write_text(json.dumps([{"content": d} for d in docs], ensure_ascii=False), encoding="utf-8")
+    else:
+        with path.open("w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["content"])
+            w.writerows([d] for d in docs)
+    out = tmp_path / "out"
+    out.mkdir()
+    counter = _Counter()
+    counts = load_mod.load_file(path, str(path), CorpusConfig(paths=[str(path)]), out, counter)
+    assert counts["documents"] == 1500
+    assert sum(counter.steps) == path.stat().st_size
+    assert all(n >= 0 for n in counter.steps)
+    # Many steps inside the one file, the first well before its end.
+    assert len([n for n in counter.steps if n]) >= 5, counter.steps
+    assert counter.steps[0] < path.stat().st_size / 2
+
+
+def test_a_long_stage_logs_how_far_it_is_with_rate_and_time_left(caplog, monkeypatch):
+    import logging
+    import time
+
+    from tasks.core.report import Progress
+
+    monkeypatch.setenv("CPT_NO_PROGRESS", "1")
+    with caplog.at_level(logging.INFO, logger="cpt"):
+        with Progress(4_000_000_000, "load", unit="B", log_every=0.01) as p:
+            time.sleep(0.02)
+            p.update(1_000_000_000)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("load:")]
+    assert lines and "1.0 GB of 4.0 GB (25%)" in lines[0] and "/s, about" in lines[0] and "left" in lines[0], lines
+
+
+def test_a_corpus_the_artifacts_disk_may_not_hold_is_said_before_reading(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from tasks.load import WRITTEN_PER_CORPUS_BYTE, disk_shortfall
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 50 * 10**9))
+    corpus = 100 * 10**9
+    warning = disk_shortfall(tmp_path / "not-made-yet", corpus)
+    assert warning and str(tmp_path / "not-made-yet") in warning and "50.0 GB is free" in warning
+    assert f"{corpus * WRITTEN_PER_CORPUS_BYTE / 1e9:,.1f} GB" in warning
+    assert disk_shortfall(tmp_path, 10 * 10**9) is None

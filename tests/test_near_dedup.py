@@ -3,6 +3,7 @@ them, settings never re-read files and off changes nothing; decontamination keep
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
@@ -14,6 +15,7 @@ from tasks import near_dedup as nd
 from tasks.arrow import read_arrow
 from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig, ShuffleConfig, SplitConfig
 from tasks.core.root import open_root
+from tasks.load import doc_id_of
 
 ON = {"near_dedup": {"enabled": True}}
 
@@ -24,11 +26,11 @@ def reexport(text: str, i: int) -> str:
 
 
 def run_load(artifacts, paths, **corpus):
-    from tasks.load import fingerprint_corpus, load
+    from tasks.load import fingerprint_corpus, load, load_inputs
 
     cfg = CorpusConfig(paths=[str(p) for p in paths], **corpus)
     sources = fingerprint_corpus(cfg)
-    return load.fn(corpus=cfg, sources=sources, files=[i["path"] for i in sources.items], artifacts=str(artifacts))
+    return load.fn(**load_inputs(cfg, sources), artifacts=str(artifacts))
 
 
 def kept_ids(artifacts, docs) -> set[str]:
@@ -106,12 +108,14 @@ def test_the_drop_gate_rejects_a_reexported_drop_as_duplicates(tmp_path, texts, 
 
 
 def shuffle_with(tmp_path, texts, held_out_texts=None, enabled=True):
+    from tasks.held_out import held_out
     from tasks.shuffle import shuffle
 
     art = tmp_path / "art"
     docs = run_load(art, [write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts])])
-    held = run_load(art, [write_jsonl(tmp_path / "g" / "g.jsonl", [{"content": t} for t in held_out_texts])]) \
+    general = run_load(art, [write_jsonl(tmp_path / "g" / "g.jsonl", [{"content": t} for t in held_out_texts])]) \
         if held_out_texts else None
+    held = held_out.fn(general=general, tasks=[], task_files=None, artifacts=str(art)) if general else None
     out = shuffle.fn(shuffle=ShuffleConfig(decontaminate=DecontaminateConfig(enabled=enabled)),
                      split=SplitConfig(validation_fraction=0.2), docs=docs, held_out=held, artifacts=str(art))
     root = open_root(art)
@@ -251,3 +255,117 @@ def test_every_member_of_a_band_bucket_is_paired_with_those_before_it():
     i, j, sim = nd.similar_pairs(sigs, 0.8)
     assert sorted(zip(i.tolist(), j.tolist())) == [(1, 4), (1, 7), (1, 9), (2, 11), (4, 7), (4, 9), (7, 9)]
     assert np.allclose(sim, 120 / 128)
+
+
+def test_gram_hashes_are_the_polynomial_of_each_window_across_blocks():
+    # Prefixes are computed a block at a time: windows across a block's edge, and longer than a block, too.
+    v = np.random.default_rng(0).integers(1, 1 << 20, size=3 * nd._BLOCK).astype(np.uint64)
+    starts = np.array([0, 5, nd._BLOCK - 6, nd._BLOCK, 2 * nd._BLOCK + 7])
+    ends = starts + np.array([nd._BLOCK + 9, 10, 12, 3, 100])
+    m = nd._GRAM_MULT
+    for s, e, h in zip(starts, ends, nd._window_hashes(v, starts, ends)):
+        ref = 0
+        for x in v[s:e].tolist():
+            ref = (ref * m + x) % (1 << 64)
+        assert int(h) == ref, (s, e)
+
+
+def test_a_planted_task_document_never_reaches_training(tmp_path, texts):
+    """A local lm-eval task (cpt make-cloze-task's YAML + JSON lines) is read from its data file: a training
+    document quoting one of its sentences is removed and counted under the task's name."""
+    from tasks.core.config import EvaluateConfig
+    from tasks.evaluate import task_fingerprint, write_cloze_task
+    from tasks.held_out import held_out
+    from tasks.shuffle import shuffle
+
+    yaml_file = write_cloze_task(texts[250:290], tmp_path / "tasks", "planted_cloze", n=20)
+    items = [json.loads(x) for x in (tmp_path / "tasks" / "planted_cloze.jsonl").read_text().splitlines()]
+    quoted = max((c for it in items for c in it["choices"]), key=len)
+    assert len(quoted) >= 60
+    planted = f"{texts[200]}\n{quoted}\n{texts[201]}"
+    art = tmp_path / "art"
+    docs = run_load(art, [write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts[:120] + [planted]])])
+    tasks = [str(yaml_file)]
+    held = held_out.fn(general=None, tasks=tasks, task_files=task_fingerprint(EvaluateConfig(tasks=tasks)),
+                       artifacts=str(art))
+    assert held.counts["documents_from_evaluate_tasks_planted_cloze"] == len(items)
+    assert held.counts["tasks_not_checked"] == 0
+    out = shuffle.fn(shuffle=ShuffleConfig(decontaminate=DecontaminateConfig(enabled=True)),
+                     split=SplitConfig(validation_fraction=0.1), docs=docs, held_out=held, artifacts=str(art))
+    root = open_root(art)
+    table = docs.documents(root)
+    text_of = dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
+    train = [text_of[d] for d in read_arrow(out.split_file(root, "train")).column("doc_id").to_pylist()]
+    validation = [text_of[d] for d in read_arrow(out.split_file(root, "validation")).column("doc_id").to_pylist()]
+    assert planted not in train
+    if planted not in validation:  # a planted document may draw validation itself: never changed
+        assert out.counts["decontaminated_by_evaluate_tasks_planted_cloze"] >= 1
+    # The task's content is the held-out stage's, and so in shuffle's key: an edited task data file is another
+    # key; decontamination off, none of it is.
+    data = tmp_path / "tasks" / "planted_cloze.jsonl"
+    data.write_text(data.read_text() + json.dumps({**items[0], "context": "새 문항의 문맥입니다."}) + "\n")
+    edited = held_out.fn(general=None, tasks=tasks, task_files=task_fingerprint(EvaluateConfig(tasks=tasks)),
+                         artifacts=str(art))
+    assert edited.content != held.content
+    cfg = ShuffleConfig(decontaminate=DecontaminateConfig(enabled=True))
+    keys = {shuffle.fn(shuffle=c, split=SplitConfig(validation_fraction=0.1), docs=docs, held_out=h,
+                       artifacts=str(art)).key for c, h in ((cfg, held), (cfg, edited))}
+    assert len(keys) == 2
+
+
+@pytest.mark.slow  # lm-eval's TaskManager indexes its registry (15-20 s)
+def test_a_task_whose_data_is_not_at_hand_is_reported_not_checked(tmp_path, texts):
+    from tasks.held_out import held_out
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "remote.yaml").write_text(
+        "task: remote_only\ndataset_path: cpt-test-org/no-such-dataset\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+        "metric_list:\n  - metric: acc\n", encoding="utf-8")
+    out = held_out.fn(general=None, tasks=[str(tmp_path / "t" / "remote.yaml")], task_files=None,
+                      artifacts=str(tmp_path / "art"))
+    assert out.counts["tasks_not_checked"] == 1 and "remote_only" in out.meta["tasks_not_checked"]
+    assert any("remote_only" in line and "NOT checked" in line for _, line in out.summary(open_root(tmp_path / "art")))
+
+
+def test_reordered_paths_over_the_same_files_change_the_keep_choice_and_the_key(tmp_path, texts):
+    """Which copy is kept follows corpus.paths' order (the line's older entry): the same files listed the other
+    way round keep the other copy, under another key, never the cached choice of the first order."""
+    art = tmp_path / "art"
+    write_jsonl(tmp_path / "a" / "a.jsonl", [{"content": t} for t in texts[:30]])
+    write_jsonl(tmp_path / "b" / "b.jsonl", [{"content": reexport(t, i)} for i, t in enumerate(texts[:10])])
+    ab = run_load(art, [tmp_path / "a", tmp_path / "b"], **ON)
+    ba = run_load(art, [tmp_path / "b", tmp_path / "a"], **ON)
+    assert ab.key != ba.key and ab.content != ba.content
+    originals = {doc_id_of(t) for t in texts[:10]}
+    assert not originals - kept_ids(art, ab)  # a first: its documents kept
+    assert originals & kept_ids(art, ba) == set()  # b first: its re-exports kept, a's originals removed
+    assert ab.counts["near_duplicates"] == ba.counts["near_duplicates"] >= 9
+
+
+def test_side_by_side_grams_hash_as_every_gram_does():
+    """A training text's check takes grams side by side (a reshape); they must equal the held-out side's
+    grams at those positions, in both units."""
+    text = nd.normalise(" ".join(sample_texts()[:3]) + " the quick brown fox jumps over the lazy dog " * 5)
+    cps = nd._codes(text)
+    for unit, g in (("c", 25), ("w", 6)):
+        every = nd._gram_hashes(cps, unit, g)
+        assert np.array_equal(nd._gram_hashes(cps, unit, g, g), every[::g]), unit
+
+
+def test_decontamination_in_small_batches_removes_the_same_rows(texts):
+    """Training texts are checked a batch at a time: every batch size removes the same rows, counted alike."""
+    from tasks.shuffle import decontaminate
+
+    held = [(texts[300], "evaluate.general_corpus"), (texts[301], "evaluate.tasks t")]
+    train = list(texts[:60])
+    for i, src in ((5, 300), (33, 301), (59, 300)):
+        train[i] = f"{train[i]}\n{texts[src][10:100]}"
+    rows = np.arange(60)[::-1].copy()  # rows in another order than the texts': the batch offsets must hold
+    cfg = DecontaminateConfig(enabled=True)
+    results = [decontaminate(rows, train.__getitem__, np.array([], np.int64), held, cfg, batch_chars=b)
+               for b in (1 << 24, 1, 700)]
+    for keep, matched in results:
+        assert sorted(set(range(60)) - set(keep.tolist())) == [5, 33, 59]
+        assert matched == {"evaluate.general_corpus": 2, "evaluate.tasks t": 1}
+        assert keep.tolist() == [r for r in rows.tolist() if r not in (5, 33, 59)]  # the order kept

@@ -199,8 +199,10 @@ class DecontaminateConfig(Section):
 
     enabled: bool = Field(
         False, description="Remove training documents that share a span of `min_words` words (or `min_chars` "
-        "characters of Korean text) with the validation split or evaluate.general_corpus; counted as "
-        "decontaminated with the source matched."
+        "characters of Korean text) with the validation split, evaluate.general_corpus or the documents of "
+        "evaluate.tasks (local data files, or registry tasks in the datasets cache; a task whose data is not at "
+        "hand is reported as not checked), from the corpus and from the replay text (which is also kept clear of "
+        "the validation split); counted as decontaminated_by_<source>."
     )
     min_words: int = Field(13, ge=4, description="Shared span in words that marks contamination (English-like "
                            "text; 13 as in GPT-3/OLMo decontamination).")

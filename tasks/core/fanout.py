@@ -82,11 +82,17 @@ def one_runner_per_run(runtime: RuntimeConfig | None):
         holder.stack.close()
 
 
+def runs_here(runtime: RuntimeConfig | None, n: int) -> bool:
+    """Whether `map_pieces` runs `n` calls in this process (so a call may carry what cannot travel, such as a
+    progress bar) rather than on a task runner."""
+    return runtime is None or runtime.task_runner == "sequential" or n < 2
+
+
 def map_pieces(fn: Callable, calls: list[dict[str, Any]], runtime: RuntimeConfig | None, name: str,
                on_done: Callable[[int, Any], None] | None = None) -> list:
     """[fn(**call) for call in calls], in order; `on_done(index, result)` as each finishes."""
     scope = current_scope()
-    if runtime is None or runtime.task_runner == "sequential" or len(calls) < 2:
+    if runs_here(runtime, len(calls)):
         results = []
         for i, call in enumerate(calls):
             fence.check()  # the stage's own lease lapsed: the rest of its pieces are not its to build

@@ -34,18 +34,23 @@ def run_logger():
 
 
 class Progress:
-    """tqdm in the terminal and a Prefect progress artifact in the UI, updated at most every `every` s."""
+    """How far a stage is: tqdm in the terminal, a Prefect progress artifact in the UI (updated at most every
+    `every` s) and, for a stage that runs long, a log line every `log_every` s with the rate and the time left,
+    so a run on a worker (no terminal, no UI open) still says how far along it is.
+    `unit="B"` counts bytes and prints them scaled (MB, GB)."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", every: float = 2.0):
+    def __init__(self, total: int, desc: str, unit: str = "it", every: float = 2.0, log_every: float | None = None):
         from tqdm.auto import tqdm
 
         self.total = max(total, 1)
         self.done = 0
         self.desc = desc
+        self.unit = unit
         self.every = every
-        self._last = 0.0
-        self._bar = tqdm(total=total, desc=desc, unit=unit, disable=os.environ.get("CPT_NO_PROGRESS") == "1",
-                         dynamic_ncols=True, leave=False)
+        self.log_every = float(os.environ.get("CPT_PROGRESS_LOG_SECONDS", 60.0)) if log_every is None else log_every
+        self._start = self._last = self._logged = time.monotonic()
+        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
+                         disable=os.environ.get("CPT_NO_PROGRESS") == "1", dynamic_ncols=True, leave=False)
         self._artifact = None
         if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
@@ -59,12 +64,34 @@ class Progress:
         if self._artifact is not None and now - self._last >= self.every:
             self._push()
             self._last = now
+        if self.log_every > 0 and now - self._logged >= self.log_every and self.done < self.total:
+            run_logger().info(self.status(now))
+            self._logged = now
+
+    def _amount(self, n: float) -> str:
+        if self.unit == "B":
+            for scale, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+                if n >= scale:
+                    return f"{n / scale:,.1f} {name}"
+            return f"{n:,.0f} B"
+        return f"{n:,.0f} {self.unit}"
+
+    def status(self, now: float | None = None) -> str:
+        """`desc: done/total (pct), rate, about T left`, the rate over the whole stage so far."""
+        elapsed = max((now or time.monotonic()) - self._start, 1e-9)
+        done = min(self.done, self.total)
+        text = f"{self.desc}: {self._amount(done)} of {self._amount(self.total)} ({100.0 * done / self.total:.0f}%)"
+        if done:
+            rate = done / elapsed
+            left = (self.total - done) / rate
+            text += f", {self._amount(rate)}/s, about {_duration(left)} left"
+        return text
 
     def _push(self) -> None:
         from prefect.artifacts import update_progress_artifact
 
         update_progress_artifact(self._artifact, min(100.0, 100.0 * self.done / self.total),
-                                 description=f"{self.desc}: {self.done}/{self.total}")
+                                 description=self.status())
 
     def close(self) -> None:
         self._bar.close()
@@ -77,6 +104,15 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {round(seconds % 3600 / 60)} min"
 
 
 def artifact_key(*parts: str) -> str:

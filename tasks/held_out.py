@@ -1,0 +1,228 @@
+"""held-out: the evaluation text training must not contain, gathered in one place for shuffle's
+decontamination (shuffle.decontaminate): evaluate.general_corpus (through load), the documents of the evaluation
+tasks (evaluate.tasks) and, for the replay text (which reaches training through mix), the domain's validation
+split.
+
+A task's documents: a local task YAML that reads local data files (`dataset_kwargs.data_files`) is read from
+them (every record, whatever the split: few-shot examples are evaluation text too), without lm-eval; a registry
+task (or a YAML that names no local file) through lm-eval's TaskManager and its `eval_docs`, from the datasets
+cache: nothing is downloaded here, and a task whose data is not at hand is reported as not checked (a warning
+naming it), never a failure. A document's text is its string fields in order (question, passage, choices),
+joined, so a span that runs from a question into its answer is found too.
+
+The output's content is the digest of the texts and their sources, so shuffle reruns only when the held-out
+text itself changes (not when a task's metric or prompt template does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from tasks.arrow import read_arrow
+from tasks.core.config import local_task_data, local_task_files, read_task_yaml, task_path_like
+from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.root import ArtifactsRoot
+from tasks.core.stage import Build, stage
+
+if TYPE_CHECKING:
+    from tasks.load import Docs
+    from tasks.shuffle import Split
+
+HELD_OUT_FILE = "held_out.arrow"
+SCHEMA = pa.schema([("text", pa.large_string()), ("source", pa.string())])
+_BATCH = 1024
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets builders that read data_files only
+
+
+class HeldOut(StageOutput):
+    """held-out's output: `held_out.arrow` (text, source), one row a held-out document."""
+
+    def held_out_file(self, root: ArtifactsRoot) -> Path:
+        return self.dir(root) / HELD_OUT_FILE
+
+    def texts(self, root: ArtifactsRoot) -> Iterator[tuple[str, str]]:
+        """(text, source) of every held-out document, a record batch at a time from the memory-mapped file."""
+        for batch in read_arrow(self.held_out_file(root)).to_batches(_BATCH):
+            yield from zip(batch.column("text").to_pylist(), batch.column("source").to_pylist())
+
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
+        c = self.counts
+        lines = [(logging.INFO, f"{c['documents']} held-out documents (" + ", ".join(
+            f"{k.removeprefix('documents_from_')}: {v}" for k, v in c.items() if k.startswith("documents_from_"))
+            + ")")]
+        for name, why in self.meta.get("tasks_not_checked", {}).items():
+            lines.append((logging.WARNING, f"evaluate.tasks {name!r}: its data is not at hand, so training is NOT "
+                          f"checked against it ({why})"))
+        return lines
+
+
+def doc_text(doc: Any) -> str:
+    """The string fields of a task document (nested lists and mappings too), in order, one a line."""
+    out: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            if v.strip():
+                out.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(doc)
+    return "\n".join(out)
+
+
+def local_task_docs(yaml_file: Path) -> tuple[str, list[Path]] | None:
+    """(the task's name, its local data files) when the YAML reads local files with a builder that needs
+    nothing else (`dataset_path: json` ...); None when it must be resolved by lm-eval."""
+    doc = read_task_yaml(yaml_file)
+    files = local_task_data(yaml_file)
+    if not isinstance(doc.get("task"), str) or doc.get("dataset_path") not in _LOCAL_BUILDERS or not files:
+        return None
+    return doc["task"], files
+
+
+def read_data_file(path: Path, builder: str) -> Iterator[Any]:
+    """Records of a local task data file, read the way the datasets builder named in the YAML would."""
+    from datasets import load_dataset
+
+    yield from load_dataset(builder, data_files=str(path), split="train")
+
+
+def task_texts(tasks: list[str]) -> tuple[list[tuple[str, Iterable[str]]], dict[str, str]]:
+    """[(task name, its documents' texts)] of evaluate.tasks, and {task: why not checked} for those whose data is
+    not at hand (lm-eval could not load them offline)."""
+    found: list[tuple[str, Iterable[str]]] = []
+    registry, include = [], []
+    for entry in tasks:
+        if not task_path_like(entry):
+            registry.append(entry)
+            continue
+        path = Path(entry).expanduser()
+        for y in local_task_files(path):
+            local = local_task_docs(y)
+            if local is not None:
+                name, files = local
+                builder = read_task_yaml(y)["dataset_path"]
+                found.append((name, (doc_text(r) for f in files for r in read_data_file(f, builder))))
+            elif isinstance(read_task_yaml(y).get("task"), str):
+                registry.append(read_task_yaml(y)["task"])
+                include.append(str((path if path.is_dir() else path.parent).resolve()))
+    not_checked: dict[str, str] = {}
+    if registry:
+        found_registry, not_checked = registry_task_texts(list(dict.fromkeys(registry)), list(dict.fromkeys(include)))
+        found += found_registry
+    return found, not_checked
+
+
+def registry_task_texts(names: list[str], include: list[str]) -> tuple[list[tuple[str, list[str]]], dict[str, str]]:
+    """Through lm-eval's TaskManager, offline (HF_DATASETS_OFFLINE: the datasets cache or nothing): every leaf
+    task's eval_docs; a task that fails to load is not checked, with the reason."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        return [], {n: f"lm-eval is not importable: {e}" for n in names}
+    found, not_checked = [], {}
+    with offline():
+        manager = TaskManager(include_path=include or None)
+        for name in names:
+            try:
+                leaves = manager.load([name])["tasks"]
+                for leaf, task in leaves.items():
+                    found.append((leaf, [doc_text(d) for d in task.eval_docs]))
+            except Exception as e:  # lm-eval raises what datasets raises (ConnectionError offline, ...)
+                not_checked[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return found, not_checked
+
+
+@contextlib.contextmanager
+def offline():
+    """The Hub clients offline for the block (they read HF_HUB_OFFLINE once, at import: their module flags are
+    what counts), then as they were: only what the datasets cache holds is read."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def gather(rows: Iterable[tuple[str, str]], path: Path) -> tuple[dict[str, int], str]:
+    """Write the (text, source) `rows` to `path` a batch at a time, empty texts left out; returns documents per
+    source and the digest of the rows (the output's content)."""
+    h = hashlib.blake2b(digest_size=16)
+    counts: dict[str, int] = {}
+    texts: list[str] = []
+    sources: list[str] = []
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        def flush() -> None:
+            if texts:
+                writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()), pa.array(sources)],
+                                                   schema=SCHEMA))
+                texts.clear()
+                sources.clear()
+
+        for text, source in rows:
+            if not text.strip():
+                continue
+            for part in (source, text):
+                b = part.encode()
+                h.update(len(b).to_bytes(8, "little"))
+                h.update(b)
+            texts.append(text)
+            sources.append(source)
+            counts[source] = counts.get(source, 0) + 1
+            if len(texts) >= _BATCH:
+                flush()
+        flush()
+    return counts, h.hexdigest()
+
+
+def doc_texts(docs: Docs | None, root: ArtifactsRoot, rows: pa.Table | None = None) -> Iterator[str]:
+    if docs is None:
+        return
+    read = docs.text_reader(root, rows)
+    n = len(rows) if rows is not None else docs.index(root, ["part"]).num_rows
+    for i in range(n):
+        yield read(i)
+
+
+# `tasks` names the tasks (registry names are keyed only here); `task_files` is the content of the local task
+# files and the harness version (evaluate.task_fingerprint).
+@stage("held-out", version=1, output=HeldOut, libraries=["pyarrow", "datasets"])
+def held_out(build: Build, general: Docs | None, tasks: list[str], task_files: Fingerprint | None,
+             validation: Split | None = None, docs: Docs | None = None, base: HeldOut | None = None):
+    """`base`: held-out text gathered already (the domain's, for the replay text: its tasks are not read
+    again); `validation` with the `docs` it was split from: the domain's validation split."""
+    found, not_checked = task_texts(tasks)
+    if base is not None:
+        not_checked = {**base.meta.get("tasks_not_checked", {}), **not_checked}
+    split_rows = read_arrow(validation.split_file(build.root, "validation")) if validation is not None else None
+
+    def rows() -> Iterator[tuple[str, str]]:
+        if base is not None:
+            yield from base.texts(build.root)
+        if split_rows is not None:
+            yield from ((t, "validation split") for t in doc_texts(docs, build.root, split_rows))
+        yield from ((t, "evaluate.general_corpus") for t in doc_texts(general, build.root))
+        for name, texts in found:
+            yield from ((t, f"evaluate.tasks {name}") for t in texts)
+
+    per_source, content = gather(rows(), build.tmp / HELD_OUT_FILE)
+    counts = {"documents": sum(per_source.values()), "tasks_not_checked": len(not_checked),
+              **{"documents_from_" + re.sub(r"[^0-9A-Za-z]+", "_", k).strip("_"): v for k, v in per_source.items()}}
+    return counts, {"tasks_not_checked": not_checked}, {"content": content}
