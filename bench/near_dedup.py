@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -72,6 +74,26 @@ def edit(text: str, kind: str, rng: random.Random) -> str:
         return text[:half] + "".join(rng.choice("가나다라마바사아자차카타파하 ") for _ in range(n - half))
     raise ValueError(kind)
 
+
+# One cold load in a fresh process: argv = corpus folder, artifacts root, near-dedup on; prints CPU seconds.
+FRESH = """
+import json, sys, time
+import tasks.load as L
+from tasks.core.config import CorpusConfig, NearDedupConfig
+spent = {"near_cpu": 0.0}
+real = L.near_dedup_rows
+def timed(*a, **k):
+    c = time.process_time()
+    try:
+        return real(*a, **k)
+    finally:
+        spent["near_cpu"] += time.process_time() - c
+L.near_dedup_rows = timed
+cfg = CorpusConfig(paths=[sys.argv[1]], near_dedup=NearDedupConfig(enabled=sys.argv[3] == "True"))
+t0 = time.process_time()  # load's own imports are the stage's whichever the setting: left out
+L.load.fn(**L.load_inputs(cfg, L.fingerprint_corpus(cfg)), artifacts=sys.argv[2])
+print(json.dumps({"cpu": time.process_time() - t0, **spent}))
+"""
 
 KINDS = ("date", "wrap", "header", "typos", "cut_small", "cut_large", "rewrite")
 
@@ -236,6 +258,13 @@ def main() -> None:
         out, drop_on, _, near_drop, _ = run(tmp / "on-0", [tmp / "corpus", tmp / "drop"], True)
         print(f"load +1 file drop: off {drop_off:.2f}s; on {drop_on:.2f}s, of which near-dedup {near_drop:.2f}s "
               f"= {near_drop / cold_off:.2f}× the cold baseline; near_duplicates {out.counts['near_duplicates']}")
+        # What a run pays in a fresh process, imports included (the warm-up above leaves them out).
+        fresh = {on: json.loads(subprocess.run(
+            [sys.executable, "-c", FRESH, str(tmp / "corpus"), str(tmp / f"fresh-{on}"), str(on)],
+            capture_output=True, text=True, check=True).stdout.splitlines()[-1]) for on in (False, True)}
+        print(f"a fresh process's cold load: off {fresh[False]['cpu']:.2f}s CPU; on, near-dedup "
+              f"{fresh[True]['near_cpu']:.2f}s CPU = {fresh[True]['near_cpu'] / fresh[False]['cpu']:.2f}× (the "
+              "imports it needs included)")
 
     # --- decontamination: held-out paragraphs planted in training documents
     law = [json.loads(x)["content"] for x in (corpora / "ko_law.jsonl").read_text(encoding="utf-8").splitlines()]
