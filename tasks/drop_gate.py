@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from tasks.arrow import read_arrow
 from tasks.core.config import ConfigError, CorpusConfig, CptConfig, DropsConfig
 from tasks.core.manifest import DigestMemo, Fingerprint
 from tasks.core.root import ArtifactsRoot
 from tasks.load import (
-    REJECTS_FILE, BadRecordError, fingerprint_files, glob_base, is_glob, list_corpus_files, load_pieces, piece_ids,
-    resolve_corpus_files,
+    REJECTS_FILE, BadRecordError, fingerprint_files, glob_base, is_glob, list_corpus_files, load_pieces,
+    piece_docs_file, piece_ids, resolve_corpus_files,
 )
 from tasks.shuffle import validation_texts
 from tasks.state import lines
@@ -194,6 +197,25 @@ def near_duplicate_pairs(drop: str, profile: dict[str, Any]) -> str:
             "| similarity | drop | line |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
+def ids_in_pieces(root: ArtifactsRoot, pieces: list, doc_ids: set[str], norm_ids: set[str]
+                  ) -> tuple[set[str], set[str]]:
+    """Which of `doc_ids` and of `norm_ids` (a drop's) the load-file `pieces` (its line's) hold: each piece's id
+    columns are matched against the drop's in Arrow, one memory-mapped piece at a time, so memory holds the
+    drop's ids and what matched, never the line's ids as Python strings."""
+    found_ids: set[str] = set()
+    found_norms: set[str] = set()
+    if not pieces or not (doc_ids or norm_ids):
+        return found_ids, found_norms
+    wanted = {"doc_id": (pa.array(sorted(doc_ids), pa.string()), found_ids),
+              "norm_id": (pa.array(sorted(norm_ids), pa.string()), found_norms)}
+    for piece in pieces:
+        table = read_arrow(piece_docs_file(root, piece.path))
+        for column, (values, found) in wanted.items():
+            ids = table.column(column)
+            found.update(pc.filter(ids, pc.is_in(ids, value_set=values)).to_pylist())
+    return found_ids, found_norms
+
+
 def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConfig, tokenizer: Fingerprint,
                  root: ArtifactsRoot, digest, skipped: list[str] | None = None) -> dict[str, Any]:
     """Profile a drop against its line through the cached pieces: documents, rejects (the first ones named),
@@ -225,12 +247,14 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
     line_pieces = ([out for _, out, _ in load_pieces(fingerprint_files(line_files, digest).items, config.corpus,
                                                      root)] if line_files else [])
 
-    (drop_ids, drop_norms), (line_ids, line_norms) = piece_ids(root, drop_pieces), piece_ids(root, line_pieces)
+    drop_ids, drop_norms = piece_ids(root, drop_pieces)
+    line_ids, line_norms = ids_in_pieces(root, line_pieces, drop_ids, drop_norms)
     profile["documents"] = len(drop_ids)
-    profile["duplicates_in_line"] = len(drop_ids & line_ids)
+    profile["duplicates_in_line"] = len(line_ids)
     if config.corpus.near_dedup.enabled:
-        profile.update(near_duplicates_in_line(root, drop_pieces, line_pieces, drop_ids & line_ids, config.corpus))
-    profile["validation_matches"] = len(drop_norms & validation_texts(line_norms, config.shuffle, config.split))
+        profile.update(near_duplicates_in_line(root, drop_pieces, line_pieces, line_ids, config.corpus))
+    # The shuffle rule decides a text's split from the text alone: only the drop's texts the line has are hashed.
+    profile["validation_matches"] = len(validation_texts(line_norms, config.shuffle, config.split))
 
     if drop_ids:
         once = TokenizerOnce(tokenizer, config.model.trust_remote_code, root)

@@ -70,3 +70,22 @@ def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
     assert "line-night: 1 promoted" in out.stdout and "run brave-otter  model dddddddddddd  parent base" in out.stdout
     out = cpt("promotions", "--name", "other", "--artifacts", str(tmp_path))
     assert out.returncode == 0 and "name-other: nothing promoted yet" in out.stdout
+
+
+def test_run_and_retrain_start_pyarrows_pandas_import_in_the_background(tmp_path):
+    """pyarrow imports pandas on its first array (0.4-1.3 s): the commands that run stages begin it in a thread
+    before the flow starts, so a drop's gate or load does not pay it inside the data path."""
+    corpus = write_jsonl(tmp_path / "a.jsonl", [{"content": "ok"}])
+    probe = ("import sys, flows.cli as cli; assert 'pandas' not in sys.modules; "
+             "called = []; cli._warm_arrow = lambda real=cli._warm_arrow: (called.append(1), real()); "
+             "import flows.continued_pretraining as fc, flows.retrain as fr; "
+             "fc.continued_pretraining = fr.retrain = lambda **kw: sys.exit(0 if called else 3); "
+             "sys.exit(cli.main(sys.argv[1:]))")
+    for command in (["run"], ["retrain", "--line", "l"]):
+        out = subprocess.run([sys.executable, "-c", probe, *command, "--set", f"corpus.paths=[{corpus}]",
+                              "--set", "model.id=org/model", "--artifacts", str(tmp_path / "art")],
+                             cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, (command, out.returncode, out.stderr[-2000:])
+    warm = ("import sys, threading, flows.cli as cli; cli._warm_arrow(); "
+            "[t.join() for t in threading.enumerate() if t.name == 'arrow-warm']; print('pandas' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", warm], cwd=ROOT, capture_output=True, text=True).stdout == "True\n"

@@ -106,6 +106,34 @@ def test_gate_rejects_empty_misencoded_and_wrong_format_drops(tmp_path, config, 
     assert not profile["passed"] and reason in "; ".join(profile["reasons"])
 
 
+def test_the_gate_counts_line_duplicates_and_validation_texts_from_the_drops_side(tmp_path, config, corpus, texts):
+    """The gate matches the drop's ids against the line's pieces in Arrow (no set of the line's ids): the counts are
+    the set intersections, including a document two line files both hold and copies that differ in whitespace."""
+    from tasks.core.manifest import hash_file
+    from tasks.load import fingerprint_files, load_pieces, piece_ids, resolve_corpus_files
+    from tasks.shuffle import validation_texts
+    from tasks.tokenize import resolve_tokenizer
+
+    # Half the texts in validation, so the drop's whitespace variants of line texts meet some of them.
+    cfg = config.model_copy(update={"split": config.split.model_copy(update={"validation_fraction": 0.5})})
+    write_docs(corpus / "part-3.jsonl", texts[0:5])  # in part-0 too: a line document two files hold
+    drop = write_docs(tmp_path / "drop" / "d.jsonl",
+                      texts[0:3] + texts[50:52] + [f"  {t}\n" for t in texts[60:80]] + texts[120:150])
+    root = open_root(tmp_path / "artifacts")
+    line_files = resolve_corpus_files(cfg.corpus)
+    profile = profile_drop([drop / "d.jsonl"], line_files, cfg, resolve_tokenizer(cfg.model), root, hash_file)
+
+    def ids(files):
+        return piece_ids(root, [out for _, out, _ in load_pieces(fingerprint_files(files, hash_file).items,
+                                                                  cfg.corpus, root)])
+
+    (drop_ids, drop_norms), (line_ids, line_norms) = ids([drop / "d.jsonl"]), ids(line_files)
+    expected = len(drop_norms & validation_texts(line_norms, cfg.shuffle, cfg.split))
+    assert profile["duplicates_in_line"] == len(drop_ids & line_ids) == 5
+    assert profile["validation_matches"] == expected and 0 < expected < 25
+    assert profile["documents"] == 55 and profile["line_median_tokens"] and profile["median_tokens"]
+
+
 def stage_counts(result):
     return {s["name"]: s["counts"] for s in result["pipeline"]["stages"]}
 
