@@ -98,7 +98,7 @@ def corpus_batches(path: Path, batch: int = 1000, limit: int | None = None):
         with p.open(encoding="utf-8") as f:
             for line in f:
                 texts.append(json.loads(line)["content"])
-                read += len(line)
+                read += len(line.encode())
                 if len(texts) == batch or (limit and read >= limit):
                     yield texts
                     texts = []
