@@ -266,6 +266,24 @@ class Chunks(StageOutput):
         state = json.loads((self.dir(root) / split / "state.json").read_text())
         return [self.dir(root) / split / f["filename"] for f in state["_data_files"]]
 
+    def export(self, root: ArtifactsRoot, dst: Path, work: Path) -> dict[str, int]:
+        """Every split as a standalone `DatasetDict.save_to_disk` folder at `dst` (not there yet): input_ids,
+        attention_mask and labels (`tasks.arrow.export_columns`), nothing of this package needed to read it.
+        `work` holds the derived columns until they are saved (beside `dst`, so a large export stays on its
+        disk). Returns the rows per split."""
+        from datasets import load_from_disk
+
+        from tasks.arrow import export_columns
+
+        data = load_from_disk(str(self.dataset_dir(root)))
+        work.mkdir(parents=True, exist_ok=True)
+        ready = data.with_format("arrow").map(
+            export_columns, batched=True, batch_size=4096, remove_columns=data[SPLITS[0]].column_names,
+            cache_file_names={name: str(work / f"{name}.arrow") for name in data}, desc="Deriving labels",
+        ).with_format(None)
+        ready.save_to_disk(str(dst))
+        return {name: len(ready[name]) for name in ready}
+
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c, m = self.counts, self.meta
         return [(logging.INFO, f"{c['train_chunks']} train / {c['validation_chunks']} validation rows (window "
@@ -322,3 +340,39 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
                     "input_ids with positions before trained_from set to -100"}
 
 
+
+
+class ExportError(Exception):
+    """An export that cannot be written where it was asked (said before any row is read)."""
+
+
+def export_chunks(chunks: Chunks, root: ArtifactsRoot, out: Path, force: bool = False) -> dict[str, int]:
+    """`chunks` exported to the folder `out` (`Chunks.export`), atomically: built in a temp folder beside it and
+    renamed into place, so `out` holds a complete export or what it held before. A non-empty `out` is replaced
+    only with `force`. Returns the rows per split."""
+    out = Path(out).absolute()
+
+    def check() -> None:
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"{out} is a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ExportError(f"{out} is not empty (--force replaces it)")
+
+    check()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    work = out.parent / f".{out.name}.work-{os.getpid()}"
+    try:
+        rows = chunks.export(root, tmp, work)
+        check()  # again: something may have been written there meanwhile
+        if out.is_dir():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)  # os.replace cannot overwrite a non-empty folder: the old one is moved aside first
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,87 @@ def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
     assert "line-night: 1 promoted" in out.stdout and "run brave-otter  model dddddddddddd  parent base" in out.stdout
     out = cpt("promotions", "--name", "other", "--artifacts", str(tmp_path))
     assert out.returncode == 0 and "name-other: nothing promoted yet" in out.stdout
+
+
+def published_chunks(artifacts: Path):
+    """A chunk entry published under `artifacts` as the chunk stage lays it out (no flow): 5 documents, windows
+    of 12 with an overlap of 4, so later windows have their overlap masked."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.chunk import SHARD, Chunks, chunk_rows, write_dataset_dict
+    from tasks.core.config import ChunkConfig
+
+    root = open_root(artifacts)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(5, 100, n).tolist() for n in (3, 17, 40, 9, 25)]
+    tokens = pa.table({"doc_id": [f"d{i}" for i in range(len(docs))],
+                       "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
+    cfg = ChunkConfig(max_seq_length=12, overlap=4)
+
+    def build(tmp):
+        for name, rows in (("train", [0, 1, 2, 4]), ("validation", [3])):
+            (tmp / name).mkdir()
+            chunk_rows(tokens, np.array(rows), cfg, 1, tmp / name / SHARD)
+        write_dataset_dict(tmp, {"train": [SHARD], "validation": [SHARD]}, "0" * 32, pa.uint16())
+        return {}, {}
+
+    manifest, _ = root.publish("chunk", "c0ffee" * 5 + "00", build)
+    return root, Chunks.model_validate(manifest.model_dump())
+
+
+def rule_labels(row):
+    """The README's rule, written out independently of the package."""
+    return [-100] * row["trained_from"] + row["input_ids"][row["trained_from"]:]
+
+
+def test_export_chunks_writes_a_standalone_dataset_with_labels_by_the_rule(tmp_path, capsys):
+    """`cpt export-chunks` from a cache entry folder and from a run's summary: load_from_disk reads input_ids,
+    attention_mask and labels, labels = input_ids with -100 before trained_from, row for row; a non-empty folder
+    is replaced only with --force, and a missing source is a clear error."""
+    from datasets import load_from_disk
+
+    root, chunks = published_chunks(tmp_path / "art")
+    stored = load_from_disk(str(chunks.dataset_dir(root)))
+    out = tmp_path / "export"
+    assert main(["export-chunks", str(out), "--entry", str(chunks.dataset_dir(root))]) == 0
+    exported = load_from_disk(str(out))
+    assert sorted(exported) == ["train", "validation"]
+    masked = 0
+    for split in ("train", "validation"):
+        assert exported[split].column_names == ["input_ids", "attention_mask", "labels"]
+        assert len(exported[split]) == len(stored[split]) > 0
+        for row, got in zip(stored[split], exported[split]):
+            assert got["input_ids"] == row["input_ids"]
+            assert got["labels"] == rule_labels(row)
+            assert got["attention_mask"] == [1] * len(row["input_ids"])
+            masked += row["trained_from"] > 1
+    assert masked  # the overlap of later windows is masked, not only the BOS
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".export")]  # no temp folder left
+
+    # A non-empty folder: refused, untouched; replaced with --force.
+    (out / "mine.txt").write_text("keep")
+    assert main(["export-chunks", str(out), "--entry", str(chunks.dataset_dir(root))]) == 2
+    assert "not empty (--force replaces it)" in capsys.readouterr().err and (out / "mine.txt").exists()
+    summary = root.path("runs/some-run/summary.json")
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"stages": [{"name": "chunk", "key": chunks.key}]}))
+    assert main(["export-chunks", str(out), "--run", "some-run", "--artifacts", str(root.local), "--force"]) == 0
+    assert not (out / "mine.txt").exists()
+    assert load_from_disk(str(out))["train"]["labels"] == exported["train"]["labels"]
+
+    # Clear errors: no such run, no mix in the run, two sources at once, an entry under the root by its name.
+    capsys.readouterr()
+    assert main(["export-chunks", str(tmp_path / "e2"), "--run", "nope", "--artifacts", str(root.local)]) == 2
+    assert "--run nope: no run summary at" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e2"), "--run", "some-run", "--stage", "mix",
+                 "--artifacts", str(root.local)]) == 2
+    assert "the run has no mix output" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e2"), "--run", "x", "--entry", "y"]) == 2
+    assert "give one of --run, --entry or --config/--set" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e2"), "--entry", "cache/chunk/0000",
+                 "--artifacts", str(root.local)]) == 2
+    assert "no complete chunk entry 0000" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e3"), "--entry", f"cache/chunk/{chunks.key}",
+                 "--artifacts", str(root.local)]) == 0
+    assert load_from_disk(str(tmp_path / "e3"))["validation"]["labels"] == exported["validation"]["labels"]
