@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import write_jsonl
 from flows.cli import main
 from tasks.core.root import open_root
@@ -73,9 +75,9 @@ def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
     assert out.returncode == 0 and "name-other: nothing promoted yet" in out.stdout
 
 
-def published_chunks(artifacts: Path):
-    """A chunk entry published under `artifacts` as the chunk stage lays it out (no flow): 5 documents, windows
-    of 12 with an overlap of 4, so later windows have their overlap masked."""
+def published_chunks(artifacts):
+    """A chunk entry published under `artifacts` (a folder or a store URL) as the chunk stage lays it out (no
+    flow): 5 documents, windows of 12 with an overlap of 4, so later windows have their overlap masked."""
     import numpy as np
     import pyarrow as pa
 
@@ -155,3 +157,26 @@ def test_export_chunks_writes_a_standalone_dataset_with_labels_by_the_rule(tmp_p
     assert main(["export-chunks", str(tmp_path / "e3"), "--entry", f"cache/chunk/{chunks.key}",
                  "--artifacts", str(root.local)]) == 0
     assert load_from_disk(str(tmp_path / "e3"))["validation"]["labels"] == exported["validation"]["labels"]
+
+
+@pytest.mark.slow
+def test_export_chunks_fetches_the_entry_from_an_object_store_root(tmp_path, monkeypatch, s3_endpoint):
+    """A host that never built the chunks exports them from the store: the entry is fetched into its own mirror,
+    and the export holds the same rows and labels as the building host's."""
+    from datasets import load_from_disk
+
+    from helpers import new_bucket, s3_env
+
+    for k, v in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{new_bucket(s3_endpoint)}/team"
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "builder"))
+    root, chunks = published_chunks(url)
+    stored = load_from_disk(str(chunks.dataset_dir(root)))
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "exporter"))
+    out = tmp_path / "export"
+    assert main(["export-chunks", str(out), "--entry", f"{url}/cache/chunk/{chunks.key}", "--artifacts", url]) == 0
+    assert (tmp_path / "exporter").is_dir()
+    exported = load_from_disk(str(out))
+    for split in ("train", "validation"):
+        assert exported[split]["labels"] == [rule_labels(r) for r in stored[split]]
