@@ -180,3 +180,33 @@ def test_export_chunks_fetches_the_entry_from_an_object_store_root(tmp_path, mon
     exported = load_from_disk(str(out))
     for split in ("train", "validation"):
         assert exported[split]["labels"] == [rule_labels(r) for r in stored[split]]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_export_chunks_from_a_config_exports_what_train_reads(tmp_path, tiny_model, capsys):
+    """`cpt export-chunks` with the config and --set of `cpt run`: the data stages run (here with replay), and
+    the export is mix's training set by default, chunk's with --stage chunk; labels by the rule."""
+    from datasets import load_from_disk
+
+    from helpers import sample_texts
+
+    texts = sample_texts(60)
+    write_jsonl(tmp_path / "corpus.jsonl", [{"content": t} for t in texts[:40]])
+    write_jsonl(tmp_path / "general.jsonl", [{"content": t} for t in texts[40:]])
+    art = tmp_path / "art"
+    sets = ["--set", f"corpus.paths=[{tmp_path / 'corpus.jsonl'}]", "--set", f"model.id={tiny_model}",
+            "--set", "chunk.max_seq_length=64", "--set", "chunk.overlap=16", "--set", "split.validation_fraction=0.2",
+            "--set", f"replay.paths=[{tmp_path / 'general.jsonl'}]", "--set", "replay.fraction=0.3"]
+    assert main(["export-chunks", str(tmp_path / "mixed"), *sets, "--artifacts", str(art)]) == 0
+    assert main(["export-chunks", str(tmp_path / "domain"), *sets, "--stage", "chunk", "--artifacts", str(art)]) == 0
+    import re
+
+    said = dict(re.findall(r" from (mix|chunk) ([\w-]+) \(", capsys.readouterr().out))
+    assert set(said) == {"mix", "chunk"}
+    entries = {stage: load_from_disk(str(art / "cache" / stage / key)) for stage, key in said.items()}
+    for name, stage in (("mixed", "mix"), ("domain", "chunk")):
+        exported, stored = load_from_disk(str(tmp_path / name)), entries[stage]
+        for split in ("train", "validation"):
+            assert exported[split]["labels"] == [rule_labels(r) for r in stored[split]]
+    assert len(entries["mix"]["train"]) > len(entries["chunk"]["train"])
