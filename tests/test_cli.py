@@ -77,11 +77,12 @@ def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
 
 def published_chunks(artifacts):
     """A chunk entry published under `artifacts` (a folder or a store URL) as the chunk stage lays it out (no
-    flow): 5 documents, windows of 12 with an overlap of 4, so later windows have their overlap masked."""
+    flow): a token piece of 5 documents and windows of 12 with an overlap of 4 into it, so later windows have
+    their overlap masked."""
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import SHARD, Chunks, chunk_rows, write_dataset_dict
+    from tasks.chunk import Chunks, window_rows, windows_file
     from tasks.core.config import ChunkConfig
 
     root = open_root(artifacts)
@@ -91,15 +92,29 @@ def published_chunks(artifacts):
                        "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
     cfg = ChunkConfig(max_seq_length=12, overlap=4)
 
-    def build(tmp):
-        for name, rows in (("train", [0, 1, 2, 4]), ("validation", [3])):
-            (tmp / name).mkdir()
-            chunk_rows(tokens, np.array(rows), cfg, 1, tmp / name / SHARD)
-        write_dataset_dict(tmp, {"train": [SHARD], "validation": [SHARD]}, "0" * 32, pa.uint16())
+    def write_tokens(tmp):
+        with pa.OSFile(str(tmp / "tokens.arrow"), "wb") as sink, pa.ipc.new_file(sink, tokens.schema) as w:
+            w.write_table(tokens, max_chunksize=2)
         return {}, {}
+
+    piece, _ = root.publish("tokenize-file", "70ce" * 8, write_tokens)
+
+    def build(tmp):
+        counts = {}
+        for name, rows in (("train", [0, 1, 2, 4]), ("validation", [3])):
+            c = window_rows(tokens, np.array(rows), cfg, 1, tmp / windows_file(name))
+            counts.update({f"{name}_{k}": v for k, v in c.items()})
+        meta = {"window": 11, "stride": 7, "bos_id": 1, "eos_id": 2, "token_type": "uint16",
+                "token_files": [{"path": piece.path, "name": "tokens.arrow"}]}
+        return counts, meta, {"deps": [piece.path]}
 
     manifest, _ = root.publish("chunk", "c0ffee" * 5 + "00", build)
     return root, Chunks.model_validate(manifest.model_dump())
+
+
+def stored_rows(root, chunks, split):
+    """The chunk rows the entry stands for, as dicts (input_ids, trained_from, doc_id, start)."""
+    return [r for b in chunks.row_batches(root, split) for r in b.to_pylist()]
 
 
 def rule_labels(row):
@@ -114,9 +129,9 @@ def test_export_chunks_writes_a_standalone_dataset_with_labels_by_the_rule(tmp_p
     from datasets import load_from_disk
 
     root, chunks = published_chunks(tmp_path / "art")
-    stored = load_from_disk(str(chunks.dataset_dir(root)))
+    stored = {split: stored_rows(root, chunks, split) for split in ("train", "validation")}
     out = tmp_path / "export"
-    assert main(["export-chunks", str(out), "--entry", str(chunks.dataset_dir(root))]) == 0
+    assert main(["export-chunks", str(out), "--entry", str(chunks.dir(root))]) == 0
     exported = load_from_disk(str(out))
     assert sorted(exported) == ["train", "validation"]
     masked = 0
@@ -133,7 +148,7 @@ def test_export_chunks_writes_a_standalone_dataset_with_labels_by_the_rule(tmp_p
 
     # A non-empty folder: refused, untouched; replaced with --force.
     (out / "mine.txt").write_text("keep")
-    assert main(["export-chunks", str(out), "--entry", str(chunks.dataset_dir(root))]) == 2
+    assert main(["export-chunks", str(out), "--entry", str(chunks.dir(root))]) == 2
     assert "not empty (--force replaces it)" in capsys.readouterr().err and (out / "mine.txt").exists()
     summary = root.path("runs/some-run/summary.json")
     summary.parent.mkdir(parents=True)
@@ -172,14 +187,15 @@ def test_export_chunks_fetches_the_entry_from_an_object_store_root(tmp_path, mon
     url = f"s3://{new_bucket(s3_endpoint)}/team"
     monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "builder"))
     root, chunks = published_chunks(url)
-    stored = load_from_disk(str(chunks.dataset_dir(root)))
+    # The exporting host has neither the chunk entry nor the token piece: both come from the store.
     monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "exporter"))
     out = tmp_path / "export"
     assert main(["export-chunks", str(out), "--entry", f"{url}/cache/chunk/{chunks.key}", "--artifacts", url]) == 0
     assert (tmp_path / "exporter").is_dir()
     exported = load_from_disk(str(out))
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "builder"))
     for split in ("train", "validation"):
-        assert exported[split]["labels"] == [rule_labels(r) for r in stored[split]]
+        assert exported[split]["labels"] == [rule_labels(r) for r in stored_rows(open_root(url), chunks, split)]
 
 
 @pytest.mark.slow
@@ -204,9 +220,14 @@ def test_export_chunks_from_a_config_exports_what_train_reads(tmp_path, tiny_mod
 
     said = dict(re.findall(r" from (mix|chunk) ([\w-]+) \(", capsys.readouterr().out))
     assert set(said) == {"mix", "chunk"}
-    entries = {stage: load_from_disk(str(art / "cache" / stage / key)) for stage, key in said.items()}
+    from tasks.chunk import Chunks
+    from tasks.core.manifest import read_manifest
+
+    root = open_root(art)
+    entries = {stage: Chunks.model_validate(read_manifest(art / "cache" / stage / key).model_dump())
+               for stage, key in said.items()}
     for name, stage in (("mixed", "mix"), ("domain", "chunk")):
-        exported, stored = load_from_disk(str(tmp_path / name)), entries[stage]
+        exported = load_from_disk(str(tmp_path / name))
         for split in ("train", "validation"):
-            assert exported[split]["labels"] == [rule_labels(r) for r in stored[split]]
-    assert len(entries["mix"]["train"]) > len(entries["chunk"]["train"])
+            assert exported[split]["labels"] == [rule_labels(r) for r in stored_rows(root, entries[stage], split)]
+    assert len(load_from_disk(str(tmp_path / "mixed"))["train"]) > len(load_from_disk(str(tmp_path / "domain"))["train"])
