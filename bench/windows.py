@@ -1,17 +1,17 @@
-"""Windows stored as offsets into the tokens against today's materialized chunk rows: disk, training start,
-and per-batch reads, set against a training step.
+"""Windows stored as offsets into the tokens (the chunk stage's layout since its version 3) against
+materialised chunk rows (the layout before): disk, training start, and per-batch reads, set against a step.
 
 Data: ../shared/corpora/python_docs.jsonl (or --corpus; --docs to take fewer documents) with the byte-level BPE
 16k tokenizer bench.chunk_throughput trains on that corpus (kept in artifacts/bench). Settings: 1000/500 windows,
 overlap masked, as the seed. Every figure below is measured in this process, best of --repeat:
 
-- bytes: the chunk shard (input_ids in the tokens' type + trained_from, doc_id, start: today's layout) against a
-  window table (token batch, start, length, trained_from as int32 per window) that refers to the tokenize
-  output, which exists in both layouts;
-- training start: what the train child does before its first step. Today: open the shard with datasets and
-  derive labels (`training_columns`). Windows, materialized: gather each window from the memory-mapped tokens
-  into an Arrow file of int32 input_ids and labels and open it with datasets (the same dataset the trainer reads
-  today). Windows, lazy: open the tokens and the table (nothing gathered; a map-style dataset slices the tokens
+- bytes: the chunk shard (input_ids in the tokens' type + trained_from, doc_id, start: the materialised layout)
+  against the chunk stage's window table (`tasks.chunk.window_rows`: part, row, start, length, trained_from,
+  doc_id per window) that refers to the tokenize output, which exists in both layouts;
+- training start: what happens before the first step. Materialised rows: open the shard with datasets and
+  derive labels (`training_columns`, the train child's path for stored rows). Windows, gathered (what the train
+  stage does now, `Chunks.write_training_set`): gather each window from the memory-mapped tokens
+  (`tasks.chunk.gather_rows`) into an Arrow file of int32 input_ids and labels and open it with datasets. Windows, lazy: open the tokens and the table (nothing gathered; a map-style dataset slices the tokens
   per row);
 - per-batch reads: rows through a shuffled torch DataLoader with TRL's DataCollatorForLanguageModeling (the
   trainer's collator when packing is off), `--batch` rows per batch, tokens per second and seconds per batch;
@@ -47,29 +47,16 @@ def best_of(repeat: int, fn):
     return min(times), result
 
 
-def window_table(tokens_path: Path, cfg, bos: bool):
-    """Per window: the token record batch holding its document, the window's first token in that batch's flat
-    values, its length (BOS not counted) and where its trained part starts (BOS included)."""
+def window_table(tokens_path: Path, cfg, bos_id, dst: Path):
+    """The chunk stage's window table of every document of the token file (`tasks.chunk.window_rows`)."""
     import numpy as np
-    import pyarrow as pa
 
-    from tasks.chunk import window_layout, window_plan
+    from tasks.arrow import read_arrow
+    from tasks.chunk import window_rows
 
-    window, stride = window_plan(cfg.max_seq_length, cfg.overlap, bos)
-    reader = pa.ipc.open_file(pa.memory_map(str(tokens_path)))
-    cols = {"batch": [], "start": [], "length": [], "trained_from": []}
-    for b in range(reader.num_record_batches):
-        ids = reader.get_batch(b).column("input_ids")
-        offsets = ids.offsets.to_numpy().astype(np.int64) - ids.offsets[0].as_py()
-        doc, nth, starts, sizes = window_layout(np.diff(offsets), window, stride)
-        cols["batch"].append(np.full(len(doc), b, np.int32))
-        cols["start"].append((offsets[doc] + starts).astype(np.int32))
-        cols["length"].append(sizes.astype(np.int32))
-        tf = np.full(len(doc), int(bos), np.int32)
-        if cfg.mask_overlap and cfg.overlap:
-            tf[nth > 0] += cfg.overlap
-        cols["trained_from"].append(tf)
-    return pa.table({k: pa.array(np.concatenate(v)) for k, v in cols.items()})
+    tokens = read_arrow(tokens_path)
+    window_rows(tokens, np.arange(tokens.num_rows), cfg, bos_id, dst)
+    return read_arrow(dst)
 
 
 def token_values(tokens_path: Path):
@@ -84,51 +71,47 @@ def token_values(tokens_path: Path):
     return out
 
 
-def gather_windows(values, table, bos_id, dst: Path, rows_per_batch: int = 4096) -> None:
-    """Every window of `table` as int32 input_ids and labels (the rule: -100 before trained_from), one gather per
-    block of rows, written as an Arrow stream datasets opens."""
-    import numpy as np
+def gather_windows(tokens_path: Path, table, bos_id, ids_type, dst: Path, rows_per_batch: int = 4096) -> None:
+    """What the train stage does before training (`Chunks.write_training_set`): every window gathered from the
+    memory-mapped tokens (`tasks.chunk.gather_rows`) as int32 input_ids and labels, an Arrow stream datasets
+    opens."""
     import pyarrow as pa
 
-    from tasks.arrow import IGNORE_INDEX
+    from tasks.arrow import with_labels
+    from tasks.chunk import TokenFile, gather_rows
 
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
-    bos = 1 if bos_id is not None else 0
-    b_all, s_all, n_all, t_all = (table.column(c).to_numpy() for c in ("batch", "start", "length", "trained_from"))
-    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for lo in range(0, len(b_all), rows_per_batch):
-            hi = min(lo + rows_per_batch, len(b_all))
-            sizes = n_all[lo:hi].astype(np.int64) + bos
-            offsets = np.zeros(hi - lo + 1, np.int64)
-            np.cumsum(sizes, out=offsets[1:])
-            position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], sizes)
-            ids = np.empty(offsets[-1], np.int32)
-            for b in np.unique(b_all[lo:hi]):  # windows of one block come from one or two token batches
-                sel = np.repeat(b_all[lo:hi] == b, sizes)
-                first = np.repeat(s_all[lo:hi].astype(np.int64) - bos, sizes)
-                ids[sel] = values[b].take(first[sel] + position[sel], mode="clip")
-            if bos:
-                ids[offsets[:-1]] = bos_id
-            labels = ids.copy()
-            labels[position < np.repeat(t_all[lo:hi].astype(np.int64), sizes)] = IGNORE_INDEX
-            o = pa.array(offsets.astype(np.int32))
-            writer.write_batch(pa.record_batch([pa.ListArray.from_arrays(o, pa.array(ids)),
-                                                pa.ListArray.from_arrays(o, pa.array(labels))], schema=schema))
+    files = {0: TokenFile(tokens_path)}
+    writer = sink = None
+    for batch in table.to_batches(max_chunksize=rows_per_batch):
+        out = with_labels(gather_rows(batch, files, bos_id, ids_type))
+        if writer is None:
+            sink = pa.OSFile(str(dst), "wb")
+            writer = pa.ipc.new_stream(sink, out.schema)
+        writer.write_table(out)
+    writer.close()
+    sink.close()
 
 
 class LazyWindows:
     """A map-style dataset that slices each window from the memory-mapped tokens when the loader asks for it."""
 
-    def __init__(self, values, table, bos_id):
-        self.values, self.bos_id = values, bos_id
-        self.cols = [table.column(c).to_numpy() for c in ("batch", "start", "length", "trained_from")]
+    def __init__(self, tokens_path: Path, table, bos_id):
+        from tasks.chunk import TokenFile
+
+        self.file, self.bos_id = TokenFile(tokens_path), bos_id
+        self.cols = [table.column(c).to_numpy() for c in ("row", "start", "length", "trained_from")]
 
     def __len__(self) -> int:
         return len(self.cols[0])
 
     def __getitem__(self, i):
-        b, s, n, t = (int(c[i]) for c in self.cols)
-        ids = self.values[b][s:s + n].tolist()
+        import numpy as np
+
+        row, s, n, t = (int(c[i]) for c in self.cols)
+        f = self.file
+        b = int(np.searchsorted(f.bounds, row, side="right")) - 1
+        first = int(f.offsets[b][row - f.bounds[b]]) + s
+        ids = f.values[b][first:first + n].tolist()
         if self.bos_id is not None:
             ids = [self.bos_id] + ids
         return {"input_ids": ids, "labels": [-100] * t + ids[t:]}
@@ -212,11 +195,10 @@ def main() -> None:
                       tcfg.batch_bytes, ids_type=token_type(id_limit(tok)))
         counts = chunk_file(work / "tokens.arrow", work / "chunks", cfg, sp["bos_id"])
         shard = work / "chunks" / "data-00000-of-00001.arrow"
-        table_s, table = best_of(args.repeat, lambda: window_table(work / "tokens.arrow", cfg, sp["bos_id"] is not None))
+        table_s, table = best_of(args.repeat, lambda: window_table(work / "tokens.arrow", cfg, sp["bos_id"],
+                                                                   work / "windows.arrow"))
         import pyarrow as pa
 
-        with pa.OSFile(str(work / "windows.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
         assert table.num_rows == counts["chunks"], (table.num_rows, counts["chunks"])
 
         token_bytes = (work / "tokens.arrow").stat().st_size
@@ -230,30 +212,30 @@ def main() -> None:
               f"-> {table_bytes / 1e6 / mb:.3f}); window table built in {table_s:.3f} s")
 
         # Training start, as the train child does it (datasets opened, labels derived / windows gathered).
-        def today():
+        def rows():
             return training_columns(datasets.DatasetDict({"train": Dataset.from_file(str(shard))}))["train"]
 
         runs = iter(range(args.repeat))
 
         def materialized():
             dst = work / f"windows-{next(runs)}.arrow"
-            gather_windows(token_values(work / "tokens.arrow"), table, sp["bos_id"], dst)
+            gather_windows(work / "tokens.arrow", table, sp["bos_id"], token_type(id_limit(tok)), dst)
             return Dataset.from_file(str(dst))
 
         def lazy():
             t = pa.ipc.open_file(pa.memory_map(str(work / "windows.arrow"))).read_all()
-            return LazyWindows(token_values(work / "tokens.arrow"), t, sp["bos_id"])
+            return LazyWindows(work / "tokens.arrow", t, sp["bos_id"])
 
         start = {}
         sets = {}
-        for name, fn in [("today: shard + derived labels", today), ("windows, gathered at start", materialized),
+        for name, fn in [("rows: shard + derived labels", rows), ("windows, gathered at start", materialized),
                          ("windows, lazy slices", lazy)]:
             start[name], sets[name] = best_of(args.repeat, fn)
-        a, b = sets["today: shard + derived labels"], sets["windows, gathered at start"]
+        a, b = sets["rows: shard + derived labels"], sets["windows, gathered at start"]
         same = all(a[i] == b[i] for i in np.random.default_rng(0).integers(0, len(a), 50))
         lz = sets["windows, lazy slices"]
         same_lazy = all(a[i] == lz[i] for i in np.random.default_rng(1).integers(0, len(a), 50))
-        assert same and same_lazy, "the window layouts must give the rows today's chunks give"
+        assert same and same_lazy, "the window layouts must give the rows the materialised chunks give"
 
         collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0)
         reads = {name: best_of(args.repeat, lambda ds=ds: read_batches(ds, collator, args.batch, args.batches))[1]
@@ -263,8 +245,8 @@ def main() -> None:
         step_tokens = int(sample["attention_mask"].sum())
         gpu_step_s = 6 * GEMMA_1B_PARAMS * step_tokens / (H200_BF16_FLOPS * UTILISATION)
 
-        base = "today: shard + derived labels"
-        print(f"\n{'':32} {'start s':>8} {'x today':>8} {'batch ms':>9} {'tokens/s':>11} {'x today':>8} "
+        base = "rows: shard + derived labels"
+        print(f"\n{'':32} {'start s':>8} {'x rows':>8} {'batch ms':>9} {'tokens/s':>11} {'x rows':>8} "
               f"{'% tiny CPU step':>15} {'% GPU step (est.)':>17}")
         for name in sets:
             secs, tokens = reads[name]

@@ -228,16 +228,16 @@ def test_a_new_file_is_the_only_one_read_and_tokenized(config, artifacts, corpus
 
 def test_split_and_chunks_do_not_depend_on_how_files_are_cut(config, artifacts, corpus, tmp_path):
     """The same documents in one file or in two give the same splits and the same training rows."""
-    from datasets import load_from_disk
+    from helpers import chunk_entry_rows
 
     _, two_files = run(config, artifacts)
     whole = tmp_path / "whole"
     write_jsonl(whole / "all.jsonl", [{"content": t} for t in sample_texts(80)])
     _, one_file = run({**config, "corpus": {"paths": [str(whole)]}}, tmp_path / "other-artifacts")
-    a, b = (load_from_disk(s["stages"][-1]["output"]) for s in (two_files, one_file))
+    a, b = (chunk_entry_rows(s["stages"][-1]["output"], art)
+            for s, art in ((two_files, artifacts), (one_file, tmp_path / "other-artifacts")))
     for split in ("train", "validation"):
-        rows = [sorted(zip(d[split]["doc_id"], d[split]["start"], d[split]["input_ids"], d[split]["trained_from"]))
-                for d in (a, b)]
+        rows = [sorted((r["doc_id"], r["start"], r["input_ids"], r["trained_from"]) for r in d[split]) for d in (a, b)]
         assert rows[0] == rows[1] and rows[0]
 
 
