@@ -1,4 +1,4 @@
-"""chunk: tokenized documents → overlapping training windows, saved as a datasets `DatasetDict`.
+"""chunk: tokenized documents → overlapping training windows, stored as offsets into the token pieces.
 
 Semantics (per document, `ids` = its tokens + EOS):
 - window `W = max_seq_length - (1 if the tokenizer adds BOS else 0)`, stride `S = W - overlap`;
@@ -9,7 +9,11 @@ Semantics (per document, `ids` = its tokens + EOS):
   `input_ids` with the positions before it set to -100 (`tasks.arrow.derived_labels`): the BOS and — in every
   window after a document's first, when `mask_overlap` — the leading `overlap` tokens, which are context
   already trained on in the previous window, so every token is trained exactly once;
-- ids are stored in the tokens' own type (uint16 for a vocabulary of up to 65,536 ids, else uint32).
+- a window is stored as (token piece, document row, start, length, trained_from, doc_id), not as its tokens:
+  at 50% overlap every token would be written twice; the rows are gathered from the memory-mapped token pieces
+  by whoever reads them (`Chunks.row_batches`), in the tokens' own type (uint16 for a vocabulary of up to 65,536
+  ids, else uint32). `chunk_batch` / `chunk_rows` materialise the same rows (the general corpus of evaluate,
+  benchmarks, tests).
 
 The windowing is vectorised over a whole batch of documents with numpy (no Python loop per token or per
 window) and written to Arrow batch by batch, so memory stays flat as the corpus grows.

@@ -1,6 +1,6 @@
 """The training child process: `accelerate launch -m tasks.ml.train_worker SPEC.json`.
 
-It runs TRL's SFTTrainer on the chunk stage's pre-tokenized DatasetDict (labels, overlap masked, derived by
+It runs TRL's SFTTrainer on the training rows the train stage gathers from the chunks (int32 input_ids and labels,
 `training_columns`), checkpoints into the stage's work dir, resumes from the last checkpoint of a killed attempt,
 stops early on validation loss and keeps the best model. It talks to the parent through stdout lines that start
 with `@@cpt ` followed by JSON (progress, the optimizer choice, final metrics); everything else is plain log.
