@@ -481,7 +481,7 @@ class Chunks(StageOutput):
 
         return self.write_dataset(root, dst, with_labels, {name: _int_list("int32") for name in ("input_ids", "labels")})
 
-    def export(self, root: ArtifactsRoot, dst: Path, work: Path | None = None) -> dict[str, int]:
+    def export(self, root: ArtifactsRoot, dst: Path) -> dict[str, int]:
         """Every split as a standalone `DatasetDict.save_to_disk` folder at `dst` (not there yet): input_ids,
         attention_mask and labels (`tasks.arrow.export_columns`); nothing of this package is needed to read it.
         Returns the rows per split."""
