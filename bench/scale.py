@@ -211,7 +211,7 @@ def run_flow(corpus: Path, model: Path, work: Path, interval: float, env: dict) 
     stages = {s["name"]: s for s in json.loads(summary.read_text())["stages"]}
     seen: set[tuple[int, int]] = set()
     rows = {}
-    # Pieces first: a stage's DatasetDict hard-links its pieces' shards, counted with the pieces.
+    # Pieces first: an output that hard-links its pieces' files (load's, mix's validation windows) is counted once.
     for name in DATA_STAGES:
         s = stages[name]
         end = _entry_time(Path(s["output"]))

@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--line", default="default")
     serve.add_argument("--artifacts", metavar="DIR")
 
+    export = sub.add_parser("export-chunks", help="write a run's training chunks as a standalone datasets folder "
+                            "(input_ids, attention_mask, labels) for training elsewhere")
+    export.add_argument("out_dir", type=Path, help="the folder to write (datasets.load_from_disk reads it)")
+    source = export.add_argument_group("which chunks (one of)")
+    source.add_argument("--run", metavar="RUN", help="a run's name (as `cpt run` prints it) or its summary.json")
+    source.add_argument("--entry", metavar="PATH", help="a chunk or mix cache entry: its folder (a run summary's "
+                        "`output`), or cache/<stage>/<key> under --artifacts")
+    _config_args(source)  # the same as `cpt run`: runs the data stages (cached ones are reused) and exports them
+    export.add_argument("--stage", choices=("chunk", "mix"), help="the run's chunk output (no replay) or mix's "
+                        "(default: what train reads: mix when the run has replay, else chunk)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
+    export.add_argument("--artifacts", metavar="DIR")
+
     val = sub.add_parser("validate", help="check a config and print it resolved, with every default")
     _config_args(val)
 
@@ -301,6 +314,100 @@ def cmd_serve(args) -> int:
     return 0
 
 
+class ExportSourceError(Exception):
+    """The chunks `cpt export-chunks` was pointed at are not there."""
+
+
+CHUNK_STAGES = ("chunk", "mix")
+
+
+def _published_chunks(root, stage: str, key: str, where: str):
+    from tasks.chunk import Chunks
+
+    if stage not in CHUNK_STAGES:
+        raise ExportSourceError(f"{where} is a {stage} entry; export-chunks takes a chunk or mix entry")
+    manifest = root.published(stage, key)
+    if manifest is None:
+        raise ExportSourceError(f"{where}: no complete {stage} entry {key} under {root} (removed or damaged? "
+                                "`cpt cache verify` says which; rerun the data stages to rebuild it)")
+    return Chunks.model_validate(manifest.model_dump())
+
+
+def _chunks_of_summary(root, summary: dict, where: str, stage: str | None):
+    """The training chunks a run summary names: `stage`'s output, else mix's when the run has one, else chunk's."""
+    outputs = {s["name"]: s for s in summary.get("stages", []) if s.get("key") and s["name"] in CHUNK_STAGES}
+    name = stage or ("mix" if "mix" in outputs else "chunk")
+    if name not in outputs:
+        raise ExportSourceError(f"{where}: the run has no {name} output (it stopped before it, or "
+                                f"{'replay is off' if name == 'mix' else 'failed'})")
+    return _published_chunks(root, name, outputs[name]["key"], where)
+
+
+def _export_source(args):
+    import json
+
+    from tasks.core.manifest import read_manifest
+    from tasks.core.root import ArtifactsRoot, open_root
+
+    given = [n for n, v in (("--run", args.run), ("--entry", args.entry),
+                            ("--config/--set", args.config or args.overrides)) if v]
+    if len(given) != 1:
+        raise ExportSourceError("give one of --run, --entry or --config/--set" + (f" (got {', '.join(given)})"
+                                                                                  if given else ""))
+    root = open_root(args.artifacts)
+    if args.run:
+        path = Path(args.run)
+        if path.suffix != ".json":
+            rel = f"runs/{args.run}/summary.json"
+            path = root.fetch_state(rel)
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ExportSourceError(f"--run {args.run}: no run summary at {path}") from None
+        except ValueError as e:
+            raise ExportSourceError(f"--run {args.run}: {path} is not a run summary ({e})") from None
+        return root, _chunks_of_summary(root, summary, f"--run {args.run}", args.stage)
+    if args.entry:
+        folder = Path(args.entry)
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        if manifest is not None:  # a local entry folder: its root is the folder its manifest's path is under
+            base = folder.resolve()
+            for _ in Path(manifest.path).parts:
+                base = base.parent
+            root = ArtifactsRoot(base)
+            return root, _published_chunks(root, manifest.stage, manifest.key, f"--entry {args.entry}")
+        rel = args.entry.removeprefix(f"{root.url}/") if root.url else args.entry
+        parts = Path(rel).parts
+        if len(parts) != 3 or parts[0] != "cache":
+            raise ExportSourceError(f"--entry {args.entry}: not a cache entry folder (no manifest there) nor "
+                                    "cache/<stage>/<key> under the artifacts root")
+        return root, _published_chunks(root, parts[1], parts[2], f"--entry {args.entry}")
+    cfg = _load(args)
+    from tasks.load import resolve_corpus_files
+
+    resolve_corpus_files(cfg.corpus)
+    _prefect_env()
+    from flows.continued_pretraining import continued_pretraining
+
+    summary = continued_pretraining(config=cfg, until="chunk", artifacts=args.artifacts)
+    return root, _chunks_of_summary(root, summary, "the config's run", args.stage)
+
+
+def cmd_export_chunks(args) -> int:
+    from tasks.chunk import ExportError, export_chunks
+
+    try:
+        root, chunks = _export_source(args)
+        rows = export_chunks(chunks, root, args.out_dir, force=args.force)
+    except (ExportSourceError, ExportError) as e:
+        print(f"cpt: export-chunks: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out_dir}: {', '.join(f'{n} {r} rows' for n, r in rows.items())} from {chunks.stage} "
+          f"{chunks.key} (input_ids, attention_mask, labels: -100 before each row's trained part); "
+          "datasets.load_from_disk reads it")
+    return 0
+
+
 def cmd_init_tiny_model(args) -> int:
     from tasks.ml.tiny_model import build_tiny_model, read_texts
 
@@ -330,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
                 "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,
-                "emit-drop": cmd_emit_drop,
+                "emit-drop": cmd_emit_drop, "export-chunks": cmd_export_chunks,
                 "serve": cmd_serve, "make-cloze-task": cmd_make_cloze_task}
     try:
         return handlers[args.command](args)

@@ -97,3 +97,15 @@ def with_labels(rows: pa.Table | pa.RecordBatch) -> pa.Table:
     trained_from = table.column("trained_from").to_numpy()
     return pa.table({"input_ids": ids.cast(pa.list_(pa.int32())),
                      "labels": derived_labels(ids, trained_from)})
+
+
+def export_columns(rows: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Chunk rows as a standalone causal-LM dataset holds them (`cpt export-chunks`): int32 `input_ids`, int8
+    `attention_mask` (all ones: rows are unpadded; the types datasets itself gives a tokenizer's output) and
+    int32 `labels` by the rule of `derived_labels`."""
+    table = with_labels(rows)
+    ids = table.column("input_ids").combine_chunks()
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    mask = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(np.ones(offsets[-1], np.int8)))
+    return pa.table({"input_ids": ids, "attention_mask": mask, "labels": table.column("labels")})

@@ -1,4 +1,4 @@
-"""chunk: tokenized documents → overlapping training windows, saved as a datasets `DatasetDict`.
+"""chunk: tokenized documents → overlapping training windows, stored as offsets into the token pieces.
 
 Semantics (per document, `ids` = its tokens + EOS):
 - window `W = max_seq_length - (1 if the tokenizer adds BOS else 0)`, stride `S = W - overlap`;
@@ -9,7 +9,11 @@ Semantics (per document, `ids` = its tokens + EOS):
   `input_ids` with the positions before it set to -100 (`tasks.arrow.derived_labels`): the BOS and — in every
   window after a document's first, when `mask_overlap` — the leading `overlap` tokens, which are context
   already trained on in the previous window, so every token is trained exactly once;
-- ids are stored in the tokens' own type (uint16 for a vocabulary of up to 65,536 ids, else uint32).
+- a window is stored as (token piece, document row, start, length, trained_from, doc_id), not as its tokens:
+  at 50% overlap every token would be written twice; the rows are gathered from the memory-mapped token pieces
+  by whoever reads them (`Chunks.row_batches`), in the tokens' own type (uint16 for a vocabulary of up to 65,536
+  ids, else uint32). `chunk_batch` / `chunk_rows` materialise the same rows (the general corpus of evaluate,
+  benchmarks, tests).
 
 The windowing is vectorised over a whole batch of documents with numpy (no Python loop per token or per
 window) and written to Arrow batch by batch, so memory stays flat as the corpus grows.
@@ -166,8 +170,9 @@ def chunk_features(ids: str = "uint32"):
 
 
 def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint: str,
-                       ids: pa.DataType = pa.uint32()) -> None:
-    """The files `DatasetDict.save_to_disk` writes, around Arrow shards (`out_dir/<split>/<file>`) we wrote."""
+                       ids: pa.DataType = pa.uint32(), features: dict[str, Any] | None = None) -> None:
+    """The files `DatasetDict.save_to_disk` writes, around Arrow shards (`out_dir/<split>/<file>`) we wrote; the
+    chunk rows' Features unless `features` are given."""
     for name, files in shards.items():
         (out_dir / name / "state.json").write_text(json.dumps({
             "_data_files": [{"filename": f} for f in files],
@@ -176,7 +181,8 @@ def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint:
             "_output_all_columns": False, "_split": None,
         }, indent=2))
         (out_dir / name / "dataset_info.json").write_text(json.dumps({
-            "citation": "", "description": "", "features": chunk_feature_dict(ids), "homepage": "", "license": "",
+            "citation": "", "description": "", "features": features or chunk_feature_dict(ids), "homepage": "",
+            "license": "",
         }, indent=2))
     (out_dir / "dataset_dict.json").write_text(json.dumps({"splits": list(shards)}))
 
@@ -214,6 +220,144 @@ def chunk_file(src: Path, dst_dir: Path, cfg: ChunkConfig, bos_id: int | None,
     return chunk_rows(tokens, np.arange(tokens.num_rows), cfg, bos_id, dst_dir / SHARD, progress)
 
 
+# Windows are stored as offsets into the token pieces, not as rows: a window is 24 bytes and a doc id where its
+# row would be ~2 × the document's tokens at 50% overlap (bench/windows.py: the chunk stage's bytes 0.008× the
+# materialised rows; gathered at training start in about the time today's labels took to derive, and the
+# per-batch reads as fast). `Chunks.row_batches` gathers the rows from the memory-mapped tokens.
+WINDOW_SCHEMA = pa.schema([
+    ("part", pa.int32()),  # which token piece (the output's `token_files`)
+    ("row", pa.int64()),  # the document's row in that piece
+    ("start", pa.int32()),  # the window's first token in the document
+    ("length", pa.int32()),  # tokens of the document in the window (BOS not counted)
+    ("trained_from", pa.int32()),  # positions of the row (BOS included) before it are context, not trained
+    ("doc_id", pa.string()),
+])
+
+
+def window_batch(doc_ids: pa.Array, lengths: np.ndarray, rows: np.ndarray, cfg: ChunkConfig,
+                 has_bos: bool) -> pa.RecordBatch:
+    """The windows of the documents `rows` (of lengths `lengths`, ids `doc_ids`), as `WINDOW_SCHEMA` rows with
+    part 0: the same windows `chunk_batch` materialises, by offset."""
+    bos = 1 if has_bos else 0
+    window, stride = window_plan(cfg.max_seq_length, cfg.overlap, has_bos)
+    doc_index, nth, starts, sizes = window_layout(lengths, window, stride)
+    trained_from = np.full(len(doc_index), bos, dtype=np.int32)
+    if cfg.mask_overlap and cfg.overlap:
+        trained_from[nth > 0] += cfg.overlap
+    return pa.record_batch([
+        pa.array(np.zeros(len(doc_index), np.int32)), pa.array(np.asarray(rows, np.int64)[doc_index]),
+        pa.array(starts.astype(np.int32)), pa.array(sizes.astype(np.int32)), pa.array(trained_from),
+        doc_ids.take(pa.array(doc_index)),
+    ], schema=WINDOW_SCHEMA)
+
+
+def window_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int | None, dst: Path,
+                progress: Progress | None = None, batch_docs: int = 65536) -> dict[str, int]:
+    """The windows of the documents `rows` of `tokens` (doc_id, input_ids), in that order, into the Arrow file
+    `dst`, a block of documents at a time (only list lengths are read: no token is). Counts as the rows they
+    stand for: documents, chunks, tokens (BOS included), trained_tokens."""
+    bos = 1 if bos_id is not None else 0
+    counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
+    lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    doc_ids = tokens.column("doc_id")
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, WINDOW_SCHEMA) as writer:
+        for start in range(0, len(rows), batch_docs):
+            block = np.asarray(rows[start:start + batch_docs], np.int64)
+            ids = doc_ids.take(pa.array(block)).combine_chunks()
+            out = window_batch(ids, lengths[block], block, cfg, bool(bos))
+            writer.write_batch(out)
+            row_tokens = int(out.column("length").to_numpy().sum()) + bos * out.num_rows
+            counts["documents"] += len(block)
+            counts["chunks"] += out.num_rows
+            counts["tokens"] += row_tokens
+            counts["trained_tokens"] += int(lengths[block].sum()) if cfg.mask_overlap else row_tokens - bos * out.num_rows
+            if progress is not None:
+                progress.update(len(block))
+    return counts
+
+
+class TokenFile:
+    """One token piece, memory-mapped: every record batch's flat ids as a zero-copy numpy view, so a window is
+    read by slicing, whatever the file's size."""
+
+    def __init__(self, path: Path):
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        self.values, self.offsets = [], []
+        bounds = [0]
+        for b in range(reader.num_record_batches):
+            ids = reader.get_batch(b).column("input_ids")
+            offsets = ids.offsets.to_numpy().astype(np.int64)
+            self.values.append(ids.values.to_numpy(zero_copy_only=False))
+            self.offsets.append(offsets)
+            bounds.append(bounds[-1] + len(ids))
+        self.bounds = np.array(bounds, dtype=np.int64)
+        self.type = reader.schema.field("input_ids").type.value_type
+
+    def gather(self, rows: np.ndarray, starts: np.ndarray, sizes: np.ndarray, out: np.ndarray,
+               at: np.ndarray) -> None:
+        """Tokens `starts[i] : starts[i] + sizes[i]` of document `rows[i]`, written at `out[at[i]:]`."""
+        batch = np.searchsorted(self.bounds, rows, side="right") - 1
+        for b in np.unique(batch):
+            sel = batch == b
+            first = self.offsets[b][rows[sel] - self.bounds[b]] + starts[sel]
+            n = sizes[sel]
+            position = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+            out[np.repeat(at[sel], n) + position] = self.values[b][np.repeat(first, n) + position]
+
+
+class TokenFiles:
+    """The token pieces an output's windows refer to, each opened (and on an object-store root fetched) on first
+    use: a reader of the validation windows fetches only the pieces they fall in."""
+
+    def __init__(self, root: ArtifactsRoot, refs: list[dict[str, str]]):
+        self.root, self.refs, self.opened = root, refs, {}
+
+    def __getitem__(self, part) -> TokenFile:
+        part = int(part)
+        if part not in self.opened:
+            ref = self.refs[part]
+            self.opened[part] = TokenFile(self.root.file(ref["path"], ref["name"]))
+        return self.opened[part]
+
+
+def gather_rows(windows: pa.Table | pa.RecordBatch, files, bos_id: int | None,
+                ids_type: pa.DataType) -> pa.RecordBatch:
+    """Window rows (`WINDOW_SCHEMA`) as the chunk rows they stand for: input_ids (BOS first when the tokenizer
+    uses one) in `ids_type`, trained_from, doc_id, start."""
+    bos = 1 if bos_id is not None else 0
+    if isinstance(windows, pa.Table):
+        windows = pa.RecordBatch.from_struct_array(windows.to_struct_array().combine_chunks()) if windows.num_rows \
+            else pa.RecordBatch.from_pylist([], schema=WINDOW_SCHEMA)
+    part = windows.column("part").to_numpy()
+    rows, starts = windows.column("row").to_numpy(), windows.column("start").to_numpy().astype(np.int64)
+    sizes = windows.column("length").to_numpy().astype(np.int64)
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes + bos, out=offsets[1:])
+    ids = np.empty(int(offsets[-1]), dtype=ids_type.to_pandas_dtype())
+    for p in np.unique(part):
+        sel = part == p
+        files[p].gather(rows[sel], starts[sel], sizes[sel], ids, offsets[:-1][sel] + bos)
+    if bos:
+        ids[offsets[:-1]] = bos_id
+    return pa.record_batch([
+        pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, ids_type)),
+        pa.array(windows.column("trained_from").to_numpy()), windows.column("doc_id"),
+        pa.array(starts.astype(np.int32)),
+    ], schema=chunk_schema(ids_type))
+
+
+def write_windows(dst: Path, tables) -> None:
+    """Window tables (each with its `part` already set) one after another into the Arrow file `dst`."""
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, WINDOW_SCHEMA) as writer:
+        for table in tables:
+            for batch in table.to_batches(max_chunksize=65536):
+                writer.write_batch(batch)
+
+
+def with_part(table: pa.Table, part: int) -> pa.Table:
+    return table.set_column(0, "part", pa.array(np.full(table.num_rows, part, np.int32)))
+
+
 def rows_by_part(split_file: Path, n_parts: int) -> list[np.ndarray]:
     """For each part (source file), the rows of its documents in this split, in the split's order."""
     index = read_arrow(split_file)
@@ -243,45 +387,131 @@ def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarra
         table = read_arrow(Path(token_path))
         counts = {}
         for name in SPLITS:
-            c = chunk_rows(table, rows[name], chunk, bos_id, tmp / f"{name}.arrow", progress)
+            c = window_rows(table, rows[name], chunk, bos_id, tmp / f"{name}.arrow", progress)
             counts.update({f"{name}_{k}": v for k, v in c.items()})
         return counts, {}
 
     return publish_piece(root, "chunk-part", key, build, progress, part["documents"])
 
 
-register_code_version("chunk-part", 2, [chunk_piece], ["numpy", "pyarrow", "datasets"])
+register_code_version("chunk-part", 3, [chunk_piece], ["numpy", "pyarrow"])
+
+
+def windows_file(split: str) -> str:
+    return f"{split}.arrow"
 
 
 class Chunks(StageOutput):
-    """chunk's (and mix's) output: a `datasets.DatasetDict` on disk (`load_from_disk(dataset_dir)`), train and
-    validation, columns input_ids (in the tokens' type, meta `token_type`), trained_from (labels are input_ids
-    with the positions before it set to -100: `tasks.arrow.with_labels`), doc_id, start."""
+    """chunk's (and mix's) output: per split, `<split>.arrow`, a table of windows (`WINDOW_SCHEMA`) into the token
+    pieces the output refers to (`token_files`; they are its deps, so it is complete only while they are). Read
+    through these methods: `row_batches` (the chunk rows: input_ids in the tokens' type, trained_from, doc_id,
+    start), `labelled` (input_ids and labels: -100 before trained_from), `write_training_set` (what the trainer
+    loads), `export` (a standalone datasets folder)."""
 
-    def dataset_dir(self, root: ArtifactsRoot) -> Path:
-        return self.dir(root)
+    @property
+    def ids_type(self) -> pa.DataType:
+        return ID_TYPES[self.meta["token_type"]]
 
-    def shard_files(self, root: ArtifactsRoot, split: str) -> list[Path]:
-        """The Arrow shards of `split`, in the order the DatasetDict lists them."""
-        state = json.loads((self.dir(root) / split / "state.json").read_text())
-        return [self.dir(root) / split / f["filename"] for f in state["_data_files"]]
+    @property
+    def token_files(self) -> list[dict[str, str]]:
+        """The token pieces the windows' `part` numbers name: each its entry `path` and file `name`."""
+        return self.meta["token_files"]
+
+    def windows(self, root: ArtifactsRoot, split: str) -> pa.Table:
+        """The window table of `split`, memory-mapped (fetched on a host that lacks it)."""
+        return read_arrow(self.file(root, windows_file(split)))
+
+    def num_rows(self, split: str) -> int:
+        return self.counts.get(f"{split}_chunks", 0)
+
+    def row_batches(self, root: ArtifactsRoot, split: str, rows_per_batch: int = 4096, limit: int | None = None):
+        """The chunk rows of `split` in stored order, gathered from the memory-mapped token pieces a block of
+        rows at a time (each piece is fetched, alone, on first use)."""
+        windows = self.windows(root, split)
+        if limit is not None:
+            windows = windows.slice(0, limit)
+        files = TokenFiles(root, self.token_files)
+        for batch in windows.to_batches(max_chunksize=rows_per_batch):
+            yield gather_rows(batch, files, self.meta["bos_id"], self.ids_type)
+
+    def labelled(self, root: ArtifactsRoot, split: str, limit: int | None = None) -> pa.Table:
+        """The first `limit` rows of `split` as int32 input_ids and labels (`tasks.arrow.with_labels`)."""
+        from tasks.arrow import with_labels
+
+        batches = [with_labels(b) for b in self.row_batches(root, split, limit=limit)]
+        if not batches:
+            return pa.table({"input_ids": pa.array([], pa.list_(pa.int32())),
+                             "labels": pa.array([], pa.list_(pa.int32()))})
+        return pa.concat_tables(batches)
+
+    def write_dataset(self, root: ArtifactsRoot, dst: Path, columns, features: dict[str, Any]) -> dict[str, int]:
+        """Every split's rows through `columns` (a batch -> an Arrow table) into a `DatasetDict.save_to_disk`
+        folder at `dst`, streamed a block at a time (datasets not imported: its files are written here, their
+        Features given as `features`). Returns the rows per split."""
+        rows = {}
+        for split in SPLITS:
+            (dst / split).mkdir(parents=True)
+            schema = None
+            writer = sink = None
+            n = 0
+            for batch in self.row_batches(root, split):
+                table = columns(batch)
+                if writer is None:
+                    schema = table.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+                    sink = pa.OSFile(str(dst / split / SHARD), "wb")
+                    writer = pa.ipc.new_stream(sink, schema)
+                writer.write_table(table.cast(schema))
+                n += table.num_rows
+            if writer is None:  # an empty split still gets its (empty) shard
+                empty = {name: pa.array([], pa.list_(pa.int32() if f["feature"]["dtype"] == "int32" else pa.int8()))
+                         for name, f in features.items()}
+                schema = pa.table(empty).schema.with_metadata(
+                    {"huggingface": json.dumps({"info": {"features": features}})})
+                sink = pa.OSFile(str(dst / split / SHARD), "wb")
+                writer = pa.ipc.new_stream(sink, schema)
+            writer.close()
+            sink.close()
+            rows[split] = n
+        write_dataset_dict(dst, {split: [SHARD] for split in SPLITS}, self.content or self.key, features=features)
+        return rows
+
+    def write_training_set(self, root: ArtifactsRoot, dst: Path) -> dict[str, int]:
+        """What the trainer loads (`datasets.load_from_disk(dst)`): int32 input_ids and labels per split."""
+        from tasks.arrow import with_labels
+
+        return self.write_dataset(root, dst, with_labels, {name: _int_list("int32") for name in ("input_ids", "labels")})
+
+    def export(self, root: ArtifactsRoot, dst: Path) -> dict[str, int]:
+        """Every split as a standalone `DatasetDict.save_to_disk` folder at `dst` (not there yet): input_ids,
+        attention_mask and labels (`tasks.arrow.export_columns`); nothing of this package is needed to read it.
+        Returns the rows per split."""
+        from tasks.arrow import export_columns
+
+        return self.write_dataset(root, dst, export_columns, {"input_ids": _int_list("int32"),
+                                                              "attention_mask": _int_list("int8"),
+                                                              "labels": _int_list("int32")})
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c, m = self.counts, self.meta
         return [(logging.INFO, f"{c['train_chunks']} train / {c['validation_chunks']} validation rows (window "
-                               f"{m['window']}, stride {m['stride']})")]
+                               f"{m['window']}, stride {m['stride']}), stored as windows into the tokens")]
 
 
-def piece_shard(root: ArtifactsRoot, piece: StageOutput, split: str) -> Path:
-    """The rows of one chunk-part piece for `split`."""
-    return piece.dir(root) / f"{split}.arrow"
+def _int_list(dtype: str) -> dict[str, Any]:
+    return {"feature": {"dtype": dtype, "_type": "Value"}, "_type": "List"}
 
 
-@stage("chunk", version=2, output=Chunks, libraries=["datasets"], key_exclude={"runtime"})
+def piece_windows(root: ArtifactsRoot, piece: StageOutput, split: str) -> Path:
+    """The windows of one chunk-part piece for `split`."""
+    return piece.file(root, f"{split}.arrow")
+
+
+@stage("chunk", version=3, output=Chunks, key_exclude={"runtime"})
 def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtime: RuntimeConfig | None = None):
-    """Each source file's documents are chunked into their own shards (cached by the file's tokens, its
-    documents' splits and the chunk settings), and the DatasetDict links those shards: a drop chunks only its
-    own files. Rows are grouped by source file on disk; the trainer samples them in a seeded random order."""
+    """Each source file's documents are windowed into their own tables (cached by the file's tokens, its
+    documents' splits and the chunk settings), and the output's tables join them, each window naming its token
+    piece: a drop windows only its own files. Rows are grouped by source file; the trainer samples them in a
+    seeded random order."""
     root = build.root
     bos_id = tokens.bos_id
     window, stride = window_plan(chunk.max_seq_length, chunk.overlap, bos_id is not None)
@@ -299,26 +529,53 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
 
             done = map_pieces(chunk_piece, calls, runtime, "chunk-part",
                               on_done=lambda i, _: progress.update(parts[i]["documents"]))
-    shards = [out for out, _ in done]
+    pieces = [out for out, _ in done]
     fresh = sum(not reused for _, reused in done)
 
     counts: dict[str, int] = {}
-    listing: dict[str, list[str]] = {}
     for name in SPLITS:
-        (build.tmp / name).mkdir()
-        used = [s for s in shards if s.counts[f"{name}_documents"]] or shards[:1]
-        listing[name] = [f"data-{i:05d}-of-{len(used):05d}.arrow" for i in range(len(used))]
-        for s, filename in zip(used, listing[name]):
-            link_or_copy(piece_shard(root, s, name), build.tmp / name / filename)
+        write_windows(build.tmp / windows_file(name),
+                      (with_part(read_arrow(piece_windows(root, s, name)), p) for p, s in enumerate(pieces)))
         for k in ("documents", "chunks", "tokens", "trained_tokens"):
-            counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in shards)
-    # The datasets fingerprint follows the shards' content (not the key), so a rebuild of the same content
-    # is byte-identical and the stages below stay Cached.
-    ids_type = ID_TYPES[tokens.meta["token_type"]]
-    write_dataset_dict(build.tmp, listing, combine_digests([("part", s.content or s.key) for s in shards]), ids_type)
-    counts.update(files_chunked=fresh, files_cached=len(shards) - fresh)
-    return counts, {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.eos_id,
-                    "token_type": str(ids_type), "format": "datasets.DatasetDict (load_from_disk); labels: "
-                    "input_ids with positions before trained_from set to -100"}
+            counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in pieces)
+    counts.update(files_chunked=fresh, files_cached=len(pieces) - fresh)
+    token_files = [{"path": part["path"], "name": Path(call["token_path"]).name} for part, call in zip(parts, calls)]
+    meta = {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.eos_id,
+                    "token_type": tokens.meta["token_type"], "token_files": token_files,
+                    "format": "windows into the token pieces; `cpt export-chunks` writes them as a datasets folder "
+                    "(input_ids, attention_mask, labels: input_ids with positions before trained_from set to -100)"}
+    return counts, meta, {"deps": sorted({part["path"] for part in parts})}
 
 
+class ExportError(Exception):
+    """An export that cannot be written where it was asked (said before any row is read)."""
+
+
+def export_chunks(chunks: Chunks, root: ArtifactsRoot, out: Path, force: bool = False) -> dict[str, int]:
+    """`chunks` exported to the folder `out` (`Chunks.export`), atomically: built in a temp folder beside it and
+    renamed into place, so `out` holds a complete export or what it held before. A non-empty `out` is replaced
+    only with `force`. Returns the rows per split."""
+    out = Path(out).absolute()
+
+    def check() -> None:
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"{out} is a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ExportError(f"{out} is not empty (--force replaces it)")
+
+    check()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    try:
+        rows = chunks.export(root, tmp)
+        check()  # again: something may have been written there meanwhile
+        if out.is_dir():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)  # os.replace cannot overwrite a non-empty folder: the old one is moved aside first
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -33,17 +33,9 @@ EVAL_FILE = "eval.json"
 # ------------------------------------------------------------------------------------ pure functions
 
 
-def validation_rows(chunks_dir: Path, limit: int | None) -> list[dict[str, Any]]:
+def validation_rows(chunks: Chunks, root: ArtifactsRoot, limit: int | None) -> list[dict[str, Any]]:
     """The first `limit` validation chunks with their labels (derived: the chunks store where training starts)."""
-    from datasets import load_from_disk
-
-    from tasks.arrow import with_labels
-
-    ds = load_from_disk(str(chunks_dir))["validation"].select_columns(["input_ids", "trained_from"])
-    if len(ds) == 0:
-        return []
-    rows = ds.with_format("arrow")[: len(ds) if limit is None else min(limit, len(ds))]
-    return with_labels(rows).to_pylist()
+    return chunks.labelled(root, "validation", limit).to_pylist()
 
 
 def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit: int | None) -> list[dict]:
@@ -310,7 +302,7 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
 
 
 def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, root: ArtifactsRoot, tokenizer_dir: str):
-    val = validation_rows(chunks.dataset_dir(root), cfg.max_eval_rows)
+    val = validation_rows(chunks, root, cfg.max_eval_rows)
     general = general_rows(cfg.general_corpus, tokenizer_dir, chunk, cfg.max_eval_rows) if cfg.general_corpus else None
     return val, general
 

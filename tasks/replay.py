@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.arrow import labelled_lengths, take_rows
-from tasks.chunk import Chunks, chunk_arrow_schema, link_or_copy, write_dataset_dict
+from tasks.arrow import take_rows
+from tasks.chunk import Chunks, link_or_copy, windows_file, write_windows
 from tasks.core.config import SPLITS, ReplayConfig, ShuffleConfig
 from tasks.core.report import run_logger
 from tasks.core.root import ArtifactsRoot
@@ -27,19 +27,11 @@ from tasks.core.stage import Build, stage
 if TYPE_CHECKING:
     from tasks.load import Docs
 
-REPLAY_SHARD = "replay.arrow"
-
-
-def read_shard(path: Path) -> pa.Table:
-    """A datasets shard (Arrow IPC stream), memory-mapped."""
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-
-
-def labelled_per_row(rows: pa.Table) -> np.ndarray:
-    """Labelled (trained) positions of each chunk row: its length past `trained_from`. Only list offsets and
-    one int per row are read, never the tokens."""
-    parts = [labelled_lengths(b.column("input_ids"), b.column("trained_from").to_numpy()) for b in rows.to_batches()]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+def labelled_per_window(windows: pa.Table, bos: int) -> np.ndarray:
+    """Labelled (trained) positions of each window's row: its length (BOS included) past `trained_from`. Only
+    the window table is read, never the tokens."""
+    lengths = windows.column("length").to_numpy().astype(np.int64) + bos
+    return np.maximum(lengths - windows.column("trained_from").to_numpy().astype(np.int64), 0)
 
 
 def replay_target(domain_tokens: int, fraction: float) -> int:
@@ -69,67 +61,57 @@ def draw(labelled: np.ndarray, target: int, seed: int) -> tuple[np.ndarray, int,
     return np.concatenate(order), 0, passes
 
 
-def write_replay_shard(pool: pa.Table, rows: np.ndarray, keep_last: int, dst: Path, ids_type: pa.DataType,
-                       batch_rows: int = 2048) -> int:
-    """The drawn rows as a datasets shard at `dst`, a block of rows at a time (the draw may be a large share of
-    the training set: it is never held whole); returns the labelled tokens written. The last row is cut to the
-    shortest prefix holding `keep_last` labelled tokens (0: whole)."""
-    schema = chunk_arrow_schema(ids_type)
-    written = 0
-    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for s in range(0, len(rows), batch_rows):
-            block = rows[s:s + batch_rows]
-            taken = take_rows(pool, block).select(schema.names).combine_chunks()
-            if keep_last and s + batch_rows >= len(rows):
-                last = taken.slice(len(block) - 1)
-                cut = last.column("trained_from")[0].as_py() + keep_last
-                ids = last.column("input_ids").chunk(0)
-                trimmed = pa.ListArray.from_arrays(pa.array([0, cut], pa.int32()), ids.flatten().slice(0, cut))
-                last = last.set_column(0, "input_ids", pa.chunked_array([trimmed.cast(schema.field(0).type)]))
-                taken = pa.concat_tables([taken.slice(0, len(block) - 1), last]).combine_chunks()
-            taken = taken.cast(schema)
-            writer.write_table(taken)
-            written += int(labelled_per_row(taken).sum())
-    return written
+def drawn_windows(pool: pa.Table, rows: np.ndarray, keep_last: int, bos: int, part_offset: int,
+                  batch_rows: int = 2048):
+    """The drawn windows a block at a time (the draw may be a large share of the training set: it is never held
+    whole), their `part` moved past the domain's token pieces. The last is cut to the shortest prefix holding
+    `keep_last` labelled tokens (0: whole)."""
+    for s in range(0, len(rows), batch_rows):
+        taken = take_rows(pool, rows[s:s + batch_rows])
+        part = taken.column("part").to_numpy() + part_offset
+        taken = taken.set_column(0, "part", pa.array(part.astype(np.int32)))
+        if keep_last and s + batch_rows >= len(rows):
+            length = taken.column("length").to_numpy().copy()
+            length[-1] = taken.column("trained_from")[-1].as_py() + keep_last - bos
+            taken = taken.set_column(3, "length", pa.array(length.astype(np.int32)))
+        yield taken
 
 
 def mix_chunks(domain: Chunks, replay: Chunks, root: ArtifactsRoot, fraction: float, seed: int,
                out_dir: Path) -> dict[str, Any]:
-    """The mixed DatasetDict at `out_dir`; returns per-source token counts."""
-    listing: dict[str, list[str]] = {}
-    domain_labelled = domain_rows = 0
+    """The mixed windows at `out_dir` (the domain's, then the drawn replay windows, which refer to the replay's
+    token pieces after the domain's); returns per-source token counts."""
+    bos = 1 if domain.meta["bos_id"] is not None else 0
     for split in SPLITS:
-        (out_dir / split).mkdir(parents=True)
-        files = domain.shard_files(root, split)
-        listing[split] = []
-        for i, src in enumerate(files):
-            name = f"data-{i:05d}.arrow"
-            link_or_copy(src, out_dir / split / name)
-            listing[split].append(name)
-            if split == "train":
-                table = read_shard(src)
-                domain_rows += table.num_rows
-                domain_labelled += int(labelled_per_row(table).sum())
-    pool = pa.concat_tables([read_shard(f) for f in replay.shard_files(root, "train")])
-    pool_labelled = labelled_per_row(pool)
+        if split != "train":
+            link_or_copy(domain.file(root, windows_file(split)), out_dir / windows_file(split))
+    domain_train = domain.windows(root, "train")
+    domain_labelled = int(labelled_per_window(domain_train, bos).sum())
+    pool = replay.windows(root, "train")
+    pool_labelled = labelled_per_window(pool, bos)
     target = replay_target(domain_labelled, fraction)
     rows, keep_last, passes = draw(pool_labelled, target, seed)
-    # The domain's id type: every shard of a split must have the same schema (both come from one tokenizer).
-    ids_type = read_shard(domain.shard_files(root, "train")[0]).schema.field("input_ids").type.value_type
-    replay_labelled = write_replay_shard(pool, rows, keep_last, out_dir / "train" / REPLAY_SHARD, ids_type)
-    listing["train"].append(REPLAY_SHARD)
-    write_dataset_dict(out_dir, listing, f"mix{seed}{fraction}{domain_labelled}{replay_labelled}", ids_type)
+    counted = {"replay": 0}
+
+    def replay_blocks():
+        for block in drawn_windows(pool, rows, keep_last, bos, len(domain.token_files)):
+            counted["replay"] += int(labelled_per_window(block, bos).sum())
+            yield block
+
+    write_windows(out_dir / windows_file("train"), [domain_train, *replay_blocks()])
+    replay_labelled = counted["replay"]
     total = domain_labelled + replay_labelled
     return {
         "domain_trained_tokens": domain_labelled, "replay_trained_tokens": replay_labelled,
         "replay_share": replay_labelled / total if total else 0.0, "replay_fraction_asked": fraction,
-        "domain_rows": domain_rows, "replay_rows": int(len(rows)), "replay_pool_rows": pool.num_rows,
+        "domain_rows": domain_train.num_rows, "replay_rows": int(len(rows)), "replay_pool_rows": pool.num_rows,
         "replay_pool_tokens": int(pool_labelled.sum()), "replay_passes": passes,
     }
 
 
 class Mixed(Chunks):
-    """mix's output: the chunk stage's DatasetDict layout, the training split with one shard of replay rows."""
+    """mix's output: the chunk stage's layout, the training windows followed by the drawn replay windows (which
+    refer to the replay's token pieces)."""
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
@@ -143,11 +125,13 @@ class Mixed(Chunks):
         return lines
 
 
-@stage("mix", version=2, output=Mixed, libraries=["numpy", "pyarrow", "datasets"])
+@stage("mix", version=3, output=Mixed, libraries=["numpy", "pyarrow"])
 def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chunks, replay_chunks: Chunks):
     counts = mix_chunks(chunks, replay_chunks, build.root, replay.fraction, shuffle.seed, build.tmp)
     counts.update({k: v for k, v in chunks.counts.items() if k.startswith("validation_")})
-    return counts, dict(chunks.meta)
+    counts["train_chunks"] = counts["domain_rows"] + counts["replay_rows"]
+    meta = {**chunks.meta, "token_files": chunks.token_files + replay_chunks.token_files}
+    return counts, meta, {"deps": sorted(set(chunks.deps) | set(replay_chunks.deps))}
 
 
 def replay_overlap(general_paths: list[str], replay_docs: Docs, root: ArtifactsRoot) -> tuple[int, int]:

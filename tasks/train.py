@@ -233,8 +233,13 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
     pulled = pull_checkpoint(build.root, rel, work / "checkpoints", build.tmp / "tensorboard", build.log.warning)
     if pulled:
         build.log.info("train: took %s of an earlier attempt from %s", pulled, build.root.location(rel))
+    # The rows are gathered from the chunks' windows into the token pieces once, here, for every rank (about the
+    # time the child took to derive labels from stored rows: bench/windows.py); removed with the work folder.
+    data = work / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    chunks.write_training_set(build.root, data)
     spec = TrainSpec(model_location=base_model.location, model=model, train=train,
-                     max_seq_length=chunk.max_seq_length, chunks_dir=str(chunks.dataset_dir(build.root)),
+                     max_seq_length=chunk.max_seq_length, chunks_dir=str(data),
                      output_dir=str(build.tmp), checkpoint_dir=str(work / "checkpoints"),
                      tensorboard_dir=str(build.tmp / "tensorboard"), artifacts=build.root.spec, work_rel=rel)
     metrics = train_model(spec, train.num_processes, build.log)

@@ -108,3 +108,16 @@ def flow_run_logs(flow_run_name: str) -> list[str]:
     with get_client(sync_client=True) as client:
         fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
         return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))]
+
+
+def chunk_entry_rows(output: str | Path, artifacts) -> dict[str, list[dict]]:
+    """The chunk rows (input_ids, trained_from, doc_id, start) a chunk or mix entry folder (a summary's `output`)
+    stands for, per split, read through the output's own methods."""
+    from tasks.chunk import Chunks
+    from tasks.core.manifest import read_manifest
+    from tasks.core.root import open_root
+
+    chunks = Chunks.model_validate(read_manifest(Path(output)).model_dump())
+    root = open_root(artifacts)
+    return {split: [r for b in chunks.row_batches(root, split) for r in b.to_pylist()]
+            for split in ("train", "validation")}

@@ -213,3 +213,40 @@ def test_taking_rows_of_a_memory_mapped_file_copies_only_those_rows(tmp_path):
     texts = take_rows(table.column("doc_id"), rows)
     assert texts.to_pylist() == [f"d{r // 200}-{r % 200}" for r in rows]
     assert take_rows(table, np.array([], dtype=np.int64)).num_rows == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=12), max_seq_length=st.integers(3, 20),
+       overlap_share=st.floats(0, 0.9), bos=st.booleans(), mask=st.booleans(), batches=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_windows_gathered_from_the_tokens_are_the_materialised_rows(tmp_path_factory, lengths, max_seq_length,
+                                                                     overlap_share, bos, mask, batches, seed):
+    """The chunk stage stores windows (offsets into the token pieces); gathered back from a memory-mapped token
+    file of several record batches, in any row order, they are exactly the rows `chunk_batch` materialises, and
+    `window_rows`' counts are the rows' counts."""
+    from tasks.chunk import TokenFile, chunk_rows, gather_rows, window_rows
+
+    tmp = tmp_path_factory.mktemp("w")
+    rng = np.random.default_rng(seed)
+    window = max_seq_length - (1 if bos else 0)
+    from hypothesis import assume
+    from pydantic import ValidationError
+
+    try:
+        cfg = ChunkConfig(max_seq_length=max_seq_length, overlap=min(int(overlap_share * window), window - 1),
+                          mask_overlap=mask)
+    except ValidationError:
+        assume(False)
+    docs = [rng.integers(5, 60000, n).tolist() for n in lengths]
+    tokens = pa.table({"doc_id": [f"d{i}" for i in range(len(docs))], "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
+    with pa.OSFile(str(tmp / "tokens.arrow"), "wb") as sink, pa.ipc.new_file(sink, tokens.schema) as w:
+        w.write_table(tokens, max_chunksize=max(1, -(-len(docs) // batches)))
+    rows = rng.permutation(len(docs))[: max(1, len(docs) - 1)]
+    bos_id = BOS if bos else None
+    counts = window_rows(tokens, rows, cfg, bos_id, tmp / "windows.arrow", batch_docs=3)
+    expected_counts = chunk_rows(tokens, rows, cfg, bos_id, tmp / "rows.arrow")
+    assert counts == expected_counts
+    windows = pa.ipc.open_file(str(tmp / "windows.arrow")).read_all()
+    got = gather_rows(windows, {0: TokenFile(tmp / "tokens.arrow")}, bos_id, pa.uint16())
+    expected = pa.ipc.open_stream(str(tmp / "rows.arrow")).read_all()
+    assert got.to_pylist() == expected.to_pylist()

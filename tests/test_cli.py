@@ -1,6 +1,9 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from helpers import write_jsonl
 from flows.cli import main
@@ -89,3 +92,161 @@ def test_run_and_retrain_start_pyarrows_pandas_import_in_the_background(tmp_path
     warm = ("import sys, threading, flows.cli as cli; cli._warm_arrow(); "
             "[t.join() for t in threading.enumerate() if t.name == 'arrow-warm']; print('pandas' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", warm], cwd=ROOT, capture_output=True, text=True).stdout == "True\n"
+
+
+def published_chunks(artifacts):
+    """A chunk entry published under `artifacts` (a folder or a store URL) as the chunk stage lays it out (no
+    flow): a token piece of 5 documents and windows of 12 with an overlap of 4 into it, so later windows have
+    their overlap masked."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.chunk import Chunks, window_rows, windows_file
+    from tasks.core.config import ChunkConfig
+
+    root = open_root(artifacts)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(5, 100, n).tolist() for n in (3, 17, 40, 9, 25)]
+    tokens = pa.table({"doc_id": [f"d{i}" for i in range(len(docs))],
+                       "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
+    cfg = ChunkConfig(max_seq_length=12, overlap=4)
+
+    def write_tokens(tmp):
+        with pa.OSFile(str(tmp / "tokens.arrow"), "wb") as sink, pa.ipc.new_file(sink, tokens.schema) as w:
+            w.write_table(tokens, max_chunksize=2)
+        return {}, {}
+
+    piece, _ = root.publish("tokenize-file", "70ce" * 8, write_tokens)
+
+    def build(tmp):
+        counts = {}
+        for name, rows in (("train", [0, 1, 2, 4]), ("validation", [3])):
+            c = window_rows(tokens, np.array(rows), cfg, 1, tmp / windows_file(name))
+            counts.update({f"{name}_{k}": v for k, v in c.items()})
+        meta = {"window": 11, "stride": 7, "bos_id": 1, "eos_id": 2, "token_type": "uint16",
+                "token_files": [{"path": piece.path, "name": "tokens.arrow"}]}
+        return counts, meta, {"deps": [piece.path]}
+
+    manifest, _ = root.publish("chunk", "c0ffee" * 5 + "00", build)
+    return root, Chunks.model_validate(manifest.model_dump())
+
+
+def stored_rows(root, chunks, split):
+    """The chunk rows the entry stands for, as dicts (input_ids, trained_from, doc_id, start)."""
+    return [r for b in chunks.row_batches(root, split) for r in b.to_pylist()]
+
+
+def rule_labels(row):
+    """The README's rule, written out independently of the package."""
+    return [-100] * row["trained_from"] + row["input_ids"][row["trained_from"]:]
+
+
+def test_export_chunks_writes_a_standalone_dataset_with_labels_by_the_rule(tmp_path, capsys):
+    """`cpt export-chunks` from a cache entry folder and from a run's summary: load_from_disk reads input_ids,
+    attention_mask and labels, labels = input_ids with -100 before trained_from, row for row; a non-empty folder
+    is replaced only with --force, and a missing source is a clear error."""
+    from datasets import load_from_disk
+
+    root, chunks = published_chunks(tmp_path / "art")
+    stored = {split: stored_rows(root, chunks, split) for split in ("train", "validation")}
+    out = tmp_path / "export"
+    assert main(["export-chunks", str(out), "--entry", str(chunks.dir(root))]) == 0
+    exported = load_from_disk(str(out))
+    assert sorted(exported) == ["train", "validation"]
+    masked = 0
+    for split in ("train", "validation"):
+        assert exported[split].column_names == ["input_ids", "attention_mask", "labels"]
+        assert len(exported[split]) == len(stored[split]) > 0
+        for row, got in zip(stored[split], exported[split]):
+            assert got["input_ids"] == row["input_ids"]
+            assert got["labels"] == rule_labels(row)
+            assert got["attention_mask"] == [1] * len(row["input_ids"])
+            masked += row["trained_from"] > 1
+    assert masked  # the overlap of later windows is masked, not only the BOS
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".export")]  # no temp folder left
+
+    # A non-empty folder: refused, untouched; replaced with --force.
+    (out / "mine.txt").write_text("keep")
+    assert main(["export-chunks", str(out), "--entry", str(chunks.dir(root))]) == 2
+    assert "not empty (--force replaces it)" in capsys.readouterr().err and (out / "mine.txt").exists()
+    summary = root.path("runs/some-run/summary.json")
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"stages": [{"name": "chunk", "key": chunks.key}]}))
+    assert main(["export-chunks", str(out), "--run", "some-run", "--artifacts", str(root.local), "--force"]) == 0
+    assert not (out / "mine.txt").exists()
+    assert load_from_disk(str(out))["train"]["labels"] == exported["train"]["labels"]
+
+    # Clear errors: no such run, no mix in the run, two sources at once, an entry under the root by its name.
+    capsys.readouterr()
+    assert main(["export-chunks", str(tmp_path / "e2"), "--run", "nope", "--artifacts", str(root.local)]) == 2
+    assert "--run nope: no run summary at" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e2"), "--run", "some-run", "--stage", "mix",
+                 "--artifacts", str(root.local)]) == 2
+    assert "the run has no mix output" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e2"), "--run", "x", "--entry", "y"]) == 2
+    assert "give one of --run, --entry or --config/--set" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e2"), "--entry", "cache/chunk/0000",
+                 "--artifacts", str(root.local)]) == 2
+    assert "no complete chunk entry 0000" in capsys.readouterr().err
+    assert main(["export-chunks", str(tmp_path / "e3"), "--entry", f"cache/chunk/{chunks.key}",
+                 "--artifacts", str(root.local)]) == 0
+    assert load_from_disk(str(tmp_path / "e3"))["validation"]["labels"] == exported["validation"]["labels"]
+
+
+@pytest.mark.slow
+def test_export_chunks_fetches_the_entry_from_an_object_store_root(tmp_path, monkeypatch, s3_endpoint):
+    """A host that never built the chunks exports them from the store: the entry is fetched into its own mirror,
+    and the export holds the same rows and labels as the building host's."""
+    from datasets import load_from_disk
+
+    from helpers import new_bucket, s3_env
+
+    for k, v in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{new_bucket(s3_endpoint)}/team"
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "builder"))
+    root, chunks = published_chunks(url)
+    # The exporting host has neither the chunk entry nor the token piece: both come from the store.
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "exporter"))
+    out = tmp_path / "export"
+    assert main(["export-chunks", str(out), "--entry", f"{url}/cache/chunk/{chunks.key}", "--artifacts", url]) == 0
+    assert (tmp_path / "exporter").is_dir()
+    exported = load_from_disk(str(out))
+    monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "builder"))
+    for split in ("train", "validation"):
+        assert exported[split]["labels"] == [rule_labels(r) for r in stored_rows(open_root(url), chunks, split)]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_export_chunks_from_a_config_exports_what_train_reads(tmp_path, tiny_model, capsys):
+    """`cpt export-chunks` with the config and --set of `cpt run`: the data stages run (here with replay), and
+    the export is mix's training set by default, chunk's with --stage chunk; labels by the rule."""
+    from datasets import load_from_disk
+
+    from helpers import sample_texts
+
+    texts = sample_texts(60)
+    write_jsonl(tmp_path / "corpus.jsonl", [{"content": t} for t in texts[:40]])
+    write_jsonl(tmp_path / "general.jsonl", [{"content": t} for t in texts[40:]])
+    art = tmp_path / "art"
+    sets = ["--set", f"corpus.paths=[{tmp_path / 'corpus.jsonl'}]", "--set", f"model.id={tiny_model}",
+            "--set", "chunk.max_seq_length=64", "--set", "chunk.overlap=16", "--set", "split.validation_fraction=0.2",
+            "--set", f"replay.paths=[{tmp_path / 'general.jsonl'}]", "--set", "replay.fraction=0.3"]
+    assert main(["export-chunks", str(tmp_path / "mixed"), *sets, "--artifacts", str(art)]) == 0
+    assert main(["export-chunks", str(tmp_path / "domain"), *sets, "--stage", "chunk", "--artifacts", str(art)]) == 0
+    import re
+
+    said = dict(re.findall(r" from (mix|chunk) ([\w-]+) \(", capsys.readouterr().out))
+    assert set(said) == {"mix", "chunk"}
+    from tasks.chunk import Chunks
+    from tasks.core.manifest import read_manifest
+
+    root = open_root(art)
+    entries = {stage: Chunks.model_validate(read_manifest(art / "cache" / stage / key).model_dump())
+               for stage, key in said.items()}
+    for name, stage in (("mixed", "mix"), ("domain", "chunk")):
+        exported = load_from_disk(str(tmp_path / name))
+        for split in ("train", "validation"):
+            assert exported[split]["labels"] == [rule_labels(r) for r in stored_rows(root, entries[stage], split)]
+    assert len(load_from_disk(str(tmp_path / "mixed"))["train"]) > len(load_from_disk(str(tmp_path / "domain"))["train"])

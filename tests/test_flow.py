@@ -78,13 +78,13 @@ def test_half_written_output_is_a_miss(config, artifacts):
 def test_failure_inside_a_stage_leaves_no_cache_entry_and_no_temp_dir(config, artifacts, monkeypatch):
     import tasks.chunk
 
-    real = tasks.chunk.chunk_rows
+    real = tasks.chunk.window_rows
 
     def crash_midway(*args, **kwargs):
-        real(*args, **kwargs)  # writes a shard, then dies before the stage completes
+        real(*args, **kwargs)  # writes a window table, then dies before the stage completes
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(tasks.chunk, "chunk_rows", crash_midway)
+    monkeypatch.setattr(tasks.chunk, "window_rows", crash_midway)
     with pytest.raises(RuntimeError, match="disk full"):
         run(config, artifacts)
     for stage in ("chunk", "chunk-part"):
@@ -93,7 +93,7 @@ def test_failure_inside_a_stage_leaves_no_cache_entry_and_no_temp_dir(config, ar
     failed = json.loads(next((artifacts / "runs").glob("*/summary.json")).read_text())
     assert failed["status"] == "Failed" and failed["stages"][-1]["state"] == "Failed"
 
-    monkeypatch.setattr(tasks.chunk, "chunk_rows", real)
+    monkeypatch.setattr(tasks.chunk, "window_rows", real)
     states, _ = run(config, artifacts)
     assert states == {**dict.fromkeys(DATA_STAGES[:-1], "Cached"), "chunk": "Completed"}
 
@@ -131,21 +131,28 @@ def test_bad_record_fails_the_run_with_its_place(config, artifacts, corpus):
     assert json.loads(rejects[0])["source"] == f"{corpus / 'part-3.jsonl'}:2"  # the real path, as read
 
 
-def test_chunk_output_is_a_datasets_dict_matching_its_counts(config, artifacts):
-    from datasets import load_from_disk
+def test_chunk_output_is_windows_into_the_tokens_matching_its_counts(config, artifacts):
+    from tasks.chunk import Chunks
+    from tasks.core.manifest import read_manifest
+    from tasks.core.root import open_root
 
     _, summary = run(config, artifacts)
     stages = {s["name"]: s for s in summary["stages"]}
-    dd = load_from_disk(stages["chunk"]["output"])
-    assert set(dd) == {"train", "validation"}
-    # No labels column (derived from trained_from), and the ids in the narrowest type the vocabulary allows.
-    assert dd["train"].column_names == ["input_ids", "trained_from", "doc_id", "start"]
-    assert dd["train"].features["input_ids"].feature.dtype == "uint16"
+    chunks = Chunks.model_validate(read_manifest(Path(stages["chunk"]["output"])).model_dump())
+    root = open_root(artifacts)
+    # Windows, not rows: the entry holds one small table per split and refers to the token pieces.
+    assert sorted(chunks.files) == ["train.arrow", "validation.arrow"]
+    assert chunks.deps and all(d.startswith("cache/tokenize-file/") for d in chunks.deps)
+    rows = {split: [r for b in chunks.row_batches(root, split) for r in b.to_pylist()]
+            for split in ("train", "validation")}
+    # The ids in the narrowest type the vocabulary allows; labels are derived (no column).
+    assert next(chunks.row_batches(root, "train")).schema.field("input_ids").type.value_type == "uint16"
     counts = stages["chunk"]["counts"]
-    assert len(dd["train"]) == counts["train_chunks"] and len(dd["validation"]) == counts["validation_chunks"]
-    assert max(len(x) for x in dd["train"]["input_ids"]) <= 64
+    assert len(rows["train"]) == counts["train_chunks"] and len(rows["validation"]) == counts["validation_chunks"]
+    assert sum(len(r["input_ids"]) for r in rows["train"]) == counts["train_tokens"]
+    assert max(len(r["input_ids"]) for r in rows["train"]) <= 64
     # No document in both splits.
-    assert not set(dd["train"]["doc_id"]) & set(dd["validation"]["doc_id"])
+    assert not {r["doc_id"] for r in rows["train"]} & {r["doc_id"] for r in rows["validation"]}
     # token-stats predicted the chunk rows exactly.
     assert stages["token-stats"]["counts"]["train_chunks_count"] == counts["train_chunks"]
     out = stages["token-stats"]["output"]
@@ -221,16 +228,16 @@ def test_a_new_file_is_the_only_one_read_and_tokenized(config, artifacts, corpus
 
 def test_split_and_chunks_do_not_depend_on_how_files_are_cut(config, artifacts, corpus, tmp_path):
     """The same documents in one file or in two give the same splits and the same training rows."""
-    from datasets import load_from_disk
+    from helpers import chunk_entry_rows
 
     _, two_files = run(config, artifacts)
     whole = tmp_path / "whole"
     write_jsonl(whole / "all.jsonl", [{"content": t} for t in sample_texts(80)])
     _, one_file = run({**config, "corpus": {"paths": [str(whole)]}}, tmp_path / "other-artifacts")
-    a, b = (load_from_disk(s["stages"][-1]["output"]) for s in (two_files, one_file))
+    a, b = (chunk_entry_rows(s["stages"][-1]["output"], art)
+            for s, art in ((two_files, artifacts), (one_file, tmp_path / "other-artifacts")))
     for split in ("train", "validation"):
-        rows = [sorted(zip(d[split]["doc_id"], d[split]["start"], d[split]["input_ids"], d[split]["trained_from"]))
-                for d in (a, b)]
+        rows = [sorted((r["doc_id"], r["start"], r["input_ids"], r["trained_from"]) for r in d[split]) for d in (a, b)]
         assert rows[0] == rows[1] and rows[0]
 
 

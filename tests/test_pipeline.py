@@ -150,7 +150,12 @@ def test_early_stopping_keeps_the_best_model(config, artifacts):
     assert t["best_eval_loss"] == min(metrics["eval_losses"])
     assert metrics["gradient_checkpointing"] is False  # asked for, turned off on CPU as its description says
     # The saved model is the best checkpoint, not the last: its validation loss is the best one.
-    rows = validation_rows(Path(stages["chunk"]["output"]), None)
+    from tasks.chunk import Chunks
+    from tasks.core.manifest import read_manifest
+    from tasks.core.root import open_root
+
+    chunks = Chunks.model_validate(read_manifest(Path(stages["chunk"]["output"])).model_dump())
+    rows = validation_rows(chunks, open_root(artifacts), None)
     kept = evaluate_model(str(Path(stages["train"]["output"]) / "model"), ModelConfig(id="x"),
                           EvaluateConfig(batch_size=64), rows, None)
     assert kept["validation"]["loss"] == pytest.approx(t["best_eval_loss"], rel=1e-3)

@@ -134,33 +134,29 @@ def test_replay_draw_hits_the_share_to_the_token_and_repeats_a_small_pool():
     assert (again[0] == rows).all() and again[1:] == (keep, passes)  # seeded: the same draw
 
 
-def test_the_replay_shard_is_written_in_blocks_and_its_last_row_cut_to_the_token(tmp_path):
-    """The drawn rows are streamed a block at a time (a block boundary must not change them), the last one cut
-    to the shortest prefix holding the labelled tokens still needed, and the shard keeps the chunks' id type."""
+def test_the_replay_windows_are_drawn_in_blocks_and_the_last_cut_to_the_token():
+    """The drawn windows are streamed a block at a time (a block boundary must not change them), refer to the
+    replay's token pieces after the domain's, and the last one is cut to the shortest prefix holding the
+    labelled tokens still needed."""
     import numpy as np
     import pyarrow as pa
 
-    from tasks.arrow import with_labels
-    from tasks.chunk import chunk_batch
+    from tasks.chunk import window_batch
     from tasks.core.config import ChunkConfig
-    from tasks.replay import labelled_per_row, read_shard, write_replay_shard
+    from tasks.replay import drawn_windows, labelled_per_window
 
-    docs = [list(range(10, 10 + n)) for n in (30, 7, 19, 4, 25)]
-    pool = pa.Table.from_batches([chunk_batch(pa.array([f"d{i}" for i in range(5)]),
-                                              pa.array(docs, pa.list_(pa.uint16())),
-                                              ChunkConfig(max_seq_length=8, overlap=3), 1)])
+    lengths = np.array([30, 7, 19, 4, 25])
+    pool = pa.Table.from_batches([window_batch(pa.array([f"d{i}" for i in range(5)]), lengths, np.arange(5),
+                                               ChunkConfig(max_seq_length=8, overlap=3), True)])
     rows = np.array([4, 0, 2, 7, 1, 3, 3])
-    written = write_replay_shard(pool, rows, 2, tmp_path / "r.arrow", pa.uint16(), batch_rows=3)
-    shard = read_shard(tmp_path / "r.arrow")
-    assert shard.schema.field("input_ids").type == pa.list_(pa.uint16())
+    got = pa.concat_tables(list(drawn_windows(pool, rows, 2, 1, part_offset=3, batch_rows=3))).to_pylist()
     whole = pool.take(pa.array(rows)).to_pylist()
-    got = shard.to_pylist()
-    assert got[:-1] == whole[:-1]
+    assert [r["part"] for r in got] == [3] * len(rows)
+    strip = [{k: v for k, v in r.items() if k != "part"} for r in got]
+    assert strip[:-1] == [{k: v for k, v in r.items() if k != "part"} for r in whole[:-1]]
     last = whole[-1]
-    assert got[-1]["input_ids"] == last["input_ids"][:last["trained_from"] + 2]
-    labels = with_labels(shard).column("labels").to_pylist()
-    assert sum(x != -100 for x in labels[-1]) == 2
-    assert written == int(labelled_per_row(shard).sum()) == sum(x != -100 for r in labels for x in r)
+    assert got[-1]["length"] == last["trained_from"] + 2 - 1 and got[-1]["start"] == last["start"]
+    assert labelled_per_window(pa.Table.from_pylist(got[-1:]), 1).tolist() == [2]
 
 
 # ------------------------------------------------------------------------------------------ the flow
@@ -307,7 +303,6 @@ def shuffled_words(texts: list[str], seed: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage(config, artifacts, tmp_path):
-    from datasets import load_from_disk
 
     from flows.retrain import retrain
     from tasks.load import INDEX_FILE, read_arrow
@@ -332,7 +327,13 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
 
     # The share, counted independently from the mixed training set the trainer read.
     t = stages["train"]["counts"]
-    mixed = load_from_disk(stages["mix"]["output"])
+    from tasks.chunk import Chunks
+    from tasks.core.manifest import read_manifest
+    from tasks.core.root import open_root
+
+    entry = Chunks.model_validate(read_manifest(Path(stages["mix"]["output"])).model_dump())
+    mixed = {split: [r for b in entry.row_batches(open_root(artifacts), split) for r in b.to_pylist()]
+             for split in ("train", "validation")}
     replay_ids = set(read_arrow(Path(stages["replay-load"]["output"]) / INDEX_FILE).column("doc_id").to_pylist())
     counted = {"replay": 0, "domain": 0}
     for row in mixed["train"]:
@@ -342,7 +343,7 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     assert abs(share - 0.25) <= 0.01 and t["replay_share"] == pytest.approx(share)
     assert t["replay_trained_tokens"] == counted["replay"] and t["domain_trained_tokens"] == counted["domain"]
     assert len(mixed["validation"]) == stages["chunk"]["counts"]["validation_chunks"]  # validation: domain only
-    assert not set(mixed["validation"]["doc_id"]) & replay_ids
+    assert not {r["doc_id"] for r in mixed["validation"]} & replay_ids
     assert not touched_entries(artifacts)  # the trainer read the mix entry without writing into it
 
     # The card: base, parent, corpus and drop fingerprints, replay, evaluation table, gate decision.

@@ -22,7 +22,8 @@ class TrainSpec(BaseModel):
     model: ModelConfig
     train: TrainConfig
     max_seq_length: int = Field(gt=0, description="chunk.max_seq_length: the longest row the trainer sees.")
-    chunks_dir: str = Field(description="The chunk (or mix) stage's DatasetDict folder.")
+    chunks_dir: str = Field(description="A DatasetDict folder of training rows: input_ids and labels (what "
+                            "`Chunks.write_training_set` writes), or chunk rows with trained_from (labels derived).")
     output_dir: str = Field(description="The train entry's temp folder: model/, metrics.json, logs.")
     checkpoint_dir: str = Field(description="The key's work folder for checkpoints, kept across attempts.")
     tensorboard_dir: str

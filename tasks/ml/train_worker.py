@@ -1,6 +1,6 @@
 """The training child process: `accelerate launch -m tasks.ml.train_worker SPEC.json`.
 
-It runs TRL's SFTTrainer on the chunk stage's pre-tokenized DatasetDict (labels, overlap masked, derived by
+It runs TRL's SFTTrainer on the training rows the train stage gathers from the chunks (int32 input_ids and labels,
 `training_columns`), checkpoints into the stage's work dir, resumes from the last checkpoint of a killed attempt,
 stops early on validation loss and keeps the best model. It talks to the parent through stdout lines that start
 with `@@cpt ` followed by JSON (progress, the optimizer choice, final metrics); everything else is plain log.
@@ -36,10 +36,14 @@ def emit(event: str, **data: Any) -> None:
 
 
 def training_columns(data):
-    """The chunk stage's DatasetDict (input_ids in the tokens' narrow type, trained_from) as the trainer reads
-    it: int32 input_ids and labels (-100 before trained_from), derived here because the chunks do not store
-    them. One vectorised Arrow pass per batch of rows, written to this process's temp cache."""
+    """Training rows as the trainer reads them: int32 input_ids and labels. A set that has them (the train stage
+    writes one from the chunks) is taken as it is; chunk rows (input_ids in the tokens' narrow type,
+    trained_from: a benchmark's or a user's) get their labels derived (-100 before trained_from), one
+    vectorised Arrow pass per batch of rows, written to this process's temp cache."""
     from tasks.arrow import with_labels
+
+    if "labels" in data["train"].column_names:
+        return data
 
     return data.with_format("arrow").map(
         with_labels, batched=True, batch_size=4096, remove_columns=data["train"].column_names,
