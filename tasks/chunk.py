@@ -263,7 +263,7 @@ def window_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: in
     with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, WINDOW_SCHEMA) as writer:
         for start in range(0, len(rows), batch_docs):
             block = np.asarray(rows[start:start + batch_docs], np.int64)
-            ids = doc_ids.take(pa.array(block)).combine_chunks()
+            ids = take_rows(doc_ids, block).combine_chunks()
             out = window_batch(ids, lengths[block], block, cfg, bool(bos))
             writer.write_batch(out)
             row_tokens = int(out.column("length").to_numpy().sum()) + bos * out.num_rows
