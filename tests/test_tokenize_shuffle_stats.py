@@ -271,3 +271,21 @@ def test_a_prefetched_profile_is_waited_for_not_probed_twice(tiny_model, tmp_pat
     assert len(calls) == 1 and calls[0].startswith("tokenizer-profile")
     tk.prefetch_profile(fp, open_root(tmp_path))  # known now: nothing started
     assert len(calls) == 1 and tk.tokenizer_profile(fp, open_root(tmp_path)) == (profile, None)
+
+
+def test_the_split_order_of_load_ids_is_their_string_order_with_ties_on_the_text():
+    """load's 16-hex-digit ids are sorted as integers (8 bytes each, not a numpy string array): the order, ties
+    on u included (copies equal after normalisation share u), must be the strings' own."""
+    import hashlib
+
+    import numpy as np
+
+    from tasks.shuffle import _in_string_order, split_values
+
+    ids = [hashlib.blake2b(str(i).encode(), digest_size=8).hexdigest() for i in range(5000)]
+    norms = [f"text {i % 700}" for i in range(5000)]  # many ties on u
+    parts = split_documents(ids, 3, 0.2, norms)
+    u = split_values(norms, 3)
+    expected = np.lexsort((np.array(ids, dtype=object).astype(str), u))
+    assert np.concatenate([parts["validation"], parts["train"]]).tolist() == expected.tolist()
+    assert _in_string_order(ids).dtype == np.uint64
