@@ -20,10 +20,10 @@ printed beside it. Also printed, measured here in fresh processes: per-process f
 (pyarrow's first array imports pandas; the tokenizer's Rust backend loads), which no incremental design removes
 and which a small corpus's cold run is not much larger than.
 
-`--copies K` makes the corpus K tagged copies of every document (K × ~20 MB; the drop stays 1/(N+1) of it):
+`--every 2` keeps every second document (~10 MB); `--copies K` makes the corpus K tagged copies of every document (K × ~20 MB; the drop stays 1/(N+1) of it):
 the goal holds "on a 10 MB corpus as on a large one".
 
-    .venv/bin/python -m bench.incremental_drop [--files 20] [--copies 1]
+    .venv/bin/python -m bench.incremental_drop [--files 20] [--copies 1] [--every 1]
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> None:
     ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--files", type=int, default=20, help="N: files in the corpus before the drop")
     ap.add_argument("--copies", type=int, default=1, help="K: tagged copies of every document (K × ~20 MB)")
+    ap.add_argument("--every", type=int, default=1, help="keep every E-th document only (2: a ~10 MB corpus)")
     args = ap.parse_args()
     sources = [CORPORA / "ko_transport_bills.jsonl", CORPORA / "python_docs.jsonl"]
     require(*sources)
@@ -77,7 +78,7 @@ def main() -> None:
 
     from tasks.ml.tiny_model import build_tiny_model, read_texts
 
-    texts = [t for p in sources for t in read_texts(p)]
+    texts = [t for p in sources for t in read_texts(p)][::args.every]
     tokenizer_texts = texts[::10]
     if args.copies > 1:
         # A document's copies side by side: the drop (the first 1/(N+1) of them) holds all copies of its own.
