@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import CORPORA, ROOT, argument_parser, build_model, require, seed_data_path
+from bench.common import CORPORA, ROOT, argument_parser, best_of, build_model, require, seed_data_path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
@@ -98,15 +98,6 @@ def cpt_stages(docs: Path, work: Path, tokenizer) -> tuple[int, float, float]:
                                                                              overlap=OVERLAP), sp["bos_id"])
     t2 = time.perf_counter()
     return counts["chunks"], t1 - t0, t2 - t1
-
-
-def best_of(repeat: int, fn):
-    times, result = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
 
 
 def memory_child(docs: Path, tok_dir: Path) -> None:

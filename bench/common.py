@@ -179,6 +179,16 @@ def quiet_env(**extra: str) -> dict[str, str]:
             **extra}
 
 
+def best_of(repeat: int, fn):
+    """(the fastest of `repeat` calls' seconds, the last call's result)."""
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> float:
     """Run `cmd` (from the repository root, output captured) and return its wall seconds, start to exit; exit
     with its output's tail if it fails."""

@@ -29,22 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import CORPORA, ROOT, argument_parser, require
+from bench.common import CORPORA, ROOT, argument_parser, best_of, require
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
 
 MAX_SEQ_LENGTH, OVERLAP = 1000, 500
 GEMMA_1B_PARAMS, H200_BF16_FLOPS, UTILISATION = 1.0e9, 989e12, 0.4
-
-
-def best_of(repeat: int, fn):
-    times, result = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
 
 
 def window_table(tokens_path: Path, cfg, bos_id, dst: Path):
