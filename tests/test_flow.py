@@ -190,7 +190,7 @@ def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artif
 
     _, computed = run(config, artifacts)
     _, cached = run(config, artifacts)  # every stage Cached: the run must still show what it holds
-    for summary, progress_bars in ((computed, 2), (cached, 0)):
+    for summary, progress_bars in ((computed, 3), (cached, 0)):
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[summary["flow_run"]])))[0]
@@ -199,7 +199,7 @@ def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artif
         by_type = {}
         for a in arts:
             by_type.setdefault(a.type, []).append(a)
-        # Live progress (tokenize, chunk) exists only where the work ran.
+        # Live progress (load, tokenize, chunk) exists only where the work ran.
         assert len(by_type.get("progress", [])) == progress_bars
         assert all(a.data == 100.0 for a in by_type.get("progress", []))
         assert any(a.key == "token-stats" for a in by_type["table"])

@@ -502,7 +502,7 @@ def test_a_long_stage_logs_how_far_it_is_with_rate_and_time_left(caplog, monkeyp
             time.sleep(0.02)
             p.update(1_000_000_000)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("load:")]
-    assert lines and "1.0 GB of 4.0 GB (25%)" in lines[0] and "/s, about" in lines[0] and "left" in lines[0], lines
+    assert lines and "1.0 GB/4.0 GB (25%)" in lines[0] and "/s, about" in lines[0] and "left" in lines[0], lines
 
 
 def test_a_corpus_the_artifacts_disk_may_not_hold_is_said_before_reading(tmp_path, monkeypatch):

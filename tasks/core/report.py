@@ -68,19 +68,19 @@ class Progress:
             run_logger().info(self.status(now))
             self._logged = now
 
-    def _amount(self, n: float) -> str:
+    def _amount(self, n: float, unit: bool = True) -> str:
         if self.unit == "B":
             for scale, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
                 if n >= scale:
                     return f"{n / scale:,.1f} {name}"
             return f"{n:,.0f} B"
-        return f"{n:,.0f} {self.unit}"
+        return f"{n:,.0f} {self.unit}" if unit else f"{n:,.0f}"
 
     def status(self, now: float | None = None) -> str:
         """`desc: done/total (pct), rate, about T left`, the rate over the whole stage so far."""
         elapsed = max((now or time.monotonic()) - self._start, 1e-9)
         done = min(self.done, self.total)
-        text = f"{self.desc}: {self._amount(done)} of {self._amount(self.total)} ({100.0 * done / self.total:.0f}%)"
+        text = f"{self.desc}: {self._amount(done, unit=False)}/{self._amount(self.total)} ({100.0 * done / self.total:.0f}%)"
         if done:
             rate = done / elapsed
             left = (self.total - done) / rate
