@@ -1058,7 +1058,7 @@ def signature_piece(piece: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoo
     on a worker that did not build the piece) only when the signatures are missing."""
 
     def build(tmp: Path):
-        texts = read_arrow(piece_docs_file(root, piece.path)).column("text").to_pylist()
+        texts = read_arrow(piece_docs_file(root, piece.path)).column("text")  # hashed from its UTF-8 bytes
         sigs = near_dedup.signatures(texts, cfg.num_perm, cfg.shingle_chars, cfg.seed)
         np.save(tmp / SIGNATURES_FILE, sigs)
         return {"documents": len(texts)}, {}

@@ -19,7 +19,7 @@ Decontamination (`ContaminationIndex`) removes a training document that shares a
 from __future__ import annotations
 
 import functools
-import itertools
+import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -60,7 +60,7 @@ def _nfkc(text: str) -> str:
     recomposes every syllable: on bench.near_dedup's corpus the runs take a tenth of the time of their texts."""
     if unicodedata.is_normalized("NFKC", text):
         return text
-    cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
     other = np.flatnonzero((cps >= 0x80) & ((cps - 0xAC00) >= 11172) & ((cps - 0x4E00) >= 0x5200))
     cut = np.flatnonzero(other[1:] - other[:-1] > 1)
     starts = np.maximum(other[np.concatenate(([0], cut + 1))] - 1, 0).tolist()
@@ -83,7 +83,7 @@ def normalised_codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]
     for c in _WS_RARE:
         if c in big:
             big = big.replace(c, " ")
-    cps = np.frombuffer(bytearray(big.encode("utf-32-le")), np.uint32)
+    cps = np.frombuffer(bytearray(big.encode("utf-32-le", "surrogatepass")), np.uint32)
     if not len(cps):
         return cps, lens
     low = np.flatnonzero(cps <= 32)
@@ -149,29 +149,186 @@ def _batches(texts: Sequence[str]) -> Iterable[tuple[int, int]]:
         yield start, len(texts)
 
 
+_COMPLEX = 0xFFFFFFFF
+_EXPAND = 0x80000000
+_TABLE_SIZE = 0x10000  # the BMP; a character above it sends its text to Python (rare: emoji, old scripts)
+
+
+@functools.cache
+def _composes_after() -> frozenset[int]:
+    """Code points NFKC may compose with the character before them: every one after the first in a canonical
+    decomposition (combining marks, a few vowel signs), and the Hangul vowel and final jamo."""
+    seconds = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
+    for lo, hi in ((0, 0x10000), (0x11000, 0x12000), (0x1D100, 0x1D200)):  # the planes' canonical composites
+        for c in range(lo, hi):
+            d = unicodedata.decomposition(chr(c))
+            if d and d[0] != "<":
+                seconds.update(int(x, 16) for x in d.split()[1:])
+    return frozenset(seconds)
+
+
+@functools.cache
+def _fold_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The tables tasks/_shingle.c folds texts with: (strict, offsets, pool, loose). `strict[c]` is `normalise`'s
+    result for the character c on its own (NFKC, lower-cased, whitespace as U+0020) where that is the same
+    whatever its neighbours are, else _COMPLEX; a result of several characters is _EXPAND + k, the k-th run of
+    `pool` (`offsets`). Context-free: c and the first character of its NFKD do not combine (ccc 0), so no
+    canonical reordering reaches past c; neither c nor what it becomes composes with the character before it;
+    what follows c and could compose with it is itself _COMPLEX; lower-casing is per character except for the
+    final sigma (U+03A3, _COMPLEX). tests/test_near_dedup.py checks the table against `normalise` on texts of
+    every kind of character. `loose`: whitespace to U+0020 only, for texts Python has normalised."""
+    seconds = _composes_after()
+    strict = np.full(_TABLE_SIZE, _COMPLEX, np.uint32)
+    loose = np.arange(_TABLE_SIZE, dtype=np.uint32)
+    offsets, pool = [0], []
+    for c in range(_TABLE_SIZE):
+        ch = chr(c)
+        if ch.isspace():
+            loose[c] = 32
+        if 0xD800 <= c < 0xE000 or c == 0x3A3 or c in seconds or unicodedata.combining(ch):
+            continue
+        d = unicodedata.normalize("NFKC", ch)
+        if d == ch and ch.lower() == ch:  # most characters: nothing to look up further
+            strict[c] = 32 if ch.isspace() else c
+            continue
+        first = unicodedata.normalize("NFKD", ch)[0]
+        if unicodedata.combining(first) or ord(first) in seconds or ord(d[0]) in seconds or "\u03a3" in d:
+            continue
+        out = [32 if x.isspace() else ord(x) for x in d.lower()]
+        if len(out) == 1:
+            strict[c] = out[0]
+        else:
+            strict[c] = _EXPAND + len(offsets) - 1
+            pool += out
+            offsets.append(len(pool))
+    return strict, np.array(offsets, np.int64), np.array(pool or [0], np.uint32), loose
+
+
+def _native():
+    try:
+        from tasks import _shingle
+    except ImportError:  # built without a C compiler: numpy computes the same hashes (tests compare them)
+        return None
+    return _shingle
+
+
+_scratch = threading.local()
+
+
+def _native_hash(native, data, lens: np.ndarray, table: np.ndarray, n: int, strict: bool, utf8: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """tasks/_shingle.c's hashes into this thread's buffer, reused between batches: a fresh one would fault its
+    pages in on every batch. The view holds until this thread's next call."""
+    _, offsets, pool, _ = _fold_table()
+    out_lens = np.empty(len(lens), np.int64)
+    units = len(data) if utf8 else len(data) // 4
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < units:
+        buf = _scratch.buf = np.empty(max(units, _BATCH_CHARS) * 5 // 4, np.uint64)
+    args = (offsets, pool, n, int(_MULT), int(_PAD), int(strict))
+    written = native.hash_texts(data, lens, table, *args, buf, out_lens, int(utf8))
+    if written < 0:  # expansions (㎡ → m2) made it longer than the text
+        buf = _scratch.buf = np.empty(-written, np.uint64)
+        written = native.hash_texts(data, lens, table, *args, buf, out_lens, int(utf8))
+    return buf[:written], out_lens
+
+
+def _shingle_batch(texts, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, lens): `_hash_batch(*normalised_codepoints(texts), n)` with each text's count of values, by
+    tasks/_shingle.c when it is built (the hashes then a view that holds until this thread's next call). `texts`:
+    strings, or a pyarrow string array (read from its UTF-8 buffer, no Python strings made). A text the table
+    cannot fold on its own goes through Python's NFKC and is hashed again on its own."""
+    native = _native()
+    arrow = not isinstance(texts, (list, tuple))
+    if native is None:
+        texts = texts.to_pylist() if arrow else texts
+        cps, lens = normalised_codepoints(texts)
+        return _hash_batch(cps, lens, n), lens
+    strict, _, _, loose = _fold_table()
+    if arrow:
+        data, lens = _utf8_of(texts)
+        h, out_lens = _native_hash(native, data, lens, strict, n, True, utf8=True)
+    else:
+        lens = np.fromiter(map(len, texts), np.int64, len(texts))
+        h, out_lens = _native_hash(native, "".join(texts).encode("utf-32-le", "surrogatepass"), lens, strict, n,
+                                   True)
+    odd = np.flatnonzero(out_lens < 0)
+    if not len(odd):
+        return h, out_lens
+    h = h.copy()
+    norm = [_nfkc(texts[i].as_py() if arrow else texts[i]).lower() for i in odd.tolist()]
+    h2, lens2 = _native_hash(native, "".join(norm).encode("utf-32-le", "surrogatepass"),
+                             np.fromiter(map(len, norm), np.int64, len(norm)), loose, n, False)
+    out_lens[odd] = lens2
+    mine = np.zeros(len(out_lens), bool)
+    mine[odd] = True
+    at = np.repeat(mine, out_lens)
+    merged = np.empty(len(at), np.uint64)
+    merged[~at] = h
+    merged[at] = h2
+    return merged, out_lens
+
+
+def _utf8_of(array) -> tuple[memoryview | bytes, np.ndarray]:
+    """A pyarrow string array's UTF-8 bytes (its own buffer, not copied) and each text's length in bytes; a null
+    is an empty text."""
+    import pyarrow as pa
+
+    if array.null_count:
+        array = array.fill_null("")
+    if pa.types.is_string_view(array.type):
+        array = array.cast(pa.large_string())
+    off_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets = np.frombuffer(array.buffers()[1], off_type, len(array) + 1, array.offset * off_type().itemsize)
+    data = array.buffers()[2]
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    view = memoryview(data)[lo:hi] if data is not None else b""
+    return view, np.diff(offsets).astype(np.int64)
+
+
+def _arrow_batches(column) -> Iterable:
+    """Slices of a pyarrow string column (Array or ChunkedArray) of about _BATCH_CHARS bytes each."""
+    chunks = column.chunks if hasattr(column, "chunks") else [column]
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        sizes = _utf8_of(chunk)[1]
+        ends = np.cumsum(sizes)
+        start = 0
+        while start < len(chunk):
+            base = ends[start - 1] if start else 0
+            stop = max(int(np.searchsorted(ends, base + _BATCH_CHARS, "left")) + 1, start + 1)
+            stop = min(stop, len(chunk))
+            yield chunk.slice(start, stop - start)
+            start = stop
+
+
 def shingle_hashes(text: str, n: int) -> np.ndarray:
     """`shingles(text, n)` as 64-bit hashes, with repeats (see `_hash_batch`)."""
-    cps, lens = normalised_codepoints([text])
-    return _hash_batch(cps, lens, n)
+    return _shingle_batch([text], n)[0].copy()
 
 
-def signatures(texts: Iterable[str], num_perm: int, n: int, seed: int, backend: str = BACKEND) -> np.ndarray:
-    """MinHash signatures of the texts' shingles, one row (uint32 × num_perm) per text."""
-    texts = list(texts)
-    if not texts:
+def signatures(texts, num_perm: int, n: int, seed: int, backend: str = BACKEND) -> np.ndarray:
+    """MinHash signatures of the texts' shingles, one row (uint32 × num_perm) per text. `texts`: strings, or a
+    pyarrow string column (read from its UTF-8 bytes where tasks/_shingle.c is built)."""
+    arrow = hasattr(texts, "to_pylist")  # a pyarrow string column: hashed from its UTF-8 bytes
+    if not arrow or _native() is None or backend != "rensa":
+        texts, arrow = (texts.to_pylist() if arrow else list(texts)), False
+    if not len(texts):
         return np.zeros((0, num_perm), np.uint32)
     if backend == "rensa":
         import rensa
 
         out = np.empty((len(texts), num_perm), np.uint32)
-        for a, b in _batches(texts):
-            cps, lens = normalised_codepoints(texts[a:b])
+        batches = _arrow_batches(texts) if arrow else (texts[a:b] for a, b in _batches(texts))
+        row = 0
+        for batch in batches:
+            h, lens = _shingle_batch(batch, n)
             offsets = np.zeros(len(lens) + 1, np.uint64)
             np.cumsum(lens, out=offsets[1:])
-            matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(_hash_batch(cps, lens, n), offsets,
-                                                                         num_perm, seed)
-            out[a:b] = np.fromiter(itertools.chain.from_iterable(matrix.to_rows()), np.uint32,
-                                   (b - a) * num_perm).reshape(b - a, num_perm)
+            matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(h, offsets, num_perm, seed)
+            out[row:row + len(lens)] = np.array(matrix.to_rows(), np.uint32).reshape(len(lens), num_perm)
+            row += len(lens)
         return out
     from datasketch import MinHash
 
@@ -282,8 +439,7 @@ def shingle_sets(texts: Sequence[str], n: int) -> list[np.ndarray]:
     """Each text's distinct shingle hashes (sorted), the texts hashed in batches."""
     out = []
     for a, b in _batches(texts):
-        cps, lens = normalised_codepoints(texts[a:b])
-        h = _hash_batch(cps, lens, n)
+        h, lens = _shingle_batch(texts[a:b], n)
         ends = np.cumsum(lens)
         out += [np.unique(h[e - m:e]) for e, m in zip(ends.tolist(), lens.tolist())]
     return out
