@@ -22,7 +22,7 @@ server: $(STAMP)
 install: $(STAMP)
 
 # torch first, pinned: here that takes the CPU build from local disk; unpinned it would pull CUDA wheels.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py tasks/_shingle.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0

@@ -1174,10 +1174,13 @@ def load_inputs(corpus: CorpusConfig, sources: Fingerprint) -> dict[str, Any]:
 def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[str],
          runtime: RuntimeConfig | None = None, ranks: list[int] | None = None):
     """`files` are the resolved paths of `sources` (they go into the `source` column, so into this key);
-    `ranks` their ranks, with near-dedup on (`load_inputs` makes both). What the stages below see is the
-    output's `content`: the pieces it was made of, not their paths."""
-    if corpus.near_dedup.enabled and (ranks is None or len(ranks) != len(files)):
-        raise ValueError("load: corpus.near_dedup is on, so each file's rank must be an input (load_inputs)")
+    `ranks` their ranks, with near-dedup on (`load_inputs` makes both; without them, the order of `files`, which
+    is in the key too). What the stages below see is the output's `content`: the pieces it was made of, not
+    their paths."""
+    if corpus.near_dedup.enabled and ranks is None:
+        ranks = list(range(len(files)))
+    if corpus.near_dedup.enabled and len(ranks) != len(files):
+        raise ValueError(f"load: {len(ranks)} ranks for {len(files)} files (load_inputs makes both)")
     total = sum(item.get("bytes", 0) for item in sources.items)
     short = disk_shortfall(build.root.local, total)
     if short:

@@ -76,7 +76,7 @@ def test_settings_never_reread_files_and_off_is_todays_output(tmp_path, texts):
     art = tmp_path / "art"
     write_jsonl(tmp_path / "c" / "a.jsonl", [{"content": t} for t in texts[:40]] +
                 [{"content": reexport(t, i)} for i, t in enumerate(texts[:5])])
-    off = run_load(art, [tmp_path / "c"])
+    off = run_load(art, [tmp_path / "c"], near_dedup={"enabled": False})
     default_off = run_load(art, [tmp_path / "c"], near_dedup={"enabled": False, "threshold": 0.5})
     assert default_off.key == off.key and default_off.content == off.content  # off: no setting enters a key
     on = run_load(art, [tmp_path / "c"], **ON)
@@ -175,8 +175,9 @@ def test_near_dedup_config_is_checked():
 
     with pytest.raises(ConfigError, match="corpus.near_dedup.threshold"):
         load_config(None, ["corpus.paths=[a]", "model.id=m", "corpus.near_dedup.threshold=1.5"])
-    assert NearDedupConfig().key_material() == {"enabled": False}
-    assert "near_dedup" not in CorpusConfig().key_material()  # off: the load keys of before
+    assert NearDedupConfig(enabled=False).key_material() == {"enabled": False}
+    assert "near_dedup" not in CorpusConfig(near_dedup={"enabled": False}).key_material()  # off: the keys of before
+    assert NearDedupConfig().enabled  # on by default (bench.near_dedup: under half the cold load's seconds)
     assert "decontaminate" not in ShuffleConfig().key_material()
 
 
@@ -370,3 +371,84 @@ def test_decontamination_in_small_batches_removes_the_same_rows(texts):
         assert sorted(set(range(60)) - set(keep.tolist())) == [5, 33, 59]
         assert matched == {"evaluate.general_corpus": 2, "evaluate.tasks t": 1}
         assert keep.tolist() == [r for r in rows.tolist() if r not in (5, 33, 59)]  # the order kept
+
+
+def _numpy_hashes(batch, n):
+    cps, lens = nd.normalised_codepoints(batch)
+    return nd._hash_batch(cps, lens, n), lens
+
+
+@pytest.fixture
+def native():
+    """tasks/_shingle.c, built by the install where a C compiler is at hand (CI exports CPT_REQUIRE_NATIVE=1,
+    so there it must be)."""
+    import os
+
+    mod = nd._native()
+    if mod is None:
+        assert not os.environ.get("CPT_REQUIRE_NATIVE"), "tasks._shingle was not built (pip install -e . builds it)"
+        pytest.skip("tasks._shingle not built (no C compiler at install): the numpy path is used and tested")
+    return mod
+
+
+def _awkward_texts() -> list[str]:
+    """Every BMP character the fold table does not map to itself (expansions, compatibility forms, capitals,
+    what NFKC may compose: each such text goes to Python), each between neighbours it could combine with."""
+    strict = nd._fold_table()[0]
+    odd = [chr(c) for c in range(0x10000) if strict[c] != c and not 0xD800 <= c < 0xE000]
+    around = ["a", "가", "ᄀ", "\u0301", " ", "Σ", "e", "ㄱ"]
+    return ["".join(f"{around[i % len(around)]}{ch}{around[(i * 3 + 1) % len(around)]}{ch} "
+                    for i, ch in enumerate(odd[k:k + 40])) for k in range(0, len(odd), 40)]
+
+
+def test_the_c_kernel_hashes_exactly_what_the_numpy_path_does(native, texts):
+    """The one compiled piece gives the same hashes, lengths and signatures as normalise's numpy path, on the
+    edge texts, real corpus text, and every character its table folds, whatever it sits beside; from Python
+    strings and from Arrow's UTF-8 (chunked, sliced, large_string, nulls as empty texts)."""
+    # Sequences NFKC composes across characters: compatibility and conjoining jamo (L + V, LV + T), a letter and
+    # its marks in another order, Indic vowel signs that are starters, expansions before a mark.
+    composing = ["ㄱㅏ", "각", "각", "가ㄱㅏㅇ", "ㅎㅏㄴ", "e\u0301", "ö\u0323", "Å\u0301 x", "\u0b47\u0b3e",
+                 "\u09c7\u09be", "ΣΑ Σ. σ", "ΟΔΟΣ ΚΑΙ", "ﬁ\u0301", "㎡\u0301", "\u1100\u1161\u11a8\u11a8"]
+    batches = [EDGES, composing, texts[:60], _awkward_texts(),
+               ["\U0001F600 x 𝐀𝐁 \U00011099\U000110BA ㎡㎢ ™ ﷺ Σσς"]]
+    for batch in batches:
+        for n in (1, 3, 5, 9):
+            h, lens = nd._shingle_batch(batch, n)
+            want, want_lens = _numpy_hashes(batch, n)
+            assert np.array_equal(lens, want_lens) and np.array_equal(h, want), (n, batch[:2])
+            arrow_h, arrow_lens = nd._shingle_batch(pa.array(batch), n)
+            assert np.array_equal(arrow_lens, want_lens) and np.array_equal(arrow_h, want)
+    as_list = texts[:30] + texts[35:75]
+    for kind in (pa.string(), pa.large_string()):
+        column = pa.chunked_array([pa.array(texts[:30], kind), pa.array(texts[30:80], kind).slice(5, 40)])
+        assert np.array_equal(nd.signatures(column, 64, 5, 1), nd.signatures(as_list, 64, 5, 1))
+    with_null = pa.array(["가나다라마", None, "abc def"])
+    assert np.array_equal(nd.signatures(with_null, 64, 5, 1), nd.signatures(["가나다라마", "", "abc def"], 64, 5, 1))
+
+
+def test_the_fold_table_is_normalise_on_texts_of_its_own_characters(native):
+    """Where the table folds a character on its own (no Python), a text of such characters in any order is
+    normalised exactly as `normalise` does: NFKC composes nothing across them and lower-casing needs no
+    context. Random texts over every such BMP character, the awkward ones (mapped, expanded) over-weighted."""
+    import random
+
+    strict = nd._fold_table()[0]
+    simple = [c for c in range(0x10000) if strict[c] != nd._COMPLEX]
+    mapped = [chr(c) for c in simple if strict[c] != c]
+    simple = [chr(c) for c in simple]
+    rng = random.Random(7)
+    batch = ["".join(rng.choice(mapped if rng.random() < 0.5 else simple) for _ in range(rng.randint(1, 30)))
+             for _ in range(3000)]
+    h, lens = nd._shingle_batch(batch, 3)
+    assert (lens >= 0).all()
+    want, want_lens = _numpy_hashes(batch, 3)
+    assert np.array_equal(lens, want_lens) and np.array_equal(h, want)
+
+
+def test_without_the_c_kernel_signatures_are_the_same(texts, monkeypatch):
+    """An install without a C compiler takes the numpy path: the same signatures, so the same cached pieces."""
+    column = pa.array(texts[:50])
+    fast = nd.signatures(column, 64, 5, 1)
+    monkeypatch.setattr(nd, "_native", lambda: None)
+    assert np.array_equal(nd.signatures(column, 64, 5, 1), fast)
+    assert np.array_equal(nd.signatures(texts[:50], 64, 5, 1), fast)

@@ -73,10 +73,10 @@ class NearDedupConfig(Section):
     """MinHash + LSH near-duplicate removal across the whole line (every file, every drop)."""
 
     enabled: bool = Field(
-        False, description="Remove near-duplicates (re-exports with another date, header, wrapping or a fixed typo) "
-        "and count them as near_duplicates. Off by default: on a cold load it still costs about as much again as "
-        "the load stage itself (bench.near_dedup measures it; on by default wants at most half), and an existing "
-        "line's outputs stay as they were."
+        True, description="Remove near-duplicates (re-exports with another date, header, wrapping or a fixed typo) "
+        "and count them as near_duplicates. On by default: on a cold load it costs under half the load stage's "
+        "own seconds, a +1 file drop a sixth (bench.near_dedup). Off gives a line exactly the outputs it had "
+        "without it (only exact duplicates removed)."
     )
     threshold: float = Field(
         0.8, gt=0, lt=1, description="Estimated Jaccard similarity of the shingle sets at or above which two "
