@@ -15,10 +15,14 @@ wall and CPU seconds, and the whole on − off difference. Also: signature backe
 (rensa, datasketch) on the same texts, and the LSH rebuild from cached signatures (what a persistent per-line
 index would save).
 
+Memory at line scale (`--line-docs`): the LSH over a synthetic line of that many documents' signatures (and a
+quarter as many, for the growth a document), in fresh processes, as load hands the pieces over (the Arrow id
+column, the signatures memory-mapped) and held in memory (ids as Python strings, signatures read).
+
 Decontamination: paragraphs of ../shared/corpora/ko_law.jsonl (the held-out text) and English sentences planted
 inside --planted training documents; how many are found, and how many clean documents are matched.
 
-    .venv/bin/python -m bench.near_dedup [--docs 3000] [--files 8] [--planted 300] [--repeat 3] [--corpora DIR]
+    .venv/bin/python -m bench.near_dedup [--docs 3000] [--files 8] [--planted 300] [--repeat 3] [--line-docs N]
 """
 
 from __future__ import annotations
@@ -97,6 +101,51 @@ print(json.dumps({"cpu": time.process_time() - t0, **spent}))
 
 KINDS = ("date", "wrap", "header", "typos", "cut_small", "cut_large", "rewrite")
 
+# The LSH over a line of argv[1] documents in a fresh process: 8 pieces of random signatures (a tenth of pieces
+# 1-7 near copies of piece 0's rows, 5% of their values changed), load's 16-hex-digit ids. argv[2] "mapped": as
+# load hands them over (the Arrow id column, signatures memory-mapped); "held": the ids as Python strings and
+# the signatures read into memory, what the pieces hold when nothing is mapped. Prints seconds and the peak
+# anonymous memory (RssAnon, sampled every 10 ms) over the process's before the call.
+LINE = """
+import json, sys, tempfile, threading, time
+import numpy as np, pyarrow as pa
+from tasks import near_dedup as nd
+n, how = int(sys.argv[1]), sys.argv[2]
+rng, tmp, parts = np.random.default_rng(0), tempfile.mkdtemp(), []
+for p in range(8):
+    sig = rng.integers(0, 2 ** 32, size=(n // 8, 128), dtype=np.uint32)
+    if p:
+        k = n // 80
+        src = np.load(f"{tmp}/0.npy")[:k]
+        flip = rng.random(src.shape) < 0.05
+        src[flip] = rng.integers(0, 2 ** 32, size=int(flip.sum()), dtype=np.uint32)
+        sig[:k] = src
+    np.save(f"{tmp}/{p}.npy", sig)
+    ids = pa.array([f"{x:016x}" for x in rng.integers(0, 2 ** 63, size=n // 8)])
+    with pa.OSFile(f"{tmp}/{p}.arrow", "wb") as f, pa.ipc.new_file(f, pa.schema([("doc_id", pa.string())])) as w:
+        w.write_table(pa.table({"doc_id": ids}))
+    del sig, ids
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+base, peak, done = rss(), [0], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+t = time.perf_counter()
+tables = [pa.ipc.open_file(pa.memory_map(f"{tmp}/{p}.arrow")).read_all() for p in range(8)]
+if how == "mapped":
+    parts = [(tb.column("doc_id"), np.load(f"{tmp}/{p}.npy", mmap_mode="r")) for p, tb in enumerate(tables)]
+else:
+    parts = [(tb.column("doc_id").to_pylist(), np.load(f"{tmp}/{p}.npy")) for p, tb in enumerate(tables)]
+found = nd.near_duplicates(parts, list(range(8)), 0.8, 128)
+seconds = time.perf_counter() - t
+done.append(1)
+time.sleep(0.02)
+print(json.dumps({"seconds": seconds, "peak": max(peak[0], rss()) - base, "found": len(found)}))
+"""
+
 
 def ground_truth(texts: list[str], order: list[int], threshold: float, n: int):
     """Per document in `order`: removed (bool) by the greedy choice on exact Jaccard of the shingle sets."""
@@ -132,6 +181,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--repeat", type=int, default=3, help="cold load pairs (off, on) to take the median of")
     parser.add_argument("--corpora", type=Path, default=CORPORA, help="folder of the shared corpora")
+    parser.add_argument("--line-docs", type=int, default=400_000,
+                        help="documents of the synthetic line whose LSH memory is measured (0: skip)")
     args = parser.parse_args()
     corpora = args.corpora
     require(corpora / "ko_transport_bills.jsonl", corpora / "python_docs.jsonl", corpora / "ko_law.jsonl")
@@ -265,6 +316,23 @@ def main() -> None:
         print(f"a fresh process's cold load: off {fresh[False]['cpu']:.2f}s CPU; on, near-dedup "
               f"{fresh[True]['near_cpu']:.2f}s CPU = {fresh[True]['near_cpu'] / fresh[False]['cpu']:.2f}× (the "
               "imports it needs included)")
+
+    # --- memory at line scale: the LSH over many documents, as load hands the pieces over and held in memory
+    if args.line_docs:
+        runs = {}
+        for how in ("held", "mapped"):
+            for n in (args.line_docs // 4, args.line_docs):
+                runs[how, n] = json.loads(subprocess.run([sys.executable, "-c", LINE, str(n), how], capture_output=True,
+                                                         text=True, check=True).stdout.splitlines()[-1])
+        small, big = args.line_docs // 4, args.line_docs
+        slope = {how: (runs[how, big]["peak"] - runs[how, small]["peak"]) / (big - small) for how in ("held", "mapped")}
+        for how in ("held", "mapped"):
+            r = runs[how, big]
+            print(f"LSH over a line of {big:,} documents, {how}: {r['seconds']:.2f}s, peak {r['peak'] / 2 ** 20:.0f} "
+                  f"MiB, {slope[how]:.0f} bytes a document more ({r['found']:,} near copies found)")
+        print(f"  as load hands it over / held in memory: memory a document {slope['mapped'] / slope['held']:.2f}×, "
+              f"seconds {runs['mapped', big]['seconds'] / runs['held', big]['seconds']:.2f}× (a signature is 512 "
+              "bytes)")
 
     # --- decontamination: held-out paragraphs planted in training documents
     law = [json.loads(x)["content"] for x in (corpora / "ko_law.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -2,7 +2,8 @@
 size again as many files), with the flow process and all its children sampled for anonymous memory.
 
 Corpus: the documents of ../shared/corpora/*.jsonl repeated until the size is reached, every copy tagged
-(`[copy k]` in front of its text), so no document is a duplicate of another and none is dropped. Tokenizer:
+(`[copy k]` in front of its text), so no document is an exact duplicate of another and none is dropped (near-dedup
+is off: every copy is a near-duplicate of the others). Tokenizer:
 a byte-level BPE trained here on every 4th of those documents (`--vocab`, default 16k; `--vocab 70000` or more
 makes the ids uint32, as a 262k vocabulary does), with a tiny model beside it so `model.id` is a model dir;
 nothing is downloaded. Chunking 1000/500 as the seed's.
@@ -193,8 +194,10 @@ def run_flow(corpus: Path, model: Path, work: Path, interval: float, env: dict) 
 
     artifacts = work / "artifacts"
     config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({"corpus": {"paths": [str(corpus)]}, "model": {"id": str(model)},
-                                      "chunk": {"max_seq_length": 1000, "overlap": 500}}))
+    # Near-dedup off: this corpus is tagged copies of the same documents, near-duplicates by construction (on, it
+    # would leave one copy in 16 for the stages below); bench.near_dedup --line-docs measures its memory at scale.
+    config.write_text(yaml.safe_dump({"corpus": {"paths": [str(corpus)], "near_dedup": {"enabled": False}},
+                                      "model": {"id": str(model)}, "chunk": {"max_seq_length": 1000, "overlap": 500}}))
     summary = work / "summary.json"
     started = time.time()
     proc = subprocess.Popen([CPT, "run", "--config", str(config), "--until", "chunk", "--artifacts", str(artifacts),

@@ -121,7 +121,8 @@ static inline uint32_t next_utf8(const uint8_t *s, int64_t len, int64_t *i) {
    length, -1 for a text the table cannot fold alone, -2 when out of memory, -3 for a table pointing past the
    pool. */
 static inline Py_ssize_t fold(const void *src_, int64_t len, int utf8, const uint32_t *table, Py_ssize_t size,
-                              const int64_t *off, Py_ssize_t n_exp, const uint32_t *pool, int strict) {
+                              const int64_t *off, Py_ssize_t n_exp, const uint32_t *pool, Py_ssize_t n_pool,
+                              int strict) {
     uint32_t *w = work.p;
     Py_ssize_t m = 0;
     int sp = 1;
@@ -149,6 +150,8 @@ static inline Py_ssize_t fold(const void *src_, int64_t len, int utf8, const uin
             if ((Py_ssize_t)(v - EXPAND) >= n_exp)
                 return -3;
             int64_t a = off[v - EXPAND], b = off[v - EXPAND + 1];
+            if (a < 0 || a > b || b > n_pool)
+                return -3;
             if (reserve(&work, m + (b - a) + (len - i) + 1, 4) < 0)
                 return -2;
             w = work.p;
@@ -180,7 +183,7 @@ static PyObject *hash_texts(PyObject *self, PyObject *args) {
     int64_t *out_lens = out_lens_b.buf;
     Py_ssize_t unit = utf8 ? 1 : 4;
     Py_ssize_t n_units = cps_b.len / unit, n_texts = lens_b.len / 8, size = table_b.len / 4;
-    Py_ssize_t n_exp = off_b.len / 8 - 1, cap = out_b.len / 8;
+    Py_ssize_t n_exp = off_b.len / 8 - 1, n_pool = pool_b.len / 4, cap = out_b.len / 8;
     if (n < 1 || out_lens_b.len / 8 < n_texts) {
         PyErr_SetString(PyExc_ValueError, "n must be at least 1 and out_lens hold a length per text");
         goto done;
@@ -196,8 +199,8 @@ static PyObject *hash_texts(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
             goto done;
         }
-        Py_ssize_t m = utf8 ? fold(src + at, len, 1, table, size, off, n_exp, pool, strict)
-                            : fold(src + at * 4, len, 0, table, size, off, n_exp, pool, strict);
+        Py_ssize_t m = utf8 ? fold(src + at, len, 1, table, size, off, n_exp, pool, n_pool, strict)
+                            : fold(src + at * 4, len, 0, table, size, off, n_exp, pool, n_pool, strict);
         at += len;
         if (m == -2) {
             PyErr_NoMemory();

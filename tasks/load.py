@@ -1073,7 +1073,7 @@ register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow
 def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
                      runtime: RuntimeConfig | None = None, docs: list[pa.Table] | None = None
                      ) -> tuple[list[tuple[list[str], np.ndarray]], list[str]]:
-    """[(doc_ids, signatures)] per load-file piece (`docs_files`: their doc_id/text tables, `docs` the same
+    """[(doc_id column, signatures)] per load-file piece (`docs_files`: their doc_id/text tables, `docs` the same
     opened), and the signature pieces' paths (the load output's deps). The pieces missing are built through the
     same fan-out as load's (`runtime`), one per file."""
     from tasks.core.fanout import map_pieces
@@ -1081,7 +1081,9 @@ def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: Nea
     done = map_pieces(signature_piece, [{"piece": piece, "cfg": cfg, "root": root} for piece in pieces], runtime,
                       "near-dedup-sig")
     docs = docs or [read_arrow(f) for f in docs_files]
-    out = [(table.column("doc_id").to_pylist(), np.load(sig.dir(root) / SIGNATURES_FILE))
+    # The ids as the (memory-mapped) Arrow column and the signatures memory-mapped: the LSH reads a block of rows
+    # at a time, so a line of millions of documents holds neither in memory.
+    out = [(table.column("doc_id"), np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r"))
            for table, (sig, _) in zip(docs, done)]
     return out, [sig.path for sig, _ in done]
 

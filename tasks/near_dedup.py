@@ -3,8 +3,11 @@
 Shingles are character 5-grams (`corpus.near_dedup.shingle_chars`) of the text NFKC-normalised, lower-cased and
 with whitespace collapsed: a re-export that re-wraps lines changes no shingle, and Korean, whose words carry
 particles and endings (a word-shingle changes when one ending does), is compared below the word. Texts are
-normalised and hashed in batches, on their code points (`normalised_codepoints`, `_hash_batch`), and MinHashed by
-rensa (`signatures`; bench.near_dedup: 15-35× faster than datasketch's MinHash.bulk on our corpora). Signatures
+normalised and hashed in batches, in one pass of a small C extension where it is built (tasks/_shingle.c, with a
+fold table made here from unicodedata: `_fold_table`; the load stage hands it the Arrow column's UTF-8, no Python
+strings) and on their code points in numpy where not (`normalised_codepoints`, `_hash_batch`: the same hashes,
+tests compare them), and MinHashed by rensa (`signatures`; bench.near_dedup: about 55× faster than datasketch's
+MinHash.bulk on our corpora, shingling included). Signatures
 are cached per load-file piece; each assembly bands the signatures of the whole line again (`similar_pairs`, with
 datasketch's choice of bands; 0.1-0.5 s for a few thousand documents, against keeping a per-line index in step
 with drops that come and go) and checks candidates on their exact Jaccard when the texts are at hand. Which
@@ -376,6 +379,64 @@ def bands(threshold: float, num_perm: int) -> tuple[int, int]:
 # A band bucket holding more documents than this pairs each with this many before it only: such buckets are
 # boilerplate repeated many times, and every member is similar to the first ones anyway.
 _BUCKET_PAIRS = 256
+# Signature rows and candidate pairs are handled this many at a time (4-8 MB of signatures): a line's signatures
+# (512 bytes a document at 128 permutations) stay in their memory-mapped files, and a corpus of many copies (every
+# document in a bucket with its copies) does not build one array of every pair's signatures.
+_BLOCK = 1 << 13
+
+
+def _band_keys(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
+    """(len(sigs), b) uint64: each band's r signature values hashed to one key (14 bands: 112 bytes a document
+    instead of the signature's 512). Read a block of rows at a time: `sigs` may be memory-mapped."""
+    out = np.empty((len(sigs), b), np.uint64)
+    with np.errstate(over="ignore"):
+        for start in range(0, len(sigs), _BLOCK):
+            block = np.asarray(sigs[start:start + _BLOCK], np.uint64)
+            keys = np.zeros((len(block), b), np.uint64)
+            for c in range(r):  # band k's c-th value is column k * r + c
+                keys *= _MULT
+                keys += block[:, c:b * r:r]
+            out[start:start + len(block)] = keys
+    return out
+
+
+def _candidates(keys: np.ndarray) -> np.ndarray:
+    """Pairs i < j (as i * n + j, sorted, distinct) of rows that share a band's key. Each member of a bucket
+    pairs with the (up to _BUCKET_PAIRS) members before it; a band's pairs are merged into the others' at once."""
+    n = len(keys)
+    code = np.zeros(0, np.int64)
+    for band in range(keys.shape[1]):
+        key = keys[:, band]
+        order = np.argsort(key, kind="stable")  # within a bucket, the rows in their own order
+        sorted_key = key[order]
+        at = np.flatnonzero(sorted_key[1:] == sorted_key[:-1]) + 1
+        found, lag = [], 1
+        while len(at) and lag <= _BUCKET_PAIRS:
+            found.append(order[at - lag] * n + order[at])
+            at = at[(at - lag - 1 >= 0) & (sorted_key[np.maximum(at - lag - 1, 0)] == sorted_key[at])]
+            lag += 1
+        if found:
+            code = np.union1d(code, np.concatenate(found))
+    return code
+
+
+def _agreement(sig_rows: Callable[[np.ndarray], np.ndarray], i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The share of signature values pairs (i, j) agree on (MinHash's Jaccard estimate), _BLOCK pairs at a time."""
+    out = np.empty(len(i))
+    for start in range(0, len(i), _BLOCK):
+        stop = start + _BLOCK
+        a, b = sig_rows(i[start:stop]), sig_rows(j[start:stop])
+        out[start:stop] = np.count_nonzero(a == b, axis=1) / a.shape[1] if len(a) else 0.0
+    return out
+
+
+def _pairs_at_least(keys: np.ndarray, sig_rows, lower: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    code = _candidates(keys)
+    n = max(len(keys), 1)
+    i, j = code // n, code % n
+    sim = _agreement(sig_rows, i, j)
+    ok = sim >= lower
+    return i[ok], j[ok], sim[ok]
 
 
 def similar_pairs(sigs: np.ndarray, threshold: float, lower: float | None = None
@@ -386,31 +447,12 @@ def similar_pairs(sigs: np.ndarray, threshold: float, lower: float | None = None
     0.35 ms a document (bench.near_dedup), rebuilt for the whole line on every run. A band's rows are hashed to
     one 64-bit key: two bands that collide only add a candidate, which the signature check then drops."""
     n, num_perm = sigs.shape
-    empty = np.zeros(0, np.int64)
     if n < 2:
+        empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0)
     b, r = bands(threshold, num_perm)
-    pairs = [empty]
-    for band in range(b):
-        key = np.zeros(n, np.uint64)
-        with np.errstate(over="ignore"):
-            for col in range(band * r, (band + 1) * r):
-                key *= _MULT
-                key += sigs[:, col]
-        order = np.argsort(key, kind="stable")  # within a bucket, the rows in their own order
-        sorted_key = key[order]
-        # Each member of a bucket pairs with the (up to _BUCKET_PAIRS) members before it.
-        at = np.flatnonzero(sorted_key[1:] == sorted_key[:-1]) + 1
-        lag = 1
-        while len(at) and lag <= _BUCKET_PAIRS:
-            pairs.append(order[at - lag] * n + order[at])
-            at = at[(at - lag - 1 >= 0) & (sorted_key[np.maximum(at - lag - 1, 0)] == sorted_key[at])]
-            lag += 1
-    code = np.unique(np.concatenate(pairs))
-    i, j = code // n, code % n
-    sim = (sigs[i] == sigs[j]).mean(axis=1)
-    ok = sim >= (threshold if lower is None else lower)
-    return i[ok], j[ok], sim[ok]
+    return _pairs_at_least(_band_keys(sigs, b, r), lambda rows: np.asarray(sigs[rows]),
+                           threshold if lower is None else lower)
 
 
 @dataclass(frozen=True)
@@ -422,25 +464,87 @@ class NearDuplicate:
     similarity: float
 
 
-def _unique_rows(parts: Sequence[tuple[Sequence[str], np.ndarray]], key) -> tuple[list[tuple[str, int, int]], np.ndarray]:
-    """One (doc_id, part, row) per doc_id, the first by `key(part)` then doc_id, in that order; and their
-    signatures."""
-    num_perm = next((s.shape[1] for _, s in parts if len(s)), 1)
-    ids = [d for p_ids, _ in parts for d in p_ids]
-    if not ids:
-        return [], np.zeros((0, num_perm), np.uint32)
-    sizes = [len(p_ids) for p_ids, _ in parts]
-    part = np.repeat(np.arange(len(parts)), sizes)
-    row = np.arange(len(ids)) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
-    names = np.array(ids)
-    rank = np.array([key(p) for p in range(len(parts))])[part]
-    order = np.lexsort((row, part, names, rank))
-    # The first of each doc_id in that order; kept in that order.
-    _, first = np.unique(names[order], return_index=True)
-    pick = order[np.sort(first)]
-    every = np.concatenate([s.reshape(-1, num_perm) for _, s in parts])
-    out = [(ids[i], int(part[i]), int(row[i])) for i in pick.tolist()]
-    return out, every[pick]
+_HEX16 = r"^[0-9a-f]{16}$"
+
+
+def sortable_ids(ids) -> np.ndarray:
+    """doc_ids (strings, or a pyarrow string column) as an array that sorts as the strings do, in little memory:
+    load's ids are 16 lower-case hex digits, which as big-endian 64-bit integers keep their order (8 bytes an id,
+    read from an Arrow column's buffer without making Python strings; a numpy string array takes 64 bytes an
+    id); any other ids (a tool's, a test's) as strings."""
+    import re
+
+    if hasattr(ids, "to_pylist"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        if not len(column):
+            return np.zeros(0, np.uint64)
+        if (not column.null_count and pa.types.is_string(column.type)
+                and pc.all(pc.match_substring_regex(column, _HEX16)).as_py()):
+            data, _ = _utf8_of(column)
+            return np.frombuffer(bytes.fromhex(bytes(data).decode("ascii")), ">u8").astype(np.uint64)
+        ids = column.to_pylist()
+    joined = "".join(ids)
+    if len(joined) == 16 * len(ids) and re.fullmatch("[0-9a-f]*", joined):
+        return np.frombuffer(bytes.fromhex(joined), dtype=">u8").astype(np.uint64)
+    return np.array(ids, dtype=object).astype(str)
+
+
+class _Line:
+    """The documents of some pieces ([(doc_ids, signatures)]; signatures may be memory-mapped) in the order they
+    are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
+    band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage."""
+
+    def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int):
+        self.parts = parts
+        names = [sortable_ids(ids) for ids, _ in parts]
+        if any(x.dtype != np.uint64 for x in names):
+            names = [x.astype(str) for x in names]
+        sizes = [len(x) for x in names]
+        part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)
+        row = np.concatenate([np.arange(k, dtype=np.int64) for k in sizes]) if parts else np.zeros(0, np.int64)
+        every = np.concatenate(names) if parts else np.zeros(0, np.uint64)
+        rank = np.array([key(p) for p in range(len(parts))])[part] if parts else np.zeros(0)
+        order = np.lexsort((row, part, every, rank))
+        _, first = np.unique(every[order], return_index=True)  # the first of each doc_id in that order
+        pick = order[np.sort(first)]
+        self.part, self.row, self.names = part[pick], row[pick], every[pick]
+        self.b, self.r = bands(threshold, num_perm)
+        self.num_perm = num_perm
+        # Band keys straight into visiting order, a piece at a time (no second copy of the line's keys).
+        self.keys = np.empty((len(self.part), self.b), np.uint64)
+        for p, (_, sigs) in enumerate(parts):
+            at = np.flatnonzero(self.part == p)
+            if len(at):
+                self.keys[at] = _band_keys(sigs.reshape(-1, num_perm), self.b, self.r)[self.row[at]]
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def sig_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The signatures of visited rows `rows`, gathered from their pieces."""
+        out = np.empty((len(rows), self.num_perm), np.uint32)
+        part, row = self.part[rows], self.row[rows]
+        for p in np.unique(part).tolist():
+            mine = part == p
+            out[mine] = self.parts[p][1].reshape(-1, self.num_perm)[row[mine]]  # reads those rows only
+        return out
+
+    def pairs(self, lower: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(self) < 2:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, np.zeros(0)
+        return _pairs_at_least(self.keys, self.sig_rows, lower)
+
+    def where(self, k: int) -> tuple[int, int]:
+        return int(self.part[k]), int(self.row[k])
+
+    def doc_id(self, k: int) -> str:
+        ids = self.parts[self.part[k]][0]
+        d = ids[int(self.row[k])]
+        return d.as_py() if hasattr(d, "as_py") else d
 
 
 def shingle_sets(texts: Sequence[str], n: int) -> list[np.ndarray]:
@@ -470,40 +574,45 @@ VERIFY_MARGIN = 0.1
 def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
                     num_perm: int, text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
                     ) -> list[NearDuplicate]:
-    """Which rows of the pieces `parts` ([(doc_ids, signatures)]) repeat an earlier document. Documents are
-    visited by (rank of their part, doc_id): the line's older files have the lower ranks, so a document is only
-    ever removed for a kept one that came before it, and what was kept stays kept when a drop joins. An exact
-    copy of a document seen before (the same doc_id) is the exact dedup's, not counted here. `text_of(part,
-    row)`: the text, to check candidates on their exact Jaccard (`VERIFY_MARGIN`)."""
-    rows, sigs = _unique_rows(parts, lambda p: ranks[p])
-    i, j, sim = similar_pairs(sigs, threshold, threshold - VERIFY_MARGIN if text_of else None)
-    earlier: dict[int, list[tuple[int, float]]] = {}
-    for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist()):
-        earlier.setdefault(b, []).append((a, s))
-    exact: dict[tuple[int, int], float] = {}
+    """Which rows of the pieces `parts` ([(doc_ids, signatures)]: ids as strings or a pyarrow column, signatures
+    possibly memory-mapped) repeat an earlier document. Documents are visited by (rank of their part, doc_id):
+    the line's older files have the lower ranks, so a document is only ever removed for a kept one that came
+    before it, and what was kept stays kept when a drop joins. An exact copy of a document seen before (the same
+    doc_id) is the exact dedup's, not counted here. `text_of(part, row)`: the text, to check candidates on their
+    exact Jaccard (`VERIFY_MARGIN`)."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm)
+    i, j, sim = line.pairs(threshold - VERIFY_MARGIN if text_of else threshold)
     if text_of is not None:
-        # Pairs whose estimate is within the margin are checked on the exact Jaccard, all texts in one batch.
-        near = [(a, b) for b, found in earlier.items() for a, e in found if e < threshold + VERIFY_MARGIN]
-        docs = sorted({k for pair in near for k in pair})
-        sets = dict(zip(docs, shingle_sets([text_of(rows[k][1], rows[k][2]) for k in docs], shingle_chars)))
-        for a, b in near:
-            x, y = sets[a], sets[b]
-            inter = len(np.intersect1d(x, y, assume_unique=True))
-            exact[a, b] = inter / max(len(x) + len(y) - inter, 1)
-
-    removed: set[int] = set()
-    out = []
-    for b in range(len(rows)):
-        kept = [(a, s) for a, s in earlier.get(b, ()) if a not in removed]
-        if text_of is not None:
-            # An estimate a margin above the threshold is 3 standard errors clear of it: taken as it is.
-            kept = [(a, j) for a, e in kept for j in [exact.get((a, b), e)] if j >= threshold]
-        if kept:
-            a, s = max(kept, key=lambda x: (x[1], -x[0]))  # the most similar, then the earliest
-            removed.add(b)
-            d, p, r = rows[b]
-            kd, kp, kr = rows[a]
-            out.append(NearDuplicate((p, r), d, (kp, kr), kd, s))
+        # Pairs whose estimate is within the margin are checked on the exact Jaccard, a block of pairs at a time
+        # (a block's texts shingled in one batch); an estimate a margin above the threshold is 3 standard errors
+        # clear of it and taken as it is.
+        near = np.flatnonzero(sim < threshold + VERIFY_MARGIN)
+        for start in range(0, len(near), 2048):
+            block = near[start:start + 2048]
+            docs = np.unique(np.concatenate([i[block], j[block]])).tolist()
+            sets = dict(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
+            for k, a, b in zip(block.tolist(), i[block].tolist(), j[block].tolist()):
+                x, y = sets[a], sets[b]
+                inter = len(np.intersect1d(x, y, assume_unique=True))
+                sim[k] = inter / max(len(x) + len(y) - inter, 1)
+        ok = sim >= threshold
+        i, j, sim = i[ok], j[ok], sim[ok]
+    # Visit the removed-candidates in order; each takes the most similar earlier document still kept (then the
+    # earliest). A document's own fate is settled before any later one looks at it (its pairs have i < j).
+    by = np.lexsort((i, -sim, j))
+    il, jl, sl = i[by].tolist(), j[by].tolist(), sim[by].tolist()
+    removed = bytearray(len(line))
+    out, k = [], 0
+    while k < len(jl):
+        b, chosen = jl[k], None
+        while k < len(jl) and jl[k] == b:
+            if chosen is None and not removed[il[k]]:
+                chosen = k
+            k += 1
+        if chosen is not None:
+            removed[b] = 1
+            a = il[chosen]
+            out.append(NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), sl[chosen]))
     return out
 
 
@@ -513,17 +622,29 @@ def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
     """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
     (exact copies included: the drop gate counts both as duplicates)."""
     parts = [*line_parts, *drop_parts]
-    rows, sigs = _unique_rows(parts, lambda p: int(p >= len(line_parts)))
-    line_ids = {d for ids, _ in line_parts for d in ids}
-    in_line = np.array([d in line_ids for d, _, _ in rows], dtype=bool)
-    i, j, sim = similar_pairs(sigs, threshold)
-    best: dict[int, tuple[int, float]] = {}
-    for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist()):
-        if in_line[a] and not in_line[b] and (b not in best or s > best[b][1]):
-            best[b] = (a, s)
-    matches = [(rows[b][0], rows[a][0], s) for b, (a, s) in sorted(best.items())]
+    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm)
+    # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
+    # when its piece is.
+    in_line = line.part < len(line_parts)
+    i, j, sim = line.pairs(threshold)
+    mine = in_line[i] & ~in_line[j]
+    i, j, sim = i[mine], j[mine], sim[mine]
+    by = np.lexsort((-sim, j))  # per drop document, the most similar line document first
+    i, j, sim = i[by], j[by], sim[by]
+    first = np.ones(len(j), bool)
+    first[1:] = j[1:] != j[:-1]
+    matches = [(line.doc_id(b), line.doc_id(a), s) for a, b, s in zip(i[first].tolist(), j[first].tolist(),
+                                                                        sim[first].tolist())]
     # A drop document that is itself a line document (an exact copy) matches it with similarity 1.
-    copies = [(d, d, 1.0) for ids, _ in drop_parts for d in dict.fromkeys(ids) if d in line_ids]
+    line_names = line.names[in_line]
+    copies = []
+    for ids, _ in drop_parts:
+        names = sortable_ids(ids)
+        if names.dtype != line_names.dtype:
+            names, line_names = names.astype(str), line_names.astype(str)
+        hit = np.isin(names, line_names)
+        as_list = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
+        copies += [(d, d, 1.0) for d in dict.fromkeys(d for d, h in zip(as_list, hit.tolist()) if h)]
     return copies + matches
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 from tasks.arrow import take_rows
 from tasks.core.config import SPLITS, ConfigError, DecontaminateConfig, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
-from tasks.near_dedup import ContaminationIndex
+from tasks.near_dedup import ContaminationIndex, sortable_ids
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
@@ -49,17 +49,9 @@ def split_values(doc_ids: list[str], seed: int) -> np.ndarray:
     return (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-_HEX = re.compile("[0-9a-f]*")
-
-
-def _in_string_order(doc_ids: list[str]) -> np.ndarray:
-    """The ids as an array that sorts as the strings do, in little memory: load's ids are 16 lower-case hex
-    digits, which as big-endian 64-bit integers keep their order (8 bytes an id, where a numpy string array takes
-    64 and held 185 MB for 724k documents); any other ids (a tool's, a test's) as strings."""
-    joined = "".join(doc_ids)
-    if len(joined) == 16 * len(doc_ids) and _HEX.fullmatch(joined):
-        return np.frombuffer(bytes.fromhex(joined), dtype=">u8").astype(np.uint64)
-    return np.array(doc_ids, dtype=object).astype(str)
+# The ids as an array that sorts as the strings do, in little memory (8 bytes a load id; a numpy string array of
+# 724k ids held 185 MB).
+_in_string_order = sortable_ids
 
 
 def split_documents(doc_ids: list[str], seed: int, fraction: float,
