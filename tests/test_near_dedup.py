@@ -452,3 +452,66 @@ def test_without_the_c_kernel_signatures_are_the_same(texts, monkeypatch):
     monkeypatch.setattr(nd, "_native", lambda: None)
     assert np.array_equal(nd.signatures(column, 64, 5, 1), fast)
     assert np.array_equal(nd.signatures(texts[:50], 64, 5, 1), fast)
+
+
+class _Watched:
+    """Signatures that say how many rows any one read took, and refuse to be read whole."""
+
+    def __init__(self, sigs: np.ndarray):
+        self.sigs, self.widest = sigs, 0
+
+    def reshape(self, *shape):
+        return self
+
+    def __len__(self) -> int:
+        return len(self.sigs)
+
+    def __getitem__(self, k):
+        out = self.sigs[k]
+        self.widest = max(self.widest, len(out))
+        return out
+
+    def __array__(self, *a, **k):
+        raise AssertionError("the whole signature matrix was read")
+
+
+def test_the_lsh_reads_signatures_a_block_at_a_time_and_ids_from_arrow(tmp_path, monkeypatch):
+    """A line's signatures stay in their (memory-mapped) files: band keys and candidate checks read a block of
+    rows at a time, never the whole matrix; ids come as load's Arrow columns. The same removals as with the
+    signatures in memory and the ids as strings."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2 ** 32, size=(3000, 64), dtype=np.uint32)
+    parts = []
+    for p in range(3):
+        sig = rng.integers(0, 2 ** 32, size=(3000, 64), dtype=np.uint32)
+        if p:
+            sig[:300] = base[:300]
+            sig[:300, :3] = rng.integers(0, 2 ** 32, size=(300, 3), dtype=np.uint32)  # J ≈ 0.95
+        else:
+            sig = base
+        ids = [f"{int(x):016x}" for x in rng.integers(0, 2 ** 63, size=3000)]
+        np.save(tmp_path / f"{p}.npy", sig)
+        parts.append((ids, sig))
+    want = nd.near_duplicates(parts, [0, 1, 2], 0.8, 64)
+    assert len(want) == 600
+    monkeypatch.setattr(nd, "_BLOCK", 500)
+    watched = [_Watched(np.load(tmp_path / f"{p}.npy", mmap_mode="r")) for p in range(3)]
+    got = nd.near_duplicates([(pa.array(ids), w) for (ids, _), w in zip(parts, watched)], [0, 1, 2], 0.8, 64)
+    assert got == want
+    assert all(0 < w.widest <= 500 for w in watched)
+    line = [(pa.array(parts[0][0]), watched[0])]
+    drop = [(pa.array(parts[1][0][:400] + parts[0][0][:5]), _Watched(np.load(tmp_path / "1.npy")[:405]))]
+    matches = nd.drop_matches(line, drop, 0.8, 64)
+    assert matches == nd.drop_matches([(parts[0][0], base)], [(parts[1][0][:400] + parts[0][0][:5],
+                                                              np.load(tmp_path / "1.npy")[:405])], 0.8, 64)
+    assert len(matches) == 305 and matches[0][2] == 1.0  # 300 near copies, 5 exact ones first
+
+
+def test_sortable_ids_keep_the_strings_order():
+    ids = [f"{x:016x}" for x in np.random.default_rng(1).integers(0, 2 ** 63, size=500)] + ["0" * 16, "f" * 16]
+    for given in (ids, pa.array(ids), pa.chunked_array([pa.array(ids[:100]), pa.array(ids[100:])])):
+        got = nd.sortable_ids(given)
+        assert got.dtype == np.uint64 and np.argsort(got, kind="stable").tolist() == sorted(range(len(ids)),
+                                                                                           key=ids.__getitem__)
+    other = ["b", "a", "ABCDEF0123456789", "abcdef012345678g"]
+    assert nd.sortable_ids(other).tolist() == other and nd.sortable_ids(pa.array(other)).tolist() == other
