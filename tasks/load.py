@@ -1072,7 +1072,7 @@ register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow
 
 def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
                      runtime: RuntimeConfig | None = None, docs: list[pa.Table] | None = None
-                     ) -> tuple[list[tuple[list[str], np.ndarray]], list[str]]:
+                     ) -> tuple[list[tuple[pa.ChunkedArray, np.ndarray]], list[str]]:
     """[(doc_id column, signatures)] per load-file piece (`docs_files`: their doc_id/text tables, `docs` the same
     opened), and the signature pieces' paths (the load output's deps). The pieces missing are built through the
     same fan-out as load's (`runtime`), one per file."""

@@ -75,8 +75,8 @@ class NearDedupConfig(Section):
     enabled: bool = Field(
         True, description="Remove near-duplicates (re-exports with another date, header, wrapping or a fixed typo) "
         "and count them as near_duplicates. On by default: on a cold load it costs under half the load stage's "
-        "own seconds, a +1 file drop a sixth (bench.near_dedup). Off gives a line exactly the outputs it had "
-        "without it (only exact duplicates removed)."
+        "own seconds, a +1 file drop about a fifth (bench.near_dedup). Off gives a line exactly the outputs it "
+        "had without it (only exact duplicates removed)."
     )
     threshold: float = Field(
         0.8, gt=0, lt=1, description="Estimated Jaccard similarity of the shingle sets at or above which two "
