@@ -258,9 +258,12 @@ def test_moved_corpus_reads_nothing_and_every_stage_below_load_is_cached(config,
 
 
 def test_a_validation_document_copied_into_a_drop_never_reaches_training(config, artifacts, corpus, tmp_path):
-    """A later drop holds copies of validation documents, re-wrapped (other spaces and line breaks)."""
+    """A later drop holds copies of validation documents, re-wrapped (other spaces and line breaks). With
+    near-dedup off they are held out of training by shuffle (the same text after normalisation as a validation
+    document); on (the default), load already removes them as near-duplicates of the documents they copy."""
     from tasks.load import entry_documents, read_arrow
 
+    config = {**config, "corpus": {**config["corpus"], "near_dedup": {"enabled": False}}}
     _, first = run(config, artifacts, until="shuffle")
     load_dir, split_dir = (Path(s["output"]) for s in first["stages"])
     docs = entry_documents(load_dir, artifacts)
@@ -269,8 +272,13 @@ def test_a_validation_document_copied_into_a_drop_never_reaches_training(config,
     assert len(validation) >= 5
     copies = [" ".join(text_of[d].split()).replace(" ", "\n ", 1) + "  " for d in validation]
     write_jsonl(tmp_path / "drop" / "d.jsonl", [{"content": t} for t in copies])
-    _, after = run({**config, "corpus": {"paths": [str(corpus), str(tmp_path / "drop")]}}, artifacts,
-                   until="shuffle")
+    both = [str(corpus), str(tmp_path / "drop")]
+    _, on = run({**config, "corpus": {"paths": both}}, artifacts, until="shuffle")
+    assert on["stages"][0]["counts"]["near_duplicates"] == len(copies)
+    train = set(read_arrow(Path(on["stages"][1]["output"]) / "train.arrow").column("doc_id").to_pylist())
+    docs = entry_documents(Path(on["stages"][0]["output"]), artifacts)
+    assert not set(docs.column("text").to_pylist()) & set(copies) and len(train) == len(docs) - len(validation)
+    _, after = run({**config, "corpus": {**config["corpus"], "paths": both}}, artifacts, until="shuffle")
     load_dir, split_dir = (Path(s["output"]) for s in after["stages"])
     docs = entry_documents(load_dir, artifacts)
     copy_ids = {d for d, t in zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()) if t in copies}

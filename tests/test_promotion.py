@@ -311,8 +311,10 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     write_jsonl(tmp_path / "replay" / "general.jsonl", [{"content": t} for t in general_texts[:150]])
     # The general evaluation corpus shares 3 documents with the replay text: contaminated, and said so.
     write_jsonl(tmp_path / "general" / "eval.jsonl", [{"content": t} for t in general_texts[147:170]])
+    # New documents of the domain: two of its texts joined (no near-duplicate of either: Jaccard about a half).
+    texts = sample_texts()
     drop = write_jsonl(tmp_path / "drops" / "d1" / "more.jsonl",
-                       [{"content": t + " 추가 자료."} for t in sample_texts()[:40]])
+                       [{"content": texts[i] + "\n" + texts[i + 40]} for i in range(40)])
     config = {**config, "replay": {"paths": [str(tmp_path / "replay")], "fraction": 0.25},
               "evaluate": {"max_eval_rows": 32, "general_corpus": [str(tmp_path / "general")]},
               "gate": {"max_general_increase": 10.0}}
