@@ -20,7 +20,8 @@ printed beside it. Also printed, measured here in fresh processes: per-process f
 (pyarrow's first array imports pandas; the tokenizer's Rust backend loads), which no incremental design removes
 and which a small corpus's cold run is not much larger than.
 
-`--every 2` keeps every second document (~10 MB); `--copies K` makes the corpus K tagged copies of every document (K × ~20 MB; the drop stays 1/(N+1) of it):
+Near-dedup is on, as a user has it by default, except with `--copies` (the copies are near-duplicates of each
+other by construction). `--every 2` keeps every second document (~10 MB); `--copies K` makes the corpus K tagged copies of every document (K × ~20 MB; the drop stays 1/(N+1) of it):
 the goal holds "on a 10 MB corpus as on a large one".
 
     .venv/bin/python -m bench.incremental_drop [--files 20] [--copies 1] [--every 1]
@@ -94,8 +95,10 @@ def main() -> None:
         write_parts(base_docs, d / "corpus", n, settled=True)
         write_parts(drop_docs, d / "landing" / "2026-11-26", 1, settled=True)
         config = d / "line.yaml"
+        # Near-dedup as a user has it (on), except for tagged copies: those are near-duplicates by construction.
+        corpus = {"paths": [str(d / "corpus")], "near_dedup": {"enabled": args.copies == 1}}
         config.write_text(yaml.safe_dump({
-            "corpus": {"paths": [str(d / "corpus")]}, "model": {"id": str(d / "model")},
+            "corpus": corpus, "model": {"id": str(d / "model")},
             "split": {"validation_fraction": 0.05}, "chunk": {"max_seq_length": 1000, "overlap": 500},
             "train": {"max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
                       "eval_steps": 1, "save_steps": 1, "early_stopping_patience": None},
@@ -110,7 +113,8 @@ def main() -> None:
         drop_bytes = sum(f.stat().st_size for f in (d / "landing").rglob("*.jsonl"))
         corpus_bytes = sum(f.stat().st_size for f in (d / "corpus").rglob("*.jsonl"))
 
-    print(f"corpus: {len(base_docs)} documents in {n} files ({corpus_bytes / 1e6:.1f} MB); drop: 1 file, "
+    print(f"near-dedup {'on' if corpus['near_dedup']['enabled'] else 'off (tagged copies)'}; "
+          f"corpus: {len(base_docs)} documents in {n} files ({corpus_bytes / 1e6:.1f} MB); drop: 1 file, "
           f"{len(drop_docs)} documents ({drop_bytes / 1e6:.1f} MB, {drop_bytes / (corpus_bytes + drop_bytes):.1%} "
           f"of the bytes after it); tokenizer BPE 8k; chunk 1000/500; {os.cpu_count()} cores; each run a fresh "
           f"`cpt retrain` process")

@@ -22,6 +22,7 @@ Decontamination (`ContaminationIndex`) removes a training document that shares a
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -170,8 +171,49 @@ def _composes_after() -> frozenset[int]:
     return frozenset(seconds)
 
 
+# Bump when _build_fold_table or _composes_after changes what they give: a machine's cached table is named by it.
+_TABLE_VERSION = 1
+_TABLE_NAMES = ("strict", "offsets", "pool", "loose")
+
+
+def _table_digest(arrays) -> np.ndarray:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return np.frombuffer(h.digest(), np.uint8)
+
+
 @functools.cache
 def _fold_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_build_fold_table`'s tables, kept in this machine's cache folder (`user_cache_dir`), named by the Unicode
+    version of this Python and _TABLE_VERSION: building them costs 30-60 ms a process, which a +1 file drop's gate
+    and load paid on every run. Read with its digest checked; missing, damaged or unwritable means built here (and
+    written, atomically, when it can be)."""
+    import os
+
+    from tasks.core.paths import user_cache_dir
+
+    path = user_cache_dir() / f"fold-table-{unicodedata.unidata_version}-v{_TABLE_VERSION}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = tuple(f[k] for k in _TABLE_NAMES)
+            if np.array_equal(f["digest"], _table_digest(arrays)) and len(arrays[0]) == _TABLE_SIZE:
+                return arrays
+    except Exception:  # noqa: BLE001 - unreadable in any way (missing, a broken zip, wrong arrays): build it
+        pass
+    arrays = _build_fold_table()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **dict(zip(_TABLE_NAMES, arrays)), digest=_table_digest(arrays))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return arrays
+
+
+def _build_fold_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The tables tasks/_shingle.c folds texts with: (strict, offsets, pool, loose). `strict[c]` is `normalise`'s
     result for the character c on its own (NFKC, lower-cased, whitespace as U+0020) where that is the same
     whatever its neighbours are, else _COMPLEX; a result of several characters is _EXPAND + k, the k-th run of

@@ -515,3 +515,32 @@ def test_sortable_ids_keep_the_strings_order():
                                                                                            key=ids.__getitem__)
     other = ["b", "a", "ABCDEF0123456789", "abcdef012345678g"]
     assert nd.sortable_ids(other).tolist() == other and nd.sortable_ids(pa.array(other)).tolist() == other
+
+
+def test_the_fold_table_is_kept_per_machine_and_checked(tmp_path, monkeypatch):
+    """The table is built once a machine and read back after its digest is checked: a damaged or altered file
+    is built again, never used."""
+    monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path))
+    built = nd._build_fold_table()
+
+    def fresh():
+        nd._fold_table.cache_clear()
+        return nd._fold_table()
+
+    try:
+        first = fresh()
+        (path,) = tmp_path.glob("fold-table-*.npz")
+        again = fresh()
+        assert all(np.array_equal(a, b) for t in (first, again) for a, b in zip(built, t))
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(data)
+        assert all(np.array_equal(a, b) for a, b in zip(built, fresh()))
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        arrays["strict"] = arrays["strict"].copy()
+        arrays["strict"][ord("a")] = ord("b")  # altered, its digest left as it was
+        np.savez(path, **arrays)
+        assert fresh()[0][ord("a")] == ord("a")
+    finally:
+        nd._fold_table.cache_clear()
