@@ -1009,7 +1009,9 @@ class Docs(StageOutput):
         c = self.counts
         lines = [(logging.INFO, f"{c['documents']} documents from {c['files']} files ({c['files_read']} read now, the "
                                 f"rest cached by content; {c['records']} records; {c['rejected']} rejected, "
-                                f"{c['duplicates']} duplicates, {c['too_short']} too short)")]
+                                f"{c['duplicates']} duplicates, "
+                                + (f"{c['near_duplicates']} near-duplicates, " if "near_duplicates" in c else "")
+                                + f"{c['too_short']} too short)")]
         if c["rejected"]:
             lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(root)}"))
         return lines

@@ -65,6 +65,8 @@ def test_a_reexported_drop_is_removed_in_load_and_a_kept_document_stays_kept(tmp
     second = run_load(art, [tmp_path / "corpus", tmp_path / "d1"], **ON)
     third = run_load(art, [tmp_path / "corpus", tmp_path / "d1", tmp_path / "d2"], **ON)
     assert second.counts["near_duplicates"] >= 19  # ≥ 95% of the planted re-exports
+    said = second.summary(open_root(art))[0][1]
+    assert f"{second.counts['near_duplicates']} near-duplicates" in said, said  # the stage's log line says so
     assert third.counts["near_duplicates"] - second.counts["near_duplicates"] >= 19
     assert {p["name"].split("/")[-2]: p["near_duplicates"] for p in third.parts}["d2"] >= 19
     for before, after in ((first, second), (second, third)):
