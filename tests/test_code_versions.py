@@ -5,11 +5,15 @@ copy of tasks/ and flows/ and computes every stage's code version in a fresh pro
   manifest's `summary()`);
 - an edit of a helper changes the keys of exactly the stages whose code reaches it;
 - a helper added to a stage's module and called is covered without being listed;
-- a call of a helper that was renamed away fails when the module is imported, naming it.
+- a call of a helper that was renamed away fails when the module is imported, naming it;
+- where code lives is not what it does: moving a helper to another module, renaming a module (imported by name
+  or as a module) or splitting one changes no key, and an edit of a moved helper still changes exactly the
+  stages that reach it.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -123,3 +127,122 @@ def test_a_piece_version_bump_reaches_the_stage_that_lists_the_pieces():
         keys._SPECS["chunk-part"] = spec
         keys._VERSIONS.clear()
     assert {s for s in before if before[s] != after[s]} == {"chunk-part", "chunk"}
+
+
+# ------------------------------------------------------------------------------ where code lives
+
+
+def module_file(src: Path, module: str) -> Path:
+    return src.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def _top_names(node: ast.AST) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return []
+
+
+def movable(src: Path, module: str) -> list[str]:
+    """Top-level functions and classes of `module` that no module-level statement uses (a decorator, a
+    registration): what can move to another module without changing when the first one can be imported."""
+    tree = ast.parse(module_file(src, module).read_text(encoding="utf-8"))
+    at_import = {n.id for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                 for n in ast.walk(node) if isinstance(n, ast.Name)}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            at_import |= {n.id for d in node.decorator_list for n in ast.walk(d) if isinstance(n, ast.Name)}
+    return [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            and node.name not in at_import and not node.decorator_list]
+
+
+def move(src: Path, module: str, names: list[str], to: str) -> None:
+    """Move the top-level definitions `names` of `module` into a new module `to`, as a person would: the new
+    module gets the old one's imports and imports what it uses of the old one; the old one imports the moved
+    names back at its end, so every other importer keeps working unchanged."""
+    path = module_file(src, module)
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    spans, defined, imports = [], set(), []
+    for node in tree.body:
+        start = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno]) - 1
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+                imports.append("".join(lines[start:node.end_lineno]))
+        elif set(_top_names(node)) & set(names):
+            spans.append((start, node.end_lineno))
+        else:
+            defined.update(_top_names(node))
+    assert {n for a, b in spans for n in names if f"def {n}(" in "".join(lines[a:b])
+            or f"class {n}" in "".join(lines[a:b])} == set(names), "a name to move is not a top-level definition"
+    moved = "\n\n".join("".join(lines[a:b]) for a, b in spans)
+    used = {n.id for a, b in spans for n in ast.walk(ast.parse("".join(lines[a:b]))) if isinstance(n, ast.Name)}
+    back = sorted(used & defined)
+    head = "from __future__ import annotations\n\n" + "".join(imports)
+    if back:
+        head += f"from {module} import {', '.join(back)}\n"
+    module_file(src, to).write_text(f"{head}\n\n{moved}\n", encoding="utf-8")
+    keep = [line for i, line in enumerate(lines) if not any(a <= i < b for a, b in spans)]
+    path.write_text("".join(keep) + f"\nfrom {to} import {', '.join(names)}  # noqa: E402\n", encoding="utf-8")
+
+
+def rename_module(src: Path, old: str, new: str) -> None:
+    """Rename a module and every import of it (`from tasks.old import x`, `from tasks import old` and its uses
+    as `old.x`), in tasks/ and flows/."""
+    module_file(src, old).rename(module_file(src, new))
+    old_short, new_short = old.rsplit(".", 1)[1], new.rsplit(".", 1)[1]
+    for path in sorted(src.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        edited = re.sub(rf"\b{re.escape(old)}\b", new, text)
+        if re.search(rf"^from tasks import {old_short}$", edited, flags=re.M):
+            edited = re.sub(rf"^from tasks import {old_short}$", f"from tasks import {new_short}", edited, flags=re.M)
+            edited = re.sub(rf"(?<![.\w\"']){old_short}\.(?=[A-Za-z_])", f"{new_short}.", edited)
+        if edited != text:
+            path.write_text(edited, encoding="utf-8")
+
+
+def test_moving_a_helper_changes_no_key_and_an_edit_of_it_still_reaches_the_same_stages(tmp_path, original):
+    src = tree_copy(tmp_path)
+    move(src, "tasks.chunk", ["window_plan"], "tasks.geometry")
+    assert "def window_plan(" not in module_file(src, "tasks.chunk").read_text()
+    assert read(versions(src)) == original
+    edit(module_file(src, "tasks.geometry"), "    window = max_seq_length - (1 if has_bos else 0)\n",
+         "    window = max_seq_length - (1 if has_bos else 0)\n    window = int(window)\n")
+    after = read(versions(src))
+    assert {s for s in original if after[s] != original[s]} == {
+        "chunk", "chunk-part", "token-stats", "token-stats-part", "evaluate-base", "evaluate"}
+
+
+def test_renaming_a_module_changes_no_key(tmp_path, original):
+    src = tree_copy(tmp_path)
+    rename_module(src, "tasks.shuffle", "tasks.splitting")  # imported by name: `from tasks.shuffle import …`
+    rename_module(src, "tasks.near_dedup", "tasks.minhash")  # imported as a module: `near_dedup.signatures(…)`
+    assert not module_file(src, "tasks.shuffle").exists() and not module_file(src, "tasks.near_dedup").exists()
+    assert read(versions(src)) == original
+
+
+def test_splitting_a_module_changes_no_key(tmp_path, original):
+    src = tree_copy(tmp_path)
+    for module in ("tasks.near_dedup", "tasks.tokenize"):
+        names = movable(src, module)
+        assert len(names) >= 6, names
+        move(src, module, names[1::2], f"{module}_part")  # every second definition: both halves call each other
+    assert read(versions(src)) == original
+
+
+def test_the_move_test_can_fail(tmp_path):
+    """The move above is a real change of where code lives: a digest that names modules (the old way, put back
+    as a mutation) sees it in chunk's key and not in load's."""
+    def mutated(name: str, moved: bool) -> dict[str, str]:
+        src = tree_copy(tmp_path / name)
+        edit(module_file(src, "tasks.core.keys"), "    for dump in sorted(seen.values()):",
+             "    for dump in sorted(f'{k}={v}' for k, v in seen.items()):")
+        if moved:
+            move(src, "tasks.chunk", ["window_plan"], "tasks.geometry")
+        return read(versions(src))
+
+    before, after = mutated("before", False), mutated("after", True)
+    assert after["chunk"] != before["chunk"] and after["load"] == before["load"]

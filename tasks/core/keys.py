@@ -75,7 +75,32 @@ def register_code_version(stage: str, version: int, roots: list, libraries: list
     _VERSIONS.clear()  # a stage that reaches this one includes its version
 
 
-ALGORITHM = 1  # bump when what a code digest is made of changes
+ALGORITHM = 2  # bump when what a code digest is made of changes (2: no module names)
+
+# The stages' code as it was when digests stopped naming modules (ALGORITHM 1 -> 2): stage -> (its digest now,
+# the digest the same code had before). Code whose digest is still the one on the left keeps the key it had,
+# so that upgrade reran nothing in a user's cache; code changed since gets a key of the new kind (and nothing
+# here matches it again). Never add to this table: it is a bridge for one upgrade, not a way to keep a key.
+_CARRIED = {
+    "chunk": ("3815e5a6dac600998bb41eaa2dfb6fc0", "f96e8cd091c38f0bc8f88dddbd4a2109741abd16c9fdc74185ea3975e040a084"),
+    "chunk-part": ("7d3c094c29023c642dcff75e8af3066c", "c77bfc59775281a848067a895a1aabe5057490b97221c3a89ce1086115ea1b5b"),
+    "evaluate": ("85a266a3daeb10c10d7510394b38b9c8", "4a940a3141d355f2bc89ce69bba0dbdf58117f8820646196f3774b30e14eb108"),
+    "evaluate-base": ("9e89c4563642a8d7be93cb4fc9b6190b", "7ef6a8c7742777019aca9dd0e37a4c96cecc57db198c74fea964c1bf877ef1a9"),
+    "gate": ("d8e2fb5f13d7a57e03a5b5c16010b2a3", "dd2cda2555e0e02defd149ea181c630673891ac59f23c83ae9778bdd40edf386"),
+    "held-out": ("3506a2e94119d04ed90e6869ca63b641", "95281f4e1ad6f3497a2f1ab0ab94c6cb9e8f87ae155f549dd27852df1213aa11"),
+    "load": ("86bdbee2f306c4dcc488a982572515a7", "66d17c0f62d6dcd88053f3419738ff2d3d1cb64760f7c2b8d692f1aa41ec1328"),
+    "load-content": ("d6746de5031209e879098bab7d009f38", "6b4d3c82cf9f23f84bf9ebe8e857254f392893aca9db4b827ea6db986646f54a"),
+    "load-file": ("dffd9a21d1133204980e1bcdbeb7c870", "7c6699df497a5259904b9721ffc9c3ecfb103df3ef1429b1e2ffd723ac668a53"),
+    "mix": ("dedab6d198f26a815cd44f7f28806066", "8c1f9dcaf98898b0c044601c917747f23d2a1d758815d0171b3bd4d1c75e82e8"),
+    "near-dedup-sig": ("29fd30867a3222d9591d9fe256eada4a", "3bed834900b05e71dadb99d1ce2cbe150a25235b8dc5682afd4a143e4ed060a5"),
+    "push": ("05799cf2390bf7f45596bbeada207d93", "e8f3d6c7fedbe8438194f39d5796cf70da2e72cacaad6dfdc1fdfaf0d64b613e"),
+    "shuffle": ("cd2332e6f7ccaf247ba845f6b5852af7", "f99c67ab7bbd944c495f089f9958c0d68d82ae66243bfccc3933ebbd0a5d5b20"),
+    "token-stats": ("93d426e9ec044ed998debb658d165a19", "04b87fac7d29ecdd023029134b76e45da13cc143324421c1bf93caac07965a67"),
+    "token-stats-part": ("8f4b51654cdfc792584e84a5cea6c28e", "44ad18a4ed7a8ac27f9ae8b1e5537d765579ec14dd5820ed9c48f5e26579dee2"),
+    "tokenize": ("4c5289ba9ff9dd4b344fa9b927db0c05", "9bc6137e3ddbf3d0fb37dc1c4ee1b54b8e7e9a37dac1b4048332109191f4366e"),
+    "tokenize-file": ("ab1e8fe3b9e570943adb533e0b327ac1", "45e9fc5ad27ba639fc092d113075799897ceb0910f38c9280a486e35db6cc31e"),
+    "train": ("8de0210c5e3a2625a69e5330a0acf1b1", "4d7d436d46658ca07aa3aa3a72222b9c5ad064b56ba9c37c850a5f91235f461f"),
+}
 
 
 @functools.cache
@@ -138,7 +163,11 @@ def code_version(stage: str, _seen: frozenset[str] = frozenset()) -> str:
     spec = _SPECS.get(stage)
     if spec is None:
         return "unregistered"
-    h = hashlib.sha256(f"{stage}@{spec.version}\0{spec.digest}".encode())
+    digest = spec.digest
+    carried = _CARRIED.get(stage)
+    if carried is not None and digest.startswith(carried[0]):
+        digest = carried[1]
+    h = hashlib.sha256(f"{stage}@{spec.version}\0{digest}".encode())
     for lib in spec.libraries:
         h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
     for piece in pieces_of(stage):
@@ -395,17 +424,90 @@ def _local_def(module: str, obj) -> ast.AST | None:
     return None
 
 
+def _ours(module: str, home: str) -> bool:
+    """Whether a module is this project's (infrastructure included) or the stage's own: where its definitions
+    live is not part of what they do."""
+    return module == home or module == "tasks" or module.startswith("tasks.")
+
+
+def _canonical_tree(node: ast.AST, module: _Module, home: str) -> ast.AST:
+    """`node` (a stripped copy) with every trace of where the project's code lives taken out, so moving a
+    definition to another module, renaming a module or splitting one changes no dump: an import of a project
+    module is dropped (what it binds is followed by name), `module.name` becomes `name`, and an alias
+    (`from tasks.x import f as g`; `g()`) becomes the name it stands for."""
+    local_imports = _import_map(n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    bound = _bound(node)
+
+    def resolve(name: str) -> tuple[str, str | None] | None:
+        if name in local_imports:
+            return local_imports[name]
+        if name in bound:
+            return None
+        if name in module.defs:
+            return (module.name, name)
+        return module.imports.get(name)
+
+    def project_import(n: ast.AST) -> bool:
+        if isinstance(n, ast.ImportFrom):
+            return not n.level and bool(n.module) and _ours(n.module, home)
+        return all(_ours(a.name, home) for a in n.names)
+
+    class Canonical(ast.NodeTransformer):
+        def visit_Import(self, n):
+            return None if project_import(n) else n
+
+        visit_ImportFrom = visit_Import
+
+        def visit_Attribute(self, n):
+            if isinstance(n.value, ast.Name):
+                target = resolve(n.value.id)
+                if target is not None and target[1] is None and _ours(target[0], home):
+                    return ast.Name(id=n.attr, ctx=n.ctx)
+            return self.generic_visit(n)
+
+        def visit_Name(self, n):
+            target = resolve(n.id)
+            if target is not None and _ours(target[0], home):
+                return ast.Name(id=target[1] or "<module>", ctx=n.ctx)
+            return n
+
+    node = Canonical().visit(node)
+    for n in ast.walk(node):  # a body left empty by a dropped import
+        for field in ("body", "orelse", "finalbody"):
+            if isinstance(getattr(n, field, None), list) and not getattr(n, field) \
+                    and field == "body":
+                setattr(n, field, [ast.Pass()])
+    return node
+
+
+@functools.cache
+def _defining(mod_name: str, name: str) -> tuple[str, str]:
+    """Where `mod_name`'s `name` is defined: a name a module only imports (a re-export, kept after a move so
+    old importers work) is followed to the module that defines it, so the definition counts once."""
+    seen = set()
+    while (mod_name, name) not in seen:
+        seen.add((mod_name, name))
+        module = _module(mod_name)
+        if name in module.defs or name not in module.imports:
+            break
+        target = module.imports[name]
+        if target[1] is None or not target[0].startswith("tasks"):
+            break
+        mod_name, name = target
+    return mod_name, name
+
+
 @functools.cache
 def _definition(mod_name: str, name: str, home: str, root: bool) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """One definition's normalised tree and the project definitions it uses (stages share most of theirs: each
-    is read once per process)."""
+    """One definition's normalised tree (with nothing of where it lives) and the project definitions it uses
+    (stages share most of theirs: each is read once per process)."""
     module = _module(mod_name)
     node = module.defs.get(name)
     if node is None:
         raise CodeReferenceError(f"{mod_name}:{name} is defined nowhere (renamed or deleted?)")
     stripped = _strip(node, root)
-    return (ast.dump(stripped, include_attributes=False),
-            tuple(_references(stripped, module, home, f"{mod_name}:{name}", root)))
+    refs = tuple(_references(stripped, module, home, f"{mod_name}:{name}", root))
+    return ast.dump(_canonical_tree(stripped, module, home), include_attributes=False), refs
 
 
 def code_digest(roots: list) -> tuple[str, list[str]]:
@@ -432,8 +534,8 @@ def code_digest(roots: list) -> tuple[str, list[str]]:
                 raise CodeReferenceError(f"{obj!r}: its source cannot be found")
             label = f"{module_name}:{qualname}"
             stripped = _strip(node, i == 0)
-            seen[label] = ast.dump(stripped, include_attributes=False)
             module = _module(module_name)
+            seen[label] = ast.dump(_canonical_tree(_copy(stripped), module, module_name), include_attributes=False)
             try:
                 refs = _references(stripped, module, module_name, label, i == 0)
             except CodeReferenceError:
@@ -443,16 +545,17 @@ def code_digest(roots: list) -> tuple[str, list[str]]:
         todo.append((module_name, qualname.split(".")[0], module_name, i == 0))
     while todo:
         mod_name, name, home, root = todo.pop()
+        mod_name, name = _defining(mod_name, name)
         label = f"{mod_name}:{name}"
         if label in seen:
             continue
         dump, refs = _definition(mod_name, name, home, root)
         seen[label] = dump
         todo += [(m, a, home, False) for m, a in refs]
-    h = hashlib.sha256()
-    for label in sorted(seen):
-        h.update(label.encode())
-        h.update(b"\0")
-        h.update(seen[label].encode())
+    # The definitions' trees alone, in a fixed order: their modules' names are not part of the digest (a
+    # definition's tree holds its own name), so where code lives changes no key.
+    h = hashlib.sha256(f"code-digest-{ALGORITHM}".encode())
+    for dump in sorted(seen.values()):
+        h.update(dump.encode())
         h.update(b"\n")
     return h.hexdigest(), sorted(seen)
