@@ -86,7 +86,7 @@ def write_docs(texts: list[str], path: Path) -> None:
 
 def cpt_stages(docs: Path, work: Path, tokenizer) -> tuple[int, float, float]:
     from tasks.chunk import chunk_file
-    from tasks.core.config import ChunkConfig, TokenizeConfig
+    from tasks.core.config.data import ChunkConfig, TokenizeConfig
     from tasks.tokenize import special_tokens, tokenize_file
 
     sp = special_tokens(tokenizer)

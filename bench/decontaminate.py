@@ -90,7 +90,7 @@ def main() -> None:
     require(corpora / "ko_transport_bills.jsonl", corpora / "python_docs.jsonl", corpora / "ko_law.jsonl")
 
     from bench.near_dedup import corpus_texts
-    from tasks.core.config import DecontaminateConfig
+    from tasks.core.config.data import DecontaminateConfig
     from tasks.near_dedup import ContaminationIndex
 
     rng = random.Random(1)

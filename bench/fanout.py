@@ -41,7 +41,7 @@ def main() -> None:
         corpus = work / "corpus"
         write_parts(texts, corpus, args.files)
         from flows.continued_pretraining import continued_pretraining
-        from tasks.core.config import validate_config
+        from tasks.core.config.tree import validate_config
 
         def run(runner: str, root: Path) -> dict[str, float]:
             cfg = validate_config({"corpus": {"paths": [str(corpus)]}, "model": {"id": str(model)},

@@ -109,7 +109,7 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     import pyarrow as pa
 
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
-    from tasks.core.config import ChunkConfig
+    from tasks.core.config.data import ChunkConfig
 
     ids = [np.append(d, eos_id).astype(np.uint32) for d in docs]
     tokens = pa.table({"doc_id": [f"doc{i}" for i in range(len(ids))], "input_ids": pa.array(ids, pa.list_(pa.uint32()))})
@@ -124,7 +124,7 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
                 batch: int | None = None) -> dict:
     """One setting through the train stage's child (`launch_command`), killed with its process group at
     `timeout`. Returns the worker's metrics, or {"error": ...}."""
-    from tasks.core.config import ModelConfig, TrainConfig
+    from tasks.core.config.model import ModelConfig, TrainConfig
     from tasks.ml.modeling import device_type
     from tasks.ml.spec import TrainSpec
     from tasks.train import PROJECT_ROOT, launch_command

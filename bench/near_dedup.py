@@ -83,7 +83,7 @@ def edit(text: str, kind: str, rng: random.Random) -> str:
 FRESH = """
 import json, sys, time
 import tasks.load as L
-from tasks.core.config import CorpusConfig, NearDedupConfig
+from tasks.core.config.data import CorpusConfig, NearDedupConfig
 spent = {"near_cpu": 0.0}
 real = L.near_dedup_rows
 def timed(*a, **k):
@@ -191,7 +191,7 @@ def main() -> None:
 
     import tasks.load as load_module
     from tasks import near_dedup as nd
-    from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig
+    from tasks.core.config.data import CorpusConfig, DecontaminateConfig, NearDedupConfig
     from tasks.load import doc_id_of, fingerprint_corpus, load, load_inputs
     from tasks.near_dedup import ContaminationIndex, _units
     from tasks.shuffle import decontaminate

@@ -119,7 +119,7 @@ def rss_anon():
     return 0
 
 which, path = sys.argv[1], Path(sys.argv[2])
-from tasks.core.config import CorpusConfig
+from tasks.core.config.data import CorpusConfig
 import tasks.load as load
 import bench.readers as bench
 import pyarrow.parquet  # imported before the baseline: its allocator's pools are not the reader's memory
@@ -172,7 +172,7 @@ def measure(which: str, path: Path, timeout: float, traced: bool = False) -> dic
 def old_reader(path: Path):
     """What load did before: the file read whole; JSON lines split into a list; a JSON array parsed element by
     element with each element's line counted from the file's start (quadratic). Only jsonl and json."""
-    from tasks.core.config import CorpusConfig
+    from tasks.core.config.data import CorpusConfig
     from tasks.load import Record, Reject, _text_of
 
     cfg = CorpusConfig()
@@ -229,7 +229,7 @@ def array_against_ijson(path: Path) -> list[str]:
         return ["  ijson not installed (pip install ijson to compare)"]
     with open(path, "rb") as f:
         ij = _timed(lambda: sum(1 for _ in ijson.items(f, "item")))
-    from tasks.core.config import CorpusConfig
+    from tasks.core.config.data import CorpusConfig
     from tasks.load import read_corpus_file
 
     ours = _timed(lambda: sum(1 for _ in read_corpus_file(path, CorpusConfig())))

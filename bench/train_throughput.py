@@ -49,7 +49,7 @@ def model_for(out: Path, texts: list[str], gpu: bool) -> Path:
 
 def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: int, overlap: int, mask: bool) -> Path:
     from tasks.chunk import SHARD, chunk_file, write_dataset_dict
-    from tasks.core.config import ChunkConfig, CorpusConfig
+    from tasks.core.config.data import ChunkConfig, CorpusConfig
     from tasks.load import INDEX_FILE, load_documents, read_documents
     from tasks.shuffle import split_documents, write_split
     from tasks.tokenize import load_tokenizer, special_tokens, tokenize_file
@@ -72,7 +72,7 @@ def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: in
 
 def run_config(name: str, model_dir: Path, chunks: Path, max_seq_length: int, train: dict, work: Path,
                gpu: bool) -> dict:
-    from tasks.core.config import ModelConfig, TrainConfig
+    from tasks.core.config.model import ModelConfig, TrainConfig
     from tasks.train import train_model
 
     out = work / name

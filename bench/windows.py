@@ -163,7 +163,7 @@ def main() -> None:
 
     from bench.chunk_throughput import build_tokenizer, write_docs
     from tasks.chunk import chunk_file
-    from tasks.core.config import ChunkConfig, TokenizeConfig
+    from tasks.core.config.data import ChunkConfig, TokenizeConfig
     from tasks.ml.tiny_model import read_texts
     from tasks.ml.train_worker import training_columns
     from tasks.arrow import token_type

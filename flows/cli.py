@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tasks.core.config import STAGES
+from flows.stages import PIPELINE
 
 DROP_EVENT = "corpus.drop.landed"
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the flow (stages whose inputs did not change come from cache)")
     _config_args(run)
-    run.add_argument("--until", choices=STAGES, help="stop after this stage (e.g. chunk: preprocess only)")
+    run.add_argument("--until", choices=PIPELINE, help="stop after this stage (e.g. chunk: preprocess only)")
     run.add_argument("--summary", metavar="PATH", help="also write the run summary JSON here")
     run.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $CPT_ARTIFACTS or ./artifacts)")
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from tasks.core.config import load_config
+    from tasks.core.config.tree import load_config
 
     if args.config is None and not args.overrides:
         raise SystemExit("cpt: error: give --config FILE and/or --set section.field=value")
@@ -147,7 +147,7 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
-    from tasks.core.config import dump_config
+    from tasks.core.config.tree import dump_config
 
     print(dump_config(_load(args)), end="")
     return 0
@@ -433,7 +433,7 @@ def cmd_make_cloze_task(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tasks.core.config import ConfigError
+    from tasks.core.config.base import ConfigError
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
                 "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,

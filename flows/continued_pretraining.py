@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.stages import StageName
 from tasks import evaluate as evaluate_stage
 from tasks import gate as gate_stage
 from tasks import push as push_stage
 from tasks import token_stats as token_stats_stage
 from tasks import train as train_stage
 from tasks.chunk import chunk
-from tasks.core.config import CorpusConfig, CptConfig, SplitConfig
+from tasks.core.config.data import CorpusConfig, SplitConfig
+from tasks.core.config.tree import CptConfig
 from tasks.core.fanout import one_runner_per_run
 from tasks.core.manifest import DigestMemo, Fingerprint, StageOutput
 from tasks.core.report import markdown_artifact, markdown_table, run_logger
@@ -39,10 +41,6 @@ from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
 from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize
 from tasks.train import train
-
-StageName = Literal["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate",
-                    "gate", "push"]
-
 
 # Stages whose outputs have Prefect artifacts. The flow makes them after every call, computed or cached:
 # a cached task does not re-create its own artifacts, and every run should show what it produced.

@@ -29,7 +29,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.continued_pretraining import continued_pretraining
-from tasks.core.config import CptConfig, load_config
+from tasks.core.config.tree import CptConfig, load_config
 from tasks.core.manifest import DigestMemo
 from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import open_root

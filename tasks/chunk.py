@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.arrow import IGNORE_INDEX, batch_bounds, read_arrow, take_rows
-from tasks.core.config import SPLITS, ChunkConfig, ConfigError, RuntimeConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import ChunkConfig, RuntimeConfig, SPLITS
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput, combine_digests
 from tasks.core.report import Progress

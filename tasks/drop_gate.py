@@ -31,7 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.arrow import read_arrow
-from tasks.core.config import ConfigError, CorpusConfig, CptConfig, DropsConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import CorpusConfig, DropsConfig
+from tasks.core.config.tree import CptConfig
 from tasks.core.manifest import DigestMemo, Fingerprint
 from tasks.core.root import ArtifactsRoot
 from tasks.load import (

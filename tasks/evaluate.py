@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.config import (ChunkConfig, ConfigError, CorpusConfig, EvaluateConfig, ModelConfig, local_task_data,
-                               local_task_files, read_task_yaml, task_path_like)
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import ChunkConfig, CorpusConfig
+from tasks.core.config.model import EvaluateConfig, ModelConfig
+from tasks.core.config.task_files import local_task_data, local_task_files, read_task_yaml, task_path_like
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import markdown_artifact, markdown_table, table_artifact
 from tasks.core.root import ArtifactsRoot

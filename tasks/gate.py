@@ -14,7 +14,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-from tasks.core.config import GateConfig
+from tasks.core.config.model import GateConfig
 from tasks.core.manifest import StageOutput
 from tasks.core.report import markdown_artifact, markdown_table
 from tasks.core.root import ArtifactsRoot

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tasks.arrow import read_arrow
-from tasks.core.config import local_task_data, local_task_files, read_task_yaml, task_path_like
+from tasks.core.config.task_files import local_task_data, local_task_files, read_task_yaml, task_path_like
 from tasks.core.manifest import Fingerprint, StageOutput
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage

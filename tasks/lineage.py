@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.config import CptConfig
+from tasks.core.config.tree import CptConfig
 from tasks.core.keys import stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, hash_file, verified_manifest
 from tasks.core.report import run_logger

@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks import near_dedup
-from tasks.core.config import ConfigError, CorpusConfig, NearDedupConfig, RuntimeConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import CorpusConfig, NearDedupConfig, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import Progress

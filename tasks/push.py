@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tasks.core.config import CptConfig, PushConfig
+from tasks.core.config.model import PushConfig
+from tasks.core.config.tree import CptConfig
 from tasks.core.manifest import Fingerprint, StageOutput, safe_relpath
 from tasks.core.report import markdown_artifact, run_logger
 from tasks.core.root import ArtifactsRoot

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from tasks.arrow import take_rows
 from tasks.chunk import Chunks, link_or_copy, windows_file, write_windows
-from tasks.core.config import SPLITS, ReplayConfig, ShuffleConfig
+from tasks.core.config.data import ReplayConfig, SPLITS, ShuffleConfig
 from tasks.core.report import run_logger
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -136,7 +136,7 @@ def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chun
 
 def replay_overlap(general_paths: list[str], replay_docs: Docs, root: ArtifactsRoot) -> tuple[int, int]:
     """(general-corpus documents whose normalised text is also a replay document, general documents)."""
-    from tasks.core.config import CorpusConfig
+    from tasks.core.config.data import CorpusConfig
     from tasks.load import Record, norm_id_of, read_corpus_file, resolve_corpus_files
 
     cfg = CorpusConfig(paths=general_paths, on_bad_record="skip")

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.arrow import take_rows
-from tasks.core.config import SPLITS, ConfigError, DecontaminateConfig, ShuffleConfig, SplitConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import DecontaminateConfig, SPLITS, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
 from tasks.near_dedup import ContaminationIndex, sortable_ids
 from tasks.core.root import ArtifactsRoot

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from tasks.arrow import read_arrow
 from tasks.chunk import chunk_lengths, rows_by_part
-from tasks.core.config import SPLITS, ChunkConfig, TokenStatsConfig
+from tasks.core.config.data import ChunkConfig, SPLITS, TokenStatsConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
 from tasks.core.report import image_data_uri, markdown_artifact, markdown_table, table_artifact

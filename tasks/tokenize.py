@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.core.config import ConfigError, ModelConfig, RuntimeConfig, TokenizeConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import RuntimeConfig, TokenizeConfig
+from tasks.core.config.model import ModelConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import Progress

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core import fence
-from tasks.core.config import ChunkConfig, ModelConfig, TrainConfig
+from tasks.core.config.data import ChunkConfig
+from tasks.core.config.model import ModelConfig, TrainConfig
 from tasks.core.manifest import Fingerprint, StageOutput
 from tasks.core.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import ArtifactsRoot

@@ -80,7 +80,7 @@ def run_flow(config, artifacts, until="chunk", **overrides):
     """The pipeline in this process on `config` (a dict) with `section__field=value` overrides; returns
     ({stage: state}, the run summary)."""
     from flows.continued_pretraining import continued_pretraining
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
 
     cfg = json.loads(json.dumps(config))
     for dotted, value in overrides.items():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tasks.core.config import ChunkConfig
+from tasks.core.config.data import ChunkConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import MANIFEST, StageOutput, read_manifest
 from tasks.core.root import ArtifactsRoot, open_root
@@ -272,7 +272,7 @@ def test_the_stage_decorator_keys_every_argument_and_returns_its_typed_manifest(
 
 
 def test_an_artifacts_url_is_a_store_never_a_local_folder_named_after_its_scheme(tmp_path, monkeypatch):
-    from tasks.core.config import ConfigError
+    from tasks.core.config.base import ConfigError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CPT_SCRATCH", str(tmp_path / "scratch"))

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from tasks.arrow import with_labels
 from tasks.chunk import IGNORE_INDEX, chunk_batch, chunk_lengths, trained_tokens, window_plan
-from tasks.core.config import ChunkConfig, ConfigError
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import ChunkConfig
 
 BOS = 1
 

@@ -102,7 +102,7 @@ def published_chunks(artifacts):
     import pyarrow as pa
 
     from tasks.chunk import Chunks, window_rows, windows_file
-    from tasks.core.config import ChunkConfig
+    from tasks.core.config.data import ChunkConfig
 
     root = open_root(artifacts)
     rng = np.random.default_rng(0)

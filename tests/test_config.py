@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import (OPTIMIZERS, SEED_MAX, ChunkConfig, ConfigError, CptConfig, GateConfig, load_config,
-                               parse_override, validate_config)
+from tasks.core.config.base import ConfigError, OPTIMIZERS, SEED_MAX
+from tasks.core.config.data import ChunkConfig
+from tasks.core.config.model import GateConfig
+from tasks.core.config.tree import CptConfig, load_config, parse_override, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

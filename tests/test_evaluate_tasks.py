@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers import sample_texts, write_jsonl
-from tasks.core.config import ConfigError, GateConfig, validate_config
+from tasks.core.config.base import ConfigError
+from tasks.core.config.model import GateConfig
+from tasks.core.config.tree import validate_config
 from tasks.gate import decide, task_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +66,7 @@ def test_gate_tasks_need_evaluated_tasks(tmp_path, monkeypatch):
 
 
 def test_a_task_folder_runs_every_task_its_yamls_name(tmp_path):
-    from tasks.core.config import EvaluateConfig
+    from tasks.core.config.model import EvaluateConfig
     from tasks.evaluate import task_names, write_cloze_task
 
     for name in ("b_cloze", "a_cloze"):
@@ -127,7 +129,7 @@ def test_task_values_read_both_eval_documents():
 
 def test_the_harness_runs_the_local_task_on_the_loaded_model(tiny_model, cloze, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from tasks.core.config import EvaluateConfig, ModelConfig
+    from tasks.core.config.model import EvaluateConfig, ModelConfig
     from tasks.evaluate import comparison, comparison_markdown, evaluate_model
 
     cfg = EvaluateConfig(tasks=[str(cloze)], task_limit=6, num_fewshot=0, task_batch_size=4)
@@ -146,7 +148,7 @@ def test_the_harness_runs_the_local_task_on_the_loaded_model(tiny_model, cloze, 
 
 
 def test_the_task_fingerprint_follows_the_task_files_content(cloze):
-    from tasks.core.config import EvaluateConfig
+    from tasks.core.config.model import EvaluateConfig
     from tasks.evaluate import task_fingerprint
 
     cfg = EvaluateConfig(tasks=[str(cloze)])

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import run_flow as run
 from helpers import sample_texts, write_jsonl
-from tasks.core.config import validate_config
+from tasks.core.config.tree import validate_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 DATA_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk"]

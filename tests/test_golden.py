@@ -76,8 +76,9 @@ def without_provenance(path: Path) -> str:
 def run_data_stages(tmp_path: Path) -> dict[str, StageOutput]:
     from helpers import write_jsonl
     from tasks.chunk import chunk
-    from tasks.core.config import ChunkConfig, CorpusConfig, ModelConfig, ReplayConfig, ShuffleConfig, SplitConfig
-    from tasks.core.config import TokenizeConfig, TokenStatsConfig
+    from tasks.core.config.data import ChunkConfig, CorpusConfig, ReplayConfig, ShuffleConfig, SplitConfig
+    from tasks.core.config.model import ModelConfig
+    from tasks.core.config.data import TokenStatsConfig, TokenizeConfig
     from tasks.load import fingerprint_corpus, load
     from tasks.replay import mix
     from tasks.shuffle import shuffle

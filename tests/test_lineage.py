@@ -98,7 +98,7 @@ def _decision(promoted=True):
 
 
 def test_a_run_lineage_starts_from_the_base_records_its_promotion_and_the_next_run_continues_from_it(tmp_path):
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
     from tasks.core.manifest import StageOutput
     from tasks.lineage import RunLineage
     from tasks.state.promotions import read_promotions
@@ -149,7 +149,7 @@ def test_a_run_lineage_starts_from_the_base_records_its_promotion_and_the_next_r
 
 
 def test_a_run_without_lineage_records_nothing(tmp_path):
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
     from tasks.lineage import RunLineage
 
     root = open_root(tmp_path / "artifacts")
@@ -170,7 +170,7 @@ def test_a_run_without_lineage_records_nothing(tmp_path):
 def test_a_promotion_is_a_compare_and_swap_against_what_the_gate_compared_with(tmp_path):
     """Two runs of one lineage gated against the same reference: the first to push is promoted; the second finds
     the last promoted model changed under it and is refused, never promoted blind."""
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
     from tasks.core.manifest import StageOutput
     from tasks.lineage import RunLineage
     from tasks.state.promotions import read_promotions
@@ -196,7 +196,7 @@ def test_a_promotion_is_a_compare_and_swap_against_what_the_gate_compared_with(t
 
 
 def test_two_lineages_that_would_write_one_release_folder_are_refused(tmp_path):
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
     from tasks.lineage import RunLineage
     from tasks.state.promotions import ReleaseClaimed
 

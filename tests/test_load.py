@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import write_jsonl
-from tasks.core.config import ConfigError, CorpusConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import CorpusConfig
 from tasks.load import (
     INDEX_FILE, REJECTS_FILE, BadRecordError, fingerprint_corpus, load_documents, resolve_corpus_files,
     read_documents, source_names,

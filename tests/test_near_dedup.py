@@ -13,7 +13,7 @@ import pytest
 from helpers import sample_texts, write_jsonl
 from tasks import near_dedup as nd
 from tasks.arrow import read_arrow
-from tasks.core.config import CorpusConfig, DecontaminateConfig, NearDedupConfig, ShuffleConfig, SplitConfig
+from tasks.core.config.data import CorpusConfig, DecontaminateConfig, NearDedupConfig, ShuffleConfig, SplitConfig
 from tasks.core.root import open_root
 from tasks.load import doc_id_of
 
@@ -90,7 +90,7 @@ def test_settings_never_reread_files_and_off_is_todays_output(tmp_path, texts):
 
 
 def test_the_drop_gate_rejects_a_reexported_drop_as_duplicates(tmp_path, texts, tiny_model):
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
     from tasks.core.manifest import hash_file
     from tasks.drop_gate import near_duplicate_pairs, profile_drop
     from tasks.load import resolve_corpus_files
@@ -173,7 +173,8 @@ def test_contamination_index_finds_spans_of_the_configured_length_only():
 
 
 def test_near_dedup_config_is_checked():
-    from tasks.core.config import ConfigError, load_config
+    from tasks.core.config.base import ConfigError
+    from tasks.core.config.tree import load_config
 
     with pytest.raises(ConfigError, match="corpus.near_dedup.threshold"):
         load_config(None, ["corpus.paths=[a]", "model.id=m", "corpus.near_dedup.threshold=1.5"])
@@ -277,7 +278,7 @@ def test_gram_hashes_are_the_polynomial_of_each_window_across_blocks():
 def test_a_planted_task_document_never_reaches_training(tmp_path, texts):
     """A local lm-eval task (cpt make-cloze-task's YAML + JSON lines) is read from its data file: a training
     document quoting one of its sentences is removed and counted under the task's name."""
-    from tasks.core.config import EvaluateConfig
+    from tasks.core.config.model import EvaluateConfig
     from tasks.evaluate import task_fingerprint, write_cloze_task
     from tasks.held_out import held_out
     from tasks.shuffle import shuffle

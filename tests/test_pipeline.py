@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import flow_run_artifacts, flow_run_logs, sample_texts, touched_entries, write_jsonl
-from tasks.core.config import validate_config
+from tasks.core.config.tree import validate_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 ALL_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "gate",
@@ -136,7 +136,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(config, artifacts, mon
 
 
 def test_early_stopping_keeps_the_best_model(config, artifacts):
-    from tasks.core.config import EvaluateConfig, ModelConfig
+    from tasks.core.config.model import EvaluateConfig, ModelConfig
     from tasks.evaluate import evaluate_model, validation_rows
 
     # A learning rate this high makes validation loss rise after the first evaluations.

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from helpers import sample_texts, touched_entries, write_jsonl
-from tasks.core.config import GateConfig, validate_config
+from tasks.core.config.model import GateConfig
+from tasks.core.config.tree import validate_config
 from tasks.core.root import open_root
 from tasks.gate import decide
 
@@ -100,7 +101,7 @@ def test_a_model_with_nan_weights_is_evaluated_and_refused_not_a_crash(tiny_mode
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.core.config import EvaluateConfig, GenerationConfig, ModelConfig
+    from tasks.core.config.model import EvaluateConfig, GenerationConfig, ModelConfig
     from tasks.evaluate import evaluate_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -142,7 +143,7 @@ def test_the_replay_windows_are_drawn_in_blocks_and_the_last_cut_to_the_token():
     import pyarrow as pa
 
     from tasks.chunk import window_batch
-    from tasks.core.config import ChunkConfig
+    from tasks.core.config.data import ChunkConfig
     from tasks.replay import drawn_windows, labelled_per_window
 
     lengths = np.array([30, 7, 19, 4, 25])

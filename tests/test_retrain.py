@@ -15,7 +15,8 @@ from tasks.core.root import open_root
 from helpers import sample_texts, write_jsonl
 from tasks.drop_gate import WRITING_MARKER, check_profile, profile_drop, unsettled_files
 from tasks.state import lines
-from tasks.core.config import DropsConfig, validate_config
+from tasks.core.config.data import DropsConfig
+from tasks.core.config.tree import validate_config
 
 OLD = time.time() - 3600
 

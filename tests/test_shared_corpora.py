@@ -5,7 +5,7 @@ import pytest
 
 from helpers import shared_corpus
 from tasks.chunk import IGNORE_INDEX, chunk_file
-from tasks.core.config import ChunkConfig, CorpusConfig
+from tasks.core.config.data import ChunkConfig, CorpusConfig
 from tasks.load import DOCS_FILE, load_documents
 from tasks.tokenize import load_tokenizer, special_tokens, tokenize_file
 

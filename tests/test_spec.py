@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from helpers import ROOT
-from tasks.core.config import ModelConfig, TrainConfig
+from tasks.core.config.model import ModelConfig, TrainConfig
 from tasks.ml.spec import TrainSpec
 
 

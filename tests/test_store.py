@@ -140,7 +140,7 @@ CONCURRENT = textwrap.dedent("""
 
     store.Store.upload_entry = slow_upload
     from flows.continued_pretraining import continued_pretraining
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
 
     summary = continued_pretraining(config=validate_config(json.loads(sys.argv[1])), artifacts=sys.argv[2],
                                     until="chunk")
@@ -350,7 +350,7 @@ def test_a_training_line_runs_from_any_host_through_the_store(hosts, tiny_model,
     do; `cpt drops` on a laptop (host d) lists the line."""
     from flows.cli import main
     from flows.retrain import retrain
-    from tasks.core.config import validate_config
+    from tasks.core.config.tree import validate_config
 
     old = time.time() - 3600
     texts = sample_texts(160)

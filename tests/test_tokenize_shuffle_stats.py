@@ -7,7 +7,9 @@ import pytest
 
 from helpers import sample_texts
 from tasks.core.root import open_root
-from tasks.core.config import ChunkConfig, ConfigError, ModelConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.data import ChunkConfig
+from tasks.core.config.model import ModelConfig
 from tasks.shuffle import split_documents
 from tasks.token_stats import STAT_NAMES, compute_token_stats, length_stats, plot_histograms
 from tasks.tokenize import (
@@ -196,7 +198,7 @@ def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(
     import sys
 
     from helpers import sample_texts
-    from tasks.core.config import ModelConfig
+    from tasks.core.config.model import ModelConfig
     from tasks.tokenize import BackendEncoder, Encoder, TokenizerOnce, resolve_tokenizer, tokenizer_profile
 
     monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "home"))
@@ -209,7 +211,7 @@ def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(
     assert BackendEncoder(tiny_model / "tokenizer.json")(texts) == Encoder(tok)._slow(texts)
     assert tokenizer_profile(fp, open_root(tmp_path)) == (profile, None)  # kept: no tokenizer loaded the second time
 
-    probe = ("import sys; from tasks.core.config import ModelConfig; "
+    probe = ("import sys; from tasks.core.config.model import ModelConfig; "
              "from tasks.core.root import open_root; from tasks.tokenize import TokenizerOnce, resolve_tokenizer; "
              f"enc, sp = TokenizerOnce(resolve_tokenizer(ModelConfig(id={str(tiny_model)!r})), False, "
              f"open_root({str(tmp_path)!r}))(); ids = enc(['질문: 고혈압']); "
@@ -250,7 +252,7 @@ def test_a_prefetched_profile_is_waited_for_not_probed_twice(tiny_model, tmp_pat
     import threading
 
     from tasks import tokenize as tk
-    from tasks.core.config import ModelConfig
+    from tasks.core.config.model import ModelConfig
 
     monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path / "home"))
     fp = tk.resolve_tokenizer(ModelConfig(id=str(tiny_model)))

@@ -114,7 +114,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
     from helpers import sample_texts
     from tasks.arrow import with_labels
     from tasks.chunk import chunk_batch
-    from tasks.core.config import ChunkConfig
+    from tasks.core.config.data import ChunkConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in sample_texts(6)]
@@ -215,7 +215,7 @@ def _chunks_dir(tiny_model, out):
 
     from helpers import sample_texts
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
-    from tasks.core.config import ChunkConfig
+    from tasks.core.config.data import ChunkConfig
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
 
     tok = load_tokenizer(tiny_model)
@@ -232,7 +232,7 @@ def _chunks_dir(tiny_model, out):
 def _train(tiny_model, chunks, out, processes, per_device):
     import json
 
-    from tasks.core.config import ModelConfig, TrainConfig
+    from tasks.core.config.model import ModelConfig, TrainConfig
     from tasks.train import train_model
 
     cfg = TrainConfig(max_steps=6, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
@@ -279,7 +279,7 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
 
     from tasks.arrow import with_labels
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
-    from tasks.core.config import ChunkConfig
+    from tasks.core.config.data import ChunkConfig
     from tasks.ml.train_worker import training_columns
 
     docs = [list(range(10, 10 + n)) for n in (40, 3, 17, 64)]

@@ -230,7 +230,9 @@ def test_step_clock_does_not_count_static_padding_as_tokens_and_hides_the_count_
 
 
 def test_packed_length_settings_validate():
-    from tasks.core.config import ConfigError, TrainConfig, validate_config
+    from tasks.core.config.base import ConfigError
+    from tasks.core.config.model import TrainConfig
+    from tasks.core.config.tree import validate_config
 
     base = {"corpus": {"paths": ["x.jsonl"]}, "model": {"id": "m"}, "chunk": {"max_seq_length": 1000, "overlap": 500}}
     cfg = validate_config({**base, "train": {"packing": True, "packed_length": "auto", "optim": "adamw_torch_fused",
@@ -249,7 +251,7 @@ def test_packed_length_settings_validate():
 def test_the_shipped_medical_config_runs_the_fast_path():
     from pathlib import Path
 
-    from tasks.core.config import load_config
+    from tasks.core.config.tree import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gemma3-1b-medical.yaml")
     t = cfg.train
@@ -266,7 +268,7 @@ def test_training_child_with_static_shapes_and_compile_trains_like_padding_free_
     the static run reports its padding and its first step's compile time."""
     import json
 
-    from tasks.core.config import ModelConfig, TrainConfig
+    from tasks.core.config.model import ModelConfig, TrainConfig
     from tasks.train import train_model
     from test_train import _chunks_dir
 

@@ -271,7 +271,7 @@ def test_a_training_child_is_killed_when_the_lease_is_lost():
 
 
 def test_a_lost_enclosing_fence_stops_the_pieces_built_inside_it():
-    from tasks.core.config import RuntimeConfig
+    from tasks.core.config.data import RuntimeConfig
     from tasks.core.fanout import map_pieces
     from tasks.core.fence import Fence, LockLost, fenced
 

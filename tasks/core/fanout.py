@@ -17,7 +17,7 @@ from typing import Any
 
 from tasks.core import fence
 from tasks.core.scope import build_scope, current_scope
-from tasks.core.config import RuntimeConfig
+from tasks.core.config.data import RuntimeConfig
 
 
 def run_piece(fn: Callable, scope: str | None, kwargs: dict[str, Any]):
@@ -39,7 +39,7 @@ def task_runner(runtime: RuntimeConfig):
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as e:  # pragma: no cover - a dependency of the project
-        from tasks.core.config import ConfigError
+        from tasks.core.config.base import ConfigError
 
         raise ConfigError(f"runtime.task_runner: dask needs prefect-dask ({e})") from None
     if runtime.dask_address:

@@ -18,7 +18,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from tasks.core.config import ConfigError
+from tasks.core.config.base import ConfigError
 from tasks.core.entries import build_and_publish, key_lock, local_entries
 from tasks.core.fence import fenced
 from tasks.core.manifest import RECORDS_DIR, StageOutput, read_manifest, remove_entry_dir, verified_manifest

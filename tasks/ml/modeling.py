@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import ConfigError, GenerationConfig, ModelConfig
+from tasks.core.config.base import ConfigError
+from tasks.core.config.model import GenerationConfig, ModelConfig
 from tasks.core.manifest import Fingerprint, combine_digests, hash_file
 
 IGNORE_INDEX = -100

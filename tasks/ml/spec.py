@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.core.config import ModelConfig, TrainConfig
+from tasks.core.config.model import ModelConfig, TrainConfig
 
 
 class TrainSpec(BaseModel):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import TrainConfig
+from tasks.core.config.model import TrainConfig
 from tasks.core.manifest import MANIFEST, hash_file, safe_relpath
 from tasks.core.root import ArtifactsRoot, open_root
 from tasks.ml.modeling import load_pretrained, load_tokenizer_with_pad

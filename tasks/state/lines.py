@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.core.config import name_problem
+from tasks.core.config.base import name_problem
 from tasks.core.root import ArtifactsRoot
 
 DropStatus = Literal["pending", "active", "rejected", "removed"]
