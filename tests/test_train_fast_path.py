@@ -237,9 +237,14 @@ def test_packed_length_settings_validate():
     base = {"corpus": {"paths": ["x.jsonl"]}, "model": {"id": "m"}, "chunk": {"max_seq_length": 1000, "overlap": 500}}
     cfg = validate_config({**base, "train": {"packing": True, "packed_length": "auto", "optim": "adamw_torch_fused",
                                              "compile": True}})
-    assert cfg.train.static_length(1000) == 1024
-    assert TrainConfig(packing=True, packed_length=2048).static_length(1000) == 2048
-    assert TrainConfig(packing=True).static_length(1000) is None
+    from tasks.ml.static_batches import static_length
+
+    def decided(t: TrainConfig) -> int | None:
+        return static_length(t.packing, t.packed_length, 1000)
+
+    assert decided(cfg.train) == 1024
+    assert decided(TrainConfig(packing=True, packed_length=2048)) == 2048
+    assert decided(TrainConfig(packing=True)) is None
     with pytest.raises(ConfigError, match="at least chunk.max_seq_length"):
         validate_config({**base, "train": {"packing": True, "packed_length": 896}})
     with pytest.raises(ConfigError, match="multiple of 128"):
@@ -255,7 +260,9 @@ def test_the_shipped_medical_config_runs_the_fast_path():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gemma3-1b-medical.yaml")
     t = cfg.train
-    assert t.packing and t.static_length(cfg.chunk.max_seq_length) == 1024
+    from tasks.ml.static_batches import static_length
+
+    assert t.packing and static_length(t.packing, t.packed_length, cfg.chunk.max_seq_length) == 1024
     assert cfg.model.attn_implementation == "flex_attention" and cfg.model.dtype == "bfloat16"
     assert t.optim == "adamw_torch_fused" and t.compile and not t.gradient_checkpointing
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps >= 8

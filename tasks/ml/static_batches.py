@@ -28,6 +28,17 @@ NUM_PADDING = "cpt_num_padding"
 ALIGN = 128  # flex_attention's block size; also a friendly multiple for every matmul tile
 
 
+def static_length(packing: bool, packed_length: int | str | None, max_seq_length: int) -> int | None:
+    """The positions of every packed row with static shapes (`train.packed_length`; auto: the chunk length
+    rounded up to ALIGN), or None (padding-free rows of varying length). Decided here, in the training child's
+    code, so a change of the rule is a change of the train stage's key."""
+    if not packing or packed_length is None:
+        return None
+    if packed_length == "auto":
+        return -(-max_seq_length // ALIGN) * ALIGN
+    return packed_length
+
+
 def row_labels(example: dict[str, Any]) -> list[int]:
     return list(example["labels"]) if "labels" in example else list(example["input_ids"])
 

@@ -23,7 +23,7 @@ from tasks.core.manifest import MANIFEST, hash_file, safe_relpath
 from tasks.core.root import ArtifactsRoot, open_root
 from tasks.ml.modeling import load_pretrained, load_tokenizer_with_pad
 from tasks.ml.spec import TrainSpec
-from tasks.ml.static_batches import NUM_PADDING, StaticPackedCollator, static_padding_fraction
+from tasks.ml.static_batches import NUM_PADDING, StaticPackedCollator, static_length, static_padding_fraction
 
 MESSAGE_PREFIX = "@@cpt "
 
@@ -423,7 +423,7 @@ def run(spec: TrainSpec) -> None:
     if why_not and state.is_main_process:
         emit("setting_off", setting="train.gradient_checkpointing", reason=why_not)
 
-    static = train.static_length(spec.max_seq_length)
+    static = static_length(train.packing, train.packed_length, spec.max_seq_length)
     os.environ["TENSORBOARD_LOGGING_DIR"] = spec.tensorboard_dir
     args = SFTConfig(
         output_dir=str(checkpoints),

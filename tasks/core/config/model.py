@@ -120,14 +120,6 @@ class TrainConfig(Section):
             raise ValueError(f"packed_length ({length}) must be a positive multiple of 128 (flex_attention's block)")
         return length
 
-    def static_length(self, max_seq_length: int) -> int | None:
-        """The positions of every packed row with static shapes, or None (padding-free rows of varying length)."""
-        if not self.packing or self.packed_length is None:
-            return None
-        if self.packed_length == "auto":
-            return -(-max_seq_length // 128) * 128
-        return self.packed_length
-
     @model_validator(mode="after")
     def _checkpoints_line_up_with_evaluations(self) -> TrainConfig:
         if self.packed_length is not None and not self.packing:
