@@ -73,7 +73,8 @@ def write_docs(texts: list[str], path: Path) -> None:
     """A load-stage docs file of `texts` (every column the stage writes)."""
     import pyarrow as pa
 
-    from tasks.load import DOC_SCHEMA, doc_id_of, norm_id_of
+    from tasks.data.layout import DOC_SCHEMA
+    from tasks.data.records import doc_id_of, norm_id_of
 
     n = len(texts)
     columns = {"doc_id": [doc_id_of(t) + str(i) for i, t in enumerate(texts)], "text": texts,

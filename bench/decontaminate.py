@@ -34,7 +34,7 @@ class DictIndex:
         return hash(units[i:i + g] if isinstance(units, str) else " ".join(units[i:i + g]))
 
     def add(self, text: str, source: str) -> None:
-        from tasks.near_dedup import normalise
+        from tasks.data.shingles import normalise
 
         t = normalise(text)
         for unit, units in (("c", t), ("w", t.split())):
@@ -43,7 +43,7 @@ class DictIndex:
                 grams.setdefault(self._gram(units, i, g), source)
 
     def match_many(self, texts):
-        from tasks.near_dedup import normalise
+        from tasks.data.shingles import normalise
 
         out = []
         for text in texts:
@@ -91,7 +91,7 @@ def main() -> None:
 
     from bench.near_dedup import corpus_texts
     from tasks.core.config.data import DecontaminateConfig
-    from tasks.near_dedup import ContaminationIndex
+    from tasks.data.contamination import ContaminationIndex
 
     rng = random.Random(1)
     law = [json.loads(x)["content"] for x in (corpora / "ko_law.jsonl").read_text(encoding="utf-8").splitlines()]

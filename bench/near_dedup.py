@@ -83,9 +83,10 @@ def edit(text: str, kind: str, rng: random.Random) -> str:
 FRESH = """
 import json, sys, time
 import tasks.load as L
+import tasks.data.files as F
 from tasks.core.config.data import CorpusConfig, NearDedupConfig
 spent = {"near_cpu": 0.0}
-real = L.near_dedup_rows
+real = L.near_dedup_rows  # load's own name for it: what its stage calls
 def timed(*a, **k):
     c = time.process_time()
     try:
@@ -95,7 +96,7 @@ def timed(*a, **k):
 L.near_dedup_rows = timed
 cfg = CorpusConfig(paths=[sys.argv[1]], near_dedup=NearDedupConfig(enabled=sys.argv[3] == "True"))
 t0 = time.process_time()  # load's own imports are the stage's whichever the setting: left out
-L.load.fn(**L.load_inputs(cfg, L.fingerprint_corpus(cfg)), artifacts=sys.argv[2])
+L.load.fn(**L.load_inputs(cfg, F.fingerprint_corpus(cfg)), artifacts=sys.argv[2])
 print(json.dumps({"cpu": time.process_time() - t0, **spent}))
 """
 
@@ -109,7 +110,7 @@ KINDS = ("date", "wrap", "header", "typos", "cut_small", "cut_large", "rewrite")
 LINE = """
 import json, sys, tempfile, threading, time
 import numpy as np, pyarrow as pa
-from tasks import near_dedup as nd
+from tasks.data import contamination as ct, minhash as mh, shingles as sh
 n, how = int(sys.argv[1]), sys.argv[2]
 rng, tmp, parts = np.random.default_rng(0), tempfile.mkdtemp(), []
 for p in range(8):
@@ -139,7 +140,7 @@ if how == "mapped":
     parts = [(tb.column("doc_id"), np.load(f"{tmp}/{p}.npy", mmap_mode="r")) for p, tb in enumerate(tables)]
 else:
     parts = [(tb.column("doc_id").to_pylist(), np.load(f"{tmp}/{p}.npy")) for p, tb in enumerate(tables)]
-found = nd.near_duplicates(parts, list(range(8)), 0.8, 128)
+found = mh.near_duplicates(parts, list(range(8)), 0.8, 128)
 seconds = time.perf_counter() - t
 done.append(1)
 time.sleep(0.02)
@@ -152,7 +153,7 @@ def ground_truth(texts: list[str], order: list[int], threshold: float, n: int):
     import numpy as np
     from scipy import sparse
 
-    from tasks.near_dedup import shingles
+    from tasks.data.shingles import shingles
 
     vocab: dict[str, int] = {}
     rows, cols = [], []
@@ -190,10 +191,12 @@ def main() -> None:
     import numpy as np
 
     import tasks.load as load_module
-    from tasks import near_dedup as nd
+    from tasks.data import contamination as ct, minhash as mh, shingles as sh
     from tasks.core.config.data import CorpusConfig, DecontaminateConfig, NearDedupConfig
-    from tasks.load import doc_id_of, fingerprint_corpus, load, load_inputs
-    from tasks.near_dedup import ContaminationIndex, _units
+    from tasks.data.files import fingerprint_corpus
+    from tasks.data.records import doc_id_of
+    from tasks.load import load, load_inputs
+    from tasks.data.contamination import ContaminationIndex, _units
     from tasks.shuffle import decontaminate
 
     rng = random.Random(1)
@@ -221,17 +224,17 @@ def main() -> None:
     sig_time = {}
     for backend in ("rensa", "datasketch"):
         t0 = time.perf_counter()
-        sigs = nd.signatures(everything, cfg_nd.num_perm, cfg_nd.shingle_chars, cfg_nd.seed, backend)
+        sigs = mh.signatures(everything, cfg_nd.num_perm, cfg_nd.shingle_chars, cfg_nd.seed, backend)
         sig_time[backend] = time.perf_counter() - t0
-        if backend == nd.BACKEND:
+        if backend == mh.BACKEND:
             chosen = sigs
     sigs = chosen
     base, drop = (ids[:len(texts)], sigs[:len(texts)]), (ids[len(texts):], sigs[len(texts):])
     t0 = time.perf_counter()
     split = len(texts)
-    found = nd.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm,
+    found = mh.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm,
                                lambda p, r: everything[r if p == 0 else split + r], cfg_nd.shingle_chars)
-    estimate_only = nd.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm)
+    estimate_only = mh.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm)
     lsh = time.perf_counter() - t0
     row_of = {ids[i]: i for i in unique_order}
     predicted = {row_of[d.doc_id] for d in found}

@@ -6,7 +6,7 @@ Corpus: the documents of ../shared/corpora/*.jsonl repeated until a size is reac
 (`[copy N]` prepended) so no document is a duplicate, written as .jsonl, a .json array (indented: one element
 spans lines, as exports write them), .csv, .parquet, and .txt (one document a file, so many files).
 
-Each reading runs in a fresh child process that only iterates `tasks.load.read_corpus_file` (the records, no
+Each reading runs in a fresh child process that only iterates `tasks.data.readers.read_corpus_file` (the records, no
 piece written) while a thread samples RssAnon in /proc/self/status every 5 ms: "peak anon" is that sampled
 maximum less the value before reading (resident anonymous memory: the heap, not the page cache of the file).
 A second run of the same reading under tracemalloc gives "Python's own peak": the most the Python objects took
@@ -120,7 +120,7 @@ def rss_anon():
 
 which, path = sys.argv[1], Path(sys.argv[2])
 from tasks.core.config.data import CorpusConfig
-import tasks.load as load
+import tasks.data.readers as load
 import bench.readers as bench
 import pyarrow.parquet  # imported before the baseline: its allocator's pools are not the reader's memory
 cfg = CorpusConfig(paths=[str(path)], on_bad_record="skip")
@@ -173,7 +173,7 @@ def old_reader(path: Path):
     """What load did before: the file read whole; JSON lines split into a list; a JSON array parsed element by
     element with each element's line counted from the file's start (quadratic). Only jsonl and json."""
     from tasks.core.config.data import CorpusConfig
-    from tasks.load import Record, Reject, _text_of
+    from tasks.data.records import Record, Reject, _text_of
 
     cfg = CorpusConfig()
     data = path.read_bytes()
@@ -230,7 +230,7 @@ def array_against_ijson(path: Path) -> list[str]:
     with open(path, "rb") as f:
         ij = _timed(lambda: sum(1 for _ in ijson.items(f, "item")))
     from tasks.core.config.data import CorpusConfig
-    from tasks.load import read_corpus_file
+    from tasks.data.readers import read_corpus_file
 
     ours = _timed(lambda: sum(1 for _ in read_corpus_file(path, CorpusConfig())))
     mb = path.stat().st_size / 1e6

@@ -42,7 +42,7 @@ def window_table(tokens_path: Path, cfg, bos_id, dst: Path):
     """The chunk stage's window table of every document of the token file (`tasks.chunk.window_rows`)."""
     import numpy as np
 
-    from tasks.arrow import read_arrow
+    from tasks.data.arrow import read_arrow
     from tasks.chunk import window_rows
 
     tokens = read_arrow(tokens_path)
@@ -68,7 +68,7 @@ def gather_windows(tokens_path: Path, table, bos_id, ids_type, dst: Path, rows_p
     opens."""
     import pyarrow as pa
 
-    from tasks.arrow import with_labels
+    from tasks.data.arrow import with_labels
     from tasks.chunk import TokenFile, gather_rows
 
     files = {0: TokenFile(tokens_path)}
@@ -166,7 +166,7 @@ def main() -> None:
     from tasks.core.config.data import ChunkConfig, TokenizeConfig
     from tasks.ml.tiny_model import read_texts
     from tasks.ml.train_worker import training_columns
-    from tasks.arrow import token_type
+    from tasks.data.arrow import token_type
     from tasks.tokenize import id_limit, load_tokenizer, special_tokens, tokenize_file
 
     disable_caching()  # as the train child: its maps go to a temp folder, never into the chunks

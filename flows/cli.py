@@ -156,7 +156,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     cfg = _load(args)
     # Fail on a wrong path now, not after a Prefect server has spent seconds starting.
-    from tasks.load import resolve_corpus_files
+    from tasks.data.files import resolve_corpus_files
 
     resolve_corpus_files(cfg.corpus)
     from tasks.core.root import open_root
@@ -214,7 +214,7 @@ def cmd_drops(args) -> int:
     import json
 
     from tasks.core.root import open_root
-    from tasks.state import lines
+    from tasks.line import lines
 
     root = open_root(args.artifacts)
     if args.remove:
@@ -244,7 +244,7 @@ def cmd_drops(args) -> int:
 
 def cmd_promotions(args) -> int:
     from tasks.core.root import open_root
-    from tasks.state.promotions import lineage_of, read_promotions
+    from tasks.line.promotions import lineage_of, read_promotions
 
     state = read_promotions(open_root(args.artifacts), lineage_of(args.line, args.name))
     if args.json:
@@ -383,7 +383,7 @@ def _export_source(args):
                                     "cache/<stage>/<key> under the artifacts root")
         return root, _published_chunks(root, parts[1], parts[2], f"--entry {args.entry}")
     cfg = _load(args)
-    from tasks.load import resolve_corpus_files
+    from tasks.data.files import resolve_corpus_files
 
     resolve_corpus_files(cfg.corpus)
     _prefect_env()
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from tasks.load import BadRecordError
+        from tasks.data.records import BadRecordError
 
         if isinstance(e, BadRecordError):
             print(f"cpt: bad input: {e}", file=sys.stderr)

@@ -32,11 +32,12 @@ from tasks.core.stage import was_built
 from tasks.evaluate import evaluate, evaluate_base
 from tasks.gate import gate
 from tasks.held_out import held_out as held_out_stage
-from tasks.lineage import RunLineage
-from tasks.load import fingerprint_corpus, load, load_inputs
+from tasks.line.lineage import RunLineage
+from tasks.data.files import fingerprint_corpus
+from tasks.load import load, load_inputs
 from tasks.ml.modeling import resolve_model, without_location
 from tasks.push import push
-from tasks.replay import contamination_warnings, mix
+from tasks.mix import contamination_warnings, mix
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
 from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize

@@ -1,9 +1,9 @@
 """Retrain a training line when its corpus changed. Scheduled (nightly) and event-triggered (a drop landed)
 deployments both run this flow.
 
-A line trains on the configured corpus plus every drop registered to it (tasks/state/lines.py). A drop
+A line trains on the configured corpus plus every drop registered to it (tasks/line/lines.py). A drop
 announced with `drop` (the on-drop deployment, `cpt retrain --drop PATH`) is noted as pending; once settled it
-passes the drop gate (tasks/drop_gate.py) and is registered (active) or rejected with its reasons. Then the
+passes the drop gate (tasks/line/drop_gate.py) and is registered (active) or rejected with its reasons. Then the
 line's corpus is fingerprinted by content and compared with the line's last successful training: unchanged,
 nothing is trained.
 
@@ -34,9 +34,9 @@ from tasks.core.manifest import DigestMemo
 from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import open_root
 from tasks.core.scope import build_scope
-from tasks.drop_gate import gate_drops, line_config, near_duplicate_pairs, unsettled_files
-from tasks.load import fingerprint_files, resolve_corpus_files
-from tasks.state import lines
+from tasks.line.drop_gate import gate_drops, line_config, near_duplicate_pairs, unsettled_files
+from tasks.data.files import fingerprint_files, resolve_corpus_files
+from tasks.line import lines
 
 
 def show_gate(gated: list[tuple[lines.Drop, dict[str, Any]]]) -> None:

@@ -1,10 +1,10 @@
-/* Near-dedup's shingle hashes in one pass over a batch of texts (tasks/near_dedup.py: `_native_batch`).
+/* Near-dedup's shingle hashes in one pass over a batch of texts (tasks/data/shingles.py: `_native_batch`).
 
    Why C: normalising and hashing every character of a corpus is most of near-dedup's cost, and in Python
    and numpy it takes a dozen passes over the text (NFKC, lower-casing, whitespace collapse, the n-gram
    hash); bench.near_dedup measured that at about the load stage's own seconds. Here it is one pass.
 
-   What it computes is exactly tasks/near_dedup.py's `normalised_codepoints` + `_hash_batch` (tests check
+   What it computes is exactly tasks/data/shingles.py's `normalised_codepoints` + `_hash_batch` (tests check
    it on edge texts and corpora): each character goes through a table built in Python from unicodedata
    (`_fold_table`: NFKC, then lower-case, whitespace to U+0020; a few characters expand to several), the
    whitespace runs collapse to one space and the ends are stripped, and every position of the result gets

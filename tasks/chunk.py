@@ -6,7 +6,7 @@ Semantics (per document, `ids` = its tokens + EOS):
   (the seed's loop also emitted tails wholly inside the previous window);
 - every chunk starts with BOS when the tokenizer uses one;
 - the labels are not stored: a row's `trained_from` says where its trained part starts, and the labels are
-  `input_ids` with the positions before it set to -100 (`tasks.arrow.derived_labels`): the BOS and — in every
+  `input_ids` with the positions before it set to -100 (`tasks.data.arrow.derived_labels`): the BOS and — in every
   window after a document's first, when `mask_overlap` — the leading `overlap` tokens, which are context
   already trained on in the previous window, so every token is trained exactly once;
 - a window is stored as (token piece, document row, start, length, trained_from, doc_id), not as its tokens:
@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.arrow import IGNORE_INDEX, batch_bounds, read_arrow, take_rows
+from tasks.data.arrow import IGNORE_INDEX, batch_bounds, read_arrow, take_rows
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import ChunkConfig, RuntimeConfig, SPLITS
 from tasks.core.keys import register_code_version, stage_key
@@ -436,8 +436,8 @@ class Chunks(StageOutput):
             yield gather_rows(batch, files, self.meta["bos_id"], self.ids_type)
 
     def labelled(self, root: ArtifactsRoot, split: str, limit: int | None = None) -> pa.Table:
-        """The first `limit` rows of `split` as int32 input_ids and labels (`tasks.arrow.with_labels`)."""
-        from tasks.arrow import with_labels
+        """The first `limit` rows of `split` as int32 input_ids and labels (`tasks.data.arrow.with_labels`)."""
+        from tasks.data.arrow import with_labels
 
         batches = [with_labels(b) for b in self.row_batches(root, split, limit=limit)]
         if not batches:
@@ -478,15 +478,15 @@ class Chunks(StageOutput):
 
     def write_training_set(self, root: ArtifactsRoot, dst: Path) -> dict[str, int]:
         """What the trainer loads (`datasets.load_from_disk(dst)`): int32 input_ids and labels per split."""
-        from tasks.arrow import with_labels
+        from tasks.data.arrow import with_labels
 
         return self.write_dataset(root, dst, with_labels, {name: _int_list("int32") for name in ("input_ids", "labels")})
 
     def export(self, root: ArtifactsRoot, dst: Path) -> dict[str, int]:
         """Every split as a standalone `DatasetDict.save_to_disk` folder at `dst` (not there yet): input_ids,
-        attention_mask and labels (`tasks.arrow.export_columns`); nothing of this package is needed to read it.
+        attention_mask and labels (`tasks.data.arrow.export_columns`); nothing of this package is needed to read it.
         Returns the rows per split."""
-        from tasks.arrow import export_columns
+        from tasks.data.arrow import export_columns
 
         return self.write_dataset(root, dst, export_columns, {"input_ids": _int_list("int32"),
                                                               "attention_mask": _int_list("int8"),

@@ -44,9 +44,11 @@ def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit
     """The general corpus read, tokenized and chunked exactly like the training data (in memory: it is small)."""
     import pyarrow as pa
 
-    from tasks.arrow import token_type, with_labels
+    from tasks.data.arrow import token_type, with_labels
     from tasks.chunk import chunk_batch
-    from tasks.load import Record, read_corpus_file, resolve_corpus_files
+    from tasks.data.files import resolve_corpus_files
+    from tasks.data.readers import read_corpus_file
+    from tasks.data.records import Record
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
 
     cfg = CorpusConfig(paths=paths, on_bad_record="skip")

@@ -17,8 +17,6 @@ text itself changes (not when a task's metric or prompt template does).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import logging
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,42 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from tasks.arrow import read_arrow
 from tasks.core.config.task_files import local_task_data, local_task_files, read_task_yaml, task_path_like
-from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.manifest import Fingerprint
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
+from tasks.data.arrow import read_arrow
+from tasks.data.held_out_text import HELD_OUT_FILE, HeldOut, gather
 
 if TYPE_CHECKING:
     from tasks.load import Docs
     from tasks.shuffle import Split
 
-HELD_OUT_FILE = "held_out.arrow"
-SCHEMA = pa.schema([("text", pa.large_string()), ("source", pa.string())])
-_BATCH = 1024
+
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets builders that read data_files only
-
-
-class HeldOut(StageOutput):
-    """held-out's output: `held_out.arrow` (text, source), one row a held-out document."""
-
-    def held_out_file(self, root: ArtifactsRoot) -> Path:
-        return self.dir(root) / HELD_OUT_FILE
-
-    def texts(self, root: ArtifactsRoot) -> Iterator[tuple[str, str]]:
-        """(text, source) of every held-out document, a record batch at a time from the memory-mapped file."""
-        for batch in read_arrow(self.held_out_file(root)).to_batches(_BATCH):
-            yield from zip(batch.column("text").to_pylist(), batch.column("source").to_pylist())
-
-    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
-        c = self.counts
-        lines = [(logging.INFO, f"{c['documents']} held-out documents (" + ", ".join(
-            f"{k.removeprefix('documents_from_')}: {v}" for k, v in c.items() if k.startswith("documents_from_"))
-            + ")")]
-        for name, why in self.meta.get("tasks_not_checked", {}).items():
-            lines.append((logging.WARNING, f"evaluate.tasks {name!r}: its data is not at hand, so training is NOT "
-                          f"checked against it ({why})"))
-        return lines
 
 
 def doc_text(doc: Any) -> str:
@@ -159,37 +134,6 @@ def offline():
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
-
-
-def gather(rows: Iterable[tuple[str, str]], path: Path) -> tuple[dict[str, int], str]:
-    """Write the (text, source) `rows` to `path` a batch at a time, empty texts left out; returns documents per
-    source and the digest of the rows (the output's content)."""
-    h = hashlib.blake2b(digest_size=16)
-    counts: dict[str, int] = {}
-    texts: list[str] = []
-    sources: list[str] = []
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        def flush() -> None:
-            if texts:
-                writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()), pa.array(sources)],
-                                                   schema=SCHEMA))
-                texts.clear()
-                sources.clear()
-
-        for text, source in rows:
-            if not text.strip():
-                continue
-            for part in (source, text):
-                b = part.encode()
-                h.update(len(b).to_bytes(8, "little"))
-                h.update(b)
-            texts.append(text)
-            sources.append(source)
-            counts[source] = counts.get(source, 0) + 1
-            if len(texts) >= _BATCH:
-                flush()
-        flush()
-    return counts, h.hexdigest()
 
 
 def doc_texts(docs: Docs | None, root: ArtifactsRoot, rows: pa.Table | None = None) -> Iterator[str]:

@@ -24,16 +24,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from tasks.arrow import take_rows
+from tasks.data.arrow import take_rows
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import DecontaminateConfig, SPLITS, ShuffleConfig, SplitConfig
 from tasks.core.manifest import StageOutput
-from tasks.near_dedup import ContaminationIndex, sortable_ids
+from tasks.data.contamination import ContaminationIndex
+from tasks.data.minhash import sortable_ids
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
 if TYPE_CHECKING:
-    from tasks.held_out import HeldOut
+    from tasks.data.held_out_text import HeldOut
     from tasks.load import Docs
 
 _WRITE_BATCH = 2048

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.compute as pc
 
-from tasks.arrow import read_arrow
+from tasks.data.arrow import read_arrow
 from tasks.chunk import chunk_lengths, rows_by_part
 from tasks.core.config.data import ChunkConfig, SPLITS, TokenStatsConfig
 from tasks.core.keys import register_code_version, stage_key

@@ -24,8 +24,8 @@ from tasks.core.report import Progress
 from tasks.core.paths import user_cache_dir
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
-from tasks.arrow import batch_bounds, read_arrow, token_type
-from tasks.load import piece_docs_file
+from tasks.data.arrow import batch_bounds, read_arrow, token_type
+from tasks.data.layout import piece_docs_file
 
 if TYPE_CHECKING:
     from tasks.load import Docs

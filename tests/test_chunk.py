@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.arrow import with_labels
+from tasks.data.arrow import with_labels
 from tasks.chunk import IGNORE_INDEX, chunk_batch, chunk_lengths, trained_tokens, window_plan
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import ChunkConfig
@@ -151,7 +151,7 @@ def test_labels_are_derived_from_sliced_and_chunked_rows():
     whole = with_labels(rb)
     assert whole.schema.field("input_ids").type == pa.list_(pa.int32())
     table = pa.Table.from_batches([rb])
-    from tasks.arrow import derived_labels
+    from tasks.data.arrow import derived_labels
 
     trained_from = rb.column("trained_from").to_numpy()
     for s in range(rb.num_rows):
@@ -189,7 +189,7 @@ def test_taking_rows_of_a_memory_mapped_file_copies_only_those_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from tasks.arrow import read_arrow, take_rows
+    from tasks.data.arrow import read_arrow, take_rows
 
     path = tmp_path / "tokens.arrow"
     schema = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.uint16()))])

@@ -40,7 +40,7 @@ def test_bad_input_exits_1_with_file_and_line_before_any_flow_starts(tmp_path, c
 
 
 def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path):
-    from tasks.state import lines
+    from tasks.line import lines
 
     lines.announce(open_root(tmp_path), "l", tmp_path / "d1")
     probe = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
@@ -56,7 +56,7 @@ def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path
 
 
 def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
-    from tasks.state.promotions import Promotion, record_promotion
+    from tasks.line.promotions import Promotion, record_promotion
 
     record = Promotion(model_digest="d" * 32, model_path="cache/train/k/model", train_identity="t",
                        parent={"kind": "base", "id": "org/base", "digest": "b"}, reference={"kind": "base"},

@@ -200,15 +200,17 @@ def move(src: Path, module: str, names: list[str], to: str) -> None:
 
 
 def rename_module(src: Path, old: str, new: str) -> None:
-    """Rename a module and every import of it (`from tasks.old import x`, `from tasks import old` and its uses
-    as `old.x`), in tasks/ and flows/."""
+    """Rename a module and every import of it (`from package.old import x`, `from package import old` and its
+    uses as `old.x`), in tasks/ and flows/."""
     module_file(src, old).rename(module_file(src, new))
-    old_short, new_short = old.rsplit(".", 1)[1], new.rsplit(".", 1)[1]
+    package, old_short = old.rsplit(".", 1)
+    new_short = new.rsplit(".", 1)[1]
+    as_module = re.compile(rf"^from {re.escape(package)} import {old_short}$", flags=re.M)
     for path in sorted(src.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         edited = re.sub(rf"\b{re.escape(old)}\b", new, text)
-        if re.search(rf"^from tasks import {old_short}$", edited, flags=re.M):
-            edited = re.sub(rf"^from tasks import {old_short}$", f"from tasks import {new_short}", edited, flags=re.M)
+        if as_module.search(edited):
+            edited = as_module.sub(f"from {package} import {new_short}", edited)
             edited = re.sub(rf"(?<![.\w\"']){old_short}\.(?=[A-Za-z_])", f"{new_short}.", edited)
         if edited != text:
             path.write_text(edited, encoding="utf-8")
@@ -229,14 +231,14 @@ def test_moving_a_helper_changes_no_key_and_an_edit_of_it_still_reaches_the_same
 def test_renaming_a_module_changes_no_key(tmp_path, original):
     src = tree_copy(tmp_path)
     rename_module(src, "tasks.shuffle", "tasks.splitting")  # imported by name: `from tasks.shuffle import …`
-    rename_module(src, "tasks.near_dedup", "tasks.minhash")  # imported as a module: `near_dedup.signatures(…)`
-    assert not module_file(src, "tasks.shuffle").exists() and not module_file(src, "tasks.near_dedup").exists()
+    rename_module(src, "tasks.data.minhash", "tasks.data.lsh")  # imported as a module: `minhash.signatures(…)`
+    assert not module_file(src, "tasks.shuffle").exists() and not module_file(src, "tasks.data.minhash").exists()
     assert read(versions(src)) == original
 
 
 def test_splitting_a_module_changes_no_key(tmp_path, original):
     src = tree_copy(tmp_path)
-    for module in ("tasks.near_dedup", "tasks.tokenize"):
+    for module in ("tasks.data.shingles", "tasks.tokenize"):
         names = movable(src, module)
         assert len(names) >= 6, names
         move(src, module, names[1::2], f"{module}_part")  # every second definition: both halves call each other

@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
 def split_texts(summary, artifacts, stage: str, load_stage: str, split: str) -> list[str]:
-    from tasks.load import entry_documents, read_arrow
+    from tasks.data.arrow import read_arrow
+    from tasks.data.pieces import entry_documents
 
     out = {s["name"]: Path(s["output"]) for s in summary["stages"] if s.get("output")}
     docs = entry_documents(out[load_stage], artifacts)

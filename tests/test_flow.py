@@ -118,7 +118,7 @@ def test_until_stops_after_the_named_stage(config, artifacts):
 
 def test_bad_record_fails_the_run_with_its_place(config, artifacts, corpus):
     (corpus / "part-3.jsonl").write_text('{"content": "ok"}\n{"content": 7}\n', encoding="utf-8")
-    from tasks.load import BadRecordError
+    from tasks.data.records import BadRecordError
 
     with pytest.raises(BadRecordError, match=r"part-3.jsonl:2: field 'content' is int"):
         run(config, artifacts)
@@ -251,7 +251,7 @@ def test_moved_corpus_reads_nothing_and_every_stage_below_load_is_cached(config,
     assert states == {"load": "Completed", **dict.fromkeys(DATA_STAGES[1:], "Cached")}
     assert again["stages"][0]["counts"]["files_read"] == 0
     assert [s["key"] for s in again["stages"][1:]] == [s["key"] for s in first["stages"][1:]]
-    from tasks.load import entry_documents
+    from tasks.data.pieces import entry_documents
 
     sources = entry_documents(Path(again["stages"][0]["output"]), artifacts).column("source").to_pylist()
     assert all(s.startswith(str(moved)) for s in sources)
@@ -261,7 +261,8 @@ def test_a_validation_document_copied_into_a_drop_never_reaches_training(config,
     """A later drop holds copies of validation documents, re-wrapped (other spaces and line breaks). With
     near-dedup off they are held out of training by shuffle (the same text after normalisation as a validation
     document); on (the default), load already removes them as near-duplicates of the documents they copy."""
-    from tasks.load import entry_documents, read_arrow
+    from tasks.data.arrow import read_arrow
+    from tasks.data.pieces import entry_documents
 
     config = {**config, "corpus": {**config["corpus"], "near_dedup": {"enabled": False}}}
     _, first = run(config, artifacts, until="shuffle")
@@ -286,7 +287,7 @@ def test_a_validation_document_copied_into_a_drop_never_reaches_training(config,
     train = set(read_arrow(split_dir / "train.arrow").column("doc_id").to_pylist())
     assert not copy_ids & train
     # Validation holds the same texts as before (one document per normalised text), no more.
-    from tasks.load import norm_id_of
+    from tasks.data.records import norm_id_of
 
     after_validation = read_arrow(split_dir / "validation.arrow")
     assert sorted(after_validation.column("norm_id").to_pylist()) == sorted(norm_id_of(text_of[d]) for d in validation)

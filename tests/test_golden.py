@@ -62,7 +62,7 @@ def without_provenance(path: Path) -> str:
     temp dir; the load stage's `content` leaves it out for the same reason)."""
     import hashlib
 
-    from tasks.load import read_arrow
+    from tasks.data.arrow import read_arrow
 
     table = read_arrow(path)
     table = table.drop_columns([c for c in ("source",) if c in table.column_names])
@@ -79,8 +79,9 @@ def run_data_stages(tmp_path: Path) -> dict[str, StageOutput]:
     from tasks.core.config.data import ChunkConfig, CorpusConfig, ReplayConfig, ShuffleConfig, SplitConfig
     from tasks.core.config.model import ModelConfig
     from tasks.core.config.data import TokenStatsConfig, TokenizeConfig
-    from tasks.load import fingerprint_corpus, load
-    from tasks.replay import mix
+    from tasks.data.files import fingerprint_corpus
+    from tasks.load import load
+    from tasks.mix import mix
     from tasks.shuffle import shuffle
     from tasks.ml.tiny_model import train_tokenizer
     from tasks.token_stats import token_stats

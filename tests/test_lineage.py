@@ -1,5 +1,5 @@
 """Lineage: the parent and the reference a run chooses from the promotion records, the card's lineage, and
-what is recorded after push (tasks/lineage.py), without Prefect: the records are written here by hand."""
+what is recorded after push (tasks/line/lineage.py), without Prefect: the records are written here by hand."""
 
 from pathlib import Path
 
@@ -7,9 +7,9 @@ import pytest
 
 from tasks.core.manifest import Fingerprint
 from tasks.core.root import open_root
-from tasks.lineage import LostPromotedModel, choose_parent, choose_reference
+from tasks.line.lineage import LostPromotedModel, choose_parent, choose_reference
 from tasks.ml.modeling import model_digest
-from tasks.state.promotions import Promotion, Promotions
+from tasks.line.promotions import Promotion, Promotions
 
 
 def test_parent_and_reference_follow_the_promotion_record(tmp_path):
@@ -100,8 +100,8 @@ def _decision(promoted=True):
 def test_a_run_lineage_starts_from_the_base_records_its_promotion_and_the_next_run_continues_from_it(tmp_path):
     from tasks.core.config.tree import validate_config
     from tasks.core.manifest import StageOutput
-    from tasks.lineage import RunLineage
-    from tasks.state.promotions import read_promotions
+    from tasks.line.lineage import RunLineage
+    from tasks.line.promotions import read_promotions
 
     root = open_root(tmp_path / "artifacts")
     config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}, "push": {"name": "med"}, "train": {"init": "last_promoted"}})
@@ -150,7 +150,7 @@ def test_a_run_lineage_starts_from_the_base_records_its_promotion_and_the_next_r
 
 def test_a_run_without_lineage_records_nothing(tmp_path):
     from tasks.core.config.tree import validate_config
-    from tasks.lineage import RunLineage
+    from tasks.line.lineage import RunLineage
 
     root = open_root(tmp_path / "artifacts")
     config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}})
@@ -172,8 +172,8 @@ def test_a_promotion_is_a_compare_and_swap_against_what_the_gate_compared_with(t
     the last promoted model changed under it and is refused, never promoted blind."""
     from tasks.core.config.tree import validate_config
     from tasks.core.manifest import StageOutput
-    from tasks.lineage import RunLineage
-    from tasks.state.promotions import read_promotions
+    from tasks.line.lineage import RunLineage
+    from tasks.line.promotions import read_promotions
 
     root = open_root(tmp_path / "artifacts")
     config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}, "push": {"name": "med"}})
@@ -197,8 +197,8 @@ def test_a_promotion_is_a_compare_and_swap_against_what_the_gate_compared_with(t
 
 def test_two_lineages_that_would_write_one_release_folder_are_refused(tmp_path):
     from tasks.core.config.tree import validate_config
-    from tasks.lineage import RunLineage
-    from tasks.state.promotions import ReleaseClaimed
+    from tasks.line.lineage import RunLineage
+    from tasks.line.promotions import ReleaseClaimed
 
     root = open_root(tmp_path / "artifacts")
     config = validate_config({"corpus": {"paths": ["c.jsonl"]}, "model": {"id": "org/base"}, "push": {"name": "med"}})

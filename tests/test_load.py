@@ -7,10 +7,10 @@ import pytest
 from helpers import write_jsonl
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import CorpusConfig
-from tasks.load import (
-    INDEX_FILE, REJECTS_FILE, BadRecordError, fingerprint_corpus, load_documents, resolve_corpus_files,
-    read_documents, source_names,
-)
+from tasks.data.files import fingerprint_corpus, resolve_corpus_files, source_names
+from tasks.data.layout import INDEX_FILE, REJECTS_FILE
+from tasks.data.pieces import load_documents, read_documents
+from tasks.data.records import BadRecordError
 
 
 def run_load(tmp_path, files, **cfg):
@@ -230,7 +230,7 @@ def test_a_file_that_cannot_be_read_is_one_counted_reject_under_skip(tmp_path, c
 def test_a_txt_file_over_the_limit_is_not_read(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from tasks.load import read_corpus_file
+    from tasks.data.readers import read_corpus_file
 
     (tmp_path / "big.txt").write_text("t" * 5000)
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read a file over the limit"))
@@ -239,7 +239,7 @@ def test_a_txt_file_over_the_limit_is_not_read(tmp_path, monkeypatch):
 
 
 def test_a_file_that_vanishes_is_a_reject_not_an_exception(tmp_path):
-    from tasks.load import read_corpus_file
+    from tasks.data.readers import read_corpus_file
 
     [reject] = read_corpus_file(tmp_path / "gone.jsonl", CorpusConfig(), name="gone.jsonl")
     assert reject.source == "gone.jsonl:1" and "FileNotFoundError" in reject.reason
@@ -272,7 +272,7 @@ def tricky_folder(tmp_path):
 
 
 def test_a_folder_yields_only_its_regular_files_and_names_what_it_skips(tricky_folder, caplog):
-    from tasks.load import list_corpus_files
+    from tasks.data.files import list_corpus_files
 
     d, secret = tricky_folder
     files, skipped = list_corpus_files(CorpusConfig(paths=[str(d)]))
@@ -289,7 +289,7 @@ def test_a_folder_yields_only_its_regular_files_and_names_what_it_skips(tricky_f
 
 
 def test_a_glob_follows_no_symlink_out_of_its_folder_and_a_path_given_directly_is_read(tricky_folder):
-    from tasks.load import list_corpus_files
+    from tasks.data.files import list_corpus_files
 
     d, secret = tricky_folder
     with pytest.raises(ConfigError, match=r"the glob matches no file \(skipped 1: .*notes.txt: a symlink out"):
@@ -305,7 +305,7 @@ def test_a_glob_follows_no_symlink_out_of_its_folder_and_a_path_given_directly_i
 def test_a_proc_file_is_not_a_regular_file():
     from pathlib import Path
 
-    from tasks.load import _not_readable
+    from tasks.data.files import _not_readable
 
     assert _not_readable(Path("/proc/self/status"), Path("/proc/self")) == "a /proc or /sys file, not a regular file"
 
@@ -332,14 +332,14 @@ def test_an_existing_path_with_glob_characters_is_literal_in_paths_and_exclude(t
 
 
 def records_of(path, **cfg):
-    from tasks.load import read_corpus_file
+    from tasks.data.readers import read_corpus_file
 
     return [(item.source.rsplit(":", 1)[1], getattr(item, "text", None) or item.reason)
             for item in read_corpus_file(path, CorpusConfig(**cfg), name=path.name)]
 
 
 def test_json_lines_across_block_boundaries_keep_their_line_numbers(tmp_path, monkeypatch):
-    import tasks.load as load
+    import tasks.data.readers as load
 
     texts = [f"문서 {i} " + "가나다" * (i % 17) for i in range(300)]
     data = "".join(("\n" if i % 7 == 0 else "") + json.dumps({"content": t}, ensure_ascii=False) + "\n"
@@ -351,7 +351,7 @@ def test_json_lines_across_block_boundaries_keep_their_line_numbers(tmp_path, mo
 
 
 def test_a_json_line_too_long_to_hold_is_a_reject_and_the_next_line_is_read(tmp_path, monkeypatch):
-    import tasks.load as load
+    import tasks.data.readers as load
 
     monkeypatch.setattr(load, "_BLOCK", 1 << 16)
     big = json.dumps({"content": "x" * ((1 << 20) + 5000)})  # over 2 × 1000 + 1 MiB
@@ -364,7 +364,7 @@ def test_a_json_line_too_long_to_hold_is_a_reject_and_the_next_line_is_read(tmp_
 def test_a_json_line_too_long_to_hold_is_never_held(tmp_path, monkeypatch):
     import tracemalloc
 
-    import tasks.load as load
+    import tasks.data.readers as load
 
     monkeypatch.setattr(load, "_BLOCK", 1 << 16)
     (tmp_path / "a.jsonl").write_text('{"content": "' + "x" * (6 << 20) + '"}\n{"content": "뒤"}\n')
@@ -388,7 +388,7 @@ def test_orjson_refusals_are_judged_by_the_standard_library(tmp_path):
 
 
 def test_a_json_array_is_read_through_a_bounded_window_with_each_element_line(tmp_path, monkeypatch):
-    import tasks.load as load
+    import tasks.data.readers as load
 
     docs = [{"id": i, "score": 1234567 + i, "content": f"배열 문서 {i}\n" + "라" * (i % 50)} for i in range(400)]
     text = json.dumps(docs, ensure_ascii=False, indent=2)
@@ -411,7 +411,7 @@ def test_a_json_array_is_read_through_a_bounded_window_with_each_element_line(tm
 
 
 def test_a_json_array_element_too_long_to_hold_is_a_reject_naming_its_line(tmp_path, monkeypatch):
-    import tasks.load as load
+    import tasks.data.readers as load
 
     monkeypatch.setattr(load, "_TEXT_BLOCK", 1 << 16)
     (tmp_path / "a.json").write_text('[{"content": "첫"},\n {"content": "' + "x" * ((1 << 20) + 5000) + '"}]',
@@ -427,7 +427,7 @@ def test_a_csv_field_up_to_the_document_limit_is_read(tmp_path):
 
 
 def test_parquet_is_read_in_batches_with_rows_numbered_across_them(tmp_path, monkeypatch):
-    import tasks.load as load
+    import tasks.data.readers as load
 
     monkeypatch.setattr(load, "_PARQUET_BATCH", 3)
     texts = [f"파케이 {i}" for i in range(10)]
@@ -436,7 +436,7 @@ def test_parquet_is_read_in_batches_with_rows_numbered_across_them(tmp_path, mon
 
 
 def test_the_assembled_output_refers_to_the_pieces_and_copies_no_text(tmp_path):
-    from tasks.load import INDEX_FILE
+    from tasks.data.layout import INDEX_FILE
 
     for f in range(3):
         write_jsonl(tmp_path / "c" / f"{f}.jsonl", [{"content": f"{f}-{i} " + "본문" * 2000} for i in range(10)])
@@ -463,11 +463,12 @@ def test_load_reports_its_progress_in_bytes_while_it_reads_one_file(tmp_path, mo
     """A 100 GB file must not sit at 0% until it is done: progress advances by bytes read within the file."""
     import csv
 
-    import tasks.load as load_mod
+    import tasks.data.pieces as load_mod
+    import tasks.data.readers as readers
 
     monkeypatch.setattr(load_mod, "_WRITE_BATCH", 50)
-    monkeypatch.setattr(load_mod, "_BLOCK", 32 << 10)
-    monkeypatch.setattr(load_mod, "_TEXT_BLOCK", 32 << 10)
+    monkeypatch.setattr(readers, "_BLOCK", 32 << 10)
+    monkeypatch.setattr(readers, "_TEXT_BLOCK", 32 << 10)
     docs = [f"문서 {i}: 진료 기록과 처방 내용이 여기에 길게 적혀 있습니다. " * 8 for i in range(1500)]
     path = tmp_path / f"corpus{suffix}"
     if suffix == ".jsonl":

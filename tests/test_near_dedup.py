@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 
 from helpers import sample_texts, write_jsonl
-from tasks import near_dedup as nd
-from tasks.arrow import read_arrow
+from tasks.data import contamination as ct, minhash as mh, shingles as sh
+from tasks.data.arrow import read_arrow
 from tasks.core.config.data import CorpusConfig, DecontaminateConfig, NearDedupConfig, ShuffleConfig, SplitConfig
 from tasks.core.root import open_root
-from tasks.load import doc_id_of
+from tasks.data.records import doc_id_of
 
 ON = {"near_dedup": {"enabled": True}}
 
@@ -26,7 +26,8 @@ def reexport(text: str, i: int) -> str:
 
 
 def run_load(artifacts, paths, **corpus):
-    from tasks.load import fingerprint_corpus, load, load_inputs
+    from tasks.data.files import fingerprint_corpus
+    from tasks.load import load, load_inputs
 
     cfg = CorpusConfig(paths=[str(p) for p in paths], **corpus)
     sources = fingerprint_corpus(cfg)
@@ -45,10 +46,10 @@ def texts():
 def test_a_reexport_is_found_and_the_older_document_kept(texts):
     originals = texts[:30]
     copies = [reexport(t, i) for i, t in enumerate(originals[:10])]
-    sig = lambda ts: nd.signatures(ts, 128, 5, 1)  # noqa: E731
+    sig = lambda ts: mh.signatures(ts, 128, 5, 1)  # noqa: E731
     # The re-exports have the smaller doc_ids and come first in the list: still the older part (rank 0) wins.
     ids = [f"z{i:02d}" for i in range(30)], [f"a{i:02d}" for i in range(10)]
-    found = nd.near_duplicates([(ids[1], sig(copies)), (ids[0], sig(originals))], [1, 0], 0.8, 128)
+    found = mh.near_duplicates([(ids[1], sig(copies)), (ids[0], sig(originals))], [1, 0], 0.8, 128)
     assert sorted(d.doc_id for d in found) == ids[1]
     assert all(d.kept_doc_id == "z" + d.doc_id[1:] for d in found)
 
@@ -92,8 +93,8 @@ def test_settings_never_reread_files_and_off_is_todays_output(tmp_path, texts):
 def test_the_drop_gate_rejects_a_reexported_drop_as_duplicates(tmp_path, texts, tiny_model):
     from tasks.core.config.tree import validate_config
     from tasks.core.manifest import hash_file
-    from tasks.drop_gate import near_duplicate_pairs, profile_drop
-    from tasks.load import resolve_corpus_files
+    from tasks.line.drop_gate import near_duplicate_pairs, profile_drop
+    from tasks.data.files import resolve_corpus_files
     from tasks.tokenize import resolve_tokenizer
 
     write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"content": t} for t in texts[:80]])
@@ -160,7 +161,7 @@ def test_decontamination_off_is_todays_split(tmp_path, texts):
 
 
 def test_contamination_index_finds_spans_of_the_configured_length_only():
-    index = nd.ContaminationIndex(min_words=13, min_chars=50)
+    index = ct.ContaminationIndex(min_words=13, min_chars=50)
     words = [f"w{i}" for i in range(40)]
     index.add(" ".join(words), "validation split")
     for start in range(0, 20):
@@ -198,11 +199,11 @@ def test_pairs_below_the_threshold_are_not_near_duplicates(texts):
     rng = np.random.default_rng(0)
     docs = [" ".join(texts[i:i + 3]) for i in range(0, 240, 3)]
     far = [edited(d, rng, 0.17) for d in docs]
-    jac = [nd.exact_jaccard(nd.shingles(a, 5), nd.shingles(b, 5)) for a, b in zip(docs, far)]
+    jac = [mh.exact_jaccard(sh.shingles(a, 5), sh.shingles(b, 5)) for a, b in zip(docs, far)]
     assert 0.5 < min(jac) and max(jac) < 0.7
     ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
-    parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
-    found = nd.near_duplicates(parts, [0, 1], 0.8, 128)
+    parts = [(ids[0], mh.signatures(docs, 128, 5, 1)), (ids[1], mh.signatures(far, 128, 5, 1))]
+    found = mh.near_duplicates(parts, [0, 1], 0.8, 128)
     assert not found, [(d.doc_id, jac[int(d.doc_id[1:])]) for d in found]
 
 
@@ -211,12 +212,12 @@ def test_with_the_texts_candidates_are_checked_on_their_exact_jaccard(texts):
     rng = np.random.default_rng(0)
     docs = [" ".join(texts[i:i + 3]) for i in range(0, 240, 3)]
     far = [edited(d, rng, 0.12) for d in docs]
-    jac = [nd.exact_jaccard(nd.shingles(a, 5), nd.shingles(b, 5)) for a, b in zip(docs, far)]
+    jac = [mh.exact_jaccard(sh.shingles(a, 5), sh.shingles(b, 5)) for a, b in zip(docs, far)]
     assert 0.65 < min(jac) and max(jac) < 0.78
     ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
-    parts = [(ids[0], nd.signatures(docs, 128, 5, 1)), (ids[1], nd.signatures(far, 128, 5, 1))]
-    assert nd.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
-    assert not nd.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
+    parts = [(ids[0], mh.signatures(docs, 128, 5, 1)), (ids[1], mh.signatures(far, 128, 5, 1))]
+    assert mh.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
+    assert not mh.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
 
 
 # Texts that meet at their edges with whitespace (a batch hashes them in one row), other Unicode spaces, a text
@@ -230,15 +231,15 @@ def test_batched_shingling_is_normalise_then_character_ngrams(texts):
     """Texts are shingled in batches on their code points; each text's shingles are still exactly those of
     `normalise` (NFKC, lower-case, str.split's whitespace) and its own: nothing of a neighbour in the batch."""
     batch = EDGES + texts[:40]
-    cps, lens = nd.normalised_codepoints(batch)
+    cps, lens = sh.normalised_codepoints(batch)
     ends = np.cumsum(lens)
     got = [cps[e - m:e].tobytes().decode("utf-32-le") for e, m in zip(ends.tolist(), lens.tolist())]
-    assert got == [nd.normalise(t) for t in batch]
+    assert got == [sh.normalise(t) for t in batch]
     for t in batch:
-        if nd.normalise(t):
-            assert len(np.unique(nd.shingle_hashes(t, 5))) == len(nd.shingles(t, 5)), t
-    one_by_one = np.concatenate([nd.signatures([t], 64, 5, 1) for t in batch])
-    assert np.array_equal(nd.signatures(batch, 64, 5, 1), one_by_one)
+        if sh.normalise(t):
+            assert len(np.unique(sh.shingle_hashes(t, 5))) == len(sh.shingles(t, 5)), t
+    one_by_one = np.concatenate([mh.signatures([t], 64, 5, 1) for t in batch])
+    assert np.array_equal(mh.signatures(batch, 64, 5, 1), one_by_one)
 
 
 def test_the_band_choice_is_datasketchs():
@@ -246,7 +247,7 @@ def test_the_band_choice_is_datasketchs():
 
     for num_perm in (64, 128):
         for threshold in (0.5, 0.7, 0.8, 0.9):
-            assert nd.bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.1, 0.9)
+            assert mh.bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.1, 0.9)
 
 
 def test_every_member_of_a_band_bucket_is_paired_with_those_before_it():
@@ -257,18 +258,18 @@ def test_every_member_of_a_band_bucket_is_paired_with_those_before_it():
     for row, source in ((1, 0), (4, 0), (7, 0), (9, 0), (2, 1), (11, 1)):
         sigs[row] = base[source]
         sigs[row, 120:] = rng.integers(0, 2**32, 8, dtype=np.uint32)  # the same but for the last band's rows
-    i, j, sim = nd.similar_pairs(sigs, 0.8)
+    i, j, sim = mh.similar_pairs(sigs, 0.8)
     assert sorted(zip(i.tolist(), j.tolist())) == [(1, 4), (1, 7), (1, 9), (2, 11), (4, 7), (4, 9), (7, 9)]
     assert np.allclose(sim, 120 / 128)
 
 
 def test_gram_hashes_are_the_polynomial_of_each_window_across_blocks():
     # Prefixes are computed a block at a time: windows across a block's edge, and longer than a block, too.
-    v = np.random.default_rng(0).integers(1, 1 << 20, size=3 * nd._BLOCK).astype(np.uint64)
-    starts = np.array([0, 5, nd._BLOCK - 6, nd._BLOCK, 2 * nd._BLOCK + 7])
-    ends = starts + np.array([nd._BLOCK + 9, 10, 12, 3, 100])
-    m = nd._GRAM_MULT
-    for s, e, h in zip(starts, ends, nd._window_hashes(v, starts, ends)):
+    v = np.random.default_rng(0).integers(1, 1 << 20, size=3 * ct._BLOCK).astype(np.uint64)
+    starts = np.array([0, 5, ct._BLOCK - 6, ct._BLOCK, 2 * ct._BLOCK + 7])
+    ends = starts + np.array([ct._BLOCK + 9, 10, 12, 3, 100])
+    m = ct._GRAM_MULT
+    for s, e, h in zip(starts, ends, ct._window_hashes(v, starts, ends)):
         ref = 0
         for x in v[s:e].tolist():
             ref = (ref * m + x) % (1 << 64)
@@ -351,11 +352,11 @@ def test_reordered_paths_over_the_same_files_change_the_keep_choice_and_the_key(
 def test_side_by_side_grams_hash_as_every_gram_does():
     """A training text's check takes grams side by side (a reshape); they must equal the held-out side's
     grams at those positions, in both units."""
-    text = nd.normalise(" ".join(sample_texts()[:3]) + " the quick brown fox jumps over the lazy dog " * 5)
-    cps = nd._codes(text)
+    text = sh.normalise(" ".join(sample_texts()[:3]) + " the quick brown fox jumps over the lazy dog " * 5)
+    cps = ct._codes(text)
     for unit, g in (("c", 25), ("w", 6)):
-        every = nd._gram_hashes(cps, unit, g)
-        assert np.array_equal(nd._gram_hashes(cps, unit, g, g), every[::g]), unit
+        every = ct._gram_hashes(cps, unit, g)
+        assert np.array_equal(ct._gram_hashes(cps, unit, g, g), every[::g]), unit
 
 
 def test_decontamination_in_small_batches_removes_the_same_rows(texts):
@@ -377,8 +378,8 @@ def test_decontamination_in_small_batches_removes_the_same_rows(texts):
 
 
 def _numpy_hashes(batch, n):
-    cps, lens = nd.normalised_codepoints(batch)
-    return nd._hash_batch(cps, lens, n), lens
+    cps, lens = sh.normalised_codepoints(batch)
+    return sh._hash_batch(cps, lens, n), lens
 
 
 @pytest.fixture
@@ -387,7 +388,7 @@ def native():
     so there it must be)."""
     import os
 
-    mod = nd._native()
+    mod = sh._native()
     if mod is None:
         assert not os.environ.get("CPT_REQUIRE_NATIVE"), "tasks._shingle was not built (pip install -e . builds it)"
         pytest.skip("tasks._shingle not built (no C compiler at install): the numpy path is used and tested")
@@ -397,7 +398,7 @@ def native():
 def _awkward_texts() -> list[str]:
     """Every BMP character the fold table does not map to itself (expansions, compatibility forms, capitals,
     what NFKC may compose: each such text goes to Python), each between neighbours it could combine with."""
-    strict = nd._fold_table()[0]
+    strict = sh._fold_table()[0]
     odd = [chr(c) for c in range(0x10000) if strict[c] != c and not 0xD800 <= c < 0xE000]
     around = ["a", "가", "ᄀ", "\u0301", " ", "Σ", "e", "ㄱ"]
     return ["".join(f"{around[i % len(around)]}{ch}{around[(i * 3 + 1) % len(around)]}{ch} "
@@ -416,17 +417,17 @@ def test_the_c_kernel_hashes_exactly_what_the_numpy_path_does(native, texts):
                ["\U0001F600 x 𝐀𝐁 \U00011099\U000110BA ㎡㎢ ™ ﷺ Σσς"]]
     for batch in batches:
         for n in (1, 3, 5, 9):
-            h, lens = nd._shingle_batch(batch, n)
+            h, lens = sh._shingle_batch(batch, n)
             want, want_lens = _numpy_hashes(batch, n)
             assert np.array_equal(lens, want_lens) and np.array_equal(h, want), (n, batch[:2])
-            arrow_h, arrow_lens = nd._shingle_batch(pa.array(batch), n)
+            arrow_h, arrow_lens = sh._shingle_batch(pa.array(batch), n)
             assert np.array_equal(arrow_lens, want_lens) and np.array_equal(arrow_h, want)
     as_list = texts[:30] + texts[35:75]
     for kind in (pa.string(), pa.large_string()):
         column = pa.chunked_array([pa.array(texts[:30], kind), pa.array(texts[30:80], kind).slice(5, 40)])
-        assert np.array_equal(nd.signatures(column, 64, 5, 1), nd.signatures(as_list, 64, 5, 1))
+        assert np.array_equal(mh.signatures(column, 64, 5, 1), mh.signatures(as_list, 64, 5, 1))
     with_null = pa.array(["가나다라마", None, "abc def"])
-    assert np.array_equal(nd.signatures(with_null, 64, 5, 1), nd.signatures(["가나다라마", "", "abc def"], 64, 5, 1))
+    assert np.array_equal(mh.signatures(with_null, 64, 5, 1), mh.signatures(["가나다라마", "", "abc def"], 64, 5, 1))
 
 
 def test_the_fold_table_is_normalise_on_texts_of_its_own_characters(native):
@@ -435,14 +436,14 @@ def test_the_fold_table_is_normalise_on_texts_of_its_own_characters(native):
     context. Random texts over every such BMP character, the awkward ones (mapped, expanded) over-weighted."""
     import random
 
-    strict = nd._fold_table()[0]
-    simple = [c for c in range(0x10000) if strict[c] != nd._COMPLEX]
+    strict = sh._fold_table()[0]
+    simple = [c for c in range(0x10000) if strict[c] != sh._COMPLEX]
     mapped = [chr(c) for c in simple if strict[c] != c]
     simple = [chr(c) for c in simple]
     rng = random.Random(7)
     batch = ["".join(rng.choice(mapped if rng.random() < 0.5 else simple) for _ in range(rng.randint(1, 30)))
              for _ in range(3000)]
-    h, lens = nd._shingle_batch(batch, 3)
+    h, lens = sh._shingle_batch(batch, 3)
     assert (lens >= 0).all()
     want, want_lens = _numpy_hashes(batch, 3)
     assert np.array_equal(lens, want_lens) and np.array_equal(h, want)
@@ -451,10 +452,11 @@ def test_the_fold_table_is_normalise_on_texts_of_its_own_characters(native):
 def test_without_the_c_kernel_signatures_are_the_same(texts, monkeypatch):
     """An install without a C compiler takes the numpy path: the same signatures, so the same cached pieces."""
     column = pa.array(texts[:50])
-    fast = nd.signatures(column, 64, 5, 1)
-    monkeypatch.setattr(nd, "_native", lambda: None)
-    assert np.array_equal(nd.signatures(column, 64, 5, 1), fast)
-    assert np.array_equal(nd.signatures(texts[:50], 64, 5, 1), fast)
+    fast = mh.signatures(column, 64, 5, 1)
+    monkeypatch.setattr(sh, "_native", lambda: None)
+    monkeypatch.setattr(mh, "_native", lambda: None)  # minhash holds its own reference
+    assert np.array_equal(mh.signatures(column, 64, 5, 1), fast)
+    assert np.array_equal(mh.signatures(texts[:50], 64, 5, 1), fast)
 
 
 class _Watched:
@@ -495,17 +497,17 @@ def test_the_lsh_reads_signatures_a_block_at_a_time_and_ids_from_arrow(tmp_path,
         ids = [f"{int(x):016x}" for x in rng.integers(0, 2 ** 63, size=3000)]
         np.save(tmp_path / f"{p}.npy", sig)
         parts.append((ids, sig))
-    want = nd.near_duplicates(parts, [0, 1, 2], 0.8, 64)
+    want = mh.near_duplicates(parts, [0, 1, 2], 0.8, 64)
     assert len(want) == 600
-    monkeypatch.setattr(nd, "_BLOCK", 500)
+    monkeypatch.setattr(mh, "_BLOCK", 500)
     watched = [_Watched(np.load(tmp_path / f"{p}.npy", mmap_mode="r")) for p in range(3)]
-    got = nd.near_duplicates([(pa.array(ids), w) for (ids, _), w in zip(parts, watched)], [0, 1, 2], 0.8, 64)
+    got = mh.near_duplicates([(pa.array(ids), w) for (ids, _), w in zip(parts, watched)], [0, 1, 2], 0.8, 64)
     assert got == want
     assert all(0 < w.widest <= 500 for w in watched)
     line = [(pa.array(parts[0][0]), watched[0])]
     drop = [(pa.array(parts[1][0][:400] + parts[0][0][:5]), _Watched(np.load(tmp_path / "1.npy")[:405]))]
-    matches = nd.drop_matches(line, drop, 0.8, 64)
-    assert matches == nd.drop_matches([(parts[0][0], base)], [(parts[1][0][:400] + parts[0][0][:5],
+    matches = mh.drop_matches(line, drop, 0.8, 64)
+    assert matches == mh.drop_matches([(parts[0][0], base)], [(parts[1][0][:400] + parts[0][0][:5],
                                                               np.load(tmp_path / "1.npy")[:405])], 0.8, 64)
     assert len(matches) == 305 and matches[0][2] == 1.0  # 300 near copies, 5 exact ones first
 
@@ -513,22 +515,22 @@ def test_the_lsh_reads_signatures_a_block_at_a_time_and_ids_from_arrow(tmp_path,
 def test_sortable_ids_keep_the_strings_order():
     ids = [f"{x:016x}" for x in np.random.default_rng(1).integers(0, 2 ** 63, size=500)] + ["0" * 16, "f" * 16]
     for given in (ids, pa.array(ids), pa.chunked_array([pa.array(ids[:100]), pa.array(ids[100:])])):
-        got = nd.sortable_ids(given)
+        got = mh.sortable_ids(given)
         assert got.dtype == np.uint64 and np.argsort(got, kind="stable").tolist() == sorted(range(len(ids)),
                                                                                            key=ids.__getitem__)
     other = ["b", "a", "ABCDEF0123456789", "abcdef012345678g"]
-    assert nd.sortable_ids(other).tolist() == other and nd.sortable_ids(pa.array(other)).tolist() == other
+    assert mh.sortable_ids(other).tolist() == other and mh.sortable_ids(pa.array(other)).tolist() == other
 
 
 def test_the_fold_table_is_kept_per_machine_and_checked(tmp_path, monkeypatch):
     """The table is built once a machine and read back after its digest is checked: a damaged or altered file
     is built again, never used."""
     monkeypatch.setenv("CPT_CACHE_HOME", str(tmp_path))
-    built = nd._build_fold_table()
+    built = sh._build_fold_table()
 
     def fresh():
-        nd._fold_table.cache_clear()
-        return nd._fold_table()
+        sh._fold_table.cache_clear()
+        return sh._fold_table()
 
     try:
         first = fresh()
@@ -546,4 +548,4 @@ def test_the_fold_table_is_kept_per_machine_and_checked(tmp_path, monkeypatch):
         np.savez(path, **arrays)
         assert fresh()[0][ord("a")] == ord("a")
     finally:
-        nd._fold_table.cache_clear()
+        sh._fold_table.cache_clear()

@@ -123,7 +123,7 @@ def test_a_model_with_nan_weights_is_evaluated_and_refused_not_a_crash(tiny_mode
 def test_replay_draw_hits_the_share_to_the_token_and_repeats_a_small_pool():
     import numpy as np
 
-    from tasks.replay import draw, replay_target
+    from tasks.mix import draw, replay_target
 
     labelled = np.array([7, 3, 9, 4, 12, 5])
     target = replay_target(1000, 0.25)
@@ -144,7 +144,7 @@ def test_the_replay_windows_are_drawn_in_blocks_and_the_last_cut_to_the_token():
 
     from tasks.chunk import window_batch
     from tasks.core.config.data import ChunkConfig
-    from tasks.replay import drawn_windows, labelled_per_window
+    from tasks.mix import drawn_windows, labelled_per_window
 
     lengths = np.array([30, 7, 19, 4, 25])
     pool = pa.Table.from_batches([window_batch(pa.array([f"d{i}" for i in range(5)]), lengths, np.arange(5),
@@ -248,7 +248,7 @@ def test_a_diverged_model_is_refused_and_leaves_the_release_and_the_hub_untouche
 def test_last_promoted_continues_from_the_promoted_weights_and_the_release_is_kept_whole(config, artifacts):
     from tasks.core.root import open_root
     from tasks.ml.modeling import model_digest
-    from tasks.state.promotions import read_promotions
+    from tasks.line.promotions import read_promotions
 
     states, stages, _ = run(config, artifacts)
     first = stages["train"]["counts"]
@@ -306,7 +306,8 @@ def shuffled_words(texts: list[str], seed: int) -> list[str]:
 def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage(config, artifacts, tmp_path):
 
     from flows.retrain import retrain
-    from tasks.load import INDEX_FILE, read_arrow
+    from tasks.data.arrow import read_arrow
+    from tasks.data.layout import INDEX_FILE
 
     general_texts = shuffled_words(sample_texts(), 7)
     write_jsonl(tmp_path / "replay" / "general.jsonl", [{"content": t} for t in general_texts[:150]])
@@ -352,7 +353,7 @@ def test_replay_mixes_its_share_of_trained_tokens_and_the_card_holds_the_lineage
     # The card: base, parent, corpus and drop fingerprints, replay, evaluation table, gate decision.
     assert result["promoted"] is True
     card = (artifacts / "models" / "promoted-test" / "README.md").read_text()
-    from tasks.state.lines import read_line
+    from tasks.line.lines import read_line
 
     d = read_line(open_root(artifacts), "night").drops[0]
     assert f"| base model | `{config['model']['id']}` (digest `" in card

@@ -13,8 +13,8 @@ from tasks.core.manifest import read_manifest
 from tasks.core.root import open_root
 
 from helpers import sample_texts, write_jsonl
-from tasks.drop_gate import WRITING_MARKER, check_profile, profile_drop, unsettled_files
-from tasks.state import lines
+from tasks.line.drop_gate import WRITING_MARKER, check_profile, profile_drop, unsettled_files
+from tasks.line import lines
 from tasks.core.config.data import DropsConfig
 from tasks.core.config.tree import validate_config
 
@@ -96,7 +96,7 @@ def test_line_state_is_written_whole_or_not_at_all(tmp_path):
 def test_gate_rejects_empty_misencoded_and_wrong_format_drops(tmp_path, config, corpus, content, on_bad_record,
                                                                 reason):
     from tasks.core.manifest import hash_file
-    from tasks.load import resolve_corpus_files
+    from tasks.data.files import resolve_corpus_files
     from tasks.tokenize import resolve_tokenizer
 
     cfg = config.model_copy(update={"corpus": config.corpus.model_copy(update={"on_bad_record": on_bad_record})})
@@ -111,7 +111,8 @@ def test_the_gate_counts_line_duplicates_and_validation_texts_from_the_drops_sid
     """The gate matches the drop's ids against the line's pieces in Arrow (no set of the line's ids): the counts are
     the set intersections, including a document two line files both hold and copies that differ in whitespace."""
     from tasks.core.manifest import hash_file
-    from tasks.load import fingerprint_files, load_pieces, piece_ids, resolve_corpus_files
+    from tasks.data.files import fingerprint_files, resolve_corpus_files
+    from tasks.data.pieces import load_pieces, piece_ids
     from tasks.shuffle import validation_texts
     from tasks.tokenize import resolve_tokenizer
 
@@ -274,7 +275,7 @@ def test_a_drop_inside_a_configured_folder_is_gated_against_the_rest_of_the_line
 def gate_env(tmp_path, monkeypatch):
     """gate_drops on a line with a one-file corpus, its profile and tokenizer faked (fast): returns (gate(),
     announce(path, source), the root, the calls to drop_files)."""
-    import tasks.drop_gate as drop_gate
+    import tasks.line.drop_gate as drop_gate
 
     write_docs(tmp_path / "corpus" / "a.jsonl", ["문서 하나", "문서 둘"])
     root = open_root(tmp_path / "artifacts")
@@ -363,7 +364,7 @@ def test_record_verdict_keeps_a_drop_removed_while_it_was_gated(tmp_path):
 
 
 def test_the_gate_does_not_revive_a_drop_removed_while_it_ran(tmp_path, gate_env, monkeypatch):
-    import tasks.drop_gate as drop_gate
+    import tasks.line.drop_gate as drop_gate
 
     drop = gate_env.announce(write_docs(tmp_path / "in" / "d" / "a.jsonl", ["문서"]))
     faked = drop_gate.profile_drop
@@ -406,8 +407,8 @@ def test_the_gate_artifact_names_what_was_skipped_and_the_rejects(monkeypatch):
 
 
 def test_a_rejected_drop_path_is_excluded_literally(tmp_path):
-    from tasks.drop_gate import line_config
-    from tasks.load import resolve_corpus_files
+    from tasks.line.drop_gate import line_config
+    from tasks.data.files import resolve_corpus_files
 
     write_docs(tmp_path / "corpus" / "a.jsonl", ["문서"])
     write_docs(tmp_path / "corpus" / "d[1]" / "a.jsonl", ["거부된 문서"])
@@ -449,7 +450,7 @@ def test_unreadable_files_and_paths_outside_the_roots_reject_their_drops_and_the
         config, tmp_path, artifacts, monkeypatch):
     """on_bad_record: fail. One run gates three drops: one of bad files (each named with its place), `/` and a
     folder outside drops.roots (refused, nothing in them listed); then a nightly run trains as usual."""
-    import tasks.load
+    import tasks.data.files
     from flows.retrain import retrain
 
     roots = tmp_path / "drops"
@@ -463,7 +464,7 @@ def test_unreadable_files_and_paths_outside_the_roots_reject_their_drops_and_the
     lines.announce(open_root(artifacts), "trust", outside)
     walked = []
     real_walk = os.walk
-    monkeypatch.setattr(tasks.load.os, "walk", lambda top, **k: walked.append(str(top)) or real_walk(top, **k))
+    monkeypatch.setattr(tasks.data.files.os, "walk", lambda top, **k: walked.append(str(top)) or real_walk(top, **k))
 
     rejected = retrain(config=cfg, drop=str(bad), drop_source="event", line="trust", settle_seconds=60,
                        artifacts=str(artifacts))
@@ -513,7 +514,7 @@ def test_bad_records_and_symlinks_out_of_a_drop_are_skipped_and_counted_and_an_e
     load = stage_counts(first)["load"]
     assert load["documents"] == 120 + 41 and load["rejected"] == 5
     load_out = next(s for s in first["pipeline"]["stages"] if s["name"] == "load")["output"]
-    from tasks.load import entry_documents
+    from tasks.data.pieces import entry_documents
 
     texts_read = entry_documents(Path(load_out), artifacts).column("text").to_pylist()
     assert not any("do-not-read-this" in t for t in texts_read)
@@ -530,8 +531,8 @@ def test_bad_records_and_symlinks_out_of_a_drop_are_skipped_and_counted_and_an_e
 
 
 def test_no_rejected_drop_takes_the_configured_corpus_out_of_its_line(tmp_path):
-    from tasks.drop_gate import line_config
-    from tasks.load import resolve_corpus_files
+    from tasks.line.drop_gate import line_config
+    from tasks.data.files import resolve_corpus_files
 
     corpus = tmp_path / "corpus"
     write_docs(corpus / "a.jsonl", ["문서"])

@@ -6,7 +6,8 @@ import pytest
 from helpers import shared_corpus
 from tasks.chunk import IGNORE_INDEX, chunk_file
 from tasks.core.config.data import ChunkConfig, CorpusConfig
-from tasks.load import DOCS_FILE, load_documents
+from tasks.data.layout import DOCS_FILE
+from tasks.data.pieces import load_documents
 from tasks.tokenize import load_tokenizer, special_tokens, tokenize_file
 
 
@@ -29,7 +30,7 @@ def test_real_corpus_round_trips_through_load_tokenize_chunk(name, tiny_model, t
     # Every document token is trained exactly once, and chunks of a document rebuild it.
     assert c["trained_tokens"] == sum(len(x) for x in tokens.column("input_ids").to_pylist())
     by_doc = {}
-    from tasks.arrow import with_labels
+    from tasks.data.arrow import with_labels
 
     rows = rows.append_column("labels", with_labels(rows).column("labels"))
     for r in rows.to_pylist():

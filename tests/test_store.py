@@ -230,7 +230,7 @@ def test_a_writer_killed_mid_publish_leaves_nothing_trusted_and_its_leftovers_ar
 
 
 def test_line_state_is_shared_through_the_store(hosts, tmp_path):
-    from tasks.state import lines
+    from tasks.line import lines
 
     drops = [tmp_path / f"drop-{i}" for i in range(3)]
     for d in drops:

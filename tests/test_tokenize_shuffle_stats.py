@@ -36,7 +36,7 @@ def test_encode_batch_matches_one_call_per_text_plus_eos(tiny_model):
 def test_tokens_take_the_narrowest_type_the_whole_vocabulary_allows(tiny_model, tmp_path):
     """uint16 up to 65,536 ids, uint32 past it; added tokens count (they are numbered after the base vocabulary),
     and an id the type cannot hold is an error, never a wrap-around."""
-    from tasks.arrow import token_type
+    from tasks.data.arrow import token_type
     from tasks.tokenize import id_limit
 
     assert token_type(65_536) == pa.uint16() and token_type(65_537) == pa.uint32()
@@ -61,7 +61,7 @@ def test_batches_are_bounded_by_documents_and_bytes():
 
 
 def test_tokenize_file_is_independent_of_batching(tiny_model, tmp_path):
-    from tasks.load import DOC_SCHEMA
+    from tasks.data.layout import DOC_SCHEMA
 
     tok = load_tokenizer(tiny_model)
     texts = sample_texts(30)

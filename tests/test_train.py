@@ -112,7 +112,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
     from trl import SFTConfig, SFTTrainer
 
     from helpers import sample_texts
-    from tasks.arrow import with_labels
+    from tasks.data.arrow import with_labels
     from tasks.chunk import chunk_batch
     from tasks.core.config.data import ChunkConfig
 
@@ -277,7 +277,7 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
     import pyarrow as pa
     from datasets import load_from_disk
 
-    from tasks.arrow import with_labels
+    from tasks.data.arrow import with_labels
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
     from tasks.core.config.data import ChunkConfig
     from tasks.ml.train_worker import training_columns

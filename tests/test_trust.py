@@ -412,7 +412,7 @@ def test_the_store_server_refuses_a_second_create(s3_endpoint, monkeypatch, tmp_
 
 @pytest.mark.parametrize("name", ["", "a/b", "a\\b", "..", ".hidden", "a\x00b"])
 def test_a_line_name_is_one_folder_name(name):
-    from tasks.state.lines import state_file
+    from tasks.line.lines import state_file
 
     with pytest.raises(ValueError, match="not a valid line name"):
         state_file(name)

@@ -40,7 +40,7 @@ def training_columns(data):
     writes one from the chunks) is taken as it is; chunk rows (input_ids in the tokens' narrow type,
     trained_from: a benchmark's or a user's) get their labels derived (-100 before trained_from), one
     vectorised Arrow pass per batch of rows, written to this process's temp cache."""
-    from tasks.arrow import with_labels
+    from tasks.data.arrow import with_labels
 
     if "labels" in data["train"].column_names:
         return data

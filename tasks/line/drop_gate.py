@@ -1,6 +1,6 @@
 """The drop gate: whether a corpus drop may join a training line, decided before any GPU time.
 
-A drop announced to a line (tasks/state/lines.py) is profiled against the line through the stages' own public
+A drop announced to a line (tasks/line/lines.py) is profiled against the line through the stages' own public
 functions — the same cached per-file pieces the pipeline then reuses, so the run that admits a drop reads it
 once — and registered (active) or rejected with its reasons:
 
@@ -30,18 +30,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.arrow import read_arrow
+from tasks.data.arrow import read_arrow
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import CorpusConfig, DropsConfig
 from tasks.core.config.tree import CptConfig
 from tasks.core.manifest import DigestMemo, Fingerprint
 from tasks.core.root import ArtifactsRoot
-from tasks.load import (
-    REJECTS_FILE, BadRecordError, fingerprint_files, glob_base, is_glob, list_corpus_files, load_pieces,
-    piece_docs_file, piece_ids, resolve_corpus_files,
-)
+from tasks.data.files import fingerprint_files, glob_base, is_glob, list_corpus_files, resolve_corpus_files
+from tasks.data.layout import REJECTS_FILE, piece_docs_file
+from tasks.data.pieces import load_pieces, piece_ids
+from tasks.data.records import BadRecordError
 from tasks.shuffle import validation_texts
-from tasks.state import lines
+from tasks.line import lines
 from tasks.tokenize import TokenizerOnce, resolve_tokenizer, token_lengths, tokenize_pieces
 
 WRITING_MARKER = "_WRITING"
@@ -163,10 +163,10 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
                             corpus: CorpusConfig) -> dict[str, Any]:
     """How many of the drop's documents (not exact copies, counted already) are near-duplicates of one the line
     has, from the cached signature pieces, and a few such pairs side by side."""
-    from tasks.arrow import read_arrow
-    from tasks.load import piece_docs_file
-    from tasks.near_dedup import drop_matches
-    from tasks.load import SAMPLE_CHARS, SAMPLES, piece_signatures
+    from tasks.data.arrow import read_arrow
+    from tasks.data.layout import piece_docs_file
+    from tasks.data.minhash import drop_matches
+    from tasks.data.near_pieces import SAMPLES, SAMPLE_CHARS, piece_signatures
 
     cfg = corpus.near_dedup
     drop_sigs, _ = piece_signatures(drop_pieces, [piece_docs_file(root, p.path) for p in drop_pieces], cfg, root)

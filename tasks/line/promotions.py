@@ -1,6 +1,6 @@
 """Promotions: which model a lineage (a training line, or a push.name) last let through the gate, and where its
 weights are, so the next run can continue from it (train.init: last_promoted) and be compared with it. What is
-decided from them (the parent, the reference, the record of a new promotion) is tasks/lineage.py.
+decided from them (the parent, the reference, the record of a new promotion) is tasks/line/lineage.py.
 
 State: `<artifacts>/state/promotions/<lineage>.json` = {"lineage", "last", "history"}, every change a locked
 read-modify-write renamed into place (a killed run leaves the old or the new file). A record names the model by

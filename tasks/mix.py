@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.arrow import take_rows
+from tasks.data.arrow import take_rows
 from tasks.chunk import Chunks, link_or_copy, windows_file, write_windows
 from tasks.core.config.data import ReplayConfig, SPLITS, ShuffleConfig
 from tasks.core.report import run_logger
@@ -137,7 +137,9 @@ def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chun
 def replay_overlap(general_paths: list[str], replay_docs: Docs, root: ArtifactsRoot) -> tuple[int, int]:
     """(general-corpus documents whose normalised text is also a replay document, general documents)."""
     from tasks.core.config.data import CorpusConfig
-    from tasks.load import Record, norm_id_of, read_corpus_file, resolve_corpus_files
+    from tasks.data.files import resolve_corpus_files
+    from tasks.data.readers import read_corpus_file
+    from tasks.data.records import Record, norm_id_of
 
     cfg = CorpusConfig(paths=general_paths, on_bad_record="skip")
     general = {norm_id_of(r.text) for f in resolve_corpus_files(cfg) for r in read_corpus_file(f, cfg)

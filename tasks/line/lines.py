@@ -1,4 +1,4 @@
-"""Training lines: the durable state of one retraining line (the gate a drop passes is tasks/drop_gate.py).
+"""Training lines: the durable state of one retraining line (the gate a drop passes is tasks/line/drop_gate.py).
 
 A line (`cpt retrain --line L`) trains on the configured corpus plus every drop registered to it. Its state,
 `<artifacts>/state/lines/<L>.json`, lists the drops (path, content fingerprint, counts, status and the history
@@ -9,7 +9,7 @@ old state or the new one, never half of one, and `cpt drops --remove` beside a r
 Statuses: `pending` (announced, still being written), `active` (passed the gate: trained on), `rejected` (failed
 the gate; the reason is kept; re-checked when its content changes), `removed` (retired by hand). A drop also
 records who announced it (`announced_by`: `shell` for `cpt retrain --drop`, `event` for a run an event started),
-since a drop an event announced is untrusted input (tasks/drop_gate.py `refusal`).
+since a drop an event announced is untrusted input (tasks/line/drop_gate.py `refusal`).
 
 Nothing here imports Prefect, torch or transformers: `cpt drops` answers at once.
 """

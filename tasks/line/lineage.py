@@ -27,8 +27,8 @@ from tasks.core.report import run_logger
 from tasks.core.root import ArtifactsRoot
 from tasks.ml.modeling import model_digest, without_location
 from tasks.push import ensure_release
-from tasks.state import lines
-from tasks.state.promotions import (Promotion, Promotions, apply_promotion, claim_releases, lineage_of,
+from tasks.line import lines
+from tasks.line.promotions import (Promotion, Promotions, apply_promotion, claim_releases, lineage_of,
                                     read_promotions, record_promotion, updating)
 
 if TYPE_CHECKING:  # the manifests it reads; their stages are not imported to run

@@ -1,0 +1,357 @@
+"""Near-duplicates: MinHash signatures of a text's shingles (tasks/data/shingles.py) and LSH over them.
+
+Signatures are computed by rensa (`signatures`; bench.near_dedup: about 55× faster than datasketch's MinHash.bulk
+on our corpora, shingling included) and cached per load-file piece (tasks/data/near_pieces.py). Each assembly bands
+the signatures of the whole line again (`similar_pairs`, with datasketch's choice of bands) and checks candidates
+on their exact Jaccard when the texts are at hand. Which document of a group is kept follows a priority the caller
+gives (the order the line had the documents in, then the smallest doc_id), so a document kept in one run is kept
+in the next: a later drop is only ever compared with what came before it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tasks.data.shingles import _MULT, _arrow_batches, _batches, _native, _shingle_batch, _utf8_of, shingles
+
+# Signatures from rensa (Rust): bench.near_dedup measures it against datasketch's MinHash.bulk on our corpora.
+BACKEND = "rensa"
+
+
+def signatures(texts, num_perm: int, n: int, seed: int, backend: str = BACKEND) -> np.ndarray:
+    """MinHash signatures of the texts' shingles, one row (uint32 × num_perm) per text. `texts`: strings, or a
+    pyarrow string column (read from its UTF-8 bytes where tasks/_shingle.c is built)."""
+    arrow = hasattr(texts, "to_pylist")  # a pyarrow string column: hashed from its UTF-8 bytes
+    if not arrow or _native() is None or backend != "rensa":
+        texts, arrow = (texts.to_pylist() if arrow else list(texts)), False
+    if not len(texts):
+        return np.zeros((0, num_perm), np.uint32)
+    if backend == "rensa":
+        import rensa
+
+        out = np.empty((len(texts), num_perm), np.uint32)
+        batches = _arrow_batches(texts) if arrow else (texts[a:b] for a, b in _batches(texts))
+        row = 0
+        for batch in batches:
+            h, lens = _shingle_batch(batch, n)
+            offsets = np.zeros(len(lens) + 1, np.uint64)
+            np.cumsum(lens, out=offsets[1:])
+            matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(h, offsets, num_perm, seed)
+            out[row:row + len(lens)] = np.array(matrix.to_rows(), np.uint32).reshape(len(lens), num_perm)
+            row += len(lens)
+        return out
+    from datasketch import MinHash
+
+    sets = [shingles(t, n) for t in texts]
+    minhashes = MinHash.bulk([[s.encode("utf-8") for s in sh] for sh in sets], num_perm=num_perm, seed=seed)
+    return np.stack([m.hashvalues for m in minhashes]).astype(np.uint32)
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b))
+
+
+def exact_jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+@functools.cache
+def bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH chooses for `threshold`, weighted against misses: a
+    false candidate costs one signature comparison, a missed pair stays in the corpus (at 0.8 and 128
+    permutations: 14 bands of 9 rows; a pair at J = 0.8 is a candidate with p = 0.87, at 0.9 with p = 0.999,
+    where the even weighting gives 0.40 and 0.93). Its choice (`datasketch.lsh._optimal_param`: the weighted
+    areas under the candidate probability below and above the threshold, least over every b × r ≤ num_perm)
+    computed here on a fixed quadrature: importing datasketch (scipy.integrate) takes about a second, three
+    times the whole near-dedup of a few thousand documents. tests/test_near_dedup.py checks it gives
+    datasketch's choice."""
+    b, r = (np.array(v, np.float64) for v in zip(*[(b, r) for b in range(1, num_perm + 1)
+                                                   for r in range(1, num_perm // b + 1)]))
+    x, w = np.polynomial.legendre.leggauss(64)
+
+    def area(lo: float, hi: float, f) -> np.ndarray:
+        s = (hi - lo) / 2 * x + (hi + lo) / 2
+        return f(s[:, None]).T @ w * (hi - lo) / 2
+
+    candidate = lambda s: 1 - (1 - s ** r) ** b  # noqa: E731
+    fp = area(0.0, threshold, candidate)
+    fn = area(threshold, 1.0, lambda s: 1 - candidate(s))
+    best = int(np.argmin(0.1 * fp + 0.9 * fn))
+    return int(b[best]), int(r[best])
+
+
+# A band bucket holding more documents than this pairs each with this many before it only: such buckets are
+# boilerplate repeated many times, and every member is similar to the first ones anyway.
+_BUCKET_PAIRS = 256
+# Signature rows and candidate pairs are handled this many at a time (32 MB of signatures at 128 permutations): a
+# line's signatures (512 bytes a document) stay in their memory-mapped files, and a corpus of many copies (every
+# document in a bucket with its copies) does not build one array of every pair's signatures.
+_BLOCK = 1 << 16
+
+
+def _band_keys(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
+    """(len(sigs), b) uint64: each band's r signature values hashed to one key (14 bands: 112 bytes a document
+    instead of the signature's 512). Read a block of rows at a time: `sigs` may be memory-mapped."""
+    out = np.empty((len(sigs), b), np.uint64)
+    with np.errstate(over="ignore"):
+        for start in range(0, len(sigs), _BLOCK):
+            block = np.asarray(sigs[start:start + _BLOCK], np.uint64)
+            keys = np.zeros((len(block), b), np.uint64)
+            for c in range(r):  # band k's c-th value is column k * r + c
+                keys *= _MULT
+                keys += block[:, c:b * r:r]
+            out[start:start + len(block)] = keys
+    return out
+
+
+def _candidates(keys: np.ndarray) -> np.ndarray:
+    """Pairs i < j (as i * n + j, sorted, distinct) of rows that share a band's key. Each member of a bucket
+    pairs with the (up to _BUCKET_PAIRS) members before it; a band's pairs are merged into the others' at once."""
+    n = len(keys)
+    code = np.zeros(0, np.int64)
+    for band in range(keys.shape[1]):
+        key = keys[:, band]
+        order = np.argsort(key, kind="stable")  # within a bucket, the rows in their own order
+        sorted_key = key[order]
+        at = np.flatnonzero(sorted_key[1:] == sorted_key[:-1]) + 1
+        found, lag = [], 1
+        while len(at) and lag <= _BUCKET_PAIRS:
+            found.append(order[at - lag] * n + order[at])
+            at = at[(at - lag - 1 >= 0) & (sorted_key[np.maximum(at - lag - 1, 0)] == sorted_key[at])]
+            lag += 1
+        if found:
+            code = np.union1d(code, np.concatenate(found))
+    return code
+
+
+def _agreement(sig_rows: Callable[[np.ndarray], np.ndarray], i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The share of signature values pairs (i, j) agree on (MinHash's Jaccard estimate), _BLOCK pairs at a time."""
+    out = np.empty(len(i))
+    for start in range(0, len(i), _BLOCK):
+        stop = start + _BLOCK
+        a, b = sig_rows(i[start:stop]), sig_rows(j[start:stop])
+        out[start:stop] = np.count_nonzero(a == b, axis=1) / a.shape[1] if len(a) else 0.0
+    return out
+
+
+def _pairs_at_least(keys: np.ndarray, sig_rows, lower: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    code = _candidates(keys)
+    n = max(len(keys), 1)
+    i, j = code // n, code % n
+    sim = _agreement(sig_rows, i, j)
+    ok = sim >= lower
+    return i[ok], j[ok], sim[ok]
+
+
+def similar_pairs(sigs: np.ndarray, threshold: float, lower: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, estimated Jaccard) with i < j for rows of `sigs` that share an LSH band and whose signatures agree
+    on at least `lower` (default `threshold`) of their values. The banding is datasketch's (`bands`), done on the
+    whole matrix at once: its MinHashLSH inserts and queries one document at a time in Python, which measured
+    0.35 ms a document (bench.near_dedup), rebuilt for the whole line on every run. A band's rows are hashed to
+    one 64-bit key: two bands that collide only add a candidate, which the signature check then drops."""
+    n, num_perm = sigs.shape
+    if n < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0)
+    b, r = bands(threshold, num_perm)
+    return _pairs_at_least(_band_keys(sigs, b, r), lambda rows: np.asarray(sigs[rows]),
+                           threshold if lower is None else lower)
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    row: tuple[int, int]  # (part, row) of the document removed
+    doc_id: str
+    kept: tuple[int, int]  # (part, row) of the document it repeats
+    kept_doc_id: str
+    similarity: float
+
+
+_HEX16 = r"^[0-9a-f]{16}$"
+
+
+def sortable_ids(ids) -> np.ndarray:
+    """doc_ids (strings, or a pyarrow string column) as an array that sorts as the strings do, in little memory:
+    load's ids are 16 lower-case hex digits, which as big-endian 64-bit integers keep their order (8 bytes an id,
+    read from an Arrow column's buffer without making Python strings; a numpy string array takes 64 bytes an
+    id); any other ids (a tool's, a test's) as strings."""
+    import re
+
+    if hasattr(ids, "to_pylist"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        if not len(column):
+            return np.zeros(0, np.uint64)
+        if (not column.null_count and pa.types.is_string(column.type)
+                and pc.all(pc.match_substring_regex(column, _HEX16)).as_py()):
+            data, _ = _utf8_of(column)
+            return np.frombuffer(bytes.fromhex(bytes(data).decode("ascii")), ">u8").astype(np.uint64)
+        ids = column.to_pylist()
+    joined = "".join(ids)
+    if len(joined) == 16 * len(ids) and re.fullmatch("[0-9a-f]*", joined):
+        return np.frombuffer(bytes.fromhex(joined), dtype=">u8").astype(np.uint64)
+    return np.array(ids, dtype=object).astype(str)
+
+
+class _Line:
+    """The documents of some pieces ([(doc_ids, signatures)]; signatures may be memory-mapped) in the order they
+    are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
+    band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage."""
+
+    def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int):
+        self.parts = parts
+        names = [sortable_ids(ids) for ids, _ in parts]
+        if any(x.dtype != np.uint64 for x in names):
+            names = [x.astype(str) for x in names]
+        sizes = [len(x) for x in names]
+        part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)
+        row = np.concatenate([np.arange(k, dtype=np.int64) for k in sizes]) if parts else np.zeros(0, np.int64)
+        every = np.concatenate(names) if parts else np.zeros(0, np.uint64)
+        rank = np.array([key(p) for p in range(len(parts))])[part] if parts else np.zeros(0)
+        order = np.lexsort((row, part, every, rank))
+        _, first = np.unique(every[order], return_index=True)  # the first of each doc_id in that order
+        pick = order[np.sort(first)]
+        self.part, self.row, self.names = part[pick], row[pick], every[pick]
+        self.b, self.r = bands(threshold, num_perm)
+        self.num_perm = num_perm
+        # Band keys straight into visiting order, a piece at a time (no second copy of the line's keys).
+        self.keys = np.empty((len(self.part), self.b), np.uint64)
+        for p, (_, sigs) in enumerate(parts):
+            at = np.flatnonzero(self.part == p)
+            if len(at):
+                self.keys[at] = _band_keys(sigs.reshape(-1, num_perm), self.b, self.r)[self.row[at]]
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def sig_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The signatures of visited rows `rows`, gathered from their pieces."""
+        out = np.empty((len(rows), self.num_perm), np.uint32)
+        part, row = self.part[rows], self.row[rows]
+        for p in np.unique(part).tolist():
+            mine = part == p
+            out[mine] = self.parts[p][1].reshape(-1, self.num_perm)[row[mine]]  # reads those rows only
+        return out
+
+    def pairs(self, lower: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(self) < 2:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, np.zeros(0)
+        return _pairs_at_least(self.keys, self.sig_rows, lower)
+
+    def where(self, k: int) -> tuple[int, int]:
+        return int(self.part[k]), int(self.row[k])
+
+    def doc_id(self, k: int) -> str:
+        ids = self.parts[self.part[k]][0]
+        d = ids[int(self.row[k])]
+        return d.as_py() if hasattr(d, "as_py") else d
+
+
+def shingle_sets(texts: Sequence[str], n: int) -> list[np.ndarray]:
+    """Each text's distinct shingle hashes (sorted), the texts hashed in batches."""
+    out = []
+    for a, b in _batches(texts):
+        h, lens = _shingle_batch(texts[a:b], n)
+        ends = np.cumsum(lens)
+        out += [_distinct(h[e - m:e]) for e, m in zip(ends.tolist(), lens.tolist())]
+    return out
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting: numpy 2's hash-based unique measured 5× slower on a text's shingle hashes."""
+    s = np.sort(values)
+    keep = np.ones(len(s), bool)
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
+# With the texts at hand, candidates whose signatures agree on threshold ± this are checked on the exact
+# Jaccard of their shingles: MinHash's estimate errs by about 0.035 at 128 permutations, which either way
+# would cost precision (pairs just below the threshold) or recall (pairs just above).
+VERIFY_MARGIN = 0.1
+
+
+def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
+                    num_perm: int, text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
+                    ) -> list[NearDuplicate]:
+    """Which rows of the pieces `parts` ([(doc_ids, signatures)]: ids as strings or a pyarrow column, signatures
+    possibly memory-mapped) repeat an earlier document. Documents are visited by (rank of their part, doc_id):
+    the line's older files have the lower ranks, so a document is only ever removed for a kept one that came
+    before it, and what was kept stays kept when a drop joins. An exact copy of a document seen before (the same
+    doc_id) is the exact dedup's, not counted here. `text_of(part, row)`: the text, to check candidates on their
+    exact Jaccard (`VERIFY_MARGIN`)."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm)
+    i, j, sim = line.pairs(threshold - VERIFY_MARGIN if text_of else threshold)
+    if text_of is not None:
+        # Pairs whose estimate is within the margin are checked on the exact Jaccard, a block of pairs at a time
+        # (a block's texts shingled in one batch); an estimate a margin above the threshold is 3 standard errors
+        # clear of it and taken as it is.
+        near = np.flatnonzero(sim < threshold + VERIFY_MARGIN)
+        for start in range(0, len(near), 2048):
+            block = near[start:start + 2048]
+            docs = np.unique(np.concatenate([i[block], j[block]])).tolist()
+            sets = dict(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
+            for k, a, b in zip(block.tolist(), i[block].tolist(), j[block].tolist()):
+                x, y = sets[a], sets[b]
+                inter = len(np.intersect1d(x, y, assume_unique=True))
+                sim[k] = inter / max(len(x) + len(y) - inter, 1)
+        ok = sim >= threshold
+        i, j, sim = i[ok], j[ok], sim[ok]
+    # Visit the removed-candidates in order; each takes the most similar earlier document still kept (then the
+    # earliest). A document's own fate is settled before any later one looks at it (its pairs have i < j).
+    by = np.lexsort((i, -sim, j))
+    il, jl, sl = i[by].tolist(), j[by].tolist(), sim[by].tolist()
+    removed = bytearray(len(line))
+    out, k = [], 0
+    while k < len(jl):
+        b, chosen = jl[k], None
+        while k < len(jl) and jl[k] == b:
+            if chosen is None and not removed[il[k]]:
+                chosen = k
+            k += 1
+        if chosen is not None:
+            removed[b] = 1
+            a = il[chosen]
+            out.append(NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), sl[chosen]))
+    return out
+
+
+def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
+                 drop_parts: Sequence[tuple[Sequence[str], np.ndarray]], threshold: float, num_perm: int,
+                 ) -> list[tuple[str, str, float]]:
+    """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
+    (exact copies included: the drop gate counts both as duplicates)."""
+    parts = [*line_parts, *drop_parts]
+    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm)
+    # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
+    # when its piece is.
+    in_line = line.part < len(line_parts)
+    i, j, sim = line.pairs(threshold)
+    mine = in_line[i] & ~in_line[j]
+    i, j, sim = i[mine], j[mine], sim[mine]
+    by = np.lexsort((-sim, j))  # per drop document, the most similar line document first
+    i, j, sim = i[by], j[by], sim[by]
+    first = np.ones(len(j), bool)
+    first[1:] = j[1:] != j[:-1]
+    matches = [(line.doc_id(b), line.doc_id(a), s) for a, b, s in zip(i[first].tolist(), j[first].tolist(),
+                                                                        sim[first].tolist())]
+    # A drop document that is itself a line document (an exact copy) matches it with similarity 1.
+    line_names = line.names[in_line]
+    copies = []
+    for ids, _ in drop_parts:
+        names = sortable_ids(ids)
+        if names.dtype != line_names.dtype:
+            names, line_names = names.astype(str), line_names.astype(str)
+        hit = np.isin(names, line_names)
+        as_list = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
+        copies += [(d, d, 1.0) for d in dict.fromkeys(d for d, h in zip(as_list, hit.tolist()) if h)]
+    return copies + matches

@@ -1,0 +1,398 @@
+"""Corpus file formats: one reader function per format and the suffix -> reader table (`READERS`).
+
+A reader takes an open binary file, the name its records are sourced by and the corpus settings, and yields
+`Record`s and `Reject`s in file order. Every reader streams: it holds about one block plus one record, whatever
+the file's size, and keeps each record's line. A record too long to hold is a reject with its place, never an
+out-of-memory. Adding a format is one function and one row of `READERS` (docs/adding-a-reader.md).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tasks.core.config.data import CorpusConfig
+from tasks.data.records import _RAW_KEPT, Record, Reject, _decode, _line_of, _raw_limit, _record, _unfit_text
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+_BLOCK = 8 << 20  # bytes of JSON lines read at a time
+# Characters of a JSON array's window, and bytes of the UTF-8 check, read at a time: a block of text decoded
+# into a Python str takes up to 4 bytes a character (one character past U+FFFF makes the whole str so).
+_TEXT_BLOCK = 1 << 20
+_PARQUET_BATCH = 4096  # rows
+
+
+def _first_byte(f: BinaryIO) -> bytes:
+    """The file's first byte that is not whitespace (b"" when there is none); the file is left at its start."""
+    found = b""
+    while chunk := f.read(1 << 16):
+        stripped = chunk.lstrip()
+        if stripped:
+            found = stripped[:1]
+            break
+    f.seek(0)
+    return found
+
+
+def _utf8_reject(f: BinaryIO, name: str) -> Reject | None:
+    """A whole-file format (a JSON array, CSV) with one bad byte is unreadable: the reject naming its line, or
+    None. Checked block by block before parsing, so no record is taken from a file that then turns out bad."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    try:
+        while block := f.read(_TEXT_BLOCK):
+            decoder.decode(block)
+            lines += block.count(b"\n")
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        data = e.object
+        line = lines + _line_of(data, e.start)
+        # e.object may start with up to 3 bytes kept from the block before; their newlines are not counted.
+        raw = data[max(0, e.start - 1000): e.start + 1000].decode("utf-8", "backslashreplace")
+        return Reject(f"{name}:{line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})", raw)
+    finally:
+        f.seek(0)
+    return None
+
+
+def _lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary file read in blocks; a line over `limit` bytes comes as (number, None)
+    and is skipped without being held."""
+    lineno, pending, held, skipping = 0, [], 0, False
+    while block := f.read(_BLOCK):
+        cut = block.find(b"\n")
+        if skipping:  # the rest of a line already reported as too long
+            if cut < 0:
+                continue
+            block, cut, skipping = block[cut + 1:], -1, False
+            cut = block.find(b"\n")
+        if cut < 0:
+            pending.append(block)
+            held += len(block)
+            if held > limit:
+                lineno += 1
+                yield lineno, None
+                pending, held, skipping = [], 0, True
+            continue
+        data = b"".join([*pending, block]) if pending else block
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            lineno += 1
+            yield lineno, (line if len(line) <= limit else None)
+        pending, held = ([tail], len(tail)) if tail else ([], 0)
+        if held > limit:
+            lineno += 1
+            yield lineno, None
+            pending, held, skipping = [], 0, True
+    if pending and not skipping:
+        lineno += 1
+        line = b"".join(pending)
+        yield lineno, (line if len(line) <= limit else None)
+
+
+def _json_line_slowly(raw: bytes, lineno: int, name: str, cfg: CorpusConfig) -> Record | Reject:
+    """A line orjson refused, read by the standard library: its error messages (with the column), and what it
+    accepts beyond strict JSON (NaN, a lone surrogate escape, integers past 64 bits) judged as before."""
+    text, bad = _decode(raw, name, lineno)
+    if bad is not None:
+        return bad
+    source = f"{name}:{lineno}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Reject(source, f"malformed JSON: {e.msg} (column {e.colno})", text[:_RAW_KEPT])
+    except RecursionError:
+        return Reject(source, "malformed JSON: nested too deeply", text[:2000])
+    return _record(obj, source, cfg, lambda: text)
+
+
+def _read_json_lines(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """JSON lines in blocks. orjson parses (the fastest correct parser measured, bench/readers.py); a line it
+    refuses goes through `_json_line_slowly`, so messages and verdicts are the standard library's."""
+    limit, empty = _raw_limit(cfg), True
+    for lineno, raw in _lines(f, limit):
+        if raw is None:
+            empty = False
+            yield Reject(f"{name}:{lineno}", f"line over {limit} bytes (corpus.max_document_bytes="
+                                             f"{cfg.max_document_bytes}, twice that for escapes, plus 1 MiB): not read", "")
+            continue
+        if not raw or raw.isspace():
+            continue
+        empty = False
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            yield _json_line_slowly(raw, lineno, name, cfg)
+            continue
+        yield _record(obj, f"{name}:{lineno}", cfg,
+                      lambda raw=raw: raw[:4 * _RAW_KEPT].decode("utf-8", "backslashreplace"))
+    if empty:
+        yield Reject(f"{name}:1", "empty file", "")
+
+
+class _Window:
+    """A sliding window over a text file for the JSON array reader: the text from the record being parsed on,
+    refilled by blocks, with the line number of any position kept by counting newlines once each."""
+
+    _SPACE = re.compile(r"[ \t\r\n]*")
+
+    def __init__(self, f: TextIO):
+        self.f, self.buf, self.eof = f, "", False
+        self.pos = self.mark = 0
+        self.mark_line = 1  # the line of buf[mark]
+
+    def fill(self, size: int | None = None) -> bool:
+        """Read `size` more characters (default a block); False at the end of the file."""
+        if self.eof:
+            return False
+        chunk = self.f.read(size or _TEXT_BLOCK)
+        if not chunk:
+            self.eof = True
+            return False
+        if self.pos > _TEXT_BLOCK:  # drop what was parsed (its newlines counted first)
+            self.line_at(self.pos)
+            self.buf, self.mark, self.pos = self.buf[self.pos:], 0, 0
+        self.buf += chunk
+        return True
+
+    def line_at(self, p: int) -> int:
+        """The line of buf[p]; positions are asked for in increasing order."""
+        self.mark_line += self.buf.count("\n", self.mark, p)
+        self.mark = p
+        return self.mark_line
+
+    def skip_space(self) -> str:
+        """Past whitespace; the next character ("" at the end of the file)."""
+        while True:
+            self.pos = self._SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.fill():
+                return self.buf[self.pos: self.pos + 1]
+
+    def held(self) -> int:
+        return len(self.buf) - self.pos
+
+
+def _read_json_array(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A top-level JSON array, element by element over a sliding window (linear time, memory about one block
+    plus one element), so each record knows the line it starts on. An element not yet complete in the window
+    makes the window grow (doubling, so re-parsing stays linear) up to `_raw_limit`."""
+    decoder, limit = json.JSONDecoder(), _raw_limit(cfg)
+    w = _Window(f)
+    w.skip_space()
+    w.pos += 1  # the "[" (the caller checked it)
+    if w.skip_space() == "]":
+        return
+    while True:
+        start = w.pos
+        try:
+            obj, end = decoder.raw_decode(w.buf, start)
+            complete = end < len(w.buf) or w.eof  # a number cut by the window's end parses too
+        except json.JSONDecodeError as e:
+            # Unterminated, or failing near the window's end: maybe only cut off there. Elsewhere: a real error.
+            cut = e.msg.startswith("Unterminated string") or e.pos >= len(w.buf) - 4096
+            if w.eof or not cut:
+                # Past a syntax error inside an array nothing after it can be located reliably.
+                yield Reject(f"{name}:{w.line_at(max(e.pos, w.mark))}", f"malformed JSON: {e.msg}",
+                             w.buf[start: start + 2000])
+                return
+            complete = False
+        except RecursionError:  # nor past an element nested too deeply to parse
+            yield Reject(f"{name}:{w.line_at(start)}", "malformed JSON: nested too deeply (the rest of the array "
+                         "is not read)", w.buf[start: start + 2000])
+            return
+        if not complete:
+            if w.held() > limit:
+                yield Reject(f"{name}:{w.line_at(start)}", f"an element over {limit} characters (corpus."
+                             f"max_document_bytes={cfg.max_document_bytes}, twice that for escapes, plus 1 MiB): "
+                             "the rest of the array is not read", "")
+                return
+            # Doubling (re-parsing stays linear), never past the limit by more than one character.
+            w.fill(max(1, min(max(_TEXT_BLOCK, w.held()), limit + 1 - w.held())))
+            continue
+        line = w.line_at(start)
+        yield _record(obj, f"{name}:{line}", cfg, lambda s=start, e=end: w.buf[s:e])
+        w.pos = end
+        sep = w.skip_space()
+        if sep == ",":
+            w.pos += 1
+            w.skip_space()
+            continue
+        if sep == "]":
+            w.pos += 1
+            if w.skip_space():
+                yield Reject(f"{name}:{w.line_at(w.pos)}", "malformed JSON: data after the array", "")
+            return
+        yield Reject(f"{name}:{w.line_at(w.pos)}", "malformed JSON: expected ',' or ']'", w.buf[w.pos: w.pos + 200])
+        return
+
+
+def _read_csv(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """CSV row by row from the open file. The csv module's field limit is the document limit (in characters,
+    so never below it in bytes): a longer field is a reject naming its line."""
+    previous = csv.field_size_limit(cfg.max_document_bytes)
+    try:
+        yield from _csv_rows(f, name, cfg)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    reader = csv.DictReader(f)
+    wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
+    start = 1
+    try:
+        missing = [k for k in wanted if k not in (reader.fieldnames or [])]
+        if missing:
+            yield Reject(f"{name}:1", f"missing field {missing[0]!r} (header has {reader.fieldnames})", "")
+            return
+        start = 2
+        for row in reader:
+            # csv line_num is the line where the record ended; multi-line fields start earlier.
+            line, start = start, reader.line_num + 1
+            if None in row:
+                yield Reject(f"{name}:{line}", "more values than header columns", json.dumps(row, ensure_ascii=False))
+                continue
+            yield _record(row, f"{name}:{line}", cfg, lambda row=row: json.dumps(row, ensure_ascii=False))
+    except csv.Error as e:  # a field over the limit, a NUL byte: the record cannot be delimited
+        over = (f": a field over corpus.max_document_bytes={cfg.max_document_bytes}"
+                if "field larger than field limit" in str(e) else "")
+        yield Reject(f"{name}:{start}", f"malformed CSV: {e}{over} (the rest of the file is not read)", "")
+
+
+def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """Parquet by batches of rows (`iter_batches`: one row group's columns at a time), only the text columns.
+    A value over the document limit is a reject found from its length, never turned into a Python string."""
+    import pyarrow.parquet as pq
+
+    wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
+    # Memory-mapped and not pre-buffered: pre-buffering keeps read column chunks in Arrow's pool (peak anonymous
+    # memory reading 160 MB of row groups of 6 MB: 193 MiB by default, 99 MiB so; bench/readers.py).
+    with pq.ParquetFile(path, memory_map=True, pre_buffer=False) as pf:
+        columns = pf.schema_arrow.names
+        for k in wanted:
+            if k not in columns:
+                yield Reject(f"{name}:1", f"missing field {k!r} (columns: {columns})", "")
+                return
+        row = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=wanted, use_threads=False):
+            values, sizes = {}, {}
+            for k in wanted:
+                col = batch.column(k)
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                    lengths = pc.fill_null(pc.binary_length(col), 0)
+                    over = pc.greater(lengths, cfg.max_document_bytes)
+                    if pc.any(over).as_py():
+                        sizes[k] = lengths.to_pylist()
+                        col = pc.if_else(over, pa.scalar(None, col.type), col)
+                values[k] = col.to_pylist()
+            for i in range(batch.num_rows):
+                row += 1
+                big = [(k, s[i]) for k, s in sizes.items() if s[i] > cfg.max_document_bytes]
+                if big:
+                    k, size = big[0]
+                    yield Reject(f"{name}:{row}", f"field {k!r} is {size} bytes, over corpus.max_document_bytes="
+                                                  f"{cfg.max_document_bytes}", "")
+                    continue
+                obj = {k: values[k][i] for k in wanted}
+                yield _record(obj, f"{name}:{row}", cfg, lambda obj=obj: json.dumps(obj, ensure_ascii=False,
+                                                                                      default=str))
+
+
+# What reading a file raises when the file is bad or cannot be read: a corrupt parquet file (ArrowInvalid,
+# ArrowIOError, OSError), a file that vanished or may not be read (OSError), a parser's limit.
+FILE_ERRORS = (OSError, ValueError, RecursionError, csv.Error, pa.ArrowException)
+
+
+class ReadPosition:
+    """How far the reader of one file has read, in bytes, for progress: the reader that opens the file sets
+    `file` (a parquet file's reader does not: its progress comes when the file is done)."""
+
+    def __init__(self):
+        self.file: BinaryIO | None = None
+
+    def __call__(self) -> int:
+        try:
+            return self.file.tell() if self.file is not None else 0
+        except (OSError, ValueError):  # closed, or not seekable
+            return 0
+
+
+def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None,
+                     position: ReadPosition | None = None) -> Iterator[Record | Reject]:
+    """Records and rejects of one file, in file order. `name` is how sources are written (default: path).
+    A file that cannot be read on (a corrupt parquet file, an I/O error) ends with one reject, never an
+    exception: the readers reject what they can place at its line, this says `file:1` for the rest."""
+    name = name or str(path)
+    read = 0
+    try:
+        for item in _read_file(path, cfg, name, position):
+            read += 1
+            yield item
+    except FILE_ERRORS as e:
+        # Without the file's path: a piece depends on the file's content alone, wherever it was first read.
+        message = str(e).replace(str(path), "<file>")
+        what = f"{type(e).__name__}: {message}" if message else type(e).__name__
+        kind = path.suffix.lower().lstrip(".") or "corpus"
+        rest = f"; the rest of the file after record {read} is not read" if read else ""
+        yield Reject(f"{name}:1", f"unreadable {kind} file ({what}{rest})", "")
+
+
+def _read_file(path: Path, cfg: CorpusConfig, name: str, position: ReadPosition | None = None
+               ) -> Iterator[Record | Reject]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt" and path.stat().st_size > cfg.max_document_bytes:
+        # The file is one document: not read at all.
+        yield Reject(f"{name}:1", f"file is {path.stat().st_size} bytes, over corpus.max_document_bytes="
+                                  f"{cfg.max_document_bytes} (a .txt file is one document)", "")
+        return
+    if suffix == ".parquet":
+        if path.stat().st_size == 0:
+            yield Reject(f"{name}:1", "empty file", "")
+            return
+        yield from _read_parquet(path, name, cfg)
+        return
+    if suffix == ".txt":  # bounded by the size checked above
+        yield from _read_text(path.read_bytes(), name, cfg)
+        return
+    with open(path, "rb") as f:
+        if position is not None:
+            position.file = f
+        first = _first_byte(f)
+        if suffix == ".jsonl" or (suffix == ".json" and first != b"["):
+            yield from _read_json_lines(f, name, cfg)
+            return
+        if not first:
+            yield Reject(f"{name}:1", "empty file", "")
+            return
+        bad = _utf8_reject(f, name)
+        if bad is not None:
+            # One bad byte makes a whole-file format unreadable; the file is the record.
+            yield bad
+            return
+        # newline="": csv sees the file's own line ends (a quoted field may hold them); JSON does not care.
+        with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+            yield from (_read_json_array if suffix == ".json" else _read_csv)(text, name, cfg)
+
+
+def _read_text(data: bytes, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A .txt file: one document (its size was checked again here: it may have grown since it was listed)."""
+    if not data.strip():
+        yield Reject(f"{name}:1", "empty file", "")
+        return
+    text, bad = _decode(data, name)
+    if bad is not None:
+        yield bad
+        return
+    reason = _unfit_text(text, cfg)
+    yield Reject(f"{name}:1", reason, "") if reason else Record(f"{name}:1", text)
