@@ -428,10 +428,11 @@ def cmd_init_tiny_model(args) -> int:
 
 def starter_root() -> Path:
     """Where the starter project lies: the copy a wheel carries (setup.py puts the checkout's configs/ and samples/
-    there at build time), else the checkout beside this package (an editable install has no copy)."""
+    there at build time), else the checkout beside this package (an editable install has no copy). Never another
+    folder beside an installed package: site-packages may hold someone else's `configs/`."""
     here = Path(__file__).resolve().parent
-    bundled = here / "_starter"
-    return bundled if bundled.is_dir() else here.parent
+    bundled, checkout = here / "_starter", here.parent
+    return checkout if not bundled.is_dir() and (checkout / "setup.py").is_file() else bundled
 
 
 def cmd_init(args) -> int:
