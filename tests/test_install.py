@@ -23,8 +23,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # builds a wheel, makes a venv, starts a Prefect server and a flow
-
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("tasks", "flows")
 HEAVY = ("torch", "transformers", "datasets")
@@ -46,6 +44,15 @@ def _report():
 
 atexit.register(_report)
 '''
+
+
+def _kernel_expected() -> bool:
+    """The wheel must carry the compiled kernel wherever this machine can build it: CI says so
+    (CPT_REQUIRE_NATIVE, as in test_near_dedup.py), and a dev install that built it in place shows a compiler is
+    here. Without one the install goes on without it (setup.py: optional) and near-dedup uses numpy."""
+    from tasks import near_dedup
+
+    return bool(os.environ.get("CPT_REQUIRE_NATIVE")) or near_dedup._native() is not None
 
 
 def _source_copy(dest: Path) -> Path:
@@ -126,6 +133,7 @@ def _assert_installed_code_only(venv: dict, report: dict) -> None:
     assert not [f for f in report["meta_path"] if "Editable" in f], report["meta_path"]
 
 
+@pytest.mark.slow  # builds the wheel
 def test_the_wheel_carries_every_package_the_kernel_and_the_starter_project(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = sorted(p.relative_to(ROOT).as_posix() for top in OURS for p in (ROOT / top).rglob("*.py")
@@ -133,24 +141,27 @@ def test_the_wheel_carries_every_package_the_kernel_and_the_starter_project(whee
     assert "tasks/core/config.py" in sources  # the walk sees subpackages, or the next line proves nothing
     missing = [s for s in sources if s not in names]
     assert not missing, f"{wheel.name} lacks {len(missing)} of {len(sources)} modules: {missing}"
-    assert any(n.startswith("tasks/_shingle.") and n.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-               for n in names), f"no compiled tasks._shingle in {wheel.name}"
+    if _kernel_expected():
+        assert any(n.startswith("tasks/_shingle.") and n.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+                   for n in names), f"no compiled tasks._shingle in {wheel.name}"
     starter = sorted(p.relative_to(ROOT).as_posix() for top in ("configs", "samples") for p in (ROOT / top).rglob("*")
                      if p.is_file())
     assert {"configs/demo.yaml", "samples/medical_ko.jsonl", "samples/tasks/ko_health_cloze.yaml"} <= set(starter)
     assert [s for s in starter if f"flows/_starter/{s}" not in names] == []
 
 
+@pytest.mark.slow  # builds and installs the wheel, starts a Prefect server and a flow
 def test_the_installed_cpt_works_from_another_folder_without_the_checkout(venv, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     assert not work.resolve().is_relative_to(ROOT) and not venv["site"].is_relative_to(ROOT)
 
-    # The kernel: the installed near-dedup finds the compiled module, the wheel's own.
-    out = subprocess.run([str(venv["python"]), "-c", "import tasks.near_dedup as n; print(n._native().__file__)"],
-                         cwd=work, env=venv["env"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()).resolve().parent == venv["site"] / "tasks", out.stdout
+    kernel = _kernel_expected()
+    if kernel:  # the installed near-dedup finds the compiled module, the wheel's own
+        out = subprocess.run([str(venv["python"]), "-c", "import tasks.near_dedup as n; print(n._native().__file__)"],
+                             cwd=work, env=venv["env"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert Path(out.stdout.strip()).resolve().parent == venv["site"] / "tasks", out.stdout
 
     out, report = _cpt(venv, "--help", cwd=work)
     assert out.returncode == 0 and "init-tiny-model" in out.stdout and ",init," in out.stdout, out.stderr
@@ -182,4 +193,18 @@ def test_the_installed_cpt_works_from_another_folder_without_the_checkout(venv, 
     assert {s["state"] for s in summary["stages"]} == {"Completed"}, summary["stages"]
     assert (proj / "artifacts" / "cache" / "chunk").is_dir()  # the run wrote where the user stands, not the checkout
     # Near-dedup is on in the demo: the run hashed its shingles with the installed kernel.
-    assert Path(report["modules"]["tasks._shingle"]).resolve().parent == venv["site"] / "tasks"
+    assert not kernel or Path(report["modules"]["tasks._shingle"]).resolve().parent == venv["site"] / "tasks"
+
+
+def test_init_writes_the_starter_project_and_keeps_a_users_edits(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["init", str(tmp_path)]) == 0
+    assert (tmp_path / "configs/demo.yaml").read_bytes() == (ROOT / "configs/demo.yaml").read_bytes()
+    assert (tmp_path / "samples/tasks/ko_health_cloze.yaml").is_file()
+    assert main(["init", str(tmp_path)]) == 0  # files equal to the starter's are no conflict
+    (tmp_path / "configs/demo.yaml").write_text("mine\n")
+    assert main(["init", str(tmp_path)]) == 1
+    assert "configs/demo.yaml" in capsys.readouterr().err and (tmp_path / "configs/demo.yaml").read_text() == "mine\n"
+    assert main(["init", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "configs/demo.yaml").read_bytes() == (ROOT / "configs/demo.yaml").read_bytes()
