@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
     export.add_argument("--artifacts", metavar="DIR")
 
+    init = sub.add_parser("init", help="write a starter project (configs/ and samples/) into DIR, so that "
+                          "`cpt init-tiny-model artifacts/models/tiny-ko && cpt run --config configs/demo.yaml` "
+                          "runs there")
+    init.add_argument("dir", type=Path, nargs="?", default=Path("."), help="the folder (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite files that differ from the starter's")
+
     val = sub.add_parser("validate", help="check a config and print it resolved, with every default")
     _config_args(val)
 
@@ -420,6 +426,36 @@ def cmd_init_tiny_model(args) -> int:
     return 0
 
 
+def starter_root() -> Path:
+    """Where the starter project lies: the copy a wheel carries (setup.py puts the checkout's configs/ and samples/
+    there at build time), else the checkout beside this package (an editable install has no copy). Never another
+    folder beside an installed package: site-packages may hold someone else's `configs/`."""
+    here = Path(__file__).resolve().parent
+    bundled, checkout = here / "_starter", here.parent
+    return checkout if not bundled.is_dir() and (checkout / "setup.py").is_file() else bundled
+
+
+def cmd_init(args) -> int:
+    src = starter_root()
+    files = sorted(f.relative_to(src) for top in ("configs", "samples") for f in (src / top).rglob("*") if f.is_file())
+    if not files:
+        print(f"cpt: init: no starter project under {src} (a broken install?)", file=sys.stderr)
+        return 1
+    # Like cookiecutter, never clobber a user's edits unasked; a file equal to the starter's is left as it is.
+    differ = [f for f in files if (args.dir / f).exists() and (args.dir / f).read_bytes() != (src / f).read_bytes()]
+    if differ and not args.force:
+        print(f"cpt: init: {args.dir} already has other versions of {', '.join(map(str, differ))} "
+              "(--force overwrites them)", file=sys.stderr)
+        return 1
+    for f in files:
+        (args.dir / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / f, args.dir / f)
+    cd = "" if args.dir.resolve() == Path.cwd() else f"cd {args.dir} && "
+    print(f"{len(files)} files written to {args.dir}: {', '.join(sorted({f.parts[0] + '/' for f in files}))}\n"
+          f"next: {cd}cpt init-tiny-model artifacts/models/tiny-ko && cpt run --config configs/demo.yaml")
+    return 0
+
+
 def cmd_make_cloze_task(args) -> int:
     from tasks.evaluate import write_cloze_task
     from tasks.ml.tiny_model import read_texts
@@ -435,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tasks.core.config.base import ConfigError
 
-    handlers = {"run": cmd_run, "validate": cmd_validate, "init-tiny-model": cmd_init_tiny_model,
+    handlers = {"run": cmd_run, "validate": cmd_validate, "init": cmd_init, "init-tiny-model": cmd_init_tiny_model,
                 "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,
                 "emit-drop": cmd_emit_drop, "export-chunks": cmd_export_chunks,
                 "serve": cmd_serve, "make-cloze-task": cmd_make_cloze_task}
