@@ -1,7 +1,7 @@
 """What pyproject.toml cannot say declaratively:
 
 - The one compiled piece: near-dedup's shingle hashing (tasks/_shingle.c). Optional: where no C compiler is at
-  hand the install goes on without it and tasks/near_dedup.py computes the same hashes in numpy (slower).
+  hand the install goes on without it and tasks/data/shingles.py computes the same hashes in numpy (slower).
 - The starter project `cpt init` writes: the top-level configs/ and samples/ copied into the wheel at build time
   as flows/_starter/{configs,samples}, so an installed cpt (`pip install .`, `pip install git+…`, a container
   image) carries them while the checkout keeps one copy at the top level, where `make demo` and the docs use

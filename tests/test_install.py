@@ -50,9 +50,9 @@ def _kernel_expected() -> bool:
     """The wheel must carry the compiled kernel wherever this machine can build it: CI says so
     (CPT_REQUIRE_NATIVE, as in test_near_dedup.py), and a dev install that built it in place shows a compiler is
     here. Without one the install goes on without it (setup.py: optional) and near-dedup uses numpy."""
-    from tasks import near_dedup
+    from tasks.data import shingles
 
-    return bool(os.environ.get("CPT_REQUIRE_NATIVE")) or near_dedup._native() is not None
+    return bool(os.environ.get("CPT_REQUIRE_NATIVE")) or shingles._native() is not None
 
 
 def _source_copy(dest: Path) -> Path:
@@ -120,11 +120,11 @@ def _cpt(venv: dict, *args: str, cwd: Path, timeout: float = 60) -> tuple[subpro
     return out, reports[0]
 
 
-def _assert_installed_code_only(venv: dict, report: dict) -> None:
+def _assert_installed_code_only(venv: dict, report: dict, tasks: bool = True) -> None:
     """Every `tasks`/`flows` module the process imported is the fresh venv's copy; nothing could have come from
     the checkout (not on sys.path but for the deps folder, no editable finder)."""
     mods = report["modules"]
-    assert "tasks" in mods and "flows.cli" in mods, sorted(mods)
+    assert "flows.cli" in mods and (not tasks or "tasks" in mods), sorted(mods)
     elsewhere = {n: f for n, f in mods.items() if f is None or not Path(f).resolve().is_relative_to(venv["site"])}
     assert not elsewhere, f"imported from outside {venv['site']}: {elsewhere}"
     on_path = [p for p in report["sys_path"] if p and Path(p).resolve().is_relative_to(ROOT)
@@ -138,7 +138,7 @@ def test_the_wheel_carries_every_package_the_kernel_and_the_starter_project(whee
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = sorted(p.relative_to(ROOT).as_posix() for top in OURS for p in (ROOT / top).rglob("*.py")
                      if "__pycache__" not in p.parts)
-    assert "tasks/core/config.py" in sources  # the walk sees subpackages, or the next line proves nothing
+    assert "tasks/core/config/tree.py" in sources  # the walk sees subpackages, or the next line proves nothing
     missing = [s for s in sources if s not in names]
     assert not missing, f"{wheel.name} lacks {len(missing)} of {len(sources)} modules: {missing}"
     if _kernel_expected():
@@ -158,14 +158,14 @@ def test_the_installed_cpt_works_from_another_folder_without_the_checkout(venv, 
 
     kernel = _kernel_expected()
     if kernel:  # the installed near-dedup finds the compiled module, the wheel's own
-        out = subprocess.run([str(venv["python"]), "-c", "import tasks.near_dedup as n; print(n._native().__file__)"],
+        out = subprocess.run([str(venv["python"]), "-c", "import tasks.data.shingles as n; print(n._native().__file__)"],
                              cwd=work, env=venv["env"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert Path(out.stdout.strip()).resolve().parent == venv["site"] / "tasks", out.stdout
 
     out, report = _cpt(venv, "--help", cwd=work)
     assert out.returncode == 0 and "init-tiny-model" in out.stdout and ",init," in out.stdout, out.stderr
-    _assert_installed_code_only(venv, report)
+    _assert_installed_code_only(venv, report, tasks=False)  # --help needs no stage code
     assert [m for m in HEAVY if m in report["loaded"]] == []
 
     out, report = _cpt(venv, "init", "proj", cwd=work)
