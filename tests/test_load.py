@@ -520,3 +520,39 @@ def test_a_corpus_the_artifacts_disk_may_not_hold_is_said_before_reading(tmp_pat
     assert warning and str(tmp_path / "not-made-yet") in warning and "50.0 GB is free" in warning
     assert f"{corpus * WRITTEN_PER_CORPUS_BYTE / 1e9:,.1f} GB" in warning
     assert disk_shortfall(tmp_path, 10 * 10**9) is None
+
+
+def test_adding_a_reader_format_is_one_function_and_one_row(tmp_path, monkeypatch):
+    """docs/adding-a-reader.md, followed: a tab-separated format (`.tsv`, the text in the last column) is one
+    reader function and one row of READERS; the folder walk lists it and load reads it, rejects with their
+    lines included, with nothing else changed."""
+    from tasks.data import readers
+    from tasks.data.files import list_corpus_files
+    from tasks.data.pieces import load_file
+    from tasks.data.records import Reject, _record
+
+    def read_tsv(f, name, cfg):
+        for lineno, raw in enumerate(f, start=1):
+            fields = raw.decode("utf-8").rstrip("\n").split("\t")
+            if len(fields) < 2:
+                yield Reject(f"{name}:{lineno}", "expected an id and a text, tab-separated", raw.decode())
+                continue
+            yield _record({cfg.text_field: fields[-1]}, f"{name}:{lineno}", cfg, lambda: raw.decode())
+
+    monkeypatch.setitem(readers.READERS, ".tsv", read_tsv)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "notes.tsv").write_text("1\t고혈압 환자의 식이 요법\nno-tab-here\n2\t당뇨병 환자의 운동\n", encoding="utf-8")
+    (folder / "ignored.xyz").write_text("not a corpus file\n")
+    cfg = CorpusConfig(paths=[str(folder)], on_bad_record="skip")
+    files, skipped = list_corpus_files(cfg)
+    assert [f.name for f in files] == ["notes.tsv"] and skipped == []
+    out = tmp_path / "piece"
+    out.mkdir()
+    counts = load_file(files[0], "notes.tsv", cfg, out)
+    assert counts["documents"] == 2 and counts["rejected"] == 1
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [{"line": 2, "reason": "expected an id and a text, tab-separated", "raw": "no-tab-here\n"}]
+    monkeypatch.delitem(readers.READERS, ".tsv")
+    with pytest.raises(ConfigError, match="holds no"):  # without its row, the format is not a corpus file
+        list_corpus_files(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import CorpusConfig
 from tasks.core.manifest import Fingerprint, combine_digests, hash_file
-from tasks.data.readers import SUPPORTED_SUFFIXES
+from tasks.data.readers import supported_suffixes
 
 GLOB_CHARS = "*?["
 # Regular files on these are not files (procfs, sysfs): never read, even when a symlink leads there.
@@ -94,7 +94,7 @@ def _walk(folder: Path, skipped: list[str]) -> list[Path]:
         dirnames[:] = keep
         for name in filenames:
             f = here / name
-            if name.startswith(".") or f.suffix.lower() not in SUPPORTED_SUFFIXES:
+            if name.startswith(".") or f.suffix.lower() not in supported_suffixes():
                 continue
             _take(f, top, files, skipped)
     return files
@@ -153,7 +153,7 @@ def list_corpus_files(cfg: CorpusConfig, base: Path | None = None,
         elif p.is_dir():
             files = _walk(p, skipped)
             if not files:
-                raise ConfigError(f"{where}: the folder holds no {'/'.join(SUPPORTED_SUFFIXES)} file"
+                raise ConfigError(f"{where}: the folder holds no {'/'.join(supported_suffixes())} file"
                                   + _skipped_note(skipped[before:]))
         elif p.is_file():
             if p.stat().st_dev in _pseudo_devices():
@@ -164,10 +164,10 @@ def list_corpus_files(cfg: CorpusConfig, base: Path | None = None,
         else:
             raise ConfigError(f"{where}: no such file or folder")
         for f in files:
-            if f.suffix.lower() not in SUPPORTED_SUFFIXES:
+            if f.suffix.lower() not in supported_suffixes():
                 raise ConfigError(
                     f"{where}: {f}: unsupported format {f.suffix or '(no extension)'}; "
-                    f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+                    f"use one of {', '.join(supported_suffixes())}"
                 )
             r = f.resolve()
             if r not in excluded_files and not any(r == x or x in r.parents for x in excluded_roots):

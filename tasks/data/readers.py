@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 from tasks.core.config.data import CorpusConfig
 from tasks.data.records import _RAW_KEPT, Record, Reject, _decode, _line_of, _raw_limit, _record, _unfit_text
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 _BLOCK = 8 << 20  # bytes of JSON lines read at a time
 # Characters of a JSON array's window, and bytes of the UTF-8 check, read at a time: a block of text decoded
 # into a Python str takes up to 4 bytes a character (one character past U+FFFF makes the whole str so).
@@ -270,15 +269,18 @@ def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reje
         yield Reject(f"{name}:{start}", f"malformed CSV: {e}{over} (the rest of the file is not read)", "")
 
 
-def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+def read_parquet(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
     """Parquet by batches of rows (`iter_batches`: one row group's columns at a time), only the text columns.
     A value over the document limit is a reject found from its length, never turned into a Python string."""
     import pyarrow.parquet as pq
 
+    if not _size(f):
+        yield Reject(f"{name}:1", "empty file", "")
+        return
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
-    # Memory-mapped and not pre-buffered: pre-buffering keeps read column chunks in Arrow's pool (peak anonymous
-    # memory reading 160 MB of row groups of 6 MB: 193 MiB by default, 99 MiB so; bench/readers.py).
-    with pq.ParquetFile(path, memory_map=True, pre_buffer=False) as pf:
+    # Not pre-buffered: pre-buffering keeps read column chunks in Arrow's pool (peak anonymous memory reading
+    # 160 MB of row groups of 6 MB: 193 MiB by default, 99 MiB so; bench/readers.py).
+    with pq.ParquetFile(f, pre_buffer=False) as pf:
         columns = pf.schema_arrow.names
         for k in wanted:
             if k not in columns:
@@ -309,14 +311,82 @@ def _read_parquet(path: Path, name: str, cfg: CorpusConfig) -> Iterator[Record |
                                                                                       default=str))
 
 
+def read_jsonl(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """JSON lines: one record a line."""
+    yield from _read_json_lines(f, name, cfg)
+
+
+def read_json(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A JSON array of records (its first character `[`), else JSON lines under a .json name."""
+    first = _first_byte(f)
+    if first != b"[":
+        yield from _read_json_lines(f, name, cfg)
+        return
+    yield from _whole_file(f, name, cfg, _read_json_array)
+
+
+def read_csv(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """CSV with a header row: one record a row, its fields by the header's names."""
+    if not _first_byte(f):
+        yield Reject(f"{name}:1", "empty file", "")
+        return
+    yield from _whole_file(f, name, cfg, _read_csv)
+
+
+def read_txt(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A .txt file: one document. Over the document limit it is not read at all."""
+    size = _size(f)
+    if size > cfg.max_document_bytes:
+        yield Reject(f"{name}:1", f"file is {size} bytes, over corpus.max_document_bytes={cfg.max_document_bytes} "
+                                  "(a .txt file is one document)", "")
+        return
+    # At most one byte past the limit: a file that grew since its size was taken is still bounded.
+    yield from _read_text(f.read(cfg.max_document_bytes + 1), name, cfg)
+
+
+Reader = Callable[[BinaryIO, str, CorpusConfig], Iterator[Record | Reject]]
+# The formats a corpus may hold, by file suffix (lower case): a new format is one reader and one row here.
+READERS: dict[str, Reader] = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv,
+                              ".txt": read_txt}
+
+
+def supported_suffixes() -> tuple[str, ...]:
+    return tuple(READERS)
+
+
+def reader_for(path: Path) -> Reader | None:
+    return READERS.get(path.suffix.lower())
+
+
+def _size(f: BinaryIO) -> int:
+    import os
+
+    return os.fstat(f.fileno()).st_size
+
+
+def _whole_file(f: BinaryIO, name: str, cfg: CorpusConfig, parse) -> Iterator[Record | Reject]:
+    """A format whose records can only be delimited by parsing the whole file (a JSON array, CSV): checked to be
+    UTF-8 first (one bad byte makes the whole file unreadable: the file is the record), then parsed as text."""
+    bad = _utf8_reject(f, name)
+    if bad is not None:
+        yield bad
+        return
+    # newline="": csv sees the file's own line ends (a quoted field may hold them); JSON does not care.
+    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    try:
+        yield from parse(text, name, cfg)
+    finally:
+        text.detach()  # the binary file stays open: its opener closes it
+
+
 # What reading a file raises when the file is bad or cannot be read: a corrupt parquet file (ArrowInvalid,
 # ArrowIOError, OSError), a file that vanished or may not be read (OSError), a parser's limit.
 FILE_ERRORS = (OSError, ValueError, RecursionError, csv.Error, pa.ArrowException)
 
 
 class ReadPosition:
-    """How far the reader of one file has read, in bytes, for progress: the reader that opens the file sets
-    `file` (a parquet file's reader does not: its progress comes when the file is done)."""
+    """How far the reader of one file has read, in bytes, for progress (a parquet file's reader reads out of
+    order: its progress is its position, and the whole file once it is done)."""
 
     def __init__(self):
         self.file: BinaryIO | None = None
@@ -330,15 +400,22 @@ class ReadPosition:
 
 def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None,
                      position: ReadPosition | None = None) -> Iterator[Record | Reject]:
-    """Records and rejects of one file, in file order. `name` is how sources are written (default: path).
-    A file that cannot be read on (a corrupt parquet file, an I/O error) ends with one reject, never an
-    exception: the readers reject what they can place at its line, this says `file:1` for the rest."""
+    """Records and rejects of one file, in file order, through the reader of its suffix (`READERS`) on one open
+    file. `name` is how sources are written (default: path). A file that cannot be read on (a corrupt parquet
+    file, an I/O error) ends with one reject, never an exception: the readers reject what they can place at its
+    line, this says `file:1` for the rest."""
     name = name or str(path)
     read = 0
     try:
-        for item in _read_file(path, cfg, name, position):
-            read += 1
-            yield item
+        reader = reader_for(path)
+        if reader is None:
+            raise ValueError(f"no reader for {path.suffix or '(no extension)'} files")
+        with open(path, "rb") as f:
+            if position is not None:
+                position.file = f
+            for item in reader(f, name, cfg):
+                read += 1
+                yield item
     except FILE_ERRORS as e:
         # Without the file's path: a piece depends on the file's content alone, wherever it was first read.
         message = str(e).replace(str(path), "<file>")
@@ -348,45 +425,8 @@ def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None,
         yield Reject(f"{name}:1", f"unreadable {kind} file ({what}{rest})", "")
 
 
-def _read_file(path: Path, cfg: CorpusConfig, name: str, position: ReadPosition | None = None
-               ) -> Iterator[Record | Reject]:
-    suffix = path.suffix.lower()
-    if suffix == ".txt" and path.stat().st_size > cfg.max_document_bytes:
-        # The file is one document: not read at all.
-        yield Reject(f"{name}:1", f"file is {path.stat().st_size} bytes, over corpus.max_document_bytes="
-                                  f"{cfg.max_document_bytes} (a .txt file is one document)", "")
-        return
-    if suffix == ".parquet":
-        if path.stat().st_size == 0:
-            yield Reject(f"{name}:1", "empty file", "")
-            return
-        yield from _read_parquet(path, name, cfg)
-        return
-    if suffix == ".txt":  # bounded by the size checked above
-        yield from _read_text(path.read_bytes(), name, cfg)
-        return
-    with open(path, "rb") as f:
-        if position is not None:
-            position.file = f
-        first = _first_byte(f)
-        if suffix == ".jsonl" or (suffix == ".json" and first != b"["):
-            yield from _read_json_lines(f, name, cfg)
-            return
-        if not first:
-            yield Reject(f"{name}:1", "empty file", "")
-            return
-        bad = _utf8_reject(f, name)
-        if bad is not None:
-            # One bad byte makes a whole-file format unreadable; the file is the record.
-            yield bad
-            return
-        # newline="": csv sees the file's own line ends (a quoted field may hold them); JSON does not care.
-        with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
-            yield from (_read_json_array if suffix == ".json" else _read_csv)(text, name, cfg)
-
-
 def _read_text(data: bytes, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
-    """A .txt file: one document (its size was checked again here: it may have grown since it was listed)."""
+    """A .txt file's bytes: one document (its size is checked again here: it may have grown since it was listed)."""
     if not data.strip():
         yield Reject(f"{name}:1", "empty file", "")
         return
