@@ -86,7 +86,7 @@ def write_docs(texts: list[str], path: Path) -> None:
 
 
 def cpt_stages(docs: Path, work: Path, tokenizer) -> tuple[int, float, float]:
-    from tasks.chunk import chunk_file
+    from tasks.chunk import chunk_file, window_plan
     from tasks.core.config.data import ChunkConfig, TokenizeConfig
     from tasks.tokenize import special_tokens, tokenize_file
 
@@ -95,8 +95,8 @@ def cpt_stages(docs: Path, work: Path, tokenizer) -> tuple[int, float, float]:
     t0 = time.perf_counter()
     tokenize_file(docs, work / "tokens.arrow", tokenizer, sp["eos_id"], cfg.batch_size, cfg.batch_bytes)
     t1 = time.perf_counter()
-    counts = chunk_file(work / "tokens.arrow", work / "chunks", ChunkConfig(max_seq_length=MAX_SEQ_LENGTH,
-                                                                             overlap=OVERLAP), sp["bos_id"])
+    plan = window_plan(ChunkConfig(max_seq_length=MAX_SEQ_LENGTH, overlap=OVERLAP), sp["bos_id"] is not None)
+    counts = chunk_file(work / "tokens.arrow", work / "chunks", plan, sp["bos_id"])
     t2 = time.perf_counter()
     return counts["chunks"], t1 - t0, t2 - t1
 

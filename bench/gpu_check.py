@@ -108,7 +108,7 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
     from tasks.core.config.data import ChunkConfig
 
     ids = [np.append(d, eos_id).astype(np.uint32) for d in docs]
@@ -116,7 +116,7 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     cfg = ChunkConfig(max_seq_length=SEQ, overlap=OVERLAP, mask_overlap=True)
     for split, rows in (("train", np.arange(len(ids))), ("validation", np.arange(0))):
         (out / split).mkdir(parents=True)
-        chunk_rows(tokens, rows, cfg, bos_id, out / split / SHARD)
+        chunk_rows(tokens, rows, window_plan(cfg, bos_id is not None), bos_id, out / split / SHARD)
     write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "gpu-check")
 
 

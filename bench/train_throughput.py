@@ -48,7 +48,7 @@ def model_for(out: Path, texts: list[str], gpu: bool) -> Path:
 
 
 def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: int, overlap: int, mask: bool) -> Path:
-    from tasks.chunk import SHARD, chunk_file, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_file, window_plan, write_dataset_dict
     from tasks.core.config.data import ChunkConfig, CorpusConfig
     from tasks.data.layout import INDEX_FILE
     from tasks.data.pieces import load_documents, read_documents
@@ -66,7 +66,7 @@ def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: in
     for split in ("train", "validation"):
         write_split(table, parts[split], work / f"{split}.docs.arrow")
         tokenize_file(work / f"{split}.docs.arrow", work / f"{split}.tokens.arrow", tok, sp["eos_id"], 1000)
-        chunk_file(work / f"{split}.tokens.arrow", out / split, cfg, sp["bos_id"])
+        chunk_file(work / f"{split}.tokens.arrow", out / split, window_plan(cfg, sp["bos_id"] is not None), sp["bos_id"])
     write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "bench")
     return out
 

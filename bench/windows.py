@@ -43,10 +43,10 @@ def window_table(tokens_path: Path, cfg, bos_id, dst: Path):
     import numpy as np
 
     from tasks.data.arrow import read_arrow
-    from tasks.chunk import window_rows
+    from tasks.chunk import window_plan, window_rows
 
     tokens = read_arrow(tokens_path)
-    window_rows(tokens, np.arange(tokens.num_rows), cfg, bos_id, dst)
+    window_rows(tokens, np.arange(tokens.num_rows), window_plan(cfg, bos_id is not None), dst)
     return read_arrow(dst)
 
 
@@ -162,7 +162,7 @@ def main() -> None:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from bench.chunk_throughput import build_tokenizer, write_docs
-    from tasks.chunk import chunk_file
+    from tasks.chunk import chunk_file, window_plan
     from tasks.core.config.data import ChunkConfig, TokenizeConfig
     from tasks.ml.tiny_model import read_texts
     from tasks.ml.train_worker import training_columns
@@ -184,7 +184,8 @@ def main() -> None:
         tcfg = TokenizeConfig()
         tokenize_file(work / "docs.arrow", work / "tokens.arrow", tok, sp["eos_id"], tcfg.batch_size,
                       tcfg.batch_bytes, ids_type=token_type(id_limit(tok)))
-        counts = chunk_file(work / "tokens.arrow", work / "chunks", cfg, sp["bos_id"])
+        counts = chunk_file(work / "tokens.arrow", work / "chunks", window_plan(cfg, sp["bos_id"] is not None),
+                            sp["bos_id"])
         shard = work / "chunks" / "data-00000-of-00001.arrow"
         table_s, table = best_of(args.repeat, lambda: window_table(work / "tokens.arrow", cfg, sp["bos_id"],
                                                                    work / "windows.arrow"))

@@ -21,6 +21,7 @@ window) and written to Arrow batch by batch, so memory stays flat as the corpus 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -80,15 +81,43 @@ def chunk_arrow_schema(ids: pa.DataType = pa.uint32()) -> pa.Schema:
 # ------------------------------------------------------------------------------------ pure functions
 
 
-def window_plan(max_seq_length: int, overlap: int, has_bos: bool) -> tuple[int, int]:
-    """(W, S): tokens of `ids` per window and stride between window starts."""
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """How documents become rows, decided once (`window_plan`, by the chunk stage and by token-stats, which predicts
+    the chunk stage's rows before it runs), recorded in the chunk output and read from there by what comes after
+    (evaluate's general corpus is windowed the same way)."""
+
+    window: int  # tokens of a document per row
+    stride: int  # between the starts of a document's windows
+    bos: int  # 1: every row starts with the tokenizer's BOS (one position not a document token)
+    masked_overlap: int  # positions after BOS of a window (not a document's first) that are context, not trained
+
+    @property
+    def overlap(self) -> int:
+        return self.window - self.stride
+
+    def meta(self) -> dict[str, int]:
+        return {"window": self.window, "stride": self.stride, "bos": self.bos, "masked_overlap": self.masked_overlap}
+
+    @classmethod
+    def of(cls, meta: dict[str, Any], mask_overlap: bool) -> WindowPlan:
+        """The plan a chunk output records (its meta). Entries written before the plan was recorded whole give
+        window, stride and bos_id only: their masking is the config's (`mask_overlap`), as it was then."""
+        masked = meta.get("masked_overlap", (meta["window"] - meta["stride"]) if mask_overlap else 0)
+        return cls(meta["window"], meta["stride"], meta.get("bos", int(meta.get("bos_id") is not None)), masked)
+
+
+def window_plan(cfg: ChunkConfig, has_bos: bool) -> WindowPlan:
+    """The windows of `cfg` for a tokenizer that adds BOS (`has_bos`) or not: window W = max_seq_length - BOS,
+    stride S = W - overlap, the overlap masked in labels or not."""
+    max_seq_length, overlap = cfg.max_seq_length, cfg.overlap
     window = max_seq_length - (1 if has_bos else 0)
     if window < 1:
         raise ConfigError(f"chunk.max_seq_length: {max_seq_length} leaves no room for a token after BOS")
     if overlap >= window:
         why = f"max_seq_length {max_seq_length} minus 1 for the tokenizer's BOS" if has_bos else "max_seq_length"
         raise ConfigError(f"chunk.overlap: {overlap} must be smaller than the window of {window} tokens ({why})")
-    return window, window - overlap
+    return WindowPlan(window, window - overlap, int(has_bos), overlap if cfg.mask_overlap else 0)
 
 
 def windows_per_document(lengths: np.ndarray, window: int, stride: int) -> np.ndarray:
@@ -108,17 +137,15 @@ def window_layout(lengths: np.ndarray, window: int, stride: int):
     return doc_index, nth, starts, sizes
 
 
-def chunk_lengths(doc_lengths: np.ndarray, cfg: ChunkConfig, has_bos: bool) -> np.ndarray:
+def chunk_lengths(doc_lengths: np.ndarray, plan: WindowPlan) -> np.ndarray:
     """Lengths of the rows `chunk` will emit, computed from document lengths alone (used by token-stats)."""
-    window, stride = window_plan(cfg.max_seq_length, cfg.overlap, has_bos)
-    _, _, _, sizes = window_layout(doc_lengths, window, stride)
-    return sizes + (1 if has_bos else 0)
+    _, _, _, sizes = window_layout(doc_lengths, plan.window, plan.stride)
+    return sizes + plan.bos
 
 
-def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, cfg: ChunkConfig, bos_id: int | None) -> pa.RecordBatch:
+def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, plan: WindowPlan, bos_id: int | None) -> pa.RecordBatch:
     """Windows of every document in the batch, as one record batch of `chunk_schema(ids' value type)`."""
-    bos = 1 if bos_id is not None else 0
-    window, stride = window_plan(cfg.max_seq_length, cfg.overlap, bool(bos))
+    bos, window, stride = plan.bos, plan.window, plan.stride
     offsets = ids.offsets.to_numpy().astype(np.int64)
     values = ids.flatten().to_numpy(zero_copy_only=False)
     doc_index, nth, starts, sizes = window_layout(np.diff(offsets), window, stride)
@@ -136,8 +163,8 @@ def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, cfg: ChunkConfig, bos_id: 
         input_ids[row_starts] = bos_id
     # The trained part starts after the BOS, and after the overlap in every window but a document's first.
     trained_from = np.full(len(row_sizes), bos, dtype=np.int32)
-    if cfg.mask_overlap and cfg.overlap:
-        trained_from[nth > 0] += cfg.overlap
+    if plan.masked_overlap:
+        trained_from[nth > 0] += plan.masked_overlap
     value_type = ids.type.value_type
     return pa.record_batch(
         [
@@ -150,11 +177,11 @@ def chunk_batch(doc_ids: pa.Array, ids: pa.ListArray, cfg: ChunkConfig, bos_id: 
     )
 
 
-def trained_tokens(ids: pa.ListArray, rows: pa.RecordBatch, cfg: ChunkConfig, bos_id: int | None) -> int:
+def trained_tokens(ids: pa.ListArray, rows: pa.RecordBatch, plan: WindowPlan) -> int:
     """Tokens with a label: every token once when the overlap is masked, else every row token but BOS."""
-    if cfg.mask_overlap:
+    if plan.masked_overlap == plan.overlap:
         return len(ids.flatten())
-    return len(rows.column("input_ids").flatten()) - (rows.num_rows if bos_id is not None else 0)
+    return len(rows.column("input_ids").flatten()) - rows.num_rows * plan.bos
 
 
 def chunk_features(ids: str = "uint32"):
@@ -188,7 +215,7 @@ def write_dataset_dict(out_dir: Path, shards: dict[str, list[str]], fingerprint:
     (out_dir / "dataset_dict.json").write_text(json.dumps({"splits": list(shards)}))
 
 
-def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int | None, dst: Path,
+def chunk_rows(tokens: pa.Table, rows: np.ndarray, plan: WindowPlan, bos_id: int | None, dst: Path,
                progress: Progress | None = None, batch_tokens: int = 1 << 20) -> dict[str, int]:
     """Windows of the documents `rows` of `tokens` (doc_id, input_ids), in that order, streamed into one
     datasets shard at `dst`, a batch of documents at a time so memory stays flat. A batch holds about
@@ -202,23 +229,23 @@ def chunk_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int
         for start, end in batch_bounds(lengths[rows], 4096, batch_tokens):
             docs = take_rows(tokens, rows[start:end])
             ids = docs.column("input_ids").combine_chunks()
-            out = chunk_batch(docs.column("doc_id").combine_chunks(), ids, cfg, bos_id)
+            out = chunk_batch(docs.column("doc_id").combine_chunks(), ids, plan, bos_id)
             writer.write_batch(pa.RecordBatch.from_arrays(out.columns, schema=schema))
             counts["documents"] += docs.num_rows
             counts["chunks"] += out.num_rows
             counts["tokens"] += len(out.column("input_ids").values)
-            counts["trained_tokens"] += trained_tokens(ids, out, cfg, bos_id)
+            counts["trained_tokens"] += trained_tokens(ids, out, plan)
             if progress is not None:
                 progress.update(docs.num_rows)
     return counts
 
 
-def chunk_file(src: Path, dst_dir: Path, cfg: ChunkConfig, bos_id: int | None,
+def chunk_file(src: Path, dst_dir: Path, plan: WindowPlan, bos_id: int | None,
                progress: Progress | None = None) -> dict:
     """All documents of one token file into `dst_dir/data-00000-of-00001.arrow`; returns counts."""
     tokens = read_arrow(src)
     dst_dir.mkdir(parents=True, exist_ok=True)
-    return chunk_rows(tokens, np.arange(tokens.num_rows), cfg, bos_id, dst_dir / SHARD, progress)
+    return chunk_rows(tokens, np.arange(tokens.num_rows), plan, bos_id, dst_dir / SHARD, progress)
 
 
 # Windows are stored as offsets into the token pieces, not as rows: a window is 24 bytes and a doc id where its
@@ -235,16 +262,13 @@ WINDOW_SCHEMA = pa.schema([
 ])
 
 
-def window_batch(doc_ids: pa.Array, lengths: np.ndarray, rows: np.ndarray, cfg: ChunkConfig,
-                 has_bos: bool) -> pa.RecordBatch:
+def window_batch(doc_ids: pa.Array, lengths: np.ndarray, rows: np.ndarray, plan: WindowPlan) -> pa.RecordBatch:
     """The windows of the documents `rows` (of lengths `lengths`, ids `doc_ids`), as `WINDOW_SCHEMA` rows with
     part 0: the same windows `chunk_batch` materialises, by offset."""
-    bos = 1 if has_bos else 0
-    window, stride = window_plan(cfg.max_seq_length, cfg.overlap, has_bos)
-    doc_index, nth, starts, sizes = window_layout(lengths, window, stride)
-    trained_from = np.full(len(doc_index), bos, dtype=np.int32)
-    if cfg.mask_overlap and cfg.overlap:
-        trained_from[nth > 0] += cfg.overlap
+    doc_index, nth, starts, sizes = window_layout(lengths, plan.window, plan.stride)
+    trained_from = np.full(len(doc_index), plan.bos, dtype=np.int32)
+    if plan.masked_overlap:
+        trained_from[nth > 0] += plan.masked_overlap
     return pa.record_batch([
         pa.array(np.zeros(len(doc_index), np.int32)), pa.array(np.asarray(rows, np.int64)[doc_index]),
         pa.array(starts.astype(np.int32)), pa.array(sizes.astype(np.int32)), pa.array(trained_from),
@@ -252,12 +276,12 @@ def window_batch(doc_ids: pa.Array, lengths: np.ndarray, rows: np.ndarray, cfg: 
     ], schema=WINDOW_SCHEMA)
 
 
-def window_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: int | None, dst: Path,
+def window_rows(tokens: pa.Table, rows: np.ndarray, plan: WindowPlan, dst: Path,
                 progress: Progress | None = None, batch_docs: int = 65536) -> dict[str, int]:
     """The windows of the documents `rows` of `tokens` (doc_id, input_ids), in that order, into the Arrow file
     `dst`, a block of documents at a time (only list lengths are read: no token is). Counts as the rows they
     stand for: documents, chunks, tokens (BOS included), trained_tokens."""
-    bos = 1 if bos_id is not None else 0
+    bos = plan.bos
     counts = {"documents": 0, "chunks": 0, "tokens": 0, "trained_tokens": 0}
     lengths = pc.list_value_length(tokens.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     doc_ids = tokens.column("doc_id")
@@ -265,13 +289,14 @@ def window_rows(tokens: pa.Table, rows: np.ndarray, cfg: ChunkConfig, bos_id: in
         for start in range(0, len(rows), batch_docs):
             block = np.asarray(rows[start:start + batch_docs], np.int64)
             ids = take_rows(doc_ids, block).combine_chunks()
-            out = window_batch(ids, lengths[block], block, cfg, bool(bos))
+            out = window_batch(ids, lengths[block], block, plan)
             writer.write_batch(out)
             row_tokens = int(out.column("length").to_numpy().sum()) + bos * out.num_rows
             counts["documents"] += len(block)
             counts["chunks"] += out.num_rows
             counts["tokens"] += row_tokens
-            counts["trained_tokens"] += int(lengths[block].sum()) if cfg.mask_overlap else row_tokens - bos * out.num_rows
+            counts["trained_tokens"] += (int(lengths[block].sum()) if plan.masked_overlap == plan.overlap
+                                         else row_tokens - bos * out.num_rows)
             if progress is not None:
                 progress.update(len(block))
     return counts
@@ -376,19 +401,19 @@ def link_or_copy(src: Path, dst: Path) -> None:
 # ---------------------------------------------------------------------------------------- the task
 
 
-def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarray], chunk: ChunkConfig,
-                bos_id: int | None, root: ArtifactsRoot, progress: Progress | None = None) -> tuple[StageOutput, bool]:
+def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarray], plan: WindowPlan,
+                root: ArtifactsRoot, progress: Progress | None = None) -> tuple[StageOutput, bool]:
     """One source file's windows, per split, cached by its tokens' content, its documents' split assignment and
-    the chunk settings. Returns (output, reused)."""
+    the window plan. Returns (output, reused)."""
     assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
-    key = stage_key("chunk-part", {"chunk": chunk, "tokens": part.get("content") or part["key"], "bos_id": bos_id,
+    key = stage_key("chunk-part", {"plan": plan.meta(), "tokens": part.get("content") or part["key"],
                                    "rows": assignment})
 
     def build(tmp: Path):
         table = read_arrow(Path(token_path))
         counts = {}
         for name in SPLITS:
-            c = window_rows(table, rows[name], chunk, bos_id, tmp / f"{name}.arrow", progress)
+            c = window_rows(table, rows[name], plan, tmp / f"{name}.arrow", progress)
             counts.update({f"{name}_{k}": v for k, v in c.items()})
         return counts, {}
 
@@ -412,6 +437,11 @@ class Chunks(StageOutput):
     @property
     def ids_type(self) -> pa.DataType:
         return ID_TYPES[self.meta["token_type"]]
+
+    def plan(self, mask_overlap: bool = True) -> WindowPlan:
+        """The windows these chunks were made with (`mask_overlap`: the config's, for entries that predate the
+        plan's full record)."""
+        return WindowPlan.of(self.meta, mask_overlap)
 
     @property
     def token_files(self) -> list[dict[str, str]]:
@@ -515,13 +545,13 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
     seeded random order."""
     root = build.root
     bos_id = tokens.bos_id
-    window, stride = window_plan(chunk.max_seq_length, chunk.overlap, bos_id is not None)
+    plan = window_plan(chunk, bos_id is not None)  # checked before any piece is built; recorded in the meta
     parts = tokens.parts
     by_split = {name: rows_by_part(split.split_file(root, name), len(parts)) for name in SPLITS}
 
     calls = [{"part": part, "token_path": str(tokens.token_file(root, part)),
-              "rows": {name: by_split[name][p] for name in SPLITS}, "chunk": chunk, "bos_id": bos_id,
-              "root": root} for p, part in enumerate(parts)]
+              "rows": {name: by_split[name][p] for name in SPLITS}, "plan": plan, "root": root}
+             for p, part in enumerate(parts)]
     with Progress(tokens.counts["documents"], "chunk", unit="doc") as progress:
         if runtime is None or runtime.task_runner == "sequential":
             done = [chunk_piece(**call, progress=progress) for call in calls]
@@ -541,7 +571,7 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
             counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in pieces)
     counts.update(files_chunked=fresh, files_cached=len(pieces) - fresh)
     token_files = [{"path": part["path"], "name": Path(call["token_path"]).name} for part, call in zip(parts, calls)]
-    meta = {"window": window, "stride": stride, "bos_id": bos_id, "eos_id": tokens.eos_id,
+    meta = {**plan.meta(), "bos_id": bos_id, "eos_id": tokens.eos_id,
                     "token_type": tokens.meta["token_type"], "token_files": token_files,
                     "format": "windows into the token pieces; `cpt export-chunks` writes them as a datasets folder "
                     "(input_ids, attention_mask, labels: input_ids with positions before trained_from set to -100)"}

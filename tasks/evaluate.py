@@ -26,7 +26,7 @@ from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
 if TYPE_CHECKING:
-    from tasks.chunk import Chunks
+    from tasks.chunk import Chunks, WindowPlan
     from tasks.train import Trained
 
 EVAL_FILE = "eval.json"
@@ -40,8 +40,9 @@ def validation_rows(chunks: Chunks, root: ArtifactsRoot, limit: int | None) -> l
     return chunks.labelled(root, "validation", limit).to_pylist()
 
 
-def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit: int | None) -> list[dict]:
-    """The general corpus read, tokenized and chunked exactly like the training data (in memory: it is small)."""
+def general_rows(paths: list[str], tokenizer_dir: str, plan: WindowPlan, limit: int | None) -> list[dict]:
+    """The general corpus read, tokenized and chunked exactly like the training data (the chunk output's own window
+    plan; in memory: it is small)."""
     import pyarrow as pa
 
     from tasks.data.arrow import token_type, with_labels
@@ -57,7 +58,7 @@ def general_rows(paths: list[str], tokenizer_dir: str, chunk: ChunkConfig, limit
     tok = load_tokenizer(tokenizer_dir)
     sp = special_tokens(tok)
     ids = encode_batch(tok, texts, sp["eos_id"], ids_type=token_type(sp["id_limit"]))
-    rows = chunk_batch(pa.array([str(i) for i in range(len(texts))]), ids, chunk, sp["bos_id"])
+    rows = chunk_batch(pa.array([str(i) for i in range(len(texts))]), ids, plan, sp["bos_id"])
     out = with_labels(rows).to_pylist()
     return out[:limit] if limit is not None else out
 
@@ -307,7 +308,8 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
 
 def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, root: ArtifactsRoot, tokenizer_dir: str):
     val = validation_rows(chunks, root, cfg.max_eval_rows)
-    general = general_rows(cfg.general_corpus, tokenizer_dir, chunk, cfg.max_eval_rows) if cfg.general_corpus else None
+    general = (general_rows(cfg.general_corpus, tokenizer_dir, chunks.plan(chunk.mask_overlap), cfg.max_eval_rows)
+               if cfg.general_corpus else None)
     return val, general
 
 

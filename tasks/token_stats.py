@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from tasks.data.arrow import read_arrow
-from tasks.chunk import chunk_lengths, rows_by_part
+from tasks.chunk import WindowPlan, chunk_lengths, rows_by_part, window_plan
 from tasks.core.config.data import ChunkConfig, SPLITS, TokenStatsConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
@@ -65,15 +65,15 @@ def file_lengths(token_file: Path) -> np.ndarray:
     return pc.list_value_length(read_arrow(token_file).column("input_ids")).to_numpy(zero_copy_only=False)
 
 
-def part_split_lengths(token_file: Path, rows: dict[str, np.ndarray], chunk: ChunkConfig,
-                       has_bos: bool) -> dict[str, dict[str, np.ndarray]]:
+def part_split_lengths(token_file: Path, rows: dict[str, np.ndarray], plan: WindowPlan
+                       ) -> dict[str, dict[str, np.ndarray]]:
     """One source file's share of each split: its documents' token counts and those of the chunks they become."""
     lengths = file_lengths(token_file)
     out = {}
     for split, r in rows.items():
         docs = lengths[r].astype(np.int64)
         out[split] = {"documents": docs,
-                      "chunks": chunk_lengths(docs, chunk, has_bos) if len(docs) else np.zeros(0, dtype=np.int64)}
+                      "chunks": chunk_lengths(docs, plan) if len(docs) else np.zeros(0, dtype=np.int64)}
     return out
 
 
@@ -143,11 +143,10 @@ def plot_histograms(lengths: dict[str, dict[str, np.ndarray]], bins: int, path: 
                     f'<g transform="translate(0,24)">{"".join(panels)}</g></svg>\n', encoding="utf-8")
 
 
-def compute_token_stats(token_files: list[Path], split_dir: Path, chunk: ChunkConfig,
-                        has_bos: bool) -> tuple[list[dict], dict]:
+def compute_token_stats(token_files: list[Path], split_dir: Path, plan: WindowPlan) -> tuple[list[dict], dict]:
     """Statistics of the whole corpus from its per-file shares (what the stage does, without the cache)."""
     by_split = {name: rows_by_part(split_dir / f"{name}.arrow", len(token_files)) for name in SPLITS}
-    lengths = merge_lengths([part_split_lengths(f, {name: by_split[name][p] for name in SPLITS}, chunk, has_bos)
+    lengths = merge_lengths([part_split_lengths(f, {name: by_split[name][p] for name in SPLITS}, plan)
                              for p, f in enumerate(token_files)])
     return stats_rows(lengths), lengths
 
@@ -161,6 +160,7 @@ def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos
     """Each source file's lengths, cached by its tokens, its documents' splits and the chunk settings: a drop
     measures only its own files. Returns the merged lengths and how many files were measured now."""
     parts = tokens.parts
+    plan = window_plan(chunk, has_bos)  # the chunk stage's own plan, made the same way before it runs
     by_split = {name: rows_by_part(split.split_file(root, name), len(parts)) for name in SPLITS}
     shares, fresh = [], 0
     for p, part in enumerate(parts):
@@ -170,7 +170,7 @@ def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos
                                              "chunk": chunk, "has_bos": has_bos})
 
         def build(tmp: Path, part=part, rows=rows):
-            share = part_split_lengths(tokens.token_file(root, part), rows, chunk, has_bos)
+            share = part_split_lengths(tokens.token_file(root, part), rows, plan)
             for (s, kind), name in PIECE_FILES.items():
                 np.save(tmp / name, share[s][kind])
             return {"documents": int(sum(len(r) for r in rows.values()))}, {}

@@ -14,13 +14,14 @@ BOS = 1
 
 def run_chunks(docs: list[list[int]], max_seq_length: int, overlap: int, bos: bool, mask: bool = True):
     cfg = ChunkConfig(max_seq_length=max_seq_length, overlap=overlap, mask_overlap=mask)
+    plan = window_plan(cfg, bos)
     ids = pa.array(docs, type=pa.list_(pa.int32()))
     doc_ids = pa.array([f"d{i}" for i in range(len(docs))])
-    rb = chunk_batch(doc_ids, ids, cfg, BOS if bos else None)
+    rb = chunk_batch(doc_ids, ids, plan, BOS if bos else None)
     labels = with_labels(rb).column("labels").to_pylist()
     rows = [{**r, "labels": lab} for r, lab in zip(rb.to_pylist(), labels)]
     labelled = sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
-    assert trained_tokens(ids, rb, cfg, BOS if bos else None) == labelled
+    assert trained_tokens(ids, rb, plan) == labelled
     return rows
 
 
@@ -53,12 +54,13 @@ def test_short_document_is_one_chunk():
 @pytest.mark.parametrize("max_len, overlap, bos, ok", [(10, 9, False, True), (10, 9, True, False), (2, 0, True, True),
                                                        (10, 8, True, True)])
 def test_overlap_bound_depends_on_bos(max_len, overlap, bos, ok):
+    cfg = ChunkConfig.model_construct(max_seq_length=max_len, overlap=overlap, mask_overlap=True)  # unvalidated
     if ok:
-        window, stride = window_plan(max_len, overlap, bos)
-        assert stride == window - overlap >= 1
+        plan = window_plan(cfg, bos)
+        assert plan.stride == plan.window - overlap >= 1 and plan.masked_overlap == overlap
     else:
         with pytest.raises(ConfigError, match="chunk.overlap: 9 must be smaller than the window of 9 tokens"):
-            window_plan(max_len, overlap, bos)
+            window_plan(cfg, bos)
 
 
 docs_strategy = st.lists(st.lists(st.integers(2, 30000), min_size=1, max_size=300), min_size=1, max_size=8)
@@ -78,10 +80,9 @@ def chunk_cases(draw):
 def test_chunk_invariants(case):
     docs, max_len, overlap, bos = case
     rows = run_chunks(docs, max_len, overlap, bos)
-    window, stride = window_plan(max_len, overlap, bos)
-    assert [len(r["input_ids"]) for r in rows] == list(chunk_lengths(np.array([len(d) for d in docs]),
-                                                                      ChunkConfig(max_seq_length=max_len,
-                                                                                  overlap=overlap), bos))
+    plan = window_plan(ChunkConfig(max_seq_length=max_len, overlap=overlap), bos)
+    window, stride = plan.window, plan.stride
+    assert [len(r["input_ids"]) for r in rows] == list(chunk_lengths(np.array([len(d) for d in docs]), plan))
     for i, ids in enumerate(docs):
         mine = [r for r in rows if r["doc_id"] == f"d{i}"]
         body = [r["input_ids"][1:] if bos else r["input_ids"] for r in mine]
@@ -124,7 +125,7 @@ def test_batch_boundaries_do_not_change_the_result():
     names = pa.array([f"d{i}" for i in range(50)])
     parts = []
     for s in range(0, 50, 7):  # sliced list arrays have non-zero offsets
-        rb = chunk_batch(names.slice(s, 7), ids.slice(s, 7), cfg, BOS)
+        rb = chunk_batch(names.slice(s, 7), ids.slice(s, 7), window_plan(cfg, True), BOS)
         parts += [{**r, "labels": lab} for r, lab in zip(rb.to_pylist(), with_labels(rb)["labels"].to_pylist())]
     assert parts == whole
 
@@ -146,7 +147,7 @@ def test_labels_are_derived_from_sliced_and_chunked_rows():
     labels as the rows alone, and the ids come back as int32 whatever the stored type."""
     docs = [list(range(10, 30)), [5, 6], list(range(40, 47))]
     rb = chunk_batch(pa.array(["a", "b", "c"]), pa.array(docs, pa.list_(pa.uint16())),
-                     ChunkConfig(max_seq_length=6, overlap=2), BOS)
+                     window_plan(ChunkConfig(max_seq_length=6, overlap=2), True), BOS)
     assert rb.schema.field("input_ids").type == pa.list_(pa.uint16())
     whole = with_labels(rb)
     assert whole.schema.field("input_ids").type == pa.list_(pa.int32())
@@ -174,7 +175,7 @@ def test_chunk_rows_streams_in_bounded_batches_with_the_same_rows(tmp_path):
     cfg = ChunkConfig(max_seq_length=64, overlap=16)
     shards = {}
     for budget in (1 << 20, 500):
-        c = chunk_rows(tokens, rows, cfg, BOS, tmp_path / f"{budget}.arrow", batch_tokens=budget)
+        c = chunk_rows(tokens, rows, window_plan(cfg, True), BOS, tmp_path / f"{budget}.arrow", batch_tokens=budget)
         reader = pa.ipc.open_stream(str(tmp_path / f"{budget}.arrow"))
         batches = list(reader)
         shards[budget] = (pa.Table.from_batches(batches, reader.schema).to_pylist(), len(batches), c)
@@ -244,8 +245,9 @@ def test_windows_gathered_from_the_tokens_are_the_materialised_rows(tmp_path_fac
         w.write_table(tokens, max_chunksize=max(1, -(-len(docs) // batches)))
     rows = rng.permutation(len(docs))[: max(1, len(docs) - 1)]
     bos_id = BOS if bos else None
-    counts = window_rows(tokens, rows, cfg, bos_id, tmp / "windows.arrow", batch_docs=3)
-    expected_counts = chunk_rows(tokens, rows, cfg, bos_id, tmp / "rows.arrow")
+    plan = window_plan(cfg, bos)
+    counts = window_rows(tokens, rows, plan, tmp / "windows.arrow", batch_docs=3)
+    expected_counts = chunk_rows(tokens, rows, plan, bos_id, tmp / "rows.arrow")
     assert counts == expected_counts
     windows = pa.ipc.open_file(str(tmp / "windows.arrow")).read_all()
     got = gather_rows(windows, {0: TokenFile(tmp / "tokens.arrow")}, bos_id, pa.uint16())

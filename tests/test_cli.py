@@ -101,7 +101,7 @@ def published_chunks(artifacts):
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import Chunks, window_rows, windows_file
+    from tasks.chunk import Chunks, window_plan, window_rows, windows_file
     from tasks.core.config.data import ChunkConfig
 
     root = open_root(artifacts)
@@ -121,7 +121,7 @@ def published_chunks(artifacts):
     def build(tmp):
         counts = {}
         for name, rows in (("train", [0, 1, 2, 4]), ("validation", [3])):
-            c = window_rows(tokens, np.array(rows), cfg, 1, tmp / windows_file(name))
+            c = window_rows(tokens, np.array(rows), window_plan(cfg, True), tmp / windows_file(name))
             counts.update({f"{name}_{k}": v for k, v in c.items()})
         meta = {"window": 11, "stride": 7, "bos_id": 1, "eos_id": 2, "token_type": "uint16",
                 "token_files": [{"path": piece.path, "name": "tokens.arrow"}]}

@@ -214,7 +214,8 @@ def test_overlap_bound_is_the_bos_aware_one():
     for max_len in range(2, 40):
         for overlap in range(0, max_len + 1):
             try:
-                window_plan(max_len, overlap, has_bos=True)
+                window_plan(ChunkConfig.model_construct(max_seq_length=max_len, overlap=overlap, mask_overlap=True),
+                            has_bos=True)
                 chunker_ok = True
             except ConfigError:
                 chunker_ok = False

@@ -142,13 +142,13 @@ def test_the_replay_windows_are_drawn_in_blocks_and_the_last_cut_to_the_token():
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import window_batch
+    from tasks.chunk import window_batch, window_plan
     from tasks.core.config.data import ChunkConfig
     from tasks.mix import drawn_windows, labelled_per_window
 
     lengths = np.array([30, 7, 19, 4, 25])
     pool = pa.Table.from_batches([window_batch(pa.array([f"d{i}" for i in range(5)]), lengths, np.arange(5),
-                                               ChunkConfig(max_seq_length=8, overlap=3), True)])
+                                               window_plan(ChunkConfig(max_seq_length=8, overlap=3), True))])
     rows = np.array([4, 0, 2, 7, 1, 3, 3])
     got = pa.concat_tables(list(drawn_windows(pool, rows, 2, 1, part_offset=3, batch_rows=3))).to_pylist()
     whole = pool.take(pa.array(rows)).to_pylist()

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from helpers import shared_corpus
-from tasks.chunk import IGNORE_INDEX, chunk_file
+from tasks.chunk import IGNORE_INDEX, chunk_file, window_plan
 from tasks.core.config.data import ChunkConfig, CorpusConfig
 from tasks.data.layout import DOCS_FILE
 from tasks.data.pieces import load_documents
@@ -22,7 +22,8 @@ def test_real_corpus_round_trips_through_load_tokenize_chunk(name, tiny_model, t
     sp = special_tokens(tok)
     tokenize_file(tmp_path / "parts" / "0" / DOCS_FILE, tmp_path / "tokens.arrow", tok, sp["eos_id"], 256)
     cfg = ChunkConfig(max_seq_length=128, overlap=48)
-    c = chunk_file(tmp_path / "tokens.arrow", tmp_path / "chunks", cfg, sp["bos_id"])
+    c = chunk_file(tmp_path / "tokens.arrow", tmp_path / "chunks", window_plan(cfg, sp["bos_id"] is not None),
+                   sp["bos_id"])
 
     tokens = pa.ipc.open_file(str(tmp_path / "tokens.arrow")).read_all()
     rows = pa.ipc.open_stream(str(tmp_path / "chunks" / "data-00000-of-00001.arrow")).read_all()

@@ -11,6 +11,7 @@ from tasks.core.config.base import ConfigError
 from tasks.core.config.data import ChunkConfig
 from tasks.core.config.model import ModelConfig
 from tasks.shuffle import split_documents
+from tasks.chunk import window_plan
 from tasks.token_stats import STAT_NAMES, compute_token_stats, length_stats, plot_histograms
 from tasks.tokenize import (
     batch_bounds, encode_batch, load_tokenizer, resolve_tokenizer, special_tokens, tokenize_file,
@@ -155,7 +156,7 @@ def test_stats_of_a_tokenized_split(tmp_path):
         write_arrow(tmp_path / f"{split}.arrow", pa.table({"part": pa.array([1, 0, 0], pa.int32()),
                                                           "row": pa.array([0, 1, 0], pa.int64())}))
     rows, lengths = compute_token_stats([tmp_path / "p0.arrow", tmp_path / "p1.arrow"], tmp_path,
-                                        ChunkConfig(max_seq_length=100, overlap=20), has_bos=True)
+                                        window_plan(ChunkConfig(max_seq_length=100, overlap=20), has_bos=True))
     assert sorted(lengths["train"]["documents"]) == [10, 45, 300]
     docs = next(r for r in rows if r["split"] == "train" and r["unit"] == "documents")
     chunks = next(r for r in rows if r["split"] == "train" and r["unit"] == "chunks")

@@ -113,13 +113,14 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
 
     from helpers import sample_texts
     from tasks.data.arrow import with_labels
-    from tasks.chunk import chunk_batch
+    from tasks.chunk import chunk_batch, window_plan
     from tasks.core.config.data import ChunkConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in sample_texts(6)]
     table = chunk_batch(pa.array([str(i) for i in range(len(ids))]), pa.array(ids, pa.list_(pa.int32())),
-                        ChunkConfig(max_seq_length=48, overlap=16), tok.bos_token_id)
+                        window_plan(ChunkConfig(max_seq_length=48, overlap=16), tok.bos_token_id is not None),
+                        tok.bos_token_id)
     rows = with_labels(table).to_pylist()
     masked = [r for r in rows if r["labels"][1] == -100]  # windows after a document's first: overlap masked
     assert masked and len(masked) < len(rows)
@@ -214,7 +215,7 @@ def _chunks_dir(tiny_model, out):
     import pyarrow as pa
 
     from helpers import sample_texts
-    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
     from tasks.core.config.data import ChunkConfig
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
 
@@ -224,7 +225,8 @@ def _chunks_dir(tiny_model, out):
     tokens = pa.table({"doc_id": [str(i) for i in range(len(texts))], "input_ids": encode_batch(tok, texts, sp["eos_id"])})
     for split, rows in (("train", np.arange(len(texts))), ("validation", np.arange(0))):
         (out / split).mkdir(parents=True)
-        chunk_rows(tokens, rows, ChunkConfig(max_seq_length=48, overlap=8), sp["bos_id"], out / split / SHARD)
+        chunk_rows(tokens, rows, window_plan(ChunkConfig(max_seq_length=48, overlap=8), sp["bos_id"] is not None),
+                   sp["bos_id"], out / split / SHARD)
     write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "ddp-test")
     return out
 
@@ -278,7 +280,7 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
     from datasets import load_from_disk
 
     from tasks.data.arrow import with_labels
-    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
     from tasks.core.config.data import ChunkConfig
     from tasks.ml.train_worker import training_columns
 
@@ -286,7 +288,8 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
     tokens = pa.table({"doc_id": [f"d{i}" for i in range(4)], "input_ids": pa.array(docs, pa.list_(pa.uint16()))})
     for split, rows in (("train", [3, 0, 2]), ("validation", [1])):
         (tmp_path / split).mkdir()
-        chunk_rows(tokens, np.array(rows), ChunkConfig(max_seq_length=16, overlap=4), 1, tmp_path / split / SHARD)
+        chunk_rows(tokens, np.array(rows), window_plan(ChunkConfig(max_seq_length=16, overlap=4), True), 1,
+                   tmp_path / split / SHARD)
     write_dataset_dict(tmp_path, {"train": [SHARD], "validation": [SHARD]}, "f" * 16, pa.uint16())
     stored = load_from_disk(str(tmp_path))
     assert "labels" not in stored["train"].column_names
