@@ -549,3 +549,59 @@ def test_the_fold_table_is_kept_per_machine_and_checked(tmp_path, monkeypatch):
         assert fresh()[0][ord("a")] == ord("a")
     finally:
         sh._fold_table.cache_clear()
+
+
+def test_a_changed_threshold_recomputes_no_signature(tmp_path):
+    """Signatures depend on the permutations, the shingle length and the seed, not on the threshold: tuning it
+    re-bands the cached signatures (a new load key), it never computes one again; a new seed does."""
+    from tasks.core.config.data import NearDedupConfig
+    from tasks.core.root import open_root
+    from tasks.data.near_pieces import signature_piece
+    from tasks.data.pieces import load_file_cached
+
+    root = open_root(tmp_path / "artifacts")
+    f = tmp_path / "a.jsonl"
+    f.write_text("\n".join(json.dumps({"content": f"문서 {i}: 고혈압 환자의 식이 요법과 운동에 관한 안내입니다."})
+                           for i in range(20)) + "\n", encoding="utf-8")
+    from tasks.core.manifest import hash_file
+
+    corpus = CorpusConfig(paths=[str(f)])
+    piece, _ = load_file_cached({"path": str(f), "digest": hash_file(f), "bytes": f.stat().st_size}, corpus, root)
+    first, reused_first = signature_piece(piece, NearDedupConfig(threshold=0.8), root)
+    again, reused = signature_piece(piece, NearDedupConfig(threshold=0.6), root)
+    assert not reused_first and first.key == again.key and reused  # the same entry, taken as it was
+    other, reused_other = signature_piece(piece, NearDedupConfig(threshold=0.8, seed=7), root)
+    assert other.key != first.key and not reused_other
+
+
+def test_load_and_the_drop_gate_agree_at_the_thresholds_edge():
+    """Pairs whose MinHash estimate and exact Jaccard fall on either side of the threshold: load's near-dedup and
+    the drop gate's count decide each the same way (both by `near_pairs`: the exact Jaccard within the margin)."""
+    rng = np.random.default_rng(3)
+    words = [f"w{k:03d}" for k in range(400)]
+    base = " ".join(rng.choice(words, 120))
+    threshold, num_perm = 0.8, 32
+    over = under = None  # (estimate >= t > exact) and (exact >= t > estimate)
+    for trial in range(4000):
+        tokens = base.split()
+        for _ in range(int(rng.integers(1, 20))):
+            tokens[int(rng.integers(len(tokens)))] = str(rng.choice(words))
+        variant = " ".join(tokens)
+        x, y = sh.shingles(base, 5), sh.shingles(variant, 5)
+        exact = len(x & y) / len(x | y)
+        sigs = mh.signatures([base, variant], num_perm, 5, trial)
+        est = mh.estimated_jaccard(sigs[0], sigs[1])
+        if over is None and est >= threshold > exact >= threshold - mh.VERIFY_MARGIN:
+            over = (variant, trial)
+        if under is None and exact >= threshold > est >= threshold - mh.VERIFY_MARGIN:
+            under = (variant, trial)
+        if over and under:
+            break
+    assert over and under, "no pair at the threshold's edge was found: the test would prove nothing"
+    for (variant, seed), want in ((over, False), (under, True)):
+        texts = [[base], [variant]]
+        parts = [(["a"], mh.signatures([base], num_perm, 5, seed)), (["b"], mh.signatures([variant], num_perm, 5, seed))]
+        text_of = lambda p, r: texts[p][r]  # noqa: E731
+        loaded = mh.near_duplicates(parts, [0, 1], threshold, num_perm, text_of, 5)
+        gated = mh.drop_matches(parts[:1], parts[1:], threshold, num_perm, text_of, 5)
+        assert (len(loaded) == 1) == want and (len(gated) == 1) == want

@@ -280,6 +280,29 @@ def _distinct(values: np.ndarray) -> np.ndarray:
 VERIFY_MARGIN = 0.1
 
 
+def near_pairs(line: _Line, threshold: float, text_of: Callable[[int, int], str] | None, shingle_chars: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) of the line's rows that are near-duplicates: the one decision load's near-dedup and the
+    drop gate both take. LSH candidates whose signatures agree on at least threshold - VERIFY_MARGIN are kept;
+    with `text_of(part, row)` those whose estimate lies within the margin of the threshold are checked on their
+    exact Jaccard, a block of pairs at a time (a block's texts shingled in one batch); an estimate a margin above
+    the threshold is 3 standard errors clear of it and taken as it is. Without texts, the estimate decides."""
+    i, j, sim = line.pairs(threshold - VERIFY_MARGIN if text_of else threshold)
+    if text_of is None:
+        return i, j, sim
+    near = np.flatnonzero(sim < threshold + VERIFY_MARGIN)
+    for start in range(0, len(near), 2048):
+        block = near[start:start + 2048]
+        docs = np.unique(np.concatenate([i[block], j[block]])).tolist()
+        sets = dict(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
+        for k, a, b in zip(block.tolist(), i[block].tolist(), j[block].tolist()):
+            x, y = sets[a], sets[b]
+            inter = len(np.intersect1d(x, y, assume_unique=True))
+            sim[k] = inter / max(len(x) + len(y) - inter, 1)
+    ok = sim >= threshold
+    return i[ok], j[ok], sim[ok]
+
+
 def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
                     num_perm: int, text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
                     ) -> list[NearDuplicate]:
@@ -290,22 +313,7 @@ def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Se
     doc_id) is the exact dedup's, not counted here. `text_of(part, row)`: the text, to check candidates on their
     exact Jaccard (`VERIFY_MARGIN`)."""
     line = _Line(parts, lambda p: ranks[p], threshold, num_perm)
-    i, j, sim = line.pairs(threshold - VERIFY_MARGIN if text_of else threshold)
-    if text_of is not None:
-        # Pairs whose estimate is within the margin are checked on the exact Jaccard, a block of pairs at a time
-        # (a block's texts shingled in one batch); an estimate a margin above the threshold is 3 standard errors
-        # clear of it and taken as it is.
-        near = np.flatnonzero(sim < threshold + VERIFY_MARGIN)
-        for start in range(0, len(near), 2048):
-            block = near[start:start + 2048]
-            docs = np.unique(np.concatenate([i[block], j[block]])).tolist()
-            sets = dict(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
-            for k, a, b in zip(block.tolist(), i[block].tolist(), j[block].tolist()):
-                x, y = sets[a], sets[b]
-                inter = len(np.intersect1d(x, y, assume_unique=True))
-                sim[k] = inter / max(len(x) + len(y) - inter, 1)
-        ok = sim >= threshold
-        i, j, sim = i[ok], j[ok], sim[ok]
+    i, j, sim = near_pairs(line, threshold, text_of, shingle_chars)
     # Visit the removed-candidates in order; each takes the most similar earlier document still kept (then the
     # earliest). A document's own fate is settled before any later one looks at it (its pairs have i < j).
     by = np.lexsort((i, -sim, j))
@@ -327,15 +335,17 @@ def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Se
 
 def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
                  drop_parts: Sequence[tuple[Sequence[str], np.ndarray]], threshold: float, num_perm: int,
+                 text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
                  ) -> list[tuple[str, str, float]]:
     """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
-    (exact copies included: the drop gate counts both as duplicates)."""
+    (exact copies included: the drop gate counts both as duplicates). Pairs are decided as load decides them
+    (`near_pairs`; `text_of(part, row)` over the line's parts, then the drop's)."""
     parts = [*line_parts, *drop_parts]
     line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm)
     # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
     # when its piece is.
     in_line = line.part < len(line_parts)
-    i, j, sim = line.pairs(threshold)
+    i, j, sim = near_pairs(line, threshold, text_of, shingle_chars)
     mine = in_line[i] & ~in_line[j]
     i, j, sim = i[mine], j[mine], sim[mine]
     by = np.lexsort((-sim, j))  # per drop document, the most similar line document first

@@ -29,9 +29,14 @@ SAMPLES = 5
 SAMPLE_CHARS = 400
 
 
+# Settings that decide which documents are near-duplicates, not what a signature is: tuning them recomputes no
+# signature (the assembly, whose key holds them, bands the cached signatures again).
+NOT_IN_SIGNATURES = frozenset({"threshold"})
+
+
 def signature_key(piece: StageOutput, cfg: NearDedupConfig) -> str:
-    return stage_key("near-dedup-sig", {"piece": piece.key, "near_dedup": cfg.key_material(),
-                                        "backend": minhash.BACKEND})
+    material = {k: v for k, v in cfg.key_material().items() if k not in NOT_IN_SIGNATURES}
+    return stage_key("near-dedup-sig", {"piece": piece.key, "near_dedup": material, "backend": minhash.BACKEND})
 
 
 def signature_piece(piece: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot) -> tuple[StageOutput, bool]:

@@ -171,7 +171,10 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
     cfg = corpus.near_dedup
     drop_sigs, _ = piece_signatures(drop_pieces, [piece_docs_file(root, p.path) for p in drop_pieces], cfg, root)
     line_sigs, _ = piece_signatures(line_pieces, [piece_docs_file(root, p.path) for p in line_pieces], cfg, root)
-    near = [m for m in drop_matches(line_sigs, drop_sigs, cfg.threshold, cfg.num_perm) if m[0] not in exact]
+    tables = [read_arrow(piece_docs_file(root, p.path)) for p in [*line_pieces, *drop_pieces]]  # memory-mapped
+    near = [m for m in drop_matches(line_sigs, drop_sigs, cfg.threshold, cfg.num_perm,
+                                    lambda part, row: tables[part].column("text")[row].as_py(), cfg.shingle_chars)
+            if m[0] not in exact]
     texts: dict[str, str] = {}
     wanted = {d for m in near[:SAMPLES] for d in m[:2]}
     for piece in [*drop_pieces, *line_pieces]:
