@@ -14,12 +14,8 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.stages import StageName
+from flows.stages import PIPELINE, StageName, position
 from tasks import evaluate as evaluate_stage
-from tasks import gate as gate_stage
-from tasks import push as push_stage
-from tasks import token_stats as token_stats_stage
-from tasks import train as train_stage
 from tasks.chunk import chunk
 from tasks.core.config.data import CorpusConfig, SplitConfig
 from tasks.core.config.tree import CptConfig
@@ -43,28 +39,37 @@ from tasks.token_stats import token_stats
 from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize
 from tasks.train import train
 
-# Stages whose outputs have Prefect artifacts. The flow makes them after every call, computed or cached:
-# a cached task does not re-create its own artifacts, and every run should show what it produced.
-SHOW = {"token-stats": token_stats_stage.show, "train": train_stage.show, "evaluate": evaluate_stage.show,
-        "gate": gate_stage.show, "push": push_stage.show}
-
-
 class StageRunner:
-    """Calls stage tasks with the pinned result storage and records what each call did."""
+    """Calls stage tasks with the pinned result storage and records what each call did. The pipeline's stages
+    come in the order flows/stages.py lists them (a call out of that order fails: the list is the flow's order),
+    and none runs after `until`."""
 
     def __init__(self, root: ArtifactsRoot, until: str | None):
         self.root = root
-        self.until = until
+        self.until = position(until) if until else None
         self.stages: list[dict[str, Any]] = []
-        self.stopped = False
+        self.reached = -1  # the position of the last pipeline stage called
+
+    @property
+    def stopped(self) -> bool:
+        """Past `until`: the stage it names has run."""
+        return self.until is not None and self.reached >= self.until
 
     def __call__(self, stage_task, label: str | None = None, force: bool = False, **inputs) -> StageOutput | None:
         """`label` names a second use of a stage (replay-load, evaluate-reference) in the summary and the UI;
         `force` runs it even after `until` (the replay data belongs to the data stages)."""
-        if self.stopped and not force:
+        name = stage_task.name
+        if not label and name in PIPELINE:
+            if position(name) <= self.reached:
+                raise RuntimeError(f"the flow calls {name!r} after {PIPELINE[self.reached]!r}: flows/stages.py "
+                                   "lists the pipeline's order, and the flow must follow it")
+            if self.stopped:
+                return None
+            self.reached = position(name)
+        elif self.stopped and not force:
             return None
         started = time.perf_counter()
-        entry: dict[str, Any] = {"name": label or stage_task.name}
+        entry: dict[str, Any] = {"name": label or name}
         self.stages.append(entry)
         options = {"result_storage": self.root.records_dir}
         if label:
@@ -74,13 +79,12 @@ class StageRunner:
         out: StageOutput = state.result()  # raises the stage's own error on failure
         entry.update(key=out.key, output=out.location(self.root), counts=out.counts,
                      built=was_built(out.key))
-        links = {} if label else out.links(self.root)
-        if links:
-            entry["links"] = links
-        if stage_task.name in SHOW and not label:
-            SHOW[stage_task.name](out, self.root)
-        if stage_task.name == self.until and not label:
-            self.stopped = True
+        if not label:
+            links = out.links(self.root)
+            if links:
+                entry["links"] = links
+            # Every call, computed or cached: a cached task does not re-create its own artifacts.
+            out.show(self.root)
         return out
 
     def note(self, **facts: Any) -> None:

@@ -339,6 +339,9 @@ class Evaluation(StageOutput):
         return [(logging.INFO, f"validation perplexity {_num(c['validation_perplexity_before'])} → "
                                f"{_num(c['validation_perplexity_after'])} ({change})")]
 
+    def show(self, root: ArtifactsRoot) -> None:
+        show(self, root)  # the module's `show` below: its tables and plots
+
 
 def _task_counts(result: dict[str, Any]) -> dict[str, Any]:
     """The task numbers in a stage's counts (the run summary carries them): {task/metric: value} and seconds."""

@@ -157,6 +157,9 @@ class Decision(StageOutput):
             return [(logging.INFO, f"promoted: {self.counts['reason']}")]
         return [(logging.WARNING, f"refused, not pushed: {self.counts['reason']}")]
 
+    def show(self, root: ArtifactsRoot) -> None:
+        show(self, root)  # the module's `show` below: its tables and plots
+
 
 @stage("gate", version=3, output=Decision)
 def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval: Evaluation, base_eval: Evaluation,

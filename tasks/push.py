@@ -223,6 +223,9 @@ class Release(StageOutput):
         return [(logging.INFO, f"model saved to {c['local_path']}"
                                + (f", uploaded to {c['hub_url']}" if c["hub_url"] else ""))]
 
+    def show(self, root: ArtifactsRoot) -> None:
+        show(self, root)  # the module's `show` below: its tables and plots
+
 
 @stage("push", version=2, output=Release, libraries=["huggingface_hub"], key_exclude={"base_model_id", "lineage"})
 def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, evaluation: Evaluation, docs: Docs,

@@ -195,6 +195,9 @@ class TokenStats(StageOutput):
         return [(logging.INFO, f"train {r['unit']}: {r['count']}, mean {r['mean']:.1f}, p95 {r['p95']:.0f}, "
                                f"max {r['max']} tokens") for r in self.rows(root) if r["split"] == "train"]
 
+    def show(self, root: ArtifactsRoot) -> None:
+        show(self, root)  # the module's `show` below: its tables and plots
+
 
 @stage("token-stats", version=3, output=TokenStats, libraries=["numpy"])
 def token_stats(build: Build, token_stats: TokenStatsConfig, chunk: ChunkConfig, tokens: Tokens, split: Split):

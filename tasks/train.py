@@ -217,6 +217,9 @@ class Trained(StageOutput):
                                         f"trained tokens (replay share {c['replay_share']:.4f})"))
         return lines
 
+    def show(self, root: ArtifactsRoot) -> None:
+        show(self, root)  # the module's `show` below: its tables and plots
+
 
 @stage("train", version=1, output=Trained, code=[train_worker], key_exclude={"parent"},
        libraries=["transformers", "trl", "torch", "accelerate", "datasets"])

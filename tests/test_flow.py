@@ -389,3 +389,39 @@ def _flow_run_id(summary):
             return runs[0].id
 
     return asyncio.run(find())
+
+
+def test_the_runner_follows_the_pipeline_list_and_stops_after_until(tmp_path):
+    """The flow's order is the list's: a pipeline stage called before one listed ahead of it fails, naming both;
+    with `until`, no pipeline stage after it runs (a side stage may, when forced: replay's data stages)."""
+    import types
+
+    from flows.continued_pretraining import StageRunner
+    from flows.stages import PIPELINE
+    from tasks.core.root import open_root
+
+    ran = []
+
+    class Task:
+        def __init__(self, name):
+            self.name = name
+
+        def with_options(self, **_):
+            def call(**inputs):
+                ran.append(self.name)
+                out = types.SimpleNamespace(key=f"{self.name}-k", counts={}, location=lambda root: "",
+                                            links=lambda root: {}, show=lambda root: None)
+                return types.SimpleNamespace(name="Completed", result=lambda: out)
+            return call
+
+    run = StageRunner(open_root(tmp_path / "a"), "tokenize")
+    for name in PIPELINE:
+        run(Task(name))
+    assert ran == ["load", "shuffle", "tokenize"] and run.stopped
+    assert run(Task("mix"), "mix", force=True) is not None and ran[-1] == "mix"
+    assert run(Task("mix"), "mix") is None
+
+    run = StageRunner(open_root(tmp_path / "b"), None)
+    run(Task("chunk"))
+    with pytest.raises(RuntimeError, match="'tokenize' after 'chunk'"):
+        run(Task("tokenize"))

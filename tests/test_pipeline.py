@@ -4,14 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
+
+from flows.stages import PIPELINE
 import torch
 
 from helpers import flow_run_artifacts, flow_run_logs, sample_texts, touched_entries, write_jsonl
 from tasks.core.config.tree import validate_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
-ALL_STAGES = ["load", "shuffle", "tokenize", "token-stats", "chunk", "evaluate-base", "train", "evaluate", "gate",
-              "push"]
+ALL_STAGES = list(PIPELINE)  # the pipeline's one list (flows/stages.py)
 PROMPT = "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"
 
 

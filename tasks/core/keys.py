@@ -41,7 +41,7 @@ from tasks.core.manifest import Fingerprint, StageOutput
 # Modules whose code is part of no key: infrastructure (how outputs are stored and shown, not what they hold).
 INFRASTRUCTURE = "tasks.core"
 # Methods of manifest types that only present an output (log lines, what to open): part of no key.
-PRESENTATION = frozenset({"summary", "links"})
+PRESENTATION = frozenset({"summary", "links", "show"})
 
 
 class CodeReferenceError(NameError):

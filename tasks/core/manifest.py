@@ -122,6 +122,9 @@ class StageOutput(BaseModel):
         """What a user opens of this output (name -> how), for the run summary and the CLI."""
         return {}
 
+    def show(self, root: ArtifactsRoot) -> None:
+        """Its Prefect artifacts (tables, plots), made by the flow after every call, computed or cached."""
+
     def key_material(self) -> dict[str, Any]:
         return {"stage": self.stage, "content": self.content} if self.content else {"stage": self.stage,
                                                                                       "key": self.key}
