@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def library_versions() -> dict[str, str]:
-    """What the figures were measured with (the README's table names them)."""
+    """What the figures were measured with (docs/gpu.md's tables name them)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch

@@ -137,7 +137,7 @@ def stored_rows(root, chunks, split):
 
 
 def rule_labels(row):
-    """The README's rule, written out independently of the package."""
+    """docs/stages.md's label rule, written out independently of the package."""
     return [-100] * row["trained_from"] + row["input_ids"][row["trained_from"]:]
 
 

@@ -300,6 +300,6 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
         expected = with_labels(stored[split].with_format("arrow")[:]).to_pylist()
         assert data[split].to_list() == expected and expected
     assert any(r["labels"][:2] == [-100, -100] for r in data["train"].to_list())  # overlap masked
-    # The README's recipe for a user who trains elsewhere, without this package, gives the same labels.
+    # docs/stages.md's recipe for a user who trains elsewhere, without this package, gives the same labels.
     plain = [[-100] * r["trained_from"] + r["input_ids"][r["trained_from"]:] for r in stored["train"]]
     assert plain == data["train"]["labels"]
