@@ -105,6 +105,7 @@ def test_shipped_configs_validate():
         load_config(path)
 
 
+@pytest.mark.slow  # a fresh interpreter shows what is imported
 def test_help_and_validate_do_not_import_heavy_libraries(tmp_path):
     code = ("import sys; from flows.cli import main; main(['validate', '--set', 'corpus.paths=[a]', "
             "'--set', 'model.id=m']); heavy = [m for m in ('torch', 'transformers', 'prefect', 'datasets') "

@@ -194,6 +194,7 @@ def test_encoder_uses_the_fast_backend_only_when_it_agrees(tiny_model):
     assert other(["a", "b"]) == [[1, 2], [1, 2]] and other.fast is False
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(tiny_model, tmp_path, monkeypatch):
     import subprocess
     import sys

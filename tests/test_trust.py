@@ -251,6 +251,7 @@ def test_a_build_whose_lease_lapses_stops_and_publishes_nothing(store_root, monk
     assert not (root.local / "cache" / "unit" / "unit-lapse").exists()
 
 
+@pytest.mark.slow  # a stand-in training child process
 def test_a_training_child_is_killed_when_the_lease_is_lost():
     """The train stage waits on a child for hours: losing the fence kills its whole process group at once and
     the stage says why (LockLost), not 'training failed'."""
