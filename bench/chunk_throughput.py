@@ -98,7 +98,8 @@ def cpt_chunk_stage(tokens_path: Path, dst: Path, cfg, bos_id) -> dict[str, int]
     import numpy as np
 
     from tasks.data.arrow import read_arrow
-    from tasks.chunk import window_plan, window_rows
+    from tasks.chunk import window_rows
+    from tasks.data.windows import window_plan
 
     tokens = read_arrow(tokens_path)
     return window_rows(tokens, np.arange(tokens.num_rows), window_plan(cfg, bos_id is not None), dst)

@@ -108,7 +108,8 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
 
     ids = [np.append(d, eos_id).astype(np.uint32) for d in docs]

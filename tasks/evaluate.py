@@ -26,7 +26,8 @@ from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
 if TYPE_CHECKING:
-    from tasks.chunk import Chunks, WindowPlan
+    from tasks.chunk import Chunks
+    from tasks.data.windows import WindowPlan
     from tasks.train import Trained
 
 EVAL_FILE = "eval.json"
@@ -46,7 +47,7 @@ def general_rows(paths: list[str], tokenizer_dir: str, plan: WindowPlan, limit: 
     import pyarrow as pa
 
     from tasks.data.arrow import token_type, with_labels
-    from tasks.chunk import chunk_batch
+    from tasks.data.windows import chunk_batch
     from tasks.data.files import resolve_corpus_files
     from tasks.data.readers import read_corpus_file
     from tasks.data.records import Record

@@ -134,7 +134,8 @@ def published_chunks(artifacts):
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import Chunks, window_plan, window_rows, windows_file
+    from tasks.chunk import Chunks, window_rows, windows_file
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
 
     root = open_root(artifacts)

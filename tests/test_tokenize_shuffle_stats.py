@@ -11,7 +11,7 @@ from tasks.core.config.base import ConfigError
 from tasks.core.config.data import ChunkConfig
 from tasks.core.config.model import ModelConfig
 from tasks.shuffle import split_documents
-from tasks.chunk import window_plan
+from tasks.data.windows import window_plan
 from tasks.token_stats import STAT_NAMES, compute_token_stats, length_stats, plot_histograms
 from tasks.tokenize import (
     batch_bounds, encode_batch, load_tokenizer, resolve_tokenizer, special_tokens, tokenize_file,

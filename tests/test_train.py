@@ -113,7 +113,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
 
     from helpers import sample_texts
     from tasks.data.arrow import with_labels
-    from tasks.chunk import chunk_batch, window_plan
+    from tasks.data.windows import chunk_batch, window_plan
     from tasks.core.config.data import ChunkConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -215,7 +215,8 @@ def _chunks_dir(tiny_model, out):
     import pyarrow as pa
 
     from helpers import sample_texts
-    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
 
@@ -280,7 +281,8 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
     from datasets import load_from_disk
 
     from tasks.data.arrow import with_labels
-    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
     from tasks.ml.train_worker import training_columns
 
