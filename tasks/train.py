@@ -241,7 +241,7 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
           chunks: Chunks, parent: dict[str, Any] | None = None):
     """`base_model` is the model training starts from (the base, or the last promoted model with train.init:
     last_promoted); `parent` describes it for the lineage and is not part of the key (its digest is)."""
-    from tasks.ml import tracking
+    from tasks.core import tracking
     from tasks.ml.modeling import model_digest, without_location
     from tasks.ml.preflight import refuse_on_this_machine
 

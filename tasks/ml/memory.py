@@ -69,6 +69,7 @@ class Shape:
     head_dim: int
     tied: bool
     bias: bool = False  # Qwen 2's q, k, v biases
+    qk_norm: bool = False  # Gemma 3's and Qwen 3's RMSNorm of q and k (head_dim each)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Shape:
@@ -78,7 +79,9 @@ class Shape:
                    layers=cfg["num_hidden_layers"], heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                    tied=bool(cfg.get("tie_word_embeddings", False)),
-                   bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")))
+                   bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+                   qk_norm=cfg.get("model_type") in ("gemma3", "gemma3_text", "qwen3"),
+                   norms_per_layer=4 if cfg.get("model_type") in ("gemma2", "gemma3", "gemma3_text") else 2)
 
     @property
     def q_width(self) -> int:
@@ -112,8 +115,12 @@ class Shape:
 
     @property
     def norm_params(self) -> int:
-        # Two RMSNorms per layer and the final one; Gemma 3 and Qwen 3 add q/k norms (head_dim each), counted too.
-        return self.layers * (2 * self.hidden + 2 * self.head_dim) + self.hidden
+        # Two RMSNorms per layer and the final one (Gemma 2/3 four per layer: before and after each block), plus
+        # Gemma 3's and Qwen 3's q/k norms.
+        return self.layers * (self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)) \
+            + self.hidden
+
+    norms_per_layer: int = 2
 
     @property
     def params(self) -> int:
@@ -256,9 +263,9 @@ def memory_warning(cfg) -> str | None:
         est = estimate(train, cfg.model, cfg.chunk.max_seq_length)
     except ValueError as e:
         return f"train.gpu_memory_gb: cannot estimate the memory per GPU: {e}"
-    budget = train.gpu_memory_gb * 1e9
+    budget = train.gpu_memory_gb * GIB  # GiB, as nvidia-smi's MiB / 1024 (an "80 GB" card: 80)
     if est.total <= budget:
         return None
-    return (f"train.gpu_memory_gb: the estimate is {est.total / 1e9:.1f} GB per GPU, over the {train.gpu_memory_gb:g} "
-            f"GB given: {est.describe()}. Lower per_device_train_batch_size or chunk.max_seq_length, turn on "
+    return (f"train.gpu_memory_gb: the estimate is {est.total / GIB:.1f} GiB per GPU, over the {train.gpu_memory_gb:g} "
+            f"given: {est.describe()}. Lower per_device_train_batch_size or chunk.max_seq_length, turn on "
             "gradient_checkpointing, shard (train.sharding: fsdp) or train an adapter (train.method: lora/qlora)")

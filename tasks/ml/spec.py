@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.config.model import ModelConfig, TrainConfig
-from tasks.ml.tracking import TrackerRun
+from tasks.core.tracking import TrackerRun
 
 
 class TrainSpec(BaseModel):

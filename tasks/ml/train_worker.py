@@ -503,7 +503,7 @@ def run(spec: TrainSpec) -> None:
     from datasets import disable_caching, load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.ml import tracking
+    from tasks.core import tracking
 
     train, model_cfg = spec.train, spec.model
     # cpu=True without a GPU, as the Trainer's use_cpu will ask too: several CPU processes (train.num_processes)

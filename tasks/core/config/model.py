@@ -165,7 +165,7 @@ class TrainConfig(Section):
         "TensorBoard logs are always written into the train entry. Not part of any key."
     )
     gpu_memory_gb: float | None = Field(
-        None, gt=0, description="Memory of one GPU, in GB: `cpt validate` warns when the estimate per GPU for this "
+        None, gt=0, description="Memory of one GPU in GiB (an 80 GB card: 80): `cpt validate` warns when the estimate per GPU for this "
         "config (tasks/ml/memory.py: weights, gradients, optimizer states, activations) exceeds it."
     )
     model_params_b: float | None = Field(

@@ -1,4 +1,4 @@
-"""train.report_to: the experiment trackers a team already uses (TensorBoard, MLflow, Weights & Biases, Trackio).
+"""train.report_to (infrastructure: what a run is reported to shapes no output, so no code version counts this module): the experiment trackers a team already uses (TensorBoard, MLflow, Weights & Biases, Trackio).
 
 The training child logs through transformers' own callbacks (report_to), its run named after the Prefect flow
 run and tagged with the line, the drop, the train key and the flow run's URL (`TrackerRun`, built by the train
