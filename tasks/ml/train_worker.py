@@ -540,8 +540,11 @@ def run(spec: TrainSpec) -> None:
 
     adapter = None
     if train.method != "full":
+        from transformers import set_seed
+
         from tasks.ml import adapters
 
+        set_seed(train.seed)  # the adapter's random init (lora_A) is part of the run: the same seed, the same run
         model = adapters.wrap(model, train, checkpointing)
         adapter = adapters.trainable_counts(model)
     sharded: dict[str, Any] = {}
