@@ -61,8 +61,18 @@ def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_
         elif num_processes > 1:
             # accelerate's `--cpu` runs one process whatever `--num_processes` says; its multi-process launcher
             # (torchrun) starts them, and the worker's PartialState(cpu=True) joins them over gloo on CPU.
-            cmd.append("--multi_gpu")
+            # A port of its own: torchrun's default (29500) is shared by every training on the host, and a second
+            # one would join the first's rendezvous (seen here: a hang, or a rank failing at start).
+            cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
     return [*cmd, "-m", "tasks.ml.train_worker", str(spec_path)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_child(cmd: list[str], on_message, log) -> None:

@@ -66,6 +66,11 @@ def save_consolidated(trainer, out: Path, dtype, is_main: bool) -> None:
     state = trainer.accelerator.get_state_dict(trainer.model)  # full on rank 0, on CPU; empty elsewhere
     if not is_main:
         return
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model = unwrapped(trainer.model)
+    # Tied weights (lm_head = embed_tokens) come back under both names; the model saves the source alone, as
+    # save_pretrained does for an unsharded model.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k not in tied}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.save_pretrained(str(out), state_dict=state, safe_serialization=True)

@@ -405,6 +405,14 @@ def checkpoint_seal(spec: TrainSpec):
                     return parts
             else:
                 world, rank, gather = 1, 0, None
+            # transformers 5.24 sets best_model_checkpoint when the best step's folder exists, checked on every rank
+            # right before a sharded checkpoint's folder is made: a slower rank may see the folder its peer just
+            # made and the other not, and at the end one rank loads the best model (a collective) while the other
+            # does not (seen here: a hang). Now that every rank's files are written, all agree.
+            if state.best_global_step:
+                best = Path(args.output_dir) / f"checkpoint-{state.best_global_step}"
+                if best.is_dir():
+                    state.best_model_checkpoint = str(best)
             seal = seal_checkpoint(checkpoint, rank, world, gather)
             if rank == 0:
                 sweep_seals(checkpoint.parent)
