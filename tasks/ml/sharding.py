@@ -61,12 +61,10 @@ def save_consolidated(trainer, out: Path, dtype, is_main: bool) -> None:
     """Gather the sharded model into one state dict on rank 0 (a collective: every rank calls it) and write it
     as safetensors in `dtype` (the master weights are float32), so evaluate, the gate and push read the model as
     after any other training."""
-    from tasks.ml.train_worker import unwrapped
-
     state = trainer.accelerator.get_state_dict(trainer.model)  # full on rank 0, on CPU; empty elsewhere
     if not is_main:
         return
-    model = unwrapped(trainer.model)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     # Tied weights (lm_head = embed_tokens) come back under both names; the model saves the source alone, as
     # save_pretrained does for an unsharded model.
     tied = getattr(model, "all_tied_weights_keys", None) or {}
