@@ -154,9 +154,17 @@ def _load(args):
 
 def cmd_validate(args) -> int:
     from tasks.core.config.tree import dump_config
+    from tasks.ml import preflight
 
-    print(dump_config(_load(args)), end="")
-    return 0
+    cfg = _load(args)
+    print(dump_config(cfg), end="")
+    # What the config needs of this machine (qlora: CUDA) and the memory estimate per GPU (train.gpu_memory_gb).
+    for warning in preflight.warnings(cfg):
+        print(f"cpt: warning: {warning}", file=sys.stderr)
+    problems = preflight.machine_problems(cfg)
+    for problem in problems:
+        print(f"cpt: error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def cmd_run(args) -> int:

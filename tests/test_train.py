@@ -70,17 +70,23 @@ def test_launch_command_per_device_and_distributed_setup(tmp_path):
 
 
 def test_resume_skips_and_removes_checkpoints_cut_short(tmp_path):
-    from tasks.ml.train_worker import last_complete_checkpoint
+    """A checkpoint is complete when its seal (the manifest written once every rank finished it) is there and its
+    files match: one without a seal was cut short and is removed, as is a newer one whose files changed."""
+    from tasks.ml.train_worker import last_complete_checkpoint, seal_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "none") is None
-    for step, state in ((4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
+    for step, sealed in ((4, True), (6, False), (8, True)):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x")
-        if state is not None:
-            (d / "trainer_state.json").write_text(state)
-    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+        (d / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        if sealed:
+            seal_checkpoint(d)
+    (tmp_path / "checkpoint-8" / "model.safetensors").write_bytes(b"y")  # same size, other bytes
+    warned = []
+    assert last_complete_checkpoint(tmp_path, warn=warned.append) == tmp_path / "checkpoint-4"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoint-4"]
+    assert len(warned) == 1 and "checkpoint-8" in warned[0] and "model.safetensors" in warned[0]
 
 
 def test_gradient_checkpointing_is_kept_on_a_gpu_and_turned_off_on_cpu():

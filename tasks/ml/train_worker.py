@@ -268,16 +268,60 @@ def decay_steps(train: TrainConfig, trainer) -> int:
     return max(1, round(train.decay_ratio * total))
 
 
-def push_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoint: Path, tensorboard: Path) -> None:
+SEALS = ".seals"  # checkpoints/.seals/<checkpoint name>.json: each checkpoint's manifest, written once it is whole
+
+
+def seal_path(checkpoint: Path) -> Path:
+    return checkpoint.parent / SEALS / f"{checkpoint.name}.json"
+
+
+def checkpoint_files(checkpoint: Path) -> list[str]:
+    return sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file())
+
+
+def seal_checkpoint(checkpoint: Path, rank: int = 0, world: int = 1, gather=None) -> bytes | None:
+    """The checkpoint's manifest (every file with its size and digest), written beside it (`seal_path`) once every
+    rank has written its part: what a resume checks before it reads a byte of it. The files are hashed by all
+    ranks, each a share (a sharded 8B checkpoint is ~100 GB), and gathered to rank 0 (`gather`: all_gather_object
+    over the process group), which writes the seal atomically and returns its bytes (None elsewhere)."""
+    names = checkpoint_files(checkpoint)
+    mine = {n: [(checkpoint / n).stat().st_size, hash_file(checkpoint / n)] for n in names[rank::world]}
+    parts = gather(mine) if gather is not None else [mine]
+    if rank != 0:
+        return None
+    files = {k: v for part in parts for k, v in part.items()}
+    data = json.dumps({"files": dict(sorted(files.items()))}).encode()
+    seal = seal_path(checkpoint)
+    seal.parent.mkdir(parents=True, exist_ok=True)
+    tmp = seal.with_name(f".{seal.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, seal)
+    return data
+
+
+def verified_checkpoint(checkpoint: Path) -> str | None:
+    """Why `checkpoint` may not be read (no seal: cut short; a file missing, extra, resized or changed since it
+    was sealed), or None. Reads only the seal and hashes the files: nothing of the checkpoint is deserialised
+    (torch.distributed.checkpoint's .metadata, optimizer and RNG states are pickles)."""
+    try:
+        seal = seal_path(checkpoint).read_bytes()
+    except OSError:
+        return "it has no seal (cut short before every rank finished writing it)"
+    return checkpoint_damage(checkpoint, seal)
+
+
+def push_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoint: Path, tensorboard: Path,
+                    seal: bytes | None = None) -> None:
     """Copy a finished checkpoint (marker last) and the TensorBoard logs so far to the root's store, then drop
     the older checkpoints there: a training killed on this host resumes on another from the newest one. A
     local root has no store: nothing is copied."""
     remote = f"{work_rel}/checkpoints/{checkpoint.name}"
-    # The marker, written last, is the checkpoint's manifest: every file with its size and digest, checked by
-    # the host that resumes from it (a checkpoint is trusted no more than any other stored bytes).
-    files = {p.relative_to(checkpoint).as_posix(): [p.stat().st_size, hash_file(p)]
-             for p in sorted(checkpoint.rglob("*")) if p.is_file()}
-    root.upload_dir(checkpoint, remote, marker=json.dumps({"files": files}).encode())
+    # The marker, written last, is the checkpoint's manifest (its seal): every file with its size and digest,
+    # checked by the host that resumes from it (a checkpoint is trusted no more than any other stored bytes).
+    if seal is None:
+        seal = json.dumps({"files": {n: [(checkpoint / n).stat().st_size, hash_file(checkpoint / n)]
+                                     for n in checkpoint_files(checkpoint)}}).encode()
+    root.upload_dir(checkpoint, remote, marker=seal)
     if tensorboard.is_dir():
         root.upload_dir(tensorboard, f"{work_rel}/tensorboard")
     for name in {n.split("/", 1)[0] for n in root.remote_files(f"{work_rel}/checkpoints")} - {checkpoint.name}:
@@ -301,7 +345,8 @@ def pull_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoints: Path, tenso
     shutil.rmtree(tmp, ignore_errors=True)
     remote = f"{work_rel}/checkpoints/{name}"
     root.download_dir(remote, tmp)
-    why = checkpoint_damage(tmp, root.read_remote(f"{remote}/{MANIFEST}"))
+    marker = root.read_remote(f"{remote}/{MANIFEST}")
+    why = checkpoint_damage(tmp, marker)
     if why is not None:  # never resumed from: dropped there, and training goes on from what this host has
         warn(f"train: the stored {name} is damaged ({why}); not resumed from it, and removed from the store")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -309,6 +354,9 @@ def pull_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoints: Path, tenso
         return None
     shutil.rmtree(checkpoints / name, ignore_errors=True)
     os.replace(tmp, checkpoints / name)
+    seal = seal_path(checkpoints / name)  # the manifest it was checked against: the resume checks it again
+    seal.parent.mkdir(parents=True, exist_ok=True)
+    seal.write_bytes(marker)
     root.download_dir(f"{work_rel}/tensorboard", tensorboard)
     return name
 
@@ -335,38 +383,74 @@ def safe_files(files: dict) -> dict:
     return files
 
 
-def checkpoint_mirror(spec: TrainSpec):
-    """A callback that sends every checkpoint to the root's store (rank 0 only; nothing on a local root), or None
-    for a training outside any root."""
-    if spec.artifacts is None:
-        return None
+def checkpoint_seal(spec: TrainSpec):
+    """A callback that seals every checkpoint once all ranks have written it (`seal_checkpoint`) and, on a store
+    root, sends it there (rank 0). It runs before any other on_save callback."""
     from transformers import TrainerCallback
 
-    root = open_root(spec.artifacts)
+    root = open_root(spec.artifacts) if spec.artifacts is not None else None
 
-    class CheckpointMirror(TrainerCallback):
+    class CheckpointSeal(TrainerCallback):
         def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                push_checkpoint(root, spec.work_rel, Path(args.output_dir) / f"checkpoint-{state.global_step}",
-                                Path(spec.tensorboard_dir))
+            import torch.distributed as dist
 
-    return CheckpointMirror()
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if dist.is_available() and dist.is_initialized():
+                world, rank = dist.get_world_size(), dist.get_rank()
+                dist.barrier()  # every rank's shards, optimizer states and RNG state are written
+
+                def gather(part):
+                    parts = [None] * world
+                    dist.all_gather_object(parts, part)
+                    return parts
+            else:
+                world, rank, gather = 1, 0, None
+            # transformers 5.24 sets best_model_checkpoint when the best step's folder exists, checked on every rank
+            # right before a sharded checkpoint's folder is made: a slower rank may see the folder its peer just
+            # made and the other not, and at the end one rank loads the best model (a collective) while the other
+            # does not (seen here: a hang). Now that every rank's files are written, all agree.
+            if state.best_global_step:
+                best = Path(args.output_dir) / f"checkpoint-{state.best_global_step}"
+                if best.is_dir():
+                    state.best_model_checkpoint = str(best)
+            seal = seal_checkpoint(checkpoint, rank, world, gather)
+            if rank == 0:
+                sweep_seals(checkpoint.parent)
+                if root is not None:
+                    push_checkpoint(root, spec.work_rel, checkpoint, Path(spec.tensorboard_dir), seal)
+            if world > 1:
+                dist.barrier()
+
+    return CheckpointSeal()
 
 
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint a killed attempt finished writing. The Trainer writes trainer_state.json last, so
-    a checkpoint without a readable one was cut short (a SIGKILL mid-save): it is removed, not resumed from."""
+def sweep_seals(checkpoints: Path) -> None:
+    """Seals of checkpoints the Trainer rotated away."""
+    for seal in (checkpoints / SEALS).glob("*.json") if (checkpoints / SEALS).is_dir() else []:
+        if not (checkpoints / seal.stem).is_dir():
+            seal.unlink(missing_ok=True)
+
+
+def last_complete_checkpoint(checkpoints: Path, warn=None) -> Path | None:
+    """The newest checkpoint whose files match its seal, the manifest written once every rank finished it. One
+    without a seal was cut short (a SIGKILL mid-save); one whose files changed since (a flipped byte, a swapped
+    shard, an extra file) is never read. Either is removed, named through `warn`, and the next older one is tried."""
     import shutil
 
-    complete = []
+    found = []
     for d in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else []:
-        try:
-            step = int(d.name.split("-")[-1])
-            json.loads((d / "trainer_state.json").read_text())
-            complete.append((step, d))
-        except (ValueError, OSError):
-            shutil.rmtree(d, ignore_errors=True)
-    return max(complete)[1] if complete else None
+        step = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and step.isdigit():
+            found.append((int(step), d))
+    for _, d in sorted(found, reverse=True):
+        why = verified_checkpoint(d)
+        if why is None:
+            return d
+        if warn is not None and "no seal" not in why:
+            warn(f"{d.name} is not resumed from: {why}; removed")
+        shutil.rmtree(d, ignore_errors=True)
+        seal_path(d).unlink(missing_ok=True)
+    return None
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
@@ -392,11 +476,42 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def trainer_class(base, train: TrainConfig, warn):
+    """The trainer cpt runs: TRL's SFTTrainer plus two things. With lora.train_embeddings, the optimizer gets
+    embed_tokens and lm_head in their own group at their own learning rate (`adapters.parameter_groups`). And the
+    best checkpoint is verified against its seal before load_best_model_at_end reads it (a resume's checkpoint is
+    verified before training starts)."""
+
+    class CptTrainer(base):
+        def create_optimizer(self, model=None):
+            if train.method == "full" or not train.lora.train_embeddings or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from tasks.ml.adapters import parameter_groups
+
+            opt_model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = cls(parameter_groups(opt_model, train, self.args.weight_decay), **kwargs)
+            return self.optimizer
+
+        def _load_best_model(self):
+            best = self.state.best_model_checkpoint
+            if best is not None:
+                why = verified_checkpoint(Path(best))
+                if why is not None:
+                    raise RuntimeError(f"the best checkpoint {Path(best).name} is not loaded: {why}")
+            return super()._load_best_model()
+
+    return CptTrainer
+
+
 def run(spec: TrainSpec) -> None:
     import torch
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
     from datasets import disable_caching, load_from_disk
     from trl import SFTConfig, SFTTrainer
+
+    from tasks.core import tracking
 
     train, model_cfg = spec.train, spec.model
     # cpu=True without a GPU, as the Trainer's use_cpu will ask too: several CPU processes (train.num_processes)
@@ -404,9 +519,17 @@ def run(spec: TrainSpec) -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device.type
     out_dir, checkpoints = Path(spec.output_dir), Path(spec.checkpoint_dir)
+    os.environ.update(tracking.child_environment(train.report_to, spec.tracker))
 
     tok = load_tokenizer_with_pad(spec.model_location, model_cfg.trust_remote_code)
-    model = load_pretrained(spec.model_location, model_cfg, device)
+    if train.method == "qlora":
+        from tasks.ml.adapters import quantization_config
+        from tasks.ml.modeling import choose_dtype
+
+        dtype = choose_dtype(model_cfg.dtype, device)
+        model = load_pretrained(spec.model_location, model_cfg, device, quantization_config(model_cfg, dtype))
+    else:
+        model = load_pretrained(spec.model_location, model_cfg, device)
     dtype = model.dtype
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -422,6 +545,22 @@ def run(spec: TrainSpec) -> None:
     checkpointing, why_not = activation_checkpointing(train.gradient_checkpointing, device)
     if why_not and state.is_main_process:
         emit("setting_off", setting="train.gradient_checkpointing", reason=why_not)
+
+    adapter = None
+    if train.method != "full":
+        from transformers import set_seed
+
+        from tasks.ml import adapters
+
+        set_seed(train.seed)  # the adapter's random init (lora_A) is part of the run: the same seed, the same run
+        model = adapters.wrap(model, train, checkpointing)
+        adapter = adapters.trainable_counts(model)
+    sharded: dict[str, Any] = {}
+    if train.sharding == "fsdp":
+        from tasks.ml.sharding import fsdp_arguments
+
+        # FSDP's own activation checkpointing, per wrapped decoder layer (the Trainer refuses both at once).
+        sharded = fsdp_arguments(model, checkpointing)
 
     static = static_length(train.packing, train.packed_length, spec.max_seq_length)
     os.environ["TENSORBOARD_LOGGING_DIR"] = spec.tensorboard_dir
@@ -443,7 +582,7 @@ def run(spec: TrainSpec) -> None:
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=optim,
-        activation_checkpointing=checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing=checkpointing and not sharded,  # transformers 5's name for gradient checkpointing
         gradient_checkpointing=None,
         logging_steps=train.logging_steps,
         eval_strategy="steps" if has_validation else "no",
@@ -454,7 +593,11 @@ def run(spec: TrainSpec) -> None:
         load_best_model_at_end=has_validation,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        report_to=["tensorboard"],
+        # TensorBoard always (its logs are part of the train entry), and the trackers of train.report_to; the run
+        # is named after the Prefect flow run (tasks/ml/tracking.py).
+        report_to=["tensorboard", *[t for t in train.report_to if t != "tensorboard"]],
+        run_name=spec.tracker.name if spec.tracker else None,
+        project=tracking.project(),
         seed=train.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -463,14 +606,18 @@ def run(spec: TrainSpec) -> None:
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
+        **sharded,
     )
+    if sharded and device == "cpu":
+        from tasks.ml.sharding import allow_fsdp_on_cpu
+
+        allow_fsdp_on_cpu()
     clock = StepClock()
     callbacks = make_callbacks(train, has_validation, clock)
     reporter = callbacks[0]
-    mirror = checkpoint_mirror(spec)
-    if mirror is not None:  # before the Reporter: a checkpoint is in the store before anything else happens
-        callbacks.insert(0, mirror)
-    trainer = SFTTrainer(
+    # Before the Reporter: a checkpoint is sealed (and in the store) before anything else happens.
+    callbacks.insert(0, checkpoint_seal(spec))
+    trainer = trainer_class(SFTTrainer, train, emit)(
         model=model, args=args, processing_class=tok,
         train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,
         callbacks=callbacks,
@@ -497,28 +644,50 @@ def run(spec: TrainSpec) -> None:
         padding = padding_fraction(trainer.get_train_dataloader())
     if train.compile:
         compile_layers(trainer.model, train.compile_mode)
+    # The main process picks the checkpoint to resume from, after checking every file of it against its seal
+    # (and removing what was cut short or changed); the others take its choice: nothing is read before that.
+    chosen = [None]
     if state.is_main_process:
-        last_complete_checkpoint(checkpoints)  # clears cut-short checkpoints before any process looks
-    state.wait_for_everyone()
-    resume = last_complete_checkpoint(checkpoints)
+        resume = last_complete_checkpoint(
+            checkpoints, warn=lambda why: emit("setting_off", setting="resume", reason=why))
+        chosen = [str(resume) if resume else None]
+    if state.num_processes > 1:
+        chosen = broadcast_object_list(chosen)
+    resume = chosen[0]
     if state.is_main_process:
         emit("start", device=device, dtype=str(dtype).removeprefix("torch."), optim=optim,
              resume_from=Path(resume).name if resume else None, train_rows=len(data["train"]),
-             validation_rows=len(data["validation"]), packed_length=static, compile=train.compile, **padding)
+             validation_rows=len(data["validation"]), packed_length=static, compile=train.compile,
+             method=train.method, sharding=train.sharding, **(adapter or {}), **padding)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
 
     wrote = []
+    model_dir = out_dir / "model"
+    if train.sharding == "fsdp":
+        from tasks.ml.sharding import save_consolidated
+
+        save_consolidated(trainer, model_dir, dtype, state.is_main_process)
     if state.is_main_process:
-        model_dir = out_dir / "model"
-        trainer.save_model(str(model_dir))  # the best model when early stopping / load_best_model_at_end
+        if train.method != "full":
+            from tasks.ml.adapters import ADAPTER_DIR, save_merged
+
+            # The best adapter (load_best_model_at_end) merged into the base in model.dtype: what every later
+            # stage reads; the adapter alone beside it.
+            save_merged(unwrapped(trainer.model), spec.model_location, model_cfg,
+                        dtype if train.method == "lora" else _compute_dtype(model_cfg, device), model_dir,
+                        out_dir / ADAPTER_DIR, model_cfg.trust_remote_code)
+        elif train.sharding != "fsdp":
+            trainer.save_model(str(model_dir))  # the best model when early stopping / load_best_model_at_end
         tok.save_pretrained(str(model_dir))
         history = trainer.state.log_history
         (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         plot_loss_curve(history, out_dir / "loss_curve.png")
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         trained_tokens = trainer.state.num_input_tokens_seen - reporter.tokens_at_begin
+        groups = [{"group": g.get("cpt_group", "all"), "lr": g.get("initial_lr", g["lr"])}
+                  for g in trainer.optimizer.param_groups] if trainer.optimizer is not None else []
         metrics = {
             "global_step": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
@@ -549,6 +718,10 @@ def run(spec: TrainSpec) -> None:
             # forward on the instance; an upgrade that dropped it would bring the full logits back unseen.
             "fused_lm_head": "forward" in vars(unwrapped(trainer.model)),
             "compile": train.compile and train.compile_mode,
+            "method": train.method,
+            "sharding": train.sharding,
+            "optimizer_groups": groups,
+            **(adapter or {}),
             **padding,
         }
         metrics.update(rank=state.process_index, world_size=state.num_processes,
@@ -556,9 +729,17 @@ def run(spec: TrainSpec) -> None:
                        * state.num_processes)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         wrote = sorted(p.name for p in out_dir.iterdir())
-    # Every process says what it trained on and what it wrote (only the main process writes outputs).
+    # Every process says what it trained on and what it wrote (only the main process writes outputs), and its
+    # peak GPU memory (with fsdp each GPU holds its shard: bench/gpu_check compares it with DDP's).
     emit("rank_done", rank=state.process_index, world_size=state.num_processes, steps=trainer.state.global_step,
-         wrote=wrote, **clock.forwards)
+         wrote=wrote, peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+         **clock.forwards)
+
+
+def _compute_dtype(model_cfg, device):
+    from tasks.ml.modeling import choose_dtype
+
+    return choose_dtype(model_cfg.dtype, device)
 
 
 def main(argv: list[str] | None = None) -> None:
