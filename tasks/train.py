@@ -28,8 +28,9 @@ from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 from tasks.ml import train_worker
 from tasks.ml.adapters import ADAPTER_DIR
+from tasks.ml.checkpoints import pull_checkpoint
+from tasks.ml.clock import MESSAGE_PREFIX
 from tasks.ml.spec import TrainSpec
-from tasks.ml.train_worker import MESSAGE_PREFIX, pull_checkpoint
 
 if TYPE_CHECKING:
     from tasks.chunk import Chunks

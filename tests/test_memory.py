@@ -101,6 +101,7 @@ def test_shipped_recipes_fit_and_their_comments_quote_the_estimate():
                 assert f"{term:<12}{gib:>5.1f} GiB" in path.read_text().replace("#   ", ""), (name, term, gib)
 
 
+@pytest.mark.slow  # runs `cpt validate` in a child process
 def test_validate_warns_over_the_gpu_memory_given_and_refuses_qlora_without_cuda():
     """`cpt validate` (a process, as typed): a budget under the estimate is a warning naming both; qlora on
     this machine (no CUDA) is an error naming why; neither imports torch."""

@@ -72,7 +72,7 @@ def test_launch_command_per_device_and_distributed_setup(tmp_path):
 def test_resume_skips_and_removes_checkpoints_cut_short(tmp_path):
     """A checkpoint is complete when its seal (the manifest written once every rank finished it) is there and its
     files match: one without a seal was cut short and is removed, as is a newer one whose files changed."""
-    from tasks.ml.train_worker import last_complete_checkpoint, seal_checkpoint
+    from tasks.ml.checkpoints import last_complete_checkpoint, seal_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, sealed in ((4, True), (6, False), (8, True)):
@@ -158,7 +158,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
 def test_step_clock_times_only_clean_steps_and_counts_trained_tokens_after_the_shift():
     """The throughput window: warm-up steps and steps with a save or evaluation are left out; evaluation
     forwards are not counted; a trained token is a label != -100 after the causal shift."""
-    from tasks.ml.train_worker import StepClock
+    from tasks.ml.clock import StepClock
 
     clock = StepClock(warmup=1)
     module = torch.nn.Linear(1, 1)

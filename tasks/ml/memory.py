@@ -200,7 +200,6 @@ def estimate(train, model, max_seq_length: int, shape: Shape | None = None,
     shard = n if train.sharding == "fsdp" else 1
     w = DTYPE_BYTES[model.dtype]
     lora = train.lora
-    embeddings = (shape.embedding_params + shape.head_params) if shape else 0
     terms: dict[str, float] = {}
     if train.method == "full":
         trainable = params
