@@ -321,9 +321,11 @@ def pair_similarity(line: _Line, i: np.ndarray, j: np.ndarray, threshold: float,
     cache = {} if cache is None else cache
     for start in range(0, len(near), 2048):
         block = near[start:start + 2048]
-        docs = [d for d in np.unique(np.concatenate([i[block], j[block]])).tolist() if d not in cache]
+        needed = np.unique(np.concatenate([i[block], j[block]])).tolist()
+        docs = [d for d in needed if d not in cache]
         if len(cache) + len(docs) > _SHINGLE_CACHE:
             cache.clear()
+            docs = needed
         cache.update(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
         for k, a, b in zip(block.tolist(), i[block].tolist(), j[block].tolist()):
             x, y = cache[a], cache[b]
