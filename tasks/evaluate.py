@@ -340,7 +340,8 @@ class Evaluation(StageOutput):
                                f"{_num(c['validation_perplexity_after'])} ({change})")]
 
     def show(self, root: ArtifactsRoot) -> None:
-        show(self, root)  # the module's `show` below: its tables and plots
+        if (self.dir(root) / "eval.md").is_file():  # evaluate's before/after; evaluate-base's numbers show there
+            show(self, root)  # the module's `show` below: its tables and plots
 
 
 def _task_counts(result: dict[str, Any]) -> dict[str, Any]:

@@ -192,6 +192,9 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     before (`minhash.decide`). The decisions are cached per set of pieces (`near-dedup-state`), and a pass starts
     from those of the line before this drop (`previous_decisions`): a drop of k files judges only the pairs that
     involve its documents. Independent of how the assembled output is written."""
+    import time
+
+    started = time.perf_counter()
     docs = [read_arrow(f) for f in docs_files]  # memory-mapped, opened once each
     index = piece_index(pieces, docs_files, cfg, root, runtime, docs)
     key = state_key(index.signature_keys, ranks, cfg)
@@ -217,7 +220,8 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
         found_list, _ = minhash.near_duplicate_decisions(
             index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions, stats)
     summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,
-               "remembered": stats.remembered, "from": previous_path or ""}
+               "remembered": stats.remembered, "from": previous_path or "",
+               "seconds": round(time.perf_counter() - started, 3)}  # signatures, band keys and the pass
     return NearDedupResult({d.doc_id for d in found_list}, ranks, samples_of(found_list, docs, names),
                            index.deps + [state.path], key, summary)
 
