@@ -314,10 +314,15 @@ def pair_similarity(line: _Line, i: np.ndarray, j: np.ndarray, threshold: float,
     measured on their exact Jaccard instead, a block of pairs at a time (a block's texts shingled in one batch):
     an estimate a margin away is 3 standard errors clear of the threshold and taken as it is. `cache`: shingle
     sets by row, kept across calls (at most _SHINGLE_CACHE)."""
-    sim = _agreement(line.sig_rows, i, j)
+    if len(i) == 1:  # the greedy pass's usual call: one kept document, one new one
+        sim = np.array([np.count_nonzero(line.sig_rows(i)[0] == line.sig_rows(j)[0]) / line.num_perm])
+    else:
+        sim = _agreement(line.sig_rows, i, j)
     if text_of is None:
         return sim
     near = np.flatnonzero((sim >= threshold - VERIFY_MARGIN) & (sim < threshold + VERIFY_MARGIN))
+    if not len(near):
+        return sim
     cache = {} if cache is None else cache
     for start in range(0, len(near), 2048):
         block = near[start:start + 2048]
@@ -460,12 +465,15 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
         new_a: list[int] = []
         new_b: list[int] = []
         new_s: list[float] = []
-        for x, bids, sh in zip(rows.tolist(), bucket[rows].tolist(), shared[rows].tolist()):
+        # Each row's buckets that hold another row too (a bucket of its own never has a kept row to compare with).
+        mine_of = np.where(shared[rows], bucket[rows], -1).tolist()
+        for x, bids in zip(rows.tolist(), mine_of):
             candidates: set[int] = set()
             for bid in bids:
-                mine = kept.get(bid)
-                if mine:
-                    candidates.update(mine)
+                if bid >= 0:
+                    mine = kept.get(bid)
+                    if mine:
+                        candidates.update(mine)
             if candidates:
                 c = sorted(candidates)
                 sims = [memo.get((a, x)) for a in c]
@@ -485,8 +493,8 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
                 if sims[best] >= threshold:
                     kept_by[x], similarity[x] = c[best], sims[best]
                     continue
-            for bid, s in zip(bids, sh):
-                if s:
+            for bid in bids:
+                if bid >= 0:
                     mine = kept.setdefault(bid, [])
                     if len(mine) < _BUCKET_KEPT:
                         mine.append(x)
