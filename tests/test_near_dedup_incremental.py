@@ -140,11 +140,11 @@ def test_a_cluster_costs_one_comparison_a_member():
         assert len(found) == k - 1 and stats.judged == k - 1
 
 
-def run_load(artifacts, paths):
+def run_load(artifacts, paths, **corpus):
     from tasks.data.files import fingerprint_corpus
     from tasks.load import load, load_inputs
 
-    cfg = CorpusConfig(paths=[str(p) for p in paths], near_dedup={"enabled": True})
+    cfg = CorpusConfig(paths=[str(p) for p in paths], near_dedup={"enabled": True}, **corpus)
     sources = fingerprint_corpus(cfg)
     return load.fn(**load_inputs(cfg, sources), artifacts=str(artifacts))
 
@@ -201,3 +201,27 @@ def test_files_added_one_at_a_time_in_any_order_give_the_whole_lines_pass(tmp_pa
                     "a drop judged a pair of two older documents"
                 assert passed["reused_rows"] >= len(previous_names)
             previous_pairs, previous_names = pairs, names
+
+
+def test_damaged_decisions_are_decided_again(tmp_path):
+    """A decisions file damaged after its entry was verified (same size, other bytes) is never used: the pass
+    decides again and load's output is the same."""
+    texts = rich_corpus(5)
+    write_files(tmp_path / "c", texts, 3)
+    first = run_load(tmp_path / "art", [tmp_path / "c"])
+    root = open_root(tmp_path / "art")
+    (state,) = [d for d in first.deps if "near-dedup-state" in d]
+    path = root.entry(state) / "decisions.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    from tasks.data import near_pieces
+
+    assert near_pieces.minhash.Decisions.load(path) is None
+    import shutil
+
+    shutil.rmtree(root.entry(first.path))  # load's own output gone: built again over the same decisions' key
+    again = run_load(tmp_path / "art", [tmp_path / "c"])
+    assert state in again.deps
+    assert again.meta["near_dedup_pass"]["visited"] > 0  # decided again, not taken from the damaged file
+    assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)

@@ -379,7 +379,7 @@ class Decisions:
         try:
             with np.load(path, allow_pickle=False) as f:
                 d = cls(**{k: f[k] for k in cls.FIELDS})
-        except (OSError, ValueError, KeyError, TypeError):
+        except Exception:  # any unreadable file (a bad zip CRC, a truncated array) is a miss
             return None
         n = len(d.names)
         ok = (d.kept_by.shape == (n,) and d.similarity.shape == (n,) and d.pair_a.shape == d.pair_b.shape

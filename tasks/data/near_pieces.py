@@ -192,6 +192,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     before (`minhash.decide`). The decisions are cached per set of pieces (`near-dedup-state`), and a pass starts
     from those of the line before this drop (`previous_decisions`): a drop of k files judges only the pairs that
     involve its documents. Independent of how the assembled output is written."""
+    import tempfile
     import time
 
     started = time.perf_counter()
@@ -215,10 +216,13 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     state, built = root.publish("near-dedup-state", key, build)
     if not built:  # decided before over these very pieces (a load whose other inputs changed): taken as it is
         decisions = minhash.Decisions.load(root.entry(state.path) / STATE_FILE)
-        if decisions is None:
-            raise RuntimeError(f"near-dedup: {state.path} does not hold its decisions")  # verified entry: damaged now
-        found_list, _ = minhash.near_duplicate_decisions(
-            index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions, stats)
+        if decisions is None:  # damaged since it was verified: decided again here (a miss, never a crash)
+            with tempfile.TemporaryDirectory() as tmp:
+                build(Path(tmp))
+        else:
+            found_list, _ = minhash.near_duplicate_decisions(
+                index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions,
+                stats)
     summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,
                "remembered": stats.remembered, "from": previous_path or "",
                "seconds": round(time.perf_counter() - started, 3)}  # signatures, band keys and the pass
