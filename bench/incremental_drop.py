@@ -148,6 +148,11 @@ def main() -> None:
             series[k] = (runs, corpus_bytes, len(line))
             shutil.rmtree(artifacts, ignore_errors=True)
             shutil.rmtree(d / f"corpus-{k}", ignore_errors=True)
+            cold_r, drop_r = runs["cold"][0], runs["+1 drop"][0]
+            print(f"measured {k}x: {len(line)} documents, {corpus_bytes / 1e6:.1f} MB; cold data {data_seconds(cold_r):.2f} s "
+                  f"(load {stage_seconds(cold_r, 'load'):.2f}); drop: load {stage_seconds(drop_r, 'load'):.2f} s, gate "
+                  f"{drop_r['gate_seconds']:.2f} s, data {data_seconds(drop_r):.2f} s, trained {drop_r['trained']}",
+                  flush=True)
 
     print(f"near-dedup on; corpus: ko_transport_bills + python_docs, every {args.every}th document, with re-exports "
           f"of 2 in 3 ({len(texts)} documents); drop: 1 file, {len(drop_docs)} documents ({drop_bytes / 1e6:.2f} "
