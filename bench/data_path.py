@@ -65,7 +65,7 @@ def main() -> None:
     from tasks.ml.tiny_model import build_tiny_model, read_texts
 
     texts = read_texts(CORPUS)
-    env = quiet_env(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    env = quiet_env(PREFECT_SERVER_ANALYTICS_ENABLED="false", CPT_FIND_MAKE_SERVER="0", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
                     HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
