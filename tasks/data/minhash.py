@@ -534,6 +534,29 @@ def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], 
     return out, found
 
 
+def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
+              num_perm: int, text_of: Callable[[int, int], str] | None, shingle_chars: int,
+              keys: Sequence[np.ndarray] | None, previous: Decisions | None, stats: DecideStats | None,
+              samples: int) -> tuple[set[str], list[NearDuplicate], Decisions]:
+    """`near_duplicate_decisions` for load: the doc_ids removed, read a piece at a time from the Arrow columns
+    (a Python object per removed document only, not per pair), and the first `samples` removals described."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
+    found = decide(line, threshold, text_of, shingle_chars, previous, stats)
+    removed = np.flatnonzero(found.kept_by >= 0)
+    ids: set[str] = set()
+    for p in np.unique(line.part[removed]).tolist():
+        rows = line.row[removed[line.part[removed] == p]]
+        column = parts[p][0]
+        if hasattr(column, "take"):
+            ids.update(column.take(rows).to_pylist())
+        else:
+            ids.update(column[r] for r in rows.tolist())
+    described = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a),
+                               float(found.similarity[b]))
+                 for b, a in zip(removed[:samples].tolist(), found.kept_by[removed[:samples]].tolist())]
+    return ids, described, found
+
+
 def _cross_candidates(line: _Line, older: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i an `older` row and j another, sharing a band bucket (each j with at most _BUCKET_KEPT of the
     older rows of a bucket, the earliest): sorted by (j, i), distinct."""

@@ -201,14 +201,15 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     key = state_key(index.signature_keys, ranks, cfg)
     stats = minhash.DecideStats()
     found_list: list[minhash.NearDuplicate] = []
+    removed: set[str] = set()
     previous_path = None
 
     def build(tmp: Path):
-        nonlocal found_list, previous_path
+        nonlocal found_list, removed, previous_path
         previous, previous_path = previous_decisions(index.signature_keys, ranks, cfg, root)
-        found_list, decisions = minhash.near_duplicate_decisions(
+        removed, found_list, decisions = minhash.line_pass(
             index.parts, ranks, cfg.threshold, cfg.num_perm, lambda p, r: docs[p].column("text")[r].as_py(),
-            cfg.shingle_chars, index.keys, previous, stats)
+            cfg.shingle_chars, index.keys, previous, stats, SAMPLES)
         decisions.save(tmp / STATE_FILE)
         return {"documents": len(decisions.names), "near_duplicates": int((decisions.kept_by >= 0).sum()),
                 "pairs": len(decisions.pair_a)}, {}
@@ -220,13 +221,13 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
             with tempfile.TemporaryDirectory() as tmp:
                 build(Path(tmp))
         else:
-            found_list, _ = minhash.near_duplicate_decisions(
+            removed, found_list, _ = minhash.line_pass(
                 index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions,
-                stats)
+                stats, SAMPLES)
     summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,
                "remembered": stats.remembered, "from": previous_path or "",
                "seconds": round(time.perf_counter() - started, 3)}  # signatures, band keys and the pass
-    return NearDedupResult({d.doc_id for d in found_list}, ranks, samples_of(found_list, docs, names),
+    return NearDedupResult(removed, ranks, samples_of(found_list, docs, names),
                            index.deps + [state.path], key, summary)
 
 
