@@ -1,11 +1,16 @@
 """Near-duplicates: MinHash signatures of a text's shingles (tasks/data/shingles.py) and LSH over them.
 
 Signatures are computed by rensa (`signatures`; bench.near_dedup: about 55× faster than datasketch's MinHash.bulk
-on our corpora, shingling included) and cached per load-file piece (tasks/data/near_pieces.py). Each assembly bands
-the signatures of the whole line again (`similar_pairs`, with datasketch's choice of bands) and checks candidates
-on their exact Jaccard when the texts are at hand. Which document of a group is kept follows a priority the caller
-gives (the order the line had the documents in, then the smallest doc_id), so a document kept in one run is kept
-in the next: a later drop is only ever compared with what came before it.
+on our corpora, shingling included) and cached per load-file piece with their band keys (tasks/data/near_pieces.py).
+The pass over a line (`decide`) visits its documents in a fixed order and removes a document that is a
+near-duplicate of an earlier *kept* one sharing an LSH band with it (datasketch's choice of bands), checked on
+their exact Jaccard when the texts are at hand. Comparing with kept documents only keeps the pass linear in the
+corpus however large its clusters of near-copies grow (a cluster keeps one document, and each later member is
+compared with it), and leaves the guarantee a user reads the output by: every removed document has a
+near-duplicate in what is kept, and no two kept documents are near-duplicates. The order follows a priority the
+caller gives (the line's older files first, then the smallest doc_id), so a document kept in one run is kept in
+the next: a later drop is only ever compared with what came before it, and the pass over the line before the drop
+is taken as it was (`Decisions`).
 """
 
 from __future__ import annotations
@@ -204,9 +209,12 @@ def sortable_ids(ids) -> np.ndarray:
 class _Line:
     """The documents of some pieces ([(doc_ids, signatures)]; signatures may be memory-mapped) in the order they
     are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
-    band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage."""
+    band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage.
+    `keys`: each piece's band keys (`_band_keys`, cached per piece by tasks/data/near_pieces.py), else computed
+    here from the signatures."""
 
-    def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int):
+    def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int,
+                 keys: Sequence[np.ndarray] | None = None):
         self.parts = parts
         names = [sortable_ids(ids) for ids, _ in parts]
         if any(x.dtype != np.uint64 for x in names):
@@ -222,30 +230,44 @@ class _Line:
         self.part, self.row, self.names = part[pick], row[pick], every[pick]
         self.b, self.r = bands(threshold, num_perm)
         self.num_perm = num_perm
+        self._sigs = [sigs.reshape(-1, num_perm) for _, sigs in parts]
         # Band keys straight into visiting order, a piece at a time (no second copy of the line's keys).
         self.keys = np.empty((len(self.part), self.b), np.uint64)
-        for p, (_, sigs) in enumerate(parts):
+        for p, sigs in enumerate(self._sigs):
             at = np.flatnonzero(self.part == p)
             if len(at):
-                self.keys[at] = _band_keys(sigs.reshape(-1, num_perm), self.b, self.r)[self.row[at]]
+                piece_keys = keys[p] if keys is not None else _band_keys(sigs, self.b, self.r)
+                self.keys[at] = np.asarray(piece_keys)[self.row[at]]
 
     def __len__(self) -> int:
         return len(self.part)
 
     def sig_rows(self, rows: np.ndarray) -> np.ndarray:
         """The signatures of visited rows `rows`, gathered from their pieces."""
+        if len(rows) <= 4:  # the greedy pass asks a few rows at a time: no grouping by piece
+            out = np.empty((len(rows), self.num_perm), np.uint32)
+            for k, x in enumerate(rows.tolist()):
+                out[k] = self._sigs[self.part[x]][self.row[x]]
+            return out
         out = np.empty((len(rows), self.num_perm), np.uint32)
         part, row = self.part[rows], self.row[rows]
         for p in np.unique(part).tolist():
             mine = part == p
-            out[mine] = self.parts[p][1].reshape(-1, self.num_perm)[row[mine]]  # reads those rows only
+            out[mine] = self._sigs[p][row[mine]]  # reads those rows only
         return out
 
-    def pairs(self, lower: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if len(self) < 2:
-            empty = np.zeros(0, np.int64)
-            return empty, empty, np.zeros(0)
-        return _pairs_at_least(self.keys, self.sig_rows, lower)
+    def buckets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket, shared): each row's bucket in every band (ids unique across bands, (len, b) int64) and whether
+        another row is in that bucket too."""
+        bucket = np.empty(self.keys.shape, np.int64)
+        shared = np.empty(self.keys.shape, bool)
+        offset = 0
+        for band in range(self.b):
+            uniq, inverse, counts = np.unique(self.keys[:, band], return_inverse=True, return_counts=True)
+            bucket[:, band] = inverse + offset
+            shared[:, band] = counts[inverse] > 1
+            offset += len(uniq)
+        return bucket, shared
 
     def where(self, k: int) -> tuple[int, int]:
         return int(self.part[k]), int(self.row[k])
@@ -278,77 +300,303 @@ def _distinct(values: np.ndarray) -> np.ndarray:
 # Jaccard of their shingles: MinHash's estimate errs by about 0.035 at 128 permutations, which either way
 # would cost precision (pairs just below the threshold) or recall (pairs just above).
 VERIFY_MARGIN = 0.1
+# Shingle sets kept for the exact checks of one pass: a cluster's kept document is checked against each of its
+# later members, and is shingled once, not once a member (a few thousand documents' sets: a few MB).
+_SHINGLE_CACHE = 4096
 
 
-def near_pairs(line: _Line, threshold: float, text_of: Callable[[int, int], str] | None, shingle_chars: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, similarity) of the line's rows that are near-duplicates: the one decision load's near-dedup and the
-    drop gate both take. LSH candidates whose signatures agree on at least threshold - VERIFY_MARGIN are kept;
-    with `text_of(part, row)` those whose estimate lies within the margin of the threshold are checked on their
-    exact Jaccard, a block of pairs at a time (a block's texts shingled in one batch); an estimate a margin above
-    the threshold is 3 standard errors clear of it and taken as it is. Without texts, the estimate decides."""
-    i, j, sim = line.pairs(threshold - VERIFY_MARGIN if text_of else threshold)
+def pair_similarity(line: _Line, i: np.ndarray, j: np.ndarray, threshold: float,
+                    text_of: Callable[[int, int], str] | None, shingle_chars: int,
+                    cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """The similarity by which the candidate pairs (i, j) of the line's rows are judged: a pair is a near-duplicate
+    when it is at least the threshold (`near_pairs`). The share of signature values they agree on (MinHash's
+    estimate); with `text_of(part, row)`, those whose estimate lies within VERIFY_MARGIN of the threshold are
+    measured on their exact Jaccard instead, a block of pairs at a time (a block's texts shingled in one batch):
+    an estimate a margin away is 3 standard errors clear of the threshold and taken as it is. `cache`: shingle
+    sets by row, kept across calls (at most _SHINGLE_CACHE)."""
+    if len(i) == 1:  # the greedy pass's usual call: one kept document, one new one
+        sim = np.array([np.count_nonzero(line.sig_rows(i)[0] == line.sig_rows(j)[0]) / line.num_perm])
+    else:
+        sim = _agreement(line.sig_rows, i, j)
     if text_of is None:
-        return i, j, sim
-    near = np.flatnonzero(sim < threshold + VERIFY_MARGIN)
+        return sim
+    near = np.flatnonzero((sim >= threshold - VERIFY_MARGIN) & (sim < threshold + VERIFY_MARGIN))
+    if not len(near):
+        return sim
+    cache = {} if cache is None else cache
     for start in range(0, len(near), 2048):
         block = near[start:start + 2048]
-        docs = np.unique(np.concatenate([i[block], j[block]])).tolist()
-        sets = dict(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
+        needed = np.unique(np.concatenate([i[block], j[block]])).tolist()
+        docs = [d for d in needed if d not in cache]
+        if len(cache) + len(docs) > _SHINGLE_CACHE:
+            cache.clear()
+            docs = needed
+        cache.update(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
         for k, a, b in zip(block.tolist(), i[block].tolist(), j[block].tolist()):
-            x, y = sets[a], sets[b]
+            x, y = cache[a], cache[b]
             inter = len(np.intersect1d(x, y, assume_unique=True))
             sim[k] = inter / max(len(x) + len(y) - inter, 1)
+    return sim
+
+
+def near_pairs(line: _Line, i: np.ndarray, j: np.ndarray, threshold: float,
+               text_of: Callable[[int, int], str] | None, shingle_chars: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) of the candidate pairs that are near-duplicates: the one decision load's near-dedup and
+    the drop gate both take (`pair_similarity` at least the threshold)."""
+    sim = pair_similarity(line, i, j, threshold, text_of, shingle_chars)
     ok = sim >= threshold
     return i[ok], j[ok], sim[ok]
+
+
+# A document is compared with at most this many kept documents of each of its band buckets (the earliest): a
+# bucket holding more kept documents than this is boilerplate repeated many times, and under the rule below a
+# cluster of near-copies keeps one, so a document meets its cluster's kept one first whatever the cluster's size.
+_BUCKET_KEPT = 64
+
+
+@dataclass
+class Decisions:
+    """Near-dedup's decisions over a line's visited rows (`_Line`'s order), and every pair it judged: what a later
+    pass over the same documents plus a drop reuses (`decide(previous=...)`). Rows are named by their doc_ids
+    (`names`, sortable_ids), so they map onto another line's rows."""
+    names: np.ndarray
+    kept_by: np.ndarray  # int64: the row a removed row repeats, -1 for a kept row
+    similarity: np.ndarray  # float32: with kept_by
+    pair_a: np.ndarray  # int64 rows, pair_a < pair_b: every pair judged, and its similarity
+    pair_b: np.ndarray
+    pair_sim: np.ndarray  # float32
+
+    FIELDS = ("names", "kept_by", "similarity", "pair_a", "pair_b", "pair_sim")
+
+    def save(self, path) -> None:
+        np.savez(path, **{f: getattr(self, f) for f in self.FIELDS})
+
+    @classmethod
+    def load(cls, path) -> Decisions | None:
+        """The decisions saved at `path`, or None when the file is not a consistent set of them (a damaged entry is
+        a miss: the pass decides again)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                d = cls(**{k: f[k] for k in cls.FIELDS})
+        except Exception:  # any unreadable file (a bad zip CRC, a truncated array) is a miss
+            return None
+        n = len(d.names)
+        ok = (d.kept_by.shape == (n,) and d.similarity.shape == (n,) and d.pair_a.shape == d.pair_b.shape
+              == d.pair_sim.shape and d.names.dtype.kind in "uU" and d.kept_by.dtype.kind == "i"
+              and d.pair_a.dtype.kind == "i" and d.pair_b.dtype.kind == "i"
+              and bool(np.all((d.kept_by >= -1) & (d.kept_by < np.arange(n))))
+              and bool(np.all((d.pair_a >= 0) & (d.pair_a < d.pair_b) & (d.pair_b < n))))
+        return d if ok else None
+
+
+@dataclass
+class DecideStats:
+    reused_rows: int = 0  # rows whose decision was taken from the previous pass as it was
+    visited: int = 0  # rows the greedy pass looked at (rows sharing a band bucket with another, past the reuse)
+    judged: int = 0  # pairs judged now (signatures compared, exact Jaccard within the margin)
+    remembered: int = 0  # pairs whose judgement was taken from the previous pass
+
+
+def _row_lookup(names: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Each of `wanted`'s rows in `names` (distinct), -1 where it is not there."""
+    if not len(names) or not len(wanted) or names.dtype.kind != wanted.dtype.kind:
+        return np.full(len(wanted), -1, np.int64)
+    order = np.argsort(names, kind="stable")
+    at = np.minimum(np.searchsorted(names[order], wanted), len(names) - 1)
+    found = names[order][at] == wanted
+    return np.where(found, order[at], -1).astype(np.int64)
+
+
+def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | None, shingle_chars: int,
+           previous: Decisions | None = None, stats: DecideStats | None = None) -> Decisions:
+    """Which rows of the line are near-duplicates, visited in order: a row is removed when it is a near-duplicate
+    (`pair_similarity` at least the threshold) of an earlier row that is kept; it names the most similar such row
+    (then the earliest). So every removed document has a near-duplicate in what is kept, and no two kept documents
+    are near-duplicates (of those LSH makes candidates: rows sharing a band bucket).
+
+    A row is only ever compared with the kept rows of its buckets (`_BUCKET_KEPT` of each): a cluster of k
+    near-copies costs k - 1 comparisons with the one it keeps, not k² / 2, and the pass is linear in the corpus
+    whatever its clusters. A row's decision depends on the rows before it only, so with `previous` (the decisions
+    of a pass over some of the same documents) the rows up to the first that differs from previous's order keep
+    their decisions as they were, and pairs judged before are not judged again: a drop whose documents come after
+    the line's (a later corpus path) costs its own rows' comparisons only."""
+    stats = stats if stats is not None else DecideStats()
+    n = len(line)
+    names = line.names
+    kept_by = np.full(n, -1, np.int64)
+    similarity = np.zeros(n, np.float32)
+    memo: dict[tuple[int, int], float] = {}
+    pairs_a: list[np.ndarray] = []
+    pairs_b: list[np.ndarray] = []
+    pairs_s: list[np.ndarray] = []
+    start = 0
+    if previous is not None and len(previous.names) and previous.names.dtype.kind == names.dtype.kind:
+        m = min(n, len(previous.names))
+        differ = np.flatnonzero(previous.names[:m] != names[:m])
+        start = int(differ[0]) if len(differ) else m
+        kept_by[:start] = previous.kept_by[:start]
+        similarity[:start] = previous.similarity[:start]
+        a, b = _row_lookup(names, previous.names[previous.pair_a]), _row_lookup(names, previous.names[previous.pair_b])
+        both = (a >= 0) & (b >= 0)
+        a, b, s = np.minimum(a[both], b[both]), np.maximum(a[both], b[both]), previous.pair_sim[both]
+        pairs_a.append(a)
+        pairs_b.append(b)
+        pairs_s.append(s.astype(np.float32))
+        later = b >= start
+        memo = dict(zip(zip(a[later].tolist(), b[later].tolist()), s[later].tolist()))
+    stats.reused_rows = start
+    if n - start and n > 1:
+        bucket, shared = line.buckets()
+        rows = np.flatnonzero(shared[start:].any(axis=1)) + start
+        stats.visited = len(rows)
+        # The kept rows before `start`, in the buckets the rows to visit are in.
+        kept: dict[int, list[int]] = {}
+        if start and len(rows):
+            touched = np.unique(bucket[rows][shared[rows]])
+            before = np.flatnonzero((kept_by[:start] < 0) & shared[:start].any(axis=1))
+            hit = np.isin(bucket[before], touched) & shared[before]
+            r, c = np.nonzero(hit)  # row-major: rows in visiting order
+            for x, bid in zip(before[r].tolist(), bucket[before][r, c].tolist()):
+                mine = kept.setdefault(bid, [])
+                if len(mine) < _BUCKET_KEPT:
+                    mine.append(x)
+        cache: dict[int, np.ndarray] = {}
+        new_a: list[int] = []
+        new_b: list[int] = []
+        new_s: list[float] = []
+        # Each row's buckets that hold another row too (a bucket of its own never has a kept row to compare with).
+        mine_of = np.where(shared[rows], bucket[rows], -1).tolist()
+        for x, bids in zip(rows.tolist(), mine_of):
+            candidates: set[int] = set()
+            for bid in bids:
+                if bid >= 0:
+                    mine = kept.get(bid)
+                    if mine:
+                        candidates.update(mine)
+            if candidates:
+                c = sorted(candidates)
+                sims = [memo.get((a, x)) for a in c]
+                todo = [k for k, v in enumerate(sims) if v is None]
+                stats.remembered += len(c) - len(todo)
+                if todo:
+                    ca = np.array([c[k] for k in todo], np.int64)
+                    got = pair_similarity(line, ca, np.full(len(ca), x, np.int64), threshold, text_of,
+                                          shingle_chars, cache).tolist()
+                    stats.judged += len(todo)
+                    for k, v in zip(todo, got):
+                        sims[k] = v
+                    new_a += ca.tolist()
+                    new_b += [x] * len(ca)
+                    new_s += got
+                best = max(range(len(c)), key=lambda k: (sims[k], -c[k]))
+                if sims[best] >= threshold:
+                    kept_by[x], similarity[x] = c[best], sims[best]
+                    continue
+            for bid in bids:
+                if bid >= 0:
+                    mine = kept.setdefault(bid, [])
+                    if len(mine) < _BUCKET_KEPT:
+                        mine.append(x)
+        pairs_a.append(np.array(new_a, np.int64))
+        pairs_b.append(np.array(new_b, np.int64))
+        pairs_s.append(np.array(new_s, np.float32))
+    cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)  # noqa: E731
+    a, b, s = cat(pairs_a, np.int64), cat(pairs_b, np.int64), cat(pairs_s, np.float32)
+    if len(a):  # each pair once (a pair judged before may be judged again when its row was re-visited)
+        _, first = np.unique(a * n + b, return_index=True)
+        a, b, s = a[first], b[first], s[first]
+    return Decisions(names, kept_by, similarity, a, b, s)
 
 
 def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
                     num_perm: int, text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
                     ) -> list[NearDuplicate]:
+    """`near_duplicate_decisions` without the decisions."""
+    return near_duplicate_decisions(parts, ranks, threshold, num_perm, text_of, shingle_chars)[0]
+
+
+def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int],
+                             threshold: float, num_perm: int, text_of: Callable[[int, int], str] | None = None,
+                             shingle_chars: int = 5, keys: Sequence[np.ndarray] | None = None,
+                             previous: Decisions | None = None, stats: DecideStats | None = None
+                             ) -> tuple[list[NearDuplicate], Decisions]:
     """Which rows of the pieces `parts` ([(doc_ids, signatures)]: ids as strings or a pyarrow column, signatures
-    possibly memory-mapped) repeat an earlier document. Documents are visited by (rank of their part, doc_id):
-    the line's older files have the lower ranks, so a document is only ever removed for a kept one that came
-    before it, and what was kept stays kept when a drop joins. An exact copy of a document seen before (the same
-    doc_id) is the exact dedup's, not counted here. `text_of(part, row)`: the text, to check candidates on their
-    exact Jaccard (`VERIFY_MARGIN`)."""
-    line = _Line(parts, lambda p: ranks[p], threshold, num_perm)
-    i, j, sim = near_pairs(line, threshold, text_of, shingle_chars)
-    # Visit the removed-candidates in order; each takes the most similar earlier document still kept (then the
-    # earliest). A document's own fate is settled before any later one looks at it (its pairs have i < j).
-    by = np.lexsort((i, -sim, j))
-    il, jl, sl = i[by].tolist(), j[by].tolist(), sim[by].tolist()
-    removed = bytearray(len(line))
-    out, k = [], 0
-    while k < len(jl):
-        b, chosen = jl[k], None
-        while k < len(jl) and jl[k] == b:
-            if chosen is None and not removed[il[k]]:
-                chosen = k
-            k += 1
-        if chosen is not None:
-            removed[b] = 1
-            a = il[chosen]
-            out.append(NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), sl[chosen]))
-    return out
+    possibly memory-mapped; `keys` their band keys) repeat an earlier document, and the decisions (for the next
+    pass: `previous`). Documents are visited by (rank of their part, doc_id): the line's older files have the
+    lower ranks, so a document is only ever removed for a kept one that came before it, and what was kept stays
+    kept when a drop joins. An exact copy of a document seen before (the same doc_id) is the exact dedup's, not
+    counted here. `text_of(part, row)`: the text, to check candidates on their exact Jaccard (`VERIFY_MARGIN`)."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
+    found = decide(line, threshold, text_of, shingle_chars, previous, stats)
+    out = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), float(found.similarity[b]))
+           for b, a in zip(np.flatnonzero(found.kept_by >= 0).tolist(), found.kept_by[found.kept_by >= 0].tolist())]
+    return out, found
+
+
+def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
+              num_perm: int, text_of: Callable[[int, int], str] | None, shingle_chars: int,
+              keys: Sequence[np.ndarray] | None, previous: Decisions | None, stats: DecideStats | None,
+              samples: int) -> tuple[set[str], list[NearDuplicate], Decisions]:
+    """`near_duplicate_decisions` for load: the doc_ids removed, read a piece at a time from the Arrow columns
+    (a Python object per removed document only, not per pair), and the first `samples` removals described."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
+    found = decide(line, threshold, text_of, shingle_chars, previous, stats)
+    removed = np.flatnonzero(found.kept_by >= 0)
+    ids: set[str] = set()
+    for p in np.unique(line.part[removed]).tolist():
+        rows = line.row[removed[line.part[removed] == p]]
+        column = parts[p][0]
+        if hasattr(column, "take"):
+            ids.update(column.take(rows).to_pylist())
+        else:
+            ids.update(column[r] for r in rows.tolist())
+    described = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a),
+                               float(found.similarity[b]))
+                 for b, a in zip(removed[:samples].tolist(), found.kept_by[removed[:samples]].tolist())]
+    return ids, described, found
+
+
+def _cross_candidates(line: _Line, older: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i an `older` row and j another, sharing a band bucket (each j with at most _BUCKET_KEPT of the
+    older rows of a bucket, the earliest): sorted by (j, i), distinct."""
+    old_rows, new_rows = np.flatnonzero(older), np.flatnonzero(~older)
+    codes = []
+    n = len(line)
+    for band in range(line.b):
+        okeys = line.keys[old_rows, band]
+        order = np.argsort(okeys, kind="stable")
+        sorted_keys = okeys[order]
+        nkeys = line.keys[new_rows, band]
+        lo = np.searchsorted(sorted_keys, nkeys, "left")
+        hi = np.minimum(np.searchsorted(sorted_keys, nkeys, "right"), lo + _BUCKET_KEPT)
+        count = hi - lo
+        if not count.sum():
+            continue
+        j = np.repeat(new_rows, count)
+        offsets = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        i = old_rows[order[np.repeat(lo, count) + offsets]]
+        codes.append(j * n + i)
+    code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    return code % n, code // n
 
 
 def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
                  drop_parts: Sequence[tuple[Sequence[str], np.ndarray]], threshold: float, num_perm: int,
                  text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
-                 ) -> list[tuple[str, str, float]]:
+                 keys: Sequence[np.ndarray] | None = None) -> list[tuple[str, str, float]]:
     """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
     (exact copies included: the drop gate counts both as duplicates). Pairs are decided as load decides them
-    (`near_pairs`; `text_of(part, row)` over the line's parts, then the drop's)."""
+    (`near_pairs`; `text_of(part, row)` over the line's parts, then the drop's; `keys`: their band keys, in the same
+    order). Only pairs of a drop document and a line document are judged: the cost grows with the drop."""
     parts = [*line_parts, *drop_parts]
-    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm)
+    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm, keys)
     # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
     # when its piece is.
     in_line = line.part < len(line_parts)
-    i, j, sim = near_pairs(line, threshold, text_of, shingle_chars)
-    mine = in_line[i] & ~in_line[j]
-    i, j, sim = i[mine], j[mine], sim[mine]
-    by = np.lexsort((-sim, j))  # per drop document, the most similar line document first
+    i, j = _cross_candidates(line, in_line)
+    i, j, sim = near_pairs(line, i, j, threshold, text_of, shingle_chars)
+    by = np.lexsort((i, -sim, j))  # per drop document, the most similar line document first (then the earliest)
     i, j, sim = i[by], j[by], sim[by]
     first = np.ones(len(j), bool)
     first[1:] = j[1:] != j[:-1]
