@@ -17,6 +17,7 @@ from helpers import sample_texts, write_jsonl
 from tasks.core.config.data import CorpusConfig
 from tasks.core.root import open_root
 from tasks.data import minhash as mh, shingles as sh
+from tasks.data import near_pass as npass
 from tasks.data.records import doc_id_of
 
 T, PERM, N = 0.8, 128, 5
@@ -101,7 +102,7 @@ def test_the_pass_is_its_rule_computed_over_every_pair():
     parts = [(ids[a:b], sigs[a:b]) for a, b in zip(cut, cut[1:])]
     ranks = [0, 0, 1]
     text_of = lambda p, r: texts[cut[p] + r]  # noqa: E731
-    found = mh.near_duplicates(parts, ranks, T, PERM, text_of, N)
+    found = npass.near_duplicates(parts, ranks, T, PERM, text_of, N)
     doc_rank = [ranks[p] for p in range(3) for _ in range(cut[p + 1] - cut[p])]
     want = reference(texts, visiting_order(ids, doc_rank), sigs)
     assert len(want) > 80  # rich in near-duplicates: the comparison is not vacuous
@@ -123,7 +124,7 @@ def test_on_text_far_from_the_threshold_the_pass_is_the_exact_jaccard_over_every
     random.Random(1).shuffle(texts)
     ids = [doc_id_of(t) for t in texts]
     sigs = mh.signatures(texts, PERM, N, 1)
-    found = mh.near_duplicates([(ids, sigs)], [0], T, PERM, lambda p, r: texts[r], N)
+    found = npass.near_duplicates([(ids, sigs)], [0], T, PERM, lambda p, r: texts[r], N)
     want = reference(texts, visiting_order(ids, [0] * len(ids)), sigs, lsh=False)
     assert len(want) == len(texts) - len(base)
     assert {d.doc_id for d in found} == {ids[k] for k in want}
@@ -134,8 +135,8 @@ def test_a_cluster_costs_one_comparison_a_member():
     text = long_texts()[0]
     for k in (4, 16, 64):
         texts = [f"[copy {c}] {text}" for c in range(k)]
-        stats = mh.DecideStats()
-        found, _ = mh.near_duplicate_decisions([([doc_id_of(t) for t in texts], mh.signatures(texts, PERM, N, 1))],
+        stats = npass.DecideStats()
+        found, _ = npass.near_duplicate_decisions([([doc_id_of(t) for t in texts], mh.signatures(texts, PERM, N, 1))],
                                                [0], T, PERM, lambda p, r: texts[r], N, stats=stats)
         assert len(found) == k - 1 and stats.judged == k - 1
 
@@ -217,7 +218,7 @@ def test_damaged_decisions_are_decided_again(tmp_path):
     path.write_bytes(bytes(data))
     from tasks.data import near_pieces
 
-    assert near_pieces.minhash.Decisions.load(path) is None
+    assert near_pieces.near_pass.Decisions.load(path) is None
     import shutil
 
     shutil.rmtree(root.entry(first.path))  # load's own output gone: built again over the same decisions' key

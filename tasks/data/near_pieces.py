@@ -20,7 +20,7 @@ from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import publish_piece
-from tasks.data import minhash
+from tasks.data import minhash, near_pass
 from tasks.data.arrow import read_arrow
 from tasks.data.layout import piece_docs_file
 
@@ -132,7 +132,7 @@ def state_key(signature_keys: list[str], ranks: list[int], cfg: NearDedupConfig)
 
 
 def previous_decisions(signature_keys: list[str], ranks: list[int], cfg: NearDedupConfig, root: ArtifactsRoot
-                       ) -> tuple[minhash.Decisions | None, str | None]:
+                       ) -> tuple[near_pass.Decisions | None, str | None]:
     """The decisions of a pass over most of these pieces, when one is cached: the line without its newest corpus
     path's pieces (a drop's: its documents come after all others, so nothing before them is decided again), else
     the line without one of its pieces (a file added to a folder the line reads). Each a lookup by key: no
@@ -152,7 +152,7 @@ def previous_decisions(signature_keys: list[str], ranks: list[int], cfg: NearDed
         if found is None:
             continue
         try:
-            decisions = minhash.Decisions.load(root.entry(found.path) / STATE_FILE)
+            decisions = near_pass.Decisions.load(root.entry(found.path) / STATE_FILE)
         except Exception:  # an entry gone between the lookup and the read: decided again, never a crash
             decisions = None
         if decisions is not None:
@@ -189,7 +189,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
                     ) -> NearDedupResult:
     """load's assembly hook: which documents of its load-file pieces (in assembly order, each with its doc_id/text
     table, its file's name and its rank: lower is older in the line) are near-duplicates of one the line had
-    before (`minhash.decide`). The decisions are cached per set of pieces (`near-dedup-state`), and a pass starts
+    before (`near_pass.decide`). The decisions are cached per set of pieces (`near-dedup-state`), and a pass starts
     from those of the line before this drop (`previous_decisions`): a drop of k files judges only the pairs that
     involve its documents. Independent of how the assembled output is written."""
     import tempfile
@@ -199,7 +199,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     docs = [read_arrow(f) for f in docs_files]  # memory-mapped, opened once each
     index = piece_index(pieces, docs_files, cfg, root, runtime, docs)
     key = state_key(index.signature_keys, ranks, cfg)
-    stats = minhash.DecideStats()
+    stats = near_pass.DecideStats()
     found_list: list[minhash.NearDuplicate] = []
     removed: set[str] = set()
     previous_path = None
@@ -207,7 +207,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     def build(tmp: Path):
         nonlocal found_list, removed, previous_path
         previous, previous_path = previous_decisions(index.signature_keys, ranks, cfg, root)
-        removed, found_list, decisions = minhash.line_pass(
+        removed, found_list, decisions = near_pass.line_pass(
             index.parts, ranks, cfg.threshold, cfg.num_perm, lambda p, r: docs[p].column("text")[r].as_py(),
             cfg.shingle_chars, index.keys, previous, stats, SAMPLES)
         decisions.save(tmp / STATE_FILE)
@@ -216,12 +216,12 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
 
     state, built = root.publish("near-dedup-state", key, build)
     if not built:  # decided before over these very pieces (a load whose other inputs changed): taken as it is
-        decisions = minhash.Decisions.load(root.entry(state.path) / STATE_FILE)
+        decisions = near_pass.Decisions.load(root.entry(state.path) / STATE_FILE)
         if decisions is None:  # damaged since it was verified: decided again here (a miss, never a crash)
             with tempfile.TemporaryDirectory() as tmp:
                 build(Path(tmp))
         else:
-            removed, found_list, _ = minhash.line_pass(
+            removed, found_list, _ = near_pass.line_pass(
                 index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions,
                 stats, SAMPLES)
     summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,

@@ -165,7 +165,7 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
     has, from the cached signature pieces, and a few such pairs side by side."""
     from tasks.data.arrow import read_arrow
     from tasks.data.layout import piece_docs_file
-    from tasks.data.minhash import drop_matches
+    from tasks.data.near_pass import drop_matches
     from tasks.data.near_pieces import SAMPLES, SAMPLE_CHARS, piece_index
 
     cfg = corpus.near_dedup
