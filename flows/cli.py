@@ -117,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", type=Path, nargs="?", default=Path("."), help="the folder (default: here)")
     init.add_argument("--force", action="store_true", help="overwrite files that differ from the starter's")
 
-    val = sub.add_parser("validate", help="check a config and print it resolved, with every default")
+    val = sub.add_parser("validate", help="check a config and print it resolved, with every default, and what a "
+                         "run of it would find only after training (another lineage's release, no Hub token)")
     _config_args(val)
+    val.add_argument("--line", default=None, help="check it as a run of this training line (cpt retrain --line)")
+    val.add_argument("--artifacts", metavar="DIR", help="the artifacts root a run would use")
 
     tiny = sub.add_parser("init-tiny-model", help="build a tiny local tokenizer + model (offline demo and tests)")
     tiny.add_argument("out_dir", type=Path)
@@ -154,9 +157,72 @@ def _load(args):
 
 def cmd_validate(args) -> int:
     from tasks.core.config.tree import dump_config
+    from tasks.core.root import open_root
+    from tasks.line.preflight import conflicts, release_note
 
-    print(dump_config(_load(args)), end="")
+    cfg = _load(args)
+    print(dump_config(cfg), end="")
+    print(f"# {release_note(cfg, args.line)}")
+    # What a run would find only after training: another lineage's release, the line held by a stuck run, the
+    # push target, the Hub token (a Prefect Secret block is loaded by the run itself).
+    found = conflicts(cfg, open_root(args.artifacts), args.line)
+    if found:
+        print("cpt: a run of this config would fail after training:\n- " + "\n- ".join(found), file=sys.stderr)
+        return 2
     return 0
+
+
+def expected_failures() -> tuple[type[BaseException], ...]:
+    """The errors a run ends with whose message is the whole story (a config, an input, a conflict, a push, a
+    training child that failed with its last lines): printed as one line, never as a traceback."""
+    from tasks.core.config.base import ConfigError
+    from tasks.data.records import BadRecordError
+    from tasks.line.lineage import LostPromotedModel
+    from tasks.line.preflight import RunConflict
+    from tasks.line.promotions import ReleaseClaimed
+    from tasks.push import PushFailed
+    from tasks.train import ModelDamaged, TrainingFailed
+
+    return (ConfigError, BadRecordError, RunConflict, ReleaseClaimed, PushFailed, LostPromotedModel,
+            TrainingFailed, ModelDamaged)
+
+
+def quiet_expected_tracebacks() -> None:
+    """Prefect logs a failed task or flow with its traceback; for an expected failure the terminal gets the
+    message alone (the Prefect UI keeps the traceback: only the console handlers are filtered)."""
+    import logging
+
+    expected = expected_failures()
+
+    class NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], expected):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and not any(
+                type(f).__name__ == "NoTraceback" for f in handler.filters):
+            handler.addFilter(NoTraceback())
+
+
+def _write_json(path: str, data: dict) -> None:
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+
+
+def _failed(what: str, error: BaseException, summary_path: str | None, summary: dict | None, where: str = "") -> int:
+    """A run that failed: its --summary written with the error, one line on stderr for an expected failure (the
+    traceback otherwise: a bug)."""
+    if summary_path:
+        _write_json(summary_path, summary if summary is not None else
+                    {"status": "Failed", "error": f"{type(error).__name__}: {error}", "stages": []})
+    if not isinstance(error, expected_failures()):
+        raise error
+    print(f"cpt: {what} failed: {error}" + (f"\nsummary: {where}" if where else ""), file=sys.stderr)
+    return 1
 
 
 def cmd_run(args) -> int:
@@ -166,13 +232,24 @@ def cmd_run(args) -> int:
 
     resolve_corpus_files(cfg.corpus)
     from tasks.core.root import open_root
+    from tasks.line.preflight import RunConflict, check_before_compute
 
-    open_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
+    root = open_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
+    try:  # and what would fail after training (the flow checks again, with a Prefect Secret block if any)
+        check_before_compute(cfg, root, None, pushes=args.until in (None, "push"), secrets=False)
+    except RunConflict as e:
+        return _failed("run", e, args.summary, None)
     _prefect_env()
     _warm_arrow()
     from flows.continued_pretraining import continued_pretraining
 
-    summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
+    quiet_expected_tracebacks()
+    try:
+        summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
+    except Exception as e:
+        summary = getattr(e, "cpt_summary", None)
+        where = (Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json") if summary else ""
+        return _failed("run", e, args.summary, summary, str(where))
     run_summary = Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json"
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +266,8 @@ def cmd_run(args) -> int:
     if summary.get("gate"):
         g = summary["gate"]
         print(f"gate: {'promoted' if g['promoted'] else 'refused, not pushed'}: {g['reason']}")
+    for w in summary.get("warnings", []):
+        print(f"warning: {w}")
     if "push" in outputs:
         c = outputs["push"]["counts"]
         print(f"model: {c['local_path']}" + (f" (uploaded: {c['hub_url']})" if c.get("hub_url") else ""))
@@ -199,12 +278,19 @@ def cmd_retrain(args) -> int:
     cfg = _load(args)
     _prefect_env()
     _warm_arrow()
-    from flows.retrain import retrain
+    from flows.retrain import retrain, write_result
 
-    from flows.retrain import write_result
-
-    result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
-                     settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
+    quiet_expected_tracebacks()
+    try:
+        result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
+                         settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
+    except Exception as e:
+        result = getattr(e, "cpt_result", None) or {"trained": False, "reason": "failed", "line": args.line,
+                                                    "error": f"{type(e).__name__}: {e}"}
+        result.setdefault("error", f"{type(e).__name__}: {e}")
+        if args.summary:
+            write_result(result, args.summary)
+        return _failed(f"line {args.line}: retrain", e, None, None)
     if args.summary:
         write_result(result, args.summary)
     if result["trained"]:
@@ -241,7 +327,8 @@ def cmd_drops(args) -> int:
     for d in state.drops:
         print(f"{d.status:<9} {d.path}\n          {d.files} files, {d.documents} documents, {d.tokens} tokens; "
               f"registered {d.registered_at}; fingerprint {d.fingerprint[:12] or '-'}"
-              + (f"\n          reason: {d.reason}" if d.reason else ""))
+              + (f"\n          reason: {d.reason}" if d.reason else "")
+              + (f"\n          last training: {d.outcome}" if d.outcome else ""))
     if state.last_training:
         t = state.last_training
         print(f"last training: {t['finished_at']} ({t['flow_run']}), {t['files']} files, fingerprint {t['corpus'][:12]}")

@@ -389,6 +389,14 @@ def _num(x: Any) -> str:
 
 def show(out: Evaluation, root: ArtifactsRoot) -> None:
     doc = out.read(root)
+    if "validation_perplexity" in out.counts:  # one model's evaluation (the base's): there is no before/after yet
+        ppl = {k: (doc.get(k) or {}).get("perplexity") for k in ("validation", "general")}
+        gens = [{"generation": str(g).replace("\n", " ")} for g in doc.get("generations", [])]
+        markdown_artifact(f"# The base model, before training\n\n"
+                          f"{markdown_table([{'perplexity': k, 'value': v} for k, v in ppl.items() if v is not None])}"
+                          + (f"\n\n## Generations\n\n{markdown_table(gens)}\n" if gens else "\n"),
+                          "eval-base", "The base model's perplexity and generations, before training")
+        return
     markdown_artifact(out.markdown(root), "eval-before-after", "Perplexity and generations, before/after")
     table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
                    "eval-perplexity", "Perplexity before and after training")

@@ -152,6 +152,7 @@ def train_model(spec: TrainSpec, num_processes: int, log=None, progress_desc: st
     finally:
         if state["progress"] is not None:
             state["progress"].close()
+            log.info("%s", state["progress"].final())
     metrics = json.loads((out / "metrics.json").read_text())
     # What each process did (every rank reports; rank 0 alone writes the outputs), in rank order.
     metrics["ranks"] = sorted(state.get("ranks", []), key=lambda r: r["rank"])
@@ -201,7 +202,8 @@ class Trained(StageOutput):
         return self.file(root, "loss_curve.png")
 
     def links(self, root: ArtifactsRoot) -> dict[str, str]:
-        return {"TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(root)}"}
+        return {"loss curve": str(self.loss_curve(root)),
+                "TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(root)}"}
 
     @property
     def model_digest(self) -> str:
@@ -209,7 +211,10 @@ class Trained(StageOutput):
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
-        lines = [(logging.INFO, f"{c['global_step']} steps from the {c['parent']}, loss {_num(c['first_loss'])} → "
+        steps = (f"{c['global_step']} steps" if not c.get("stopped_early") else
+                 f"stopped early at step {c['global_step']} of {c.get('max_steps', '?')} (validation loss no better "
+                 "for train.early_stopping_patience evaluations; the best checkpoint is kept)")
+        lines = [(logging.INFO, f"{steps} from the {c['parent']}, loss {_num(c['first_loss'])} → "
                                 f"{_num(c['last_loss'])}, best validation loss {_num(c['best_eval_loss'])}; "
                                 f"TensorBoard logs in {self.tensorboard_dir(root)}")]
         if c.get("replay_trained_tokens"):

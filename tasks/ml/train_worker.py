@@ -392,6 +392,17 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def tied_weights_not_saved(model) -> None:
+    """Tied embeddings (the tiny model, Gemma): `lm_head.weight` is `embed_tokens.weight`, so save_pretrained
+    leaves it out of the checkpoint. Loading the best checkpoint at the end, the Trainer then warned "There were
+    missing keys in the checkpoint model loaded: ['lm_head.weight']" on every training, harmless but alarming.
+    Naming the tied copies as keys not saved is what the Trainer checks for: it re-ties them instead of warning.
+    Nothing saved changes (those keys were left out already)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # {target: source}, empty when nothing is tied
+    if tied:
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | set(tied)
+
+
 def run(spec: TrainSpec) -> None:
     import torch
     from accelerate import PartialState
@@ -407,6 +418,7 @@ def run(spec: TrainSpec) -> None:
 
     tok = load_tokenizer_with_pad(spec.model_location, model_cfg.trust_remote_code)
     model = load_pretrained(spec.model_location, model_cfg, device)
+    tied_weights_not_saved(model)
     dtype = model.dtype
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
