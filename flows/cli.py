@@ -172,59 +172,6 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def expected_failures() -> tuple[type[BaseException], ...]:
-    """The errors a run ends with whose message is the whole story (a config, an input, a conflict, a push, a
-    training child that failed with its last lines): printed as one line, never as a traceback."""
-    from tasks.core.config.base import ConfigError
-    from tasks.data.records import BadRecordError
-    from tasks.line.lineage import LostPromotedModel
-    from tasks.line.preflight import RunConflict
-    from tasks.line.promotions import ReleaseClaimed
-    from tasks.push import PushFailed
-    from tasks.train import ModelDamaged, TrainingFailed
-
-    return (ConfigError, BadRecordError, RunConflict, ReleaseClaimed, PushFailed, LostPromotedModel,
-            TrainingFailed, ModelDamaged)
-
-
-def quiet_expected_tracebacks() -> None:
-    """Prefect logs a failed task or flow with its traceback; for an expected failure the terminal gets the
-    message alone (the Prefect UI keeps the traceback: only the console handlers are filtered)."""
-    import logging
-
-    expected = expected_failures()
-
-    class NoTraceback(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], expected):
-                record.exc_info, record.exc_text = None, None
-            return True
-
-    for handler in logging.getLogger().handlers:
-        if type(handler).__name__ == "PrefectConsoleHandler" and not any(
-                type(f).__name__ == "NoTraceback" for f in handler.filters):
-            handler.addFilter(NoTraceback())
-
-
-def _write_json(path: str, data: dict) -> None:
-    import json
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-
-
-def _failed(what: str, error: BaseException, summary_path: str | None, summary: dict | None, where: str = "") -> int:
-    """A run that failed: its --summary written with the error, one line on stderr for an expected failure (the
-    traceback otherwise: a bug)."""
-    if summary_path:
-        _write_json(summary_path, summary if summary is not None else
-                    {"status": "Failed", "error": f"{type(error).__name__}: {error}", "stages": []})
-    if not isinstance(error, expected_failures()):
-        raise error
-    print(f"cpt: {what} failed: {error}" + (f"\nsummary: {where}" if where else ""), file=sys.stderr)
-    return 1
-
-
 def cmd_run(args) -> int:
     cfg = _load(args)
     # Fail on a wrong path now, not after a Prefect server has spent seconds starting.
@@ -232,13 +179,14 @@ def cmd_run(args) -> int:
 
     resolve_corpus_files(cfg.corpus)
     from tasks.core.root import open_root
+    from flows.outcome import failed, quiet_expected_tracebacks
     from tasks.line.preflight import RunConflict, check_before_compute
 
     root = open_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
     try:  # and what would fail after training (the flow checks again, with a Prefect Secret block if any)
         check_before_compute(cfg, root, None, pushes=args.until in (None, "push"), secrets=False)
     except RunConflict as e:
-        return _failed("run", e, args.summary, None)
+        return failed("run", e, args.summary, None)
     _prefect_env()
     _warm_arrow()
     from flows.continued_pretraining import continued_pretraining
@@ -249,7 +197,7 @@ def cmd_run(args) -> int:
     except Exception as e:
         summary = getattr(e, "cpt_summary", None)
         where = (Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json") if summary else ""
-        return _failed("run", e, args.summary, summary, str(where))
+        return failed("run", e, args.summary, summary, str(where))
     run_summary = Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json"
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +224,19 @@ def cmd_run(args) -> int:
 
 def cmd_retrain(args) -> int:
     cfg = _load(args)
+    from flows.outcome import failed, quiet_expected_tracebacks
+    from tasks.core.root import open_root
+    from tasks.line.preflight import RunConflict, check_before_compute
+
+    try:  # before the server starts; the flow checks again (a Prefect Secret block, the line's lock once more)
+        check_before_compute(cfg, open_root(args.artifacts), args.line, secrets=False)
+    except RunConflict as e:
+        if args.summary:
+            from flows.retrain import write_result
+
+            write_result({"trained": False, "reason": "conflict", "line": args.line,
+                          "error": f"{type(e).__name__}: {e}"}, args.summary)
+        return failed(f"line {args.line}: retrain", e, None, None)
     _prefect_env()
     _warm_arrow()
     from flows.retrain import retrain, write_result
@@ -290,7 +251,7 @@ def cmd_retrain(args) -> int:
         result.setdefault("error", f"{type(e).__name__}: {e}")
         if args.summary:
             write_result(result, args.summary)
-        return _failed(f"line {args.line}: retrain", e, None, None)
+        return failed(f"line {args.line}: retrain", e, None, None)
     if args.summary:
         write_result(result, args.summary)
     if result["trained"]:

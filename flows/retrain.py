@@ -118,7 +118,7 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
     def result(trained: bool, reason: str, **extra) -> dict[str, Any]:
         state = lines.read_line(root, line)
         show_drops(state)
-        return {"trained": trained, "reason": reason, "line": line,
+        return {"trained": trained, "reason": reason, "line": line, "flow_run": flow_run.name,
                 "drops": [d.listing() for d in state.drops], "gate_seconds": gate_seconds, **extra}
 
     def skipped(reason: str, msg: str, **extra) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def failed_pipeline(error: BaseException, root, line: str, drops: list[str], res
     markdown_artifact(f"# Retrain failed\n\nPipeline run `{run}`: {failure['outcome']}\n", "retrain-decision",
                       "What this run trained on, and why its model was not released")
     with contextlib.suppress(AttributeError):
-        error.cpt_result = result(failure["trained"], "failed", pipeline=summary, **failure)
+        error.cpt_result = result(failure.pop("trained"), "failed", pipeline=summary, **failure)
 
 
 def write_result(result: dict[str, Any], path: str | Path) -> None:
