@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
     emit.add_argument("--event", default=DROP_EVENT)
+    emit.add_argument("--attempts", type=int, default=5, help="send it this many times at most until the server "
+                      "confirms it has it (the same event: the server keeps one); then fail")
+    emit.add_argument("--confirm-seconds", type=float, default=20.0,
+                      help="how long to wait for the server to confirm each attempt")
 
     serve = sub.add_parser("serve", help="serve the retrain flow in this process: nightly schedule + drop events")
     _config_args(serve)
@@ -336,19 +340,20 @@ def cmd_cache(args) -> int:
 
 def cmd_emit_drop(args) -> int:
     _prefect_env()
-    from prefect.events import emit_event
+    from flows.drops import AnnounceFailed, announce
 
     path = args.path.resolve()
     if not path.exists():
         print(f"cpt: {path}: no such drop", file=sys.stderr)
         return 2
-    event = emit_event(event=args.event, resource={"prefect.resource.id": f"cpt.drop.{path}",
-                                                   "prefect.resource.name": path.name},
-                       payload={"path": str(path)})
-    if event is None:
-        print("cpt: events are off: set PREFECT_API_URL to a Prefect server", file=sys.stderr)
+    try:
+        event, attempt = announce(path, args.event, attempts=args.attempts, confirm_seconds=args.confirm_seconds,
+                                  say=lambda m: print(m, file=sys.stderr))
+    except AnnounceFailed as e:
+        print(f"cpt: emit-drop: {e}", file=sys.stderr)
         return 1
-    print(f"emitted {args.event} for {path} ({event.id})")
+    print(f"emitted {args.event} for {path} ({event.id}); the server has it"
+          + (f" (attempt {attempt})" if attempt > 1 else ""))
     return 0
 
 
