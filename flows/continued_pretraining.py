@@ -123,7 +123,7 @@ def continued_pretraining(
     with build_scope(str(flow_run.id)), one_runner_per_run(config.runtime):
         try:
             # What would fail after training fails now, before any stage (tasks/line/preflight.py).
-            check_before_compute(config, root, line, pushes=until in (None, "push"))
+            check_before_compute(config, root, line, pushes=until in (None, "push"), lock=False)  # retrain holds it
             sources = fingerprint_corpus(config.corpus, digest=digests.digest)
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
             digests.save()

@@ -210,12 +210,13 @@ def hub_write_conflicts(repo_id: str, token: str) -> list[str]:
 
 
 def conflicts(config: CptConfig, root: ArtifactsRoot, line: str | None, pushes: bool = True,
-              secrets: bool = False, hub: bool = True, now: float | None = None) -> list[str]:
+              secrets: bool = False, hub: bool = True, now: float | None = None, lock: bool = True) -> list[str]:
     """Every conflict of a run of `config` (push.name as the run will have it) on `root` and `line`; `pushes`:
     whether the run goes as far as push (not with --until chunk); `secrets`: load a Prefect Secret block (needs
-    the server); `hub`: ask the Hub whether the token may write."""
+    the server); `hub`: ask the Hub whether the token may write; `lock`: look at the line's run lock (not from
+    inside the retrain run that holds it)."""
     config = with_release_name(config, line)
-    found = lock_conflicts(root, line, now) if line else []
+    found = lock_conflicts(root, line, now) if line and lock else []
     if pushes:
         found += ownership_conflicts(config, root, line)
         found += release_folder_conflicts(config, root)
@@ -227,9 +228,9 @@ def conflicts(config: CptConfig, root: ArtifactsRoot, line: str | None, pushes: 
 
 
 def check_before_compute(config: CptConfig, root: ArtifactsRoot, line: str | None, pushes: bool = True,
-                         secrets: bool = True, hub: bool = True) -> None:
+                         secrets: bool = True, hub: bool = True, lock: bool = True) -> None:
     """Raise RunConflict naming every conflict (at the start of a run, before any stage)."""
-    found = conflicts(config, root, line, pushes=pushes, secrets=secrets, hub=hub)
+    found = conflicts(config, root, line, pushes=pushes, secrets=secrets, hub=hub, lock=lock)
     if found:
         raise RunConflict("this run would fail after training, so nothing was run:\n- " + "\n- ".join(found))
 
