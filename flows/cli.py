@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flows.stages import PIPELINE
 
-DROP_EVENT = "corpus.drop.landed"
+from flows.announce import DROP_EVENT  # noqa: E402  (no Prefect import: a constant)
 
 
 def _prefect_env() -> None:
@@ -341,7 +341,7 @@ def cmd_cache(args) -> int:
 
 def cmd_emit_drop(args) -> int:
     _prefect_env()
-    from flows.drops import AnnounceFailed, announce
+    from flows.announce import AnnounceFailed, announce
 
     path = args.path.resolve()
     if not path.exists():
