@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     # made most of them words seen two or three times: validation loss stopped falling at step 50), and enough
     # depth to learn Korean phrasing from it in 200 steps.
     tiny.add_argument("--vocab-size", type=int, default=2000)
+    tiny.add_argument("--byte-level", action="store_true", help="merges from the 256 bytes (any text) instead of "
+                      "the corpus's characters (each syllable a token: a small model never writes a broken one)")
     tiny.add_argument("--hidden-size", type=int, default=128)
     tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--force", action="store_true", help="rebuild even if out_dir already holds a model")
@@ -475,7 +477,7 @@ def cmd_init_tiny_model(args) -> int:
         print(f"{args.out_dir}: tiny model already built (--force to rebuild)")
         return 0
     path = build_tiny_model(args.out_dir, read_texts(args.corpus), vocab_size=args.vocab_size,
-                            hidden_size=args.hidden_size, layers=args.layers)
+                            hidden_size=args.hidden_size, layers=args.layers, byte_level=args.byte_level)
     print(f"tiny model written to {path}")
     return 0
 

@@ -49,14 +49,15 @@ def work_rel(key: str) -> str:
     return f"work/train/{key}"
 
 
-def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_config: str | None = None) -> list[str]:
+def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_config: str | None = None,
+                   cpu_threads: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
     if accelerate_config:  # the user's file decides the distributed setup (FSDP, DeepSpeed, …)
         cmd += ["--config_file", accelerate_config]
     else:
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         if device == "cpu" and num_processes == 1:
-            cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
+            cmd += ["--cpu", "--num_cpu_threads_per_process", str(cpu_threads or os.cpu_count() or 1)]
         elif num_processes > 1:
             # accelerate's `--cpu` runs one process whatever `--num_processes` says; its multi-process launcher
             # (torchrun) starts them, and the worker's PartialState(cpu=True) joins them over gloo on CPU.
@@ -147,8 +148,8 @@ def train_model(spec: TrainSpec, num_processes: int, log=None, progress_desc: st
                                              for k, v in msg.items()))
 
     try:
-        run_child(launch_command(spec_path, num_processes, device, spec.train.accelerate_config),
-                  on_message, log)
+        run_child(launch_command(spec_path, num_processes, device, spec.train.accelerate_config,
+                                 spec.model.cpu_threads), on_message, log)
     finally:
         if state["progress"] is not None:
             state["progress"].close()
