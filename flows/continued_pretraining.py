@@ -160,8 +160,7 @@ def continued_pretraining(
                 base_eval = run(evaluate_base, base_model=base_model, **eval_inputs)
                 trained = run(train, train=config.train, model=config.model, base_model=parent_model,
                               chunk=config.chunk, chunks=train_chunks, parent=parent)
-                run_logger().info("train: %s%s", "the model was trained before, " if run.stages[-1]["state"] ==
-                                  "Cached" else "", lineage.parent_note)
+                run_logger().info("train: parent: %s", lineage.parent_note)  # after "train: Cached (key)" if so
                 evaluation = run(evaluate, trained=trained, base_eval=base_eval, **eval_inputs)
 
                 decision = ref_eval = None

@@ -54,3 +54,5 @@ def test_make_demo_shows_what_cpt_is_for(tmp_path):
         words = a.split()
         assert max(words.count(w) for w in words) <= 2, a
     assert stages["gate"]["counts"]["promoted"] is True
+    assert "missing keys" not in out.stdout + out.stderr  # tied embeddings load without a warning
+    assert "train: done 200/200 step" in out.stdout + out.stderr and "0 step/s" not in out.stdout + out.stderr

@@ -323,3 +323,14 @@ def test_progress_says_a_real_rate_and_where_a_training_stopped(monkeypatch):
     assert report.Progress(10, "tokenize", unit="doc").rate(1234.0) == "1,234 doc/s"
     assert report.Progress(10, "train", unit="step").rate(3.42) == "3.4 step/s"
     p.close()
+
+
+def test_the_training_child_runs_on_model_cpu_threads():
+    from pathlib import Path
+
+    from tasks.train import launch_command
+
+    cmd = launch_command(Path("spec.json"), 1, "cpu", None, cpu_threads=1)
+    assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "1"
+    cmd = launch_command(Path("spec.json"), 1, "cpu", None)
+    assert int(cmd[cmd.index("--num_cpu_threads_per_process") + 1]) >= 1
