@@ -200,12 +200,14 @@ def test_the_readme_paths_run_as_written_and_end_with_a_drop_the_worker_trained(
     try:
         # Quick start, the checkout's block: `make demo` (and `make test`, dry-run).
         [demo_block, *_] = section_blocks(readme, "Quick start")
+        demo = ""
         for command in demo_block:
             out = shell.run(adapt(command))
             if command_part(command) == "make demo":
-                assert "run " in out and ": Completed" in out and "model: " in out, out[-3000:]
-                assert "loss curve: " in out and "gate: promoted" in out, out[-3000:]
-        demo_model = next(line.split("model: ", 1)[1].split(" (")[0] for line in out.splitlines()
+                demo = out
+        assert "run " in demo and ": Completed" in demo and "model: " in demo, demo[-3000:]
+        assert "loss curve: " in demo and "gate: promoted" in demo, demo[-3000:]
+        demo_model = next(line.split("model: ", 1)[1].split(" (")[0] for line in demo.splitlines()
                           if line.startswith("model: "))
 
         # Running on your corpus: the user's corpus, then the section's commands.
