@@ -39,6 +39,45 @@ def _warm_arrow() -> None:
     threading.Thread(target=warm, name="arrow-warm", daemon=True).start()
 
 
+def _run_server():
+    """The Prefect server this run uses (flows/local_server.py: one already running, else a temporary one started
+    now, while the run imports and reads its inputs), said on stderr."""
+    from flows.local_server import run_server
+
+    server = run_server()
+    print(server.describe(), file=sys.stderr)
+    return server
+
+
+def cmd_server(args) -> int:
+    from flows import local_server
+
+    if args.server_command == "start":
+        try:
+            state = local_server.start_server(port=args.port)
+        except RuntimeError as e:
+            print(f"cpt: server: {e}", file=sys.stderr)
+            return 1
+        print(f"Prefect server {'already running' if state.get('already') else 'started'} (pid {state['pid']}): UI "
+              f"at {state['ui_url']}, API {state['api_url']}; `cpt run` uses it from now on. It keeps running in "
+              f"the background (log: {state['log']}) until `cpt server stop`.")
+        return 0
+    if args.server_command == "stop":
+        state = local_server.stop_server()
+        print(f"Prefect server (pid {state['pid']}, {state['ui_url']}) stopped" if state else
+              "no Prefect server started by `cpt server start` is running")
+        return 0
+    state = local_server.read_state()
+    if state is None:
+        print("no Prefect server started by `cpt server start` is running: each `cpt run` starts a temporary one "
+              "(`cpt server start` keeps one with its UI)")
+        return 3
+    up = local_server.healthy(state["api_url"], timeout=2.0)
+    print(f"Prefect server pid {state['pid']} since {state['started_at']}: UI at {state['ui_url']}, API "
+          f"{state['api_url']} ({'answering' if up else 'NOT answering'}); log {state['log']}")
+    return 0 if up else 1
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -94,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "confirms it has it (the same event: the server keeps one); then fail")
     emit.add_argument("--confirm-seconds", type=float, default=20.0,
                       help="how long to wait for the server to confirm each attempt")
+
+    srv = sub.add_parser("server", help="keep a local Prefect server (with its UI) running in the background, "
+                         "which `cpt run` then uses: start, stop, status")
+    srv_sub = srv.add_subparsers(dest="server_command", required=True)
+    srv_start = srv_sub.add_parser("start", help="start it (127.0.0.1; it runs until `cpt server stop`)")
+    srv_start.add_argument("--port", type=int, default=4200, help="its port (0: any free one)")
+    srv_sub.add_parser("stop", help="stop the server `cpt server start` started")
+    srv_sub.add_parser("status", help="whether it runs, and where its UI is")
 
     serve = sub.add_parser("serve", help="serve the retrain flow in this process: nightly schedule + drop events")
     _config_args(serve)
@@ -166,17 +213,23 @@ def cmd_validate(args) -> int:
     from tasks.core.config.tree import dump_config
     from tasks.core.root import open_root
     from tasks.line.preflight import conflicts, release_note
+    from tasks.ml import preflight
 
     cfg = _load(args)
     print(dump_config(cfg), end="")
     print(f"# {release_note(cfg, args.line)}")
+    # What the config needs of this machine (qlora: CUDA) and the memory estimate per GPU (train.gpu_memory_gb).
+    for warning in preflight.warnings(cfg):
+        print(f"cpt: warning: {warning}", file=sys.stderr)
+    problems = preflight.machine_problems(cfg)
+    for problem in problems:
+        print(f"cpt: error: {problem}", file=sys.stderr)
     # What a run would find only after training: another lineage's release, the line held by a stuck run, the
     # push target, the Hub token (a Prefect Secret block is loaded by the run itself).
     found = conflicts(cfg, open_root(args.artifacts), args.line)
     if found:
         print("cpt: a run of this config would fail after training:\n- " + "\n- ".join(found), file=sys.stderr)
-        return 2
-    return 0
+    return 2 if problems or found else 0
 
 
 def cmd_run(args) -> int:
@@ -195,10 +248,12 @@ def cmd_run(args) -> int:
     except RunConflict as e:
         return failed("run", e, args.summary, None)
     _prefect_env()
+    server = _run_server()
     _warm_arrow()
     from flows.continued_pretraining import continued_pretraining
 
     quiet_expected_tracebacks()
+    server.ready()  # a temporary server stops at exit, after Prefect has sent the run's last logs and events
     try:
         summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
     except Exception as e:
@@ -231,34 +286,26 @@ def cmd_run(args) -> int:
 
 def cmd_retrain(args) -> int:
     cfg = _load(args)
-    from flows.outcome import failed, quiet_expected_tracebacks
+    from flows.outcome import quiet_expected_tracebacks, retrain_failed
     from tasks.core.root import open_root
     from tasks.line.preflight import RunConflict, check_before_compute
 
     try:  # before the server starts; the flow checks again (a Prefect Secret block, the line's lock once more)
         check_before_compute(cfg, open_root(args.artifacts), args.line, secrets=False)
     except RunConflict as e:
-        if args.summary:
-            from flows.retrain import write_result
-
-            write_result({"trained": False, "reason": "conflict", "line": args.line,
-                          "error": f"{type(e).__name__}: {e}"}, args.summary)
-        return failed(f"line {args.line}: retrain", e, None, None)
+        return retrain_failed(args.line, e, args.summary, reason="conflict")
     _prefect_env()
+    server = _run_server()
     _warm_arrow()
     from flows.retrain import retrain, write_result
 
     quiet_expected_tracebacks()
+    server.ready()
     try:
         result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
                          settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
     except Exception as e:
-        result = getattr(e, "cpt_result", None) or {"trained": False, "reason": "failed", "line": args.line,
-                                                    "error": f"{type(e).__name__}: {e}"}
-        result.setdefault("error", f"{type(e).__name__}: {e}")
-        if args.summary:
-            write_result(result, args.summary)
-        return failed(f"line {args.line}: retrain", e, None, None)
+        return retrain_failed(args.line, e, args.summary, getattr(e, "cpt_result", None))
     if args.summary:
         write_result(result, args.summary)
     if result["trained"]:
@@ -530,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "validate": cmd_validate, "init": cmd_init, "init-tiny-model": cmd_init_tiny_model,
                 "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,
                 "emit-drop": cmd_emit_drop, "export-chunks": cmd_export_chunks,
-                "serve": cmd_serve, "make-cloze-task": cmd_make_cloze_task}
+                "serve": cmd_serve, "make-cloze-task": cmd_make_cloze_task, "server": cmd_server}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -59,3 +59,14 @@ def failed(what: str, error: BaseException, summary_path: str | None, summary: d
         raise error
     print(f"cpt: {what} failed: {error}" + (f"\nsummary: {where}" if where else ""), file=sys.stderr)
     return 1
+
+
+def retrain_failed(line: str, error: BaseException, summary_path: str | None, result: dict | None = None,
+                   reason: str = "failed") -> int:
+    """`cpt retrain` that failed (a conflict before the server, or the flow): its --summary is the retrain result
+    (what `write_result` writes) with the error, and the terminal gets `failed`'s one line."""
+    result = dict(result or {"trained": False, "reason": reason, "line": line})
+    result.setdefault("error", f"{type(error).__name__}: {error}")
+    if summary_path:
+        write_json(summary_path, result)
+    return failed(f"line {line}: retrain", error, None, None)
