@@ -97,6 +97,7 @@ def test_a_release_folder_that_cannot_be_written_is_a_conflict(tmp_path):
     assert "is a file: move it away" in conflicts(config("push.name=x"), root, None)[0]
 
 
+@pytest.mark.slow  # the fake Hub is a server on 127.0.0.1
 def test_a_hub_repo_needs_a_token_that_may_write_there(tmp_path, monkeypatch):
     from fake_hub import FakeHub, online
 
