@@ -39,6 +39,61 @@ def dead_api() -> str:
     return f"http://127.0.0.1:{port}/api"  # nothing listens there once the socket is closed
 
 
+def test_an_event_the_server_accepted_but_never_stored_is_sent_again_then_fails(tmp_path, monkeypatch):
+    """The issue's lost drop: the events client took the event (no error) and the server never stored it. Only
+    asking the server for it by id tells; a sent event is not an announced one. Nothing is started: the events
+    client and the API client are fakes."""
+    import prefect.client.orchestration as orchestration
+    import prefect.events.clients as clients
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.announce import AnnounceFailed, announce
+
+    sent, stored = [], []
+
+    class Events:  # accepts every event, as Prefect's client does while its websocket still buffers
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def emit(self, event):
+            sent.append(event.id)
+
+    class Page:
+        def __init__(self, events):
+            self.events = events
+
+    class Api:
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def read_events(self, filter, limit):
+            return Page([e for e in stored if e.id in filter.id.id])
+
+    monkeypatch.setattr(clients, "get_events_client", lambda **kw: Events())
+    monkeypatch.setattr(orchestration, "get_client", lambda **kw: Api())
+    drop = settled_drop(tmp_path / "d1", sample_texts(3))
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(AnnounceFailed, match="NOT announced") as failed:
+            announce(drop, attempts=2, confirm_seconds=0.2, backoff=0.0, say=lambda m: None)
+        assert "has not stored it" in str(failed.value)
+        assert len(sent) == 2 and sent[0] == sent[1]  # the same event again: the server keeps one
+
+        class Storing(Events):
+            async def emit(self, event):
+                sent.append(event.id)
+                stored.append(event)
+
+        monkeypatch.setattr(clients, "get_events_client", lambda **kw: Storing())
+        event, attempt = announce(drop, attempts=2, confirm_seconds=0.2, backoff=0.0, say=lambda m: None)
+        assert attempt == 1 and [e.id for e in stored] == [event.id]
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_emit_drop_returns_once_the_server_has_the_event(tmp_path):
