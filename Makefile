@@ -16,8 +16,9 @@ export TOKENIZERS_PARALLELISM ?= true
 
 # A local Prefect server with its UI at http://127.0.0.1:4200 (SQLite under ~/.prefect by default; for
 # Postgres export PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect).
+PREFECT_PORT ?= 4200
 server: $(STAMP)
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 install: $(STAMP)
 

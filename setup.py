@@ -17,7 +17,7 @@ from setuptools.command.build_py import build_py
 HERE = Path(__file__).resolve().parent
 # What a user needs to start: the demo and the seed job's configs, the sample corpora, the local lm-eval task.
 # The same patterns are in MANIFEST.in, so a wheel built from the sdist carries them too.
-STARTER = {"configs": ["*.yaml"], "samples": ["*.jsonl", "tasks/*.yaml", "tasks/*.jsonl"]}
+STARTER = {"configs": ["*.yaml"], "samples": ["*.jsonl", "tasks/*.yaml", "tasks/*.jsonl", "drops/*/*.jsonl"]}
 STARTER_DIR = ("flows", "_starter")
 
 

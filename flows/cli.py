@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flows.stages import PIPELINE
 
-DROP_EVENT = "corpus.drop.landed"
+from flows.announce import DROP_EVENT  # noqa: E402  (no Prefect import: a constant)
 
 
 def _prefect_env() -> None:
@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
     emit.add_argument("--event", default=DROP_EVENT)
+    emit.add_argument("--attempts", type=int, default=5, help="send it this many times at most until the server "
+                      "confirms it has it (the same event: the server keeps one); then fail")
+    emit.add_argument("--confirm-seconds", type=float, default=20.0,
+                      help="how long to wait for the server to confirm each attempt")
 
     srv = sub.add_parser("server", help="keep a local Prefect server (with its UI) running in the background, "
                          "which `cpt run` then uses: start, stop, status")
@@ -164,16 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", type=Path, nargs="?", default=Path("."), help="the folder (default: here)")
     init.add_argument("--force", action="store_true", help="overwrite files that differ from the starter's")
 
-    val = sub.add_parser("validate", help="check a config and print it resolved, with every default")
+    val = sub.add_parser("validate", help="check a config and print it resolved, with every default, and what a "
+                         "run of it would find only after training (another lineage's release, no Hub token)")
     _config_args(val)
+    val.add_argument("--line", default=None, help="check it as a run of this training line (cpt retrain --line)")
+    val.add_argument("--artifacts", metavar="DIR", help="the artifacts root a run would use")
 
     tiny = sub.add_parser("init-tiny-model", help="build a tiny local tokenizer + model (offline demo and tests)")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--corpus", type=Path, default=Path("samples/medical_ko.jsonl"),
                       help="JSONL corpus (content field) to train the tokenizer on")
-    # Sized so the demo's after-training generations are Korean text: a vocabulary that holds the corpus's
-    # syllables as whole tokens (no stray UTF-8 bytes) and enough depth to learn them in ~300 CPU steps.
-    tiny.add_argument("--vocab-size", type=int, default=8000)
+    # Sized for the demo on 2 CPU cores: a vocabulary small enough that its tokens recur in a 180 kB corpus (8000
+    # made most of them words seen two or three times: validation loss stopped falling at step 50), and enough
+    # depth to learn Korean phrasing from it in 200 steps.
+    tiny.add_argument("--vocab-size", type=int, default=2000)
+    tiny.add_argument("--byte-level", action="store_true", help="merges from the 256 bytes (any text) instead of "
+                      "the corpus's characters (each syllable a token: a small model never writes a broken one)")
     tiny.add_argument("--hidden-size", type=int, default=128)
     tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--force", action="store_true", help="rebuild even if out_dir already holds a model")
@@ -201,17 +211,25 @@ def _load(args):
 
 def cmd_validate(args) -> int:
     from tasks.core.config.tree import dump_config
+    from tasks.core.root import open_root
+    from tasks.line.preflight import conflicts, release_note
     from tasks.ml import preflight
 
     cfg = _load(args)
     print(dump_config(cfg), end="")
+    print(f"# {release_note(cfg, args.line)}")
     # What the config needs of this machine (qlora: CUDA) and the memory estimate per GPU (train.gpu_memory_gb).
     for warning in preflight.warnings(cfg):
         print(f"cpt: warning: {warning}", file=sys.stderr)
     problems = preflight.machine_problems(cfg)
     for problem in problems:
         print(f"cpt: error: {problem}", file=sys.stderr)
-    return 2 if problems else 0
+    # What a run would find only after training: another lineage's release, the line held by a stuck run, the
+    # push target, the Hub token (a Prefect Secret block is loaded by the run itself).
+    found = conflicts(cfg, open_root(args.artifacts), args.line)
+    if found:
+        print("cpt: a run of this config would fail after training:\n- " + "\n- ".join(found), file=sys.stderr)
+    return 2 if problems or found else 0
 
 
 def cmd_run(args) -> int:
@@ -221,15 +239,27 @@ def cmd_run(args) -> int:
 
     resolve_corpus_files(cfg.corpus)
     from tasks.core.root import open_root
+    from flows.outcome import failed, quiet_expected_tracebacks
+    from tasks.line.preflight import RunConflict, check_before_compute
 
-    open_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
+    root = open_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
+    try:  # and what would fail after training (the flow checks again, with a Prefect Secret block if any)
+        check_before_compute(cfg, root, None, pushes=args.until in (None, "push"), secrets=False)
+    except RunConflict as e:
+        return failed("run", e, args.summary, None)
     _prefect_env()
     server = _run_server()
     _warm_arrow()
     from flows.continued_pretraining import continued_pretraining
 
+    quiet_expected_tracebacks()
     server.ready()  # a temporary server stops at exit, after Prefect has sent the run's last logs and events
-    summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
+    try:
+        summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
+    except Exception as e:
+        summary = getattr(e, "cpt_summary", None)
+        where = (Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json") if summary else ""
+        return failed("run", e, args.summary, summary, str(where))
     run_summary = Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json"
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +276,8 @@ def cmd_run(args) -> int:
     if summary.get("gate"):
         g = summary["gate"]
         print(f"gate: {'promoted' if g['promoted'] else 'refused, not pushed'}: {g['reason']}")
+    for w in summary.get("warnings", []):
+        print(f"warning: {w}")
     if "push" in outputs:
         c = outputs["push"]["counts"]
         print(f"model: {c['local_path']}" + (f" (uploaded: {c['hub_url']})" if c.get("hub_url") else ""))
@@ -254,14 +286,26 @@ def cmd_run(args) -> int:
 
 def cmd_retrain(args) -> int:
     cfg = _load(args)
+    from flows.outcome import quiet_expected_tracebacks, retrain_failed
+    from tasks.core.root import open_root
+    from tasks.line.preflight import RunConflict, check_before_compute
+
+    try:  # before the server starts; the flow checks again (a Prefect Secret block, the line's lock once more)
+        check_before_compute(cfg, open_root(args.artifacts), args.line, secrets=False)
+    except RunConflict as e:
+        return retrain_failed(args.line, e, args.summary, reason="conflict")
     _prefect_env()
     server = _run_server()
     _warm_arrow()
     from flows.retrain import retrain, write_result
 
+    quiet_expected_tracebacks()
     server.ready()
-    result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
-                     settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
+    try:
+        result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
+                         settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
+    except Exception as e:
+        return retrain_failed(args.line, e, args.summary, getattr(e, "cpt_result", None))
     if args.summary:
         write_result(result, args.summary)
     if result["trained"]:
@@ -298,7 +342,8 @@ def cmd_drops(args) -> int:
     for d in state.drops:
         print(f"{d.status:<9} {d.path}\n          {d.files} files, {d.documents} documents, {d.tokens} tokens; "
               f"registered {d.registered_at}; fingerprint {d.fingerprint[:12] or '-'}"
-              + (f"\n          reason: {d.reason}" if d.reason else ""))
+              + (f"\n          reason: {d.reason}" if d.reason else "")
+              + (f"\n          last training: {d.outcome}" if d.outcome else ""))
     if state.last_training:
         t = state.last_training
         print(f"last training: {t['finished_at']} ({t['flow_run']}), {t['files']} files, fingerprint {t['corpus'][:12]}")
@@ -345,19 +390,20 @@ def cmd_cache(args) -> int:
 
 def cmd_emit_drop(args) -> int:
     _prefect_env()
-    from prefect.events import emit_event
+    from flows.announce import AnnounceFailed, announce
 
     path = args.path.resolve()
     if not path.exists():
         print(f"cpt: {path}: no such drop", file=sys.stderr)
         return 2
-    event = emit_event(event=args.event, resource={"prefect.resource.id": f"cpt.drop.{path}",
-                                                   "prefect.resource.name": path.name},
-                       payload={"path": str(path)})
-    if event is None:
-        print("cpt: events are off: set PREFECT_API_URL to a Prefect server", file=sys.stderr)
+    try:
+        event, attempt = announce(path, args.event, attempts=args.attempts, confirm_seconds=args.confirm_seconds,
+                                  say=lambda m: print(m, file=sys.stderr))
+    except AnnounceFailed as e:
+        print(f"cpt: emit-drop: {e}", file=sys.stderr)
         return 1
-    print(f"emitted {args.event} for {path} ({event.id})")
+    print(f"emitted {args.event} for {path} ({event.id}); the server has it"
+          + (f" (attempt {attempt})" if attempt > 1 else ""))
     return 0
 
 
@@ -478,7 +524,7 @@ def cmd_init_tiny_model(args) -> int:
         print(f"{args.out_dir}: tiny model already built (--force to rebuild)")
         return 0
     path = build_tiny_model(args.out_dir, read_texts(args.corpus), vocab_size=args.vocab_size,
-                            hidden_size=args.hidden_size, layers=args.layers)
+                            hidden_size=args.hidden_size, layers=args.layers, byte_level=args.byte_level)
     print(f"tiny model written to {path}")
     return 0
 

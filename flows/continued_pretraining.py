@@ -6,6 +6,7 @@ next, times each call, and writes the run summary (stage | Completed or Cached |
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -26,9 +27,11 @@ from tasks.core.root import ArtifactsRoot, open_root
 from tasks.core.scope import build_scope
 from tasks.core.stage import was_built
 from tasks.evaluate import evaluate, evaluate_base
+from tasks import gate as gate_stage
 from tasks.gate import gate
 from tasks.held_out import held_out as held_out_stage
 from tasks.line.lineage import RunLineage
+from tasks.line.preflight import check_before_compute, with_release_name
 from tasks.data.files import fingerprint_corpus
 from tasks.load import load, load_inputs
 from tasks.ml.modeling import resolve_model, without_location
@@ -79,6 +82,8 @@ class StageRunner:
         out: StageOutput = state.result()  # raises the stage's own error on failure
         entry.update(key=out.key, output=out.location(self.root), counts=out.counts,
                      built=was_built(out.key))
+        if state.name == "Cached":  # its body did not run, so it logged nothing of its own
+            run_logger().info("%s: Cached (%s)", entry["name"], out.key)
         if not label:
             links = out.links(self.root)
             if links:
@@ -105,6 +110,7 @@ def continued_pretraining(
     """Continued pretraining of `config.model.id` on `config.corpus`; `until` stops after that stage. `line` is
     the retraining line this run belongs to (cpt retrain sets it): its promotions and drops."""
     root = open_root(artifacts)
+    config = with_release_name(config, line)  # push.name unset: derived, so another corpus is another release
     run = StageRunner(root, until)
     summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root.local), "store": root.url,
                                "until": until, "line": line,
@@ -116,6 +122,8 @@ def continued_pretraining(
     # One task runner for the run's fanned-out pieces (runtime.task_runner), started only if a stage needs it.
     with build_scope(str(flow_run.id)), one_runner_per_run(config.runtime):
         try:
+            # What would fail after training fails now, before any stage (tasks/line/preflight.py).
+            check_before_compute(config, root, line, pushes=until in (None, "push"), lock=False)  # retrain holds it
             sources = fingerprint_corpus(config.corpus, digest=digests.digest)
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
             digests.save()
@@ -127,6 +135,8 @@ def continued_pretraining(
             if config.shuffle.decontaminate.enabled and not run.stopped:
                 held_out = run(held_out_stage, None, True, **held_out_inputs(run, config, digests))
             split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs, held_out=held_out)
+            if split is not None and (few := split.few_documents()):  # every run: a Cached shuffle logs nothing
+                summary["warnings"].append(few)
             tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
                          trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
             run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)
@@ -150,6 +160,7 @@ def continued_pretraining(
                 base_eval = run(evaluate_base, base_model=base_model, **eval_inputs)
                 trained = run(train, train=config.train, model=config.model, base_model=parent_model,
                               chunk=config.chunk, chunks=train_chunks, parent=parent)
+                run_logger().info("train: parent: %s", lineage.parent_note)  # after "train: Cached (key)" if so
                 evaluation = run(evaluate, trained=trained, base_eval=base_eval, **eval_inputs)
 
                 decision = ref_eval = None
@@ -165,26 +176,43 @@ def continued_pretraining(
                     # Refused: the release folder and the Hub stay as they were.
                     run.skip("push", f"gate refused: {decision.counts['reason']}")
                 elif not run.stopped:
-                    with lineage.promoting(trained, decision) as refused:  # the lineage's lock, held around push
-                        if refused:
-                            run.skip("push", refused)
-                        else:
-                            pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
-                                         evaluation=evaluation, docs=docs, corpus=sources, config=config,
-                                         decision=decision, lineage=lineage.card(
-                                             sources, replay, train_chunks, trained, evaluation, base_eval, ref_eval,
-                                             decision))
-                            run.note(release_restored=lineage.released(pushed, trained, decision,
-                                                                       str(flow_run.name)))
+                    try:
+                        with lineage.promoting(trained, decision) as refused:  # the lineage's lock, around push
+                            if refused:
+                                run.skip("push", refused)
+                            else:
+                                pushed = run(push, push=config.push, base_model_id=config.model.id,
+                                             trained=trained, evaluation=evaluation, docs=docs, corpus=sources,
+                                             config=config, decision=decision, lineage=lineage.card(
+                                                 sources, replay, train_chunks, trained, evaluation, base_eval,
+                                                 ref_eval, decision))
+                                run.note(release_restored=lineage.released(pushed, trained, decision,
+                                                                           str(flow_run.name)))
+                    except Exception as e:  # promoted (or ungated) and trained, but not released: said as such
+                        not_pushed(summary, decision, root, e)
+                        raise
                 digests.save()
             summary["status"] = "Completed"
         except BaseException as e:
             summary["status"] = "Failed"
             summary["error"] = f"{type(e).__name__}: {e}"
+            with contextlib.suppress(AttributeError):
+                e.cpt_summary = summary  # for the caller in this process (cpt run --summary, a retrain run)
             raise
         finally:
             write_summary(summary, root)
     return summary
+
+
+def not_pushed(summary: dict[str, Any], decision, root: ArtifactsRoot, error: BaseException) -> None:
+    """A model the gate promoted (or that had no gate) whose push failed: the summary and the gate's artifact say
+    "promoted, not pushed: <why>", never "promoted" alone."""
+    why = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    gate_summary = summary.setdefault("gate", {}) if decision is not None else summary.setdefault("push", {})
+    gate_summary.update(pushed=False, not_pushed=why)
+    run_logger().error("push: not pushed: %s", why)
+    if decision is not None:
+        gate_stage.show(decision, root, not_pushed=why)
 
 
 def held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) -> dict[str, Any]:

@@ -19,6 +19,7 @@ fingerprinted it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from tasks.core.scope import build_scope
 from tasks.line.drop_gate import gate_drops, line_config, near_duplicate_pairs, unsettled_files
 from tasks.data.files import fingerprint_files, resolve_corpus_files
 from tasks.line import lines
+from tasks.line.preflight import check_before_compute, describe_failure
 
 
 def show_gate(gated: list[tuple[lines.Drop, dict[str, Any]]]) -> None:
@@ -58,7 +60,7 @@ def show_gate(gated: list[tuple[lines.Drop, dict[str, Any]]]) -> None:
 
 def show_drops(state: lines.LineState) -> None:
     rows = [{k: d.listing()[k] for k in ("path", "status", "files", "documents", "tokens", "registered_at")}
-            | {"fingerprint": d.fingerprint[:12], "reason": d.reason} for d in state.drops]
+            | {"fingerprint": d.fingerprint[:12], "reason": d.reason, "outcome": d.outcome} for d in state.drops]
     if rows:
         table_artifact(rows, "line-drops", f"Drops of training line {state.line!r}")
     else:
@@ -98,6 +100,9 @@ def retrain(
             raise ValueError("give config or config_file")
         config = load_config(config_file, overrides or [])
     root = open_root(artifacts)
+    # What would fail after training (another lineage's release, a stuck run holding the line, no Hub token)
+    # fails now, before the gate reads a drop (tasks/line/preflight.py).
+    check_before_compute(config, root, line)
     # One run per line at a time, whichever deployment, schedule, event or shell started it, on any host: the
     # second waits, then finds its work done (the corpus unchanged) or does it.
     with root.exclusive(lines.run_lock(line), f"line {line!r} is being retrained by another run; waiting"):
@@ -113,7 +118,7 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
     def result(trained: bool, reason: str, **extra) -> dict[str, Any]:
         state = lines.read_line(root, line)
         show_drops(state)
-        return {"trained": trained, "reason": reason, "line": line,
+        return {"trained": trained, "reason": reason, "line": line, "flow_run": flow_run.name,
                 "drops": [d.listing() for d in state.drops], "gate_seconds": gate_seconds, **extra}
 
     def skipped(reason: str, msg: str, **extra) -> dict[str, Any]:
@@ -165,8 +170,14 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         log.info("retrain: line %r: corpus fingerprint %s (%d files, %d drops) differs from the last training "
                  "(%s); running the pipeline", line, fingerprint.digest[:12], len(files), len(state.active_paths()),
                  last["corpus"][:12] if last else "none")
-        summary = continued_pretraining(config=cfg, artifacts=root.spec, line=line)
+        try:
+            summary = continued_pretraining(config=cfg, artifacts=root.spec, line=line)
+        except Exception as e:
+            failed_pipeline(e, root, line, state.active_paths(), result)
+            raise
     gate = summary.get("gate") or {}
+    lines.record_outcome(root, line, state.active_paths(), f"run {summary['flow_run']}: " + (
+        "trained, released" if gate.get("promoted", True) else f"trained, not promoted: {gate.get('reason', '')}"))
     lines.record_training(root, line, {
         "corpus": fingerprint.digest, "files": len(files), "drops": state.active_paths(),
         "flow_run": flow_run.name, "pipeline_run": summary["flow_run"], "finished_at": lines.now_iso(),
@@ -178,6 +189,20 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
                       "retrain-decision", "What this run trained on, and whether its model was promoted")
     return result(True, "changed", fingerprint=fingerprint.digest, pipeline=summary,
                   promoted=gate.get("promoted", True), gate_reason=gate.get("reason", ""))
+
+
+def failed_pipeline(error: BaseException, root, line: str, drops: list[str], result) -> None:
+    """The pipeline failed: the line's drops say what became of their training (trained but not released, or not
+    trained), the run shows the line's drops and its decision, and the error carries the retrain result
+    (`cpt retrain --summary` writes it)."""
+    summary = getattr(error, "cpt_summary", None)
+    failure = describe_failure(summary, error)
+    run = (summary or {}).get("flow_run", "?")
+    lines.record_outcome(root, line, drops, f"run {run}: {failure['outcome']}")
+    markdown_artifact(f"# Retrain failed\n\nPipeline run `{run}`: {failure['outcome']}\n", "retrain-decision",
+                      "What this run trained on, and why its model was not released")
+    with contextlib.suppress(AttributeError):
+        error.cpt_result = result(failure.pop("trained"), "failed", pipeline=summary, **failure)
 
 
 def write_result(result: dict[str, Any], path: str | Path) -> None:

@@ -66,20 +66,21 @@ def general_rows(paths: list[str], tokenizer_dir: str, plan: WindowPlan, limit: 
 
 def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, val: list[dict],
                    general: list[dict] | None) -> dict[str, Any]:
-    from tasks.ml.modeling import generate, load_model, load_tokenizer_with_pad, perplexity, release
+    from tasks.ml.modeling import cpu_threads, generate, load_model, load_tokenizer_with_pad, perplexity, release
 
     tok = load_tokenizer_with_pad(location, model_cfg.trust_remote_code)
     model = load_model(location, model_cfg)
     try:
-        result = {
-            "validation": perplexity(model, val, cfg.batch_size, tok.pad_token_id),
-            "general": perplexity(model, general, cfg.batch_size, tok.pad_token_id) if general else None,
-            "generations": generate(model, tok, cfg.prompts, cfg.generation) if cfg.prompts else [],
-        }
-        if cfg.tasks:
-            started = time.perf_counter()
-            result["tasks"] = run_tasks(model, tok, cfg)
-            result["task_seconds"] = round(time.perf_counter() - started, 3)
+        with cpu_threads(model_cfg.cpu_threads):  # a tiny model runs faster on one thread (model.cpu_threads)
+            result = {
+                "validation": perplexity(model, val, cfg.batch_size, tok.pad_token_id),
+                "general": perplexity(model, general, cfg.batch_size, tok.pad_token_id) if general else None,
+                "generations": generate(model, tok, cfg.prompts, cfg.generation) if cfg.prompts else [],
+            }
+            if cfg.tasks:
+                started = time.perf_counter()
+                result["tasks"] = run_tasks(model, tok, cfg)
+                result["task_seconds"] = round(time.perf_counter() - started, 3)
     finally:
         release(model)
     return result
@@ -406,6 +407,14 @@ def _num(x: Any) -> str:
 
 def show(out: Evaluation, root: ArtifactsRoot) -> None:
     doc = out.read(root)
+    if "validation_perplexity" in out.counts:  # one model's evaluation (the base's): there is no before/after yet
+        ppl = {k: (doc.get(k) or {}).get("perplexity") for k in ("validation", "general")}
+        gens = [{"generation": str(g).replace("\n", " ")} for g in doc.get("generations", [])]
+        markdown_artifact(f"# The base model, before training\n\n"
+                          f"{markdown_table([{'perplexity': k, 'value': v} for k, v in ppl.items() if v is not None])}"
+                          + (f"\n\n## Generations\n\n{markdown_table(gens)}\n" if gens else "\n"),
+                          "eval-base", "The base model's perplexity and generations, before training")
+        return
     markdown_artifact(out.markdown(root), "eval-before-after", "Perplexity and generations, before/after")
     table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
                    "eval-perplexity", "Perplexity before and after training")

@@ -189,10 +189,13 @@ def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval:
             "general_perplexity": new["general"], "base_general_perplexity": base["general"], "checks": checks}, {}
 
 
-def show(out: Decision, root: ArtifactsRoot) -> None:
-    """The decision as a Prefect artifact, every run (a cached gate does not re-create its artifact)."""
+def show(out: Decision, root: ArtifactsRoot, not_pushed: str | None = None) -> None:
+    """The decision as a Prefect artifact, every run (a cached gate does not re-create its artifact); shown again
+    as "promoted, not pushed: <why>" when the push of a promoted model failed."""
     doc = out.read(root)
     verdict = "promoted" if doc["promoted"] else "refused"
+    if not_pushed:
+        verdict = f"promoted, not pushed: {not_pushed}"
     rows = [{"check": c["check"], "passed": c["passed"], "value": c["value"], "limit": c["limit"], "rule": c["why"]}
             for c in doc["checks"]]
     markdown_artifact(f"# Promotion gate: {verdict}\n\n{doc['reason']}\n\nReference: {doc['reference']} model.\n\n"

@@ -103,6 +103,9 @@ def write_split(table: pa.Table, indices: np.ndarray, path: Path) -> None:
             writer.write_table(take_rows(table, indices[start : start + _WRITE_BATCH]))
 
 
+FEW = 5  # a split with fewer documents than this is warned about
+
+
 class Split(StageOutput):
     """shuffle's output: per split, `<split>.arrow` (doc_id, norm_id, part, row) in training order: where each
     document lives in the per-file pieces, no text."""
@@ -110,9 +113,23 @@ class Split(StageOutput):
     def split_file(self, root: ArtifactsRoot, split: str) -> Path:
         return self.dir(root) / f"{split}.arrow"
 
+    def few_documents(self) -> str | None:
+        """A warning when a split holds fewer than a handful of documents (FEW): its perplexity, and the promotion
+        gate deciding on it, then speak for one or two texts."""
+        c = self.counts
+        small = [f"{c[f'{name}_documents']} {name}" for name in ("train", "validation")  # none: no validation asked
+                 if c[f"{name}_documents"] < FEW and (name == "train" or c[f"{name}_documents"])]
+        if not small:
+            return None
+        return (f"few documents in a split ({' / '.join(small)} documents, fewer than {FEW}): the validation "
+                "perplexity and the gate then speak for a text or two. A .txt file is one document (corpus.txt_split: "
+                "paragraph makes each paragraph one); add documents, or change split.validation_fraction")
+
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         lines = [(logging.INFO, f"{c['train_documents']} train / {c['validation_documents']} validation documents")]
+        if warning := self.few_documents():
+            lines.append((logging.WARNING, warning))
         if c.get("decontaminated"):
             lines.append((logging.WARNING, f"{c['decontaminated']} training documents share a long span with "
                           "validation or evaluation text: removed from training (" + ", ".join(

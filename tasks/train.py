@@ -51,14 +51,15 @@ def work_rel(key: str) -> str:
     return f"work/train/{key}"
 
 
-def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_config: str | None = None) -> list[str]:
+def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_config: str | None = None,
+                   cpu_threads: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
     if accelerate_config:  # the user's file decides the distributed setup (FSDP, DeepSpeed, …)
         cmd += ["--config_file", accelerate_config]
     else:
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         if device == "cpu" and num_processes == 1:
-            cmd += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
+            cmd += ["--cpu", "--num_cpu_threads_per_process", str(cpu_threads or os.cpu_count() or 1)]
         elif num_processes > 1:
             # accelerate's `--cpu` runs one process whatever `--num_processes` says; its multi-process launcher
             # (torchrun) starts them, and the worker's PartialState(cpu=True) joins them over gloo on CPU.
@@ -159,11 +160,12 @@ def train_model(spec: TrainSpec, num_processes: int, log=None, progress_desc: st
                                              for k, v in msg.items()))
 
     try:
-        run_child(launch_command(spec_path, num_processes, device, spec.train.accelerate_config),
-                  on_message, log)
+        run_child(launch_command(spec_path, num_processes, device, spec.train.accelerate_config,
+                                 spec.model.cpu_threads), on_message, log)
     finally:
         if state["progress"] is not None:
             state["progress"].close()
+            log.info("%s", state["progress"].final())
     metrics = json.loads((out / "metrics.json").read_text())
     # What each process did (every rank reports; rank 0 alone writes the outputs), in rank order.
     metrics["ranks"] = sorted(state.get("ranks", []), key=lambda r: r["rank"])
@@ -229,7 +231,8 @@ class Trained(StageOutput):
         return self.file(root, "loss_curve.png")
 
     def links(self, root: ArtifactsRoot) -> dict[str, str]:
-        return {"TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(root)}"}
+        return {"loss curve": str(self.loss_curve(root)),
+                "TensorBoard": f"tensorboard --logdir {self.tensorboard_dir(root)}"}
 
     @property
     def model_digest(self) -> str:
@@ -237,7 +240,10 @@ class Trained(StageOutput):
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
-        lines = [(logging.INFO, f"{c['global_step']} steps from the {c['parent']}, loss {_num(c['first_loss'])} → "
+        steps = (f"{c['global_step']} steps" if not c.get("stopped_early") else
+                 f"stopped early at step {c['global_step']} of {c.get('max_steps', '?')} (validation loss no better "
+                 "for train.early_stopping_patience evaluations; the best checkpoint is kept)")
+        lines = [(logging.INFO, f"{steps} from the {c['parent']}, loss {_num(c['first_loss'])} → "
                                 f"{_num(c['last_loss'])}, best validation loss {_num(c['best_eval_loss'])}; "
                                 f"TensorBoard logs in {self.tensorboard_dir(root)}")]
         if c.get("replay_trained_tokens"):

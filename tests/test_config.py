@@ -249,3 +249,24 @@ def test_min_improvement_and_a_worse_allowance_exclude_each_other():
     for bad, why in (("-0.1", "greater than or equal to 0"), ("1", "less than 1")):
         with pytest.raises(ConfigError, match=f"gate.min_improvement: Input should be {why}"):
             load_config(None, ["corpus.paths=[a]", "model.id=m", f"gate.min_improvement={bad}"])
+
+
+def test_an_unknown_key_says_where_it_was_given_and_the_closest_known_key(tmp_path):
+    path = write(tmp_path, "corpus: {paths: [a.jsonl]}\nmodel: {id: m}\nchunk: {overlapp: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"chunk.overlapp: unknown key (given in {path}); did you mean chunk.overlap?" in str(e.value)
+    good = write(tmp_path, "corpus: {paths: [a.jsonl]}\nmodel: {id: m}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(good, ["chunk.max_seq_lenght=128"])
+    assert ("chunk.max_seq_lenght: unknown key (given by --set chunk.max_seq_lenght=128); "
+            "did you mean chunk.max_seq_length?") in str(e.value)
+    with pytest.raises(ConfigError) as e:  # the right field in the wrong section
+        load_config(good, ["train.max_seq_length=128"])
+    assert "did you mean chunk.max_seq_length?" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a section
+        load_config(good, ["chunkk.overlap=1"])
+    assert "chunkk: unknown key (given by --set chunkk.overlap=1); did you mean chunk?" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # nothing close: no guess
+        load_config(good, ["zzz.qqq=1"])
+    assert "zzz: unknown key (given by --set zzz.qqq=1)" in str(e.value) and "did you mean" not in str(e.value)

@@ -556,3 +556,56 @@ def test_adding_a_reader_format_is_one_function_and_one_row(tmp_path, monkeypatc
     monkeypatch.delitem(readers.READERS, ".tsv")
     with pytest.raises(ConfigError, match="holds no"):  # without its row, the format is not a corpus file
         list_corpus_files(cfg)
+
+
+def test_a_missing_text_field_lists_the_record_fields_and_names_text_field_not_skip(tmp_path):
+    """Every record has `text`, none `content`: the fix is corpus.text_field; skipping would keep nothing."""
+    write_jsonl(tmp_path / "a.jsonl", [{"id": i, "text": f"문서 {i} 본문입니다"} for i in range(5)])
+    with pytest.raises(BadRecordError) as e:
+        run_load(tmp_path, [tmp_path / "a.jsonl"])
+    msg = str(e.value)
+    assert "a.jsonl:1: missing field 'content' (the record has 'id', 'text')" in msg
+    assert "set corpus.text_field to the field that holds the text, e.g. --set corpus.text_field=text" in msg
+    assert "on_bad_record: skip to keep going" not in msg and "all 5 records read are rejected" in msg
+    # Some records are good: skipping the others is a fix, and is said.
+    write_jsonl(tmp_path / "b.jsonl", [{"content": "좋은 문서"}, {"text": "다른 필드"}])
+    with pytest.raises(BadRecordError, match="b.jsonl:2: missing field 'content'.*skip to keep going"):
+        run_load(tmp_path, [tmp_path / "b.jsonl"])
+    (tmp_path / "c.csv").write_text("title,body\nt,긴 본문\n", encoding="utf-8")
+    with pytest.raises(BadRecordError, match=r"c.csv:1: missing field 'content' \(the record has 'title', 'body'\).*"
+                                             r"--set corpus.text_field=body"):
+        run_load(tmp_path, [tmp_path / "c.csv"])
+
+
+def test_a_txt_file_is_one_document_or_one_per_paragraph(tmp_path):
+    text = "고혈압의 원인\n여러 줄에 걸친 첫 문단.\n\n\n둘째 문단입니다.\n  \n셋째 문단.\r\n\r\n넷째 문단.\n"
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    counts, table, _ = run_load(tmp_path, [tmp_path / "book.txt"])
+    assert counts["documents"] == 1
+    counts, table, _ = run_load(tmp_path, [tmp_path / "book.txt"], txt_split="paragraph")
+    assert counts["documents"] == 4
+    rows = sorted(zip(table.column("source").to_pylist(), table.column("text").to_pylist()),
+                  key=lambda r: int(r[0].rsplit(":", 1)[1]))
+    assert rows == [("book.txt:1", "고혈압의 원인\n여러 줄에 걸친 첫 문단."), ("book.txt:5", "둘째 문단입니다."),
+                    ("book.txt:7", "셋째 문단."), ("book.txt:9", "넷째 문단.")]
+
+
+def test_the_default_txt_split_keeps_every_load_key_and_paragraphs_change_it():
+    from tasks.core.config.data import CorpusConfig
+
+    assert "txt_split" not in CorpusConfig(paths=["a"]).key_material()
+    assert CorpusConfig(paths=["a"], txt_split="paragraph").key_material()["txt_split"] == "paragraph"
+
+
+def test_a_split_of_fewer_than_a_handful_of_documents_is_warned_about():
+    from tasks.shuffle import Split
+
+    def split(train, validation):
+        return Split(stage="shuffle", key="k", path="cache/shuffle/k", counts={
+            "train_documents": train, "validation_documents": validation, "validation_copies_held_out": 0})
+
+    warning = split(9, 1).few_documents()
+    assert "1 validation documents, fewer than 5" in warning and "corpus.txt_split: paragraph" in warning
+    assert split(300, 36).few_documents() is None
+    assert split(300, 0).few_documents() is None  # no validation asked for (replay)
+    assert "3 train" in split(3, 30).few_documents()

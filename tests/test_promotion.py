@@ -262,8 +262,13 @@ def test_last_promoted_continues_from_the_promoted_weights_and_the_release_is_ke
     import shutil
 
     shutil.rmtree(release)
-    states, stages, _ = run(config, artifacts)
+    states, stages, cached = run(config, artifacts)
     assert set(states.values()) == {"Cached"} and stages["push"]["release_restored"] == "missing"
+    # A Cached train says so, not "starting from the base model" as if it trained.
+    from helpers import flow_run_logs
+
+    assert wait_for_log(cached["flow_run"], "train: Cached (train-")
+    assert not [m for m in flow_run_logs(cached["flow_run"]) if m.startswith("train: starting from")]
     assert model_digest(release) == model_digest(promoted_dir)
     (release / "model.safetensors").write_bytes(b"not the promoted weights")
     states, stages, _ = run(config, artifacts)
@@ -277,6 +282,8 @@ def test_last_promoted_continues_from_the_promoted_weights_and_the_release_is_ke
     states, stages, summary = run(config, artifacts, train=wsd)
     second = stages["train"]["counts"]
     assert states["train"] == "Completed" and summary["parent"]["kind"] == "promoted"
+    # The reference evaluation (the last promoted model) logs as itself, not as evaluate-base.
+    assert wait_for_log(summary["flow_run"], "evaluate-reference: validation perplexity")
     assert summary["parent"]["digest"] == record.model_digest and second["parent"].startswith("promoted ")
     assert second["first_loss"] < first["first_loss"] - 0.3, (first, second)
     assert abs(second["first_loss"] - first["last_loss"]) < abs(second["first_loss"] - first["first_loss"])

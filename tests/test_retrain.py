@@ -577,3 +577,43 @@ def test_one_run_per_line_the_second_waits_then_finds_its_work_done(config, arti
     first.join()
     assert results["first"]["trained"] and results["first"]["reason"] == "changed"
     assert not results["second"]["trained"] and results["second"]["reason"] == "unchanged"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_that_fails_at_push_says_promoted_not_pushed_everywhere(config, texts, tmp_path, artifacts, monkeypatch,
+                                                                     capsys):
+    """Trained and promoted, then the upload fails: the gate artifact says "promoted, not pushed: <why>", the drop
+    says it was trained but not released, the run shows the line's drops, and `--summary` holds the error; the
+    terminal gets the message, not a traceback."""
+    import yaml
+
+    from fake_hub import FakeHub, online
+    from flows.cli import main
+    from helpers import flow_run_artifacts
+
+    cfg = config.model_dump(mode="json")
+    cfg["train"].update(max_steps=4, learning_rate=3e-3)
+    cfg["push"].update(repo_id="test-user/line", retries=0)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    drop = write_docs(tmp_path / "drops" / "d1" / "a.jsonl", texts[120:160])
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with FakeHub(fail_commits=100) as hub:
+        online(monkeypatch, hub.url, disable_xet=True)  # one commit, refused: PushFailed at once
+        rc = main(["retrain", "-c", str(tmp_path / "c.yaml"), "--line", "pushfail", "--drop", str(drop),
+                   "--artifacts", str(artifacts), "--summary", str(tmp_path / "s.json")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "retrain failed: push: uploading to test-user/line failed" in err and "Traceback" not in err
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["trained"] is True and result["released"] is False and result["reason"] == "failed"
+    assert result["error"].startswith("PushFailed: push: uploading to test-user/line failed")
+    assert result["outcome"].startswith("trained, promoted, not released: PushFailed")
+    assert result["pipeline"]["gate"]["not_pushed"].startswith("PushFailed")
+    [d] = lines.read_line(open_root(artifacts), "pushfail").drops
+    assert d.status == "active" and "trained, promoted, not released: PushFailed" in d.outcome
+    assert [r["outcome"] for r in result["drops"]] == [d.outcome]
+    gate = {a.key: a.data for a in flow_run_artifacts(result["pipeline"]["flow_run"]) if a.type == "markdown"}["gate"]
+    assert gate.startswith("# Promotion gate: promoted, not pushed: PushFailed")
+    keys = {a.key for a in flow_run_artifacts(result["flow_run"])}
+    assert {"line-drops", "retrain-decision"} <= keys

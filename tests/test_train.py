@@ -311,3 +311,34 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
     # docs/stages.md's recipe for a user who trains elsewhere, without this package, gives the same labels.
     plain = [[-100] * r["trained_from"] + r["input_ids"][r["trained_from"]:] for r in stored["train"]]
     assert plain == data["train"]["labels"]
+
+
+def test_progress_says_a_real_rate_and_where_a_training_stopped(monkeypatch):
+    """0.4 steps a second read `0 step/s`, and a training stopped early at 275 of 300 read `300/300`."""
+    from tasks.core import report
+
+    clock = [1000.0]
+    monkeypatch.setattr(report.time, "monotonic", lambda: clock[0])
+    p = report.Progress(300, "train", unit="step", log_every=0)
+    p.update(100)
+    clock[0] += 250.0  # 0.4 steps a second
+    assert "2.5 s/step" in p.status() and "0 step/s" not in p.status()
+    p.update(175)
+    clock[0] += 437.5
+    assert p.final() == "train: stopped at 275/300 step in 11 min, 2.5 s/step"
+    p.update(25)
+    assert p.final().startswith("train: done 300/300 step")
+    assert report.Progress(10, "tokenize", unit="doc").rate(1234.0) == "1,234 doc/s"
+    assert report.Progress(10, "train", unit="step").rate(3.42) == "3.4 step/s"
+    p.close()
+
+
+def test_the_training_child_runs_on_model_cpu_threads():
+    from pathlib import Path
+
+    from tasks.train import launch_command
+
+    cmd = launch_command(Path("spec.json"), 1, "cpu", None, cpu_threads=1)
+    assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "1"
+    cmd = launch_command(Path("spec.json"), 1, "cpu", None)
+    assert int(cmd[cmd.index("--num_cpu_threads_per_process") + 1]) >= 1

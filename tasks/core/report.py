@@ -84,8 +84,27 @@ class Progress:
         if done:
             rate = done / elapsed
             left = (self.total - done) / rate
-            text += f", {self._amount(rate)}/s, about {_duration(left)} left"
+            text += f", {self.rate(rate)}, about {_duration(left)} left"
         return text
+
+    def rate(self, per_second: float) -> str:
+        """A rate that reads right at any speed: `1,234 doc/s`, `3.4 step/s`, or `2.5 s/step` under one a second
+        (`0 step/s` said nothing about a training at 0.4 steps a second)."""
+        if self.unit == "B":
+            return f"{self._amount(per_second)}/s"
+        if per_second >= 10:
+            return f"{per_second:,.0f} {self.unit}/s"
+        if per_second >= 1:
+            return f"{per_second:.1f} {self.unit}/s"
+        return f"{1 / per_second:.1f} s/{self.unit}" if per_second > 0 else f"0 {self.unit}/s"
+
+    def final(self) -> str:
+        """How the stage ended: the whole count, or where it stopped short of it (early stopping, a failure)."""
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        done = min(self.done, self.total)
+        how = "done" if done >= self.total else "stopped at"
+        text = f"{self.desc}: {how} {self._amount(done, unit=False)}/{self._amount(self.total)}"
+        return text + (f" in {_duration(elapsed)}, {self.rate(done / elapsed)}" if done else "")
 
     def _push(self) -> None:
         from prefect.artifacts import update_progress_artifact
@@ -96,8 +115,10 @@ class Progress:
     def close(self) -> None:
         self._bar.close()
         if self._artifact is not None:
-            self.done = self.total
-            self._push()
+            # Finished, at the count it reached: a training that stopped early says the step it stopped at.
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._artifact, 100.0, description=self.final())
 
     def __enter__(self) -> Progress:
         return self

@@ -189,10 +189,32 @@ class ArtifactsRoot:
 
                     run_logger().info("%s", waiting)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            if waiting:  # a lock others wait for (a line's run): say who holds it and since when (`holder`)
+                _write_holder(fd)
             with self._state_lock(rel):
                 yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def holder(self, rel: str) -> dict | None:
+        """Who holds `exclusive(rel)` on this host now ({pid, host, since}, or {} when it did not say), or None
+        when nobody does. Asks the kernel, so a holder that died holds nothing whatever its note says."""
+        import fcntl
+
+        path = self.local / f"{rel}.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _read_holder(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
             os.close(fd)
 
     def _state_lock(self, rel: str):
@@ -249,6 +271,27 @@ class ArtifactsRoot:
 
     def remove_remote(self, rel: str) -> None:
         pass
+
+
+def _write_holder(fd: int) -> None:
+    import json
+    import socket
+    import time
+
+    note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, note, 0)
+
+
+def _read_holder(fd: int) -> dict:
+    """The holder's note, read as data: a number and two short strings, or nothing."""
+    import json
+
+    try:
+        note = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return {"pid": int(note["pid"]), "host": str(note["host"])[:255], "since": float(note["since"])}
+    except (ValueError, KeyError, TypeError):
+        return {}
 
 
 class StoreRoot(ArtifactsRoot):

@@ -170,6 +170,19 @@ class Build:
         return fence.current().on_lost(fn)
 
 
+def _call_name(stage: str) -> str:
+    """How this call of `stage` is named in its log lines: the label a second use of a stage runs under (the
+    flow's `task_run_name`, e.g. evaluate-reference for evaluate-base on the last promoted model), else the stage."""
+    try:
+        from prefect.context import TaskRunContext
+    except ImportError:  # pragma: no cover  (no orchestrator: see `stage`)
+        return stage
+    ctx = TaskRunContext.get()
+    if ctx is None or not getattr(ctx.task, "task_run_name", None):
+        return stage
+    return ctx.task_run.name
+
+
 def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, code: list = (),
           libraries: list[str] = (), key_exclude: set[str] | frozenset[str] = frozenset(), **task_kwargs):
     """Declare a stage. The body is the work alone:
@@ -224,8 +237,9 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
             out = output(**published.model_dump())
             for fn in callbacks:
                 fn(out)
+            shown = _call_name(name)
             for level, line in out.summary(root):
-                log.log(level, "%s: %s", name, line)
+                log.log(level, "%s: %s", shown, line)
             return out
 
         run.__signature__ = signature

@@ -8,6 +8,7 @@ document, no text): adding one file costs its own piece and one pass over the id
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,13 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path,
                 progress.update(now - reported)
                 reported = now
 
-        for item in read_corpus_file(path, cfg, name, position):
+        items = read_corpus_file(path, cfg, name, position)
+        for item in items:
             counts["records"] += 1
             if isinstance(item, Reject):
                 if cfg.on_bad_record == "fail":
-                    raise BadRecordError(item.message() + " (set corpus.on_bad_record: skip to keep going)")
+                    kept = counts["records"] - 1 - counts["rejected"]
+                    raise BadRecordError(item.message() + _fail_advice(items, kept))
                 counts["rejected"] += 1
                 rejects.write(json.dumps({"line": _line_no(item.source), "reason": item.reason, "raw": item.raw},
                                          ensure_ascii=False) + "\n")
@@ -98,6 +101,24 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path,
     if progress is not None:
         progress.update(size - reported)
     return counts
+
+
+_ADVICE_LOOKAHEAD = 1000  # records read past a first reject to tell whether skipping it would leave any
+
+
+def _fail_advice(rest, kept_before: int) -> str:
+    """What to advise after the first reject under `on_bad_record: fail`: skipping, only when the file has records
+    that are not rejected (read up to `_ADVICE_LOOKAHEAD` more to tell); when every one read is rejected, skipping
+    would keep nothing, so the reject's own reason (the field to set, the encoding) is the fix."""
+    if kept_before:
+        return " (set corpus.on_bad_record: skip to keep going without such records)"
+    read = 1
+    for item in itertools.islice(rest, _ADVICE_LOOKAHEAD):
+        read += 1
+        if not isinstance(item, Reject):
+            return " (set corpus.on_bad_record: skip to keep going without such records)"
+    return (f" (all {read} records read{' so far' if read > _ADVICE_LOOKAHEAD else ''} are rejected: "
+            "corpus.on_bad_record: skip would keep none of them)")
 
 
 def piece_index(directory: Path, part: int) -> pa.Table:

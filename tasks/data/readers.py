@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.core.config.data import CorpusConfig
-from tasks.data.records import _RAW_KEPT, Record, Reject, _decode, _line_of, _raw_limit, _record, _unfit_text
+from tasks.data.records import _RAW_KEPT, Record, Reject, _decode, _line_of, _raw_limit, missing_field, _record, _unfit_text
 
 _BLOCK = 8 << 20  # bytes of JSON lines read at a time
 # Characters of a JSON array's window, and bytes of the UTF-8 check, read at a time: a block of text decoded
@@ -253,7 +253,7 @@ def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reje
     try:
         missing = [k for k in wanted if k not in (reader.fieldnames or [])]
         if missing:
-            yield Reject(f"{name}:1", f"missing field {missing[0]!r} (header has {reader.fieldnames})", "")
+            yield Reject(f"{name}:1", missing_field(missing[0], cfg, list(reader.fieldnames or [])), "")
             return
         start = 2
         for row in reader:
@@ -284,7 +284,7 @@ def read_parquet(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record |
         columns = pf.schema_arrow.names
         for k in wanted:
             if k not in columns:
-                yield Reject(f"{name}:1", f"missing field {k!r} (columns: {columns})", "")
+                yield Reject(f"{name}:1", missing_field(k, cfg, columns), "")
                 return
         row = 0
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=wanted, use_threads=False):
@@ -334,14 +334,44 @@ def read_csv(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Rej
 
 
 def read_txt(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
-    """A .txt file: one document. Over the document limit it is not read at all."""
+    """A .txt file: one document, or with `corpus.txt_split: paragraph` one document per paragraph (text between
+    blank lines). Over the document limit it is not read at all."""
     size = _size(f)
     if size > cfg.max_document_bytes:
         yield Reject(f"{name}:1", f"file is {size} bytes, over corpus.max_document_bytes={cfg.max_document_bytes} "
                                   "(a .txt file is one document)", "")
         return
     # At most one byte past the limit: a file that grew since its size was taken is still bounded.
-    yield from _read_text(f.read(cfg.max_document_bytes + 1), name, cfg)
+    data = f.read(cfg.max_document_bytes + 1)
+    if cfg.txt_split == "paragraph":
+        yield from _paragraphs(data, name, cfg)
+        return
+    yield from _read_text(data, name, cfg)
+
+
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def _paragraphs(data: bytes, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
+    """A .txt file's bytes as paragraphs: text between blank lines, each named by the line it starts on."""
+    if not data.strip():
+        yield Reject(f"{name}:1", "empty file", "")
+        return
+    text, bad = _decode(data, name)
+    if bad is not None:
+        yield bad
+        return
+    text = text.replace("\r\n", "\n")
+    start = 0
+    for end in [m.start() for m in _BLANK_LINES.finditer(text)] + [len(text)]:
+        piece = text[start:end]
+        lead = len(piece) - len(piece.lstrip())
+        if piece.strip():
+            line = text.count("\n", 0, start + lead) + 1
+            reason = _unfit_text(piece.strip(), cfg)
+            yield Reject(f"{name}:{line}", reason, "") if reason else Record(f"{name}:{line}", piece.strip())
+        m = _BLANK_LINES.match(text, end)
+        start = m.end() if m else end
 
 
 Reader = Callable[[BinaryIO, str, CorpusConfig], Iterator[Record | Reject]]

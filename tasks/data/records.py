@@ -55,6 +55,27 @@ def _decode(data: bytes, name: str, first_line: int = 1) -> tuple[str | None, Re
                             data.decode("utf-8", "backslashreplace")[:_RAW_KEPT])
 
 
+# Field names that usually hold a document's text, in the order a missing field's message suggests them.
+_TEXT_NAMES = ("text", "content", "body", "document", "article", "passage", "contents", "raw_content")
+
+
+def missing_field(field: str, cfg: CorpusConfig, present: list[str], values: dict[str, Any] | None = None) -> str:
+    """Why a record has no text: the missing field, the fields the record has, and the config key that names
+    the field to read (with the likeliest one: the longest string value, else a usual name for text)."""
+    key = ("corpus.text_field" if field == cfg.text_field and cfg.question_field is None else
+           "corpus.question_field" if field == cfg.question_field else "corpus.answer_field")
+    shown = ", ".join(repr(p) for p in present[:12]) + (f" and {len(present) - 12} more" if len(present) > 12 else "")
+    guess = None
+    if values:
+        strings = {k: len(v) for k, v in values.items() if isinstance(v, str)}
+        guess = max(strings, key=strings.get) if strings else None
+    if guess is None:
+        guess = next((n for n in _TEXT_NAMES if n in present), None)
+    hint = f", e.g. --set {key}={guess}" if guess else ""
+    return (f"missing field {field!r} (the record has {shown or 'no fields'}): set {key} to the field that holds "
+            f"the text{hint}")
+
+
 def _text_of(obj: Any, cfg: CorpusConfig) -> tuple[str | None, str | None]:
     """The document text of one record, or the reason it has none."""
     if not isinstance(obj, dict):
@@ -63,7 +84,7 @@ def _text_of(obj: Any, cfg: CorpusConfig) -> tuple[str | None, str | None]:
     values = []
     for f in fields:
         if f not in obj:
-            return None, f"missing field {f!r}"
+            return None, missing_field(f, cfg, [str(k) for k in obj], obj)
         v = obj[f]
         if not isinstance(v, str):
             kind = "null" if v is None else type(v).__name__

@@ -29,7 +29,7 @@ from tasks.ml.modeling import model_digest, without_location
 from tasks.push import ensure_release
 from tasks.line import lines
 from tasks.line.promotions import (Promotion, Promotions, apply_promotion, claim_releases, lineage_of,
-                                    read_promotions, record_promotion, updating)
+                                    read_promotions, record_promotion, release_targets, updating)
 
 if TYPE_CHECKING:  # the manifests it reads; their stages are not imported to run
     from tasks.gate import Decision
@@ -163,6 +163,7 @@ class RunLineage:
         self.base: Fingerprint | None = None
         self.parent: dict[str, Any] = {}
         self.reference: dict[str, Any] | None = None
+        self.parent_note = ""  # where training starts from, in words (the flow logs it with train's outcome)
         self._state: Promotions | None = None  # the promotion state, locked, while `promoting` is held
 
     def choose_parent(self, base_model: Fingerprint, train_chunks: StageOutput) -> tuple[Fingerprint, dict]:
@@ -173,9 +174,8 @@ class RunLineage:
         # What this training is, less the weights it starts from: how a rerun recognises its own result.
         self.identity = stage_key("train-identity", {"train": c.train, "model": c.model, "base": base_model,
                                                      "chunk": c.chunk, "chunks": train_chunks})
-        model, self.parent, note = choose_parent(c.train.init, self.promos, base_model, c.model.id, self.identity,
-                                                 self.root, self.digest)
-        run_logger().info("train: %s", note)
+        model, self.parent, self.parent_note = choose_parent(c.train.init, self.promos, base_model, c.model.id,
+                                                             self.identity, self.root, self.digest)
         return model, self.parent
 
     def choose_reference(self, trained: Trained) -> Fingerprint | None:
@@ -233,9 +233,7 @@ class RunLineage:
         Yields None when the promotion may go ahead, else why not: the last promoted model is no longer the one
         the gate compared this model with (another run promoted meanwhile), so it would be promoted blind. The
         release folder and Hub repo must belong to this lineage (ReleaseClaimed otherwise)."""
-        c = self.config
-        targets = [f"models/{c.push.name}"] if c.push.name else []
-        targets += [f"hub:{c.push.repo_id}"] if c.push.repo_id else []
+        targets = release_targets(self.config.push)
         if targets:
             claim_releases(self.root, self.lineage or "a run without lineage", targets)
         if not self.lineage or decision is None:  # nothing to compare with (no lineage, or the gate is off)

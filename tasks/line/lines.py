@@ -48,6 +48,8 @@ class Drop(BaseModel):
     announced_by: DropSource = Field("shell", description="Who announced it: a shell (cpt retrain --drop, trusted) "
                                      "or an event (untrusted: refused outside drops.roots, and while it is empty).")
     history: list[dict[str, str]] = Field(default_factory=list, description="Every status change: at, status, why.")
+    outcome: str = Field("", description="What became of the last run that trained on it: released, not promoted "
+                         "by the gate, or trained but not released (and why).")
 
     def set_status(self, status: DropStatus, why: str) -> None:
         self.status = status
@@ -56,7 +58,7 @@ class Drop(BaseModel):
     def listing(self) -> dict[str, Any]:
         """What `cpt drops --json` prints per drop."""
         return self.model_dump(include={"path", "fingerprint", "files", "documents", "tokens", "registered_at",
-                                        "status", "reason", "history", "announced_by"})
+                                        "status", "reason", "history", "announced_by", "outcome"})
 
 
 class LineState(BaseModel):
@@ -170,3 +172,12 @@ def record_verdict(root: ArtifactsRoot, line: str, path: str, fingerprint: str, 
 def record_training(root: ArtifactsRoot, line: str, record: dict[str, Any]) -> None:
     with updating(root, line) as state:
         state.last_training = record
+
+
+def record_outcome(root: ArtifactsRoot, line: str, paths: list[str], outcome: str) -> None:
+    """What became of a run that trained on the drops at `paths` (active ones): `run R: trained, released`, or
+    `run R: trained, not released: <why>` when its push failed."""
+    with updating(root, line) as state:
+        for d in state.drops:
+            if d.path in paths and d.status == "active":
+                d.outcome = f"{now_iso()} {outcome}"

@@ -126,6 +126,20 @@ class Releases(BaseModel):
 RELEASES = "state/releases.json"
 
 
+def release_targets(push) -> list[str]:
+    """What a push writes (push.name's folder, push.repo_id's Hub repo), as `claim_releases` names them."""
+    return ([f"models/{push.name}"] if push.name else []) + ([f"hub:{push.repo_id}"] if push.repo_id else [])
+
+
+def release_owners(root: ArtifactsRoot) -> dict[str, str]:
+    """Which lineage writes each release, read without the lock (a check before a run: the claim itself is
+    made under it, around push)."""
+    try:
+        return Releases.model_validate_json(root.fetch_state(RELEASES).read_text(encoding="utf-8")).owners
+    except FileNotFoundError:
+        return {}
+
+
 def claim_releases(root: ArtifactsRoot, owner: str, targets: list[str]) -> None:
     """Make `owner` (a lineage) the writer of `targets`, or raise ReleaseClaimed when another lineage is: two
     lineages writing one folder or repo would overwrite each other's model with one never compared to it."""

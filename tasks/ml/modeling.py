@@ -3,6 +3,8 @@ and seeded generation. torch and transformers are imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,20 @@ def load_pretrained(location: str, model: ModelConfig, device: str, quantization
         trust_remote_code=model.trust_remote_code,
         **extra,
     )
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """torch on `n` threads inside the block (model.cpu_threads), as it was after; None: unchanged."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_model(location: str, model: ModelConfig, device: str | None = None):

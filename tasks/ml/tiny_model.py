@@ -15,16 +15,27 @@ from pathlib import Path
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, add_bos: bool = True):
-    """A PreTrainedTokenizerFast that, like Llama/Gemma, puts BOS first when asked for special tokens."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, add_bos: bool = True, byte_level: bool = True):
+    """A PreTrainedTokenizerFast that, like Llama/Gemma, puts BOS first when asked for special tokens.
+
+    `byte_level`: merges start from the 256 bytes (any text is encoded; a small vocabulary leaves a Korean syllable
+    as byte pieces, which a model can emit out of order: U+FFFD in its text). Otherwise from the characters of
+    `texts` (every syllable of the corpus is a token of its own; a character the corpus never had is <unk>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    texts = list(texts)
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
+    if byte_level:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:  # words with their leading space marked (as sentencepiece does), characters as the first tokens
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+        tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+        alphabet = sorted({c for t in texts for c in t if not c.isspace()} | {"\u2581"})
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet))
     tk.train_from_iterator(texts, trainer=trainer)
     if add_bos:
         bos = tk.token_to_id("<bos>")
@@ -39,13 +50,13 @@ def read_texts(corpus: Path, field: str = "content") -> list[str]:
 
 
 def build_tiny_model(out_dir: str | Path, texts: list[str], vocab_size: int = 1024, hidden_size: int = 64,
-                     layers: int = 2, seed: int = 0, add_bos: bool = True) -> Path:
+                     layers: int = 2, seed: int = 0, add_bos: bool = True, byte_level: bool = True) -> Path:
     """Write tokenizer + randomly initialised LlamaForCausalLM to `out_dir` (atomically)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    tok = train_tokenizer(texts, vocab_size, add_bos)
+    tok = train_tokenizer(texts, vocab_size, add_bos, byte_level)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,

@@ -138,6 +138,17 @@ def trainer_class(base, train: TrainConfig, warn):
     return CptTrainer
 
 
+def tied_weights_not_saved(model) -> None:
+    """Tied embeddings (the tiny model, Gemma): `lm_head.weight` is `embed_tokens.weight`, so save_pretrained
+    leaves it out of the checkpoint. Loading the best checkpoint at the end, the Trainer then warned "There were
+    missing keys in the checkpoint model loaded: ['lm_head.weight']" on every training, harmless but alarming.
+    Naming the tied copies as keys not saved is what the Trainer checks for: it re-ties them instead of warning.
+    Nothing saved changes (those keys were left out already)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # {target: source}, empty when nothing is tied
+    if tied:
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | set(tied)
+
+
 def run(spec: TrainSpec) -> None:
     import torch
     from accelerate import PartialState
@@ -164,6 +175,7 @@ def run(spec: TrainSpec) -> None:
         model = load_pretrained(spec.model_location, model_cfg, device, quantization_config(model_cfg, dtype))
     else:
         model = load_pretrained(spec.model_location, model_cfg, device)
+    tied_weights_not_saved(model)
     dtype = model.dtype
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

@@ -40,14 +40,20 @@ class CorpusConfig(Section):
     paths: list[str] = Field(
         default_factory=list,
         description="Files, globs or folders. Formats by extension: .jsonl, .json (array or lines), "
-        ".parquet, .csv, .txt (one file is one document). Folders are read recursively.",
+        ".parquet, .csv, .txt (one file is one document, or one per paragraph: txt_split). Folders are read "
+        "recursively.",
     )
     exclude: list[str] = Field(
         default_factory=list,
         description="Files, globs or folders whose files are never read, even when under `paths` (a retraining "
         "line uses it for drops it rejected or retired).",
     )
-    text_field: str = Field("content", description="Field holding the document text.")
+    text_field: str = Field("content", description="Field holding the document text (.jsonl, .json, .csv, "
+                            ".parquet); a record without it is a reject that lists the fields it has.")
+    txt_split: Literal["document", "paragraph"] = Field(
+        "document", description="What a .txt file becomes: one document (document), or one document per paragraph, "
+        "the text between blank lines (paragraph: a book or a report kept as one .txt file per chapter)."
+    )
     question_field: str | None = Field(
         None, description="For Q/A corpora: field holding the question (set with answer_field)."
     )
@@ -79,6 +85,8 @@ class CorpusConfig(Section):
         out = super().key_material()
         if not self.near_dedup.enabled:
             out.pop("near_dedup")  # off: the keys of today's outputs
+        if self.txt_split == "document":
+            out.pop("txt_split")  # the default: the keys outputs had before the setting existed
         return out
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from tasks.core.config.task_files import local_task_problems, task_path_like
 
 
 class ModelConfig(Section):
-    KEY_NEUTRAL = frozenset({"id"})  # stages key the model and tokenizer by content digest (or hub commit)
+    KEY_NEUTRAL = frozenset({"id", "cpu_threads"})  # id: keyed by content digest (or hub commit); threads: speed
     id: str = Field(
         ..., description="Hub id (e.g. unsloth/gemma-3-1b-pt) or a local directory; its tokenizer is the one used."
     )
@@ -27,6 +27,11 @@ class ModelConfig(Section):
         "auto", description="Attention kernel. auto: sdpa (fast, exact), or eager for models with attention "
         "soft-capping (Gemma 2), which only eager implements. With train.packing on a GPU, flex_attention skips "
         "the masked blocks between packed chunks (python -m bench.gpu_check: 2.4x sdpa on an H200; compiles once)."
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="Threads torch uses on CPU, in evaluation and in the training child; null: one per "
+        "core. A tiny model's operations are too small to share: on one thread the demo's evaluation took 0.5 s of "
+        "CPU where two took 16 s on a busy 2-core machine (the threads wait for each other)."
     )
 
 

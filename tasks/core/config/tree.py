@@ -6,6 +6,7 @@ The same `CptConfig` is the flow's parameter (Prefect renders it as a form), loa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,50 @@ class CptConfig(Section):
         return self
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+def _section_of(model: type, key: str) -> type | None:
+    """The Section class a field of `model` holds (through `X | None`), or None for a plain value."""
+    import typing
+
+    field = model.model_fields.get(key)
+    if field is None:
+        return None
+    for t in (field.annotation, *typing.get_args(field.annotation)):
+        if isinstance(t, type) and issubclass(t, Section):
+            return t
+    return None
+
+
+def known_keys(model: type = CptConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree (sections and their fields), for "did you mean"."""
+    out = []
+    for name in model.model_fields:
+        dotted = f"{prefix}{name}"
+        out.append(dotted)
+        sub = _section_of(model, name)
+        if sub is not None:
+            out += known_keys(sub, f"{dotted}.")
+    return out
+
+
+def closest_key(dotted: str) -> str | None:
+    """The known key a mistyped one most likely meant: the same depth, spelled alike (`chunk.max_seq_lenght` ->
+    `chunk.max_seq_length`; `train.max_seq_length` -> `chunk.max_seq_length`)."""
+    import difflib
+
+    depth = dotted.count(".")
+    same_depth = [k for k in known_keys() if k.count(".") == depth]
+    found = difflib.get_close_matches(dotted, same_depth, n=1, cutoff=0.6)
+    if not found and depth:  # the field right, the section wrong: match the last part alone
+        last = dotted.rsplit(".", 1)[1]
+        by_last = {k.rsplit(".", 1)[1]: k for k in same_depth}
+        found = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.8)]
+    return found[0] if found else None
+
+
+def format_validation_error(err: ValidationError, prefix: str = "",
+                            origin: Callable[[str], str | None] | None = None) -> str:
+    """One line per problem, with the full key; `origin(key)` says where a key was given (`--set ...` or the file),
+    and an unknown key gets the closest known one."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -78,8 +122,16 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            where = origin(key) if origin else None
+            if where:
+                msg += f" (given {where})"
+            close = closest_key(key)
+            if close:
+                msg += f"; did you mean {close}?"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif origin and (where := origin(key)) and where.startswith("by --set"):
+            msg += f" (given {where})"
         lines.append(f"{key}: {msg}")
     return "\n".join(lines)
 
@@ -112,11 +164,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> CptConfig:
+def validate_config(data: dict[str, Any], source: str = "config",
+                    origin: Callable[[str], str | None] | None = None) -> CptConfig:
     try:
         return CptConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}:\n{format_validation_error(e)}") from None
+        raise ConfigError(f"{source}:\n{format_validation_error(e, origin=origin)}") from None
+
+
+def _origin(path: str | None, overrides: list[str]) -> Callable[[str], str | None]:
+    """Where a dotted key was given: the last `--set` that names it (or a key under it), else the file."""
+    given = []
+    for item in overrides:
+        keys, _ = parse_override(item)
+        given.append((".".join(keys), item))
+
+    def origin(key: str) -> str | None:
+        for dotted, item in reversed(given):
+            if dotted == key or dotted.startswith(key + "."):
+                return f"by --set {item}"
+        return f"in {path}" if path else None
+
+    return origin
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> CptConfig:
@@ -141,7 +210,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded
     data = apply_overrides(data, overrides or [])
-    return validate_config(data, source)
+    if path is not None and overrides:
+        source = f"{path} with --set"
+    return validate_config(data, source, _origin(str(path) if path is not None else None, overrides or []))
 
 
 def dump_config(cfg: CptConfig) -> str:
