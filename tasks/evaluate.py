@@ -340,6 +340,8 @@ class Evaluation(StageOutput):
                                f"{_num(c['validation_perplexity_after'])} ({change})")]
 
     def show(self, root: ArtifactsRoot) -> None:
+        if "validation_perplexity" in self.counts:
+            return  # evaluate-base's output: its numbers are shown beside the trained model's, by evaluate
         show(self, root)  # the module's `show` below: its tables and plots
 
 
