@@ -86,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--full", action="store_true", help="also compare every file with its recorded digest")
     verify.add_argument("--discard", action="store_true", help="remove damaged entries: the next run rebuilds them")
     verify.add_argument("--artifacts", metavar="DIR")
+    du = cache_sub.add_parser("du", help="bytes on the root by stage, by line (what each line keeps), by kind, and "
+                                         "this host's mirror of an object-store root")
+    du.add_argument("--json", action="store_true")
+    du.add_argument("--artifacts", metavar="DIR")
+    gc = cache_sub.add_parser("gc", help="delete what retention does not keep (docs/retention.md): least recently "
+                                         "used first down to retention.max_bytes, else what is unused for "
+                                         "retention.keep_days; says what goes, why, and how many bytes")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    gc.add_argument("--config", "-c", metavar="FILE", help="a config whose `retention` section to apply")
+    gc.add_argument("--set", dest="overrides", action="append", default=[], metavar="retention.FIELD=VALUE",
+                    help="override a retention setting, e.g. --set retention.max_bytes=200GB")
+    gc.add_argument("--json", action="store_true", help="print the report as JSON")
+    gc.add_argument("--artifacts", metavar="DIR")
+    pin = cache_sub.add_parser("pin", help="keep a run's entries whatever the budget (or --remove the pin; --list)")
+    pin.add_argument("run", nargs="?", help="a run's name (as `cpt run` prints it)")
+    pin.add_argument("--note", default="", help="why it is pinned")
+    pin.add_argument("--remove", action="store_true", help="unpin it")
+    pin.add_argument("--list", action="store_true", help="list the pinned runs")
+    pin.add_argument("--artifacts", metavar="DIR")
 
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
@@ -272,6 +291,10 @@ def cmd_cache(args) -> int:
     from tasks.core.root import open_root
 
     root = open_root(args.artifacts)
+    if args.cache_command != "verify":
+        from flows import cache_cli
+
+        return cache_cli.main(root, args)
     checked, damaged = 0, 0
     # An object-store root: this host's mirror first, then the store, which is what every host trusts.
     for where, why in root.verify(full=args.full, discard=args.discard):
