@@ -187,6 +187,7 @@ def continued_pretraining(
                 decision = ref_eval = None
                 if config.gate.enabled and not run.stopped:
                     ref_model = lineage.choose_reference(trained)
+                    summary["reference"] = without_location(lineage.reference)  # a model the next run looks up
                     ref_eval = base_eval if ref_model is None else run(
                         evaluate_base, "evaluate-reference", base_model=ref_model, **eval_inputs)
                     decision = run(gate, gate=config.gate, evaluation=evaluation, reference_eval=ref_eval,

@@ -110,29 +110,33 @@ def totals(items: Iterable[Item]) -> int:
 
 
 class DepsMemo:
-    """The entries each entry refers to (its manifest's `deps`), remembered on this host in
+    """The entries each entry refers to or was made from (its manifest's `deps` and `pieces`), remembered on this host in
     `<local>/cache/_deps.json`: a key names one content, so its deps never change, and a collection on an
     object-store root reads each manifest once rather than once a run."""
 
-    def __init__(self, root):
+    def __init__(self, root, stamps: dict[str, float | None] | None = None):
+        """`stamps`: each entry's manifest time as the caller's scan found it (a manifest rewritten since it was
+        remembered is read again)."""
         self.root = root
-        self.path = Path(root.local) / "cache" / "_deps.json"
+        self.stamps = stamps or {}
+        self.path = Path(root.local) / "cache" / "_refs.json"
         try:
-            self.known: dict[str, list[str]] = json.loads(self.path.read_text())
+            self.known: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.known = {}
         self.changed = False
 
     def deps(self, rel: str) -> list[str] | None:
         """None: no readable manifest (gone, or not an entry)."""
-        if rel in self.known:
-            return self.known[rel]
+        stamp = self.stamps.get(rel)
+        if rel in self.known and self.known[rel][0] == stamp:
+            return self.known[rel][1]
         manifest = self.root.manifest_of(rel)
         if manifest is None:
             return None
-        self.known[rel] = list(manifest.deps)
+        self.known[rel] = [stamp, [*manifest.deps, *manifest.pieces]]
         self.changed = True
-        return self.known[rel]
+        return self.known[rel][1]
 
     def forget(self, rels: Iterable[str]) -> None:
         for rel in rels:

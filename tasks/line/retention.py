@@ -92,8 +92,9 @@ class Survey:
 def survey(root: ArtifactsRoot, now: float | None = None) -> Survey:
     files = root.scan()
     items = inventory(files, root.touched)
+    stamps = {rel: files[f"{rel}/_COMPLETE"][1] for rel, i in items.items() if i.kind == "entry"}
     return Survey(root=root, now=time.time() if now is None else now, files=files, items=items,
-                  holds=read_holds(root, files), deps=DepsMemo(root))
+                  holds=read_holds(root, files), deps=DepsMemo(root, stamps))
 
 
 # ------------------------------------------------------------------------------------------ the roots
@@ -141,7 +142,8 @@ def _model_entry(s: Survey, digest: str) -> str | None:
 
 def next_runs(s: Survey, policy: RetentionConfig) -> dict[str, str]:
     """What each line's next nightly run looks up: everything its last training run did (a rerun of it is Cached
-    throughout; a new drop reuses every piece of the rest), and the model that run started from."""
+    throughout; a new drop reuses every piece of the rest), and the models that run started from and was compared
+    with (the run summary names them)."""
     out: dict[str, str] = {}
     for rel in s.state_files("state/lines"):
         try:
@@ -156,11 +158,13 @@ def next_runs(s: Survey, policy: RetentionConfig) -> dict[str, str]:
         for e in s.run_entries(run):
             out.setdefault(e, why)
         out.setdefault(f"runs/{run}", why)
-        parent = (s.summary(run) or {}).get("parent") or {}
-        if parent.get("kind") == "promoted" and parent.get("digest"):
-            entry = _model_entry(s, parent["digest"])
+        summary = s.summary(run) or {}
+        for role, what in (("parent", "started from"), ("reference", "was compared with")):
+            model = summary.get(role) or {}
+            entry = _model_entry(s, model["digest"]) if model.get("kind") == "promoted" and model.get("digest") \
+                else None
             if entry:
-                out.setdefault(entry, f"line {state.line}: the model its last training started from")
+                out.setdefault(entry, f"line {state.line}: the model its last training {what}")
     return out
 
 
