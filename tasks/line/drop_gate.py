@@ -384,7 +384,8 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
             log.info("drop gate: %s passed (%d files, %d documents, %d tokens); registered to line %r",
                      entry.path, profile["files"], profile["documents"], profile["tokens"], line)
         else:
-            out["rejected"].append(entry.path)
+            if entry.status != "rejected":  # newly rejected: this run trains nothing; one rejected before never
+                out["rejected"].append(entry.path)  # stops a later run (the line goes on without it)
             log.warning("drop gate: %s rejected: %s", entry.path, recorded.reason)
 
     refused = _refused
@@ -405,9 +406,7 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
             out["left_out"].append(entry.path)
             continue
         except Exception as e:  # MemoryError, RecursionError, a reader's bug: the drop's, never the line's
-            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            log.warning("drop gate: %s: %s while gating it; rejected", entry.path, what)
-            gated = ("verdict", "", refused(f"error while gating the drop: {what}"))
+            gated = ("verdict", entry.fingerprint if entry.status == "rejected" else "", _failed(e))
         if gated is None:
             continue
         if gated[0] == "busy":
@@ -455,8 +454,18 @@ def gate_one(entry: lines.Drop, config: CptConfig, root: ArtifactsRoot, state: l
     line_files = resolve_corpus_files(line_config(config, state, without=[entry.path, *left_out]).corpus)
     if tokenizer is None:
         tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
-    profile = profile_drop(files, line_files, config, tokenizer, root, digests.digest, skipped)
+    try:
+        profile = profile_drop(files, line_files, config, tokenizer, root, digests.digest, skipped)
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as e:  # recorded with its content's fingerprint: the same content is not gated again
+        return "verdict", fingerprint.digest, _failed(e)
     return "verdict", fingerprint.digest, {**profile, "_tokenizer": tokenizer}
+
+
+def _failed(e: BaseException) -> dict[str, Any]:
+    what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return _refused(f"error while gating the drop: {what}")
 
 
 def _refused(reason: str, where: bool = False) -> dict[str, Any]:
