@@ -161,10 +161,10 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         left_out = gate["left_out"]
         if left_out:
             log.info("retrain: left out of this run (still being written): %s", ", ".join(gate["unsettled"][:5]))
-        if gate["rejected"]:
-            reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in gate["rejected"])
-            return skipped("drop-rejected", f"drop rejected by the gate, nothing trained: {reasons}",
-                           rejected=gate["rejected"])
+        rejected = gate["rejected"]
+        if rejected:  # left out like every inactive drop: the line trains on whatever else changed
+            log.warning("retrain: rejected by the drop gate, not trained on: %s", "; ".join(
+                f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in rejected))
 
         state = lines.read_line(root, line)
         cfg = line_config(config, state, without=left_out)
@@ -176,6 +176,10 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         fingerprint = fingerprint_files(files, digests.digest)
         digests.save()
         last = state.last_training
+        if last and last["corpus"] == fingerprint.digest and not force and rejected:
+            reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in rejected)
+            return skipped("drop-rejected", f"drop rejected by the gate, nothing else changed: {reasons}",
+                           rejected=rejected, fingerprint=fingerprint.digest)
         if last and last["corpus"] == fingerprint.digest and not force and left_out:
             return skipped("unsettled", f"drop still being written, left out; nothing else changed: "
                                         f"{', '.join(gate['unsettled'][:5])}", files=gate["unsettled"])
@@ -201,7 +205,8 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
                       f"{len(state.active_paths())} drops); pipeline run `{summary['flow_run']}`; {verdict}.\n",
                       "retrain-decision", "What this run trained on, and whether its model was promoted")
     return result(True, "changed", fingerprint=fingerprint.digest, pipeline=summary,
-                  promoted=gate.get("promoted", True), gate_reason=gate.get("reason", ""), left_out=left_out)
+                  promoted=gate.get("promoted", True), gate_reason=gate.get("reason", ""), left_out=left_out,
+                  rejected=rejected)
 
 
 def write_result(result: dict[str, Any], path: str | Path) -> None:

@@ -266,3 +266,16 @@ def test_retention_settings_validate(tmp_path):
         validate_config({"corpus": {"paths": ["x"]}, "model": {"id": "m"}, "retention": {"keep_releases": 0}})
     base = validate_config({"corpus": {"paths": ["x"]}, "model": {"id": "m"}})
     assert cfg.key_material() == base.key_material()  # what the disk keeps is in no stage's key
+
+
+def test_an_active_drop_not_yet_trained_keeps_its_pieces(made):
+    e = season_root(made)
+    gated = made.entry("load-file", age_days=5)
+    with lines.updating(made.root, "nightly") as state:  # gated by a run that then trained nothing
+        state.drops.append(lines.Drop(path="/drops/d9", status="active", profile={"pieces": [gated]}))
+    collect(made.root, policy(max_bytes=0))
+    assert made.exists(gated) and made.exists(e["load3"])
+    with lines.updating(made.root, "nightly") as state:  # trained on: the last training names it
+        state.last_training["drops"] = ["/drops/d9"]
+    collect(made.root, policy(max_bytes=0))
+    assert not made.exists(gated)

@@ -58,6 +58,7 @@ from tasks.line import lines
 from tasks.tokenize import TokenizerOnce, resolve_tokenizer, token_lengths, tokenize_pieces
 
 WRITING_MARKER = "_WRITING"
+PIECES_NAMED = 10_000  # a drop's pieces recorded in its profile (retention keeps them until it is trained on)
 NAMED = 20  # skipped files, bad files and rejects named in a profile (the rest counted)
 
 
@@ -339,15 +340,21 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
     if drop_ids:
         once = TokenizerOnce(tokenizer, config.model.trust_remote_code, root)
 
+        made: list[str] = []
+
         def lengths_of(pieces: list) -> np.ndarray:
             parts = [{"key": o.key, "path": o.path, "content": o.content, "documents": o.counts["documents"]}
                      for o in pieces]
             tokens = tokenize_pieces(parts, config.tokenize, tokenizer, root, config.model.trust_remote_code,
                                      tokenizer_once=once)
+            made.extend(o.path for o, _ in tokens)
             return token_lengths(root, [o for o, _ in tokens])
 
         lengths = lengths_of(drop_pieces)
         profile["tokens"] = int(lengths.sum())
+        # What the line's next run looks up of this drop, kept by garbage collection until it has trained on it.
+        if len(drop_pieces) <= PIECES_NAMED:
+            profile["pieces"] = sorted({o.path for o in drop_pieces} | set(made))
         profile["median_tokens"] = float(np.median(lengths)) if len(lengths) else None
         if line_pieces:
             line_lengths = lengths_of(line_pieces)

@@ -151,6 +151,12 @@ def next_runs(s: Survey, policy: RetentionConfig) -> dict[str, str]:
         except (OSError, ValueError):
             continue
         last = state.last_training or {}
+        trained = set(last.get("drops") or [])
+        for drop in state.drops:  # gated, not yet trained on (the run that gated it trained nothing): next
+            if drop.status == "active" and drop.path not in trained:
+                for piece in drop.profile.get("pieces") or []:
+                    if isinstance(piece, str) and piece.startswith("cache/") and ".." not in piece.split("/"):
+                        out.setdefault(piece, f"line {state.line}: its drop {drop.path}, gated, not yet trained on")
         run = last.get("pipeline_run")
         if not run:
             continue
