@@ -277,6 +277,19 @@ def test_every_error_while_gating_rejects_only_its_drop(line, tmp_path, monkeypa
     assert "b.parquet:2: field 'content'" in status[drops["bomb"]][1]
     assert "w.csv:3: malformed CSV: a record of over 10000 fields" in status[drops["wide"]][1]
     assert "drops.max_depth=32" in status[drops["deep"]][1]
+    again = line.gate(max_depth=32)  # the next run: rejected before, they stop nothing (the line trains on)
+    assert not again["rejected"] and line.status() == status
+
+
+def test_a_drop_turned_symlink_after_its_gate_is_rejected_by_the_gate(line, tmp_path):
+    drop = good_drop(tmp_path / "in" / "d", 60)
+    path = line.announce(drop)
+    line.gate()
+    assert line.status()[path][0] == "active"
+    drop.rename(tmp_path / "in" / "d.old")
+    drop.symlink_to(good_drop(tmp_path / "elsewhere" / "d", 100))
+    out = line.gate()
+    assert out["rejected"] == [path] and "is a symlink now" in line.status()[path][1]
 
 
 def test_a_drop_that_never_settles_is_left_out_then_rejected(line, tmp_path):
