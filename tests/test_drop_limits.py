@@ -258,8 +258,18 @@ def test_every_error_while_gating_rejects_only_its_drop(line, tmp_path, monkeypa
         yield from real(f, name, cfg)
 
     monkeypatch.setitem(readers.READERS, ".jsonl", fragile)
+    import tasks.line.drop_gate as drop_gate
+
+    listing = drop_gate.drop_files
+
+    def flaky_listing(path):  # an error before the drop's content is known (no fingerprint to record)
+        if "/flaky" in path:
+            raise RuntimeError("the listing broke")
+        return listing(path)
+
+    monkeypatch.setattr(drop_gate, "drop_files", flaky_listing)
     drops = {name: line.announce(good_drop(tmp_path / "in" / name, 60 + 10 * i, 10))
-             for i, name in enumerate(("oom", "deep-json", "bug"))}
+             for i, name in enumerate(("oom", "deep-json", "bug", "flaky"))}
     drops["bomb"] = line.announce(parquet_bomb(tmp_path / "in" / "bomb" / "b.parquet").parent)
     drops["wide"] = line.announce(wide_csv(tmp_path / "in" / "wide" / "w.csv").parent)
     deep_trees.append(deep_tree(tmp_path / "in" / "deep", 1800))
@@ -273,7 +283,7 @@ def test_every_error_while_gating_rejects_only_its_drop(line, tmp_path, monkeypa
     assert set(out["rejected"]) == {p for n, p in drops.items() if n != "good"}
     assert "MemoryError" in status[drops["oom"]][1]
     assert "RecursionError: maximum recursion depth exceeded" in status[drops["deep-json"]][1]
-    assert "KeyError" in status[drops["bug"]][1]
+    assert "KeyError" in status[drops["bug"]][1] and "RuntimeError: the listing broke" in status[drops["flaky"]][1]
     assert "b.parquet:2: field 'content'" in status[drops["bomb"]][1]
     assert "w.csv:3: malformed CSV: a record of over 10000 fields" in status[drops["wide"]][1]
     assert "drops.max_depth=32" in status[drops["deep"]][1]

@@ -151,11 +151,12 @@ def test_least_recently_used_first_down_to_the_budget(made):
     a = made.entry("tokenize", size=10_000, age_days=9)
     b = made.entry("tokenize", size=10_000, age_days=8)
     c = made.entry("tokenize", size=10_000, age_days=7)
+    d = made.entry("tokenize", size=10_000, age_days=6)
     made.run("old-run", {"tokenize": a}, age_days=1)  # a run one day ago used the oldest-built one
     total = usage(made.root)["bytes"]
     report = collect(made.root, policy(max_bytes=total - 15_000))  # room for one deletion short of two
     assert [r["rel"] for r in report["deleted"] if r["kind"] == "entry"] == [b, c]
-    assert made.exists(a) and report["bytes_after"] <= total - 15_000
+    assert made.exists(a) and made.exists(d) and report["bytes_after"] <= total - 15_000
 
 
 def test_without_a_budget_what_is_unused_for_keep_days_goes(made):
