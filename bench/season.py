@@ -24,7 +24,7 @@ collected), that every kept release loads and matches its digest, that the line 
 recomputed a piece GC should have kept (each trained night read, tokenized and chunked no more files than its new
 drops hold). `--plot` writes bytes per night to a PNG.
 
-    .venv/bin/python -m bench.season [--nights 60] [--budget 150MB] [--hosts 2] [--plot season.png]
+    .venv/bin/python -m bench.season [--nights 60] [--budget 45MB] [--hosts 2] [--plot season.png]
 """
 
 from __future__ import annotations
@@ -424,8 +424,8 @@ def plot(season: dict[str, Any], path: Path) -> Path:
 def main() -> int:
     parser = argument_parser(__spec__, __doc__)
     parser.add_argument("--nights", type=int, default=60)
-    parser.add_argument("--budget", default="150MB", help="retention.max_bytes of the root")
-    parser.add_argument("--mirror-budget", default="90MB", help="CPT_SCRATCH_MAX_BYTES of each host's mirror")
+    parser.add_argument("--budget", default="45MB", help="retention.max_bytes of the root")
+    parser.add_argument("--mirror-budget", default="40MB", help="CPT_SCRATCH_MAX_BYTES of each host's mirror")
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="training steps a run")
     parser.add_argument("--local", action="store_true", help="a local root instead of an object store")
