@@ -280,3 +280,25 @@ def test_an_active_drop_not_yet_trained_keeps_its_pieces(made):
         state.last_training["drops"] = ["/drops/d9"]
     collect(made.root, policy(max_bytes=0))
     assert not made.exists(gated)
+
+
+def test_the_shipped_cache_gc_deployment_runs_the_gc_flow_on_a_schedule(made, tmp_path):
+    """prefect.yaml's cache-gc: a daily schedule, one at a time, an entrypoint that is the gc flow, and parameters
+    that flow takes; its body collects with the config file's retention section."""
+    import importlib
+
+    import yaml
+
+    from helpers import ROOT
+
+    shipped = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    gc = shipped["cache-gc"]
+    assert [s["cron"] for s in gc["schedules"]] == ["30 3 * * *"] and gc["concurrency_limit"]["limit"] == 1
+    module, name = gc["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
+    flow = getattr(importlib.import_module(module), name)
+    assert set(gc["parameters"]) <= set(flow.parameters.properties)
+    e = season_root(made)
+    config = tmp_path / "line.yaml"
+    config.write_text(yaml.safe_dump({"retention": {"max_bytes": 0, "min_age": 0, "keep_releases": 1}}))
+    report = flow.fn(config_file=str(config), artifacts=str(made.base))
+    assert e["load1"] in {r["rel"] for r in report["deleted"]} and not made.exists(e["load1"])
