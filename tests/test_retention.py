@@ -294,7 +294,8 @@ def test_the_shipped_cache_gc_deployment_runs_the_gc_flow_on_a_schedule(made, tm
     shipped = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
     gc = shipped["cache-gc"]
     assert [s["cron"] for s in gc["schedules"]] == ["30 3 * * *"] and gc["concurrency_limit"]["limit"] == 1
-    module, name = gc["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
+    path, name = gc["entrypoint"].split(":")
+    module = path.removesuffix(".py").replace("/", ".")
     flow = getattr(importlib.import_module(module), name)
     assert set(gc["parameters"]) <= set(flow.parameters.properties)
     e = season_root(made)
