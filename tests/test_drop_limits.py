@@ -111,6 +111,7 @@ BOMB_READ = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a child process under its own address-space limit
 def test_the_parquet_bomb_is_a_reject_naming_its_row_and_column_under_a_2_gib_address_space(tmp_path):
     """Read in a child limited to 2 GiB of address space (the issue's run died at 16 GiB): the first 56 MB value is
     a document, the second row is the reject, the other 4,094 rows are never decoded."""
@@ -163,6 +164,7 @@ def test_a_parquet_value_over_the_document_limit_is_a_reject_by_row_and_column_n
     assert out[1].source.endswith("d.parquet:2") and "field 'content' is 20000 bytes" in out[1].reason
 
 
+@pytest.mark.slow  # a child process under its own address-space limit
 def test_a_csv_row_of_millions_of_fields_is_a_reject_and_memory_stays_small(tmp_path):
     csv = wide_csv(tmp_path / "wide.csv")
     code = textwrap.dedent("""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -147,7 +148,9 @@ class DepsMemo:
         if not self.changed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        # Unique per writer, threads included: two collections in one process (or two hosts sharing a pid on one
+        # disk) each replace the memo whole; the last one wins and both were right (a key's deps never change).
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(self.known))
         os.replace(tmp, self.path)
         self.changed = False
