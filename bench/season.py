@@ -164,7 +164,7 @@ def seaweedfs(tmp: Path):
          f"-filer.port.grpc={fg}", f"-filer.localSocket={tmp / 'filer.sock'}", "-s3", f"-s3.port={s3}",
          f"-s3.port.grpc={sg}", f"-s3.localSocket={tmp / 's3.sock'}", f"-s3.config={identities}",
          "-s3.port.iceberg=0", "-s3.port.lance=0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmp)})
+        stdout=(tmp / "weed.log").open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmp)})
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}"}
     fs = s3fs.S3FileSystem(key="bench", secret="bench-secret", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]},
@@ -175,9 +175,12 @@ def seaweedfs(tmp: Path):
             try:
                 fs.mkdir("cpt-season")
                 break
+            except FileExistsError:  # a kept --work folder: its store already holds the bucket
+                break
             except Exception:  # noqa: BLE001  (refused, 5xx... until it is up)
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    sys.exit("SeaweedFS did not start")
+                    tail = (tmp / "weed.log").read_text(errors="replace")[-2000:]
+                    sys.exit(f"SeaweedFS did not start; its log ({tmp / 'weed.log'}) ends:\n{tail}")
                 time.sleep(0.5)
         yield env, "s3://cpt-season/line"
     finally:

@@ -50,6 +50,7 @@ def publish_piece(root: ArtifactsRoot, stage: str, key: str, build, progress=Non
         return counts, {**meta, "scope": scope} if scope else meta
 
     out, built = root.publish(stage, key, scoped_build)
+    note_piece(out.path)  # the stage building now names it in its manifest: GC keeps it with the stage's output
     reused = not built and not (scope is not None and out.meta.get("scope") == scope)
     if not built and progress is not None:
         progress.update(size)
