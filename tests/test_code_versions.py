@@ -212,12 +212,13 @@ def rename_module(src: Path, old: str, new: str) -> None:
     module_file(src, old).rename(module_file(src, new))
     package, old_short = old.rsplit(".", 1)
     new_short = new.rsplit(".", 1)[1]
-    as_module = re.compile(rf"^from {re.escape(package)} import {old_short}$", flags=re.M)
+    # `from package import a, old, b`: the module among the names a line imports
+    as_module = re.compile(rf"^(from {re.escape(package)} import (?:[\w ,]*, )?){old_short}\b(?=,|$)", flags=re.M)
     for path in sorted(src.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         edited = re.sub(rf"\b{re.escape(old)}\b", new, text)
         if as_module.search(edited):
-            edited = as_module.sub(f"from {package} import {new_short}", edited)
+            edited = as_module.sub(rf"\g<1>{new_short}", edited)
             edited = re.sub(rf"(?<![.\w\"']){old_short}\.(?=[A-Za-z_])", f"{new_short}.", edited)
         if edited != text:
             path.write_text(edited, encoding="utf-8")
