@@ -2,7 +2,7 @@
 with garbage collection after every run and a budget. Measures the disk, not the model.
 
 Each night is one `retrain` run (in this process; nights follow each other at once, and
-`drops.max_pending_hours` is scaled down with the clock), announcing that night's drop. A cycle of 12 nights:
+the line's clock runs a day a night: `SeasonClock`), announcing that night's drop. A cycle of 12 nights:
 
      1 good        a new slice of documents              7 good
      2 duplicate   an exact copy of night 1's drop        8 bomb        the 6 KB parquet bomb (56 MB value x 4,096)
@@ -208,8 +208,9 @@ def build_config(work: Path, texts: list[str], budget: int, model: Path, steps: 
                   "learning_rate": 2e-3, "eval_steps": steps, "save_steps": steps, "logging_steps": 1,
                   "early_stopping_patience": None},
         "evaluate": {"max_eval_rows": 16}, "push": {"name": "season"},
-        # The clock is compressed: a night lasts seconds, so the pending limit is a few nights' worth.
-        "drops": {"max_pending_hours": 0.01},
+        # The line's clock runs a day a night (SeasonClock): a drop that never settles is left out the night after
+        # it is announced (24 h) and rejected the night after that (48 h), however fast the machine.
+        "drops": {"max_pending_hours": 36},
         "retention": {"max_bytes": budget, "min_age": 0, "keep_releases": keep_releases},
     }
     for section, values in (overrides or {}).items():
@@ -226,6 +227,37 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
+class SeasonClock:
+    """The compressed clock: the `time` module as the drop gate and the line state see it, `offset` seconds ahead
+    (a day a night). Only these two read it (a drop's announcement and how long it has been pending); files,
+    locks and GC keep the real clock."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def gmtime(self, secs: float | None = None):
+        return time.gmtime(self.time() if secs is None else secs)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@contextlib.contextmanager
+def season_clock():
+    from tasks.line import drop_gate, lines
+
+    clock = SeasonClock()
+    saved = drop_gate.time, lines.time
+    drop_gate.time = lines.time = clock
+    try:
+        yield clock
+    finally:
+        drop_gate.time, lines.time = saved
+
+
 def run_season(work: Path, nights: int, url: str | None, hosts: int, budget: int, mirror_budget: int | None,
                model: Path, steps: int = 2, kinds: list[str] | None = None, keep_releases: int = 3,
                overrides: dict[str, dict] | None = None, out=print) -> dict[str, Any]:
@@ -234,8 +266,9 @@ def run_season(work: Path, nights: int, url: str | None, hosts: int, budget: int
     CYCLE repeated)."""
     saved = {k: os.environ.get(k) for k in ("CPT_SCRATCH", "CPT_SCRATCH_MAX_BYTES")}
     try:
-        return _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases,
-                       overrides, out)
+        with season_clock() as clock:
+            return _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases,
+                           overrides, out, clock)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -244,7 +277,8 @@ def run_season(work: Path, nights: int, url: str | None, hosts: int, budget: int
                 os.environ[k] = v
 
 
-def _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases, overrides, out):
+def _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds, keep_releases, overrides, out,
+            clock):
     from flows.retrain import retrain
     from tasks.core.root import open_root
     from tasks.line import lines
@@ -263,6 +297,7 @@ def _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds
         f"{'gc del':>7} {'s':>6}  rejected / left out")
     for night, kind in enumerate(kinds, start=1):
         host = f"h{(night - 1) % hosts}"
+        clock.offset = (night - 1) * 86400.0
         os.environ["CPT_SCRATCH"] = str(work / "scratch" / host)
         root = open_root(artifacts)
         before = {d.path: d.status for d in lines.read_line(root, "season").drops}
