@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from flows.stages import PIPELINE
+from flows import cache_cli  # argparse only at import: no Prefect, no torch
 
 from flows.announce import DROP_EVENT  # noqa: E402  (no Prefect import: a constant)
 
@@ -118,13 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     promos.add_argument("--json", action="store_true", help="print the promotions file's JSON")
     promos.add_argument("--artifacts", metavar="DIR")
 
-    cache = sub.add_parser("cache", help="check the stage cache")
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    verify = cache_sub.add_parser("verify", help="check every entry: file sizes and referenced entries (cheap), or "
-                                                 "every byte against its digest (--full)")
-    verify.add_argument("--full", action="store_true", help="also compare every file with its recorded digest")
-    verify.add_argument("--discard", action="store_true", help="remove damaged entries: the next run rebuilds them")
-    verify.add_argument("--artifacts", metavar="DIR")
+    cache_cli.add_parsers(sub.add_parser("cache", help="check, measure and collect the stage cache"))
 
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
@@ -374,6 +369,8 @@ def cmd_cache(args) -> int:
     from tasks.core.root import open_root
 
     root = open_root(args.artifacts)
+    if args.cache_command != "verify":
+        return cache_cli.main(root, args)
     checked, damaged = 0, 0
     # An object-store root: this host's mirror first, then the store, which is what every host trusts.
     for where, why in root.verify(full=args.full, discard=args.discard):

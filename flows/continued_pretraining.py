@@ -21,9 +21,10 @@ from tasks.chunk import chunk
 from tasks.core.config.data import CorpusConfig, SplitConfig
 from tasks.core.config.tree import CptConfig
 from tasks.core.fanout import one_runner_per_run
+from tasks.core.holds import RunHold
 from tasks.core.manifest import DigestMemo, Fingerprint, StageOutput
 from tasks.core.report import markdown_artifact, markdown_table, run_logger
-from tasks.core.root import ArtifactsRoot, open_root
+from tasks.core.root import ArtifactsRoot, EntryUnavailable, open_root
 from tasks.core.scope import build_scope
 from tasks.core.stage import was_built
 from tasks.evaluate import evaluate, evaluate_base
@@ -47,11 +48,16 @@ class StageRunner:
     come in the order flows/stages.py lists them (a call out of that order fails: the list is the flow's order),
     and none runs after `until`."""
 
-    def __init__(self, root: ArtifactsRoot, until: str | None):
+    def __init__(self, root: ArtifactsRoot, until: str | None, hold: RunHold | None = None):
         self.root = root
         self.until = position(until) if until else None
         self.stages: list[dict[str, Any]] = []
         self.reached = -1  # the position of the last pipeline stage called
+        # Every output this run has taken, held against garbage collection on any host until the run ends, and
+        # the call that made it, to make it again if it vanishes all the same (collected between its lookup and
+        # its hold, or by a collector that ignored the hold).
+        self.hold = hold
+        self.calls: dict[str, tuple[Any, dict[str, Any], dict[str, Any], StageOutput]] = {}
 
     @property
     def stopped(self) -> bool:
@@ -77,9 +83,8 @@ class StageRunner:
         options = {"result_storage": self.root.records_dir}
         if label:
             options["task_run_name"] = label
-        state = stage_task.with_options(**options)(**inputs, artifacts=self.root, return_state=True)
+        state, out = self._call(stage_task, options, inputs, entry)
         entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
-        out: StageOutput = state.result()  # raises the stage's own error on failure
         entry.update(key=out.key, output=out.location(self.root), counts=out.counts,
                      built=was_built(out.key))
         if state.name == "Cached":  # its body did not run, so it logged nothing of its own
@@ -91,6 +96,32 @@ class StageRunner:
             # Every call, computed or cached: a cached task does not re-create its own artifacts.
             out.show(self.root)
         return out
+
+    def _call(self, stage_task, options: dict[str, Any], inputs: dict[str, Any], entry: dict[str, Any],
+              retries: int = 3):
+        """Run one stage task; returns (its state, its output), held. An input found gone while the stage ran
+        (EntryUnavailable) is made again by the call that made it, and the stage runs again on it."""
+        state = stage_task.with_options(**options)(**inputs, artifacts=self.root, return_state=True)
+        try:
+            out: StageOutput = state.result()  # raises the stage's own error on failure
+        except EntryUnavailable as e:
+            producer = self._producer(e.rel)
+            if producer is None or retries <= 0:
+                raise
+            task, p_options, p_inputs, old = producer
+            run_logger().warning("%s: its input %s is gone (%s): making it again", stage_task.name, e.rel, e)
+            _, new = self._call(task, p_options, p_inputs, {}, retries - 1)
+            entry.setdefault("rebuilt", []).append(e.rel)
+            inputs = {k: new if isinstance(v, StageOutput) and v.path == old.path else v for k, v in inputs.items()}
+            return self._call(stage_task, options, inputs, entry, retries - 1)
+        self.calls[out.path] = (stage_task, options, inputs, out)
+        if self.hold is not None:
+            self.hold.add(out.path)
+        return state, out
+
+    def _producer(self, rel: str):
+        """The call of this run that made the entry `rel`, or an entry that refers to it."""
+        return self.calls.get(rel) or next((c for c in self.calls.values() if rel in c[3].deps), None)
 
     def note(self, **facts: Any) -> None:
         """Facts about the last stage call, for the run summary (a release the run had to re-make)."""
@@ -111,7 +142,8 @@ def continued_pretraining(
     the retraining line this run belongs to (cpt retrain sets it): its promotions and drops."""
     root = open_root(artifacts)
     config = with_release_name(config, line)  # push.name unset: derived, so another corpus is another release
-    run = StageRunner(root, until)
+    hold = RunHold(root, str(flow_run.name))
+    run = StageRunner(root, until, hold)
     summary: dict[str, Any] = {"flow_run": flow_run.name, "artifacts": str(root.local), "store": root.url,
                                "until": until, "line": line,
                                "config": config.model_dump(mode="json"), "stages": run.stages, "warnings": []}
@@ -120,7 +152,7 @@ def continued_pretraining(
     # Pieces built in this run count as read/tokenized/chunked by it; inside a retrain run (whose drop gate
     # builds the drop's pieces first) this joins the retrain run's scope.
     # One task runner for the run's fanned-out pieces (runtime.task_runner), started only if a stage needs it.
-    with build_scope(str(flow_run.id)), one_runner_per_run(config.runtime):
+    with build_scope(str(flow_run.id)), one_runner_per_run(config.runtime), hold:
         try:
             # What would fail after training fails now, before any stage (tasks/line/preflight.py).
             check_before_compute(config, root, line, pushes=until in (None, "push"), lock=False)  # retrain holds it
@@ -166,6 +198,7 @@ def continued_pretraining(
                 decision = ref_eval = None
                 if config.gate.enabled and not run.stopped:
                     ref_model = lineage.choose_reference(trained)
+                    summary["reference"] = without_location(lineage.reference)  # a model the next run looks up
                     ref_eval = base_eval if ref_model is None else run(
                         evaluate_base, "evaluate-reference", base_model=ref_model, **eval_inputs)
                     decision = run(gate, gate=config.gate, evaluation=evaluation, reference_eval=ref_eval,

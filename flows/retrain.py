@@ -11,10 +11,15 @@ A drop must lie inside one of `drops.roots`; a run an event started (`drop_sourc
 deployment sets, or any run an automation created) refuses its drop while that list is empty, since an event
 payload is untrusted input. `cpt retrain --drop PATH` typed at a shell accepts any folder then.
 
-A drop still being written is not trained on (it stays pending and a later run, nightly or the next
-announcement, picks it up). Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
+A drop still being written is not trained on: it stays pending and is left out of the run, which trains on
+everything else; a later run, nightly or the next announcement, picks it up (or rejects it after
+`drops.max_pending_hours`). Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
 temp name and rename; the load stage re-hashes every file it reads and fails if one changed since the run
-fingerprinted it.
+fingerprinted it. A drop can fail, its line cannot: any error gating a drop rejects that drop
+(tasks/line/drop_gate.py); only the line's own configured corpus can fail a run.
+
+After each run, garbage collection keeps the root within `retention` (tasks/line/retention.py), unless
+`retention.after_retrain` is off; a failure to collect is logged, never fails the run.
 """
 
 from __future__ import annotations
@@ -106,7 +111,22 @@ def retrain(
     # One run per line at a time, whichever deployment, schedule, event or shell started it, on any host: the
     # second waits, then finds its work done (the corpus unchanged) or does it.
     with root.exclusive(lines.run_lock(line), f"line {line!r} is being retrained by another run; waiting"):
-        return _retrain(config, drop, line, settle_seconds, force, root, drop_source, log)
+        result = _retrain(config, drop, line, settle_seconds, force, root, drop_source, log)
+    if config.retention.after_retrain:
+        result["gc"] = collect_garbage(root, config, log)
+    return result
+
+
+def collect_garbage(root, config: CptConfig, log) -> dict[str, Any]:
+    """GC after a run: its report, or the error that stopped it (logged; the run it follows has succeeded)."""
+    from tasks.line.retention import collect
+
+    try:
+        return collect(root, config.retention, log=log)
+    except Exception as e:  # a collection is retried by the next run and the scheduled cache-gc deployment
+        log.warning("gc: garbage collection after the run failed (%s: %s); the next run tries again",
+                    type(e).__name__, e)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: float, force: bool, root,
@@ -143,16 +163,16 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         gate_seconds = round(time.perf_counter() - started, 3)
         if gate["gated"]:
             show_gate(gate["gated"])
-        if gate["unsettled"]:
-            return skipped("unsettled", f"drop still being written, not training now: "
-                                        f"{', '.join(gate['unsettled'][:5])}", files=gate["unsettled"])
-        if gate["rejected"]:
-            reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in gate["rejected"])
-            return skipped("drop-rejected", f"drop rejected by the gate, nothing trained: {reasons}",
-                           rejected=gate["rejected"])
+        left_out = gate["left_out"]
+        if left_out:
+            log.info("retrain: left out of this run (still being written): %s", ", ".join(gate["unsettled"][:5]))
+        rejected = gate["rejected"]
+        if rejected:  # left out like every inactive drop: the line trains on whatever else changed
+            log.warning("retrain: rejected by the drop gate, not trained on: %s", "; ".join(
+                f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in rejected))
 
         state = lines.read_line(root, line)
-        cfg = line_config(config, state)
+        cfg = line_config(config, state, without=left_out)
         files = resolve_corpus_files(cfg.corpus)
         busy = unsettled_files(files, settle_seconds)
         if busy:
@@ -161,6 +181,14 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         fingerprint = fingerprint_files(files, digests.digest)
         digests.save()
         last = state.last_training
+        if last and last["corpus"] == fingerprint.digest and not force and rejected:
+            reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in rejected)
+            return skipped("drop-rejected", f"drop rejected by the gate, nothing else changed: {reasons}",
+                           rejected=rejected, fingerprint=fingerprint.digest)
+        if last and last["corpus"] == fingerprint.digest and not force and left_out:
+            return skipped("unsettled", f"drop still being written, left out; nothing else changed: "
+                                        f"{', '.join(gate['unsettled'][:5])}", files=gate["unsettled"],
+                           left_out=left_out)
         if last and last["corpus"] == fingerprint.digest and not force:
             return skipped("unchanged", f"line {line!r} unchanged since its last successful training "
                                         f"({last['flow_run']}, fingerprint {fingerprint.digest[:12]}, "
@@ -173,13 +201,14 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         try:
             summary = continued_pretraining(config=cfg, artifacts=root.spec, line=line)
         except Exception as e:
-            failed_pipeline(e, root, line, state.active_paths(), result)
+            failed_pipeline(e, root, line, [p for p in state.active_paths() if p not in left_out], result)
             raise
     gate = summary.get("gate") or {}
-    lines.record_outcome(root, line, state.active_paths(), f"run {summary['flow_run']}: " + (
+    trained_drops = [p for p in state.active_paths() if p not in left_out]
+    lines.record_outcome(root, line, trained_drops, f"run {summary['flow_run']}: " + (
         "trained, released" if gate.get("promoted", True) else f"trained, not promoted: {gate.get('reason', '')}"))
     lines.record_training(root, line, {
-        "corpus": fingerprint.digest, "files": len(files), "drops": state.active_paths(),
+        "corpus": fingerprint.digest, "files": len(files), "drops": trained_drops,
         "flow_run": flow_run.name, "pipeline_run": summary["flow_run"], "finished_at": lines.now_iso(),
         "promoted": gate.get("promoted", True), "gate_reason": gate.get("reason", "")})
     verdict = ("promoted by the gate" if gate.get("promoted", True) else
@@ -188,7 +217,8 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
                       f"{len(state.active_paths())} drops); pipeline run `{summary['flow_run']}`; {verdict}.\n",
                       "retrain-decision", "What this run trained on, and whether its model was promoted")
     return result(True, "changed", fingerprint=fingerprint.digest, pipeline=summary,
-                  promoted=gate.get("promoted", True), gate_reason=gate.get("reason", ""))
+                  promoted=gate.get("promoted", True), gate_reason=gate.get("reason", ""), left_out=left_out,
+                  rejected=rejected)
 
 
 def failed_pipeline(error: BaseException, root, line: str, drops: list[str], result) -> None:

@@ -130,6 +130,29 @@ def key_lock(stage_root: Path, key: str):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def try_key_lock(stage_root: Path, key: str):
+    """`key_lock` if free now: yields True holding it, or False (someone builds or publishes the key) at once."""
+    import fcntl
+
+    if not stage_root.is_dir():
+        yield True  # nothing was ever built here: no lock to take, nothing to race with
+        return
+    fd = os.open(stage_root / f".lock-{key}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def local_entries(base: Path, full: bool = False):
     """Every published entry under `base/cache`: yields (entry folder, why it is damaged or None). Sizes (and
     the entries it refers to) always, contents too with `full`."""

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tasks.core import fence
-from tasks.core.scope import build_scope, current_scope
+from tasks.core.manifest import StageOutput
+from tasks.core.scope import build_scope, current_scope, note_piece
 from tasks.core.config.data import RuntimeConfig
 
 
@@ -112,6 +113,9 @@ def map_pieces(fn: Callable, calls: list[dict[str, Any]], runtime: RuntimeConfig
         results = []
         for i, future in enumerate(futures):
             results.append(future.result())
+            taken = results[-1][0] if isinstance(results[-1], tuple) and results[-1] else results[-1]
+            if isinstance(taken, StageOutput):  # published in another process: noted for the stage's manifest
+                note_piece(taken.path)
             fence.check()
             if on_done:
                 on_done(i, results[-1])

@@ -76,6 +76,10 @@ class StageOutput(BaseModel):
     content: str = ""
     # Other cache entries this output refers to (relative paths): it is complete only while they are.
     deps: list[str] = []
+    # Per-file pieces it was made from without reading them afterwards (a chunk output copies its pieces'
+    # windows): not needed for it to be complete, but a rebuild with one more file looks each of them up again,
+    # so garbage collection keeps them with it (tasks/line/retention.py).
+    pieces: list[str] = []
     # Every file of the entry with its size, checked on read: a truncated or deleted file is a miss.
     files: dict[str, int] = {}
     # Every file's content digest (blake2b-128), checked by `cpt cache verify --full`.
@@ -88,7 +92,7 @@ class StageOutput(BaseModel):
     def _path_inside(cls, v: str) -> str:
         return safe_relpath(v)
 
-    @field_validator("deps")
+    @field_validator("deps", "pieces")
     @classmethod
     def _deps_inside(cls, v: list[str]) -> list[str]:
         return [safe_relpath(d) for d in v]

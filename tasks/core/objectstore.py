@@ -112,6 +112,32 @@ class Store:
                     continue
         return out
 
+    def scan(self, rel: str = "") -> dict[str, tuple[int, float | None]]:
+        """Every object under `rel` (the whole root by default): relative name -> (size, last modified as a
+        timestamp, None where the store does not say). One listing; names that would leave the root are left out."""
+        prefix = self.remote(rel) if rel else self.base
+        try:
+            found = self.fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for name, info in found.items():
+            if not name.startswith(self.base + "/") or info.get("type", "file") != "file":
+                continue
+            try:
+                out[safe_relpath(name[len(self.base) + 1:])] = (int(info.get("size") or 0), _modified(info))
+            except ValueError:
+                continue
+        return out
+
+    def stamp(self, rel: str) -> float | None:
+        """When the object `rel` was last written; None when it does not exist."""
+        try:
+            info = self.fs.info(self.remote(rel))
+        except FileNotFoundError:
+            return None
+        return _modified(info) or 0.0
+
     def manifest(self, rel: str) -> StageOutput | None:
         try:
             return StageOutput.model_validate_json(self.fs.cat_file(self.remote(f"{rel}/{MANIFEST}")))
@@ -503,6 +529,24 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _modified(info: dict) -> float | None:
+    """An fsspec listing's last-modified time as a timestamp (s3fs: LastModified; others: mtime, updated...)."""
+    for k in ("LastModified", "last_modified", "mtime", "updated", "modified", "created"):
+        value = info.get(k)
+        if value is None or value == "":
+            continue
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            from datetime import datetime
+
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def install(tmp: Path, final: Path) -> None:

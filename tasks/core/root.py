@@ -19,9 +19,10 @@ import os
 from pathlib import Path
 
 from tasks.core.config.base import ConfigError
-from tasks.core.entries import build_and_publish, key_lock, local_entries
+from tasks.core.entries import build_and_publish, key_lock, local_entries, try_key_lock
 from tasks.core.fence import fenced
-from tasks.core.manifest import RECORDS_DIR, StageOutput, read_manifest, remove_entry_dir, verified_manifest
+from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, read_manifest, remove_entry_dir,
+                                 verified_manifest)
 from tasks.core.objectstore import Lock, Store, split_url
 from tasks.core.paths import scratch_home
 
@@ -67,7 +68,30 @@ def open_root(value: str | Path | None = None, where: str | None = None) -> Arti
 
 
 class EntryUnavailable(FileNotFoundError):
-    """An entry a reader needs is not complete in the store (it may just have been found damaged)."""
+    """An entry a reader needs is not complete (in the store, or here): deleted by garbage collection, or found
+    damaged and discarded. `rel` names it, so the run can rebuild it (flows/continued_pretraining.py)."""
+
+    def __init__(self, message: str, rel: str = ""):
+        super().__init__(message)
+        self.rel = rel
+
+
+def touch(directory: Path) -> None:
+    """Mark an entry used now (its folder's mtime): garbage collection deletes the least recently used first."""
+    with contextlib.suppress(OSError):
+        os.utime(directory)
+
+
+def _scan_local(top: Path, prefix: str) -> dict[str, tuple[int, float | None]]:
+    out: dict[str, tuple[int, float | None]] = {}
+    start = top / prefix if prefix else top
+    for dirpath, _, filenames in os.walk(start):
+        here = Path(dirpath)
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                st = (here / name).lstat()
+                out[(here / name).relative_to(top).as_posix()] = (st.st_size, st.st_mtime)
+    return out
 
 
 class ArtifactsRoot:
@@ -116,8 +140,14 @@ class ArtifactsRoot:
         return self.local / "cache" / RECORDS_DIR
 
     def entry(self, rel: str) -> Path:
-        """An entry's folder, complete on this host."""
-        return self.local / rel
+        """An entry's folder, complete on this host (EntryUnavailable when it is not: garbage collection may have
+        deleted it since it was looked up)."""
+        directory = self.local / rel
+        if not (directory / MANIFEST).is_file():
+            raise EntryUnavailable(f"{directory} is not a complete entry (deleted, or found damaged and discarded): "
+                                   "the next run rebuilds it", rel)
+        touch(directory)
+        return directory
 
     def file(self, rel: str, name: str) -> Path:
         return self.local / rel / name
@@ -128,7 +158,10 @@ class ArtifactsRoot:
 
     def published(self, stage: str, key: str) -> StageOutput | None:
         """The manifest of the entry of `key` if it is published and undamaged (a cache lookup), else None."""
-        return verified_manifest(self.cache_dir(stage, key), self.local)
+        manifest = verified_manifest(self.cache_dir(stage, key), self.local)
+        if manifest is not None:
+            touch(self.cache_dir(stage, key))
+        return manifest
 
     def complete(self, stage: str, key: str) -> bool:
         return self.published(stage, key) is not None
@@ -141,6 +174,7 @@ class ArtifactsRoot:
         with key_lock(final.parent, key):
             existing = verified_manifest(final, self.local)
             if existing is not None:
+                touch(final)
                 return existing, False
             return build_and_publish(self.local, final, stage, key, build), True
 
@@ -272,6 +306,70 @@ class ArtifactsRoot:
     def remove_remote(self, rel: str) -> None:
         pass
 
+    # ------------------------------------------------------------------ what is on it, and removing it
+
+    # Garbage collection (tasks/core/inventory.py lists, tasks/line/retention.py decides) asks the root what it
+    # holds and has it delete: the root alone knows how a delete is made safe beside running work.
+
+    def scan(self, prefix: str = "") -> dict[str, tuple[int, float | None]]:
+        """Every file of the root under `prefix` (the store's objects on an object-store root): rel -> (bytes,
+        last modified, or None when the storage does not say)."""
+        return _scan_local(self.local, prefix)
+
+    def scan_local(self, prefix: str = "") -> dict[str, tuple[int, float | None]]:
+        """Every file of this host's copy of the root under `prefix` (the mirror on an object-store root)."""
+        return _scan_local(self.local, prefix)
+
+    def manifest_of(self, rel: str) -> StageOutput | None:
+        """An entry's manifest as published (nothing fetched but the manifest), None if there is none."""
+        return read_manifest(self.local / rel)
+
+    def touched(self, rel: str) -> float | None:
+        """When an entry was last used on this host (looked up, read or published), if this host knows."""
+        with contextlib.suppress(OSError):
+            return (self.local / rel).stat().st_mtime
+        return None
+
+    def delete_entry(self, rel: str, complete: bool = True, seen: float | None = None) -> str | None:
+        """Delete the cache entry `rel` unless it is being built or published now, or was used since `seen` (when
+        garbage collection looked). Readers lose it first: its Prefect record, then its manifest and files at
+        once (the folder is renamed aside), then the bytes. `complete`: it had a manifest when looked at (one
+        gone since was deleted by another collector: not twice). None when this call deleted it, else why not."""
+        key = rel.rstrip("/").rsplit("/", 1)[-1]
+        final = self.local / rel
+        with try_key_lock(final.parent, key) as free:
+            if not free:
+                return "being built or published now"
+            if not final.is_dir() or (complete and not (final / MANIFEST).is_file()):
+                return "already gone"
+            if seen is not None and (ArtifactsRoot.touched(self, rel) or 0) > seen + 1:
+                return "used since garbage collection looked"
+            self.discard_record(key)
+            remove_entry_dir(final)
+        return None
+
+    def delete_tree(self, rel: str, lock: tuple[str, str] | None = None) -> str | None:
+        """Delete a folder of the root that is not an entry (a work folder, a run summary); `lock` = (stage, key)
+        whose build uses it: skipped while that build runs. None when deleted, else why not."""
+        folder = self.local / rel
+        guard = try_key_lock(self.local / "cache" / lock[0], lock[1]) if lock else contextlib.nullcontext(True)
+        with guard as free:
+            if not free:
+                return "its build is running"
+            if not folder.exists():
+                return "already gone"
+            remove_entry_dir(folder)
+        return None
+
+    def delete_local_copy(self, rel: str) -> str | None:
+        """This host's copy of an entry (a mirror's, on an object-store root; the entry itself on a local one)."""
+        return ArtifactsRoot.delete_entry(self, rel, complete=False)
+
+    def remove_file(self, rel: str) -> None:
+        """A plain file of the root (a hold, a Prefect record), here and in the store."""
+        with contextlib.suppress(OSError):
+            (self.local / rel).unlink()
+
 
 def _write_holder(fd: int) -> None:
     import json
@@ -326,7 +424,8 @@ class StoreRoot(ArtifactsRoot):
                 if verified_manifest(directory, self.local, quiet=True) is None \
                         and self.store.fetch_entry(rel) is None:
                     raise EntryUnavailable(f"{self.url}/{rel} is not complete in the store (deleted, or found damaged "
-                                           "and discarded): the next run rebuilds it")
+                                           "and discarded): the next run rebuilds it", rel)
+        touch(directory)
         return directory
 
     def file(self, rel: str, name: str) -> Path:
@@ -345,7 +444,10 @@ class StoreRoot(ArtifactsRoot):
     def published(self, stage: str, key: str) -> StageOutput | None:
         """Complete in the store (the truth every host shares: a local copy the store lacks is uploaded by the
         rerun this miss causes)."""
-        return self.store.complete(f"cache/{stage}/{key}")
+        manifest = self.store.complete(f"cache/{stage}/{key}")
+        if manifest is not None:
+            touch(self.cache_dir(stage, key))  # this host's copy, if it has one: the mirror's LRU
+        return manifest
 
     def publish(self, stage: str, key: str, build) -> tuple[StageOutput, bool]:
         """The store decides: a complete entry there is fetched; else one host takes the key's lock and builds,
@@ -419,4 +521,62 @@ class StoreRoot(ArtifactsRoot):
 
     def remove_remote(self, rel: str) -> None:
         self.store.delete(rel)
+
+    # ------------------------------------------------------------------ what is on it, and removing it
+
+    def scan(self, prefix: str = "") -> dict[str, tuple[int, float | None]]:
+        return self.store.scan(prefix)
+
+    def manifest_of(self, rel: str) -> StageOutput | None:
+        return self.store.manifest(rel) if not (self.local / rel / MANIFEST).is_file() else read_manifest(self.local / rel)
+
+    def touched(self, rel: str) -> float | None:
+        return None  # a store keeps no access time: use is read from run summaries and holds
+
+    def delete_entry(self, rel: str, complete: bool = True, seen: float | None = None) -> str | None:
+        """In the store, under the key's lease lock (taken only if free: a host building or uploading the key
+        holds it), so two collectors on two hosts never both delete it and none deletes what is being built;
+        then this host's copy. `seen`: the manifest's last-modified time when the collector looked (a newer one
+        was rebuilt since: kept)."""
+        key = rel.rstrip("/").rsplit("/", 1)[-1]
+        store = self.store
+        lock = store.lock(rel)
+        if not lock.acquire(wait=False):
+            return "being built or published now (its store lock is held)"
+        try:
+            if complete:
+                stamp = store.stamp(f"{rel}/{MANIFEST}")
+                if stamp is None:
+                    return "already gone"
+                if seen is not None and stamp > seen + 1:
+                    return "rebuilt since garbage collection looked"
+            elif not store.listing(rel):
+                return "already gone"
+            self.discard_record(key)
+            store.delete(rel)  # its manifest first: no reader trusts what remains
+        finally:
+            lock.release()
+        ArtifactsRoot.delete_entry(self, rel, complete=False)
+        return None
+
+    def delete_tree(self, rel: str, lock: tuple[str, str] | None = None) -> str | None:
+        held = None
+        if lock:
+            held = self.store.lock(f"cache/{lock[0]}/{lock[1]}")
+            if not held.acquire(wait=False):
+                return "its build is running (its store lock is held)"
+        try:
+            if not self.store.listing(rel) and not (self.local / rel).exists():
+                return "already gone"
+            self.store.delete(rel)
+            ArtifactsRoot.delete_tree(self, rel, lock)
+        finally:
+            if held is not None:
+                held.release()
+        return None
+
+    def remove_file(self, rel: str) -> None:
+        super().remove_file(rel)
+        with contextlib.suppress(FileNotFoundError):
+            self.store.fs.rm_file(self.store.remote(rel))
 

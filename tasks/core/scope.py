@@ -1,6 +1,9 @@
 """The build scope of a run: pieces built under the same scope count as "read in this run" wherever they were
 built (the retrain flow's drop gate builds a drop's pieces, and the pipeline it then runs reuses them). A
-context variable, so a scope follows the run's threads; fan-out carries it to other processes by value."""
+context variable, so a scope follows the run's threads; fan-out carries it to other processes by value.
+
+Also the pieces a stage's build took (built or reused), so its manifest can name the ones it was made from
+without reading them afterwards (`StageOutput.pieces`: garbage collection keeps them with the output)."""
 
 from __future__ import annotations
 
@@ -27,3 +30,23 @@ def build_scope(scope: str | None = None):
         yield _SCOPE.get()
     finally:
         _SCOPE.reset(token)
+
+
+_TAKEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("cpt_pieces_taken", default=None)
+
+
+@contextlib.contextmanager
+def taking_pieces():
+    """Collect, in the list yielded, every piece `note_piece` names within the block (a stage's build)."""
+    taken: list[str] = []
+    token = _TAKEN.set(taken)
+    try:
+        yield taken
+    finally:
+        _TAKEN.reset(token)
+
+
+def note_piece(rel: str) -> None:
+    taken = _TAKEN.get()
+    if taken is not None:
+        taken.append(rel)

@@ -25,9 +25,18 @@ from tasks.core import fence
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
 from tasks.core.root import ArtifactsRoot, open_root
-from tasks.core.scope import current_scope
+from tasks.core.scope import current_scope, note_piece, taking_pieces
 
 ROOT_PARAMETER = "artifacts"  # every stage task's own parameter: the root, part of no key
+
+def with_pieces(result: tuple, taken: list[str]) -> tuple:
+    """A body's (counts, meta[, extra]) with `pieces`: what it took that its `deps` do not already name."""
+    extra = dict(result[2]) if len(result) > 2 else {}
+    pieces = sorted(set(taken) - set(extra.get("deps", [])))
+    if pieces:
+        extra["pieces"] = pieces
+    return (*result[:2], extra) if extra else tuple(result[:2])
+
 
 def publish_piece(root: ArtifactsRoot, stage: str, key: str, build, progress=None,
                   size: int = 0) -> tuple[StageOutput, bool]:
@@ -41,6 +50,7 @@ def publish_piece(root: ArtifactsRoot, stage: str, key: str, build, progress=Non
         return counts, {**meta, "scope": scope} if scope else meta
 
     out, built = root.publish(stage, key, scoped_build)
+    note_piece(out.path)  # the stage building now names it in its manifest: GC keeps it with the stage's output
     reused = not built and not (scope is not None and out.meta.get("scope") == scope)
     if not built and progress is not None:
         progress.update(size)
@@ -230,7 +240,9 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
                 for value in inputs.values():
                     if isinstance(value, StageOutput):
                         value.dir(root)
-                return body(Build(tmp=tmp, root=root, key=key, log=log, published=callbacks), **inputs)
+                with taking_pieces() as taken:
+                    result = body(Build(tmp=tmp, root=root, key=key, log=log, published=callbacks), **inputs)
+                return with_pieces(result, taken)
 
             published, built = root.publish(name, key, build)
             _BUILT[key] = built

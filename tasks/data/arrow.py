@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def read_arrow(path: str | Path) -> pa.Table:
@@ -109,3 +110,57 @@ def export_columns(rows: pa.Table | pa.RecordBatch) -> pa.Table:
     offsets -= offsets[0]
     mask = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(np.ones(offsets[-1], np.int8)))
     return pa.table({"input_ids": ids, "attention_mask": mask, "labels": table.column("labels")})
+
+
+def parquet_plan(meta, wanted: list[str], max_rows: int,
+                 batch_bytes: int) -> tuple[list[str], int, tuple[int, int, str, int] | None]:
+    """From a parquet file's metadata alone: the wanted columns stored dictionary-encoded (read as Arrow
+    dictionaries, so a value repeated in many rows is held once), the rows per batch that keep a batch's
+    decoded text within `batch_bytes` (at most `max_rows`), and the row group, its first row, its column and
+    its decoded size when one holds more than the whole file may decode to (checked by the caller) — else None."""
+    paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    index = {k: paths.index(k) for k in wanted if k in paths}
+    dictionary, rows, first, biggest = set(), max_rows, 1, None
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        per_row = 0
+        for k, i in index.items():
+            chunk = group.column(i)
+            if chunk.has_dictionary_page:
+                dictionary.add(k)
+            per_row += chunk.total_uncompressed_size / max(group.num_rows, 1)
+            if biggest is None or chunk.total_uncompressed_size > biggest[3]:
+                biggest = (g, first, k, chunk.total_uncompressed_size)
+        rows = min(rows, max(1, int(batch_bytes // max(per_row, 1))))
+        first += group.num_rows
+    return sorted(dictionary), rows, biggest
+
+
+
+def decoded_lengths(col: pa.Array) -> pa.Array | None:
+    """Bytes each value of a text or binary column (plain, large or dictionary-encoded) decodes to, nulls 0,
+    computed from lengths and indices without materialising one value; None for other types."""
+    if pa.types.is_dictionary(col.type):
+        per_value = decoded_lengths(col.dictionary)
+        return None if per_value is None else pc.fill_null(pc.take(per_value, col.indices), 0)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type) \
+            or pa.types.is_large_binary(col.type):
+        return pc.fill_null(pc.binary_length(col), 0).cast(pa.int64())
+    return None
+
+
+
+def values_within(col: pa.Array, lengths: pa.Array | None, limit: int) -> list:
+    """The column's values as Python objects, None in place of each one over `limit` bytes (never built)."""
+    if lengths is None:
+        return col.to_pylist()
+    over = pc.greater(lengths, limit)
+    if not pc.any(over).as_py():
+        return col.to_pylist()
+    kept = iter(pc.filter(col, pc.invert(over)).to_pylist())
+    return [None if o else next(kept) for o in over.to_pylist()]
+
+
+
+def row_bytes(sizes: dict, i: int) -> int:
+    return int(sum(s[i] for s in sizes.values()))

@@ -19,16 +19,25 @@ from typing import BinaryIO, TextIO
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tasks.core.config.data import CorpusConfig
+from tasks.data.arrow import decoded_lengths, parquet_plan, row_bytes, values_within
 from tasks.data.records import _RAW_KEPT, Record, Reject, _decode, _line_of, _raw_limit, missing_field, _record, _unfit_text
 
 _BLOCK = 8 << 20  # bytes of JSON lines read at a time
 # Characters of a JSON array's window, and bytes of the UTF-8 check, read at a time: a block of text decoded
 # into a Python str takes up to 4 bytes a character (one character past U+FFFF makes the whole str so).
 _TEXT_BLOCK = 1 << 20
-_PARQUET_BATCH = 4096  # rows
+_PARQUET_BATCH = 4096  # rows at most
+# Bytes of text a parquet batch may decode to: its rows are cut by the decoded size (from the file's metadata
+# before reading, from dictionary value lengths after), never by a row count alone.
+_PARQUET_BATCH_BYTES = 64 << 20
+# A parquet file's text may decode to at most this many times its size on disk (or to the document limit, if
+# that is more). Text compresses 2-10x; one dictionary value repeated thousands of times is a decompression bomb
+# (a 6 KB file holding one 56 MB value in 4,096 rows decodes to 230 GB).
+MAX_EXPANSION = 100
+# Fields a CSV row may hold (the header's included): csv makes a Python string of each before a row is seen.
+_CSV_MAX_FIELDS = 10_000
 
 
 def _first_byte(f: BinaryIO) -> bytes:
@@ -246,8 +255,62 @@ def _read_csv(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reje
         csv.field_size_limit(previous)
 
 
+class _RowTooLarge(csv.Error):
+    """A CSV record over the size or field limit: reading it is stopped before the csv module holds it."""
+
+
+class _BoundedRows:
+    """The lines of a CSV text file as the csv module asks for them, one record at a time: a record (header
+    included) over `max_chars` characters or `max_fields` fields raises before the csv module parses it into
+    Python strings (a row of millions of fields would take ~50 bytes per field). Each read is bounded, so a line
+    without a newline is never held whole. `next_record()` marks where the csv module finished a record."""
+
+    _FIELD_EDGES = re.compile(r'"|,')
+
+    def __init__(self, f: TextIO, max_chars: int, max_fields: int):
+        self.f, self.max_chars, self.max_fields = f, max_chars, max_fields
+        self.next_record()
+
+    def next_record(self) -> None:
+        self.chars, self.commas, self.lines = 0, 0, []
+        self.fields, self.quoted = None, False  # counted exactly once the commas alone pass the limit
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.f.readline(self.max_chars - self.chars + 1)
+        if not line:
+            raise StopIteration
+        self.chars += len(line)
+        if self.chars > self.max_chars:
+            raise _RowTooLarge(f"a record over {self.max_chars} characters")
+        self.commas += line.count(",")
+        if self.fields is None:
+            self.lines.append(line)
+            if self.commas >= self.max_fields:  # maybe in quoted text: count the fields, once, then line by line
+                self.fields = 1
+                for held in self.lines:
+                    self._count(held)
+                self.lines = []
+        else:
+            self._count(line)
+        if self.fields is not None and self.fields > self.max_fields:
+            raise _RowTooLarge(f"a record of over {self.max_fields} fields")
+        return line
+
+    def _count(self, text: str) -> None:
+        """Fields: commas outside quotes (a doubled quote toggles twice), plus one."""
+        for m in self._FIELD_EDGES.finditer(text):
+            if m.group() == '"':
+                self.quoted = not self.quoted
+            elif not self.quoted:
+                self.fields += 1
+
+
 def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
-    reader = csv.DictReader(f)
+    rows = _BoundedRows(f, _raw_limit(cfg), _CSV_MAX_FIELDS)
+    reader = csv.DictReader(rows)
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
     start = 1
     try:
@@ -256,7 +319,9 @@ def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reje
             yield Reject(f"{name}:1", missing_field(missing[0], cfg, list(reader.fieldnames or [])), "")
             return
         start = 2
+        rows.next_record()
         for row in reader:
+            rows.next_record()
             # csv line_num is the line where the record ended; multi-line fields start earlier.
             line, start = start, reader.line_num + 1
             if None in row:
@@ -265,50 +330,75 @@ def _csv_rows(f: TextIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reje
             yield _record(row, f"{name}:{line}", cfg, lambda row=row: json.dumps(row, ensure_ascii=False))
     except csv.Error as e:  # a field over the limit, a NUL byte: the record cannot be delimited
         over = (f": a field over corpus.max_document_bytes={cfg.max_document_bytes}"
-                if "field larger than field limit" in str(e) else "")
+                if "field larger than field limit" in str(e) else
+                f" (corpus.max_document_bytes={cfg.max_document_bytes}, twice that for escapes, plus 1 MiB; at most "
+                f"{_CSV_MAX_FIELDS} fields)" if isinstance(e, _RowTooLarge) else "")
         yield Reject(f"{name}:{start}", f"malformed CSV: {e}{over} (the rest of the file is not read)", "")
 
 
 def read_parquet(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:
-    """Parquet by batches of rows (`iter_batches`: one row group's columns at a time), only the text columns.
-    A value over the document limit is a reject found from its length, never turned into a Python string."""
+    """Parquet by batches cut by their decoded size (`parquet_plan`, from the metadata), only the text columns,
+    dictionary-encoded ones kept as dictionaries. Each value's size is known before it becomes a Python string:
+    one over the document limit is a reject naming its row and column; a file whose text decodes to more than
+    `MAX_EXPANSION` times its size (and the document limit) is rejected at the row where it does, the rest not
+    read — from the metadata, before reading, when a row group alone says so."""
     import pyarrow.parquet as pq
 
-    if not _size(f):
+    size = _size(f)
+    if not size:
         yield Reject(f"{name}:1", "empty file", "")
         return
     wanted = [cfg.text_field] if cfg.question_field is None else [cfg.question_field, cfg.answer_field]
+    limit = max(cfg.max_document_bytes, MAX_EXPANSION * size)
+    bomb = (f"over {MAX_EXPANSION}x its {size} bytes on disk and over corpus.max_document_bytes="
+            f"{cfg.max_document_bytes} (a decompression bomb): the rest of the file is not read")
+    with pq.ParquetFile(f, pre_buffer=False) as probe:
+        meta, columns = probe.metadata, probe.schema_arrow.names
+    for k in wanted:
+        if k not in columns:
+            yield Reject(f"{name}:1", missing_field(k, cfg, columns), "")
+            return
+    dictionary, rows, biggest = parquet_plan(meta, wanted, _PARQUET_BATCH, _PARQUET_BATCH_BYTES)
+    if biggest is not None and biggest[3] > limit:
+        g, first, k, decoded = biggest
+        yield Reject(f"{name}:{first}", f"field {k!r}: row group {g} decodes to {decoded} bytes, {bomb}", "")
+        return
+    f.seek(0)
     # Not pre-buffered: pre-buffering keeps read column chunks in Arrow's pool (peak anonymous memory reading
     # 160 MB of row groups of 6 MB: 193 MiB by default, 99 MiB so; bench/readers.py).
-    with pq.ParquetFile(f, pre_buffer=False) as pf:
-        columns = pf.schema_arrow.names
-        for k in wanted:
-            if k not in columns:
-                yield Reject(f"{name}:1", missing_field(k, cfg, columns), "")
-                return
-        row = 0
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=wanted, use_threads=False):
-            values, sizes = {}, {}
-            for k in wanted:
-                col = batch.column(k)
-                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-                    lengths = pc.fill_null(pc.binary_length(col), 0)
-                    over = pc.greater(lengths, cfg.max_document_bytes)
-                    if pc.any(over).as_py():
-                        sizes[k] = lengths.to_pylist()
-                        col = pc.if_else(over, pa.scalar(None, col.type), col)
-                values[k] = col.to_pylist()
-            for i in range(batch.num_rows):
-                row += 1
-                big = [(k, s[i]) for k, s in sizes.items() if s[i] > cfg.max_document_bytes]
-                if big:
-                    k, size = big[0]
-                    yield Reject(f"{name}:{row}", f"field {k!r} is {size} bytes, over corpus.max_document_bytes="
-                                                  f"{cfg.max_document_bytes}", "")
-                    continue
-                obj = {k: values[k][i] for k in wanted}
-                yield _record(obj, f"{name}:{row}", cfg, lambda obj=obj: json.dumps(obj, ensure_ascii=False,
-                                                                                      default=str))
+    with pq.ParquetFile(f, pre_buffer=False, metadata=meta, read_dictionary=dictionary) as pf:
+        row, total = 0, 0
+        for batch in pf.iter_batches(batch_size=rows, columns=wanted, use_threads=False):
+            lengths = {k: decoded_lengths(batch.column(k)) for k in wanted}
+            sizes = {k: v.to_numpy(zero_copy_only=False) for k, v in lengths.items() if v is not None}
+            start = 0
+            while start < batch.num_rows:
+                # The next slice: rows whose decoded text fits the batch budget (at least one row).
+                end, held = start, 0
+                while end < batch.num_rows and (end == start or held + row_bytes(sizes, end) <= _PARQUET_BATCH_BYTES):
+                    held += row_bytes(sizes, end)
+                    end += 1
+                values = {k: values_within(batch.column(k).slice(start, end - start),
+                                            None if lengths[k] is None else lengths[k].slice(start, end - start),
+                                            cfg.max_document_bytes) for k in wanted}
+                for i in range(start, end):
+                    row += 1
+                    big = [(k, int(s[i])) for k, s in sizes.items() if s[i] > cfg.max_document_bytes]
+                    if big:
+                        k, n = big[0]
+                        yield Reject(f"{name}:{row}", f"field {k!r} is {n} bytes, over corpus.max_document_bytes="
+                                                      f"{cfg.max_document_bytes}", "")
+                        continue
+                    total += row_bytes(sizes, i)
+                    if total > limit:
+                        k = max(sizes, key=lambda c: sizes[c][i])
+                        yield Reject(f"{name}:{row}", f"field {k!r}: the file's text decodes to {total} bytes by "
+                                                      f"this row, {bomb}", "")
+                        return
+                    obj = {k: values[k][i - start] for k in wanted}
+                    yield _record(obj, f"{name}:{row}", cfg, lambda obj=obj: json.dumps(obj, ensure_ascii=False,
+                                                                                          default=str))
+                start = end
 
 
 def read_jsonl(f: BinaryIO, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:

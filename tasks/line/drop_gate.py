@@ -10,7 +10,14 @@ once — and registered (active) or rejected with its reasons:
 - the median document length in tokens against the line's (tokenize's pieces).
 
 A drop still being written is not gated: a folder holding a `_WRITING` file is being written, and so is any file
-modified less than `settle_seconds` ago; the drop stays pending and a later run picks it up.
+modified less than `settle_seconds` ago; the drop stays pending, is left out of the run (the line trains on
+everything else) and a later run picks it up — or rejects it once it has been pending for
+`drops.max_pending_hours` (its producer died mid-write).
+
+A drop can fail; its line cannot. Before anything in it is read, a drop over `drops.max_files`,
+`drops.max_bytes` or `drops.max_depth` is rejected naming the limit (`drop_census`: the walk stops at the
+limit), and so is a drop whose folder became a symlink after it was announced. Any error while a drop is gated
+— MemoryError and RecursionError included, whatever the reader — rejects that drop with its reason.
 
 Nothing a drop sends escapes its folder or stops its line: a drop must lie inside one of `drops.roots` (and one
 an event announced is refused while that list is empty), only its regular files are read and no symlink out of
@@ -22,7 +29,10 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import stat
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +45,11 @@ from tasks.core.config.base import ConfigError
 from tasks.core.config.data import CorpusConfig, DropsConfig
 from tasks.core.config.tree import CptConfig
 from tasks.core.manifest import DigestMemo, Fingerprint
-from tasks.core.root import ArtifactsRoot
+from tasks.core.fence import LockLost
+from tasks.core.objectstore import LockTimeout
+from tasks.core.root import ArtifactsRoot, EntryUnavailable
 from tasks.data.files import fingerprint_files, glob_base, is_glob, list_corpus_files, resolve_corpus_files
+from tasks.data.readers import supported_suffixes
 from tasks.data.layout import REJECTS_FILE, piece_docs_file
 from tasks.data.pieces import load_pieces, piece_ids
 from tasks.data.records import BadRecordError
@@ -45,6 +58,7 @@ from tasks.line import lines
 from tasks.tokenize import TokenizerOnce, resolve_tokenizer, token_lengths, tokenize_pieces
 
 WRITING_MARKER = "_WRITING"
+PIECES_NAMED = 10_000  # a drop's pieces recorded in its profile (retention keeps them until it is trained on)
 NAMED = 20  # skipped files, bad files and rejects named in a profile (the rest counted)
 
 
@@ -70,13 +84,15 @@ def holds_configured_path(drop: str, corpus: CorpusConfig, base: Path | None = N
     return False
 
 
-def line_config(config: CptConfig, state: lines.LineState, without: str | None = None) -> CptConfig:
+def line_config(config: CptConfig, state: lines.LineState, without: str | list[str] | None = None) -> CptConfig:
     """The config a line trains with: its corpus plus the active drops, less every other drop (a rejected or
-    removed drop inside a configured folder is not read either) and less the drop `without` — but never less
-    the configured corpus itself (a drop that is or holds a configured path is not excluded)."""
-    active = [p for p in state.active_paths() if p not in config.corpus.paths and p != without]
-    excluded = [p for p in [*state.inactive_paths(), *([without] if without else [])]
-                if not holds_configured_path(p, config.corpus)]
+    removed drop inside a configured folder is not read either) and less the drops `without` (one, or a list:
+    those left out of this run) — but never less the configured corpus itself (a drop that is or holds a
+    configured path is not excluded, nor what a drop turned symlink points to)."""
+    without = [without] if isinstance(without, str) else list(without or [])
+    active = [p for p in state.active_paths() if p not in config.corpus.paths and p not in without]
+    excluded = [p for p in [*state.inactive_paths(), *without]
+                if not holds_configured_path(p, config.corpus) and not os.path.islink(p)]
     # A drop's path is literal: escaped, so one with `*?[` in its name (or one gone) is never taken as a glob.
     excluded = [glob.escape(p) for p in excluded]
     corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, *active],
@@ -90,6 +106,66 @@ def drop_files(path: str) -> tuple[list[Path], list[str]]:
     if not Path(path).exists():
         raise ConfigError(f"drop {path}: no such file or folder")
     return list_corpus_files(CorpusConfig(paths=[path]), labels=[f"drop {path}"])
+
+
+def drop_census(path: str, limits: DropsConfig) -> str | None:
+    """Why a drop is over `drops.max_files`, `drops.max_bytes` or `drops.max_depth` (or became a symlink), found
+    by a walk that reads no file and stops at the first limit it meets (a million files, a tree 1,800 folders
+    deep: only as far as the limit is looked at); None when it is within them. Counted as the listing would read:
+    corpus files, not hidden names; no symlink followed."""
+    if os.path.islink(path):
+        return f"{path} is a symlink now (it was a folder when announced): a drop is a folder of files"
+    suffixes = supported_suffixes()
+    files = size = 0
+    todo = [(path, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        if depth > limits.max_depth:
+            return (f"folders nested over {limits.max_depth} deep (drops.max_depth={limits.max_depth}), e.g. "
+                    f"{folder[len(path):][:200]}…: not read")
+        try:
+            entries = list(os.scandir(folder))
+        except NotADirectoryError:
+            entries = None
+        except OSError:
+            continue  # the listing names it (skipped, with why)
+        if entries is None:  # a drop that is one file
+            st = os.stat(folder)
+            files, size = 1, st.st_size
+            break
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                todo.append((e.path, depth + 1))
+            elif stat.S_ISREG(st.st_mode) and os.path.splitext(e.name)[1].lower() in suffixes:
+                files += 1
+                size += st.st_size
+                if files > limits.max_files:
+                    return f"over {limits.max_files} corpus files (drops.max_files={limits.max_files}): not read"
+                if size > limits.max_bytes:
+                    return (f"over {limits.max_bytes} bytes of corpus files (drops.max_bytes={limits.max_bytes}): "
+                            "not read")
+    return None
+
+
+def pending_hours(entry: lines.Drop, now: float | None = None) -> float:
+    """How long the drop has been pending: since its last announcement (the newest `pending` in its history)."""
+    at = next((h["at"] for h in reversed(entry.history) if h.get("status") == "pending"), entry.registered_at)
+    try:
+        since = datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, ((time.time() if now is None else now) - since) / 3600)
+
+
+# What a drop's gate may raise that is not the drop's doing: the store lease lost, an entry collected under the
+# gate, a lock held too long. The drop stays as it is and the next run gates it again.
+INFRASTRUCTURE_ERRORS = (LockLost, EntryUnavailable, LockTimeout)
 
 
 def refusal(entry: lines.Drop, limits: DropsConfig) -> str | None:
@@ -265,15 +341,21 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
     if drop_ids:
         once = TokenizerOnce(tokenizer, config.model.trust_remote_code, root)
 
+        made: list[str] = []
+
         def lengths_of(pieces: list) -> np.ndarray:
             parts = [{"key": o.key, "path": o.path, "content": o.content, "documents": o.counts["documents"]}
                      for o in pieces]
             tokens = tokenize_pieces(parts, config.tokenize, tokenizer, root, config.model.trust_remote_code,
                                      tokenizer_once=once)
+            made.extend(o.path for o, _ in tokens)
             return token_lengths(root, [o for o, _ in tokens])
 
         lengths = lengths_of(drop_pieces)
         profile["tokens"] = int(lengths.sum())
+        # What the line's next run looks up of this drop, kept by garbage collection until it has trained on it.
+        if len(drop_pieces) <= PIECES_NAMED:
+            profile["pieces"] = sorted({o.path for o in drop_pieces} | set(made))
         profile["median_tokens"] = float(np.median(lengths)) if len(lengths) else None
         if line_pieces:
             line_lengths = lengths_of(line_pieces)
@@ -285,10 +367,12 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
 def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds: float, digests: DigestMemo,
                log) -> dict[str, Any]:
     """Gate every drop of the line that needs a verdict: pending ones, and active or rejected ones whose
-    content changed since. Returns {"unsettled": [...], "rejected": [paths], "gated": [(drop, profile)]}.
-    A drop removed (or otherwise changed) while it was gated keeps its status: its verdict is not recorded."""
+    content changed since. Returns {"unsettled": [what is being written], "left_out": [drops left out of this
+    run, being written], "rejected": [paths], "gated": [(drop, profile)]}. A drop removed (or otherwise changed)
+    while it was gated keeps its status: its verdict is not recorded. Nothing a drop holds raises out of here:
+    any error gating it rejects it (tasks/line/drop_gate.py's docstring)."""
     state = lines.read_line(root, line)
-    out: dict[str, Any] = {"unsettled": [], "rejected": [], "gated": []}
+    out: dict[str, Any] = {"unsettled": [], "left_out": [], "rejected": [], "gated": []}
     tokenizer = None
 
     def verdict(entry: lines.Drop, fingerprint: str, profile: dict[str, Any]) -> None:
@@ -308,14 +392,11 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
             log.info("drop gate: %s passed (%d files, %d documents, %d tokens); registered to line %r",
                      entry.path, profile["files"], profile["documents"], profile["tokens"], line)
         else:
-            out["rejected"].append(entry.path)
+            if entry.status != "rejected":  # newly rejected: this run trains nothing; one rejected before never
+                out["rejected"].append(entry.path)  # stops a later run (the line goes on without it)
             log.warning("drop gate: %s rejected: %s", entry.path, recorded.reason)
 
-    def refused(reason: str, where: bool = False) -> dict[str, Any]:
-        """A verdict without a profile; `where`: refused for its place or announcer (never the line's: not
-        excluded from it, lines.LineState.inactive_paths)."""
-        return {"files": 0, "documents": 0, "tokens": 0, "records": 0, "passed": False, "reasons": [reason],
-                **({"refused": True} if where else {})}
+    refused = _refused
 
     for entry in state.drops:
         if entry.status == "removed":
@@ -327,29 +408,76 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
                 verdict(entry, "", refused(why_not, where=True))
             continue  # rejected: stays so, unlisted
         try:
-            files, skipped = drop_files(entry.path)
-            busy = unsettled_files(files, settle_seconds)
-            fingerprint = None if busy else fingerprint_files(files, digests.digest)
-        except (ConfigError, OSError) as e:
-            if entry.status == "active":
-                raise ConfigError(f"line {line!r}: the active drop {entry.path} cannot be read ({e}); restore it, "
-                                  f"or retire it with `cpt drops --line {line} --remove {entry.path}`") from None
-            if entry.status == "pending":
-                verdict(entry, "", refused(f"unreadable: {e}"))
+            gated = gate_one(entry, config, root, state, settle_seconds, digests, out["left_out"], tokenizer)
+        except INFRASTRUCTURE_ERRORS as e:
+            log.warning("drop gate: %s: %s: %s; it is gated again by the next run", entry.path, type(e).__name__, e)
+            out["left_out"].append(entry.path)
             continue
-        if busy:
-            out["unsettled"] += busy
+        except Exception as e:  # MemoryError, RecursionError, a reader's bug: the drop's, never the line's
+            gated = ("verdict", entry.fingerprint if entry.status == "rejected" else "", _failed(e))
+        if gated is None:
             continue
-        if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
-            continue  # verdict already given on this content
-        if why_not:  # an active drop whose content changed, where drops may no longer come from
-            verdict(entry, fingerprint.digest, refused(why_not, where=True))
+        if gated[0] == "busy":
+            _, busy = gated
+            if entry.status == "pending" and pending_hours(entry) > config.drops.max_pending_hours:
+                verdict(entry, "", refused(
+                    f"still being written {pending_hours(entry):.1f} hours after it was announced, over "
+                    f"drops.max_pending_hours={config.drops.max_pending_hours:g} ({'; '.join(busy[:3])})"))
+            else:
+                out["unsettled"] += busy
+                out["left_out"].append(entry.path)
             continue
-        # The line without this drop (which may sit under a configured folder).
-        line_files = resolve_corpus_files(line_config(config, state, without=entry.path).corpus)
-        if tokenizer is None:
-            tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
-        profile = profile_drop(files, line_files, config, tokenizer, root, digests.digest, skipped)
-        verdict(entry, fingerprint.digest, profile)
+        _, fingerprint, profile = gated
+        tokenizer = profile.pop("_tokenizer", tokenizer)
+        verdict(entry, fingerprint, profile)
     digests.save()
     return out
+
+
+def gate_one(entry: lines.Drop, config: CptConfig, root: ArtifactsRoot, state: lines.LineState,
+             settle_seconds: float, digests: DigestMemo, left_out: list[str], tokenizer=None):
+    """One drop through the gate: ("busy", what is being written), ("verdict", fingerprint, profile), or None
+    (its verdict stands: the same content as when it was given)."""
+    why_not = refusal(entry, config.drops)
+    over = drop_census(entry.path, config.drops) if Path(entry.path).exists() or os.path.islink(entry.path) else None
+    if over:
+        return None if entry.status == "rejected" and entry.reason == over else ("verdict", "", _refused(over))
+    try:
+        files, skipped = drop_files(entry.path)
+        busy = unsettled_files(files, settle_seconds)
+        fingerprint = None if busy else fingerprint_files(files, digests.digest)
+    except (ConfigError, OSError) as e:
+        if entry.status == "rejected":
+            return None
+        was = "was active; now " if entry.status == "active" else ""
+        return "verdict", "", _refused(f"{was}unreadable: {e}" + ("; the line trains without it"
+                                                                  if entry.status == "active" else ""))
+    if busy:
+        return "busy", busy
+    if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
+        return None  # verdict already given on this content
+    if why_not:  # an active drop whose content changed, where drops may no longer come from
+        return "verdict", fingerprint.digest, _refused(why_not, where=True)
+    # The line without this drop (which may sit under a configured folder), and without the drops left out.
+    line_files = resolve_corpus_files(line_config(config, state, without=[entry.path, *left_out]).corpus)
+    if tokenizer is None:
+        tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
+    try:
+        profile = profile_drop(files, line_files, config, tokenizer, root, digests.digest, skipped)
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as e:  # recorded with its content's fingerprint: the same content is not gated again
+        return "verdict", fingerprint.digest, _failed(e)
+    return "verdict", fingerprint.digest, {**profile, "_tokenizer": tokenizer}
+
+
+def _failed(e: BaseException) -> dict[str, Any]:
+    what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return _refused(f"error while gating the drop: {what}")
+
+
+def _refused(reason: str, where: bool = False) -> dict[str, Any]:
+    """A verdict without a profile; `where`: refused for its place or announcer (never the line's: not excluded
+    from it, lines.LineState.inactive_paths)."""
+    return {"files": 0, "documents": 0, "tokens": 0, "records": 0, "passed": False, "reasons": [reason],
+            **({"refused": True} if where else {})}

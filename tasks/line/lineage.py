@@ -24,7 +24,7 @@ from tasks.core.config.tree import CptConfig
 from tasks.core.keys import stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, hash_file, verified_manifest
 from tasks.core.report import run_logger
-from tasks.core.root import ArtifactsRoot
+from tasks.core.root import ArtifactsRoot, EntryUnavailable
 from tasks.ml.modeling import model_digest, without_location
 from tasks.push import ensure_release
 from tasks.line import lines
@@ -41,8 +41,11 @@ def find_model(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Path
     """The promoted model's folder: the train entry if it is intact, else the release folder, each only if its
     files are still the promoted bytes."""
     entry, name = record.model_path.rsplit("/", 1)
-    train_dir = root.entry(entry) / name
-    if verified_manifest(train_dir.parent, root.local) is not None and \
+    try:
+        train_dir = root.entry(entry) / name
+    except EntryUnavailable:  # collected (past retention.keep_releases), or damaged and discarded
+        train_dir = None
+    if train_dir is not None and verified_manifest(train_dir.parent, root.local) is not None and \
             model_digest(train_dir, digest) == record.model_digest:
         return train_dir
     if record.release:

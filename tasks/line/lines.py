@@ -68,6 +68,11 @@ class LineState(BaseModel):
     last_training: dict[str, Any] | None = None
 
     def find(self, path: str | Path) -> Drop | None:
+        """The drop recorded at `path` as recorded (a drop's folder may since have become a symlink), else at the
+        path it resolves to."""
+        exact = next((d for d in self.drops if d.path == str(path)), None)
+        if exact is not None:
+            return exact
         path = str(Path(path).resolve())
         return next((d for d in self.drops if d.path == path), None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ByteSize, Field, model_validator
 
 from tasks.core.config.base import Section, seed_field
 
@@ -103,6 +103,9 @@ class CorpusConfig(Section):
 class DropsConfig(Section):
     """The gate a newly announced corpus drop passes before it is registered to a training line."""
 
+    # Which drops join a line is keyed by the corpus's content: the limits below shape no output of their own.
+    KEY_NEUTRAL = frozenset({"max_files", "max_bytes", "max_depth", "max_pending_hours"})
+
     roots: list[str] = Field(
         default_factory=list, description="Folders drops may come from: a drop outside every root is rejected "
         "with that reason. A run started by an event (the on-drop deployment) refuses every drop while this is "
@@ -122,6 +125,23 @@ class DropsConfig(Section):
     median_tokens_ratio: float = Field(
         10.0, ge=1, description="The drop's median document length in tokens must lie within this factor of the "
         "line's median (either way): a far shorter or longer median means another kind of text."
+    )
+    max_files: int = Field(
+        100_000, ge=1, description="Most corpus files a drop may hold: a drop over it is rejected before any of "
+        "it is read (counting stops at the limit)."
+    )
+    max_bytes: ByteSize = Field(
+        100 * 2**30, description="Most bytes a drop's corpus files may hold on disk (e.g. 100GiB): a drop over it "
+        "is rejected before any of it is read."
+    )
+    max_depth: int = Field(
+        32, ge=1, description="Most levels of folders inside a drop: a deeper tree is rejected before any of it "
+        "is read (the walk stops at the limit)."
+    )
+    max_pending_hours: float = Field(
+        24.0, gt=0, description="A drop still being written (a `_WRITING` marker, or files younger than the settle "
+        "time) is left out of the line's runs; one still unsettled this many hours after it was announced is "
+        "rejected (its producer died mid-write)."
     )
 
 

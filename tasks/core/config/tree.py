@@ -17,10 +17,12 @@ from tasks.core.config.base import ConfigError, Section
 from tasks.core.config.data import (ChunkConfig, CorpusConfig, DropsConfig, ReplayConfig, RuntimeConfig,
                                     ShuffleConfig, SplitConfig, TokenizeConfig, TokenStatsConfig)
 from tasks.core.config.model import EvaluateConfig, GateConfig, ModelConfig, PushConfig, TrainConfig
+from tasks.core.config.retention import RetentionConfig
 from tasks.core.config.task_files import task_path_like
 
 
 class CptConfig(Section):
+    KEY_NEUTRAL = frozenset({"retention"})  # what the disk keeps, never what a stage writes
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="What to read (load stage).")
     model: ModelConfig = Field(..., description="Base model and its tokenizer.")
     shuffle: ShuffleConfig = Field(default_factory=ShuffleConfig, description="Document order (shuffle stage).")
@@ -35,6 +37,8 @@ class CptConfig(Section):
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="General text replayed in training.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate before push.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Where the per-file pieces run.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig,
+                                       description="What the artifacts root keeps (cpt cache gc, docs/retention.md).")
 
     @model_validator(mode="after")
     def _gate_tasks_evaluated(self) -> CptConfig:
