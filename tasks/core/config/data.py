@@ -115,6 +115,10 @@ class DropsConfig(Section):
         10.0, ge=1, description="The drop's median document length in tokens must lie within this factor of the "
         "line's median (either way): a far shorter or longer median means another kind of text."
     )
+    source: str | None = Field(
+        None, description="The source of `sources` a line's drops join (read and gated with its settings); null: "
+        "the first source (with `corpus`, the corpus)."
+    )
 
 
 class DecontaminateConfig(Section):
