@@ -178,7 +178,8 @@ def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[s
         for i, n in enumerate(assembled["near_per_part"]):
             meta["parts"][i]["near_duplicates"] = n
         meta["near_duplicate_samples"] = near.samples
-        material.update(near_dedup=corpus.near_dedup.key_material(), ranks=near.ranks)
+        meta["near_dedup_pass"] = near.stats
+        material.update(near_dedup=corpus.near_dedup.key_material(), ranks=near.ranks, near_dedup_state=near.state)
         deps += near.deps
     content = stage_key("load-content", material)
     return counts, meta, {"content": content, "deps": deps}

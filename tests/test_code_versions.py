@@ -88,13 +88,14 @@ def test_editing_a_helper_changes_exactly_the_stages_that_reach_it(tmp_path, ori
     # window_plan decides the chunk windows, once: the chunk stage (which records the plan in its output, where
     # its pieces and evaluate's general corpus take it from, keyed by its values) and token-stats (which predicts
     # the chunk stage's rows before it runs) reach it; load, tokenize, train and the pieces do not.
-    edit(src / "tasks" / "chunk.py", "    window = max_seq_length - (1 if has_bos else 0)\n",
+    edit(src / "tasks" / "data" / "windows.py", "    window = max_seq_length - (1 if has_bos else 0)\n",
          "    window = max_seq_length - (1 if has_bos else 0)\n    window = int(window)\n")
     after = read(versions(src))
     changed = {s for s in original if after[s] != original[s]}
     assert changed == {"chunk", "token-stats"}
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_the_static_row_length_is_decided_where_train_is_keyed(tmp_path, original):
     """How long static packed rows are is decided in the training child's code: a change of the rule reruns train
     (it was a method of the config, infrastructure, which no key sees)."""
@@ -225,10 +226,10 @@ def rename_module(src: Path, old: str, new: str) -> None:
 @pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_moving_a_helper_changes_no_key_and_an_edit_of_it_still_reaches_the_same_stages(tmp_path, original):
     src = tree_copy(tmp_path)
-    move(src, "tasks.chunk", ["window_plan"], "tasks.geometry")
-    assert "def window_plan(" not in module_file(src, "tasks.chunk").read_text()
+    move(src, "tasks.data.windows", ["window_plan"], "tasks.data.geometry")
+    assert "def window_plan(" not in module_file(src, "tasks.data.windows").read_text()
     assert read(versions(src)) == original
-    edit(module_file(src, "tasks.geometry"), "    window = max_seq_length - (1 if has_bos else 0)\n",
+    edit(module_file(src, "tasks.data.geometry"), "    window = max_seq_length - (1 if has_bos else 0)\n",
          "    window = max_seq_length - (1 if has_bos else 0)\n    window = int(window)\n")
     after = read(versions(src))
     assert {s for s in original if after[s] != original[s]} == {"chunk", "token-stats"}
@@ -262,7 +263,7 @@ def test_the_move_test_can_fail(tmp_path):
         edit(module_file(src, "tasks.core.keys"), "    for dump in sorted(seen.values()):",
              "    for dump in sorted(f'{k}={v}' for k, v in seen.items()):")
         if moved:
-            move(src, "tasks.chunk", ["window_plan"], "tasks.geometry")
+            move(src, "tasks.data.windows", ["window_plan"], "tasks.data.geometry")
         return read(versions(src))
 
     before, after = mutated("before", False), mutated("after", True)

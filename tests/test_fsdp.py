@@ -99,7 +99,7 @@ def test_a_sealed_sharded_checkpoint_is_verified_before_any_byte_is_read(tmp_pat
     are never called, whatever the files hold."""
     import torch.distributed.checkpoint as dcp
 
-    from tasks.ml import train_worker as w
+    from tasks.ml import checkpoints as w
 
     ckpt = tmp_path / "checkpoint-4"
     (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)

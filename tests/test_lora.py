@@ -19,6 +19,7 @@ def _chunks(tiny_model, out: Path, n: int = 80) -> Path:
 
     from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
     from tasks.core.config.data import ChunkConfig
+    from tasks.data.windows import window_plan
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
 
     tok = load_tokenizer(tiny_model)
@@ -27,7 +28,8 @@ def _chunks(tiny_model, out: Path, n: int = 80) -> Path:
     tokens = pa.table({"doc_id": [str(i) for i in range(len(texts))], "input_ids": encode_batch(tok, texts, sp["eos_id"])})
     for split, rows in (("train", np.arange(8, len(texts))), ("validation", np.arange(8))):
         (out / split).mkdir(parents=True)
-        chunk_rows(tokens, rows, ChunkConfig(max_seq_length=48, overlap=8), sp["bos_id"], out / split / SHARD)
+        chunk_rows(tokens, rows, window_plan(ChunkConfig(max_seq_length=48, overlap=8), sp["bos_id"] is not None), sp["bos_id"],
+                   out / split / SHARD)
     write_dataset_dict(out, {"train": [SHARD], "validation": [SHARD]}, "lora-test")
     return out
 
