@@ -264,3 +264,27 @@ def test_the_stable_parent_of_run_k_plus_1_is_run_ks_stable_model_never_its_rele
     model, parent = rerun.choose_parent(base, StageOutput(stage="chunk", key="chunk-2", path="cache/chunk/chunk-2",
                                                           content="c-2"))
     assert model.digest == second[3].model_digest and parent["kind"] == "stable"
+
+
+# ------------------------------------------------------------------------------------------------ drops
+
+@pytest.mark.parametrize("drops_source, joins", [(None, "domain"), ("general_ko", "general_ko")])
+def test_a_lines_drops_join_the_named_source_and_no_other(tmp_path, drops_source, joins):
+    from tasks.data.files import resolve_corpus_files
+    from tasks.line import lines
+    from tasks.line.drop_gate import line_config
+
+    for name in ("domain", "general", "drop", "old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.jsonl").write_text('{"content": "문서"}\n', encoding="utf-8")
+    config = validate_config({"model": {"id": "m"}, "drops": {"source": drops_source}, "sources": [
+        {"name": "domain", "paths": [str(tmp_path / "domain")], "weight": 0.7},
+        {"name": "general_ko", "paths": [str(tmp_path / "general")], "weight": 0.3}]})
+    state = lines.LineState(line="l", drops=[lines.Drop(path=str(tmp_path / "drop"), status="active"),
+                                             lines.Drop(path=str(tmp_path / "old"), status="removed")])
+    cfg = line_config(config, state)
+    read = {d.name: sorted(p.parent.name for p in resolve_corpus_files(d.corpus)) for d in cfg.data_sources()}
+    own = {"domain": ["domain"], "general_ko": ["general"]}
+    assert read == {**own, joins: sorted([*own[joins], "drop"])}
+    assert cfg.drop_corpus.exclude == [str(tmp_path / "old")]
+    assert [s.weight for s in cfg.sources] == [0.7, 0.3]  # nothing else of the sources moved
