@@ -232,7 +232,8 @@ def cmd_run(args) -> int:
     # Fail on a wrong path now, not after a Prefect server has spent seconds starting.
     from tasks.data.files import resolve_corpus_files
 
-    resolve_corpus_files(cfg.corpus)
+    for source in cfg.data_sources():  # every training source (with `sources`, corpus has no paths)
+        resolve_corpus_files(source.corpus)
     from tasks.core.root import open_root
     from flows.outcome import failed, quiet_expected_tracebacks
     from tasks.line.preflight import RunConflict, check_before_compute
@@ -491,7 +492,8 @@ def _export_source(args):
     cfg = _load(args)
     from tasks.data.files import resolve_corpus_files
 
-    resolve_corpus_files(cfg.corpus)
+    for source in cfg.data_sources():  # every training source (with `sources`, corpus has no paths)
+        resolve_corpus_files(source.corpus)
     _prefect_env()
     from flows.continued_pretraining import continued_pretraining
 

@@ -7,6 +7,7 @@ next, times each call, and writes the run summary (stage | Completed or Cached |
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,8 +18,10 @@ from prefect.runtime import flow_run
 
 from flows.stages import PIPELINE, StageName, position
 from tasks import evaluate as evaluate_stage
+
 from tasks.chunk import chunk
-from tasks.core.config.data import CorpusConfig, SplitConfig
+from tasks.core.config.data import CorpusConfig
+from tasks.core.config.sources import DataSource, MixShare
 from tasks.core.config.tree import CptConfig
 from tasks.core.fanout import one_runner_per_run
 from tasks.core.holds import RunHold
@@ -36,12 +39,12 @@ from tasks.line.preflight import check_before_compute, with_release_name
 from tasks.data.files import fingerprint_corpus
 from tasks.load import load, load_inputs
 from tasks.ml.modeling import resolve_model, without_location
+from tasks.mix import contamination_warnings, mix, mix_sources
 from tasks.push import push
-from tasks.mix import contamination_warnings, mix
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
 from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize
-from tasks.train import train
+from tasks.train import anneal, train
 
 class StageRunner:
     """Calls stage tasks with the pinned result storage and records what each call did. The pipeline's stages
@@ -138,8 +141,9 @@ def continued_pretraining(
     artifacts: str | None = None,
     line: str | None = None,
 ) -> dict[str, Any]:
-    """Continued pretraining of `config.model.id` on `config.corpus`; `until` stops after that stage. `line` is
-    the retraining line this run belongs to (cpt retrain sets it): its promotions and drops."""
+    """Continued pretraining of `config.model.id` on `config.sources` (or `config.corpus` + `config.replay`);
+    `until` stops after that stage. `line` is the retraining line this run belongs to (cpt retrain sets it): its
+    promotions and drops."""
     root = open_root(artifacts)
     config = with_release_name(config, line)  # push.name unset: derived, so another corpus is another release
     hold = RunHold(root, str(flow_run.name))
@@ -156,29 +160,18 @@ def continued_pretraining(
         try:
             # What would fail after training fails now, before any stage (tasks/line/preflight.py).
             check_before_compute(config, root, line, pushes=until in (None, "push"), lock=False)  # retrain holds it
-            sources = fingerprint_corpus(config.corpus, digest=digests.digest)
+            first = config.data_sources()[0]
+            sources = fingerprint_corpus(first.corpus, digest=digests.digest)
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
             digests.save()
             if until not in ("load", "shuffle"):  # the probe of a new tokenizer overlaps load and shuffle
                 prefetch_profile(tokenizer, root, config.model.trust_remote_code)
 
-            docs = run(load, **load_inputs(config.corpus, sources), runtime=config.runtime)
-            held_out = None
-            if config.shuffle.decontaminate.enabled and not run.stopped:
-                held_out = run(held_out_stage, None, True, **held_out_inputs(run, config, digests))
-            split = run(shuffle, shuffle=config.shuffle, split=config.split, docs=docs, held_out=held_out)
-            if split is not None and (few := split.few_documents()):  # every run: a Cached shuffle logs nothing
-                summary["warnings"].append(few)
-            tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
-                         trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
-            run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=split)
-            chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=split, runtime=config.runtime)
-
-            train_chunks, replay = chunks, None
-            if config.replay.active and (not run.stopped or until == "chunk"):
-                replay_held = None if held_out is None else dict(
-                    general=None, tasks=[], task_files=None, base=held_out, validation=split, docs=docs)
-                train_chunks, replay = replay_stages(run, config, tokenizer, chunks, digests, summary, replay_held)
+            # Every source through load … chunk (the first under the stage names), then the mix (flows/sources.py).
+            data = source_stages(run, config, tokenizer, digests, sources, summary, until)
+            docs, chunks, train_chunks = data.first.docs, data.first.chunks, data.train_chunks
+            if data.first.split is not None and (few := data.first.split.few_documents()):
+                summary["warnings"].append(few)  # every run: a Cached shuffle logs nothing
 
             if not run.stopped:
                 base_model = resolve_model(config.model, digest=digests.digest)
@@ -188,21 +181,31 @@ def continued_pretraining(
                 summary["parent"] = without_location(parent)
                 # The base model is measured first: its numbers are there even if training is stopped.
                 eval_inputs = dict(evaluate=config.evaluate, model=config.model, chunk=config.chunk, chunks=chunks,
-                                   general_corpus=general, task_files=evaluate_stage.task_fingerprint(config.evaluate))
+                                   general_corpus=general, task_files=evaluate_stage.task_fingerprint(config.evaluate),
+                                   sources=data.validation_sets())
                 base_eval = run(evaluate_base, base_model=base_model, **eval_inputs)
+                eval_weights = {s.name: s.eval_weight for s in config.sources if s.eval_weight is not None}
                 trained = run(train, train=config.train, model=config.model, base_model=parent_model,
-                              chunk=config.chunk, chunks=train_chunks, parent=parent)
+                              chunk=config.chunk, chunks=train_chunks, parent=parent, warm_start=lineage.warm_start,
+                              eval_weights=eval_weights)
                 run_logger().info("train: parent: %s", lineage.parent_note)  # after "train: Cached (key)" if so
-                evaluation = run(evaluate, trained=trained, base_eval=base_eval, **eval_inputs)
+                release = trained
+                if config.train.schedule == "stable_anneal" and trained is not None:
+                    # The stable model stays the line's parent; the release is annealed from it.
+                    lineage.note_stable(trained)
+                    release = run(anneal, train=config.train, model=config.model, stable=trained, chunk=config.chunk,
+                                  chunks=data.anneal_chunks or train_chunks, eval_weights=eval_weights,
+                                  previous=lineage.previous_stables() if config.train.anneal == "average" else None)
+                evaluation = run(evaluate, trained=release, base_eval=base_eval, **eval_inputs)
 
                 decision = ref_eval = None
                 if config.gate.enabled and not run.stopped:
-                    ref_model = lineage.choose_reference(trained)
+                    ref_model = lineage.choose_reference(release)
                     summary["reference"] = without_location(lineage.reference)  # a model the next run looks up
                     ref_eval = base_eval if ref_model is None else run(
                         evaluate_base, "evaluate-reference", base_model=ref_model, **eval_inputs)
                     decision = run(gate, gate=config.gate, evaluation=evaluation, reference_eval=ref_eval,
-                                   base_eval=base_eval, trained=trained, reference_kind=lineage.reference_kind)
+                                   base_eval=base_eval, trained=release, reference_kind=lineage.reference_kind)
                     summary["gate"] = dict(decision.counts)
 
                 if not run.stopped and decision is not None and not decision.promoted:
@@ -210,16 +213,17 @@ def continued_pretraining(
                     run.skip("push", f"gate refused: {decision.counts['reason']}")
                 elif not run.stopped:
                     try:
-                        with lineage.promoting(trained, decision) as refused:  # the lineage's lock, around push
+                        with lineage.promoting(release, decision) as refused:  # the lineage's lock, around push
                             if refused:
                                 run.skip("push", refused)
                             else:
-                                pushed = run(push, push=config.push, base_model_id=config.model.id,
-                                             trained=trained, evaluation=evaluation, docs=docs, corpus=sources,
-                                             config=config, decision=decision, lineage=lineage.card(
-                                                 sources, replay, train_chunks, trained, evaluation, base_eval,
-                                                 ref_eval, decision))
-                                run.note(release_restored=lineage.released(pushed, trained, decision,
+                                replay = next((r.fingerprint for r in data.runs if r.source.name == "replay"), None)
+                                pushed = run(push, push=config.push, base_model_id=config.model.id, trained=release,
+                                             evaluation=evaluation, docs=docs, corpus=sources, config=config,
+                                             decision=decision, lineage=lineage.card(
+                                                 sources, replay, train_chunks, release, evaluation, base_eval,
+                                                 ref_eval, decision, data.fingerprints()))
+                                run.note(release_restored=lineage.released(pushed, release, decision,
                                                                            str(flow_run.name)))
                     except Exception as e:  # promoted (or ungated) and trained, but not released: said as such
                         not_pushed(summary, decision, root, e)
@@ -248,7 +252,51 @@ def not_pushed(summary: dict[str, Any], decision, root: ArtifactsRoot, error: Ba
         gate_stage.show(decision, root, not_pushed=why)
 
 
-def held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------- the source loop
+# Every training source through the same cached load → held-out → shuffle → tokenize → chunk stages, then the mix.
+# The first source's calls carry the pipeline's stage names (token-stats too); every other source's are labelled
+# `<name>-<stage>` and run even after `until` (they belong to the data stages). So `corpus` + `replay` runs exactly
+# the calls it always ran (load … chunk, replay-load … replay-chunk, mix: the same keys, tests/test_legacy_keys.py),
+# and a change to one source reruns its own calls and the mix, nothing of the others. With decontamination each
+# source's training text is kept clear of the held-out text and of the validation splits of the sources before it
+# (replay-held-out always was).
+
+
+@dataclasses.dataclass
+class SourceRun:
+    """One source's outputs in this run."""
+
+    source: DataSource
+    fingerprint: Fingerprint
+    docs: StageOutput | None = None
+    held_out: StageOutput | None = None
+    split: StageOutput | None = None
+    chunks: StageOutput | None = None
+
+
+@dataclasses.dataclass
+class SourcesData:
+    """What the data stages made: every source's outputs, the training set (the mix, or the first source's chunks
+    alone) and the anneal branch's mixture (anneal.sources) when the config asks for one."""
+
+    runs: list[SourceRun]
+    train_chunks: StageOutput | None = None
+    anneal_chunks: StageOutput | None = None
+
+    @property
+    def first(self) -> SourceRun:
+        return self.runs[0]
+
+    def validation_sets(self) -> dict[str, StageOutput]:
+        """Every source with a validation set: its chunks (whose validation split evaluate scores), in order."""
+        return {r.source.name: r.chunks for r in self.runs
+                if r.chunks is not None and r.source.split.validation_fraction > 0}
+
+    def fingerprints(self) -> dict[str, str]:
+        return {r.source.name: r.fingerprint.digest for r in self.runs}
+
+
+def general_held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) -> dict[str, Any]:
     """The held-out stage's inputs: evaluate.general_corpus through the same cached load (general-load) and the
     evaluation tasks (their names, and the content of local task files)."""
     general = None
@@ -256,33 +304,82 @@ def held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) ->
         general_cfg = CorpusConfig(paths=config.evaluate.general_corpus, on_bad_record="skip")
         general_fp = fingerprint_corpus(general_cfg, digest=digests.digest)
         general = run(load, "general-load", True, **load_inputs(general_cfg, general_fp), runtime=config.runtime)
-    return dict(general=general, tasks=config.evaluate.tasks,
-                task_files=evaluate_stage.task_fingerprint(config.evaluate))
+    return dict(general=general, tasks=config.evaluate.tasks, task_files=evaluate_stage.task_fingerprint(config.evaluate))
 
 
-def replay_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, chunks: StageOutput,
-                  digests: DigestMemo, summary: dict[str, Any], held_inputs: dict[str, Any] | None = None
-                  ) -> tuple[StageOutput, Fingerprint]:
-    """Replay text through the same cached stages as the corpus (all of it for training), then the mix stage:
-    the training set with replay. Also warns when the general evaluation corpus shares documents with it.
-    `held_inputs` (decontamination on): the replay text, which reaches training too, is kept clear of the
-    domain's held-out text and of its validation split (replay-held-out)."""
-    replay_corpus = config.replay.corpus(config.corpus)
-    replay = fingerprint_corpus(replay_corpus, digest=digests.digest)
-    digests.save()
-    docs = run(load, "replay-load", True, **load_inputs(replay_corpus, replay), runtime=config.runtime)
-    held_out = run(held_out_stage, "replay-held-out", True, **held_inputs) if held_inputs else None
-    split = run(shuffle, "replay-shuffle", True, shuffle=config.shuffle, split=SplitConfig(validation_fraction=0.0),
-                docs=docs, held_out=held_out)
-    tokens = run(tokenize, "replay-tokenize", True, tokenize=config.tokenize, tokenizer=tokenizer, docs=docs,
+def first_source(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, digests: DigestMemo,
+                 first: SourceRun) -> SourceRun:
+    """The first source (the domain) under the pipeline's own stage names, token-stats included."""
+    source = first.source
+    first.docs = run(load, **load_inputs(source.corpus, first.fingerprint), runtime=config.runtime)
+    if any(d.shuffle.decontaminate.enabled for d in config.data_sources()) and not run.stopped:
+        first.held_out = run(held_out_stage, None, True, **general_held_out_inputs(run, config, digests))
+    first.split = run(shuffle, shuffle=source.shuffle, split=source.split, docs=first.docs,
+                      held_out=first.held_out if source.shuffle.decontaminate.enabled else None)
+    tokens = run(tokenize, tokenize=config.tokenize, tokenizer=tokenizer, docs=first.docs,
                  trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
-    replay_chunks = run(chunk, "replay-chunk", True, chunk=config.chunk, tokens=tokens, split=split,
-                        runtime=config.runtime)
-    mixed = run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=chunks,
-                replay_chunks=replay_chunks)
-    if held_out is None:  # on, replay-shuffle removed those documents from the replay text (counted there)
-        summary["warnings"] += contamination_warnings(config.evaluate.general_corpus, docs, run.root)
-    return mixed, replay
+    run(token_stats, token_stats=config.token_stats, chunk=config.chunk, tokens=tokens, split=first.split)
+    first.chunks = run(chunk, chunk=config.chunk, tokens=tokens, split=first.split, runtime=config.runtime)
+    return first
+
+
+def other_source(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, digests: DigestMemo,
+                 source: DataSource, before: SourceRun, summary: dict[str, Any]) -> SourceRun:
+    """A source after the first, labelled `<name>-<stage>`: its held-out text is the previous source's plus that
+    source's validation split."""
+    label = source.stage_label
+    this = SourceRun(source, fingerprint_corpus(source.corpus, digest=digests.digest))
+    digests.save()
+    this.docs = run(load, label("load"), True, **load_inputs(source.corpus, this.fingerprint), runtime=config.runtime)
+    if before.held_out is not None:
+        this.held_out = run(held_out_stage, label("held-out"), True, general=None, tasks=[], task_files=None,
+                            base=before.held_out, validation=before.split, docs=before.docs)
+    this.split = run(shuffle, label("shuffle"), True, shuffle=source.shuffle, split=source.split, docs=this.docs,
+                     held_out=this.held_out if source.shuffle.decontaminate.enabled else None)
+    tokens = run(tokenize, label("tokenize"), True, tokenize=config.tokenize, tokenizer=tokenizer, docs=this.docs,
+                 trust_remote_code=config.model.trust_remote_code, runtime=config.runtime)
+    this.chunks = run(chunk, label("chunk"), True, chunk=config.chunk, tokens=tokens, split=this.split,
+                      runtime=config.runtime)
+    if this.held_out is None or not source.shuffle.decontaminate.enabled:
+        # Not decontaminated: at least say when the general evaluation text is in it (forgetting measured on text
+        # the model trained on).
+        summary["warnings"] += contamination_warnings(config.evaluate.general_corpus, this.docs, run.root)
+    return this
+
+
+def mix_of(run: StageRunner, config: CptConfig, runs: list[SourceRun], shares: list[MixShare],
+           label: str) -> StageOutput:
+    """The training set of `runs` at `shares`: the replay mix for `corpus` + `replay` (its stage and key as they
+    always were), else mix-sources."""
+    if not config.sources and label == "mix" and len(runs) == 2:
+        return run(mix, "mix", True, replay=config.replay, shuffle=config.shuffle, chunks=runs[0].chunks,
+                   replay_chunks=runs[1].chunks)
+    mixed = run(mix_sources, label, True, shares=shares, seed=config.shuffle.seed, chunks=[r.chunks for r in runs])
+    mixed.show(run.root)  # a labelled call's artifacts are not shown by the runner: the share table is the point
+    return mixed
+
+
+def anneal_shares(config: CptConfig, runs: list[SourceRun]) -> tuple[list[SourceRun], list[MixShare]]:
+    by_name = {r.source.name: r for r in runs}
+    chosen = [(by_name[a.name], MixShare(name=a.name, weight=a.weight, epochs=a.epochs))
+              for a in config.anneal.sources]
+    return [r for r, _ in chosen], [s for _, s in chosen]
+
+
+def source_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, digests: DigestMemo,
+                  first_fingerprint: Fingerprint, summary: dict[str, Any], until: str | None) -> SourcesData:
+    """Every source's data stages and the mix (and the anneal branch's mix)."""
+    sources = config.data_sources()
+    data = SourcesData([first_source(run, config, tokenizer, digests, SourceRun(sources[0], first_fingerprint))])
+    data.train_chunks = data.first.chunks
+    if len(sources) > 1 and (not run.stopped or until == "chunk"):
+        for source in sources[1:]:
+            data.runs.append(other_source(run, config, tokenizer, digests, source, data.runs[-1], summary))
+        data.train_chunks = mix_of(run, config, data.runs, [d.share for d in sources], "mix")
+    if config.anneal.sources and (not run.stopped or until == "chunk") and data.first.chunks is not None:
+        runs, shares = anneal_shares(config, data.runs)
+        data.anneal_chunks = mix_of(run, config, runs, shares, "anneal-mix")
+    return data
 
 
 def write_summary(summary: dict[str, Any], root: ArtifactsRoot) -> Path:

@@ -173,7 +173,7 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
 
         state = lines.read_line(root, line)
         cfg = line_config(config, state, without=left_out)
-        files = resolve_corpus_files(cfg.corpus)
+        files = resolve_corpus_files(cfg.drop_corpus)  # the files of the source drops join
         busy = unsettled_files(files, settle_seconds)
         if busy:
             return skipped("unsettled", f"corpus still being written, not training now: {', '.join(busy[:5])}",

@@ -65,7 +65,9 @@ def general_rows(paths: list[str], tokenizer_dir: str, plan: WindowPlan, limit: 
 
 
 def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, val: list[dict],
-                   general: list[dict] | None) -> dict[str, Any]:
+                   general: list[dict] | None, sources: dict[str, list[dict] | None] | None = None) -> dict[str, Any]:
+    """Perplexities, generations and tasks of the model at `location`. `sources`: each training source's validation
+    rows (None: the rows of `val`, the first source's, measured once)."""
     from tasks.ml.modeling import cpu_threads, generate, load_model, load_tokenizer_with_pad, perplexity, release
 
     tok = load_tokenizer_with_pad(location, model_cfg.trust_remote_code)
@@ -77,6 +79,10 @@ def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, v
                 "general": perplexity(model, general, cfg.batch_size, tok.pad_token_id) if general else None,
                 "generations": generate(model, tok, cfg.prompts, cfg.generation) if cfg.prompts else [],
             }
+            if sources:
+                result["sources"] = {name: result["validation"] if rows is None else
+                                     perplexity(model, rows, cfg.batch_size, tok.pad_token_id)
+                                     for name, rows in sources.items()}
             if cfg.tasks:
                 started = time.perf_counter()
                 result["tasks"] = run_tasks(model, tok, cfg)
@@ -276,20 +282,33 @@ def comparison(before: dict[str, Any], after: dict[str, Any], prompts: list[str]
         return {"before": b, "after": a, "relative_change": relative_change(b, a),
                 "tokens": after[name]["tokens"]}
 
+    def source_pair(name):
+        b, a = (before.get("sources") or {}).get(name), after["sources"][name]
+        return None if b is None else {"before": b["perplexity"], "after": a["perplexity"],
+                                       "relative_change": relative_change(b["perplexity"], a["perplexity"]),
+                                       "tokens": a["tokens"]}
+
     doc = {
         "perplexity": {"validation": pair("validation"), "general": pair("general")},
         "generations": [{"prompt": p, "before": b, "after": a}
                         for p, b, a in zip(prompts, before["generations"], after["generations"])],
     }
+    if after.get("sources"):  # each training source's validation set
+        doc["sources"] = {name: source_pair(name) for name in after["sources"]}
     if "tasks" in after or "tasks" in before:
         doc["tasks"] = task_comparison(before.get("tasks"), after.get("tasks"))
         doc["task_seconds"] = after.get("task_seconds")
     return doc
 
 
+def perplexity_pairs(doc: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Every before/after perplexity of an eval.json: validation, general, then one per source (`source <name>`)."""
+    return {**doc["perplexity"], **{f"source {k}": v for k, v in (doc.get("sources") or {}).items()}}
+
+
 def comparison_markdown(doc: dict[str, Any]) -> str:
     rows = []
-    for name, v in doc["perplexity"].items():
+    for name, v in perplexity_pairs(doc).items():
         if v is not None:
             change = f"{v['relative_change']:+.1%}" if v["relative_change"] is not None else ""
             rows.append({"metric": f"perplexity ({name})", "before": round(v["before"], 3),
@@ -308,11 +327,19 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- the tasks
 
 
-def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, root: ArtifactsRoot, tokenizer_dir: str):
+def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, root: ArtifactsRoot, tokenizer_dir: str,
+            sources: dict[str, Chunks] | None = None):
     val = validation_rows(chunks, root, cfg.max_eval_rows)
     general = (general_rows(cfg.general_corpus, tokenizer_dir, chunks.plan(chunk.mask_overlap), cfg.max_eval_rows)
                if cfg.general_corpus else None)
-    return val, general
+    # Each source's own validation rows; the first source's are `val` (None: measured once).
+    per_source = {name: None if c.key == chunks.key else validation_rows(c, root, cfg.max_eval_rows)
+                  for name, c in (sources or {}).items()}
+    return val, general, per_source
+
+
+def _source_counts(result: dict[str, Any]) -> dict[str, Any]:
+    return {"sources": {k: v["perplexity"] for k, v in result["sources"].items()}} if result.get("sources") else {}
 
 
 class Evaluation(StageOutput):
@@ -338,8 +365,13 @@ class Evaluation(StageOutput):
             return [(logging.INFO, f"validation perplexity {_num(c['validation_perplexity'])}")]
         change = c["validation_relative_change"]
         change = f"{change:+.1%}" if isinstance(change, float) and math.isfinite(change) else change
-        return [(logging.INFO, f"validation perplexity {_num(c['validation_perplexity_before'])} → "
-                               f"{_num(c['validation_perplexity_after'])} ({change})")]
+        lines = [(logging.INFO, f"validation perplexity {_num(c['validation_perplexity_before'])} → "
+                                f"{_num(c['validation_perplexity_after'])} ({change})")]
+        if c.get("sources"):
+            lines.append((logging.INFO, "per source: " + "; ".join(
+                f"{name} {_num((v or {}).get('before'))} → {_num((v or {}).get('after'))}"
+                for name, v in c["sources"].items())))
+        return lines
 
     def show(self, root: ArtifactsRoot) -> None:
         if self.stage == "evaluate":  # the before/after table; a reference's own numbers are in the gate's
@@ -360,21 +392,23 @@ def _task_counts(result: dict[str, Any]) -> dict[str, Any]:
 @stage("evaluate-base", version=2, output=Evaluation, libraries=["transformers", "torch", "datasets"])
 def evaluate_base(build: Build, evaluate: EvaluateConfig, model: ModelConfig, base_model: Fingerprint,
                   chunk: ChunkConfig, chunks: Chunks, general_corpus: Fingerprint | None,
-                  task_files: Fingerprint | None = None):
-    val, general = _inputs(evaluate, chunk, chunks, build.root, base_model.location)
-    result = evaluate_model(base_model.location, model, evaluate, val, general)
+                  task_files: Fingerprint | None = None, sources: dict[str, Chunks] | None = None):
+    """`sources`: every training source with a validation set, by name (the first source's chunks are `chunks`)."""
+    val, general, per_source = _inputs(evaluate, chunk, chunks, build.root, base_model.location, sources)
+    result = evaluate_model(base_model.location, model, evaluate, val, general, per_source)
     (build.tmp / EVAL_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return {"validation_perplexity": result["validation"]["perplexity"],
-            "general_perplexity": (result["general"] or {}).get("perplexity"), **_task_counts(result)}, {}
+            "general_perplexity": (result["general"] or {}).get("perplexity"), **_source_counts(result),
+            **_task_counts(result)}, {}
 
 
 @stage("evaluate", version=2, output=Evaluation, libraries=["transformers", "torch", "datasets"])
 def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained: Trained, chunk: ChunkConfig,
              chunks: Chunks, general_corpus: Fingerprint | None, base_eval: Evaluation,
-             task_files: Fingerprint | None = None):
+             task_files: Fingerprint | None = None, sources: dict[str, Chunks] | None = None):
     model_dir = str(trained.verified_model_dir(build.root))
-    val, general = _inputs(evaluate, chunk, chunks, build.root, model_dir)
-    after = evaluate_model(model_dir, model, evaluate, val, general)
+    val, general, per_source = _inputs(evaluate, chunk, chunks, build.root, model_dir, sources)
+    after = evaluate_model(model_dir, model, evaluate, val, general, per_source)
     doc = comparison(base_eval.read(build.root), after, evaluate.prompts)
     (build.tmp / EVAL_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     (build.tmp / "eval.md").write_text(comparison_markdown(doc))
@@ -386,13 +420,16 @@ def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained
     g = doc["perplexity"]["general"] or {}
     return {"validation_perplexity_before": v["before"], "validation_perplexity_after": v["after"],
             "validation_relative_change": v["relative_change"], "general_perplexity_before": g.get("before"),
-            "general_perplexity_after": g.get("after"), **_task_counts(after)}, {}
+            "general_perplexity_after": g.get("after"), **_task_counts(after),
+            **({"sources": {k: v and {x: v[x] for x in ("before", "after", "relative_change")}
+                            for k, v in doc["sources"].items()}} if doc.get("sources") else {})}, {}
 
 
 def evaluation_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The before/after table as rows (metric, before, after, change): perplexities, then task metrics."""
+    """The before/after table as rows (metric, before, after, change): perplexities (each source's too), then task
+    metrics."""
     rows = [{"metric": f"perplexity ({k})", "before": v["before"], "after": v["after"],
-             "change": v["relative_change"]} for k, v in doc["perplexity"].items() if v]
+             "change": v["relative_change"]} for k, v in perplexity_pairs(doc).items() if v]
     for task, metrics in (doc.get("tasks") or {}).items():
         rows += [{"metric": f"{task}/{m}", "before": v["before"], "after": v["after"],
                   "change": None if v["after"] is None or v["before"] is None else v["after"] - v["before"]}
@@ -416,8 +453,8 @@ def show(out: Evaluation, root: ArtifactsRoot) -> None:
                           "eval-base", "The base model's perplexity and generations, before training")
         return
     markdown_artifact(out.markdown(root), "eval-before-after", "Perplexity and generations, before/after")
-    table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in doc["perplexity"].items() if v],
-                   "eval-perplexity", "Perplexity before and after training")
+    table_artifact([{"metric": f"perplexity ({k})", **v} for k, v in perplexity_pairs(doc).items() if v],
+                   "eval-perplexity", "Perplexity before and after training (each training source's too)")
     if doc.get("tasks"):
         table_artifact(task_rows(doc["tasks"]), "eval-tasks",
                        "lm-evaluation-harness tasks before and after training (value ± standard error)")

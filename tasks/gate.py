@@ -46,7 +46,8 @@ _FAILED = {"<": ">=", "<=": ">", ">=": "<"}
 def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base: dict[str, Any],
            training: dict[str, Any], reference_name: str, general: bool | None = None,
            new_tasks: dict[str, dict[str, Any]] | None = None,
-           reference_tasks: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+           reference_tasks: dict[str, dict[str, Any]] | None = None,
+           sources: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The decision as {promoted, reason, checks}. `new`, `reference`, `base`: {validation, general} perplexities
     (general may be None); `training`: the train stage's losses. `general`: whether this run measures general-text
     perplexity (evaluate.general_corpus); None: when the new model's or the base model's general perplexity is
@@ -57,7 +58,8 @@ def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base
     new < reference * (1 - min_improvement), a tie refused — or, with max_validation_increase > 0 (the user
     explicitly accepts a worse model; min_improvement is then 0), new <= reference * (1 + max_validation_increase).
     `new_tasks`, `reference_tasks`: {task: {metric: value}} for gate.tasks: new >= reference - max_drop, a missing
-    or non-finite value on either side refusing, named.
+    or non-finite value on either side refusing, named. `sources`: {"new" | "reference" | "base": {source:
+    perplexity}} for gate.sources: each source's limit a check of its own (`source_checks`).
     """
     if general is None:
         general = new.get("general") is not None or base.get("general") is not None
@@ -114,6 +116,7 @@ def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base
         limit = r - t.max_drop
         checks.append({"check": name, **where, "passed": v >= limit, "value": v, "limit": limit, "op": ">=",
                        "why": f"at least {reference_name}'s {r:.4g}" + (f" - {t.max_drop:g}" if t.max_drop else "")})
+    checks += source_checks(cfg, sources or {}, reference_name)
     failed = [c for c in checks if not c["passed"]]
     if failed:
         reason = "; ".join(f"{c['check']} {c['value']:.4g} {_FAILED[c['op']]} {c['limit']:.4g} ({c['why']})"
@@ -123,6 +126,34 @@ def decide(cfg: GateConfig, new: dict[str, Any], reference: dict[str, Any], base
     return {"promoted": True, "checks": checks,
             "reason": f"validation perplexity {new['validation']:.4g} vs {reference_name} {ref:.4g}"
                       + (f" ({change:+.1%})" if change is not None else "")}
+
+
+def source_checks(cfg: GateConfig, sources: dict[str, dict[str, Any]], reference_name: str) -> list[dict[str, Any]]:
+    """One check per gate.sources limit: the source's validation perplexity strictly below its comparison model's
+    (max_increase 0), or at most max_increase above it; a value missing or not finite on either side refuses."""
+    out = []
+    for limit in cfg.sources:
+        against = reference_name if limit.against == "reference" else "the base model"
+        v = (sources.get("new") or {}).get(limit.source)
+        r = (sources.get(limit.against) or {}).get(limit.source)
+        name, where = f"source {limit.source} perplexity", {"source": limit.source}
+        if not finite(v) or not finite(r):
+            missing = [f"{who}'s is {_shown(x)}" for who, x in (("this model", v), (against, r)) if not finite(x)]
+            out.append({"check": name, **where, "passed": False, "value": v, "limit": None,
+                        "why": f"source {limit.source!r} validation perplexity not measured: {', '.join(missing)}"})
+        elif limit.max_increase > 0:
+            bound = r * (1 + limit.max_increase)
+            out.append({"check": name, **where, "passed": v <= bound, "value": v, "limit": bound, "op": "<=",
+                        "why": f"at most {against}'s {r:.4g} + {_share(limit.max_increase)}"})
+        else:
+            out.append({"check": name, **where, "passed": v < r, "value": v, "limit": r, "op": "<",
+                        "why": f"below {against}'s {r:.4g}"})
+    return out
+
+
+def source_perplexities(eval_doc: dict[str, Any]) -> dict[str, Any]:
+    """{source: perplexity} of one model: an evaluate-base eval.json's, or the new model's from an evaluate one."""
+    return {name: (v or {}).get("perplexity", (v or {}).get("after")) for name, v in (eval_doc.get("sources") or {}).items()}
 
 
 def perplexities(eval_doc: dict[str, Any]) -> dict[str, Any]:
@@ -172,17 +203,21 @@ def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval:
     name = "the last promoted model" if reference_kind == "promoted" else "the base model"
     # The base evaluation has a general section exactly when this run measures a general corpus.
     general = base_doc.get("general") is not None or new["general"] is not None
-    new_tasks = task_values(evaluation.read(build.root)) if gate.tasks else {}
-    ref_tasks = task_values(reference_eval.read(build.root)) if gate.tasks else {}
+    new_doc, ref_doc = evaluation.read(build.root), reference_eval.read(build.root)
+    new_tasks = task_values(new_doc) if gate.tasks else {}
+    ref_tasks = task_values(ref_doc) if gate.tasks else {}
+    sources = {"new": source_perplexities(new_doc), "reference": source_perplexities(ref_doc),
+               "base": source_perplexities(base_doc)}
     decision = decide(gate, new, ref, base, trained.counts, name, general=general, new_tasks=new_tasks,
-                      reference_tasks=ref_tasks)
+                      reference_tasks=ref_tasks, sources=sources)
     doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref, "base_perplexity": base,
-           **({"new_tasks": new_tasks, "reference_tasks": ref_tasks} if gate.tasks else {})}
+           **({"new_tasks": new_tasks, "reference_tasks": ref_tasks} if gate.tasks else {}),
+           **({"source_perplexity": sources} if any(sources.values()) else {})}
     (build.tmp / GATE_FILE).write_text(json.dumps(doc, indent=2, default=str))
     from tasks.core.tracking import log_gate  # train.report_to: the decision joins the training's tracker run
 
     log_gate(trained.key, decision, build.log)
-    checks = [{k: c.get(k) for k in ("check", "task", "metric", "value", "limit", "passed") if k in c}
+    checks = [{k: c.get(k) for k in ("check", "task", "metric", "source", "value", "limit", "passed") if k in c}
               for c in decision["checks"]]
     return {"promoted": decision["promoted"], "reason": decision["reason"], "reference": reference_kind,
             "validation_perplexity": new["validation"], "reference_validation_perplexity": ref["validation"],

@@ -20,6 +20,7 @@ import pyarrow as pa
 from tasks.data.arrow import take_rows
 from tasks.chunk import Chunks, link_or_copy, windows_file, write_windows
 from tasks.core.config.data import ReplayConfig, SPLITS, ShuffleConfig
+from tasks.core.config.sources import MixShare
 from tasks.core.report import run_logger
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -132,6 +133,122 @@ def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chun
     counts["train_chunks"] = counts["domain_rows"] + counts["replay_rows"]
     meta = {**chunks.meta, "token_files": chunks.token_files + replay_chunks.token_files}
     return counts, meta, {"deps": sorted(set(chunks.deps) | set(replay_chunks.deps))}
+
+
+# ------------------------------------------------------------------------------------- many sources
+
+
+def source_seed(seed: int, name: str) -> list[int]:
+    """A source's own draw seed, from shuffle.seed and its name: adding or reordering sources changes no other
+    source's order (torchtitan reseeds every later child instead), and a new share takes a prefix or an extension
+    of the same seeded order."""
+    import hashlib
+
+    return [seed, int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")]
+
+
+def source_targets(pools: list[int], shares: list[MixShare]) -> tuple[list[int], float]:
+    """Trained tokens to take from each source, and the total they were sized from. A source in `epochs` gives
+    round(epochs x its tokens); the weighted ones share the rest: total = fixed / (1 - their weights), or, with every
+    source weighted, the total at which the first is read once (its tokens / its weight)."""
+    fixed = [round(s.epochs * p) for s, p in zip(shares, pools) if s.epochs is not None]
+    weight = sum(s.weight for s in shares if s.weight is not None)
+    if fixed:
+        total = sum(fixed) / (1 - weight) if weight < 1 else float(sum(fixed))
+    else:
+        total = pools[0] / shares[0].weight
+    return [round(s.epochs * p) if s.epochs is not None else int(round(s.weight * total))
+            for s, p in zip(shares, pools)], total
+
+
+def taken_windows(pool: pa.Table, labelled: np.ndarray, target: int, epochs: float | None, seed, bos: int,
+                  part_offset: int) -> tuple[list[pa.Table], int]:
+    """A source's training windows for `target` trained tokens (its `part` moved past the sources before it): a
+    source read exactly once keeps its windows in their order; otherwise a seeded draw (fresh permutations per
+    pass, the last window cut to the token). Returns the window tables and the passes over the pool."""
+    if epochs == 1.0:
+        return [with_offset(pool, part_offset)], 1
+    rows, keep_last, passes = draw(labelled, target, seed)
+    return list(drawn_windows(pool, rows, keep_last, bos, part_offset)), passes
+
+
+def with_offset(table: pa.Table, offset: int) -> pa.Table:
+    part = table.column("part").to_numpy() + offset
+    return table.set_column(0, "part", pa.array(part.astype(np.int32)))
+
+
+def mix_sources_chunks(sources: list[Chunks], shares: list[MixShare], root: ArtifactsRoot, seed: int,
+                       out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The mixed windows at `out_dir`: every source's share of the training windows, one after another, and every
+    source's validation windows (each source keeps its own: `meta.sources` gives their rows). Returns the counts
+    and the per-source table (trained tokens, share got and asked, passes, pool, validation rows)."""
+    bos = 1 if sources[0].meta["bos_id"] is not None else 0
+    pools = [s.windows(root, "train") for s in sources]
+    labelled = [labelled_per_window(p, bos) for p in pools]
+    targets, total = source_targets([int(x.sum()) for x in labelled], shares)
+    offsets = np.cumsum([0] + [len(s.token_files) for s in sources]).tolist()
+    taken, table = [], []
+    for i, (src, share) in enumerate(zip(sources, shares)):
+        windows, passes = taken_windows(pools[i], labelled[i], targets[i], share.epochs, source_seed(seed, share.name),
+                                        bos, offsets[i])
+        got = sum(int(labelled_per_window(w, bos).sum()) for w in windows)
+        taken += windows
+        table.append({"source": share.name, "trained_tokens": got, "share_asked": targets[i] / total if total else 0.0,
+                      "rows": sum(w.num_rows for w in windows), "passes": passes, "pool_tokens": int(labelled[i].sum()),
+                      "pool_rows": pools[i].num_rows, "parts": [offsets[i], offsets[i + 1]]})
+    write_windows(out_dir / windows_file("train"), taken)
+    validation, start = [], 0
+    for i, src in enumerate(sources):
+        v = with_offset(src.windows(root, "validation"), offsets[i])
+        validation.append(v)
+        table[i]["validation_rows"] = [start, start + v.num_rows]
+        table[i]["validation_tokens"] = int(labelled_per_window(v, bos).sum())
+        start += v.num_rows
+    write_windows(out_dir / windows_file("validation"), validation)
+    trained = sum(t["trained_tokens"] for t in table)
+    for t in table:
+        t["share"] = t["trained_tokens"] / trained if trained else 0.0
+    counts = {"train_trained_tokens": trained, "train_chunks": sum(t["rows"] for t in table),
+              "validation_chunks": start, "validation_trained_tokens": sum(t["validation_tokens"] for t in table)}
+    for t in table:
+        counts.update({f"{t['source']}_trained_tokens": t["trained_tokens"], f"{t['source']}_share": t["share"],
+                       f"{t['source']}_passes": t["passes"]})
+    return counts, table
+
+
+class MixedSources(Chunks):
+    """mix-sources' output: the chunk stage's layout, every source's drawn training windows and every source's
+    validation windows (which refer to that source's token pieces); `meta.sources` says what each got."""
+
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        return self.meta["sources"]
+
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
+        lines = [(logging.INFO, "; ".join(f"{t['source']} {t['trained_tokens']} trained tokens (share "
+                                          f"{t['share']:.4f}, asked {t['share_asked']:.4f})" for t in self.sources))]
+        for t in self.sources:
+            if t["passes"] > 1:
+                lines.append((logging.WARNING, f"source {t['source']} ({t['pool_tokens']} trained tokens) is read "
+                              f"{t['passes']} times for its share ({t['trained_tokens']} tokens); add text to it to "
+                              "avoid overfitting it"))
+        return lines
+
+    def show(self, root: ArtifactsRoot) -> None:
+        from tasks.core.report import table_artifact
+
+        table_artifact([{k: t[k] for k in ("source", "trained_tokens", "share", "share_asked", "passes", "rows",
+                                           "pool_tokens", "validation_rows")} for t in self.sources],
+                       "mix-sources", "Trained tokens per source: the share each got and the share asked")
+
+
+@stage("mix-sources", version=1, output=MixedSources, libraries=["numpy", "pyarrow"])
+def mix_sources(build: Build, shares: list[MixShare], seed: int, chunks: list[Chunks]):
+    """`chunks`: each source's chunk output, in the order of `shares` (the first source's meta is the output's)."""
+    counts, table = mix_sources_chunks(chunks, shares, build.root, seed, build.tmp)
+    token_files = [f for c in chunks for f in c.token_files]
+    meta = {**chunks[0].meta, "token_files": token_files, "sources": table}
+    return counts, meta, {"deps": sorted({d for c in chunks for d in c.deps})}
 
 
 def replay_overlap(general_paths: list[str], replay_docs: Docs, root: ArtifactsRoot) -> tuple[int, int]:

@@ -48,21 +48,35 @@ def _short(d: str | None, n: int = 16) -> str:
     return (d or "")[:n]
 
 
+PARENT_KINDS = {"promoted": "last promoted model", "stable": "the line's stable model"}
+
+
 def lineage_markdown(lineage: dict[str, Any]) -> str:
     """The card's lineage section: where these weights come from and what they were trained on."""
     base, parent = lineage["base"], lineage["parent"]
     rows = [
         ("base model", f"`{base['id']}` (digest `{_short(base['digest'], 32)}`)"),
         ("parent model", f"the base model" if parent["kind"] == "base" else
-         f"last promoted model `{_short(parent['digest'], 32)}` (run {parent.get('flow_run') or '?'})"),
+         f"{PARENT_KINDS.get(parent['kind'], parent['kind'])} `{_short(parent['digest'], 32)}` (run "
+         f"{parent.get('flow_run') or '?'})"),
         ("corpus fingerprint", f"`{lineage['corpus']}`"),
     ]
+    stable = lineage.get("stable")
+    if stable:  # train.schedule stable_anneal: which stable checkpoint this release came from, and how
+        how = ("a decay branch from it" if stable["anneal"] == "decay" else
+               f"the average of {len(stable.get('averaged') or [])} stable models of the line, it first")
+        rows.append(("stable checkpoint", f"`{_short(stable['digest'], 32)}` (the line's parent, not released); this "
+                                          f"release is {how}"))
     for d in lineage.get("drops", []):
         rows.append(("drop", f"`{d['path']}` (fingerprint `{_short(d['fingerprint'], 32)}`)"))
+    for name, src in (lineage.get("sources") or {}).items():
+        share = f"; share trained {src['share']:.4f} (asked {src['asked']:.4f})" if "share" in src else ""
+        rows.append((f"source {name}", f"fingerprint `{_short(src['fingerprint'], 32)}`{share}"))
     replay = lineage.get("replay") or {}
-    rows.append(("replay fraction", f"{replay.get('fraction', 0)}" + (
-        f" of training tokens from `{', '.join(replay['paths'])}` (fingerprint `{replay['fingerprint']}`; "
-        f"share trained: {replay.get('share', 0):.4f})" if replay.get("fraction") else " (no replay)")))
+    if not lineage.get("sources"):  # with `sources`, replay is one of them
+        rows.append(("replay fraction", f"{replay.get('fraction', 0)}" + (
+            f" of training tokens from `{', '.join(replay['paths'])}` (fingerprint `{replay['fingerprint']}`; "
+            f"share trained: {replay.get('share', 0):.4f})" if replay.get("fraction") else " (no replay)")))
     gate = lineage.get("gate")
     rows.append(("gate decision", "disabled (gate.enabled: false)" if gate is None else
                  f"{'promoted' if gate['promoted'] else 'refused'} against the {gate['reference']} model: "
@@ -75,6 +89,8 @@ def evaluation_markdown(lineage: dict[str, Any]) -> str:
     ev = lineage.get("evaluation") or {}
     rows = [f"| {name} | {ev.get(f'{name}_base', '')} | {ev.get(f'{name}_reference', '')} | "
             f"{ev.get(f'{name}_new', '')} |" for name in ("validation", "general") if ev.get(f"{name}_new") is not None]
+    rows += [f"| source {name} | {v.get('base', '')} | {v.get('reference', '')} | {v.get('new', '')} |"
+             for name, v in (ev.get("sources") or {}).items()]
     md = "| perplexity | base model | gate reference | this model |\n|---|---|---|---|\n" + "\n".join(rows)
     if ev.get("tasks"):
         examples = ev.get("task_examples") or {}

@@ -173,8 +173,12 @@ def train_model(spec: TrainSpec, num_processes: int, log=None, progress_desc: st
 
 
 def source_tokens(chunks: StageOutput) -> dict[str, Any]:
-    """Trained (labelled) tokens per source: the mix stage's counts with replay, else all domain."""
+    """Trained (labelled) tokens per source: the mix stage's counts with replay (or every source's, with
+    mix-sources), else all domain."""
     c = chunks.counts
+    if "sources" in chunks.meta:
+        return {"source_trained_tokens": {t["source"]: t["trained_tokens"] for t in chunks.meta["sources"]},
+                "source_shares": {t["source"]: round(t["share"], 6) for t in chunks.meta["sources"]}}
     if "replay_trained_tokens" in c:
         return {k: c[k] for k in ("domain_trained_tokens", "replay_trained_tokens", "replay_share")}
     return {"domain_trained_tokens": c.get("train_trained_tokens"), "replay_trained_tokens": 0, "replay_share": 0.0}
@@ -255,20 +259,29 @@ class Trained(StageOutput):
         show(self, root)  # the module's `show` below: its tables and plots
 
 
-@stage("train", version=1, output=Trained, code=[train_worker], key_exclude={"parent"},
-       libraries=["transformers", "trl", "torch", "accelerate", "datasets"])
-def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
-          chunks: Chunks, parent: dict[str, Any] | None = None):
-    """`base_model` is the model training starts from (the base, or the last promoted model with train.init:
-    last_promoted); `parent` describes it for the lineage and is not part of the key (its digest is)."""
+def validation_layout(chunks: StageOutput, eval_weights: dict[str, float] | None
+                      ) -> tuple[list[tuple[str, int, int]], dict[str, float]]:
+    """Where each source's validation rows are in the mixed chunks (mix-sources' `sources`), and each one's weight
+    in the validation loss: its configured eval_weight, else the share of the trained tokens it got."""
+    table = chunks.meta.get("sources") or []
+    layout = [(t["source"], *t["validation_rows"]) for t in table if t["validation_rows"][1] > t["validation_rows"][0]]
+    weights = {name: (eval_weights or {}).get(name, next(t["share"] for t in table if t["source"] == name))
+               for name, _, _ in layout}
+    return (layout, weights) if len(layout) > 1 else ([], {})
+
+
+def run_attempt(build: Build, train: TrainConfig, model: ModelConfig, start: Fingerprint, chunk: ChunkConfig,
+                chunks: Chunks, phase: str = "standard", warmup: bool = True, decay_steps: int | None = None,
+                eval_weights: dict[str, float] | None = None) -> dict[str, Any]:
+    """One training child from the model at `start` on `chunks` (train and anneal): its checkpoints in the key's
+    work folder (a killed attempt resumes from its last; on a store root from another host's), the model and the
+    logs in the entry's temp folder. Returns the child's metrics."""
     from tasks.core import tracking
-    from tasks.ml.modeling import model_digest, without_location
     from tasks.ml.preflight import refuse_on_this_machine
 
     refuse_on_this_machine(train)  # qlora without CUDA: said here, not after the child loaded the model
     rel = work_rel(build.key)
     work = build.root.path(rel)
-    parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
     # An attempt killed on another host may have left its newest checkpoint in the store (none on a local root).
     (work / "checkpoints").mkdir(parents=True, exist_ok=True)
     pulled = pull_checkpoint(build.root, rel, work / "checkpoints", build.tmp / "tensorboard", build.log.warning)
@@ -279,33 +292,134 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
     data = work / "data"
     shutil.rmtree(data, ignore_errors=True)
     chunks.write_training_set(build.root, data)
-    spec = TrainSpec(model_location=base_model.location, model=model, train=train,
+    layout, weights = validation_layout(chunks, eval_weights)
+    spec = TrainSpec(model_location=start.location, model=model, train=train,
                      max_seq_length=chunk.max_seq_length, chunks_dir=str(data),
                      output_dir=str(build.tmp), checkpoint_dir=str(work / "checkpoints"),
                      tensorboard_dir=str(build.tmp / "tensorboard"), artifacts=build.root.spec, work_rel=rel,
-                     tracker=tracking.tracker_run(build.key) if set(train.report_to) - {"tensorboard"} else None)
+                     tracker=tracking.tracker_run(build.key) if set(train.report_to) - {"tensorboard"} else None,
+                     phase=phase, warmup=warmup, decay_steps=decay_steps, validation_sources=layout,
+                     eval_weights=weights)
     metrics = train_model(spec, train.num_processes, build.log)
+    # The model is in the published output; checkpoints only served a resume of this key.
+    build.on_published(lambda out: shutil.rmtree(work, ignore_errors=True))
+    build.on_published(lambda out: build.root.remove_remote(rel))
+    return metrics
+
+
+def attempt_outputs(build: Build, train: TrainConfig, metrics: dict[str, Any], chunks: StageOutput
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The counts and meta of a training's entry, from its child's metrics."""
+    from tasks.ml.modeling import model_digest
+
     counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
                                       "best_eval_loss", "stopped_early", "padding_fraction",
                                       "tokens_per_second", "trained_tokens_per_second", "resumed_from", "first_step",
                                       "seconds", "batch_padding_fraction", "packed_length", "compile",
-                                      "first_step_seconds", "compile_seconds")}
+                                      "first_step_seconds", "compile_seconds", "phase", "run_steps")}
     if metrics.get("peak_memory_bytes"):
         counts["peak_memory_gib"] = round(metrics["peak_memory_bytes"] / 2**30, 2)
     counts["method"], counts["sharding"] = train.method, train.sharding
     for k in ("parameters", "trainable_parameters", "trainable_embedding_parameters"):
         if k in metrics:
             counts[k] = metrics[k]
+    if any(v is not None for v in metrics.get("source_eval_losses", {}).values()):
+        counts["source_eval_losses"] = metrics["source_eval_losses"]
     counts.update(source_tokens(chunks))
-    counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
-    # The model is in the published output; checkpoints only served a resume of this key.
-    build.on_published(lambda out: shutil.rmtree(work, ignore_errors=True))
-    build.on_published(lambda out: build.root.remove_remote(rel))
     meta = {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
-            "model_dir": "model", "tensorboard": "tensorboard",
-            "model_digest": model_digest(build.tmp / "model"), "parent": without_location(parent)}
+            "model_dir": "model", "tensorboard": "tensorboard", "model_digest": model_digest(build.tmp / "model")}
     if train.method != "full":  # the merged model is `model/`; the adapter alone is kept for push.adapter_only
         meta.update(adapter_dir=ADAPTER_DIR, adapter_digest=model_digest(build.tmp / ADAPTER_DIR))
+    return counts, meta
+
+
+def parent_name(parent: dict[str, Any]) -> str:
+    return "base model" if parent["kind"] == "base" else f"{parent['kind']} {parent['digest'][:16]}"
+
+
+@stage("train", version=1, output=Trained, code=[train_worker], key_exclude={"parent"},
+       libraries=["transformers", "trl", "torch", "accelerate", "datasets"])
+def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fingerprint, chunk: ChunkConfig,
+          chunks: Chunks, parent: dict[str, Any] | None = None, warm_start: bool | None = None,
+          eval_weights: dict[str, float] | None = None):
+    """`base_model` is the model training starts from (the base, the last promoted model with train.init:
+    last_promoted, or the line's stable model with train.schedule: stable_anneal); `parent` describes it for the
+    lineage and is not part of the key (its digest is). With stable_anneal this is the stable phase: `warm_start`
+    says whether it warms up (the line's first run) or starts at the peak rate. `eval_weights`: the configured
+    weights of the sources' validation losses."""
+    from tasks.ml.modeling import without_location
+
+    parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
+    stable = train.schedule == "stable_anneal"
+    metrics = run_attempt(build, train, model, base_model, chunk, chunks, "stable" if stable else "standard",
+                          bool(warm_start) if stable else True, eval_weights=eval_weights)
+    counts, meta = attempt_outputs(build, train, metrics, chunks)
+    counts["parent"] = parent_name(parent)
+    if stable:
+        counts["warmed_up"] = bool(warm_start)
+    meta["parent"] = without_location(parent)
+    return counts, meta
+
+
+# ------------------------------------------------------------------------------------------ anneal
+# The release of a stable line (train.schedule: stable_anneal), made from the stable model the train stage left,
+# which stays the line's parent and is never released:
+# - decay (train.anneal): a branch that continues the stable model with the learning rate falling linearly to 0
+#   over `anneal_ratio` of the run's steps (the stable phase trained the rest), on the anneal mixture
+#   (anneal.sources) or the run's own, in another seeded order: a training child like train's (checkpoints, resume,
+#   the best model);
+# - average: the mean of the line's last `anneal_checkpoints` stable models, this run's first (checkpoint averaging
+#   along the constant-rate line, as Megatron-LM's checkpoint merging), no training.
+# Its output is a train-like entry (`model/`, its digest): evaluate, the gate and push read it as they read train's.
+
+
+class Annealed(Trained):
+    """anneal's output: `model/` (the release), and for a decay branch its training's files; `meta.stable` is the
+    stable model it came from."""
+
+    def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
+        c = self.counts
+        if c["anneal"] == "average":
+            return [(logging.INFO, f"release: the average of {c['averaged_models']} stable models of the line "
+                                   f"(this run's {self.meta['stable']['digest'][:16]} and {c['averaged_models'] - 1} "
+                                   "before it)")]
+        return [(logging.INFO, f"release: {c['global_step']} decay steps from the stable model "
+                               f"{self.meta['stable']['digest'][:16]}, loss {c['first_loss']} → {c['last_loss']}, best "
+                               f"validation loss {c['best_eval_loss']}")]
+
+    def show(self, root: ArtifactsRoot) -> None:
+        if self.counts["anneal"] == "decay":
+            super().show(root)
+
+
+@stage("anneal", version=1, output=Annealed, code=[train_worker],
+       libraries=["transformers", "trl", "torch", "accelerate", "datasets", "safetensors"])
+def anneal(build: Build, train: TrainConfig, model: ModelConfig, stable: Trained, chunk: ChunkConfig,
+           chunks: Chunks, eval_weights: dict[str, float] | None = None, previous: list[Fingerprint] | None = None):
+    """`stable`: this run's stable phase; `chunks`: the decay branch's data (anneal.sources' mix, or the run's);
+    `previous`: with average, the line's stable models before this one, newest first (their digests are keyed)."""
+    from tasks.ml.modeling import model_digest
+    from tasks.ml.schedule import average_models, decay_length
+
+    stable_dir = stable.verified_model_dir(build.root)
+    meta_stable = {"digest": stable.model_digest, "train_key": stable.key}
+    if train.anneal == "average":
+        chosen = [stable_dir, *[Path(p.location) for p in (previous or [])[: train.anneal_checkpoints - 1]]]
+        for fp, folder in zip(previous or [], chosen[1:]):
+            if model_digest(folder) != fp.digest:
+                raise ValueError(f"anneal: the stable model {fp.digest[:16]} at {folder} is not the one recorded")
+        counts = {"anneal": "average", **average_models(chosen, build.tmp / "model"),
+                  "averaged": [stable.model_digest, *[p.digest for p in (previous or [])[: len(chosen) - 1]]]}
+        (build.tmp / "anneal.json").write_text(json.dumps(counts, indent=2))
+        meta = {"model_dir": "model", "model_digest": model_digest(build.tmp / "model"), "stable": meta_stable,
+                "parent": stable.meta.get("parent")}
+        return counts, meta
+    start = Fingerprint(kind="model", digest=stable.model_digest, location=str(stable_dir))
+    metrics = run_attempt(build, train, model, start, chunk, chunks, "decay",
+                          decay_steps=decay_length(train, stable.counts["run_steps"]), eval_weights=eval_weights)
+    counts, meta = attempt_outputs(build, train, metrics, chunks)
+    counts.update(anneal="decay", parent=f"stable {stable.model_digest[:16]}")
+    meta.update(stable=meta_stable, parent=stable.meta.get("parent"))
     return counts, meta
 
 

@@ -60,7 +60,8 @@ def test_adding_a_stage_by_the_checklist(tmp_path, tiny_model):
     # 3. one call in the flow, at its place
     flow = src / "flows" / "continued_pretraining.py"
     edit(flow, "from tasks.shuffle import shuffle\n", "from tasks.shuffle import shuffle\nfrom tasks.doc_count import doc_count\n")
-    edit(flow, "            held_out = None\n", "            run(doc_count, docs=docs)\n            held_out = None\n")
+    loaded = "    first.docs = run(load, **load_inputs(source.corpus, first.fingerprint), runtime=config.runtime)\n"
+    edit(flow, loaded, loaded + "    run(doc_count, docs=first.docs)\n")
 
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1", "PREFECT_HOME": str(tmp_path / "ph"),
            "CPT_CACHE_HOME": str(tmp_path / "cache-home"), "CPT_NO_PROGRESS": "1"}

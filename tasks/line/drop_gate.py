@@ -89,15 +89,15 @@ def line_config(config: CptConfig, state: lines.LineState, without: str | list[s
     removed drop inside a configured folder is not read either) and less the drops `without` (one, or a list:
     those left out of this run) — but never less the configured corpus itself (a drop that is or holds a
     configured path is not excluded, nor what a drop turned symlink points to)."""
+    line = config.drop_corpus  # the source drops join (drops.source; the corpus, or the first source)
     without = [without] if isinstance(without, str) else list(without or [])
-    active = [p for p in state.active_paths() if p not in config.corpus.paths and p not in without]
+    active = [p for p in state.active_paths() if p not in line.paths and p not in without]
     excluded = [p for p in [*state.inactive_paths(), *without]
-                if not holds_configured_path(p, config.corpus) and not os.path.islink(p)]
+                if not holds_configured_path(p, line) and not os.path.islink(p)]
     # A drop's path is literal: escaped, so one with `*?[` in its name (or one gone) is never taken as a glob.
     excluded = [glob.escape(p) for p in excluded]
-    corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, *active],
-                                              "exclude": [*config.corpus.exclude, *excluded]})
-    return config.model_copy(update={"corpus": corpus})
+    corpus = line.model_copy(update={"paths": [*line.paths, *active], "exclude": [*line.exclude, *excluded]})
+    return config.with_drop_corpus(corpus)
 
 
 def drop_files(path: str) -> tuple[list[Path], list[str]]:
@@ -315,7 +315,7 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
     loaded, failed = [], []
     for item in drop_fp.items:
         try:
-            loaded += load_pieces([item], config.corpus, root)
+            loaded += load_pieces([item], config.drop_corpus, root)
         except (BadRecordError, OSError) as e:
             failed.append(str(e) if isinstance(e, BadRecordError) else f"{item['path']}: unreadable ({e})")
     if failed:
@@ -326,17 +326,18 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
         for k in ("records", "rejected", "too_short"):
             profile[k] += out.counts[k]
     profile["reject_examples"] = reject_examples(root, [(item, out) for item, out, _ in loaded])
-    line_pieces = ([out for _, out, _ in load_pieces(fingerprint_files(line_files, digest).items, config.corpus,
+    line_pieces = ([out for _, out, _ in load_pieces(fingerprint_files(line_files, digest).items, config.drop_corpus,
                                                      root)] if line_files else [])
 
     drop_ids, drop_norms = piece_ids(root, drop_pieces)
     line_ids, line_norms = ids_in_pieces(root, line_pieces, drop_ids, drop_norms)
     profile["documents"] = len(drop_ids)
     profile["duplicates_in_line"] = len(line_ids)
-    if config.corpus.near_dedup.enabled:
-        profile.update(near_duplicates_in_line(root, drop_pieces, line_pieces, line_ids, config.corpus))
+    if config.drop_corpus.near_dedup.enabled:
+        profile.update(near_duplicates_in_line(root, drop_pieces, line_pieces, line_ids, config.drop_corpus))
     # The shuffle rule decides a text's split from the text alone: only the drop's texts the line has are hashed.
-    profile["validation_matches"] = len(validation_texts(line_norms, config.shuffle, config.split))
+    source = next(d for d in config.data_sources() if d.name == config.drop_source)  # its own split fraction
+    profile["validation_matches"] = len(validation_texts(line_norms, source.shuffle, source.split))
 
     if drop_ids:
         once = TokenizerOnce(tokenizer, config.model.trust_remote_code, root)

@@ -63,8 +63,9 @@ def promoted_fingerprint(root: ArtifactsRoot, record: Promotion, digest=hash_fil
 
 
 def promotion_record(trained, pushed, decision, identity: str, parent: dict[str, Any], reference: dict[str, Any],
-                     flow_run: str) -> Promotion:
-    """The record of a model the gate let through and push released (train, push and gate outputs)."""
+                     flow_run: str, stable: dict[str, str] | None = None) -> Promotion:
+    """The record of a model the gate let through and push released (train — or anneal —, push and gate outputs);
+    `stable`: the stable model a stable line's release was annealed from ({digest, model_path})."""
     c, hub = decision.counts, pushed.counts
     return Promotion(
         model_digest=trained.model_digest, model_path=trained.model_rel, release=hub["release"],
@@ -72,6 +73,7 @@ def promotion_record(trained, pushed, decision, identity: str, parent: dict[str,
         validation_perplexity=c["validation_perplexity"], general_perplexity=c["general_perplexity"],
         reason=c["reason"], flow_run=flow_run, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         hub={"url": hub["hub_url"], "commit": hub.get("hub_commit")} if hub.get("hub_url") else None,
+        stable=stable,
     )
 
 
@@ -128,6 +130,76 @@ def choose_parent(init: str, promos: Promotions | None, base: Fingerprint, model
     return fp, describe("promoted", fp, model_id, record), f"{why} ({record.model_digest[:16]}, run {record.flow_run})"
 
 
+def stable_fingerprint(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Fingerprint | None:
+    """A promotion's stable model (never released: it lives in its train entry), if its files are still those."""
+    entry, name = record.stable["model_path"].rsplit("/", 1)
+    folder = root.entry(entry) / name
+    if verified_manifest(folder.parent, root.local) is None or model_digest(folder, digest) != record.stable["digest"]:
+        return None
+    return Fingerprint(kind="model", digest=record.stable["digest"], location=str(folder))
+
+
+def _record_with_stable(promos: Promotions, digest: str) -> Promotion | None:
+    return next((r for r in reversed(promos.history) if r.stable and r.stable["digest"] == digest), None)
+
+
+def choose_stable_parent(promos: Promotions | None, base: Fingerprint, model_id: str, identity: str,
+                         root: ArtifactsRoot, digest=hash_file) -> tuple[Fingerprint, dict[str, Any], str]:
+    """train.schedule stable_anneal: the line's last stable model — the stable model of its last promoted run,
+    never its annealed release — its description (kind `stable`; `base` or `promoted` for a line's first stable run,
+    which warms up) and a sentence for the log. A rerun of the last promoted training (same `identity`) starts from
+    what that one started from, so it is Cached."""
+    base_desc = describe("base", base, model_id)
+    if promos is None:
+        return base, base_desc, ("train.schedule is stable_anneal but this run has no lineage (give push.name, or run "
+                                 "a line with cpt retrain --line): the stable phase starts from the base model")
+    last = promos.last
+    if last is None:
+        return base, base_desc, f"no promoted model in {promos.lineage} yet: the stable line starts from the base model"
+    if last.train_identity == identity:
+        parent, why = last.parent, "the last promoted release came from this same training: starting from its parent"
+        if parent.get("kind") == "base":
+            return base, base_desc, f"{why}, the base model (the training is reused)"
+        if parent.get("kind") == "stable":
+            record = _record_with_stable(promos, parent["digest"])
+            found = record and stable_fingerprint(root, record, digest)
+            kind = "stable"
+        else:
+            record = _record_with_digest(promos, parent["digest"])
+            found = record and promoted_fingerprint(root, record, digest)
+            kind = "promoted"
+    elif last.stable:
+        record, kind, why = last, "stable", "continuing the line's stable model"
+        found = stable_fingerprint(root, last, digest)
+    else:  # the line's last release was a standard run's (decayed): the stable line starts here, warming up
+        record, kind, why = last, "promoted", "the line has no stable model yet: starting from the last promoted model"
+        found = promoted_fingerprint(root, last, digest)
+    if not found:
+        what = parent["digest"] if last.train_identity == identity else (
+            last.stable["digest"] if kind == "stable" else last.model_digest)
+        raise LostPromotedModel(
+            f"train.schedule stable_anneal: the {kind} model {what} of {promos.lineage} is gone (its train entry was "
+            f"removed or altered; a stable model is never released, so there is no other copy). Set train.init: base "
+            f"to start the line over from the base model")
+    return found, describe(kind, found, model_id, record), f"{why} ({found.digest[:16]}, run {record.flow_run})"
+
+
+def stable_chain(promos: Promotions | None, parent: dict[str, Any], root: ArtifactsRoot, count: int,
+                 digest=hash_file) -> list[Fingerprint]:
+    """The line's stable models this run's stable phase descends from, newest first: its parent, that one's
+    parent, ... (`count` at most; stopping at one whose files are gone): what anneal: average averages with this
+    run's own. Followed through the records' parents, so a rerun finds the same ones."""
+    out: list[Fingerprint] = []
+    while promos is not None and parent.get("kind") == "stable" and len(out) < count:
+        record = _record_with_stable(promos, parent["digest"])
+        found = record and stable_fingerprint(root, record, digest)
+        if not found:
+            break
+        out.append(found)
+        parent = record.parent
+    return out
+
+
 def choose_reference(promos: Promotions | None, trained_digest: str, root: ArtifactsRoot,
                      digest=hash_file) -> tuple[Fingerprint | None, Promotion | None, str]:
     """The model the gate compares with: the last promoted one (None: the base model), its record, and a note.
@@ -167,6 +239,7 @@ class RunLineage:
         self.parent: dict[str, Any] = {}
         self.reference: dict[str, Any] | None = None
         self.parent_note = ""  # where training starts from, in words (the flow logs it with train's outcome)
+        self.stable: dict[str, str] | None = None  # stable_anneal: this run's stable model (note_stable)
         self._state: Promotions | None = None  # the promotion state, locked, while `promoting` is held
 
     def choose_parent(self, base_model: Fingerprint, train_chunks: StageOutput) -> tuple[Fingerprint, dict]:
@@ -177,9 +250,29 @@ class RunLineage:
         # What this training is, less the weights it starts from: how a rerun recognises its own result.
         self.identity = stage_key("train-identity", {"train": c.train, "model": c.model, "base": base_model,
                                                      "chunk": c.chunk, "chunks": train_chunks})
-        model, self.parent, self.parent_note = choose_parent(c.train.init, self.promos, base_model, c.model.id,
-                                                             self.identity, self.root, self.digest)
+        if c.train.schedule == "stable_anneal":
+            model, self.parent, self.parent_note = choose_stable_parent(self.promos, base_model, c.model.id,
+                                                                        self.identity, self.root, self.digest)
+        else:
+            model, self.parent, self.parent_note = choose_parent(c.train.init, self.promos, base_model, c.model.id,
+                                                                 self.identity, self.root, self.digest)
         return model, self.parent
+
+    @property
+    def warm_start(self) -> bool | None:
+        """stable_anneal: whether the stable phase warms up (the line's first stable run: its parent is not a stable
+        model); None for a standard run."""
+        if self.config.train.schedule != "stable_anneal":
+            return None
+        return self.parent.get("kind") != "stable"
+
+    def previous_stables(self) -> list[Fingerprint]:
+        """anneal: average: the stable models before this run's, newest first."""
+        return stable_chain(self.promos, self.parent, self.root, self.config.train.anneal_checkpoints - 1, self.digest)
+
+    def note_stable(self, stable: Trained) -> None:
+        """The stable model this run's release is annealed from: recorded with its promotion, named on the card."""
+        self.stable = {"digest": stable.model_digest, "model_path": stable.model_rel}
 
     def choose_reference(self, trained: Trained) -> Fingerprint | None:
         """The model the gate compares with; None: the base model (whose evaluation the run already has)."""
@@ -195,8 +288,9 @@ class RunLineage:
 
     def card(self, sources: Fingerprint, replay: Fingerprint | None, train_chunks: StageOutput, trained: Trained,
              evaluation: StageOutput, base_eval: StageOutput, ref_eval: StageOutput | None,
-             decision: Decision | None) -> dict[str, Any]:
-        """What the model card says about where the weights come from (no paths that move with the root)."""
+             decision: Decision | None, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+        """What the model card says about where the weights come from (no paths that move with the root).
+        `trained`: the released model (anneal's with a stable line); `fingerprints`: every source's content."""
         c = self.config
         drops = ([{"path": d.path, "fingerprint": d.fingerprint} for d in lines.read_line(self.root, self.line).drops
                   if d.status == "active"] if self.line else [])
@@ -210,6 +304,18 @@ class RunLineage:
 
         tasks = {name: {"base": task(base_eval, name), "reference": task(ref_eval, name), "new": value}
                  for name, value in (e.get("tasks") or {}).items()}
+
+        def source_ppl(out: StageOutput | None, name: str):
+            return None if out is None else (out.counts.get("sources") or {}).get(name)
+
+        per_source = {name: {"base": source_ppl(base_eval, name), "reference": source_ppl(ref_eval, name),
+                             "new": v.get("after")} for name, v in (e.get("sources") or {}).items()}
+        shares = {t["source"]: {"share": t["share"], "asked": t["share_asked"], "trained_tokens": t["trained_tokens"]}
+                  for t in train_chunks.meta.get("sources") or []}
+        stable = None
+        if self.stable is not None:
+            stable = {"digest": self.stable["digest"], "parent": without_location(self.parent),
+                      "anneal": c.train.anneal, "averaged": trained.counts.get("averaged")}
 
         return {
             "model_digest": trained.model_digest,
@@ -226,8 +332,12 @@ class RunLineage:
                            "general_base": ppl(base_eval, "general"), "general_reference": ppl(ref_eval, "general"),
                            "general_new": e.get("general_perplexity_after"),
                            **({"tasks": tasks, "task_examples": evaluation.counts.get("task_examples")}
-                              if tasks else {})},
+                              if tasks else {}),
+                           **({"sources": per_source} if per_source else {})},
             "gate": None if decision is None else {k: decision.counts[k] for k in ("promoted", "reason", "reference")},
+            **({"sources": {name: {"fingerprint": digest, **shares.get(name, {})}
+                            for name, digest in fingerprints.items()}} if c.sources and fingerprints else {}),
+            **({"stable": stable} if stable else {}),
         }
 
     @contextlib.contextmanager
@@ -263,7 +373,8 @@ class RunLineage:
         when the flow holds it."""
         restored = ensure_release(pushed, trained, self.root, self.digest)
         if self.lineage and decision is not None:
-            record = promotion_record(trained, pushed, decision, self.identity, self.parent, self.reference, flow_run)
+            record = promotion_record(trained, pushed, decision, self.identity, self.parent, self.reference, flow_run,
+                                      self.stable)
             if self._state is not None:
                 apply_promotion(self._state, record)
             else:

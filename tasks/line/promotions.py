@@ -34,6 +34,18 @@ class Promotion(BaseModel):
     flow_run: str = ""
     at: str = ""
     hub: dict[str, Any] | None = None
+    # train.schedule stable_anneal: the stable model this release was annealed from, the line's next parent
+    # ({digest, model_path}: the train entry's model dir, relative to the root); never released.
+    stable: dict[str, str] | None = None
+
+    @field_validator("stable")
+    @classmethod
+    def _stable_inside(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            if set(v) != {"digest", "model_path"}:
+                raise ValueError("stable: {digest, model_path} expected")
+            safe_relpath(v["model_path"])
+        return v
 
     # A promotions file may come from a store others write to: the names in it stay inside the root.
     @field_validator("model_path")

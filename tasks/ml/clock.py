@@ -154,9 +154,18 @@ def make_callbacks(train: TrainConfig, has_validation: bool, clock: StepClock | 
                 emit("killed", step=state.global_step)
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    class EarlyStopping(EarlyStoppingCallback):
+        """Counts the evaluations that hold its metric: with one validation set per source, the per-source ones
+        come first (eval_<source>_loss) and the weighted eval_loss after them is the one counted, once."""
+
+        def on_evaluate(self, args, state, control, metrics, **kw):
+            metric = args.metric_for_best_model
+            if (metric if metric.startswith("eval_") else f"eval_{metric}") in metrics:
+                super().on_evaluate(args, state, control, metrics, **kw)
+
     callbacks = [Reporter()]  # first: run() reads tokens_at_begin from it
     if has_validation and train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+        callbacks.append(EarlyStopping(early_stopping_patience=train.early_stopping_patience))
     return callbacks
 
 

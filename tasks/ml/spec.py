@@ -9,6 +9,7 @@ builds it without importing torch.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +35,17 @@ class TrainSpec(BaseModel):
     work_rel: str = Field("", description="The work folder relative to the root (its name in the store).")
     tracker: TrackerRun | None = Field(None, description="The tracker run's name and tags (train.report_to); no "
                                        "credentials: the trackers read those from the environment.")
+    phase: Literal["standard", "stable", "decay"] = Field(
+        "standard", description="The schedule of this attempt (tasks/ml/schedule.py): a standard run, or the stable "
+        "phase or the decay branch of train.schedule: stable_anneal.")
+    warmup: bool = Field(True, description="stable: warm up (the line's first run) or start at the peak rate.")
+    decay_steps: int | None = Field(None, ge=1, description="decay: the branch's optimizer steps.")
+    validation_sources: list[tuple[str, int, int]] = Field(
+        default_factory=list, description="Each source's validation rows [start, end) in the validation split (the "
+        "mix's sources); empty: one validation set.")
+    eval_weights: dict[str, float] = Field(
+        default_factory=dict, description="Each source's weight in the validation loss early stopping and the best "
+        "checkpoint read.")
 
     def write(self, path: Path) -> Path:
         path.write_text(self.model_dump_json(indent=2), encoding="utf-8")

@@ -20,6 +20,7 @@ from tasks.core.config.model import TrainConfig
 from tasks.ml.checkpoints import checkpoint_seal, last_complete_checkpoint, verified_checkpoint
 from tasks.ml.clock import StepClock, decay_steps, emit, make_callbacks, plot_loss_curve
 from tasks.ml.modeling import load_pretrained, load_tokenizer_with_pad
+from tasks.ml.schedule import apply_phase, combining_evaluate, early_stopping, phase_arguments, validation_sets
 from tasks.ml.spec import TrainSpec
 from tasks.ml.static_batches import StaticPackedCollator, static_length, static_padding_fraction
 
@@ -210,7 +211,7 @@ def run(spec: TrainSpec) -> None:
 
     static = static_length(train.packing, train.packed_length, spec.max_seq_length)
     os.environ["TENSORBOARD_LOGGING_DIR"] = spec.tensorboard_dir
-    args = SFTConfig(
+    settings = dict(
         output_dir=str(checkpoints),
         max_length=spec.max_seq_length,
         packing=train.packing,
@@ -254,18 +255,25 @@ def run(spec: TrainSpec) -> None:
         save_only_model=False,
         **sharded,
     )
+    settings.update(phase_arguments(spec.phase, train, spec.warmup))
+    args = SFTConfig(**settings)
     if sharded and device == "cpu":
         from tasks.ml.sharding import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()
     clock = StepClock()
-    callbacks = make_callbacks(train, has_validation, clock)
+    callbacks = make_callbacks(train, has_validation and early_stopping(spec.phase), clock)
     reporter = callbacks[0]
     # Before the Reporter: a checkpoint is sealed (and in the store) before anything else happens.
     callbacks.insert(0, checkpoint_seal(spec))
-    trainer = trainer_class(SFTTrainer, train, emit)(
+    # One validation set per source when the mix says where each one's rows are; their weighted loss is eval_loss.
+    validation = validation_sets(data["validation"], spec.validation_sources) if has_validation else None
+    cls = trainer_class(SFTTrainer, train, emit)
+    if isinstance(validation, dict):
+        cls = combining_evaluate(cls, {n: spec.eval_weights.get(n, 0.0) for n in validation})
+    trainer = cls(
         model=model, args=args, processing_class=tok,
-        train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,
+        train_dataset=data["train"], eval_dataset=validation,
         callbacks=callbacks,
     )
     if static is not None:
@@ -278,7 +286,8 @@ def run(spec: TrainSpec) -> None:
 
     trainer.remove_callback(PrinterCallback)  # the Reporter already sends every log line to the parent
     trainer.model.register_forward_pre_hook(clock.hook, with_kwargs=True)
-    if train.lr_scheduler_type == "warmup_stable_decay":
+    steps = apply_phase(trainer, spec)  # the phases of a stable line set their step counts
+    if train.lr_scheduler_type == "warmup_stable_decay" and spec.phase == "standard":
         # transformers' WSD schedule needs its decay length in steps; the step count is known only now (packing
         # changes the number of rows).
         trainer.args.lr_scheduler_kwargs = {"num_decay_steps": decay_steps(train, trainer)}
@@ -304,7 +313,7 @@ def run(spec: TrainSpec) -> None:
         emit("start", device=device, dtype=str(dtype).removeprefix("torch."), optim=optim,
              resume_from=Path(resume).name if resume else None, train_rows=len(data["train"]),
              validation_rows=len(data["validation"]), packed_length=static, compile=train.compile,
-             method=train.method, sharding=train.sharding, **(adapter or {}), **padding)
+             method=train.method, sharding=train.sharding, phase=spec.phase, **steps, **(adapter or {}), **padding)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
@@ -345,6 +354,12 @@ def run(spec: TrainSpec) -> None:
             "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
             if trainer.state.best_model_checkpoint else None,
             "eval_losses": evals,
+            # The last validation loss of each source (eval_<source>_loss), with one validation set per source.
+            "source_eval_losses": {name: next((h[f"eval_{name}_loss"] for h in reversed(history)
+                                               if f"eval_{name}_loss" in h), None)
+                                   for name, _, _ in spec.validation_sources},
+            "phase": spec.phase,
+            "run_steps": steps["run_steps"],
             "resumed_from": Path(resume).name if resume else None,
             "first_step": reporter.first_step,
             "seconds": seconds,

@@ -143,6 +143,10 @@ class DropsConfig(Section):
         "time) is left out of the line's runs; one still unsettled this many hours after it was announced is "
         "rejected (its producer died mid-write)."
     )
+    source: str | None = Field(
+        None, description="The source of `sources` a line's drops join (read and gated with its settings); null: "
+        "the first source (with `corpus`, the corpus)."
+    )
 
 
 class DecontaminateConfig(Section):

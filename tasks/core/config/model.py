@@ -87,7 +87,31 @@ class TrainConfig(Section):
     lr_scheduler_type: Literal[SCHEDULERS] = Field(
         "cosine", description="Learning-rate schedule (transformers' names). Every run warms up and decays afresh, "
         "also when it continues a promoted model (train.init); warmup_stable_decay holds the peak and decays over "
-        "the last `decay_ratio` of the steps, the usual choice for open-ended continual pretraining."
+        "the last `decay_ratio` of the steps, the usual choice for open-ended continual pretraining. Not used with "
+        "schedule: stable_anneal."
+    )
+    schedule: Literal["standard", "stable_anneal"] = Field(
+        "standard", description="standard: each run is one training with lr_scheduler_type (warms up and decays "
+        "afresh). stable_anneal: a line that stays in its stable phase (warmup-stable-decay, MiniCPM; Hägele et al. "
+        "2024): the line's first run warms up, every run trains at the constant peak rate from the line's last "
+        "stable checkpoint (the stable model of its last promoted run: kept as the line's parent, never released "
+        "or decayed), then the anneal stage makes the release from it (train.anneal), which is evaluated, gated "
+        "and pushed. Needs train.init: last_promoted."
+    )
+    anneal: Literal["decay", "average"] = Field(
+        "decay", description="With schedule stable_anneal, how a release is made from the stable model. decay: a "
+        "branch that continues it with the learning rate falling linearly to 0 over `anneal_ratio` of the run's "
+        "steps (on anneal.sources' mixture when given); average: the mean of the line's last `anneal_checkpoints` "
+        "stable models, this run's included (checkpoint averaging, as Megatron-LM's checkpoint merging), no training."
+    )
+    anneal_ratio: float = Field(
+        0.2, gt=0, lt=1, description="With anneal: decay, the share of the run's steps that is the decay branch: the "
+        "stable phase trains the other 1 - anneal_ratio, so a release costs what a standard run of the same steps "
+        "does (Hägele et al.: a 10-20% cooldown matches a cosine schedule)."
+    )
+    anneal_checkpoints: int = Field(
+        3, ge=2, le=16, description="With anneal: average, how many of the line's last stable models are averaged "
+        "(fewer while the line has fewer; the card says how many)."
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
     decay_ratio: float = Field(
@@ -182,6 +206,9 @@ class TrainConfig(Section):
         out = super().key_material()
         if self.method == "full":
             out.pop("lora")  # adapter settings shape nothing a full training makes
+        if self.schedule == "standard":  # the anneal settings shape nothing a standard run makes
+            for name in ("schedule", "anneal", "anneal_ratio", "anneal_checkpoints"):
+                out.pop(name)
         return out
 
     @field_validator("report_to")
@@ -223,6 +250,9 @@ class TrainConfig(Section):
             if self.compile:
                 raise ValueError("compile with sharding: fsdp is not supported yet (each FSDP unit would be compiled "
                                  "around its collectives); set compile: false")
+        if self.schedule == "stable_anneal" and self.init != "last_promoted":
+            raise ValueError("schedule: stable_anneal continues the line's stable checkpoint from run to run; set "
+                             "init: last_promoted (the first run of a line starts from model.id and warms up)")
         if self.packed_length is not None and not self.packing:
             raise ValueError("packed_length: static packed rows need packing: true")
         if self.save_steps % self.eval_steps:
@@ -310,6 +340,19 @@ class TaskCheck(Section):
     )
 
 
+class SourceLimit(Section):
+    source: str = Field(..., description="A source with a validation set (a name of `sources`; corpus for the "
+                        "two-source spelling).")
+    max_increase: float = Field(
+        0.0, ge=0, description="Most its validation perplexity may rise, as a share (0.05: 5%). 0: it must improve "
+        "(strictly below, a tie refused)."
+    )
+    against: Literal["reference", "base"] = Field(
+        "reference", description="Compared with the gate's reference (the last promoted model, else the base), or "
+        "with the base model (a bound on what the whole line may forget)."
+    )
+
+
 class GateConfig(Section):
     """The promotion gate between evaluate and push: a model that fails it is not pushed."""
 
@@ -332,6 +375,11 @@ class GateConfig(Section):
         default_factory=list, description="Downstream task checks ({task, metric, max_drop}) on evaluate.tasks' "
         "results: the new model's metric may not fall below the reference's by more than max_drop. A result that "
         "is missing or not finite refuses."
+    )
+    sources: list[SourceLimit] = Field(
+        default_factory=list, description="Limits per source ({source, max_increase, against}) on its validation "
+        "perplexity, each a check in gate.json: e.g. the domain must improve, general text may rise 5%, code 10%. "
+        "A source's perplexity that is missing or not finite refuses."
     )
 
     @model_validator(mode="after")

@@ -11,18 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tasks.core.config.base import ConfigError, Section
 from tasks.core.config.data import (ChunkConfig, CorpusConfig, DropsConfig, ReplayConfig, RuntimeConfig,
                                     ShuffleConfig, SplitConfig, TokenizeConfig, TokenStatsConfig)
 from tasks.core.config.model import EvaluateConfig, GateConfig, ModelConfig, PushConfig, TrainConfig
 from tasks.core.config.retention import RetentionConfig
+from tasks.core.config.sources import (AnnealConfig, DataSource, SourceConfig, check_shares, configured_sources,
+                                       legacy_sources)
 from tasks.core.config.task_files import task_path_like
 
 
 class CptConfig(Section):
     KEY_NEUTRAL = frozenset({"retention"})  # what the disk keeps, never what a stage writes
+    # Before `corpus`: its check reads whether sources are given.
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Named training sources, each read like `corpus` with its share of the "
+        "trained tokens (weight) or its passes (epochs), its own validation set and decontamination; they replace "
+        "`corpus` and `replay` (the two-source spelling, which keeps working). The first source is the domain: its "
+        "stages carry the stage names, drops join it unless drops.source says otherwise."
+    )
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="What to read (load stage).")
     model: ModelConfig = Field(..., description="Base model and its tokenizer.")
     shuffle: ShuffleConfig = Field(default_factory=ShuffleConfig, description="Document order (shuffle stage).")
@@ -36,6 +45,8 @@ class CptConfig(Section):
     drops: DropsConfig = Field(default_factory=DropsConfig, description="Gate for corpus drops (cpt retrain).")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="General text replayed in training.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate before push.")
+    anneal: AnnealConfig = Field(default_factory=AnnealConfig, description="The release branch's own mixture "
+                                 "(train.schedule: stable_anneal).")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Where the per-file pieces run.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig,
                                        description="What the artifacts root keeps (cpt cache gc, docs/retention.md).")
@@ -53,10 +64,70 @@ class CptConfig(Section):
 
     @field_validator("corpus")
     @classmethod
-    def _has_paths(cls, corpus: CorpusConfig) -> CorpusConfig:
+    def _has_paths(cls, corpus: CorpusConfig, info: ValidationInfo) -> CorpusConfig:
+        if "sources" not in info.data:  # sources failed: said there
+            return corpus
+        if info.data["sources"]:
+            if corpus.paths:
+                raise ValueError("paths: `sources` replaces corpus (the first source is the domain): move these "
+                                 "paths into a source")
+            return corpus
         if not corpus.paths:
             raise ValueError("paths: at least one file, glob or folder is required")
         return corpus
+
+    @model_validator(mode="after")
+    def _sources_named_and_shared(self) -> CptConfig:
+        names = [s.name for s in self.sources]
+        if self.sources:
+            if len(set(names)) != len(names):
+                raise ValueError(f"sources: a name is given twice ({names})")
+            if self.replay.active:
+                raise ValueError("replay: `sources` replaces replay; add the replay text as a source with its weight")
+            check_shares(self.sources, names, "sources")
+        known = [d.name for d in self.data_sources()]
+        with_validation = [d.name for d in self.data_sources() if d.split.validation_fraction > 0]
+        if self.drops.source is not None and self.drops.source not in known:
+            raise ValueError(f"drops.source: {self.drops.source!r} is not one of the sources {known}")
+        for i, limit in enumerate(self.gate.sources):
+            if limit.source not in with_validation:
+                raise ValueError(f"gate.sources[{i}]: {limit.source!r} is not a source with a validation set "
+                                 f"({with_validation})")
+        anneal = [a.name for a in self.anneal.sources]
+        if anneal:
+            unknown = [n for n in anneal if n not in known]
+            if unknown or len(set(anneal)) != len(anneal):
+                raise ValueError(f"anneal.sources: {unknown or anneal} must name each of the sources {known} at "
+                                 "most once")
+            check_shares(self.anneal.sources, anneal, "anneal.sources")
+            if self.train.schedule != "stable_anneal" or self.train.anneal != "decay":
+                raise ValueError("anneal.sources: the decay branch's mixture needs train.schedule: stable_anneal "
+                                 "with train.anneal: decay")
+        return self
+
+    def data_sources(self) -> list[DataSource]:
+        """The sources the flow runs, in order: `sources`, or `corpus` (+ `replay` when active)."""
+        if self.sources:
+            return configured_sources(self.sources, self.split, self.shuffle)
+        return legacy_sources(self.corpus, self.replay, self.split, self.shuffle)
+
+    @property
+    def drop_source(self) -> str:
+        """The source a line's drops join."""
+        return self.drops.source or self.data_sources()[0].name
+
+    @property
+    def drop_corpus(self) -> CorpusConfig:
+        """How a line's drops are read: the corpus settings of the source they join."""
+        return next(d.corpus for d in self.data_sources() if d.name == self.drop_source)
+
+    def with_drop_corpus(self, corpus: CorpusConfig) -> CptConfig:
+        """This config with the drops' source reading `corpus` (its paths with the line's drops, less the others)."""
+        if not self.sources:
+            return self.model_copy(update={"corpus": corpus})
+        sources = [s.model_copy(update={"paths": corpus.paths, "exclude": corpus.exclude})
+                   if s.name == self.drop_source else s for s in self.sources]
+        return self.model_copy(update={"sources": sources})
 
     @model_validator(mode="after")
     def _adapter_to_release(self) -> CptConfig:
