@@ -69,9 +69,9 @@ def derived_push_name(config: CptConfig, line: str | None) -> str:
     model = _slug(config.model.id.rstrip("/").split("/")[-1], 40) or "model"
     if line:
         return f"{model}-cpt-line-{line}"
-    digest = hashlib.blake2b(json.dumps([config.model.id, sorted(config.corpus.paths)]).encode(),
-                             digest_size=3).hexdigest()
-    return f"{model}-cpt-{corpus_slug(config.corpus.paths)}-{digest}"
+    paths = config.data_sources()[0].corpus.paths  # the domain: `corpus`, or the first of `sources`
+    digest = hashlib.blake2b(json.dumps([config.model.id, sorted(paths)]).encode(), digest_size=3).hexdigest()
+    return f"{model}-cpt-{corpus_slug(paths)}-{digest}"
 
 
 def with_release_name(config: CptConfig, line: str | None) -> CptConfig:
