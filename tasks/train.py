@@ -17,12 +17,12 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.core import fence
 from tasks.core.config.data import ChunkConfig
 from tasks.core.config.model import ModelConfig, TrainConfig
-from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.manifest import Fingerprint, OutputMeta, StageOutput
 from tasks.core.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -166,9 +166,21 @@ def source_tokens(chunks: StageOutput) -> dict[str, Any]:
     return {"domain_trained_tokens": c.get("train_trained_tokens"), "replay_trained_tokens": 0, "replay_share": 0.0}
 
 
+class TrainMeta(OutputMeta):
+    model_digest: str  # of the model's files (tasks.ml.modeling.model_digest), checked before it is read
+    device: str = ""
+    dtype: str = ""
+    optim: str = ""
+    model_dir: Literal["model"] = "model"
+    tensorboard: Literal["tensorboard"] = "tensorboard"
+    parent: dict[str, Any] = {}  # the model it started from: kind, id, digest (a description, never opened)
+
+
 class Trained(StageOutput):
     """train's output: `model/` (weights and tokenizer, the best checkpoint with early stopping),
     `metrics.json`, `log_history.json`, `loss_curve.png`, `tensorboard/`."""
+
+    meta: TrainMeta
 
     def model_dir(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / "model"
@@ -205,7 +217,7 @@ class Trained(StageOutput):
 
     @property
     def model_digest(self) -> str:
-        return self.meta["model_digest"]
+        return self.meta.model_digest
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.fence import Fence, LockLost  # noqa: F401 - LockLost is raised to callers of this module
-from tasks.core.manifest import MANIFEST, RECORDS_DIR, StageOutput, remove_entry_dir, safe_relpath, verified_manifest
+from tasks.core.signing import Unsigned, keys_from_env
+from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, entry_rel, misplaced, parse_manifest,
+                                 remove_entry_dir, safe_relpath, verified_manifest)
 
 LOCK_TIMEOUT = float(os.environ.get("CPT_STORE_LOCK_TIMEOUT_SECONDS", str(24 * 3600)))
 
@@ -71,7 +73,7 @@ def storage_options() -> dict[str, Any]:
 class Store:
     """One object-store root: the fsspec filesystem, the bucket/prefix path in it, and the local mirror."""
 
-    def __init__(self, url: str, local: Path, on_wait=None):
+    def __init__(self, url: str, local: Path, on_wait=None, on_damage=None):
         import fsspec
 
         self.url = url.rstrip("/")
@@ -79,18 +81,27 @@ class Store:
         # Called with a sentence when a lock is held elsewhere and this host waits, or an entry is found
         # damaged (the run's logger).
         self.on_wait = on_wait or (lambda msg: None)
+        # Called with a sentence when an object is found damaged, forged or unsigned (a warning, once per object).
+        said: set[str] = set()
+        damage = on_damage or self.on_wait
+        self.on_damage = lambda msg: None if msg in said else (said.add(msg), damage(msg))
         scheme, rest = split_url(self.url)
         # Listings are never cached: another host's upload must be seen on the next look.
         # A filesystem of its own (not fsspec's shared instance): it reads the environment as it is now.
         self.fs = fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True, **storage_options())
         self.base = rest.strip("/")
         self.lease = float(os.environ.get("CPT_STORE_LEASE_SECONDS", "60"))
+        # The keys this host signs with and trusts (tasks/core/signing.py); none: objects are plain and unchecked.
+        self.keys = keys_from_env()
 
     def __repr__(self) -> str:
         return f"Store({self.url})"
 
     def remote(self, rel: str) -> str:
-        return f"{self.base}/{rel}".rstrip("/")
+        """The object key of `rel` under the root's prefix. `rel` is a relative name whose every part is a real
+        name (`safe_relpath`): on a store that keeps `//` literally (AWS S3, GCS, moto), `cache//tmp/x` would be
+        a key of its own, and joined to the mirror an absolute path."""
+        return f"{self.base}/{safe_relpath(rel)}"
 
     # --------------------------------------------------------------------------------- entries
 
@@ -112,11 +123,49 @@ class Store:
                     continue
         return out
 
-    def manifest(self, rel: str) -> StageOutput | None:
+    def read_manifest_object(self, rel: str) -> StageOutput | None:
+        """The manifest object of `rel` parsed (ValueError when it does not parse or, with signing on, is not
+        signed by a trusted key for that place: Unsigned; None when absent)."""
+        place = f"{rel}/{MANIFEST}"
         try:
-            return StageOutput.model_validate_json(self.fs.cat_file(self.remote(f"{rel}/{MANIFEST}")))
-        except (FileNotFoundError, ValueError):
+            data = self.fs.cat_file(self.remote(place))
+        except FileNotFoundError:
             return None
+        return parse_manifest(self.keys.open(place, data))
+
+    # ------------------------------------------------------------------------------ sealed objects
+
+    def write_sealed(self, rel: str, data: bytes) -> None:
+        """Write the object `rel`, signed when this host signs (tasks/core/signing.py)."""
+        self.fs.pipe_file(self.remote(rel), self.keys.seal(rel, data))
+
+    def read_sealed(self, rel: str) -> bytes | None:
+        """The object `rel` (its payload), None when absent; Unsigned when this host verifies and no trusted
+        key signed it for that place."""
+        try:
+            data = self.fs.cat_file(self.remote(rel))
+        except FileNotFoundError:
+            return None
+        return self.keys.open(rel, data)
+
+    def manifest(self, rel: str) -> StageOutput | None:
+        """The manifest of the entry at `rel` in the store, parsed as its stage's type and checked to be that
+        entry's own; None when there is none, or when it is not one (logged: a damaged or forged entry)."""
+        entry_rel(rel)
+        try:
+            manifest = self.read_manifest_object(rel)
+        except Unsigned as e:
+            self.on_damage(f"store: {self.url}/{rel}: not trusted ({e}); it is a miss and will be rebuilt")
+            return None
+        except ValueError as e:
+            self.on_damage(f"store: {self.url}/{rel}: its manifest is unreadable ({str(e).splitlines()[0][:200]}); "
+                         "it is a miss and will be rebuilt")
+            return None
+        if manifest is not None and manifest.path != rel:
+            self.on_damage(f"store: {self.url}/{rel}: its manifest is that of another entry ({manifest.path}); "
+                         "it is a miss and will be rebuilt")
+            return None
+        return manifest
 
     def complete(self, rel: str):
         """The manifest of a complete entry in the store (every listed file there with its size, every entry
@@ -145,7 +194,9 @@ class Store:
     def fetch_entry(self, rel: str, only: list[str] | None = None):
         """Copy a complete entry (its references first) into the mirror; returns its manifest, None if the
         store has no complete entry. `only` copies just those files, for a reader that needs no more (the
-        copy is then left without a manifest: a later full fetch completes it)."""
+        copy is then left without a manifest: a later full fetch completes it). `rel` is an entry's place
+        (`entry_rel`), checked before anything is written or moved aside."""
+        entry_rel(rel)
         manifest = self.complete(rel)
         if manifest is None:
             return None
@@ -153,7 +204,7 @@ class Store:
         if only is not None:
             final.mkdir(parents=True, exist_ok=True)
             for name in only:
-                target = final / name
+                target = final / safe_relpath(name)
                 if name in manifest.files and not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
@@ -161,7 +212,7 @@ class Store:
                         self._copy_verified(rel, name, tmp, manifest)
                     except DamagedEntry as e:
                         tmp.unlink(missing_ok=True)
-                        self.on_wait(f"store: {e}; discarding {self.url}/{rel}, it will be rebuilt")
+                        self.on_damage(f"store: {e}; discarding {self.url}/{rel}, it will be rebuilt")
                         self.delete(rel)
                         return None
                     os.replace(tmp, target)
@@ -181,7 +232,7 @@ class Store:
         except DamagedEntry as e:
             # Never a silent reuse: the entry is discarded in the store (manifest first), so the next lookup is
             # a miss and it is rebuilt.
-            self.on_wait(f"store: {e}; discarding {self.url}/{rel}, it will be rebuilt")
+            self.on_damage(f"store: {e}; discarding {self.url}/{rel}, it will be rebuilt")
             self.delete(rel)
             return None
         finally:
@@ -190,7 +241,8 @@ class Store:
 
     def _copy_verified(self, rel: str, name: str, target: Path, manifest) -> None:
         """One object copied to `target`, hashed as it streams (blake2b-128, as recorded at publish); a size or
-        digest other than the manifest's raises DamagedEntry."""
+        digest other than the manifest's raises DamagedEntry, and so does an Arrow file that is not a valid IPC
+        file or stream (checked whole before any reader maps it: offsets and lengths are memory addresses)."""
         import hashlib
 
         h = hashlib.blake2b(digest_size=16)
@@ -205,6 +257,10 @@ class Store:
         expected = manifest.digests.get(name)
         if expected is not None and h.hexdigest() != expected:
             raise DamagedEntry(f"{self.url}/{rel}/{name} does not have the content it was published with")
+        if name.endswith(".arrow"):
+            why = arrow_problem(target)
+            if why is not None:
+                raise DamagedEntry(f"{self.url}/{rel}/{name} is not a valid Arrow file ({why})")
 
     def upload_entry(self, rel: str, local_dir: Path, manifest, lock: Lock | None = None) -> None:
         """Publish a local entry: leftovers under its prefix removed, its files, then its manifest, last.
@@ -225,7 +281,7 @@ class Store:
             self.fs.put([str(local_dir / n) for n in names], [self.remote(f"{rel}/{n}") for n in names])
         if lock is not None:
             lock.check()
-        self.fs.pipe_file(self.remote(f"{rel}/{MANIFEST}"), manifest.model_dump_json(indent=2).encode())
+        self.write_sealed(f"{rel}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
 
     def delete(self, rel: str) -> None:
         """Remove an entry or a folder: its manifest first, so no reader trusts what remains."""
@@ -238,20 +294,21 @@ class Store:
     # ------------------------------------------------------------------------------ plain files
 
     def get(self, rel: str, local: Path) -> bool:
-        """Copy one object to `local` (atomically); False, and `local` removed, when the store has none."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.get")
-        try:
-            self.fs.get_file(self.remote(rel), str(tmp))
-        except FileNotFoundError:
-            tmp.unlink(missing_ok=True)
+        """Copy one object (a state file: small) to `local` (atomically); False, and `local` removed, when the
+        store has none. With signing on, one that no trusted key signed for `rel` raises Unsigned (the local
+        copy is left as it was: a state file is never replaced by one a writer without the key made)."""
+        data = self.read_sealed(rel)
+        if data is None:
             local.unlink(missing_ok=True)
             return False
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.get")
+        tmp.write_bytes(data)
         os.replace(tmp, local)
         return True
 
     def put(self, local: Path, rel: str) -> None:
-        self.fs.put_file(str(local), self.remote(rel))
+        self.write_sealed(rel, local.read_bytes())
 
     def put_dir(self, local: Path, rel: str, marker: bytes | None = None) -> None:
         """Upload a folder's files; with `marker`, a `_COMPLETE` object holding it last (a reader checks for it)."""
@@ -260,12 +317,15 @@ class Store:
             self.fs.put([str(p) for p in files], [self.remote(f"{rel}/{p.relative_to(local).as_posix()}")
                                                    for p in files])
         if marker is not None:
-            self.fs.pipe_file(self.remote(f"{rel}/{MANIFEST}"), marker)
+            self.write_sealed(f"{rel}/{MANIFEST}", marker)
 
     def read(self, rel: str) -> bytes | None:
+        """The object `rel` (a checkpoint's marker): its payload, None when absent or, with signing on, not
+        signed by a trusted key for that place (logged)."""
         try:
-            return self.fs.cat_file(self.remote(rel))
-        except FileNotFoundError:
+            return self.read_sealed(rel)
+        except Unsigned as e:
+            self.on_damage(f"store: {self.url}/{rel}: not trusted ({e}); not read")
             return None
 
     def get_dir(self, rel: str, local: Path) -> int:
@@ -293,18 +353,32 @@ class Store:
         for name, info in found.items():
             parts = name[len(base) + 1:].split("/", 2)
             if len(parts) == 3 and parts[0] != RECORDS_DIR:
-                entries.setdefault(f"cache/{parts[0]}/{parts[1]}", {})[parts[2]] = int(info.get("size") or 0)
-        manifests = {}
+                try:  # an object whose key is no entry's place (`cache//x`, `..`) belongs to no entry
+                    rel = entry_rel(f"cache/{parts[0]}/{parts[1]}")
+                    safe_relpath(parts[2])
+                except ValueError:
+                    continue
+                entries.setdefault(rel, {})[parts[2]] = int(info.get("size") or 0)
+        manifests, unread = {}, {}
         for rel, files in entries.items():
             if MANIFEST in files:
-                with contextlib.suppress(FileNotFoundError, ValueError):
-                    manifests[rel] = StageOutput.model_validate_json(self.fs.cat_file(self.remote(f"{rel}/{MANIFEST}")))
+                try:
+                    manifest = self.read_manifest_object(rel)
+                except Unsigned as e:
+                    unread[rel] = f"not trusted: {e}"
+                    continue
+                except (FileNotFoundError, ValueError):
+                    continue
+                if manifest is not None and manifest.path == rel:
+                    manifests[rel] = manifest
+                elif manifest is not None:
+                    unread[rel] = f"its manifest is that of another entry ({manifest.path})"
         for rel, files in sorted(entries.items()):
             manifest = manifests.get(rel)
             if MANIFEST not in files:
                 why = "no manifest: an upload cut short"
             elif manifest is None:
-                why = "its manifest is unreadable"
+                why = unread.get(rel, "its manifest is unreadable")
             else:
                 why = next((f"{n} is missing" if n not in files else f"{n} has {files[n]} bytes, the manifest "
                             f"says {size}" for n, size in manifest.files.items() if files.get(n) != size), None)
@@ -343,6 +417,23 @@ class Store:
     def lock(self, name: str, done=None) -> Lock:
         return Lock(self, name, done)
 
+    def probe_conditional_create(self) -> bool:
+        """Whether the store refuses a second create-if-absent of one key (the S3 `If-None-Match: *` put the
+        locks are made of): one object created twice under `locks/`, then removed."""
+        key = self.remote(f"locks/_probe-{uuid.uuid4().hex}")
+        self.fs.pipe_file(key, b"1", mode="create")
+        try:
+            try:
+                self.fs.pipe_file(key, b"2", mode="create")
+            except FileExistsError:
+                return True
+            except OSError:  # SeaweedFS's bare 412: refused, if the first object is still what is there
+                return self.fs.cat_file(key) == b"1"
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(key)
+
 
 class Lock:
     """A lease lock made of conditional creates, across hosts. Holders are generations under
@@ -361,6 +452,7 @@ class Lock:
     fraction of the lease (NTP gives milliseconds; the default lease is 60 s)."""
 
     def __init__(self, store: Store, name: str, done=None, timeout: float | None = None):
+        safe_relpath(name)  # a lock's name is a relative name under `locks/`, checked before any request
         self.store, self.name, self.done = store, name, done
         self.prefix = store.remote(f"locks/{name}")
         self.gen: int | None = None
@@ -503,6 +595,23 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def arrow_problem(path: Path) -> str | None:
+    """Why `path` is not a valid Arrow IPC file or stream (every batch validated in full), or None."""
+    import pyarrow as pa
+
+    try:
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            batches = iter(pa.ipc.open_stream(pa.memory_map(str(path))))
+        for batch in batches:
+            batch.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
 
 
 def install(tmp: Path, final: Path) -> None:

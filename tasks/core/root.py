@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from pathlib import Path
 
 from tasks.core.config.base import ConfigError
 from tasks.core.entries import build_and_publish, key_lock, local_entries
 from tasks.core.fence import fenced
-from tasks.core.manifest import RECORDS_DIR, StageOutput, read_manifest, remove_entry_dir, verified_manifest
+from tasks.core.manifest import (RECORDS_DIR, StageOutput, entry_of, entry_rel, read_manifest, remove_entry_dir,
+                                 safe_relpath, verified_manifest)
 from tasks.core.objectstore import Lock, Store, split_url
 from tasks.core.paths import scratch_home
 
@@ -66,6 +68,29 @@ def open_root(value: str | Path | None = None, where: str | None = None) -> Arti
     return ArtifactsRoot(Path(url[1] if url else text).resolve())
 
 
+UNSAFE_STORE = "CPT_STORE_WITHOUT_CONDITIONAL_CREATE"
+_PROBED: dict[str, bool] = {}  # store URL -> whether it refused a second create (once per process)
+
+
+def check_conditional_create(store: Store) -> None:
+    """Once per process and store: the store must refuse a second create of one key, or two hosts could hold
+    one lock and build one key (or run one line) at once. A store that does not is refused, unless
+    $CPT_STORE_WITHOUT_CONDITIONAL_CREATE=1 says to go on without that guarantee (then it is said, every run)."""
+    if store.url not in _PROBED:
+        _PROBED[store.url] = store.probe_conditional_create()
+    if _PROBED[store.url]:
+        return
+    why = (f"{store.url}: this store accepted a second create of one object (S3 If-None-Match: *, fsspec "
+           "mode='create'), so its locks do not exclude: two hosts could build one key or run one line at once")
+    if os.environ.get(UNSAFE_STORE) == "1":
+        from tasks.core.report import run_logger
+
+        run_logger().warning("%s; going on because %s=1: one build per key is NOT guaranteed", why, UNSAFE_STORE)
+        return
+    raise ConfigError(f"{why}. Use a store that honours conditional writes, or set {UNSAFE_STORE}=1 to run "
+                      "without that guarantee (one host at a time)")
+
+
 class EntryUnavailable(FileNotFoundError):
     """An entry a reader needs is not complete in the store (it may just have been found damaged)."""
 
@@ -105,26 +130,29 @@ class ArtifactsRoot:
 
     def path(self, rel: str) -> Path:
         """`rel` under this host's copy of the root, as it is (nothing fetched)."""
-        return self.local / rel
+        return self.local / safe_relpath(rel)
 
     def cache_dir(self, stage: str, key: str) -> Path:
-        return self.local / "cache" / stage / key
+        return self.local / entry_of(stage, key)
 
     @property
     def records_dir(self) -> Path:
         """Where Prefect keeps its result records (what makes a task Cached): the stages' result storage."""
         return self.local / "cache" / RECORDS_DIR
 
+    # `entry` and `file` take only an entry's place, `cache/<stage>/<key>` (`entry_rel`), and a file name inside
+    # it: whatever a manifest or a record says, nothing outside the root's cache is fetched, written or read.
+
     def entry(self, rel: str) -> Path:
         """An entry's folder, complete on this host."""
-        return self.local / rel
+        return self.local / entry_rel(rel)
 
     def file(self, rel: str, name: str) -> Path:
-        return self.local / rel / name
+        return self.local / entry_rel(rel) / safe_relpath(name)
 
     def location(self, rel: str) -> str:
-        """Where an entry lives, for people: here, a local folder."""
-        return str(self.local / rel)
+        """Where an entry (or a folder of the root) lives, for people: here, a local folder. Fetches nothing."""
+        return str(self.local / safe_relpath(rel))
 
     def published(self, stage: str, key: str) -> StageOutput | None:
         """The manifest of the entry of `key` if it is published and undamaged (a cache lookup), else None."""
@@ -162,10 +190,11 @@ class ArtifactsRoot:
         block ends without error: a killed writer leaves the old state or the new one, and concurrent writers
         lose nothing. flock is released by the kernel if the holder dies."""
         path = self.local / rel
-        with self.exclusive(rel):
+        with self.exclusive(rel) as held:
             self._pull(rel, path)
             state = read()
             yield state
+            held.check()  # a lease lost (or lapsing) meanwhile: another host may hold the state; nothing written
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
             tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
             self._push(tmp, rel)
@@ -177,7 +206,7 @@ class ArtifactsRoot:
         store root, across hosts (the store's lease lock). `waiting` is logged when someone else holds it."""
         import fcntl
 
-        path = self.local / f"{rel}.lock"
+        path = self.local / f"{safe_relpath(rel)}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -189,14 +218,22 @@ class ArtifactsRoot:
 
                     run_logger().info("%s", waiting)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            with self._state_lock(rel):
-                yield
+            with self._state_lock(rel) as held:
+                # Fenced like a build: a store lease that lapses stops what runs under it (fence.check at the
+                # points where stopping is cheap; a training child is killed), and nothing is written back.
+                with fenced(held.fence):
+                    yield held
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def _state_lock(self, rel: str):
-        return contextlib.nullcontext()
+        """A lock across hosts (a store's lease; yields it: its `fence` and `check()`); here none is needed: the
+        fence of whatever encloses the block."""
+        from tasks.core import fence
+
+        current = fence.current()
+        return contextlib.nullcontext(types.SimpleNamespace(fence=current, check=current.check))
 
     def _pull(self, rel: str, path: Path) -> None:
         """Bring a file of the root up to date on this host (nothing to do on a local root)."""
@@ -257,10 +294,13 @@ class StoreRoot(ArtifactsRoot):
     files and run summaries are copied both ways."""
 
     def __init__(self, url: str):
+        from tasks.core.signing import keys_from_env
+
         self.url = url.rstrip("/")
         super().__init__(mirror_path(self.url))
         self.local.mkdir(parents=True, exist_ok=True)
         self._store: Store | None = None
+        keys_from_env()  # a key setting that cannot be read is said now, naming the variable
 
     @property
     def spec(self) -> str:
@@ -271,13 +311,16 @@ class StoreRoot(ArtifactsRoot):
         if self._store is None:  # made on first use: opening a root costs no request
             from tasks.core.report import run_logger
 
-            self._store = Store(self.url, self.local, on_wait=lambda msg: run_logger().info("%s", msg))
+            store = Store(self.url, self.local, on_wait=lambda msg: run_logger().info("%s", msg),
+                          on_damage=lambda msg: run_logger().warning("%s", msg))
+            check_conditional_create(store)
+            self._store = store
         return self._store
 
     # -------------------------------------------------------------------------------- entries
 
     def entry(self, rel: str) -> Path:
-        directory = self.local / rel
+        directory = self.local / entry_rel(rel)
         if verified_manifest(directory, self.local, quiet=True) is None:
             with key_lock(directory.parent, directory.name):
                 if verified_manifest(directory, self.local, quiet=True) is None \
@@ -287,13 +330,13 @@ class StoreRoot(ArtifactsRoot):
         return directory
 
     def file(self, rel: str, name: str) -> Path:
-        path = self.local / rel / name
+        path = self.local / entry_rel(rel) / safe_relpath(name)
         if not path.is_file():
             self.store.fetch_entry(rel, only=[name])
         return path
 
     def location(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        return f"{self.url}/{safe_relpath(rel)}"
 
     def _dep_manifest(self, rel: str) -> StageOutput | None:
         """An entry's manifest from the mirror, else from the store (built by another host, never fetched here)."""
@@ -343,11 +386,21 @@ class StoreRoot(ArtifactsRoot):
 
     # ------------------------------------------------------------------------------ state files
 
-    def _state_lock(self, rel: str) -> Lock:
-        return self.store.lock(rel)  # writers on other hosts
+    @contextlib.contextmanager
+    def _state_lock(self, rel: str):
+        """The store's lease lock of `rel` (writers on other hosts), held."""
+        lock = self.store.lock(rel)
+        with lock:
+            yield lock
 
     def _pull(self, rel: str, path: Path) -> None:
-        self.store.get(rel, path)  # removed here if gone there
+        from tasks.core.signing import Unsigned
+
+        try:
+            self.store.get(rel, path)  # removed here if gone there
+        except Unsigned as e:
+            raise Unsigned(f"{self.url}/{rel}: {e}: not used (CPT_STORE_TRUSTED_KEYS names the keys trusted); "
+                           "restore it from a host that signs, or remove it") from None
 
     def _push(self, path: Path, rel: str) -> None:
         self.store.put(path, rel)
