@@ -13,8 +13,9 @@ payload is untrusted input. `cpt retrain --drop PATH` typed at a shell accepts a
 
 A drop still being written is not trained on (it stays pending and a later run, nightly or the next
 announcement, picks it up). Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
-temp name and rename; the load stage re-hashes every file it reads and fails if one changed since the run
-fingerprinted it.
+temp name and rename. A drop is trained exactly as the gate read it (its recorded identity: real path, files and
+digests; tasks/line/sources.py), each file read once, no symlink followed, checked against its digest as it is
+read (tasks/data/opening.py): a drop that changed is gated again before anything of it is trained.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from tasks.core.manifest import DigestMemo
 from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import open_root
 from tasks.core.scope import build_scope
-from tasks.line.drop_gate import gate_drops, line_config, near_duplicate_pairs, unsettled_files
-from tasks.data.files import fingerprint_files, resolve_corpus_files
+from tasks.line.drop_gate import gate_drops, near_duplicate_pairs, unsettled_files
+from tasks.line.sources import line_sources
 from tasks.line import lines
 
 
@@ -147,13 +148,13 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
                            rejected=gate["rejected"])
 
         state = lines.read_line(root, line)
-        cfg = line_config(config, state)
-        files = resolve_corpus_files(cfg.corpus)
-        busy = unsettled_files(files, settle_seconds)
+        # What the line trains on: the configured corpus as listed now, its drops exactly as the gate read them.
+        fingerprint, configured = line_sources(config, state, digests.digest)
+        files = fingerprint.items
+        busy = unsettled_files(configured, settle_seconds)
         if busy:
             return skipped("unsettled", f"corpus still being written, not training now: {', '.join(busy[:5])}",
                            files=busy)
-        fingerprint = fingerprint_files(files, digests.digest)
         digests.save()
         last = state.last_training
         if last and last["corpus"] == fingerprint.digest and not force:
@@ -165,7 +166,7 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         log.info("retrain: line %r: corpus fingerprint %s (%d files, %d drops) differs from the last training "
                  "(%s); running the pipeline", line, fingerprint.digest[:12], len(files), len(state.active_paths()),
                  last["corpus"][:12] if last else "none")
-        summary = continued_pretraining(config=cfg, artifacts=root.spec, line=line)
+        summary = continued_pretraining(config=config, artifacts=root.spec, line=line)
     gate = summary.get("gate") or {}
     lines.record_training(root, line, {
         "corpus": fingerprint.digest, "files": len(files), "drops": state.active_paths(),

@@ -20,7 +20,6 @@ place, never an exception. A rejected drop is excluded from every later run of t
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 from pathlib import Path
@@ -36,12 +35,13 @@ from tasks.core.config.data import CorpusConfig, DropsConfig
 from tasks.core.config.tree import CptConfig
 from tasks.core.manifest import DigestMemo, Fingerprint
 from tasks.core.root import ArtifactsRoot
-from tasks.data.files import fingerprint_files, glob_base, is_glob, list_corpus_files, resolve_corpus_files
-from tasks.data.layout import REJECTS_FILE, piece_docs_file
+from tasks.data.files import fingerprint_files, list_corpus_files
+from tasks.data.layout import REJECTS_FILE, LoadSource, piece_docs_file
 from tasks.data.pieces import load_pieces, piece_ids
 from tasks.data.records import BadRecordError
 from tasks.shuffle import validation_texts
 from tasks.line import lines
+from tasks.line.sources import line_sources
 from tasks.tokenize import TokenizerOnce, resolve_tokenizer, token_lengths, tokenize_pieces
 
 WRITING_MARKER = "_WRITING"
@@ -57,31 +57,16 @@ def unsettled_files(files: list[Path], settle_seconds: float, now: float | None 
     return busy
 
 
-def holds_configured_path(drop: str, corpus: CorpusConfig, base: Path | None = None) -> bool:
-    """Whether the drop is, or holds, one of `corpus.paths` (a glob: the folder it lists)."""
-    base = base or Path.cwd()
-    drop_path = Path(drop)
-    for entry in corpus.paths:
-        p = Path(entry).expanduser()
-        p = p if p.is_absolute() else base / p
-        p = (glob_base(p) if is_glob(entry, p) else p).resolve()
-        if p == drop_path or drop_path in p.parents:
-            return True
-    return False
+def symlinked(entry: lines.Drop) -> str | None:
+    """Why the drop's recorded path is no longer its real path (it, or a folder above it, is now a symlink), or
+    None. Such a drop is never listed through the symlink: it is gated again only as what it was."""
+    import os
 
-
-def line_config(config: CptConfig, state: lines.LineState, without: str | None = None) -> CptConfig:
-    """The config a line trains with: its corpus plus the active drops, less every other drop (a rejected or
-    removed drop inside a configured folder is not read either) and less the drop `without` — but never less
-    the configured corpus itself (a drop that is or holds a configured path is not excluded)."""
-    active = [p for p in state.active_paths() if p not in config.corpus.paths and p != without]
-    excluded = [p for p in [*state.inactive_paths(), *([without] if without else [])]
-                if not holds_configured_path(p, config.corpus)]
-    # A drop's path is literal: escaped, so one with `*?[` in its name (or one gone) is never taken as a glob.
-    excluded = [glob.escape(p) for p in excluded]
-    corpus = config.corpus.model_copy(update={"paths": [*config.corpus.paths, *active],
-                                              "exclude": [*config.corpus.exclude, *excluded]})
-    return config.model_copy(update={"corpus": corpus})
+    real = os.path.realpath(entry.path)
+    if real == entry.path:
+        return None
+    return (f"its path is now a symlink (to {real}): nothing is read through it; what the gate recorded of it "
+            "stays out of the line (announce its real folder as a new drop)")
 
 
 def drop_files(path: str) -> tuple[list[Path], list[str]]:
@@ -221,7 +206,7 @@ def ids_in_pieces(root: ArtifactsRoot, pieces: list, doc_ids: set[str], norm_ids
     return found_ids, found_norms
 
 
-def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConfig, tokenizer: Fingerprint,
+def profile_drop(drop_files: list[Path], line_files: list[Path] | Fingerprint, config: CptConfig, tokenizer: Fingerprint,
                  root: ArtifactsRoot, digest, skipped: list[str] | None = None) -> dict[str, Any]:
     """Profile a drop against its line through the cached pieces: documents, rejects (the first ones named),
     too-short records, exact duplicates of the line's documents, documents whose text is in the line's
@@ -249,8 +234,10 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
         for k in ("records", "rejected", "too_short"):
             profile[k] += out.counts[k]
     profile["reject_examples"] = reject_examples(root, [(item, out) for item, out, _ in loaded])
-    line_pieces = ([out for _, out, _ in load_pieces(fingerprint_files(line_files, digest).items, config.corpus,
-                                                     root)] if line_files else [])
+    # The line as it trains (tasks/line/sources.py: its drops by their recorded identities), or files to list.
+    line_items = line_files.items if isinstance(line_files, Fingerprint) else \
+        fingerprint_files(line_files, digest).items if line_files else []
+    line_pieces = [out for _, out, _ in load_pieces(line_items, config.corpus, root)] if line_items else []
 
     drop_ids, drop_norms = piece_ids(root, drop_pieces)
     line_ids, line_norms = ids_in_pieces(root, line_pieces, drop_ids, drop_norms)
@@ -265,8 +252,7 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
         once = TokenizerOnce(tokenizer, config.model.trust_remote_code, root)
 
         def lengths_of(pieces: list) -> np.ndarray:
-            parts = [{"key": o.key, "path": o.path, "content": o.content, "documents": o.counts["documents"]}
-                     for o in pieces]
+            parts = [LoadSource.of(o) for o in pieces]
             tokens = tokenize_pieces(parts, config.tokenize, tokenizer, root, config.model.trust_remote_code,
                                      tokenizer_once=once)
             return token_lengths(root, [o for o, _ in tokens])
@@ -290,8 +276,10 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
     out: dict[str, Any] = {"unsettled": [], "rejected": [], "gated": []}
     tokenizer = None
 
-    def verdict(entry: lines.Drop, fingerprint: str, profile: dict[str, Any]) -> None:
-        recorded = lines.record_verdict(root, line, entry.path, fingerprint, profile, gated=entry.status)
+    def verdict(entry: lines.Drop, fingerprint: str, profile: dict[str, Any],
+                identity: lines.DropIdentity | None = None) -> None:
+        recorded = lines.record_verdict(root, line, entry.path, fingerprint, profile, gated=entry.status,
+                                        identity=identity)
         if recorded is None:
             now = lines.read_line(root, line).find(entry.path)
             log.warning("drop gate: %s changed status while it was gated (%s → %s): its verdict (%s) is not "
@@ -319,6 +307,10 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
     for entry in state.drops:
         if entry.status == "removed":
             continue
+        if moved := symlinked(entry):  # never listed through: what it recorded stays out of the line
+            if entry.status != "rejected":
+                verdict(entry, "", refused(moved))
+            continue
         # Where the drop lies is checked before anything in it is listed (`path: /` lists nothing).
         why_not = refusal(entry, config.drops)
         if why_not and entry.status != "active":
@@ -339,16 +331,17 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
         if busy:
             out["unsettled"] += busy
             continue
-        if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
-            continue  # verdict already given on this content
+        identity = lines.DropIdentity.of(entry.path, fingerprint.items)  # its real path and files, as read now
+        if entry.status in ("active", "rejected") and entry.identity == identity:
+            continue  # verdict already given on exactly these files
         if why_not:  # an active drop whose content changed, where drops may no longer come from
             verdict(entry, fingerprint.digest, refused(why_not, where=True))
             continue
-        # The line without this drop (which may sit under a configured folder).
-        line_files = resolve_corpus_files(line_config(config, state, without=entry.path).corpus)
+        # The line without this drop (which may sit under a configured folder), its drops as they were gated.
+        line_files, _ = line_sources(config, state, digests.digest, without=entry)
         if tokenizer is None:
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
         profile = profile_drop(files, line_files, config, tokenizer, root, digests.digest, skipped)
-        verdict(entry, fingerprint.digest, profile)
+        verdict(entry, fingerprint.digest, profile, identity)
     digests.save()
     return out
