@@ -32,7 +32,7 @@ from tasks.line.lineage import RunLineage
 from tasks.data.files import fingerprint_corpus
 from tasks.load import load, load_inputs
 from tasks.ml.modeling import resolve_model, without_location
-from tasks.push import push
+from tasks.push import HeadMoved, push
 from tasks.mix import contamination_warnings, mix
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
@@ -116,7 +116,9 @@ def continued_pretraining(
     # One task runner for the run's fanned-out pieces (runtime.task_runner), started only if a stage needs it.
     with build_scope(str(flow_run.id)), one_runner_per_run(config.runtime):
         try:
-            sources = fingerprint_corpus(config.corpus, digest=digests.digest)
+            # A line's corpus is its configured files and its drops as the gate read them (tasks/line/sources.py).
+            sources = line_corpus(root, config, line, digests) if line else \
+                fingerprint_corpus(config.corpus, digest=digests.digest)
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
             digests.save()
             if until not in ("load", "shuffle"):  # the probe of a new tokenizer overlaps load and shuffle
@@ -169,13 +171,19 @@ def continued_pretraining(
                         if refused:
                             run.skip("push", refused)
                         else:
-                            pushed = run(push, push=config.push, base_model_id=config.model.id, trained=trained,
-                                         evaluation=evaluation, docs=docs, corpus=sources, config=config,
-                                         decision=decision, lineage=lineage.card(
-                                             sources, replay, train_chunks, trained, evaluation, base_eval, ref_eval,
-                                             decision))
-                            run.note(release_restored=lineage.released(pushed, trained, decision,
-                                                                       str(flow_run.name)))
+                            try:
+                                pushed = run(push, push=config.push, base_model_id=config.model.id,
+                                             trained=trained, evaluation=evaluation, docs=docs, corpus=sources,
+                                             config=config, decision=decision, hub_parent=lineage.hub_parent,
+                                             lineage=lineage.card(sources, replay, train_chunks, trained, evaluation,
+                                                                  base_eval, ref_eval, decision))
+                            except HeadMoved as e:  # the Hub moved between the gate and the commit: refused
+                                run.stages.pop()
+                                run.skip("push", str(e))
+                                summary["warnings"].append(str(e))
+                            else:
+                                run.note(release_restored=lineage.released(pushed, trained, decision,
+                                                                           str(flow_run.name)))
                 digests.save()
             summary["status"] = "Completed"
         except BaseException as e:
@@ -185,6 +193,13 @@ def continued_pretraining(
         finally:
             write_summary(summary, root)
     return summary
+
+
+def line_corpus(root: ArtifactsRoot, config: CptConfig, line: str, digests: DigestMemo) -> Fingerprint:
+    from tasks.line.lines import read_line
+    from tasks.line.sources import line_sources
+
+    return line_sources(config, read_line(root, line), digests.digest)[0]
 
 
 def held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) -> dict[str, Any]:
