@@ -14,7 +14,7 @@ SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
 
 
 # Fixtures that start a server: a test using one is `slow` (kept out of `make test-fast`), or collection fails.
-SERVER_FIXTURES = frozenset({"prefect_harness", "s3_endpoint"})
+SERVER_FIXTURES = frozenset({"prefect_harness", "s3_endpoint", "moto_endpoint", "any_s3"})
 
 
 def unmarked_server_tests(items) -> list[str]:
