@@ -17,14 +17,13 @@ import pyarrow.compute as pc
 from pydantic import model_validator
 
 from tasks.data.arrow import read_arrow
-from tasks.core.config.base import ConfigError
 from tasks.core.config.data import CorpusConfig, RuntimeConfig
 from tasks.core.keys import stage_key
 from tasks.core.manifest import Fingerprint, OutputMeta, StageOutput
 from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
-from tasks.data.files import list_corpus_files
+from tasks.data.files import path_ranks  # noqa: F401 (where it was)
 from tasks.data.near_pieces import near_dedup_rows
 from tasks.data.layout import DOCS_FILE, INDEX_FILE, REJECTS_FILE, LoadPart
 from tasks.data.pieces import assemble_documents, load_pieces, merge_counts, read_documents
@@ -101,20 +100,6 @@ class Docs(StageOutput):
         if c["rejected"]:
             lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(root)}"))
         return lines
-
-
-def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None) -> list[int]:
-    """Per file, the index of the first `corpus.paths` entry that yields it: a line lists its configured corpus
-    first and its drops in the order they joined, so a lower rank is a document the line had earlier."""
-    rank: dict[str, int] = {}
-    for i, entry in enumerate(corpus.paths):
-        try:
-            found, _ = list_corpus_files(corpus.model_copy(update={"paths": [entry]}), base)
-        except ConfigError:
-            continue
-        for f in found:
-            rank.setdefault(str(f), i)
-    return [rank.get(str(Path(f).resolve()), len(corpus.paths)) for f in files]
 
 
 # Bytes the data stages write per corpus byte, at most: load's pieces ~1.0, tokens 0.4 (uint16) to 0.9 (uint32),

@@ -365,6 +365,23 @@ def content_damage(directory: Path, manifest: StageOutput) -> str | None:
     return None
 
 
+def arrow_problem(path: Path) -> str | None:
+    """Why `path` is not a valid Arrow IPC file or stream (every batch validated in full), or None."""
+    import pyarrow as pa
+
+    try:
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            batches = iter(pa.ipc.open_stream(pa.memory_map(str(path))))
+        for batch in batches:
+            batch.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
 def verified_manifest(directory: Path, base: Path, quiet: bool = False) -> StageOutput | None:
     """The manifest of a complete, undamaged entry, else None (and a damaged entry is logged by name)."""
     try:

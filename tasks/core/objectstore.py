@@ -32,7 +32,7 @@ from typing import Any
 
 from tasks.core.fence import Fence, LockLost  # noqa: F401 - LockLost is raised to callers of this module
 from tasks.core.signing import Unsigned, keys_from_env
-from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, entry_rel, misplaced, parse_manifest,
+from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, arrow_problem, entry_rel, parse_manifest,
                                  remove_entry_dir, safe_relpath, verified_manifest)
 
 LOCK_TIMEOUT = float(os.environ.get("CPT_STORE_LOCK_TIMEOUT_SECONDS", str(24 * 3600)))
@@ -417,23 +417,6 @@ class Store:
     def lock(self, name: str, done=None) -> Lock:
         return Lock(self, name, done)
 
-    def probe_conditional_create(self) -> bool:
-        """Whether the store refuses a second create-if-absent of one key (the S3 `If-None-Match: *` put the
-        locks are made of): one object created twice under `locks/`, then removed."""
-        key = self.remote(f"locks/_probe-{uuid.uuid4().hex}")
-        self.fs.pipe_file(key, b"1", mode="create")
-        try:
-            try:
-                self.fs.pipe_file(key, b"2", mode="create")
-            except FileExistsError:
-                return True
-            except OSError:  # SeaweedFS's bare 412: refused, if the first object is still what is there
-                return self.fs.cat_file(key) == b"1"
-            return False
-        finally:
-            with contextlib.suppress(Exception):
-                self.fs.rm_file(key)
-
 
 class Lock:
     """A lease lock made of conditional creates, across hosts. Holders are generations under
@@ -595,23 +578,6 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def arrow_problem(path: Path) -> str | None:
-    """Why `path` is not a valid Arrow IPC file or stream (every batch validated in full), or None."""
-    import pyarrow as pa
-
-    try:
-        try:
-            reader = pa.ipc.open_file(pa.memory_map(str(path)))
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        except pa.ArrowInvalid:
-            batches = iter(pa.ipc.open_stream(pa.memory_map(str(path))))
-        for batch in batches:
-            batch.validate(full=True)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        return f"{type(e).__name__}: {str(e)[:200]}"
-    return None
 
 
 def install(tmp: Path, final: Path) -> None:

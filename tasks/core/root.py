@@ -72,12 +72,32 @@ UNSAFE_STORE = "CPT_STORE_WITHOUT_CONDITIONAL_CREATE"
 _PROBED: dict[str, bool] = {}  # store URL -> whether it refused a second create (once per process)
 
 
+def refuses_second_create(store: Store) -> bool:
+    """Whether the store refuses a second create-if-absent of one key (the S3 `If-None-Match: *` put the locks
+    are made of): one object created twice under `locks/`, then removed."""
+    import uuid
+
+    key = store.remote(f"locks/_probe-{uuid.uuid4().hex}")
+    store.fs.pipe_file(key, b"1", mode="create")
+    try:
+        try:
+            store.fs.pipe_file(key, b"2", mode="create")
+        except FileExistsError:
+            return True
+        except OSError:  # SeaweedFS's bare 412: refused, if the first object is still what is there
+            return store.fs.cat_file(key) == b"1"
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            store.fs.rm_file(key)
+
+
 def check_conditional_create(store: Store) -> None:
     """Once per process and store: the store must refuse a second create of one key, or two hosts could hold
     one lock and build one key (or run one line) at once. A store that does not is refused, unless
     $CPT_STORE_WITHOUT_CONDITIONAL_CREATE=1 says to go on without that guarantee (then it is said, every run)."""
     if store.url not in _PROBED:
-        _PROBED[store.url] = store.probe_conditional_create()
+        _PROBED[store.url] = refuses_second_create(store)
     if _PROBED[store.url]:
         return
     why = (f"{store.url}: this store accepted a second create of one object (S3 If-None-Match: *, fsspec "

@@ -17,7 +17,7 @@ from typing import Any
 from tasks.core.config.data import CorpusConfig
 from tasks.core.config.tree import CptConfig
 from tasks.core.manifest import Fingerprint, combine_digests, hash_file
-from tasks.data.files import glob_base, is_glob, resolve_corpus_files
+from tasks.data.files import glob_base, is_glob, path_ranks, resolve_corpus_files
 from tasks.line.lines import Drop, LineState
 
 
@@ -44,8 +44,6 @@ def line_sources(config: CptConfig, state: LineState, digest=hash_file, without:
     files among them (for the settle check). `without`: the line without that drop (what a drop is gated
     against). Ranks: a configured file the index of the first `corpus.paths` entry yielding it, an active drop's
     files after them in the order the drops joined."""
-    from tasks.load import path_ranks
-
     configured = resolve_corpus_files(config.corpus)
     out_files: set[str] = set()
     out_prefixes: list[str] = []
