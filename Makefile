@@ -36,7 +36,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The inner loop: everything but what starts a server, a flow or a training child (CI runs `make test`).
+# The inner loop: everything but what starts a server, a flow or a child process (CI runs `make test`).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

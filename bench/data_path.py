@@ -1,8 +1,9 @@
 """The data path as the user waits for it: cpt's `cpt run --until chunk` against the seed notebook's data path,
 on the same corpus and tokenizer, compared like with like.
 
-Corpus: ../shared/corpora/ko_transport_bills.jsonl, documents 2,000 onwards (3,447 documents, ~5.6 MB),
-held out from the tokenizer, a byte-level BPE of 16k tokens trained here on the first 2,000 (with a tiny
+Corpus: ../shared/corpora/ko_transport_bills.jsonl from its 500th document, then python_docs.jsonl (5,444
+documents, ~19.5 MB), held out from the tokenizer, a byte-level BPE of 16k tokens trained here on the bills' first
+500 (with a tiny
 model beside it so `model.id` is a real model dir; nothing is downloaded).
 
 - seed: `python seed.py` in a fresh process — `from datasets import load_dataset`, `AutoTokenizer`,
@@ -43,6 +44,8 @@ from bench.common import (CORPORA, CPT, DATA_STAGES, argument_parser, free_port,
                           require, seed_script, timed, timed_output, write_jsonl)
 
 CORPUS = CORPORA / "ko_transport_bills.jsonl"
+DOCS = CORPORA / "python_docs.jsonl"
+HELD = 500  # the bills the tokenizer is trained on; the corpus is the rest, and the Python docs
 
 
 def cpt_run(corpus: Path, model: Path, artifacts: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
@@ -58,20 +61,21 @@ def main() -> None:
     ap = argument_parser(__spec__, __doc__)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    require(CORPUS)
+    require(CORPUS, DOCS)
     from tasks.ml.tiny_model import build_tiny_model, read_texts
 
     texts = read_texts(CORPUS)
-    env = quiet_env(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    env = quiet_env(PREFECT_SERVER_ANALYTICS_ENABLED="false", CPT_FIND_MAKE_SERVER="0", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
                     HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         env["CPT_CACHE_HOME"] = str(work / "user-cache")
-        model = build_tiny_model(work / "model", texts[:2000], vocab_size=16_000)
-        corpus = write_jsonl(work / "corpus" / "bills.jsonl", texts[2000:])
+        model = build_tiny_model(work / "model", texts[:HELD], vocab_size=16_000)
+        held_out = texts[HELD:] + read_texts(DOCS)
+        corpus = write_jsonl(work / "corpus" / "corpus.jsonl", held_out)
         (work / "seed.py").write_text(seed_script())
         mb = corpus.stat().st_size / 1e6
-        print(f"corpus: {len(texts) - 2000} documents of ko_transport_bills ({mb:.1f} MB), held out from the "
+        print(f"corpus: {len(held_out)} documents of ko_transport_bills + python_docs ({mb:.1f} MB), held out from the "
               f"tokenizer (BPE 16k); max_seq_length 1000, overlap 500; {os.cpu_count()} cores; best of {args.repeat}")
 
         seed_wall, seed_section, cpt_data, cpt_wall, stages_of = [], [], [], [], []

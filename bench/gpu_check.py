@@ -82,6 +82,15 @@ SETTINGS = {
     "fast-sdpa": {**_FAST, "attn": "sdpa"},
     "fast-ckpt": {**_FAST, "checkpointing": True},
 }
+# Issue 33, on a machine with several GPUs (all of them, one process each, the same global batch): plain DDP
+# against FSDP2 full sharding (train.sharding: fsdp), on the same packed sdpa rows. Tokens/s are the whole
+# machine's (rank 0's clock x processes) and peak memory is per GPU (each rank reports its own).
+# python -m bench.gpu_check --settings ddp,fsdp --steps 20
+_MULTI = dict(chunker="cpt", attn="sdpa", packing=True, batch=8, accumulation=1, checkpointing=False,
+              optim="adamw_torch_fused", processes="all")
+SETTINGS["ddp"] = {**_MULTI, "sharding": "none"}
+SETTINGS["fsdp"] = {**_MULTI, "sharding": "fsdp"}
+SETTINGS["fsdp-ckpt"] = {**_MULTI, "sharding": "fsdp", "checkpointing": True}
 # One run of about 10 minutes on an H100/H200 (python -m bench.gpu_check --steps 20 --timeout 150): the seed,
 # today's best, then issue 22's changes one at a time. The alternatives (fast-autotune, fast-sdpa, fast-ckpt) are
 # a second run of about 6 minutes: --settings fast,fast-autotune,fast-sdpa,fast-ckpt.
@@ -108,7 +117,8 @@ def cpt_chunks(docs: list, eos_id: int, bos_id: int | None, out: Path) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
 
     ids = [np.append(d, eos_id).astype(np.uint32) for d in docs]
@@ -129,9 +139,17 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
     from tasks.ml.spec import TrainSpec
     from tasks.train import PROJECT_ROOT, launch_command
 
+    import torch
+
     s = SETTINGS[name]
     if batch is not None and s["packing"]:
         s = {**s, "batch": batch}
+    processes = 1
+    if s.get("processes") == "all":
+        # Every GPU (on CPU: 2 processes over gloo, the suite's smoke test of the same path).
+        processes = torch.cuda.device_count() if torch.cuda.is_available() else 2
+        if processes < 2:
+            return {"error": f"{name} needs at least 2 GPUs; this machine has {processes}", "log": ""}
     out = work / name
     out.mkdir(parents=True)
     train = TrainConfig(max_steps=steps, per_device_train_batch_size=s["batch"],
@@ -139,7 +157,8 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
                         gradient_checkpointing=s["checkpointing"], optim=s.get("optim", "paged_adamw_8bit"),
                         packed_length=s.get("packed_length"), compile=s.get("compile", False),
                         compile_mode=s.get("compile_mode", "default"), warmup_ratio=0.0,
-                        logging_steps=steps, eval_steps=100_000, save_steps=100_000, early_stopping_patience=None)
+                        logging_steps=steps, eval_steps=100_000, save_steps=100_000, early_stopping_patience=None,
+                        num_processes=processes, sharding=s.get("sharding", "none"))
     TrainSpec(model_location=str(model_dir),
               model=ModelConfig(id=str(model_dir), dtype="auto", attn_implementation=s["attn"]), train=train,
               max_seq_length=SEQ, chunks_dir=str(chunks), output_dir=str(out), checkpoint_dir=str(out / "checkpoints"),
@@ -149,7 +168,7 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
     log = out / "log.txt"
     started = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(launch_command(out / "spec.json", 1, device_type()), stdout=f,
+        proc = subprocess.Popen(launch_command(out / "spec.json", processes, device_type()), stdout=f,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
@@ -161,6 +180,15 @@ def run_setting(name: str, model_dir: Path, chunks: Path, steps: int, work: Path
         return {"error": f"exit status {rc}", "log": log.read_text()[-3000:]}
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["processes"] = processes
+    # Each rank's peak GPU memory, from its rank_done line in the log (rank 0 alone writes metrics.json).
+    ranks = [json.loads(line.split("@@cpt ", 1)[1]) for line in log.read_text().splitlines() if "@@cpt " in line]
+    peaks = [r["peak_memory_bytes"] for r in ranks if r.get("event") == "rank_done" and r.get("peak_memory_bytes")]
+    metrics["peak_memory_per_gpu_bytes"] = max(peaks) if peaks else metrics.get("peak_memory_bytes")
+    if processes > 1 and metrics.get("tokens_per_second"):
+        # rank 0's clock over its own batches; every rank runs as many in the same time
+        metrics["tokens_per_second"] *= processes
+        metrics["trained_tokens_per_second"] *= processes
     return metrics
 
 
@@ -228,14 +256,20 @@ def main(argv: list[str] | None = None) -> dict:
                        checkpointing=m["gradient_checkpointing"], wall_seconds=m["wall_seconds"],
                        compile_seconds=m.get("compile_seconds"), first_step_seconds=m.get("first_step_seconds"),
                        packed_length=m.get("packed_length"), compiled=m.get("compile"),
-                       peak_memory_gib=(m["peak_memory_bytes"] or 0) / 2**30 if m.get("peak_memory_bytes") else None,
-                       mfu=tps * 6 * n_params / peak if peak and tps else None)
+                       peak_memory_gib=(m["peak_memory_per_gpu_bytes"] or 0) / 2**30
+                       if m.get("peak_memory_per_gpu_bytes") else None, processes=m.get("processes", 1),
+                       mfu=tps * 6 * n_params / (peak * m.get("processes", 1)) if peak and tps else None)
             print(f"{name}: done in {m['wall_seconds']:.0f} s", flush=True)
         results["settings"][name] = row
     seed_trained = (results["settings"].get("seed") or {}).get("trained_tokens_per_second")
+    ddp = results["settings"].get("ddp") or {}
     for row in results["settings"].values():
         t = row.get("trained_tokens_per_second")
         row["vs_seed_trained"] = t / seed_trained if t and seed_trained else None
+        if row.get("sharding") == "fsdp" and ddp.get("trained_tokens_per_second") and t:
+            row["vs_ddp_trained"] = t / ddp["trained_tokens_per_second"]
+            row["vs_ddp_memory"] = (row["peak_memory_gib"] / ddp["peak_memory_gib"]
+                                    if row.get("peak_memory_gib") and ddp.get("peak_memory_gib") else None)
     table = render(results)
     print(table)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -244,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def library_versions() -> dict[str, str]:
-    """What the figures were measured with (the README's table names them)."""
+    """What the figures were measured with (docs/gpu.md's tables name them)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -268,8 +302,8 @@ def render(results: dict) -> str:
              "",
              "| setting | attention | batch x accum | packed length | compile | act. ckpt | optimizer | tokens/s (all) "
              "| tokens/s (trained) | vs seed (trained) | MFU | peak GPU memory | padding (batch / rows) "
-             "| compile s (first step s) |",
-             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| compile s (first step s) | GPUs, sharding | vs DDP (tokens/s, memory) |",
+             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in results["settings"].values():
         if "error" in r:
             lines.append(f"| {r['setting']} | {r['attn']} | {r['batch']} x {r['accumulation']} | | | — | — | failed: "
@@ -281,7 +315,9 @@ def render(results: dict) -> str:
             f"| {r['optim']} | {f(r['tokens_per_second'], ',.0f')} | {f(r['trained_tokens_per_second'], ',.0f')} "
             f"| {f(r['vs_seed_trained'], '.2f')}x | {f(r['mfu'], '.1%')} "
             f"| {f(r['peak_memory_gib'], '.1f')} GiB | {f(r['batch_padding'], '.1%')} / {f(r['row_padding'], '.1%')} "
-            f"| {f(r.get('compile_seconds'), '.0f')} ({f(r.get('first_step_seconds'), '.0f')}) |")
+            f"| {f(r.get('compile_seconds'), '.0f')} ({f(r.get('first_step_seconds'), '.0f')}) "
+            f"| {r.get('processes', 1)}, {r.get('sharding', 'none')} "
+            f"| {f(r.get('vs_ddp_trained'), '.2f')}x, {f(r.get('vs_ddp_memory'), '.2f')}x |")
     return "\n".join(lines)
 
 

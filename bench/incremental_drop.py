@@ -1,36 +1,38 @@
-"""Cost of a corpus drop that adds one file to a line of N files, against a cold run, as the user runs it:
-`cpt retrain` in a fresh process each time, the drop in its own folder outside the corpus paths (where the
-on-drop deployment's producer puts it).
+"""Cost of a corpus drop that adds one file to a line, against a cold run, as the user runs it: `cpt retrain` in a
+fresh process each time, the drop in its own folder outside the corpus paths (where the on-drop deployment's
+producer puts it), near-dedup on (the default).
 
-Corpus: ../shared/corpora/ko_transport_bills.jsonl + python_docs.jsonl (5,944 documents, ~20 MB), cut into N
-files for the corpus and one more file for the drop. Tokenizer and model: byte-level BPE (8k) and a tiny
-Llama built here (training is 1 step: this measures the data path, not training). Three runs of the line:
+Corpus, rich in near-duplicates: ../shared/corpora/ko_transport_bills.jsonl + python_docs.jsonl, every --every-th
+document (2: ~3,000 documents, ~10 MB), and for two of every three a re-export (a new date line, other line
+wrapping: J ≈ 0.8-0.95 with its original): about 40% of the documents are near-duplicates. 1/(N+1) of the
+originals with their re-exports is the drop (one file: new to the line, so the gate passes it), the rest the line's
+N files, shuffled (seed 0). Tokenizer and model: byte-level BPE
+(8k) and a tiny Llama built here (training is 1 step: this measures the data path, not training).
 
-- cold: an empty artifacts root, the corpus alone;
-- +1 drop: `--drop <folder>`: the gate profiles the drop, the pipeline runs;
-- nothing changed: the nightly run right after, which must train nothing.
+Part 1, a line of N files: cold (an empty artifacts root, the line alone), +1 drop (`--drop <folder>`: the gate
+profiles the drop, the pipeline runs), nothing changed (the nightly run right after: trains nothing). Measured:
+the data stages' seconds (load … chunk, from the pipeline's run summary), the drop gate's, the process wall.
+"Data-stage seconds" of a run, the goal's measure, are load … chunk **plus the drop gate's** (the gate reads,
+signs and tokenizes the drop into the pieces the stages then reuse; without it the +1 run would hide the drop's own
+work); a cold run has no drop (its gate seconds are 0). Goal: +1 file of N+1 ≤ 0.15 of cold.
 
-For each: the data stages' seconds (load … chunk, from the pipeline's run summary), the drop gate's seconds
-and the whole process wall (Prefect's temporary server, imports, training, evaluation, push).
+Part 2, the same one-file drop onto lines of 1×, 4× and 16× the size (--sizes: the line's documents as K tagged
+copies, `[copy k] ` in front: every document a cluster of K near-copies, which near-dedup reduces to one): a cold
+run of the line, then the drop. Measured: the drop run's load seconds (the stage's, from the run summary: reading
+the drop's file is the gate's, so load assembles the line, signs nothing new and runs near-dedup's pass over the
+drop's documents) and its gate seconds. Goal: the drop's load seconds within 1.5× of each other across sizes.
 
-"Data-stage seconds" of a run, the goal's measure, are load … chunk **plus the drop gate's**: the gate reads and
-tokenizes the drop into the same pieces the stages then reuse, so without it the +1 run would hide the drop's own
-reading and tokenizing; a cold run has no drop to gate (its gate seconds are 0). The ratio of the stages alone is
-printed beside it. Also printed, measured here in fresh processes: per-process fixed costs both runs pay once
-(pyarrow's first array imports pandas; the tokenizer's Rust backend loads), which no incremental design removes
-and which a small corpus's cold run is not much larger than.
+Also printed, measured here in fresh processes: per-process fixed costs both runs pay once (pyarrow's first array
+imports pandas; the tokenizer's Rust backend loads), which no incremental design removes.
 
-Near-dedup is on, as a user has it by default, except with `--copies` (the copies are near-duplicates of each
-other by construction). `--every 2` keeps every second document (~10 MB); `--copies K` makes the corpus K tagged copies of every document (K × ~20 MB; the drop stays 1/(N+1) of it):
-the goal holds "on a 10 MB corpus as on a large one".
-
-    .venv/bin/python -m bench.incremental_drop [--files 20] [--copies 1] [--every 1]
+    .venv/bin/python -m bench.incremental_drop [--files 20] [--every 2] [--sizes 1,4,16]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,77 +69,129 @@ def fixed_costs(model: Path) -> dict[str, float]:
     return out
 
 
+def reexport(text: str, i: int) -> str:
+    """The same document exported again: a new date line and other line wrapping."""
+    import textwrap
+
+    return f"(2027-0{1 + i % 9}-1{i % 10} re-export)\n" + "\n".join(textwrap.wrap(text, 60 + i % 13))
+
+
+def write_config(config: Path, corpus: Path, model: Path) -> None:
+    import yaml
+
+    config.write_text(yaml.safe_dump({
+        "corpus": {"paths": [str(corpus)], "near_dedup": {"enabled": True}}, "model": {"id": str(model)},
+        "split": {"validation_fraction": 0.05}, "chunk": {"max_seq_length": 1000, "overlap": 500},
+        "train": {"max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                  "eval_steps": 1, "save_steps": 1, "early_stopping_patience": None},
+        "evaluate": {"max_eval_rows": 4}, "push": {"name": "bench"},
+    }))
+
+
+def stage_seconds(result: dict, name: str) -> float:
+    return sum(s["seconds"] for s in (result.get("pipeline") or {}).get("stages", []) if s["name"] == name)
+
+
+def near_counts(result: dict) -> str:
+    for s in (result.get("pipeline") or {}).get("stages", []):
+        if s["name"] == "load":
+            c = s.get("counts", {})
+            return f"{c.get('documents', '?')} documents kept, {c.get('near_duplicates', '?')} near-duplicates removed"
+    return ""
+
+
 def main() -> None:
     ap = argument_parser(__spec__, __doc__)
-    ap.add_argument("--files", type=int, default=20, help="N: files in the corpus before the drop")
-    ap.add_argument("--copies", type=int, default=1, help="K: tagged copies of every document (K × ~20 MB)")
-    ap.add_argument("--every", type=int, default=1, help="keep every E-th document only (2: a ~10 MB corpus)")
+    ap.add_argument("--files", type=int, default=20, help="N: files in the line before the drop")
+    ap.add_argument("--every", type=int, default=2, help="keep every E-th document only (2: ~10 MB)")
+    ap.add_argument("--sizes", default="1,4,16", help="line sizes for part 2, as tagged copies (1: part 1's line)")
     args = ap.parse_args()
     sources = [CORPORA / "ko_transport_bills.jsonl", CORPORA / "python_docs.jsonl"]
     require(*sources)
-    import yaml
+    import random
 
     from tasks.ml.tiny_model import build_tiny_model, read_texts
 
-    texts = [t for p in sources for t in read_texts(p)][::args.every]
-    tokenizer_texts = texts[::10]
-    if args.copies > 1:
-        # A document's copies side by side: the drop (the first 1/(N+1) of them) holds all copies of its own.
-        texts = [f"[copy {c}] {t}" for t in texts for c in range(args.copies)]
-
+    originals = [t for p in sources for t in read_texts(p)][::args.every]
+    random.Random(0).shuffle(originals)
     n = args.files
+
+    def with_reexports(docs: list[str]) -> list[str]:
+        out = docs + [reexport(t, i) for i, t in enumerate(docs) if i % 3]
+        random.Random(1).shuffle(out)
+        return out
+
+    # The drop's documents are new to the line (its re-exports are of its own documents): a drop the gate passes.
+    cut = len(originals) // (n + 1)
+    drop_docs, base_docs = with_reexports(originals[:cut]), with_reexports(originals[cut:])
+    texts = drop_docs + base_docs
+    sizes = [int(k) for k in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        build_tiny_model(d / "model", tokenizer_texts, vocab_size=8000)
+        build_tiny_model(d / "model", originals[::5], vocab_size=8000)
         fixed = fixed_costs(d / "model")
-        drop_docs, base_docs = texts[: len(texts) // (n + 1)], texts[len(texts) // (n + 1):]
-        # Settled files (written an hour ago); the drop outside the corpus paths.
-        write_parts(base_docs, d / "corpus", n, settled=True)
-        write_parts(drop_docs, d / "landing" / "2026-11-26", 1, settled=True)
-        config = d / "line.yaml"
-        # Near-dedup as a user has it (on), except for tagged copies: those are near-duplicates by construction.
-        corpus = {"paths": [str(d / "corpus")], "near_dedup": {"enabled": args.copies == 1}}
-        config.write_text(yaml.safe_dump({
-            "corpus": corpus, "model": {"id": str(d / "model")},
-            "split": {"validation_fraction": 0.05}, "chunk": {"max_seq_length": 1000, "overlap": 500},
-            "train": {"max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
-                      "eval_steps": 1, "save_steps": 1, "early_stopping_patience": None},
-            "evaluate": {"max_eval_rows": 4}, "push": {"name": "bench"},
-        }))
-        artifacts = d / "artifacts"
-        runs = {
-            "cold": retrain(config, artifacts, d / "cold.json"),
-            "+1 drop": retrain(config, artifacts, d / "drop.json", d / "landing" / "2026-11-26"),
-            "nothing changed": retrain(config, artifacts, d / "again.json"),
-        }
-        drop_bytes = sum(f.stat().st_size for f in (d / "landing").rglob("*.jsonl"))
-        corpus_bytes = sum(f.stat().st_size for f in (d / "corpus").rglob("*.jsonl"))
+        drop = d / "landing" / "2026-11-26"
+        write_parts(drop_docs, drop, 1, settled=True)
+        drop_bytes = sum(f.stat().st_size for f in drop.rglob("*.jsonl"))
+        series = {}
+        for k in sizes:
+            line = base_docs if k == 1 else [f"[copy {c}] {t}" for t in base_docs for c in range(k)]
+            write_parts(line, d / f"corpus-{k}", n, settled=True)
+            config = d / f"line-{k}.yaml"
+            write_config(config, d / f"corpus-{k}", d / "model")
+            artifacts = d / f"artifacts-{k}"
+            runs = {"cold": retrain(config, artifacts, d / f"cold-{k}.json"),
+                    "+1 drop": retrain(config, artifacts, d / f"drop-{k}.json", drop)}
+            if k == 1:
+                runs["nothing changed"] = retrain(config, artifacts, d / f"again-{k}.json")
+            corpus_bytes = sum(f.stat().st_size for f in (d / f"corpus-{k}").rglob("*.jsonl"))
+            series[k] = (runs, corpus_bytes, len(line))
+            shutil.rmtree(artifacts, ignore_errors=True)
+            shutil.rmtree(d / f"corpus-{k}", ignore_errors=True)
+            cold_r, drop_r = runs["cold"][0], runs["+1 drop"][0]
+            print(f"measured {k}x: {len(line)} documents, {corpus_bytes / 1e6:.1f} MB; cold data {data_seconds(cold_r):.2f} s "
+                  f"(load {stage_seconds(cold_r, 'load'):.2f}); drop: load {stage_seconds(drop_r, 'load'):.2f} s, gate "
+                  f"{drop_r['gate_seconds']:.2f} s, data {data_seconds(drop_r):.2f} s, trained {drop_r['trained']}",
+                  flush=True)
 
-    print(f"near-dedup {'on' if corpus['near_dedup']['enabled'] else 'off (tagged copies)'}; "
-          f"corpus: {len(base_docs)} documents in {n} files ({corpus_bytes / 1e6:.1f} MB); drop: 1 file, "
-          f"{len(drop_docs)} documents ({drop_bytes / 1e6:.1f} MB, {drop_bytes / (corpus_bytes + drop_bytes):.1%} "
-          f"of the bytes after it); tokenizer BPE 8k; chunk 1000/500; {os.cpu_count()} cores; each run a fresh "
-          f"`cpt retrain` process")
-    print(f"{'run':16} {'trained':>8} {'data s':>8} {'gate s':>8} {'process s':>10}")
-    for name, (result, wall) in runs.items():
-        print(f"{name:16} {str(result['trained']):>8} {data_seconds(result):8.2f} {result['gate_seconds']:8.2f} "
-              f"{wall:10.2f}")
-    for name in ("cold", "+1 drop"):
-        stages = (runs[name][0].get("pipeline") or {}).get("stages", [])
-        print(f"  {name} per data stage: " + ", ".join(f"{s['name']} {s['seconds']:.2f}" for s in stages
-                                                      if s["name"] in DATA_STAGES))
-    cold_result, drop_result = runs["cold"][0], runs["+1 drop"][0]
-    cold = data_seconds(cold_result) + cold_result["gate_seconds"]
-    drop = data_seconds(drop_result) + drop_result["gate_seconds"]
-    goal = 1 / (n + 1) + 0.10
-    fixed_total = sum(fixed.values())
-    print("\nper-process fixed costs (fresh processes, best of 3): " + ", ".join(
-        f"{k} {v:.2f} s" for k, v in fixed.items()) + f"; together {fixed_total / cold:.3f} of the cold run")
-    print("data-stage seconds = load … chunk + the drop gate (the gate reads and tokenizes the drop for the stages)")
-    print(f"adding 1 file to {n}: data stages + gate = {drop / cold:.3f} of a cold run "
-          f"(goal <= 1/{n + 1} + 10% = {goal:.3f}); the stages alone {data_seconds(drop_result) / cold:.3f}; "
-          f"process wall {runs['+1 drop'][1] / runs['cold'][1]:.3f} of cold; nothing changed: process wall "
-          f"{runs['nothing changed'][1] / runs['cold'][1]:.3f} of cold")
+    print(f"near-dedup on; corpus: ko_transport_bills + python_docs, every {args.every}th document, with re-exports "
+          f"of 2 in 3 ({len(texts)} documents); drop: 1 file, {len(drop_docs)} documents ({drop_bytes / 1e6:.2f} "
+          f"MB); tokenizer BPE 8k; chunk 1000/500; {os.cpu_count()} cores; each run a fresh `cpt retrain` process")
+    if 1 in series:
+        runs, corpus_bytes, docs = series[1]
+        print(f"\npart 1: a line of {n} files ({docs} documents, {corpus_bytes / 1e6:.1f} MB), +1 drop "
+              f"({drop_bytes / (corpus_bytes + drop_bytes):.1%} of the bytes after it)")
+        print(f"{'run':16} {'trained':>8} {'data s':>8} {'gate s':>8} {'process s':>10}")
+        for name, (result, wall) in runs.items():
+            print(f"{name:16} {str(result['trained']):>8} {data_seconds(result):8.2f} {result['gate_seconds']:8.2f} "
+                  f"{wall:10.2f}")
+        for name in ("cold", "+1 drop"):
+            stages = (runs[name][0].get("pipeline") or {}).get("stages", [])
+            print(f"  {name} per data stage: " + ", ".join(f"{s['name']} {s['seconds']:.2f}" for s in stages
+                                                          if s["name"] in DATA_STAGES) + f"; {near_counts(runs[name][0])}")
+        cold_result, drop_result = runs["cold"][0], runs["+1 drop"][0]
+        cold = data_seconds(cold_result) + cold_result["gate_seconds"]
+        added = data_seconds(drop_result) + drop_result["gate_seconds"]
+        fixed_total = sum(fixed.values())
+        print("per-process fixed costs (fresh processes, best of 3): " + ", ".join(
+            f"{k} {v:.2f} s" for k, v in fixed.items()) + f"; together {fixed_total / cold:.3f} of the cold run")
+        print(f"adding 1 file to {n}: data stages + gate = {added:.2f} s / cold {cold:.2f} s = {added / cold:.3f} "
+              f"(goal <= 0.15); the stages alone {data_seconds(drop_result) / cold:.3f}; process wall "
+              f"{runs['+1 drop'][1] / runs['cold'][1]:.3f} of cold; nothing changed: process wall "
+              f"{runs['nothing changed'][1] / runs['cold'][1]:.3f} of cold")
+    print(f"\npart 2: the same 1-file drop onto lines of {', '.join(f'{k}x' for k in sizes)} the size")
+    print(f"{'line':>6} {'documents':>10} {'MB':>7} {'cold data s':>12} {'cold load s':>12} {'drop load s':>12} "
+          f"{'drop gate s':>12} {'drop data+gate s':>17}")
+    loads = []
+    for k, (runs, corpus_bytes, docs) in series.items():
+        cold_r, drop_r = runs["cold"][0], runs["+1 drop"][0]
+        loads.append(stage_seconds(drop_r, "load"))
+        print(f"{k:>5}x {docs:>10} {corpus_bytes / 1e6:>7.1f} {data_seconds(cold_r):>12.2f} "
+              f"{stage_seconds(cold_r, 'load'):>12.2f} {loads[-1]:>12.2f} {drop_r['gate_seconds']:>12.2f} "
+              f"{data_seconds(drop_r) + drop_r['gate_seconds']:>17.2f}")
+    if len(loads) > 1:
+        print(f"the drop's load seconds, largest / smallest across line sizes: {max(loads) / max(min(loads), 1e-9):.2f} "
+              f"(goal <= 1.5)")
 
 
 if __name__ == "__main__":

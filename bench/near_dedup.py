@@ -111,6 +111,7 @@ LINE = """
 import json, sys, tempfile, threading, time
 import numpy as np, pyarrow as pa
 from tasks.data import contamination as ct, minhash as mh, shingles as sh
+from tasks.data import near_pass as npass
 n, how = int(sys.argv[1]), sys.argv[2]
 rng, tmp, parts = np.random.default_rng(0), tempfile.mkdtemp(), []
 for p in range(8):
@@ -140,7 +141,7 @@ if how == "mapped":
     parts = [(tb.column("doc_id"), np.load(f"{tmp}/{p}.npy", mmap_mode="r")) for p, tb in enumerate(tables)]
 else:
     parts = [(tb.column("doc_id").to_pylist(), np.load(f"{tmp}/{p}.npy")) for p, tb in enumerate(tables)]
-found = mh.near_duplicates(parts, list(range(8)), 0.8, 128)
+found = npass.near_duplicates(parts, list(range(8)), 0.8, 128)
 seconds = time.perf_counter() - t
 done.append(1)
 time.sleep(0.02)
@@ -192,6 +193,7 @@ def main() -> None:
 
     import tasks.load as load_module
     from tasks.data import contamination as ct, minhash as mh, shingles as sh
+    from tasks.data import near_pass as npass
     from tasks.core.config.data import CorpusConfig, DecontaminateConfig, NearDedupConfig
     from tasks.data.files import fingerprint_corpus
     from tasks.data.records import doc_id_of
@@ -232,9 +234,9 @@ def main() -> None:
     base, drop = (ids[:len(texts)], sigs[:len(texts)]), (ids[len(texts):], sigs[len(texts):])
     t0 = time.perf_counter()
     split = len(texts)
-    found = mh.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm,
+    found = npass.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm,
                                lambda p, r: everything[r if p == 0 else split + r], cfg_nd.shingle_chars)
-    estimate_only = mh.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm)
+    estimate_only = npass.near_duplicates([base, drop], [0, 1], args.threshold, cfg_nd.num_perm)
     lsh = time.perf_counter() - t0
     row_of = {ids[i]: i for i in unique_order}
     predicted = {row_of[d.doc_id] for d in found}

@@ -48,7 +48,8 @@ def model_for(out: Path, texts: list[str], gpu: bool) -> Path:
 
 
 def make_chunks(corpus: Path, tokenizer_dir: Path, out: Path, max_seq_length: int, overlap: int, mask: bool) -> Path:
-    from tasks.chunk import SHARD, chunk_file, window_plan, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_file, write_dataset_dict
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig, CorpusConfig
     from tasks.data.layout import INDEX_FILE
     from tasks.data.pieces import load_documents, read_documents

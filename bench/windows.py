@@ -43,7 +43,8 @@ def window_table(tokens_path: Path, cfg, bos_id, dst: Path):
     import numpy as np
 
     from tasks.data.arrow import read_arrow
-    from tasks.chunk import window_plan, window_rows
+    from tasks.chunk import window_rows
+    from tasks.data.windows import window_plan
 
     tokens = read_arrow(tokens_path)
     window_rows(tokens, np.arange(tokens.num_rows), window_plan(cfg, bos_id is not None), dst)
@@ -162,7 +163,8 @@ def main() -> None:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from bench.chunk_throughput import build_tokenizer, write_docs
-    from tasks.chunk import chunk_file, window_plan
+    from tasks.chunk import chunk_file
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig, TokenizeConfig
     from tasks.ml.tiny_model import read_texts
     from tasks.ml.train_worker import training_columns

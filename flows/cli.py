@@ -39,6 +39,45 @@ def _warm_arrow() -> None:
     threading.Thread(target=warm, name="arrow-warm", daemon=True).start()
 
 
+def _run_server():
+    """The Prefect server this run uses (flows/local_server.py: one already running, else a temporary one started
+    now, while the run imports and reads its inputs), said on stderr."""
+    from flows.local_server import run_server
+
+    server = run_server()
+    print(server.describe(), file=sys.stderr)
+    return server
+
+
+def cmd_server(args) -> int:
+    from flows import local_server
+
+    if args.server_command == "start":
+        try:
+            state = local_server.start_server(port=args.port)
+        except RuntimeError as e:
+            print(f"cpt: server: {e}", file=sys.stderr)
+            return 1
+        print(f"Prefect server {'already running' if state.get('already') else 'started'} (pid {state['pid']}): UI "
+              f"at {state['ui_url']}, API {state['api_url']}; `cpt run` uses it from now on. It keeps running in "
+              f"the background (log: {state['log']}) until `cpt server stop`.")
+        return 0
+    if args.server_command == "stop":
+        state = local_server.stop_server()
+        print(f"Prefect server (pid {state['pid']}, {state['ui_url']}) stopped" if state else
+              "no Prefect server started by `cpt server start` is running")
+        return 0
+    state = local_server.read_state()
+    if state is None:
+        print("no Prefect server started by `cpt server start` is running: each `cpt run` starts a temporary one "
+              "(`cpt server start` keeps one with its UI)")
+        return 3
+    up = local_server.healthy(state["api_url"], timeout=2.0)
+    print(f"Prefect server pid {state['pid']} since {state['started_at']}: UI at {state['ui_url']}, API "
+          f"{state['api_url']} ({'answering' if up else 'NOT answering'}); log {state['log']}")
+    return 0 if up else 1
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -91,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     emit = sub.add_parser("emit-drop", help=f"tell Prefect a corpus drop landed (event {DROP_EVENT!r})")
     emit.add_argument("path", type=Path, help="the drop folder, complete")
     emit.add_argument("--event", default=DROP_EVENT)
+
+    srv = sub.add_parser("server", help="keep a local Prefect server (with its UI) running in the background, "
+                         "which `cpt run` then uses: start, stop, status")
+    srv_sub = srv.add_subparsers(dest="server_command", required=True)
+    srv_start = srv_sub.add_parser("start", help="start it (127.0.0.1; it runs until `cpt server stop`)")
+    srv_start.add_argument("--port", type=int, default=4200, help="its port (0: any free one)")
+    srv_sub.add_parser("stop", help="stop the server `cpt server start` started")
+    srv_sub.add_parser("status", help="whether it runs, and where its UI is")
 
     serve = sub.add_parser("serve", help="serve the retrain flow in this process: nightly schedule + drop events")
     _config_args(serve)
@@ -155,9 +202,17 @@ def _load(args):
 
 def cmd_validate(args) -> int:
     from tasks.core.config.tree import dump_config
+    from tasks.ml import preflight
 
-    print(dump_config(_load(args)), end="")
-    return 0
+    cfg = _load(args)
+    print(dump_config(cfg), end="")
+    # What the config needs of this machine (qlora: CUDA) and the memory estimate per GPU (train.gpu_memory_gb).
+    for warning in preflight.warnings(cfg):
+        print(f"cpt: warning: {warning}", file=sys.stderr)
+    problems = preflight.machine_problems(cfg)
+    for problem in problems:
+        print(f"cpt: error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def cmd_run(args) -> int:
@@ -170,9 +225,11 @@ def cmd_run(args) -> int:
 
     open_root(args.artifacts)  # a URL fsspec cannot open is refused here, before the server starts
     _prefect_env()
+    server = _run_server()
     _warm_arrow()
     from flows.continued_pretraining import continued_pretraining
 
+    server.ready()  # a temporary server stops at exit, after Prefect has sent the run's last logs and events
     summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
     run_summary = Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json"
     if args.summary:
@@ -199,11 +256,11 @@ def cmd_run(args) -> int:
 def cmd_retrain(args) -> int:
     cfg = _load(args)
     _prefect_env()
+    server = _run_server()
     _warm_arrow()
-    from flows.retrain import retrain
+    from flows.retrain import retrain, write_result
 
-    from flows.retrain import write_result
-
+    server.ready()
     result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
                      settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
     if args.summary:
@@ -475,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "validate": cmd_validate, "init": cmd_init, "init-tiny-model": cmd_init_tiny_model,
                 "retrain": cmd_retrain, "drops": cmd_drops, "promotions": cmd_promotions, "cache": cmd_cache,
                 "emit-drop": cmd_emit_drop, "export-chunks": cmd_export_chunks,
-                "serve": cmd_serve, "make-cloze-task": cmd_make_cloze_task}
+                "serve": cmd_serve, "make-cloze-task": cmd_make_cloze_task, "server": cmd_server}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

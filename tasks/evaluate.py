@@ -26,7 +26,8 @@ from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 
 if TYPE_CHECKING:
-    from tasks.chunk import Chunks, WindowPlan
+    from tasks.chunk import Chunks
+    from tasks.data.windows import WindowPlan
     from tasks.train import Trained
 
 EVAL_FILE = "eval.json"
@@ -46,7 +47,7 @@ def general_rows(paths: list[str], tokenizer_dir: str, plan: WindowPlan, limit: 
     import pyarrow as pa
 
     from tasks.data.arrow import token_type, with_labels
-    from tasks.chunk import chunk_batch
+    from tasks.data.windows import chunk_batch
     from tasks.data.files import resolve_corpus_files
     from tasks.data.readers import read_corpus_file
     from tasks.data.records import Record
@@ -333,7 +334,8 @@ class Evaluation(StageOutput):
                                f"{_num(c['validation_perplexity_after'])} ({change})")]
 
     def show(self, root: ArtifactsRoot) -> None:
-        show(self, root)  # the module's `show` below: its tables and plots
+        if self.stage == "evaluate":  # the before/after table; a reference's own numbers are in the gate's
+            show(self, root)  # the module's `show` below: its tables and plots
 
 
 def _task_counts(result: dict[str, Any]) -> dict[str, Any]:
@@ -368,11 +370,26 @@ def evaluate(build: Build, evaluate: EvaluateConfig, model: ModelConfig, trained
     doc = comparison(base_eval.read(build.root), after, evaluate.prompts)
     (build.tmp / EVAL_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     (build.tmp / "eval.md").write_text(comparison_markdown(doc))
+    # train.report_to: the numbers and the table go to the training's tracker run too (never fatal).
+    from tasks.core.tracking import log_evaluation
+
+    log_evaluation(trained.key, doc, comparison_markdown(doc), evaluation_rows(doc), build.log)
     v = doc["perplexity"]["validation"]
     g = doc["perplexity"]["general"] or {}
     return {"validation_perplexity_before": v["before"], "validation_perplexity_after": v["after"],
             "validation_relative_change": v["relative_change"], "general_perplexity_before": g.get("before"),
             "general_perplexity_after": g.get("after"), **_task_counts(after)}, {}
+
+
+def evaluation_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The before/after table as rows (metric, before, after, change): perplexities, then task metrics."""
+    rows = [{"metric": f"perplexity ({k})", "before": v["before"], "after": v["after"],
+             "change": v["relative_change"]} for k, v in doc["perplexity"].items() if v]
+    for task, metrics in (doc.get("tasks") or {}).items():
+        rows += [{"metric": f"{task}/{m}", "before": v["before"], "after": v["after"],
+                  "change": None if v["after"] is None or v["before"] is None else v["after"] - v["before"]}
+                 for m, v in metrics.items()]
+    return rows
 
 
 def _num(x: Any) -> str:

@@ -181,6 +181,9 @@ def gate(build: Build, gate: GateConfig, evaluation: Evaluation, reference_eval:
     doc = {**decision, "reference": reference_kind, "new": new, "reference_perplexity": ref, "base_perplexity": base,
            **({"new_tasks": new_tasks, "reference_tasks": ref_tasks} if gate.tasks else {})}
     (build.tmp / GATE_FILE).write_text(json.dumps(doc, indent=2, default=str))
+    from tasks.core.tracking import log_gate  # train.report_to: the decision joins the training's tracker run
+
+    log_gate(trained.key, decision, build.log)
     checks = [{k: c.get(k) for k in ("check", "task", "metric", "value", "limit", "passed") if k in c}
               for c in decision["checks"]]
     return {"promoted": decision["promoted"], "reason": decision["reason"], "reference": reference_kind,

@@ -29,9 +29,21 @@ from tasks.data.layout import DOCS_FILE, INDEX_FILE, REJECTS_FILE, LoadPart
 from tasks.data.pieces import assemble_documents, load_pieces, merge_counts, read_documents
 
 
+class NearDedupPass(OutputMeta):
+    """What near-dedup's pass reused, visited, judged and remembered, and its seconds (tasks.data.near_pieces)."""
+
+    reused_rows: int
+    visited: int
+    judged: int
+    remembered: int
+    previous: str  # the decisions' entry the pass started from ("" when none): a label, never opened from here
+    seconds: float
+
+
 class LoadMeta(OutputMeta):
     parts: list[LoadPart]  # per source file, in corpus order (its `part` number in the index)
     near_duplicate_samples: list[dict[str, Any]] | None = None  # a few pairs, texts only, for a person to judge
+    near_dedup_pass: NearDedupPass | None = None
 
 
 class Docs(StageOutput):
@@ -182,7 +194,8 @@ def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[s
         for i, n in enumerate(assembled["near_per_part"]):
             meta["parts"][i]["near_duplicates"] = n
         meta["near_duplicate_samples"] = near.samples
-        material.update(near_dedup=corpus.near_dedup.key_material(), ranks=near.ranks)
+        meta["near_dedup_pass"] = near.stats
+        material.update(near_dedup=corpus.near_dedup.key_material(), ranks=near.ranks, near_dedup_state=near.state)
         deps += near.deps
     content = stage_key("load-content", material)
     return counts, meta, {"content": content, "deps": deps}

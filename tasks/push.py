@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -93,9 +94,39 @@ def evaluation_markdown(lineage: dict[str, Any]) -> str:
     return md
 
 
+RELEASE_KINDS = {
+    "full": "the model: every weight trained (train.method full).",
+    "merged": "the merged model: the base model with the trained LoRA adapter folded into its weights "
+              "(W + B·A·alpha/r, in model.dtype), loadable with transformers alone. This is the model evaluate and "
+              "the gate measured.",
+    "adapter": "the LoRA adapter only (adapter_config.json, adapter_model.safetensors; push.adapter_only): load the "
+               "base model, then `peft.PeftModel.from_pretrained(base, <this folder>)`. evaluate and the gate "
+               "measured the merged model (base + this adapter).",
+}
+
+
+def release_kind(config: dict[str, Any]) -> str:
+    method = config.get("train", {}).get("method", "full")
+    if method == "full":
+        return "full"
+    return "adapter" if config.get("push", {}).get("adapter_only") else "merged"
+
+
 def model_card(base_model_id: str, data: dict[str, Any], config: dict[str, Any], eval_md: str,
                lineage: dict[str, Any] | None = None) -> str:
     counts = "\n".join(f"| {k} | {v} |" for k, v in data["counts"].items())
+    kind = release_kind(config)
+    lora = config.get("train", {}).get("lora", {})
+    method = config.get("train", {}).get("method", "full")
+    release_md = f"""
+## What this folder holds
+
+{RELEASE_KINDS[kind]}
+""" + (f"""
+Trained with {method} (r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, target modules
+{', '.join(lora.get('target_modules', []))}; embed_tokens and lm_head trained in full:
+{'yes' if lora.get('train_embeddings') else 'no'}).
+""" if kind != "full" else "")
     lineage_md = f"""
 ## Lineage
 
@@ -107,14 +138,14 @@ def model_card(base_model_id: str, data: dict[str, Any], config: dict[str, Any],
 """ if lineage else ""
     return f"""---
 base_model: {base_model_id}
-library_name: transformers
-tags: [continued-pretraining, cpt]
+library_name: {'peft' if kind == 'adapter' else 'transformers'}
+tags: [continued-pretraining, cpt{', lora' if kind != 'full' else ''}]
 ---
 
 # {base_model_id}, continued pretraining
 
 Continued pretraining of `{base_model_id}` on a domain corpus, made with cpt.
-{lineage_md}
+{release_md}{lineage_md}
 ## Data
 
 Corpus fingerprint: `{data['fingerprint']}`
@@ -148,6 +179,31 @@ def save_release(model_dir: Path, dest: Path, card: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+
+
+def release_source(trained: Trained, root: ArtifactsRoot, adapter_only: bool, base_model_id: str, tmp: Path) -> Path:
+    """The folder a release copies: the (merged) model, or with push.adapter_only the adapter and the tokenizer,
+    its adapter_config.json naming the base by `base_model_id` (the hub id users load) instead of the folder it
+    was trained from. Both are checked against the train entry's digests first."""
+    if not adapter_only:
+        return trained.verified_model_dir(root)
+    adapter = trained.verified_adapter_dir(root)
+    model = trained.model_dir(root)
+    staged = tmp / "adapter"
+    shutil.copytree(adapter, staged)
+    for name in TOKENIZER_FILES:
+        if (model / name).is_file():
+            shutil.copy2(model / name, staged / name)
+    config = json.loads((staged / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_model_id
+    (staged / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    for readme in ("README.md",):  # peft writes a placeholder card; the release's card replaces it
+        (staged / readme).unlink(missing_ok=True)
+    return staged
 
 
 def hub_token(secret_name: str | None) -> str | None:
@@ -288,9 +344,11 @@ def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, e
     dest = build.root.path(release)
     card = model_card(base_model_id, {"fingerprint": corpus.digest, "counts": docs.counts},
                       config.model_dump(mode="json"), evaluation.markdown(build.root), lineage)
-    model_dir = trained.verified_model_dir(build.root)
     digest = trained.model_digest
-    save_release(model_dir, dest, card)
+    with tempfile.TemporaryDirectory(prefix="cpt-release-") as staging:
+        source = release_source(trained, build.root, push.adapter_only, base_model_id, Path(staging))
+        release_digest = model_digest(source) if push.adapter_only else digest
+        save_release(source, dest, card)
     (build.tmp / RELEASE_CARD).write_text(card, encoding="utf-8")
     result = {"local_path": str(dest), "model_digest": digest, "hub": None}
     if push.repo_id:
@@ -300,7 +358,9 @@ def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, e
     (build.tmp / "push.json").write_text(json.dumps(result, indent=2))
     hub = result["hub"] or {}
     return {"local_path": str(dest), "release": release, "hub_url": hub.get("url"), "hub_commit": hub.get("commit"),
-            "hub_repo": hub.get("repo_id"), "hub_revision": hub.get("revision"), "model_digest": digest}, {}
+            "hub_repo": hub.get("repo_id"), "hub_revision": hub.get("revision"), "model_digest": digest,
+            "release_kind": release_kind(config.model_dump(mode="json")), "release_digest": release_digest,
+            "release_base": base_model_id}, {}
 
 
 def ensure_release(out: Release, trained: Trained, root: ArtifactsRoot, digest=None) -> str | None:
@@ -309,15 +369,19 @@ def ensure_release(out: Release, trained: Trained, root: ArtifactsRoot, digest=N
     dest = out.release_dir(root)
     card = out.card(root)
     kwargs = {"digest": digest} if digest else {}
+    adapter_only = out.counts.get("release_kind") == "adapter"
     if not dest.is_dir():
         why = "missing"
-    elif model_digest(dest, **kwargs) != out.counts["model_digest"]:
+    elif model_digest(dest, **kwargs) != out.counts.get("release_digest", out.counts["model_digest"]):
         why = "holding other model files"
     elif not (dest / CARD).is_file() or (dest / CARD).read_text(encoding="utf-8") != card:
         why = "holding another card"
     else:
         return None
-    save_release(trained.model_dir(root), dest, card)
+    with tempfile.TemporaryDirectory(prefix="cpt-release-") as staging:
+        source = (release_source(trained, root, True, out.counts["release_base"], Path(staging)) if adapter_only
+                  else trained.model_dir(root))
+        save_release(source, dest, card)
     run_logger().warning("push: release folder %s was %s; re-made it from the promoted model", dest, why)
     return why
 

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from tasks.data.arrow import read_arrow
-from tasks.chunk import WindowPlan, chunk_lengths, rows_by_part, window_plan
+from tasks.chunk import rows_by_part
+from tasks.data.windows import WindowPlan, chunk_lengths, window_plan
 from tasks.core.config.data import ChunkConfig, SPLITS, TokenStatsConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import NoMeta, StageOutput

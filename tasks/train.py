@@ -27,8 +27,10 @@ from tasks.core.report import Progress, image_data_uri, markdown_artifact, markd
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
 from tasks.ml import train_worker
+from tasks.ml.adapters import ADAPTER_DIR
+from tasks.ml.checkpoints import pull_checkpoint
+from tasks.ml.clock import MESSAGE_PREFIX
 from tasks.ml.spec import TrainSpec
-from tasks.ml.train_worker import MESSAGE_PREFIX, pull_checkpoint
 
 if TYPE_CHECKING:
     from tasks.chunk import Chunks
@@ -60,8 +62,18 @@ def launch_command(spec_path: Path, num_processes: int, device: str, accelerate_
         elif num_processes > 1:
             # accelerate's `--cpu` runs one process whatever `--num_processes` says; its multi-process launcher
             # (torchrun) starts them, and the worker's PartialState(cpu=True) joins them over gloo on CPU.
-            cmd.append("--multi_gpu")
+            # A port of its own: torchrun's default (29500) is shared by every training on the host, and a second
+            # one would join the first's rendezvous (seen here: a hang, or a rank failing at start).
+            cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
     return [*cmd, "-m", "tasks.ml.train_worker", str(spec_path)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_child(cmd: list[str], on_message, log) -> None:
@@ -174,6 +186,9 @@ class TrainMeta(OutputMeta):
     model_dir: Literal["model"] = "model"
     tensorboard: Literal["tensorboard"] = "tensorboard"
     parent: dict[str, Any] = {}  # the model it started from: kind, id, digest (a description, never opened)
+    # lora/qlora: the adapter alone (push.adapter_only), in the fixed folder ADAPTER_DIR, and its digest
+    adapter_dir: Literal["adapter"] | None = None
+    adapter_digest: str | None = None
 
 
 class Trained(StageOutput):
@@ -198,6 +213,22 @@ class Trained(StageOutput):
             raise ModelDamaged(f"{self.location(root)}: the model's files are not the ones trained (digest {found[:16]}, "
                                f"recorded {self.model_digest[:16]}); the entry is discarded: run again to retrain")
         return model
+
+    def verified_adapter_dir(self, root: ArtifactsRoot) -> Path:
+        """The adapter of a lora/qlora training (push.adapter_only), checked against its recorded digest like the
+        model."""
+        from tasks.ml.modeling import model_digest
+
+        if self.meta.adapter_digest is None:
+            raise ModelDamaged(f"{self.location(root)}: this training has no adapter (train.method full)")
+        adapter = self.dir(root) / ADAPTER_DIR  # a name of this code, never one read from a stored manifest
+        found = model_digest(adapter)
+        if found != self.meta.adapter_digest:
+            root.discard_entry(root.path(self.path))
+            raise ModelDamaged(f"{self.location(root)}: the adapter's files are not the ones trained (digest "
+                               f"{found[:16]}, recorded {self.meta.adapter_digest[:16]}); the entry is discarded: "
+                               "run again to retrain")
+        return adapter
 
     @property
     def model_rel(self) -> str:
@@ -239,8 +270,11 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
           chunks: Chunks, parent: dict[str, Any] | None = None):
     """`base_model` is the model training starts from (the base, or the last promoted model with train.init:
     last_promoted); `parent` describes it for the lineage and is not part of the key (its digest is)."""
+    from tasks.core import tracking
     from tasks.ml.modeling import model_digest, without_location
+    from tasks.ml.preflight import refuse_on_this_machine
 
+    refuse_on_this_machine(train)  # qlora without CUDA: said here, not after the child loaded the model
     rel = work_rel(build.key)
     work = build.root.path(rel)
     parent = parent or {"kind": "base", "id": model.id, "digest": base_model.digest}
@@ -257,7 +291,8 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
     spec = TrainSpec(model_location=base_model.location, model=model, train=train,
                      max_seq_length=chunk.max_seq_length, chunks_dir=str(data),
                      output_dir=str(build.tmp), checkpoint_dir=str(work / "checkpoints"),
-                     tensorboard_dir=str(build.tmp / "tensorboard"), artifacts=build.root.spec, work_rel=rel)
+                     tensorboard_dir=str(build.tmp / "tensorboard"), artifacts=build.root.spec, work_rel=rel,
+                     tracker=tracking.tracker_run(build.key) if set(train.report_to) - {"tensorboard"} else None)
     metrics = train_model(spec, train.num_processes, build.log)
     counts = {k: metrics[k] for k in ("global_step", "max_steps", "train_loss", "first_loss", "last_loss",
                                       "best_eval_loss", "stopped_early", "padding_fraction",
@@ -266,14 +301,21 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
                                       "first_step_seconds", "compile_seconds")}
     if metrics.get("peak_memory_bytes"):
         counts["peak_memory_gib"] = round(metrics["peak_memory_bytes"] / 2**30, 2)
+    counts["method"], counts["sharding"] = train.method, train.sharding
+    for k in ("parameters", "trainable_parameters", "trainable_embedding_parameters"):
+        if k in metrics:
+            counts[k] = metrics[k]
     counts.update(source_tokens(chunks))
     counts["parent"] = "base model" if parent["kind"] == "base" else f"promoted {parent['digest'][:16]}"
     # The model is in the published output; checkpoints only served a resume of this key.
     build.on_published(lambda out: shutil.rmtree(work, ignore_errors=True))
     build.on_published(lambda out: build.root.remove_remote(rel))
-    return counts, {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
-                    "model_dir": "model", "tensorboard": "tensorboard",
-                    "model_digest": model_digest(build.tmp / "model"), "parent": without_location(parent)}
+    meta = {"device": metrics["device"], "dtype": metrics["dtype"], "optim": metrics["optim"],
+            "model_dir": "model", "tensorboard": "tensorboard",
+            "model_digest": model_digest(build.tmp / "model"), "parent": without_location(parent)}
+    if train.method != "full":  # the merged model is `model/`; the adapter alone is kept for push.adapter_only
+        meta.update(adapter_dir=ADAPTER_DIR, adapter_digest=model_digest(build.tmp / ADAPTER_DIR))
+    return counts, meta
 
 
 def _num(x: Any) -> str:

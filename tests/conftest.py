@@ -24,14 +24,11 @@ os.environ.setdefault("CPT_NO_PROGRESS", "1")
 # The user-level cache (tokenizer profiles) of this test session, not the developer's.
 os.environ.setdefault("CPT_CACHE_HOME", __import__("tempfile").mkdtemp(prefix="cpt-test-home-"))
 
-from helpers import S3_KEY, S3_SECRET, sample_texts, unmarked_server_tests  # noqa: E402  (the environment is set first)
-
-
-def pytest_collection_modifyitems(config, items):
-    missing = unmarked_server_tests(items)
-    if missing:
-        raise pytest.UsageError("these tests start a server or a flow but are not marked slow (add "
-                                "@pytest.mark.slow): " + ", ".join(missing))
+from helpers import S3_KEY, S3_SECRET, sample_texts  # noqa: E402  (the environment is set first)
+# The slow mark's guard (tests/slow_guard.py): a test not marked slow that starts a child process, a server or a
+# Prefect flow fails, naming it, so `make test-fast` starts none. Imported hooks are registered like local ones.
+from slow_guard import (  # noqa: E402, F401
+    pytest_configure, pytest_fixture_setup, pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown)
 
 
 @pytest.fixture(scope="session")

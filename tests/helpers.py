@@ -13,16 +13,6 @@ SAMPLE_CORPUS = ROOT / "samples" / "medical_ko.jsonl"
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
 
 
-# Fixtures that start a server: a test using one is `slow` (kept out of `make test-fast`), or collection fails.
-SERVER_FIXTURES = frozenset({"prefect_harness", "s3_endpoint", "moto_endpoint", "any_s3"})
-
-
-def unmarked_server_tests(items) -> list[str]:
-    """Collected tests that use a server fixture without the `slow` mark (conftest refuses to run them)."""
-    return [item.nodeid for item in items
-            if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
-
-
 def sample_texts(n: int | None = None) -> list[str]:
     lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
     return [json.loads(x)["content"] for x in lines[:n] if x.strip()]

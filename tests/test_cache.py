@@ -106,12 +106,61 @@ def test_a_truncated_file_or_a_lost_piece_makes_an_entry_a_miss_that_is_rebuilt(
     assert not is_complete(tmp_path, "s", "s-1")
 
 
-def test_existing_complete_output_wins_a_race(tmp_path):
-    first = publish(tmp_path, "s", "s-k", lambda d: ({"who": "first"}, {}))
-    second = publish(tmp_path, "s", "s-k", lambda d: ({"who": "second"}, {}))
-    assert second == first and read_manifest(first.dir(open_root(tmp_path))).counts == {"who": "first"}
+def _blocked_on_flock(path: Path) -> bool:
+    """Whether someone waits in the kernel for a flock on `path` (/proc/locks lists waiters with `->`)."""
+    inode = os.stat(path).st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields:
+            device_inode = next(f for f in fields if f.count(":") == 2)
+            if int(device_inode.rsplit(":", 1)[1]) == inode:
+                return True
+    return False
 
 
+def test_two_builders_racing_for_one_key_build_once_and_both_get_that_output(tmp_path):
+    """Two threads (each with its own flock, as two processes would hold) start publishing one key together. The
+    one that gets the lock builds, and finishes only once the other is seen waiting for the lock in the kernel, so
+    the two really contend; the waiter then takes the published output instead of building."""
+    import threading
+
+    start = threading.Barrier(2)
+    builds = []
+    stop = threading.Event()  # set if the test gives up, so no thread is left waiting
+    lock_file = tmp_path / "cache" / "s" / ".lock-s-k"
+
+    def build(d):
+        builds.append(threading.current_thread().name)
+        # Wait for the other builder: blocked on the lock (the lock works) or here too (it does not).
+        while not (_blocked_on_flock(lock_file) or len(builds) > 1 or stop.is_set()):
+            time.sleep(0.01)
+        (d / "data").write_text(threading.current_thread().name)
+        return {"who": threading.current_thread().name}, {}
+
+    results, errors = {}, []
+
+    def builder():
+        try:
+            start.wait(timeout=30)
+            results[threading.current_thread().name] = publish(tmp_path, "s", "s-k", build)
+        except BaseException as e:  # noqa: BLE001  reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=builder, name=name) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    stop.set()  # a hang is reported by the asserts below, not waited out
+    for t in threads:
+        t.join(timeout=10)
+    assert len(builds) == 1, f"both built: {builds} ({errors})"  # one build; the other waited on the lock
+    assert not errors and not any(t.is_alive() for t in threads), (errors, threads)
+    assert results["a"] == results["b"] and results["a"].counts == {"who": builds[0]}
+    assert (results["a"].dir(open_root(tmp_path)) / "data").read_text() == builds[0]
+
+
+@pytest.mark.slow  # a child process, for the pid of a process that has exited
 def test_temp_dirs_of_killed_processes_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -140,6 +189,7 @@ def _publish_in_child(root, log_path, seconds, queue):
     queue.put(publish(root, "s", "s-k", _slow_build(log_path, seconds)).counts["pid"])
 
 
+@pytest.mark.slow  # two builder processes
 def test_concurrent_runs_of_one_key_build_once(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -154,6 +204,7 @@ def test_concurrent_runs_of_one_key_build_once(tmp_path):
     assert results[0] == results[1]
 
 
+@pytest.mark.slow  # a builder process, killed
 def test_a_killed_builder_blocks_nothing(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     log = tmp_path / "builds.log"
@@ -188,6 +239,7 @@ def test_digest_memo_reads_an_unchanged_file_once_and_a_changed_one_again(tmp_pa
     assert again.digest(f) != d1 and len(reads) == 2
 
 
+@pytest.mark.slow  # `cpt cache verify` in a child process
 def test_cache_verify_finds_a_flipped_byte_by_digest_and_a_truncated_file_by_size(tmp_path):
     import subprocess
     import sys

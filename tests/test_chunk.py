@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks.data.arrow import with_labels
-from tasks.chunk import IGNORE_INDEX, chunk_batch, chunk_lengths, trained_tokens, window_plan
+from tasks.data.arrow import IGNORE_INDEX
+from tasks.data.windows import chunk_batch, chunk_lengths, trained_tokens, window_plan
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import ChunkConfig
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ def cpt(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # `cpt` in a child process
 def test_help_lists_the_commands():
     out = cpt("--help")
     assert out.returncode == 0 and "run" in out.stdout and "init-tiny-model" in out.stdout
     assert "--until" in cpt("run", "--help").stdout
 
 
+@pytest.mark.slow  # `cpt` in a child process
 def test_validate_prints_the_resolved_config():
     out = cpt("validate", "--config", "configs/demo.yaml", "--set", "chunk.overlap=10")
     assert out.returncode == 0 and "overlap: 10" in out.stdout and "text_field: content" in out.stdout
@@ -32,13 +35,41 @@ def test_config_errors_exit_2_with_the_key(capsys):
     assert "chunk.overlapp: unknown key" in capsys.readouterr().err
 
 
-def test_bad_input_exits_1_with_file_and_line_before_any_flow_starts(tmp_path, capsys, tiny_model):
-    write_jsonl(tmp_path / "a.jsonl", [{"content": "ok"}])
-    rc = main(["run", "--set", f"corpus.paths=[{tmp_path / 'missing.jsonl'}]", "--set", f"model.id={tiny_model}",
-               "--artifacts", str(tmp_path / "art")])
-    assert rc == 2 and "corpus.paths[0]" in capsys.readouterr().err
+def test_a_missing_corpus_path_is_a_config_error_exit_2_before_any_flow_starts(tmp_path, capsys, monkeypatch):
+    """Checked before Prefect starts (the flow is never called, and no server waits seconds to start for it)."""
+    import types
+
+    def flow(**kw):
+        raise AssertionError("the flow was called before the corpus paths were checked")
+
+    # A stand-in for the flow's module (importing the real one would import Prefect, which binds its console log
+    # handler to this test's captured stderr); cmd_run imports the flow from it.
+    monkeypatch.setitem(sys.modules, "flows.continued_pretraining", types.SimpleNamespace(continued_pretraining=flow))
+    missing = tmp_path / "missing.jsonl"
+    rc = main(["run", "--set", f"corpus.paths=[{missing}]", "--set", "model.id=m", "--artifacts",
+               str(tmp_path / "art")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"cpt: config error: corpus.paths[0] ('{missing}'): no such file or folder\n"
 
 
+@pytest.mark.slow  # `cpt run` in a child process: a bad record is found by reading the file, in the flow's load
+def test_a_bad_record_exits_1_naming_its_file_and_line(tmp_path, tiny_model):
+    corpus = tmp_path / "a.jsonl"
+    corpus.write_text('{"content": "a first document that is long enough to keep"}\n{"content": 7}\n')
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)  # the command's own temporary server
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--set", f"corpus.paths=[{corpus}]", "--set",
+                          f"model.id={tiny_model}", "--until", "load", "--artifacts", str(tmp_path / "art")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if line.startswith("cpt: ")]
+    assert said == [f"cpt: bad input: {corpus}:2: field 'content' is int, expected a string "
+                    "(set corpus.on_bad_record: skip to keep going)"], out.stderr[-3000:]
+
+
+@pytest.mark.slow  # a fresh interpreter shows what the command imports
 def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path):
     from tasks.line import lines
 
@@ -55,6 +86,7 @@ def test_drops_answers_without_prefect_or_torch_and_removal_is_recorded(tmp_path
     assert [h["status"] for h in lines.read_line(open_root(tmp_path), "l").drops[0].history] == ["pending", "removed"]
 
 
+@pytest.mark.slow  # a fresh interpreter shows what the command imports
 def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
     from tasks.line.promotions import Promotion, record_promotion
 
@@ -75,6 +107,7 @@ def test_promotions_lists_a_lineage_without_prefect_or_torch(tmp_path):
     assert out.returncode == 0 and "name-other: nothing promoted yet" in out.stdout
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_run_and_retrain_start_pyarrows_pandas_import_in_the_background(tmp_path):
     """pyarrow imports pandas on its first array (0.4-1.3 s): the commands that run stages begin it in a thread
     before the flow starts, so a drop's gate or load does not pay it inside the data path."""
@@ -101,7 +134,8 @@ def published_chunks(artifacts):
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import Chunks, window_plan, window_rows, windows_file
+    from tasks.chunk import Chunks, window_rows, windows_file
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
 
     root = open_root(artifacts)
@@ -137,7 +171,7 @@ def stored_rows(root, chunks, split):
 
 
 def rule_labels(row):
-    """The README's rule, written out independently of the package."""
+    """docs/stages.md's label rule, written out independently of the package."""
     return [-100] * row["trained_from"] + row["input_ids"][row["trained_from"]:]
 
 

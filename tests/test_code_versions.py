@@ -60,10 +60,12 @@ def original(tmp_path_factory) -> dict[str, str]:
     return read(versions(tree_copy(tmp_path_factory.mktemp("original"))))
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_the_probe_sees_every_stage(original):
     assert set(DATA) | {"evaluate-base", "evaluate", "train", "gate", "push"} <= set(original)
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_comments_docstrings_infrastructure_and_summaries_change_no_key(tmp_path, original):
     src = tree_copy(tmp_path)
     for path in sorted(src.rglob("*.py")):
@@ -80,18 +82,20 @@ def test_comments_docstrings_infrastructure_and_summaries_change_no_key(tmp_path
     assert read(versions(src)) == original
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_editing_a_helper_changes_exactly_the_stages_that_reach_it(tmp_path, original):
     src = tree_copy(tmp_path)
     # window_plan decides the chunk windows, once: the chunk stage (which records the plan in its output, where
     # its pieces and evaluate's general corpus take it from, keyed by its values) and token-stats (which predicts
     # the chunk stage's rows before it runs) reach it; load, tokenize, train and the pieces do not.
-    edit(src / "tasks" / "chunk.py", "    window = max_seq_length - (1 if has_bos else 0)\n",
+    edit(src / "tasks" / "data" / "windows.py", "    window = max_seq_length - (1 if has_bos else 0)\n",
          "    window = max_seq_length - (1 if has_bos else 0)\n    window = int(window)\n")
     after = read(versions(src))
     changed = {s for s in original if after[s] != original[s]}
     assert changed == {"chunk", "token-stats"}
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_the_static_row_length_is_decided_where_train_is_keyed(tmp_path, original):
     """How long static packed rows are is decided in the training child's code: a change of the rule reruns train
     (it was a method of the config, infrastructure, which no key sees)."""
@@ -102,6 +106,7 @@ def test_the_static_row_length_is_decided_where_train_is_keyed(tmp_path, origina
     assert {s for s in original if after[s] != original[s]} == {"train"}
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_a_new_helper_is_covered_without_being_listed(tmp_path, original):
     src = tree_copy(tmp_path)
     edit(src / "tasks" / "shuffle.py", "def split_values(", "def _salt(seed):\n    return seed\n\n\ndef split_values(")
@@ -114,6 +119,7 @@ def test_a_new_helper_is_covered_without_being_listed(tmp_path, original):
     assert second["shuffle"] != first["shuffle"]
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_a_renamed_helper_fails_at_import_naming_it(tmp_path):
     src = tree_copy(tmp_path)
     edit(src / "tasks" / "shuffle.py", "def one_per_text(", "def one_copy_per_text(")  # the call is not renamed
@@ -217,17 +223,19 @@ def rename_module(src: Path, old: str, new: str) -> None:
             path.write_text(edited, encoding="utf-8")
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_moving_a_helper_changes_no_key_and_an_edit_of_it_still_reaches_the_same_stages(tmp_path, original):
     src = tree_copy(tmp_path)
-    move(src, "tasks.chunk", ["window_plan"], "tasks.geometry")
-    assert "def window_plan(" not in module_file(src, "tasks.chunk").read_text()
+    move(src, "tasks.data.windows", ["window_plan"], "tasks.data.geometry")
+    assert "def window_plan(" not in module_file(src, "tasks.data.windows").read_text()
     assert read(versions(src)) == original
-    edit(module_file(src, "tasks.geometry"), "    window = max_seq_length - (1 if has_bos else 0)\n",
+    edit(module_file(src, "tasks.data.geometry"), "    window = max_seq_length - (1 if has_bos else 0)\n",
          "    window = max_seq_length - (1 if has_bos else 0)\n    window = int(window)\n")
     after = read(versions(src))
     assert {s for s in original if after[s] != original[s]} == {"chunk", "token-stats"}
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_renaming_a_module_changes_no_key(tmp_path, original):
     src = tree_copy(tmp_path)
     rename_module(src, "tasks.shuffle", "tasks.splitting")  # imported by name: `from tasks.shuffle import …`
@@ -236,6 +244,7 @@ def test_renaming_a_module_changes_no_key(tmp_path, original):
     assert read(versions(src)) == original
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_splitting_a_module_changes_no_key(tmp_path, original):
     src = tree_copy(tmp_path)
     for module in ("tasks.data.shingles", "tasks.tokenize"):
@@ -245,6 +254,7 @@ def test_splitting_a_module_changes_no_key(tmp_path, original):
     assert read(versions(src)) == original
 
 
+@pytest.mark.slow  # a fresh interpreter reads a copy's code versions
 def test_the_move_test_can_fail(tmp_path):
     """The move above is a real change of where code lives: a digest that names modules (the old way, put back
     as a mutation) sees it in chunk's key and not in load's."""
@@ -253,7 +263,7 @@ def test_the_move_test_can_fail(tmp_path):
         edit(module_file(src, "tasks.core.keys"), "    for dump in sorted(seen.values()):",
              "    for dump in sorted(f'{k}={v}' for k, v in seen.items()):")
         if moved:
-            move(src, "tasks.chunk", ["window_plan"], "tasks.geometry")
+            move(src, "tasks.data.windows", ["window_plan"], "tasks.data.geometry")
         return read(versions(src))
 
     before, after = mutated("before", False), mutated("after", True)

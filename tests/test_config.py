@@ -105,6 +105,7 @@ def test_shipped_configs_validate():
         load_config(path)
 
 
+@pytest.mark.slow  # a fresh interpreter shows what is imported
 def test_help_and_validate_do_not_import_heavy_libraries(tmp_path):
     code = ("import sys; from flows.cli import main; main(['validate', '--set', 'corpus.paths=[a]', "
             "'--set', 'model.id=m']); heavy = [m for m in ('torch', 'transformers', 'prefect', 'datasets') "
@@ -209,7 +210,7 @@ def test_every_optimizer_name_validates():
 def test_overlap_bound_is_the_bos_aware_one():
     """The config accepts exactly the (max_seq_length, overlap) pairs the chunker accepts with a BOS-adding tokenizer,
     so no tokenizer can fail the chunk stage on a config that validated."""
-    from tasks.chunk import window_plan
+    from tasks.data.windows import window_plan
 
     for max_len in range(2, 40):
         for overlap in range(0, max_len + 1):

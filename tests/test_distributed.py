@@ -17,6 +17,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKER_MEMORY = "2GiB"  # dask restarts a worker past it, and a restarted worker fails the piece it held
+# What a worker may peak at while it builds these pieces: half its limit, so the assertion fails before Dask acts
+# on the worker's memory itself (it pauses a worker at 80% of its limit and restarts it at 95%); a bound at the
+# limit could never fail, the worker being restarted first. Measured in the 2-core sandbox: ~400 MiB each,
+# imports included.
+PEAK_BOUND = 1024**3
 
 
 def _port() -> int:
@@ -76,7 +81,8 @@ def cluster(tmp_path, s3_endpoint):
 def test_a_separate_dask_cluster_gives_the_sequential_keys_and_outputs(tmp_path, tiny_model, cluster, s3_endpoint,
                                                                          monkeypatch):
     """Two workers with their own scratch folders and nothing but the bucket in common build the per-file pieces;
-    every stage's key and content is the sequential run's, and each worker's memory stays under its limit."""
+    every stage's key and content is the sequential run's, and each worker's peak memory stays under a bound set
+    well below the limit it runs under."""
     from tasks.core.manifest import read_manifest
 
     address, client, scratches = cluster
@@ -112,5 +118,7 @@ def test_a_separate_dask_cluster_gives_the_sequential_keys_and_outputs(tmp_path,
     # this module would need the workers to import the tests.
     peaks = client.run(lambda: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024)
     assert len(peaks) == 2
-    for worker, peak in peaks.items():
-        assert peak < 2 * 1024**3, f"{worker} peaked at {peak / 1e6:.0f} MB"
+    from dask.utils import parse_bytes
+
+    assert PEAK_BOUND <= 0.5 * parse_bytes(WORKER_MEMORY)  # the bound stays one Dask's limit cannot hide
+    assert max(peaks.values()) < PEAK_BOUND, {w: f"{p / 2**20:.0f} MiB" for w, p in peaks.items()}

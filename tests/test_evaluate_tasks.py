@@ -132,6 +132,7 @@ def test_task_values_read_both_eval_documents():
 # ------------------------------------------------------------------------------------- the harness
 
 
+@pytest.mark.slow  # lm-eval's simple_evaluate records its environment: git, pip, uname, nvcc as child processes
 def test_the_harness_runs_the_local_task_on_the_loaded_model(tiny_model, cloze, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from tasks.core.config.model import EvaluateConfig, ModelConfig

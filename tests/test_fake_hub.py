@@ -11,6 +11,8 @@ from fake_hub import FakeHub, online
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
+# Every test here drives an HTTP server (FakeHub, in a thread): `make test-fast` starts no server.
+pytestmark = pytest.mark.slow
 TOKEN = "hf_test_0123456789abcdef"
 REPO = "test-user/tiny-model"
 

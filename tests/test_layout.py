@@ -6,7 +6,10 @@ tasks/data/ and tasks/ml/ import no stage module; no module under tasks/ or flow
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
+
+import pytest
 
 from helpers import ROOT
 
@@ -165,16 +168,170 @@ def test_the_tower_is_low(capsys):
     assert tallest + 1 <= MAX_LAYERS  # 14 before the first redesign (lazy imports counted, with a cycle), then 11
 
 
-def test_a_test_that_starts_a_server_without_the_slow_mark_is_refused():
-    """conftest refuses a collection where a test uses a server fixture unmarked (what keeps test-fast fast)."""
-    import types
+def test_the_slow_guard_sits_on_every_way_a_test_starts_a_process_a_server_or_a_flow():
+    """conftest's guard (tests/slow_guard.py) wraps each entry point a child process, a listening socket or a
+    Prefect flow or task run goes through; checked without starting any (this test is in `make test-fast`)."""
+    import inspect
+    import multiprocessing.util
+    import os
+    import socket
+    import subprocess
 
-    from helpers import unmarked_server_tests
+    import slow_guard
 
-    def item(nodeid, fixtures, slow):
-        return types.SimpleNamespace(nodeid=nodeid, fixturenames=fixtures,
-                                     get_closest_marker=lambda name: object() if slow and name == "slow" else None)
+    entry_points = {"subprocess.Popen._execute_child": subprocess.Popen._execute_child,
+                    "multiprocessing.util.spawnv_passfds": multiprocessing.util.spawnv_passfds,
+                    "os.fork": os.fork, "os.forkpty": os.forkpty, "os.posix_spawn": os.posix_spawn,
+                    "os.posix_spawnp": os.posix_spawnp, "os.system": os.system,
+                    "socket.socket.listen": socket.socket.listen}
+    assert [name for name, f in entry_points.items() if not getattr(f, slow_guard.MARK, False)] == []
+    # subprocess.run/call/check_output and asyncio's subprocesses all construct a Popen, which calls the method.
+    assert "self._execute_child(" in inspect.getsource(subprocess.Popen.__init__)
 
-    items = [item("a", ["prefect_harness", "tmp_path"], False), item("b", ["s3_endpoint"], True),
-             item("c", ["tmp_path"], False)]
-    assert unmarked_server_tests(items) == ["a"]
+    import prefect.flow_engine
+    import prefect.task_engine
+    from prefect import Flow, Task
+
+    assert getattr(prefect.flow_engine.run_flow, slow_guard.MARK, False)
+    assert getattr(prefect.task_engine.run_task, slow_guard.MARK, False)
+    # A flow call (and a task called outside .fn) looks the engine's entry up at call time, so it meets the wrapper.
+    assert "from prefect.flow_engine import run_flow" in inspect.getsource(Flow.__call__)
+    assert "from prefect.task_engine import run_task" in inspect.getsource(Task.__call__)
+
+
+def test_the_slow_guard_reports_to_the_innermost_watch_and_names_what_was_started():
+    from slow_guard import report, verdict, watching
+
+    with watching() as outer:
+        report("a")
+        with watching() as inner:
+            report("b")
+        report("a")
+    assert outer == ["a", "a"] and inner == ["b"]
+    assert verdict("t.py::x", []) is None
+    message = verdict("t.py::x", ["a child process `python -c pass`"] * 2)
+    assert message.startswith("t.py::x is not marked slow but started:\n  a child process `python -c pass`\n")
+    assert message.count("python -c pass") == 1 and "@pytest.mark.slow" in message
+
+
+INNER_CONFTEST = """
+import subprocess, sys
+import pytest
+
+
+@pytest.fixture(scope="session")
+def child():  # a session fixture that starts a process, like a server fixture
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+@pytest.fixture(scope="session")
+def other_child():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait()
+"""
+
+INNER_TESTS = """
+import multiprocessing, socket, subprocess, sys
+import pytest
+
+
+def test_pure():
+    assert sum([1, 2]) == 3
+
+
+def test_child():
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+
+@pytest.mark.slow
+def test_child_marked():
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+
+def test_swallowed():
+    try:
+        subprocess.run(["/nonexistent/cpt"])
+    except OSError:
+        pass
+
+
+def test_multiprocessing():
+    p = multiprocessing.get_context("spawn").Process(target=print)
+    p.start()
+    p.join()
+
+
+def test_server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+
+
+def test_flow(monkeypatch):
+    import prefect.flow_engine
+    from prefect import flow
+
+    monkeypatch.setattr(prefect.flow_engine, "run_flow_sync", lambda **kw: "ran")  # the engine, minus the API
+
+    @flow
+    def tiny():
+        return 1
+
+    assert tiny() == "ran"
+
+
+@pytest.mark.slow
+def test_fixture_first(child):  # sets the session fixture up
+    pass
+
+
+def test_fixture_later(child):  # gets it from the cache: the guard still knows what it started
+    pass
+
+
+def test_fixture_unmarked_first(other_child):
+    pass
+"""
+
+
+@pytest.mark.slow  # a pytest session in a child process, whose tests start processes, a server and a flow
+def test_the_slow_guard_fails_each_unmarked_test_that_starts_something_and_only_those(tmp_path):
+    """A suite run with the guard (`-p slow_guard`, as conftest loads it): every unmarked test that starts a child
+    process, a server or a flow (itself or through a fixture, even one an earlier test set up) fails naming it;
+    the same starts under the slow mark, and a test that starts nothing, pass."""
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: starts a server, a flow or a child process\n")
+    (inner / "conftest.py").write_text(INNER_CONFTEST)
+    (inner / "test_inner.py").write_text(INNER_TESTS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "slow_guard", "-p", "no:cacheprovider", "-q",
+                           f"--junitxml={tmp_path / 'out.xml'}", "test_inner.py"], cwd=inner, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "out.xml").exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    outcome = {}
+    for case in ET.parse(tmp_path / "out.xml").getroot().iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        outcome[case.get("name")] = "passed" if bad is None else bad.get("message", "") + (bad.text or "")
+    passed = sorted(name for name, o in outcome.items() if o == "passed")
+    assert passed == ["test_child_marked", "test_fixture_first", "test_pure"], f"{passed}\n{done.stdout[-3000:]}"
+    expected = {"test_child": "a child process `python -c pass`",
+                "test_swallowed": "a child process `/nonexistent/cpt`",
+                "test_multiprocessing": "a child process (multiprocessing)",
+                "test_server": "a server (a socket listening on 127.0.0.1:",
+                "test_flow": "a Prefect flow run (tiny)",
+                "test_fixture_later": "(in fixture 'child')",
+                "test_fixture_unmarked_first": "(in fixture 'other_child')"}
+    assert {name: o for name, o in outcome.items() if o != "passed"}.keys() == expected.keys()
+    for name, what in expected.items():
+        assert f"test_inner.py::{name} is not marked slow but started" in outcome[name], outcome[name]
+        assert what in outcome[name], outcome[name]

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import sample_texts, write_jsonl
 from tasks.data import contamination as ct, minhash as mh, shingles as sh
+from tasks.data import near_pass as npass
 from tasks.data.arrow import read_arrow
 from tasks.core.config.data import CorpusConfig, DecontaminateConfig, NearDedupConfig, ShuffleConfig, SplitConfig
 from tasks.core.root import open_root
@@ -49,7 +50,7 @@ def test_a_reexport_is_found_and_the_older_document_kept(texts):
     sig = lambda ts: mh.signatures(ts, 128, 5, 1)  # noqa: E731
     # The re-exports have the smaller doc_ids and come first in the list: still the older part (rank 0) wins.
     ids = [f"z{i:02d}" for i in range(30)], [f"a{i:02d}" for i in range(10)]
-    found = mh.near_duplicates([(ids[1], sig(copies)), (ids[0], sig(originals))], [1, 0], 0.8, 128)
+    found = npass.near_duplicates([(ids[1], sig(copies)), (ids[0], sig(originals))], [1, 0], 0.8, 128)
     assert sorted(d.doc_id for d in found) == ids[1]
     assert all(d.kept_doc_id == "z" + d.doc_id[1:] for d in found)
 
@@ -203,7 +204,7 @@ def test_pairs_below_the_threshold_are_not_near_duplicates(texts):
     assert 0.5 < min(jac) and max(jac) < 0.7
     ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
     parts = [(ids[0], mh.signatures(docs, 128, 5, 1)), (ids[1], mh.signatures(far, 128, 5, 1))]
-    found = mh.near_duplicates(parts, [0, 1], 0.8, 128)
+    found = npass.near_duplicates(parts, [0, 1], 0.8, 128)
     assert not found, [(d.doc_id, jac[int(d.doc_id[1:])]) for d in found]
 
 
@@ -216,8 +217,8 @@ def test_with_the_texts_candidates_are_checked_on_their_exact_jaccard(texts):
     assert 0.65 < min(jac) and max(jac) < 0.78
     ids = [f"a{i:03d}" for i in range(len(docs))], [f"b{i:03d}" for i in range(len(docs))]
     parts = [(ids[0], mh.signatures(docs, 128, 5, 1)), (ids[1], mh.signatures(far, 128, 5, 1))]
-    assert mh.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
-    assert not mh.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
+    assert npass.near_duplicates(parts, [0, 1], 0.8, 128)  # the estimate alone errs here
+    assert not npass.near_duplicates(parts, [0, 1], 0.8, 128, lambda p, r: (docs, far)[p][r], 5)
 
 
 # Texts that meet at their edges with whitespace (a batch hashes them in one row), other Unicode spaces, a text
@@ -497,17 +498,17 @@ def test_the_lsh_reads_signatures_a_block_at_a_time_and_ids_from_arrow(tmp_path,
         ids = [f"{int(x):016x}" for x in rng.integers(0, 2 ** 63, size=3000)]
         np.save(tmp_path / f"{p}.npy", sig)
         parts.append((ids, sig))
-    want = mh.near_duplicates(parts, [0, 1, 2], 0.8, 64)
+    want = npass.near_duplicates(parts, [0, 1, 2], 0.8, 64)
     assert len(want) == 600
     monkeypatch.setattr(mh, "_BLOCK", 500)
     watched = [_Watched(np.load(tmp_path / f"{p}.npy", mmap_mode="r")) for p in range(3)]
-    got = mh.near_duplicates([(pa.array(ids), w) for (ids, _), w in zip(parts, watched)], [0, 1, 2], 0.8, 64)
+    got = npass.near_duplicates([(pa.array(ids), w) for (ids, _), w in zip(parts, watched)], [0, 1, 2], 0.8, 64)
     assert got == want
     assert all(0 < w.widest <= 500 for w in watched)
     line = [(pa.array(parts[0][0]), watched[0])]
     drop = [(pa.array(parts[1][0][:400] + parts[0][0][:5]), _Watched(np.load(tmp_path / "1.npy")[:405]))]
-    matches = mh.drop_matches(line, drop, 0.8, 64)
-    assert matches == mh.drop_matches([(parts[0][0], base)], [(parts[1][0][:400] + parts[0][0][:5],
+    matches = npass.drop_matches(line, drop, 0.8, 64)
+    assert matches == npass.drop_matches([(parts[0][0], base)], [(parts[1][0][:400] + parts[0][0][:5],
                                                               np.load(tmp_path / "1.npy")[:405])], 0.8, 64)
     assert len(matches) == 305 and matches[0][2] == 1.0  # 300 near copies, 5 exact ones first
 
@@ -602,6 +603,6 @@ def test_load_and_the_drop_gate_agree_at_the_thresholds_edge():
         texts = [[base], [variant]]
         parts = [(["a"], mh.signatures([base], num_perm, 5, seed)), (["b"], mh.signatures([variant], num_perm, 5, seed))]
         text_of = lambda p, r: texts[p][r]  # noqa: E731
-        loaded = mh.near_duplicates(parts, [0, 1], threshold, num_perm, text_of, 5)
-        gated = mh.drop_matches(parts[:1], parts[1:], threshold, num_perm, text_of, 5)
+        loaded = npass.near_duplicates(parts, [0, 1], threshold, num_perm, text_of, 5)
+        gated = npass.drop_matches(parts[:1], parts[1:], threshold, num_perm, text_of, 5)
         assert (len(loaded) == 1) == want and (len(gated) == 1) == want

@@ -142,7 +142,7 @@ def test_the_replay_windows_are_drawn_in_blocks_and_the_last_cut_to_the_token():
     import numpy as np
     import pyarrow as pa
 
-    from tasks.chunk import window_batch, window_plan
+    from tasks.data.windows import window_batch, window_plan
     from tasks.core.config.data import ChunkConfig
     from tasks.mix import drawn_windows, labelled_per_window
 

@@ -233,6 +233,7 @@ def test_an_unsettled_drop_waits_and_a_later_nightly_run_takes_it(config, texts,
     assert new_file_counts(later) == (1, 1, 1)
 
 
+@pytest.mark.slow  # a whole `cpt retrain` (flow, training child) in a child process
 def test_cli_retrain_summary_and_drops_listing(config, texts, tmp_path, artifacts, monkeypatch):
     """`cpt retrain --summary` in its own process, as the deployments and a user run it."""
     import subprocess

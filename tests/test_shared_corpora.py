@@ -4,7 +4,9 @@ import pyarrow as pa
 import pytest
 
 from helpers import shared_corpus
-from tasks.chunk import IGNORE_INDEX, chunk_file, window_plan
+from tasks.chunk import chunk_file
+from tasks.data.arrow import IGNORE_INDEX
+from tasks.data.windows import window_plan
 from tasks.core.config.data import ChunkConfig, CorpusConfig
 from tasks.data.layout import DOCS_FILE
 from tasks.data.pieces import load_documents

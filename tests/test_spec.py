@@ -39,6 +39,7 @@ def test_the_parent_refuses_a_spec_with_a_wrong_field_before_launching(tmp_path)
     assert not (tmp_path / "out").exists()  # nothing was written, nothing started
 
 
+@pytest.mark.slow  # the training child's entry point, as a child process
 def test_the_child_refuses_a_spec_it_cannot_read_naming_the_field(tmp_path):
     path = tmp_path / "spec.json"
     s = spec(tmp_path).model_dump(mode="json")

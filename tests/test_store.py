@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -245,7 +246,7 @@ def test_line_state_is_shared_through_the_store(hosts, tmp_path):
     assert "state/lines/nightly.json" in hosts.objects()
 
 
-def test_credentials_and_endpoint_from_a_prefect_secret_block(hosts, monkeypatch, config):
+def test_credentials_and_endpoint_from_a_prefect_secret_block(hosts, monkeypatch, config, tmp_path):
     from prefect.blocks.system import Secret
 
     from tasks.core.objectstore import Store
@@ -272,9 +273,23 @@ def test_credentials_and_endpoint_from_a_prefect_secret_block(hosts, monkeypatch
         run(config, hosts.url, until="train", train__max_steps=4, train__save_steps=2, train__eval_steps=2,
             train__per_device_train_batch_size=8)
     assert any(o.endswith("/checkpoints/checkpoint-2/_COMPLETE") for o in hosts.objects("work/train"))
-    with pytest.raises(Exception):  # without the block the environment's dead endpoint is used
-        monkeypatch.delenv("CPT_STORE_BLOCK")
+
+    # Without the block the store is configured by the environment alone, and each part of it is what it holds.
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    monkeypatch.delenv("CPT_STORE_BLOCK")
+    for name, value in (("AWS_SHARED_CREDENTIALS_FILE", tmp_path / "none"), ("AWS_CONFIG_FILE", tmp_path / "none"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):  # no credentials from anywhere but the environment
+        monkeypatch.setenv(name, str(value))
+    # Credentials: the environment has none (removed above), and the block's are not taken.
+    with pytest.raises(NoCredentialsError, match="^Unable to locate credentials$"):
         Store(hosts.url, hosts.scratch("x")).fs.ls(hosts.bucket)
+    # Endpoint: given good credentials, the request goes to the environment's endpoint, where nothing listens.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    dead = re.escape('Could not connect to the endpoint URL: "http://127.0.0.1:9/')
+    with pytest.raises(EndpointConnectionError, match=f"^{dead}"):
+        Store(hosts.url, hosts.scratch("y")).fs.ls(hosts.bucket)
 
 
 def test_a_training_killed_on_one_host_resumes_on_another(hosts, config, monkeypatch):

@@ -11,7 +11,7 @@ from tasks.core.config.base import ConfigError
 from tasks.core.config.data import ChunkConfig
 from tasks.core.config.model import ModelConfig
 from tasks.shuffle import split_documents
-from tasks.chunk import window_plan
+from tasks.data.windows import window_plan
 from tasks.token_stats import STAT_NAMES, compute_token_stats, length_stats, plot_histograms
 from tasks.tokenize import (
     batch_bounds, encode_batch, load_tokenizer, resolve_tokenizer, special_tokens, tokenize_file,
@@ -194,6 +194,7 @@ def test_encoder_uses_the_fast_backend_only_when_it_agrees(tiny_model):
     assert other(["a", "b"]) == [[1, 2], [1, 2]] and other.fast is False
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_profiled_tokenizer_tokenizes_in_a_fresh_process_without_transformers(tiny_model, tmp_path, monkeypatch):
     import subprocess
     import sys

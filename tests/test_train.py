@@ -70,17 +70,23 @@ def test_launch_command_per_device_and_distributed_setup(tmp_path):
 
 
 def test_resume_skips_and_removes_checkpoints_cut_short(tmp_path):
-    from tasks.ml.train_worker import last_complete_checkpoint
+    """A checkpoint is complete when its seal (the manifest written once every rank finished it) is there and its
+    files match: one without a seal was cut short and is removed, as is a newer one whose files changed."""
+    from tasks.ml.checkpoints import last_complete_checkpoint, seal_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "none") is None
-    for step, state in ((4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
+    for step, sealed in ((4, True), (6, False), (8, True)):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x")
-        if state is not None:
-            (d / "trainer_state.json").write_text(state)
-    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+        (d / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        if sealed:
+            seal_checkpoint(d)
+    (tmp_path / "checkpoint-8" / "model.safetensors").write_bytes(b"y")  # same size, other bytes
+    warned = []
+    assert last_complete_checkpoint(tmp_path, warn=warned.append) == tmp_path / "checkpoint-4"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoint-4"]
+    assert len(warned) == 1 and "checkpoint-8" in warned[0] and "model.safetensors" in warned[0]
 
 
 def test_gradient_checkpointing_is_kept_on_a_gpu_and_turned_off_on_cpu():
@@ -113,7 +119,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
 
     from helpers import sample_texts
     from tasks.data.arrow import with_labels
-    from tasks.chunk import chunk_batch, window_plan
+    from tasks.data.windows import chunk_batch, window_plan
     from tasks.core.config.data import ChunkConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -152,7 +158,7 @@ def test_the_trainer_loss_on_a_packed_batch_is_the_token_weighted_mean_of_each_c
 def test_step_clock_times_only_clean_steps_and_counts_trained_tokens_after_the_shift():
     """The throughput window: warm-up steps and steps with a save or evaluation are left out; evaluation
     forwards are not counted; a trained token is a label != -100 after the causal shift."""
-    from tasks.ml.train_worker import StepClock
+    from tasks.ml.clock import StepClock
 
     clock = StepClock(warmup=1)
     module = torch.nn.Linear(1, 1)
@@ -215,7 +221,8 @@ def _chunks_dir(tiny_model, out):
     import pyarrow as pa
 
     from helpers import sample_texts
-    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
     from tasks.tokenize import encode_batch, load_tokenizer, special_tokens
 
@@ -280,7 +287,8 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
     from datasets import load_from_disk
 
     from tasks.data.arrow import with_labels
-    from tasks.chunk import SHARD, chunk_rows, window_plan, write_dataset_dict
+    from tasks.chunk import SHARD, chunk_rows, write_dataset_dict
+    from tasks.data.windows import window_plan
     from tasks.core.config.data import ChunkConfig
     from tasks.ml.train_worker import training_columns
 
@@ -300,6 +308,6 @@ def test_the_trainer_reads_chunks_with_labels_derived_from_trained_from(tmp_path
         expected = with_labels(stored[split].with_format("arrow")[:]).to_pylist()
         assert data[split].to_list() == expected and expected
     assert any(r["labels"][:2] == [-100, -100] for r in data["train"].to_list())  # overlap masked
-    # The README's recipe for a user who trains elsewhere, without this package, gives the same labels.
+    # docs/stages.md's recipe for a user who trains elsewhere, without this package, gives the same labels.
     plain = [[-100] * r["trained_from"] + r["input_ids"][r["trained_from"]:] for r in stored["train"]]
     assert plain == data["train"]["labels"]

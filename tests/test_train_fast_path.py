@@ -215,7 +215,7 @@ def test_static_padding_fraction_counts_row_padding_and_the_filled_last_batch():
 
 def test_step_clock_does_not_count_static_padding_as_tokens_and_hides_the_count_from_the_model():
     from tasks.ml.static_batches import NUM_PADDING
-    from tasks.ml.train_worker import StepClock
+    from tasks.ml.clock import StepClock
 
     clock = StepClock(warmup=0)
     module = torch.nn.Linear(1, 1)

@@ -136,7 +136,7 @@ def test_a_reader_of_a_damaged_entry_gets_a_clear_error_and_the_next_lookup_miss
 
 def test_a_checkpoint_is_resumed_only_when_its_files_match_its_manifest(tmp_path):
     from tasks.core.manifest import hash_file
-    from tasks.ml.train_worker import checkpoint_damage
+    from tasks.ml.checkpoints import checkpoint_damage
 
     ckpt = tmp_path / "checkpoint-6"
     ckpt.mkdir()
@@ -251,6 +251,7 @@ def test_a_build_whose_lease_lapses_stops_and_publishes_nothing(store_root, monk
     assert not (root.local / "cache" / "unit" / "unit-lapse").exists()
 
 
+@pytest.mark.slow  # a stand-in training child process
 def test_a_training_child_is_killed_when_the_lease_is_lost():
     """The train stage waits on a child for hours: losing the fence kills its whole process group at once and
     the stage says why (LockLost), not 'training failed'."""

@@ -1,11 +1,16 @@
 """Near-duplicates: MinHash signatures of a text's shingles (tasks/data/shingles.py) and LSH over them.
 
 Signatures are computed by rensa (`signatures`; bench.near_dedup: about 55× faster than datasketch's MinHash.bulk
-on our corpora, shingling included) and cached per load-file piece (tasks/data/near_pieces.py). Each assembly bands
-the signatures of the whole line again (`similar_pairs`, with datasketch's choice of bands) and checks candidates
-on their exact Jaccard when the texts are at hand. Which document of a group is kept follows a priority the caller
-gives (the order the line had the documents in, then the smallest doc_id), so a document kept in one run is kept
-in the next: a later drop is only ever compared with what came before it.
+on our corpora, shingling included) and cached per load-file piece with their band keys (tasks/data/near_pieces.py).
+The pass over a line (`decide`) visits its documents in a fixed order and removes a document that is a
+near-duplicate of an earlier *kept* one sharing an LSH band with it (datasketch's choice of bands), checked on
+their exact Jaccard when the texts are at hand. Comparing with kept documents only keeps the pass linear in the
+corpus however large its clusters of near-copies grow (a cluster keeps one document, and each later member is
+compared with it), and leaves the guarantee a user reads the output by: every removed document has a
+near-duplicate in what is kept, and no two kept documents are near-duplicates. The order follows a priority the
+caller gives (the line's older files first, then the smallest doc_id), so a document kept in one run is kept in
+the next: a later drop is only ever compared with what came before it, and the pass over the line before the drop
+is taken as it was (`Decisions`).
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ def bands(threshold: float, num_perm: int) -> tuple[int, int]:
 # A band bucket holding more documents than this pairs each with this many before it only: such buckets are
 # boilerplate repeated many times, and every member is similar to the first ones anyway.
 _BUCKET_PAIRS = 256
+
+
 # Signature rows and candidate pairs are handled this many at a time (32 MB of signatures at 128 permutations): a
 # line's signatures (512 bytes a document) stay in their memory-mapped files, and a corpus of many copies (every
 # document in a bucket with its copies) does not build one array of every pair's signatures.
@@ -204,9 +211,12 @@ def sortable_ids(ids) -> np.ndarray:
 class _Line:
     """The documents of some pieces ([(doc_ids, signatures)]; signatures may be memory-mapped) in the order they
     are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
-    band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage."""
+    band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage.
+    `keys`: each piece's band keys (`_band_keys`, cached per piece by tasks/data/near_pieces.py), else computed
+    here from the signatures."""
 
-    def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int):
+    def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int,
+                 keys: Sequence[np.ndarray] | None = None):
         self.parts = parts
         names = [sortable_ids(ids) for ids, _ in parts]
         if any(x.dtype != np.uint64 for x in names):
@@ -222,30 +232,44 @@ class _Line:
         self.part, self.row, self.names = part[pick], row[pick], every[pick]
         self.b, self.r = bands(threshold, num_perm)
         self.num_perm = num_perm
+        self._sigs = [sigs.reshape(-1, num_perm) for _, sigs in parts]
         # Band keys straight into visiting order, a piece at a time (no second copy of the line's keys).
         self.keys = np.empty((len(self.part), self.b), np.uint64)
-        for p, (_, sigs) in enumerate(parts):
+        for p, sigs in enumerate(self._sigs):
             at = np.flatnonzero(self.part == p)
             if len(at):
-                self.keys[at] = _band_keys(sigs.reshape(-1, num_perm), self.b, self.r)[self.row[at]]
+                piece_keys = keys[p] if keys is not None else _band_keys(sigs, self.b, self.r)
+                self.keys[at] = np.asarray(piece_keys)[self.row[at]]
 
     def __len__(self) -> int:
         return len(self.part)
 
     def sig_rows(self, rows: np.ndarray) -> np.ndarray:
         """The signatures of visited rows `rows`, gathered from their pieces."""
+        if len(rows) <= 4:  # the greedy pass asks a few rows at a time: no grouping by piece
+            out = np.empty((len(rows), self.num_perm), np.uint32)
+            for k, x in enumerate(rows.tolist()):
+                out[k] = self._sigs[self.part[x]][self.row[x]]
+            return out
         out = np.empty((len(rows), self.num_perm), np.uint32)
         part, row = self.part[rows], self.row[rows]
         for p in np.unique(part).tolist():
             mine = part == p
-            out[mine] = self.parts[p][1].reshape(-1, self.num_perm)[row[mine]]  # reads those rows only
+            out[mine] = self._sigs[p][row[mine]]  # reads those rows only
         return out
 
-    def pairs(self, lower: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if len(self) < 2:
-            empty = np.zeros(0, np.int64)
-            return empty, empty, np.zeros(0)
-        return _pairs_at_least(self.keys, self.sig_rows, lower)
+    def buckets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket, shared): each row's bucket in every band (ids unique across bands, (len, b) int64) and whether
+        another row is in that bucket too."""
+        bucket = np.empty(self.keys.shape, np.int64)
+        shared = np.empty(self.keys.shape, bool)
+        offset = 0
+        for band in range(self.b):
+            uniq, inverse, counts = np.unique(self.keys[:, band], return_inverse=True, return_counts=True)
+            bucket[:, band] = inverse + offset
+            shared[:, band] = counts[inverse] > 1
+            offset += len(uniq)
+        return bucket, shared
 
     def where(self, k: int) -> tuple[int, int]:
         return int(self.part[k]), int(self.row[k])
@@ -280,88 +304,50 @@ def _distinct(values: np.ndarray) -> np.ndarray:
 VERIFY_MARGIN = 0.1
 
 
-def near_pairs(line: _Line, threshold: float, text_of: Callable[[int, int], str] | None, shingle_chars: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, similarity) of the line's rows that are near-duplicates: the one decision load's near-dedup and the
-    drop gate both take. LSH candidates whose signatures agree on at least threshold - VERIFY_MARGIN are kept;
-    with `text_of(part, row)` those whose estimate lies within the margin of the threshold are checked on their
-    exact Jaccard, a block of pairs at a time (a block's texts shingled in one batch); an estimate a margin above
-    the threshold is 3 standard errors clear of it and taken as it is. Without texts, the estimate decides."""
-    i, j, sim = line.pairs(threshold - VERIFY_MARGIN if text_of else threshold)
+# Shingle sets kept for the exact checks of one pass: a cluster's kept document is checked against each of its
+# later members, and is shingled once, not once a member (a few thousand documents' sets: a few MB).
+_SHINGLE_CACHE = 4096
+
+
+def pair_similarity(line: _Line, i: np.ndarray, j: np.ndarray, threshold: float,
+                    text_of: Callable[[int, int], str] | None, shingle_chars: int,
+                    cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """The similarity by which the candidate pairs (i, j) of the line's rows are judged: a pair is a near-duplicate
+    when it is at least the threshold (`near_pairs`). The share of signature values they agree on (MinHash's
+    estimate); with `text_of(part, row)`, those whose estimate lies within VERIFY_MARGIN of the threshold are
+    measured on their exact Jaccard instead, a block of pairs at a time (a block's texts shingled in one batch):
+    an estimate a margin away is 3 standard errors clear of the threshold and taken as it is. `cache`: shingle
+    sets by row, kept across calls (at most _SHINGLE_CACHE)."""
+    if len(i) == 1:  # the greedy pass's usual call: one kept document, one new one
+        sim = np.array([np.count_nonzero(line.sig_rows(i)[0] == line.sig_rows(j)[0]) / line.num_perm])
+    else:
+        sim = _agreement(line.sig_rows, i, j)
     if text_of is None:
-        return i, j, sim
-    near = np.flatnonzero(sim < threshold + VERIFY_MARGIN)
+        return sim
+    near = np.flatnonzero((sim >= threshold - VERIFY_MARGIN) & (sim < threshold + VERIFY_MARGIN))
+    if not len(near):
+        return sim
+    cache = {} if cache is None else cache
     for start in range(0, len(near), 2048):
         block = near[start:start + 2048]
-        docs = np.unique(np.concatenate([i[block], j[block]])).tolist()
-        sets = dict(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
+        needed = np.unique(np.concatenate([i[block], j[block]])).tolist()
+        docs = [d for d in needed if d not in cache]
+        if len(cache) + len(docs) > _SHINGLE_CACHE:
+            cache.clear()
+            docs = needed
+        cache.update(zip(docs, shingle_sets([text_of(*line.where(k)) for k in docs], shingle_chars)))
         for k, a, b in zip(block.tolist(), i[block].tolist(), j[block].tolist()):
-            x, y = sets[a], sets[b]
+            x, y = cache[a], cache[b]
             inter = len(np.intersect1d(x, y, assume_unique=True))
             sim[k] = inter / max(len(x) + len(y) - inter, 1)
+    return sim
+
+
+def near_pairs(line: _Line, i: np.ndarray, j: np.ndarray, threshold: float,
+               text_of: Callable[[int, int], str] | None, shingle_chars: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) of the candidate pairs that are near-duplicates: the one decision load's near-dedup and
+    the drop gate both take (`pair_similarity` at least the threshold)."""
+    sim = pair_similarity(line, i, j, threshold, text_of, shingle_chars)
     ok = sim >= threshold
     return i[ok], j[ok], sim[ok]
-
-
-def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
-                    num_perm: int, text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
-                    ) -> list[NearDuplicate]:
-    """Which rows of the pieces `parts` ([(doc_ids, signatures)]: ids as strings or a pyarrow column, signatures
-    possibly memory-mapped) repeat an earlier document. Documents are visited by (rank of their part, doc_id):
-    the line's older files have the lower ranks, so a document is only ever removed for a kept one that came
-    before it, and what was kept stays kept when a drop joins. An exact copy of a document seen before (the same
-    doc_id) is the exact dedup's, not counted here. `text_of(part, row)`: the text, to check candidates on their
-    exact Jaccard (`VERIFY_MARGIN`)."""
-    line = _Line(parts, lambda p: ranks[p], threshold, num_perm)
-    i, j, sim = near_pairs(line, threshold, text_of, shingle_chars)
-    # Visit the removed-candidates in order; each takes the most similar earlier document still kept (then the
-    # earliest). A document's own fate is settled before any later one looks at it (its pairs have i < j).
-    by = np.lexsort((i, -sim, j))
-    il, jl, sl = i[by].tolist(), j[by].tolist(), sim[by].tolist()
-    removed = bytearray(len(line))
-    out, k = [], 0
-    while k < len(jl):
-        b, chosen = jl[k], None
-        while k < len(jl) and jl[k] == b:
-            if chosen is None and not removed[il[k]]:
-                chosen = k
-            k += 1
-        if chosen is not None:
-            removed[b] = 1
-            a = il[chosen]
-            out.append(NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), sl[chosen]))
-    return out
-
-
-def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
-                 drop_parts: Sequence[tuple[Sequence[str], np.ndarray]], threshold: float, num_perm: int,
-                 text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
-                 ) -> list[tuple[str, str, float]]:
-    """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
-    (exact copies included: the drop gate counts both as duplicates). Pairs are decided as load decides them
-    (`near_pairs`; `text_of(part, row)` over the line's parts, then the drop's)."""
-    parts = [*line_parts, *drop_parts]
-    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm)
-    # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
-    # when its piece is.
-    in_line = line.part < len(line_parts)
-    i, j, sim = near_pairs(line, threshold, text_of, shingle_chars)
-    mine = in_line[i] & ~in_line[j]
-    i, j, sim = i[mine], j[mine], sim[mine]
-    by = np.lexsort((-sim, j))  # per drop document, the most similar line document first
-    i, j, sim = i[by], j[by], sim[by]
-    first = np.ones(len(j), bool)
-    first[1:] = j[1:] != j[:-1]
-    matches = [(line.doc_id(b), line.doc_id(a), s) for a, b, s in zip(i[first].tolist(), j[first].tolist(),
-                                                                        sim[first].tolist())]
-    # A drop document that is itself a line document (an exact copy) matches it with similarity 1.
-    line_names = line.names[in_line]
-    copies = []
-    for ids, _ in drop_parts:
-        names = sortable_ids(ids)
-        if names.dtype != line_names.dtype:
-            names, line_names = names.astype(str), line_names.astype(str)
-        hit = np.isin(names, line_names)
-        as_list = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
-        copies += [(d, d, 1.0) for d in dict.fromkeys(d for d, h in zip(as_list, hit.tolist()) if h)]
-    return copies + matches

@@ -20,7 +20,7 @@ from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import StageOutput
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import publish_piece
-from tasks.data import minhash
+from tasks.data import minhash, near_pass
 from tasks.data.arrow import read_arrow
 from tasks.data.layout import piece_docs_file
 
@@ -56,22 +56,108 @@ def signature_piece(piece: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoo
 register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow", "rensa"])
 
 
+KEYS_FILE = "band_keys.npy"
+
+
+def band_keys_piece(sig: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot) -> tuple[StageOutput, bool]:
+    """A signature piece's band keys for the threshold's bands (`minhash.bands`): what the piece contributes to the
+    line's LSH index, cached so a line's later passes read 112 bytes a document (14 bands) instead of hashing
+    its 512 bytes of signature again."""
+    b, r = minhash.bands(cfg.threshold, cfg.num_perm)
+    key = stage_key("near-dedup-keys", {"signatures": sig.key, "bands": [b, r]})
+
+    def build(tmp: Path):
+        sigs = np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r")
+        np.save(tmp / KEYS_FILE, minhash._band_keys(sigs.reshape(-1, cfg.num_perm), b, r))
+        return {"documents": len(sigs)}, {}
+
+    return publish_piece(root, "near-dedup-keys", key, build)
+
+
+register_code_version("near-dedup-keys", 1, [band_keys_piece], ["numpy"])
+
+
+def _signature_and_keys(piece: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot
+                        ) -> tuple[StageOutput, StageOutput]:
+    sig, _ = signature_piece(piece, cfg, root)
+    keys, _ = band_keys_piece(sig, cfg, root)
+    return sig, keys
+
+
+@dataclass
+class PieceIndex:
+    """The near-dedup index of some load-file pieces: per piece its doc_id column (memory-mapped Arrow), its
+    signatures and band keys (memory-mapped), and the cache entries they came from."""
+    parts: list[tuple[pa.ChunkedArray, np.ndarray]]
+    keys: list[np.ndarray]
+    signature_keys: list[str]
+    deps: list[str]
+
+
+def piece_index(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
+                runtime: RuntimeConfig | None = None, docs: list[pa.Table] | None = None) -> PieceIndex:
+    """Each load-file piece's signatures and band keys (`docs_files`: their doc_id/text tables, `docs` the same
+    opened). The pieces missing are built through the same fan-out as load's (`runtime`), one per file: a drop
+    computes its own files' only."""
+    from tasks.core.fanout import map_pieces
+
+    done = map_pieces(_signature_and_keys, [{"piece": piece, "cfg": cfg, "root": root} for piece in pieces],
+                      runtime, "near-dedup-sig")
+    docs = docs or [read_arrow(f) for f in docs_files]
+    # The ids as the (memory-mapped) Arrow column and the signatures memory-mapped: the pass reads the rows it
+    # compares only, so a line of millions of documents holds neither in memory.
+    parts = [(table.column("doc_id"), np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r"))
+             for table, (sig, _) in zip(docs, done)]
+    keys = [np.load(k.dir(root) / KEYS_FILE, mmap_mode="r") for _, k in done]
+    return PieceIndex(parts, keys, [sig.key for sig, _ in done], [p.path for pair in done for p in pair])
+
+
 def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
                      runtime: RuntimeConfig | None = None, docs: list[pa.Table] | None = None
                      ) -> tuple[list[tuple[pa.ChunkedArray, np.ndarray]], list[str]]:
-    """[(doc_id column, signatures)] per load-file piece (`docs_files`: their doc_id/text tables, `docs` the same
-    opened), and the signature pieces' paths (the load output's deps). The pieces missing are built through the
-    same fan-out as load's (`runtime`), one per file."""
-    from tasks.core.fanout import map_pieces
+    """[(doc_id column, signatures)] per load-file piece, and the entries they came from (`piece_index`)."""
+    index = piece_index(pieces, docs_files, cfg, root, runtime, docs)
+    return index.parts, index.deps
 
-    done = map_pieces(signature_piece, [{"piece": piece, "cfg": cfg, "root": root} for piece in pieces], runtime,
-                      "near-dedup-sig")
-    docs = docs or [read_arrow(f) for f in docs_files]
-    # The ids as the (memory-mapped) Arrow column and the signatures memory-mapped: the LSH reads a block of rows
-    # at a time, so a line of millions of documents holds neither in memory.
-    out = [(table.column("doc_id"), np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r"))
-           for table, (sig, _) in zip(docs, done)]
-    return out, [sig.path for sig, _ in done]
+
+STATE_FILE = "decisions.npz"
+
+
+def state_key(signature_keys: list[str], ranks: list[int], cfg: NearDedupConfig) -> str:
+    """The decisions' key: the set of pieces (each by its signature entry, with its rank: the order documents are
+    visited in) and every setting that decides a pair (the threshold included)."""
+    members = sorted({(k, r) for k, r in zip(signature_keys, ranks)})
+    return stage_key("near-dedup-state", {"pieces": members, "near_dedup": cfg.key_material(),
+                                          "margin": minhash.VERIFY_MARGIN})
+
+
+def previous_decisions(signature_keys: list[str], ranks: list[int], cfg: NearDedupConfig, root: ArtifactsRoot
+                       ) -> tuple[near_pass.Decisions | None, str | None]:
+    """The decisions of a pass over most of these pieces, when one is cached: the line without its newest corpus
+    path's pieces (a drop's: its documents come after all others, so nothing before them is decided again), else
+    the line without one of its pieces (a file added to a folder the line reads). Each a lookup by key: no
+    listing of the cache."""
+    members = list(zip(signature_keys, ranks))
+    tries = []
+    if len(set(ranks)) > 1:
+        top = max(ranks)
+        tries.append([m for m in members if m[1] != top])
+    if len(members) <= 256:
+        tries += [members[:k] + members[k + 1:] for k in range(len(members))]
+    for subset in tries:
+        if not subset:
+            continue
+        key = state_key([k for k, _ in subset], [r for _, r in subset], cfg)
+        found = root.published("near-dedup-state", key)
+        if found is None:
+            continue
+        try:
+            decisions = near_pass.Decisions.load(root.entry(found.path) / STATE_FILE)
+        except Exception:  # an entry gone between the lookup and the read: decided again, never a crash
+            decisions = None
+        if decisions is not None:
+            return decisions, found.path
+    return None, None
 
 
 @dataclass
@@ -80,6 +166,8 @@ class NearDedupResult:
     ranks: list[int]
     samples: list[dict[str, Any]]
     deps: list[str] = field(default_factory=list)
+    state: str = ""  # the decisions' key: what was removed, decided by this code over these pieces
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def samples_of(found: list[minhash.NearDuplicate], docs: list[pa.Table], names: list[str], limit: int = SAMPLES
@@ -101,9 +189,47 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
                     ) -> NearDedupResult:
     """load's assembly hook: which documents of its load-file pieces (in assembly order, each with its doc_id/text
     table, its file's name and its rank: lower is older in the line) are near-duplicates of one the line had
-    before (`minhash.near_duplicates`). Independent of how the assembled output is written."""
+    before (`near_pass.decide`). The decisions are cached per set of pieces (`near-dedup-state`), and a pass starts
+    from those of the line before this drop (`previous_decisions`): a drop of k files judges only the pairs that
+    involve its documents. Independent of how the assembled output is written."""
+    import tempfile
+    import time
+
+    started = time.perf_counter()
     docs = [read_arrow(f) for f in docs_files]  # memory-mapped, opened once each
-    parts, deps = piece_signatures(pieces, docs_files, cfg, root, runtime, docs)
-    found = minhash.near_duplicates(parts, ranks, cfg.threshold, cfg.num_perm,
-                                       lambda p, r: docs[p].column("text")[r].as_py(), cfg.shingle_chars)
-    return NearDedupResult({d.doc_id for d in found}, ranks, samples_of(found, docs, names), deps)
+    index = piece_index(pieces, docs_files, cfg, root, runtime, docs)
+    key = state_key(index.signature_keys, ranks, cfg)
+    stats = near_pass.DecideStats()
+    found_list: list[minhash.NearDuplicate] = []
+    removed: set[str] = set()
+    previous_path = None
+
+    def build(tmp: Path):
+        nonlocal found_list, removed, previous_path
+        previous, previous_path = previous_decisions(index.signature_keys, ranks, cfg, root)
+        removed, found_list, decisions = near_pass.line_pass(
+            index.parts, ranks, cfg.threshold, cfg.num_perm, lambda p, r: docs[p].column("text")[r].as_py(),
+            cfg.shingle_chars, index.keys, previous, stats, SAMPLES)
+        decisions.save(tmp / STATE_FILE)
+        return {"documents": len(decisions.names), "near_duplicates": int((decisions.kept_by >= 0).sum()),
+                "pairs": len(decisions.pair_a)}, {}
+
+    state, built = root.publish("near-dedup-state", key, build)
+    if not built:  # decided before over these very pieces (a load whose other inputs changed): taken as it is
+        decisions = near_pass.Decisions.load(root.entry(state.path) / STATE_FILE)
+        if decisions is None:  # damaged since it was verified: decided again here (a miss, never a crash)
+            with tempfile.TemporaryDirectory() as tmp:
+                build(Path(tmp))
+        else:
+            removed, found_list, _ = near_pass.line_pass(
+                index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions,
+                stats, SAMPLES)
+    summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,
+               "remembered": stats.remembered, "previous": previous_path or "",
+               "seconds": round(time.perf_counter() - started, 3)}  # signatures, band keys and the pass
+    return NearDedupResult(removed, ranks, samples_of(found_list, docs, names),
+                           index.deps + [state.path], key, summary)
+
+
+# The decisions follow from the code that takes them (the rule, the pair decision, the band choice).
+register_code_version("near-dedup-state", 1, [near_dedup_rows], ["numpy", "pyarrow", "rensa"])

@@ -150,15 +150,16 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
     has, from the cached signature pieces, and a few such pairs side by side."""
     from tasks.data.arrow import read_arrow
     from tasks.data.layout import piece_docs_file
-    from tasks.data.minhash import drop_matches
-    from tasks.data.near_pieces import SAMPLES, SAMPLE_CHARS, piece_signatures
+    from tasks.data.near_pass import drop_matches
+    from tasks.data.near_pieces import SAMPLES, SAMPLE_CHARS, piece_index
 
     cfg = corpus.near_dedup
-    drop_sigs, _ = piece_signatures(drop_pieces, [piece_docs_file(root, p.path) for p in drop_pieces], cfg, root)
-    line_sigs, _ = piece_signatures(line_pieces, [piece_docs_file(root, p.path) for p in line_pieces], cfg, root)
+    drop = piece_index(drop_pieces, [piece_docs_file(root, p.path) for p in drop_pieces], cfg, root)
+    line = piece_index(line_pieces, [piece_docs_file(root, p.path) for p in line_pieces], cfg, root)
     tables = [read_arrow(piece_docs_file(root, p.path)) for p in [*line_pieces, *drop_pieces]]  # memory-mapped
-    near = [m for m in drop_matches(line_sigs, drop_sigs, cfg.threshold, cfg.num_perm,
-                                    lambda part, row: tables[part].column("text")[row].as_py(), cfg.shingle_chars)
+    near = [m for m in drop_matches(line.parts, drop.parts, cfg.threshold, cfg.num_perm,
+                                    lambda part, row: tables[part].column("text")[row].as_py(), cfg.shingle_chars,
+                                    [*line.keys, *drop.keys])
             if m[0] not in exact]
     texts: dict[str, str] = {}
     wanted = {d for m in near[:SAMPLES] for d in m[:2]}

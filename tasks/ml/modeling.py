@@ -74,16 +74,24 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pretrained(location: str, model: ModelConfig, device: str):
-    """The model at `location` with the dtype and attention kernel `model` asks for on `device`, not yet moved."""
+def load_pretrained(location: str, model: ModelConfig, device: str, quantization_config=None):
+    """The model at `location` with the dtype and attention kernel `model` asks for on `device`, not yet moved
+    (with `quantization_config`, QLoRA's 4-bit base: quantized as it loads, onto this process's GPU)."""
+    import os
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(location, trust_remote_code=model.trust_remote_code)
+    extra = {}
+    if quantization_config is not None:
+        extra = {"quantization_config": quantization_config,
+                 "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
     return AutoModelForCausalLM.from_pretrained(
         location,
         dtype=choose_dtype(model.dtype, device),
         attn_implementation=choose_attention(model.attn_implementation, cfg),
         trust_remote_code=model.trust_remote_code,
+        **extra,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.config.model import ModelConfig, TrainConfig
+from tasks.core.tracking import TrackerRun
 
 
 class TrainSpec(BaseModel):
@@ -31,6 +32,8 @@ class TrainSpec(BaseModel):
                                   "the child: checkpoints are copied to its store, when it has one. None: a "
                                   "training outside any root (a benchmark).")
     work_rel: str = Field("", description="The work folder relative to the root (its name in the store).")
+    tracker: TrackerRun | None = Field(None, description="The tracker run's name and tags (train.report_to); no "
+                                       "credentials: the trackers read those from the environment.")
 
     def write(self, path: Path) -> Path:
         path.write_text(self.model_dump_json(indent=2), encoding="utf-8")

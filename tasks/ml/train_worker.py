@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tasks.core.config.model import TrainConfig
-from tasks.core.manifest import MANIFEST, hash_file, safe_relpath
-from tasks.core.root import ArtifactsRoot, open_root
+from tasks.ml.checkpoints import checkpoint_seal, last_complete_checkpoint, verified_checkpoint
+from tasks.ml.clock import StepClock, decay_steps, emit, make_callbacks, plot_loss_curve
 from tasks.ml.modeling import load_pretrained, load_tokenizer_with_pad
 from tasks.ml.spec import TrainSpec
-from tasks.ml.static_batches import NUM_PADDING, StaticPackedCollator, static_length, static_padding_fraction
-
-MESSAGE_PREFIX = "@@cpt "
-
-
-def emit(event: str, **data: Any) -> None:
-    # One write of the whole line: print() writes the text and its newline separately, and with several ranks
-    # on one pipe another rank's line could land between them.
-    sys.stdout.write(MESSAGE_PREFIX + json.dumps({"event": event, **data}) + "\n")
-    sys.stdout.flush()
+from tasks.ml.static_batches import StaticPackedCollator, static_length, static_padding_fraction
 
 
 def training_columns(data):
@@ -121,282 +110,42 @@ def padding_fraction(dataloader, limit_batches: int | None = None) -> dict[str, 
     return {"padding_fraction": 0.0 if total == 0 else 1 - real / total, "positions": total, "tokens": real}
 
 
-class StepClock:
-    """Throughput of the optimizer steps alone, read from the batches the model really ran.
+def trainer_class(base, train: TrainConfig, warn):
+    """The trainer cpt runs: TRL's SFTTrainer plus two things. With lora.train_embeddings, the optimizer gets
+    embed_tokens and lm_head in their own group at their own learning rate (`adapters.parameter_groups`). And the
+    best checkpoint is verified against its seal before load_best_model_at_end reads it (a resume's checkpoint is
+    verified before training starts)."""
 
-    A forward pre-hook on the model counts, per training micro-batch, its positions (the rows' capacity),
-    tokens (positions holding a token) and trained tokens (labels that are targets: label != -100 after the
-    causal shift). A step's interval runs from the end of the previous step to the end of this one, so it holds
-    data loading, forward, backward and the optimizer; an interval in which a checkpoint was saved or an
-    evaluation ran is left out, and so are the first `warmup` steps (allocator growth, kernel selection,
-    compilation). On CUDA both ends synchronise, so the interval is the GPU's work, not the launch queue's.
-    """
+    class CptTrainer(base):
+        def create_optimizer(self, model=None):
+            if train.method == "full" or not train.lora.train_embeddings or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from tasks.ml.adapters import parameter_groups
 
-    def __init__(self, warmup: int = 2):
-        import torch
+            opt_model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = cls(parameter_groups(opt_model, train, self.args.weight_decay), **kwargs)
+            return self.optimizer
 
-        self.warmup = warmup
-        self.cuda = torch.cuda.is_available()
-        self.last: float | None = None
-        self.dirty = False  # a save or an evaluation happened since the last step ended
-        self.pending = [0, 0, 0]  # positions, tokens, trained tokens of the step under way
-        self.totals = {"timed_steps": 0, "timed_seconds": 0.0, "positions": 0, "tokens": 0, "trained_tokens": 0}
-        # Every training forward of this process, timed or not (what each rank of a distributed run did).
-        self.forwards = {"micro_batches": 0, "rows": 0, "tokens": 0}
-        self.began: float | None = None
-        self.first_step_seconds: float | None = None  # data, forward, backward, optimizer and any compilation
+        def _load_best_model(self):
+            best = self.state.best_model_checkpoint
+            if best is not None:
+                why = verified_checkpoint(Path(best))
+                if why is not None:
+                    raise RuntimeError(f"the best checkpoint {Path(best).name} is not loaded: {why}")
+            return super()._load_best_model()
 
-    def hook(self, module, args, kwargs):
-        # A static batch says how many of its positions are padding; the model must not see the count.
-        padding = kwargs.pop(NUM_PADDING, None)
-        if not module.training:
-            return args, kwargs
-        ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
-        if ids is None:
-            return args, kwargs
-        mask = kwargs.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else ids.numel() - (padding or 0)
-        self.forwards["micro_batches"] += 1
-        self.forwards["rows"] += ids.shape[0]
-        self.forwards["tokens"] += tokens
-        self.pending[0] += ids.numel()
-        self.pending[1] += tokens
-        if labels is not None:
-            self.pending[2] += int((labels[..., 1:] != -100).sum())
-        return args, kwargs
-
-    def begin(self) -> None:
-        self.began = self._now()
-
-    def _now(self) -> float:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def step_end(self, step: int, first_step: int) -> None:
-        now = self._now()
-        if self.first_step_seconds is None and self.began is not None:
-            self.first_step_seconds = now - self.began
-        if self.last is not None and not self.dirty and step - first_step >= self.warmup:
-            t = self.totals
-            t["timed_steps"] += 1
-            t["timed_seconds"] += now - self.last
-            t["positions"] += self.pending[0]
-            t["tokens"] += self.pending[1]
-            t["trained_tokens"] += self.pending[2]
-        self.pending = [0, 0, 0]
-        self.dirty = False
-        self.last = self._now()
-
-    def metrics(self) -> dict[str, Any]:
-        t, s = self.totals, self.totals["timed_seconds"]
-        return {
-            "timed_steps": t["timed_steps"], "timed_seconds": s, "timed_positions": t["positions"],
-            "timed_tokens": t["tokens"], "timed_trained_tokens": t["trained_tokens"],
-            "tokens_per_second": t["tokens"] / s if s else None,
-            "trained_tokens_per_second": t["trained_tokens"] / s if s else None,
-            "batch_padding_fraction": 1 - t["tokens"] / t["positions"] if t["positions"] else None,
-            "first_step_seconds": self.first_step_seconds,
-            # What the first step cost beyond a timed one: compilation (and the allocator's and kernels' first
-            # use, which an uncompiled run pays too: compare with compile off).
-            "compile_seconds": max(self.first_step_seconds - s / t["timed_steps"], 0.0)
-            if self.first_step_seconds is not None and t["timed_steps"] else None,
-        }
-
-
-def make_callbacks(train: TrainConfig, has_validation: bool, clock: StepClock | None = None):
-    from transformers import EarlyStoppingCallback, TrainerCallback
-
-    class Reporter(TrainerCallback):
-        """Progress and log lines for the parent; optional test hook that dies right after a checkpoint."""
-
-        def __init__(self):
-            self.kill_after = int(os.environ.get("CPT_TEST_KILL_AFTER_SAVE_STEP", "0"))
-            self.started = time.monotonic()
-            self.tokens_at_begin = 0
-            self.first_step: int | None = None  # the first optimizer step this attempt ran (resume: checkpoint + 1)
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.started = time.monotonic()
-            self.tokens_at_begin = state.num_input_tokens_seen  # > 0 when resuming
-            if clock is not None:
-                clock.begin()
-            if state.is_world_process_zero:
-                emit("begin", step=state.global_step, max_steps=state.max_steps)
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.first_step is None:
-                self.first_step = state.global_step
-            if clock is not None:
-                clock.step_end(state.global_step, self.first_step)
-            if state.is_world_process_zero:
-                emit("progress", step=state.global_step, max_steps=state.max_steps,
-                     seconds=round(time.monotonic() - self.started, 2))
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs:
-                emit("log", step=state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
-
-        def on_evaluate(self, args, state, control, **kw):
-            if clock is not None:
-                clock.dirty = True
-
-        def on_save(self, args, state, control, **kw):
-            if clock is not None:
-                clock.dirty = True
-            if self.kill_after and state.global_step >= self.kill_after:
-                emit("killed", step=state.global_step)
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    callbacks = [Reporter()]  # first: run() reads tokens_at_begin from it
-    if has_validation and train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    return callbacks
-
-
-def decay_steps(train: TrainConfig, trainer) -> int:
-    """`train.decay_ratio` of the run's optimizer steps (at least 1)."""
-    import math
-
-    if train.max_steps > 0:
-        total = train.max_steps
-    else:
-        per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / train.gradient_accumulation_steps), 1)
-        total = math.ceil(per_epoch * train.num_train_epochs)
-    return max(1, round(train.decay_ratio * total))
-
-
-def push_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoint: Path, tensorboard: Path) -> None:
-    """Copy a finished checkpoint (marker last) and the TensorBoard logs so far to the root's store, then drop
-    the older checkpoints there: a training killed on this host resumes on another from the newest one. A
-    local root has no store: nothing is copied."""
-    remote = f"{work_rel}/checkpoints/{checkpoint.name}"
-    # The marker, written last, is the checkpoint's manifest: every file with its size and digest, checked by
-    # the host that resumes from it (a checkpoint is trusted no more than any other stored bytes).
-    files = {p.relative_to(checkpoint).as_posix(): [p.stat().st_size, hash_file(p)]
-             for p in sorted(checkpoint.rglob("*")) if p.is_file()}
-    root.upload_dir(checkpoint, remote, marker=json.dumps({"files": files}).encode())
-    if tensorboard.is_dir():
-        root.upload_dir(tensorboard, f"{work_rel}/tensorboard")
-    for name in {n.split("/", 1)[0] for n in root.remote_files(f"{work_rel}/checkpoints")} - {checkpoint.name}:
-        root.remove_remote(f"{work_rel}/checkpoints/{name}")
-
-
-def pull_checkpoint(root: ArtifactsRoot, work_rel: str, checkpoints: Path, tensorboard: Path,
-                    warn=print) -> str | None:
-    """Bring the store's newest complete checkpoint (and the logs that go with it) here, unless this host has
-    one as new; returns its name (None on a local root)."""
-    listing = root.remote_files(f"{work_rel}/checkpoints")
-    done = [n.split("/", 1)[0] for n in listing if n.endswith(f"/{MANIFEST}")]
-    steps = sorted((int(n.rsplit("-", 1)[-1]), n) for n in done if n.rsplit("-", 1)[-1].isdigit())
-    if not steps:
-        return None
-    step, name = steps[-1]
-    local = last_complete_checkpoint(checkpoints)
-    if local is not None and int(local.name.rsplit("-", 1)[-1]) >= step:
-        return None
-    tmp = checkpoints / f".{name}.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    remote = f"{work_rel}/checkpoints/{name}"
-    root.download_dir(remote, tmp)
-    why = checkpoint_damage(tmp, root.read_remote(f"{remote}/{MANIFEST}"))
-    if why is not None:  # never resumed from: dropped there, and training goes on from what this host has
-        warn(f"train: the stored {name} is damaged ({why}); not resumed from it, and removed from the store")
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.remove_remote(remote)
-        return None
-    shutil.rmtree(checkpoints / name, ignore_errors=True)
-    os.replace(tmp, checkpoints / name)
-    root.download_dir(f"{work_rel}/tensorboard", tensorboard)
-    return name
-
-
-def checkpoint_damage(folder: Path, marker: bytes | None) -> str | None:
-    """Why a downloaded checkpoint does not match the manifest its marker holds (a file missing, extra, of
-    another size or content), or None."""
-    try:
-        files = safe_files(json.loads(marker or b"")["files"])
-    except (ValueError, KeyError, TypeError):
-        return "its manifest is missing or unreadable"
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    if present != set(files):
-        return f"its files are not the ones its manifest lists ({sorted(present ^ set(files))[:3]})"
-    for name, (size, digest) in files.items():
-        if (folder / name).stat().st_size != size or hash_file(folder / name) != digest:
-            return f"{name} does not have the content it was saved with"
-    return None
-
-
-def safe_files(files: dict) -> dict:
-    for name in files:
-        safe_relpath(name)
-    return files
-
-
-def checkpoint_mirror(spec: TrainSpec):
-    """A callback that sends every checkpoint to the root's store (rank 0 only; nothing on a local root), or None
-    for a training outside any root."""
-    if spec.artifacts is None:
-        return None
-    from transformers import TrainerCallback
-
-    root = open_root(spec.artifacts)
-
-    class CheckpointMirror(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                push_checkpoint(root, spec.work_rel, Path(args.output_dir) / f"checkpoint-{state.global_step}",
-                                Path(spec.tensorboard_dir))
-
-    return CheckpointMirror()
-
-
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint a killed attempt finished writing. The Trainer writes trainer_state.json last, so
-    a checkpoint without a readable one was cut short (a SIGKILL mid-save): it is removed, not resumed from."""
-    import shutil
-
-    complete = []
-    for d in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else []:
-        try:
-            step = int(d.name.split("-")[-1])
-            json.loads((d / "trainer_state.json").read_text())
-            complete.append((step, d))
-        except (ValueError, OSError):
-            shutil.rmtree(d, ignore_errors=True)
-    return max(complete)[1] if complete else None
-
-
-def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="#4c72b0")
-    if val:
-        ax.plot(*zip(*val), label="validation loss", color="#dd8452", marker="o")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("Continued pretraining loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return CptTrainer
 
 
 def run(spec: TrainSpec) -> None:
     import torch
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
     from datasets import disable_caching, load_from_disk
     from trl import SFTConfig, SFTTrainer
+
+    from tasks.core import tracking
 
     train, model_cfg = spec.train, spec.model
     # cpu=True without a GPU, as the Trainer's use_cpu will ask too: several CPU processes (train.num_processes)
@@ -404,9 +153,17 @@ def run(spec: TrainSpec) -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device.type
     out_dir, checkpoints = Path(spec.output_dir), Path(spec.checkpoint_dir)
+    os.environ.update(tracking.child_environment(train.report_to, spec.tracker))
 
     tok = load_tokenizer_with_pad(spec.model_location, model_cfg.trust_remote_code)
-    model = load_pretrained(spec.model_location, model_cfg, device)
+    if train.method == "qlora":
+        from tasks.ml.adapters import quantization_config
+        from tasks.ml.modeling import choose_dtype
+
+        dtype = choose_dtype(model_cfg.dtype, device)
+        model = load_pretrained(spec.model_location, model_cfg, device, quantization_config(model_cfg, dtype))
+    else:
+        model = load_pretrained(spec.model_location, model_cfg, device)
     dtype = model.dtype
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -422,6 +179,22 @@ def run(spec: TrainSpec) -> None:
     checkpointing, why_not = activation_checkpointing(train.gradient_checkpointing, device)
     if why_not and state.is_main_process:
         emit("setting_off", setting="train.gradient_checkpointing", reason=why_not)
+
+    adapter = None
+    if train.method != "full":
+        from transformers import set_seed
+
+        from tasks.ml import adapters
+
+        set_seed(train.seed)  # the adapter's random init (lora_A) is part of the run: the same seed, the same run
+        model = adapters.wrap(model, train, checkpointing)
+        adapter = adapters.trainable_counts(model)
+    sharded: dict[str, Any] = {}
+    if train.sharding == "fsdp":
+        from tasks.ml.sharding import fsdp_arguments
+
+        # FSDP's own activation checkpointing, per wrapped decoder layer (the Trainer refuses both at once).
+        sharded = fsdp_arguments(model, checkpointing)
 
     static = static_length(train.packing, train.packed_length, spec.max_seq_length)
     os.environ["TENSORBOARD_LOGGING_DIR"] = spec.tensorboard_dir
@@ -443,7 +216,7 @@ def run(spec: TrainSpec) -> None:
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=optim,
-        activation_checkpointing=checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing=checkpointing and not sharded,  # transformers 5's name for gradient checkpointing
         gradient_checkpointing=None,
         logging_steps=train.logging_steps,
         eval_strategy="steps" if has_validation else "no",
@@ -454,7 +227,11 @@ def run(spec: TrainSpec) -> None:
         load_best_model_at_end=has_validation,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        report_to=["tensorboard"],
+        # TensorBoard always (its logs are part of the train entry), and the trackers of train.report_to; the run
+        # is named after the Prefect flow run (tasks/ml/tracking.py).
+        report_to=["tensorboard", *[t for t in train.report_to if t != "tensorboard"]],
+        run_name=spec.tracker.name if spec.tracker else None,
+        project=tracking.project(),
         seed=train.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -463,14 +240,18 @@ def run(spec: TrainSpec) -> None:
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
+        **sharded,
     )
+    if sharded and device == "cpu":
+        from tasks.ml.sharding import allow_fsdp_on_cpu
+
+        allow_fsdp_on_cpu()
     clock = StepClock()
     callbacks = make_callbacks(train, has_validation, clock)
     reporter = callbacks[0]
-    mirror = checkpoint_mirror(spec)
-    if mirror is not None:  # before the Reporter: a checkpoint is in the store before anything else happens
-        callbacks.insert(0, mirror)
-    trainer = SFTTrainer(
+    # Before the Reporter: a checkpoint is sealed (and in the store) before anything else happens.
+    callbacks.insert(0, checkpoint_seal(spec))
+    trainer = trainer_class(SFTTrainer, train, emit)(
         model=model, args=args, processing_class=tok,
         train_dataset=data["train"], eval_dataset=data["validation"] if has_validation else None,
         callbacks=callbacks,
@@ -497,28 +278,50 @@ def run(spec: TrainSpec) -> None:
         padding = padding_fraction(trainer.get_train_dataloader())
     if train.compile:
         compile_layers(trainer.model, train.compile_mode)
+    # The main process picks the checkpoint to resume from, after checking every file of it against its seal
+    # (and removing what was cut short or changed); the others take its choice: nothing is read before that.
+    chosen = [None]
     if state.is_main_process:
-        last_complete_checkpoint(checkpoints)  # clears cut-short checkpoints before any process looks
-    state.wait_for_everyone()
-    resume = last_complete_checkpoint(checkpoints)
+        resume = last_complete_checkpoint(
+            checkpoints, warn=lambda why: emit("setting_off", setting="resume", reason=why))
+        chosen = [str(resume) if resume else None]
+    if state.num_processes > 1:
+        chosen = broadcast_object_list(chosen)
+    resume = chosen[0]
     if state.is_main_process:
         emit("start", device=device, dtype=str(dtype).removeprefix("torch."), optim=optim,
              resume_from=Path(resume).name if resume else None, train_rows=len(data["train"]),
-             validation_rows=len(data["validation"]), packed_length=static, compile=train.compile, **padding)
+             validation_rows=len(data["validation"]), packed_length=static, compile=train.compile,
+             method=train.method, sharding=train.sharding, **(adapter or {}), **padding)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
 
     wrote = []
+    model_dir = out_dir / "model"
+    if train.sharding == "fsdp":
+        from tasks.ml.sharding import save_consolidated
+
+        save_consolidated(trainer, model_dir, dtype, state.is_main_process)
     if state.is_main_process:
-        model_dir = out_dir / "model"
-        trainer.save_model(str(model_dir))  # the best model when early stopping / load_best_model_at_end
+        if train.method != "full":
+            from tasks.ml.adapters import ADAPTER_DIR, save_merged
+
+            # The best adapter (load_best_model_at_end) merged into the base in model.dtype: what every later
+            # stage reads; the adapter alone beside it.
+            save_merged(unwrapped(trainer.model), spec.model_location, model_cfg,
+                        dtype if train.method == "lora" else _compute_dtype(model_cfg, device), model_dir,
+                        out_dir / ADAPTER_DIR, model_cfg.trust_remote_code)
+        elif train.sharding != "fsdp":
+            trainer.save_model(str(model_dir))  # the best model when early stopping / load_best_model_at_end
         tok.save_pretrained(str(model_dir))
         history = trainer.state.log_history
         (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         plot_loss_curve(history, out_dir / "loss_curve.png")
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         trained_tokens = trainer.state.num_input_tokens_seen - reporter.tokens_at_begin
+        groups = [{"group": g.get("cpt_group", "all"), "lr": g.get("initial_lr", g["lr"])}
+                  for g in trainer.optimizer.param_groups] if trainer.optimizer is not None else []
         metrics = {
             "global_step": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
@@ -549,6 +352,10 @@ def run(spec: TrainSpec) -> None:
             # forward on the instance; an upgrade that dropped it would bring the full logits back unseen.
             "fused_lm_head": "forward" in vars(unwrapped(trainer.model)),
             "compile": train.compile and train.compile_mode,
+            "method": train.method,
+            "sharding": train.sharding,
+            "optimizer_groups": groups,
+            **(adapter or {}),
             **padding,
         }
         metrics.update(rank=state.process_index, world_size=state.num_processes,
@@ -556,9 +363,17 @@ def run(spec: TrainSpec) -> None:
                        * state.num_processes)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         wrote = sorted(p.name for p in out_dir.iterdir())
-    # Every process says what it trained on and what it wrote (only the main process writes outputs).
+    # Every process says what it trained on and what it wrote (only the main process writes outputs), and its
+    # peak GPU memory (with fsdp each GPU holds its shard: bench/gpu_check compares it with DDP's).
     emit("rank_done", rank=state.process_index, world_size=state.num_processes, steps=trainer.state.global_step,
-         wrote=wrote, **clock.forwards)
+         wrote=wrote, peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+         **clock.forwards)
+
+
+def _compute_dtype(model_cfg, device):
+    from tasks.ml.modeling import choose_dtype
+
+    return choose_dtype(model_cfg.dtype, device)
 
 
 def main(argv: list[str] | None = None) -> None:

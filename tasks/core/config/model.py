@@ -30,8 +30,49 @@ class ModelConfig(Section):
     )
 
 
+# LoRA's usual targets: every linear layer of a decoder block (axolotl's lora_target_linear, Unsloth's default).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What lora.train_embeddings trains in full (peft's modules_to_save); never LoRA targets (unsloth #9326: listed in
+# target_modules they got a low-rank adapter, or were dropped, instead of the full training CPT needs).
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
+class LoraSettings(Section):
+    """train.method lora or qlora: the adapter (peft's LoraConfig) and what else trains in full."""
+
+    r: int = Field(16, ge=1, description="The adapter's rank.")
+    alpha: int = Field(32, ge=1, description="lora_alpha: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS), min_length=1,
+        description="Module names that get an adapter (peft's target_modules): by default every linear layer of a "
+        "decoder block. embed_tokens and lm_head are not LoRA targets: use train_embeddings."
+    )
+    train_embeddings: bool = Field(
+        False, description="Also train embed_tokens and lm_head in full (peft's modules_to_save; one copy when they "
+        "are tied), as continued pretraining on a new language or domain needs (Unsloth's CPT recipe)."
+    )
+    embedding_learning_rate: float | None = Field(
+        None, gt=0, description="The learning rate of embed_tokens and lm_head with train_embeddings (Unsloth's "
+        "embedding_learning_rate). null: train.learning_rate / 10 (Unsloth's CPT notebooks: 5e-5 and 5e-6)."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_embeddings(cls, names: list[str]) -> list[str]:
+        wrong = [n for n in names if n.rsplit(".", 1)[-1] in EMBEDDING_MODULES]
+        if wrong:
+            raise ValueError(f"{wrong}: embeddings are not LoRA targets (a low-rank adapter on them is not what CPT "
+                             "needs); set train.lora.train_embeddings: true to train embed_tokens and lm_head in full")
+        if len(set(names)) != len(names):
+            raise ValueError("a module is listed twice")
+        return names
+
+
 class TrainConfig(Section):
-    KEY_NEUTRAL = frozenset({"dataloader_num_workers"})  # how batches are fetched, not what they hold
+    # How batches are fetched, not what they hold; where the run is reported; what the memory estimate is told.
+    KEY_NEUTRAL = frozenset({"dataloader_num_workers", "report_to", "gpu_memory_gb", "model_params_b"})
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training chunks (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides num_train_epochs.")
     per_device_train_batch_size: int = Field(2, ge=1, description="Rows per device per micro-batch.")
@@ -103,6 +144,47 @@ class TrainConfig(Section):
         "null: plain DDP across num_processes GPUs."
     )
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="full: every weight trains. lora: a low-rank adapter per train.lora.target_modules on "
+        "the frozen base (plus embed_tokens and lm_head with train.lora.train_embeddings). qlora: lora on a 4-bit "
+        "(NF4, bitsandbytes) base, CUDA only. The model published, evaluated and gated is always the merged one "
+        "(base + adapter, in model.dtype); push.adapter_only releases the adapter instead."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter, with method lora or qlora.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="none: every process holds the whole model (DDP). fsdp: FSDP2 through accelerate, fully "
+        "sharded, each decoder layer its own unit, compute in model.dtype with float32 master weights, activation "
+        "checkpointing per layer with gradient_checkpointing; sharded checkpoints (verified against their manifest "
+        "before a resume reads them), one safetensors model at the end. Needs num_processes >= 2."
+    )
+    report_to: list[Literal[TRACKERS]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers the training, evaluate's numbers "
+        "and the gate's decision are logged to, any of tensorboard, mlflow, wandb, trackio. The run is named after "
+        "the Prefect flow run and tagged with the line, the drop, the train key and the flow run's URL. Settings and "
+        "credentials come from the environment only (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE, ...). "
+        "TensorBoard logs are always written into the train entry. Not part of any key."
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GiB (an 80 GB card: 80): `cpt validate` warns when the estimate per GPU for this "
+        "config (tasks/ml/memory.py: weights, gradients, optimizer states, activations) exceeds it."
+    )
+    model_params_b: float | None = Field(
+        None, gt=0, description="The model's parameters in billions, for the memory estimate when its config.json is "
+        "not at hand (a hub id not downloaded yet); the config's own count wins when it is."
+    )
+
+    def key_material(self) -> dict:
+        out = super().key_material()
+        if self.method == "full":
+            out.pop("lora")  # adapter settings shape nothing a full training makes
+        return out
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_once(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("a tracker is listed twice")
+        return names
 
     @field_validator("optim", "optim_fallback")
     @classmethod
@@ -122,6 +204,20 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _checkpoints_line_up_with_evaluations(self) -> TrainConfig:
+        if self.sharding == "fsdp":
+            if self.num_processes < 2:
+                raise ValueError("sharding: fsdp shards the model across processes; set num_processes >= 2 (one per "
+                                 "GPU)")
+            if self.accelerate_config:
+                raise ValueError("sharding: fsdp writes its own accelerate setup; accelerate_config passes yours: set "
+                                 "one of them")
+            if self.method != "full":
+                raise ValueError(f"method {self.method} with sharding: fsdp is not supported yet: an 8B model's "
+                                 "adapter training fits one GPU (configs/llama3.1-8b-qlora-1gpu.yaml); use sharding: "
+                                 "none with several processes for DDP")
+            if self.compile:
+                raise ValueError("compile with sharding: fsdp is not supported yet (each FSDP unit would be compiled "
+                                 "around its collectives); set compile: false")
         if self.packed_length is not None and not self.packing:
             raise ValueError("packed_length: static packed rows need packing: true")
         if self.save_steps % self.eval_steps:
@@ -256,6 +352,11 @@ class PushConfig(Section):
         None, description="Name of a Prefect Secret block holding the hub token; else HF_TOKEN from the environment."
     )
     retries: int = Field(3, ge=0, description="Upload retries with exponential backoff.")
+    adapter_only: bool = Field(
+        False, description="With train.method lora or qlora: release the adapter (adapter_config.json, "
+        "adapter_model.safetensors, the tokenizer) instead of the merged model. The card says which. The gate "
+        "measured the merged model either way."
+    )
 
     @field_validator("name")
     @classmethod

@@ -54,6 +54,13 @@ class CptConfig(Section):
         return corpus
 
     @model_validator(mode="after")
+    def _adapter_to_release(self) -> CptConfig:
+        if self.push.adapter_only and self.train.method == "full":
+            raise ValueError("push.adapter_only: train.method is full, there is no adapter to release (set "
+                             "train.method: lora or qlora, or push.adapter_only: false)")
+        return self
+
+    @model_validator(mode="after")
     def _packed_rows_hold_a_chunk(self) -> CptConfig:
         length = self.train.packed_length
         if isinstance(length, int) and length < self.chunk.max_seq_length:

@@ -1,0 +1,278 @@
+"""The near-dedup pass over a line (docs/near-dedup.md): documents visited in the line's order, each removed when it
+is a near-duplicate of an earlier kept document of one of its band buckets, compared with those kept documents
+only (linear, whatever the clusters). `Decisions` is what a pass decided and every pair it judged, so the next
+pass, a drop later, starts from it; `drop_matches` is the drop gate's count, by the same pair decision."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.data.minhash import NearDuplicate, _Line, near_pairs, pair_similarity, sortable_ids
+
+# A document is compared with at most this many kept documents of each of its band buckets (the earliest): a
+# bucket holding more kept documents than this is boilerplate repeated many times, and under the rule below a
+# cluster of near-copies keeps one, so a document meets its cluster's kept one first whatever the cluster's size.
+_BUCKET_KEPT = 64
+
+
+@dataclass
+class Decisions:
+    """Near-dedup's decisions over a line's visited rows (`_Line`'s order), and every pair it judged: what a later
+    pass over the same documents plus a drop reuses (`decide(previous=...)`). Rows are named by their doc_ids
+    (`names`, sortable_ids), so they map onto another line's rows."""
+    names: np.ndarray
+    kept_by: np.ndarray  # int64: the row a removed row repeats, -1 for a kept row
+    similarity: np.ndarray  # float32: with kept_by
+    pair_a: np.ndarray  # int64 rows, pair_a < pair_b: every pair judged, and its similarity
+    pair_b: np.ndarray
+    pair_sim: np.ndarray  # float32
+
+    FIELDS = ("names", "kept_by", "similarity", "pair_a", "pair_b", "pair_sim")
+
+    def save(self, path) -> None:
+        np.savez(path, **{f: getattr(self, f) for f in self.FIELDS})
+
+    @classmethod
+    def load(cls, path) -> Decisions | None:
+        """The decisions saved at `path`, or None when the file is not a consistent set of them (a damaged entry is
+        a miss: the pass decides again)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                d = cls(**{k: f[k] for k in cls.FIELDS})
+        except Exception:  # any unreadable file (a bad zip CRC, a truncated array) is a miss
+            return None
+        n = len(d.names)
+        ok = (d.kept_by.shape == (n,) and d.similarity.shape == (n,) and d.pair_a.shape == d.pair_b.shape
+              == d.pair_sim.shape and d.names.dtype.kind in "uU" and d.kept_by.dtype.kind == "i"
+              and d.pair_a.dtype.kind == "i" and d.pair_b.dtype.kind == "i"
+              and bool(np.all((d.kept_by >= -1) & (d.kept_by < np.arange(n))))
+              and bool(np.all((d.pair_a >= 0) & (d.pair_a < d.pair_b) & (d.pair_b < n))))
+        return d if ok else None
+
+
+@dataclass
+class DecideStats:
+    reused_rows: int = 0  # rows whose decision was taken from the previous pass as it was
+    visited: int = 0  # rows the greedy pass looked at (rows sharing a band bucket with another, past the reuse)
+    judged: int = 0  # pairs judged now (signatures compared, exact Jaccard within the margin)
+    remembered: int = 0  # pairs whose judgement was taken from the previous pass
+
+
+def _row_lookup(names: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Each of `wanted`'s rows in `names` (distinct), -1 where it is not there."""
+    if not len(names) or not len(wanted) or names.dtype.kind != wanted.dtype.kind:
+        return np.full(len(wanted), -1, np.int64)
+    order = np.argsort(names, kind="stable")
+    at = np.minimum(np.searchsorted(names[order], wanted), len(names) - 1)
+    found = names[order][at] == wanted
+    return np.where(found, order[at], -1).astype(np.int64)
+
+
+def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | None, shingle_chars: int,
+           previous: Decisions | None = None, stats: DecideStats | None = None) -> Decisions:
+    """Which rows of the line are near-duplicates, visited in order: a row is removed when it is a near-duplicate
+    (`pair_similarity` at least the threshold) of an earlier row that is kept; it names the most similar such row
+    (then the earliest). So every removed document has a near-duplicate in what is kept, and no two kept documents
+    are near-duplicates (of those LSH makes candidates: rows sharing a band bucket).
+
+    A row is only ever compared with the kept rows of its buckets (`_BUCKET_KEPT` of each): a cluster of k
+    near-copies costs k - 1 comparisons with the one it keeps, not k² / 2, and the pass is linear in the corpus
+    whatever its clusters. A row's decision depends on the rows before it only, so with `previous` (the decisions
+    of a pass over some of the same documents) the rows up to the first that differs from previous's order keep
+    their decisions as they were, and pairs judged before are not judged again: a drop whose documents come after
+    the line's (a later corpus path) costs its own rows' comparisons only."""
+    stats = stats if stats is not None else DecideStats()
+    n = len(line)
+    names = line.names
+    kept_by = np.full(n, -1, np.int64)
+    similarity = np.zeros(n, np.float32)
+    memo: dict[tuple[int, int], float] = {}
+    pairs_a: list[np.ndarray] = []
+    pairs_b: list[np.ndarray] = []
+    pairs_s: list[np.ndarray] = []
+    start = 0
+    if previous is not None and len(previous.names) and previous.names.dtype.kind == names.dtype.kind:
+        m = min(n, len(previous.names))
+        differ = np.flatnonzero(previous.names[:m] != names[:m])
+        start = int(differ[0]) if len(differ) else m
+        kept_by[:start] = previous.kept_by[:start]
+        similarity[:start] = previous.similarity[:start]
+        a, b = _row_lookup(names, previous.names[previous.pair_a]), _row_lookup(names, previous.names[previous.pair_b])
+        both = (a >= 0) & (b >= 0)
+        a, b, s = np.minimum(a[both], b[both]), np.maximum(a[both], b[both]), previous.pair_sim[both]
+        pairs_a.append(a)
+        pairs_b.append(b)
+        pairs_s.append(s.astype(np.float32))
+        later = b >= start
+        memo = dict(zip(zip(a[later].tolist(), b[later].tolist()), s[later].tolist()))
+    stats.reused_rows = start
+    if n - start and n > 1:
+        bucket, shared = line.buckets()
+        rows = np.flatnonzero(shared[start:].any(axis=1)) + start
+        stats.visited = len(rows)
+        # The kept rows before `start`, in the buckets the rows to visit are in.
+        kept: dict[int, list[int]] = {}
+        if start and len(rows):
+            touched = np.unique(bucket[rows][shared[rows]])
+            before = np.flatnonzero((kept_by[:start] < 0) & shared[:start].any(axis=1))
+            hit = np.isin(bucket[before], touched) & shared[before]
+            r, c = np.nonzero(hit)  # row-major: rows in visiting order
+            for x, bid in zip(before[r].tolist(), bucket[before][r, c].tolist()):
+                mine = kept.setdefault(bid, [])
+                if len(mine) < _BUCKET_KEPT:
+                    mine.append(x)
+        cache: dict[int, np.ndarray] = {}
+        new_a: list[int] = []
+        new_b: list[int] = []
+        new_s: list[float] = []
+        # Each row's buckets that hold another row too (a bucket of its own never has a kept row to compare with).
+        mine_of = np.where(shared[rows], bucket[rows], -1).tolist()
+        for x, bids in zip(rows.tolist(), mine_of):
+            candidates: set[int] = set()
+            for bid in bids:
+                if bid >= 0:
+                    mine = kept.get(bid)
+                    if mine:
+                        candidates.update(mine)
+            if candidates:
+                c = sorted(candidates)
+                sims = [memo.get((a, x)) for a in c]
+                todo = [k for k, v in enumerate(sims) if v is None]
+                stats.remembered += len(c) - len(todo)
+                if todo:
+                    ca = np.array([c[k] for k in todo], np.int64)
+                    got = pair_similarity(line, ca, np.full(len(ca), x, np.int64), threshold, text_of,
+                                          shingle_chars, cache).tolist()
+                    stats.judged += len(todo)
+                    for k, v in zip(todo, got):
+                        sims[k] = v
+                    new_a += ca.tolist()
+                    new_b += [x] * len(ca)
+                    new_s += got
+                best = max(range(len(c)), key=lambda k: (sims[k], -c[k]))
+                if sims[best] >= threshold:
+                    kept_by[x], similarity[x] = c[best], sims[best]
+                    continue
+            for bid in bids:
+                if bid >= 0:
+                    mine = kept.setdefault(bid, [])
+                    if len(mine) < _BUCKET_KEPT:
+                        mine.append(x)
+        pairs_a.append(np.array(new_a, np.int64))
+        pairs_b.append(np.array(new_b, np.int64))
+        pairs_s.append(np.array(new_s, np.float32))
+    cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)  # noqa: E731
+    a, b, s = cat(pairs_a, np.int64), cat(pairs_b, np.int64), cat(pairs_s, np.float32)
+    if len(a):  # each pair once (a pair judged before may be judged again when its row was re-visited)
+        _, first = np.unique(a * n + b, return_index=True)
+        a, b, s = a[first], b[first], s[first]
+    return Decisions(names, kept_by, similarity, a, b, s)
+
+
+def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
+                    num_perm: int, text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
+                    ) -> list[NearDuplicate]:
+    """`near_duplicate_decisions` without the decisions."""
+    return near_duplicate_decisions(parts, ranks, threshold, num_perm, text_of, shingle_chars)[0]
+
+
+def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int],
+                             threshold: float, num_perm: int, text_of: Callable[[int, int], str] | None = None,
+                             shingle_chars: int = 5, keys: Sequence[np.ndarray] | None = None,
+                             previous: Decisions | None = None, stats: DecideStats | None = None
+                             ) -> tuple[list[NearDuplicate], Decisions]:
+    """Which rows of the pieces `parts` ([(doc_ids, signatures)]: ids as strings or a pyarrow column, signatures
+    possibly memory-mapped; `keys` their band keys) repeat an earlier document, and the decisions (for the next
+    pass: `previous`). Documents are visited by (rank of their part, doc_id): the line's older files have the
+    lower ranks, so a document is only ever removed for a kept one that came before it, and what was kept stays
+    kept when a drop joins. An exact copy of a document seen before (the same doc_id) is the exact dedup's, not
+    counted here. `text_of(part, row)`: the text, to check candidates on their exact Jaccard (`VERIFY_MARGIN`)."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
+    found = decide(line, threshold, text_of, shingle_chars, previous, stats)
+    out = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), float(found.similarity[b]))
+           for b, a in zip(np.flatnonzero(found.kept_by >= 0).tolist(), found.kept_by[found.kept_by >= 0].tolist())]
+    return out, found
+
+
+def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
+              num_perm: int, text_of: Callable[[int, int], str] | None, shingle_chars: int,
+              keys: Sequence[np.ndarray] | None, previous: Decisions | None, stats: DecideStats | None,
+              samples: int) -> tuple[set[str], list[NearDuplicate], Decisions]:
+    """`near_duplicate_decisions` for load: the doc_ids removed, read a piece at a time from the Arrow columns
+    (a Python object per removed document only, not per pair), and the first `samples` removals described."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
+    found = decide(line, threshold, text_of, shingle_chars, previous, stats)
+    removed = np.flatnonzero(found.kept_by >= 0)
+    ids: set[str] = set()
+    for p in np.unique(line.part[removed]).tolist():
+        rows = line.row[removed[line.part[removed] == p]]
+        column = parts[p][0]
+        if hasattr(column, "take"):
+            ids.update(column.take(rows).to_pylist())
+        else:
+            ids.update(column[r] for r in rows.tolist())
+    described = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a),
+                               float(found.similarity[b]))
+                 for b, a in zip(removed[:samples].tolist(), found.kept_by[removed[:samples]].tolist())]
+    return ids, described, found
+
+
+def _cross_candidates(line: _Line, older: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i an `older` row and j another, sharing a band bucket (each j with at most _BUCKET_KEPT of the
+    older rows of a bucket, the earliest): sorted by (j, i), distinct."""
+    old_rows, new_rows = np.flatnonzero(older), np.flatnonzero(~older)
+    codes = []
+    n = len(line)
+    for band in range(line.b):
+        okeys = line.keys[old_rows, band]
+        order = np.argsort(okeys, kind="stable")
+        sorted_keys = okeys[order]
+        nkeys = line.keys[new_rows, band]
+        lo = np.searchsorted(sorted_keys, nkeys, "left")
+        hi = np.minimum(np.searchsorted(sorted_keys, nkeys, "right"), lo + _BUCKET_KEPT)
+        count = hi - lo
+        if not count.sum():
+            continue
+        j = np.repeat(new_rows, count)
+        offsets = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        i = old_rows[order[np.repeat(lo, count) + offsets]]
+        codes.append(j * n + i)
+    code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    return code % n, code // n
+
+
+def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
+                 drop_parts: Sequence[tuple[Sequence[str], np.ndarray]], threshold: float, num_perm: int,
+                 text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
+                 keys: Sequence[np.ndarray] | None = None) -> list[tuple[str, str, float]]:
+    """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
+    (exact copies included: the drop gate counts both as duplicates). Pairs are decided as load decides them
+    (`near_pairs`; `text_of(part, row)` over the line's parts, then the drop's; `keys`: their band keys, in the same
+    order). Only pairs of a drop document and a line document are judged: the cost grows with the drop."""
+    parts = [*line_parts, *drop_parts]
+    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm, keys)
+    # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
+    # when its piece is.
+    in_line = line.part < len(line_parts)
+    i, j = _cross_candidates(line, in_line)
+    i, j, sim = near_pairs(line, i, j, threshold, text_of, shingle_chars)
+    by = np.lexsort((i, -sim, j))  # per drop document, the most similar line document first (then the earliest)
+    i, j, sim = i[by], j[by], sim[by]
+    first = np.ones(len(j), bool)
+    first[1:] = j[1:] != j[:-1]
+    matches = [(line.doc_id(b), line.doc_id(a), s) for a, b, s in zip(i[first].tolist(), j[first].tolist(),
+                                                                        sim[first].tolist())]
+    # A drop document that is itself a line document (an exact copy) matches it with similarity 1.
+    line_names = line.names[in_line]
+    copies = []
+    for ids, _ in drop_parts:
+        names = sortable_ids(ids)
+        if names.dtype != line_names.dtype:
+            names, line_names = names.astype(str), line_names.astype(str)
+        hit = np.isin(names, line_names)
+        as_list = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
+        copies += [(d, d, 1.0) for d in dict.fromkeys(d for d, h in zip(as_list, hit.tolist()) if h)]
+    return copies + matches

@@ -1,0 +1,228 @@
+"""Near-dedup's pass is the same whole or incremental, and exactly its rule: a document is removed when it is a
+near-duplicate of an earlier kept one sharing an LSH band with it. Checked against a brute-force computation of
+that rule over every pair (and, on text whose pairs are far from the threshold, over every pair's exact Jaccard
+with no LSH at all), on a corpus rich in near-duplicates: re-exports, chains of edits, clusters of tagged copies;
+and files added one at a time, in several orders, give the whole-line pass's documents and counts."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+
+import numpy as np
+import pytest
+
+from helpers import sample_texts, write_jsonl
+from tasks.core.config.data import CorpusConfig
+from tasks.core.root import open_root
+from tasks.data import minhash as mh, shingles as sh
+from tasks.data import near_pass as npass
+from tasks.data.records import doc_id_of
+
+T, PERM, N = 0.8, 128, 5
+
+
+def reexport(text: str, i: int) -> str:
+    return f"(2027-0{1 + i % 9}-1{i % 10} 재배포)\n" + "\n".join(textwrap.wrap(text, 37 + i % 7))
+
+
+def edit(text: str, rng: random.Random, share: float) -> str:
+    """`text` with about `share` of its words replaced: a step of a chain of edits."""
+    words = text.split()
+    for _ in range(max(1, int(len(words) * share))):
+        words[rng.randrange(len(words))] = f"편집{rng.randrange(10_000)}"
+    return " ".join(words)
+
+
+def long_texts() -> list[str]:
+    """The sample corpus's texts (about 200 characters each) joined three at a time: about 100 documents."""
+    t = sample_texts()
+    return [" ".join(t[k:k + 3]) for k in range(0, len(t) - 2, 3)]
+
+
+def rich_corpus(seed: int = 0) -> list[str]:
+    """Originals, re-exports of some, clusters of tagged copies (up to 12), and chains a -> b -> c where each step
+    is near the last but the chain's ends are not: the case where the rule differs from taking clusters whole."""
+    rng = random.Random(seed)
+    base = long_texts()
+    docs = list(base[:60])
+    docs += [reexport(t, i) for i, t in enumerate(base[:15])]
+    for k, t in enumerate(base[15:25]):
+        docs += [f"[copy {c}] {t}" for c in range(2 + k)]
+    for t in base[25:40]:
+        a = t
+        for _ in range(3):
+            a = edit(a, rng, 0.04)
+            docs.append(a)
+    return docs
+
+
+def reference(texts: list[str], order: list[int], sigs: np.ndarray, lsh: bool = True) -> set[int]:
+    """The rule computed by brute force: visit `order`; a document is removed when some earlier kept document is a
+    candidate of it (shares a band key; every pair, when not `lsh`) and their similarity is at least T: the
+    signatures' agreement, or the exact Jaccard of their shingles (as strings) where that agreement is within
+    VERIFY_MARGIN of T (always, when not `lsh`). Returns the removed documents."""
+    b, r = mh.bands(T, PERM)
+    keys = mh._band_keys(sigs, b, r)
+    sets = {}
+
+    def exact(i: int, j: int) -> float:
+        for k in (i, j):
+            if k not in sets:
+                sets[k] = sh.shingles(texts[k], N)
+        return len(sets[i] & sets[j]) / len(sets[i] | sets[j])
+
+    def similarity(i: int, j: int) -> float:
+        if not lsh:
+            return exact(i, j)
+        agree = float(np.mean(sigs[i] == sigs[j]))
+        return exact(i, j) if T - mh.VERIFY_MARGIN <= agree < T + mh.VERIFY_MARGIN else agree
+
+    kept, removed = [], set()
+    for j in order:
+        if any((not lsh or (keys[i] == keys[j]).any()) and similarity(i, j) >= T for i in kept):
+            removed.add(j)
+        else:
+            kept.append(j)
+    return removed
+
+
+def visiting_order(ids: list[str], ranks: list[int]) -> list[int]:
+    return sorted(range(len(ids)), key=lambda k: (ranks[k], ids[k]))
+
+
+def test_the_pass_is_its_rule_computed_over_every_pair():
+    texts = rich_corpus()
+    ids = [doc_id_of(t) for t in texts]
+    assert len(set(ids)) == len(ids)
+    sigs = mh.signatures(texts, PERM, N, 1)
+    # Three pieces, the first two older (rank 0) than the third.
+    cut = [0, len(texts) // 3, 2 * len(texts) // 3, len(texts)]
+    parts = [(ids[a:b], sigs[a:b]) for a, b in zip(cut, cut[1:])]
+    ranks = [0, 0, 1]
+    text_of = lambda p, r: texts[cut[p] + r]  # noqa: E731
+    found = npass.near_duplicates(parts, ranks, T, PERM, text_of, N)
+    doc_rank = [ranks[p] for p in range(3) for _ in range(cut[p + 1] - cut[p])]
+    want = reference(texts, visiting_order(ids, doc_rank), sigs)
+    assert len(want) > 80  # rich in near-duplicates: the comparison is not vacuous
+    assert {d.doc_id for d in found} == {ids[k] for k in want}
+    # The rule's guarantees: every removed document names a kept one at least T similar, kept before it.
+    removed = {d.doc_id for d in found}
+    assert all(d.kept_doc_id not in removed and d.similarity >= T for d in found)
+    # A chain a -> b -> c: b is removed for a, and c, near b but not a, is kept (b is gone): clusters taken whole
+    # (connected components) would have removed c for a document it is not near.
+    chains_kept = [k for k in range(len(texts) - 45, len(texts)) if k not in want]
+    assert chains_kept, "no chain kept a later link: the test does not tell the rule from components"
+
+
+def test_on_text_far_from_the_threshold_the_pass_is_the_exact_jaccard_over_every_pair():
+    """Tagged copies (J well above T) and different documents (well below): LSH finds every near pair, so the
+    pass equals the rule computed on every pair's exact Jaccard, no LSH."""
+    base = long_texts()[:40]
+    texts = [f"[copy {c}] {t}" for k, t in enumerate(base) for c in range(1 + k % 6)]
+    random.Random(1).shuffle(texts)
+    ids = [doc_id_of(t) for t in texts]
+    sigs = mh.signatures(texts, PERM, N, 1)
+    found = npass.near_duplicates([(ids, sigs)], [0], T, PERM, lambda p, r: texts[r], N)
+    want = reference(texts, visiting_order(ids, [0] * len(ids)), sigs, lsh=False)
+    assert len(want) == len(texts) - len(base)
+    assert {d.doc_id for d in found} == {ids[k] for k in want}
+
+
+def test_a_cluster_costs_one_comparison_a_member():
+    """k tagged copies of a document: k - 1 pairs judged (each with the kept one), not k (k - 1) / 2."""
+    text = long_texts()[0]
+    for k in (4, 16, 64):
+        texts = [f"[copy {c}] {text}" for c in range(k)]
+        stats = npass.DecideStats()
+        found, _ = npass.near_duplicate_decisions([([doc_id_of(t) for t in texts], mh.signatures(texts, PERM, N, 1))],
+                                               [0], T, PERM, lambda p, r: texts[r], N, stats=stats)
+        assert len(found) == k - 1 and stats.judged == k - 1
+
+
+def run_load(artifacts, paths, **corpus):
+    from tasks.data.files import fingerprint_corpus
+    from tasks.load import load, load_inputs
+
+    cfg = CorpusConfig(paths=[str(p) for p in paths], near_dedup={"enabled": True}, **corpus)
+    sources = fingerprint_corpus(cfg)
+    return load.fn(**load_inputs(cfg, sources), artifacts=str(artifacts))
+
+
+def outcome(artifacts, docs) -> tuple[set[str], dict]:
+    kept = set(docs.index(open_root(artifacts), ["doc_id"]).column("doc_id").to_pylist())
+    counts = {k: docs.counts[k] for k in ("documents", "duplicates", "near_duplicates")}
+    return kept, counts
+
+
+def write_files(folder, texts: list[str], n: int) -> list:
+    size = -(-len(texts) // n)
+    return [write_jsonl(folder / f"f{i:02d}.jsonl", [{"content": t} for t in texts[i * size:(i + 1) * size]])
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["drops", "folder"])
+def test_files_added_one_at_a_time_in_any_order_give_the_whole_lines_pass(tmp_path, how):
+    """Files added one at a time (as drops: each a later corpus path; or into the folder the line reads), in
+    three orders: after every addition the same documents and counts as the whole-line pass on a fresh cache;
+    a drop reuses the decisions before it and judges only pairs that involve its own documents."""
+    texts = rich_corpus(3)
+    random.Random(4).shuffle(texts)
+    files = write_files(tmp_path / "all", texts, 6)
+    for trial, order in enumerate([list(range(6)), [5, 2, 0, 4, 1, 3], [3, 4, 5, 0, 1, 2]]):
+        art = tmp_path / f"art-{trial}"
+        folder = tmp_path / f"line-{trial}"
+        paths = []
+        previous_pairs = None
+        for step, f in enumerate(order):
+            if how == "drops":
+                target = folder / f"drop-{step}" / files[f].name
+                paths.append(target.parent)
+            else:
+                target = folder / files[f].name
+                paths = [folder]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(files[f].read_bytes())
+            got = run_load(art, paths)
+            whole = run_load(tmp_path / f"whole-{trial}-{step}", paths)
+            assert outcome(art, got) == outcome(tmp_path / f"whole-{trial}-{step}", whole), (order, step)
+            passed = got.meta.near_dedup_pass
+            if step:
+                assert passed.previous, "the pass did not start from the line's decisions before the addition"
+            state = np.load(open_root(art).entry([d for d in got.deps if "near-dedup-state" in d][0])
+                            / "decisions.npz")
+            names = [f"{int(x):016x}" for x in state["names"]]  # load's ids: 16 hex digits, kept as integers
+            pairs = {(names[a], names[b]) for a, b in zip(state["pair_a"].tolist(), state["pair_b"].tolist())}
+            if how == "drops" and previous_pairs is not None:
+                new_ids = {doc_id_of(json.loads(line)["content"]) for line in target.read_text().splitlines()}
+                new_pairs = pairs - previous_pairs
+                assert passed.judged == len(new_pairs)
+                assert all(a in new_ids or b in new_ids for a, b in new_pairs), \
+                    "a drop judged a pair of two older documents"
+                assert passed.reused_rows >= len(previous_names)
+            previous_pairs, previous_names = pairs, names
+
+
+def test_damaged_decisions_are_decided_again(tmp_path):
+    """A decisions file damaged after its entry was verified (same size, other bytes) is never used: the pass
+    decides again and load's output is the same."""
+    texts = rich_corpus(5)
+    write_files(tmp_path / "c", texts, 3)
+    first = run_load(tmp_path / "art", [tmp_path / "c"])
+    root = open_root(tmp_path / "art")
+    (state,) = [d for d in first.deps if "near-dedup-state" in d]
+    path = root.entry(state) / "decisions.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    from tasks.data import near_pieces
+
+    assert near_pieces.near_pass.Decisions.load(path) is None
+    import shutil
+
+    shutil.rmtree(root.entry(first.path))  # load's own output gone: built again over the same decisions' key
+    again = run_load(tmp_path / "art", [tmp_path / "c"])
+    assert state in again.deps
+    assert again.meta.near_dedup_pass.visited > 0  # decided again, not taken from the damaged file
+    assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)
