@@ -375,6 +375,7 @@ def test_a_symlink_at_a_rejected_drops_path_takes_nothing_out_of_the_line(line_c
 
 # ------------------------------------------------------------------------------- 4. nothing in a drop runs
 
+@pytest.mark.slow  # lm-eval's simple_evaluate records its environment: git, pip, uname, nvcc as child processes
 def test_a_drop_borne_task_yaml_of_the_configured_name_is_never_indexed_nor_its_function_run(
         tiny_model, tmp_path, monkeypatch):
     """The configured task is data/health_cloze.yaml; a drop under data/drops/ and a sibling folder each hold a
