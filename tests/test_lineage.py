@@ -19,7 +19,9 @@ def test_parent_and_reference_follow_the_promotion_record(tmp_path):
         def build(tmp: Path):
             (tmp / "model").mkdir()
             (tmp / "model" / "model.safetensors").write_bytes(weights)
-            return {}, {}
+            # A train entry as train writes it (typed TrainMeta: once tasks.train is imported, whichever test
+            # imported it first, a train entry without its model digest does not parse).
+            return {}, {"model_digest": model_digest(tmp / "model")}
 
         out, _ = root.publish("train", f"train-{name}", build)
         return out.dir(root) / "model", model_digest(out.dir(root) / "model")
