@@ -69,7 +69,9 @@ def main() -> None:
             cold, _ = run([d / f"line-{k}"])
             drop, out = run([d / f"line-{k}", d / "drop"])
             drops.append(drop)
-            nd = out.meta.get("near_dedup_pass") or {}
+            nd = getattr(out.meta, "near_dedup_pass", None)  # typed on this checkout, absent on an older one
+            nd = nd.model_dump() if hasattr(nd, "model_dump") else (out.meta.get("near_dedup_pass") or {}
+                                                                     if isinstance(out.meta, dict) else {})
             print(f"{k:>4}x {len(line):>10} {cold:>12.2f} {drop:>12.2f} {str(nd.get('seconds', '-')):>22} "
                   f"{str(nd.get('judged', '-')):>13} {out.counts.get('near_duplicates', 0):>16}", flush=True)
             shutil.rmtree(d / f"art-{k}", ignore_errors=True)

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = promos.add_mutually_exclusive_group(required=True)
     which.add_argument("--line", help="a training line (cpt retrain --line)")
     which.add_argument("--name", help="a push.name (cpt run)")
+    which.add_argument("--repo", help="a push.repo_id pushed without a line or push.name (cpt run)")
     promos.add_argument("--json", action="store_true", help="print the promotions file's JSON")
     promos.add_argument("--artifacts", metavar="DIR")
 
@@ -350,7 +351,7 @@ def cmd_promotions(args) -> int:
     from tasks.core.root import open_root
     from tasks.line.promotions import lineage_of, read_promotions
 
-    state = read_promotions(open_root(args.artifacts), lineage_of(args.line, args.name))
+    state = read_promotions(open_root(args.artifacts), lineage_of(args.line, args.name, args.repo))
     if args.json:
         print(state.model_dump_json(indent=2))
         return 0

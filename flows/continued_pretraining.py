@@ -40,7 +40,7 @@ from tasks.data.files import fingerprint_corpus
 from tasks.load import load, load_inputs
 from tasks.ml.modeling import resolve_model, without_location
 from tasks.mix import contamination_warnings, mix, mix_sources
-from tasks.push import push
+from tasks.push import HeadMoved, push
 from tasks.shuffle import shuffle
 from tasks.token_stats import token_stats
 from tasks.tokenize import prefetch_profile, resolve_tokenizer, tokenize
@@ -140,10 +140,12 @@ def continued_pretraining(
     until: StageName | None = None,
     artifacts: str | None = None,
     line: str | None = None,
+    left_out: list[str] | None = None,
 ) -> dict[str, Any]:
     """Continued pretraining of `config.model.id` on `config.sources` (or `config.corpus` + `config.replay`);
     `until` stops after that stage. `line` is the retraining line this run belongs to (cpt retrain sets it): its
-    promotions and drops."""
+    promotions and drops; `left_out`: drops of the line this run is taken without (the drop gate's: still being
+    written, or not gated for an infrastructure error), as in the corpus fingerprint retrain compared."""
     root = open_root(artifacts)
     config = with_release_name(config, line)  # push.name unset: derived, so another corpus is another release
     hold = RunHold(root, str(flow_run.name))
@@ -160,15 +162,19 @@ def continued_pretraining(
         try:
             # What would fail after training fails now, before any stage (tasks/line/preflight.py).
             check_before_compute(config, root, line, pushes=until in (None, "push"), lock=False)  # retrain holds it
+            # A line's drops join its drop source (drops.source): that source's corpus is its configured files and
+            # its drops as the gate read them, less those left out of this run (tasks/line/sources.py).
+            drop_fp = line_corpus(root, config, line, digests, left_out) if line else None
             first = config.data_sources()[0]
-            sources = fingerprint_corpus(first.corpus, digest=digests.digest)
+            sources = drop_fp if drop_fp is not None and first.name == config.drop_source else \
+                fingerprint_corpus(first.corpus, digest=digests.digest)
             tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
             digests.save()
             if until not in ("load", "shuffle"):  # the probe of a new tokenizer overlaps load and shuffle
                 prefetch_profile(tokenizer, root, config.model.trust_remote_code)
 
             # Every source through load … chunk (the first under the stage names), then the mix (flows/sources.py).
-            data = source_stages(run, config, tokenizer, digests, sources, summary, until)
+            data = source_stages(run, config, tokenizer, digests, sources, summary, until, drop_fp)
             docs, chunks, train_chunks = data.first.docs, data.first.chunks, data.train_chunks
             if data.first.split is not None and (few := data.first.split.few_documents()):
                 summary["warnings"].append(few)  # every run: a Cached shuffle logs nothing
@@ -218,13 +224,20 @@ def continued_pretraining(
                                 run.skip("push", refused)
                             else:
                                 replay = next((r.fingerprint for r in data.runs if r.source.name == "replay"), None)
-                                pushed = run(push, push=config.push, base_model_id=config.model.id, trained=release,
-                                             evaluation=evaluation, docs=docs, corpus=sources, config=config,
-                                             decision=decision, lineage=lineage.card(
-                                                 sources, replay, train_chunks, release, evaluation, base_eval,
-                                                 ref_eval, decision, data.fingerprints()))
-                                run.note(release_restored=lineage.released(pushed, release, decision,
-                                                                           str(flow_run.name)))
+                                try:
+                                    pushed = run(push, push=config.push, base_model_id=config.model.id,
+                                                 trained=release, evaluation=evaluation, docs=docs, corpus=sources,
+                                                 config=config, decision=decision, hub_parent=lineage.hub_parent,
+                                                 lineage=lineage.card(sources, replay, train_chunks, release,
+                                                                      evaluation, base_eval, ref_eval, decision,
+                                                                      data.fingerprints()))
+                                except HeadMoved as e:  # the Hub moved between the gate and the commit: refused
+                                    run.stages.pop()
+                                    run.skip("push", str(e))
+                                    summary["warnings"].append(str(e))
+                                else:
+                                    run.note(release_restored=lineage.released(pushed, release, decision,
+                                                                               str(flow_run.name)))
                     except Exception as e:  # promoted (or ungated) and trained, but not released: said as such
                         not_pushed(summary, decision, root, e)
                         raise
@@ -296,6 +309,15 @@ class SourcesData:
         return {r.source.name: r.fingerprint.digest for r in self.runs}
 
 
+def line_corpus(root: ArtifactsRoot, config: CptConfig, line: str, digests: DigestMemo,
+                left_out: list[str] | None = None) -> Fingerprint:
+    """The line's drop-source corpus (tasks/line/sources.py), less the drops left out of this run."""
+    from tasks.line.lines import read_line
+    from tasks.line.sources import line_sources
+
+    return line_sources(config, read_line(root, line), digests.digest, without=left_out)[0]
+
+
 def general_held_out_inputs(run: StageRunner, config: CptConfig, digests: DigestMemo) -> dict[str, Any]:
     """The held-out stage's inputs: evaluate.general_corpus through the same cached load (general-load) and the
     evaluation tasks (their names, and the content of local task files)."""
@@ -324,11 +346,12 @@ def first_source(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, di
 
 
 def other_source(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, digests: DigestMemo,
-                 source: DataSource, before: SourceRun, summary: dict[str, Any]) -> SourceRun:
+                 source: DataSource, before: SourceRun, summary: dict[str, Any],
+                 fingerprint: Fingerprint | None = None) -> SourceRun:
     """A source after the first, labelled `<name>-<stage>`: its held-out text is the previous source's plus that
-    source's validation split."""
+    source's validation split. `fingerprint`: its corpus when given (a line's drop source), else listed now."""
     label = source.stage_label
-    this = SourceRun(source, fingerprint_corpus(source.corpus, digest=digests.digest))
+    this = SourceRun(source, fingerprint or fingerprint_corpus(source.corpus, digest=digests.digest))
     digests.save()
     this.docs = run(load, label("load"), True, **load_inputs(source.corpus, this.fingerprint), runtime=config.runtime)
     if before.held_out is not None:
@@ -367,14 +390,17 @@ def anneal_shares(config: CptConfig, runs: list[SourceRun]) -> tuple[list[Source
 
 
 def source_stages(run: StageRunner, config: CptConfig, tokenizer: Fingerprint, digests: DigestMemo,
-                  first_fingerprint: Fingerprint, summary: dict[str, Any], until: str | None) -> SourcesData:
-    """Every source's data stages and the mix (and the anneal branch's mix)."""
+                  first_fingerprint: Fingerprint, summary: dict[str, Any], until: str | None,
+                  drop_fingerprint: Fingerprint | None = None) -> SourcesData:
+    """Every source's data stages and the mix (and the anneal branch's mix). `drop_fingerprint`: the corpus of
+    the source a line's drops join (config.drop_source), as the line trains on it."""
     sources = config.data_sources()
     data = SourcesData([first_source(run, config, tokenizer, digests, SourceRun(sources[0], first_fingerprint))])
     data.train_chunks = data.first.chunks
     if len(sources) > 1 and (not run.stopped or until == "chunk"):
         for source in sources[1:]:
-            data.runs.append(other_source(run, config, tokenizer, digests, source, data.runs[-1], summary))
+            given = drop_fingerprint if source.name == config.drop_source else None
+            data.runs.append(other_source(run, config, tokenizer, digests, source, data.runs[-1], summary, given))
         data.train_chunks = mix_of(run, config, data.runs, [d.share for d in sources], "mix")
     if config.anneal.sources and (not run.stopped or until == "chunk") and data.first.chunks is not None:
         runs, shares = anneal_shares(config, data.runs)

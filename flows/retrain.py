@@ -14,9 +14,11 @@ payload is untrusted input. `cpt retrain --drop PATH` typed at a shell accepts a
 A drop still being written is not trained on: it stays pending and is left out of the run, which trains on
 everything else; a later run, nightly or the next announcement, picks it up (or rejects it after
 `drops.max_pending_hours`). Files named `.*`, `*.part`, `*.tmp` are never read, so a producer can write to a
-temp name and rename; the load stage re-hashes every file it reads and fails if one changed since the run
-fingerprinted it. A drop can fail, its line cannot: any error gating a drop rejects that drop
-(tasks/line/drop_gate.py); only the line's own configured corpus can fail a run.
+temp name and rename. A drop is trained exactly as the gate read it (its recorded identity: real path, files and
+digests; tasks/line/sources.py), each file read once, no symlink followed, checked against its digest as it is
+read (tasks/data/opening.py): a drop that changed is gated again before anything of it is trained. A drop can
+fail, its line cannot: any error gating a drop rejects that drop (tasks/line/drop_gate.py); only the line's own
+configured corpus can fail a run.
 
 After each run, garbage collection keeps the root within `retention` (tasks/line/retention.py), unless
 `retention.after_retrain` is off; a failure to collect is logged, never fails the run.
@@ -40,8 +42,8 @@ from tasks.core.manifest import DigestMemo
 from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import open_root
 from tasks.core.scope import build_scope
-from tasks.line.drop_gate import gate_drops, line_config, near_duplicate_pairs, unsettled_files
-from tasks.data.files import fingerprint_files, resolve_corpus_files
+from tasks.line.drop_gate import gate_drops, near_duplicate_pairs, unsettled_files
+from tasks.line.sources import line_sources
 from tasks.line import lines
 from tasks.line.preflight import check_before_compute, describe_failure
 
@@ -172,13 +174,14 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
                 f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in rejected))
 
         state = lines.read_line(root, line)
-        cfg = line_config(config, state, without=left_out)
-        files = resolve_corpus_files(cfg.drop_corpus)  # the files of the source drops join
-        busy = unsettled_files(files, settle_seconds)
+        # What the line trains on: the configured corpus as listed now, its drops exactly as the gate read them,
+        # less those left out of this run (the pipeline flow takes the same `left_out`).
+        fingerprint, configured = line_sources(config, state, digests.digest, without=left_out)
+        files = fingerprint.items
+        busy = unsettled_files(configured, settle_seconds)
         if busy:
             return skipped("unsettled", f"corpus still being written, not training now: {', '.join(busy[:5])}",
                            files=busy)
-        fingerprint = fingerprint_files(files, digests.digest)
         digests.save()
         last = state.last_training
         if last and last["corpus"] == fingerprint.digest and not force and rejected:
@@ -199,7 +202,7 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
                  "(%s); running the pipeline", line, fingerprint.digest[:12], len(files), len(state.active_paths()),
                  last["corpus"][:12] if last else "none")
         try:
-            summary = continued_pretraining(config=cfg, artifacts=root.spec, line=line)
+            summary = continued_pretraining(config=config, artifacts=root.spec, line=line, left_out=left_out)
         except Exception as e:
             failed_pipeline(e, root, line, [p for p in state.active_paths() if p not in left_out], result)
             raise

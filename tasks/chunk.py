@@ -21,26 +21,29 @@ window) and written to Arrow batch by batch, so memory stays flat as the corpus 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pathlib import Path
-from typing import Any
 import hashlib
 import json
 import logging
 import os
 import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import AfterValidator, model_validator
+
 from tasks.core.config.data import ChunkConfig, RuntimeConfig, SPLITS
 from tasks.core.keys import register_code_version, stage_key
-from tasks.core.manifest import StageOutput
+from tasks.core.manifest import OutputMeta, StageOutput, entry_of, piece_key
 from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
 from tasks.data.arrow import batch_bounds, read_arrow, take_rows
-from tasks.data.windows import (WINDOW_SCHEMA, WindowPlan, chunk_batch, chunk_schema, trained_tokens, window_batch, window_plan)
+from tasks.data.layout import TOKEN_PIECE, TokenFile, TokenFiles, TokenPart, TokenType  # noqa: F401
+from tasks.data.windows import (WINDOW_SCHEMA, WindowPlan, chunk_batch, chunk_schema, trained_tokens, window_batch,
+                                window_plan)
 
 if TYPE_CHECKING:
     from tasks.shuffle import Split
@@ -160,50 +163,6 @@ def window_rows(tokens: pa.Table, rows: np.ndarray, plan: WindowPlan, dst: Path,
     return counts
 
 
-class TokenFile:
-    """One token piece, memory-mapped: every record batch's flat ids as a zero-copy numpy view, so a window is
-    read by slicing, whatever the file's size."""
-
-    def __init__(self, path: Path):
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        self.values, self.offsets = [], []
-        bounds = [0]
-        for b in range(reader.num_record_batches):
-            ids = reader.get_batch(b).column("input_ids")
-            offsets = ids.offsets.to_numpy().astype(np.int64)
-            self.values.append(ids.values.to_numpy(zero_copy_only=False))
-            self.offsets.append(offsets)
-            bounds.append(bounds[-1] + len(ids))
-        self.bounds = np.array(bounds, dtype=np.int64)
-        self.type = reader.schema.field("input_ids").type.value_type
-
-    def gather(self, rows: np.ndarray, starts: np.ndarray, sizes: np.ndarray, out: np.ndarray,
-               at: np.ndarray) -> None:
-        """Tokens `starts[i] : starts[i] + sizes[i]` of document `rows[i]`, written at `out[at[i]:]`."""
-        batch = np.searchsorted(self.bounds, rows, side="right") - 1
-        for b in np.unique(batch):
-            sel = batch == b
-            first = self.offsets[b][rows[sel] - self.bounds[b]] + starts[sel]
-            n = sizes[sel]
-            position = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-            out[np.repeat(at[sel], n) + position] = self.values[b][np.repeat(first, n) + position]
-
-
-class TokenFiles:
-    """The token pieces an output's windows refer to, each opened (and on an object-store root fetched) on first
-    use: a reader of the validation windows fetches only the pieces they fall in."""
-
-    def __init__(self, root: ArtifactsRoot, refs: list[dict[str, str]]):
-        self.root, self.refs, self.opened = root, refs, {}
-
-    def __getitem__(self, part) -> TokenFile:
-        part = int(part)
-        if part not in self.opened:
-            ref = self.refs[part]
-            self.opened[part] = TokenFile(self.root.file(ref["path"], ref["name"]))
-        return self.opened[part]
-
-
 def gather_rows(windows: pa.Table | pa.RecordBatch, files, bos_id: int | None,
                 ids_type: pa.DataType) -> pa.RecordBatch:
     """Window rows (`WINDOW_SCHEMA`) as the chunk rows they stand for: input_ids (BOS first when the tokenizer
@@ -256,13 +215,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarray], plan: WindowPlan,
+def chunk_piece(part: TokenPart, token_path: str, rows: dict[str, np.ndarray], plan: WindowPlan,
                 root: ArtifactsRoot, progress: Progress | None = None) -> tuple[StageOutput, bool]:
     """One source file's windows, per split, cached by its tokens' content, its documents' split assignment and
     the window plan. Returns (output, reused)."""
     assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
-    key = stage_key("chunk-part", {"plan": plan.meta(), "tokens": part.get("content") or part["key"],
-                                   "rows": assignment})
+    key = stage_key("chunk-part", {"plan": plan.meta(), "tokens": part.content or part.key, "rows": assignment})
 
     def build(tmp: Path):
         table = read_arrow(Path(token_path))
@@ -272,7 +230,7 @@ def chunk_piece(part: dict[str, Any], token_path: str, rows: dict[str, np.ndarra
             counts.update({f"{name}_{k}": v for k, v in c.items()})
         return counts, {}
 
-    return publish_piece(root, "chunk-part", key, build, progress, part["documents"])
+    return publish_piece(root, "chunk-part", key, build, progress, part.documents)
 
 
 register_code_version("chunk-part", 3, [chunk_piece], ["numpy", "pyarrow"])
@@ -282,26 +240,48 @@ def windows_file(split: str) -> str:
     return f"{split}.arrow"
 
 
+class ChunkMeta(OutputMeta):
+    """The window plan, the special ids, and the token pieces the windows' `part` numbers name (by key)."""
+
+    window: int
+    stride: int
+    bos: int
+    masked_overlap: int
+    bos_id: int | None
+    eos_id: int
+    token_type: TokenType
+    token_pieces: list[Annotated[str, AfterValidator(piece_key(TOKEN_PIECE))]]
+    format: str = ""
+
+
 class Chunks(StageOutput):
     """chunk's (and mix's) output: per split, `<split>.arrow`, a table of windows (`WINDOW_SCHEMA`) into the token
-    pieces the output refers to (`token_files`; they are its deps, so it is complete only while they are). Read
-    through these methods: `row_batches` (the chunk rows: input_ids in the tokens' type, trained_from, doc_id,
-    start), `labelled` (input_ids and labels: -100 before trained_from), `write_training_set` (what the trainer
-    loads), `export` (a standalone datasets folder)."""
+    pieces the output refers to (`token_pieces`, by key; they are its deps, so it is complete only while they
+    are). Read through these methods: `row_batches` (the chunk rows: input_ids in the tokens' type, trained_from,
+    doc_id, start), `labelled` (input_ids and labels: -100 before trained_from), `write_training_set` (what the
+    trainer loads), `export` (a standalone datasets folder)."""
+
+    meta: ChunkMeta
+
+    @model_validator(mode="after")
+    def _pieces_are_deps(self):
+        for rel in self.token_files:
+            self.refers(rel)
+        return self
 
     @property
     def ids_type(self) -> pa.DataType:
-        return ID_TYPES[self.meta["token_type"]]
+        return ID_TYPES[self.meta.token_type]
 
-    def plan(self, mask_overlap: bool = True) -> WindowPlan:
-        """The windows these chunks were made with (`mask_overlap`: the config's, for entries that predate the
-        plan's full record)."""
-        return WindowPlan.of(self.meta, mask_overlap)
+    def plan(self) -> WindowPlan:
+        """The windows these chunks were made with."""
+        return WindowPlan.of(self.meta)
 
     @property
-    def token_files(self) -> list[dict[str, str]]:
-        """The token pieces the windows' `part` numbers name: each its entry `path` and file `name`."""
-        return self.meta["token_files"]
+    def token_files(self) -> list[str]:
+        """The token pieces the windows' `part` numbers name: each its entry's place (`cache/tokenize-file/<key>`;
+        its file is `tokens.arrow`)."""
+        return [entry_of(TOKEN_PIECE, key) for key in self.meta.token_pieces]
 
     def windows(self, root: ArtifactsRoot, split: str) -> pa.Table:
         """The window table of `split`, memory-mapped (fetched on a host that lacks it)."""
@@ -318,7 +298,7 @@ class Chunks(StageOutput):
             windows = windows.slice(0, limit)
         files = TokenFiles(root, self.token_files)
         for batch in windows.to_batches(max_chunksize=rows_per_batch):
-            yield gather_rows(batch, files, self.meta["bos_id"], self.ids_type)
+            yield gather_rows(batch, files, self.meta.bos_id, self.ids_type)
 
     def labelled(self, root: ArtifactsRoot, split: str, limit: int | None = None) -> pa.Table:
         """The first `limit` rows of `split` as int32 input_ids and labels (`tasks.data.arrow.with_labels`)."""
@@ -380,7 +360,7 @@ class Chunks(StageOutput):
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c, m = self.counts, self.meta
         return [(logging.INFO, f"{c['train_chunks']} train / {c['validation_chunks']} validation rows (window "
-                               f"{m['window']}, stride {m['stride']}), stored as windows into the tokens")]
+                               f"{m.window}, stride {m.stride}), stored as windows into the tokens")]
 
 
 def _int_list(dtype: str) -> dict[str, Any]:
@@ -414,7 +394,7 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
             from tasks.core.fanout import map_pieces
 
             done = map_pieces(chunk_piece, calls, runtime, "chunk-part",
-                              on_done=lambda i, _: progress.update(parts[i]["documents"]))
+                              on_done=lambda i, _: progress.update(parts[i].documents))
     pieces = [out for out, _ in done]
     fresh = sum(not reused for _, reused in done)
 
@@ -425,12 +405,11 @@ def chunk(build: Build, chunk: ChunkConfig, tokens: Tokens, split: Split, runtim
         for k in ("documents", "chunks", "tokens", "trained_tokens"):
             counts[f"{name}_{k}"] = sum(s.counts[f"{name}_{k}"] for s in pieces)
     counts.update(files_chunked=fresh, files_cached=len(pieces) - fresh)
-    token_files = [{"path": part["path"], "name": Path(call["token_path"]).name} for part, call in zip(parts, calls)]
     meta = {**plan.meta(), "bos_id": bos_id, "eos_id": tokens.eos_id,
-                    "token_type": tokens.meta["token_type"], "token_files": token_files,
+                    "token_type": tokens.meta.token_type, "token_pieces": [part.key for part in parts],
                     "format": "windows into the token pieces; `cpt export-chunks` writes them as a datasets folder "
                     "(input_ids, attention_mask, labels: input_ids with positions before trained_from set to -100)"}
-    return counts, meta, {"deps": sorted({part["path"] for part in parts})}
+    return counts, meta, {"deps": sorted({part.rel for part in parts})}
 
 
 class ExportError(Exception):

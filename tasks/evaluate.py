@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import ChunkConfig, CorpusConfig
 from tasks.core.config.model import EvaluateConfig, ModelConfig
-from tasks.core.config.task_files import local_task_data, local_task_files, read_task_yaml, task_path_like
-from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
+from tasks.core.config.task_files import local_task_data, local_task_files, task_path_like
+from tasks.core.manifest import Fingerprint, NoMeta, StageOutput, combine_digests, hash_file
 from tasks.core.report import markdown_artifact, markdown_table, table_artifact
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -95,25 +95,10 @@ def evaluate_model(location: str, model_cfg: ModelConfig, cfg: EvaluateConfig, v
 # ------------------------------------------------------------------------ lm-evaluation-harness tasks
 
 
-def task_names(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
-    """(the task names lm-eval is asked for, the folders it reads local task YAMLs from)."""
-    names, include = [], []
-    for entry in cfg.tasks:
-        if not task_path_like(entry):
-            names.append(entry)
-            continue
-        path = Path(entry).expanduser().resolve()
-        include.append(str(path if path.is_dir() else path.parent))
-        for y in local_task_files(path):
-            doc = read_task_yaml(y)
-            if isinstance(doc.get("task"), str):
-                names.append(doc["task"])
-    return list(dict.fromkeys(names)), list(dict.fromkeys(include))
-
-
 def task_fingerprint(cfg: EvaluateConfig) -> Fingerprint | None:
     """What the task results depend on besides the model and the settings: the local task YAMLs and the data
-    files they read (by content) and the harness's version (its registry tasks and their prompts)."""
+    files they read (by content), the harness's version (its registry tasks and their prompts) and the revision
+    of each dataset a registry task reads (tasks.ml.lm_tasks.registry_revisions)."""
     if not cfg.tasks:
         return None
     from importlib.metadata import PackageNotFoundError, version
@@ -128,6 +113,11 @@ def task_fingerprint(cfg: EvaluateConfig) -> Fingerprint | None:
             for y in local_task_files(Path(entry).expanduser()):
                 parts.append((f"{entry}:{y.name}", hash_file(y)))
                 parts += [(f"{entry}:{y.name}:data:{d}", hash_file(d)) for d in local_task_data(y)]
+    registry = [entry for entry in cfg.tasks if not task_path_like(entry)]
+    if registry:
+        from tasks.ml.lm_tasks import registry_revisions
+
+        parts += [(f"dataset:{name}", revision) for name, revision in registry_revisions(registry)]
     return Fingerprint(kind="tasks", digest=combine_digests(parts), location=",".join(cfg.tasks))
 
 
@@ -136,14 +126,15 @@ def run_tasks(model, tok, cfg: EvaluateConfig) -> dict[str, Any]:
     "examples": n, "num_fewshot": k}}, plus the harness version under "_harness"."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    names, include = task_names(cfg)
-    manager = TaskManager(include_path=include or None)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.task_batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=cfg.task_limit,
-                                  num_fewshot=cfg.num_fewshot, log_samples=False, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    from tasks.ml.lm_tasks import configured_tasks
+
+    # lm-eval sees the registry and the configured task files alone, from a private folder (tasks/ml/lm_tasks.py).
+    with configured_tasks(cfg.tasks) as (manager, names):
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.task_batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=cfg.task_limit,
+                                      num_fewshot=cfg.num_fewshot, log_samples=False, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     return task_results(out)
 
 
@@ -330,7 +321,7 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
 def _inputs(cfg: EvaluateConfig, chunk: ChunkConfig, chunks: Chunks, root: ArtifactsRoot, tokenizer_dir: str,
             sources: dict[str, Chunks] | None = None):
     val = validation_rows(chunks, root, cfg.max_eval_rows)
-    general = (general_rows(cfg.general_corpus, tokenizer_dir, chunks.plan(chunk.mask_overlap), cfg.max_eval_rows)
+    general = (general_rows(cfg.general_corpus, tokenizer_dir, chunks.plan(), cfg.max_eval_rows)
                if cfg.general_corpus else None)
     # Each source's own validation rows; the first source's are `val` (None: measured once).
     per_source = {name: None if c.key == chunks.key else validation_rows(c, root, cfg.max_eval_rows)
@@ -345,6 +336,8 @@ def _source_counts(result: dict[str, Any]) -> dict[str, Any]:
 class Evaluation(StageOutput):
     """evaluate-base's and evaluate's output: `eval.json` (perplexities and generations; evaluate's holds both
     before and after) and, for evaluate, `eval.md`, the before/after table."""
+
+    meta: NoMeta = NoMeta()
 
     def eval_file(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / EVAL_FILE
@@ -443,6 +436,8 @@ def _num(x: Any) -> str:
 
 
 def show(out: Evaluation, root: ArtifactsRoot) -> None:
+    if out.stage != "evaluate":  # evaluate-base's eval.json is one model's numbers: the before/after is evaluate's
+        return
     doc = out.read(root)
     if "validation_perplexity" in out.counts:  # one model's evaluation (the base's): there is no before/after yet
         ppl = {k: (doc.get(k) or {}).get("perplexity") for k in ("validation", "general")}

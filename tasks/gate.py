@@ -15,7 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.core.config.model import GateConfig
-from tasks.core.manifest import StageOutput
+from tasks.core.manifest import NoMeta, StageOutput
 from tasks.core.report import markdown_artifact, markdown_table
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -175,6 +175,8 @@ def task_values(eval_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 class Decision(StageOutput):
     """gate's output: `gate.json`, the decision (promoted, reason, every check with its value and limit)."""
+
+    meta: NoMeta = NoMeta()
 
     def read(self, root: ArtifactsRoot) -> dict[str, Any]:
         return json.loads((self.dir(root) / GATE_FILE).read_text())

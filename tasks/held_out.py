@@ -93,7 +93,7 @@ def task_texts(tasks: list[str]) -> tuple[list[tuple[str, Iterable[str]]], dict[
                 found.append((name, (doc_text(r) for f in files for r in read_data_file(f, builder))))
             elif isinstance(read_task_yaml(y).get("task"), str):
                 registry.append(read_task_yaml(y)["task"])
-                include.append(str((path if path.is_dir() else path.parent).resolve()))
+                include.append(str(y.resolve()))
     not_checked: dict[str, str] = {}
     if registry:
         found_registry, not_checked = registry_task_texts(list(dict.fromkeys(registry)), list(dict.fromkeys(include)))
@@ -105,12 +105,15 @@ def registry_task_texts(names: list[str], include: list[str]) -> tuple[list[tupl
     """Through lm-eval's TaskManager, offline (HF_DATASETS_OFFLINE: the datasets cache or nothing): every leaf
     task's eval_docs; a task that fails to load is not checked, with the reason."""
     try:
-        from lm_eval.tasks import TaskManager
+        import lm_eval.tasks  # noqa: F401
     except ImportError as e:
         return [], {n: f"lm-eval is not importable: {e}" for n in names}
+    from tasks.ml.lm_tasks import configured_tasks
+
     found, not_checked = [], {}
-    with offline():
-        manager = TaskManager(include_path=include or None)
+    # `include`: the configured task entries (files or folders) whose YAMLs name no local data: lm-eval sees them
+    # from a private folder only (tasks/ml/lm_tasks.py), never the folder they sit in.
+    with offline(), configured_tasks(include) as (manager, _):
         for name in names:
             try:
                 leaves = manager.load([name])["tasks"]
@@ -154,7 +157,7 @@ def held_out(build: Build, general: Docs | None, tasks: list[str], task_files: F
     again); `validation` with the `docs` it was split from: the domain's validation split."""
     found, not_checked = task_texts(tasks)
     if base is not None:
-        not_checked = {**base.meta.get("tasks_not_checked", {}), **not_checked}
+        not_checked = {**base.meta.tasks_not_checked, **not_checked}
     split_rows = read_arrow(validation.split_file(build.root, "validation")) if validation is not None else None
 
     def rows() -> Iterator[tuple[str, str]]:

@@ -14,25 +14,50 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import model_validator
 
 from tasks.data.arrow import read_arrow
-from tasks.core.config.base import ConfigError
 from tasks.core.config.data import CorpusConfig, RuntimeConfig
 from tasks.core.keys import stage_key
-from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.manifest import Fingerprint, OutputMeta, StageOutput
 from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
-from tasks.data.files import list_corpus_files
+from tasks.data.files import path_ranks  # noqa: F401 (where it was)
 from tasks.data.near_pieces import near_dedup_rows
-from tasks.data.layout import DOCS_FILE, INDEX_FILE, REJECTS_FILE
+from tasks.data.layout import DOCS_FILE, INDEX_FILE, REJECTS_FILE, LoadPart
 from tasks.data.pieces import assemble_documents, load_pieces, merge_counts, read_documents
+
+
+class NearDedupPass(OutputMeta):
+    """What near-dedup's pass reused, visited, judged and remembered, and its seconds (tasks.data.near_pieces)."""
+
+    reused_rows: int
+    visited: int
+    judged: int
+    remembered: int
+    previous: str  # the decisions' entry the pass started from ("" when none): a label, never opened from here
+    seconds: float
+
+
+class LoadMeta(OutputMeta):
+    parts: list[LoadPart]  # per source file, in corpus order (its `part` number in the index)
+    near_duplicate_samples: list[dict[str, Any]] | None = None  # a few pairs, texts only, for a person to judge
+    near_dedup_pass: NearDedupPass | None = None
 
 
 class Docs(StageOutput):
     """load's output: `index.arrow` (doc_id, norm_id, part, row, line: where each document lives in the per-file
     pieces, no text) and `rejects.jsonl`; the texts stay in the pieces (`parts`, each a load-file entry with
-    its own docs.arrow of doc_id, text, norm_id, line)."""
+    its own docs.arrow of doc_id, text, norm_id, line), found by key among the output's deps."""
+
+    meta: LoadMeta
+
+    @model_validator(mode="after")
+    def _parts_are_deps(self):
+        for part in self.meta.parts:
+            self.refers(part.rel)
+        return self
 
     def index_file(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / INDEX_FILE
@@ -56,26 +81,26 @@ class Docs(StageOutput):
         def text_of(i: int) -> str:
             p = int(part[i])
             if p not in columns:
-                columns[p] = read_arrow(root.entry(self.parts[p]["path"]) / DOCS_FILE).column("text")
+                columns[p] = read_arrow(root.file(self.parts[p].rel, DOCS_FILE)).column("text")
             return columns[p][int(row[i])].as_py()
 
         return text_of
 
     def part_dirs(self, root: ArtifactsRoot) -> list[Path]:
-        return [root.entry(p["path"]) for p in self.parts]
+        return [root.entry(p.rel) for p in self.parts]
 
     def documents(self, root: ArtifactsRoot) -> pa.Table:
         """Every document with its text and `source` (path:line), joined from the pieces: for tools and tests on
         small corpora (the stages read piece by piece)."""
-        return read_documents(self.index_file(root), self.part_dirs(root), [p["name"] for p in self.parts])
+        return read_documents(self.index_file(root), self.part_dirs(root), [p.name for p in self.parts])
 
     def rejects_file(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / REJECTS_FILE
 
     @property
-    def parts(self) -> list[dict[str, Any]]:
-        """Per source file: name, key, path, content and counts of its piece, in corpus order (its `part`)."""
-        return self.meta["parts"]
+    def parts(self) -> list[LoadPart]:
+        """Per source file: name, key, content and counts of its piece, in corpus order (its `part`)."""
+        return self.meta.parts
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
@@ -87,20 +112,6 @@ class Docs(StageOutput):
         if c["rejected"]:
             lines.append((logging.WARNING, f"{c['rejected']} rejected records kept in {self.rejects_file(root)}"))
         return lines
-
-
-def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None) -> list[int]:
-    """Per file, the index of the first `corpus.paths` entry that yields it: a line lists its configured corpus
-    first and its drops in the order they joined, so a lower rank is a document the line had earlier."""
-    rank: dict[str, int] = {}
-    for i, entry in enumerate(corpus.paths):
-        try:
-            found, _ = list_corpus_files(corpus.model_copy(update={"paths": [entry]}), base)
-        except ConfigError:
-            continue
-        for f in found:
-            rank.setdefault(str(f), i)
-    return [rank.get(str(Path(f).resolve()), len(corpus.paths)) for f in files]
 
 
 # Bytes the data stages write per corpus byte, at most: load's pieces ~1.0, tokens 0.4 (uint16) to 0.9 (uint32),
@@ -134,8 +145,13 @@ def load_inputs(corpus: CorpusConfig, sources: Fingerprint) -> dict[str, Any]:
     rank (`path_ranks`: which document of a group is kept follows it, so it is in the key; corpus.paths itself
     is not, and reordering it over the same files must not serve the old keep-choice)."""
     files = [i["path"] for i in sources.items]
-    return dict(corpus=corpus, sources=sources, files=files,
-                ranks=path_ranks(corpus, files) if corpus.near_dedup.enabled else None)
+    if not corpus.near_dedup.enabled:
+        ranks = None
+    elif sources.items and all("rank" in i for i in sources.items):  # a line's: its drops ranked as they joined
+        ranks = [int(i["rank"]) for i in sources.items]
+    else:
+        ranks = path_ranks(corpus, files)
+    return dict(corpus=corpus, sources=sources, files=files, ranks=ranks)
 
 
 @stage("load", version=2, output=Docs, libraries=["pyarrow", "numpy"], key_exclude={"runtime"})
@@ -168,7 +184,7 @@ def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[s
                                    near.doc_ids if near else None)
     counts = merge_counts([p.counts for p in parts], assembled)
     counts["files_read"] = sum(not reused for _, _, reused in pieces)
-    meta = {"parts": [{"name": item["path"], "key": p.key, "path": p.path, "content": p.content, **p.counts}
+    meta = {"parts": [{"name": item["path"], "key": p.key, "content": p.content, **p.counts}
                       for item, p, _ in pieces]}
     material = {"deduplicate": corpus.deduplicate, "parts": [p.content or p.key for p in parts]}
     deps = [p.path for p in parts]

@@ -82,7 +82,7 @@ def mix_chunks(domain: Chunks, replay: Chunks, root: ArtifactsRoot, fraction: fl
                out_dir: Path) -> dict[str, Any]:
     """The mixed windows at `out_dir` (the domain's, then the drawn replay windows, which refer to the replay's
     token pieces after the domain's); returns per-source token counts."""
-    bos = 1 if domain.meta["bos_id"] is not None else 0
+    bos = 1 if domain.meta.bos_id is not None else 0
     for split in SPLITS:
         if split != "train":
             link_or_copy(domain.file(root, windows_file(split)), out_dir / windows_file(split))
@@ -131,7 +131,7 @@ def mix(build: Build, replay: ReplayConfig, shuffle: ShuffleConfig, chunks: Chun
     counts = mix_chunks(chunks, replay_chunks, build.root, replay.fraction, shuffle.seed, build.tmp)
     counts.update({k: v for k, v in chunks.counts.items() if k.startswith("validation_")})
     counts["train_chunks"] = counts["domain_rows"] + counts["replay_rows"]
-    meta = {**chunks.meta, "token_files": chunks.token_files + replay_chunks.token_files}
+    meta = {**chunks.meta.model_dump(), "token_pieces": chunks.meta.token_pieces + replay_chunks.meta.token_pieces}
     return counts, meta, {"deps": sorted(set(chunks.deps) | set(replay_chunks.deps))}
 
 

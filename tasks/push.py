@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import model_validator
 
 from tasks.core.config.model import PushConfig
 from tasks.core.config.tree import CptConfig
-from tasks.core.manifest import Fingerprint, StageOutput, safe_relpath
+from tasks.core.manifest import Fingerprint, NoMeta, StageOutput, safe_relpath
 from tasks.core.report import markdown_artifact, run_logger
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 class PushFailed(RuntimeError):
     pass
+
+
+class HeadMoved(PushFailed):
+    """The Hub branch is no longer at the commit the gate compared with: another push happened since."""
 
 
 def default_name(base_model_id: str, key: str) -> str:
@@ -248,8 +253,26 @@ def commit_message(lineage: dict[str, Any] | None) -> str:
     return f"cpt: promote {what}: {gate['reason']}"[:400]
 
 
+def hub_head(cfg: PushConfig, token: str | None = None) -> str | None:
+    """The commit `push.revision` (main) of `push.repo_id` points at now; None for a repo or branch that does not
+    exist yet. The head a push is made on: read before the gate, named as the commit's parent at push."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or hub_token(cfg.token_secret))
+    try:
+        return api.repo_info(cfg.repo_id, revision=cfg.revision or "main", repo_type="model").sha
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    except Exception as e:
+        raise PushFailed(f"push: cannot read the head of {cfg.repo_id} ({_failure(e)})") from None
+
+
 def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_seconds: float = 2.0,
-           message: str = "Continued pretraining with cpt") -> dict[str, Any]:
+           message: str = "Continued pretraining with cpt", parent: str | None = None) -> dict[str, Any]:
+    """`folder` as a new commit on `push.revision` of `push.repo_id`. With `parent` (the head the gate compared
+    with), a compare-and-swap: the Hub refuses the commit if the branch has moved since (HeadMoved, not
+    retried)."""
     from huggingface_hub import HfApi
 
     if not token:
@@ -262,17 +285,32 @@ def upload(folder: Path, cfg: PushConfig, token: str | None, log, backoff_second
             if cfg.revision:
                 api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True)
             info = api.upload_folder(repo_id=cfg.repo_id, folder_path=str(folder), revision=cfg.revision,
-                                     commit_message=message)
+                                     commit_message=message, parent_commit=parent)
             return {"repo_id": cfg.repo_id, "revision": cfg.revision or "main",
                     "url": f"{api.endpoint}/{cfg.repo_id}" + (f"/tree/{cfg.revision}" if cfg.revision else ""),
                     "commit": getattr(info, "oid", None), "attempts": attempt + 1, "message": message}
         except Exception as e:
+            if getattr(getattr(e, "response", None), "status_code", None) == 412:
+                raise HeadMoved(f"push: {cfg.repo_id}@{cfg.revision or 'main'} moved since the gate compared with "
+                                f"its head {(parent or '')[:12]}: not pushed (another push happened meanwhile); the "
+                                "next run gates against what is there") from None
             last = e
             log.warning("push: upload attempt %d/%d failed (%s)", attempt + 1, cfg.retries + 1, _failure(e))
             if attempt < cfg.retries:
                 time.sleep(backoff_seconds * 2**attempt)
     raise PushFailed(f"push: uploading to {cfg.repo_id} failed after {cfg.retries + 1} attempts "
                      f"({_failure(last)}); the model is saved locally")
+
+
+def release_rel(value: Any) -> str:
+    """`models/<name>` (a release folder's place under the root, one folder name: `name_problem`'s rule), else
+    ValueError: a push entry's counts come from the store."""
+    from tasks.core.config.base import name_problem
+
+    parts = value.split("/") if isinstance(value, str) else []
+    if len(parts) != 2 or parts[0] != "models" or name_problem(parts[1]):
+        raise ValueError(f"{value!r} is not a release folder (models/<name>)")
+    return value
 
 
 RELEASE_CARD = "card.md"  # the release's card, kept in the push entry so a lost release can be re-made
@@ -282,13 +320,21 @@ class Release(StageOutput):
     """push's output: `push.json` (where the release went) and the card it was saved with; the release itself
     is `artifacts/models/<name>/` (outside the cache: it is the folder users point at)."""
 
+    meta: NoMeta = NoMeta()
+
+    @model_validator(mode="after")
+    def _release_is_a_release_folder(self):
+        if "release" in self.counts:
+            release_rel(self.counts["release"])
+        return self
+
     def card(self, root: ArtifactsRoot) -> str:
         return (self.dir(root) / RELEASE_CARD).read_text(encoding="utf-8")
 
     def release_dir(self, root: ArtifactsRoot) -> Path:
         """The release folder on this host: computed from the release's name under the root, never taken from
         the path another host recorded (a push entry travels through the store)."""
-        return root.path(safe_relpath(self.counts["release"]))
+        return root.path(release_rel(self.counts["release"]))
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
@@ -299,13 +345,16 @@ class Release(StageOutput):
         show(self, root)  # the module's `show` below: its tables and plots
 
 
-@stage("push", version=2, output=Release, libraries=["huggingface_hub"], key_exclude={"base_model_id", "lineage"})
+@stage("push", version=2, output=Release, libraries=["huggingface_hub"],
+       key_exclude={"base_model_id", "lineage", "hub_parent"})
 def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, evaluation: Evaluation, docs: Docs,
          corpus: Fingerprint, config: CptConfig, decision: Decision | None = None,
-         lineage: dict[str, Any] | None = None):
+         lineage: dict[str, Any] | None = None, hub_parent: str | None = None):
     """Save the promoted model as the release folder (a verified copy: see `ensure_release`), with a card that
-    records its lineage, and upload it as a new Hub revision. `base_model_id` (a path or hub id: the model is
-    keyed by digest) and `lineage` (drawn from push's keyed inputs, plus paths) are not part of the key."""
+    records its lineage, and upload it as a new Hub revision on `hub_parent`, the head the gate compared with (a
+    compare-and-swap: HeadMoved if the branch moved since). `base_model_id` (a path or hub id: the model is
+    keyed by digest), `lineage` (drawn from push's keyed inputs, plus paths) and `hub_parent` (where the Hub
+    stood) are not part of the key."""
     name = push.name or default_name(base_model_id, build.key)
     release = f"models/{name}"
     dest = build.root.path(release)
@@ -320,12 +369,14 @@ def push(build: Build, push: PushConfig, base_model_id: str, trained: Trained, e
     result = {"local_path": str(dest), "model_digest": digest, "hub": None}
     if push.repo_id:
         backoff = float(os.environ.get("CPT_PUSH_BACKOFF_SECONDS", "2"))
-        result["hub"] = upload(dest, push, hub_token(push.token_secret), build.log, backoff, commit_message(lineage))
+        result["hub"] = upload(dest, push, hub_token(push.token_secret), build.log, backoff, commit_message(lineage),
+                               parent=hub_parent)
     (build.tmp / "push.json").write_text(json.dumps(result, indent=2))
     hub = result["hub"] or {}
     return {"local_path": str(dest), "release": release, "hub_url": hub.get("url"), "hub_commit": hub.get("commit"),
-            "model_digest": digest, "release_kind": release_kind(config.model_dump(mode="json")),
-            "release_digest": release_digest, "release_base": base_model_id}, {}
+            "hub_repo": hub.get("repo_id"), "hub_revision": hub.get("revision"), "model_digest": digest,
+            "release_kind": release_kind(config.model_dump(mode="json")), "release_digest": release_digest,
+            "release_base": base_model_id}, {}
 
 
 def ensure_release(out: Release, trained: Trained, root: ArtifactsRoot, digest=None) -> str | None:

@@ -27,7 +27,7 @@ import pyarrow as pa
 from tasks.data.arrow import take_rows
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import DecontaminateConfig, SPLITS, ShuffleConfig, SplitConfig
-from tasks.core.manifest import StageOutput
+from tasks.core.manifest import NoMeta, StageOutput
 from tasks.data.contamination import ContaminationIndex
 from tasks.data.minhash import sortable_ids
 from tasks.core.root import ArtifactsRoot
@@ -109,6 +109,8 @@ FEW = 5  # a split with fewer documents than this is warned about
 class Split(StageOutput):
     """shuffle's output: per split, `<split>.arrow` (doc_id, norm_id, part, row) in training order: where each
     document lives in the per-file pieces, no text."""
+
+    meta: NoMeta = NoMeta()
 
     def split_file(self, root: ArtifactsRoot, split: str) -> Path:
         return self.dir(root) / f"{split}.arrow"

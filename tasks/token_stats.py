@@ -21,7 +21,7 @@ from tasks.chunk import rows_by_part
 from tasks.data.windows import WindowPlan, chunk_lengths, window_plan
 from tasks.core.config.data import ChunkConfig, SPLITS, TokenStatsConfig
 from tasks.core.keys import register_code_version, stage_key
-from tasks.core.manifest import StageOutput
+from tasks.core.manifest import NoMeta, StageOutput
 from tasks.core.report import image_data_uri, markdown_artifact, markdown_table, table_artifact
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
@@ -167,7 +167,7 @@ def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos
     for p, part in enumerate(parts):
         rows = {name: by_split[name][p] for name in SPLITS}
         assignment = {name: hashlib.blake2b(r.tobytes(), digest_size=16).hexdigest() for name, r in rows.items()}
-        key = stage_key("token-stats-part", {"tokens": part.get("content") or part["key"], "rows": assignment,
+        key = stage_key("token-stats-part", {"tokens": part.content or part.key, "rows": assignment,
                                              "chunk": chunk, "has_bos": has_bos})
 
         def build(tmp: Path, part=part, rows=rows):
@@ -185,6 +185,8 @@ def token_stats_pieces(tokens: Tokens, split: Split, chunk: ChunkConfig, has_bos
 
 class TokenStats(StageOutput):
     """token-stats' output: `stats.json` (a row per split and unit), `stats.md` and `histogram.svg`."""
+
+    meta: NoMeta = NoMeta()
 
     def rows(self, root: ArtifactsRoot) -> list[dict[str, Any]]:
         return json.loads((self.dir(root) / "stats.json").read_text())

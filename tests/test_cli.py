@@ -148,17 +148,17 @@ def published_chunks(artifacts):
     def write_tokens(tmp):
         with pa.OSFile(str(tmp / "tokens.arrow"), "wb") as sink, pa.ipc.new_file(sink, tokens.schema) as w:
             w.write_table(tokens, max_chunksize=2)
-        return {}, {}
+        return {}, {"bos_id": 1, "eos_id": 2, "vocab_size": 100, "id_limit": 100, "token_type": "uint16"}
 
-    piece, _ = root.publish("tokenize-file", "70ce" * 8, write_tokens)
+    piece, _ = root.publish("tokenize-file", "tokenize-file-" + "70ce" * 6, write_tokens)
 
     def build(tmp):
         counts = {}
         for name, rows in (("train", [0, 1, 2, 4]), ("validation", [3])):
             c = window_rows(tokens, np.array(rows), window_plan(cfg, True), tmp / windows_file(name))
             counts.update({f"{name}_{k}": v for k, v in c.items()})
-        meta = {"window": 11, "stride": 7, "bos_id": 1, "eos_id": 2, "token_type": "uint16",
-                "token_files": [{"path": piece.path, "name": "tokens.arrow"}]}
+        meta = {"window": 11, "stride": 7, "bos": 1, "masked_overlap": 4, "bos_id": 1, "eos_id": 2,
+                "token_type": "uint16", "token_pieces": [piece.key]}
         return counts, meta, {"deps": [piece.path]}
 
     manifest, _ = root.publish("chunk", "c0ffee" * 5 + "00", build)

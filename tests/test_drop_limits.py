@@ -210,8 +210,7 @@ def test_the_census_stops_at_each_limit_and_names_it(tmp_path, monkeypatch, deep
 
 def test_a_drop_turned_symlink_is_rejected_and_excludes_nothing_of_the_line(tmp_path):
     from tasks.core.config.tree import validate_config
-    from tasks.data.files import resolve_corpus_files
-    from tasks.line.drop_gate import line_config
+    from tasks.line.sources import line_sources
 
     corpus = good_drop(tmp_path / "corpus", 0)
     drop = good_drop(tmp_path / "drops" / "d", 40)
@@ -220,7 +219,8 @@ def test_a_drop_turned_symlink_is_rejected_and_excludes_nothing_of_the_line(tmp_
     assert "is a symlink now" in drop_census(str(drop), DropsConfig())
     config = validate_config({"corpus": {"paths": [str(corpus)]}, "model": {"id": "m"}})
     state = lines.LineState(line="l", drops=[lines.Drop(path=str(drop), status="rejected")])
-    assert resolve_corpus_files(line_config(config, state).corpus) == [corpus / "a.jsonl"]
+    fingerprint, configured = line_sources(config, state)
+    assert configured == [corpus / "a.jsonl"] and [i["path"] for i in fingerprint.items] == [str(corpus / "a.jsonl")]
 
 
 # ------------------------------------------------------------------------------------ the gate
@@ -303,7 +303,7 @@ def test_a_drop_turned_symlink_after_its_gate_is_rejected_by_the_gate(line, tmp_
     drop.rename(tmp_path / "in" / "d.old")
     drop.symlink_to(good_drop(tmp_path / "elsewhere" / "d", 100))
     out = line.gate()
-    assert out["rejected"] == [path] and "is a symlink now" in line.status()[path][1]
+    assert out["rejected"] == [path] and "is now a symlink" in line.status()[path][1]
 
 
 def test_a_drop_that_never_settles_is_left_out_then_rejected(line, tmp_path):

@@ -67,13 +67,18 @@ def test_gate_tasks_need_evaluated_tasks(tmp_path, monkeypatch):
 
 def test_a_task_folder_runs_every_task_its_yamls_name(tmp_path):
     from tasks.core.config.model import EvaluateConfig
-    from tasks.evaluate import task_names, write_cloze_task
+    from tasks.evaluate import write_cloze_task
+    from tasks.ml.lm_tasks import write_private_tasks
 
     for name in ("b_cloze", "a_cloze"):
         write_cloze_task(sample_texts(), tmp_path / "suite", name, n=5)
     (tmp_path / "suite" / "_shared.yaml").write_text("doc_to_text: !function utils.doc_to_text\n")  # no task
     cfg = EvaluateConfig(tasks=[str(tmp_path / "suite")])
-    assert task_names(cfg) == (["a_cloze", "b_cloze"], [str((tmp_path / "suite").resolve())])
+    private = tmp_path / "private"
+    assert write_private_tasks(cfg.tasks, private) == ["a_cloze", "b_cloze"]
+    copied = sorted(p.relative_to(private).as_posix() for p in private.rglob("*") if p.is_file())
+    assert copied == ["task-001/_shared.yaml", "task-002/a_cloze.yaml", "task-002/data/001-a_cloze.jsonl",
+                      "task-003/b_cloze.yaml", "task-003/data/001-b_cloze.jsonl"]
 
 
 def test_the_committed_sample_task_is_what_the_generator_writes(tmp_path, monkeypatch):

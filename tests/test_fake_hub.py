@@ -123,3 +123,18 @@ def test_failed_commit_is_retried_inside_xet_pipeline(monkeypatch, model_dir):
         api.create_repo(repo_id=REPO, exist_ok=True)
         api.upload_folder(repo_id=REPO, folder_path=model_dir, commit_message="Upload")
         assert hub.commit_attempts == 2 and len(hub.commits) == 1
+
+
+@pytest.mark.parametrize("disable_xet", [False, True])
+def test_a_commit_whose_parent_is_not_the_head_is_refused(monkeypatch, model_dir, disable_xet):
+    """create_commit/upload_folder(parent_commit=…) as on the Hub: 412 when the branch moved since."""
+    with FakeHub() as hub:
+        online(monkeypatch, hub.url, disable_xet=disable_xet)
+        api = HfApi(token=TOKEN)
+        api.create_repo(REPO)
+        first = api.upload_folder(repo_id=REPO, folder_path=str(model_dir), parent_commit=hub.head(REPO)).oid
+        assert hub.head(REPO) == first
+        (model_dir / "config.json").write_text("{}")
+        with pytest.raises(HfHubHTTPError) as e:
+            api.upload_folder(repo_id=REPO, folder_path=str(model_dir), parent_commit="0" * 40)
+        assert e.value.response.status_code == 412 and hub.head(REPO) == first

@@ -45,7 +45,10 @@ def output_digest(out: StageOutput, artifacts: Path) -> str:
     """The content of an entry and of the entries it refers to; images (the plotting library's bytes) and
     datasets' state.json (its fingerprint is the key) left out."""
     parts = []
-    for rel in [out.path, *out.deps]:
+    # The entries it refers to in an order of their content, not of their keys: a key holds the code version, so a
+    # change of code that changes no output reorders keys but not contents.
+    deps = sorted(out.deps, key=lambda rel: read_manifest(artifacts / rel).content)
+    for rel in [out.path, *deps]:
         manifest = read_manifest(artifacts / rel)
         for name, digest in sorted(manifest.digests.items()):
             if name == "docs.arrow" and out.stage == "load":

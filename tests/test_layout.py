@@ -135,7 +135,11 @@ def test_core_imports_nothing_outside_core_and_the_store_only_the_manifest_types
         if name.startswith("tasks.core"):
             outside = {d for d in deps if not d.startswith("tasks.core")}
             assert not outside, f"{name} imports {sorted(outside)}: infrastructure must not know a stage"
-    assert graph["tasks.core.objectstore"] == {"tasks.core.manifest", "tasks.core.fence"}  # fence: a leaf
+    # fence: a leaf; signing: the keys that seal and open store objects (it imports the config errors alone)
+    assert graph["tasks.core.objectstore"] == {"tasks.core.manifest", "tasks.core.fence", "tasks.core.signing",
+                                               "tasks.core.store_lock"}
+    assert graph["tasks.core.store_lock"] == {"tasks.core.fence"}  # its lease lock
+    assert graph["tasks.core.signing"] <= {"tasks.core.config.base"}
     for name in ("tasks.core.manifest", "tasks.core.keys", "tasks.core.entries", "tasks.core.objectstore"):
         assert "tasks.core.root" not in graph[name]  # the root builds on them, never the reverse
 

@@ -19,7 +19,9 @@ def test_parent_and_reference_follow_the_promotion_record(tmp_path):
         def build(tmp: Path):
             (tmp / "model").mkdir()
             (tmp / "model" / "model.safetensors").write_bytes(weights)
-            return {}, {}
+            # A train entry as train writes it (typed TrainMeta: once tasks.train is imported, whichever test
+            # imported it first, a train entry without its model digest does not parse).
+            return {}, {"model_digest": model_digest(tmp / "model")}
 
         out, _ = root.publish("train", f"train-{name}", build)
         return out.dir(root) / "model", model_digest(out.dir(root) / "model")
@@ -39,11 +41,13 @@ def test_parent_and_reference_follow_the_promotion_record(tmp_path):
         fp, desc, _ = choose_parent(init, p, base, "org/base", "t9", root)
         assert fp == base and desc["kind"] == "base"
     # new data: continue from the last promoted model
+    # (found in its train entry, and kept from now on outside the cache: tasks/line/kept.py)
     fp, desc, _ = choose_parent("last_promoted", promos, base, "org/base", "t9", root)
-    assert (fp.digest, fp.location, desc["flow_run"]) == (second, str(second_dir), "r2")
+    assert (fp.digest, fp.location, desc["flow_run"]) == (second, str(root.path(f"kept/name-x/{second}")), "r2")
+    assert model_digest(fp.location) == model_digest(second_dir)
     # the same training as the last promotion: start from its parent, so the rerun is Cached
     fp, desc, _ = choose_parent("last_promoted", promos, base, "org/base", "t2", root)
-    assert (fp.digest, fp.location) == (first, str(first_dir))
+    assert (fp.digest, fp.location) == (first, str(root.path(f"kept/name-x/{first}")))
 
     # The gate's reference: the last promoted model; for that model itself, what it was promoted against.
     ref, record, _ = choose_reference(promos, "some-new-model", root)
@@ -54,6 +58,7 @@ def test_parent_and_reference_follow_the_promotion_record(tmp_path):
 
     # Weights gone from the cache and no release: continuing stops and says so; the gate falls back to the base.
     (second_dir / "model.safetensors").write_bytes(b"overwritten")
+    (root.path(f"kept/name-x/{second}") / "model.safetensors").write_bytes(b"overwritten too")
     with pytest.raises(LostPromotedModel, match="is gone.*train.init: base"):
         choose_parent("last_promoted", promos, base, "org/base", "t9", root)
     ref, _, note = choose_reference(promos, "some-new-model", root)
@@ -115,8 +120,8 @@ def test_a_run_lineage_starts_from_the_base_records_its_promotion_and_the_next_r
     trained = _published_model(root, "a", b"first weights")
     assert first.choose_reference(trained) is None and first.reference_kind == "base"
     card = first.card(Fingerprint(kind="corpus", digest="corpus-digest"), None, chunks, trained,
-                      StageOutput(stage="evaluate", key="e", path="p", counts={"validation_perplexity_after": 9.0}),
-                      StageOutput(stage="evaluate-base", key="b", path="p", counts={"validation_perplexity": 20.0}),
+                      StageOutput(stage="evaluate", key="e", path="cache/evaluate/e", counts={"validation_perplexity_after": 9.0}),
+                      StageOutput(stage="evaluate-base", key="b", path="cache/evaluate-base/b", counts={"validation_perplexity": 20.0}),
                       None, _decision())
     assert card["parent"] == {"kind": "base", "id": "org/base", "digest": "base-digest", "flow_run": ""}
     assert card["evaluation"]["validation_base"] == 20.0 and card["evaluation"]["validation_new"] == 9.0
@@ -159,7 +164,7 @@ def test_a_run_without_lineage_records_nothing(tmp_path):
     base = Fingerprint(kind="model", digest="base-digest", location="/models/base")
     from tasks.core.manifest import StageOutput
 
-    model, parent = lineage.choose_parent(base, StageOutput(stage="chunk", key="k", path="p"))
+    model, parent = lineage.choose_parent(base, StageOutput(stage="chunk", key="k", path="cache/chunk/k"))
     assert model == base
     trained = _published_model(root, "a", b"w")
     lineage.choose_reference(trained)

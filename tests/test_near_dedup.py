@@ -70,10 +70,10 @@ def test_a_reexported_drop_is_removed_in_load_and_a_kept_document_stays_kept(tmp
     said = second.summary(open_root(art))[0][1]
     assert f"{second.counts['near_duplicates']} near-duplicates" in said, said  # the stage's log line says so
     assert third.counts["near_duplicates"] - second.counts["near_duplicates"] >= 19
-    assert {p["name"].split("/")[-2]: p["near_duplicates"] for p in third.parts}["d2"] >= 19
+    assert {p.name.split("/")[-2]: p.near_duplicates for p in third.parts}["d2"] >= 19
     for before, after in ((first, second), (second, third)):
         assert kept_ids(art, before) <= kept_ids(art, after)  # a document kept once is kept in the next run
-    assert third.meta["near_duplicate_samples"][0]["kept"]["text"]
+    assert third.meta.near_duplicate_samples[0]["kept"]["text"]
 
 
 def test_settings_never_reread_files_and_off_is_todays_output(tmp_path, texts):
@@ -331,7 +331,7 @@ def test_a_task_whose_data_is_not_at_hand_is_reported_not_checked(tmp_path, text
         "metric_list:\n  - metric: acc\n", encoding="utf-8")
     out = held_out.fn(general=None, tasks=[str(tmp_path / "t" / "remote.yaml")], task_files=None,
                       artifacts=str(tmp_path / "art"))
-    assert out.counts["tasks_not_checked"] == 1 and "remote_only" in out.meta["tasks_not_checked"]
+    assert out.counts["tasks_not_checked"] == 1 and "remote_only" in out.meta.tasks_not_checked
     assert any("remote_only" in line and "NOT checked" in line for _, line in out.summary(open_root(tmp_path / "art")))
 
 

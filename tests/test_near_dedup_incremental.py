@@ -187,9 +187,9 @@ def test_files_added_one_at_a_time_in_any_order_give_the_whole_lines_pass(tmp_pa
             got = run_load(art, paths)
             whole = run_load(tmp_path / f"whole-{trial}-{step}", paths)
             assert outcome(art, got) == outcome(tmp_path / f"whole-{trial}-{step}", whole), (order, step)
-            passed = got.meta["near_dedup_pass"]
+            passed = got.meta.near_dedup_pass
             if step:
-                assert passed["from"], "the pass did not start from the line's decisions before the addition"
+                assert passed.previous, "the pass did not start from the line's decisions before the addition"
             state = np.load(open_root(art).entry([d for d in got.deps if "near-dedup-state" in d][0])
                             / "decisions.npz")
             names = [f"{int(x):016x}" for x in state["names"]]  # load's ids: 16 hex digits, kept as integers
@@ -197,10 +197,10 @@ def test_files_added_one_at_a_time_in_any_order_give_the_whole_lines_pass(tmp_pa
             if how == "drops" and previous_pairs is not None:
                 new_ids = {doc_id_of(json.loads(line)["content"]) for line in target.read_text().splitlines()}
                 new_pairs = pairs - previous_pairs
-                assert passed["judged"] == len(new_pairs)
+                assert passed.judged == len(new_pairs)
                 assert all(a in new_ids or b in new_ids for a, b in new_pairs), \
                     "a drop judged a pair of two older documents"
-                assert passed["reused_rows"] >= len(previous_names)
+                assert passed.reused_rows >= len(previous_names)
             previous_pairs, previous_names = pairs, names
 
 
@@ -224,5 +224,5 @@ def test_damaged_decisions_are_decided_again(tmp_path):
     shutil.rmtree(root.entry(first.path))  # load's own output gone: built again over the same decisions' key
     again = run_load(tmp_path / "art", [tmp_path / "c"])
     assert state in again.deps
-    assert again.meta["near_dedup_pass"]["visited"] > 0  # decided again, not taken from the damaged file
+    assert again.meta.near_dedup_pass.visited > 0  # decided again, not taken from the damaged file
     assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)

@@ -82,7 +82,10 @@ class Root:
 
 
 @pytest.fixture
-def made(tmp_path):
+def made(tmp_path, monkeypatch):
+    # The stand-in entries carry no stage's meta: published and read as plain StageOutput, whichever stage modules
+    # (and so typed manifests, tasks.core.manifest.register_output) an earlier test imported.
+    monkeypatch.setattr("tasks.core.manifest._OUTPUT_TYPES", {})
     return Root(tmp_path / "artifacts")
 
 

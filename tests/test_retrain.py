@@ -361,7 +361,9 @@ def test_record_verdict_keeps_a_drop_removed_while_it_was_gated(tmp_path):
     assert entry.status == "removed" and [h["status"] for h in entry.history] == ["pending", "removed"]
     assert entry.fingerprint == "" and entry.profile == {}
     lines.announce(root, "l", path)
-    assert lines.record_verdict(root, "l", path, "f" * 64, profile, gated="pending").status == "active"
+    identity = lines.DropIdentity(path=path, files=[lines.DropFile(rel="a.jsonl", digest="f" * 32, bytes=1)])
+    assert lines.record_verdict(root, "l", path, "f" * 64, profile, gated="pending", identity=identity).status == "active"
+    assert lines.read_line(root, "l").find(path).identity == identity
 
 
 def test_the_gate_does_not_revive_a_drop_removed_while_it_ran(tmp_path, gate_env, monkeypatch):
@@ -408,18 +410,16 @@ def test_the_gate_artifact_names_what_was_skipped_and_the_rejects(monkeypatch):
 
 
 def test_a_rejected_drop_path_is_excluded_literally(tmp_path):
-    from tasks.line.drop_gate import line_config
-    from tasks.data.files import resolve_corpus_files
+    from tasks.line.sources import line_sources
 
     write_docs(tmp_path / "corpus" / "a.jsonl", ["문서"])
     write_docs(tmp_path / "corpus" / "d[1]" / "a.jsonl", ["거부된 문서"])
     write_docs(tmp_path / "corpus" / "d1" / "a.jsonl", ["다른 문서"])
     state = lines.LineState(line="l", drops=[lines.Drop(path=str(tmp_path / "corpus" / "d[1]"), status="rejected"),
                                              lines.Drop(path="/**", status="removed")])  # never a glob
-    cfg = line_config(validate_config({"corpus": {"paths": [str(tmp_path / "corpus")]}, "model": {"id": "m"}}),
-                      state)
-    assert "/[*][*]" in cfg.corpus.exclude  # escaped: excluding it walks nothing
-    assert [p.parent.name for p in resolve_corpus_files(cfg.corpus)] == ["corpus", "d1"]
+    sources, _ = line_sources(validate_config({"corpus": {"paths": [str(tmp_path / "corpus")]},
+                                               "model": {"id": "m"}}), state)
+    assert [Path(i["path"]).parent.name for i in sources.items] == ["corpus", "d1"]  # never a glob
 
 
 def write_unreadable_files(folder, secret, good_first: bool):
@@ -534,8 +534,7 @@ def test_bad_records_and_symlinks_out_of_a_drop_are_skipped_and_counted_and_an_e
 
 
 def test_no_rejected_drop_takes_the_configured_corpus_out_of_its_line(tmp_path):
-    from tasks.line.drop_gate import line_config
-    from tasks.data.files import resolve_corpus_files
+    from tasks.line.sources import line_sources
 
     corpus = tmp_path / "corpus"
     write_docs(corpus / "a.jsonl", ["문서"])
@@ -549,7 +548,7 @@ def test_no_rejected_drop_takes_the_configured_corpus_out_of_its_line(tmp_path):
         lines.Drop(path=str(tmp_path), status="removed"),  # holds the configured folder: excluding it would empty it
         lines.Drop(path=str(corpus), status="rejected"),  # is the configured folder
         lines.Drop(path=str(corpus / "bad"), status="rejected")])  # gated on its content inside the folder: out
-    names = [p.relative_to(corpus).as_posix() for p in resolve_corpus_files(line_config(config, state).corpus)]
+    names = [Path(i["path"]).relative_to(corpus).as_posix() for i in line_sources(config, state)[0].items]
     assert names == ["a.jsonl", "sub/b.jsonl"]
 
 

@@ -257,7 +257,7 @@ def test_the_stable_parent_of_run_k_plus_1_is_run_ks_stable_model_never_its_rele
     # average: the stable models this run's stable phase descends from, newest first
     fourth = RunLineage(root, config.model_copy(update={"train": config.train.model_copy(
         update={"anneal": "average", "anneal_checkpoints": 3})}), None)
-    fourth.choose_parent(base, StageOutput(stage="chunk", key="chunk-9", path="p", content="c-9"))
+    fourth.choose_parent(base, StageOutput(stage="chunk", key="chunk-9", path="cache/chunk/chunk-9", content="c-9"))
     assert [f.digest for f in fourth.previous_stables()] == [third[3].model_digest, second[3].model_digest]
     # A rerun of the last run's training (same identity) starts from what that one started from: Cached.
     rerun = RunLineage(root, config, None)
@@ -270,9 +270,9 @@ def test_the_stable_parent_of_run_k_plus_1_is_run_ks_stable_model_never_its_rele
 
 @pytest.mark.parametrize("drops_source, joins", [(None, "domain"), ("general_ko", "general_ko")])
 def test_a_lines_drops_join_the_named_source_and_no_other(tmp_path, drops_source, joins):
-    from tasks.data.files import resolve_corpus_files
+    from tasks.data.files import fingerprint_files
     from tasks.line import lines
-    from tasks.line.drop_gate import line_config
+    from tasks.line.sources import line_sources
 
     for name in ("domain", "general", "drop", "old"):
         (tmp_path / name).mkdir()
@@ -280,11 +280,11 @@ def test_a_lines_drops_join_the_named_source_and_no_other(tmp_path, drops_source
     config = validate_config({"model": {"id": "m"}, "drops": {"source": drops_source}, "sources": [
         {"name": "domain", "paths": [str(tmp_path / "domain")], "weight": 0.7},
         {"name": "general_ko", "paths": [str(tmp_path / "general")], "weight": 0.3}]})
-    state = lines.LineState(line="l", drops=[lines.Drop(path=str(tmp_path / "drop"), status="active"),
+    drop = str((tmp_path / "drop").resolve())
+    identity = lines.DropIdentity.of(drop, fingerprint_files([Path(drop) / "a.jsonl"]).items)
+    state = lines.LineState(line="l", drops=[lines.Drop(path=drop, status="active", identity=identity),
                                              lines.Drop(path=str(tmp_path / "old"), status="removed")])
-    cfg = line_config(config, state)
-    read = {d.name: sorted(p.parent.name for p in resolve_corpus_files(d.corpus)) for d in cfg.data_sources()}
+    fingerprint, configured = line_sources(config, state)  # the corpus of the source the drops join
     own = {"domain": ["domain"], "general_ko": ["general"]}
-    assert read == {**own, joins: sorted([*own[joins], "drop"])}
-    assert cfg.drop_corpus.exclude == [str(tmp_path / "old")]
-    assert [s.weight for s in cfg.sources] == [0.7, 0.3]  # nothing else of the sources moved
+    assert sorted(Path(i["path"]).parent.name for i in fingerprint.items) == sorted([*own[joins], "drop"])
+    assert sorted(p.parent.name for p in configured) == own[joins]

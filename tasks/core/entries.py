@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tasks.core import fence
-from tasks.core.manifest import (MANIFEST, TMP_PREFIX, StageOutput, combine_digests, content_damage, damage,
-                                 hash_file, read_manifest, remove_entry_dir)
+from tasks.core.manifest import (MANIFEST, TMP_PREFIX, StageOutput, UnreadableManifest, combine_digests,
+                                 content_damage, damage, hash_file, load_manifest, misplaced, output_type,
+                                 read_manifest, remove_entry_dir)
 
 # Counts that say how an output was built (what was reused from the cache), not what it holds.
 PROVENANCE_COUNTS = frozenset({"files_read", "files_tokenized", "files_cached", "files_chunked", "files_measured"})
@@ -72,7 +73,8 @@ def build_and_publish(base: Path, final: Path, stage: str, key: str, build,
         if "content" not in extra:
             extra = {**extra, "content": content_digest(digests, counts, meta, extra.get("deps", []), base,
                                                         manifest_of)}
-        manifest = StageOutput(
+        # Built as the stage's own manifest type: an output that does not fit its type fails here, at build.
+        manifest = output_type(stage)(
             stage=stage, key=key, path=final.relative_to(base).as_posix(), counts=counts, meta=meta,
             files=files, digests=digests, **extra,
         )
@@ -158,9 +160,11 @@ def local_entries(base: Path, full: bool = False):
     the entries it refers to) always, contents too with `full`."""
     for manifest_file in sorted((base / "cache").glob(f"*/*/{MANIFEST}")):
         entry = manifest_file.parent
-        manifest = read_manifest(entry)
-        if manifest is None:
-            why = "its manifest is unreadable"
-        else:
-            why = damage(entry, manifest, base) or (content_damage(entry, manifest) if full else None)
+        try:
+            manifest = load_manifest(entry)
+        except UnreadableManifest as e:
+            manifest, why = None, str(e).split(": ", 1)[-1]
+        if manifest is not None:
+            why = misplaced(entry, manifest, base) or damage(entry, manifest, base) or \
+                (content_damage(entry, manifest) if full else None)
         yield entry, why

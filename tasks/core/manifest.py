@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 MANIFEST = "_COMPLETE"
 RECORDS_DIR = "_records"
@@ -32,6 +33,39 @@ def safe_relpath(name: str) -> str:
             or any(part in ("", ".", "..") for part in name.split("/")):
         raise ValueError(f"{name!r} is not a relative path inside its folder")
     return name
+
+
+# The one shape of an entry's place in a root: `cache/<stage>/<key>`, a stage name and a key made of these
+# characters (no `..`, no leading dot or underscore: `_records`, `.tmp-…` and `.lock-…` are not entries).
+_STAGE = r"[a-z0-9][a-z0-9_-]*"
+_KEY = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_ENTRY_REL = re.compile(rf"cache/({_STAGE})/({_KEY})")
+
+
+def entry_rel(rel: str) -> str:
+    """`rel` if it is an entry's place under a root, `cache/<stage>/<key>`, else ValueError. Every root and store
+    call that reads, writes or deletes an entry checks it first: a name from a manifest, a record or a listing
+    that is anything else (an absolute path, `cache//tmp/x`, `..`) is never joined to a folder."""
+    if not isinstance(rel, str) or not _ENTRY_REL.fullmatch(rel) or ".." in rel:
+        raise ValueError(f"{rel!r} is not an entry of the cache (cache/<stage>/<key>)")
+    return rel
+
+
+def entry_of(stage: str, key: str) -> str:
+    """The place of the entry `key` of `stage` (checked like `entry_rel`)."""
+    return entry_rel(f"cache/{stage}/{key}")
+
+
+def piece_key(stage: str):
+    """A validator of a key that must name an entry of `stage` (a piece an output refers to by key alone)."""
+
+    def check(v: str) -> str:
+        if not isinstance(v, str) or not v.startswith(f"{stage}-"):
+            raise ValueError(f"{v!r} is not a key of {stage}")
+        entry_of(stage, v)
+        return v
+
+    return check
 
 
 class ArtifactsRoot(Protocol):
@@ -85,17 +119,33 @@ class StageOutput(BaseModel):
     # Every file's content digest (blake2b-128), checked by `cpt cache verify --full`.
     digests: dict[str, str] = {}
 
-    # A manifest may come from a store anyone with write access can fill: every name in it must stay inside
-    # the root (path, deps) or the entry (files, digests), or the manifest does not parse (a damaged entry).
+    # A manifest may come from a store anyone with write access can fill: its own place is exactly
+    # `cache/<stage>/<key>` and every entry it refers to is one too (`entry_rel`), every file name stays inside
+    # the entry, or the manifest does not parse (a damaged entry). What an output type adds (its `meta`) is
+    # typed by that type, and any piece it names is found by key under `deps` (tasks.core.manifest.entry_of).
     @field_validator("path")
     @classmethod
     def _path_inside(cls, v: str) -> str:
-        return safe_relpath(v)
+        return entry_rel(v)
 
     @field_validator("deps", "pieces")
     @classmethod
     def _deps_inside(cls, v: list[str]) -> list[str]:
-        return [safe_relpath(d) for d in v]
+        return [entry_rel(d) for d in v]
+
+    @model_validator(mode="after")
+    def _path_is_its_key(self):
+        if self.path != f"cache/{self.stage}/{self.key}":
+            raise ValueError(f"an entry of {self.stage} {self.key} lives at cache/{self.stage}/{self.key}, "
+                             f"not {self.path}")
+        return self
+
+    def refers(self, rel: str) -> str:
+        """`rel` (an entry this output names by key) if it is one of its deps, else ValueError: a piece is read
+        only where the verified deps say the output's pieces are."""
+        if rel not in self.deps:
+            raise ValueError(f"{self.path} names {rel}, which is not one of the entries it refers to")
+        return rel
 
     @field_validator("files", "digests")
     @classmethod
@@ -132,6 +182,29 @@ class StageOutput(BaseModel):
     def key_material(self) -> dict[str, Any]:
         return {"stage": self.stage, "content": self.content} if self.content else {"stage": self.stage,
                                                                                       "key": self.key}
+
+
+class OutputMeta(BaseModel):
+    """The typed `meta` of an output type: each type declares its fields (`meta: LoadMeta`), so a manifest with
+    a field it does not know, or of another type, does not parse and its entry is damaged. Nothing in it is a
+    path: a piece it refers to is named by key, and found at `entry_of(stage, key)` among the output's deps."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoMeta(OutputMeta):
+    """The meta of an output whose files and counts say everything."""
+
+
+class PieceMeta(OutputMeta):
+    # The build scope (a run) that built the piece: whether a run read the file itself (tasks.core.scope).
+    scope: str | None = None
+
+
+class Piece(StageOutput):
+    """A per-file piece of a stage (publish_piece): its files and counts, and the scope that built it."""
+
+    meta: PieceMeta = PieceMeta()
 
 
 # ------------------------------------------------------------------------------------------- digests
@@ -190,14 +263,76 @@ class DigestMemo:
         self.changed = False
 
 
+# ------------------------------------------------------------------------------ typed manifests
+
+_OUTPUT_TYPES: dict[str, type[StageOutput]] = {}  # stage (or piece) name -> the manifest type it publishes
+
+
+def register_output(stage: str, output: type[StageOutput]) -> None:
+    """Declare the manifest type of `stage`'s entries (the stage decorator and each piece kind do): every
+    manifest of that stage is parsed as that type, its typed fields included, wherever it is read."""
+    _OUTPUT_TYPES[stage] = output
+
+
+def output_type(stage: str) -> type[StageOutput]:
+    return _OUTPUT_TYPES.get(stage, StageOutput)
+
+
+def parse_manifest(data: str | bytes) -> StageOutput:
+    """A manifest's bytes as the type its stage publishes (plain JSON first: nothing in it names a class to
+    build); ValueError when it is not one (a damaged entry)."""
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("stage"), str):
+        raise ValueError("not a manifest")
+    return output_type(doc["stage"]).model_validate(doc)
+
+
+def as_output(manifest: StageOutput, output: type[StageOutput]) -> StageOutput:
+    """`manifest` as `output` (already one when its stage registered the type); ValueError if it is not one."""
+    if isinstance(manifest, output):
+        return manifest
+    return output.model_validate(manifest.model_dump())
+
+
 # --------------------------------------------------------------------------------- entry folders
+
+
+class UnreadableManifest(ValueError):
+    """A manifest file that is there but is not a manifest of its entry (a damaged or forged entry)."""
+
+
+def load_manifest(directory: Path) -> StageOutput | None:
+    """The manifest in `directory`: None when there is none, UnreadableManifest when the file is there but
+    does not parse as its stage's type (or names another place than `directory`'s)."""
+    try:
+        data = (directory / MANIFEST).read_bytes()
+    except OSError:
+        return None
+    try:
+        return parse_manifest(data)
+    except ValueError as e:
+        raise UnreadableManifest(f"{directory}: its manifest is unreadable ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return " ".join(text[:3])[:300] if text else type(e).__name__
 
 
 def read_manifest(directory: Path) -> StageOutput | None:
     try:
-        return StageOutput.model_validate_json((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_manifest(directory)
+    except UnreadableManifest:
         return None
+
+
+def misplaced(directory: Path, manifest: StageOutput, base: Path) -> str | None:
+    """Why `manifest` is not the manifest of the entry at `directory` (one copied from another key), or None."""
+    try:
+        rel = directory.relative_to(base).as_posix()
+    except ValueError:
+        rel = None
+    return None if rel == manifest.path else f"its manifest is that of another entry ({manifest.path})"
 
 
 def damage(directory: Path, manifest: StageOutput, base: Path) -> str | None:
@@ -215,7 +350,7 @@ def damage(directory: Path, manifest: StageOutput, base: Path) -> str | None:
         dep_manifest = read_manifest(base / dep)
         if dep_manifest is None:
             return f"it refers to {dep}, which is gone"
-        why = damage(base / dep, dep_manifest, base)
+        why = misplaced(base / dep, dep_manifest, base) or damage(base / dep, dep_manifest, base)
         if why is not None:
             return f"it refers to {dep}, where {why}"
     return None
@@ -234,12 +369,36 @@ def content_damage(directory: Path, manifest: StageOutput) -> str | None:
     return None
 
 
+def arrow_problem(path: Path) -> str | None:
+    """Why `path` is not a valid Arrow IPC file or stream (every batch validated in full), or None."""
+    import pyarrow as pa
+
+    try:
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            batches = iter(pa.ipc.open_stream(pa.memory_map(str(path))))
+        for batch in batches:
+            batch.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
 def verified_manifest(directory: Path, base: Path, quiet: bool = False) -> StageOutput | None:
     """The manifest of a complete, undamaged entry, else None (and a damaged entry is logged by name)."""
-    manifest = read_manifest(directory)
+    try:
+        manifest = load_manifest(directory)
+    except UnreadableManifest as e:
+        if not quiet:
+            from tasks.core.report import run_logger
+
+            run_logger().warning("cache: %s; rebuilding it", e)
+        return None
     if manifest is None:
         return None
-    why = damage(directory, manifest, base)
+    why = misplaced(directory, manifest, base) or damage(directory, manifest, base)
     if why is not None:
         if not quiet:
             from tasks.core.report import run_logger

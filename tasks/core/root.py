@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from pathlib import Path
 
 from tasks.core.config.base import ConfigError
 from tasks.core.entries import build_and_publish, key_lock, local_entries, try_key_lock
 from tasks.core.fence import fenced
-from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, read_manifest, remove_entry_dir,
-                                 verified_manifest)
+from tasks.core.locks import check_conditional_create, read_holder, write_holder
+from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, entry_of, entry_rel, read_manifest,
+                                 remove_entry_dir, safe_relpath, verified_manifest)
 from tasks.core.objectstore import Lock, Store, split_url
 from tasks.core.paths import scratch_home
 
@@ -129,20 +131,23 @@ class ArtifactsRoot:
 
     def path(self, rel: str) -> Path:
         """`rel` under this host's copy of the root, as it is (nothing fetched)."""
-        return self.local / rel
+        return self.local / safe_relpath(rel)
 
     def cache_dir(self, stage: str, key: str) -> Path:
-        return self.local / "cache" / stage / key
+        return self.local / entry_of(stage, key)
 
     @property
     def records_dir(self) -> Path:
         """Where Prefect keeps its result records (what makes a task Cached): the stages' result storage."""
         return self.local / "cache" / RECORDS_DIR
 
+    # `entry` and `file` take only an entry's place, `cache/<stage>/<key>` (`entry_rel`), and a file name inside
+    # it: whatever a manifest or a record says, nothing outside the root's cache is fetched, written or read.
+
     def entry(self, rel: str) -> Path:
         """An entry's folder, complete on this host (EntryUnavailable when it is not: garbage collection may have
         deleted it since it was looked up)."""
-        directory = self.local / rel
+        directory = self.local / entry_rel(rel)
         if not (directory / MANIFEST).is_file():
             raise EntryUnavailable(f"{directory} is not a complete entry (deleted, or found damaged and discarded): "
                                    "the next run rebuilds it", rel)
@@ -150,11 +155,11 @@ class ArtifactsRoot:
         return directory
 
     def file(self, rel: str, name: str) -> Path:
-        return self.local / rel / name
+        return self.local / entry_rel(rel) / safe_relpath(name)
 
     def location(self, rel: str) -> str:
-        """Where an entry lives, for people: here, a local folder."""
-        return str(self.local / rel)
+        """Where an entry (or a folder of the root) lives, for people: here, a local folder. Fetches nothing."""
+        return str(self.local / safe_relpath(rel))
 
     def published(self, stage: str, key: str) -> StageOutput | None:
         """The manifest of the entry of `key` if it is published and undamaged (a cache lookup), else None."""
@@ -196,10 +201,11 @@ class ArtifactsRoot:
         block ends without error: a killed writer leaves the old state or the new one, and concurrent writers
         lose nothing. flock is released by the kernel if the holder dies."""
         path = self.local / rel
-        with self.exclusive(rel):
+        with self.exclusive(rel) as held:
             self._pull(rel, path)
             state = read()
             yield state
+            held.check()  # a lease lost (or lapsing) meanwhile: another host may hold the state; nothing written
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
             tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
             self._push(tmp, rel)
@@ -211,7 +217,7 @@ class ArtifactsRoot:
         store root, across hosts (the store's lease lock). `waiting` is logged when someone else holds it."""
         import fcntl
 
-        path = self.local / f"{rel}.lock"
+        path = self.local / f"{safe_relpath(rel)}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -224,9 +230,12 @@ class ArtifactsRoot:
                     run_logger().info("%s", waiting)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             if waiting:  # a lock others wait for (a line's run): say who holds it and since when (`holder`)
-                _write_holder(fd)
-            with self._state_lock(rel):
-                yield
+                write_holder(fd)
+            with self._state_lock(rel) as held:
+                # Fenced like a build: a store lease that lapses stops what runs under it (fence.check at the
+                # points where stopping is cheap; a training child is killed), and nothing is written back.
+                with fenced(held.fence):
+                    yield held
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
@@ -236,7 +245,7 @@ class ArtifactsRoot:
         when nobody does. Asks the kernel, so a holder that died holds nothing whatever its note says."""
         import fcntl
 
-        path = self.local / f"{rel}.lock"
+        path = self.local / f"{safe_relpath(rel)}.lock"
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -245,14 +254,19 @@ class ArtifactsRoot:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _read_holder(fd)
+                return read_holder(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:
             os.close(fd)
 
     def _state_lock(self, rel: str):
-        return contextlib.nullcontext()
+        """A lock across hosts (a store's lease; yields it: its `fence` and `check()`); here none is needed: the
+        fence of whatever encloses the block."""
+        from tasks.core import fence
+
+        current = fence.current()
+        return contextlib.nullcontext(types.SimpleNamespace(fence=current, check=current.check))
 
     def _pull(self, rel: str, path: Path) -> None:
         """Bring a file of the root up to date on this host (nothing to do on a local root)."""
@@ -371,37 +385,19 @@ class ArtifactsRoot:
             (self.local / rel).unlink()
 
 
-def _write_holder(fd: int) -> None:
-    import json
-    import socket
-    import time
-
-    note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, note, 0)
-
-
-def _read_holder(fd: int) -> dict:
-    """The holder's note, read as data: a number and two short strings, or nothing."""
-    import json
-
-    try:
-        note = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return {"pid": int(note["pid"]), "host": str(note["host"])[:255], "since": float(note["since"])}
-    except (ValueError, KeyError, TypeError):
-        return {}
-
-
 class StoreRoot(ArtifactsRoot):
     """An object-store root: the store decides what is complete; entries are uploaded files first and manifest
     last under the key's lease lock (one build per key across hosts) and fetched on first read; records, state
     files and run summaries are copied both ways."""
 
     def __init__(self, url: str):
+        from tasks.core.signing import keys_from_env
+
         self.url = url.rstrip("/")
         super().__init__(mirror_path(self.url))
         self.local.mkdir(parents=True, exist_ok=True)
         self._store: Store | None = None
+        keys_from_env()  # a key setting that cannot be read is said now, naming the variable
 
     @property
     def spec(self) -> str:
@@ -412,13 +408,16 @@ class StoreRoot(ArtifactsRoot):
         if self._store is None:  # made on first use: opening a root costs no request
             from tasks.core.report import run_logger
 
-            self._store = Store(self.url, self.local, on_wait=lambda msg: run_logger().info("%s", msg))
+            store = Store(self.url, self.local, on_wait=lambda msg: run_logger().info("%s", msg),
+                          on_damage=lambda msg: run_logger().warning("%s", msg))
+            check_conditional_create(store)
+            self._store = store
         return self._store
 
     # -------------------------------------------------------------------------------- entries
 
     def entry(self, rel: str) -> Path:
-        directory = self.local / rel
+        directory = self.local / entry_rel(rel)
         if verified_manifest(directory, self.local, quiet=True) is None:
             with key_lock(directory.parent, directory.name):
                 if verified_manifest(directory, self.local, quiet=True) is None \
@@ -429,13 +428,13 @@ class StoreRoot(ArtifactsRoot):
         return directory
 
     def file(self, rel: str, name: str) -> Path:
-        path = self.local / rel / name
+        path = self.local / entry_rel(rel) / safe_relpath(name)
         if not path.is_file():
             self.store.fetch_entry(rel, only=[name])
         return path
 
     def location(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        return f"{self.url}/{safe_relpath(rel)}"
 
     def _dep_manifest(self, rel: str) -> StageOutput | None:
         """An entry's manifest from the mirror, else from the store (built by another host, never fetched here)."""
@@ -488,11 +487,21 @@ class StoreRoot(ArtifactsRoot):
 
     # ------------------------------------------------------------------------------ state files
 
-    def _state_lock(self, rel: str) -> Lock:
-        return self.store.lock(rel)  # writers on other hosts
+    @contextlib.contextmanager
+    def _state_lock(self, rel: str):
+        """The store's lease lock of `rel` (writers on other hosts), held."""
+        lock = self.store.lock(rel)
+        with lock:
+            yield lock
 
     def _pull(self, rel: str, path: Path) -> None:
-        self.store.get(rel, path)  # removed here if gone there
+        from tasks.core.signing import Unsigned
+
+        try:
+            self.store.get(rel, path)  # removed here if gone there
+        except Unsigned as e:
+            raise Unsigned(f"{self.url}/{rel}: {e}: not used (CPT_STORE_TRUSTED_KEYS names the keys trusted); "
+                           "restore it from a host that signs, or remove it") from None
 
     def _push(self, path: Path, rel: str) -> None:
         self.store.put(path, rel)

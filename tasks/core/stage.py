@@ -23,7 +23,7 @@ from typing import Any
 
 from tasks.core import fence
 from tasks.core.keys import register_code_version, stage_key
-from tasks.core.manifest import StageOutput
+from tasks.core.manifest import Piece, StageOutput, as_output, register_output
 from tasks.core.root import ArtifactsRoot, open_root
 from tasks.core.scope import current_scope, note_piece, taking_pieces
 
@@ -39,10 +39,11 @@ def with_pieces(result: tuple, taken: list[str]) -> tuple:
 
 
 def publish_piece(root: ArtifactsRoot, stage: str, key: str, build, progress=None,
-                  size: int = 0) -> tuple[StageOutput, bool]:
+                  size: int = 0, output: type[StageOutput] = Piece) -> tuple[StageOutput, bool]:
     """Publish one per-file piece of a stage; returns (output, reused), where reused means built before this
     run (this build scope). A reused piece advances `progress` by `size` at once, so the bar counts the whole
-    corpus either way."""
+    corpus either way. `output`: the piece's manifest type (its meta typed; `Piece` holds the scope alone)."""
+    register_output(stage, output)
     scope = current_scope()
 
     def scoped_build(tmp: Path):
@@ -51,7 +52,7 @@ def publish_piece(root: ArtifactsRoot, stage: str, key: str, build, progress=Non
 
     out, built = root.publish(stage, key, scoped_build)
     note_piece(out.path)  # the stage building now names it in its manifest: GC keeps it with the stage's output
-    reused = not built and not (scope is not None and out.meta.get("scope") == scope)
+    reused = not built and not (scope is not None and getattr(out.meta, "scope", None) == scope)
     if not built and progress is not None:
         progress.update(size)
     return out, reused
@@ -78,25 +79,30 @@ def _make_policy_class():
                     # Missing, half-written or damaged (a file or a referenced piece gone): a miss, rebuilt.
                     root.discard_record(key)
                 else:
-                    write_record(root.records_dir / key, _OUTPUTS.get(stage, StageOutput)(**manifest.model_dump()))
+                    write_record(root.records_dir / key, manifest)
             return key
 
     return StageCachePolicy
 
 
-_OUTPUTS: dict[str, type[StageOutput]] = {}  # stage -> its manifest type, for the records written from manifests
+@functools.cache
+def manifest_serializer():
+    """The result serializer of every stage task (tasks/core/records.py says why it is not Prefect's JSON one)."""
+    from tasks.core.records import ManifestSerializer
+
+    return ManifestSerializer()
 
 
 def write_record(path: Path, output: StageOutput) -> None:
-    """The Prefect result record of a published entry, written from its verified manifest with Prefect's own
-    JSON serializer: what makes the task Cached is derived from bytes this host checked, never read from a record
-    someone else wrote (Prefect would deserialise it with whatever serializer it names, pickle included). A
-    record that was there and said something else is replaced, and the replacement logged with its key."""
+    """The Prefect result record of a published entry, written from its verified manifest with the manifest
+    serializer: what makes the task Cached is derived from bytes this host checked, never read from a record
+    someone else wrote (Prefect would deserialise it with whatever serializer it names, pickle included), and
+    reading it back builds nothing but the stage's own manifest type. A record that was there and said
+    something else is replaced, and the replacement logged with its key."""
     from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
-    from prefect.serializers import JSONSerializer
 
     record = ResultRecord(metadata=ResultRecordMetadata(storage_key=str(path), expiration=None,
-                                                        serializer=JSONSerializer()), result=output)
+                                                        serializer=manifest_serializer()), result=output)
     data = record.serialize()
     try:
         current = path.read_bytes()
@@ -246,7 +252,7 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
 
             published, built = root.publish(name, key, build)
             _BUILT[key] = built
-            out = output(**published.model_dump())
+            out = as_output(published, output)
             for fn in callbacks:
                 fn(out)
             shown = _call_name(name)
@@ -255,7 +261,7 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
             return out
 
         run.__signature__ = signature
-        _OUTPUTS[name] = output
+        register_output(name, output)
         register_code_version(name, version, [body, output, *code], list(libraries), key_exclude)
         try:
             from prefect import task
@@ -264,8 +270,8 @@ def stage(name: str, *, version: int, output: type[StageOutput] = StageOutput, c
             # the stage's functions import and run; there is no task to schedule. Flows import Prefect
             # themselves, so a missing install still fails loudly where it matters.
             return run
-        # The stage cache policy keys the task; its result (the manifest) is kept as JSON.
-        return task(name=name, cache_policy=stage_cache_policy(), persist_result=True, result_serializer="json",
-                    **task_kwargs)(run)
+        # The stage cache policy keys the task; its result (the manifest) is kept as the manifest's own JSON.
+        return task(name=name, cache_policy=stage_cache_policy(), persist_result=True,
+                    result_serializer=manifest_serializer(), **task_kwargs)(run)
 
     return deco

@@ -211,3 +211,17 @@ def source_names(files: list[Path]) -> list[str]:
         return []
     common = Path(os.path.commonpath([str(f.parent) for f in files]))
     return [f.relative_to(common).as_posix() for f in files]
+
+
+def path_ranks(corpus: CorpusConfig, files: list[str], base: Path | None = None) -> list[int]:
+    """Per file, the index of the first `corpus.paths` entry that yields it: a line lists its configured corpus
+    first and its drops in the order they joined, so a lower rank is a document the line had earlier."""
+    rank: dict[str, int] = {}
+    for i, entry in enumerate(corpus.paths):
+        try:
+            found, _ = list_corpus_files(corpus.model_copy(update={"paths": [entry]}), base)
+        except ConfigError:
+            continue
+        for f in found:
+            rank.setdefault(str(f), i)
+    return [rank.get(str(Path(f).resolve()), len(corpus.paths)) for f in files]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.core.manifest import StageOutput
+from tasks.core.manifest import OutputMeta, StageOutput
 from tasks.core.root import ArtifactsRoot
 from tasks.data.arrow import read_arrow
 
@@ -21,8 +21,14 @@ SCHEMA = pa.schema([("text", pa.large_string()), ("source", pa.string())])
 _BATCH = 1024
 
 
+class HeldOutMeta(OutputMeta):
+    tasks_not_checked: dict[str, str] = {}  # evaluate.tasks whose data is not at hand: name -> why
+
+
 class HeldOut(StageOutput):
     """held-out's output: `held_out.arrow` (text, source), one row a held-out document."""
+
+    meta: HeldOutMeta = HeldOutMeta()
 
     def held_out_file(self, root: ArtifactsRoot) -> Path:
         return self.dir(root) / HELD_OUT_FILE
@@ -37,7 +43,7 @@ class HeldOut(StageOutput):
         lines = [(logging.INFO, f"{c['documents']} held-out documents (" + ", ".join(
             f"{k.removeprefix('documents_from_')}: {v}" for k, v in c.items() if k.startswith("documents_from_"))
             + ")")]
-        for name, why in self.meta.get("tasks_not_checked", {}).items():
+        for name, why in self.meta.tasks_not_checked.items():
             lines.append((logging.WARNING, f"evaluate.tasks {name!r}: its data is not at hand, so training is NOT "
                           f"checked against it ({why})"))
         return lines

@@ -225,7 +225,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
                 index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions,
                 stats, SAMPLES)
     summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,
-               "remembered": stats.remembered, "from": previous_path or "",
+               "remembered": stats.remembered, "previous": previous_path or "",
                "seconds": round(time.perf_counter() - started, 3)}  # signatures, band keys and the pass
     return NearDedupResult(removed, ranks, samples_of(found_list, docs, names),
                            index.deps + [state.path], key, summary)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from tasks.core.config.data import CorpusConfig
 from tasks.core.keys import register_code_version, stage_key
-from tasks.core.manifest import StageOutput, hash_file
+from tasks.core.manifest import StageOutput
 from tasks.core.report import Progress
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import publish_piece
@@ -42,7 +42,7 @@ _WRITE_BYTES = 16 << 20
 
 
 def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path,
-              progress: Progress | None = None) -> dict[str, int]:
+              progress: Progress | None = None, digest: str | None = None) -> dict[str, int]:
     """One corpus file → `out_dir/docs.arrow` (doc_id, text, norm_id, line) + `rejects.jsonl` (line, reason,
     raw); duplicates within the file and too-short documents are dropped and counted. `name` appears only in
     errors: the output holds line numbers, so it depends on the file's content alone. Raises BadRecordError at
@@ -68,7 +68,7 @@ def load_file(path: Path, name: str, cfg: CorpusConfig, out_dir: Path,
                 progress.update(now - reported)
                 reported = now
 
-        items = read_corpus_file(path, cfg, name, position)
+        items = read_corpus_file(path, cfg, name, position, digest)
         for item in items:
             counts["records"] += 1
             if isinstance(item, Reject):
@@ -256,10 +256,9 @@ def load_file_cached(item: dict[str, Any], corpus: CorpusConfig, root: Artifacts
     key = load_file_key(item, corpus)
 
     def build(tmp: Path):
-        # The key promised this content; a file changed since fingerprinting must not be cached under it.
-        if hash_file(item["path"]) != item["digest"]:
-            raise BadRecordError(f"{item['path']}: changed while the run was starting; run again")
-        return load_file(Path(item["path"]), item["path"], corpus, tmp, progress), {}
+        # The key promised this content: the file is read once, from the place it was listed at (no symlink
+        # followed), and checked to be that content as it is read (FileChanged: nothing is published).
+        return load_file(Path(item["path"]), item["path"], corpus, tmp, progress, item["digest"]), {}
 
     return publish_piece(root, "load-file", key, build, progress, item.get("bytes", 0))
 
@@ -290,9 +289,11 @@ def load_pieces(items: list[dict[str, Any]], corpus: CorpusConfig, root: Artifac
 def entry_documents(entry: Path, artifacts: Path) -> pa.Table:
     """`Docs.documents` of a load entry found by its folder on a local artifacts root (tools and tests)."""
     from tasks.core.manifest import read_manifest
+    from tasks.data.layout import LoadPart
 
-    parts = read_manifest(entry).meta["parts"]
-    return read_documents(entry / INDEX_FILE, [artifacts / p["path"] for p in parts], [p["name"] for p in parts])
+    meta = read_manifest(entry).meta  # a Docs (typed) once tasks.load is imported
+    parts = meta.parts if hasattr(meta, "parts") else [LoadPart.model_validate(p) for p in meta["parts"]]
+    return read_documents(entry / INDEX_FILE, [artifacts / p.rel for p in parts], [p.name for p in parts])
 
 
 def piece_ids(root: ArtifactsRoot, pieces: list[StageOutput]) -> tuple[set[str], set[str]]:

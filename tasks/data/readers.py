@@ -12,6 +12,7 @@ import codecs
 import csv
 import io
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -519,30 +520,50 @@ class ReadPosition:
 
 
 def read_corpus_file(path: Path, cfg: CorpusConfig, name: str | None = None,
-                     position: ReadPosition | None = None) -> Iterator[Record | Reject]:
+                     position: ReadPosition | None = None, digest: str | None = None) -> Iterator[Record | Reject]:
     """Records and rejects of one file, in file order, through the reader of its suffix (`READERS`) on one open
-    file. `name` is how sources are written (default: path). A file that cannot be read on (a corrupt parquet
-    file, an I/O error) ends with one reject, never an exception: the readers reject what they can place at its
-    line, this says `file:1` for the rest."""
+    file (`tasks.data.opening.open_regular`: no symlink followed, a regular file, hashed as it is read). `name`
+    is how sources are written (default: path). A file that cannot be read on (a corrupt parquet file, an I/O
+    error) ends with one reject, never an exception: the readers reject what they can place at its line, this
+    says `file:1` for the rest. With `digest` (the file as it was listed: its real path and content), a file that
+    cannot be opened so or whose bytes are not those raises FileChanged once read: nothing is taken from it."""
+    from tasks.data.opening import FileChanged, open_regular
+
     name = name or str(path)
     read = 0
+    f = None
     try:
-        reader = reader_for(path)
+        reader = reader_for(Path(path))
         if reader is None:
-            raise ValueError(f"no reader for {path.suffix or '(no extension)'} files")
-        with open(path, "rb") as f:
-            if position is not None:
-                position.file = f
-            for item in reader(f, name, cfg):
-                read += 1
-                yield item
+            raise ValueError(f"no reader for {Path(path).suffix or '(no extension)'} files")
+        try:
+            # Listed (a real path, a digest): opened exactly there. Given directly: the user's own path.
+            f = open_regular(path if digest else os.path.realpath(path), digest)
+        except (OSError, ValueError) as e:
+            if digest is not None:
+                raise FileChanged(f"{path}: cannot be opened as the regular file it was listed as ({e})") from None
+            raise
+        if position is not None:
+            position.file = f
+        for item in reader(f, name, cfg):
+            read += 1
+            yield item
+    except FileChanged:
+        raise
     except FILE_ERRORS as e:
         # Without the file's path: a piece depends on the file's content alone, wherever it was first read.
         message = str(e).replace(str(path), "<file>")
         what = f"{type(e).__name__}: {message}" if message else type(e).__name__
-        kind = path.suffix.lower().lstrip(".") or "corpus"
+        kind = Path(path).suffix.lower().lstrip(".") or "corpus"
         rest = f"; the rest of the file after record {read} is not read" if read else ""
+        if f is not None:
+            f.finish()  # the reject stands for these bytes only if they are the listed ones
         yield Reject(f"{name}:1", f"unreadable {kind} file ({what}{rest})", "")
+    else:
+        f.finish()
+    finally:
+        if f is not None:
+            f.close()
 
 
 def _read_text(data: bytes, name: str, cfg: CorpusConfig) -> Iterator[Record | Reject]:

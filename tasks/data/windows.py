@@ -6,7 +6,6 @@ writes them, token-stats predicts them, evaluate windows its general corpus with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +43,10 @@ class WindowPlan:
         return {"window": self.window, "stride": self.stride, "bos": self.bos, "masked_overlap": self.masked_overlap}
 
     @classmethod
-    def of(cls, meta: dict[str, Any], mask_overlap: bool) -> WindowPlan:
-        """The plan a chunk output records (its meta). Entries written before the plan was recorded whole give
-        window, stride and bos_id only: their masking is the config's (`mask_overlap`), as it was then."""
-        masked = meta.get("masked_overlap", (meta["window"] - meta["stride"]) if mask_overlap else 0)
-        return cls(meta["window"], meta["stride"], meta.get("bos", int(meta.get("bos_id") is not None)), masked)
+    def of(cls, meta) -> WindowPlan:
+        """The plan a chunk output records: its meta (tasks.chunk.ChunkMeta, typed, so every field is there;
+        named by duck type, data/ imports no stage module)."""
+        return cls(meta.window, meta.stride, meta.bos, meta.masked_overlap)
 
 
 def window_plan(cfg: ChunkConfig, has_bos: bool) -> WindowPlan:

@@ -27,7 +27,6 @@ place, never an exception. A rejected drop is excluded from every later run of t
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import stat
@@ -48,13 +47,14 @@ from tasks.core.manifest import DigestMemo, Fingerprint
 from tasks.core.fence import LockLost
 from tasks.core.objectstore import LockTimeout
 from tasks.core.root import ArtifactsRoot, EntryUnavailable
-from tasks.data.files import fingerprint_files, glob_base, is_glob, list_corpus_files, resolve_corpus_files
+from tasks.data.files import fingerprint_files, list_corpus_files
 from tasks.data.readers import supported_suffixes
-from tasks.data.layout import REJECTS_FILE, piece_docs_file
+from tasks.data.layout import REJECTS_FILE, LoadSource, piece_docs_file
 from tasks.data.pieces import load_pieces, piece_ids
 from tasks.data.records import BadRecordError
 from tasks.shuffle import validation_texts
 from tasks.line import lines
+from tasks.line.sources import line_sources
 from tasks.tokenize import TokenizerOnce, resolve_tokenizer, token_lengths, tokenize_pieces
 
 WRITING_MARKER = "_WRITING"
@@ -71,33 +71,14 @@ def unsettled_files(files: list[Path], settle_seconds: float, now: float | None 
     return busy
 
 
-def holds_configured_path(drop: str, corpus: CorpusConfig, base: Path | None = None) -> bool:
-    """Whether the drop is, or holds, one of `corpus.paths` (a glob: the folder it lists)."""
-    base = base or Path.cwd()
-    drop_path = Path(drop)
-    for entry in corpus.paths:
-        p = Path(entry).expanduser()
-        p = p if p.is_absolute() else base / p
-        p = (glob_base(p) if is_glob(entry, p) else p).resolve()
-        if p == drop_path or drop_path in p.parents:
-            return True
-    return False
-
-
-def line_config(config: CptConfig, state: lines.LineState, without: str | list[str] | None = None) -> CptConfig:
-    """The config a line trains with: its corpus plus the active drops, less every other drop (a rejected or
-    removed drop inside a configured folder is not read either) and less the drops `without` (one, or a list:
-    those left out of this run) — but never less the configured corpus itself (a drop that is or holds a
-    configured path is not excluded, nor what a drop turned symlink points to)."""
-    line = config.drop_corpus  # the source drops join (drops.source; the corpus, or the first source)
-    without = [without] if isinstance(without, str) else list(without or [])
-    active = [p for p in state.active_paths() if p not in line.paths and p not in without]
-    excluded = [p for p in [*state.inactive_paths(), *without]
-                if not holds_configured_path(p, line) and not os.path.islink(p)]
-    # A drop's path is literal: escaped, so one with `*?[` in its name (or one gone) is never taken as a glob.
-    excluded = [glob.escape(p) for p in excluded]
-    corpus = line.model_copy(update={"paths": [*line.paths, *active], "exclude": [*line.exclude, *excluded]})
-    return config.with_drop_corpus(corpus)
+def symlinked(entry: lines.Drop) -> str | None:
+    """Why the drop's recorded path is no longer its real path (it, or a folder above it, is now a symlink), or
+    None. Such a drop is never listed through the symlink: it is gated again only as what it was."""
+    real = os.path.realpath(entry.path)
+    if real == entry.path:
+        return None
+    return (f"its path is now a symlink (to {real}): nothing is read through it; what the gate recorded of it "
+            "stays out of the line (announce its real folder as a new drop)")
 
 
 def drop_files(path: str) -> tuple[list[Path], list[str]]:
@@ -298,8 +279,8 @@ def ids_in_pieces(root: ArtifactsRoot, pieces: list, doc_ids: set[str], norm_ids
     return found_ids, found_norms
 
 
-def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConfig, tokenizer: Fingerprint,
-                 root: ArtifactsRoot, digest, skipped: list[str] | None = None) -> dict[str, Any]:
+def profile_drop(drop_files: list[Path], line_files: list[Path] | Fingerprint, config: CptConfig,
+                 tokenizer: Fingerprint, root: ArtifactsRoot, digest, skipped: list[str] | None = None) -> dict[str, Any]:
     """Profile a drop against its line through the cached pieces: documents, rejects (the first ones named),
     too-short records, exact duplicates of the line's documents, documents whose text is in the line's
     validation split, median token length against the line's. `tokenizer` is the config's tokenizer
@@ -326,8 +307,10 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
         for k in ("records", "rejected", "too_short"):
             profile[k] += out.counts[k]
     profile["reject_examples"] = reject_examples(root, [(item, out) for item, out, _ in loaded])
-    line_pieces = ([out for _, out, _ in load_pieces(fingerprint_files(line_files, digest).items, config.drop_corpus,
-                                                     root)] if line_files else [])
+    # The line as it trains (tasks/line/sources.py: its drops by their recorded identities), or files to list.
+    line_items = line_files.items if isinstance(line_files, Fingerprint) else \
+        fingerprint_files(line_files, digest).items if line_files else []
+    line_pieces = [out for _, out, _ in load_pieces(line_items, config.drop_corpus, root)] if line_items else []
 
     drop_ids, drop_norms = piece_ids(root, drop_pieces)
     line_ids, line_norms = ids_in_pieces(root, line_pieces, drop_ids, drop_norms)
@@ -345,8 +328,7 @@ def profile_drop(drop_files: list[Path], line_files: list[Path], config: CptConf
         made: list[str] = []
 
         def lengths_of(pieces: list) -> np.ndarray:
-            parts = [{"key": o.key, "path": o.path, "content": o.content, "documents": o.counts["documents"]}
-                     for o in pieces]
+            parts = [LoadSource.of(o) for o in pieces]
             tokens = tokenize_pieces(parts, config.tokenize, tokenizer, root, config.model.trust_remote_code,
                                      tokenizer_once=once)
             made.extend(o.path for o, _ in tokens)
@@ -376,8 +358,10 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
     out: dict[str, Any] = {"unsettled": [], "left_out": [], "rejected": [], "gated": []}
     tokenizer = None
 
-    def verdict(entry: lines.Drop, fingerprint: str, profile: dict[str, Any]) -> None:
-        recorded = lines.record_verdict(root, line, entry.path, fingerprint, profile, gated=entry.status)
+    def verdict(entry: lines.Drop, fingerprint: str, profile: dict[str, Any],
+                identity: lines.DropIdentity | None = None) -> None:
+        recorded = lines.record_verdict(root, line, entry.path, fingerprint, profile, gated=entry.status,
+                                        identity=identity)
         if recorded is None:
             now = lines.read_line(root, line).find(entry.path)
             log.warning("drop gate: %s changed status while it was gated (%s → %s): its verdict (%s) is not "
@@ -402,6 +386,10 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
     for entry in state.drops:
         if entry.status == "removed":
             continue
+        if moved := symlinked(entry):  # never listed through: what it recorded stays out of the line
+            if entry.status != "rejected":
+                verdict(entry, "", refused(moved))
+            continue
         # Where the drop lies is checked before anything in it is listed (`path: /` lists nothing).
         why_not = refusal(entry, config.drops)
         if why_not and entry.status != "active":
@@ -415,7 +403,8 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
             out["left_out"].append(entry.path)
             continue
         except Exception as e:  # MemoryError, RecursionError, a reader's bug: the drop's, never the line's
-            gated = ("verdict", entry.fingerprint if entry.status == "rejected" else "", _failed(e))
+            # Recorded without an identity: a rejected drop keeps the one it had, so the same files are not gated again.
+            gated = ("verdict", entry.fingerprint if entry.status == "rejected" else "", _failed(e), None)
         if gated is None:
             continue
         if gated[0] == "busy":
@@ -428,21 +417,21 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
                 out["unsettled"] += busy
                 out["left_out"].append(entry.path)
             continue
-        _, fingerprint, profile = gated
+        _, fingerprint, profile, identity = gated
         tokenizer = profile.pop("_tokenizer", tokenizer)
-        verdict(entry, fingerprint, profile)
+        verdict(entry, fingerprint, profile, identity)
     digests.save()
     return out
 
 
 def gate_one(entry: lines.Drop, config: CptConfig, root: ArtifactsRoot, state: lines.LineState,
              settle_seconds: float, digests: DigestMemo, left_out: list[str], tokenizer=None):
-    """One drop through the gate: ("busy", what is being written), ("verdict", fingerprint, profile), or None
-    (its verdict stands: the same content as when it was given)."""
+    """One drop through the gate: ("busy", what is being written), ("verdict", fingerprint, profile, identity:
+    what was read, None when nothing was), or None (its verdict stands: the same files as when it was given)."""
     why_not = refusal(entry, config.drops)
     over = drop_census(entry.path, config.drops) if Path(entry.path).exists() or os.path.islink(entry.path) else None
     if over:
-        return None if entry.status == "rejected" and entry.reason == over else ("verdict", "", _refused(over))
+        return None if entry.status == "rejected" and entry.reason == over else ("verdict", "", _refused(over), None)
     try:
         files, skipped = drop_files(entry.path)
         busy = unsettled_files(files, settle_seconds)
@@ -452,15 +441,17 @@ def gate_one(entry: lines.Drop, config: CptConfig, root: ArtifactsRoot, state: l
             return None
         was = "was active; now " if entry.status == "active" else ""
         return "verdict", "", _refused(f"{was}unreadable: {e}" + ("; the line trains without it"
-                                                                  if entry.status == "active" else ""))
+                                                                  if entry.status == "active" else "")), None
     if busy:
         return "busy", busy
-    if entry.status in ("active", "rejected") and fingerprint.digest == entry.fingerprint:
-        return None  # verdict already given on this content
+    identity = lines.DropIdentity.of(entry.path, fingerprint.items)  # its real path and files, as read now
+    if entry.status in ("active", "rejected") and entry.identity == identity:
+        return None  # verdict already given on exactly these files
     if why_not:  # an active drop whose content changed, where drops may no longer come from
-        return "verdict", fingerprint.digest, _refused(why_not, where=True)
-    # The line without this drop (which may sit under a configured folder), and without the drops left out.
-    line_files = resolve_corpus_files(line_config(config, state, without=[entry.path, *left_out]).corpus)
+        return "verdict", fingerprint.digest, _refused(why_not, where=True), None
+    # The line without this drop (which may sit under a configured folder) and without the drops left out of this
+    # run, its drops as they were gated (tasks/line/sources.py).
+    line_files, _ = line_sources(config, state, digests.digest, without=[entry, *left_out])
     if tokenizer is None:
         tokenizer = resolve_tokenizer(config.model, digest=digests.digest)
     try:
@@ -468,8 +459,8 @@ def gate_one(entry: lines.Drop, config: CptConfig, root: ArtifactsRoot, state: l
     except INFRASTRUCTURE_ERRORS:
         raise
     except Exception as e:  # recorded with its content's fingerprint: the same content is not gated again
-        return "verdict", fingerprint.digest, _failed(e)
-    return "verdict", fingerprint.digest, {**profile, "_tokenizer": tokenizer}
+        return "verdict", fingerprint.digest, _failed(e), identity
+    return "verdict", fingerprint.digest, {**profile, "_tokenizer": tokenizer}, identity
 
 
 def _failed(e: BaseException) -> dict[str, Any]:

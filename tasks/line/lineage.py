@@ -28,6 +28,7 @@ from tasks.core.root import ArtifactsRoot, EntryUnavailable
 from tasks.ml.modeling import model_digest, without_location
 from tasks.push import ensure_release
 from tasks.line import lines
+from tasks.line.kept import kept_rel
 from tasks.line.promotions import (Promotion, Promotions, apply_promotion, claim_releases, lineage_of,
                                     read_promotions, record_promotion, release_targets, updating)
 
@@ -37,17 +38,25 @@ if TYPE_CHECKING:  # the manifests it reads; their stages are not imported to ru
     from tasks.train import Trained
 
 
-def find_model(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Path | None:
-    """The promoted model's folder: the train entry if it is intact, else the release folder, each only if its
-    files are still the promoted bytes."""
+def find_model(root: ArtifactsRoot, record: Promotion, digest=hash_file, lineage: str | None = None) -> Path | None:
+    """The promoted model's folder, each place only if its files are still the promoted bytes: the lineage's
+    kept copy (tasks/line/kept.py: outside the cache, fetched from the store on a host that lacks it), else the
+    train entry (and then it is kept now: a record made before models were kept), else the release folder."""
+    from tasks.core.root import EntryUnavailable
+    from tasks.line.kept import keep, kept_model
+
+    if lineage:
+        kept = kept_model(root, lineage, record.model_digest, digest)
+        if kept is not None:
+            return kept
     entry, name = record.model_path.rsplit("/", 1)
     try:
         train_dir = root.entry(entry) / name
-    except EntryUnavailable:  # collected (past retention.keep_releases), or damaged and discarded
+    except (EntryUnavailable, OSError):
         train_dir = None
     if train_dir is not None and verified_manifest(train_dir.parent, root.local) is not None and \
             model_digest(train_dir, digest) == record.model_digest:
-        return train_dir
+        return keep(root, lineage, train_dir, record.model_digest, digest) if lineage else train_dir
     if record.release:
         release = root.path(record.release)  # the release's name, resolved on this host
         if release.is_dir() and model_digest(release, digest) == record.model_digest:
@@ -55,8 +64,9 @@ def find_model(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Path
     return None
 
 
-def promoted_fingerprint(root: ArtifactsRoot, record: Promotion, digest=hash_file) -> Fingerprint | None:
-    where = find_model(root, record, digest)
+def promoted_fingerprint(root: ArtifactsRoot, record: Promotion, digest=hash_file,
+                         lineage: str | None = None) -> Fingerprint | None:
+    where = find_model(root, record, digest, lineage)
     if where is None:
         return None
     return Fingerprint(kind="model", digest=record.model_digest, location=str(where))
@@ -72,7 +82,8 @@ def promotion_record(trained, pushed, decision, identity: str, parent: dict[str,
         train_identity=identity, parent=without_location(parent), reference=without_location(reference),
         validation_perplexity=c["validation_perplexity"], general_perplexity=c["general_perplexity"],
         reason=c["reason"], flow_run=flow_run, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        hub={"url": hub["hub_url"], "commit": hub.get("hub_commit")} if hub.get("hub_url") else None,
+        hub={"url": hub["hub_url"], "commit": hub.get("hub_commit"), "repo": hub.get("hub_repo"),
+             "revision": hub.get("hub_revision")} if hub.get("hub_url") else None,
         stable=stable,
     )
 
@@ -120,11 +131,13 @@ def choose_parent(init: str, promos: Promotions | None, base: Fingerprint, model
         if record is None:
             raise LostPromotedModel(f"{promos.lineage}: the parent {last.parent['digest']} of the last promoted "
                                     "model has no promotion record")
-    fp = promoted_fingerprint(root, record, digest)
+    fp = promoted_fingerprint(root, record, digest, promos.lineage)
     if fp is None:
         raise LostPromotedModel(
             f"train.init: last_promoted: the promoted model {record.model_digest} of {promos.lineage} (run "
-            f"{record.flow_run}) is gone: neither {root.location(record.model_path)} nor the release folder "
+            f"{record.flow_run}) is gone: neither its kept copy "
+            f"({root.location(kept_rel(promos.lineage, record.model_digest))}), the train entry "
+            f"{root.location(record.model_path.rsplit('/', 1)[0])} nor the release folder "
             f"{record.release or '(none)'} holds its files. Set train.init: base to start over from the base "
             f"model, or restore the release folder")
     return fp, describe("promoted", fp, model_id, record), f"{why} ({record.model_digest[:16]}, run {record.flow_run})"
@@ -166,14 +179,14 @@ def choose_stable_parent(promos: Promotions | None, base: Fingerprint, model_id:
             kind = "stable"
         else:
             record = _record_with_digest(promos, parent["digest"])
-            found = record and promoted_fingerprint(root, record, digest)
+            found = record and promoted_fingerprint(root, record, digest, promos.lineage)
             kind = "promoted"
     elif last.stable:
         record, kind, why = last, "stable", "continuing the line's stable model"
         found = stable_fingerprint(root, last, digest)
     else:  # the line's last release was a standard run's (decayed): the stable line starts here, warming up
         record, kind, why = last, "promoted", "the line has no stable model yet: starting from the last promoted model"
-        found = promoted_fingerprint(root, last, digest)
+        found = promoted_fingerprint(root, last, digest, promos.lineage)
     if not found:
         what = parent["digest"] if last.train_identity == identity else (
             last.stable["digest"] if kind == "stable" else last.model_digest)
@@ -216,10 +229,10 @@ def choose_reference(promos: Promotions | None, trained_digest: str, root: Artif
         note = "this model is the last promoted one; the reference it was promoted against stands"
         if record is None:
             return None, None, "the reference of the last promotion has no record: comparing with the base model"
-    fp = promoted_fingerprint(root, record, digest)
+    fp = promoted_fingerprint(root, record, digest, promos.lineage)
     if fp is None:
         return None, None, (f"the last promoted model {record.model_digest[:16]} (run {record.flow_run}) is gone "
-                            "from the cache and the release folder: comparing with the base model")
+                            "from its kept copy, the cache and the release folder: comparing with the base model")
     return fp, record, note
 
 
@@ -232,7 +245,7 @@ class RunLineage:
 
     def __init__(self, root: ArtifactsRoot, config: CptConfig, line: str | None, digest=hash_file):
         self.root, self.config, self.line, self.digest = root, config, line, digest
-        self.lineage = lineage_of(line, config.push.name)
+        self.lineage = lineage_of(line, config.push.name, config.push.repo_id)
         self.promos: Promotions | None = None
         self.identity = ""
         self.base: Fingerprint | None = None
@@ -241,6 +254,10 @@ class RunLineage:
         self.parent_note = ""  # where training starts from, in words (the flow logs it with train's outcome)
         self.stable: dict[str, str] | None = None  # stable_anneal: this run's stable model (note_stable)
         self._state: Promotions | None = None  # the promotion state, locked, while `promoting` is held
+        # push.repo_id's head when the gate compared (the push's parent commit), and why it may not be pushed on.
+        self.hub_parent: str | None = None
+        self.hub_read = False
+        self.hub_refusal: str | None = None
 
     def choose_parent(self, base_model: Fingerprint, train_chunks: StageOutput) -> tuple[Fingerprint, dict]:
         """The model training starts from and its description (for the train stage and the summary)."""
@@ -274,8 +291,28 @@ class RunLineage:
         """The stable model this run's release is annealed from: recorded with its promotion, named on the card."""
         self.stable = {"digest": stable.model_digest, "model_path": stable.model_rel}
 
+    def read_hub_head(self) -> None:
+        """Where push.repo_id stands as the gate compares (the parent of the commit a push makes). A head that is
+        not the commit this lineage pushed last means someone else pushed there: the gate's reference is not
+        what the Hub serves, so the push is refused, with that reason."""
+        push = self.config.push
+        if not push.repo_id or self.hub_read:
+            return
+        from tasks.push import hub_head
+
+        self.hub_parent, self.hub_read = hub_head(push), True
+        revision = push.revision or "main"
+        last = self.promos.last if self.promos else None
+        ours = last.hub if last is not None and last.hub and last.hub.get("repo") == push.repo_id \
+            and last.hub.get("revision") == revision else None
+        if ours and ours.get("commit") and self.hub_parent != ours["commit"]:
+            self.hub_refusal = (f"{push.repo_id}@{revision} is at {str(self.hub_parent)[:12]}, not at "
+                                f"{ours['commit'][:12]} that {self.lineage} pushed last (run {last.flow_run}): "
+                                "someone else pushed there, and the gate did not compare with it: not pushed")
+
     def choose_reference(self, trained: Trained) -> Fingerprint | None:
         """The model the gate compares with; None: the base model (whose evaluation the run already has)."""
+        self.read_hub_head()
         model, record, note = choose_reference(self.promos, trained.model_digest, self.root, self.digest)
         run_logger().info("gate: %s", note)
         self.reference = (describe("base", self.base, self.config.model.id) if model is None
@@ -349,6 +386,10 @@ class RunLineage:
         targets = release_targets(self.config.push)
         if targets:
             claim_releases(self.root, self.lineage or "a run without lineage", targets)
+        self.read_hub_head()  # the gate off: the head as it is now
+        if self.hub_refusal:
+            yield self.hub_refusal
+            return
         if not self.lineage or decision is None:  # nothing to compare with (no lineage, or the gate is off)
             yield None
             return
@@ -373,10 +414,16 @@ class RunLineage:
         when the flow holds it."""
         restored = ensure_release(pushed, trained, self.root, self.digest)
         if self.lineage and decision is not None:
+            from tasks.line.kept import keep, prune
+
+            # Kept first (outside the cache: what the lineage continues from and is gated against), then recorded.
+            keep(self.root, self.lineage, trained.verified_model_dir(self.root), trained.model_digest, self.digest)
             record = promotion_record(trained, pushed, decision, self.identity, self.parent, self.reference, flow_run,
                                       self.stable)
             if self._state is not None:
                 apply_promotion(self._state, record)
             else:
                 record_promotion(self.root, self.lineage, record)
+            wanted = {record.model_digest, record.parent.get("digest"), record.reference.get("digest")}
+            prune(self.root, self.lineage, {d for d in wanted if d})
         return restored

@@ -17,13 +17,15 @@ Nothing here imports Prefect, torch or transformers: `cpt drops` answers at once
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.core.config.base import name_problem
+from tasks.core.manifest import combine_digests, safe_relpath
 from tasks.core.root import ArtifactsRoot
 
 DropStatus = Literal["pending", "active", "rejected", "removed"]
@@ -34,10 +36,73 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def real_path(value: str) -> str:
+    """`value` if it is an absolute, normalised path (no `.`, `..` or empty part), else ValueError: a drop's
+    place as it was resolved when it was announced or gated."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or \
+            os.path.normpath(value) != value or value.startswith("//"):
+        raise ValueError(f"{value!r} is not an absolute, normalised path")
+    return value
+
+
+class DropFile(BaseModel):
+    """One file of a drop as the gate read it: its name inside the drop ('' for a drop that is one file), its
+    content digest (blake2b-128, the corpus fingerprint's) and its size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rel: str
+    digest: str
+    bytes: int
+
+    @field_validator("rel")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        return v if v == "" else safe_relpath(v)
+
+
+class DropIdentity(BaseModel):
+    """What the gate let through (or turned away): the drop's real path when it was gated and exactly the files
+    it read there. Every later read of the drop takes these files from this path, no symlink followed, each
+    checked against its digest as it is read (tasks.data.opening); exclusions use these files, never the path
+    resolved again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    files: list[DropFile]
+
+    @field_validator("path")
+    @classmethod
+    def _real(cls, v: str) -> str:
+        return real_path(v)
+
+    def file_path(self, f: DropFile) -> str:
+        return f"{self.path}/{f.rel}" if f.rel else self.path
+
+    def paths(self) -> set[str]:
+        return {self.file_path(f) for f in self.files}
+
+    @property
+    def digest(self) -> str:
+        """The content fingerprint of the drop (the multiset of its files' digests, as fingerprint_files)."""
+        return combine_digests([("file", d) for d in sorted(f.digest for f in self.files)])
+
+    @classmethod
+    def of(cls, path: str, items: list[dict[str, Any]]) -> DropIdentity:
+        """The identity of a drop at its real `path` from its listed files (fingerprint items: real paths)."""
+        files = []
+        for item in items:
+            p = str(item["path"])
+            rel = "" if p == path else os.path.relpath(p, path)
+            files.append(DropFile(rel=rel, digest=item["digest"], bytes=item["bytes"]))
+        return cls(path=path, files=sorted(files, key=lambda f: f.rel))
+
+
 class Drop(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
     status: DropStatus
+    identity: DropIdentity | None = Field(None, description="What the gate read (its real path and files with "
+                                          "their digests): what is trained, and what is excluded.")
     fingerprint: str = ""
     files: int = 0
     documents: int = 0
@@ -68,13 +133,14 @@ class LineState(BaseModel):
     last_training: dict[str, Any] | None = None
 
     def find(self, path: str | Path) -> Drop | None:
-        """The drop recorded at `path` as recorded (a drop's folder may since have become a symlink), else at the
-        path it resolves to."""
-        exact = next((d for d in self.drops if d.path == str(path)), None)
-        if exact is not None:
-            return exact
-        path = str(Path(path).resolve())
-        return next((d for d in self.drops if d.path == path), None)
+        """The drop recorded at `path` as written (made absolute, not resolved: a drop whose path is now a
+        symlink is still found by it), else at `path` resolved."""
+        literal = os.path.abspath(os.fspath(path))
+        found = next((d for d in self.drops if d.path == literal), None)
+        if found is None:
+            resolved = str(Path(path).resolve())
+            found = next((d for d in self.drops if d.path == resolved), None)
+        return found
 
     def active_paths(self) -> list[str]:
         return [d.path for d in self.drops if d.status == "active"]
@@ -94,7 +160,9 @@ def state_file(line: str) -> str:
 
 
 def run_lock(line: str) -> str:
-    """What a run of the line holds while it runs (relative to the root): one run per line at a time."""
+    """What a run of the line holds while it runs (relative to the root): one run per line at a time. The name
+    is checked first (`state_file`'s rule), before any lock is taken with it."""
+    state_file(line)
     return f"state/lines/{line}.run"
 
 
@@ -142,9 +210,10 @@ def announce(root: ArtifactsRoot, line: str, drop: str | Path, source: DropSourc
 
 
 def remove(root: ArtifactsRoot, line: str, drop: str | Path, why: str = "removed by hand") -> Drop:
-    path = str(Path(drop).resolve())
+    """Retire the drop recorded at `drop` (the path as it was announced: found even if it is now a symlink)."""
+    path = os.path.abspath(os.fspath(drop))
     with updating(root, line) as state:
-        entry = state.find(path)
+        entry = state.find(drop)
         if entry is None:
             known = ", ".join(d.path for d in state.drops) or "none"
             raise KeyError(f"line {line!r} has no drop {path} (its drops: {known})")
@@ -154,14 +223,19 @@ def remove(root: ArtifactsRoot, line: str, drop: str | Path, why: str = "removed
 
 
 def record_verdict(root: ArtifactsRoot, line: str, path: str, fingerprint: str, profile: dict[str, Any],
-                   gated: DropStatus) -> Drop | None:
+                   gated: DropStatus, identity: DropIdentity | None = None) -> Drop | None:
     """The gate's verdict on a drop: active (registered) or rejected with the reasons — recorded only if the
     drop's status is still `gated`, the one it had when the gate read it (checked under the line's lock): a
-    drop removed meanwhile (`cpt drops --remove` while the gate ran) stays removed. None: not recorded."""
+    drop removed meanwhile (`cpt drops --remove` while the gate ran) stays removed. None: not recorded.
+    `identity`: what the gate read (a verdict given without reading anything keeps the one recorded before)."""
     with updating(root, line) as state:
         entry = state.find(path)
         if entry is None or entry.status != gated:
             return None
+        if identity is not None:
+            entry.identity = identity
+        elif profile["passed"]:
+            raise ValueError(f"drop {path}: a drop passes the gate only with the identity of what was read")
         entry.fingerprint = fingerprint
         entry.profile = profile
         entry.files, entry.documents, entry.tokens = profile["files"], profile["documents"], profile["tokens"]

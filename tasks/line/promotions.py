@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from tasks.core.manifest import safe_relpath
+from tasks.core.manifest import entry_rel, safe_relpath
 from tasks.core.root import ArtifactsRoot
 
 
@@ -51,7 +51,11 @@ class Promotion(BaseModel):
     @field_validator("model_path")
     @classmethod
     def _model_inside(cls, v: str) -> str:
-        return safe_relpath(v)
+        entry, sep, name = v.rpartition("/")
+        if not sep or name != "model" or not entry.startswith("cache/train/"):
+            raise ValueError(f"{v!r} is not a train entry's model folder (cache/train/<key>/model)")
+        entry_rel(entry)
+        return v
 
     @field_validator("release")
     @classmethod
@@ -69,12 +73,15 @@ class Promotions(BaseModel):
     history: list[Promotion] = []
 
 
-def lineage_of(line: str | None, push_name: str | None) -> str | None:
-    """A retraining line's lineage, else push.name's; None when neither names one (nothing to continue)."""
+def lineage_of(line: str | None, push_name: str | None, repo_id: str | None = None) -> str | None:
+    """A retraining line's lineage, else push.name's, else push.repo_id's (a Hub repo is a lineage of its own:
+    what replaces its head is compared with what is there); None when none names one (nothing to continue)."""
     if line:
         return f"line-{line}"
     if push_name:
         return f"name-{push_name}"
+    if repo_id:
+        return "hub-" + repo_id.replace("/", "--")
     return None
 
 
