@@ -167,7 +167,8 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
             show_gate(gate["gated"])
         left_out = gate["left_out"]
         if left_out:
-            log.info("retrain: left out of this run (still being written): %s", ", ".join(gate["unsettled"][:5]))
+            log.info("retrain: left out of this run (still being written, or not gated now): %s",
+                     ", ".join([*gate["unsettled"][:5], *left_out[:5]]))
         rejected = gate["rejected"]
         if rejected:  # left out like every inactive drop: the line trains on whatever else changed
             log.warning("retrain: rejected by the drop gate, not trained on: %s", "; ".join(

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.data.arrow import take_rows
-from tasks.chunk import Chunks, link_or_copy, windows_file, write_windows
+from tasks.chunk import ChunkMeta, Chunks, link_or_copy, windows_file, write_windows
 from tasks.core.config.data import ReplayConfig, SPLITS, ShuffleConfig
 from tasks.core.config.sources import MixShare
 from tasks.core.report import run_logger
@@ -182,7 +182,7 @@ def mix_sources_chunks(sources: list[Chunks], shares: list[MixShare], root: Arti
     """The mixed windows at `out_dir`: every source's share of the training windows, one after another, and every
     source's validation windows (each source keeps its own: `meta.sources` gives their rows). Returns the counts
     and the per-source table (trained tokens, share got and asked, passes, pool, validation rows)."""
-    bos = 1 if sources[0].meta["bos_id"] is not None else 0
+    bos = 1 if sources[0].meta.bos_id is not None else 0
     pools = [s.windows(root, "train") for s in sources]
     labelled = [labelled_per_window(p, bos) for p in pools]
     targets, total = source_targets([int(x.sum()) for x in labelled], shares)
@@ -216,13 +216,22 @@ def mix_sources_chunks(sources: list[Chunks], shares: list[MixShare], root: Arti
     return counts, table
 
 
+class MixedSourcesMeta(ChunkMeta):
+    """The chunk meta of the first source, the token pieces of every source (in order: a window's `part` is
+    offset past the sources before it), and per source what it got (`mix_sources_chunks`' table)."""
+
+    sources: list[dict[str, Any]]
+
+
 class MixedSources(Chunks):
     """mix-sources' output: the chunk stage's layout, every source's drawn training windows and every source's
     validation windows (which refer to that source's token pieces); `meta.sources` says what each got."""
 
+    meta: MixedSourcesMeta
+
     @property
     def sources(self) -> list[dict[str, Any]]:
-        return self.meta["sources"]
+        return self.meta.sources
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         lines = [(logging.INFO, "; ".join(f"{t['source']} {t['trained_tokens']} trained tokens (share "
@@ -246,8 +255,8 @@ class MixedSources(Chunks):
 def mix_sources(build: Build, shares: list[MixShare], seed: int, chunks: list[Chunks]):
     """`chunks`: each source's chunk output, in the order of `shares` (the first source's meta is the output's)."""
     counts, table = mix_sources_chunks(chunks, shares, build.root, seed, build.tmp)
-    token_files = [f for c in chunks for f in c.token_files]
-    meta = {**chunks[0].meta, "token_files": token_files, "sources": table}
+    meta = {**chunks[0].meta.model_dump(), "token_pieces": [k for c in chunks for k in c.meta.token_pieces],
+            "sources": table}
     return counts, meta, {"deps": sorted({d for c in chunks for d in c.deps})}
 
 

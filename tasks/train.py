@@ -176,9 +176,10 @@ def source_tokens(chunks: StageOutput) -> dict[str, Any]:
     """Trained (labelled) tokens per source: the mix stage's counts with replay (or every source's, with
     mix-sources), else all domain."""
     c = chunks.counts
-    if "sources" in chunks.meta:
-        return {"source_trained_tokens": {t["source"]: t["trained_tokens"] for t in chunks.meta["sources"]},
-                "source_shares": {t["source"]: round(t["share"], 6) for t in chunks.meta["sources"]}}
+    sources = getattr(chunks.meta, "sources", None)  # mix-sources' table (tasks.mix.MixedSourcesMeta)
+    if sources:
+        return {"source_trained_tokens": {t["source"]: t["trained_tokens"] for t in sources},
+                "source_shares": {t["source"]: round(t["share"], 6) for t in sources}}
     if "replay_trained_tokens" in c:
         return {k: c[k] for k in ("domain_trained_tokens", "replay_trained_tokens", "replay_share")}
     return {"domain_trained_tokens": c.get("train_trained_tokens"), "replay_trained_tokens": 0, "replay_share": 0.0}
@@ -278,7 +279,7 @@ def validation_layout(chunks: StageOutput, eval_weights: dict[str, float] | None
                       ) -> tuple[list[tuple[str, int, int]], dict[str, float]]:
     """Where each source's validation rows are in the mixed chunks (mix-sources' `sources`), and each one's weight
     in the validation loss: its configured eval_weight, else the share of the trained tokens it got."""
-    table = chunks.meta.get("sources") or []
+    table = getattr(chunks.meta, "sources", None) or []
     layout = [(t["source"], *t["validation_rows"]) for t in table if t["validation_rows"][1] > t["validation_rows"][0]]
     weights = {name: (eval_weights or {}).get(name, next(t["share"] for t in table if t["source"] == name))
                for name, _, _ in layout}
@@ -388,18 +389,24 @@ def train(build: Build, train: TrainConfig, model: ModelConfig, base_model: Fing
 # Its output is a train-like entry (`model/`, its digest): evaluate, the gate and push read it as they read train's.
 
 
+class AnnealMeta(TrainMeta):
+    stable: dict[str, str]  # the stable model the release came from: digest, train_key
+
+
 class Annealed(Trained):
     """anneal's output: `model/` (the release), and for a decay branch its training's files; `meta.stable` is the
     stable model it came from."""
+
+    meta: AnnealMeta
 
     def summary(self, root: ArtifactsRoot) -> list[tuple[int, str]]:
         c = self.counts
         if c["anneal"] == "average":
             return [(logging.INFO, f"release: the average of {c['averaged_models']} stable models of the line "
-                                   f"(this run's {self.meta['stable']['digest'][:16]} and {c['averaged_models'] - 1} "
+                                   f"(this run's {self.meta.stable['digest'][:16]} and {c['averaged_models'] - 1} "
                                    "before it)")]
         return [(logging.INFO, f"release: {c['global_step']} decay steps from the stable model "
-                               f"{self.meta['stable']['digest'][:16]}, loss {c['first_loss']} → {c['last_loss']}, best "
+                               f"{self.meta.stable['digest'][:16]}, loss {c['first_loss']} → {c['last_loss']}, best "
                                f"validation loss {c['best_eval_loss']}")]
 
     def show(self, root: ArtifactsRoot) -> None:
@@ -427,14 +434,14 @@ def anneal(build: Build, train: TrainConfig, model: ModelConfig, stable: Trained
                   "averaged": [stable.model_digest, *[p.digest for p in (previous or [])[: len(chosen) - 1]]]}
         (build.tmp / "anneal.json").write_text(json.dumps(counts, indent=2))
         meta = {"model_dir": "model", "model_digest": model_digest(build.tmp / "model"), "stable": meta_stable,
-                "parent": stable.meta.get("parent")}
+                "parent": stable.meta.parent}
         return counts, meta
     start = Fingerprint(kind="model", digest=stable.model_digest, location=str(stable_dir))
     metrics = run_attempt(build, train, model, start, chunk, chunks, "decay",
                           decay_steps=decay_length(train, stable.counts["run_steps"]), eval_weights=eval_weights)
     counts, meta = attempt_outputs(build, train, metrics, chunks)
     counts.update(anneal="decay", parent=f"stable {stable.model_digest[:16]}")
-    meta.update(stable=meta_stable, parent=stable.meta.get("parent"))
+    meta.update(stable=meta_stable, parent=stable.meta.parent)
     return counts, meta
 
 

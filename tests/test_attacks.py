@@ -420,7 +420,7 @@ def hub_config(tmp_path, tiny_model):
             "train": {"max_steps": 12, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                       "learning_rate": 3e-3, "warmup_ratio": 0.0, "logging_steps": 1, "eval_steps": 6,
                       "save_steps": 6, "early_stopping_patience": None},
-            "evaluate": {"max_eval_rows": 32}, "push": {"repo_id": "team/m"}}
+            "evaluate": {"max_eval_rows": 32}, "push": {"repo_id": "test-user/m"}}
 
 
 def _run(config, artifacts, **sections):
@@ -448,13 +448,13 @@ def test_a_push_to_a_repo_alone_has_a_lineage_and_a_worse_model_never_replaces_t
         monkeypatch.setenv("HF_TOKEN", "hf_test_token_for_the_lineage_test")
         first, _ = _run(hub_config, artifacts)
         assert first["push"]["state"] == "Completed" and first["gate"]["counts"]["reference"] == "base"
-        head = hub.head("team/m")
+        head = hub.head("test-user/m")
         second, summary = _run(hub_config, artifacts, train={"max_steps": 2})
         g = second["gate"]["counts"]
         assert g["reference"] == "promoted", "the second run was not compared with what the Hub holds"
         assert g["promoted"] is False and second["push"]["state"] == "Skipped"
         assert g["validation_perplexity"] < second["evaluate-base"]["counts"]["validation_perplexity"]
-        assert hub.head("team/m") == head and len(hub.commits) == 1
+        assert hub.head("test-user/m") == head and len(hub.commits) == 1
 
 
 @pytest.mark.slow
@@ -475,7 +475,7 @@ def test_a_hub_head_replaced_after_the_gate_read_it_is_never_pushed_over(hub_con
 
     def someone_pushes(weights: bytes, message: str) -> str:
         (theirs / "model.safetensors").write_bytes(weights)
-        return HfApi(token="hf_someone_else").upload_folder(repo_id="team/m", folder_path=str(theirs),
+        return HfApi(token="hf_someone_else").upload_folder(repo_id="test-user/m", folder_path=str(theirs),
                                                             commit_message=message).oid
 
     with FakeHub() as hub:
@@ -486,12 +486,12 @@ def test_a_hub_head_replaced_after_the_gate_read_it_is_never_pushed_over(hub_con
         other = someone_pushes(b"their weights", "someone else's model")
         second, _ = _run(hub_config, artifacts, train={"max_steps": 3}, gate={"enabled": False})
         assert second["push"]["state"] == "Skipped" and "someone else pushed" in second["push"]["reason"]
-        assert hub.head("team/m") == other
+        assert hub.head("test-user/m") == other
 
         # A person accepts their commit as the lineage's head; then a push lands between the read and the commit.
         root = open_root(artifacts)
-        last = read_promotions(root, "hub-team--m").last
-        record_promotion(root, "hub-team--m", last.model_copy(update={"hub": {**last.hub, "commit": other}}))
+        last = read_promotions(root, "hub-test-user--m").last
+        record_promotion(root, "hub-test-user--m", last.model_copy(update={"hub": {**last.hub, "commit": other}}))
         real_save = tasks.push.save_release
 
         def save_then_someone_pushes(*args, **kwargs):
@@ -502,7 +502,7 @@ def test_a_hub_head_replaced_after_the_gate_read_it_is_never_pushed_over(hub_con
         monkeypatch.setattr(tasks.push, "save_release", save_then_someone_pushes)
         third, summary = _run(hub_config, artifacts, train={"max_steps": 4}, gate={"enabled": False})
         assert third["push"]["state"] == "Skipped" and "moved since the gate" in third["push"]["reason"]
-        assert hub.commits[-1]["message"] == "a push in between" and hub.head("team/m") == hub.commits[-1]["oid"]
+        assert hub.commits[-1]["message"] == "a push in between" and hub.head("test-user/m") == hub.commits[-1]["oid"]
 
 
 # ------------------------------------------------------------------------ 6. the promoted model is kept

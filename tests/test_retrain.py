@@ -422,6 +422,31 @@ def test_a_rejected_drop_path_is_excluded_literally(tmp_path):
     assert [Path(i["path"]).parent.name for i in sources.items] == ["corpus", "d1"]  # never a glob
 
 
+def test_the_drops_left_out_of_a_run_are_not_in_its_corpus(tmp_path):
+    """The gate leaves out of a run the drops it could not gate now (still being written, an infrastructure
+    error): an active drop named in `without` is out of the line's corpus like an inactive one, and the drops
+    join the drop source's corpus (drops.source), not the first one."""
+    from tasks.data.files import fingerprint_files
+    from tasks.line.sources import line_sources
+
+    for name in ("domain", "general", "d1", "d2"):
+        write_docs(tmp_path / name / "a.jsonl", [f"{name} 문서"])
+    config = validate_config({"model": {"id": "m"}, "drops": {"source": "general_ko"}, "sources": [
+        {"name": "domain", "paths": [str(tmp_path / "domain")], "weight": 0.5},
+        {"name": "general_ko", "paths": [str(tmp_path / "general")], "weight": 0.5}]})
+
+    def active(name):
+        path = str((tmp_path / name).resolve())
+        return lines.Drop(path=path, status="active",
+                          identity=lines.DropIdentity.of(path, fingerprint_files([Path(path) / "a.jsonl"]).items))
+
+    state = lines.LineState(line="l", drops=[active("d1"), active("d2")])
+    folders = lambda fp: sorted(Path(i["path"]).parent.name for i in fp.items)  # noqa: E731
+    assert folders(line_sources(config, state)[0]) == ["d1", "d2", "general"]
+    left_out = [str((tmp_path / "d2").resolve())]
+    assert folders(line_sources(config, state, without=left_out)[0]) == ["d1", "general"]
+
+
 def write_unreadable_files(folder, secret, good_first: bool):
     """One file of each kind a reader cannot take (and, outside the folder, a secret reached by a symlink from
     it, and a FIFO in it). Returns {file: (line, words of the reject)}. With `good_first`, the CSV holds one good

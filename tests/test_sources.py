@@ -5,6 +5,7 @@ Prefect: the flow-level tests are in tests/test_sources_flow.py."""
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ class FakeChunks:
     train: pa.Table
     validation: pa.Table
     token_files: list[str]
-    meta: dict = dataclasses.field(default_factory=lambda: {"bos_id": 1})
+    meta: object = dataclasses.field(default_factory=lambda: types.SimpleNamespace(bos_id=1))  # a ChunkMeta's
 
     def windows(self, root, split):
         return self.train if split == "train" else self.validation

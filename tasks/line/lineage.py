@@ -348,7 +348,7 @@ class RunLineage:
         per_source = {name: {"base": source_ppl(base_eval, name), "reference": source_ppl(ref_eval, name),
                              "new": v.get("after")} for name, v in (e.get("sources") or {}).items()}
         shares = {t["source"]: {"share": t["share"], "asked": t["share_asked"], "trained_tokens": t["trained_tokens"]}
-                  for t in train_chunks.meta.get("sources") or []}
+                  for t in getattr(train_chunks.meta, "sources", None) or []}
         stable = None
         if self.stable is not None:
             stable = {"digest": self.stable["digest"], "parent": without_location(self.parent),
