@@ -86,7 +86,7 @@ def with_release_name(config: CptConfig, line: str | None) -> CptConfig:
 def release_note(config: CptConfig, line: str | None) -> str:
     """Where the run's model goes and which lineage it belongs to, in words (`cpt validate`)."""
     named = with_release_name(config, line)
-    lineage = lineage_of(line, named.push.name)
+    lineage = lineage_of(line, named.push.name, named.push.repo_id)
     where = f"artifacts/models/{named.push.name}" if named.push.name else "artifacts/models/<base>-cpt-<key>"
     how = ("" if config.push.name or config.push.repo_id else
            f"; push.name is not set: derived from {'the line' if line else 'the base model and the corpus'}")
@@ -106,7 +106,7 @@ def _who(owner: str) -> str:
 
 
 def ownership_conflicts(config: CptConfig, root: ArtifactsRoot, line: str | None) -> list[str]:
-    lineage = lineage_of(line, config.push.name) or "a run without lineage"
+    lineage = lineage_of(line, config.push.name, config.push.repo_id) or "a run without lineage"
     owners = release_owners(root)
     taken = {t: o for t in release_targets(config.push) if (o := owners.get(t)) and o != lineage}
     out = []

@@ -52,8 +52,9 @@ class Promotion(BaseModel):
     @classmethod
     def _model_inside(cls, v: str) -> str:
         entry, sep, name = v.rpartition("/")
-        if not sep or name != "model" or not entry.startswith("cache/train/"):
-            raise ValueError(f"{v!r} is not a train entry's model folder (cache/train/<key>/model)")
+        # train's model, or anneal's (a stable line's release, train.schedule: stable_anneal)
+        if not sep or name != "model" or not entry.startswith(("cache/train/", "cache/anneal/")):
+            raise ValueError(f"{v!r} is not a train or anneal entry's model folder (cache/train/<key>/model)")
         entry_rel(entry)
         return v
 
