@@ -71,7 +71,7 @@ def test_end_to_end_learns_and_reruns_only_what_changed(config, artifacts):
 
     # What the Prefect UI shows for the run: live training progress, loss curve, eval table, model location.
     arts = flow_run_artifacts(next((artifacts / "runs").iterdir()).name)
-    assert any(a.type == "progress" and a.data == 100.0 and "train: 16/16" in a.description for a in arts)
+    assert any(a.type == "progress" and a.data == 100.0 and "train: done 16/16" in a.description for a in arts)
     markdown = {a.key: a.data for a in arts if a.type == "markdown"}
     assert "data:image/png;base64," in markdown["train-loss-curve"]
     assert "| perplexity (validation) |" in markdown["eval-before-after"]
