@@ -86,8 +86,11 @@ class StageRunner:
         options = {"result_storage": self.root.records_dir}
         if label:
             options["task_run_name"] = label
-        state, out = self._call(stage_task, options, inputs, entry)
-        entry.update(state=state.name, seconds=round(time.perf_counter() - started, 3))
+        try:
+            state, out = self._call(stage_task, options, inputs, entry)
+        finally:  # a failed stage too: the summary says which stage failed, and after how long
+            entry["seconds"] = round(time.perf_counter() - started, 3)
+        entry.update(state=state.name)
         entry.update(key=out.key, output=out.location(self.root), counts=out.counts,
                      built=was_built(out.key))
         if state.name == "Cached":  # its body did not run, so it logged nothing of its own
@@ -105,6 +108,7 @@ class StageRunner:
         """Run one stage task; returns (its state, its output), held. An input found gone while the stage ran
         (EntryUnavailable) is made again by the call that made it, and the stage runs again on it."""
         state = stage_task.with_options(**options)(**inputs, artifacts=self.root, return_state=True)
+        entry["state"] = state.name  # before its result is read: a failure raises there
         try:
             out: StageOutput = state.result()  # raises the stage's own error on failure
         except EntryUnavailable as e:

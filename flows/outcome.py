@@ -57,7 +57,11 @@ def failed(what: str, error: BaseException, summary_path: str | None, summary: d
                     {"status": "Failed", "error": f"{type(error).__name__}: {error}", "stages": []})
     if not isinstance(error, expected_failures()):
         raise error
-    print(f"cpt: {what} failed: {error}" + (f"\nsummary: {where}" if where else ""), file=sys.stderr)
+    from tasks.data.records import BadRecordError
+
+    # A bad record is the input's fault, named by file:line: said as such, as before a flow ever starts.
+    said = f"bad input: {error}" if isinstance(error, BadRecordError) else f"{what} failed: {error}"
+    print(f"cpt: {said}" + (f"\nsummary: {where}" if where else ""), file=sys.stderr)
     return 1
 
 

@@ -88,7 +88,9 @@ def flow_run_artifacts(flow_run_name: str):
 
     with get_client(sync_client=True) as client:
         fr = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))[0]
-        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+    # Oldest first: a key shown twice (the gate's, re-shown when the push failed) ends with its latest version.
+    return sorted(found, key=lambda a: a.created)
 
 
 def flow_run_logs(flow_run_name: str) -> list[str]:

@@ -66,7 +66,7 @@ def test_a_bad_record_exits_1_naming_its_file_and_line(tmp_path, tiny_model):
     assert out.returncode == 1, out.stderr[-3000:]
     said = [line for line in out.stderr.splitlines() if line.startswith("cpt: ")]
     assert said == [f"cpt: bad input: {corpus}:2: field 'content' is int, expected a string "
-                    "(set corpus.on_bad_record: skip to keep going)"], out.stderr[-3000:]
+                    "(set corpus.on_bad_record: skip to keep going without such records)"], out.stderr[-3000:]
 
 
 @pytest.mark.slow  # a fresh interpreter shows what the command imports

@@ -409,8 +409,8 @@ def test_the_runner_follows_the_pipeline_list_and_stops_after_until(tmp_path):
         def with_options(self, **_):
             def call(**inputs):
                 ran.append(self.name)
-                out = types.SimpleNamespace(key=f"{self.name}-k", counts={}, location=lambda root: "",
-                                            links=lambda root: {}, show=lambda root: None)
+                out = types.SimpleNamespace(key=f"{self.name}-k", path=f"cache/{self.name}/k", counts={},
+                                            location=lambda root: "", links=lambda root: {}, show=lambda root: None)
                 return types.SimpleNamespace(name="Completed", result=lambda: out)
             return call
 

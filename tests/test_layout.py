@@ -337,3 +337,46 @@ def test_the_slow_guard_fails_each_unmarked_test_that_starts_something_and_only_
     for name, what in expected.items():
         assert f"test_inner.py::{name} is not marked slow but started" in outcome[name], outcome[name]
         assert what in outcome[name], outcome[name]
+
+
+def readme_map(text: str) -> set[str]:
+    """The paths the README's map names: its code block under '## The map', a name per line, nested by indent."""
+    block = text.split("## The map", 1)[1].split("```", 2)[1]
+    stack: list[tuple[int, str]] = []
+    named = set()
+    for line in block.splitlines():
+        if not line.strip() or not line.lstrip()[0].isalnum() and line.lstrip()[0] not in "._":
+            continue
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        if line.startswith(" " * 28):  # a description's continuation
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = "".join(d for _, d in stack) + name
+        if name.endswith("/"):
+            stack.append((indent, name))
+        named.add(path)
+    return named
+
+
+def test_the_readme_is_short_its_map_names_every_module_and_it_links_every_docs_page():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200, "README.md is over 200 lines: move reference material to a docs/ page"
+    named = readme_map(text)
+    code = {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+            if p.name != "__init__.py"} | {str(p.relative_to(ROOT)) for p in (ROOT / "tasks").rglob("*.c")}
+    assert not code - named, f"modules missing from the README's map: {sorted(code - named)}"
+    stale = {n for n in named - code if n.endswith((".py", ".c")) and n.startswith(PACKAGES)}
+    assert not stale, f"the README's map names modules that do not exist: {sorted(stale)}"
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+    assert not {p for p in pages if f"({p})" not in text}, "docs pages the README links nowhere: " + str(
+        sorted(p for p in pages if f"({p})" not in text))
+
+
+def test_the_map_check_can_fail():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = readme_map(text)
+    assert "tasks/data/readers.py" in named and "flows/cli.py" in named and "tasks/core/config/tree.py" in named
+    assert "tasks/readers.py" not in named and "tasks/core/readers.py" not in named
+    without = text.replace("    readers.py ", "    ", 1)
+    assert "tasks/data/readers.py" not in readme_map(without)

@@ -12,7 +12,7 @@ from helpers import flow_run_artifacts, flow_run_logs, sample_texts, touched_ent
 from tasks.core.config.tree import validate_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
-ALL_STAGES = list(PIPELINE)  # the pipeline's one list (flows/stages.py)
+ALL_STAGES = [s for s in PIPELINE if s != "anneal"]  # flows/stages.py; anneal runs for a stable line only
 PROMPT = "질문: 고혈압의 약물 치료는 어떻게 해야 하나요? \n답변:"
 
 
@@ -71,7 +71,7 @@ def test_end_to_end_learns_and_reruns_only_what_changed(config, artifacts):
 
     # What the Prefect UI shows for the run: live training progress, loss curve, eval table, model location.
     arts = flow_run_artifacts(next((artifacts / "runs").iterdir()).name)
-    assert any(a.type == "progress" and a.data == 100.0 and "train: 16/16" in a.description for a in arts)
+    assert any(a.type == "progress" and a.data == 100.0 and "train: done 16/16" in a.description for a in arts)
     markdown = {a.key: a.data for a in arts if a.type == "markdown"}
     assert "data:image/png;base64," in markdown["train-loss-curve"]
     assert "| perplexity (validation) |" in markdown["eval-before-after"]
@@ -170,7 +170,7 @@ def test_push_uploads_model_tokenizer_and_card_to_a_local_hub_without_leaking_th
     from fake_hub import FakeHub, online
 
     token = "hf_test_" + uuid.uuid4().hex  # made here: no credential-like string is committed
-    with FakeHub() as hub:
+    with FakeHub(user="me") as hub:  # the token is me's: it may write to me/…
         online(monkeypatch, hub.url)
         monkeypatch.setenv("HF_TOKEN", token)
         states, stages = run(config, artifacts, push={"repo_id": "me/tiny-cpt", "revision": "cpt-run"})
@@ -198,7 +198,7 @@ def test_failed_upload_is_retried_then_fails_clearly_and_keeps_the_local_save(co
     from tasks.push import PushFailed
 
     monkeypatch.setenv("CPT_PUSH_BACKOFF_SECONDS", "0")
-    with FakeHub(fail_commits=100) as hub:
+    with FakeHub(fail_commits=100, user="me") as hub:
         online(monkeypatch, hub.url, disable_xet=True)  # one HTTP commit per attempt: our retries are counted
         monkeypatch.setenv("HF_TOKEN", "hf_test_token_for_a_failing_hub")
         with pytest.raises(PushFailed, match="me/tiny-cpt failed after 3 attempts .*HTTP 500.*saved locally"):
@@ -208,7 +208,10 @@ def test_failed_upload_is_retried_then_fails_clearly_and_keeps_the_local_save(co
     assert not list((artifacts / "cache" / "push").glob("push-*"))  # a failed push is not cached
 
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(PushFailed, match="no token: set HF_TOKEN or push.token_secret"):
+    from tasks.line.preflight import RunConflict
+
+    # No token at all: refused before any stage runs (tasks/line/preflight.py), not after training.
+    with pytest.raises(RunConflict, match="no token to upload with: export HF_TOKEN"):
         run(config, artifacts, push={"repo_id": "me/tiny-cpt"})
 
 

@@ -112,3 +112,14 @@ def test_a_hub_repo_needs_a_token_that_may_write_there(tmp_path, monkeypatch):
         found = conflicts(config("push.repo_id=bob/m"), root, None)
         assert len(found) == 1 and "belongs to 'alice', who may not write to 'bob'" in found[0]
         assert conflicts(config("push.repo_id=bob/m"), root, None, hub=False) == []  # not asked: no claim
+
+
+def test_a_sources_config_derives_its_release_name_from_its_domain_source():
+    """With `sources` (no `corpus`), the name comes from the first source's paths: two lines of work on other
+    domains are two releases, never one name derived from an empty corpus."""
+    def sources(domain: str):
+        return load_config(None, ["model.id=artifacts/models/tiny-ko", f"sources=[{{name: domain, paths: [{domain}],"
+                                  " weight: 0.7}, {name: news, paths: [data/news], weight: 0.3}]"])
+
+    law, bills = (with_release_name(sources(p), None).push.name for p in ("data/law", "data/bills"))
+    assert law.startswith("tiny-ko-cpt-law-") and bills.startswith("tiny-ko-cpt-bills-") and law != bills

@@ -215,7 +215,7 @@ def test_a_diverged_model_is_refused_and_leaves_the_release_and_the_hub_untouche
 
     push = {"repo_id": "me/line", "name": "promoted-test"}
     release = artifacts / "models" / "promoted-test"
-    with FakeHub() as hub:
+    with FakeHub(user="me") as hub:
         online(monkeypatch, hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_test_token_for_the_gate_test")
         states, stages, _ = run(config, artifacts, push=push)
