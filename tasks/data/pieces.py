@@ -150,9 +150,12 @@ def copy_rejects(directory: Path, prefix: str, sink) -> None:
 
 
 def without_near(index: pa.Table, near: set[str]) -> pa.Table:
-    """`index` less the near-duplicates (`near_dedup_rows`' doc_ids): the assembly's second filter, ids only."""
-    mask = pc.invert(pc.is_in(index.column("doc_id"), value_set=pa.array(sorted(near), pa.string())))
-    return index.filter(mask)
+    """`index` less the near-duplicates (`near_dedup_rows`' doc_ids): the assembly's second filter, ids only.
+    A membership test per row of this piece against the set as it is (building an Arrow value set from `near`
+    for each piece cost a sort of the whole line's near-duplicates per file: 0.24 s of a drop's 0.40 s load on
+    a 16x line, growing with the line)."""
+    keep = [i for i, d in enumerate(index.column("doc_id").to_pylist()) if d not in near]
+    return index if len(keep) == index.num_rows else take_rows(index, keep)
 
 
 def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
