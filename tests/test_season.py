@@ -43,6 +43,7 @@ def test_a_short_season_on_a_store_with_two_hosts(tmp_path, tiny_model, s3_endpo
     assert summary["within_budget"], summary
     assert all(r["mirror_bytes"] <= 2_000_000 for r in season["rows"]), [r["mirror_bytes"] for r in season["rows"]]
     assert not season["recomputed"], season["recomputed"]
+    assert not season["rebuilt_after_gc"], season["rebuilt_after_gc"]  # pieces included, by key
     assert summary["promoted"] and season["releases"]
     assert all(r["digest_matches"] and r["loads"] for r in season["releases"])
     assert plot(season, tmp_path / "season.png").stat().st_size > 10_000
