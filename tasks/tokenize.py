@@ -22,7 +22,7 @@ from tasks.core.config.model import ModelConfig
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Fingerprint, StageOutput, combine_digests, hash_file
 from tasks.core.report import Progress
-from tasks.core.paths import user_cache_dir
+from tasks.core.paths import temp_beside, user_cache_dir
 from tasks.core.root import ArtifactsRoot
 from tasks.core.stage import Build, publish_piece, stage
 from tasks.data.arrow import batch_bounds, read_arrow, token_type
@@ -190,7 +190,7 @@ def _write_atomic(path: Path, text: str) -> None:
     import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_beside(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 

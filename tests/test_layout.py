@@ -135,9 +135,11 @@ def test_core_imports_nothing_outside_core_and_the_store_only_the_manifest_types
         if name.startswith("tasks.core"):
             outside = {d for d in deps if not d.startswith("tasks.core")}
             assert not outside, f"{name} imports {sorted(outside)}: infrastructure must not know a stage"
-    # fence: a leaf; signing: the keys that seal and open store objects (it imports the config errors alone)
+    # fence: a leaf; signing: the keys that seal and open store objects (it imports the config errors alone);
+    # paths: a leaf (where this host's files go, temp names)
     assert graph["tasks.core.objectstore"] == {"tasks.core.manifest", "tasks.core.fence", "tasks.core.signing",
-                                               "tasks.core.store_lock"}
+                                               "tasks.core.store_lock", "tasks.core.paths"}
+    assert graph["tasks.core.paths"] == set()
     assert graph["tasks.core.store_lock"] == {"tasks.core.fence"}  # its lease lock
     assert graph["tasks.core.signing"] <= {"tasks.core.config.base"}
     for name in ("tasks.core.manifest", "tasks.core.keys", "tasks.core.entries", "tasks.core.objectstore"):
@@ -380,3 +382,21 @@ def test_the_map_check_can_fail():
     assert "tasks/readers.py" not in named and "tasks/core/readers.py" not in named
     without = text.replace("    readers.py ", "    ", 1)
     assert "tasks/data/readers.py" not in readme_map(without)
+
+
+def test_a_temporary_file_is_named_per_call_never_by_the_process_alone(tmp_path):
+    """Atomic writes (a temp file, then os.replace) take their temp name from `temp_beside`, unique to the call:
+    a name from the process id alone is shared by the threads of one process (a task runner's, a lease renewer's)
+    and two of them writing one file would write into one temp file."""
+    import re
+
+    from tasks.core.paths import temp_beside
+
+    target = tmp_path / "refs.json"
+    a, b = temp_beside(target), temp_beside(target)
+    assert a != b and a.parent == b.parent == tmp_path and a.name.startswith(".refs.json.")
+    assert temp_beside(target, ".part").suffix == ".part"
+    pid_only = re.compile(r"getpid\(\)\}\.(tmp|part|get)\b")
+    offenders = [f"{p.relative_to(ROOT)}:{n}" for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+                 for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pid_only.search(line)]
+    assert not offenders, f"temp names from the process id alone (use tasks.core.paths.temp_beside): {offenders}"

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from tasks.core.paths import temp_beside
 from tasks.core.manifest import safe_relpath
 
 HOLDS = "state/holds"
@@ -69,7 +70,7 @@ class RunHold:
             self.hold.expires = time.time() + lease_seconds()
             path = self.root.path(self.rel)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp = temp_beside(path)
             tmp.write_text(self.hold.model_dump_json(), encoding="utf-8")
             os.replace(tmp, path)
             self.root.save_file(self.rel)

@@ -127,7 +127,7 @@ def _remembered(stage: str, roots: list) -> tuple[str, list[str]]:
     (a changed file makes a new state: computed and checked again, so a missing name still fails at import)."""
     if not all(_label(r).startswith("tasks.") for r in roots):  # code outside the project (a test's stage)
         return code_digest(roots)
-    from tasks.core.paths import user_cache_dir
+    from tasks.core.paths import temp_beside, user_cache_dir
 
     path = user_cache_dir() / "code-versions" / f"{_tree_digest()}.json"
     key = f"{stage}\0" + "\0".join(_label(r) for r in roots)
@@ -142,7 +142,7 @@ def _remembered(stage: str, roots: list) -> tuple[str, list[str]]:
     known[key] = [digest, covered]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_beside(path)
         tmp.write_text(json.dumps(known))
         os.replace(tmp, path)
     except OSError:  # a read-only cache: computed each time

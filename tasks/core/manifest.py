@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from tasks.core.paths import temp_beside
 
 MANIFEST = "_COMPLETE"
 RECORDS_DIR = "_records"
@@ -257,7 +258,7 @@ class DigestMemo:
         if not self.changed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp = temp_beside(self.path)
         tmp.write_text(json.dumps(self.entries))
         os.replace(tmp, self.path)  # concurrent runs may lose each other's entries, never corrupt the file
         self.changed = False

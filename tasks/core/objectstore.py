@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tasks.core.paths import temp_beside
 from tasks.core.fence import LockLost  # noqa: F401 - LockLost is raised to callers of this module
 from tasks.core.signing import Unsigned, keys_from_env
 from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, arrow_problem, entry_rel, parse_manifest,
@@ -224,7 +225,7 @@ class Store:
                 target = final / safe_relpath(name)
                 if name in manifest.files and not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+                    tmp = temp_beside(target, ".part")
                     try:
                         self._copy_verified(rel, name, tmp, manifest)
                     except DamagedEntry as e:
@@ -319,7 +320,7 @@ class Store:
             local.unlink(missing_ok=True)
             return False
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.get")
+        tmp = temp_beside(local, ".get")
         tmp.write_bytes(data)
         os.replace(tmp, local)
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
@@ -21,3 +22,10 @@ def scratch_home() -> Path:
     if explicit:
         return Path(explicit).resolve()
     return (user_cache_dir() / "scratch").resolve()
+
+
+def temp_beside(path: Path, suffix: str = ".tmp", name: str | None = None) -> Path:
+    """A hidden temporary name beside `path` for writing it atomically (write, then `os.replace`): unique to this
+    call, not only to this process, so two threads of one process (a task runner's, a lease renewer's) writing the
+    same file never write into one temporary file."""
+    return path.with_name(f".{name or path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")

@@ -26,7 +26,7 @@ from tasks.core.locks import check_conditional_create, read_holder, write_holder
 from tasks.core.manifest import (MANIFEST, RECORDS_DIR, StageOutput, entry_of, entry_rel, read_manifest,
                                  remove_entry_dir, safe_relpath, verified_manifest)
 from tasks.core.objectstore import Lock, Store, split_url
-from tasks.core.paths import scratch_home
+from tasks.core.paths import scratch_home, temp_beside
 
 
 def mirror_path(url: str) -> Path:
@@ -206,7 +206,7 @@ class ArtifactsRoot:
             state = read()
             yield state
             held.check()  # a lease lost (or lapsing) meanwhile: another host may hold the state; nothing written
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+            tmp = temp_beside(path, name=path.stem)
             tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
             self._push(tmp, rel)
             os.replace(tmp, path)

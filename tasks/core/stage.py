@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core import fence
+from tasks.core.paths import temp_beside
 from tasks.core.keys import register_code_version, stage_key
 from tasks.core.manifest import Piece, StageOutput, as_output, register_output
 from tasks.core.root import ArtifactsRoot, open_root
@@ -116,7 +117,7 @@ def write_record(path: Path, output: StageOutput) -> None:
         run_logger().warning("cache: the Prefect record of %s is not the one its manifest gives; replaced it "
                              "(a record is never deserialised as it was found)", path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_beside(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

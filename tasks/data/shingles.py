@@ -174,7 +174,7 @@ def _fold_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     written, atomically, when it can be)."""
     import os
 
-    from tasks.core.paths import user_cache_dir
+    from tasks.core.paths import temp_beside, user_cache_dir
 
     path = user_cache_dir() / f"fold-table-{unicodedata.unidata_version}-v{_TABLE_VERSION}.npz"
     try:
@@ -187,7 +187,7 @@ def _fold_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     arrays = _build_fold_table()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_beside(path)
         with open(tmp, "wb") as f:
             np.savez(f, **dict(zip(_TABLE_NAMES, arrays)), digest=_table_digest(arrays))
         os.replace(tmp, path)
