@@ -317,7 +317,10 @@ def test_a_drop_that_never_settles_is_left_out_then_rejected(line, tmp_path):
         state.find(path).history[-1]["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 7200))
     out = line.gate(max_pending_hours=1)
     status, reason = line.status()[path]
-    assert status == "rejected" and "drops.max_pending_hours=1" in reason and "_WRITING" not in out["left_out"]
+    assert status == "rejected" and "drops.max_pending_hours=1" in reason and path not in out["left_out"]
+    later = line.gate(max_pending_hours=1)  # the marker is still there: rejected it stays, and says nothing more
+    assert not later["left_out"] and not later["unsettled"] and not later["rejected"]
+    assert line.status()[path] == (status, reason)
 
 
 # ------------------------------------------------------------------------ through `cpt retrain --drop`

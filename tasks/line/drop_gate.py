@@ -413,6 +413,8 @@ def gate_drops(config: CptConfig, root: ArtifactsRoot, line: str, settle_seconds
                 verdict(entry, "", refused(
                     f"still being written {pending_hours(entry):.1f} hours after it was announced, over "
                     f"drops.max_pending_hours={config.drops.max_pending_hours:g} ({'; '.join(busy[:3])})"))
+            elif entry.status == "rejected":
+                continue  # still being written and already out of the line: it stays rejected, left out of nothing
             else:
                 out["unsettled"] += busy
                 out["left_out"].append(entry.path)
