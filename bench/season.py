@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -510,6 +511,9 @@ def main() -> int:
     mirror = parse_bytes(args.mirror_budget, "--mirror-budget")
     print(f"season: {args.nights} nights, {'a local root' if args.local else f'a store, {args.hosts} hosts'}, "
           f"budget {human(budget)}, model {human(dir_bytes(model))} ({model}), work {work}")
+    # SIGTERM (a CI timeout, `kill`) ends the season through its `finally`s, so the weed server it started stops
+    # with it instead of staying behind.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     with contextlib.ExitStack() as stack:
         url = None
         if not args.local:
