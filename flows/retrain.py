@@ -43,7 +43,7 @@ from tasks.core.report import markdown_artifact, markdown_table, run_logger, tab
 from tasks.core.root import open_root
 from tasks.core.scope import build_scope
 from tasks.line.drop_gate import gate_drops, near_duplicate_pairs, unsettled_files
-from tasks.line.sources import line_sources
+from tasks.line.sources import line_sources, other_sources, sources_changed
 from tasks.line import lines
 from tasks.line.preflight import check_before_compute, describe_failure
 
@@ -179,12 +179,17 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
         # less those left out of this run (the pipeline flow takes the same `left_out`).
         fingerprint, configured = line_sources(config, state, digests.digest, without=left_out)
         files = fingerprint.items
+        others = other_sources(config, digests.digest)  # a change to a source drops do not join retrains too
+        moved = sources_changed(state.last_training, others)
         busy = unsettled_files(configured, settle_seconds)
         if busy:
             return skipped("unsettled", f"corpus still being written, not training now: {', '.join(busy[:5])}",
                            files=busy)
         digests.save()
         last = state.last_training
+        if moved:
+            log.info("retrain: line %r: source %s changed since the last training", line, ", ".join(moved))
+            last = None  # changed: trained whatever the drops say
         if last and last["corpus"] == fingerprint.digest and not force and rejected:
             reasons = "; ".join(f"{d.path}: {d.reason}" for d, p in gate["gated"] if d.path in rejected)
             return skipped("drop-rejected", f"drop rejected by the gate, nothing else changed: {reasons}",
@@ -201,7 +206,7 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
 
         log.info("retrain: line %r: corpus fingerprint %s (%d files, %d drops) differs from the last training "
                  "(%s); running the pipeline", line, fingerprint.digest[:12], len(files), len(state.active_paths()),
-                 last["corpus"][:12] if last else "none")
+                 last["corpus"][:12] if last else f"other sources changed: {', '.join(moved)}" if moved else "none")
         try:
             summary = continued_pretraining(config=config, artifacts=root.spec, line=line, left_out=left_out)
         except Exception as e:
@@ -212,7 +217,7 @@ def _retrain(config: CptConfig, drop: str | None, line: str, settle_seconds: flo
     lines.record_outcome(root, line, trained_drops, f"run {summary['flow_run']}: " + (
         "trained, released" if gate.get("promoted", True) else f"trained, not promoted: {gate.get('reason', '')}"))
     lines.record_training(root, line, {
-        "corpus": fingerprint.digest, "files": len(files), "drops": trained_drops,
+        "corpus": fingerprint.digest, "sources": others, "files": len(files), "drops": trained_drops,
         "flow_run": flow_run.name, "pipeline_run": summary["flow_run"], "finished_at": lines.now_iso(),
         "promoted": gate.get("promoted", True), "gate_reason": gate.get("reason", "")})
     verdict = ("promoted by the gate" if gate.get("promoted", True) else

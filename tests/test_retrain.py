@@ -645,3 +645,20 @@ def test_a_run_that_fails_at_push_says_promoted_not_pushed_everywhere(config, te
     assert gate.startswith("# Promotion gate: promoted, not pushed: PushFailed")
     keys = {a.key for a in flow_run_artifacts(result["flow_run"])}
     assert {"line-drops", "retrain-decision"} <= keys
+
+
+@pytest.mark.slow  # three `retrain` flows, two trainings
+def test_a_nightly_run_retrains_when_the_replay_text_changed(config, texts, tmp_path, artifacts):
+    """A line's fingerprint is every source it trains on: the replay text (a source drops do not join) replaced
+    retrains the line the next night; unchanged, the night trains nothing."""
+    from flows.retrain import retrain
+
+    write_docs(tmp_path / "general" / "g.jsonl", [f"일반 문서 {i}: 오늘 날씨는 맑고 기온은 {i}도이다." for i in range(40)])
+    replayed = config.model_copy(update={"replay": config.replay.model_copy(update={
+        "paths": [str(tmp_path / "general")], "fraction": 0.25})})
+    assert retrain(config=replayed, line="l", artifacts=str(artifacts), settle_seconds=60)["trained"]
+    assert retrain(config=replayed, line="l", artifacts=str(artifacts), settle_seconds=60)["reason"] == "unchanged"
+    write_docs(tmp_path / "general" / "g.jsonl", [f"일반 문서 {i}: 시장에는 사람이 많았고 버스는 {i}분마다 왔다."
+                                                 for i in range(40)])
+    night = retrain(config=replayed, line="l", artifacts=str(artifacts), settle_seconds=60)
+    assert night["trained"] and night["reason"] == "changed"

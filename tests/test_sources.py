@@ -289,3 +289,30 @@ def test_a_lines_drops_join_the_named_source_and_no_other(tmp_path, drops_source
     own = {"domain": ["domain"], "general_ko": ["general"]}
     assert sorted(Path(i["path"]).parent.name for i in fingerprint.items) == sorted([*own[joins], "drop"])
     assert sorted(p.parent.name for p in configured) == own[joins]
+
+
+def test_a_change_to_a_source_the_drops_do_not_join_is_a_change_of_the_line(tmp_path):
+    """A line retrains when any of its sources changed, not only the one its drops join (flows/retrain.py compares
+    `other_sources` with the last training's): the general or code text replaced is a new line to train."""
+    from tasks.line.sources import other_sources, sources_changed
+
+    from helpers import write_jsonl
+
+    for name in ("domain", "general", "code"):
+        write_jsonl(tmp_path / name / "x.jsonl", [{"content": f"{name} text {i}, long enough to keep"}
+                                                  for i in range(5)])
+    config = validate_config({"model": {"id": "org/base"}, "sources": [
+        {"name": "domain", "paths": [str(tmp_path / "domain")], "weight": 0.6},
+        {"name": "general_ko", "paths": [str(tmp_path / "general")], "weight": 0.3},
+        {"name": "code", "paths": [str(tmp_path / "code")], "weight": 0.1}]})
+    before = other_sources(config)
+    assert set(before) == {"general_ko", "code"}  # the drop source is the line's own fingerprint
+    last = {"corpus": "c", "sources": before}
+    assert sources_changed(last, other_sources(config)) == []
+    write_jsonl(tmp_path / "code" / "x.jsonl", [{"content": "def g():\n    return 42  # a new helper"}])
+    assert sources_changed(last, other_sources(config)) == ["code"]
+    assert sources_changed({"corpus": "c", "sources": {"general_ko": before["general_ko"]}}, before) == ["code"]
+    assert sources_changed({"corpus": "c"}, other_sources(config)) == []  # recorded before: nothing known
+    replay = validate_config({"corpus": {"paths": [str(tmp_path / "domain")]}, "model": {"id": "org/base"},
+                              "replay": {"paths": [str(tmp_path / "general")], "fraction": 0.25}})
+    assert set(other_sources(replay)) == {"replay"}

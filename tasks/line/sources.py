@@ -82,3 +82,21 @@ def line_sources(config: CptConfig, state: LineState, digest=hash_file,
                                                                      sorted(i["digest"] for i in items)]),
                               location=str(Path.cwd()), items=items)
     return fingerprint, keep
+
+
+def other_sources(config: CptConfig, digest=hash_file) -> dict[str, str]:
+    """The content fingerprint of every source drops do not join (`sources` besides the drop source, or `replay`),
+    by name: a line retrains when one of them changed, not only when its drops or its corpus did."""
+    from tasks.data.files import fingerprint_corpus
+
+    return {d.name: fingerprint_corpus(d.corpus, digest=digest).digest for d in config.data_sources()
+            if d.name != config.drop_source}
+
+
+def sources_changed(last: dict[str, Any] | None, now: dict[str, str]) -> list[str]:
+    """The other sources that differ from the line's last training: changed, added or removed. A training recorded
+    before other sources were fingerprinted names none: nothing is known to have changed since (no retrain for it)."""
+    if not last or "sources" not in last:
+        return []
+    before = last["sources"] or {}
+    return sorted(n for n in {*before, *now} if before.get(n) != now.get(n))
