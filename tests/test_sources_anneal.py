@@ -110,3 +110,87 @@ def test_weighted_loss_without_a_weighted_source_evaluated_is_an_error(weights):
 
     with pytest.raises(ValueError, match="no weighted source"):
         weighted_loss({"eval_domain_loss": 2.0}, weights)
+
+
+# ------------------------------------------------------------------------------------------ through the flow
+
+def _two_sources(tmp_path: Path, tiny_model: Path, **train) -> dict:
+    from test_sources_flow import three_sources
+
+    config = three_sources(tmp_path, tiny_model)
+    config["sources"] = config["sources"][:2]
+    config["sources"][0]["weight"], config["sources"][1]["weight"] = 0.8, 0.2
+    config.update({
+        "train": {"max_steps": 5, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                  "learning_rate": 3e-3, "warmup_ratio": 0.2, "logging_steps": 1, "eval_steps": 5, "save_steps": 5,
+                  "early_stopping_patience": None, "init": "last_promoted", "schedule": "stable_anneal", **train},
+        "evaluate": {"max_eval_rows": 8},
+        # Promotion is not what is tested here: every run must be released, whatever a tiny model did.
+        "gate": {"max_validation_increase": 10.0},
+        "push": {"name": "line"},
+    })
+    return config
+
+
+def _stages(summary) -> dict:
+    return {s["name"]: s for s in summary["stages"]}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_anneal_average_releases_the_mean_of_the_last_k_stable_models_and_the_line_continues_from_the_stable_one(
+        tmp_path, tiny_model, artifacts):
+    import torch
+
+    from tasks.core.root import open_root
+    from tasks.line.promotions import read_promotions
+    from tasks.ml.modeling import model_digest
+
+    config = _two_sources(tmp_path, tiny_model, anneal="average", anneal_checkpoints=2)
+    stables, releases = [], []
+    for run, docs in enumerate((80, 90, 100)):  # new domain text each run: each trains anew
+        write_jsonl(tmp_path / "domain" / "d.jsonl", [{"content": t} for t in sample_texts(docs)])
+        states, summary = run_flow(config, artifacts, until=None)
+        stages = _stages(summary)
+        assert [states[n] for n in ("train", "anneal", "evaluate", "gate", "push")] == ["Completed"] * 5, states
+        trained, annealed = stages["train"], stages["anneal"]
+        assert trained["counts"]["global_step"] == 5  # average: the stable phase trains every step, no decay share
+        stable_dir, release_dir = Path(trained["output"]) / "model", Path(annealed["output"]) / "model"
+        stables.append((model_digest(stable_dir), stable_dir))
+        releases.append(model_digest(release_dir))
+        # the stable parent: the base model first, then the last run's stable model, never its (averaged) release
+        if run == 0:
+            assert trained["counts"]["warmed_up"] is True and trained["counts"]["parent"] == "base model"
+        else:
+            assert trained["counts"]["warmed_up"] is False
+            assert trained["counts"]["parent"] == f"stable {stables[run - 1][0][:16]}"
+            if run == 2:  # run 2's release was the mean of two stable models, not its stable one: not the parent
+                assert releases[1] != stables[1][0] and not trained["counts"]["parent"].endswith(releases[1][:16])
+        # the release is exactly the element-wise mean of the named stable models: this run's and the one before
+        named = [d for d, _ in stables[::-1][:2]]
+        assert annealed["counts"]["anneal"] == "average" and annealed["counts"]["averaged"] == named
+        assert annealed["counts"]["averaged_models"] == len(named) == min(run + 1, 2)
+        averaged = [_tensors(folder) for _, folder in stables[::-1][:2]]
+        release = _tensors(release_dir)
+        assert set(release) == set(averaged[0])
+        for name, t in release.items():
+            parts = [m[name] for m in averaged]
+            assert t.dtype == parts[0].dtype
+            assert torch.equal(t, (sum(p.float() for p in parts) / len(parts)).to(t.dtype)), name
+        if run == 0:  # the line's first run has one stable model: its "average" is that model
+            assert releases[0] == stables[0][0]
+        else:  # two different stable models averaged: the release is neither
+            assert releases[-1] not in {d for d, _ in stables}
+        # what was released, and the lineage: the release, the stable model it came from, the parent
+        record = read_promotions(open_root(artifacts), "name-line").last
+        assert record.model_digest == releases[-1] == model_digest(artifacts / "models" / "line")
+        assert record.stable["digest"] == stables[-1][0]
+        assert record.parent["kind"] == ("base" if run == 0 else "stable")
+        if run:
+            assert record.parent["digest"] == stables[run - 1][0]
+        card = (artifacts / "models" / "line" / "README.md").read_text(encoding="utf-8")
+        row = next(line for line in card.splitlines() if line.startswith("| stable checkpoint"))
+        assert f"the average of {len(named)} stable models" in row
+        assert all(d[:32] in row for d in named), row  # the card names each stable model averaged
+        if run == 2:
+            assert stables[0][0][:32] not in row  # anneal_checkpoints: 2 leaves the first run's out
