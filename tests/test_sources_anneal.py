@@ -194,3 +194,116 @@ def test_anneal_average_releases_the_mean_of_the_last_k_stable_models_and_the_li
         assert all(d[:32] in row for d in named), row  # the card names each stable model averaged
         if run == 2:
             assert stables[0][0][:32] not in row  # anneal_checkpoints: 2 leaves the first run's out
+
+
+def _trained_tokens(output: str, artifacts: Path) -> list[int]:
+    """Trained (labelled) tokens of each training row of a chunk or mix entry, counted from its rows: the positions
+    from `trained_from` on."""
+    from helpers import chunk_entry_rows
+
+    return [len(r["input_ids"]) - r["trained_from"] for r in chunk_entry_rows(output, artifacts)["train"]]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_anneal_sources_give_the_decay_branch_its_own_mixture_exact_to_the_token_and_rerun_only_that_branch(
+        tmp_path, tiny_model, artifacts):
+    config = _two_sources(tmp_path, tiny_model, max_steps=5, anneal_ratio=0.4)
+    config["anneal"] = {"sources": [{"name": "domain", "weight": 0.4}, {"name": "general_ko", "weight": 0.6}]}
+    states, summary = run_flow(config, artifacts, until=None)
+    stages = _stages(summary)
+    assert [states[n] for n in ("mix", "anneal-mix", "train", "anneal", "push")] == ["Completed"] * 5, states
+
+    # The anneal mixture's shares, exact to the token, counted from its rows: the domain (first, weight 0.4) read
+    # once sets the total; general_ko gets 0.6 of it, its small pool repeated.
+    pools = {"domain": sum(_trained_tokens(stages["chunk"]["output"], artifacts)),
+             "general_ko": sum(_trained_tokens(stages["general_ko-chunk"]["output"], artifacts))}
+    total = pools["domain"] / 0.4
+    want = {"domain": pools["domain"], "general_ko": round(0.6 * total)}
+    mixed = stages["anneal-mix"]
+    table = {t["source"]: t for t in _mix_table(mixed)}
+    rows = _trained_tokens(mixed["output"], artifacts)
+    got = {"domain": sum(rows[: table["domain"]["rows"]]), "general_ko": sum(rows[table["domain"]["rows"]:])}
+    assert got == want and len(rows) == table["domain"]["rows"] + table["general_ko"]["rows"]
+    for name in want:
+        assert mixed["counts"][f"{name}_trained_tokens"] == table[name]["trained_tokens"] == want[name]
+        assert mixed["counts"][f"{name}_share"] == pytest.approx(want[name] / sum(want.values()))
+    assert table["general_ko"]["passes"] > 1
+    # ... which are not the stable phase's (0.8 / 0.2): the stable phase trained on the mix, the decay on its own
+    stable_mix = stages["mix"]["counts"]
+    assert stable_mix["general_ko_share"] == pytest.approx(0.2, abs=0.01)
+    assert mixed["counts"]["general_ko_share"] == pytest.approx(0.6, abs=0.01)
+    assert stages["train"]["counts"]["source_shares"] == {
+        n: round(stable_mix[f"{n}_share"], 6) for n in ("domain", "general_ko")}
+    assert stages["anneal"]["counts"]["source_shares"] == {
+        n: round(mixed["counts"][f"{n}_share"], 6) for n in ("domain", "general_ko")}
+    assert stages["anneal"]["counts"]["source_trained_tokens"] == want
+    assert stages["anneal"]["counts"]["global_step"] == 2 and stages["train"]["counts"]["global_step"] == 3
+
+    # Only anneal.sources changes: the anneal branch (its mix, the decay) and what follows rerun; the stable train
+    # and every data stage are Cached.
+    config["anneal"]["sources"] = [{"name": "domain", "weight": 0.5}, {"name": "general_ko", "weight": 0.5}]
+    states, summary = run_flow(config, artifacts, until=None)
+    rerun = {n for n, s in states.items() if s != "Cached"}
+    after_anneal = {"anneal-mix", "anneal", "evaluate", "evaluate-reference", "gate", "push"}
+    assert {"anneal-mix", "anneal"} <= rerun <= after_anneal, states
+    assert states["train"] == "Cached" and states["mix"] == "Cached", states
+    assert _stages(summary)["anneal-mix"]["counts"]["general_ko_share"] == pytest.approx(0.5, abs=0.01)
+
+
+def _mix_table(stage: dict) -> list[dict]:
+    from tasks.core.manifest import read_manifest
+
+    return read_manifest(Path(stage["output"])).meta.sources
+
+
+# ------------------------------------------------------------------------------------------ the weighted validation loss
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_training_on_two_sources_stops_early_and_keeps_the_best_checkpoint_on_the_weighted_validation_loss(
+        tmp_path, tiny_model, artifacts):
+    from test_sources_flow import three_sources
+
+    config = three_sources(tmp_path, tiny_model)
+    config["sources"] = config["sources"][:2]
+    config["sources"][0].update(weight=0.8, eval_weight=1.0)  # configured: 1:3, not the sampling shares 0.8:0.2
+    config["sources"][1].update(weight=0.2, eval_weight=3.0)
+    # A rate this high makes the validation loss turn up within a few steps: early stopping must act.
+    config["train"] = {"max_steps": 12, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                       "learning_rate": 5e-2, "warmup_ratio": 0.0, "logging_steps": 1, "eval_steps": 1,
+                       "save_steps": 1, "early_stopping_patience": 2}
+    states, summary = run_flow(config, artifacts, until="train")
+    assert states["train"] == "Completed", states
+    trained = _stages(summary)["train"]
+    history = json.loads((Path(trained["output"]) / "log_history.json").read_text())
+    by_step: dict[int, dict] = {}
+    for h in history:
+        if any(k.startswith("eval_") and k.endswith("_loss") for k in h):
+            by_step.setdefault(h["step"], {}).update(h)
+    evals = sorted(by_step.items())
+    assert evals, history
+    for step, e in evals:  # each evaluation: a loss per source, and eval_loss their 1:3 weighted mean
+        assert e["eval_loss"] == pytest.approx((1.0 * e["eval_domain_loss"] + 3.0 * e["eval_general_ko_loss"]) / 4,
+                                               rel=1e-9), step
+    weighted = [(step, e["eval_loss"]) for step, e in evals]
+    assert weighted != [(s, (0.8 * e["eval_domain_loss"] + 0.2 * e["eval_general_ko_loss"])) for s, e in evals]
+    # Early stopping as transformers' EarlyStoppingCallback counts (patience 2, no threshold), on eval_loss:
+    best, waited, stop = None, 0, None
+    for step, loss in weighted:
+        if best is None or loss < best[1]:
+            best, waited = (step, loss), 0
+        else:
+            waited += 1
+        if waited >= 2:
+            stop = step
+            break
+    c = trained["counts"]
+    assert stop is not None and stop < 12, weighted  # the data made it stop: a real test of early stopping
+    assert c["stopped_early"] is True and c["global_step"] == stop
+    # the best checkpoint is the one of the lowest weighted loss, not of either source's own
+    assert c["best_eval_loss"] == pytest.approx(best[1], rel=1e-9)
+    assert c["source_eval_losses"] == {"domain": evals[-1][1]["eval_domain_loss"],
+                                       "general_ko": evals[-1][1]["eval_general_ko_loss"]}
+    metrics = json.loads((Path(trained["output"]) / "metrics.json").read_text())
+    assert metrics["best_checkpoint"] == f"checkpoint-{best[0]}"
