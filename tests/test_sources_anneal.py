@@ -194,6 +194,9 @@ def test_anneal_average_releases_the_mean_of_the_last_k_stable_models_and_the_li
         assert all(d[:32] in row for d in named), row  # the card names each stable model averaged
         if run == 2:
             assert stables[0][0][:32] not in row  # anneal_checkpoints: 2 leaves the first run's out
+    # The last run again: its training finds its own parent, its average the same stable models: Cached.
+    states, _ = run_flow(config, artifacts, until=None)
+    assert states["train"] == "Cached" and states["anneal"] == "Cached", states
 
 
 def _trained_tokens(output: str, artifacts: Path) -> list[int]:
