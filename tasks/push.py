@@ -68,8 +68,10 @@ def lineage_markdown(lineage: dict[str, Any]) -> str:
     ]
     stable = lineage.get("stable")
     if stable:  # train.schedule stable_anneal: which stable checkpoint this release came from, and how
+        averaged = stable.get("averaged") or []
         how = ("a decay branch from it" if stable["anneal"] == "decay" else
-               f"the average of {len(stable.get('averaged') or [])} stable models of the line, it first")
+               f"the average of {len(averaged)} stable models of the line, it first: "
+               + ", ".join(f"`{_short(d, 32)}`" for d in averaged))
         rows.append(("stable checkpoint", f"`{_short(stable['digest'], 32)}` (the line's parent, not released); this "
                                           f"release is {how}"))
     for d in lineage.get("drops", []):

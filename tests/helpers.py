@@ -109,7 +109,8 @@ def chunk_entry_rows(output: str | Path, artifacts) -> dict[str, list[dict]]:
     from tasks.core.manifest import read_manifest
     from tasks.core.root import open_root
 
-    chunks = Chunks.model_validate(read_manifest(Path(output)).model_dump())
+    found = read_manifest(Path(output))  # typed by its stage: mix-sources' has its own meta
+    chunks = found if isinstance(found, Chunks) else Chunks.model_validate(found.model_dump())
     root = open_root(artifacts)
     return {split: [r for b in chunks.row_batches(root, split) for r in b.to_pylist()]
             for split in ("train", "validation")}

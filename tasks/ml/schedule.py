@@ -116,6 +116,11 @@ def average_models(folders: list[Path], out: Path) -> dict[str, Any]:
     files = sorted(p.name for p in first.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{first}: no safetensors weights to average")
+    for folder in folders[1:]:  # the same weight files (a model sharded otherwise is another save: refused here)
+        theirs = sorted(p.name for p in folder.glob("*.safetensors"))
+        if theirs != files:
+            raise ValueError(f"{folder}: weight files {theirs}, not {first}'s {files}: not the same architecture "
+                             "(or not saved alike); only models of one architecture are averaged")
     out.mkdir(parents=True, exist_ok=True)
     for f in first.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors"):
@@ -131,6 +136,9 @@ def average_models(folders: list[Path], out: Path) -> dict[str, Any]:
                     raise ValueError(f"{folder / name}: other tensors than {first / name}: not the same architecture")
                 for key in keys:
                     t = src.get_tensor(key)
+                    if key in total and t.shape != total[key].shape:  # the same names, other sizes: refused, named
+                        raise ValueError(f"{folder / name}: {key} has shape {tuple(t.shape)}, not "
+                                         f"{tuple(total[key].shape)} as in {first / name}: not the same architecture")
                     dtypes.setdefault(key, t.dtype)
                     total[key] = total[key] + t.float() if key in total else t.float()
         save_file({k: (v / len(folders)).to(dtypes[k]).contiguous() for k, v in total.items()}, str(out / name),
