@@ -104,9 +104,9 @@ def season_root(r: Root) -> dict[str, str]:
                   "evaluate": e[f"eval{night}"], "gate": e[f"gate{night}"]}
         if night < 3:
             e[f"push{night}"] = stages["push"] = r.entry("push", age_days=7)
-        parent = {"kind": "promoted", "digest": "d2"} if night == 3 else {"kind": "base"}
+        parent = {"kind": "promoted", "digest": "2" * 32} if night == 3 else {"kind": "base"}
         r.run(f"run-{night}", stages, age_days=7, parent=parent)
-    r.promoted("line-nightly", ("d1", e["train1"], "run-1"), ("d2", e["train2"], "run-2"))
+    r.promoted("line-nightly", ("1" * 32, e["train1"], "run-1"), ("2" * 32, e["train2"], "run-2"))
     r.line("nightly", "run-3")
     return e
 
@@ -138,6 +138,23 @@ def test_a_refused_model_is_reclaimable_once_it_is_not_the_lines_last_training(m
     report = collect(made.root, policy(max_bytes=0, keep_releases=3))
     assert not made.exists(e["train3"]) and made.exists(e["train1"]) and made.exists(e["train2"])
     assert e["train3"] in {r["rel"] for r in report["deleted"]}
+
+
+def test_a_release_whose_model_is_kept_keeps_it_there_and_its_train_entry_is_reclaimable(made):
+    """A promoted model kept under kept/<lineage>/<digest> (outside the cache, never collected) is the release's
+    copy: its train entry, a second copy of the same model, goes under the budget like any other entry, while the
+    release's evaluation, gate decision and card stay. A release with no kept copy keeps its train entry."""
+    e = season_root(made)
+    kept = made.base / "kept" / "line-nightly" / ("1" * 32)
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_bytes(b"m" * 5000)
+    (kept / ".kept.json").write_text("{}")
+    made.line("nightly", "run-2")  # run-3 is no longer the line's last: only the releases hold its entries
+    collect(made.root, policy(max_bytes=0, keep_releases=3))
+    assert not made.exists(e["train1"])  # release 1's model lives on in kept/
+    assert all(made.exists(e[k]) for k in ("eval1", "gate1", "push1"))  # its evaluation, decision and card
+    assert made.exists(e["train2"])  # release 2 has no kept copy: its train entry is its model
+    assert (kept / "model.safetensors").exists()
 
 
 def test_dry_run_says_the_same_and_deletes_nothing(made):
@@ -306,3 +323,15 @@ def test_the_shipped_cache_gc_deployment_runs_the_gc_flow_on_a_schedule(made, tm
     config.write_text(yaml.safe_dump({"retention": {"max_bytes": 0, "min_age": 0, "keep_releases": 1}}))
     report = flow.fn(config_file=str(config), artifacts=str(made.base))
     assert e["load1"] in {r["rel"] for r in report["deleted"]} and not made.exists(e["load1"])
+
+
+def test_a_lineage_keeps_the_models_of_its_last_keep_releases_promotions():
+    """What `RunLineage.released` keeps in kept/ (with the models the record names): the same releases retention
+    keeps by their kept copy, newest first, a model promoted twice counted once."""
+    from tasks.line.promotions import recent_models
+
+    history = [Promotion(model_digest=d * 32, model_path="cache/train/x/model", train_identity=d, parent={},
+                         reference={}, flow_run=f"run-{i}") for i, d in enumerate("12323")]
+    assert recent_models(history, 3) == ["3" * 32, "2" * 32, "1" * 32]
+    assert recent_models(history, 2) == ["3" * 32, "2" * 32]
+    assert recent_models([], 3) == []

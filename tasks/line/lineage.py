@@ -30,7 +30,7 @@ from tasks.push import ensure_release
 from tasks.line import lines
 from tasks.line.kept import kept_rel
 from tasks.line.promotions import (Promotion, Promotions, apply_promotion, claim_releases, lineage_of,
-                                    read_promotions, record_promotion, release_targets, updating)
+                                    read_promotions, recent_models, record_promotion, release_targets, updating)
 
 if TYPE_CHECKING:  # the manifests it reads; their stages are not imported to run
     from tasks.gate import Decision
@@ -422,8 +422,13 @@ class RunLineage:
                                       self.stable)
             if self._state is not None:
                 apply_promotion(self._state, record)
+                history = self._state.history
             else:
                 record_promotion(self.root, self.lineage, record)
-            wanted = {record.model_digest, record.parent.get("digest"), record.reference.get("digest")}
+                history = (read_promotions(self.root, self.lineage) or Promotions(lineage=self.lineage)).history
+            # Kept: the lineage's last `retention.keep_releases` promoted models (retention keeps these releases
+            # by their kept copy, not their train entry) and the models this record names.
+            wanted = {record.model_digest, record.parent.get("digest"), record.reference.get("digest"),
+                      *recent_models(history, self.config.retention.keep_releases)}
             prune(self.root, self.lineage, {d for d in wanted if d})
         return restored

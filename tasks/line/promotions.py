@@ -112,6 +112,17 @@ def updating(root: ArtifactsRoot, lineage: str):
     return root.locked_state(state_file(lineage), lambda: read_promotions(root, lineage, fetch=False))
 
 
+def recent_models(history: list[Promotion], count: int) -> list[str]:
+    """The digests of the last `count` distinct models promoted in `history`, newest first."""
+    seen: list[str] = []
+    for record in reversed(history):
+        if record.model_digest not in seen:
+            seen.append(record.model_digest)
+            if len(seen) == count:
+                break
+    return seen
+
+
 def record_promotion(root: ArtifactsRoot, lineage: str, record: Promotion) -> None:
     """Make `record` the lineage's last promotion (a repeat of the current last one is not added again)."""
     with updating(root, lineage) as state:

@@ -39,6 +39,7 @@ from tasks.core.inventory import NEVER_DELETED, DepsMemo, Item, closure, entry_r
 from tasks.core.manifest import DigestMemo, safe_relpath
 from tasks.core.root import ArtifactsRoot
 from tasks.line import lines
+from tasks.line.kept import LOCAL_MARKER, kept_rel
 from tasks.line.promotions import Promotions
 
 RELEASE_STAGES = ("train", "evaluate", "evaluate-base", "evaluate-reference", "gate", "push")
@@ -118,10 +119,18 @@ def promoted_releases(s: Survey, policy: RetentionConfig) -> dict[str, str]:
                 break
             why = (f"release {len(seen)} of {policy.keep_releases} of {promos.lineage} (model "
                    f"{record.model_digest[:12]}, run {record.flow_run})")
-            entry = "/".join(record.model_path.split("/")[:3])
-            out.setdefault(entry, why)
+            # A release whose model is kept (kept/<lineage>/<digest>, outside the cache, never collected) is kept
+            # by that copy: its train (or anneal) entry, a second copy of the same model, is reclaimable like any
+            # other; its evaluation, gate decision and card stay. A release from before models were kept: its entry.
+            try:
+                kept = kept_rel(promos.lineage, record.model_digest)
+            except ValueError:  # not a digest a model is kept by: the record's entry holds it
+                kept = None
+            in_kept = kept is not None and (f"{kept}/_COMPLETE" in s.files or f"{kept}/{LOCAL_MARKER}" in s.files)
+            if not in_kept:
+                out.setdefault("/".join(record.model_path.split("/")[:3]), why)
             if record.flow_run:
-                for e in s.run_entries(record.flow_run, RELEASE_STAGES):
+                for e in s.run_entries(record.flow_run, RELEASE_STAGES[1:] if in_kept else RELEASE_STAGES):
                     out.setdefault(e, why)
                 out.setdefault(f"runs/{record.flow_run}", why)
     return out
