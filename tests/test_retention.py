@@ -335,3 +335,23 @@ def test_a_lineage_keeps_the_models_of_its_last_keep_releases_promotions():
     assert recent_models(history, 3) == ["3" * 32, "2" * 32, "1" * 32]
     assert recent_models(history, 2) == ["3" * 32, "2" * 32]
     assert recent_models([], 3) == []
+
+
+def test_a_stable_lines_stable_model_is_kept_when_its_release_is_kept_by_its_copy(made):
+    """A stable line releases its annealed model (kept in kept/) and continues from its stable model, which is never
+    released and lives in its train entry alone: that entry stays whatever the budget."""
+    train = made.entry("train", size=5000, age_days=7)
+    anneal = made.entry("anneal", size=5000, age_days=7)
+    digest = "3" * 32
+    made.run("run-s", {"train": train, "anneal": anneal}, age_days=7)
+    record = Promotion(model_digest=digest, model_path=f"{anneal}/model", train_identity="t", parent={},
+                       reference={}, flow_run="run-s", stable={"digest": "4" * 32, "model_path": f"{train}/model"})
+    path = made.base / "state" / "promotions" / "line-s.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(Promotions(lineage="line-s", last=record, history=[record]).model_dump_json())
+    kept = made.base / "kept" / "line-s" / digest
+    kept.mkdir(parents=True)
+    (kept / ".kept.json").write_text("{}")
+    collect(made.root, policy(max_bytes=0, keep_releases=3))
+    assert made.exists(train)  # the stable model: the line's next run starts from it
+    assert not made.exists(anneal)  # the release's model lives on in kept/

@@ -129,6 +129,9 @@ def promoted_releases(s: Survey, policy: RetentionConfig) -> dict[str, str]:
             in_kept = kept is not None and (f"{kept}/_COMPLETE" in s.files or f"{kept}/{LOCAL_MARKER}" in s.files)
             if not in_kept:
                 out.setdefault("/".join(record.model_path.split("/")[:3]), why)
+            stable = (record.stable or {}).get("model_path")
+            if isinstance(stable, str) and stable.startswith("cache/"):  # a stable line's parent: never released,
+                out.setdefault("/".join(stable.split("/")[:3]), why + ": its stable model")  # its one copy
             if record.flow_run:
                 for e in s.run_entries(record.flow_run, RELEASE_STAGES[1:] if in_kept else RELEASE_STAGES):
                     out.setdefault(e, why)
