@@ -27,7 +27,10 @@ drops trained with `train.schedule: stable_anneal` against today's re-warm on ev
 
 Every run is a fresh `cpt run`/`cpt retrain` process on this machine's CPU; nothing is downloaded.
 
-    .venv/bin/python -m bench.sources [--base-steps 300] [--steps 40] [--line-steps 30] [--drops 5] [--parts AB]
+    .venv/bin/python -m bench.sources [--base-steps 100] [--steps 20] [--line-steps 10] [--drops 5] [--general-docs 2000] [--parts AB]
+
+The defaults fit ~30 minutes of a 2-core machine shared with other work; scale up with --base-steps 400
+--steps 40 --line-steps 30 --general-docs 0 (bench.forgetting's sizes).
 """
 
 from __future__ import annotations
@@ -186,15 +189,15 @@ def part_b(args, d: Path, base_dir: Path, common: dict, line_docs: list[str], dr
 
 def main() -> None:
     ap = argument_parser(__spec__, __doc__)
-    ap.add_argument("--base-steps", type=int, default=300, help="optimizer steps pretraining the base")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each part A run")
-    ap.add_argument("--line-steps", type=int, default=30, help="optimizer steps of each part B run (a release)")
+    ap.add_argument("--base-steps", type=int, default=100, help="optimizer steps pretraining the base")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps of each part A run")
+    ap.add_argument("--line-steps", type=int, default=10, help="optimizer steps of each part B run (a release)")
     ap.add_argument("--drops", type=int, default=5, help="drops of the part B line, one a run")
     ap.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate of the continued runs")
     ap.add_argument("--code-docs", type=int, default=44, help="python_docs documents used (every 10th held out)")
-    ap.add_argument("--general-docs", type=int, default=0, help="bills used (0: all; a smoke test takes fewer)")
-    ap.add_argument("--task-limit", type=int, default=100, help="questions per multiple-choice task")
-    ap.add_argument("--eval-rows", type=int, default=200, help="evaluate.max_eval_rows")
+    ap.add_argument("--general-docs", type=int, default=2000, help="bills used, the first ones (0: all 5,447)")
+    ap.add_argument("--task-limit", type=int, default=60, help="questions per multiple-choice task")
+    ap.add_argument("--eval-rows", type=int, default=100, help="evaluate.max_eval_rows")
     ap.add_argument("--parts", default="AB", help="A, B or AB")
     args = ap.parse_args()
     general_src, domain_src, code_src = (CORPORA / f for f in ("ko_transport_bills.jsonl", "ko_law.jsonl",
