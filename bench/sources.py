@@ -132,31 +132,52 @@ def part_a(args, d: Path, artifacts: Path, base_dir: Path, common: dict, tasks: 
         folder = d / f"a-{name}"
         folder.mkdir()
         summary, wall = cpt_run(cfg, folder, artifacts)
-        st = stages_of(summary)
-        doc = eval_doc(st["evaluate"])
         # The held-out code documents through the same evaluate: every stage up to evaluate-base is Cached.
         probe = copy.deepcopy(cfg)
         probe["evaluate"] = {"general_corpus": [str(d / "held_out" / "code")], "max_eval_rows": args.eval_rows}
         (folder / "code").mkdir()
         code_summary, code_wall = cpt_run(probe, folder / "code", artifacts, until="evaluate")
-        code = eval_doc(stages_of(code_summary)["evaluate"])["perplexity"]["general"]
-        acc = {"before": st["evaluate-base"]["counts"].get("tasks", {}), "after": st["evaluate"]["counts"].get("tasks", {})}
-        mixed = st["mix"]["counts"]
-        if name == "replay":
-            shares = {"domain": (WEIGHTS["domain"], 1 - mixed["replay_share"]),
-                      "replay (general+code)": (mixed["replay_fraction_asked"], mixed["replay_share"])}
-        else:
-            shares = {n: (w, mixed[f"{n}_share"]) for n, w in WEIGHTS.items()}
-        rows.append({"arm": name, "wall": wall + code_wall, "train_steps": st["train"]["counts"].get("global_step"),
-                     "trained_tokens": mixed.get("train_trained_tokens") or (mixed["domain_trained_tokens"]
-                                                                             + mixed["replay_trained_tokens"]),
-                     "mix": mixed, "shares": shares,
-                     "domain": doc["perplexity"]["validation"], "general": doc["perplexity"]["general"], "code": code,
-                     "per_source": doc.get("sources") or {},
-                     "domain_acc": task_accuracy(acc, "domain_cloze"), "general_acc": task_accuracy(acc, "general_cloze"),
-                     "gate": "promoted" if (summary.get("gate") or {}).get("promoted") else
-                             f"refused: {(summary.get('gate') or {}).get('reason', '')}"})
+        rows.append(part_a_row(name, summary, code_summary, wall + code_wall))
     return rows
+
+
+def part_a_row(name: str, summary: dict, code_summary: dict, wall: float) -> dict:
+    """One part A run's row from its `cpt run` summary and its code probe's (their eval.json files)."""
+    st = stages_of(summary)
+    doc = eval_doc(st["evaluate"])
+    code = eval_doc(stages_of(code_summary)["evaluate"])["perplexity"]["general"]
+    acc = {"before": st["evaluate-base"]["counts"].get("tasks", {}), "after": st["evaluate"]["counts"].get("tasks", {})}
+    mixed = st["mix"]["counts"]
+    if name == "replay":
+        shares = {"domain": (WEIGHTS["domain"], 1 - mixed["replay_share"]),
+                  "replay (general+code)": (mixed["replay_fraction_asked"], mixed["replay_share"])}
+    else:
+        shares = {n: (w, mixed[f"{n}_share"]) for n, w in WEIGHTS.items()}
+    gate = summary.get("gate") or {}
+    return {"arm": name, "wall": wall, "train_steps": st["train"]["counts"].get("global_step"),
+            "trained_tokens": mixed.get("train_trained_tokens") or (mixed["domain_trained_tokens"]
+                                                                    + mixed["replay_trained_tokens"]),
+            "mix": mixed, "shares": shares,
+            "domain": doc["perplexity"]["validation"], "general": doc["perplexity"]["general"], "code": code,
+            "per_source": doc.get("sources") or {},
+            "domain_acc": task_accuracy(acc, "domain_cloze"), "general_acc": task_accuracy(acc, "general_cloze"),
+            "gate": "promoted" if gate.get("promoted") else f"refused: {gate.get('reason', '')}"}
+
+
+def part_b_row(k: int, summary: dict, wall: float) -> dict:
+    """Run k (from 0) of a part B line from its `cpt retrain` summary (the pipeline's eval.json)."""
+    pipeline = summary.get("pipeline") or {}
+    if not summary.get("trained") or not pipeline:
+        return {"run": k + 1, "wall": wall, "error": f"{summary.get('reason')}: "
+                f"{summary.get('error') or summary.get('files') or summary.get('gate_reason', '')}"}
+    st = stages_of(pipeline)
+    doc = eval_doc(st["evaluate"])
+    return {"run": k + 1, "wall": wall, "domain": doc["perplexity"]["validation"],
+            "general": doc["perplexity"]["general"],
+            "steps": st["train"]["counts"].get("global_step", 0)
+            + (st.get("anneal", {}).get("counts", {}).get("global_step") or 0),
+            "parent": st["train"]["counts"].get("parent"),
+            "promoted": summary.get("promoted"), "gate_reason": summary.get("gate_reason", "")}
 
 
 def part_b(args, d: Path, base_dir: Path, common: dict, line_docs: list[str], drops: list[Path]) -> dict:
@@ -170,19 +191,7 @@ def part_b(args, d: Path, base_dir: Path, common: dict, line_docs: list[str], dr
         runs = []
         for k, drop in enumerate(drops):
             summary, wall = retrain(cfg, d / f"b-{mode}" / f"run-{k}", artifacts, f"bench-{mode}", drop)
-            pipeline = summary.get("pipeline") or {}
-            if not summary.get("trained") or not pipeline:
-                runs.append({"run": k + 1, "wall": wall, "error": f"{summary.get('reason')}: "
-                             f"{summary.get('error') or summary.get('files') or summary.get('gate_reason', '')}"})
-                continue
-            st = stages_of(pipeline)
-            doc = eval_doc(st["evaluate"])
-            runs.append({"run": k + 1, "wall": wall, "domain": doc["perplexity"]["validation"],
-                         "general": doc["perplexity"]["general"],
-                         "steps": st["train"]["counts"].get("global_step", 0)
-                         + (st.get("anneal", {}).get("counts", {}).get("global_step") or 0),
-                         "parent": st["train"]["counts"].get("parent"),
-                         "promoted": summary.get("promoted"), "gate_reason": summary.get("gate_reason", "")})
+            runs.append(part_b_row(k, summary, wall))
         modes[mode] = runs
     return modes
 
@@ -247,19 +256,18 @@ def main() -> None:
         _, base_wall = cpt_run(base_cfg, d / "base_run", artifacts)
         base_dir = artifacts / "models" / "base"
         common = common_settings(args.steps, args.lr)
-        a = part_a(args, d, artifacts, base_dir, common, tasks) if "A" in args.parts else []
-        b = part_b(args, d, base_dir, common, line_docs, drops) if "B" in args.parts else {}
-
-    print(f"base: tiny Llama (4 layers, hidden 128, BPE 4k) pretrained {args.base_steps} steps (lr 3e-3) on "
-          f"{len(pretrain)} general bills (ko_transport_bills less every 20th) + {len(code)} python_docs documents "
-          f"({base_wall:.0f} s); held out, never trained on: {len(held_general)} bills, {len(held_code)} code "
-          f"documents; domain ko_law ({len(domain)} documents); batch 16 x 256 tokens, lr {args.lr:g}; "
-          f"{os.cpu_count()} cores; whole script {time.perf_counter() - started:.0f} s")
-    if a:
-        print_part_a(args, a)
-    if b:
-        print_part_b(args, b, len(line_docs))
-
+        # Each part's table as soon as it is measured (a long run cut short keeps what it finished).
+        print(f"base: tiny Llama (4 layers, hidden 128, BPE 4k) pretrained {args.base_steps} steps (lr 3e-3) on "
+              f"{len(pretrain)} general bills (the first {len(general)} of ko_transport_bills less every 20th) + "
+              f"{len(code)} python_docs documents ({base_wall:.0f} s); held out, never trained on: "
+              f"{len(held_general)} bills, {len(held_code)} code documents; domain ko_law ({len(domain)} documents); "
+              f"batch 16 x 256 tokens, lr {args.lr:g}; {os.cpu_count()} cores", flush=True)
+        if "A" in args.parts:
+            print_part_a(args, part_a(args, d, artifacts, base_dir, common, tasks))
+            print(end="", flush=True)
+        if "B" in args.parts:
+            print_part_b(args, part_b(args, d, base_dir, common, line_docs, drops), len(line_docs))
+    print(f"\nwhole script {time.perf_counter() - started:.0f} s")
 
 def _ratio(x: float | None, y: float | None) -> str:
     return "-" if x is None or y is None or not y else f"{x / y:.3f}"
