@@ -184,15 +184,15 @@ def part_b(args, d: Path, base_dir: Path, common: dict, line_docs: list[str], dr
     write_jsonl(d / "line" / "domain.jsonl", line_docs)
     for folder in ("line", "general", "code"):  # a line's files written a moment ago are still being written
         settled(d / folder)
-    modes = {}
-    for mode in ("standard", "stable_anneal"):
-        cfg = line_config(mode, d, base_dir, common, args.line_steps, args.eval_rows)
-        artifacts = d / f"b-{mode}" / "artifacts"  # its own root: both lines pay the same cold first run
-        runs = []
-        for k, drop in enumerate(drops):
-            summary, wall = retrain(cfg, d / f"b-{mode}" / f"run-{k}", artifacts, f"bench-{mode}", drop)
+    modes = {"standard": [], "stable_anneal": []}
+    # Drop by drop, the two lines in turn: both see the machine's load of that moment, and a run cut short keeps
+    # whole rows. Each line has its own root: both pay the same cold first run.
+    for k, drop in enumerate(drops):
+        for mode, runs in modes.items():
+            cfg = line_config(mode, d, base_dir, common, args.line_steps, args.eval_rows)
+            summary, wall = retrain(cfg, d / f"b-{mode}" / f"run-{k}", d / f"b-{mode}" / "artifacts",
+                                    f"bench-{mode}", drop)
             runs.append(part_b_row(k, summary, wall))
-        modes[mode] = runs
     return modes
 
 
@@ -208,6 +208,8 @@ def main() -> None:
     ap.add_argument("--task-limit", type=int, default=60, help="questions per multiple-choice task")
     ap.add_argument("--eval-rows", type=int, default=100, help="evaluate.max_eval_rows")
     ap.add_argument("--parts", default="AB", help="A, B or AB")
+    ap.add_argument("--base", help="a base model folder an earlier run of this script pretrained (same data flags; "
+                    "copy artifacts/models/base out of its temporary folder): no pretraining")
     args = ap.parse_args()
     general_src, domain_src, code_src = (CORPORA / f for f in ("ko_transport_bills.jsonl", "ko_law.jsonl",
                                                                  "python_docs.jsonl"))
@@ -252,9 +254,12 @@ def main() -> None:
                     "split": {"validation_fraction": 0.01}, "chunk": CHUNK,
                     "train": {**TRAIN, "max_steps": args.base_steps, "learning_rate": 3e-3},
                     "evaluate": {"max_eval_rows": 64}, "push": {"name": "base"}}
-        (d / "base_run").mkdir()
-        _, base_wall = cpt_run(base_cfg, d / "base_run", artifacts)
-        base_dir = artifacts / "models" / "base"
+        if args.base:  # a base this script pretrained before, with the same data flags (its tokenizer beside it)
+            base_dir, base_wall = Path(args.base).resolve(), 0.0
+        else:
+            (d / "base_run").mkdir()
+            _, base_wall = cpt_run(base_cfg, d / "base_run", artifacts)
+            base_dir = artifacts / "models" / "base"
         common = common_settings(args.steps, args.lr)
         # Each part's table as soon as it is measured (a long run cut short keeps what it finished).
         print(f"base: tiny Llama (4 layers, hidden 128, BPE 4k) pretrained {args.base_steps} steps (lr 3e-3) on "
