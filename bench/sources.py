@@ -30,7 +30,7 @@ Every run is a fresh `cpt run`/`cpt retrain` process on this machine's CPU; noth
     .venv/bin/python -m bench.sources [--base-steps 100] [--steps 20] [--line-steps 10] [--drops 5] [--general-docs 2000] [--parts AB]
 
 The defaults took ~14 min (base) + ~9 min (part A) + ~3 min a part B run (10 runs) at nice 10 on a 2-core
-machine shared with a CI run (2026-12-07): over the ~25 min aimed at; quiet, they should take about half; scale up with --base-steps 400
+machine shared with a CI run (2026-12-07): over the ~25 min aimed at (not measured on a quiet machine); scale up with --base-steps 400
 --steps 40 --line-steps 30 --general-docs 0 (bench.forgetting's sizes).
 """
 
