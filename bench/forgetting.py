@@ -27,15 +27,16 @@ from pathlib import Path
 from bench.common import CORPORA, CPT, argument_parser, quiet_env, require, timed, write_jsonl
 
 
-def cpt_run(config: dict, folder: Path, artifacts: Path) -> tuple[dict, float]:
-    """`cpt run` of `config` (written to `folder`) in a fresh process: its summary and its wall seconds."""
+def cpt_run(config: dict, folder: Path, artifacts: Path, until: str | None = None) -> tuple[dict, float]:
+    """`cpt run` of `config` (written to `folder`) in a fresh process (`--until` a stage, if given): its summary
+    and its wall seconds."""
     import yaml
 
     cfg_path = folder / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True))
     summary = folder / "summary.json"
-    wall = timed([CPT, "run", "-c", str(cfg_path), "--artifacts", str(artifacts), "--summary", str(summary)],
-                 quiet_env())
+    wall = timed([CPT, "run", "-c", str(cfg_path), "--artifacts", str(artifacts), "--summary", str(summary)]
+                 + (["--until", until] if until else []), quiet_env())
     return json.loads(summary.read_text()), wall
 
 
