@@ -373,8 +373,8 @@ def _season(work, nights, url, hosts, budget, mirror_budget, model, steps, kinds
 
 
 def check_releases(root, keep: int) -> list[dict[str, Any]]:
-    """Every release retention keeps: found (train entry or release folder), its files' digest the recorded one,
-    and loaded by transformers."""
+    """Every release retention keeps: found as a run finds it (its kept copy, else its train entry or the release
+    folder), its files' digest the recorded one, and loaded by transformers."""
     from transformers import AutoModelForCausalLM
 
     from tasks.line.lineage import find_model
@@ -389,7 +389,7 @@ def check_releases(root, keep: int) -> list[dict[str, Any]]:
         seen.append(record.model_digest)
         if len(seen) > keep:
             break
-        where = find_model(root, record)
+        where = find_model(root, record, lineage=promos.lineage)  # as a run finds it: the kept copy first
         ok = where is not None and model_digest(where) == record.model_digest
         loads = False
         if ok:
