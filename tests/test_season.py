@@ -26,7 +26,10 @@ def test_a_short_season_on_a_store_with_two_hosts(tmp_path, tiny_model, s3_endpo
     kinds = ["good", "bomb", "never", "symlink", "good"]
     # Two steps of a tiny model barely move its perplexity: the gate takes a model within 5% of the last one, so
     # the season has releases to keep.
-    season = run_season(tmp_path / "work", len(kinds), url, 2, 2_500_000, 2_000_000, tiny_model, steps=2,
+    # Budgets just over what is kept alone from night 4 on (the release's kept copy, the models its record names,
+    # the release folder, the line's last training: ~3.0 MB with this tiny model), so GC must work to stay within.
+    budget, mirror_budget = 3_150_000, 3_000_000
+    season = run_season(tmp_path / "work", len(kinds), url, 2, budget, mirror_budget, tiny_model, steps=2,
                         kinds=kinds, keep_releases=1, overrides={"gate": {"max_validation_increase": 0.05}})
     summary = report(season)
     rows = {r["night"]: r for r in season["rows"]}
@@ -36,12 +39,12 @@ def test_a_short_season_on_a_store_with_two_hosts(tmp_path, tiny_model, s3_endpo
     assert [rows[n]["trained"] for n in rows] == [True, False, False, True, True]
     assert "decompression bomb" in " ".join(rows[2]["rejected"].values())
     assert rows[3]["left_out"] and rows[4]["left_out"]  # pending: left out; the line trains on the rest
-    assert any("is a symlink now" in why for why in rows[4]["rejected"].values())  # and trains without it
+    assert any("symlink" in why for why in rows[4]["rejected"].values())  # and trains without it
     assert any("drops.max_pending_hours" in why for why in rows[5]["rejected"].values())
 
     assert sum(r["gc_deleted"] for r in season["rows"]) > 0  # the budget made GC work
-    assert summary["within_budget"], summary
-    assert all(r["mirror_bytes"] <= 2_000_000 for r in season["rows"]), [r["mirror_bytes"] for r in season["rows"]]
+    assert summary["within_budget"], (summary["peak_bytes"], [(r["root_bytes"], r["gc_deleted"]) for r in season["rows"]])
+    assert all(r["mirror_bytes"] <= mirror_budget for r in season["rows"]), [r["mirror_bytes"] for r in season["rows"]]
     assert not season["recomputed"], season["recomputed"]
     assert not season["rebuilt_after_gc"], season["rebuilt_after_gc"]  # pieces included, by key
     assert summary["promoted"] and season["releases"]
