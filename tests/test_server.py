@@ -263,8 +263,14 @@ def start_worker(pool: str, checkout: Path, env: dict, log: Path) -> subprocess.
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to a worker's process group; on a loaded machine a worker can take over 30 s to drain, and then it is
+    killed: the test's verdict is what it asserted, not how fast a worker exits."""
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def test_shipped_deployments_retrain_on_a_drop_event(server, deployed, tmp_path):
@@ -304,8 +310,7 @@ def test_shipped_deployments_retrain_on_a_drop_event(server, deployed, tmp_path)
         assert state["last_training"]["files"] == 2  # the bundled corpus and the drop
         assert [(d["path"], d["status"]) for d in state["drops"]] == [(str(drop), "active")]
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=30)
+        stop(worker)
 
 
 def test_two_pools_one_store_preprocess_on_the_cpu_pool_then_train_on_the_gpu_pool(server, deployed, s3_endpoint,
