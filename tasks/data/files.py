@@ -4,7 +4,6 @@ corpus's content fingerprint (the multiset of its files' digests, not their path
 
 from __future__ import annotations
 
-import functools
 import glob
 import os
 import stat
@@ -13,11 +12,11 @@ from pathlib import Path
 from tasks.core.config.base import ConfigError
 from tasks.core.config.data import CorpusConfig
 from tasks.core.manifest import Fingerprint, combine_digests, hash_file
+from tasks.data.opening import pseudo_devices
 from tasks.data.readers import supported_suffixes
 
 GLOB_CHARS = "*?["
 # Regular files on these are not files (procfs, sysfs): never read, even when a symlink leads there.
-_PSEUDO_FILESYSTEMS = ("/proc", "/sys")
 
 
 def is_glob(entry: str, p: Path) -> bool:
@@ -36,15 +35,6 @@ def glob_base(pattern: Path) -> Path:
     return Path(*parts[:cut]) if cut else Path(".")
 
 
-@functools.cache
-def _pseudo_devices() -> frozenset[int]:
-    devices = set()
-    for folder in _PSEUDO_FILESYSTEMS:
-        try:
-            devices.add(os.stat(folder).st_dev)
-        except OSError:
-            pass
-    return frozenset(devices)
 
 
 def _not_readable(f: Path, folder: Path) -> str | None:
@@ -63,7 +53,7 @@ def _not_readable(f: Path, folder: Path) -> str | None:
                 else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a folder"
                 if stat.S_ISDIR(st.st_mode) else "not a regular file")
         return f"{kind}, not a regular file"
-    if st.st_dev in _pseudo_devices():
+    if st.st_dev in pseudo_devices():
         return "a /proc or /sys file, not a regular file"
     return None
 
@@ -156,7 +146,7 @@ def list_corpus_files(cfg: CorpusConfig, base: Path | None = None,
                 raise ConfigError(f"{where}: the folder holds no {'/'.join(supported_suffixes())} file"
                                   + _skipped_note(skipped[before:]))
         elif p.is_file():
-            if p.stat().st_dev in _pseudo_devices():
+            if p.stat().st_dev in pseudo_devices():
                 raise ConfigError(f"{where}: a /proc or /sys file, not a regular file")
             files = [p]  # given directly (a symlink too): the user's own choice
         elif p.exists():

@@ -11,6 +11,7 @@ a piece is built from is exactly the content that was listed, fingerprinted and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -26,14 +27,16 @@ class FileChanged(BadRecordError):
     """A file whose bytes are not the ones it was listed (and gated) with."""
 
 
-def _pseudo_devices() -> set[int]:
+@functools.cache
+def pseudo_devices() -> frozenset[int]:
+    """The devices of /proc and /sys (files there are not corpus text), looked up once per process."""
     out = set()
     for folder in _PSEUDO:
         try:
             out.add(os.stat(folder).st_dev)
         except OSError:
             pass
-    return out
+    return frozenset(out)
 
 
 def open_fd(path: str | Path) -> int:
@@ -59,7 +62,7 @@ def open_fd(path: str | Path) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(f"{path}: not a regular file")
-        if st.st_dev in _pseudo_devices():
+        if st.st_dev in pseudo_devices():
             raise OSError(f"{path}: a /proc or /sys file, not a regular file")
         os.set_blocking(fd, True)
     except BaseException:
