@@ -174,9 +174,24 @@ def build_model(out: Path, texts: list[str], vocab_size: int, arch: str | None =
 # --- fresh processes and the servers they talk to ----------------------------------------------------------------
 
 def quiet_env(**extra: str) -> dict[str, str]:
-    """This process's environment for a fresh cpt process: no progress bars, Prefect's warnings only, no hub."""
+    """This process's environment for a fresh cpt process: no progress bars, Prefect's warnings only, no hub, and
+    a temporary Prefect server for a run that finds none (a kept one would outlive the benchmark: `kept_server`)."""
     return {**os.environ, "CPT_NO_PROGRESS": "1", "PREFECT_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
-            **extra}
+            "CPT_SERVER": "temporary", **extra}
+
+
+@contextmanager
+def kept_server(env: dict[str, str], home: Path) -> Iterator[dict[str, str]]:
+    """`env` for runs as a new user makes them with no server started by hand: the first `cpt run` starts the
+    server cpt keeps (its state and Prefect's home under `home`, any free port), later runs find it; stopped
+    (`cpt server stop`) at the block's end."""
+    kept = {**env, "CPT_SERVER": "keep", "CPT_SERVER_PORT": "0", "CPT_CACHE_HOME": str(home / "cache"),
+            "PREFECT_HOME": str(home / "prefect"), "CPT_FIND_MAKE_SERVER": "0"}
+    kept.pop("PREFECT_API_URL", None)
+    try:
+        yield kept
+    finally:
+        subprocess.run([CPT, "server", "stop"], env=kept, stdout=subprocess.DEVNULL, check=False)
 
 
 def best_of(repeat: int, fn):

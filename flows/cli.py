@@ -45,38 +45,31 @@ def _run_server():
     now, while the run imports and reads its inputs), said on stderr."""
     from flows.local_server import run_server
 
-    server = run_server()
+    try:
+        server = run_server()
+    except ValueError as e:  # CPT_SERVER, CPT_SERVER_IDLE_MINUTES or CPT_SERVER_PORT
+        raise SystemExit(f"cpt: {e}") from None
     print(server.describe(), file=sys.stderr)
     return server
 
 
-def cmd_server(args) -> int:
-    from flows import local_server
+def _flow_settings(server):
+    """Prefect settings for the flow call: no run heartbeats to a temporary server or one cpt keeps (RunServer.
+    heartbeats says why), unless the user set Prefect's `flows.heartbeat_frequency` (environment or profile);
+    Prefect's defaults otherwise."""
+    import contextlib
 
-    if args.server_command == "start":
-        try:
-            state = local_server.start_server(port=args.port)
-        except RuntimeError as e:
-            print(f"cpt: server: {e}", file=sys.stderr)
-            return 1
-        print(f"Prefect server {'already running' if state.get('already') else 'started'} (pid {state['pid']}): UI "
-              f"at {state['ui_url']}, API {state['api_url']}; `cpt run` uses it from now on. It keeps running in "
-              f"the background (log: {state['log']}) until `cpt server stop`.")
-        return 0
-    if args.server_command == "stop":
-        state = local_server.stop_server()
-        print(f"Prefect server (pid {state['pid']}, {state['ui_url']}) stopped" if state else
-              "no Prefect server started by `cpt server start` is running")
-        return 0
-    state = local_server.read_state()
-    if state is None:
-        print("no Prefect server started by `cpt server start` is running: each `cpt run` starts a temporary one "
-              "(`cpt server start` keeps one with its UI)")
-        return 3
-    up = local_server.healthy(state["api_url"], timeout=2.0)
-    print(f"Prefect server pid {state['pid']} since {state['started_at']}: UI at {state['ui_url']}, API "
-          f"{state['api_url']} ({'answering' if up else 'NOT answering'}); log {state['log']}")
-    return 0 if up else 1
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if server.heartbeats() or "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={"flows.heartbeat_frequency": None})
+
+
+def cmd_server(args) -> int:
+    from flows.local_server import server_command
+
+    return server_command(args)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -130,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--confirm-seconds", type=float, default=20.0,
                       help="how long to wait for the server to confirm each attempt")
 
-    srv = sub.add_parser("server", help="keep a local Prefect server (with its UI) running in the background, "
-                         "which `cpt run` then uses: start, stop, status")
+    srv = sub.add_parser("server", help="the local Prefect server (with its UI) cpt keeps in the background for "
+                         "`cpt run`: start, stop, status (a run with none starts one that stops itself when idle)")
     srv_sub = srv.add_subparsers(dest="server_command", required=True)
-    srv_start = srv_sub.add_parser("start", help="start it (127.0.0.1; it runs until `cpt server stop`)")
+    srv_start = srv_sub.add_parser("start", help="start it, or keep the one a run started (127.0.0.1; it runs until "
+                                       "`cpt server stop`)")
     srv_start.add_argument("--port", type=int, default=4200, help="its port (0: any free one)")
-    srv_sub.add_parser("stop", help="stop the server `cpt server start` started")
+    srv_sub.add_parser("stop", help="stop the server cpt keeps (started by `cpt server start` or a run)")
     srv_sub.add_parser("status", help="whether it runs, and where its UI is")
 
     serve = sub.add_parser("serve", help="serve the retrain flow in this process: nightly schedule + drop events")
@@ -252,7 +246,8 @@ def cmd_run(args) -> int:
     quiet_expected_tracebacks()
     server.ready()  # a temporary server stops at exit, after Prefect has sent the run's last logs and events
     try:
-        summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
+        with _flow_settings(server):
+            summary = continued_pretraining(config=cfg, until=args.until, artifacts=args.artifacts)
     except Exception as e:
         summary = getattr(e, "cpt_summary", None)
         where = (Path(summary["artifacts"]) / "runs" / summary["flow_run"] / "summary.json") if summary else ""
@@ -299,8 +294,9 @@ def cmd_retrain(args) -> int:
     quiet_expected_tracebacks()
     server.ready()
     try:
-        result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
-                         settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
+        with _flow_settings(server):
+            result = retrain(config=cfg, drop=str(args.drop) if args.drop else None, line=args.line,
+                             settle_seconds=args.settle_seconds, force=args.force, artifacts=args.artifacts)
     except Exception as e:
         return retrain_failed(args.line, e, args.summary, getattr(e, "cpt_result", None))
     if args.summary:

@@ -21,6 +21,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CPT_NO_PROGRESS", "1")
+# Each `cpt run` a test starts uses a temporary Prefect server that ends with it: a server kept for later runs
+# (the default, flows/local_server.py) would outlive the test. tests/test_local_server.py tests the kept one.
+os.environ.setdefault("CPT_SERVER", "temporary")
 # The user-level cache (tokenizer profiles) of this test session, not the developer's.
 os.environ.setdefault("CPT_CACHE_HOME", __import__("tempfile").mkdtemp(prefix="cpt-test-home-"))
 

@@ -1,5 +1,6 @@
-"""The Prefect server a local run uses: `cpt server start` keeps one in the background that runs find (and that
-keeps running until `cpt server stop`); without one, a temporary server ends with its run, even a killed one."""
+"""The Prefect server a local run uses: a run that finds none starts one that later runs find and that stops by
+itself once idle, never under a run (the default); `cpt server start` keeps one until `cpt server stop`; with
+CPT_SERVER=temporary, a temporary server ends with its run, even a killed one."""
 
 from __future__ import annotations
 
@@ -26,7 +27,24 @@ def homes(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("CPT_FIND_MAKE_SERVER", "0")  # a developer's own `make server` is not this test's
+    monkeypatch.setenv("CPT_SERVER", "temporary")
+    monkeypatch.setenv("CPT_SERVER_PORT", "0")
     return tmp_path
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (a kept server: its supervisor and the Prefect server)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
 
 
 def gone(pid: int, within: float = 15.0) -> bool:
@@ -80,9 +98,12 @@ def test_cpt_server_start_is_found_by_runs_and_stops_when_asked(homes):
 CHILD = """
 import os, sys, time
 from flows.local_server import run_server
+while len(sys.argv) > 2 and not os.path.exists(sys.argv[2]):  # a start line: runs that start at once
+    time.sleep(0.005)
 s = run_server()
 s.ready()
-print(s.kind, s.process.pid, flush=True)
+print(s.kind, s.process.pid if s.process else s.state["pid"], s.new, s.heartbeats(), sep="|", flush=True)
+print(s.describe(), flush=True)
 if sys.argv[1] == "hang":
     time.sleep(600)
 """
@@ -93,9 +114,94 @@ if sys.argv[1] == "hang":
 def test_a_temporary_server_ends_with_its_run(homes, how):
     child = subprocess.Popen([sys.executable, "-c", CHILD, "hang" if how == "killed" else "exit"], cwd=ROOT,
                              stdout=subprocess.PIPE, text=True)
-    kind, pid = child.stdout.readline().split()
-    assert kind == "temporary"
+    kind, pid, _, heartbeats = child.stdout.readline().strip().split("|")
+    assert (kind, heartbeats) == ("temporary", "False")
     if how == "killed":
         child.send_signal(signal.SIGKILL)  # no atexit: the kernel's parent-death signal ends the server
     child.wait(timeout=60)
     assert gone(int(pid)), "the temporary server outlived its run"
+
+
+@pytest.mark.slow
+def test_a_run_keeps_a_server_for_later_runs_that_stops_when_idle_and_never_under_a_run(homes, monkeypatch):
+    monkeypatch.setenv("CPT_SERVER", "keep")
+    monkeypatch.setenv("CPT_SERVER_IDLE_MINUTES", "0.05")  # 3 s
+    child = [sys.executable, "-c", CHILD]
+    first = subprocess.run([*child, "exit"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr
+    kind, pid, new, heartbeats = first.stdout.splitlines()[0].split("|")
+    pid = int(pid)
+    assert (kind, new, heartbeats) == ("cpt server", "True", "False")
+    said = first.stdout.splitlines()[1]  # the run says one keeps running, for how long, and how to stop it
+    assert "started a local server" in said and "stops itself after 0.05 idle minutes" in said
+    assert "`cpt server stop`" in said and "CPT_SERVER=temporary" in said
+    state = local_server.read_state()
+    assert state and state["pid"] == pid and local_server.healthy(state["api_url"])
+    try:
+        # A run that holds the server far longer than its idle time: the server answers throughout.
+        user = subprocess.Popen([*child, "hang"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        kind, again, new, _ = user.stdout.readline().strip().split("|")
+        assert (kind, int(again), new) == ("cpt server", pid, "False")
+        assert "the running cpt server" in user.stdout.readline()
+        time.sleep(10)
+        assert local_server.healthy(state["api_url"], timeout=5), "the kept server stopped under a run"
+        user.send_signal(signal.SIGKILL)  # killed, no atexit: the kernel drops its lock; the idle time still counts
+        user.wait(timeout=30)
+        assert gone(pid, within=60), "the kept server did not stop once idle"
+        assert not group_members(pid), "a process of the kept server outlived it"
+        assert local_server.read_state() is None and not local_server.state_file().exists()
+        # The next run finds none and starts a new one.
+        third = subprocess.run([*child, "exit"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+        kind, pid, new, _ = third.stdout.splitlines()[0].split("|")
+        assert (kind, new) == ("cpt server", "True")
+        pid = int(pid)
+    finally:
+        subprocess.run([CPT, "server", "stop"], env={**os.environ}, capture_output=True, timeout=60)
+    assert gone(pid) and not group_members(pid)
+
+
+@pytest.mark.slow
+def test_runs_starting_at_once_start_one_kept_server(homes, monkeypatch):
+    monkeypatch.setenv("CPT_SERVER", "keep")
+    go = homes / "go"
+    runs = [subprocess.Popen([sys.executable, "-c", CHILD, "exit", str(go)], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True) for _ in range(3)]
+    time.sleep(5)  # all three imported and waiting
+    go.touch()
+    try:
+        outs = [r.communicate(timeout=180)[0].splitlines()[0].split("|") for r in runs]
+        assert len({o[1] for o in outs}) == 1 and sorted(o[2] for o in outs) == ["False", "False", "True"]
+    finally:
+        subprocess.run([CPT, "server", "stop"], env={**os.environ}, capture_output=True, timeout=60)
+
+
+def test_the_server_settings_are_checked_before_anything_starts(homes, monkeypatch):
+    for name, value, words in (("CPT_SERVER", "always", "expected one of keep, temporary"),
+                               ("CPT_SERVER_IDLE_MINUTES", "soon", "a number of minutes"),
+                               ("CPT_SERVER_IDLE_MINUTES", "0", "more than 0"),
+                               ("CPT_SERVER_PORT", "http", "a port number")):
+        monkeypatch.setenv("CPT_SERVER", "keep")
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=words):
+            local_server.run_server()
+        monkeypatch.delenv(name)
+    assert not local_server.state_file().exists()
+
+
+def test_runs_send_no_heartbeats_to_a_server_cpt_started_unless_the_user_set_them(monkeypatch):
+    from prefect.settings import get_current_settings
+
+    from flows.cli import _flow_settings
+    from flows.local_server import RunServer
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    for kind, expected in (("temporary", None), ("cpt server", None), ("env", default), ("make server", default)):
+        with _flow_settings(RunServer(kind, "http://127.0.0.1:9/api")):
+            assert get_current_settings().flows.heartbeat_frequency == expected, kind
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(updates={"flows.heartbeat_frequency": 60}):  # the user's own setting (a profile's, an environment variable's) wins
+        with _flow_settings(RunServer("cpt server", "http://127.0.0.1:9/api")):
+            assert get_current_settings().flows.heartbeat_frequency == 60
