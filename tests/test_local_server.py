@@ -205,3 +205,36 @@ def test_runs_send_no_heartbeats_to_a_server_cpt_started_unless_the_user_set_the
     with temporary_settings(updates={"flows.heartbeat_frequency": 60}):  # the user's own setting (a profile's, an environment variable's) wins
         with _flow_settings(RunServer("cpt server", "http://127.0.0.1:9/api")):
             assert get_current_settings().flows.heartbeat_frequency == 60
+
+
+@pytest.mark.slow
+def test_cpt_run_as_shipped_keeps_its_server_and_the_next_run_finds_it(homes, monkeypatch, tiny_model):
+    """The command a user types, with the default CPT_SERVER: the first `cpt run` starts the kept server and says
+    so; the second finds it, says so, and is fully Cached; its flow runs show on that server."""
+    monkeypatch.setenv("CPT_SERVER", "keep")
+    corpus = homes / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"content": f"document {i}: " + "a few words of text " * 20}) + "\n"
+                              for i in range(40)))
+    command = [CPT, "run", "--set", f"corpus.paths=[{corpus}]", "--set", f"model.id={tiny_model}", "--until",
+               "tokenize", "--artifacts", str(homes / "art"), "--summary", str(homes / "summary.json")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr[-3000:]
+        state = local_server.read_state()
+        assert state and "Prefect: started a local server" in first.stderr and state["ui_url"] in first.stderr
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert f"Prefect: the running cpt server at {state['ui_url']}" in second.stderr
+        summary = json.loads((homes / "summary.json").read_text())
+        assert {s["state"] for s in summary["stages"]} == {"Cached"}
+        import urllib.request
+
+        ask = urllib.request.Request(f"{state['api_url']}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(ask, timeout=10) as r:
+            runs = {run["name"]: run["state_type"] for run in json.loads(r.read())}
+        assert runs.get(summary["flow_run"]) == "COMPLETED" and len(runs) == 2
+    finally:
+        subprocess.run([CPT, "server", "stop"], env=env, capture_output=True, timeout=60)
+    assert gone(state["pid"]) and not group_members(state["pid"])
