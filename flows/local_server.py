@@ -38,6 +38,8 @@ STATE_NAME = "server.json"
 USERS_NAME = "server.users"  # runs hold a shared lock on it; its mtime is the last run's start or end
 DEFAULT_IDLE_MINUTES = 30.0
 MODES = ("keep", "temporary")
+_SERVER_ENV = {"PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CPT_CACHE_HOME",
+               "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"}
 
 
 def _cache_dir() -> Path:
@@ -151,8 +153,10 @@ def _spawn(host: str, port: int, idle: float | None) -> dict:
     folder = _cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "server.log"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED",
-                                                                              "false")}
+    # The server outlives the run: it gets what Prefect and this module read, not the run's credentials (a hub
+    # token, a bucket's keys) to hold for hours.
+    env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith(("PREFECT_", "LC_", "XDG_"))}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
     command = [sys.executable, "-m", "flows.local_server", "serve", host, str(port)]
     with open(log, "ab") as out:

@@ -126,6 +126,7 @@ def test_a_temporary_server_ends_with_its_run(homes, how):
 def test_a_run_keeps_a_server_for_later_runs_that_stops_when_idle_and_never_under_a_run(homes, monkeypatch):
     monkeypatch.setenv("CPT_SERVER", "keep")
     monkeypatch.setenv("CPT_SERVER_IDLE_MINUTES", "0.05")  # 3 s
+    monkeypatch.setenv("HF_TOKEN", "hf_not_for_the_server")  # a run's credential
     child = [sys.executable, "-c", CHILD]
     first = subprocess.run([*child, "exit"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert first.returncode == 0, first.stderr
@@ -137,6 +138,9 @@ def test_a_run_keeps_a_server_for_later_runs_that_stops_when_idle_and_never_unde
     assert "`cpt server stop`" in said and "CPT_SERVER=temporary" in said
     state = local_server.read_state()
     assert state and state["pid"] == pid and local_server.healthy(state["api_url"])
+    for member in group_members(pid):  # the server outlives the run: it holds none of the run's credentials
+        environ = Path(f"/proc/{member}/environ").read_bytes()
+        assert b"hf_not_for_the_server" not in environ and b"PREFECT_HOME=" in environ
     try:
         # A run that holds the server far longer than its idle time: the server answers throughout.
         user = subprocess.Popen([*child, "hang"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
