@@ -41,8 +41,8 @@ def _warm_arrow() -> None:
 
 
 def _run_server():
-    """The Prefect server this run uses (flows/local_server.py: one already running, else a temporary one started
-    now, while the run imports and reads its inputs), said on stderr."""
+    """The Prefect server this run uses (flows/local_server.py: one already running, else one started now, kept
+    for later runs or temporary, while the run imports and reads its inputs), said on stderr."""
     from flows.local_server import run_server
 
     try:
