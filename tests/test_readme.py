@@ -177,8 +177,17 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         "PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", HF_HUB_OFFLINE="1", CPT_NO_PROGRESS="1",
-               CPT_CACHE_HOME=str(tmp_path / "cpt-cache"))
+               CPT_CACHE_HOME=str(tmp_path / "cpt-cache"),
+               # A run keeps its server as shipped (stopped by stop_kept_server), on a free port: 4200 is a
+               # developer's, or another test's to find.
+               CPT_SERVER_PORT="0")
     return env
+
+
+def stop_kept_server(env: dict[str, str]) -> None:
+    """`cpt server stop` for the server the README's first run kept (nothing of a test outlives it)."""
+    subprocess.run([sys.executable, "-m", "flows.cli", "server", "stop"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                   capture_output=True, timeout=60)
 
 
 def test_the_readme_paths_run_as_written_and_end_with_a_drop_the_worker_trained(tmp_path):
@@ -207,6 +216,7 @@ def test_the_readme_paths_run_as_written_and_end_with_a_drop_the_worker_trained(
                 demo = out
         assert "run " in demo and ": Completed" in demo and "model: " in demo, demo[-3000:]
         assert "loss curve: " in demo and "gate: promoted" in demo, demo[-3000:]
+        assert "Prefect: started a local server" in demo and "`cpt server stop`" in demo, demo[-3000:]
         demo_model = next(line.split("model: ", 1)[1].split(" (")[0] for line in demo.splitlines()
                           if line.startswith("model: "))
 
@@ -255,6 +265,7 @@ def test_the_readme_paths_run_as_written_and_end_with_a_drop_the_worker_trained(
             assert runs[0]["state"]["type"] == "COMPLETED", name
     finally:
         shell.stop()
+        stop_kept_server(env)
         (tmp_path / "transcript.txt").write_text("\n".join(shell.transcript))
 
 
@@ -280,8 +291,11 @@ def test_the_readme_install_outside_a_checkout_runs_as_written(tmp_path):
     user.mkdir()
     env = {**base_env(tmp_path), "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
     shell = Shell(user, env, tmp_path)
-    for command in block:
-        out = shell.run(command.replace("<this repository's URL>", f"file://{repo}"), timeout=3600)
+    try:
+        for command in block:
+            out = shell.run(command.replace("<this repository's URL>", f"file://{repo}"), timeout=3600)
+    finally:
+        stop_kept_server(env)
     assert shell.cwd == user / "my-cpt"
     assert "run " in out and "model: " in out and "gate: promoted" in out, out[-3000:]
     assert not (ROOT / "my-cpt").exists()
