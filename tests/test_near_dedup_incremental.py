@@ -226,3 +226,49 @@ def test_damaged_decisions_are_decided_again(tmp_path):
     assert state in again.deps
     assert again.meta.near_dedup_pass.visited > 0  # decided again, not taken from the damaged file
     assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)
+
+
+def visit_reference(keys: np.ndarray, start: int, kept_by: np.ndarray):
+    """What the pass used to compute for rows `start`… from the whole line's buckets (`_Line.buckets`: a sort of
+    every band's keys): rows to visit, each one's shared buckets, the kept rows before `start` per bucket. Buckets
+    named by (band, key), so two numberings compare."""
+    from types import SimpleNamespace
+
+    bucket, shared = mh._Line.buckets(SimpleNamespace(keys=keys, b=keys.shape[1]))
+    name = {int(bucket[x, k]): (k, int(keys[x, k])) for x in range(len(keys)) for k in range(keys.shape[1])}
+    rows = np.flatnonzero(shared[start:].any(axis=1)) + start
+    kept: dict = {}
+    if start and len(rows):
+        touched = np.unique(bucket[rows][shared[rows]])
+        before = np.flatnonzero((kept_by[:start] < 0) & shared[:start].any(axis=1))
+        hit = np.isin(bucket[before], touched) & shared[before]
+        r, c = np.nonzero(hit)
+        for x, bid in zip(before[r].tolist(), bucket[before][r, c].tolist()):
+            mine = kept.setdefault(name[bid], [])
+            if len(mine) < npass._BUCKET_KEPT:
+                mine.append(x)
+    mine_of = [[name[int(bucket[x, k])] if shared[x, k] else None for k in range(keys.shape[1])] for x in rows]
+    return rows.tolist(), mine_of, kept
+
+
+@pytest.mark.parametrize("spread", [3, 40, 2 ** 40])
+def test_the_buckets_a_drop_visits_are_the_whole_lines(spread):
+    """`_visit_buckets` (the rows from `start` on, the line's older rows only looked up in their buckets) gives the
+    buckets, shared flags and kept rows the whole line's sort of every band gave, for every `start`: few distinct
+    keys (big buckets, past _BUCKET_KEPT), many, and keys whose top bits collide."""
+    rng = np.random.default_rng(spread)
+    n, nb = 400, 5
+    keys = rng.integers(0, spread, (n, nb)).astype(np.uint64)
+    if spread == 40:
+        keys = keys * np.uint64(0x9E3779B97F4A7C15)  # spread over the top bits the filter reads
+    kept_by = np.where(rng.random(n) < 0.5, -1, 0)
+    for start in [0, 1, 17, 200, 399, 400]:
+        rows, mine_of, kept = npass._visit_buckets(keys, start, kept_by)
+        name = {}
+        for x, bids in zip(rows.tolist(), mine_of):
+            for k, bid in enumerate(bids):
+                if bid >= 0:
+                    name[bid] = (k, int(keys[x, k]))
+        got = (rows.tolist(), [[name.get(b) for b in bids] for bids in mine_of],
+               {name[b]: v for b, v in kept.items()})
+        assert got == visit_reference(keys, start, kept_by), start
