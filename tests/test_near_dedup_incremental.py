@@ -261,6 +261,7 @@ def test_the_buckets_a_drop_visits_are_the_whole_lines(spread):
     keys = rng.integers(0, spread, (n, nb)).astype(np.uint64)
     if spread == 40:
         keys = keys * np.uint64(0x9E3779B97F4A7C15)  # spread over the top bits the filter reads
+    keys[250:300] = keys[150:200]  # whole rows repeated across the starts below (near-copies)
     kept_by = np.where(rng.random(n) < 0.5, -1, 0)
     for start in [0, 1, 17, 200, 399, 400]:
         rows, mine_of, kept = npass._visit_buckets(keys, start, kept_by)
