@@ -631,7 +631,7 @@ def test_the_assembly_keeps_what_a_set_of_seen_ids_kept(hexed):
     import numpy as np
 
     from tasks.data.minhash import sortable_ids
-    from tasks.data.pieces import first_copies, line_ids, near_mask
+    from tasks.data.pieces import line_filters, line_ids
 
     rng = random.Random(7)
     pool = [f"{rng.getrandbits(64):016x}" if hexed else f"doc-{k}" for k in range(60)]
@@ -640,6 +640,7 @@ def test_the_assembly_keeps_what_a_set_of_seen_ids_kept(hexed):
     arrays = line_ids([pa.chunked_array([pa.array(piece, pa.string())]) for piece in ids])
     for given in (sortable_ids(sorted(near)), np.array(sorted(near), dtype=str)):
         given = np.unique(given)
-        got = [np.flatnonzero(first & ~near_mask(x, given)).tolist()
-               for first, x in zip(first_copies(arrays), arrays)]
+        got = [np.flatnonzero(first & ~in_near).tolist() for first, in_near in line_filters(arrays, True, given)]
         assert got == assembled_reference(ids, near)
+        alone = [np.flatnonzero(first).tolist() for first, _ in line_filters(arrays, True, None)]
+        assert alone == assembled_reference(ids, set())

@@ -226,7 +226,8 @@ class _Line:
         row = np.concatenate([np.arange(k, dtype=np.int64) for k in sizes]) if parts else np.zeros(0, np.int64)
         every = np.concatenate(names) if parts else np.zeros(0, np.uint64)
         rank = np.array([key(p) for p in range(len(parts))])[part] if parts else np.zeros(0)
-        order = np.lexsort((row, part, every, rank))
+        # Stable, and the pieces come concatenated in (part, row) order: the ties of (rank, doc_id) stay in it.
+        order = np.lexsort((every, rank))
         _, first = np.unique(every[order], return_index=True)  # the first of each doc_id in that order
         pick = order[np.sort(first)]
         self.part, self.row, self.names = part[pick], row[pick], every[pick]
@@ -235,8 +236,11 @@ class _Line:
         self._sigs = [sigs.reshape(-1, num_perm) for _, sigs in parts]
         # Band keys straight into visiting order, a piece at a time (no second copy of the line's keys).
         self.keys = np.empty((len(self.part), self.b), np.uint64)
+        by_part = np.argsort(self.part, kind="stable")  # one grouping of the rows by piece, not a scan per piece
+        counts = np.bincount(self.part, minlength=len(parts))
+        ends = np.cumsum(counts)
         for p, sigs in enumerate(self._sigs):
-            at = np.flatnonzero(self.part == p)
+            at = by_part[ends[p] - counts[p]:ends[p]]
             if len(at):
                 piece_keys = keys[p] if keys is not None else _band_keys(sigs, self.b, self.r)
                 self.keys[at] = np.asarray(piece_keys)[self.row[at]]

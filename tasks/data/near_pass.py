@@ -264,7 +264,7 @@ def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence
     found = decide(line, threshold, text_of, shingle_chars, previous, stats)
     removed = np.flatnonzero(found.kept_by >= 0)
     if line.names.dtype == np.uint64:
-        ids = np.unique(line.names[removed])
+        ids = np.sort(line.names[removed])  # distinct already (a row per doc_id); numpy's unique hashes: slower
     else:  # some ids not load's (a tool's, a test's): the names are strings only where all were; read them back
         got: list = []
         for p in np.unique(line.part[removed]).tolist():

@@ -122,10 +122,10 @@ def _fail_advice(rest, kept_before: int) -> str:
             "corpus.on_bad_record: skip would keep none of them)")
 
 
-def piece_index(directory: Path, part: int) -> pa.Table:
+def piece_index(directory: Path, part: int, table: pa.Table | None = None) -> pa.Table:
     """One piece's documents as index rows (doc_id, norm_id, part, row, line): its ids and where each text
-    lives, read from the memory-mapped piece without touching its text column."""
-    table = read_arrow(directory / DOCS_FILE)
+    lives, read from the memory-mapped piece (`table`, when opened already) without touching its text column."""
+    table = read_arrow(directory / DOCS_FILE) if table is None else table
     n = table.num_rows
     return pa.table([table.column("doc_id"), table.column("norm_id"), pa.array(np.full(n, part, np.int32)),
                      pa.array(np.arange(n, dtype=np.int64)), table.column("line")], schema=INDEX_SCHEMA)
@@ -145,33 +145,33 @@ def hex_ids(x: np.ndarray) -> np.ndarray:
     return np.array([f"{v:016x}" for v in x.tolist()], dtype=str) if len(x) else np.zeros(0, str)
 
 
-def first_copies(ids: list[np.ndarray]) -> list[np.ndarray]:
-    """Per piece (in assembly order), which rows hold a doc_id no earlier piece holds: the exact dedup across
-    pieces (within one piece, load_file has already dropped copies). One stable sort of the line's ids, so a
-    drop costs a pass over arrays, not a Python set of every id."""
+def line_filters(ids: list[np.ndarray], deduplicate: bool, near: np.ndarray | None
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per piece (in assembly order), which rows are first copies (no earlier piece holds their doc_id: the exact
+    dedup across pieces; within one piece load_file has already dropped copies) and which are in `near` (sorted,
+    distinct; of `ids`' kind or the other, see `line_ids`). One stable sort of the line's ids and one search of
+    them, in order, in `near`: a drop costs passes over arrays, not a Python set of every id."""
     sizes = [len(x) for x in ids]
     if not sum(sizes):
-        return [np.ones(0, bool) for _ in ids]
+        return [(np.ones(0, bool), np.zeros(0, bool)) for _ in ids]
     every = np.concatenate(ids)
+    if near is not None and every.dtype.kind != near.dtype.kind:
+        every, near = (hex_ids(x) if x.dtype == np.uint64 else x for x in (every, near))
     part = np.repeat(np.arange(len(ids)), sizes)
     order = np.argsort(every, kind="stable")  # equal ids in assembly order: the earliest piece first
     ordered = every[order]
-    starts = np.ones(len(order), bool)
-    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
-    group = np.cumsum(starts) - 1
-    keep = np.empty(len(order), bool)
-    keep[order] = part[order] == part[order][starts][group]  # in the first piece that holds the id
-    return np.split(keep, np.cumsum(sizes)[:-1])
-
-
-def near_mask(ids: np.ndarray, near: np.ndarray) -> np.ndarray:
-    """Which of `ids` are in `near` (sorted, distinct; of `ids`' kind or the other, see `line_ids`)."""
-    if ids.dtype.kind != near.dtype.kind:
-        ids, near = (hex_ids(x) if x.dtype == np.uint64 else x for x in (ids, near))
-    if not len(near) or not len(ids):
-        return np.zeros(len(ids), bool)
-    at = np.minimum(np.searchsorted(near, ids), len(near) - 1)
-    return near[at] == ids
+    first = np.ones(len(order), bool)
+    if deduplicate:
+        starts = np.ones(len(order), bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+        group = np.cumsum(starts) - 1
+        first[order] = part[order] == part[order][starts][group]  # in the first piece that holds the id
+    hit = np.zeros(len(order), bool)
+    if near is not None and len(near):
+        at = np.minimum(np.searchsorted(near, ordered), len(near) - 1)
+        hit[order] = near[at] == ordered
+    cuts = np.cumsum(sizes)[:-1]
+    return list(zip(np.split(first, cuts), np.split(hit, cuts)))
 
 
 def copy_rejects(directory: Path, prefix: str, sink) -> None:
@@ -196,19 +196,20 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
     counts: dict[str, Any] = {"documents": 0, "duplicates": 0, "characters": 0}
     if near is not None:
         counts.update(near_duplicates=0, near_per_part=[0] * len(parts))
-    indexes = [piece_index(directory, part) for part, directory in enumerate(parts)]  # memory-mapped: no text
-    ids = line_ids([index.column("doc_id") for index in indexes])
-    first = first_copies(ids) if deduplicate else [np.ones(len(x), bool) for x in ids]
+    tables = [read_arrow(directory / DOCS_FILE) for directory in parts]  # memory-mapped, opened once each
+    indexes = [piece_index(directory, part, table) for part, (directory, table) in enumerate(zip(parts, tables))]
     if near is not None and not isinstance(near, np.ndarray):
         near = sortable_ids(list(near))
-    near = np.unique(near) if near is not None else None
+    if near is not None and not (len(near) < 2 or bool(np.all(near[1:] > near[:-1]))):
+        near = np.unique(near)  # near-dedup's array comes sorted and distinct; any other is made so
+    filters = line_filters(line_ids([index.column("doc_id") for index in indexes]), deduplicate, near)
     with pa.OSFile(str(out_dir / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "wb") as rejects:
         for part, directory in enumerate(parts):
-            index, keep = indexes[part], first[part]
+            index, (keep, in_near) = indexes[part], filters[part]
             counts["duplicates"] += int(len(keep) - keep.sum())
             if near is not None and len(near):
-                removed = keep & near_mask(ids[part], near)
+                removed = keep & in_near
                 counts["near_duplicates"] += int(removed.sum())
                 counts["near_per_part"][part] = int(removed.sum())
                 keep = keep & ~removed
@@ -216,14 +217,16 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
             writer.write_table(kept, max_chunksize=_INDEX_BATCH)
             counts["documents"] += kept.num_rows
             counts["characters"] += (characters[part] if characters and kept.num_rows == index.num_rows
-                                     else piece_characters(directory, kept))
+                                     else piece_characters(directory, kept, tables[part]))
             copy_rejects(directory, f"{names[part]}:", rejects)
     return counts
 
 
-def piece_characters(directory: Path, kept: pa.Table) -> int:
-    """Characters of the documents `kept` (index rows) of one piece, counted from their texts."""
-    texts = take_rows(read_arrow(directory / DOCS_FILE).column("text"), kept.column("row").to_numpy())
+def piece_characters(directory: Path, kept: pa.Table, table: pa.Table | None = None) -> int:
+    """Characters of the documents `kept` (index rows) of one piece, counted from their texts (`table`: the piece,
+    when opened already)."""
+    table = read_arrow(directory / DOCS_FILE) if table is None else table
+    texts = take_rows(table.column("text"), kept.column("row").to_numpy())
     return int(pc.sum(pc.utf8_length(texts)).as_py() or 0)
 
 
