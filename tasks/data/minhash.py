@@ -181,6 +181,8 @@ class NearDuplicate:
 
 
 _HEX16 = r"^[0-9a-f]{16}$"
+_LOWER_HEX = np.zeros(256, bool)
+_LOWER_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = True
 
 
 def sortable_ids(ids) -> np.ndarray:
@@ -192,15 +194,16 @@ def sortable_ids(ids) -> np.ndarray:
 
     if hasattr(ids, "to_pylist"):
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         column = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         if not len(column):
             return np.zeros(0, np.uint64)
-        if (not column.null_count and pa.types.is_string(column.type)
-                and pc.all(pc.match_substring_regex(column, _HEX16)).as_py()):
-            data, _ = _utf8_of(column)
-            return np.frombuffer(bytes.fromhex(bytes(data).decode("ascii")), ">u8").astype(np.uint64)
+        if not column.null_count and pa.types.is_string(column.type):
+            # _HEX16 checked on the bytes (each id 16 of them, each a lower-case hex digit): a regex over the
+            # column cost a third of the near-dedup pass's set-up on a line of 16x the documents.
+            data, lengths = _utf8_of(column)
+            if bool(np.all(lengths == 16)) and bool(_LOWER_HEX[np.frombuffer(data, np.uint8)].all()):
+                return np.frombuffer(bytes.fromhex(bytes(data).decode("ascii")), ">u8").astype(np.uint64)
         ids = column.to_pylist()
     joined = "".join(ids)
     if len(joined) == 16 * len(ids) and re.fullmatch("[0-9a-f]*", joined):
