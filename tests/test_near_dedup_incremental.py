@@ -273,3 +273,32 @@ def test_the_buckets_a_drop_visits_are_the_whole_lines(spread):
         got = (rows.tolist(), [[name.get(b) for b in bids] for bids in mine_of],
                {name[b]: v for b, v in kept.items()})
         assert got == visit_reference(keys, start, kept_by), start
+
+
+def test_each_pair_once_is_numpys_unique():
+    """`_first_of_each` (the previous pass's pairs kept sorted, the new ones merged in) gives np.unique's first
+    indices: new pairs before, after, between and equal to old ones, repeated, and an unsorted head."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        head = int(rng.integers(0, 30))
+        old = np.unique(rng.integers(0, 60, head)) if trial % 5 else rng.integers(0, 60, head)
+        code = np.concatenate([old, rng.integers(0, 60, int(rng.integers(0, 20)))]).astype(np.int64)
+        got = npass._first_of_each(code, len(old))
+        assert got.tolist() == np.unique(code, return_index=True)[1].tolist(), (code, len(old))
+
+
+@pytest.mark.parametrize("kind", ["uint64", "str"])
+def test_the_visiting_order_is_the_lexsorts(kind):
+    """`_visiting_order` (unstable sorts, ties settled by position) gives what a stable lexsort by (rank, doc_id,
+    position) and the first of each doc_id gave: ids repeated within and across pieces, ranks shared, out of order
+    and far apart."""
+    rng = np.random.default_rng(11)
+    for trial in range(100):
+        n = int(rng.integers(0, 300))
+        every = rng.integers(0, max(1, n // 3) if trial % 2 else 2 ** 62, n).astype(np.uint64)
+        if kind == "str":
+            every = np.array([f"{int(x):x}" for x in every], dtype=str)
+        rank = rng.choice([0, 7, 3, 10 ** 6], n)
+        order = np.lexsort((np.arange(n), every, rank))
+        _, first = np.unique(every[order], return_index=True)
+        assert mh._visiting_order(every, rank).tolist() == order[np.sort(first)].tolist(), trial

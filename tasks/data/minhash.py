@@ -211,6 +211,26 @@ def sortable_ids(ids) -> np.ndarray:
     return np.array(ids, dtype=object).astype(str)
 
 
+def _visiting_order(every: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Positions of `every` (the pieces' ids, concatenated in (part, row) order; `rank` each one's) in visiting
+    order: each doc_id once, by the copy least in (rank, position), then sorted by (rank, doc_id). What a lexsort of
+    (rank, doc_id, position) and a first-of-each gives, by unstable sorts (ties are settled by the position
+    explicitly): a stable sort of 64-bit keys measured 5x slower, a drop's main cost in building a long line."""
+    if not len(every):
+        return np.zeros(0, np.int64)
+    levels, dense = np.unique(rank, return_inverse=True)  # a handful of ranks: the pieces'
+    dense = dense.reshape(-1).astype(np.int64)
+    order = np.argsort(every)
+    ordered = every[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    least = np.minimum.reduceat(dense[order] * len(every) + order, starts)  # each id's copy least in (rank, pos)
+    pick = least % len(every)
+    ranks = least // len(every)  # ids are distinct now: (rank, doc_id) orders them whatever the sort
+    by_id = np.argsort(every[pick])
+    return pick[by_id][np.argsort(ranks[by_id].astype(np.int16 if len(levels) < 2 ** 15 else np.int64),
+                                  kind="stable")]
+
+
 class _Line:
     """The documents of some pieces ([(doc_ids, signatures)]; signatures may be memory-mapped) in the order they
     are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
@@ -228,25 +248,25 @@ class _Line:
         part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)
         row = np.concatenate([np.arange(k, dtype=np.int64) for k in sizes]) if parts else np.zeros(0, np.int64)
         every = np.concatenate(names) if parts else np.zeros(0, np.uint64)
-        rank = np.array([key(p) for p in range(len(parts))])[part] if parts else np.zeros(0)
-        # Stable, and the pieces come concatenated in (part, row) order: the ties of (rank, doc_id) stay in it.
-        order = np.lexsort((every, rank))
-        _, first = np.unique(every[order], return_index=True)  # the first of each doc_id in that order
-        pick = order[np.sort(first)]
+        pick = _visiting_order(every, np.array([key(p) for p in range(len(parts))])[part] if parts else
+                               np.zeros(0, np.int64))
         self.part, self.row, self.names = part[pick], row[pick], every[pick]
         self.b, self.r = bands(threshold, num_perm)
         self.num_perm = num_perm
         self._sigs = [sigs.reshape(-1, num_perm) for _, sigs in parts]
         # Band keys straight into visiting order, a piece at a time (no second copy of the line's keys).
         self.keys = np.empty((len(self.part), self.b), np.uint64)
-        by_part = np.argsort(self.part, kind="stable")  # one grouping of the rows by piece, not a scan per piece
-        counts = np.bincount(self.part, minlength=len(parts))
-        ends = np.cumsum(counts)
+        # Each piece's visited rows from its own slice of the concatenation (where each row went: `visited_at`),
+        # not a scan of the whole line per piece.
+        visited_at = np.full(len(every), -1, np.int64)
+        visited_at[pick] = np.arange(len(pick))
+        ends = np.cumsum(sizes)
         for p, sigs in enumerate(self._sigs):
-            at = by_part[ends[p] - counts[p]:ends[p]]
-            if len(at):
+            mine = visited_at[ends[p] - sizes[p]:ends[p]]
+            rows = np.flatnonzero(mine >= 0)
+            if len(rows):
                 piece_keys = keys[p] if keys is not None else _band_keys(sigs, self.b, self.r)
-                self.keys[at] = np.asarray(piece_keys)[self.row[at]]
+                self.keys[mine[rows]] = np.asarray(piece_keys)[rows]
 
     def __len__(self) -> int:
         return len(self.part)

@@ -141,6 +141,20 @@ def _visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray
     return visit + start, mine_of, kept
 
 
+def _first_of_each(code: np.ndarray, head: int) -> np.ndarray:
+    """`np.unique(code, return_index=True)[1]`: where each distinct code first is, in the codes' order. When the
+    first `head` codes are sorted and distinct already (the previous pass's pairs, in its row order: a drop's pass
+    keeps them as they were) only the rest is sorted and merged in, not the whole line's pairs again."""
+    old, new = code[:head], code[head:]
+    if len(old) > 1 and not bool(np.all(old[1:] > old[:-1])):
+        return np.unique(code, return_index=True)[1]
+    values, at = np.unique(new, return_index=True)
+    if len(old):
+        found = old[np.minimum(np.searchsorted(old, values), len(old) - 1)] == values  # judged before: theirs first
+        values, at = values[~found], at[~found]
+    return np.insert(np.arange(head), np.searchsorted(old, values), at + head)
+
+
 def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | None, shingle_chars: int,
            previous: Decisions | None = None, stats: DecideStats | None = None) -> Decisions:
     """Which rows of the line are near-duplicates, visited in order: a row is removed when it is a near-duplicate
@@ -164,7 +178,8 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
     pairs_b: list[np.ndarray] = []
     pairs_s: list[np.ndarray] = []
     start = 0
-    if previous is not None and len(previous.names) and previous.names.dtype.kind == names.dtype.kind:
+    previous_used = previous is not None and len(previous.names) and previous.names.dtype.kind == names.dtype.kind
+    if previous_used:
         m = min(n, len(previous.names))
         differ = np.flatnonzero(previous.names[:m] != names[:m])
         start = int(differ[0]) if len(differ) else m
@@ -223,7 +238,7 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
     cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)  # noqa: E731
     a, b, s = cat(pairs_a, np.int64), cat(pairs_b, np.int64), cat(pairs_s, np.float32)
     if len(a):  # each pair once (a pair judged before may be judged again when its row was re-visited)
-        _, first = np.unique(a * n + b, return_index=True)
+        first = _first_of_each(a * n + b, len(pairs_a[0]) if previous_used else 0)
         a, b, s = a[first], b[first], s[first]
     return Decisions(names, kept_by, similarity, a, b, s)
 
