@@ -301,4 +301,4 @@ def test_the_visiting_order_is_the_lexsorts(kind):
         rank = rng.choice([0, 7, 3, 10 ** 6], n)
         order = np.lexsort((np.arange(n), every, rank))
         _, first = np.unique(every[order], return_index=True)
-        assert mh._visiting_order(every, rank).tolist() == order[np.sort(first)].tolist(), trial
+        assert mh._visiting_order(every, np.arange(n), rank).tolist() == order[np.sort(first)].tolist(), trial
