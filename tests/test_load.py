@@ -609,3 +609,38 @@ def test_a_split_of_fewer_than_a_handful_of_documents_is_warned_about():
     assert split(300, 36).few_documents() is None
     assert split(300, 0).few_documents() is None  # no validation asked for (replay)
     assert "3 train" in split(3, 30).few_documents()
+
+
+def assembled_reference(ids: list[list[str]], near: set[str]) -> list[list[int]]:
+    """The assembly's filters as they were, a Python set of ids seen: per piece, the rows kept."""
+    seen, out = set(), []
+    for piece in ids:
+        out.append([i for i, d in enumerate(piece) if d not in seen and d not in near])
+        seen.update(piece)
+    return out
+
+
+@pytest.mark.parametrize("hexed", [True, False])
+def test_the_assembly_keeps_what_a_set_of_seen_ids_kept(hexed):
+    """The exact dedup across pieces and the near-duplicates' removal, done on arrays of the line's ids, keep the
+    rows the sequential set of seen ids kept: a copy in a later piece goes, both copies within one piece stay
+    (the first piece holding an id keeps all its rows), near-duplicates go wherever they are; load's ids (16 hex
+    digits, as uint64) and any others (strings), the near-duplicates given as strings or as the pass's array."""
+    import random
+
+    import numpy as np
+
+    from tasks.data.minhash import sortable_ids
+    from tasks.data.pieces import line_filters, line_ids
+
+    rng = random.Random(7)
+    pool = [f"{rng.getrandbits(64):016x}" if hexed else f"doc-{k}" for k in range(60)]
+    ids = [[rng.choice(pool) for _ in range(rng.randrange(0, 30))] for _ in range(7)]
+    near = set(rng.sample(pool, 15))
+    arrays = line_ids([pa.chunked_array([pa.array(piece, pa.string())]) for piece in ids])
+    for given in (sortable_ids(sorted(near)), np.array(sorted(near), dtype=str)):
+        given = np.unique(given)
+        got = [np.flatnonzero(first & ~in_near).tolist() for first, in_near in line_filters(arrays, True, given)]
+        assert got == assembled_reference(ids, near)
+        alone = [np.flatnonzero(first).tolist() for first, _ in line_filters(arrays, True, None)]
+        assert alone == assembled_reference(ids, set())

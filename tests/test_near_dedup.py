@@ -606,3 +606,14 @@ def test_load_and_the_drop_gate_agree_at_the_thresholds_edge():
         loaded = npass.near_duplicates(parts, [0, 1], threshold, num_perm, text_of, 5)
         gated = npass.drop_matches(parts[:1], parts[1:], threshold, num_perm, text_of, 5)
         assert (len(loaded) == 1) == want and (len(gated) == 1) == want
+
+
+def test_sortable_ids_take_load_ids_only():
+    """An Arrow column is read as integers only when every id is 16 lower-case hex digits (load's `doc_id_of`):
+    an id of another length, an upper-case digit, a non-hex letter, a multi-byte character, a space or a newline
+    anywhere keeps the whole column as strings, in the strings' order."""
+    load_ids = [f"{x:016x}" for x in range(5)]
+    for odd in ["0" * 15, "0" * 17, "A" * 16, "g" * 16, "é" * 8, "0" * 15 + "\n", " " + "0" * 15]:
+        column = pa.array(load_ids + [odd])
+        assert mh.sortable_ids(column).tolist() == load_ids + [odd], odd
+    assert mh.sortable_ids(pa.array(load_ids)).dtype == np.uint64

@@ -226,3 +226,79 @@ def test_damaged_decisions_are_decided_again(tmp_path):
     assert state in again.deps
     assert again.meta.near_dedup_pass.visited > 0  # decided again, not taken from the damaged file
     assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)
+
+
+def visit_reference(keys: np.ndarray, start: int, kept_by: np.ndarray):
+    """What the pass used to compute for rows `start`… from the whole line's buckets (`_Line.buckets`: a sort of
+    every band's keys): rows to visit, each one's shared buckets, the kept rows before `start` per bucket. Buckets
+    named by (band, key), so two numberings compare."""
+    from types import SimpleNamespace
+
+    bucket, shared = mh._Line.buckets(SimpleNamespace(keys=keys, b=keys.shape[1]))
+    name = {int(bucket[x, k]): (k, int(keys[x, k])) for x in range(len(keys)) for k in range(keys.shape[1])}
+    rows = np.flatnonzero(shared[start:].any(axis=1)) + start
+    kept: dict = {}
+    if start and len(rows):
+        touched = np.unique(bucket[rows][shared[rows]])
+        before = np.flatnonzero((kept_by[:start] < 0) & shared[:start].any(axis=1))
+        hit = np.isin(bucket[before], touched) & shared[before]
+        r, c = np.nonzero(hit)
+        for x, bid in zip(before[r].tolist(), bucket[before][r, c].tolist()):
+            mine = kept.setdefault(name[bid], [])
+            if len(mine) < npass._BUCKET_KEPT:
+                mine.append(x)
+    mine_of = [[name[int(bucket[x, k])] if shared[x, k] else None for k in range(keys.shape[1])] for x in rows]
+    return rows.tolist(), mine_of, kept
+
+
+@pytest.mark.parametrize("spread", [3, 40, 2 ** 40])
+def test_the_buckets_a_drop_visits_are_the_whole_lines(spread):
+    """`_visit_buckets` (the rows from `start` on, the line's older rows only looked up in their buckets) gives the
+    buckets, shared flags and kept rows the whole line's sort of every band gave, for every `start`: few distinct
+    keys (big buckets, past _BUCKET_KEPT), many, and keys whose top bits collide."""
+    rng = np.random.default_rng(spread)
+    n, nb = 400, 5
+    keys = rng.integers(0, spread, (n, nb)).astype(np.uint64)
+    if spread == 40:
+        keys = keys * np.uint64(0x9E3779B97F4A7C15)  # spread over the top bits the filter reads
+    keys[250:300] = keys[150:200]  # whole rows repeated across the starts below (near-copies)
+    kept_by = np.where(rng.random(n) < 0.5, -1, 0)
+    for start in [0, 1, 17, 200, 399, 400]:
+        rows, mine_of, kept = npass._visit_buckets(keys, start, kept_by)
+        name = {}
+        for x, bids in zip(rows.tolist(), mine_of):
+            for k, bid in enumerate(bids):
+                if bid >= 0:
+                    name[bid] = (k, int(keys[x, k]))
+        got = (rows.tolist(), [[name.get(b) for b in bids] for bids in mine_of],
+               {name[b]: v for b, v in kept.items()})
+        assert got == visit_reference(keys, start, kept_by), start
+
+
+def test_each_pair_once_is_numpys_unique():
+    """`_first_of_each` (the previous pass's pairs kept sorted, the new ones merged in) gives np.unique's first
+    indices: new pairs before, after, between and equal to old ones, repeated, and an unsorted head."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        head = int(rng.integers(0, 30))
+        old = np.unique(rng.integers(0, 60, head)) if trial % 5 else rng.integers(0, 60, head)
+        code = np.concatenate([old, rng.integers(0, 60, int(rng.integers(0, 20)))]).astype(np.int64)
+        got = npass._first_of_each(code, len(old))
+        assert got.tolist() == np.unique(code, return_index=True)[1].tolist(), (code, len(old))
+
+
+@pytest.mark.parametrize("kind", ["uint64", "str"])
+def test_the_visiting_order_is_the_lexsorts(kind):
+    """`_visiting_order` (unstable sorts, ties settled by position) gives what a stable lexsort by (rank, doc_id,
+    position) and the first of each doc_id gave: ids repeated within and across pieces, ranks shared, out of order
+    and far apart."""
+    rng = np.random.default_rng(11)
+    for trial in range(100):
+        n = int(rng.integers(0, 300))
+        every = rng.integers(0, max(1, n // 3) if trial % 2 else 2 ** 62, n).astype(np.uint64)
+        if kind == "str":
+            every = np.array([f"{int(x):x}" for x in every], dtype=str)
+        rank = rng.choice([0, 7, 3, 10 ** 6], n)
+        order = np.lexsort((np.arange(n), every, rank))
+        _, first = np.unique(every[order], return_index=True)
+        assert mh._visiting_order(every, np.arange(n), rank).tolist() == order[np.sort(first)].tolist(), trial

@@ -71,6 +71,90 @@ def _row_lookup(names: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(found, order[at], -1).astype(np.int64)
 
 
+def _rows_now(names: np.ndarray, previous_names: np.ndarray, rows: np.ndarray, start: int) -> np.ndarray:
+    """Rows of a previous pass as this line's rows: the same below `start` (where the two lines' names agree, so a
+    drop after the line looks nothing up), else found by name (-1 where gone)."""
+    out = np.array(rows, np.int64)
+    late = out >= start
+    if late.any():
+        out[late] = _row_lookup(names, previous_names[out[late]])
+    return out
+
+
+# Rows of band keys handled at a time by `_visit_buckets`' lookup of the rows before the visited ones.
+_KEY_BLOCK = 1 << 16
+
+
+def _visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray
+                   ) -> tuple[np.ndarray, list[list[int]], dict[int, list[int]]]:
+    """What the greedy pass needs of the LSH buckets to visit rows `start`…: the rows to visit (those sharing a
+    band bucket with another row), each one's bucket per band (ids unique across bands; -1 where no other row is
+    in it: a bucket of its own never has a kept row to compare with), and per bucket the kept rows before `start`
+    in it (the earliest _BUCKET_KEPT, in row order). Only the buckets of rows from `start` on are numbered: the
+    rows before are looked up in them (a filter on the keys' top bits, then a search per band), so a drop onto a
+    long line costs a pass over the line's keys, not a sort of them per band."""
+    n, nb = keys.shape
+    uniqs, inverses = [], []
+    for band in range(nb):
+        u, inverse = np.unique(keys[start:, band], return_inverse=True)
+        uniqs.append(u)
+        inverses.append(inverse.reshape(-1))
+    offsets = np.cumsum([0] + [len(u) for u in uniqs])
+    counts = np.concatenate([np.bincount(inv, minlength=len(u)) for u, inv in zip(uniqs, inverses)]
+                            ) if nb else np.zeros(0, np.int64)
+    old_x, old_bid = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if start and offsets[-1]:
+        bits = int(min(24, max(12, np.ceil(np.log2(offsets[-1] * 64)))))  # about 1 old key in 64 passes the filter
+        table = np.zeros(1 << bits, bool)
+        shift = np.uint64(64 - bits)
+        table[(np.concatenate(uniqs) >> shift).astype(np.intp)] = True
+        xs, bids = [], []
+        for lo in range(0, start, _KEY_BLOCK):
+            flat = np.ascontiguousarray(keys[lo:min(start, lo + _KEY_BLOCK)]).reshape(-1)
+            cand = np.flatnonzero(table[(flat >> shift).astype(np.intp)])  # row-major: rows, then bands, in order
+            band = cand % nb
+            bid = np.full(len(cand), -1, np.int64)
+            for k in np.unique(band).tolist():
+                sel = np.flatnonzero(band == k)
+                want = flat[cand[sel]]
+                at = np.minimum(np.searchsorted(uniqs[k], want), len(uniqs[k]) - 1)
+                hit = uniqs[k][at] == want
+                bid[sel[hit]] = at[hit] + offsets[k]
+            found = bid >= 0
+            xs.append(cand[found] // nb + lo)
+            bids.append(bid[found])
+        old_x, old_bid = np.concatenate(xs), np.concatenate(bids)
+        counts += np.bincount(old_bid, minlength=len(counts))
+    bucket = np.stack([inv + offsets[k] for k, inv in enumerate(inverses)], axis=1) if nb else \
+        np.zeros((n - start, 0), np.int64)
+    shared = counts[bucket] > 1
+    visit = np.flatnonzero(shared.any(axis=1))
+    mine_of = np.where(shared[visit], bucket[visit], -1).tolist()
+    kept: dict[int, list[int]] = {}
+    if len(visit):
+        # A bucket an old row shares with a new one holds two rows, so every such bucket is one a visited row has.
+        mine = kept_by[old_x] < 0
+        for x, bid in zip(old_x[mine].tolist(), old_bid[mine].tolist()):
+            got = kept.setdefault(bid, [])
+            if len(got) < _BUCKET_KEPT:
+                got.append(x)
+    return visit + start, mine_of, kept
+
+
+def _first_of_each(code: np.ndarray, head: int) -> np.ndarray:
+    """`np.unique(code, return_index=True)[1]`: where each distinct code first is, in the codes' order. When the
+    first `head` codes are sorted and distinct already (the previous pass's pairs, in its row order: a drop's pass
+    keeps them as they were) only the rest is sorted and merged in, not the whole line's pairs again."""
+    old, new = code[:head], code[head:]
+    if len(old) > 1 and not bool(np.all(old[1:] > old[:-1])):
+        return np.unique(code, return_index=True)[1]
+    values, at = np.unique(new, return_index=True)
+    if len(old):
+        found = old[np.minimum(np.searchsorted(old, values), len(old) - 1)] == values  # judged before: theirs first
+        values, at = values[~found], at[~found]
+    return np.insert(np.arange(head), np.searchsorted(old, values), at + head)
+
+
 def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | None, shingle_chars: int,
            previous: Decisions | None = None, stats: DecideStats | None = None) -> Decisions:
     """Which rows of the line are near-duplicates, visited in order: a row is removed when it is a near-duplicate
@@ -94,13 +178,14 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
     pairs_b: list[np.ndarray] = []
     pairs_s: list[np.ndarray] = []
     start = 0
-    if previous is not None and len(previous.names) and previous.names.dtype.kind == names.dtype.kind:
+    previous_used = previous is not None and len(previous.names) and previous.names.dtype.kind == names.dtype.kind
+    if previous_used:
         m = min(n, len(previous.names))
         differ = np.flatnonzero(previous.names[:m] != names[:m])
         start = int(differ[0]) if len(differ) else m
         kept_by[:start] = previous.kept_by[:start]
         similarity[:start] = previous.similarity[:start]
-        a, b = _row_lookup(names, previous.names[previous.pair_a]), _row_lookup(names, previous.names[previous.pair_b])
+        a, b = (_rows_now(names, previous.names, rows, start) for rows in (previous.pair_a, previous.pair_b))
         both = (a >= 0) & (b >= 0)
         a, b, s = np.minimum(a[both], b[both]), np.maximum(a[both], b[both]), previous.pair_sim[both]
         pairs_a.append(a)
@@ -110,26 +195,12 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
         memo = dict(zip(zip(a[later].tolist(), b[later].tolist()), s[later].tolist()))
     stats.reused_rows = start
     if n - start and n > 1:
-        bucket, shared = line.buckets()
-        rows = np.flatnonzero(shared[start:].any(axis=1)) + start
+        rows, mine_of, kept = _visit_buckets(line.keys, start, kept_by)
         stats.visited = len(rows)
-        # The kept rows before `start`, in the buckets the rows to visit are in.
-        kept: dict[int, list[int]] = {}
-        if start and len(rows):
-            touched = np.unique(bucket[rows][shared[rows]])
-            before = np.flatnonzero((kept_by[:start] < 0) & shared[:start].any(axis=1))
-            hit = np.isin(bucket[before], touched) & shared[before]
-            r, c = np.nonzero(hit)  # row-major: rows in visiting order
-            for x, bid in zip(before[r].tolist(), bucket[before][r, c].tolist()):
-                mine = kept.setdefault(bid, [])
-                if len(mine) < _BUCKET_KEPT:
-                    mine.append(x)
         cache: dict[int, np.ndarray] = {}
         new_a: list[int] = []
         new_b: list[int] = []
         new_s: list[float] = []
-        # Each row's buckets that hold another row too (a bucket of its own never has a kept row to compare with).
-        mine_of = np.where(shared[rows], bucket[rows], -1).tolist()
         for x, bids in zip(rows.tolist(), mine_of):
             candidates: set[int] = set()
             for bid in bids:
@@ -167,7 +238,7 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
     cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)  # noqa: E731
     a, b, s = cat(pairs_a, np.int64), cat(pairs_b, np.int64), cat(pairs_s, np.float32)
     if len(a):  # each pair once (a pair judged before may be judged again when its row was re-visited)
-        _, first = np.unique(a * n + b, return_index=True)
+        first = _first_of_each(a * n + b, len(pairs_a[0]) if previous_used else 0)
         a, b, s = a[first], b[first], s[first]
     return Decisions(names, kept_by, similarity, a, b, s)
 
@@ -200,20 +271,21 @@ def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], 
 def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
               num_perm: int, text_of: Callable[[int, int], str] | None, shingle_chars: int,
               keys: Sequence[np.ndarray] | None, previous: Decisions | None, stats: DecideStats | None,
-              samples: int) -> tuple[set[str], list[NearDuplicate], Decisions]:
-    """`near_duplicate_decisions` for load: the doc_ids removed, read a piece at a time from the Arrow columns
-    (a Python object per removed document only, not per pair), and the first `samples` removals described."""
+              samples: int) -> tuple[np.ndarray, list[NearDuplicate], Decisions]:
+    """`near_duplicate_decisions` for load: the doc_ids removed, as the line's names (`sortable_ids`: uint64 for
+    load's ids, sorted and distinct; no Python object per removed document, which on a line of 16x copies was
+    most of a drop's pass), and the first `samples` removals described."""
     line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
     found = decide(line, threshold, text_of, shingle_chars, previous, stats)
     removed = np.flatnonzero(found.kept_by >= 0)
-    ids: set[str] = set()
-    for p in np.unique(line.part[removed]).tolist():
-        rows = line.row[removed[line.part[removed] == p]]
-        column = parts[p][0]
-        if hasattr(column, "take"):
-            ids.update(column.take(rows).to_pylist())
-        else:
-            ids.update(column[r] for r in rows.tolist())
+    if line.names.dtype == np.uint64:
+        ids = np.sort(line.names[removed])  # distinct already (a row per doc_id); numpy's unique hashes: slower
+    else:  # some ids not load's (a tool's, a test's): the names are strings only where all were; read them back
+        got: list = []
+        for p in np.unique(line.part[removed]).tolist():
+            rows, column = line.row[removed[line.part[removed] == p]], parts[p][0]
+            got += column.take(rows).to_pylist() if hasattr(column, "take") else [column[r] for r in rows.tolist()]
+        ids = np.unique(np.array(got, dtype=str)) if got else np.zeros(0, str)
     described = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a),
                                float(found.similarity[b]))
                  for b, a in zip(removed[:samples].tolist(), found.kept_by[removed[:samples]].tolist())]

@@ -162,7 +162,7 @@ def previous_decisions(signature_keys: list[str], ranks: list[int], cfg: NearDed
 
 @dataclass
 class NearDedupResult:
-    doc_ids: set[str]  # documents left out (every copy of them)
+    doc_ids: np.ndarray  # documents left out (every copy of them), as `minhash.sortable_ids`: sorted, distinct
     ranks: list[int]
     samples: list[dict[str, Any]]
     deps: list[str] = field(default_factory=list)
@@ -201,7 +201,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     key = state_key(index.signature_keys, ranks, cfg)
     stats = near_pass.DecideStats()
     found_list: list[minhash.NearDuplicate] = []
-    removed: set[str] = set()
+    removed = np.zeros(0, np.uint64)
     previous_path = None
 
     def build(tmp: Path):

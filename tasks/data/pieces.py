@@ -33,6 +33,7 @@ from tasks.data.layout import (
     REJECTS_FILE,
     piece_docs_file,
 )
+from tasks.data.minhash import sortable_ids
 from tasks.data.readers import ReadPosition, read_corpus_file
 from tasks.data.records import BadRecordError, Reject, _line_no, doc_id_of, norm_id_of
 
@@ -121,23 +122,57 @@ def _fail_advice(rest, kept_before: int) -> str:
             "corpus.on_bad_record: skip would keep none of them)")
 
 
-def piece_index(directory: Path, part: int) -> pa.Table:
+def piece_index(directory: Path, part: int, table: pa.Table | None = None) -> pa.Table:
     """One piece's documents as index rows (doc_id, norm_id, part, row, line): its ids and where each text
-    lives, read from the memory-mapped piece without touching its text column."""
-    table = read_arrow(directory / DOCS_FILE)
+    lives, read from the memory-mapped piece (`table`, when opened already) without touching its text column."""
+    table = read_arrow(directory / DOCS_FILE) if table is None else table
     n = table.num_rows
     return pa.table([table.column("doc_id"), table.column("norm_id"), pa.array(np.full(n, part, np.int32)),
                      pa.array(np.arange(n, dtype=np.int64)), table.column("line")], schema=INDEX_SCHEMA)
 
 
-def first_copies(index: pa.Table, seen: set[str]) -> pa.Table:
-    """`index` less documents already in `seen` (an earlier piece holds the same text); `seen` takes the rest.
-    Each filter of the assembly (this exact one; a near-duplicate one would sit beside it) takes and gives an
-    index table, so texts are read only by a filter that needs them."""
-    ids = index.column("doc_id").to_pylist()
-    keep = [i for i, d in enumerate(ids) if d not in seen]
-    seen.update(ids)
-    return index if len(keep) == len(ids) else take_rows(index, keep)
+def line_ids(columns: list) -> list[np.ndarray]:
+    """Each piece's doc_id column as one array, all of one kind (`minhash.sortable_ids`): load's ids as uint64
+    (8 bytes an id, read from the Arrow buffer, no Python string per document), any other ids all as strings."""
+    ids = [sortable_ids(c) for c in columns]
+    if any(x.dtype != np.uint64 for x in ids):
+        ids = [hex_ids(x) if x.dtype == np.uint64 else x for x in ids]
+    return ids
+
+
+def hex_ids(x: np.ndarray) -> np.ndarray:
+    """uint64 ids (sortable_ids') back as their 16 hex digits, to meet ids that are strings."""
+    return np.array([f"{v:016x}" for v in x.tolist()], dtype=str) if len(x) else np.zeros(0, str)
+
+
+def line_filters(ids: list[np.ndarray], deduplicate: bool, near: np.ndarray | None
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per piece (in assembly order), which rows are first copies (no earlier piece holds their doc_id: the exact
+    dedup across pieces; within one piece load_file has already dropped copies) and which are in `near` (sorted,
+    distinct; of `ids`' kind or the other, see `line_ids`). One stable sort of the line's ids and one search of
+    them, in order, in `near`: a drop costs passes over arrays, not a Python set of every id."""
+    sizes = [len(x) for x in ids]
+    if not sum(sizes):
+        return [(np.ones(0, bool), np.zeros(0, bool)) for _ in ids]
+    every = np.concatenate(ids)
+    if near is not None and every.dtype.kind != near.dtype.kind:
+        every, near = (hex_ids(x) if x.dtype == np.uint64 else x for x in (every, near))
+    part = np.repeat(np.arange(len(ids)), sizes)
+    order = np.argsort(every)  # unstable (a stable sort of 64-bit ids is 5x slower): each id's pieces compared below
+    ordered = every[order]
+    first = np.ones(len(order), bool)
+    if deduplicate:
+        starts = np.ones(len(order), bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+        group = np.cumsum(starts) - 1
+        earliest = np.minimum.reduceat(part[order], np.flatnonzero(starts))
+        first[order] = part[order] == earliest[group]  # in the first piece that holds the id
+    hit = np.zeros(len(order), bool)
+    if near is not None and len(near):
+        at = np.minimum(np.searchsorted(near, ordered), len(near) - 1)
+        hit[order] = near[at] == ordered
+    cuts = np.cumsum(sizes)[:-1]
+    return list(zip(np.split(first, cuts), np.split(hit, cuts)))
 
 
 def copy_rejects(directory: Path, prefix: str, sink) -> None:
@@ -149,49 +184,50 @@ def copy_rejects(directory: Path, prefix: str, sink) -> None:
                                    ensure_ascii=False) + "\n").encode())
 
 
-def without_near(index: pa.Table, near: set[str]) -> pa.Table:
-    """`index` less the near-duplicates (`near_dedup_rows`' doc_ids): the assembly's second filter, ids only.
-    A membership test per row of this piece against the set as it is (building an Arrow value set from `near`
-    for each piece cost a sort of the whole line's near-duplicates per file: 0.24 s of a drop's 0.40 s load on
-    a 16x line, growing with the line)."""
-    keep = [i for i, d in enumerate(index.column("doc_id").to_pylist()) if d not in near]
-    return index if len(keep) == index.num_rows else take_rows(index, keep)
-
-
 def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
-                       characters: list[int] | None = None, near: set[str] | None = None) -> dict[str, Any]:
+                       characters: list[int] | None = None, near=None) -> dict[str, Any]:
     """Per-file pieces → `out_dir/index.arrow` (doc_id, norm_id, part, row, line: which row of which piece
     holds each document; no text) and all rejects (with their source). A document already seen in an earlier
     part is a duplicate. Only ids are read and written: adding one file costs its own piece and one pass over
     the ids, never a copy of every text. `characters`: each piece's own count (load_file's), if known.
-    Documents whose doc_id is in `near` (near-duplicates of one the line had first) are left out and counted, in
-    total and per part (`near_per_part`)."""
+    Documents whose doc_id is in `near` (near-duplicates of one the line had first: an array as
+    `minhash.sortable_ids` gives, or any iterable of ids) are left out and counted, in total and per part
+    (`near_per_part`). Both filters work on the line's ids as arrays (`line_ids`): on a line of 16x the documents
+    the Python sets they replace made a one-file drop's assembly 3x slower (bench.drop_load)."""
     counts: dict[str, Any] = {"documents": 0, "duplicates": 0, "characters": 0}
     if near is not None:
         counts.update(near_duplicates=0, near_per_part=[0] * len(parts))
-    seen: set[str] = set()
+    tables = [read_arrow(directory / DOCS_FILE) for directory in parts]  # memory-mapped, opened once each
+    indexes = [piece_index(directory, part, table) for part, (directory, table) in enumerate(zip(parts, tables))]
+    if near is not None and not isinstance(near, np.ndarray):
+        near = sortable_ids(list(near))
+    if near is not None and not (len(near) < 2 or bool(np.all(near[1:] > near[:-1]))):
+        near = np.unique(near)  # near-dedup's array comes sorted and distinct; any other is made so
+    filters = line_filters(line_ids([index.column("doc_id") for index in indexes]), deduplicate, near)
     with pa.OSFile(str(out_dir / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "wb") as rejects:
         for part, directory in enumerate(parts):
-            index = piece_index(directory, part)
-            kept = first_copies(index, seen) if deduplicate else index
-            counts["duplicates"] += index.num_rows - kept.num_rows
-            if near:
-                before = kept.num_rows
-                kept = without_near(kept, near)
-                counts["near_duplicates"] += before - kept.num_rows
-                counts["near_per_part"][part] = before - kept.num_rows
+            index, (keep, in_near) = indexes[part], filters[part]
+            counts["duplicates"] += int(len(keep) - keep.sum())
+            if near is not None and len(near):
+                removed = keep & in_near
+                counts["near_duplicates"] += int(removed.sum())
+                counts["near_per_part"][part] = int(removed.sum())
+                keep = keep & ~removed
+            kept = index if keep.all() else take_rows(index, np.flatnonzero(keep))
             writer.write_table(kept, max_chunksize=_INDEX_BATCH)
             counts["documents"] += kept.num_rows
             counts["characters"] += (characters[part] if characters and kept.num_rows == index.num_rows
-                                     else piece_characters(directory, kept))
+                                     else piece_characters(directory, kept, tables[part]))
             copy_rejects(directory, f"{names[part]}:", rejects)
     return counts
 
 
-def piece_characters(directory: Path, kept: pa.Table) -> int:
-    """Characters of the documents `kept` (index rows) of one piece, counted from their texts."""
-    texts = take_rows(read_arrow(directory / DOCS_FILE).column("text"), kept.column("row").to_numpy())
+def piece_characters(directory: Path, kept: pa.Table, table: pa.Table | None = None) -> int:
+    """Characters of the documents `kept` (index rows) of one piece, counted from their texts (`table`: the piece,
+    when opened already)."""
+    table = read_arrow(directory / DOCS_FILE) if table is None else table
+    texts = take_rows(table.column("text"), kept.column("row").to_numpy())
     return int(pc.sum(pc.utf8_length(texts)).as_py() or 0)
 
 
