@@ -355,11 +355,12 @@ def serve(host: str, port: int) -> int:
     return 0
 
 
-def _end(child: subprocess.Popen) -> None:
+def _end(child: subprocess.Popen, wait: float = 15.0) -> None:
+    """SIGTERM to a child, SIGKILL after `wait` seconds."""
     if child.poll() is None:
         child.terminate()
         try:
-            child.wait(timeout=15)
+            child.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
@@ -400,12 +401,7 @@ class RunServer:
         if self.process is None:
             return
         proc, self.process = self.process, None
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _end(proc, wait=5)
 
     def heartbeats(self) -> bool:
         """Whether the flow sends Prefect's run heartbeats by default. They serve one thing: an automation the
