@@ -298,8 +298,8 @@ def hold_server() -> int:
 
 
 def _idle_for(idle: float) -> bool:
-    """Whether no run holds the users file and the last touched it more than `idle` seconds ago. Called with the
-    file locked exclusively by the caller."""
+    """Whether the users file was last touched more than `idle` seconds ago (the caller holds it exclusively: no
+    run holds it now)."""
     try:
         return time.time() - _users_file().stat().st_mtime > idle
     except FileNotFoundError:
@@ -372,7 +372,7 @@ def _end(child: subprocess.Popen, wait: float = 15.0) -> None:
 @dataclass
 class RunServer:
     """The Prefect API a run uses: `kind` is "env" (PREFECT_API_URL as given), "cpt server" (kept in the
-    background; `started` when this run started it), "make server" or "temporary" (started for this run,
+    background; `new` when this run started it), "make server" or "temporary" (started for this run,
     stopped by `close`)."""
     kind: str
     api_url: str | None = None

@@ -149,7 +149,7 @@ def line_filters(ids: list[np.ndarray], deduplicate: bool, near: np.ndarray | No
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per piece (in assembly order), which rows are first copies (no earlier piece holds their doc_id: the exact
     dedup across pieces; within one piece load_file has already dropped copies) and which are in `near` (sorted,
-    distinct; of `ids`' kind or the other, see `line_ids`). One stable sort of the line's ids and one search of
+    distinct; of `ids`' kind or the other, see `line_ids`). One sort of the line's ids and one search of
     them, in order, in `near`: a drop costs passes over arrays, not a Python set of every id."""
     sizes = [len(x) for x in ids]
     if not sum(sizes):
