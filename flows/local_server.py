@@ -159,7 +159,7 @@ def _spawn(host: str, port: int, idle: float | None) -> dict:
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
     command = [sys.executable, "-m", "flows.local_server", "serve", host, str(port)]
-    with open(log, "ab") as out:
+    with open(log, "wb") as out:  # this server's output only: a season of restarts never grows it
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     deadline = time.monotonic() + 10
