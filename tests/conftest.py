@@ -24,8 +24,11 @@ os.environ.setdefault("CPT_NO_PROGRESS", "1")
 # Each `cpt run` a test starts uses a temporary Prefect server that ends with it: a server kept for later runs
 # (the default, flows/local_server.py) would outlive the test. tests/test_local_server.py tests the kept one.
 os.environ.setdefault("CPT_SERVER", "temporary")
-# The user-level cache (tokenizer profiles) of this test session, not the developer's.
-os.environ.setdefault("CPT_CACHE_HOME", __import__("tempfile").mkdtemp(prefix="cpt-test-home-"))
+# The user-level cache (tokenizer profiles) of this test session, not the developer's; removed when the session
+# ends (each session made a new one, and /tmp kept every one).
+if "CPT_CACHE_HOME" not in os.environ:
+    os.environ["CPT_CACHE_HOME"] = tempfile.mkdtemp(prefix="cpt-test-home-")
+    __import__("atexit").register(shutil.rmtree, os.environ["CPT_CACHE_HOME"], True)
 
 from helpers import S3_KEY, S3_SECRET, sample_texts  # noqa: E402  (the environment is set first)
 # The slow mark's guard (tests/slow_guard.py): a test not marked slow that starts a child process, a server or a

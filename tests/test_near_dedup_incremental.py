@@ -302,3 +302,61 @@ def test_the_visiting_order_is_the_lexsorts(kind):
         order = np.lexsort((np.arange(n), every, rank))
         _, first = np.unique(every[order], return_index=True)
         assert mh._visiting_order(every, np.arange(n), rank).tolist() == order[np.sort(first)].tolist(), trial
+
+
+@pytest.mark.parametrize("spread", [3, 2 ** 40])
+def test_a_lines_buckets_read_from_its_pieces_are_those_of_its_keys_in_order(spread):
+    """`decide` reads the older rows' band keys from their pieces, in piece order (`_Line.key_blocks`), not from
+    the line's keys gathered into visiting order: the same rows, buckets and kept rows as `_visit_buckets` over
+    `line.keys`, with pieces whose rows interleave in visiting order, a doc_id in two pieces (one copy not
+    visited), ranks out of piece order and blocks smaller than a piece."""
+    rng = np.random.default_rng(spread)
+    nb, sizes, ranks = 5, [70, 1, 120, 0, 45], [1, 0, 1, 2, 0]
+    ids = [rng.choice(2 ** 20, k, replace=False).astype(np.uint64) for k in sizes]
+    ids[2][:10] = ids[0][:10]  # the same documents in two pieces: visited once, in the lower-ranked one
+    keys = [rng.integers(0, spread, (k, nb)).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) for k in sizes]
+    keys[4][5:25] = keys[0][30:50]  # near-copies across pieces
+    parts = [([f"{int(v):016x}" for v in x], np.zeros((len(x), 8), np.uint32)) for x in ids]
+    line = mh._Line(parts, lambda p: ranks[p], T, 8, keys)
+    assert line.names.tolist() == mh._Line(parts, lambda p: ranks[p], T, 8, keys, ids).names.tolist()
+    line.b = nb
+    for start in [0, 1, 30, 100, len(line) - 1, len(line)]:
+        kept_by = np.where(rng.random(len(line)) < 0.5, -1, 0)
+        want = npass._visit_buckets(line.keys, start, kept_by)
+        got = npass._visit_line_buckets(line.keys_of(np.arange(start, len(line))), line.key_blocks(start, 16),
+                                        start, kept_by)
+        assert got[0].tolist() == want[0].tolist() and got[1] == want[1] and got[2] == want[2], start
+
+
+def test_cached_ids_give_the_same_pass_and_bad_ones_are_not_read(tmp_path):
+    """The pieces' ids cached beside their band keys (`ids.npy`) give the pass and load's output that the ids read
+    from the pieces give; a cached file of the wrong length or kind is not read (the doc_id column is)."""
+    from tasks.data import near_pieces
+
+    texts = rich_corpus(6)
+    write_files(tmp_path / "c", texts, 3)
+    first = run_load(tmp_path / "art", [tmp_path / "c"])
+    root = open_root(tmp_path / "art")
+    keys = [d for d in first.deps if "near-dedup-keys" in d]
+    assert keys and all((root.entry(k) / near_pieces.IDS_FILE).is_file() for k in keys)
+    sigs = [d for d in first.deps if "near-dedup-sig" in d]
+    parts = [([f"{int(x):016x}" for x in np.load(root.entry(k) / near_pieces.IDS_FILE)],
+              np.load(root.entry(s) / near_pieces.SIGNATURES_FILE)) for k, s in zip(keys, sigs)]
+    cached = [np.load(root.entry(k) / near_pieces.IDS_FILE) for k in keys]
+    args = ([0, 0, 1], T, PERM, None, N, None, None, None, 3)
+    with_ids = npass.line_pass(parts, *args, ids=cached)
+    without = npass.line_pass(parts, *args)
+    assert with_ids[0].tolist() == without[0].tolist() and len(with_ids[0])
+    assert with_ids[2].kept_by.tolist() == without[2].kept_by.tolist()
+
+    from tasks.core.manifest import read_manifest
+
+    entry = root.entry(keys[0])
+    piece = read_manifest(entry)
+    n = len(cached[0])
+    assert near_pieces._piece_ids(piece, n, root) is not None
+    assert near_pieces._piece_ids(piece, n + 1, root) is None  # not this piece's rows
+    np.save(entry / near_pieces.IDS_FILE, cached[0].astype(np.int64))
+    assert near_pieces._piece_ids(piece, n, root) is None  # not uint64
+    (entry / near_pieces.IDS_FILE).write_bytes(b"not an array")
+    assert near_pieces._piece_ids(piece, n, root) is None

@@ -236,12 +236,13 @@ class _Line:
     are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
     band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage.
     `keys`: each piece's band keys (`_band_keys`, cached per piece by tasks/data/near_pieces.py), else computed
-    here from the signatures."""
+    here from the signatures; `ids` likewise each piece's `sortable_ids` where cached (None: from its ids)."""
 
     def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int,
-                 keys: Sequence[np.ndarray] | None = None):
+                 keys: Sequence[np.ndarray] | None = None, ids: Sequence[np.ndarray | None] | None = None):
         self.parts = parts
-        names = [sortable_ids(ids) for ids, _ in parts]
+        ids = ids if ids is not None else [None] * len(parts)
+        names = [sortable_ids(column) if cached is None else cached for (column, _), cached in zip(parts, ids)]
         if any(x.dtype != np.uint64 for x in names):
             names = [x.astype(str) for x in names]
         sizes = [len(x) for x in names]
@@ -253,19 +254,47 @@ class _Line:
         self.b, self.r = bands(threshold, num_perm)
         self.num_perm = num_perm
         self._sigs = [sigs.reshape(-1, num_perm) for _, sigs in parts]
-        # Band keys straight into visiting order, a piece at a time (no second copy of the line's keys).
-        self.keys = np.empty((len(self.part), self.b), np.uint64)
-        # Each piece's visited rows from its own slice of the concatenation (where each row went: `visited_at`),
-        # not a scan of the whole line per piece.
+        # Band keys stay in their pieces (memory-mapped), read where a pass needs them: a drop's pass reads the
+        # drop's rows' keys and scans the older rows' in piece order (`key_blocks`); gathering the whole line's
+        # keys into visiting order first (a scatter of every row) grew a drop's pass with the line.
+        self._given_keys = keys
+        self._piece_keys: dict[int, np.ndarray] = {}
+        # Where each piece's rows were visited (-1: not, a doc_id visited in another copy), from its own slice.
         visited_at = np.full(len(every), -1, np.int64)
         visited_at[pick] = np.arange(len(pick))
         ends = np.cumsum(sizes)
-        for p, sigs in enumerate(self._sigs):
-            mine = visited_at[ends[p] - sizes[p]:ends[p]]
-            rows = np.flatnonzero(mine >= 0)
-            if len(rows):
-                piece_keys = keys[p] if keys is not None else _band_keys(sigs, self.b, self.r)
-                self.keys[mine[rows]] = np.asarray(piece_keys)[rows]
+        self._visited_at = [visited_at[e - k:e] for e, k in zip(ends.tolist(), sizes)]
+
+    def piece_keys(self, p: int) -> np.ndarray:
+        """Piece p's band keys, every row (given, or computed from its signatures once)."""
+        if p not in self._piece_keys:
+            given = self._given_keys[p] if self._given_keys is not None else None
+            self._piece_keys[p] = given if given is not None else _band_keys(self._sigs[p], self.b, self.r)
+        return self._piece_keys[p]
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        """The band keys of visited rows `rows` ((len(rows), b) uint64), gathered from their pieces."""
+        out = np.empty((len(rows), self.b), np.uint64)
+        part, row = self.part[rows], self.row[rows]
+        for p in np.unique(part).tolist():
+            mine = part == p
+            out[mine] = np.asarray(self.piece_keys(p))[row[mine]]
+        return out
+
+    @functools.cached_property
+    def keys(self) -> np.ndarray:
+        """Every visited row's band keys, in visiting order ((len, b) uint64)."""
+        return self.keys_of(np.arange(len(self)))
+
+    def key_blocks(self, stop: int, size: int):
+        """(keys (m, b), visited row of each, -1 where not visited) of every piece, at most `size` rows at a time,
+        for pieces holding a visited row below `stop`: the rows in piece order, not visiting order."""
+        for p, at in enumerate(self._visited_at):
+            if not len(at) or not bool(np.any((at >= 0) & (at < stop))):
+                continue
+            keys = self.piece_keys(p)
+            for lo in range(0, len(at), size):
+                yield np.asarray(keys[lo:lo + size]), at[lo:lo + size]
 
     def __len__(self) -> int:
         return len(self.part)

@@ -87,16 +87,25 @@ _KEY_BLOCK = 1 << 16
 
 def _visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray
                    ) -> tuple[np.ndarray, list[list[int]], dict[int, list[int]]]:
-    """What the greedy pass needs of the LSH buckets to visit rows `start`…: the rows to visit (those sharing a
-    band bucket with another row), each one's bucket per band (ids unique across bands; -1 where no other row is
-    in it: a bucket of its own never has a kept row to compare with), and per bucket the kept rows before `start`
-    in it (the earliest _BUCKET_KEPT, in row order). Only the buckets of rows from `start` on are numbered: the
-    rows before are looked up in them (a filter on the keys' top bits, then a search per band), so a drop onto a
-    long line costs a pass over the line's keys, not a sort of them per band."""
-    n, nb = keys.shape
+    """`_visit_line_buckets` of a line whose band keys are one array (row x's keys: `keys[x]`)."""
+    blocks = ((keys[lo:min(start, lo + _KEY_BLOCK)], np.arange(lo, min(start, lo + _KEY_BLOCK)))
+              for lo in range(0, start, _KEY_BLOCK))
+    return _visit_line_buckets(np.asarray(keys[start:]), blocks, start, kept_by)
+
+
+def _visit_line_buckets(new_keys: np.ndarray, blocks, start: int, kept_by: np.ndarray
+                        ) -> tuple[np.ndarray, list[list[int]], dict[int, list[int]]]:
+    """What the greedy pass needs of the LSH buckets to visit rows `start`… (`new_keys`: their band keys, in
+    order): the rows to visit (those sharing a band bucket with another row), each one's bucket per band (ids
+    unique across bands; -1 where no other row is in it: a bucket of its own never has a kept row to compare
+    with), and per bucket the kept rows before `start` in it (the earliest _BUCKET_KEPT, in row order). Only the
+    buckets of rows from `start` on are numbered: the rows before are looked up in them (a filter on the keys' top
+    bits, then a search per band) from `blocks` ((keys, row of each: -1 or ≥ start for rows to skip), in any
+    order), so a drop onto a long line costs a pass over the line's keys, not a sort of them per band."""
+    nb = new_keys.shape[1]
     uniqs, inverses = [], []
     for band in range(nb):
-        u, inverse = np.unique(keys[start:, band], return_inverse=True)
+        u, inverse = np.unique(new_keys[:, band], return_inverse=True)
         uniqs.append(u)
         inverses.append(inverse.reshape(-1))
     offsets = np.cumsum([0] + [len(u) for u in uniqs])
@@ -109,9 +118,12 @@ def _visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray
         shift = np.uint64(64 - bits)
         table[(np.concatenate(uniqs) >> shift).astype(np.intp)] = True
         xs, bids = [], []
-        for lo in range(0, start, _KEY_BLOCK):
-            flat = np.ascontiguousarray(keys[lo:min(start, lo + _KEY_BLOCK)]).reshape(-1)
+        for block, rows in blocks:
+            flat = np.ascontiguousarray(block).reshape(-1)
             cand = np.flatnonzero(table[(flat >> shift).astype(np.intp)])  # row-major: rows, then bands, in order
+            x = rows[cand // nb]
+            ok = (x >= 0) & (x < start)
+            cand, x = cand[ok], x[ok]
             band = cand % nb
             bid = np.full(len(cand), -1, np.int64)
             for k in np.unique(band).tolist():
@@ -121,12 +133,15 @@ def _visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray
                 hit = uniqs[k][at] == want
                 bid[sel[hit]] = at[hit] + offsets[k]
             found = bid >= 0
-            xs.append(cand[found] // nb + lo)
+            xs.append(x[found])
             bids.append(bid[found])
-        old_x, old_bid = np.concatenate(xs), np.concatenate(bids)
+        if xs:
+            old_x, old_bid = np.concatenate(xs), np.concatenate(bids)
+            by_row = np.argsort(old_x, kind="stable")  # blocks come in piece order: the kept lists want row order
+            old_x, old_bid = old_x[by_row], old_bid[by_row]
         counts += np.bincount(old_bid, minlength=len(counts))
     bucket = np.stack([inv + offsets[k] for k, inv in enumerate(inverses)], axis=1) if nb else \
-        np.zeros((n - start, 0), np.int64)
+        np.zeros((len(new_keys), 0), np.int64)
     shared = counts[bucket] > 1
     visit = np.flatnonzero(shared.any(axis=1))
     mine_of = np.where(shared[visit], bucket[visit], -1).tolist()
@@ -195,7 +210,8 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
         memo = dict(zip(zip(a[later].tolist(), b[later].tolist()), s[later].tolist()))
     stats.reused_rows = start
     if n - start and n > 1:
-        rows, mine_of, kept = _visit_buckets(line.keys, start, kept_by)
+        rows, mine_of, kept = _visit_line_buckets(line.keys_of(np.arange(start, n)),
+                                                  line.key_blocks(start, _KEY_BLOCK), start, kept_by)
         stats.visited = len(rows)
         cache: dict[int, np.ndarray] = {}
         new_a: list[int] = []
@@ -253,15 +269,16 @@ def near_duplicates(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Se
 def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int],
                              threshold: float, num_perm: int, text_of: Callable[[int, int], str] | None = None,
                              shingle_chars: int = 5, keys: Sequence[np.ndarray] | None = None,
-                             previous: Decisions | None = None, stats: DecideStats | None = None
-                             ) -> tuple[list[NearDuplicate], Decisions]:
+                             previous: Decisions | None = None, stats: DecideStats | None = None,
+                             ids: Sequence[np.ndarray | None] | None = None) -> tuple[list[NearDuplicate], Decisions]:
     """Which rows of the pieces `parts` ([(doc_ids, signatures)]: ids as strings or a pyarrow column, signatures
     possibly memory-mapped; `keys` their band keys) repeat an earlier document, and the decisions (for the next
     pass: `previous`). Documents are visited by (rank of their part, doc_id): the line's older files have the
     lower ranks, so a document is only ever removed for a kept one that came before it, and what was kept stays
     kept when a drop joins. An exact copy of a document seen before (the same doc_id) is the exact dedup's, not
-    counted here. `text_of(part, row)`: the text, to check candidates on their exact Jaccard (`VERIFY_MARGIN`)."""
-    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
+    counted here. `text_of(part, row)`: the text, to check candidates on their exact Jaccard (`VERIFY_MARGIN`).
+    `ids`: each part's `sortable_ids` where cached (`_Line`)."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys, ids)
     found = decide(line, threshold, text_of, shingle_chars, previous, stats)
     out = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), float(found.similarity[b]))
            for b, a in zip(np.flatnonzero(found.kept_by >= 0).tolist(), found.kept_by[found.kept_by >= 0].tolist())]
@@ -271,11 +288,12 @@ def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], 
 def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
               num_perm: int, text_of: Callable[[int, int], str] | None, shingle_chars: int,
               keys: Sequence[np.ndarray] | None, previous: Decisions | None, stats: DecideStats | None,
-              samples: int) -> tuple[np.ndarray, list[NearDuplicate], Decisions]:
+              samples: int, ids: Sequence[np.ndarray | None] | None = None
+              ) -> tuple[np.ndarray, list[NearDuplicate], Decisions]:
     """`near_duplicate_decisions` for load: the doc_ids removed, as the line's names (`sortable_ids`: uint64 for
     load's ids, sorted and distinct; no Python object per removed document, which on a line of 16x copies was
     most of a drop's pass), and the first `samples` removals described."""
-    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys)
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys, ids)
     found = decide(line, threshold, text_of, shingle_chars, previous, stats)
     removed = np.flatnonzero(found.kept_by >= 0)
     if line.names.dtype == np.uint64:
@@ -319,13 +337,15 @@ def _cross_candidates(line: _Line, older: np.ndarray) -> tuple[np.ndarray, np.nd
 def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
                  drop_parts: Sequence[tuple[Sequence[str], np.ndarray]], threshold: float, num_perm: int,
                  text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
-                 keys: Sequence[np.ndarray] | None = None) -> list[tuple[str, str, float]]:
+                 keys: Sequence[np.ndarray] | None = None, ids: Sequence[np.ndarray | None] | None = None
+                 ) -> list[tuple[str, str, float]]:
     """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
     (exact copies included: the drop gate counts both as duplicates). Pairs are decided as load decides them
     (`near_pairs`; `text_of(part, row)` over the line's parts, then the drop's; `keys`: their band keys, in the same
-    order). Only pairs of a drop document and a line document are judged: the cost grows with the drop."""
+    order; `ids` their cached `sortable_ids`, likewise). Only pairs of a drop document and a line document are
+    judged: the cost grows with the drop."""
     parts = [*line_parts, *drop_parts]
-    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm, keys)
+    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm, keys, ids)
     # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
     # when its piece is.
     in_line = line.part < len(line_parts)

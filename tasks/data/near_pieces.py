@@ -57,31 +57,52 @@ register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow
 
 
 KEYS_FILE = "band_keys.npy"
+IDS_FILE = "ids.npy"
 
 
-def band_keys_piece(sig: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot) -> tuple[StageOutput, bool]:
-    """A signature piece's band keys for the threshold's bands (`minhash.bands`): what the piece contributes to the
-    line's LSH index, cached so a line's later passes read 112 bytes a document (14 bands) instead of hashing
-    its 512 bytes of signature again."""
+def band_keys_piece(piece: StageOutput, sig: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot
+                    ) -> tuple[StageOutput, bool]:
+    """What a load-file piece contributes to the line's LSH index, cached so a line's later passes read it instead
+    of computing it again for every piece on every drop: its band keys for the threshold's bands (`minhash.bands`:
+    112 bytes a document at 14 bands, instead of hashing its 512 bytes of signature again) and its doc_ids as
+    `minhash.sortable_ids` gives them (uint64, when they are load's hex ids: `ids.npy`; a line's ids are otherwise
+    decoded from every piece's hex on each pass, which grew a drop's load with the line)."""
     b, r = minhash.bands(cfg.threshold, cfg.num_perm)
     key = stage_key("near-dedup-keys", {"signatures": sig.key, "bands": [b, r]})
 
     def build(tmp: Path):
         sigs = np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r")
         np.save(tmp / KEYS_FILE, minhash._band_keys(sigs.reshape(-1, cfg.num_perm), b, r))
+        ids = minhash.sortable_ids(read_arrow(piece_docs_file(root, piece.path)).column("doc_id"))
+        if ids.dtype == np.uint64 and len(ids) == len(sigs):
+            np.save(tmp / IDS_FILE, ids)
         return {"documents": len(sigs)}, {}
 
     return publish_piece(root, "near-dedup-keys", key, build)
 
 
-register_code_version("near-dedup-keys", 1, [band_keys_piece], ["numpy"])
+# 2: the piece's ids (`ids.npy`) beside its band keys.
+register_code_version("near-dedup-keys", 2, [band_keys_piece], ["numpy", "pyarrow"])
 
 
 def _signature_and_keys(piece: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot
                         ) -> tuple[StageOutput, StageOutput]:
     sig, _ = signature_piece(piece, cfg, root)
-    keys, _ = band_keys_piece(sig, cfg, root)
+    keys, _ = band_keys_piece(piece, sig, cfg, root)
     return sig, keys
+
+
+def _piece_ids(keys: StageOutput, documents: int, root: ArtifactsRoot) -> np.ndarray | None:
+    """A keys piece's ids (memory-mapped), or None where it has none (ids that are not load's) or they do not fit
+    the piece (`documents` rows): the pass then reads them from the doc_id column."""
+    path = keys.dir(root) / IDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return ids if ids.dtype == np.uint64 and ids.shape == (documents,) else None
 
 
 @dataclass
@@ -90,6 +111,7 @@ class PieceIndex:
     signatures and band keys (memory-mapped), and the cache entries they came from."""
     parts: list[tuple[pa.ChunkedArray, np.ndarray]]
     keys: list[np.ndarray]
+    ids: list[np.ndarray | None]  # per piece its ids as `minhash.sortable_ids` (uint64), where cached
     signature_keys: list[str]
     deps: list[str]
 
@@ -109,7 +131,8 @@ def piece_index(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedu
     parts = [(table.column("doc_id"), np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r"))
              for table, (sig, _) in zip(docs, done)]
     keys = [np.load(k.dir(root) / KEYS_FILE, mmap_mode="r") for _, k in done]
-    return PieceIndex(parts, keys, [sig.key for sig, _ in done], [p.path for pair in done for p in pair])
+    ids = [_piece_ids(k, len(column), root) for (column, _), (_, k) in zip(parts, done)]
+    return PieceIndex(parts, keys, ids, [sig.key for sig, _ in done], [p.path for pair in done for p in pair])
 
 
 def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
@@ -168,6 +191,7 @@ class NearDedupResult:
     deps: list[str] = field(default_factory=list)
     state: str = ""  # the decisions' key: what was removed, decided by this code over these pieces
     stats: dict[str, Any] = field(default_factory=dict)
+    ids: list[np.ndarray | None] = field(default_factory=list)  # per piece its cached sortable ids (PieceIndex)
 
 
 def samples_of(found: list[minhash.NearDuplicate], docs: list[pa.Table], names: list[str], limit: int = SAMPLES
@@ -209,7 +233,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
         previous, previous_path = previous_decisions(index.signature_keys, ranks, cfg, root)
         removed, found_list, decisions = near_pass.line_pass(
             index.parts, ranks, cfg.threshold, cfg.num_perm, lambda p, r: docs[p].column("text")[r].as_py(),
-            cfg.shingle_chars, index.keys, previous, stats, SAMPLES)
+            cfg.shingle_chars, index.keys, previous, stats, SAMPLES, index.ids)
         decisions.save(tmp / STATE_FILE)
         return {"documents": len(decisions.names), "near_duplicates": int((decisions.kept_by >= 0).sum()),
                 "pairs": len(decisions.pair_a)}, {}
@@ -223,12 +247,12 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
         else:
             removed, found_list, _ = near_pass.line_pass(
                 index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions,
-                stats, SAMPLES)
+                stats, SAMPLES, index.ids)
     summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,
                "remembered": stats.remembered, "previous": previous_path or "",
                "seconds": round(time.perf_counter() - started, 3)}  # signatures, band keys and the pass
     return NearDedupResult(removed, ranks, samples_of(found_list, docs, names),
-                           index.deps + [state.path], key, summary)
+                           index.deps + [state.path], key, summary, index.ids)
 
 
 # The decisions follow from the code that takes them (the rule, the pair decision, the band choice).

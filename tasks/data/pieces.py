@@ -131,10 +131,13 @@ def piece_index(directory: Path, part: int, table: pa.Table | None = None) -> pa
                      pa.array(np.arange(n, dtype=np.int64)), table.column("line")], schema=INDEX_SCHEMA)
 
 
-def line_ids(columns: list) -> list[np.ndarray]:
+def line_ids(columns: list, cached: list | None = None) -> list[np.ndarray]:
     """Each piece's doc_id column as one array, all of one kind (`minhash.sortable_ids`): load's ids as uint64
-    (8 bytes an id, read from the Arrow buffer, no Python string per document), any other ids all as strings."""
-    ids = [sortable_ids(c) for c in columns]
+    (8 bytes an id, read from the Arrow buffer, no Python string per document), any other ids all as strings.
+    `cached`: a piece's uint64 ids computed before (None where not), taken when they fit its column."""
+    cached = cached if cached is not None else [None] * len(columns)
+    ids = [c if c is not None and c.dtype == np.uint64 and len(c) == len(column) else sortable_ids(column)
+           for column, c in zip(columns, cached)]
     if any(x.dtype != np.uint64 for x in ids):
         ids = [hex_ids(x) if x.dtype == np.uint64 else x for x in ids]
     return ids
@@ -185,7 +188,7 @@ def copy_rejects(directory: Path, prefix: str, sink) -> None:
 
 
 def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
-                       characters: list[int] | None = None, near=None) -> dict[str, Any]:
+                       characters: list[int] | None = None, near=None, ids: list | None = None) -> dict[str, Any]:
     """Per-file pieces → `out_dir/index.arrow` (doc_id, norm_id, part, row, line: which row of which piece
     holds each document; no text) and all rejects (with their source). A document already seen in an earlier
     part is a duplicate. Only ids are read and written: adding one file costs its own piece and one pass over
@@ -193,7 +196,8 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
     Documents whose doc_id is in `near` (near-duplicates of one the line had first: an array as
     `minhash.sortable_ids` gives, or any iterable of ids) are left out and counted, in total and per part
     (`near_per_part`). Both filters work on the line's ids as arrays (`line_ids`): on a line of 16x the documents
-    the Python sets they replace made a one-file drop's assembly 3x slower (bench.drop_load)."""
+    the Python sets they replace made a one-file drop's assembly 3x slower (bench.drop_load). `ids`: each part's
+    ids as `line_ids` gives them, where cached (near-dedup's index of the pieces), else read from the pieces."""
     counts: dict[str, Any] = {"documents": 0, "duplicates": 0, "characters": 0}
     if near is not None:
         counts.update(near_duplicates=0, near_per_part=[0] * len(parts))
@@ -203,7 +207,7 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
         near = sortable_ids(list(near))
     if near is not None and not (len(near) < 2 or bool(np.all(near[1:] > near[:-1]))):
         near = np.unique(near)  # near-dedup's array comes sorted and distinct; any other is made so
-    filters = line_filters(line_ids([index.column("doc_id") for index in indexes]), deduplicate, near)
+    filters = line_filters(line_ids([index.column("doc_id") for index in indexes], ids), deduplicate, near)
     with pa.OSFile(str(out_dir / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer, \
             open(out_dir / REJECTS_FILE, "wb") as rejects:
         for part, directory in enumerate(parts):
