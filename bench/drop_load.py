@@ -7,7 +7,8 @@ copies in 20 files. For each K: `load` cold on the line, then on the line + the 
 timed around `load.fn`; with near-dedup's own seconds and work from load's meta (`near_dedup_pass`), when the code
 has it. With --repeat R, R drops onto the same line (the first as above, the others its documents tagged
 `[drop r]`: new content, so each is a drop's load, not a cache hit), and the median of their seconds: one drop
-of about 0.06 s moves by a third on a shared machine. Run it with PYTHONPATH pointing at another checkout to
+of about 0.06 s moves by a third on a shared machine. Every line is built first and the drops go round-robin over
+the sizes, so the machine's other load falls on all sizes alike. Run it with PYTHONPATH pointing at another checkout to
 measure that code.
 
     .venv/bin/python -m bench.drop_load [--every 4] [--sizes 1,4,16] [--repeat 1]
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -60,28 +60,34 @@ def main() -> None:
         d = Path(d)
         for r in range(args.repeat):
             write_parts(drop_docs if r == 0 else [f"[drop {r}] {t}" for t in drop_docs], d / f"drop-{r}", 1)
-        for k in [int(x) for x in args.sizes.split(",")]:
-            line = base if k == 1 else [f"[copy {c}] {t}" for t in base for c in range(k)]
-            write_parts(line, d / f"line-{k}", 20)
+        sizes = [int(x) for x in args.sizes.split(",")]
 
-            def run(paths: list[Path]):
-                cfg = CorpusConfig(paths=[str(p) for p in paths])
-                sources = fingerprint_corpus(cfg)
-                t0 = time.perf_counter()
-                out = load.fn(**load_inputs(cfg, sources), artifacts=str(d / f"art-{k}"))
-                return time.perf_counter() - t0, out
+        def run(k: int, paths: list[Path]):
+            cfg = CorpusConfig(paths=[str(p) for p in paths])
+            sources = fingerprint_corpus(cfg)
+            t0 = time.perf_counter()
+            out = load.fn(**load_inputs(cfg, sources), artifacts=str(d / f"art-{k}"))
+            return time.perf_counter() - t0, out
 
-            cold, _ = run([d / f"line-{k}"])
-            timed = [run([d / f"line-{k}", d / f"drop-{r}"]) for r in range(args.repeat)]
-            drop, out = sorted(timed, key=lambda t: t[0])[len(timed) // 2]  # the median (the upper of two)
+        lines, cold = {}, {}
+        for k in sizes:
+            lines[k] = base if k == 1 else [f"[copy {c}] {t}" for t in base for c in range(k)]
+            write_parts(lines[k], d / f"line-{k}", 20)
+            cold[k], _ = run(k, [d / f"line-{k}"])
+        # Drops round-robin over the sizes (drop r onto every line, then drop r + 1): a drift in the machine's other
+        # load falls on every size alike, not on the sizes measured last.
+        timed: dict[int, list] = {k: [] for k in sizes}
+        for r in range(args.repeat):
+            for k in sizes:
+                timed[k].append(run(k, [d / f"line-{k}", d / f"drop-{r}"]))
+        for k in sizes:
+            drop, out = sorted(timed[k], key=lambda t: t[0])[len(timed[k]) // 2]  # the median (the upper of two)
             drops.append(drop)
             nd = getattr(out.meta, "near_dedup_pass", None)  # typed on this checkout, absent on an older one
             nd = nd.model_dump() if hasattr(nd, "model_dump") else (out.meta.get("near_dedup_pass") or {}
                                                                      if isinstance(out.meta, dict) else {})
-            print(f"{k:>4}x {len(line):>10} {cold:>12.2f} {drop:>12.2f} {str(nd.get('seconds', '-')):>22} "
-                  f"{str(nd.get('judged', '-')):>13} {out.counts.get('near_duplicates', 0):>16}", flush=True)
-            shutil.rmtree(d / f"art-{k}", ignore_errors=True)
-            shutil.rmtree(d / f"line-{k}", ignore_errors=True)
+            print(f"{k:>4}x {len(lines[k]):>10} {cold[k]:>12.2f} {drop:>12.3f} {nd.get('seconds', '-')!s:>22} "
+                  f"{nd.get('judged', '-')!s:>13} {out.counts.get('near_duplicates', 0):>16}", flush=True)
     print(f"the drop's load seconds, largest / smallest: {max(drops) / min(drops):.2f} (goal <= 1.5)")
 
 

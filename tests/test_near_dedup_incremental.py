@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import textwrap
 
 import numpy as np
@@ -329,22 +330,25 @@ def test_a_lines_buckets_read_from_its_pieces_are_those_of_its_keys_in_order(spr
 
 
 def test_cached_ids_give_the_same_pass_and_bad_ones_are_not_read(tmp_path):
-    """The pieces' ids cached beside their band keys (`ids.npy`) give the pass and load's output that the ids read
-    from the pieces give; a cached file of the wrong length or kind is not read (the doc_id column is)."""
+    """The pieces' ids cached with their band keys (a last column of the keys file) give the pass that the ids read
+    from the pieces give; a keys file of another shape or kind is not read (keys from the signatures, ids from the
+    doc_id column), and load's output stays the same."""
     from tasks.data import near_pieces
 
     texts = rich_corpus(6)
     write_files(tmp_path / "c", texts, 3)
     first = run_load(tmp_path / "art", [tmp_path / "c"])
     root = open_root(tmp_path / "art")
+    cfg = CorpusConfig(paths=["x"], near_dedup={"enabled": True}).near_dedup
+    b, _ = mh.bands(cfg.threshold, cfg.num_perm)
     keys = [d for d in first.deps if "near-dedup-keys" in d]
-    assert keys and all((root.entry(k) / near_pieces.IDS_FILE).is_file() for k in keys)
     sigs = [d for d in first.deps if "near-dedup-sig" in d]
-    parts = [([f"{int(x):016x}" for x in np.load(root.entry(k) / near_pieces.IDS_FILE)],
-              np.load(root.entry(s) / near_pieces.SIGNATURES_FILE)) for k, s in zip(keys, sigs)]
-    cached = [np.load(root.entry(k) / near_pieces.IDS_FILE) for k in keys]
+    tables = [np.load(root.entry(k) / near_pieces.KEYS_FILE) for k in keys]
+    assert keys and all(t.shape[1] == b + 1 for t in tables)
+    parts = [([f"{int(x):016x}" for x in t[:, b]], np.load(root.entry(s) / near_pieces.SIGNATURES_FILE))
+             for t, s in zip(tables, sigs)]
     args = ([0, 0, 1], T, PERM, None, N, None, None, None, 3)
-    with_ids = npass.line_pass(parts, *args, ids=cached)
+    with_ids = npass.line_pass(parts, *args, ids=[t[:, b] for t in tables])
     without = npass.line_pass(parts, *args)
     assert with_ids[0].tolist() == without[0].tolist() and len(with_ids[0])
     assert with_ids[2].kept_by.tolist() == without[2].kept_by.tolist()
@@ -353,10 +357,23 @@ def test_cached_ids_give_the_same_pass_and_bad_ones_are_not_read(tmp_path):
 
     entry = root.entry(keys[0])
     piece = read_manifest(entry)
-    n = len(cached[0])
-    assert near_pieces._piece_ids(piece, n, root) is not None
-    assert near_pieces._piece_ids(piece, n + 1, root) is None  # not this piece's rows
-    np.save(entry / near_pieces.IDS_FILE, cached[0].astype(np.int64))
-    assert near_pieces._piece_ids(piece, n, root) is None  # not uint64
-    (entry / near_pieces.IDS_FILE).write_bytes(b"not an array")
-    assert near_pieces._piece_ids(piece, n, root) is None
+    n = len(tables[0])
+    got_keys, got_ids = near_pieces.keys_and_ids(piece, n, cfg, root)
+    assert got_keys.shape == (n, b) and got_ids.tolist() == tables[0][:, b].tolist()
+    assert near_pieces.keys_and_ids(piece, n + 1, cfg, root) == (None, None)  # not this piece's rows
+    for bad in (tables[0].astype(np.int64), tables[0][:, :b - 1], tables[0][:, 0]):
+        np.save(entry / near_pieces.KEYS_FILE, bad)
+        assert near_pieces.keys_and_ids(piece, n, cfg, root) == (None, None)
+    np.save(entry / near_pieces.KEYS_FILE, tables[0][:, :b])  # keys without ids: ids from the column
+    got_keys, got_ids = near_pieces.keys_and_ids(piece, n, cfg, root)
+    assert got_keys.shape == (n, b) and got_ids is None
+    (entry / near_pieces.KEYS_FILE).write_bytes(b"not an array")
+    assert near_pieces.keys_and_ids(piece, n, cfg, root) == (None, None)
+    shutil.rmtree(root.entry(first.path))
+    for k in keys:
+        np.save(root.entry(k) / near_pieces.KEYS_FILE, np.zeros((3, 2), np.int64))
+    state = [d for d in first.deps if "near-dedup-state" in d][0]
+    shutil.rmtree(root.entry(state))  # decided again, over the unusable keys files
+    again = run_load(tmp_path / "art", [tmp_path / "c"])
+    assert again.meta.near_dedup_pass.visited > 0
+    assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)

@@ -231,6 +231,12 @@ def _visiting_order(every: np.ndarray, part: np.ndarray, part_rank: np.ndarray) 
                                   kind="stable")]
 
 
+def _joined(blocks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(blocks) == 1:
+        return blocks[0]
+    return np.concatenate([k for k, _ in blocks]), np.concatenate([a for _, a in blocks])
+
+
 class _Line:
     """The documents of some pieces ([(doc_ids, signatures)]; signatures may be memory-mapped) in the order they
     are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
@@ -287,14 +293,23 @@ class _Line:
         return self.keys_of(np.arange(len(self)))
 
     def key_blocks(self, stop: int, size: int):
-        """(keys (m, b), visited row of each, -1 where not visited) of every piece, at most `size` rows at a time,
-        for pieces holding a visited row below `stop`: the rows in piece order, not visiting order."""
+        """(keys (m, b), visited row of each, -1 where not visited) of every piece holding a visited row below
+        `stop`, the rows in piece order (not visiting order), about `size` rows at a time: small pieces are
+        joined into one block, so a line of many small files costs a few numpy calls, not a few per file."""
+        held: list[tuple[np.ndarray, np.ndarray]] = []
+        rows = 0
         for p, at in enumerate(self._visited_at):
             if not len(at) or not bool(np.any((at >= 0) & (at < stop))):
                 continue
             keys = self.piece_keys(p)
             for lo in range(0, len(at), size):
-                yield np.asarray(keys[lo:lo + size]), at[lo:lo + size]
+                held.append((np.asarray(keys[lo:lo + size]), at[lo:lo + size]))
+                rows += len(held[-1][1])
+                if rows >= size:
+                    yield _joined(held)
+                    held, rows = [], 0
+        if held:
+            yield _joined(held)
 
     def __len__(self) -> int:
         return len(self.part)

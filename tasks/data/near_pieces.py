@@ -57,31 +57,31 @@ register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow
 
 
 KEYS_FILE = "band_keys.npy"
-IDS_FILE = "ids.npy"
 
 
 def band_keys_piece(piece: StageOutput, sig: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot
                     ) -> tuple[StageOutput, bool]:
     """What a load-file piece contributes to the line's LSH index, cached so a line's later passes read it instead
-    of computing it again for every piece on every drop: its band keys for the threshold's bands (`minhash.bands`:
-    112 bytes a document at 14 bands, instead of hashing its 512 bytes of signature again) and its doc_ids as
-    `minhash.sortable_ids` gives them (uint64, when they are load's hex ids: `ids.npy`; a line's ids are otherwise
-    decoded from every piece's hex on each pass, which grew a drop's load with the line)."""
+    of computing it again for every piece on every drop: per document its band keys for the threshold's bands
+    (`minhash.bands`: 112 bytes a document at 14 bands, instead of hashing its 512 bytes of signature again) and,
+    in one more column, its doc_id as `minhash.sortable_ids` gives it (when the ids are load's hex ids: a line's
+    ids were otherwise decoded from every piece's hex on each drop). One file, so a drop opens one per piece."""
     b, r = minhash.bands(cfg.threshold, cfg.num_perm)
     key = stage_key("near-dedup-keys", {"signatures": sig.key, "bands": [b, r]})
 
     def build(tmp: Path):
         sigs = np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r")
-        np.save(tmp / KEYS_FILE, minhash._band_keys(sigs.reshape(-1, cfg.num_perm), b, r))
+        keys = minhash._band_keys(sigs.reshape(-1, cfg.num_perm), b, r)
         ids = minhash.sortable_ids(read_arrow(piece_docs_file(root, piece.path)).column("doc_id"))
-        if ids.dtype == np.uint64 and len(ids) == len(sigs):
-            np.save(tmp / IDS_FILE, ids)
+        if ids.dtype == np.uint64 and len(ids) == len(keys):
+            keys = np.concatenate([keys, ids[:, None]], axis=1)
+        np.save(tmp / KEYS_FILE, keys)
         return {"documents": len(sigs)}, {}
 
     return publish_piece(root, "near-dedup-keys", key, build)
 
 
-# 2: the piece's ids (`ids.npy`) beside its band keys.
+# 2: the piece's ids as a last column of its band keys.
 register_code_version("near-dedup-keys", 2, [band_keys_piece], ["numpy", "pyarrow"])
 
 
@@ -92,17 +92,20 @@ def _signature_and_keys(piece: StageOutput, cfg: NearDedupConfig, root: Artifact
     return sig, keys
 
 
-def _piece_ids(keys: StageOutput, documents: int, root: ArtifactsRoot) -> np.ndarray | None:
-    """A keys piece's ids (memory-mapped), or None where it has none (ids that are not load's) or they do not fit
-    the piece (`documents` rows): the pass then reads them from the doc_id column."""
-    path = keys.dir(root) / IDS_FILE
-    if not path.is_file():
-        return None
+def keys_and_ids(entry: StageOutput, documents: int, cfg: NearDedupConfig, root: ArtifactsRoot
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A keys piece's band keys ((documents, bands) uint64, memory-mapped) and its ids (uint64, or None where the
+    piece's ids are not load's). (None, None) where the file does not fit the piece (`documents` rows, the
+    threshold's bands, 64-bit): the pass then computes the keys from the signatures and reads the ids from the
+    doc_id column, never trusting a file of another shape."""
+    b, _ = minhash.bands(cfg.threshold, cfg.num_perm)
     try:
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        table = np.load(entry.dir(root) / KEYS_FILE, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
-        return None
-    return ids if ids.dtype == np.uint64 and ids.shape == (documents,) else None
+        return None, None
+    if table.dtype != np.uint64 or table.ndim != 2 or len(table) != documents or table.shape[1] not in (b, b + 1):
+        return None, None
+    return (table, None) if table.shape[1] == b else (table[:, :b], table[:, b])
 
 
 @dataclass
@@ -110,7 +113,7 @@ class PieceIndex:
     """The near-dedup index of some load-file pieces: per piece its doc_id column (memory-mapped Arrow), its
     signatures and band keys (memory-mapped), and the cache entries they came from."""
     parts: list[tuple[pa.ChunkedArray, np.ndarray]]
-    keys: list[np.ndarray]
+    keys: list[np.ndarray | None]  # per piece its band keys (None: not usable, computed from the signatures)
     ids: list[np.ndarray | None]  # per piece its ids as `minhash.sortable_ids` (uint64), where cached
     signature_keys: list[str]
     deps: list[str]
@@ -130,9 +133,9 @@ def piece_index(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedu
     # compares only, so a line of millions of documents holds neither in memory.
     parts = [(table.column("doc_id"), np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r"))
              for table, (sig, _) in zip(docs, done)]
-    keys = [np.load(k.dir(root) / KEYS_FILE, mmap_mode="r") for _, k in done]
-    ids = [_piece_ids(k, len(column), root) for (column, _), (_, k) in zip(parts, done)]
-    return PieceIndex(parts, keys, ids, [sig.key for sig, _ in done], [p.path for pair in done for p in pair])
+    keys, ids = zip(*[keys_and_ids(k, len(column), cfg, root) for (column, _), (_, k) in zip(parts, done)]
+                    ) if done else ((), ())
+    return PieceIndex(parts, list(keys), list(ids), [sig.key for sig, _ in done], [p.path for pair in done for p in pair])
 
 
 def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
