@@ -226,9 +226,11 @@ def cmd_run(args) -> int:
     cfg = _load(args)
     # Fail on a wrong path now, not after a Prefect server has spent seconds starting.
     from tasks.data.files import resolve_corpus_files
+    from tasks.ml.preflight import check_model_here
 
     for source in cfg.data_sources():  # every training source (with `sources`, corpus has no paths)
         resolve_corpus_files(source.corpus)
+    check_model_here(cfg, PIPELINE.index(args.until or PIPELINE[-1]) >= PIPELINE.index("tokenize"))
     from tasks.core.root import open_root
     from flows.outcome import failed, quiet_expected_tracebacks
     from tasks.line.preflight import RunConflict, check_before_compute
@@ -279,9 +281,11 @@ def cmd_run(args) -> int:
 def cmd_retrain(args) -> int:
     cfg = _load(args)
     from flows.outcome import quiet_expected_tracebacks, retrain_failed
+    from tasks.ml.preflight import check_model_here
     from tasks.core.root import open_root
     from tasks.line.preflight import RunConflict, check_before_compute
 
+    check_model_here(cfg)  # before the server starts, as the conflicts below
     try:  # before the server starts; the flow checks again (a Prefect Secret block, the line's lock once more)
         check_before_compute(cfg, open_root(args.artifacts), args.line, secrets=False)
     except RunConflict as e:
@@ -488,9 +492,11 @@ def _export_source(args):
         return root, _published_chunks(root, parts[1], parts[2], f"--entry {args.entry}")
     cfg = _load(args)
     from tasks.data.files import resolve_corpus_files
+    from tasks.ml.preflight import check_model_here
 
     for source in cfg.data_sources():  # every training source (with `sources`, corpus has no paths)
         resolve_corpus_files(source.corpus)
+    check_model_here(cfg)  # the run goes to chunk: the model's tokenizer
     _prefect_env()
     from flows.continued_pretraining import continued_pretraining
 

@@ -26,8 +26,35 @@ def test_help_lists_the_commands():
 
 @pytest.mark.slow  # `cpt` in a child process
 def test_validate_prints_the_resolved_config():
-    out = cpt("validate", "--config", "configs/demo.yaml", "--set", "chunk.overlap=10")
-    assert out.returncode == 0 and "overlap: 10" in out.stdout and "text_field: content" in out.stdout
+    out = cpt("validate", "--config", "configs/demo.yaml", "--set", "chunk.overlap=10",
+              "--set", "model.id=example/tiny-ko")  # a hub id (not fetched): the demo's folder may not be built
+    assert out.returncode == 0 and "overlap: 10" in out.stdout and "text_field: content" in out.stdout, out.stderr
+
+
+def test_a_model_id_that_cannot_load_here_is_refused_by_validate_and_before_a_run_starts(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A model.id that is neither a folder here nor a hub id, or a folder without a saved model, is an error of
+    `cpt validate` (exit 2, naming the key and the fix) and of `cpt run` / `cpt retrain` before Prefect starts; a
+    hub id is not fetched to be checked, and a run that stops before tokenize does not need the model."""
+    from flows import cli
+
+    monkeypatch.chdir(tmp_path)
+    started = []
+    monkeypatch.setattr(cli, "_run_server", lambda: started.append(1) or 1 / 0)
+    corpus = ["--set", f"corpus.paths=[{ROOT / 'samples/medical_ko.jsonl'}]", "--artifacts", str(tmp_path / "art")]
+    (tmp_path / "empty").mkdir()
+    for model, words in (("artifacts/models/tiny-ko", "`cpt init-tiny-model artifacts/models/tiny-ko`"),
+                         ("./tiny", "is not a folder here"), ("a b", "nor a Hugging Face hub id"),
+                         ("empty", "a folder without config.json")):
+        for command in ("validate", "run", "retrain"):
+            assert main([command, *corpus, "--set", f"model.id={model}"]) == 2, (command, model)
+            err = capsys.readouterr().err
+            assert f"model.id: {model!r}" in err and words in err, (command, err)
+    assert started == []
+    assert main(["validate", *corpus, "--set", "model.id=example/tiny-ko"]) == 0
+    with pytest.raises(ZeroDivisionError):  # past the check: the run went on to start its server
+        main(["run", *corpus, "--set", "model.id=artifacts/models/tiny-ko", "--until", "shuffle"])
+    assert started == [1]
 
 
 def test_config_errors_exit_2_with_the_key(capsys):

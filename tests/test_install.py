@@ -174,15 +174,19 @@ def test_the_installed_cpt_works_from_another_folder_without_the_checkout(venv, 
     assert (proj / "configs/demo.yaml").read_bytes() == (ROOT / "configs/demo.yaml").read_bytes()
     assert (proj / "samples/tasks/ko_health_cloze.jsonl").is_file() and (proj / "configs/gemma3-1b-medical.yaml").is_file()
 
+    # Before its tiny model is built, the demo's config names a folder that is not there: validate says so.
+    out, _ = _cpt(venv, "validate", "--config", "configs/demo.yaml", cwd=proj)
+    assert out.returncode == 2 and "`cpt init-tiny-model artifacts/models/tiny-ko`" in out.stderr, out.stderr
+
+    out, _ = _cpt(venv, "init-tiny-model", "artifacts/models/tiny-ko", "--vocab-size", "400", "--hidden-size", "32",
+                  "--layers", "1", cwd=proj, timeout=300)
+    assert out.returncode == 0 and (proj / "artifacts/models/tiny-ko/config.json").is_file(), out.stderr[-3000:]
+
     for config in ("configs/demo.yaml", "configs/gemma3-1b-medical.yaml"):
         out, report = _cpt(venv, "validate", "--config", config, cwd=proj)
         assert out.returncode == 0 and "text_field: content" in out.stdout, out.stderr
         _assert_installed_code_only(venv, report)
         assert [m for m in HEAVY if m in report["loaded"]] == []  # lazy heavy imports hold when installed too
-
-    out, _ = _cpt(venv, "init-tiny-model", "artifacts/models/tiny-ko", "--vocab-size", "400", "--hidden-size", "32",
-                  "--layers", "1", cwd=proj, timeout=300)
-    assert out.returncode == 0 and (proj / "artifacts/models/tiny-ko/config.json").is_file(), out.stderr[-3000:]
 
     out, report = _cpt(venv, "run", "--config", "configs/demo.yaml", "--until", "chunk", "--summary", "run.json",
                        cwd=proj, timeout=600)

@@ -377,3 +377,59 @@ def test_cached_ids_give_the_same_pass_and_bad_ones_are_not_read(tmp_path):
     again = run_load(tmp_path / "art", [tmp_path / "c"])
     assert again.meta.near_dedup_pass.visited > 0
     assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)
+
+
+def cross_reference(line, older: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The drop gate's candidate pairs as they were computed: every band's older keys sorted, each other row's
+    key searched in them, the earliest _BUCKET_KEPT older rows of its bucket taken."""
+    old_rows, new_rows = np.flatnonzero(older), np.flatnonzero(~older)
+    codes, n = [], len(line)
+    for band in range(line.b):
+        okeys = line.keys[old_rows, band]
+        order = np.argsort(okeys, kind="stable")
+        sorted_keys = okeys[order]
+        nkeys = line.keys[new_rows, band]
+        lo = np.searchsorted(sorted_keys, nkeys, "left")
+        hi = np.minimum(np.searchsorted(sorted_keys, nkeys, "right"), lo + npass._BUCKET_KEPT)
+        count = hi - lo
+        j = np.repeat(new_rows, count)
+        offsets = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        codes.append(j * n + old_rows[order[np.repeat(lo, count) + offsets]])
+    code = np.unique(np.concatenate(codes))
+    return code % n, code // n
+
+
+@pytest.mark.parametrize("spread", [2, 30, 2 ** 40])
+def test_the_drop_gates_candidates_are_those_of_the_lines_keys_sorted(spread):
+    """`_cross_candidates` (the drop's buckets numbered, the line's keys looked up in them, piece by piece) gives
+    the pairs the per-band sort of the line's keys gave: buckets far past _BUCKET_KEPT, few, many and none shared,
+    line pieces interleaving in the line's order, a doc_id in two line pieces, a drop row that is a line row."""
+    rng = np.random.default_rng(spread)
+    nb, sizes = 4, [150, 3, 90, 40, 25]  # three line pieces, then two drop pieces
+    ids = [rng.choice(2 ** 30, k, replace=False).astype(np.uint64) for k in sizes]
+    ids[2][:8] = ids[0][:8]
+    ids[4][:3] = ids[1][:3]  # in the line already: visited in the line's piece
+    keys = [rng.integers(0, spread, (k, nb)).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) for k in sizes]
+    keys[3][:10] = keys[0][20:30]
+    parts = [([f"{int(v):016x}" for v in x], np.zeros((len(x), 8), np.uint32)) for x in ids]
+    line = mh._Line(parts, lambda p: int(p >= 3), T, 8, keys)
+    line.b = nb
+    older = line.part < 3
+    got, want = npass._cross_candidates(line, older), cross_reference(line, older)
+    assert len(want[0]) and got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+
+
+def test_a_drop_copy_of_a_line_document_is_found_whatever_the_ids_kind():
+    """An exact copy is a match of similarity 1 when the line's ids are load's (integers) and when some are not
+    (strings): a drop id as an integer is compared as its 16 hex digits, not as a decimal number."""
+    rng = np.random.default_rng(2)
+    sigs = rng.integers(0, 2 ** 32, (6, 64), dtype=np.uint32)
+    hexes = [f"{int(x):016x}" for x in rng.integers(0, 2 ** 62, 4)]
+    for line_ids in (hexes[:3], ["a-tool's-id", *hexes[1:3]]):
+        line = [(line_ids, sigs[:3])]
+        drop = [([hexes[2], hexes[3]], sigs[4:6])]  # the copy's signature unlike its line one's: found by its id
+        got = npass.drop_matches(line, drop, 0.8, 64)
+        assert got == [(hexes[2], hexes[2], 1.0)], (line_ids, got)
+        # and the pass over line and drop visits that doc_id once, in the line's piece
+        line_of = mh._Line([*line, *drop], lambda p: p, 0.8, 64)
+        assert len(line_of) == 4 and line_of.part.tolist().count(1) == 1, line_of.names

@@ -49,7 +49,7 @@ def test_a_release_of_another_lineage_is_a_conflict_before_compute_with_the_fix(
     assert conflicts(config(), root, "demo") == []  # push.name unset: the line's own release
     assert conflicts(config("push.name=tiny-ko-cpt"), root, "demo", pushes=False) == []  # --until chunk
     # cpt validate says so (exit 2), and so does cpt run / retrain before any server starts, with --summary.
-    args = ["--set", "corpus.paths=[samples/medical_ko.jsonl]", "--set", "model.id=artifacts/models/tiny-ko",
+    args = ["--set", "corpus.paths=[samples/medical_ko.jsonl]", "--set", "model.id=example/tiny-ko",
             "--set", "push.name=tiny-ko-cpt", "--artifacts", str(tmp_path / "art")]
     assert main(["validate", *args, "--line", "demo"]) == 2
     assert "would fail after training" in capsys.readouterr().err

@@ -211,6 +211,12 @@ def sortable_ids(ids) -> np.ndarray:
     return np.array(ids, dtype=object).astype(str)
 
 
+def hex_ids(x: np.ndarray) -> np.ndarray:
+    """uint64 ids (sortable_ids') back as their 16 hex digits, to meet ids that are strings (not `astype(str)`:
+    that writes the integer in decimal, and the same doc_id would no longer meet itself)."""
+    return np.array([f"{v:016x}" for v in x.tolist()], dtype=str) if len(x) else np.zeros(0, str)
+
+
 def _visiting_order(every: np.ndarray, part: np.ndarray, part_rank: np.ndarray) -> np.ndarray:
     """Positions of `every` (the pieces' ids, concatenated in (part, row) order; `part` each one's piece, ranked
     `part_rank`) in visiting order: each doc_id once, by the copy least in (rank, position), then sorted by (rank, doc_id). What a lexsort of
@@ -250,7 +256,7 @@ class _Line:
         ids = ids if ids is not None else [None] * len(parts)
         names = [sortable_ids(column) if cached is None else cached for (column, _), cached in zip(parts, ids)]
         if any(x.dtype != np.uint64 for x in names):
-            names = [x.astype(str) for x in names]
+            names = [hex_ids(x) if x.dtype == np.uint64 else x for x in names]
         sizes = [len(x) for x in names]
         part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)
         row = np.concatenate([np.arange(k, dtype=np.int64) for k in sizes]) if parts else np.zeros(0, np.int64)

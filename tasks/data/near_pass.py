@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.data.minhash import NearDuplicate, _Line, near_pairs, pair_similarity, sortable_ids
+from tasks.data.minhash import NearDuplicate, _Line, hex_ids, near_pairs, pair_similarity, sortable_ids
 
 # A document is compared with at most this many kept documents of each of its band buckets (the earliest): a
 # bucket holding more kept documents than this is boilerplate repeated many times, and under the rule below a
@@ -93,53 +93,67 @@ def _visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray
     return _visit_line_buckets(np.asarray(keys[start:]), blocks, start, kept_by)
 
 
+def _new_buckets(new_keys: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """The buckets of some rows' band keys: per band the distinct keys (sorted) and each row's index among them;
+    and each band's first bucket id (`offsets`: bucket ids unique across bands)."""
+    uniqs, inverses = [], []
+    for band in range(new_keys.shape[1]):
+        u, inverse = np.unique(new_keys[:, band], return_inverse=True)
+        uniqs.append(u)
+        inverses.append(inverse.reshape(-1))
+    return uniqs, inverses, np.cumsum([0] + [len(u) for u in uniqs])
+
+
+def _rows_in_buckets(uniqs: list[np.ndarray], offsets: np.ndarray, blocks, start: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(row, bucket id) of every row below `start` whose band key is one of `uniqs` (bucket ids as
+    `_new_buckets` gives them), in row order (a row's bands in band order), from `blocks` ((keys, row of each: -1
+    or ≥ start for rows to skip), in any order): a filter on the keys' top bits, then a search per band. A drop's
+    buckets are looked up in the line's keys (one pass over them), never the line's keys sorted per band."""
+    nb = len(uniqs)
+    if not start or not offsets[-1]:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bits = int(min(24, max(12, np.ceil(np.log2(offsets[-1] * 64)))))  # about 1 old key in 64 passes the filter
+    table = np.zeros(1 << bits, bool)
+    shift = np.uint64(64 - bits)
+    table[(np.concatenate(uniqs) >> shift).astype(np.intp)] = True
+    xs, bids = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for block, rows in blocks:
+        flat = np.ascontiguousarray(block).reshape(-1)
+        cand = np.flatnonzero(table[(flat >> shift).astype(np.intp)])  # row-major: rows, then bands, in order
+        x = rows[cand // nb]
+        ok = (x >= 0) & (x < start)
+        cand, x = cand[ok], x[ok]
+        band = cand % nb
+        bid = np.full(len(cand), -1, np.int64)
+        for k in np.unique(band).tolist():
+            sel = np.flatnonzero(band == k)
+            want = flat[cand[sel]]
+            at = np.minimum(np.searchsorted(uniqs[k], want), len(uniqs[k]) - 1)
+            hit = uniqs[k][at] == want
+            bid[sel[hit]] = at[hit] + offsets[k]
+        found = bid >= 0
+        xs.append(x[found])
+        bids.append(bid[found])
+    old_x, old_bid = np.concatenate(xs), np.concatenate(bids)
+    by_row = np.argsort(old_x, kind="stable")  # blocks come in piece order: callers want row order
+    return old_x[by_row], old_bid[by_row]
+
+
 def _visit_line_buckets(new_keys: np.ndarray, blocks, start: int, kept_by: np.ndarray
                         ) -> tuple[np.ndarray, list[list[int]], dict[int, list[int]]]:
     """What the greedy pass needs of the LSH buckets to visit rows `start`… (`new_keys`: their band keys, in
     order): the rows to visit (those sharing a band bucket with another row), each one's bucket per band (ids
     unique across bands; -1 where no other row is in it: a bucket of its own never has a kept row to compare
     with), and per bucket the kept rows before `start` in it (the earliest _BUCKET_KEPT, in row order). Only the
-    buckets of rows from `start` on are numbered: the rows before are looked up in them (a filter on the keys' top
-    bits, then a search per band) from `blocks` ((keys, row of each: -1 or ≥ start for rows to skip), in any
-    order), so a drop onto a long line costs a pass over the line's keys, not a sort of them per band."""
+    buckets of rows from `start` on are numbered: the rows before are looked up in them (`_rows_in_buckets`, from
+    `blocks`), so a drop onto a long line costs a pass over the line's keys, not a sort of them per band."""
     nb = new_keys.shape[1]
-    uniqs, inverses = [], []
-    for band in range(nb):
-        u, inverse = np.unique(new_keys[:, band], return_inverse=True)
-        uniqs.append(u)
-        inverses.append(inverse.reshape(-1))
-    offsets = np.cumsum([0] + [len(u) for u in uniqs])
+    uniqs, inverses, offsets = _new_buckets(new_keys)
     counts = np.concatenate([np.bincount(inv, minlength=len(u)) for u, inv in zip(uniqs, inverses)]
                             ) if nb else np.zeros(0, np.int64)
-    old_x, old_bid = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if start and offsets[-1]:
-        bits = int(min(24, max(12, np.ceil(np.log2(offsets[-1] * 64)))))  # about 1 old key in 64 passes the filter
-        table = np.zeros(1 << bits, bool)
-        shift = np.uint64(64 - bits)
-        table[(np.concatenate(uniqs) >> shift).astype(np.intp)] = True
-        xs, bids = [], []
-        for block, rows in blocks:
-            flat = np.ascontiguousarray(block).reshape(-1)
-            cand = np.flatnonzero(table[(flat >> shift).astype(np.intp)])  # row-major: rows, then bands, in order
-            x = rows[cand // nb]
-            ok = (x >= 0) & (x < start)
-            cand, x = cand[ok], x[ok]
-            band = cand % nb
-            bid = np.full(len(cand), -1, np.int64)
-            for k in np.unique(band).tolist():
-                sel = np.flatnonzero(band == k)
-                want = flat[cand[sel]]
-                at = np.minimum(np.searchsorted(uniqs[k], want), len(uniqs[k]) - 1)
-                hit = uniqs[k][at] == want
-                bid[sel[hit]] = at[hit] + offsets[k]
-            found = bid >= 0
-            xs.append(x[found])
-            bids.append(bid[found])
-        if xs:
-            old_x, old_bid = np.concatenate(xs), np.concatenate(bids)
-            by_row = np.argsort(old_x, kind="stable")  # blocks come in piece order: the kept lists want row order
-            old_x, old_bid = old_x[by_row], old_bid[by_row]
-        counts += np.bincount(old_bid, minlength=len(counts))
+    old_x, old_bid = _rows_in_buckets(uniqs, offsets, blocks, start)
+    counts += np.bincount(old_bid, minlength=len(counts))
     bucket = np.stack([inv + offsets[k] for k, inv in enumerate(inverses)], axis=1) if nb else \
         np.zeros((len(new_keys), 0), np.int64)
     shared = counts[bucket] > 1
@@ -312,24 +326,31 @@ def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence
 
 def _cross_candidates(line: _Line, older: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i an `older` row and j another, sharing a band bucket (each j with at most _BUCKET_KEPT of the
-    older rows of a bucket, the earliest): sorted by (j, i), distinct."""
-    old_rows, new_rows = np.flatnonzero(older), np.flatnonzero(~older)
+    older rows of a bucket, the earliest): sorted by (j, i), distinct. The older rows come first in the line's
+    order; only the other rows' buckets are numbered and the older rows are looked up in them
+    (`_rows_in_buckets`): a drop's gate reads the line's keys once, never sorts them per band."""
+    n, start = len(line), int(np.count_nonzero(older))
+    if not bool(older[:start].all()):
+        raise ValueError("_cross_candidates: the older rows must come first in the line's order")
+    if n == start or not start:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    uniqs, inverses, offsets = _new_buckets(line.keys_of(np.arange(start, n)))
+    old_x, old_bid = _rows_in_buckets(uniqs, offsets, line.key_blocks(start, _KEY_BLOCK), start)
+    by_bucket = np.lexsort((old_x, old_bid))  # per bucket its older rows, earliest first
+    old_x, old_bid = old_x[by_bucket], old_bid[by_bucket]
+    first = np.searchsorted(old_bid, old_bid, "left")
+    keep = np.arange(len(old_bid)) - first < _BUCKET_KEPT
+    old_x, old_bid = old_x[keep], old_bid[keep]
     codes = []
-    n = len(line)
-    for band in range(line.b):
-        okeys = line.keys[old_rows, band]
-        order = np.argsort(okeys, kind="stable")
-        sorted_keys = okeys[order]
-        nkeys = line.keys[new_rows, band]
-        lo = np.searchsorted(sorted_keys, nkeys, "left")
-        hi = np.minimum(np.searchsorted(sorted_keys, nkeys, "right"), lo + _BUCKET_KEPT)
-        count = hi - lo
+    for k, inverse in enumerate(inverses):
+        bid = inverse + offsets[k]
+        lo = np.searchsorted(old_bid, bid, "left")
+        count = np.searchsorted(old_bid, bid, "right") - lo
         if not count.sum():
             continue
-        j = np.repeat(new_rows, count)
-        offsets = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-        i = old_rows[order[np.repeat(lo, count) + offsets]]
-        codes.append(j * n + i)
+        j = np.repeat(np.arange(start, n), count)
+        offsets_in = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        codes.append(j * n + old_x[np.repeat(lo, count) + offsets_in])
     code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
     return code % n, code // n
 
@@ -358,13 +379,15 @@ def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
     matches = [(line.doc_id(b), line.doc_id(a), s) for a, b, s in zip(i[first].tolist(), j[first].tolist(),
                                                                         sim[first].tolist())]
     # A drop document that is itself a line document (an exact copy) matches it with similarity 1.
-    line_names = line.names[in_line]
+    line_names = line.names[in_line]  # sorted: the line's rows come first, by doc_id (`_Line`)
     copies = []
     for ids, _ in drop_parts:
         names = sortable_ids(ids)
-        if names.dtype != line_names.dtype:
-            names, line_names = names.astype(str), line_names.astype(str)
-        hit = np.isin(names, line_names)
+        if names.dtype != line_names.dtype:  # load's ids (uint64) met others (strings): both as strings
+            names, line_names = (hex_ids(x) if x.dtype == np.uint64 else x for x in (names, line_names))
+            line_names = np.sort(line_names)
+        at = np.minimum(np.searchsorted(line_names, names), max(len(line_names) - 1, 0))
+        hit = line_names[at] == names if len(line_names) else np.zeros(len(names), bool)
         as_list = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
         copies += [(d, d, 1.0) for d in dict.fromkeys(d for d, h in zip(as_list, hit.tolist()) if h)]
     return copies + matches

@@ -33,7 +33,7 @@ from tasks.data.layout import (
     REJECTS_FILE,
     piece_docs_file,
 )
-from tasks.data.minhash import sortable_ids
+from tasks.data.minhash import hex_ids, sortable_ids
 from tasks.data.readers import ReadPosition, read_corpus_file
 from tasks.data.records import BadRecordError, Reject, _line_no, doc_id_of, norm_id_of
 
@@ -141,11 +141,6 @@ def line_ids(columns: list, cached: list | None = None) -> list[np.ndarray]:
     if any(x.dtype != np.uint64 for x in ids):
         ids = [hex_ids(x) if x.dtype == np.uint64 else x for x in ids]
     return ids
-
-
-def hex_ids(x: np.ndarray) -> np.ndarray:
-    """uint64 ids (sortable_ids') back as their 16 hex digits, to meet ids that are strings."""
-    return np.array([f"{v:016x}" for v in x.tolist()], dtype=str) if len(x) else np.zeros(0, str)
 
 
 def line_filters(ids: list[np.ndarray], deduplicate: bool, near: np.ndarray | None

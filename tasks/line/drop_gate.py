@@ -236,11 +236,11 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
     texts: dict[str, str] = {}
     wanted = {d for m in near[:SAMPLES] for d in m[:2]}
     for piece in [*drop_pieces, *line_pieces]:
-        if wanted - texts.keys():
+        if wanted - texts.keys():  # only the wanted rows' texts made Python strings, not every piece's
             table = read_arrow(piece_docs_file(root, piece.path)).select(["doc_id", "text"])
+            table = table.filter(pc.is_in(table.column("doc_id"), value_set=pa.array(sorted(wanted), pa.string())))
             for d, t in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
-                if d in wanted:
-                    texts.setdefault(d, t[:SAMPLE_CHARS])
+                texts.setdefault(d, t[:SAMPLE_CHARS])
     samples = [{"similarity": round(j, 3), "drop": {"doc_id": d, "text": texts.get(d, "")},
                 "line": {"doc_id": l, "text": texts.get(l, "")}} for d, l, j in near[:SAMPLES]]
     return {"near_duplicates": len(near), "near_duplicate_samples": samples}

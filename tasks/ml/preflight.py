@@ -31,9 +31,42 @@ def cuda_devices() -> tuple[int, str]:
     return count.value, ""
 
 
+def model_id_problem(model_id: str) -> str | None:
+    """Why `model.id` cannot be loaded from this machine, where that is known without the network: a folder here
+    without a saved model, or a name that is neither a folder here nor a Hugging Face hub id (name or
+    namespace/name: `huggingface_hub`'s own check). A hub id is not fetched: whether it exists is the run's to find."""
+    from pathlib import Path
+
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return None if (local / "config.json").is_file() else (
+            f"model.id: {model_id!r} is a folder without config.json ({local.resolve()}): not a saved model")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if not (local.exists() or model_id.startswith((".", "/", "~"))):
+            validate_repo_id(model_id)
+            return None
+    except HFValidationError:
+        pass
+    return (f"model.id: {model_id!r} is not a folder here ({local.resolve()}) nor a Hugging Face hub id "
+            "(name or namespace/name): build or save the model there (the demo's: `cpt init-tiny-model "
+            f"{model_id}`), or set model.id")
+
+
+def check_model_here(cfg, needed: bool = True) -> None:
+    """`model_id_problem` as a config error (when the run `needed` the model: its stages reach tokenize): for
+    `cpt run` and `cpt retrain`, before a server starts for them."""
+    problem = model_id_problem(cfg.model.id) if needed else None
+    if problem:
+        from tasks.core.config.base import ConfigError
+
+        raise ConfigError(problem)
+
+
 def machine_problems(cfg) -> list[str]:
     """Errors: what this config needs that this machine lacks."""
-    problems = []
+    problems = [p for p in [model_id_problem(cfg.model.id)] if p]
     if cfg.train.method == "qlora":
         n, why = cuda_devices()
         if n == 0:
