@@ -245,8 +245,9 @@ def _joined(blocks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
 
 class _Line:
     """The documents of some pieces ([(doc_ids, signatures)]; signatures may be memory-mapped) in the order they
-    are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row,
-    band keys: about 130 bytes a document), so a line of millions of documents fits beside the load stage.
+    are visited: one row per doc_id, the first by (`key(part)`, doc_id, part, row). Arrays only (part, row and
+    doc_id: 20 bytes a document; band keys are read from their pieces), so a line of millions of documents fits
+    beside the load stage.
     `keys`: each piece's band keys (`_band_keys`, cached per piece by tasks/data/near_pieces.py), else computed
     here from the signatures; `ids` likewise each piece's `sortable_ids` where cached (None: from its ids)."""
 
