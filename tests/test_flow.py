@@ -183,14 +183,17 @@ def test_artifacts_root_from_environment(config, tmp_path, monkeypatch):
     assert summary["stages"][0]["output"].startswith(str(tmp_path / "elsewhere"))
 
 
-def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artifacts):
+def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artifacts, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, \
         FlowRunFilterName
 
+    _, quick = run(config, artifacts)  # every stage under PROGRESS_ARTIFACT_SECONDS: no progress bars
+    shutil.rmtree(artifacts)
+    monkeypatch.setenv("CPT_PROGRESS_ARTIFACT_SECONDS", "0")  # as a stage that runs long
     _, computed = run(config, artifacts)
     _, cached = run(config, artifacts)  # every stage Cached: the run must still show what it holds
-    for summary, progress_bars in ((computed, 3), (cached, 0)):
+    for summary, progress_bars in ((quick, 0), (computed, 3), (cached, 0)):
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[summary["flow_run"]])))[0]
@@ -205,7 +208,7 @@ def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artif
         assert any(a.key == "token-stats" for a in by_type["table"])
         markdown = {a.key: a.data for a in by_type["markdown"]}
         assert "data:image/svg+xml;base64," in markdown["token-stats-histogram"]
-        state = "Completed" if summary is computed else "Cached"
+        state = "Cached" if summary is cached else "Completed"
         assert f"| chunk | {state} |" in markdown["run-summary"]
 
 

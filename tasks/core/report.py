@@ -33,11 +33,17 @@ def run_logger():
     return log
 
 
+# A stage's progress artifact is made once it has run this long (CPT_PROGRESS_ARTIFACT_SECONDS): each artifact
+# call is a round trip to the Prefect server, and a bar for work done in a fraction of a second says nothing (a
+# drop's load, tokenize and chunk made three, about 35 ms each, of a drop run's ~0.4 s of data stages).
+PROGRESS_ARTIFACT_SECONDS = 2.0
+
+
 class Progress:
-    """How far a stage is: tqdm in the terminal, a Prefect progress artifact in the UI (updated at most every
-    `every` s) and, for a stage that runs long, a log line every `log_every` s with the rate and the time left,
-    so a run on a worker (no terminal, no UI open) still says how far along it is.
-    `unit="B"` counts bytes and prints them scaled (MB, GB)."""
+    """How far a stage is: tqdm in the terminal, a Prefect progress artifact in the UI (made once the work has
+    run PROGRESS_ARTIFACT_SECONDS, then updated at most every `every` s) and, for a stage that runs long, a log
+    line every `log_every` s with the rate and the time left, so a run on a worker (no terminal, no UI open)
+    still says how far along it is. `unit="B"` counts bytes and prints them scaled (MB, GB)."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", every: float = 2.0, log_every: float | None = None):
         from tqdm.auto import tqdm
@@ -52,16 +58,15 @@ class Progress:
         self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
                          disable=os.environ.get("CPT_NO_PROGRESS") == "1", dynamic_ncols=True, leave=False)
         self._artifact = None
-        if in_prefect_run():
-            from prefect.artifacts import create_progress_artifact
-
-            self._artifact = create_progress_artifact(0.0, description=desc)
+        self._shows = in_prefect_run()
+        self._after = float(os.environ.get("CPT_PROGRESS_ARTIFACT_SECONDS", PROGRESS_ARTIFACT_SECONDS))
 
     def update(self, n: int) -> None:
         self.done += n
         self._bar.update(n)
         now = time.monotonic()
-        if self._artifact is not None and now - self._last >= self.every:
+        if self._shows and now - self._start >= self._after and (self._artifact is None or
+                                                                  now - self._last >= self.every):
             self._push()
             self._last = now
         if self.log_every > 0 and now - self._logged >= self.log_every and self.done < self.total:
@@ -107,18 +112,24 @@ class Progress:
         return text + (f" in {_duration(elapsed)}, {self.rate(done / elapsed)}" if done else "")
 
     def _push(self) -> None:
-        from prefect.artifacts import update_progress_artifact
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-        update_progress_artifact(self._artifact, min(100.0, 100.0 * self.done / self.total),
-                                 description=self.status())
+        done = min(100.0, 100.0 * self.done / self.total)
+        if self._artifact is None:
+            self._artifact = create_progress_artifact(done, description=self.status())
+        else:
+            update_progress_artifact(self._artifact, done, description=self.status())
 
     def close(self) -> None:
         self._bar.close()
-        if self._artifact is not None:
+        if self._shows and (self._artifact is not None or time.monotonic() - self._start >= self._after):
             # Finished, at the count it reached: a training that stopped early says the step it stopped at.
-            from prefect.artifacts import update_progress_artifact
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-            update_progress_artifact(self._artifact, 100.0, description=self.final())
+            if self._artifact is None:
+                self._artifact = create_progress_artifact(100.0, description=self.final())
+            else:
+                update_progress_artifact(self._artifact, 100.0, description=self.final())
 
     def __enter__(self) -> Progress:
         return self
