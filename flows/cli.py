@@ -222,15 +222,20 @@ def cmd_validate(args) -> int:
     return 2 if problems or found else 0
 
 
-def cmd_run(args) -> int:
-    cfg = _load(args)
-    # Fail on a wrong path now, not after a Prefect server has spent seconds starting.
+def _check_inputs(cfg, until: str | None) -> None:
+    """A wrong corpus path or a model.id that cannot load here (when the run reaches tokenize) fails now, not
+    after a Prefect server has spent seconds starting."""
     from tasks.data.files import resolve_corpus_files
     from tasks.ml.preflight import check_model_here
 
     for source in cfg.data_sources():  # every training source (with `sources`, corpus has no paths)
         resolve_corpus_files(source.corpus)
-    check_model_here(cfg, PIPELINE.index(args.until or PIPELINE[-1]) >= PIPELINE.index("tokenize"))
+    check_model_here(cfg, PIPELINE.index(until or PIPELINE[-1]) >= PIPELINE.index("tokenize"))
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)
+    _check_inputs(cfg, args.until)
     from tasks.core.root import open_root
     from flows.outcome import failed, quiet_expected_tracebacks
     from tasks.line.preflight import RunConflict, check_before_compute
@@ -491,12 +496,7 @@ def _export_source(args):
                                     "cache/<stage>/<key> under the artifacts root")
         return root, _published_chunks(root, parts[1], parts[2], f"--entry {args.entry}")
     cfg = _load(args)
-    from tasks.data.files import resolve_corpus_files
-    from tasks.ml.preflight import check_model_here
-
-    for source in cfg.data_sources():  # every training source (with `sources`, corpus has no paths)
-        resolve_corpus_files(source.corpus)
-    check_model_here(cfg)  # the run goes to chunk: the model's tokenizer
+    _check_inputs(cfg, "chunk")
     _prefect_env()
     from flows.continued_pretraining import continued_pretraining
 

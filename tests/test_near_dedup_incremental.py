@@ -252,9 +252,15 @@ def visit_reference(keys: np.ndarray, start: int, kept_by: np.ndarray):
     return rows.tolist(), mine_of, kept
 
 
+def visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray):
+    """`npass._visit_line_buckets` of a line whose band keys are one array (row x's keys: `keys[x]`)."""
+    blocks = ((keys[lo:min(start, lo + 16)], np.arange(lo, min(start, lo + 16))) for lo in range(0, start, 16))
+    return npass._visit_line_buckets(np.asarray(keys[start:]), blocks, start, kept_by)
+
+
 @pytest.mark.parametrize("spread", [3, 40, 2 ** 40])
 def test_the_buckets_a_drop_visits_are_the_whole_lines(spread):
-    """`_visit_buckets` (the rows from `start` on, the line's older rows only looked up in their buckets) gives the
+    """`_visit_line_buckets` (the rows from `start` on, the line's older rows only looked up in their buckets) gives the
     buckets, shared flags and kept rows the whole line's sort of every band gave, for every `start`: few distinct
     keys (big buckets, past _BUCKET_KEPT), many, and keys whose top bits collide."""
     rng = np.random.default_rng(spread)
@@ -265,7 +271,7 @@ def test_the_buckets_a_drop_visits_are_the_whole_lines(spread):
     keys[250:300] = keys[150:200]  # whole rows repeated across the starts below (near-copies)
     kept_by = np.where(rng.random(n) < 0.5, -1, 0)
     for start in [0, 1, 17, 200, 399, 400]:
-        rows, mine_of, kept = npass._visit_buckets(keys, start, kept_by)
+        rows, mine_of, kept = visit_buckets(keys, start, kept_by)
         name = {}
         for x, bids in zip(rows.tolist(), mine_of):
             for k, bid in enumerate(bids):
@@ -308,7 +314,7 @@ def test_the_visiting_order_is_the_lexsorts(kind):
 @pytest.mark.parametrize("spread", [3, 2 ** 40])
 def test_a_lines_buckets_read_from_its_pieces_are_those_of_its_keys_in_order(spread):
     """`decide` reads the older rows' band keys from their pieces, in piece order (`_Line.key_blocks`), not from
-    the line's keys gathered into visiting order: the same rows, buckets and kept rows as `_visit_buckets` over
+    the line's keys gathered into visiting order: the same rows, buckets and kept rows as `visit_buckets` over
     `line.keys`, with pieces whose rows interleave in visiting order, a doc_id in two pieces (one copy not
     visited), ranks out of piece order and blocks smaller than a piece."""
     rng = np.random.default_rng(spread)
@@ -323,7 +329,7 @@ def test_a_lines_buckets_read_from_its_pieces_are_those_of_its_keys_in_order(spr
     line.b = nb
     for start in [0, 1, 30, 100, len(line) - 1, len(line)]:
         kept_by = np.where(rng.random(len(line)) < 0.5, -1, 0)
-        want = npass._visit_buckets(line.keys, start, kept_by)
+        want = visit_buckets(line.keys, start, kept_by)
         got = npass._visit_line_buckets(line.keys_of(np.arange(start, len(line))), line.key_blocks(start, 16),
                                         start, kept_by)
         assert got[0].tolist() == want[0].tolist() and got[1] == want[1] and got[2] == want[2], start

@@ -81,16 +81,8 @@ def _rows_now(names: np.ndarray, previous_names: np.ndarray, rows: np.ndarray, s
     return out
 
 
-# Rows of band keys handled at a time by `_visit_buckets`' lookup of the rows before the visited ones.
+# Rows of band keys handled at a time by `_rows_in_buckets`' lookup of the rows before the visited ones.
 _KEY_BLOCK = 1 << 16
-
-
-def _visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray
-                   ) -> tuple[np.ndarray, list[list[int]], dict[int, list[int]]]:
-    """`_visit_line_buckets` of a line whose band keys are one array (row x's keys: `keys[x]`)."""
-    blocks = ((keys[lo:min(start, lo + _KEY_BLOCK)], np.arange(lo, min(start, lo + _KEY_BLOCK)))
-              for lo in range(0, start, _KEY_BLOCK))
-    return _visit_line_buckets(np.asarray(keys[start:]), blocks, start, kept_by)
 
 
 def _new_buckets(new_keys: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
