@@ -37,6 +37,27 @@ from slow_guard import (  # noqa: E402, F401
     pytest_configure, pytest_fixture_setup, pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown)
 
 
+def _handlers():
+    import logging
+
+    loggers = [logging.getLogger()] + [x for x in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(x, logging.Logger)]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+
+
+@pytest.fixture(autouse=True)
+def _no_handler_on_a_closed_stream():
+    """A logging handler made while a test captured its output (capsys: Prefect sets up its console handler the
+    first time a flow or its CLI runs) keeps that test's stream, closed once the test ends: the next test's log
+    record then fails on it. Before each test (capsys not yet active), such a handler writes to stderr again."""
+    for h in _handlers():
+        if getattr(h.stream, "closed", False):
+            h.stream = sys.stderr  # not setStream: it flushes the closed stream first
+            if getattr(h, "console", None) is not None:  # Prefect's handler prints through a rich Console
+                h.console.file = sys.stderr
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Tokenizer (BPE, BOS first like Llama/Gemma) + 2-layer Llama saved with save_pretrained."""
