@@ -24,6 +24,7 @@ from tasks.core.config.data import CorpusConfig
 from tasks.core.config.sources import DataSource, MixShare
 from tasks.core.config.tree import CptConfig
 from tasks.core.fanout import one_runner_per_run
+from tasks.core.heap import freeze_long_lived
 from tasks.core.holds import RunHold
 from tasks.core.manifest import DigestMemo, Fingerprint, StageOutput
 from tasks.core.report import markdown_artifact, markdown_table, run_logger
@@ -150,6 +151,7 @@ def continued_pretraining(
     `until` stops after that stage. `line` is the retraining line this run belongs to (cpt retrain sets it): its
     promotions and drops; `left_out`: drops of the line this run is taken without (the drop gate's: still being
     written, or not gated for an infrastructure error), as in the corpus fingerprint retrain compared."""
+    freeze_long_lived()  # once per process: full collections mid-stage skip the imports (tasks/core/heap.py)
     root = open_root(artifacts)
     config = with_release_name(config, line)  # push.name unset: derived, so another corpus is another release
     hold = RunHold(root, str(flow_run.name))

@@ -42,6 +42,7 @@ from tasks.core.manifest import DigestMemo
 from tasks.core.report import markdown_artifact, markdown_table, run_logger, table_artifact
 from tasks.core.root import open_root
 from tasks.core.scope import build_scope
+from tasks.core.heap import freeze_long_lived
 from tasks.line.drop_gate import gate_drops, near_duplicate_pairs, unsettled_files
 from tasks.line.sources import line_sources, other_sources, sources_changed
 from tasks.line import lines
@@ -101,6 +102,7 @@ def retrain(
     its corpus changed since the line's last successful training. `drop` announces a landed drop folder;
     `drop_source` says who announced it: `event` (untrusted: refused outside `drops.roots`, and while that list is
     empty) or `shell` (`cpt retrain --drop`). A run an automation created counts as `event` either way."""
+    freeze_long_lived()  # once per process: full collections mid-stage skip the imports (tasks/core/heap.py)
     log = run_logger()
     if config is None:
         if not config_file:
