@@ -181,7 +181,8 @@ def load(build: Build, corpus: CorpusConfig, sources: Fingerprint, files: list[s
                                runtime)
     assembled = assemble_documents([p.dir(build.root) for p in parts], [i["path"] for i, _, _ in pieces],
                                    build.tmp, corpus.deduplicate, [p.counts["characters"] for p in parts],
-                                   near.doc_ids if near else None, near.ids if near else None)
+                                   near.doc_ids if near else None, near.ids if near else None,
+                                   near.characters if near else None)
     counts = merge_counts([p.counts for p in parts], assembled)
     counts["files_read"] = sum(not reused for _, _, reused in pieces)
     meta = {"parts": [{"name": item["path"], "key": p.key, "content": p.content, **p.counts}

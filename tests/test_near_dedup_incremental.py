@@ -255,7 +255,8 @@ def visit_reference(keys: np.ndarray, start: int, kept_by: np.ndarray):
 def visit_buckets(keys: np.ndarray, start: int, kept_by: np.ndarray):
     """`npass._visit_line_buckets` of a line whose band keys are one array (row x's keys: `keys[x]`)."""
     blocks = ((keys[lo:min(start, lo + 16)], np.arange(lo, min(start, lo + 16))) for lo in range(0, start, 16))
-    return npass._visit_line_buckets(np.asarray(keys[start:]), blocks, start, kept_by)
+    return npass._visit_line_buckets(np.asarray(keys[start:]), lambda u, o: npass._rows_in_buckets(u, o, blocks, start),
+                                     start, kept_by)
 
 
 @pytest.mark.parametrize("spread", [3, 40, 2 ** 40])
@@ -327,12 +328,50 @@ def test_a_lines_buckets_read_from_its_pieces_are_those_of_its_keys_in_order(spr
     line = mh._Line(parts, lambda p: ranks[p], T, 8, keys)
     assert line.names.tolist() == mh._Line(parts, lambda p: ranks[p], T, 8, keys, ids).names.tolist()
     line.b = nb
+    # The same line with each piece's keys sorted (`band_lookup`, as the keys piece caches them): searched, not
+    # scanned. One piece's lookup missing: scanned again (never half of each).
+    searched = mh._Line(parts, lambda p: ranks[p], T, 8, keys, ids, [mh.band_lookup(k) for k in keys])
+    partly = mh._Line(parts, lambda p: ranks[p], T, 8, keys, ids, [mh.band_lookup(k) for k in keys[:-1]] + [None])
+    searched.b = partly.b = nb
     for start in [0, 1, 30, 100, len(line) - 1, len(line)]:
         kept_by = np.where(rng.random(len(line)) < 0.5, -1, 0)
         want = visit_buckets(line.keys, start, kept_by)
-        got = npass._visit_line_buckets(line.keys_of(np.arange(start, len(line))), line.key_blocks(start, 16),
-                                        start, kept_by)
-        assert got[0].tolist() == want[0].tolist() and got[1] == want[1] and got[2] == want[2], start
+        for each in (line, searched, partly):
+            got = npass._visit_line_buckets(each.keys_of(np.arange(start, len(each))),
+                                            lambda u, o: npass._older_rows(each, u, o, start), start, kept_by)
+            assert got[0].tolist() == want[0].tolist() and got[1] == want[1] and got[2] == want[2], start
+        assert searched.older_lookups(start) is not None
+    assert partly.older_lookups(len(line)) is None  # the piece without one holds visited rows: scanned
+
+
+@pytest.mark.parametrize("spread", [3, 40, 2 ** 40])
+def test_a_drops_buckets_searched_in_sorted_keys_are_those_the_scan_finds(spread):
+    """`_rows_by_lookup` (a drop's bucket keys searched in each older piece's sorted keys) finds the rows and buckets
+    `_rows_in_buckets` (one scan of the keys) finds, in the same order: big buckets, a key shared by two bands of
+    one row and across pieces, visited rows out of piece order, rows not visited. A lookup that names rows or bands
+    its piece cannot hold (damaged) gives fewer matches, never an index error."""
+    rng = np.random.default_rng(spread)
+    nb, sizes = 4, [90, 0, 60, 130]
+    keys = [rng.integers(0, spread, (k, nb)).astype(np.uint64) for k in sizes]
+    keys[2][:, 1] = keys[2][:, 0]  # one key in two bands of the same rows
+    keys[3][10:40] = keys[0][:30]
+    at = np.concatenate([rng.permutation(sum(sizes))])
+    at[rng.random(len(at)) < 0.1] = -1  # a doc_id visited in another copy
+    visited = np.split(at, np.cumsum(sizes)[:-1])
+    new = rng.integers(0, spread, (25, nb)).astype(np.uint64)
+    new[:5] = keys[3][30:35]
+    uniqs, _, offsets = npass._new_buckets(new)
+    for start in [0, 1, 50, 200, sum(sizes)]:
+        want = npass._rows_in_buckets(uniqs, offsets, [(k, v) for k, v in zip(keys, visited)], start)
+        got = npass._rows_by_lookup(uniqs, offsets, [(v, mh.band_lookup(k)) for k, v in zip(keys, visited)], start)
+        assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist(), start
+    assert len(want[0]) > 30
+    damaged = [mh.band_lookup(k) for k in keys]
+    for lookup in damaged:
+        lookup[1, ::3] = np.uint64(2 ** 63 + 5)  # negative as an int64
+        lookup[1, 1::3] = np.uint64(10 ** 9)  # past the piece's rows
+    got = npass._rows_by_lookup(uniqs, offsets, [(v, lk) for v, lk in zip(visited, damaged)], sum(sizes))
+    assert 0 < len(got[0]) < len(want[0])
 
 
 def test_cached_ids_give_the_same_pass_and_bad_ones_are_not_read(tmp_path):
@@ -383,6 +422,53 @@ def test_cached_ids_give_the_same_pass_and_bad_ones_are_not_read(tmp_path):
     again = run_load(tmp_path / "art", [tmp_path / "c"])
     assert again.meta.near_dedup_pass.visited > 0
     assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)
+
+
+def test_a_lines_characters_are_summed_from_the_cached_counts_and_bad_files_are_not_read(tmp_path, monkeypatch):
+    """Each piece's documents' characters and sorted band keys are cached with its band keys: load counts the kept
+    documents' characters from them (no text read: counting from the texts is switched off here) and gets what the
+    texts give; a characters or sorted-keys file of another shape or kind is not read (counted from the texts,
+    scanned), and load's output stays the same."""
+    import pyarrow.compute as pc
+
+    from tasks.core.manifest import read_manifest
+    from tasks.data import near_pieces, pieces
+    from tasks.data.arrow import read_arrow
+    from tasks.data.layout import piece_docs_file
+
+    write_files(tmp_path / "c", rich_corpus(7), 3)
+
+    def no_text_count(*_):
+        raise AssertionError("characters counted from the texts")
+
+    with monkeypatch.context() as m:
+        m.setattr(pieces, "piece_characters", no_text_count)
+        first = run_load(tmp_path / "art", [tmp_path / "c"])
+    root = open_root(tmp_path / "art")
+    texts = first.documents(root).column("text")
+    assert first.counts["near_duplicates"] and first.counts["characters"] == sum(map(len, texts.to_pylist()))
+    cfg = CorpusConfig(paths=["x"], near_dedup={"enabled": True}).near_dedup
+    b, _ = mh.bands(cfg.threshold, cfg.num_perm)
+    keys = [d for d in first.deps if "near-dedup-keys" in d]
+    for k, part in zip(keys, first.parts):
+        piece = read_manifest(root.entry(k))
+        lookup, chars = (np.array(a) for a in near_pieces.lookup_and_characters(piece, part.documents, cfg, root))
+        docs = read_arrow(piece_docs_file(root, part.rel))
+        assert chars.tolist() == pc.utf8_length(docs.column("text")).to_pylist()
+        band_keys = np.load(root.entry(k) / near_pieces.KEYS_FILE)[:, :b]
+        assert lookup.shape == (2, part.documents * b) and bool(np.all(lookup[0][1:] >= lookup[0][:-1]))
+        assert band_keys.reshape(-1)[lookup[1].astype(np.int64)].tolist() == lookup[0].tolist()
+        assert near_pieces.lookup_and_characters(piece, part.documents + 1, cfg, root) == (None, None)
+        for name, bad in ((near_pieces.CHARACTERS_FILE, chars.astype(np.int32)),
+                          (near_pieces.LOOKUP_FILE, lookup[:, :-1])):
+            np.save(root.entry(k) / name, bad)
+        assert near_pieces.lookup_and_characters(piece, part.documents, cfg, root) == (None, None)
+    shutil.rmtree(root.entry(first.path))
+    shutil.rmtree(root.entry([d for d in first.deps if "near-dedup-state" in d][0]))
+    again = run_load(tmp_path / "art", [tmp_path / "c"])  # counted from the texts, the line's keys scanned
+    assert again.meta.near_dedup_pass.visited > 0
+    assert outcome(tmp_path / "art", again) == outcome(tmp_path / "art", first)
+    assert again.counts["characters"] == first.counts["characters"]
 
 
 def cross_reference(line, older: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

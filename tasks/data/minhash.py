@@ -237,6 +237,15 @@ def _visiting_order(every: np.ndarray, part: np.ndarray, part_rank: np.ndarray) 
                                   kind="stable")]
 
 
+def band_lookup(keys: np.ndarray) -> np.ndarray:
+    """A piece's band keys ((n, b) uint64) as one sorted array with where each was (row * b + band): (2, n * b)
+    uint64. Cached beside the keys (tasks/data/near_pieces.py), so a drop's buckets are found in an older piece by
+    binary search, in time that grows with the drop and the log of the piece, not with the piece."""
+    flat = np.ascontiguousarray(keys, np.uint64).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    return np.stack([flat[order], order.astype(np.uint64)])
+
+
 def _joined(blocks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     if len(blocks) == 1:
         return blocks[0]
@@ -249,11 +258,15 @@ class _Line:
     doc_id: 20 bytes a document; band keys are read from their pieces), so a line of millions of documents fits
     beside the load stage.
     `keys`: each piece's band keys (`_band_keys`, cached per piece by tasks/data/near_pieces.py), else computed
-    here from the signatures; `ids` likewise each piece's `sortable_ids` where cached (None: from its ids)."""
+    here from the signatures; `ids` likewise each piece's `sortable_ids` where cached (None: from its ids);
+    `lookups` each piece's band keys sorted (`band_lookup`), where cached: a drop's buckets are then searched in
+    them, not found by a scan of the line's keys (`older_lookups`)."""
 
     def __init__(self, parts: Sequence[tuple], key: Callable[[int], Any], threshold: float, num_perm: int,
-                 keys: Sequence[np.ndarray] | None = None, ids: Sequence[np.ndarray | None] | None = None):
+                 keys: Sequence[np.ndarray] | None = None, ids: Sequence[np.ndarray | None] | None = None,
+                 lookups: Sequence[np.ndarray | None] | None = None):
         self.parts = parts
+        self._lookups = lookups
         ids = ids if ids is not None else [None] * len(parts)
         names = [sortable_ids(column) if cached is None else cached for (column, _), cached in zip(parts, ids)]
         if any(x.dtype != np.uint64 for x in names):
@@ -317,6 +330,20 @@ class _Line:
                     held, rows = [], 0
         if held:
             yield _joined(held)
+
+    def older_lookups(self, stop: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """(visited row of each of its rows, its `band_lookup`) of every piece holding a visited row below `stop`,
+        or None when one of them has no lookup (the caller scans `key_blocks` instead)."""
+        if self._lookups is None:
+            return None
+        out = []
+        for p, at in enumerate(self._visited_at):
+            if not len(at) or not bool(np.any((at >= 0) & (at < stop))):
+                continue
+            if self._lookups[p] is None:
+                return None
+            out.append((at, self._lookups[p]))
+        return out
 
     def __len__(self) -> int:
         return len(self.part)

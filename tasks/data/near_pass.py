@@ -132,19 +132,64 @@ def _rows_in_buckets(uniqs: list[np.ndarray], offsets: np.ndarray, blocks, start
     return old_x[by_row], old_bid[by_row]
 
 
-def _visit_line_buckets(new_keys: np.ndarray, blocks, start: int, kept_by: np.ndarray
+def _rows_by_lookup(uniqs: list[np.ndarray], offsets: np.ndarray, pieces: list[tuple[np.ndarray, np.ndarray]],
+                    start: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_rows_in_buckets` from each older piece's sorted band keys (`pieces`: (visited row of each of its rows, its
+    `band_lookup`)): every bucket's key searched in each piece, so a drop costs its keys times the pieces times a
+    log, whatever the pieces' sizes. Where a lookup names a row or band it cannot hold (a damaged file that passed
+    its shape check) the match is dropped, never an index out of range."""
+    nb = len(uniqs)
+    if not start or not offsets[-1]:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    query = np.concatenate(uniqs)  # a bucket's id is its place here (offsets[band] + its rank in the band)
+    query_band = np.repeat(np.arange(nb), [len(u) for u in uniqs])
+    xs, bids, bands = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for at, lookup in pieces:
+        lo = np.searchsorted(lookup[0], query, "left")
+        count = np.searchsorted(lookup[0], query, "right") - lo
+        total = int(count.sum())
+        if not total:
+            continue
+        q = np.repeat(np.arange(len(query)), count)
+        pos = np.repeat(lo, count) + np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+        flat = lookup[1][pos].astype(np.int64)
+        row, band = flat // nb, flat % nb
+        ok = (flat >= 0) & (row < len(at)) & (band == query_band[q])
+        row, q, band = row[ok], q[ok], band[ok]
+        x = at[row]
+        ok = (x >= 0) & (x < start)
+        xs.append(x[ok])
+        bids.append(q[ok])
+        bands.append(band[ok])
+    x, bid, band = np.concatenate(xs), np.concatenate(bids), np.concatenate(bands)
+    order = np.lexsort((band, x))  # row order, a row's bands in band order: as `_rows_in_buckets` gives them
+    return x[order], bid[order]
+
+
+def _older_rows(line: _Line, uniqs: list[np.ndarray], offsets: np.ndarray, start: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(row, bucket id) of every visited row below `start` in one of the buckets `uniqs`: searched in the older
+    pieces' sorted keys where each has them cached, else one scan of their keys."""
+    lookups = line.older_lookups(start)
+    if lookups is not None:
+        return _rows_by_lookup(uniqs, offsets, lookups, start)
+    return _rows_in_buckets(uniqs, offsets, line.key_blocks(start, _KEY_BLOCK), start)
+
+
+def _visit_line_buckets(new_keys: np.ndarray, older: Callable, start: int, kept_by: np.ndarray
                         ) -> tuple[np.ndarray, list[list[int]], dict[int, list[int]]]:
     """What the greedy pass needs of the LSH buckets to visit rows `start`… (`new_keys`: their band keys, in
     order): the rows to visit (those sharing a band bucket with another row), each one's bucket per band (ids
     unique across bands; -1 where no other row is in it: a bucket of its own never has a kept row to compare
     with), and per bucket the kept rows before `start` in it (the earliest _BUCKET_KEPT, in row order). Only the
-    buckets of rows from `start` on are numbered: the rows before are looked up in them (`_rows_in_buckets`, from
-    `blocks`), so a drop onto a long line costs a pass over the line's keys, not a sort of them per band."""
+    buckets of rows from `start` on are numbered: the rows before are looked up in them (`older(uniqs, offsets)`:
+    `_older_rows`), so a drop onto a long line costs a search of the line's sorted keys, never a sort of them per
+    band."""
     nb = new_keys.shape[1]
     uniqs, inverses, offsets = _new_buckets(new_keys)
     counts = np.concatenate([np.bincount(inv, minlength=len(u)) for u, inv in zip(uniqs, inverses)]
                             ) if nb else np.zeros(0, np.int64)
-    old_x, old_bid = _rows_in_buckets(uniqs, offsets, blocks, start)
+    old_x, old_bid = older(uniqs, offsets)
     counts += np.bincount(old_bid, minlength=len(counts))
     bucket = np.stack([inv + offsets[k] for k, inv in enumerate(inverses)], axis=1) if nb else \
         np.zeros((len(new_keys), 0), np.int64)
@@ -217,7 +262,7 @@ def decide(line: _Line, threshold: float, text_of: Callable[[int, int], str] | N
     stats.reused_rows = start
     if n - start and n > 1:
         rows, mine_of, kept = _visit_line_buckets(line.keys_of(np.arange(start, n)),
-                                                  line.key_blocks(start, _KEY_BLOCK), start, kept_by)
+                                                  lambda u, o: _older_rows(line, u, o, start), start, kept_by)
         stats.visited = len(rows)
         cache: dict[int, np.ndarray] = {}
         new_a: list[int] = []
@@ -276,15 +321,17 @@ def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], 
                              threshold: float, num_perm: int, text_of: Callable[[int, int], str] | None = None,
                              shingle_chars: int = 5, keys: Sequence[np.ndarray] | None = None,
                              previous: Decisions | None = None, stats: DecideStats | None = None,
-                             ids: Sequence[np.ndarray | None] | None = None) -> tuple[list[NearDuplicate], Decisions]:
+                             ids: Sequence[np.ndarray | None] | None = None,
+                             lookups: Sequence[np.ndarray | None] | None = None
+                             ) -> tuple[list[NearDuplicate], Decisions]:
     """Which rows of the pieces `parts` ([(doc_ids, signatures)]: ids as strings or a pyarrow column, signatures
     possibly memory-mapped; `keys` their band keys) repeat an earlier document, and the decisions (for the next
     pass: `previous`). Documents are visited by (rank of their part, doc_id): the line's older files have the
     lower ranks, so a document is only ever removed for a kept one that came before it, and what was kept stays
     kept when a drop joins. An exact copy of a document seen before (the same doc_id) is the exact dedup's, not
     counted here. `text_of(part, row)`: the text, to check candidates on their exact Jaccard (`VERIFY_MARGIN`).
-    `ids`: each part's `sortable_ids` where cached (`_Line`)."""
-    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys, ids)
+    `ids`: each part's `sortable_ids` where cached, `lookups` its `band_lookup` (`_Line`)."""
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys, ids, lookups)
     found = decide(line, threshold, text_of, shingle_chars, previous, stats)
     out = [NearDuplicate(line.where(b), line.doc_id(b), line.where(a), line.doc_id(a), float(found.similarity[b]))
            for b, a in zip(np.flatnonzero(found.kept_by >= 0).tolist(), found.kept_by[found.kept_by >= 0].tolist())]
@@ -294,12 +341,12 @@ def near_duplicate_decisions(parts: Sequence[tuple[Sequence[str], np.ndarray]], 
 def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence[int], threshold: float,
               num_perm: int, text_of: Callable[[int, int], str] | None, shingle_chars: int,
               keys: Sequence[np.ndarray] | None, previous: Decisions | None, stats: DecideStats | None,
-              samples: int, ids: Sequence[np.ndarray | None] | None = None
-              ) -> tuple[np.ndarray, list[NearDuplicate], Decisions]:
+              samples: int, ids: Sequence[np.ndarray | None] | None = None,
+              lookups: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[NearDuplicate], Decisions]:
     """`near_duplicate_decisions` for load: the doc_ids removed, as the line's names (`sortable_ids`: uint64 for
     load's ids, sorted and distinct; no Python object per removed document, which on a line of 16x copies was
     most of a drop's pass), and the first `samples` removals described."""
-    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys, ids)
+    line = _Line(parts, lambda p: ranks[p], threshold, num_perm, keys, ids, lookups)
     found = decide(line, threshold, text_of, shingle_chars, previous, stats)
     removed = np.flatnonzero(found.kept_by >= 0)
     if line.names.dtype == np.uint64:
@@ -320,14 +367,14 @@ def _cross_candidates(line: _Line, older: np.ndarray) -> tuple[np.ndarray, np.nd
     """Pairs (i, j), i an `older` row and j another, sharing a band bucket (each j with at most _BUCKET_KEPT of the
     older rows of a bucket, the earliest): sorted by (j, i), distinct. The older rows come first in the line's
     order; only the other rows' buckets are numbered and the older rows are looked up in them
-    (`_rows_in_buckets`): a drop's gate reads the line's keys once, never sorts them per band."""
+    (`_older_rows`): a drop's gate searches the line's sorted keys (or reads them once), never sorts them per band."""
     n, start = len(line), int(np.count_nonzero(older))
     if not bool(older[:start].all()):
         raise ValueError("_cross_candidates: the older rows must come first in the line's order")
     if n == start or not start:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     uniqs, inverses, offsets = _new_buckets(line.keys_of(np.arange(start, n)))
-    old_x, old_bid = _rows_in_buckets(uniqs, offsets, line.key_blocks(start, _KEY_BLOCK), start)
+    old_x, old_bid = _older_rows(line, uniqs, offsets, start)
     by_bucket = np.lexsort((old_x, old_bid))  # per bucket its older rows, earliest first
     old_x, old_bid = old_x[by_bucket], old_bid[by_bucket]
     first = np.searchsorted(old_bid, old_bid, "left")
@@ -350,15 +397,15 @@ def _cross_candidates(line: _Line, older: np.ndarray) -> tuple[np.ndarray, np.nd
 def drop_matches(line_parts: Sequence[tuple[Sequence[str], np.ndarray]],
                  drop_parts: Sequence[tuple[Sequence[str], np.ndarray]], threshold: float, num_perm: int,
                  text_of: Callable[[int, int], str] | None = None, shingle_chars: int = 5,
-                 keys: Sequence[np.ndarray] | None = None, ids: Sequence[np.ndarray | None] | None = None
-                 ) -> list[tuple[str, str, float]]:
+                 keys: Sequence[np.ndarray] | None = None, ids: Sequence[np.ndarray | None] | None = None,
+                 lookups: Sequence[np.ndarray | None] | None = None) -> list[tuple[str, str, float]]:
     """(drop doc_id, line doc_id, similarity) for each drop document near a document the line already has
     (exact copies included: the drop gate counts both as duplicates). Pairs are decided as load decides them
     (`near_pairs`; `text_of(part, row)` over the line's parts, then the drop's; `keys`: their band keys, in the same
-    order; `ids` their cached `sortable_ids`, likewise). Only pairs of a drop document and a line document are
-    judged: the cost grows with the drop."""
+    order; `ids` their cached `sortable_ids` and `lookups` their `band_lookup`, likewise). Only pairs of a drop
+    document and a line document are judged: the cost grows with the drop."""
     parts = [*line_parts, *drop_parts]
-    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm, keys, ids)
+    line = _Line(parts, lambda p: int(p >= len(line_parts)), threshold, num_perm, keys, ids, lookups)
     # A doc_id the line has is visited in a line piece (they come first), so a visited row is the line's exactly
     # when its piece is.
     in_line = line.part < len(line_parts)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.core.config.data import NearDedupConfig, RuntimeConfig
 from tasks.core.keys import register_code_version, stage_key
@@ -57,6 +58,8 @@ register_code_version("near-dedup-sig", 2, [signature_piece], ["numpy", "pyarrow
 
 
 KEYS_FILE = "band_keys.npy"
+LOOKUP_FILE = "band_lookup.npy"
+CHARACTERS_FILE = "characters.npy"
 
 
 def band_keys_piece(piece: StageOutput, sig: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot
@@ -65,14 +68,19 @@ def band_keys_piece(piece: StageOutput, sig: StageOutput, cfg: NearDedupConfig, 
     of computing it again for every piece on every drop: per document its band keys for the threshold's bands
     (`minhash.bands`: 112 bytes a document at 14 bands, instead of hashing its 512 bytes of signature again) and,
     in one more column, its doc_id as `minhash.sortable_ids` gives it (when the ids are load's hex ids: a line's
-    ids were otherwise decoded from every piece's hex on each drop). One file, so a drop opens one per piece."""
+    ids were otherwise decoded from every piece's hex on each drop). Beside it, the same keys sorted
+    (`minhash.band_lookup`: a drop's buckets are searched in them, never a scan of the line's keys) and each
+    document's characters (load's count of the rows a piece keeps, summed without reading a text)."""
     b, r = minhash.bands(cfg.threshold, cfg.num_perm)
     key = stage_key("near-dedup-keys", {"signatures": sig.key, "bands": [b, r]})
 
     def build(tmp: Path):
         sigs = np.load(sig.dir(root) / SIGNATURES_FILE, mmap_mode="r")
         keys = minhash._band_keys(sigs.reshape(-1, cfg.num_perm), b, r)
-        ids = minhash.sortable_ids(read_arrow(piece_docs_file(root, piece.path)).column("doc_id"))
+        docs = read_arrow(piece_docs_file(root, piece.path))
+        np.save(tmp / LOOKUP_FILE, minhash.band_lookup(keys))
+        np.save(tmp / CHARACTERS_FILE, pc.utf8_length(docs.column("text")).to_numpy().astype(np.int64))
+        ids = minhash.sortable_ids(docs.column("doc_id"))
         if ids.dtype == np.uint64 and len(ids) == len(keys):
             keys = np.concatenate([keys, ids[:, None]], axis=1)
         np.save(tmp / KEYS_FILE, keys)
@@ -81,8 +89,8 @@ def band_keys_piece(piece: StageOutput, sig: StageOutput, cfg: NearDedupConfig, 
     return publish_piece(root, "near-dedup-keys", key, build)
 
 
-# 2: the piece's ids as a last column of its band keys.
-register_code_version("near-dedup-keys", 2, [band_keys_piece], ["numpy", "pyarrow"])
+# 2: the piece's ids as a last column of its band keys. 3: the keys sorted and each document's characters beside.
+register_code_version("near-dedup-keys", 3, [band_keys_piece], ["numpy", "pyarrow"])
 
 
 def _signature_and_keys(piece: StageOutput, cfg: NearDedupConfig, root: ArtifactsRoot
@@ -108,6 +116,26 @@ def keys_and_ids(entry: StageOutput, documents: int, cfg: NearDedupConfig, root:
     return (table, None) if table.shape[1] == b else (table[:, :b], table[:, b])
 
 
+def _cached_array(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The array saved at `path` (memory-mapped) when it is of `dtype` and `shape`, else None (a file of another
+    shape or kind is never trusted: the caller does without it)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return array if array.dtype == dtype and array.shape == shape else None
+
+
+def lookup_and_characters(entry: StageOutput, documents: int, cfg: NearDedupConfig, root: ArtifactsRoot
+                          ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A keys piece's sorted band keys ((2, documents * bands) uint64: `minhash.band_lookup`) and its documents'
+    characters ((documents,) int64), each None where its file does not fit the piece."""
+    b, _ = minhash.bands(cfg.threshold, cfg.num_perm)
+    folder = entry.dir(root)
+    return (_cached_array(folder / LOOKUP_FILE, np.uint64, (2, documents * b)),
+            _cached_array(folder / CHARACTERS_FILE, np.int64, (documents,)))
+
+
 @dataclass
 class PieceIndex:
     """The near-dedup index of some load-file pieces: per piece its doc_id column (memory-mapped Arrow), its
@@ -117,6 +145,8 @@ class PieceIndex:
     ids: list[np.ndarray | None]  # per piece its ids as `minhash.sortable_ids` (uint64), where cached
     signature_keys: list[str]
     deps: list[str]
+    lookups: list[np.ndarray | None] = field(default_factory=list)  # per piece `minhash.band_lookup`, where cached
+    characters: list[np.ndarray | None] = field(default_factory=list)  # per piece each document's, where cached
 
 
 def piece_index(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
@@ -135,7 +165,10 @@ def piece_index(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedu
              for table, (sig, _) in zip(docs, done)]
     keys, ids = zip(*[keys_and_ids(k, len(column), cfg, root) for (column, _), (_, k) in zip(parts, done)]
                     ) if done else ((), ())
-    return PieceIndex(parts, list(keys), list(ids), [sig.key for sig, _ in done], [p.path for pair in done for p in pair])
+    lookups, characters = zip(*[lookup_and_characters(k, len(column), cfg, root)
+                                for (column, _), (_, k) in zip(parts, done)]) if done else ((), ())
+    return PieceIndex(parts, list(keys), list(ids), [sig.key for sig, _ in done], [p.path for pair in done for p in pair],
+                      list(lookups), list(characters))
 
 
 def piece_signatures(pieces: list[StageOutput], docs_files: list[Path], cfg: NearDedupConfig, root: ArtifactsRoot,
@@ -195,6 +228,7 @@ class NearDedupResult:
     state: str = ""  # the decisions' key: what was removed, decided by this code over these pieces
     stats: dict[str, Any] = field(default_factory=dict)
     ids: list[np.ndarray | None] = field(default_factory=list)  # per piece its cached sortable ids (PieceIndex)
+    characters: list[np.ndarray | None] = field(default_factory=list)  # per piece each document's, where cached
 
 
 def samples_of(found: list[minhash.NearDuplicate], docs: list[pa.Table], names: list[str], limit: int = SAMPLES
@@ -236,7 +270,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
         previous, previous_path = previous_decisions(index.signature_keys, ranks, cfg, root)
         removed, found_list, decisions = near_pass.line_pass(
             index.parts, ranks, cfg.threshold, cfg.num_perm, lambda p, r: docs[p].column("text")[r].as_py(),
-            cfg.shingle_chars, index.keys, previous, stats, SAMPLES, index.ids)
+            cfg.shingle_chars, index.keys, previous, stats, SAMPLES, index.ids, index.lookups)
         decisions.save(tmp / STATE_FILE)
         return {"documents": len(decisions.names), "near_duplicates": int((decisions.kept_by >= 0).sum()),
                 "pairs": len(decisions.pair_a)}, {}
@@ -250,12 +284,12 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
         else:
             removed, found_list, _ = near_pass.line_pass(
                 index.parts, ranks, cfg.threshold, cfg.num_perm, None, cfg.shingle_chars, index.keys, decisions,
-                stats, SAMPLES, index.ids)
+                stats, SAMPLES, index.ids, index.lookups)
     summary = {"reused_rows": stats.reused_rows, "visited": stats.visited, "judged": stats.judged,
                "remembered": stats.remembered, "previous": previous_path or "",
                "seconds": round(time.perf_counter() - started, 3)}  # signatures, band keys and the pass
     return NearDedupResult(removed, ranks, samples_of(found_list, docs, names),
-                           index.deps + [state.path], key, summary, index.ids)
+                           index.deps + [state.path], key, summary, index.ids, index.characters)
 
 
 # The decisions follow from the code that takes them (the rule, the pair decision, the band choice).

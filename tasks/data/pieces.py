@@ -183,7 +183,8 @@ def copy_rejects(directory: Path, prefix: str, sink) -> None:
 
 
 def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
-                       characters: list[int] | None = None, near=None, ids: list | None = None) -> dict[str, Any]:
+                       characters: list[int] | None = None, near=None, ids: list | None = None,
+                       row_characters: list | None = None) -> dict[str, Any]:
     """Per-file pieces → `out_dir/index.arrow` (doc_id, norm_id, part, row, line: which row of which piece
     holds each document; no text) and all rejects (with their source). A document already seen in an earlier
     part is a duplicate. Only ids are read and written: adding one file costs its own piece and one pass over
@@ -192,7 +193,10 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
     `minhash.sortable_ids` gives, or any iterable of ids) are left out and counted, in total and per part
     (`near_per_part`). Both filters work on the line's ids as arrays (`line_ids`): on a line of 16x the documents
     the Python sets they replace made a one-file drop's assembly 3x slower (bench.drop_load). `ids`: each part's
-    ids as `line_ids` gives them, where cached (near-dedup's index of the pieces), else read from the pieces."""
+    ids as `line_ids` gives them, where cached (near-dedup's index of the pieces), else read from the pieces;
+    `row_characters` each part's documents' characters, where cached (likewise): a part that keeps some of its rows
+    sums theirs instead of counting them from the texts (on bench.incremental_drop's line a third of a drop's load
+    went to that count)."""
     counts: dict[str, Any] = {"documents": 0, "duplicates": 0, "characters": 0}
     if near is not None:
         counts.update(near_duplicates=0, near_per_part=[0] * len(parts))
@@ -216,8 +220,13 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
             kept = index if keep.all() else take_rows(index, np.flatnonzero(keep))
             writer.write_table(kept, max_chunksize=_INDEX_BATCH)
             counts["documents"] += kept.num_rows
-            counts["characters"] += (characters[part] if characters and kept.num_rows == index.num_rows
-                                     else piece_characters(directory, kept, tables[part]))
+            chars = row_characters[part] if row_characters else None
+            if characters and kept.num_rows == index.num_rows:
+                counts["characters"] += characters[part]
+            elif chars is not None and len(chars) == len(keep):
+                counts["characters"] += int(np.asarray(chars)[keep].sum())
+            else:
+                counts["characters"] += piece_characters(directory, kept, tables[part])
             copy_rejects(directory, f"{names[part]}:", rejects)
     return counts
 

@@ -231,7 +231,8 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
     tables = [read_arrow(piece_docs_file(root, p.path)) for p in [*line_pieces, *drop_pieces]]  # memory-mapped
     near = [m for m in drop_matches(line.parts, drop.parts, cfg.threshold, cfg.num_perm,
                                     lambda part, row: tables[part].column("text")[row].as_py(), cfg.shingle_chars,
-                                    [*line.keys, *drop.keys], [*line.ids, *drop.ids])
+                                    [*line.keys, *drop.keys], [*line.ids, *drop.ids],
+                                    [*line.lookups, *drop.lookups])
             if m[0] not in exact]
     texts: dict[str, str] = {}
     wanted = {d for m in near[:SAMPLES] for d in m[:2]}
