@@ -230,11 +230,11 @@ def _visiting_order(every: np.ndarray, part: np.ndarray, part_rank: np.ndarray) 
     ordered = every[order]
     starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
     least = np.minimum.reduceat(dense[order] * len(every) + order, starts)  # each id's copy least in (rank, pos)
+    # One copy per id, in the ids' sorted order already (a group per distinct id, in `ordered`'s order): sorting
+    # them by id again was a second sort of the line's ids on every drop.
     pick = least % len(every)
-    ranks = least // len(every)  # ids are distinct now: (rank, doc_id) orders them whatever the sort
-    by_id = np.argsort(every[pick])
-    return pick[by_id][np.argsort(ranks[by_id].astype(np.int16 if len(levels) < 2 ** 15 else np.int64),
-                                  kind="stable")]
+    ranks = least // len(every)
+    return pick[np.argsort(ranks.astype(np.int16 if len(levels) < 2 ** 15 else np.int64), kind="stable")]
 
 
 def band_lookup(keys: np.ndarray) -> np.ndarray:

@@ -350,7 +350,9 @@ def line_pass(parts: Sequence[tuple[Sequence[str], np.ndarray]], ranks: Sequence
     found = decide(line, threshold, text_of, shingle_chars, previous, stats)
     removed = np.flatnonzero(found.kept_by >= 0)
     if line.names.dtype == np.uint64:
-        ids = np.sort(line.names[removed])  # distinct already (a row per doc_id); numpy's unique hashes: slower
+        # Distinct already (a row per doc_id), and in runs sorted already (the line's names are sorted within
+        # each rank): a stable sort merges the runs (timsort), where a quicksort sorted every id again.
+        ids = np.sort(line.names[removed], kind="stable")
     else:  # some ids not load's (a tool's, a test's): the names are strings only where all were; read them back
         got: list = []
         for p in np.unique(line.part[removed]).tolist():
