@@ -295,6 +295,20 @@ def test_each_pair_once_is_numpys_unique():
         assert got.tolist() == np.unique(code, return_index=True)[1].tolist(), (code, len(old))
 
 
+def test_ids_are_sorted_stably_whatever_their_spread():
+    """`argsort_ids` is numpy's stable argsort: ids spread over 64 bits, all of one top 16 bits (the radix pass
+    leaves them unsorted), repeated (ties by position), few, none, and strings."""
+    rng = np.random.default_rng(5)
+    cases = [rng.integers(0, 2 ** 64 - 1, 5000, dtype=np.uint64),
+             (np.uint64(0xABCD) << np.uint64(48)) | rng.integers(0, 2 ** 40, 5000, dtype=np.uint64),
+             rng.integers(0, 40, 5000).astype(np.uint64) << np.uint64(50),
+             rng.integers(0, 2 ** 64 - 1, 50, dtype=np.uint64).repeat(60),
+             rng.integers(0, 2 ** 64 - 1, 7, dtype=np.uint64), np.zeros(0, np.uint64),
+             np.array([f"{x:x}" for x in rng.integers(0, 99, 2000)], dtype=str)]
+    for k, ids in enumerate(cases):
+        assert mh.argsort_ids(ids).tolist() == np.argsort(ids, kind="stable").tolist(), k
+
+
 @pytest.mark.parametrize("kind", ["uint64", "str"])
 def test_the_visiting_order_is_the_lexsorts(kind):
     """`_visiting_order` (unstable sorts, ties settled by position) gives what a stable lexsort by (rank, doc_id,
@@ -302,7 +316,7 @@ def test_the_visiting_order_is_the_lexsorts(kind):
     and far apart."""
     rng = np.random.default_rng(11)
     for trial in range(100):
-        n = int(rng.integers(0, 300))
+        n = int(rng.integers(0, 300 if trial % 3 else 3000))  # past 1,024: `argsort_ids`' radix pass
         every = rng.integers(0, max(1, n // 3) if trial % 2 else 2 ** 62, n).astype(np.uint64)
         if kind == "str":
             every = np.array([f"{int(x):x}" for x in every], dtype=str)

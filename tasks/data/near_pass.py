@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.data.minhash import NearDuplicate, _Line, hex_ids, near_pairs, pair_similarity, sortable_ids
+from tasks.data.minhash import NearDuplicate, _Line, argsort_ids, hex_ids, near_pairs, pair_similarity, sortable_ids
 
 # A document is compared with at most this many kept documents of each of its band buckets (the earliest): a
 # bucket holding more kept documents than this is boilerplate repeated many times, and under the rule below a
@@ -65,7 +65,7 @@ def _row_lookup(names: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Each of `wanted`'s rows in `names` (distinct), -1 where it is not there."""
     if not len(names) or not len(wanted) or names.dtype.kind != wanted.dtype.kind:
         return np.full(len(wanted), -1, np.int64)
-    order = np.argsort(names, kind="stable")
+    order = argsort_ids(names)
     at = np.minimum(np.searchsorted(names[order], wanted), len(names) - 1)
     found = names[order][at] == wanted
     return np.where(found, order[at], -1).astype(np.int64)
@@ -162,7 +162,9 @@ def _rows_by_lookup(uniqs: list[np.ndarray], offsets: np.ndarray, pieces: list[t
         bids.append(q[ok])
         bands.append(band[ok])
     x, bid, band = np.concatenate(xs), np.concatenate(bids), np.concatenate(bands)
-    order = np.lexsort((band, x))  # row order, a row's bands in band order: as `_rows_in_buckets` gives them
+    # Row order, a row's bands in band order: as `_rows_in_buckets` gives them. One sort of (row, band) as one
+    # code, stably (the same order as a lexsort of the two, which measured 1.7x slower on 300,000 pairs).
+    order = np.argsort(x * nb + band, kind="stable")
     return x[order], bid[order]
 
 

@@ -33,7 +33,7 @@ from tasks.data.layout import (
     REJECTS_FILE,
     piece_docs_file,
 )
-from tasks.data.minhash import hex_ids, sortable_ids
+from tasks.data.minhash import argsort_ids, hex_ids, sortable_ids
 from tasks.data.readers import ReadPosition, read_corpus_file
 from tasks.data.records import BadRecordError, Reject, _line_no, doc_id_of, norm_id_of
 
@@ -156,7 +156,7 @@ def line_filters(ids: list[np.ndarray], deduplicate: bool, near: np.ndarray | No
     if near is not None and every.dtype.kind != near.dtype.kind:
         every, near = (hex_ids(x) if x.dtype == np.uint64 else x for x in (every, near))
     part = np.repeat(np.arange(len(ids)), sizes)
-    order = np.argsort(every)  # unstable (a stable sort of 64-bit ids is 5x slower): each id's pieces compared below
+    order = argsort_ids(every)  # each id's pieces compared below
     ordered = every[order]
     first = np.ones(len(order), bool)
     if deduplicate:
