@@ -45,9 +45,13 @@ from bench.common import CORPORA, CPT, DATA_STAGES, argument_parser, quiet_env, 
 
 
 def retrain(config: Path, artifacts: Path, summary: Path, drop: Path | None = None) -> tuple[dict, float]:
-    """`cpt retrain` of the line in a fresh process (with `--drop`, if given): its summary and its wall seconds."""
+    """`cpt retrain` of the line in a fresh process (with `--drop`, if given): its summary and its wall seconds.
+    Prefect's state (its database, which every run adds flow runs, task runs and events to) is the line's own,
+    beside its artifacts: each line size starts from an empty one, so the last size measured does not pay for a
+    database the others filled (a stage's seconds include its task run's calls to the server)."""
+    env = quiet_env(PREFECT_HOME=str(artifacts.parent / f"prefect-{artifacts.name}"))
     wall = timed([CPT, "retrain", "-c", str(config), "--line", "bench", "--artifacts", str(artifacts), "--summary",
-                  str(summary)] + (["--drop", str(drop)] if drop else []), quiet_env())
+                  str(summary)] + (["--drop", str(drop)] if drop else []), env)
     return json.loads(summary.read_text()), wall
 
 
@@ -160,6 +164,7 @@ def main() -> None:
             corpus_bytes = sum(f.stat().st_size for f in (d / f"corpus-{k}").rglob("*.jsonl"))
             series[k] = (runs, corpus_bytes, len(line))
             shutil.rmtree(artifacts, ignore_errors=True)
+            shutil.rmtree(d / f"prefect-{artifacts.name}", ignore_errors=True)
             shutil.rmtree(d / f"corpus-{k}", ignore_errors=True)
             cold_r, drop_r = runs["cold"][0], runs["+1 drop"][0]
             print(f"measured {k}x: {len(line)} documents, {corpus_bytes / 1e6:.1f} MB; cold data {data_seconds(cold_r):.2f} s "
