@@ -232,8 +232,8 @@ def argsort_ids(ids: np.ndarray) -> np.ndarray:
 def _visiting_order(every: np.ndarray, part: np.ndarray, part_rank: np.ndarray) -> np.ndarray:
     """Positions of `every` (the pieces' ids, concatenated in (part, row) order; `part` each one's piece, ranked
     `part_rank`) in visiting order: each doc_id once, by the copy least in (rank, position), then sorted by (rank, doc_id). What a lexsort of
-    (rank, doc_id, position) and a first-of-each gives, by unstable sorts (ties are settled by the position
-    explicitly, `argsort_ids`): a drop's main cost in building a long line."""
+    (rank, doc_id, position) and a first-of-each gives, without a lexsort: the ids sorted once (`argsort_ids`),
+    each id's copy chosen by (rank, position) explicitly, then a stable sort of the small ranks (a radix pass)."""
     if not len(every):
         return np.zeros(0, np.int64)
     levels, dense = np.unique(part_rank, return_inverse=True)  # ranked among the pieces, not per document
