@@ -246,8 +246,8 @@ def samples_of(found: list[minhash.NearDuplicate], docs: list[pa.Table], names: 
 
 
 def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: list[str], ranks: list[int],
-                    cfg: NearDedupConfig, root: ArtifactsRoot, runtime: RuntimeConfig | None = None
-                    ) -> NearDedupResult:
+                    cfg: NearDedupConfig, root: ArtifactsRoot, runtime: RuntimeConfig | None = None,
+                    docs: list[pa.Table] | None = None) -> NearDedupResult:
     """load's assembly hook: which documents of its load-file pieces (in assembly order, each with its doc_id/text
     table, its file's name and its rank: lower is older in the line) are near-duplicates of one the line had
     before (`near_pass.decide`). The decisions are cached per set of pieces (`near-dedup-state`), and a pass starts
@@ -257,7 +257,7 @@ def near_dedup_rows(pieces: list[StageOutput], docs_files: list[Path], names: li
     import time
 
     started = time.perf_counter()
-    docs = [read_arrow(f) for f in docs_files]  # memory-mapped, opened once each
+    docs = docs or [read_arrow(f) for f in docs_files]  # memory-mapped, opened once each (`docs`: by the caller)
     index = piece_index(pieces, docs_files, cfg, root, runtime, docs)
     key = state_key(index.signature_keys, ranks, cfg)
     stats = near_pass.DecideStats()

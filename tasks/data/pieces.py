@@ -184,7 +184,7 @@ def copy_rejects(directory: Path, prefix: str, sink) -> None:
 
 def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, deduplicate: bool,
                        characters: list[int] | None = None, near=None, ids: list | None = None,
-                       row_characters: list | None = None) -> dict[str, Any]:
+                       row_characters: list | None = None, tables: list[pa.Table] | None = None) -> dict[str, Any]:
     """Per-file pieces → `out_dir/index.arrow` (doc_id, norm_id, part, row, line: which row of which piece
     holds each document; no text) and all rejects (with their source). A document already seen in an earlier
     part is a duplicate. Only ids are read and written: adding one file costs its own piece and one pass over
@@ -196,11 +196,12 @@ def assemble_documents(parts: list[Path], names: list[str], out_dir: Path, dedup
     ids as `line_ids` gives them, where cached (near-dedup's index of the pieces), else read from the pieces;
     `row_characters` each part's documents' characters, where cached (likewise): a part that keeps some of its rows
     sums theirs instead of counting them from the texts (on bench.incremental_drop's line a third of a drop's load
-    went to that count)."""
+    went to that count). `tables`: the parts' docs.arrow, opened (read_arrow) by the caller."""
     counts: dict[str, Any] = {"documents": 0, "duplicates": 0, "characters": 0}
     if near is not None:
         counts.update(near_duplicates=0, near_per_part=[0] * len(parts))
-    tables = [read_arrow(directory / DOCS_FILE) for directory in parts]  # memory-mapped, opened once each
+    # Memory-mapped, opened once each (`tables`: by the caller, who read the pieces' ids from them already).
+    tables = tables or [read_arrow(directory / DOCS_FILE) for directory in parts]
     indexes = [piece_index(directory, part, table) for part, (directory, table) in enumerate(zip(parts, tables))]
     if near is not None and not isinstance(near, np.ndarray):
         near = sortable_ids(list(near))

@@ -226,9 +226,12 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
     from tasks.data.near_pieces import SAMPLES, SAMPLE_CHARS, piece_index
 
     cfg = corpus.near_dedup
-    drop = piece_index(drop_pieces, [piece_docs_file(root, p.path) for p in drop_pieces], cfg, root)
-    line = piece_index(line_pieces, [piece_docs_file(root, p.path) for p in line_pieces], cfg, root)
-    tables = [read_arrow(piece_docs_file(root, p.path)) for p in [*line_pieces, *drop_pieces]]  # memory-mapped
+    files = {side: [piece_docs_file(root, p.path) for p in pieces] for side, pieces in
+             (("line", line_pieces), ("drop", drop_pieces))}
+    opened = {side: [read_arrow(f) for f in paths] for side, paths in files.items()}  # memory-mapped, once each
+    drop = piece_index(drop_pieces, files["drop"], cfg, root, docs=opened["drop"])
+    line = piece_index(line_pieces, files["line"], cfg, root, docs=opened["line"])
+    tables = [*opened["line"], *opened["drop"]]
     near = [m for m in drop_matches(line.parts, drop.parts, cfg.threshold, cfg.num_perm,
                                     lambda part, row: tables[part].column("text")[row].as_py(), cfg.shingle_chars,
                                     [*line.keys, *drop.keys], [*line.ids, *drop.ids],
