@@ -241,7 +241,9 @@ def _visiting_order(every: np.ndarray, part: np.ndarray, part_rank: np.ndarray) 
     order = argsort_ids(every)
     ordered = every[order]
     starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
-    least = np.minimum.reduceat(dense[order] * len(every) + order, starts)  # each id's copy least in (rank, pos)
+    least = dense[order] * len(every) + order
+    if len(starts) < len(every):  # some id in two pieces: each id's copy least in (rank, pos)
+        least = np.minimum.reduceat(least, starts)
     # One copy per id, in the ids' sorted order already (a group per distinct id, in `ordered`'s order): sorting
     # them by id again was a second sort of the line's ids on every drop.
     pick = least % len(every)

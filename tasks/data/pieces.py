@@ -159,9 +159,10 @@ def line_filters(ids: list[np.ndarray], deduplicate: bool, near: np.ndarray | No
     order = argsort_ids(every)  # each id's pieces compared below
     ordered = every[order]
     first = np.ones(len(order), bool)
+    starts = np.ones(len(order), bool)
     if deduplicate:
-        starts = np.ones(len(order), bool)
         np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    if deduplicate and not bool(starts.all()):  # else every id once: every row a first copy
         group = np.cumsum(starts) - 1
         earliest = np.minimum.reduceat(part[order], np.flatnonzero(starts))
         first[order] = part[order] == earliest[group]  # in the first piece that holds the id
