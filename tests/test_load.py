@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -644,3 +646,22 @@ def test_the_assembly_keeps_what_a_set_of_seen_ids_kept(hexed):
         assert got == assembled_reference(ids, near)
         alone = [np.flatnonzero(first).tolist() for first, _ in line_filters(arrays, True, None)]
         assert alone == assembled_reference(ids, set())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_progress_bar_asked_away_imports_no_tqdm(quiet):
+    """CPT_NO_PROGRESS=1 (a worker, CI, a benchmark) shows no terminal bar and imports no tqdm (~10 ms of a
+    drop run's first stage); without it the bar is tqdm's, on stderr."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tasks.core.report import Progress\np = Progress(10, 'tokenize', unit='doc', log_every=0)\n"
+            "p.update(4)\np.close()\nprint('tqdm' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("CPT_NO_PROGRESS", None)
+    if quiet:
+        env["CPT_NO_PROGRESS"] = "1"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(not quiet)
+    assert ("tokenize" in done.stderr) is not quiet
