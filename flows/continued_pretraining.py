@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import opaque
 
 from flows.stages import PIPELINE, StageName, position
 from tasks import evaluate as evaluate_stage
@@ -108,7 +109,11 @@ class StageRunner:
               retries: int = 3):
         """Run one stage task; returns (its state, its output), held. An input found gone while the stage ran
         (EntryUnavailable) is made again by the call that made it, and the stage runs again on it."""
-        state = stage_task.with_options(**options)(**inputs, artifacts=self.root, return_state=True)
+        # Each input passed `opaque`: Prefect still looks at the value itself (a manifest another task returned
+        # links the two task runs in the UI's graph) but walks nothing inside it (it visited every field of
+        # every config section and manifest twice per call, a few ms a stage: a drop run's data stages are ~0.2 s).
+        state = stage_task.with_options(**options)(**{k: opaque(v) for k, v in inputs.items()}, artifacts=self.root,
+                                                   return_state=True)
         entry["state"] = state.name  # before its result is read: a failure raises there
         try:
             out: StageOutput = state.result()  # raises the stage's own error on failure

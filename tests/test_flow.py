@@ -230,6 +230,27 @@ def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artif
         assert f"| chunk | {state} |" in markdown["run-summary"]
 
 
+def test_each_stage_task_run_names_the_task_runs_it_took_its_inputs_from(config, artifacts):
+    """The Prefect UI draws a run's graph from each task run's inputs: shuffle and tokenize took load's
+    documents, token-stats and chunk tokenize's tokens and shuffle's split. The runner passes inputs unexamined past their top (a deep visit
+    of every config and manifest cost each stage milliseconds), and that must keep the links."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter, TaskRunFilterFlowRunId
+
+    _, summary = run(config, artifacts)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[summary["flow_run"]])))[0]
+        task_runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run.id])))
+    by_name = {t.name.rsplit("-", 1)[0]: t for t in task_runs}
+    ids = {name: t.id for name, t in by_name.items()}
+    taken = {name: {i.id for inputs in t.task_inputs.values() for i in inputs} for name, t in by_name.items()}
+    assert taken["shuffle"] == taken["tokenize"] == {ids["load"]}
+    assert taken["token-stats"] == taken["chunk"] == {ids["tokenize"], ids["shuffle"]}
+    assert not taken["load"]  # the corpus fingerprint and config come from the flow, not a task
+
+
 def test_a_new_file_is_the_only_one_read_and_tokenized(config, artifacts, corpus):
     _, before = run(config, artifacts)
     write_jsonl(corpus / "part-3.jsonl", [{"content": t} for t in sample_texts()[80:120]])
