@@ -232,8 +232,9 @@ def test_run_shows_progress_stats_and_summary_artifacts_in_prefect(config, artif
 
 def test_each_stage_task_run_names_the_task_runs_it_took_its_inputs_from(config, artifacts):
     """The Prefect UI draws a run's graph from each task run's inputs: shuffle and tokenize took load's
-    documents, token-stats and chunk tokenize's tokens and shuffle's split. The runner passes inputs unexamined past their top (a deep visit
-    of every config and manifest cost each stage milliseconds), and that must keep the links."""
+    documents, token-stats and chunk tokenize's tokens and shuffle's split. The runner passes inputs unexamined
+    past their top (a deep visit of every config and manifest cost each stage milliseconds), and that must keep
+    the links."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter, TaskRunFilterFlowRunId
 
@@ -249,6 +250,38 @@ def test_each_stage_task_run_names_the_task_runs_it_took_its_inputs_from(config,
     assert taken["shuffle"] == taken["tokenize"] == {ids["load"]}
     assert taken["token-stats"] == taken["chunk"] == {ids["tokenize"], ids["shuffle"]}
     assert not taken["load"]  # the corpus fingerprint and config come from the flow, not a task
+
+
+def test_a_list_input_links_every_task_run_it_holds_and_reaches_the_task_as_itself():
+    """mix takes every source's chunks as one list: the runner's `unwalked` passes each item opaque, so each
+    still links its producer in the UI's graph, and the task gets the list of the values themselves."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    from flows.continued_pretraining import unwalked
+
+    @task
+    def make(i: int) -> dict:
+        return {"i": i}
+
+    @task
+    def take(items: list, config: dict) -> list:
+        return [type(x).__name__ for x in items] + [type(config).__name__]
+
+    @flow
+    def pipeline():
+        a, b = make(1), make(2)
+        return take(**{"items": unwalked([a, b]), "config": unwalked({"seed": 1})})
+
+    state = pipeline(return_state=True)
+    assert state.result() == ["dict", "dict", "dict"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    made = {t.id for t in runs if t.name.startswith("make")}
+    taker = next(t for t in runs if t.name.startswith("take"))
+    assert len(made) == 2 and {i.id for i in taker.task_inputs["items"]} == made
 
 
 def test_a_new_file_is_the_only_one_read_and_tokenized(config, artifacts, corpus):
