@@ -109,6 +109,9 @@ def test_the_drop_gate_rejects_a_reexported_drop_as_duplicates(tmp_path, texts, 
     assert not profile["passed"] and "near-duplicates" in "; ".join(profile["reasons"])
     pairs = near_duplicate_pairs(str(drop.parent), profile)
     assert "| similarity | drop | line |" in pairs and "재배포" in pairs
+    samples = profile["near_duplicate_samples"]  # each side's text, read from the tables the gate opened once
+    assert samples and all(s["drop"]["text"] and s["line"]["text"] for s in samples)
+    assert all("재배포" in s["drop"]["text"] and "재배포" not in s["line"]["text"] for s in samples)
 
 
 def shuffle_with(tmp_path, texts, held_out_texts=None, enabled=True):

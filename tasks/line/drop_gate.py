@@ -217,21 +217,24 @@ def reject_examples(root: ArtifactsRoot, pieces: list[tuple[dict[str, Any], Any]
 
 
 def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces: list, exact: set[str],
-                            corpus: CorpusConfig) -> dict[str, Any]:
+                            corpus: CorpusConfig, line_docs: list[pa.Table] | None = None) -> dict[str, Any]:
     """How many of the drop's documents (not exact copies, counted already) are near-duplicates of one the line
-    has, from the cached signature pieces, and a few such pairs side by side."""
+    has, from the cached signature pieces, and a few such pairs side by side. `line_docs`: the line pieces'
+    tables, where the caller opened them already."""
     from tasks.data.arrow import read_arrow
     from tasks.data.layout import piece_docs_file
     from tasks.data.near_pass import drop_matches
     from tasks.data.near_pieces import SAMPLES, SAMPLE_CHARS, piece_index
 
     cfg = corpus.near_dedup
-    files = {side: [piece_docs_file(root, p.path) for p in pieces] for side, pieces in
-             (("line", line_pieces), ("drop", drop_pieces))}
-    opened = {side: [read_arrow(f) for f in paths] for side, paths in files.items()}  # memory-mapped, once each
-    drop = piece_index(drop_pieces, files["drop"], cfg, root, docs=opened["drop"])
-    line = piece_index(line_pieces, files["line"], cfg, root, docs=opened["line"])
-    tables = [*opened["line"], *opened["drop"]]
+    line_paths = [piece_docs_file(root, p.path) for p in line_pieces]
+    drop_paths = [piece_docs_file(root, p.path) for p in drop_pieces]
+    # Memory-mapped, each opened once for its index and its texts.
+    line_docs = line_docs if line_docs is not None else [read_arrow(f) for f in line_paths]
+    drop_docs = [read_arrow(f) for f in drop_paths]
+    drop = piece_index(drop_pieces, drop_paths, cfg, root, docs=drop_docs)
+    line = piece_index(line_pieces, line_paths, cfg, root, docs=line_docs)
+    tables = [*line_docs, *drop_docs]
     near = [m for m in drop_matches(line.parts, drop.parts, cfg.threshold, cfg.num_perm,
                                     lambda part, row: tables[part].column("text")[row].as_py(), cfg.shingle_chars,
                                     [*line.keys, *drop.keys], [*line.ids, *drop.ids],
@@ -239,9 +242,9 @@ def near_duplicates_in_line(root: ArtifactsRoot, drop_pieces: list, line_pieces:
             if m[0] not in exact]
     texts: dict[str, str] = {}
     wanted = {d for m in near[:SAMPLES] for d in m[:2]}
-    for piece in [*drop_pieces, *line_pieces]:
+    for opened in [*drop_docs, *line_docs]:
         if wanted - texts.keys():  # only the wanted rows' texts made Python strings, not every piece's
-            table = read_arrow(piece_docs_file(root, piece.path)).select(["doc_id", "text"])
+            table = opened.select(["doc_id", "text"])
             table = table.filter(pc.is_in(table.column("doc_id"), value_set=pa.array(sorted(wanted), pa.string())))
             for d, t in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
                 texts.setdefault(d, t[:SAMPLE_CHARS])
@@ -264,19 +267,19 @@ def near_duplicate_pairs(drop: str, profile: dict[str, Any]) -> str:
             "| similarity | drop | line |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
-def ids_in_pieces(root: ArtifactsRoot, pieces: list, doc_ids: set[str], norm_ids: set[str]
-                  ) -> tuple[set[str], set[str]]:
+def ids_in_pieces(root: ArtifactsRoot, pieces: list, doc_ids: set[str], norm_ids: set[str],
+                  docs: list[pa.Table] | None = None) -> tuple[set[str], set[str]]:
     """Which of `doc_ids` and of `norm_ids` (a drop's) the load-file `pieces` (its line's) hold: each piece's id
     columns are matched against the drop's in Arrow, one memory-mapped piece at a time, so memory holds the
-    drop's ids and what matched, never the line's ids as Python strings."""
+    drop's ids and what matched, never the line's ids as Python strings. `docs`: the pieces' tables, where the
+    caller opened them already."""
     found_ids: set[str] = set()
     found_norms: set[str] = set()
     if not pieces or not (doc_ids or norm_ids):
         return found_ids, found_norms
     wanted = {"doc_id": (pa.array(sorted(doc_ids), pa.string()), found_ids),
               "norm_id": (pa.array(sorted(norm_ids), pa.string()), found_norms)}
-    for piece in pieces:
-        table = read_arrow(piece_docs_file(root, piece.path))
+    for table in docs if docs is not None else (read_arrow(piece_docs_file(root, p.path)) for p in pieces):
         for column, (values, found) in wanted.items():
             ids = table.column(column)
             found.update(pc.filter(ids, pc.is_in(ids, value_set=values)).to_pylist())
@@ -317,11 +320,13 @@ def profile_drop(drop_files: list[Path], line_files: list[Path] | Fingerprint, c
     line_pieces = [out for _, out, _ in load_pieces(line_items, config.drop_corpus, root)] if line_items else []
 
     drop_ids, drop_norms = piece_ids(root, drop_pieces)
-    line_ids, line_norms = ids_in_pieces(root, line_pieces, drop_ids, drop_norms)
+    line_docs = [read_arrow(piece_docs_file(root, p.path)) for p in line_pieces]  # memory-mapped, opened once
+    line_ids, line_norms = ids_in_pieces(root, line_pieces, drop_ids, drop_norms, line_docs)
     profile["documents"] = len(drop_ids)
     profile["duplicates_in_line"] = len(line_ids)
     if config.drop_corpus.near_dedup.enabled:
-        profile.update(near_duplicates_in_line(root, drop_pieces, line_pieces, line_ids, config.drop_corpus))
+        profile.update(near_duplicates_in_line(root, drop_pieces, line_pieces, line_ids, config.drop_corpus,
+                                               line_docs))
     # The shuffle rule decides a text's split from the text alone: only the drop's texts the line has are hashed.
     source = next(d for d in config.data_sources() if d.name == config.drop_source)  # its own split fraction
     profile["validation_matches"] = len(validation_texts(line_norms, source.shuffle, source.split))
