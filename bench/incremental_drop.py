@@ -14,7 +14,10 @@ profiles the drop, the pipeline runs), nothing changed (the nightly run right af
 the data stages' seconds (load … chunk, from the pipeline's run summary), the drop gate's, the process wall.
 "Data-stage seconds" of a run, the goal's measure, are load … chunk **plus the drop gate's** (the gate reads,
 signs and tokenizes the drop into the pieces the stages then reuse; without it the +1 run would hide the drop's own
-work); a cold run has no drop (its gate seconds are 0). Goal: +1 file of N+1 ≤ 0.15 of cold.
+work); a cold run has no drop (its gate seconds are 0). Goal: +1 file of N+1 ≤ 0.15 of cold. The pair (cold, +1)
+is measured --pairs times (default 3), each on an artifacts root and Prefect state of its own, and the goal's ratio
+is the median +1 over the median cold: on two cores one cold run's data stages move by a third from run to run
+(tokenize 1.8-2.6 s on the same code), and a single pair's ratio moved with its cold run.
 
 Part 2, the same one-file drop onto lines of 1×, 4× and 16× the size (--sizes: the line's documents as K tagged
 copies, `[copy k] ` in front: every document a cluster of K near-copies, which near-dedup reduces to one): a cold
@@ -28,7 +31,7 @@ moves by half with the Prefect server's work beside it on two cores.
 Also printed, measured here in fresh processes: per-process fixed costs both runs pay once (pyarrow's first array
 imports pandas; the tokenizer's Rust backend loads), which no incremental design removes.
 
-    .venv/bin/python -m bench.incremental_drop [--files 20] [--every 2] [--sizes 1,4,16] [--repeat 3]
+    .venv/bin/python -m bench.incremental_drop [--files 20] [--every 2] [--sizes 1,4,16] [--repeat 3] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 from bench.common import CORPORA, CPT, DATA_STAGES, argument_parser, quiet_env, require, timed, write_parts
 
@@ -114,6 +118,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4,16", help="line sizes for part 2, as tagged copies (1: part 1's line)")
     ap.add_argument("--repeat", type=int, default=3, help="part 2: drops per line size (each of other documents, "
                     "new to the line); the median of their load seconds is reported")
+    ap.add_argument("--pairs", type=int, default=3, help="part 1: (cold, +1 drop) pairs, each on its own artifacts "
+                    "root; the median of each is reported")
     args = ap.parse_args()
     sources = [CORPORA / "ko_transport_bills.jsonl", CORPORA / "python_docs.jsonl"]
     require(*sources)
@@ -161,6 +167,13 @@ def main() -> None:
                 runs["nothing changed"] = retrain(config, artifacts, d / f"again-{k}.json")
             for r in range(1, repeat):  # each onto the line as the drops before it left it
                 runs[f"+1 drop {r + 1}"] = retrain(config, artifacts, d / f"drop-{k}-{r}.json", drops[r])
+            if k == 1:  # part 1's pair again, each time from nothing: an artifacts root and Prefect state of its own
+                for p in range(1, max(1, args.pairs)):
+                    again = d / f"artifacts-{k}-pair-{p}"
+                    runs[f"cold (pair {p + 1})"] = retrain(config, again, d / f"cold-{k}-{p}.json")
+                    runs[f"+1 drop (pair {p + 1})"] = retrain(config, again, d / f"drop-{k}-pair-{p}.json", drop)
+                    shutil.rmtree(again, ignore_errors=True)
+                    shutil.rmtree(d / f"prefect-{again.name}", ignore_errors=True)
             corpus_bytes = sum(f.stat().st_size for f in (d / f"corpus-{k}").rglob("*.jsonl"))
             series[k] = (runs, corpus_bytes, len(line))
             shutil.rmtree(artifacts, ignore_errors=True)
@@ -187,14 +200,20 @@ def main() -> None:
             stages = (runs[name][0].get("pipeline") or {}).get("stages", [])
             print(f"  {name} per data stage: " + ", ".join(f"{s['name']} {s['seconds']:.2f}" for s in stages
                                                           if s["name"] in DATA_STAGES) + f"; {near_counts(runs[name][0])}")
-        cold_result, drop_result = runs["cold"][0], runs["+1 drop"][0]
-        cold = data_seconds(cold_result) + cold_result["gate_seconds"]
-        added = data_seconds(drop_result) + drop_result["gate_seconds"]
+        def seconds(name: str) -> float:  # data stages + the drop gate (0 in a cold run)
+            return data_seconds(runs[name][0]) + runs[name][0]["gate_seconds"]
+
+        colds = sorted(seconds(name) for name in runs if name.startswith("cold"))
+        pairs = [(seconds(name), seconds(name.replace("cold", "+1 drop"))) for name in runs if name.startswith("cold")]
+        cold, added = median(colds), median([a for _, a in pairs])
+        stages_only = median([data_seconds(r) for name, (r, _) in runs.items()
+                              if name == "+1 drop" or name.startswith("+1 drop (pair")])
         fixed_total = sum(fixed.values())
         print("per-process fixed costs (fresh processes, best of 3): " + ", ".join(
             f"{k} {v:.2f} s" for k, v in fixed.items()) + f"; together {fixed_total / cold:.3f} of the cold run")
+        print("pairs (cold s, +1 s, ratio): " + "; ".join(f"{c:.2f}, {a:.2f}, {a / c:.3f}" for c, a in pairs))
         print(f"adding 1 file to {n}: data stages + gate = {added:.2f} s / cold {cold:.2f} s = {added / cold:.3f} "
-              f"(goal <= 0.15); the stages alone {data_seconds(drop_result) / cold:.3f}; process wall "
+              f"(goal <= 0.15; medians of {len(pairs)} pairs); the stages alone {stages_only / cold:.3f}; process wall "
               f"{runs['+1 drop'][1] / runs['cold'][1]:.3f} of cold; nothing changed: process wall "
               f"{runs['nothing changed'][1] / runs['cold'][1]:.3f} of cold")
     print(f"\npart 2: the same 1-file drop onto lines of {', '.join(f'{k}x' for k in sizes)} the size")
@@ -203,7 +222,7 @@ def main() -> None:
     loads = []
     for k, (runs, corpus_bytes, docs) in series.items():
         cold_r = runs["cold"][0]
-        dropped = sorted((r for name, (r, _) in runs.items() if name.startswith("+1 drop")),
+        dropped = sorted((r for name, (r, _) in runs.items() if name.startswith("+1 drop") and "(pair" not in name),
                          key=lambda r: stage_seconds(r, "load"))
         drop_r = dropped[len(dropped) // 2]  # the median drop by its load seconds (the upper of two)
         loads.append(stage_seconds(drop_r, "load"))
