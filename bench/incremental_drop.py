@@ -52,8 +52,12 @@ def retrain(config: Path, artifacts: Path, summary: Path, drop: Path | None = No
     """`cpt retrain` of the line in a fresh process (with `--drop`, if given): its summary and its wall seconds.
     Prefect's state (its database, which every run adds flow runs, task runs and events to) is the line's own,
     beside its artifacts: each line size starts from an empty one, so the last size measured does not pay for a
-    database the others filled (a stage's seconds include its task run's calls to the server)."""
-    env = quiet_env(PREFECT_HOME=str(artifacts.parent / f"prefect-{artifacts.name}"))
+    database the others filled (a stage's seconds include its task run's calls to the server). Always a temporary
+    server of its own: never one found running."""
+    # CPT_FIND_MAKE_SERVER=0: a server someone left on port 4200 would otherwise serve every run (flows/local_server.py
+    # uses a running `make server` first), with its own database, and the state would not be the line's.
+    env = quiet_env(PREFECT_HOME=str(artifacts.parent / f"prefect-{artifacts.name}"), CPT_FIND_MAKE_SERVER="0")
+    env.pop("PREFECT_API_URL", None)  # nor one this shell points at
     wall = timed([CPT, "retrain", "-c", str(config), "--line", "bench", "--artifacts", str(artifacts), "--summary",
                   str(summary)] + (["--drop", str(drop)] if drop else []), env)
     return json.loads(summary.read_text()), wall
