@@ -313,7 +313,10 @@ def serve(host: str, port: int) -> int:
     prefect = Path(sys.executable).parent / "prefect"
     command = [str(prefect) if prefect.exists() else sys.executable, *([] if prefect.exists() else ["-m", "prefect"]),
                "server", "start", "--host", host, "--port", str(port)]
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    # The kernel ends the Prefect server when its supervisor dies, however (SIGKILL, the OOM killer, a `kill` of
+    # its pid alone): nothing is left serving with no supervisor to stop it when idle or when asked.
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     me, born, mine = os.getpid(), time.monotonic(), False
     while True:
         try:
@@ -430,7 +433,8 @@ class RunServer:
 
 
 def _die_with_parent() -> None:
-    """In the temporary server's process: the kernel ends it when the run's process dies, even by SIGKILL."""
+    """In a server's process (a run's temporary one, a kept one's under its supervisor): the kernel ends it when
+    the process that started it dies, even by SIGKILL."""
     try:
         import ctypes
 

@@ -95,6 +95,28 @@ def test_cpt_server_start_is_found_by_runs_and_stops_when_asked(homes):
     os.environ.pop("PREFECT_API_URL", None)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_kept_servers_prefect_process_ends_with_its_supervisor_however_it_ends(homes, sig):
+    """`cpt server stop` ends the group; a supervisor killed on its own (by the OOM killer, or `kill PID` from the
+    status line) must not leave the Prefect server it started running with nothing to stop it."""
+    up = subprocess.run([CPT, "server", "start", "--port", "0"], env={**os.environ}, capture_output=True, text=True,
+                        timeout=180)
+    assert up.returncode == 0, up.stderr
+    supervisor = local_server.read_state()["pid"]
+    members = group_members(supervisor)
+    try:
+        server = [p for p in members if p != supervisor]
+        assert supervisor in members and len(server) == 1
+        os.kill(supervisor, sig)  # the supervisor alone, not its group
+        assert gone(supervisor) and gone(server[0]), "the Prefect server outlived its supervisor"
+    finally:
+        for pid in group_members(supervisor):
+            os.kill(pid, signal.SIGKILL)
+        local_server.state_file().unlink(missing_ok=True)
+    os.environ.pop("PREFECT_API_URL", None)
+
+
 CHILD = """
 import os, sys, time
 from flows.local_server import run_server
