@@ -207,9 +207,8 @@ def main() -> None:
         def seconds(name: str) -> float:  # data stages + the drop gate (0 in a cold run)
             return data_seconds(runs[name][0]) + runs[name][0]["gate_seconds"]
 
-        colds = sorted(seconds(name) for name in runs if name.startswith("cold"))
         pairs = [(seconds(name), seconds(name.replace("cold", "+1 drop"))) for name in runs if name.startswith("cold")]
-        cold, added = median(colds), median([a for _, a in pairs])
+        cold, added = median(c for c, _ in pairs), median(a for _, a in pairs)
         stages_only = median([data_seconds(r) for name, (r, _) in runs.items()
                               if name == "+1 drop" or name.startswith("+1 drop (pair")])
         fixed_total = sum(fixed.values())
